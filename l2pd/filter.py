@@ -1,0 +1,103 @@
+"""The Learn2PD filter: a small MLP from a block's confidence vector to per-position "already final" logits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+FILTER_VERSION = 1
+
+
+def model_fingerprint(model: Any) -> str:
+    """A short id of a model's shape and weights (config keys plus a sample of the embedding and head)."""
+    config = model.config
+    tf = model.model.transformer
+    keys = ("d_model", "n_heads", "n_layers", "mlp_hidden_size", "vocab_size", "embedding_size", "rope_theta")
+    h = hashlib.sha256(json.dumps({k: getattr(config, k, None) for k in keys}, sort_keys=True).encode())
+    head = tf.wte if getattr(config, "weight_tying", False) else tf.ff_out
+    for w in (tf.wte.weight, head.weight, tf.ln_f.weight):
+        sample = w.detach().reshape(-1)[:4096].to("cpu", torch.bfloat16)  # bf16: same id for any load dtype
+        h.update(sample.view(torch.int16).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Filter(nn.Module):
+    """Linear(block_length, hidden) -> ReLU -> [Linear(hidden, hidden) -> ReLU] * (depth - 1) -> Linear(hidden,
+    block_length). Input: the block's confidences (1.0 at decoded positions); output: logits of "the current
+    guess already equals the final answer" per position. ``threshold`` is the tau applied to their sigmoid."""
+
+    def __init__(
+        self, block_length: int = 32, hidden: int = 128, depth: int = 1, threshold: float = 0.9,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if block_length <= 0 or hidden <= 0 or depth < 1:
+            raise ValueError(f"bad filter shape: block_length={block_length} hidden={hidden} depth={depth}")
+        dims = [block_length] + [hidden] * depth + [block_length]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.block_length, self.hidden, self.depth, self.threshold = block_length, hidden, depth, threshold
+        self.meta: dict[str, Any] = dict(meta or {})
+        self._device_weights: dict[torch.device, list] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x
+
+    def weights(self, device: torch.device | str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) fp32 per layer on ``device``, copied once per device."""
+        device = torch.device(device)
+        if device not in self._device_weights:
+            self._device_weights[device] = [
+                (layer.weight.detach().float().to(device).contiguous(), layer.bias.detach().float().to(device))
+                for layer in self.layers
+            ]
+        return self._device_weights[device]
+
+    def check_model(self, model: Any, allow_other_model: bool = False) -> None:
+        want = self.meta.get("model_fingerprint")
+        if want is None or allow_other_model:
+            return
+        got = model_fingerprint(model)
+        if got != want:
+            raise ValueError(
+                f"this filter was trained for model {want}, not for this model ({got}); "
+                "pass allow_other_model=True to use it anyway"
+            )
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(folder, exist_ok=True)
+        state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(folder, "filter.safetensors"), metadata={"version": str(FILTER_VERSION)})
+        info = {
+            "version": FILTER_VERSION, "block_length": self.block_length, "hidden": self.hidden,
+            "depth": self.depth, "threshold": self.threshold, **self.meta,
+        }
+        with open(os.path.join(folder, "filter.json"), "w") as f:
+            json.dump(info, f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "Filter":
+        from safetensors.torch import load_file
+
+        path = os.path.join(folder, "filter.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no filter.json in {os.fspath(folder)!r}")
+        with open(path) as f:
+            info = json.load(f)
+        if info.get("version") != FILTER_VERSION:
+            raise ValueError(f"filter version {info.get('version')!r} is not supported (expected {FILTER_VERSION})")
+        shape = {k: info.pop(k) for k in ("block_length", "hidden", "depth", "threshold")}
+        info.pop("version")
+        flt = cls(**shape, meta=info)
+        flt.load_state_dict(load_file(os.path.join(folder, "filter.safetensors")))
+        return flt.eval()

@@ -1,0 +1,3 @@
+from .llada import LLaDAConfig, LLaDAModelLM
+
+__all__ = ["LLaDAConfig", "LLaDAModelLM"]

@@ -1,0 +1,342 @@
+"""LLaDA in the official checkpoint format.
+
+The module tree and config keys match the official remote-code ``LLaDAModelLM`` so that state dicts move
+between the two unchanged. The forward is a plain function over that module tree (``llada_forward``): it
+runs on our class and, through ``l2pd.patch``, on the official class without calling any of its methods.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# LLaDA-8B-Instruct values; a config.json overrides any of them.
+_DEFAULTS: dict[str, Any] = {
+    "d_model": 4096,
+    "n_heads": 32,
+    "n_kv_heads": None,  # None: same as n_heads
+    "n_layers": 32,
+    "mlp_hidden_size": 12288,
+    "mlp_ratio": 4,
+    "max_sequence_length": 4096,
+    "rope": True,
+    "rope_theta": 500000.0,
+    "rope_full_precision": True,
+    "layer_norm_type": "rms",
+    "rms_norm_eps": 1e-5,
+    "activation_type": "silu",
+    "block_type": "llama",
+    "vocab_size": 126464,
+    "embedding_size": 126464,
+    "weight_tying": False,
+    "include_bias": False,
+    "scale_logits": False,
+    "alibi": False,
+    "mask_token_id": 126336,
+    "eos_token_id": 126081,
+    "pad_token_id": 126081,
+    "architectures": ["LLaDAModelLM"],
+    "model_type": "llada",
+}
+
+
+class LLaDAConfig:
+    """Config with the official keys as attributes; unknown keys are kept and written back."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        merged = dict(_DEFAULTS)
+        merged.update(kwargs)
+        if merged["n_kv_heads"] is None:
+            merged["n_kv_heads"] = merged["n_heads"]
+        if merged["embedding_size"] is None:
+            merged["embedding_size"] = merged["vocab_size"]
+        for key, value in merged.items():
+            setattr(self, key, value)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    @classmethod
+    def from_json(cls, path: str) -> "LLaDAConfig":
+        with open(path) as f:
+            return cls(**json.load(f))
+
+
+def rms_norm(x: torch.Tensor, norm: nn.Module, eps: float) -> torch.Tensor:
+    # Same order of operations as the official RMSLayerNorm: normalise in fp32, cast back, then scale.
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = xf.to(dtype)
+    weight = getattr(norm, "weight", None)
+    if weight is not None:
+        out = weight * out
+    bias = getattr(norm, "bias", None)
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+_INV_FREQ: dict[tuple, torch.Tensor] = {}
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, 1, S, head_dim] in fp32 for integer positions [B, S] (rotate-half layout)."""
+    key = (positions.device, head_dim, float(theta))
+    inv_freq = _INV_FREQ.get(key)
+    if inv_freq is None:
+        exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+        inv_freq = 1.0 / (theta**exponent)
+        _INV_FREQ[key] = inv_freq
+    freqs = positions.float()[..., None] * inv_freq  # [B, S, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    half = xf.shape[-1] // 2
+    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding: each row counts from 0 at its first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    return F.linear(x, module.weight, getattr(module, "bias", None))
+
+
+def llada_forward(
+    transformer: nn.Module,
+    config: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    cache: Any = None,
+    start: int = 0,
+    position_ids: torch.Tensor | None = None,
+    logits_slice: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Logits for ``input_ids`` [B, S], the positions ``start .. start + S`` of the sequence.
+
+    Without a cache S is the whole sequence. With a cache (``l2pd.cache.BlockKVCache``) the K/V of these
+    positions are written into its slots and attention runs over all its ``T`` slots, so the positions not
+    fed come from the cache. ``attention_mask`` [B, T] covers every key position (1 = real token, 0 = pad);
+    ``position_ids`` [B, S] default to positions that skip left padding. ``logits_slice=(a, b)`` computes the
+    LM head only for fed positions a..b: the head over a large vocabulary is the costliest single matmul.
+    """
+    bsz, seq = input_ids.shape
+    total = cache.length if cache is not None else seq
+    if attention_mask is not None and attention_mask.shape != (bsz, total):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(bsz, total)}")
+    if position_ids is None:
+        if attention_mask is None:
+            position_ids = torch.arange(start, start + seq, device=input_ids.device).expand(bsz, seq)
+        else:
+            position_ids = positions_from_mask(attention_mask)[:, start : start + seq]
+    # SDPA mask: True = may attend. Pass attention_mask=None when nothing is padded: that keeps the fused
+    # flash kernels and avoids checking the mask on the host at every forward.
+    sdpa_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+
+    n_heads, n_kv = config.n_heads, config.n_kv_heads or config.n_heads
+    head_dim = config.d_model // n_heads
+    eps = getattr(config, "rms_norm_eps", 1e-5)
+    cos, sin = rope_cos_sin(position_ids, head_dim, config.rope_theta) if config.rope else (None, None)
+
+    x = F.embedding(input_ids, transformer.wte.weight)
+    for layer, block in enumerate(transformer.blocks):
+        h = rms_norm(x, block.attn_norm, eps)
+        q = _linear(h, block.q_proj).view(bsz, seq, n_heads, head_dim).transpose(1, 2)
+        k = _linear(h, block.k_proj).view(bsz, seq, n_kv, head_dim).transpose(1, 2)
+        v = _linear(h, block.v_proj).view(bsz, seq, n_kv, head_dim).transpose(1, 2)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            # Keys are cached after RoPE, so cached positions are never rotated again.
+            k, v = cache.update(layer, start, k, v)
+        att = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
+        x = x + _linear(att.transpose(1, 2).reshape(bsz, seq, config.d_model), block.attn_out)
+        h = rms_norm(x, block.ff_norm, eps)
+        x = x + _linear(F.silu(_linear(h, block.ff_proj)) * _linear(h, block.up_proj), block.ff_out)
+
+    if logits_slice is not None:
+        x = x[:, logits_slice[0] : logits_slice[1]]
+    x = rms_norm(x, transformer.ln_f, eps)
+    head = transformer.wte if getattr(config, "weight_tying", False) else transformer.ff_out
+    logits = F.linear(x, head.weight)
+    if getattr(config, "scale_logits", False):
+        logits = logits * (1.0 / math.sqrt(config.d_model))
+    return logits
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self, self.eps)
+
+
+class LLaDABlock(nn.Module):
+    """Holds the weights of one official "llama" block; the math lives in ``llada_forward``."""
+
+    def __init__(self, c: LLaDAConfig) -> None:
+        super().__init__()
+        kv_dim = c.n_kv_heads * c.head_dim
+        bias = c.include_bias
+        self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps)
+        self.ff_norm = RMSNorm(c.d_model, c.rms_norm_eps)
+        self.q_proj = nn.Linear(c.d_model, c.d_model, bias=bias)
+        self.k_proj = nn.Linear(c.d_model, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(c.d_model, kv_dim, bias=bias)
+        self.attn_out = nn.Linear(c.d_model, c.d_model, bias=bias)
+        self.ff_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=bias)
+        self.up_proj = nn.Linear(c.d_model, c.mlp_hidden_size, bias=bias)
+        self.ff_out = nn.Linear(c.mlp_hidden_size, c.d_model, bias=bias)
+
+
+class LLaDAModel(nn.Module):
+    def __init__(self, c: LLaDAConfig) -> None:
+        super().__init__()
+        modules = {
+            "wte": nn.Embedding(c.embedding_size, c.d_model),
+            "blocks": nn.ModuleList(LLaDABlock(c) for _ in range(c.n_layers)),
+            "ln_f": RMSNorm(c.d_model, c.rms_norm_eps),
+        }
+        if not c.weight_tying:
+            modules["ff_out"] = nn.Linear(c.d_model, c.embedding_size, bias=False)
+        self.transformer = nn.ModuleDict(modules)
+
+
+@dataclass
+class LLaDAOutput:
+    logits: torch.Tensor
+
+
+class LLaDAModelLM(nn.Module):
+    """Our LLaDA: ``model.transformer.*`` parameters exactly as in the official checkpoints."""
+
+    def __init__(self, config: LLaDAConfig) -> None:
+        super().__init__()
+        if config.block_type != "llama" or config.layer_norm_type != "rms" or config.activation_type != "silu":
+            raise ValueError(
+                "only the LLaDA 'llama' block (rms norm, silu) is supported, got "
+                f"block_type={config.block_type!r} layer_norm_type={config.layer_norm_type!r} "
+                f"activation_type={config.activation_type!r}"
+            )
+        if config.alibi:
+            raise ValueError("alibi=True is not supported (LLaDA uses RoPE)")
+        self.config = config
+        self.model = LLaDAModel(config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.transformer.wte.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
+        return LLaDAOutput(llada_forward(self.model.transformer, self.config, input_ids, attention_mask, **kwargs))
+
+    # ---- checkpoint io -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        folder: str | os.PathLike,
+        torch_dtype: torch.dtype | str | None = None,
+        device: str | torch.device = "cpu",
+    ) -> "LLaDAModelLM":
+        """Load ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)."""
+        from safetensors.torch import load_file
+
+        folder = os.fspath(folder)
+        cfg_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"no config.json in {folder!r}")
+        config = LLaDAConfig.from_json(cfg_path)
+        dtype = _resolve_dtype(torch_dtype, config)
+        single = os.path.join(folder, "model.safetensors")
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(single):
+            files = [single]
+        elif os.path.isfile(index):
+            with open(index) as f:
+                files = [os.path.join(folder, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+        else:
+            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder!r}")
+        with torch.device("meta"):
+            model = cls(config)
+        state: dict[str, torch.Tensor] = {}
+        for path in files:
+            state.update(load_file(path, device=str(device)))
+        state = {k: v.to(dtype) for k, v in state.items()}
+        if config.weight_tying:
+            state.pop("model.transformer.ff_out.weight", None)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.eval()
+
+    def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
+        """Write ``config.json`` and safetensors in the official layout (sharded above ``max_shard_bytes``)."""
+        from safetensors.torch import save_file
+
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        cfg = self.config.to_dict()
+        cfg["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        meta = {"format": "pt"}
+        if max_shard_bytes is None:
+            save_file(state, os.path.join(folder, "model.safetensors"), metadata=meta)
+            return
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, tensor in state.items():
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensor
+            size += nbytes
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(folder, fname), metadata=meta)
+            weight_map.update(dict.fromkeys(shard, fname))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def _resolve_dtype(torch_dtype: torch.dtype | str | None, config: LLaDAConfig) -> torch.dtype:
+    if torch_dtype is None or torch_dtype == "auto":
+        torch_dtype = getattr(config, "torch_dtype", None) or "float32"
+    if isinstance(torch_dtype, str):
+        name = torch_dtype.removeprefix("torch.")
+        if name not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"torch_dtype={torch_dtype!r}: expected float32, bfloat16 or float16")
+        torch_dtype = getattr(torch, name)
+    return torch_dtype

@@ -1,0 +1,78 @@
+"""``l2pd.patch(model)``: give a LLaDA model (ours or the official remote-code class) l2pd's ``generate``.
+
+Only the module tree and config keys of the official checkpoints are relied on; the model's own forward and
+generate are never called, so the official class works as loaded with ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from .decode import generate
+
+_BLOCK_MODULES = ("attn_norm", "ff_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+_CONFIG_KEYS = ("d_model", "n_heads", "n_layers", "rope_theta", "max_sequence_length")
+_MISSING = object()
+
+
+def check_llada(model: Any) -> None:
+    """Raise ValueError naming what is missing if ``model`` does not have the LLaDA module tree."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"{name} has no .config: not a LLaDA model")
+    missing = [k for k in _CONFIG_KEYS if getattr(config, k, None) is None]
+    if missing:
+        raise ValueError(f"{name}.config lacks the LLaDA keys {missing}")
+    tf = getattr(getattr(model, "model", None), "transformer", None)
+    if tf is None:
+        raise ValueError(f"{name} has no model.transformer: not a LLaDA model")
+    need = ["wte", "blocks", "ln_f"] + ([] if getattr(config, "weight_tying", False) else ["ff_out"])
+    absent = [k for k in need if not hasattr(tf, k)]
+    if absent:
+        raise ValueError(f"{name}.model.transformer lacks {absent}")
+    if len(tf.blocks) != config.n_layers:
+        raise ValueError(f"{name} has {len(tf.blocks)} blocks but config.n_layers={config.n_layers}")
+    for i, block in enumerate(tf.blocks):
+        absent = [m for m in _BLOCK_MODULES if not hasattr(block, m)]
+        if absent:
+            raise ValueError(f"{name} block {i} lacks {absent} (only the LLaDA 'llama' block is supported)")
+
+
+def patch(model: Any, filter: Any = None) -> Any:
+    """Attach ``model.generate(...)`` (``l2pd.decode.generate``); returns the same model.
+
+    ``filter`` (an ``l2pd.Filter`` or a folder holding one) becomes the default for ``strategy='learn2pd'``.
+    """
+    check_llada(model)
+    if isinstance(filter, str):
+        from .filter import Filter
+
+        filter = Filter.from_pretrained(filter)
+    if filter is not None:
+        filter.check_model(model)
+    if "_l2pd_saved_generate" not in vars(model):
+        model._l2pd_saved_generate = vars(model).get("generate", _MISSING)
+
+    @functools.wraps(generate)
+    def bound_generate(*args: Any, **kwargs: Any):
+        kwargs.setdefault("filter", filter)
+        return generate(model, *args, **kwargs)
+
+    model.generate = bound_generate
+    model.l2pd_filter = filter
+    return model
+
+
+def unpatch(model: Any) -> Any:
+    """Undo ``patch``: the model's own ``generate`` (if any) is back."""
+    saved = vars(model).get("_l2pd_saved_generate", None)
+    if saved is None:
+        return model
+    del model.generate
+    if saved is not _MISSING:
+        model.generate = saved
+    del model._l2pd_saved_generate
+    del model.l2pd_filter
+    return model

@@ -1,0 +1,160 @@
+"""Plain PyTorch versions of the per-step ops: ground truth for the Triton kernels and the CPU path.
+
+Conventions shared with the kernels:
+- Logits are read in fp32. NaN counts as -inf; +inf counts as the largest finite fp32 value. A row with no
+  finite logit at all gives token 0 with probability 0.
+- Ties go to the lowest index (as ``torch.argmax``), in the vocabulary and in the top-k fallback.
+- Sampling (temperature > 0) is Gumbel-max with a counter-based hash of (seed, row, vocab index), so a seed
+  fixes the samples on every backend. The returned probability is that of the chosen token under the
+  untempered softmax (LLaDA's confidence).
+"""
+
+from __future__ import annotations
+
+import torch
+
+EOTP_MODES = {"off": 0, "accepted": 1, "predicted": 2}
+_U32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """The 'lowbias32' integer hash on uint32 values held in int64."""
+    x = x & _U32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _U32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _U32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seed: int, rows: int, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Gumbel(0, 1) noise [rows, vocab] in fp32 from the counter hash; rows are flattened (b * L + l)."""
+    r = torch.arange(rows, device=device, dtype=torch.int64)[:, None]
+    v = torch.arange(vocab, device=device, dtype=torch.int64)[None, :]
+    h = _mix32(v + _mix32(r + _mix32(torch.tensor(seed & _U32, device=device))))
+    u = ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)  # 24 random bits, strictly inside (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+def _clean(logits: torch.Tensor) -> torch.Tensor:
+    x = logits.float()
+    x = torch.where(torch.isnan(x), torch.full_like(x, float("-inf")), x)
+    return x.clamp(max=torch.finfo(torch.float32).max)
+
+
+def confidence(
+    logits: torch.Tensor, temperature: float = 0.0, seed: int | None = None, suppress: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [B, L, V] -> (token int64 [B, L], probability fp32 [B, L]).
+
+    ``suppress``: a token id that is never chosen and leaves the softmax (the mask id: a mask predicted for a
+    masked position would leave it masked, and decoding would make no progress).
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, L, V], got shape {tuple(logits.shape)}")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    B, L, V = logits.shape
+    x = _clean(logits)
+    if suppress is not None:
+        x[..., suppress] = float("-inf")
+    if temperature > 0:
+        if seed is None:
+            raise ValueError("sampling (temperature > 0) needs a seed")
+        noise = gumbel_noise(seed, B * L, V, logits.device).view(B, L, V)
+        token = (x / temperature + noise).argmax(-1)
+    else:
+        token = x.argmax(-1)
+    m = x.amax(-1, keepdim=True)
+    finite = torch.isfinite(m)
+    denom = torch.exp(x - torch.where(finite, m, torch.zeros_like(m))).sum(-1)
+    chosen = x.gather(-1, token[..., None]).squeeze(-1)
+    prob = torch.exp(chosen - m.squeeze(-1)) / denom
+    prob = torch.where(finite.squeeze(-1), prob, torch.zeros_like(prob))
+    return token, prob
+
+
+def filter_logits(features: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The filter MLP: Linear -> ReLU -> ... -> Linear, on features [B, block_length] (fp32)."""
+    h = features.float()
+    for i, (w, b) in enumerate(weights):
+        h = torch.nn.functional.linear(h, w.float(), b.float())
+        if i < len(weights) - 1:
+            h = torch.relu(h)
+    return h
+
+
+def filter_features(prob: torch.Tensor, masked: torch.Tensor, block_length: int) -> torch.Tensor:
+    """The filter's input: the block's confidences, 1.0 at decoded positions and past a short last block."""
+    feats = torch.where(masked, prob.float(), torch.ones_like(prob, dtype=torch.float32))
+    pad = block_length - feats.shape[1]
+    if pad > 0:
+        feats = torch.nn.functional.pad(feats, (0, pad), value=1.0)
+    return feats
+
+
+def topk_lowest_index(score: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool [B, L]: the k highest scores among eligible positions, ties to the lowest index."""
+    s = torch.where(eligible, score.float(), torch.full_like(score, float("-inf"), dtype=torch.float32))
+    L = s.shape[1]
+    idx = torch.arange(L, device=s.device)
+    beats = (s[:, None, :] > s[:, :, None]) | ((s[:, None, :] == s[:, :, None]) & (idx[None, :] < idx[:, None]))
+    rank = (beats & eligible[:, None, :]).sum(-1)  # how many eligible positions come before position i
+    return eligible & (rank < k)
+
+
+def decide(
+    canvas: torch.Tensor,
+    token: torch.Tensor,
+    prob: torch.Tensor,
+    *,
+    block_start: int,
+    k: int,
+    threshold: float,
+    mask_id: int,
+    eos_id: int,
+    eotp: str = "off",
+    filter_weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    filter_block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's decision for the block ``canvas[:, block_start : block_start + L]``; updates ``canvas``.
+
+    A still-masked position is accepted when its score exceeds ``threshold`` (score: sigmoid of the filter's
+    logit with a filter, else the confidence), and the ``k`` most confident still-masked positions are always
+    accepted. Accepted positions get their token. EoTP: ``accepted`` finds the first end-of-text token in the
+    block and writes end-of-text to every position after it, to the end of the canvas; ``predicted`` also
+    cuts at the most confident still-masked end-of-text prediction. Returns per row (positions of the block
+    decided by this step int32, masks left in the block int32, end-of-text position int64 or -1).
+    """
+    B, L = token.shape
+    block = canvas[:, block_start : block_start + L]
+    masked = block == mask_id
+    if filter_weights is not None:
+        feats = filter_features(prob, masked, filter_block or L)
+        score = torch.sigmoid(filter_logits(feats, filter_weights))[:, :L]
+    else:
+        score = prob.float()
+    accept = masked & (score > threshold)
+    accept |= topk_lowest_index(prob, masked, k)
+    block.copy_(torch.where(accept, token, block))
+    still = block == mask_id
+
+    idx = torch.arange(L, device=canvas.device)
+    eot = torch.full((B,), -1, dtype=torch.int64, device=canvas.device)
+    mode = EOTP_MODES[eotp]
+    if mode:
+        first = torch.where(block == eos_id, idx, L).amin(-1)
+        if mode == 2:
+            pred = still & (token == eos_id)
+            best = topk_lowest_index(prob, pred, 1)
+            cut_pred = torch.where(best, idx, L).amin(-1)
+            first = torch.minimum(first, cut_pred)
+        has = first < L
+        pos = block_start + first
+        eot = torch.where(has, pos, eot)
+        col = torch.arange(canvas.shape[1], device=canvas.device)
+        fill = has[:, None] & (col[None, :] >= pos[:, None]) & ((col[None, :] > pos[:, None]) | (canvas == mask_id))
+        canvas.copy_(torch.where(fill, torch.full_like(canvas, eos_id), canvas))
+        still = block == mask_id
+    left = still.sum(-1).to(torch.int32)
+    return masked.sum(-1).to(torch.int32) - left, left, eot

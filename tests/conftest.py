@@ -1,0 +1,31 @@
+import pytest
+import torch
+
+from l2pd import LLaDAConfig, LLaDAModelLM
+
+MASK, EOS = 61, 60
+
+
+def tiny_config(**kw) -> LLaDAConfig:
+    base = dict(
+        d_model=64, n_heads=4, n_kv_heads=4, n_layers=2, mlp_hidden_size=96, vocab_size=64, embedding_size=64,
+        max_sequence_length=256, mask_token_id=MASK, eos_token_id=EOS, pad_token_id=EOS, rope_theta=10000.0,
+    )
+    base.update(kw)
+    return LLaDAConfig(**base)
+
+
+def tiny_model(seed: int | None = None, **kw) -> LLaDAModelLM:
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = LLaDAModelLM(tiny_config(**kw))
+    with torch.no_grad():  # non-trivial norm weights so that the norm code path is exercised
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("ln_f.weight"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+@pytest.fixture
+def model():
+    return tiny_model()
