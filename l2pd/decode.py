@@ -9,6 +9,9 @@ positions by the strategy's rule, writes them into the canvas and applies EoTP. 
 - ``threshold``: every masked position with confidence > ``threshold``, and at least the most confident.
 - ``learn2pd``: every masked position where sigmoid(filter(block confidences)) > ``threshold``, plus the
   schedule's top-k, so that each step makes progress.
+- ``oracle`` (for collecting filter training data): Learn2PD's "extremely greedy parallel" replay: every
+  masked position whose current guess already equals ``target`` (the final answer of a reference decode);
+  a step that accepts nothing fills the block with ``target``.
 
 The only host reads are one small count per step (loop control) and one per block.
 """
@@ -25,7 +28,7 @@ import torch
 from .cache import CACHE_MODES, BlockKVCache
 from .models.llada import llada_forward, positions_from_mask
 
-STRATEGIES = ("steps", "threshold", "learn2pd")
+STRATEGIES = ("steps", "threshold", "learn2pd", "oracle")
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -70,6 +73,16 @@ def block_schedule(masks: int, steps: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(steps)]
 
 
+def _oracle_step(canvas: torch.Tensor, token: torch.Tensor, target: torch.Tensor, s: int, mask_id: int):
+    block = canvas[:, s : s + token.shape[1]]
+    masked = block == mask_id
+    accept = masked & (token == target)
+    stuck = masked.any(-1) & ~accept.any(-1)  # no guess equals the answer yet: fill the block to move on
+    accept |= masked & stuck[:, None]
+    block.copy_(torch.where(accept, target, block))
+    return (block == mask_id).sum(-1)
+
+
 def _core(model: Any) -> tuple[Any, Any]:
     transformer = getattr(getattr(model, "model", None), "transformer", None)
     if transformer is None:
@@ -103,6 +116,8 @@ def generate(
     mask_token_id: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
+    target: torch.Tensor | None = None,
+    on_step: Any = None,
 ) -> torch.Tensor | GenerateOutput:
     """Decode ``max_new_tokens`` after left-padded prompts ``input_ids`` [B, P].
 
@@ -110,7 +125,9 @@ def generate(
     to the filter's tau for ``learn2pd`` and to 0.9 for ``threshold``. ``steps`` (total forwards of the
     schedule; default ``max_new_tokens``) sets the per-block top-k of ``steps`` and ``learn2pd``. ``eotp``:
     False/'off', True/'accepted' or 'predicted' (see ``l2pd_kernels.reference.decide``). ``cache``: 'none',
-    'prefix' or 'dual'. Returns the sequences [B, P + max_new_tokens], or a ``GenerateOutput``.
+    'prefix' or 'dual'. ``on_step(block_start, step, token, prob, canvas)`` is called after each forward,
+    before the decision (``canvas`` still holds the masks). Returns the sequences [B, P + max_new_tokens], or
+    a ``GenerateOutput``.
     """
     transformer, config = _core(model)
     mask_id = mask_token_id if mask_token_id is not None else _cfg_id(config, "mask_token_id", 126336)
@@ -143,6 +160,8 @@ def generate(
             )
     if threshold is None:
         threshold = filter.threshold if strategy == "learn2pd" else 0.9
+    if strategy == "oracle" and (target is None or target.shape != (input_ids.shape[0], max_new_tokens)):
+        raise ValueError(f"strategy 'oracle' needs target [B, max_new_tokens], got {None if target is None else tuple(target.shape)}")
 
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -216,9 +235,17 @@ def generate(
                 logits = forward(lo, hi, s, e)
             step_seed = None if temperature == 0 else (seed * 1000003 + forwards) & 0x7FFFFFFF
             token, prob = confidence(logits, temperature, step_seed, suppress=mask_id)
-            k = schedule[i] if (strategy != "threshold" and i < len(schedule)) else 1
+            if on_step is not None:
+                on_step(s, i, token, prob, canvas)
             nfe += left > 0
             forwards += 1
+            if strategy == "oracle":
+                left = _oracle_step(canvas, token, target[:, s - P : e - P].to(device), s, mask_id)
+                i += 1
+                if int(left.max()) == 0:
+                    break
+                continue
+            k = schedule[i] if (strategy != "threshold" and i < len(schedule)) else 1
             _, left, _ = decide(
                 canvas, token, prob, block_start=s, k=k, threshold=step_threshold, mask_id=mask_id,
                 eos_id=eos_id, eotp=eotp_mode, filter_weights=filter_weights,

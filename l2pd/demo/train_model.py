@@ -1,0 +1,164 @@
+"""Train the bundled masked-diffusion model with LLaDA's SFT objective.
+
+Each answer token (the worked solution, ``<|eot_id|>``, then end-of-text padding to the canvas length) is
+masked with probability t ~ U(eps, 1) per example; the loss is the cross-entropy on masked answer tokens
+weighted by 1/t, summed and divided by the canvas length, as in LLaDA's SFT. Canvas lengths are mixed
+(256/512/1024) so that the model fills long canvases with end-of-text as well.
+
+    python -m l2pd.demo.train_model --out runs/model --minutes 8      # one H100: about 8 minutes
+    python -m l2pd.demo.train_model --out runs/tiny --minutes 1 --device cpu --d-model 64 --layers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from multiprocessing import Pool
+
+import torch
+import torch.nn.functional as F
+
+from ..models.llada import LLaDAConfig, LLaDAModelLM
+from .task import TRAIN_SEEDS, problem
+from .tokenizer import build_tokenizer, prompt_text
+
+PROMPT_SLOTS = 112  # prompts are left-padded to this many tokens in training
+CANVAS_MIX = ((256, 0.6), (512, 0.2), (1024, 0.2))
+
+
+def _texts(seed_range: tuple[int, int]) -> list[tuple[str, str]]:
+    return [(p.question, p.solution) for p in map(problem, range(*seed_range))]
+
+
+def make_problems(n: int, workers: int) -> list[tuple[str, str]]:
+    chunk = max(1, n // max(1, workers * 4))
+    ranges = [(TRAIN_SEEDS[i], TRAIN_SEEDS[min(n, i + chunk) - 1] + 1) for i in range(0, n, chunk)]
+    if workers <= 1:
+        return [t for r in ranges for t in _texts(r)]
+    with Pool(workers) as pool:
+        return [t for part in pool.map(_texts, ranges) for t in part]
+
+
+def encode(tokenizer, pairs: list[tuple[str, str]], max_canvas: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts [N, PROMPT_SLOTS] left-padded with end-of-text, answers [N, max_canvas] end-of-text padded."""
+    eos, eot = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    prompts = tokenizer([prompt_text(tokenizer, q) for q, _ in pairs], add_special_tokens=False).input_ids
+    answers = tokenizer([a for _, a in pairs], add_special_tokens=False).input_ids
+    P = torch.full((len(pairs), PROMPT_SLOTS), eos, dtype=torch.int32)
+    A = torch.full((len(pairs), max_canvas), eos, dtype=torch.int32)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        if len(p) > PROMPT_SLOTS or len(a) + 1 > 256:
+            raise ValueError(f"problem {i} is too long: prompt {len(p)} tokens, answer {len(a)} tokens")
+        P[i, PROMPT_SLOTS - len(p) :] = torch.tensor(p, dtype=torch.int32)
+        A[i, : len(a) + 1] = torch.tensor(a + [eot], dtype=torch.int32)
+    return P, A
+
+
+def sft_loss(model, prompts, answers, mask_id: int, pad_id: int, eps: float = 1e-3) -> torch.Tensor:
+    B, G = answers.shape
+    t = eps + (1 - eps) * torch.rand(B, 1, device=answers.device)
+    masked = torch.rand(B, G, device=answers.device) < t
+    x = torch.cat([prompts, torch.where(masked, mask_id, answers)], 1)
+    attn = torch.cat([prompts != pad_id, torch.ones_like(answers, dtype=torch.bool)], 1)
+    # a prompt of only padding never happens; the first real token keeps every row's mask non-empty
+    P = prompts.shape[1]
+    logits = model(x, attention_mask=attn, logits_slice=(P, P + G)).logits
+    ce = F.cross_entropy(logits.float().reshape(B * G, -1), answers.reshape(-1), reduction="none").view(B, G)
+    return ((ce * masked) / t).sum() / (B * G)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output folder (checkpoint + tokenizer + training.json)")
+    ap.add_argument("--minutes", type=float, default=8.0, help="training time budget; the LR schedule follows it")
+    ap.add_argument("--problems", type=int, default=400_000, help="distinct training problems")
+    ap.add_argument("--tokens-per-batch", type=int, default=96_000)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--mlp", type=int, default=768)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    t_start = time.time()
+    pairs = make_problems(args.problems, args.workers)
+    tokenizer = build_tokenizer(f"{q}\n{a}" for q, a in pairs[:50_000])
+    prompts_all, answers_all = encode(tokenizer, pairs, max(g for g, _ in CANVAS_MIX))
+    print(f"data: {len(pairs)} problems in {time.time() - t_start:.1f} s, vocab {len(tokenizer)}", flush=True)
+
+    vocab = len(tokenizer)
+    config = LLaDAConfig(
+        d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.heads, n_layers=args.layers,
+        mlp_hidden_size=args.mlp, vocab_size=vocab, embedding_size=-(-vocab // 64) * 64,
+        max_sequence_length=2048, rope_theta=10000.0,
+        mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+    )
+    dev = torch.device(args.device)
+    model = LLaDAModelLM(config).to(dev)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                torch.nn.init.normal_(p, std=0.02 if "ff_out" not in name and "attn_out" not in name
+                                      else 0.02 / math.sqrt(2 * args.layers))
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=dev.type == "cuda")
+    prompts_all, answers_all = prompts_all.to(dev).long(), answers_all.to(dev).long()
+    gens, weights = zip(*CANVAS_MIX)
+    gen_choice = torch.multinomial(torch.tensor(weights), 1_000_000, replacement=True)
+    budget = args.minutes * 60
+    curve, step, t0 = [], 0, time.time()
+    model.train()
+    while True:
+        elapsed = time.time() - t0
+        if elapsed >= budget:
+            break
+        progress = elapsed / budget
+        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        G = gens[int(gen_choice[step % len(gen_choice)])]
+        B = max(1, args.tokens_per_batch // (PROMPT_SLOTS + G))
+        idx = torch.randint(0, len(pairs), (B,), device=dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = sft_loss(model, prompts_all[idx], answers_all[idx, :G], config.mask_token_id, config.pad_token_id)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 100 == 0:
+            curve.append({"step": step, "seconds": round(time.time() - t0, 1), "loss": round(loss.item(), 5),
+                          "lr": lr})
+            if step % 500 == 0:
+                print(f"step {step} {time.time() - t0:.0f}s loss {loss.item():.4f} lr {lr:.2e}", flush=True)
+
+    model = model.to(torch.bfloat16).eval()
+    model.save_pretrained(args.out)
+    tokenizer.save_pretrained(args.out)
+    info = {
+        "version": 1, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "train_seconds": round(time.time() - t0, 1), "steps": step,
+        "parameters": n_params, "final_loss": curve[-1]["loss"] if curve else None, "problems": len(pairs),
+        "canvas_mix": CANVAS_MIX, "tokens_per_batch": args.tokens_per_batch, "lr": args.lr, "loss_curve": curve,
+    }
+    with open(os.path.join(args.out, "training.json"), "w") as f:
+        json.dump(info, f, indent=1)
+    size = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out))
+    print(f"done: {step} steps, {info['train_seconds']} s, loss {info['final_loss']}, {n_params} params, "
+          f"{size / 1e6:.1f} MB on disk", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

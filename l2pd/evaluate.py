@@ -1,0 +1,127 @@
+"""Held-out accuracy, forwards per answer and throughput of a decoding configuration on the bundled task."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .decode import generate
+from .demo.task import Problem, is_correct
+from .demo.tokenizer import prompt_text
+
+
+def encode_prompts(tokenizer, questions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-formatted prompts, left-padded with the pad token, and their attention mask."""
+    texts = [prompt_text(tokenizer, q) for q in questions]
+    enc = tokenizer(texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def answer_texts(tokenizer, sequences: torch.Tensor, prompt_len: int) -> list[str]:
+    return tokenizer.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    problems: list[Problem],
+    batch_size: int = 1,
+    progress: bool = True,
+    **decode_kwargs: Any,
+) -> dict[str, Any]:
+    """Decode every problem; returns accuracy, mean forwards per answer, answer tokens/s, wall time.
+
+    Answer tokens are those before the first end-of-text: what a reader receives. Wall time includes
+    everything from prompts to decoded text, at the given ``batch_size``.
+    """
+    device = model.model.transformer.wte.weight.device
+    eos = tokenizer.eos_token_id
+    correct, nfe, answer_tokens, forwards = 0, [], 0, 0
+    texts: list[str] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(problems), disable=not progress, desc="eval", unit="problem")
+    for i in range(0, len(problems), batch_size):
+        batch = problems[i : i + batch_size]
+        ids, mask = encode_prompts(tokenizer, [p.question for p in batch], device)
+        out = generate(model, ids, mask, return_dict_in_generate=True, **decode_kwargs)
+        answers = out.sequences[:, ids.shape[1] :]
+        is_eos = answers == eos
+        lengths = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), answers.shape[1])
+        answer_tokens += int(lengths.sum())
+        nfe += out.nfe.tolist()
+        forwards += out.forwards
+        for p, text in zip(batch, answer_texts(tokenizer, out.sequences, ids.shape[1])):
+            texts.append(text)
+            correct += is_correct(text, p.answer)
+        bar.update(len(batch))
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    return {
+        "problems": len(problems),
+        "accuracy": correct / max(1, len(problems)),
+        "mean_nfe": sum(nfe) / max(1, len(nfe)),
+        "batch_forwards": forwards,
+        "answer_tokens": answer_tokens,
+        "seconds": seconds,
+        "tokens_per_s": answer_tokens / seconds if seconds > 0 else float("nan"),
+        "texts": texts,
+    }
+
+
+@torch.no_grad()
+def convergence_profile(model: Any, tokenizer: Any, problems: list[Problem], gen_length: int = 256,
+                        block_length: int = 32, batch_size: int = 64) -> dict[str, Any]:
+    """How a one-token-per-step decode converges: for masked answer positions of the current block, the share
+    whose argmax already equals the final token at the block's first step and at its later steps; and, at
+    the very first forward (all masks), the share of final end-of-text positions already predicted as
+    end-of-text with probability > 0.9, by distance from the end of the answer."""
+    device = model.model.transformer.wte.weight.device
+    eos = tokenizer.eos_token_id
+    first = [0, 0]
+    later = [0, 0]
+    eot_hits: dict[str, list[int]] = {"1-7": [0, 0], "8+": [0, 0]}
+    for i in range(0, len(problems), batch_size):
+        batch = problems[i : i + batch_size]
+        ids, mask = encode_prompts(tokenizer, [p.question for p in batch], device)
+        P = ids.shape[1]
+        final = generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length,
+                         strategy="steps")[:, P:]
+        records: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
+
+        def on_step(s, step, token, prob, canvas, records=records):
+            masked = canvas[:, s : s + token.shape[1]] == model.config.mask_token_id
+            records.append((s, step, token.clone(), masked.clone()))
+
+        again = generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length,
+                         strategy="steps", on_step=on_step)
+        assert torch.equal(again[:, P:], final)  # greedy decoding is deterministic
+        for s, step, token, masked in records:
+            hit = (token == final[:, s - P : s - P + token.shape[1]]) & masked
+            bucket = first if step == 0 else later
+            bucket[0] += int(hit.sum())
+            bucket[1] += int(masked.sum())
+        # the first forward over an all-mask canvas
+        canvas = torch.cat([ids, torch.full_like(final, model.config.mask_token_id)], 1)
+        full = torch.cat([mask, torch.ones_like(final)], 1)
+        logits = model(canvas, attention_mask=full, logits_slice=(P, P + gen_length)).logits.float()
+        prob, tok = logits.softmax(-1).max(-1)
+        is_eos = final == eos
+        end = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), gen_length)
+        dist = torch.arange(gen_length, device=device)[None] - end[:, None]
+        sure = (tok == eos) & (prob > 0.9)
+        for name, sel in (("1-7", (dist >= 1) & (dist < 8)), ("8+", dist >= 8)):
+            sel = sel & is_eos
+            eot_hits[name][0] += int((sure & sel).sum())
+            eot_hits[name][1] += int(sel.sum())
+    return {
+        "final_at_first_step": first[0] / max(1, first[1]),
+        "final_at_later_steps": later[0] / max(1, later[1]),
+        "eot_confident_at_first_forward": {k: v[0] / max(1, v[1]) for k, v in eot_hits.items()},
+    }
