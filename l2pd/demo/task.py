@@ -46,30 +46,30 @@ def _step(rng: random.Random, v: int, who: str, pron: str, obj: str, box: str, f
     kind = rng.choice(["add", "sub", "groups", "mul", "div", "add", "sub"])
     cap = pron.capitalize()
     if kind == "add" and v < MAX_VALUE - 1:
-        x = rng.randint(1, min(MAX_VALUE - v, 300))
+        x = rng.randint(1, min(MAX_VALUE - v, 120))
         where = rng.choice(PLACES)
         q = rng.choice([f"{cap} gets {x} more {obj} {where}.", f"{friend} gives {who} {x} {obj}.",
                         f"Then {pron} finds {x} {obj} {where}."])
         return q, [f"{who} gets {x} more, so {v} + {x} = {v + x} {obj}."], v + x
     if kind == "sub" and v > 1:
-        x = rng.randint(1, min(v - 1, 300))
+        x = rng.randint(1, min(v - 1, 120))
         q = rng.choice([f"{cap} gives {x} {obj} to {friend}.", f"{cap} loses {x} {obj}.",
                         f"{cap} sells {x} of the {obj} {rng.choice(PLACES)}."])
         return q, [f"{who} gives away {x}, so {v} - {x} = {v - x} {obj}."], v - x
     if kind == "groups":
-        n, m = rng.randint(2, 9), rng.randint(2, 40)
+        n, m = rng.randint(2, 6), rng.randint(2, 20)
         if v + n * m <= MAX_VALUE:
             q = f"{cap} buys {n} {box}s with {m} {obj} in each {box}."
             lines = [f"The {box}s hold {n} * {m} = {n * m} {obj}.", f"Now {who} has {v} + {n * m} = {v + n * m} {obj}."]
             return q, lines, v + n * m
     if kind == "mul":
-        k = rng.randint(2, 5)
+        k = rng.randint(2, 3)
         if v * k <= MAX_VALUE:
-            word = {2: "twice", 3: "three times", 4: "four times", 5: "five times"}[k]
+            word = {2: "twice", 3: "three times"}[k]
             q = f"Then {pron} ends up with {word} as many {obj} as before."
             return q, [f"{word.capitalize()} as many is {v} * {k} = {v * k} {obj}."], v * k
     if kind == "div":
-        ks = [k for k in range(2, 10) if v % k == 0 and v // k >= 1]
+        ks = [k for k in range(2, 6) if v % k == 0]
         if ks:
             k = rng.choice(ks)
             q = f"{cap} shares the {obj} equally among {k} friends and keeps one share."
@@ -83,7 +83,7 @@ def problem(seed: int) -> Problem:
     (who, pron), (friend, _) = rng.sample(NAMES, 2)
     obj, box = rng.choice(OBJECTS)
     n_ops = rng.choice([1, 1, 2, 2, 2, 3, 3, 4])
-    v = rng.randint(2, 400)
+    v = rng.randint(2, 200)
     opening = rng.choice([f"{who} has {v} {obj}.", f"{who} starts with {v} {obj}.",
                           f"There are {v} {obj} in {who}'s room."])
     sentences, lines = [opening], [f"{who} starts with {v} {obj}."]

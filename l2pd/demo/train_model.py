@@ -3,7 +3,7 @@
 Each answer token (the worked solution, ``<|eot_id|>``, then end-of-text padding to the canvas length) is
 masked with probability t ~ U(eps, 1) per example; the loss is the cross-entropy on masked answer tokens
 weighted by 1/t, summed and divided by the canvas length, as in LLaDA's SFT. Canvas lengths are mixed
-(256/512/1024) so that the model fills long canvases with end-of-text as well.
+(mostly 256, some 1024) so that the model fills long canvases with end-of-text as well.
 
     python -m l2pd.demo.train_model --out runs/model --minutes 8      # one H100: about 8 minutes
     python -m l2pd.demo.train_model --out runs/tiny --minutes 1 --device cpu --d-model 64 --layers 2
@@ -26,7 +26,8 @@ from .task import TRAIN_SEEDS, problem
 from .tokenizer import build_tokenizer, prompt_text
 
 PROMPT_SLOTS = 112  # prompts are left-padded to this many tokens in training
-CANVAS_MIX = ((256, 0.6), (512, 0.2), (1024, 0.2))
+CANVAS_MIX = ((256, 0.85), (1024, 0.15))
+ANSWER_SLOTS = 256  # answers are stored end-of-text padded to this length and extended on the fly
 
 
 def _texts(seed_range: tuple[int, int]) -> list[tuple[str, str]]:
@@ -42,18 +43,16 @@ def make_problems(n: int, workers: int) -> list[tuple[str, str]]:
         return [t for part in pool.map(_texts, ranges) for t in part]
 
 
-def encode(tokenizer, pairs: list[tuple[str, str]], max_canvas: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts [N, PROMPT_SLOTS] left-padded with end-of-text, answers [N, max_canvas] end-of-text padded."""
-    eos, eot = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    prompts = tokenizer([prompt_text(tokenizer, q) for q, _ in pairs], add_special_tokens=False).input_ids
-    answers = tokenizer([a for _, a in pairs], add_special_tokens=False).input_ids
-    P = torch.full((len(pairs), PROMPT_SLOTS), eos, dtype=torch.int32)
-    A = torch.full((len(pairs), max_canvas), eos, dtype=torch.int32)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        if len(p) > PROMPT_SLOTS or len(a) + 1 > 256:
-            raise ValueError(f"problem {i} is too long: prompt {len(p)} tokens, answer {len(a)} tokens")
-        P[i, PROMPT_SLOTS - len(p) :] = torch.tensor(p, dtype=torch.int32)
-        A[i, : len(a) + 1] = torch.tensor(a + [eot], dtype=torch.int32)
+def encode(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts [N, PROMPT_SLOTS] left-padded with end-of-text; answers + eot [N, ANSWER_SLOTS] right-padded."""
+    common = dict(add_special_tokens=False, padding="max_length", return_attention_mask=False)
+    prompts = tokenizer([prompt_text(tokenizer, q) for q, _ in pairs], max_length=PROMPT_SLOTS,
+                        padding_side="left", **common).input_ids
+    answers = tokenizer([a + "<|eot_id|>" for _, a in pairs], max_length=ANSWER_SLOTS, padding_side="right",
+                        **common).input_ids
+    P, A = torch.tensor(prompts, dtype=torch.int32), torch.tensor(answers, dtype=torch.int32)
+    if P.shape[1] != PROMPT_SLOTS or A.shape[1] != ANSWER_SLOTS:
+        raise ValueError(f"a problem is longer than {PROMPT_SLOTS} prompt / {ANSWER_SLOTS} answer tokens")
     return P, A
 
 
@@ -74,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (checkpoint + tokenizer + training.json)")
     ap.add_argument("--minutes", type=float, default=8.0, help="training time budget; the LR schedule follows it")
-    ap.add_argument("--problems", type=int, default=400_000, help="distinct training problems")
+    ap.add_argument("--problems", type=int, default=300_000, help="distinct training problems")
     ap.add_argument("--tokens-per-batch", type=int, default=96_000)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
@@ -84,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mlp", type=int, default=768)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (it needs a GPU toolchain)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args(argv)
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     pairs = make_problems(args.problems, args.workers)
     tokenizer = build_tokenizer(f"{q}\n{a}" for q, a in pairs[:50_000])
-    prompts_all, answers_all = encode(tokenizer, pairs, max(g for g, _ in CANVAS_MIX))
+    prompts_all, answers_all = encode(tokenizer, pairs)
     print(f"data: {len(pairs)} problems in {time.time() - t_start:.1f} s, vocab {len(tokenizer)}", flush=True)
 
     vocab = len(tokenizer)
@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     gens, weights = zip(*CANVAS_MIX)
     gen_choice = torch.multinomial(torch.tensor(weights), 1_000_000, replacement=True)
     budget = args.minutes * 60
+    loss_fn = sft_loss
+    if dev.type == "cuda" and not args.no_compile:
+        loss_fn = torch.compile(sft_loss)
+    eos_fill = torch.full((1, 1), config.eos_token_id, device=dev, dtype=torch.long)
     curve, step, t0 = [], 0, time.time()
     model.train()
     while True:
@@ -130,8 +134,18 @@ def main(argv: list[str] | None = None) -> int:
         G = gens[int(gen_choice[step % len(gen_choice)])]
         B = max(1, args.tokens_per_batch // (PROMPT_SLOTS + G))
         idx = torch.randint(0, len(pairs), (B,), device=dev)
+        answers = answers_all[idx]
+        if G > ANSWER_SLOTS:
+            answers = torch.cat([answers, eos_fill.expand(B, G - ANSWER_SLOTS)], 1)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            loss = sft_loss(model, prompts_all[idx], answers_all[idx, :G], config.mask_token_id, config.pad_token_id)
+            try:
+                loss = loss_fn(model, prompts_all[idx], answers[:, :G], config.mask_token_id, config.pad_token_id)
+            except Exception as exc:  # a broken compile toolchain: train eagerly rather than not at all
+                if loss_fn is sft_loss:
+                    raise
+                print(f"torch.compile failed ({type(exc).__name__}: {exc}); training eagerly", flush=True)
+                loss_fn = sft_loss
+                loss = loss_fn(model, prompts_all[idx], answers[:, :G], config.mask_token_id, config.pad_token_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
