@@ -25,8 +25,8 @@ from ..models.llada import LLaDAConfig, LLaDAModelLM
 from .task import TRAIN_SEEDS, problem
 from .tokenizer import build_tokenizer, prompt_text
 
-PROMPT_SLOTS = 112  # prompts are left-padded to this many tokens in training
-CANVAS_MIX = ((256, 0.85), (1024, 0.15))
+PROMPT_SLOTS = 96  # prompts are left-padded to this many tokens in training
+CANVAS_MIX = ((256, 0.9), (1024, 0.1))
 ANSWER_SLOTS = 256  # answers are stored end-of-text padded to this length and extended on the fly
 
 
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (checkpoint + tokenizer + training.json)")
     ap.add_argument("--minutes", type=float, default=8.0, help="training time budget; the LR schedule follows it")
-    ap.add_argument("--problems", type=int, default=300_000, help="distinct training problems")
-    ap.add_argument("--tokens-per-batch", type=int, default=96_000)
-    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--problems", type=int, default=160_000, help="distinct training problems")
+    ap.add_argument("--tokens-per-batch", type=int, default=64_000)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
