@@ -25,7 +25,7 @@ from ..models.llada import LLaDAConfig, LLaDAModelLM
 from .task import TRAIN_SEEDS, problem
 from .tokenizer import build_tokenizer, prompt_text
 
-PROMPT_SLOTS = 96  # prompts are left-padded to this many tokens in training
+PROMPT_SLOTS = 112  # prompts are left-padded to this many tokens in training
 CANVAS_MIX = ((256, 0.9), (1024, 0.1))
 ANSWER_SLOTS = 256  # answers are stored end-of-text padded to this length and extended on the fly
 
