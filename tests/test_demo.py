@@ -1,0 +1,91 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from l2pd.demo import MODEL_DIR
+from l2pd.demo.task import TEST_SEEDS, TRAIN_SEEDS, extract_answer, is_correct, problem, split
+from l2pd.models.llada import LLaDAModelLM
+
+FACTS_KEYS = {
+    "d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "rope", "rope_theta", "rope_full_precision",
+    "max_sequence_length", "layer_norm_type", "rms_norm_eps", "activation_type", "block_type", "vocab_size",
+    "embedding_size", "weight_tying", "include_bias", "mask_token_id", "eos_token_id", "pad_token_id",
+    "architectures", "model_type",
+}
+
+
+def test_generator_is_deterministic_and_splits_disjoint():
+    assert problem(123) == problem(123)
+    assert split("test", 5) == split("test", 5)
+    assert split("train", 3, offset=2)[0] == problem(TRAIN_SEEDS[2])
+    assert TRAIN_SEEDS.stop <= TEST_SEEDS.start
+    assert split("test", 1)[0] == problem(TEST_SEEDS.start)
+    with pytest.raises(ValueError, match="split"):
+        split("dev", 1)
+
+
+def test_problems_are_consistent():
+    for p in split("train", 300):
+        assert extract_answer(p.solution) == p.answer
+        assert 0 <= p.answer <= 999
+        assert 1 <= p.steps <= 4
+        for line in p.solution.splitlines()[1:-1]:  # every worked line's arithmetic is right
+            expr, result = line.split(" = ")
+            lhs = expr.rsplit(" is ", 1)[-1].rsplit(" so ", 1)[-1].rsplit(" hold ", 1)[-1].rsplit(" has ", 1)[-1]
+            a, op, b = lhs.split()
+            value = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b), "/": int(a) / int(b)}[op]
+            assert value == int(result.split()[0]), line
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [(None, None), ("", None), ("####", None), ("#### abc", None), ("no marker 12", None), (b"#### 3", None),
+     ("x\n#### 42", 42), ("#### -5", -5), ("####7 and #### 8", 7), ("#### 12 apples", 12), (12, None)],
+)
+def test_answer_checker_never_crashes(text, expected):
+    assert extract_answer(text) == expected
+    assert is_correct(text, 42) == (expected == 42)
+
+
+def test_tokenizer_round_trip_and_special_ids():
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    specials = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_header_id|>", "<|end_header_id|>",
+                "<|eot_id|>"]
+    assert tok.convert_tokens_to_ids(specials) == list(range(6))
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.mask_token_id) == (0, 1, 1, 2)
+    for p in split("test", 20):
+        ids = tok(p.solution, add_special_tokens=False).input_ids
+        assert tok.decode(ids) == p.solution
+    digits = tok("9071", add_special_tokens=False).input_ids
+    assert len(digits) == 4  # one token per digit
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert chat == "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>" \
+                   "<|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+def test_bundled_checkpoint_is_in_the_official_format():
+    with open(f"{MODEL_DIR}/config.json") as f:
+        cfg = json.load(f)
+    assert FACTS_KEYS <= set(cfg)
+    assert cfg["model_type"] == "llada" and cfg["architectures"] == ["LLaDAModelLM"]
+    assert (cfg["mask_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (2, 1, 1)
+    model = LLaDAModelLM.from_pretrained(MODEL_DIR)
+    names = set(model.state_dict())
+    assert "model.transformer.wte.weight" in names and "model.transformer.ff_out.weight" in names
+    assert f"model.transformer.blocks.{cfg['n_layers'] - 1}.up_proj.weight" in names
+
+
+def test_bundled_model_greedy_answer_is_fixed_and_correct():
+    import l2pd.demo
+    from l2pd.evaluate import answer_texts, encode_prompts
+
+    torch.manual_seed(0)
+    model, tok = l2pd.demo.load(device="cpu", filter=False)
+    p = split("test", 1)[0]
+    ids, mask = encode_prompts(tok, [p.question], "cpu")
+    out = model.generate(ids, mask, max_new_tokens=64, block_length=32, strategy="steps", cache="none")
+    text = answer_texts(tok, out, ids.shape[1])[0]
+    assert text == "Iris starts with 112 toy cars.\nTwice as many is 112 * 2 = 224 toy cars.\n#### 224"
+    assert is_correct(text, p.answer)
