@@ -1,21 +1,26 @@
-"""The ``l2pd`` command."""
+"""The ``l2pd`` command: demo, generate, eval, collect, train-filter."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 
-def _add_decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gen-length", type=int, default=256, help="new tokens per answer (default 256)")
+def _add_decode_args(p: argparse.ArgumentParser, gen_length: int = 256) -> None:
+    p.add_argument("--gen-length", type=int, default=gen_length, help=f"new tokens per answer (default {gen_length})")
     p.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block size (default 32)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _add_strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", choices=["steps", "threshold", "learn2pd"], default=None,
                    help="unmasking rule (default: learn2pd when a filter is available, else threshold)")
-    p.add_argument("--threshold", type=float, default=None, help="tau for threshold/learn2pd")
-    p.add_argument("--eotp", choices=["off", "accepted", "predicted"], default="off", help="end-of-text prediction")
+    p.add_argument("--threshold", type=float, default=None, help="tau for threshold (0.9) / learn2pd (filter's)")
+    p.add_argument("--eotp", choices=["off", "accepted", "predicted"], default="off",
+                   help="end-of-text prediction: stop once an end-of-text token is accepted (default off)")
     p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none", help="block KV cache mode")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--filter", default=None, help="filter folder (default: the bundled model's filter)")
 
 
 def _device(arg: str | None) -> str:
@@ -24,40 +29,167 @@ def _device(arg: str | None) -> str:
     return arg or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _load(model_dir: str | None, device: str, filter_dir: str | None = None):
+    """(patched model, tokenizer): a checkpoint folder, or the bundled model when ``model_dir`` is None."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import PreTrainedTokenizerFast
 
     import l2pd
+    import l2pd.demo
+
+    if model_dir is None:
+        model, tok = l2pd.demo.load(device=device)
+    else:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        model = l2pd.LLaDAModelLM.from_pretrained(model_dir, torch_dtype=dtype, device=device)
+        tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+        l2pd.patch(model)
+    if filter_dir is not None:
+        l2pd.patch(model, filter=filter_dir)
+    return model, tok
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .demo.tokenizer import prompt_text
 
     device = _device(args.device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = l2pd.LLaDAModelLM.from_pretrained(args.model, torch_dtype=dtype, device=device)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                   tokenize=False)
-    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids.to(device)
-    l2pd.patch(model)
+    model, tok = _load(args.model, device, args.filter)
+    ids = tok(prompt_text(tok, args.prompt), add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     out = model.generate(ids, max_new_tokens=args.gen_length, block_length=args.block_length,
                          strategy=args.strategy, threshold=args.threshold, eotp=args.eotp, cache=args.cache,
                          temperature=args.temperature, return_dict_in_generate=True)
-    print(tok.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True))
+    print(tok.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True))
     print(f"[{int(out.nfe[0])} forwards, {out.seconds:.2f} s]", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .demo.task import split
+    from .evaluate import evaluate
+
+    device = _device(args.device)
+    model, tok = _load(args.model, device, args.filter)
+    problems = split("test", args.problems)
+    r = evaluate(model, tok, problems, batch_size=args.batch_size, progress=not args.json,
+                 max_new_tokens=args.gen_length, block_length=args.block_length, strategy=args.strategy,
+                 threshold=args.threshold, eotp=args.eotp, cache=args.cache)
+    r.pop("texts")
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"accuracy {100 * r['accuracy']:.1f}% on {r['problems']} problems, mean forwards per answer "
+              f"{r['mean_nfe']:.1f}, {r['tokens_per_s']:.1f} answer tokens/s ({r['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.task import split
+    from .evaluate import compare_configs, format_table
+
+    device = _device(args.device)
+    n = args.problems or (200 if device.startswith("cuda") else 3)
+    batch = args.batch_size or (n if device.startswith("cuda") else 1)
+    model, tok = _load(None, device, args.filter)
+    if model.l2pd_filter is None:
+        print("note: no filter found; the learn2pd rows are skipped", file=sys.stderr)
+    print(f"bundled model, {n} held-out problems, gen length {args.gen_length}, block {args.block_length}, "
+          f"greedy, batch {batch}, {device}", file=sys.stderr)
+    rows = compare_configs(model, tok, split("test", n), args.gen_length, args.block_length, batch,
+                           progress=not args.json)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows))
+        print("NFE x / wall x: speedup over `steps` without a cache (forwards per answer / wall time)")
+    return 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from .collect import collect
+    from .demo.task import split
+    from .demo.tokenizer import prompt_text
+
+    device = _device(args.device)
+    model, tok = _load(args.model, device)
+    if args.prompts:
+        with open(args.prompts) as f:
+            questions = [json.loads(line)["prompt"] for line in f if line.strip()]
+    else:
+        questions = [p.question for p in split("train", args.num_prompts)]
+    prompts = tok([prompt_text(tok, q) for q in questions], add_special_tokens=False).input_ids
+    info = collect(model, prompts, args.out, gen_length=args.gen_length, block_length=args.block_length,
+                   batch_size=args.batch_size, shard_size=args.shard_size, cache=args.cache)
+    print(json.dumps(info))
+    return 0
+
+
+def cmd_train_filter(args: argparse.Namespace) -> int:
+    from .train import train_filter
+
+    flt = train_filter(args.data, hidden=args.hidden, depth=args.depth, lr=args.lr, max_epochs=args.max_epochs,
+                       patience=args.patience, threshold=args.threshold, device=args.device or "cpu")
+    flt.save_pretrained(args.out)
+    print(f"saved {args.out}/filter.safetensors and filter.json")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2pd",
-        description="Fast parallel decoding for LLaDA-style diffusion language models: learned unmasking "
-        "filter (Learn2PD), end-of-text prediction and a block KV cache.",
+        description="Fast parallel decoding for LLaDA-style diffusion language models: a learned unmasking "
+        "filter (Learn2PD), end-of-text prediction (EoTP) and a block KV cache. Without --model, commands "
+        "use the bundled small model trained on grade-school word problems.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="answer one prompt with a LLaDA checkpoint folder")
-    g.add_argument("--model", required=True, help="folder with config.json, safetensors and tokenizer files")
+
+    d = sub.add_parser("demo", help="speed/quality table of every decoding configuration on the bundled model")
+    d.add_argument("--problems", type=int, default=None, help="held-out problems (default 3 on CPU, 200 on GPU)")
+    d.add_argument("--batch-size", type=int, default=None, help="default 1 on CPU, all problems at once on GPU")
+    d.add_argument("--filter", default=None, help="filter folder (default: the bundled one)")
+    d.add_argument("--json", action="store_true", help="print the rows as JSON")
+    _add_decode_args(d)
+    d.set_defaults(func=cmd_demo)
+
+    g = sub.add_parser("generate", help="answer one prompt")
+    g.add_argument("--model", default=None, help="folder with config.json, safetensors and tokenizer files")
     g.add_argument("--prompt", required=True, help="the user message")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     _add_decode_args(g)
+    _add_strategy_args(g)
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("eval", help="held-out accuracy, forwards per answer and tokens/s of one configuration")
+    e.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    e.add_argument("--problems", type=int, default=100, help="held-out problems (default 100)")
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--json", action="store_true", help="print the figures as JSON")
+    _add_decode_args(e)
+    _add_strategy_args(e)
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("collect", help="record oracle-replay trajectories for filter training (resumable)")
+    c.add_argument("--out", required=True, help="output folder for shards")
+    c.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    c.add_argument("--prompts", default=None, help='JSONL file, one {"prompt": ...} per line (default: the '
+                   "bundled task's training problems)")
+    c.add_argument("--num-prompts", type=int, default=2000, help="bundled-task prompts when --prompts is absent")
+    c.add_argument("--batch-size", type=int, default=32)
+    c.add_argument("--shard-size", type=int, default=256)
+    c.add_argument("--cache", choices=["none", "prefix", "dual"], default="none")
+    _add_decode_args(c)
+    c.set_defaults(func=cmd_collect)
+
+    t = sub.add_parser("train-filter", help="train the Learn2PD filter on collected shards")
+    t.add_argument("--data", required=True, help="folder written by `l2pd collect`")
+    t.add_argument("--out", required=True, help="output folder (filter.safetensors + filter.json)")
+    t.add_argument("--hidden", type=int, default=128)
+    t.add_argument("--depth", type=int, default=1, help="hidden layers")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--max-epochs", type=int, default=3000)
+    t.add_argument("--patience", type=int, default=100, help="epochs without validation gain before stopping")
+    t.add_argument("--threshold", type=float, default=0.9, help="default tau stored with the filter")
+    t.add_argument("--device", default=None)
+    t.set_defaults(func=cmd_train_filter)
     return parser
 
 

@@ -125,3 +125,44 @@ def convergence_profile(model: Any, tokenizer: Any, problems: list[Problem], gen
         "final_at_later_steps": later[0] / max(1, later[1]),
         "eot_confident_at_first_forward": {k: v[0] / max(1, v[1]) for k, v in eot_hits.items()},
     }
+
+
+DEMO_STRATEGIES = (
+    ("steps", {"strategy": "steps"}),
+    ("threshold 0.9", {"strategy": "threshold", "threshold": 0.9}),
+    ("learn2pd", {"strategy": "learn2pd"}),
+    ("learn2pd + EoTP", {"strategy": "learn2pd", "eotp": "accepted"}),
+)
+
+
+def compare_configs(model: Any, tokenizer: Any, problems: list[Problem], gen_length: int = 256,
+                    block_length: int = 32, batch_size: int = 1, caches=("none", "prefix", "dual"),
+                    strategies=DEMO_STRATEGIES, progress: bool = True) -> list[dict[str, Any]]:
+    """One row per (strategy, cache): accuracy, mean forwards, tokens/s, and speedups over the first row
+    (the first strategy without a cache) in forwards and in wall time."""
+    rows: list[dict[str, Any]] = []
+    for name, kw in strategies:
+        if kw.get("strategy") == "learn2pd" and getattr(model, "l2pd_filter", None) is None:
+            continue
+        for cache in caches:
+            r = evaluate(model, tokenizer, problems, batch_size=batch_size, progress=progress,
+                         max_new_tokens=gen_length, block_length=block_length, cache=cache,
+                         filter=getattr(model, "l2pd_filter", None), **kw)
+            r.pop("texts")
+            rows.append({"config": name, "cache": cache, "gen_length": gen_length, "batch_size": batch_size, **r})
+    base = rows[0]
+    for r in rows:
+        r["nfe_speedup"] = base["mean_nfe"] / r["mean_nfe"]
+        r["wall_speedup"] = base["seconds"] / r["seconds"]
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = f"{'config':<17}{'cache':<8}{'accuracy':>9}{'NFE':>9}{'tok/s':>10}{'NFE x':>8}{'wall x':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['config']:<17}{r['cache']:<8}{100 * r['accuracy']:>8.1f}%{r['mean_nfe']:>9.1f}"
+            f"{r['tokens_per_s']:>10.1f}{r['nfe_speedup']:>8.2f}{r['wall_speedup']:>8.2f}"
+        )
+    return "\n".join(lines)

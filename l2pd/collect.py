@@ -1,0 +1,142 @@
+"""Filter training data: Learn2PD's oracle replay, recorded as (confidence vector, label vector) per step.
+
+For each prompt: decode with ``steps`` (one token per step) to get the final answer y; decode again with the
+``oracle`` strategy (unmask exactly the positions whose argmax already equals y), recording at every step the
+current block's filter features (confidences; 1.0 at decoded positions), labels (argmax == y) and which
+positions were still masked. Prompts are processed in shards of ``shard_size``; each shard is written
+atomically as ``shard-NNNNN.safetensors``, so an interrupted run resumes where it stopped, with the same
+shards it would have written in one go.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .decode import generate
+from .filter import model_fingerprint
+from l2pd_kernels.reference import filter_features
+
+COLLECT_VERSION = 1
+
+
+def _pad_left(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.as_tensor(list(p))
+        mask[i, width - len(p) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def replay(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen_length: int, block_length: int,
+           cache: str = "none") -> dict[str, torch.Tensor]:
+    """Features/labels/masks [N, block_length] of every (row, step) where the row had masked positions."""
+    P = ids.shape[1]
+    final = generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length, strategy="steps",
+                     cache=cache)[:, P:]
+    mask_id = model.config.mask_token_id
+    rows: dict[str, list[torch.Tensor]] = {"features": [], "labels": [], "masked": []}
+
+    def on_step(s, step, token, prob, canvas):
+        masked = canvas[:, s : s + token.shape[1]] == mask_id
+        active = masked.any(-1)
+        label = token == final[:, s - P : s - P + token.shape[1]]
+        pad = block_length - token.shape[1]
+        rows["features"].append(filter_features(prob, masked, block_length)[active].cpu())
+        rows["labels"].append(torch.nn.functional.pad(label & masked, (0, pad))[active].cpu())
+        rows["masked"].append(torch.nn.functional.pad(masked, (0, pad))[active].cpu())
+
+    generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length, strategy="oracle",
+             target=final, on_step=on_step, cache=cache)
+    return {k: torch.cat(v) for k, v in rows.items()}
+
+
+def collect(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    out_dir: str,
+    gen_length: int = 256,
+    block_length: int = 32,
+    batch_size: int = 32,
+    shard_size: int = 256,
+    cache: str = "none",
+    progress: bool = True,
+    max_shards: int | None = None,
+) -> dict[str, Any]:
+    """Collect replay data for token-id ``prompts`` (chat-formatted) into ``out_dir``; resumes if present.
+
+    ``max_shards`` stops after writing that many new shards (for tests and time-boxed runs).
+    """
+    from safetensors.torch import save_file
+
+    if not prompts:
+        raise ValueError("no prompts to collect from")
+    if shard_size % batch_size:
+        raise ValueError(f"shard_size={shard_size} must be a multiple of batch_size={batch_size}")
+    os.makedirs(out_dir, exist_ok=True)
+    device = model.model.transformer.wte.weight.device
+    pad_id = getattr(model.config, "pad_token_id", None)
+    pad_id = model.config.eos_token_id if pad_id is None else pad_id
+    manifest = {
+        "version": COLLECT_VERSION, "model_fingerprint": model_fingerprint(model), "gen_length": gen_length,
+        "block_length": block_length, "prompts": len(prompts), "shard_size": shard_size, "cache": cache,
+    }
+    path = os.path.join(out_dir, "collect.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != manifest:
+            raise ValueError(f"{out_dir} holds a collection with other settings: {old} (now {manifest})")
+    else:
+        with open(path, "w") as f:
+            json.dump(manifest, f, indent=2)
+
+    n_shards = -(-len(prompts) // shard_size)
+    written = 0
+    bar = tqdm(total=len(prompts), disable=not progress, desc="collect", unit="prompt")
+    for shard in range(n_shards):
+        lo, hi = shard * shard_size, min((shard + 1) * shard_size, len(prompts))
+        name = os.path.join(out_dir, f"shard-{shard:05d}.safetensors")
+        if os.path.exists(name):
+            bar.update(hi - lo)
+            continue
+        if max_shards is not None and written >= max_shards:
+            break
+        parts = []
+        for b in range(lo, hi, batch_size):
+            ids, mask = _pad_left(prompts[b : min(b + batch_size, hi)], pad_id, device)
+            parts.append(replay(model, ids, mask, gen_length, block_length, cache))
+            bar.update(ids.shape[0])
+        data = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
+        data["labels"] = data["labels"].to(torch.uint8)
+        data["masked"] = data["masked"].to(torch.uint8)
+        meta = {k: str(v) for k, v in manifest.items()}
+        meta.update(first_prompt=str(lo), last_prompt=str(hi - 1), rows=str(len(data["features"])))
+        tmp = name + ".tmp"
+        save_file(data, tmp, metadata=meta)
+        os.replace(tmp, name)  # atomic: a shard is either complete or absent
+        written += 1
+    bar.close()
+    done = sum(os.path.exists(os.path.join(out_dir, f"shard-{i:05d}.safetensors")) for i in range(n_shards))
+    return {**manifest, "shards": n_shards, "shards_done": done}
+
+
+def load_shards(out_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """All shards of a collection concatenated, and its manifest."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(out_dir, "collect.json")) as f:
+        manifest = json.load(f)
+    names = sorted(n for n in os.listdir(out_dir) if n.startswith("shard-") and n.endswith(".safetensors"))
+    if not names:
+        raise FileNotFoundError(f"no shards in {out_dir!r}")
+    parts = [load_file(os.path.join(out_dir, n)) for n in names]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, manifest

@@ -1,0 +1,106 @@
+"""Train the Learn2PD filter on collected replay data (full batch, BCE with logits, AdamW, early stopping)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .collect import load_shards
+from .filter import Filter
+
+REPORT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+
+
+def accept_metrics(logits: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor,
+                   thresholds=REPORT_THRESHOLDS) -> dict[str, dict[str, float]]:
+    """Precision, recall and false-positive rate of "accept" (sigmoid > tau) over masked positions."""
+    prob = torch.sigmoid(logits)[masked]
+    y = labels[masked]
+    out = {}
+    for tau in thresholds:
+        acc = prob > tau
+        tp, fp = int((acc & y).sum()), int((acc & ~y).sum())
+        pos, neg = int(y.sum()), int((~y).sum())
+        out[str(tau)] = {
+            "precision": tp / max(1, tp + fp), "recall": tp / max(1, pos), "false_positive_rate": fp / max(1, neg),
+        }
+    return out
+
+
+def train_filter(
+    data_dir: str,
+    hidden: int = 128,
+    depth: int = 1,
+    lr: float = 3e-3,
+    max_epochs: int = 3000,
+    val_fraction: float = 0.1,
+    patience: int = 100,
+    threshold: float = 0.9,
+    seed: int = 0,
+    device: str = "cpu",
+    log: Any = print,
+) -> Filter:
+    """Full-batch training on all shards of ``data_dir``; keeps the weights of the best validation loss.
+
+    The loss counts only positions that were still masked (the filter is never asked about the others).
+    """
+    data, manifest = load_shards(data_dir)
+    x = data["features"].float().to(device)
+    y = data["labels"].bool().to(device)
+    m = data["masked"].bool().to(device)
+    n = len(x)
+    if n < 10:
+        raise ValueError(f"only {n} training rows in {data_dir!r}; collect more prompts")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g).to(device)
+    n_val = max(1, int(n * val_fraction))
+    val, tr = perm[:n_val], perm[n_val:]
+    torch.manual_seed(seed)
+    flt = Filter(manifest["block_length"], hidden, depth, threshold).to(device)
+    opt = torch.optim.AdamW(flt.parameters(), lr=lr)
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        logits = flt(x[idx])
+        per = F.binary_cross_entropy_with_logits(logits, y[idx].float(), reduction="none")
+        return (per * m[idx]).sum() / m[idx].sum().clamp_min(1)
+
+    best, best_state, since, t0 = float("inf"), None, 0, time.time()
+    epoch = 0
+    for epoch in range(max_epochs):
+        flt.train()
+        loss = loss_of(tr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            v = float(loss_of(val))
+        if v < best - 1e-5:
+            best, since = v, 0
+            best_state = {k: t.detach().clone() for k, t in flt.state_dict().items()}
+        else:
+            since += 1
+            if since >= patience:
+                break
+        if epoch % 200 == 0:
+            log(f"epoch {epoch}: train {float(loss):.4f} val {v:.4f}")
+    flt.load_state_dict(best_state)
+    flt.eval()
+    with torch.no_grad():
+        metrics = accept_metrics(flt(x[val]), y[val], m[val])
+    seconds = time.time() - t0
+    flt.meta.update(
+        model_fingerprint=manifest["model_fingerprint"], gen_length=manifest["gen_length"],
+        train_rows=int(len(tr)), val_rows=int(n_val), val_loss=best, epochs=epoch + 1,
+        train_seconds=round(seconds, 2), val_metrics=metrics,
+        positive_rate=float(y[m].float().mean()),
+    )
+    flt.cpu()
+    flt._device_weights.clear()
+    log(f"trained in {seconds:.1f} s, {epoch + 1} epochs, best val loss {best:.4f}")
+    for tau, r in metrics.items():
+        log(f"  tau {tau}: precision {r['precision']:.4f} recall {r['recall']:.4f} "
+            f"false-positive rate {r['false_positive_rate']:.4f}")
+    return flt
