@@ -85,7 +85,7 @@ def train_filter(
             if since >= patience:
                 break
         if epoch % 200 == 0:
-            log(f"epoch {epoch}: train {float(loss):.4f} val {v:.4f}")
+            log(f"epoch {epoch}: train {loss.item():.4f} val {v:.4f}")
     flt.load_state_dict(best_state)
     flt.eval()
     with torch.no_grad():
