@@ -1,0 +1,77 @@
+"""Microbenchmarks of the decision kernels on a GPU: `pytest benchmarks/ --benchmark-only`.
+
+Shapes: vocabulary 126464 (LLaDA), block 32, bf16 logits, batch 1/8/32/64. Baselines measured in the same
+run: the PyTorch reference ops, the public float64 decision with its per-row host syncs, and a plain
+device copy of the logits (the bandwidth floor). Each benchmark synchronises the device around every call;
+`extra_info` holds triton.testing.do_bench medians and the bandwidth figures.
+"""
+
+import pytest
+import torch
+
+from baselines import public_style_decide
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA GPU")
+V, L, MASK, EOS = 126464, 32, 126336, 126081
+BATCHES = [1, 8, 32, 64]
+
+
+def _case(B):
+    torch.manual_seed(0)
+    logits = torch.randn(B, L, V, device="cuda", dtype=torch.bfloat16) * 4
+    canvas = torch.full((B, 512 + 256), MASK, device="cuda", dtype=torch.int64)
+    canvas[:, :512] = 5
+    return logits, canvas
+
+
+def _run(benchmark, fn, extra):
+    import triton.testing
+
+    def synced():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(synced, rounds=30, warmup_rounds=5, iterations=1)
+    ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    benchmark.extra_info.update(do_bench_median_ms=ms, **{k: v(ms) if callable(v) else v for k, v in extra.items()})
+
+
+@cuda
+@pytest.mark.parametrize("B", BATCHES)
+def test_copy_floor(benchmark, B):
+    logits, _ = _case(B)
+    out = torch.empty_like(logits)
+    nbytes = logits.numel() * logits.element_size()
+    _run(benchmark, lambda: out.copy_(logits), {"copy_GBps_read_plus_write": lambda ms: 2 * nbytes / ms / 1e6})
+
+
+@cuda
+@pytest.mark.parametrize("B", BATCHES)
+def test_confidence_kernel(benchmark, B):
+    from l2pd_kernels import confidence
+
+    logits, _ = _case(B)
+    nbytes = logits.numel() * logits.element_size()
+    _run(benchmark, lambda: confidence(logits, suppress=MASK), {"read_GBps": lambda ms: nbytes / ms / 1e6})
+
+
+@cuda
+@pytest.mark.parametrize("B", BATCHES)
+@pytest.mark.parametrize("path", ["kernels", "reference", "public"])
+def test_step_decision(benchmark, B, path):
+    """confidence + decide (threshold 0.9, EoTP) for one block step."""
+    from l2pd_kernels import confidence, decide
+    from l2pd_kernels import reference as ref
+
+    logits, canvas = _case(B)
+    if path == "public":
+        def fn():
+            public_style_decide(logits, canvas.clone(), 512, MASK, 0.9)
+    else:
+        conf, dec = (confidence, decide) if path == "kernels" else (ref.confidence, ref.decide)
+
+        def fn():
+            tok, prob = conf(logits, suppress=MASK)
+            dec(canvas.clone(), tok, prob, block_start=512, k=1, threshold=0.9, mask_id=MASK, eos_id=EOS,
+                eotp="accepted")
+    _run(benchmark, fn, {"batch": B, "path": path})

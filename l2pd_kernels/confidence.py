@@ -1,0 +1,160 @@
+"""confidence: logits [B, L, V] -> (token int64 [B, L], softmax probability of that token fp32 [B, L]).
+
+One pass over the vocabulary. Each row is split into chunks handled by separate programs (so that B * L = 32
+rows still occupy every SM); a program keeps an online max / sum of exponentials and the running best
+(lowest index on ties) over its chunk, and a second tiny kernel merges the chunks of a row. Semantics (NaN,
+inf, ties, sampling) are those of ``l2pd_kernels.reference.confidence``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_FLT_MAX = 3.4028234663852886e38
+_U32 = 0xFFFFFFFF
+
+
+@triton.jit
+def _mix32(x):
+    # lowbias32 on uint32 values held in int64 (the same arithmetic as the reference)
+    x = x & 0xFFFFFFFF
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _partial_kernel(
+    logits_ptr, part_ptr,
+    L, V, stride_b, stride_l, stride_v,
+    chunk, n_split, seed_h, inv_temp, suppress,
+    SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    split = tl.program_id(1)
+    b = row // L
+    l_ = row % L
+    base = logits_ptr + b.to(tl.int64) * stride_b + l_.to(tl.int64) * stride_l
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, V)
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    best = tl.full((), float("-inf"), tl.float32)
+    best_idx = tl.zeros((), tl.int32) + lo
+    best_logit = tl.full((), float("-inf"), tl.float32)
+    row_h = _mix32(row.to(tl.int64) + seed_h)
+    for start in range(lo, hi, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        inb = offs < hi
+        x = tl.load(base + offs.to(tl.int64) * stride_v, mask=inb, other=float("-inf")).to(tl.float32)
+        x = tl.where(x != x, float("-inf"), x)  # NaN counts as -inf
+        x = tl.minimum(x, _FLT_MAX)  # +inf counts as the largest finite value
+        x = tl.where(offs == suppress, float("-inf"), x)
+        # online softmax statistics
+        m_new = tl.maximum(m, tl.max(x, 0))
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
+        m = m_new
+        if SAMPLE:
+            h = _mix32(offs.to(tl.int64) + row_h)
+            u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            score = x * inv_temp - tl.log(-tl.log(u))
+        else:
+            score = x
+        t_best = tl.max(score, 0)
+        t_idx = tl.min(tl.where(score == t_best, offs, 2147483647), 0)  # lowest index among the maxima
+        t_logit = tl.sum(tl.where(offs == t_idx, x, 0.0), 0)
+        better = t_best > best
+        best_idx = tl.where(better, t_idx, best_idx)
+        best_logit = tl.where(better, t_logit, best_logit)
+        best = tl.where(better, t_best, best)
+    out = part_ptr + (row * n_split + split) * 5
+    tl.store(out + 0, m)
+    tl.store(out + 1, s)
+    tl.store(out + 2, best)
+    tl.store(out + 3, best_idx.to(tl.float32))  # exact: V < 2**24
+    tl.store(out + 4, best_logit)
+
+
+@triton.jit
+def _merge_kernel(part_ptr, token_ptr, prob_ptr, n_split, SPLIT_P2: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, SPLIT_P2)
+    ok = offs < n_split
+    base = part_ptr + (row * n_split + offs) * 5
+    m = tl.load(base + 0, mask=ok, other=float("-inf"))
+    s = tl.load(base + 1, mask=ok, other=0.0)
+    best = tl.load(base + 2, mask=ok, other=float("-inf"))
+    idx = tl.load(base + 3, mask=ok, other=0.0)
+    logit = tl.load(base + 4, mask=ok, other=float("-inf"))
+    gm = tl.max(m, 0)
+    safe = tl.where(gm == float("-inf"), 0.0, gm)
+    total = tl.sum(tl.where(m == float("-inf"), 0.0, s * tl.exp(m - safe)), 0)
+    gbest = tl.max(best, 0)
+    # the first split holding the best score: splits are in vocabulary order, so ties go to the lowest index
+    first = tl.min(tl.where(best == gbest, offs, SPLIT_P2), 0)
+    first = tl.where(gbest == float("-inf"), 0, first)
+    tok = tl.sum(tl.where(offs == first, idx, 0.0), 0).to(tl.int64)
+    lg = tl.sum(tl.where(offs == first, logit, 0.0), 0)
+    p = tl.where(gm == float("-inf"), 0.0, tl.exp(lg - safe) / total)
+    tl.store(token_ptr + row, tok)
+    tl.store(prob_ptr + row, p)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def confidence(
+    logits: torch.Tensor, temperature: float = 0.0, seed: int | None = None, suppress: int | None = None,
+    block_v: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``l2pd_kernels.reference.confidence`` (same arguments and results)."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, L, V], got shape {tuple(logits.shape)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"logits dtype {logits.dtype} is not supported (fp32, bf16, fp16)")
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0")
+    if temperature > 0 and seed is None:
+        raise ValueError("sampling (temperature > 0) needs a seed")
+    B, L, V = logits.shape
+    if V >= 2**24:
+        raise ValueError(f"vocabulary size {V} is too large (limit 2**24)")
+    rows = B * L
+    token = torch.empty(B, L, dtype=torch.int64, device=logits.device)
+    prob = torch.empty(B, L, dtype=torch.float32, device=logits.device)
+    if rows == 0:
+        return token, prob
+    block_v = min(block_v, triton.next_power_of_2(V))
+    max_split = triton.cdiv(V, block_v)
+    n_split = max(1, min(max_split, triton.cdiv(4 * _num_sms(logits.device), rows)))
+    chunk = triton.cdiv(triton.cdiv(V, n_split), block_v) * block_v
+    n_split = triton.cdiv(V, chunk)
+    part = torch.empty(rows * n_split * 5, dtype=torch.float32, device=logits.device)
+    seed_h = 0
+    if temperature > 0:
+        seed_h = int(_mix32_host(seed & _U32))
+    _partial_kernel[(rows, n_split)](
+        logits, part, L, V, logits.stride(0), logits.stride(1), logits.stride(2),
+        chunk, n_split, seed_h, 1.0 / temperature if temperature > 0 else 1.0,
+        -1 if suppress is None else int(suppress),
+        SAMPLE=temperature > 0, BLOCK_V=block_v,
+    )
+    _merge_kernel[(rows,)](part, token, prob, n_split, SPLIT_P2=triton.next_power_of_2(n_split))
+    return token, prob
+
+
+def _mix32_host(x: int) -> int:
+    x &= _U32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _U32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _U32
+    return x ^ (x >> 16)

@@ -1,0 +1,154 @@
+"""decide: one step's decision for a batch of blocks, fused into one program per batch row.
+
+Reads the block's tokens/probabilities and the canvas, runs the filter MLP (weights small enough to stay on
+chip), accepts still-masked positions whose score exceeds tau plus the k most confident ones, writes them into
+the canvas in place, applies EoTP (end-of-text written to every position after the cut, to the end of the
+canvas) and writes per-row counts to device memory: no host sync. Semantics are those of
+``l2pd_kernels.reference.decide``; ``steps`` and ``threshold`` are this kernel with the filter off.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import EOTP_MODES
+
+
+@triton.jit
+def _decide_kernel(
+    canvas_ptr, token_ptr, prob_ptr, out_ptr,
+    w1_ptr, b1_ptr, wm_ptr, bm_ptr, w2_ptr, b2_ptr,
+    T, stride_c, stride_t, stride_p,
+    block_start, L, LF, H, k, threshold, mask_id, eos_id,
+    BLOCK: tl.constexpr, HB: tl.constexpr, N_MID: tl.constexpr, USE_FILTER: tl.constexpr,
+    EOTP: tl.constexpr, TAIL: tl.constexpr,
+):
+    row = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    inb = i < L
+    crow = canvas_ptr + row.to(tl.int64) * stride_c
+    block = tl.load(crow + block_start + i, mask=inb, other=0)
+    token = tl.load(token_ptr + row * stride_t + i, mask=inb, other=0)
+    prob = tl.load(prob_ptr + row * stride_p + i, mask=inb, other=0.0).to(tl.float32)
+    masked = (block == mask_id) & inb
+
+    if USE_FILTER:
+        # features: confidences, 1.0 at decoded positions and past a short last block, up to LF inputs
+        feat = tl.where(masked, prob, 1.0)
+        feat = tl.where(i < LF, feat, 0.0)
+        hj = tl.arange(0, HB)
+        hok = hj < H
+        w1 = tl.load(w1_ptr + hj[:, None] * LF + i[None, :], mask=hok[:, None] & (i[None, :] < LF), other=0.0)
+        h = tl.sum(w1 * feat[None, :], 1) + tl.load(b1_ptr + hj, mask=hok, other=0.0)
+        h = tl.maximum(h, 0.0)
+        for layer in tl.static_range(N_MID):
+            wm = tl.load(wm_ptr + layer * H * H + hj[:, None] * H + hj[None, :],
+                         mask=hok[:, None] & hok[None, :], other=0.0)
+            hn = tl.sum(wm * h[None, :], 1) + tl.load(bm_ptr + layer * H + hj, mask=hok, other=0.0)
+            h = tl.maximum(hn, 0.0)
+        w2 = tl.load(w2_ptr + i[:, None] * H + hj[None, :], mask=(i[:, None] < LF) & hok[None, :], other=0.0)
+        logit = tl.sum(w2 * h[None, :], 1) + tl.load(b2_ptr + i, mask=i < LF, other=0.0)
+        score = 1.0 / (1.0 + tl.exp(-logit))
+    else:
+        score = prob
+
+    # the k most confident masked positions; ties to the lowest index
+    p_i = tl.where(masked, prob, float("-inf"))
+    j = tl.arange(0, BLOCK)
+    p_j = p_i[None, :]
+    m_j = masked[None, :]
+    beats = ((p_j > p_i[:, None]) | ((p_j == p_i[:, None]) & (j[None, :] < i[:, None]))) & m_j
+    rank = tl.sum(beats.to(tl.int32), 1)
+    accept = masked & ((score > threshold) | (rank < k))
+    new = tl.where(accept, token, block)
+    tl.store(crow + block_start + i, new, mask=inb)
+    still = (new == mask_id) & inb
+    n_before = tl.sum(masked.to(tl.int32), 0)
+
+    eot = tl.full((), -1, tl.int64)
+    if EOTP > 0:
+        first = tl.min(tl.where((new == eos_id) & inb, i, BLOCK), 0)
+        if EOTP == 2:
+            pred = still & (token == eos_id)
+            q_i = tl.where(pred, prob, float("-inf"))
+            q_j = q_i[None, :]
+            qb = ((q_j > q_i[:, None]) | ((q_j == q_i[:, None]) & (j[None, :] < i[:, None]))) & pred[None, :]
+            top = pred & (tl.sum(qb.to(tl.int32), 1) == 0)
+            first = tl.minimum(first, tl.min(tl.where(top, i, BLOCK), 0))
+        if first < BLOCK:
+            pos = block_start + first
+            eot = pos.to(tl.int64)
+            for start in range(block_start, T, TAIL):
+                offs = start + tl.arange(0, TAIL)
+                ok = offs < T
+                cur = tl.load(crow + offs, mask=ok, other=0)
+                fill = ok & ((offs > pos) | ((offs == pos) & (cur == mask_id)))
+                tl.store(crow + offs, tl.where(fill, eos_id, cur).to(cur.dtype), mask=ok)
+            cur = tl.load(crow + block_start + i, mask=inb, other=0)
+            still = (cur == mask_id) & inb
+    n_left = tl.sum(still.to(tl.int32), 0)
+    tl.store(out_ptr + row * 3 + 0, (n_before - n_left).to(tl.int64))
+    tl.store(out_ptr + row * 3 + 1, n_left.to(tl.int64))
+    tl.store(out_ptr + row * 3 + 2, eot)
+
+
+def decide(
+    canvas: torch.Tensor,
+    token: torch.Tensor,
+    prob: torch.Tensor,
+    *,
+    block_start: int,
+    k: int,
+    threshold: float,
+    mask_id: int,
+    eos_id: int,
+    eotp: str = "off",
+    filter_weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    filter_block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton version of ``l2pd_kernels.reference.decide`` (same arguments and results)."""
+    if canvas.dim() != 2 or canvas.dtype != torch.int64:
+        raise ValueError(f"canvas must be int64 [B, T], got {canvas.dtype} {tuple(canvas.shape)}")
+    if canvas.stride(1) != 1:
+        raise ValueError("canvas must be contiguous along the sequence")
+    B, L = token.shape
+    if prob.shape != (B, L) or canvas.shape[0] != B:
+        raise ValueError(f"token {tuple(token.shape)}, prob {tuple(prob.shape)}, canvas {tuple(canvas.shape)}")
+    if block_start < 0 or block_start + L > canvas.shape[1]:
+        raise ValueError(f"block {block_start}..{block_start + L} is outside the canvas of {canvas.shape[1]}")
+    if eotp not in EOTP_MODES:
+        raise ValueError(f"eotp {eotp!r}: expected one of {list(EOTP_MODES)}")
+    token = token.to(torch.int64)
+    token = token if token.stride(1) == 1 else token.contiguous()
+    prob = prob if prob.stride(1) == 1 else prob.contiguous()
+    out = torch.empty(B, 3, dtype=torch.int64, device=canvas.device)
+    dummy = prob.new_zeros(1, dtype=torch.float32)
+    w1 = b1 = wm = bm = w2 = b2 = dummy
+    LF, H, n_mid = L, 1, 0
+    if filter_weights is not None:
+        LF = filter_block or filter_weights[0][0].shape[1]
+        if L > LF:
+            raise ValueError(f"block of {L} positions exceeds the filter's block_length {LF}")
+        (w1, b1), (w2, b2) = filter_weights[0], filter_weights[-1]
+        H = w1.shape[0]
+        mids = filter_weights[1:-1]
+        n_mid = len(mids)
+        if n_mid:
+            if any(w.shape != (H, H) for w, _ in mids):
+                raise ValueError("the kernel needs equal hidden sizes in every filter layer")
+            wm = torch.stack([w for w, _ in mids]).contiguous()
+            bm = torch.stack([b for _, b in mids]).contiguous()
+        if H > 512:
+            raise ValueError(f"filter hidden size {H} is too large for the fused kernel (limit 512)")
+    BLOCK = triton.next_power_of_2(max(L, LF))
+    if B:
+        _decide_kernel[(B,)](
+            canvas, token, prob, out, w1, b1, wm, bm, w2, b2,
+            canvas.shape[1], canvas.stride(0), token.stride(0), prob.stride(0),
+            block_start, L, LF, H, int(k), float(threshold), int(mask_id), int(eos_id),
+            BLOCK=BLOCK, HB=triton.next_power_of_2(H), N_MID=n_mid, USE_FILTER=filter_weights is not None,
+            EOTP=EOTP_MODES[eotp], TAIL=256,
+        )
+    return out[:, 0].to(torch.int32), out[:, 1].to(torch.int32), out[:, 2]

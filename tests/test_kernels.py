@@ -1,0 +1,134 @@
+"""Triton kernels against the PyTorch reference (run on the CPU with TRITON_INTERPRET=1)."""
+
+import os
+
+import pytest
+import torch
+
+from l2pd_kernels import reference as ref
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (the README's test command sets it)",
+)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def kernels():
+    from l2pd_kernels import confidence, decide
+
+    return confidence, decide
+
+
+def _logits(B, L, V, dtype, scale=3.0):
+    return (torch.randn(B, L, V, device=DEV) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 7), (2, 3, 1000), (3, 5, 4099)])
+def test_confidence_matches_reference(dtype, shape):
+    confidence, _ = kernels()
+    x = _logits(*shape, dtype)
+    tk, pk = confidence(x, block_v=512)
+    tr, pr = ref.confidence(x)
+    assert torch.equal(tk, tr)
+    torch.testing.assert_close(pk, pr, rtol=1e-5, atol=1e-7)
+
+
+def test_confidence_ties_inf_nan_and_suppress():
+    confidence, _ = kernels()
+    x = torch.zeros(1, 6, 300, device=DEV)
+    x[0, 0, [17, 40, 299]] = 5.0  # ties across tiles: lowest index
+    x[0, 1] = float("-inf")  # nothing finite: token 0, probability 0
+    x[0, 2, 3] = float("nan")
+    x[0, 2, 250] = 1.0
+    x[0, 3, [9, 260]] = float("inf")  # two +inf: the first, probability 1/2
+    x[0, 4, 11] = 9.0  # suppressed id: never chosen
+    x[0, 5] = float("nan")
+    tk, pk = confidence(x, suppress=11, block_v=64)
+    tr, pr = ref.confidence(x, suppress=11)
+    assert tk[0].tolist() == [17, 0, 250, 9, 0, 0]
+    assert torch.equal(tk, tr)
+    torch.testing.assert_close(pk, pr, rtol=1e-5, atol=1e-7)
+    assert pk[0, 1] == 0 and pk[0, 5] == 0 and abs(pk[0, 3].item() - 0.5) < 1e-6
+
+
+def test_confidence_strided_and_split_views():
+    confidence, _ = kernels()
+    big = _logits(4, 9, 801, torch.float32)
+    x = big[1:3, 2:7, :777]  # non-contiguous
+    xt = _logits(2, 777, 5, torch.bfloat16).transpose(1, 2)  # vocabulary not innermost
+    for v in (x, xt):
+        tk, pk = confidence(v, block_v=128)
+        tr, pr = ref.confidence(v)
+        assert torch.equal(tk, tr)
+        torch.testing.assert_close(pk, pr, rtol=1e-5, atol=1e-7)
+
+
+def test_sampling_same_seed_same_tokens():
+    confidence, _ = kernels()
+    x = _logits(2, 4, 513, torch.float32, scale=1.0)
+    a, _ = confidence(x, temperature=1.0, seed=5, block_v=128)
+    b, _ = confidence(x, temperature=1.0, seed=5, block_v=256)
+    c, _ = confidence(x, temperature=1.0, seed=6, block_v=128)
+    r, _ = ref.confidence(x, temperature=1.0, seed=5)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert (a == r).float().mean() >= 0.99  # same noise; only last-bit differences in log may flip a row
+    assert not torch.equal(a, x.argmax(-1))
+    with pytest.raises(ValueError, match="seed"):
+        confidence(x, temperature=1.0)
+
+
+def _block_case(B, L, T, start, mask_id=0, eos_id=1, p_mask=0.6):
+    canvas = torch.randint(2, 50, (B, T), device=DEV)
+    block = canvas[:, start : start + L]
+    block[torch.rand(B, L, device=DEV) < p_mask] = mask_id
+    canvas[:, start + L :] = mask_id
+    canvas[B - 1, start : start + L] = torch.randint(2, 50, (L,), device=DEV)  # a row with no masks
+    token = torch.randint(1, 50, (B, L), device=DEV)
+    token[torch.rand(B, L, device=DEV) < 0.2] = eos_id
+    prob = torch.rand(B, L, device=DEV)
+    prob[:, 1] = prob[:, 2]  # a tie
+    return canvas, token, prob
+
+
+def _filter(L, H, depth):
+    dims = [L] + [H] * depth + [L]
+    return [(torch.randn(b, a, device=DEV) * 0.5, torch.randn(b, device=DEV) * 0.1) for a, b in zip(dims, dims[1:])]
+
+
+@pytest.mark.parametrize("eotp", ["off", "accepted", "predicted"])
+@pytest.mark.parametrize("L, filt", [(32, None), (32, (64, 1)), (13, (48, 2)), (7, None)])
+def test_decide_matches_reference(eotp, L, filt):
+    _, decide = kernels()
+    B, T, start = 5, 70, 20
+    canvas, token, prob = _block_case(B, L, T, start)
+    weights = _filter(32, *filt) if filt else None
+    kw = dict(block_start=start, k=2, threshold=0.6, mask_id=0, eos_id=1, eotp=eotp, filter_weights=weights,
+              filter_block=32 if filt else None)
+    c_ref, c_ker = canvas.clone(), canvas.clone()
+    r = ref.decide(c_ref, token, prob, **kw)
+    g = decide(c_ker, token, prob, **kw)
+    assert torch.equal(c_ker, c_ref)
+    for a, b in zip(g, r):
+        assert torch.equal(a.cpu(), b.cpu())
+
+
+def test_decide_fallback_always_progresses():
+    _, decide = kernels()
+    canvas, token, prob = _block_case(4, 16, 40, 8, p_mask=1.0)
+    masked_before = (canvas[:, 8:24] == 0).sum(-1)
+    n, left, _ = decide(canvas, token, prob, block_start=8, k=1, threshold=float("inf"), mask_id=0, eos_id=1)
+    assert torch.equal(n.long(), (masked_before > 0).long())  # exactly one per row that had masks
+    assert torch.equal(left.long(), masked_before - n.long())
+
+
+def test_decide_rejects_bad_shapes():
+    _, decide = kernels()
+    canvas = torch.zeros(2, 10, dtype=torch.int64, device=DEV)
+    with pytest.raises(ValueError, match="outside the canvas"):
+        decide(canvas, torch.zeros(2, 4, dtype=torch.int64, device=DEV), torch.zeros(2, 4, device=DEV),
+               block_start=8, k=1, threshold=0.9, mask_id=0, eos_id=1)
+    with pytest.raises(ValueError, match="int64"):
+        decide(canvas.int(), torch.zeros(2, 4, dtype=torch.int64, device=DEV), torch.zeros(2, 4, device=DEV),
+               block_start=0, k=1, threshold=0.9, mask_id=0, eos_id=1)
