@@ -25,6 +25,7 @@ from l2pd.train import train_filter
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--collect-dir", default=None, help="where the shards go (default OUT/collect)")
     ap.add_argument("--train-prompts", type=int, default=4000)
     ap.add_argument("--test-problems", type=int, default=500)
     ap.add_argument("--batch", type=int, default=500)
@@ -38,7 +39,7 @@ def main() -> None:
     t0 = time.time()
     qs = [prompt_text(tok, p.question) for p in split("train", args.train_prompts)]
     prompts = tok(qs, add_special_tokens=False).input_ids
-    data_dir = os.path.join(args.out, "collect")
+    data_dir = args.collect_dir or os.path.join(args.out, "collect")
     collect(model, prompts, data_dir, gen_length=256, block_length=32, batch_size=args.batch,
             shard_size=args.batch * 2, progress=False)
     results["collect_seconds"] = time.time() - t0
