@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-_FLT_MAX = 3.4028234663852886e38
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _U32 = 0xFFFFFFFF
 
 
