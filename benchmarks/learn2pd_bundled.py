@@ -31,11 +31,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--gen-lengths", default="256,1024")
     ap.add_argument("--batch1-problems", type=int, default=20)
+    ap.add_argument("--filter", default=None, help="use this filter folder instead of collecting and training")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__}
     model, tok = l2pd.demo.load(device=dev, filter=False)
 
+    if args.filter:
+        from l2pd.filter import Filter
+
+        flt = Filter.from_pretrained(args.filter)
+    else:
+        flt = collect_and_train(model, tok, args, results)
+    results["filter"] = flt.meta
+    l2pd.patch(model, filter=flt)
+    run_tables(model, tok, args, results, dev)
+
+
+def collect_and_train(model, tok, args, results):
     t0 = time.time()
     qs = [prompt_text(tok, p.question) for p in split("train", args.train_prompts)]
     prompts = tok(qs, add_special_tokens=False).input_ids
@@ -48,9 +61,10 @@ def main() -> None:
     torch.set_num_threads(2)  # filter training figures as on a 2-core CPU
     flt = train_filter(data_dir, hidden=128, depth=1, device="cpu", threshold=0.9)
     flt.save_pretrained(os.path.join(args.out, "filter"))
-    results["filter"] = flt.meta
-    l2pd.patch(model, filter=flt)
+    return flt
 
+
+def run_tables(model, tok, args, results, dev):
     results["tables"] = []
     problems = split("test", args.test_problems)
     for gen in map(int, args.gen_lengths.split(",")):
@@ -91,6 +105,7 @@ def main() -> None:
         syncs = sum("synchroniz" in str(w.message) for w in caught)
         results["syncs"] = {"forwards": out.forwards, "host_syncs": syncs}
         print(f"\nhost syncs in one generate: {syncs} for {out.forwards} forwards", flush=True)
+    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
 

@@ -63,31 +63,28 @@ def _decide_kernel(
     rank = tl.sum(beats.to(tl.int32), 1)
     accept = masked & ((score > threshold) | (rank < k))
     new = tl.where(accept, token, block)
-    tl.store(crow + block_start + i, new, mask=inb)
-    still = (new == mask_id) & inb
     n_before = tl.sum(masked.to(tl.int32), 0)
 
     eot = tl.full((), -1, tl.int64)
     if EOTP > 0:
         first = tl.min(tl.where((new == eos_id) & inb, i, BLOCK), 0)
         if EOTP == 2:
-            pred = still & (token == eos_id)
+            pred = (new == mask_id) & inb & (token == eos_id)
             q_i = tl.where(pred, prob, float("-inf"))
             q_j = q_i[None, :]
             qb = ((q_j > q_i[:, None]) | ((q_j == q_i[:, None]) & (j[None, :] < i[:, None]))) & pred[None, :]
             top = pred & (tl.sum(qb.to(tl.int32), 1) == 0)
             first = tl.minimum(first, tl.min(tl.where(top, i, BLOCK), 0))
+        # the cut inside the block is applied in registers and stored once (no store-then-load of the same
+        # addresses across threads); positions after the block are only written
+        new = tl.where((i > first) | ((i == first) & (new == mask_id)), eos_id, new)
         if first < BLOCK:
-            pos = block_start + first
-            eot = pos.to(tl.int64)
-            for start in range(block_start, T, TAIL):
+            eot = (block_start + first).to(tl.int64)
+            for start in range(block_start + L, T, TAIL):
                 offs = start + tl.arange(0, TAIL)
-                ok = offs < T
-                cur = tl.load(crow + offs, mask=ok, other=0)
-                fill = ok & ((offs > pos) | ((offs == pos) & (cur == mask_id)))
-                tl.store(crow + offs, tl.where(fill, eos_id, cur).to(cur.dtype), mask=ok)
-            cur = tl.load(crow + block_start + i, mask=inb, other=0)
-            still = (cur == mask_id) & inb
+                tl.store(crow + offs, tl.full((TAIL,), eos_id, tl.int64), mask=offs < T)
+    tl.store(crow + block_start + i, new, mask=inb)
+    still = (new == mask_id) & inb
     n_left = tl.sum(still.to(tl.int32), 0)
     tl.store(out_ptr + row * 3 + 0, (n_before - n_left).to(tl.int64))
     tl.store(out_ptr + row * 3 + 1, n_left.to(tl.int64))
