@@ -30,6 +30,12 @@ def bench(fn, iters=20):
     return sorted(times)[len(times) // 2]
 
 
+def copy_bandwidth(nbytes: int) -> float:
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * nbytes / bench(lambda: dst.copy_(src)) / 1e6
+
+
 @torch.no_grad()
 def main() -> None:
     torch.manual_seed(0)
@@ -37,11 +43,7 @@ def main() -> None:
     with torch.device("cuda"):
         model = LLaDAModelLM(cfg).to(torch.bfloat16).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    buf = torch.empty(weight_bytes // 2, dtype=torch.bfloat16, device="cuda")
-    out = torch.empty_like(buf)
-    copy_ms = bench(lambda: out.copy_(buf))
-    read_bw = 2 * weight_bytes / copy_ms / 1e6  # GB/s counting read + write
-    del buf, out
+    read_bw = copy_bandwidth(weight_bytes)  # GB/s counting read + write
     floor_ms = weight_bytes / (read_bw * 1e6)
     P, G, L = 512, 256, 32
     T = P + G
@@ -56,7 +58,8 @@ def main() -> None:
         llada_forward(tf, cfg, ids, cache=kv)
         lo, hi = kv.feed_range(P, P + L)
         rows[f"{mode}_step_ms"] = bench(
-            lambda: llada_forward(tf, cfg, ids[:, lo:hi], cache=kv, start=lo, logits_slice=(P - lo, P - lo + L)))
+            lambda lo=lo, hi=hi, kv=kv: llada_forward(tf, cfg, ids[:, lo:hi], cache=kv, start=lo,
+                                                      logits_slice=(P - lo, P - lo + L)))
     logits = llada_forward(tf, cfg, ids, logits_slice=(P, P + L))
     canvas = ids.clone()
 

@@ -8,7 +8,6 @@ device copy of the logits (the bandwidth floor). Each benchmark synchronises the
 
 import pytest
 import torch
-
 from baselines import public_style_decide
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA GPU")

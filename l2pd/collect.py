@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from l2pd_kernels.reference import filter_features
+
 from .decode import generate
 from .filter import model_fingerprint
-from l2pd_kernels.reference import filter_features
 
 COLLECT_VERSION = 1
 

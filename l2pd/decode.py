@@ -161,7 +161,8 @@ def generate(
     if threshold is None:
         threshold = filter.threshold if strategy == "learn2pd" else 0.9
     if strategy == "oracle" and (target is None or target.shape != (input_ids.shape[0], max_new_tokens)):
-        raise ValueError(f"strategy 'oracle' needs target [B, max_new_tokens], got {None if target is None else tuple(target.shape)}")
+        got = None if target is None else tuple(target.shape)
+        raise ValueError(f"strategy 'oracle' needs target [B, max_new_tokens], got {got}")
 
     if input_ids.dim() == 1:
         input_ids = input_ids[None]

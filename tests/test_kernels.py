@@ -132,3 +132,20 @@ def test_decide_rejects_bad_shapes():
     with pytest.raises(ValueError, match="int64"):
         decide(canvas.int(), torch.zeros(2, 4, dtype=torch.int64, device=DEV), torch.zeros(2, 4, device=DEV),
                block_start=0, k=1, threshold=0.9, mask_id=0, eos_id=1)
+
+
+@pytest.mark.parametrize("strategy, extra", [("threshold", {}), ("learn2pd", {"eotp": "accepted"}),
+                                             ("learn2pd", {"eotp": "predicted", "cache": "dual"})])
+def test_decode_loop_same_tokens_with_kernels_and_reference(strategy, extra):
+    import l2pd.demo
+    from l2pd.decode import generate
+    from l2pd.demo.task import split
+    from l2pd.evaluate import encode_prompts
+
+    model, tok = l2pd.demo.load(device=DEV, dtype=torch.float32)
+    ids, mask = encode_prompts(tok, [p.question for p in split("test", 3)], DEV)
+    kw = dict(max_new_tokens=64, block_length=32, strategy=strategy, filter=model.l2pd_filter, **extra)
+    a = generate(model, ids, mask, backend="triton", return_dict_in_generate=True, **kw)
+    b = generate(model, ids, mask, backend="torch", return_dict_in_generate=True, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    assert torch.equal(a.nfe, b.nfe)

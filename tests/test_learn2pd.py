@@ -122,7 +122,7 @@ def test_learn2pd_batch_with_eotp_equals_rows_alone(tmp_path):
 
 
 def test_eotp_cuts_exactly_after_end_of_text():
-    B, P, T, L = 2, 2, 14, 4
+    B, P, T = 2, 2, 14
     canvas = torch.full((B, T), MASK)
     canvas[:, :P] = 3
     canvas[:, P : P + 4] = torch.tensor([10, 11, 12, 13])  # first block decoded
