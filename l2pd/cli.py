@@ -65,15 +65,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .demo.task import split
+    from .distributed import init_from_env
     from .evaluate import evaluate
 
-    device = _device(args.device)
+    rank, _, rank_device = init_from_env()
+    device = rank_device or _device(args.device)
     model, tok = _load(args.model, device, args.filter)
     problems = split("test", args.problems)
     r = evaluate(model, tok, problems, batch_size=args.batch_size, progress=not args.json,
                  max_new_tokens=args.gen_length, block_length=args.block_length, strategy=args.strategy,
                  threshold=args.threshold, eotp=args.eotp, cache=args.cache)
-    r.pop("texts")
+    for key in ("texts", "nfe"):
+        r.pop(key)
+    if rank != 0:
+        return 0
     if args.json:
         print(json.dumps(r))
     else:
@@ -108,8 +113,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from .collect import collect
     from .demo.task import split
     from .demo.tokenizer import prompt_text
+    from .distributed import init_from_env
 
-    device = _device(args.device)
+    rank, _, rank_device = init_from_env()
+    device = rank_device or _device(args.device)
     model, tok = _load(args.model, device)
     if args.prompts:
         with open(args.prompts) as f:
@@ -119,7 +126,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     prompts = tok([prompt_text(tok, q) for q in questions], add_special_tokens=False).input_ids
     info = collect(model, prompts, args.out, gen_length=args.gen_length, block_length=args.block_length,
                    batch_size=args.batch_size, shard_size=args.shard_size, cache=args.cache)
-    print(json.dumps(info))
+    if rank == 0:
+        print(json.dumps(info))
     return 0
 
 
@@ -158,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strategy_args(g)
     g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("eval", help="held-out accuracy, forwards per answer and tokens/s of one configuration")
+    e = sub.add_parser("eval", help="held-out accuracy, forwards per answer and tokens/s of one configuration "
+                       "(data-parallel under torchrun)")
     e.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
     e.add_argument("--problems", type=int, default=100, help="held-out problems (default 100)")
     e.add_argument("--batch-size", type=int, default=1)
@@ -167,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_strategy_args(e)
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("collect", help="record oracle-replay trajectories for filter training (resumable)")
+    c = sub.add_parser("collect", help="record oracle-replay trajectories for filter training (resumable; "
+                       "data-parallel under torchrun)")
     c.add_argument("--out", required=True, help="output folder for shards")
     c.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
     c.add_argument("--prompts", default=None, help='JSONL file, one {"prompt": ...} per line (default: the '

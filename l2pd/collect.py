@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from l2pd_kernels.reference import filter_features
 
 from .decode import generate
+from .distributed import barrier, env_world, mine
 from .filter import model_fingerprint
 
 COLLECT_VERSION = 1
@@ -74,7 +75,9 @@ def collect(
 ) -> dict[str, Any]:
     """Collect replay data for token-id ``prompts`` (chat-formatted) into ``out_dir``; resumes if present.
 
-    ``max_shards`` stops after writing that many new shards (for tests and time-boxed runs).
+    ``max_shards`` stops after writing that many new shards (for tests and time-boxed runs). Under
+    ``torchrun`` each process takes the shards whose index is its rank modulo the world size and writes them
+    into the same folder: the folder ends up exactly as one process would have written it.
     """
     from safetensors.torch import save_file
 
@@ -90,21 +93,24 @@ def collect(
         "version": COLLECT_VERSION, "model_fingerprint": model_fingerprint(model), "gen_length": gen_length,
         "block_length": block_length, "prompts": len(prompts), "shard_size": shard_size, "cache": cache,
     }
+    rank, world, _ = env_world()
     path = os.path.join(out_dir, "collect.json")
+    if rank == 0 and not os.path.exists(path):
+        _write_json_atomic(path, manifest)
+    barrier()
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
         if old != manifest:
             raise ValueError(f"{out_dir} holds a collection with other settings: {old} (now {manifest})")
-    else:
-        with open(path, "w") as f:
-            json.dump(manifest, f, indent=2)
 
     n_shards = -(-len(prompts) // shard_size)
     written = 0
-    bar = tqdm(total=len(prompts), disable=not progress, desc="collect", unit="prompt")
+    bar = tqdm(total=len(prompts), disable=not progress or rank != 0, desc="collect", unit="prompt")
     for shard in range(n_shards):
         lo, hi = shard * shard_size, min((shard + 1) * shard_size, len(prompts))
+        if not mine(shard, rank, world):
+            continue
         name = os.path.join(out_dir, f"shard-{shard:05d}.safetensors")
         if os.path.exists(name):
             bar.update(hi - lo)
@@ -126,8 +132,16 @@ def collect(
         os.replace(tmp, name)  # atomic: a shard is either complete or absent
         written += 1
     bar.close()
+    barrier()
     done = sum(os.path.exists(os.path.join(out_dir, f"shard-{i:05d}.safetensors")) for i in range(n_shards))
-    return {**manifest, "shards": n_shards, "shards_done": done}
+    return {**manifest, "shards": n_shards, "shards_done": done, "shards_written_here": written}
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
 
 
 def load_shards(out_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .decode import generate
+from .distributed import env_world, gather_objects, mine
 from .demo.task import Problem, is_correct
 from .demo.tokenizer import prompt_text
 
@@ -35,43 +36,56 @@ def evaluate(
     """Decode every problem; returns accuracy, mean forwards per answer, answer tokens/s, wall time.
 
     Answer tokens are those before the first end-of-text: what a reader receives. Wall time includes
-    everything from prompts to decoded text, at the given ``batch_size``.
+    everything from prompts to decoded text, at the given ``batch_size``. Under ``torchrun`` the batches are
+    shared round-robin among the processes and every process returns the merged figures (wall time: the
+    slowest process).
     """
+    rank, world, _ = env_world()
     device = model.model.transformer.wte.weight.device
     eos = tokenizer.eos_token_id
-    correct, nfe, answer_tokens, forwards = 0, [], 0, 0
-    texts: list[str] = []
+    records: list[tuple[int, bool, int, int, str]] = []  # (problem index, correct, nfe, answer tokens, text)
+    forwards = 0
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(problems), disable=not progress, desc="eval", unit="problem")
-    for i in range(0, len(problems), batch_size):
+    bar = tqdm(total=len(problems), disable=not progress or rank != 0, desc="eval", unit="problem")
+    for bi, i in enumerate(range(0, len(problems), batch_size)):
+        if not mine(bi, rank, world):
+            continue
         batch = problems[i : i + batch_size]
         ids, mask = encode_prompts(tokenizer, [p.question for p in batch], device)
         out = generate(model, ids, mask, return_dict_in_generate=True, **decode_kwargs)
         answers = out.sequences[:, ids.shape[1] :]
         is_eos = answers == eos
-        lengths = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), answers.shape[1])
-        answer_tokens += int(lengths.sum())
-        nfe += out.nfe.tolist()
+        lengths = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), answers.shape[1]).tolist()
+        texts = answer_texts(tokenizer, out.sequences, ids.shape[1])
+        for j, (p, text) in enumerate(zip(batch, texts)):
+            records.append((i + j, is_correct(text, p.answer), int(out.nfe[j]), int(lengths[j]), text))
         forwards += out.forwards
-        for p, text in zip(batch, answer_texts(tokenizer, out.sequences, ids.shape[1])):
-            texts.append(text)
-            correct += is_correct(text, p.answer)
-        bar.update(len(batch))
+        bar.update(len(batch) * world)
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
+    parts = gather_objects((records, forwards, seconds), world)
+    per_process = [len(part[0]) for part in parts]
+    records = sorted(r for part in parts for r in part[0])
+    forwards = sum(part[1] for part in parts)
+    seconds = max(part[2] for part in parts)
+    n = max(1, len(records))
+    answer_tokens = sum(r[3] for r in records)
     return {
-        "problems": len(problems),
-        "accuracy": correct / max(1, len(problems)),
-        "mean_nfe": sum(nfe) / max(1, len(nfe)),
+        "problems": len(records),
+        "accuracy": sum(r[1] for r in records) / n,
+        "mean_nfe": sum(r[2] for r in records) / n,
         "batch_forwards": forwards,
         "answer_tokens": answer_tokens,
         "seconds": seconds,
         "tokens_per_s": answer_tokens / seconds if seconds > 0 else float("nan"),
-        "texts": texts,
+        "processes": world,
+        "problems_per_process": per_process,
+        "texts": [r[4] for r in records],
+        "nfe": [r[2] for r in records],
     }
 
 
@@ -148,7 +162,8 @@ def compare_configs(model: Any, tokenizer: Any, problems: list[Problem], gen_len
             r = evaluate(model, tokenizer, problems, batch_size=batch_size, progress=progress,
                          max_new_tokens=gen_length, block_length=block_length, cache=cache,
                          filter=getattr(model, "l2pd_filter", None), **kw)
-            r.pop("texts")
+            for key in ("texts", "nfe", "problems_per_process"):
+                r.pop(key)
             rows.append({"config": name, "cache": cache, "gen_length": gen_length, "batch_size": batch_size, **r})
     base = rows[0]
     for r in rows:
