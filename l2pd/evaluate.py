@@ -9,9 +9,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .decode import generate
-from .distributed import env_world, gather_objects, mine
 from .demo.task import Problem, is_correct
 from .demo.tokenizer import prompt_text
+from .distributed import env_world, gather_objects, mine
 
 
 def encode_prompts(tokenizer, questions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
