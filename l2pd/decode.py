@@ -52,6 +52,8 @@ def select_ops(backend: str | None, device: torch.device):
         interpret = os.environ.get("TRITON_INTERPRET") == "1"
         backend = "triton" if (device.type == "cuda" or interpret) and _triton_available() else "torch"
     if backend == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"the Triton kernels need a CUDA device or TRITON_INTERPRET=1 (tensors are on {device})")
         from l2pd_kernels import confidence, decide
     else:
         from l2pd_kernels.reference import confidence, decide

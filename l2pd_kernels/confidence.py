@@ -8,6 +8,8 @@ inf, ties, sampling) are those of ``l2pd_kernels.reference.confidence``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -105,6 +107,7 @@ def _merge_kernel(part_ptr, token_ptr, prob_ptr, n_split, SPLIT_P2: tl.constexpr
     tl.store(prob_ptr + row, p)
 
 
+@functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

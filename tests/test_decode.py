@@ -143,3 +143,11 @@ def test_patch_generate_is_the_decoder(model):
     prompt = torch.randint(0, 58, (1, 5))
     assert torch.equal(model.generate(prompt, max_new_tokens=8, block_length=4, strategy="steps"),
                        generate(model, prompt, max_new_tokens=8, block_length=4, strategy="steps"))
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(model, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA device or TRITON_INTERPRET"):
+        generate(model, torch.randint(0, 58, (1, 5)), max_new_tokens=4, block_length=4, backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        generate(model, torch.randint(0, 58, (1, 5)), max_new_tokens=4, block_length=4, backend="cuda")
