@@ -229,9 +229,7 @@ def generate(
         schedule = block_schedule(e - s, steps_per_block)
         i = 0
         while True:
-            if kv is None:
-                logits = forward(0, T, s, e)
-            elif i == 0:  # refresh every slot of the cache at the block boundary
+            if kv is None or i == 0:  # with a cache, the block's first forward refreshes every slot
                 logits = forward(0, T, s, e)
             else:
                 lo, hi = kv.feed_range(s, e)
@@ -244,16 +242,12 @@ def generate(
             forwards += 1
             if strategy == "oracle":
                 left = _oracle_step(canvas, token, target[:, s - P : e - P].to(device), s, mask_id)
-                i += 1
-                if int(left.max()) == 0:
-                    break
-                continue
-            k = schedule[i] if (strategy != "threshold" and i < len(schedule)) else 1
-            _, left, _ = decide(
-                canvas, token, prob, block_start=s, k=k, threshold=step_threshold, mask_id=mask_id,
-                eos_id=eos_id, eotp=eotp_mode, filter_weights=filter_weights,
-                filter_block=block_length,
-            )
+            else:
+                k = schedule[i] if (strategy != "threshold" and i < len(schedule)) else 1
+                _, left, _ = decide(
+                    canvas, token, prob, block_start=s, k=k, threshold=step_threshold, mask_id=mask_id,
+                    eos_id=eos_id, eotp=eotp_mode, filter_weights=filter_weights, filter_block=block_length,
+                )
             i += 1
             if int(left.max()) == 0:  # the one host read of the step
                 break
