@@ -147,3 +147,7 @@ def test_eotp_cuts_exactly_after_end_of_text():
     # position 9 is accepted (top-1); position 7 is the most confident end-of-text guess still masked
     assert eot.tolist() == [7, -1]
     assert canvas[0, 6].item() == 20 and canvas[0, 7:].eq(EOS).all()
+
+
+def test_top_level_api():
+    assert l2pd.collect is collect and l2pd.train_filter is train_filter and l2pd.Filter is Filter
