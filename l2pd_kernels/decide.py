@@ -20,7 +20,7 @@ from .reference import EOTP_MODES
 def _decide_kernel(
     canvas_ptr, token_ptr, prob_ptr, out_ptr,
     w1_ptr, b1_ptr, wm_ptr, bm_ptr, w2_ptr, b2_ptr,
-    T, stride_c, stride_t, stride_p,
+    T, n_rows, stride_c, stride_t, stride_p,
     block_start, L, LF, H, k, threshold, mask_id, eos_id,
     BLOCK: tl.constexpr, HB: tl.constexpr, N_MID: tl.constexpr, USE_FILTER: tl.constexpr,
     EOTP: tl.constexpr, TAIL: tl.constexpr,
@@ -86,9 +86,9 @@ def _decide_kernel(
     tl.store(crow + block_start + i, new, mask=inb)
     still = (new == mask_id) & inb
     n_left = tl.sum(still.to(tl.int32), 0)
-    tl.store(out_ptr + row * 3 + 0, (n_before - n_left).to(tl.int64))
-    tl.store(out_ptr + row * 3 + 1, n_left.to(tl.int64))
-    tl.store(out_ptr + row * 3 + 2, eot)
+    tl.store(out_ptr + row, (n_before - n_left).to(tl.int64))
+    tl.store(out_ptr + n_rows + row, n_left.to(tl.int64))
+    tl.store(out_ptr + 2 * n_rows + row, eot)
 
 
 def decide(
@@ -120,9 +120,8 @@ def decide(
     token = token.to(torch.int64)
     token = token if token.stride(1) == 1 else token.contiguous()
     prob = prob if prob.stride(1) == 1 else prob.contiguous()
-    out = torch.empty(B, 3, dtype=torch.int64, device=canvas.device)
-    dummy = prob.new_zeros(1, dtype=torch.float32)
-    w1 = b1 = wm = bm = w2 = b2 = dummy
+    out = torch.empty(3, B, dtype=torch.int64, device=canvas.device)
+    w1 = b1 = wm = bm = w2 = b2 = prob  # never read when the filter is off
     LF, H, n_mid = L, 1, 0
     if filter_weights is not None:
         LF = filter_block or filter_weights[0][0].shape[1]
@@ -143,9 +142,9 @@ def decide(
     if B:
         _decide_kernel[(B,)](
             canvas, token, prob, out, w1, b1, wm, bm, w2, b2,
-            canvas.shape[1], canvas.stride(0), token.stride(0), prob.stride(0),
+            canvas.shape[1], B, canvas.stride(0), token.stride(0), prob.stride(0),
             block_start, L, LF, H, int(k), float(threshold), int(mask_id), int(eos_id),
             BLOCK=BLOCK, HB=triton.next_power_of_2(H), N_MID=n_mid, USE_FILTER=filter_weights is not None,
             EOTP=EOTP_MODES[eotp], TAIL=256,
         )
-    return out[:, 0].to(torch.int32), out[:, 1].to(torch.int32), out[:, 2]
+    return out[0], out[1], out[2]  # views: no extra kernel launches

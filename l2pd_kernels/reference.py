@@ -124,7 +124,7 @@ def decide(
     accepted. Accepted positions get their token. EoTP: ``accepted`` finds the first end-of-text token in the
     block and writes end-of-text to every position after it, to the end of the canvas; ``predicted`` also
     cuts at the most confident still-masked end-of-text prediction. Returns per row (positions of the block
-    decided by this step int32, masks left in the block int32, end-of-text position int64 or -1).
+    decided by this step, masks left in the block, end-of-text position or -1; all int64).
     """
     B, L = token.shape
     block = canvas[:, block_start : block_start + L]
@@ -156,5 +156,5 @@ def decide(
         fill = has[:, None] & (col[None, :] >= pos[:, None]) & ((col[None, :] > pos[:, None]) | (canvas == mask_id))
         canvas.copy_(torch.where(fill, torch.full_like(canvas, eos_id), canvas))
         still = block == mask_id
-    left = still.sum(-1).to(torch.int32)
-    return masked.sum(-1).to(torch.int32) - left, left, eot
+    left = still.sum(-1)
+    return masked.sum(-1) - left, left, eot
