@@ -65,11 +65,13 @@ def _partial_kernel(
             h = _mix32(offs.to(tl.int64) + row_h)
             u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
             score = x * inv_temp - tl.log(-tl.log(u))
-        else:
-            score = x
-        t_best = tl.max(score, 0)
-        t_idx = tl.min(tl.where(score == t_best, offs, 2147483647), 0)  # lowest index among the maxima
-        t_logit = tl.sum(tl.where(offs == t_idx, x, 0.0), 0)
+            t_best = tl.max(score, 0)
+            t_idx = tl.min(tl.where(score == t_best, offs, 2147483647), 0)  # lowest index among the maxima
+            t_logit = tl.sum(tl.where(offs == t_idx, x, 0.0), 0)
+        else:  # greedy: the best score is the logit itself, no gather needed
+            t_best = tl.max(x, 0)
+            t_idx = tl.min(tl.where(x == t_best, offs, 2147483647), 0)
+            t_logit = t_best
         better = t_best > best
         best_idx = tl.where(better, t_idx, best_idx)
         best_logit = tl.where(better, t_logit, best_logit)
