@@ -68,6 +68,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .distributed import init_from_env
     from .evaluate import evaluate
 
+    if args.problems < 1 or args.batch_size < 1:
+        raise ValueError(f"--problems={args.problems} and --batch-size={args.batch_size} must be >= 1")
     rank, _, rank_device = init_from_env()
     device = rank_device or _device(args.device)
     model, tok = _load(args.model, device, args.filter)
@@ -92,8 +94,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .evaluate import compare_configs, format_table
 
     device = _device(args.device)
-    n = args.problems or (200 if device.startswith("cuda") else 3)
-    batch = args.batch_size or (n if device.startswith("cuda") else 1)
+    n = args.problems if args.problems is not None else (200 if device.startswith("cuda") else 3)
+    batch = args.batch_size if args.batch_size is not None else (n if device.startswith("cuda") else 1)
+    if n < 1 or batch < 1:
+        raise ValueError(f"--problems={n} and --batch-size={batch} must be >= 1")
     model, tok = _load(None, device, args.filter)
     if model.l2pd_filter is None:
         print("note: no filter found; the learn2pd rows are skipped", file=sys.stderr)
