@@ -7,11 +7,15 @@ weighted by 1/t, summed and divided by the canvas length, as in LLaDA's SFT. Can
 
     python -m l2pd.demo.train_model --out runs/model --minutes 8      # one H100: about 8 minutes
     python -m l2pd.demo.train_model --out runs/tiny --minutes 1 --device cpu --d-model 64 --layers 2
+
+With ``--checkpoint-minutes`` the folder holds a loadable bf16 checkpoint during training as well (a
+long run in the background can be harvested at any time); ``--init`` continues from such a folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -85,13 +89,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (it needs a GPU toolchain)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--tokenizer", help="reuse the tokenizer of this folder instead of training one")
+    ap.add_argument("--init", help="start from the weights, config and tokenizer of this checkpoint folder")
+    ap.add_argument("--checkpoint-minutes", type=float, default=0.0,
+                    help="also write the checkpoint every this many minutes (0: only at the end)")
     args = ap.parse_args(argv)
+    if args.minutes <= 0 or args.problems <= 0 or args.tokens_per_batch <= 0 or args.lr <= 0:
+        ap.error("--minutes, --problems, --tokens-per-batch and --lr must be positive")
 
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     t_start = time.time()
     pairs = make_problems(args.problems, args.workers)
-    tokenizer = build_tokenizer(f"{q}\n{a}" for q, a in pairs[:50_000])
+    if args.init or args.tokenizer:
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.init or args.tokenizer)
+    else:
+        tokenizer = build_tokenizer(f"{q}\n{a}" for q, a in pairs[:50_000])
     prompts_all, answers_all = encode(tokenizer, pairs)
     print(f"data: {len(pairs)} problems in {time.time() - t_start:.1f} s, vocab {len(tokenizer)}", flush=True)
 
@@ -104,12 +119,16 @@ def main(argv: list[str] | None = None) -> int:
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
     )
     dev = torch.device(args.device)
-    model = LLaDAModelLM(config).to(dev)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                torch.nn.init.normal_(p, std=0.02 if "ff_out" not in name and "attn_out" not in name
-                                      else 0.02 / math.sqrt(2 * args.layers))
+    if args.init:
+        model = LLaDAModelLM.from_pretrained(args.init, torch_dtype=torch.float32, device=dev)
+        config = model.config
+    else:
+        model = LLaDAModelLM(config).to(dev)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2:
+                    torch.nn.init.normal_(p, std=0.02 if "ff_out" not in name and "attn_out" not in name
+                                          else 0.02 / math.sqrt(2 * args.layers))
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=dev.type == "cuda")
@@ -122,6 +141,34 @@ def main(argv: list[str] | None = None) -> int:
         loss_fn = torch.compile(sft_loss)
     eos_fill = torch.full((1, 1), config.eos_token_id, device=dev, dtype=torch.long)
     curve, step, t0 = [], 0, time.time()
+    t_data = t0 - t_start
+
+    def save(final: bool) -> None:
+        snapshot = copy.deepcopy(model).to(torch.bfloat16).eval()
+        tmp = args.out.rstrip("/") + ".tmp"  # written aside, then swapped in: a reader never sees half a folder
+        snapshot.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        info = {
+            "version": 1, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__, "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t0, 1),
+            "steps": step, "finished": final, "parameters": n_params,
+            "final_loss": curve[-1]["loss"] if curve else None, "problems": len(pairs), "init": args.init,
+            "canvas_mix": CANVAS_MIX, "tokens_per_batch": args.tokens_per_batch, "lr": args.lr,
+            "loss_curve": curve,
+        }
+        with open(os.path.join(tmp, "training.json"), "w") as f:
+            json.dump(info, f, indent=1)
+        old = args.out.rstrip("/") + ".old"
+        if os.path.isdir(args.out):
+            os.replace(args.out, old)
+        os.replace(tmp, args.out)
+        if os.path.isdir(old):
+            import shutil
+
+            shutil.rmtree(old)
+
+    loss_sum = torch.zeros((), device=dev)
+    next_save = args.checkpoint_minutes * 60 if args.checkpoint_minutes > 0 else float("inf")
     model.train()
     while True:
         elapsed = time.time() - t0
@@ -151,25 +198,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 100 == 0:
-            curve.append({"step": step, "seconds": round(time.time() - t0, 1), "loss": round(loss.item(), 5),
-                          "lr": lr})
+        loss_sum += loss.detach()
+        if step % 100 == 0:  # the curve holds the mean loss of the last 100 steps (one read per 100 steps)
+            mean = loss_sum.item() / 100
+            loss_sum.zero_()
+            curve.append({"step": step, "seconds": round(time.time() - t0, 1), "loss": round(mean, 5), "lr": lr})
             if step % 500 == 0:
-                print(f"step {step} {time.time() - t0:.0f}s loss {loss.item():.4f} lr {lr:.2e}", flush=True)
+                print(f"step {step} {time.time() - t0:.0f}s loss {mean:.4f} lr {lr:.2e}", flush=True)
+        if time.time() - t0 >= next_save:
+            save(final=False)
+            next_save += args.checkpoint_minutes * 60
+            print(f"checkpoint at step {step}", flush=True)
 
-    model = model.to(torch.bfloat16).eval()
-    model.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
-    info = {
-        "version": 1, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "torch": torch.__version__, "train_seconds": round(time.time() - t0, 1), "steps": step,
-        "parameters": n_params, "final_loss": curve[-1]["loss"] if curve else None, "problems": len(pairs),
-        "canvas_mix": CANVAS_MIX, "tokens_per_batch": args.tokens_per_batch, "lr": args.lr, "loss_curve": curve,
-    }
-    with open(os.path.join(args.out, "training.json"), "w") as f:
-        json.dump(info, f, indent=1)
+    save(final=True)
     size = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out))
-    print(f"done: {step} steps, {info['train_seconds']} s, loss {info['final_loss']}, {n_params} params, "
+    final_loss = curve[-1]["loss"] if curve else None
+    print(f"done: {step} steps, {time.time() - t0:.1f} s, loss {final_loss}, {n_params} params, "
           f"{size / 1e6:.1f} MB on disk", flush=True)
     return 0
 
