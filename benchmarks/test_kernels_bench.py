@@ -1,7 +1,8 @@
 """Microbenchmarks of the decision kernels on a GPU: `pytest benchmarks/ --benchmark-only`.
 
 Shapes: vocabulary 126464 (LLaDA), block 32, bf16 logits, batch 1/8/32/64. Baselines measured in the same
-run: the PyTorch reference ops, the public float64 decision with its per-row host syncs, and a plain
+run: the PyTorch reference ops, the kernels replayed from a CUDA graph (``graph``, the decode loop's path at
+small batch), the public float64 decision with its per-row host syncs, and a plain
 device copy of the logits (the bandwidth floor). Each benchmark synchronises the device around every call;
 `extra_info` holds triton.testing.do_bench medians and the bandwidth figures.
 """
@@ -56,7 +57,7 @@ def test_confidence_kernel(benchmark, B):
 
 @cuda
 @pytest.mark.parametrize("B", BATCHES)
-@pytest.mark.parametrize("path", ["kernels", "reference", "public"])
+@pytest.mark.parametrize("path", ["kernels", "graph", "reference", "public"])
 def test_step_decision(benchmark, B, path):
     """confidence + decide (threshold 0.9, EoTP) for one block step."""
     from l2pd_kernels import confidence, decide
@@ -66,6 +67,16 @@ def test_step_decision(benchmark, B, path):
     if path == "public":
         def fn():
             public_style_decide(logits, canvas.clone(), 512, MASK, 0.9)
+    elif path == "graph":  # what the decode loop runs at small batch: both kernels replayed from a CUDA graph
+        from l2pd_kernels.graph import DecisionGraph
+
+        work = canvas.clone()
+        graph = DecisionGraph(work, tuple(logits.shape), logits.dtype, suppress=MASK, threshold=0.9,
+                              mask_id=MASK, eos_id=EOS, eotp="accepted")
+
+        def fn():
+            work.copy_(canvas)  # the same fresh canvas as the other paths' clone
+            graph(logits, 512, 1)
     else:
         conf, dec = (confidence, decide) if path == "kernels" else (ref.confidence, ref.decide)
 

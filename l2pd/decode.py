@@ -68,6 +68,22 @@ def _triton_available() -> bool:
     return True
 
 
+GRAPH_MAX_ROWS = 256  # batch * block_length up to which the decision runs from a CUDA graph
+
+
+def _use_graph(device: torch.device, confidence: Any, strategy: str, temperature: float, on_step: Any,
+               rows: int) -> bool:
+    """CUDA-graph the decision where launches dominate it: small batches, greedy, Triton kernels on CUDA.
+
+    ``L2PD_CUDA_GRAPH=0`` turns it off."""
+    if os.environ.get("L2PD_CUDA_GRAPH", "1") == "0" or device.type != "cuda":
+        return False
+    from l2pd_kernels import confidence as kernel
+
+    return (confidence is kernel and strategy != "oracle" and temperature == 0 and on_step is None
+            and rows <= GRAPH_MAX_ROWS)
+
+
 def block_schedule(masks: int, steps: int) -> list[int]:
     """LLaDA's schedule: ``masks`` tokens over ``steps`` steps, evenly, the remainder to the first steps."""
     steps = max(1, min(steps, masks))
@@ -211,6 +227,15 @@ def generate(
     steps_per_block = block_length if steps is None else max(1, steps // num_blocks)
     filter_weights = filter.weights(device) if strategy == "learn2pd" else None
     step_threshold = float("inf") if strategy == "steps" else float(threshold)
+    decide_kwargs = dict(threshold=step_threshold, mask_id=mask_id, eos_id=eos_id, eotp=eotp_mode,
+                         filter_weights=filter_weights, filter_block=block_length)
+    graphed = None
+    if _use_graph(device, confidence, strategy, temperature, on_step, B * block_length):
+        from l2pd_kernels.graph import DecisionGraph
+
+        V = getattr(config, "embedding_size", None) or config.vocab_size
+        graphed = DecisionGraph(canvas, (B, block_length, V), transformer.wte.weight.dtype, suppress=mask_id,
+                                **decide_kwargs)
 
     def forward(lo: int, hi: int, s: int, e: int) -> torch.Tensor:
         return llada_forward(
@@ -234,20 +259,23 @@ def generate(
             else:
                 lo, hi = kv.feed_range(s, e)
                 logits = forward(lo, hi, s, e)
+            nfe += left > 0
+            forwards += 1
+            k = schedule[i] if (strategy != "threshold" and i < len(schedule)) else 1
+            if graphed is not None and e - s == block_length and logits.shape == graphed.logits.shape:
+                _, _, _, left, _ = graphed(logits, s, k)
+                i += 1
+                if int(left.max()) == 0:  # the one host read of the step
+                    break
+                continue
             step_seed = None if temperature == 0 else (seed * 1000003 + forwards) & 0x7FFFFFFF
             token, prob = confidence(logits, temperature, step_seed, suppress=mask_id)
             if on_step is not None:
                 on_step(s, i, token, prob, canvas)
-            nfe += left > 0
-            forwards += 1
             if strategy == "oracle":
                 left = _oracle_step(canvas, token, target[:, s - P : e - P].to(device), s, mask_id)
             else:
-                k = schedule[i] if (strategy != "threshold" and i < len(schedule)) else 1
-                _, left, _ = decide(
-                    canvas, token, prob, block_start=s, k=k, threshold=step_threshold, mask_id=mask_id,
-                    eos_id=eos_id, eotp=eotp_mode, filter_weights=filter_weights, filter_block=block_length,
-                )
+                _, left, _ = decide(canvas, token, prob, block_start=s, k=k, **decide_kwargs)
             i += 1
             if int(left.max()) == 0:  # the one host read of the step
                 break

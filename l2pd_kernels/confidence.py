@@ -34,7 +34,7 @@ def _partial_kernel(
     logits_ptr, part_ptr,
     L, V, stride_b, stride_l, stride_v,
     chunk, n_split, seed_h, inv_temp, suppress,
-    SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr,
+    SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -43,39 +43,79 @@ def _partial_kernel(
     base = logits_ptr + b.to(tl.int64) * stride_b + l_.to(tl.int64) * stride_l
     lo = split * chunk
     hi = tl.minimum(lo + chunk, V)
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
-    best = tl.full((), float("-inf"), tl.float32)
-    best_idx = tl.zeros((), tl.int32) + lo
-    best_logit = tl.full((), float("-inf"), tl.float32)
     row_h = _mix32(row.to(tl.int64) + seed_h)
-    for start in range(lo, hi, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        inb = offs < hi
-        x = tl.load(base + offs.to(tl.int64) * stride_v, mask=inb, other=float("-inf")).to(tl.float32)
-        x = tl.where(x != x, float("-inf"), x)  # NaN counts as -inf
-        x = tl.minimum(x, _FLT_MAX)  # +inf counts as the largest finite value
-        x = tl.where(offs == suppress, float("-inf"), x)
-        # online softmax statistics
-        m_new = tl.maximum(m, tl.max(x, 0))
-        safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
-        m = m_new
+    if LANES:
+        # per-lane running statistics, reduced across lanes once at the end: no cross-warp reduction (and
+        # its barriers) inside the loop, at the price of a second exponential per element
+        lane = tl.arange(0, BLOCK_V)
+        m_v = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        s_v = tl.zeros((BLOCK_V,), tl.float32)
+        best_v = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        idx_v = lo + lane  # the first index a lane visits: an all -inf chunk reports its lowest index
+        logit_v = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        for start in range(lo, hi, BLOCK_V):
+            offs = start + lane
+            x = tl.load(base + offs.to(tl.int64) * stride_v, mask=offs < hi, other=float("-inf")).to(tl.float32)
+            x = tl.where(x != x, float("-inf"), x)  # NaN counts as -inf
+            x = tl.minimum(x, _FLT_MAX)  # +inf counts as the largest finite value
+            x = tl.where(offs == suppress, float("-inf"), x)
+            m_new = tl.maximum(m_v, x)
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_v = s_v * tl.exp(m_v - safe) + tl.exp(x - safe)
+            m_v = m_new
+            if SAMPLE:
+                h = _mix32(offs.to(tl.int64) + row_h)
+                u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+                score = x * inv_temp - tl.log(-tl.log(u))
+            else:
+                score = x
+            better = score > best_v  # strict: a lane keeps its lowest index among equal scores
+            best_v = tl.where(better, score, best_v)
+            idx_v = tl.where(better, offs, idx_v)
+            if SAMPLE:
+                logit_v = tl.where(better, x, logit_v)
+        m = tl.max(m_v, 0)
+        safe_m = tl.where(m == float("-inf"), 0.0, m)
+        s = tl.sum(tl.where(m_v == float("-inf"), 0.0, s_v * tl.exp(m_v - safe_m)), 0)
+        best = tl.max(best_v, 0)
+        best_idx = tl.min(tl.where(best_v == best, idx_v, 2147483647), 0)
         if SAMPLE:
-            h = _mix32(offs.to(tl.int64) + row_h)
-            u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            score = x * inv_temp - tl.log(-tl.log(u))
-            t_best = tl.max(score, 0)
-            t_idx = tl.min(tl.where(score == t_best, offs, 2147483647), 0)  # lowest index among the maxima
-            t_logit = tl.sum(tl.where(offs == t_idx, x, 0.0), 0)
-        else:  # greedy: the best score is the logit itself, no gather needed
-            t_best = tl.max(x, 0)
-            t_idx = tl.min(tl.where(x == t_best, offs, 2147483647), 0)
-            t_logit = t_best
-        better = t_best > best
-        best_idx = tl.where(better, t_idx, best_idx)
-        best_logit = tl.where(better, t_logit, best_logit)
-        best = tl.where(better, t_best, best)
+            best_logit = tl.sum(tl.where(idx_v == best_idx, logit_v, 0.0), 0)
+        else:
+            best_logit = best
+    else:
+        m = tl.full((), float("-inf"), tl.float32)
+        s = tl.zeros((), tl.float32)
+        best = tl.full((), float("-inf"), tl.float32)
+        best_idx = tl.zeros((), tl.int32) + lo
+        best_logit = tl.full((), float("-inf"), tl.float32)
+        for start in range(lo, hi, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            inb = offs < hi
+            x = tl.load(base + offs.to(tl.int64) * stride_v, mask=inb, other=float("-inf")).to(tl.float32)
+            x = tl.where(x != x, float("-inf"), x)
+            x = tl.minimum(x, _FLT_MAX)
+            x = tl.where(offs == suppress, float("-inf"), x)
+            # online softmax statistics, reduced over the tile at every iteration
+            m_new = tl.maximum(m, tl.max(x, 0))
+            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
+            m = m_new
+            if SAMPLE:
+                h = _mix32(offs.to(tl.int64) + row_h)
+                u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+                score = x * inv_temp - tl.log(-tl.log(u))
+                t_best = tl.max(score, 0)
+                t_idx = tl.min(tl.where(score == t_best, offs, 2147483647), 0)  # lowest index among the maxima
+                t_logit = tl.sum(tl.where(offs == t_idx, x, 0.0), 0)
+            else:  # greedy: the best score is the logit itself, no gather needed
+                t_best = tl.max(x, 0)
+                t_idx = tl.min(tl.where(x == t_best, offs, 2147483647), 0)
+                t_logit = t_best
+            better = t_best > best
+            best_idx = tl.where(better, t_idx, best_idx)
+            best_logit = tl.where(better, t_logit, best_logit)
+            best = tl.where(better, t_best, best)
     out = part_ptr + (row * n_split + split) * 5
     tl.store(out + 0, m)
     tl.store(out + 1, s)
@@ -116,11 +156,23 @@ def _num_sms(device: torch.device) -> int:
     return 4
 
 
+# Launch configuration of the partial kernel; ``benchmarks/confidence_sweep.py`` measures the alternatives.
+TUNING = {"block_v": 2048, "num_warps": 4, "lanes": True}
+
+
 def confidence(
     logits: torch.Tensor, temperature: float = 0.0, seed: int | None = None, suppress: int | None = None,
-    block_v: int = 2048,
+    block_v: int | None = None, num_warps: int | None = None, lanes: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of ``l2pd_kernels.reference.confidence`` (same arguments and results)."""
+    """Triton version of ``l2pd_kernels.reference.confidence`` (same arguments and results).
+
+    ``block_v`` (vocabulary tile), ``num_warps`` and ``lanes`` (per-lane statistics instead of a reduction
+    per tile) tune the launch; they default to ``TUNING`` and never change the results beyond rounding of
+    the probability.
+    """
+    block_v = TUNING["block_v"] if block_v is None else block_v
+    num_warps = TUNING["num_warps"] if num_warps is None else num_warps
+    lanes = TUNING["lanes"] if lanes is None else lanes
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, L, V], got shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -150,7 +202,7 @@ def confidence(
         logits, part, L, V, logits.stride(0), logits.stride(1), logits.stride(2),
         chunk, n_split, seed_h, 1.0 / temperature if temperature > 0 else 1.0,
         -1 if suppress is None else int(suppress),
-        SAMPLE=temperature > 0, BLOCK_V=block_v,
+        SAMPLE=temperature > 0, BLOCK_V=block_v, LANES=bool(lanes), num_warps=num_warps,
     )
     _merge_kernel[(rows,)](part, token, prob, n_split, SPLIT_P2=triton.next_power_of_2(n_split))
     return token, prob

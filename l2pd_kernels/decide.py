@@ -21,11 +21,15 @@ def _decide_kernel(
     canvas_ptr, token_ptr, prob_ptr, out_ptr,
     w1_ptr, b1_ptr, wm_ptr, bm_ptr, w2_ptr, b2_ptr,
     T, n_rows, stride_c, stride_t, stride_p,
-    block_start, L, LF, H, k, threshold, mask_id, eos_id,
+    block_start, L, LF, H, k, threshold, mask_id, eos_id, params_ptr,
     BLOCK: tl.constexpr, HB: tl.constexpr, N_MID: tl.constexpr, USE_FILTER: tl.constexpr,
-    EOTP: tl.constexpr, TAIL: tl.constexpr,
+    EOTP: tl.constexpr, TAIL: tl.constexpr, DYN_PARAMS: tl.constexpr,
 ):
     row = tl.program_id(0)
+    if DYN_PARAMS:  # block start and k read from device memory (block_start << 20 | k): one CUDA graph serves all
+        packed = tl.load(params_ptr)
+        block_start = packed >> 20
+        k = (packed & 0xFFFFF).to(tl.int32)
     i = tl.arange(0, BLOCK)
     inb = i < L
     crow = canvas_ptr + row.to(tl.int64) * stride_c
@@ -104,8 +108,13 @@ def decide(
     eotp: str = "off",
     filter_weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     filter_block: int | None = None,
+    params: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton version of ``l2pd_kernels.reference.decide`` (same arguments and results)."""
+    """Triton version of ``l2pd_kernels.reference.decide`` (same arguments and results).
+
+    ``params`` (int64 [1] on the device, ``block_start << 20 | k``), when given, replaces ``block_start`` and
+    ``k`` at run time (the Python values then only size the checks): what a captured CUDA graph needs.
+    """
     if canvas.dim() != 2 or canvas.dtype != torch.int64:
         raise ValueError(f"canvas must be int64 [B, T], got {canvas.dtype} {tuple(canvas.shape)}")
     if canvas.stride(1) != 1:
@@ -144,7 +153,8 @@ def decide(
             canvas, token, prob, out, w1, b1, wm, bm, w2, b2,
             canvas.shape[1], B, canvas.stride(0), token.stride(0), prob.stride(0),
             block_start, L, LF, H, int(k), float(threshold), int(mask_id), int(eos_id),
+            out if params is None else params,
             BLOCK=BLOCK, HB=triton.next_power_of_2(H), N_MID=n_mid, USE_FILTER=filter_weights is not None,
-            EOTP=EOTP_MODES[eotp], TAIL=256,
+            EOTP=EOTP_MODES[eotp], TAIL=256, DYN_PARAMS=params is not None,
         )
     return out[0], out[1], out[2]  # views: no extra kernel launches

@@ -151,3 +151,18 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(model, monke
         generate(model, torch.randint(0, 58, (1, 5)), max_new_tokens=4, block_length=4, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         generate(model, torch.randint(0, 58, (1, 5)), max_new_tokens=4, block_length=4, backend="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
+@pytest.mark.parametrize("strategy", ["steps", "threshold"])
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_cuda_graph_decision_matches_eager(monkeypatch, strategy, cache):
+    """At small batch the decision replays a CUDA graph; tokens and NFE equal launching the kernels."""
+    model = tiny_model(seed=3).cuda()
+    ids = torch.randint(0, 50, (2, 9), device="cuda")
+    kw = dict(max_new_tokens=40, block_length=8, strategy=strategy, cache=cache, eotp=True,
+              return_dict_in_generate=True)
+    graphed = generate(model, ids, **kw)
+    monkeypatch.setenv("L2PD_CUDA_GRAPH", "0")
+    eager = generate(model, ids, **kw)
+    assert torch.equal(graphed.sequences, eager.sequences) and torch.equal(graphed.nfe, eager.nfe)

@@ -24,18 +24,23 @@ def _logits(B, L, V, dtype, scale=3.0):
     return (torch.randn(B, L, V, device=DEV) * scale).to(dtype)
 
 
+LANES = pytest.mark.parametrize("lanes", [False, True], ids=["tile-reduce", "lanes"])
+
+
+@LANES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1, 7), (2, 3, 1000), (3, 5, 4099)])
-def test_confidence_matches_reference(dtype, shape):
+def test_confidence_matches_reference(dtype, shape, lanes):
     confidence, _ = kernels()
     x = _logits(*shape, dtype)
-    tk, pk = confidence(x, block_v=512)
+    tk, pk = confidence(x, block_v=512, lanes=lanes)
     tr, pr = ref.confidence(x)
     assert torch.equal(tk, tr)
     torch.testing.assert_close(pk, pr, rtol=1e-5, atol=1e-7)
 
 
-def test_confidence_ties_inf_nan_and_suppress():
+@LANES
+def test_confidence_ties_inf_nan_and_suppress(lanes):
     confidence, _ = kernels()
     x = torch.zeros(1, 6, 300, device=DEV)
     x[0, 0, [17, 40, 299]] = 5.0  # ties across tiles: lowest index
@@ -45,7 +50,7 @@ def test_confidence_ties_inf_nan_and_suppress():
     x[0, 3, [9, 260]] = float("inf")  # two +inf: the first, probability 1/2
     x[0, 4, 11] = 9.0  # suppressed id: never chosen
     x[0, 5] = float("nan")
-    tk, pk = confidence(x, suppress=11, block_v=64)
+    tk, pk = confidence(x, suppress=11, block_v=64, lanes=lanes)
     tr, pr = ref.confidence(x, suppress=11)
     assert tk[0].tolist() == [17, 0, 250, 9, 0, 0]
     assert torch.equal(tk, tr)
@@ -53,28 +58,32 @@ def test_confidence_ties_inf_nan_and_suppress():
     assert pk[0, 1] == 0 and pk[0, 5] == 0 and abs(pk[0, 3].item() - 0.5) < 1e-6
 
 
-def test_confidence_strided_and_split_views():
+@LANES
+def test_confidence_strided_and_split_views(lanes):
     confidence, _ = kernels()
     big = _logits(4, 9, 801, torch.float32)
     x = big[1:3, 2:7, :777]  # non-contiguous
     xt = _logits(2, 777, 5, torch.bfloat16).transpose(1, 2)  # vocabulary not innermost
     for v in (x, xt):
-        tk, pk = confidence(v, block_v=128)
+        tk, pk = confidence(v, block_v=128, lanes=lanes)
         tr, pr = ref.confidence(v)
         assert torch.equal(tk, tr)
         torch.testing.assert_close(pk, pr, rtol=1e-5, atol=1e-7)
 
 
-def test_sampling_same_seed_same_tokens():
+@LANES
+def test_sampling_same_seed_same_tokens(lanes):
     confidence, _ = kernels()
     x = _logits(2, 4, 513, torch.float32, scale=1.0)
-    a, _ = confidence(x, temperature=1.0, seed=5, block_v=128)
-    b, _ = confidence(x, temperature=1.0, seed=5, block_v=256)
-    c, _ = confidence(x, temperature=1.0, seed=6, block_v=128)
+    a, pa = confidence(x, temperature=1.0, seed=5, block_v=128, lanes=lanes)
+    b, _ = confidence(x, temperature=1.0, seed=5, block_v=256, lanes=lanes)
+    c, _ = confidence(x, temperature=1.0, seed=6, block_v=128, lanes=lanes)
     r, _ = ref.confidence(x, temperature=1.0, seed=5)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert (a == r).float().mean() >= 0.99  # same noise; only last-bit differences in log may flip a row
     assert not torch.equal(a, x.argmax(-1))
+    # the probability reported is the softmax probability of the sampled token
+    torch.testing.assert_close(pa, torch.softmax(x, -1).gather(-1, a[..., None])[..., 0], rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="seed"):
         confidence(x, temperature=1.0)
 
@@ -149,3 +158,29 @@ def test_decode_loop_same_tokens_with_kernels_and_reference(strategy, extra):
     b = generate(model, ids, mask, backend="torch", return_dict_in_generate=True, **kw)
     assert torch.equal(a.sequences, b.sequences)
     assert torch.equal(a.nfe, b.nfe)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the device)")
+
+
+@gpu
+@pytest.mark.parametrize("eotp", ["off", "accepted", "predicted"])
+def test_decision_graph_equals_eager_launches(eotp):
+    from l2pd_kernels.graph import DecisionGraph
+
+    confidence, decide = kernels()
+    B, L, V, T = 3, 8, 1000, 64
+    canvas = torch.randint(3, 50, (B, T), device=DEV)
+    canvas[:, 16:] = 0
+    eager = canvas.clone()
+    kw = dict(threshold=0.7, mask_id=0, eos_id=1, eotp=eotp)
+    graph = DecisionGraph(canvas, (B, L, V), torch.bfloat16, suppress=0, **kw)
+    for step, (s, k) in enumerate([(16, 1), (16, 2), (24, 1), (32, 3), (40, 1)]):
+        logits = _logits(B, L, V, torch.bfloat16)
+        logits[:, :, 1] += 2.0 * (step % 2)  # end-of-text sometimes likely: EoTP cuts on some steps
+        tk, pk = confidence(logits, suppress=0)
+        acc_e, left_e, eot_e = decide(eager, tk, pk, block_start=s, k=k, **kw)
+        token, prob, acc, left, eot = graph(logits, s, k)
+        assert torch.equal(token, tk) and torch.equal(prob, pk)
+        assert torch.equal(canvas, eager)
+        assert torch.equal(acc, acc_e) and torch.equal(left, left_e) and torch.equal(eot, eot_e)
