@@ -171,11 +171,11 @@ def compare_configs(model: Any, tokenizer: Any, problems: list[Problem], gen_len
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'config':<17}{'cache':<8}{'accuracy':>9}{'NFE':>9}{'tok/s':>10}{'NFE x':>8}{'wall x':>8}"
+    head = f"{'config':<22}{'cache':<8}{'accuracy':>9}{'NFE':>9}{'tok/s':>10}{'NFE x':>8}{'wall x':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['config']:<17}{r['cache']:<8}{100 * r['accuracy']:>8.1f}%{r['mean_nfe']:>9.1f}"
+            f"{r['config']:<22}{r['cache']:<8}{100 * r['accuracy']:>8.1f}%{r['mean_nfe']:>9.1f}"
             f"{r['tokens_per_s']:>10.1f}{r['nfe_speedup']:>8.2f}{r['wall_speedup']:>8.2f}"
         )
     return "\n".join(lines)
