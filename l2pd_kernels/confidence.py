@@ -157,7 +157,7 @@ def _num_sms(device: torch.device) -> int:
 
 
 # Launch configuration of the partial kernel; ``benchmarks/confidence_sweep.py`` measures the alternatives.
-TUNING = {"block_v": 2048, "num_warps": 4, "lanes": True}
+TUNING = {"block_v": 2048, "num_warps": 4, "lanes": False}
 
 
 def confidence(
