@@ -229,13 +229,8 @@ def generate(
     step_threshold = float("inf") if strategy == "steps" else float(threshold)
     decide_kwargs = dict(threshold=step_threshold, mask_id=mask_id, eos_id=eos_id, eotp=eotp_mode,
                          filter_weights=filter_weights, filter_block=block_length)
-    graphed = None
-    if _use_graph(device, confidence, strategy, temperature, on_step, B * block_length):
-        from l2pd_kernels.graph import DecisionGraph
-
-        V = getattr(config, "embedding_size", None) or config.vocab_size
-        graphed = DecisionGraph(canvas, (B, block_length, V), transformer.wte.weight.dtype, suppress=mask_id,
-                                **decide_kwargs)
+    use_graph = _use_graph(device, confidence, strategy, temperature, on_step, B * block_length)
+    graphed = None  # built at the first full block, for the logits' own shape and dtype
 
     def forward(lo: int, hi: int, s: int, e: int) -> torch.Tensor:
         return llada_forward(
@@ -260,22 +255,23 @@ def generate(
                 lo, hi = kv.feed_range(s, e)
                 logits = forward(lo, hi, s, e)
             nfe += left > 0
-            forwards += 1
             k = schedule[i] if (strategy != "threshold" and i < len(schedule)) else 1
+            if use_graph and graphed is None and e - s == block_length:
+                from l2pd_kernels.graph import DecisionGraph
+
+                graphed = DecisionGraph(canvas, tuple(logits.shape), logits.dtype, suppress=mask_id, **decide_kwargs)
             if graphed is not None and e - s == block_length and logits.shape == graphed.logits.shape:
                 _, _, _, left, _ = graphed(logits, s, k)
-                i += 1
-                if int(left.max()) == 0:  # the one host read of the step
-                    break
-                continue
-            step_seed = None if temperature == 0 else (seed * 1000003 + forwards) & 0x7FFFFFFF
-            token, prob = confidence(logits, temperature, step_seed, suppress=mask_id)
-            if on_step is not None:
-                on_step(s, i, token, prob, canvas)
-            if strategy == "oracle":
-                left = _oracle_step(canvas, token, target[:, s - P : e - P].to(device), s, mask_id)
             else:
-                _, left, _ = decide(canvas, token, prob, block_start=s, k=k, **decide_kwargs)
+                step_seed = None if temperature == 0 else (seed * 1000003 + forwards) & 0x7FFFFFFF
+                token, prob = confidence(logits, temperature, step_seed, suppress=mask_id)
+                if on_step is not None:
+                    on_step(s, i, token, prob, canvas)
+                if strategy == "oracle":
+                    left = _oracle_step(canvas, token, target[:, s - P : e - P].to(device), s, mask_id)
+                else:
+                    _, left, _ = decide(canvas, token, prob, block_start=s, k=k, **decide_kwargs)
+            forwards += 1
             i += 1
             if int(left.max()) == 0:  # the one host read of the step
                 break
