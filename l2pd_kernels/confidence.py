@@ -30,6 +30,24 @@ def _mix32(x):
 
 
 @triton.jit
+def _load_tile(base, offs, hi, stride_v, suppress):
+    # fp32 logits of one tile with the documented rules: NaN and the suppressed id count as -inf, +inf as
+    # the largest finite value; positions past the chunk read -inf
+    x = tl.load(base + offs.to(tl.int64) * stride_v, mask=offs < hi, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("-inf"), x)
+    x = tl.minimum(x, _FLT_MAX)
+    return tl.where(offs == suppress, float("-inf"), x)
+
+
+@triton.jit
+def _gumbel_score(x, offs, row_h, inv_temp):
+    # Gumbel-max score from the counter hash of (row, index): the same noise as the reference
+    h = _mix32(offs.to(tl.int64) + row_h)
+    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    return x * inv_temp - tl.log(-tl.log(u))
+
+
+@triton.jit
 def _partial_kernel(
     logits_ptr, part_ptr,
     L, V, stride_b, stride_l, stride_v,
@@ -55,20 +73,12 @@ def _partial_kernel(
         logit_v = tl.full((BLOCK_V,), float("-inf"), tl.float32)
         for start in range(lo, hi, BLOCK_V):
             offs = start + lane
-            x = tl.load(base + offs.to(tl.int64) * stride_v, mask=offs < hi, other=float("-inf")).to(tl.float32)
-            x = tl.where(x != x, float("-inf"), x)  # NaN counts as -inf
-            x = tl.minimum(x, _FLT_MAX)  # +inf counts as the largest finite value
-            x = tl.where(offs == suppress, float("-inf"), x)
+            x = _load_tile(base, offs, hi, stride_v, suppress)
             m_new = tl.maximum(m_v, x)
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             s_v = s_v * tl.exp(m_v - safe) + tl.exp(x - safe)
             m_v = m_new
-            if SAMPLE:
-                h = _mix32(offs.to(tl.int64) + row_h)
-                u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-                score = x * inv_temp - tl.log(-tl.log(u))
-            else:
-                score = x
+            score = _gumbel_score(x, offs, row_h, inv_temp) if SAMPLE else x
             better = score > best_v  # strict: a lane keeps its lowest index among equal scores
             best_v = tl.where(better, score, best_v)
             idx_v = tl.where(better, offs, idx_v)
@@ -91,20 +101,14 @@ def _partial_kernel(
         best_logit = tl.full((), float("-inf"), tl.float32)
         for start in range(lo, hi, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            inb = offs < hi
-            x = tl.load(base + offs.to(tl.int64) * stride_v, mask=inb, other=float("-inf")).to(tl.float32)
-            x = tl.where(x != x, float("-inf"), x)
-            x = tl.minimum(x, _FLT_MAX)
-            x = tl.where(offs == suppress, float("-inf"), x)
+            x = _load_tile(base, offs, hi, stride_v, suppress)
             # online softmax statistics, reduced over the tile at every iteration
             m_new = tl.maximum(m, tl.max(x, 0))
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
             m = m_new
             if SAMPLE:
-                h = _mix32(offs.to(tl.int64) + row_h)
-                u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-                score = x * inv_temp - tl.log(-tl.log(u))
+                score = _gumbel_score(x, offs, row_h, inv_temp)
                 t_best = tl.max(score, 0)
                 t_idx = tl.min(tl.where(score == t_best, offs, 2147483647), 0)  # lowest index among the maxima
                 t_logit = tl.sum(tl.where(offs == t_idx, x, 0.0), 0)
