@@ -3,7 +3,8 @@
     python benchmarks/confidence_sweep.py            # vocabulary 126464, block 32, bf16, batch 8/64
 
 Prints, per batch, the copy bandwidth (read + write of the logits) and every configuration's read bandwidth
-and its share of the copy bandwidth; the configuration in ``l2pd_kernels.confidence.TUNING`` is marked.
+and its share of the copy bandwidth; the configuration in ``l2pd_kernels.confidence.TUNING`` is marked. The best
+configuration is the one with the highest worst-case share over the batches.
 """
 
 import argparse
@@ -27,10 +28,14 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=126464)
     ap.add_argument("--batches", default="8,64")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--best", help="write the best configuration here (for L2PD_CONFIDENCE_TUNING)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("the sweep needs a CUDA GPU")
-    configs = list(itertools.product((False, True), (2048, 4096, 8192), (4, 8, 16)))
+    keys = ("lanes", "block_v", "num_warps", "stages", "programs_per_sm")
+    grid = list(itertools.product((False,), (2048, 4096), (4, 8), (1, 3), (4, 8)))
+    grid += itertools.product((True,), (1024, 2048, 4096), (4, 8), (1, 3), (4, 8, 16))
+    configs = [dict(zip(keys, c)) for c in grid]
     rows = []
     for B in map(int, args.batches.split(",")):
         torch.manual_seed(0)
@@ -41,27 +46,30 @@ def main() -> None:
         copy_bw = 2 * nbytes / copy_ms / 1e6
         tr, pr = ref.confidence(x)
         print(f"batch {B}: copy {copy_bw:,.0f} GB/s", flush=True)
-        for lanes, block_v, warps in configs:
-            tk, pk = confidence(x, block_v=block_v, num_warps=warps, lanes=lanes)
+        for cfg in configs:
+            tk, pk = confidence(x, **cfg)
             if not torch.equal(tk, tr) or not torch.allclose(pk, pr, rtol=1e-5, atol=1e-7):
-                raise SystemExit(f"config lanes={lanes} block_v={block_v} warps={warps} disagrees with the reference")
-            ms = _ms(functools.partial(confidence, x, block_v=block_v, num_warps=warps, lanes=lanes))
+                raise SystemExit(f"config {cfg} disagrees with the reference")
+            ms = _ms(functools.partial(confidence, x, **cfg))
             bw = nbytes / ms / 1e6
-            default = (lanes, block_v, warps) == (TUNING["lanes"], TUNING["block_v"], TUNING["num_warps"])
-            rows.append({"batch": B, "lanes": lanes, "block_v": block_v, "num_warps": warps, "ms": ms,
-                         "read_GBps": bw, "copy_GBps": copy_bw, "share": bw / copy_bw, "default": default})
-            print(f"  lanes={lanes!s:<5} block_v={block_v:<5} warps={warps:<3} {ms * 1e3:8.1f} us "
+            default = cfg == {k: TUNING[k] for k in keys}
+            rows.append({"batch": B, **cfg, "ms": ms, "read_GBps": bw, "copy_GBps": copy_bw,
+                         "share": bw / copy_bw, "default": default})
+            print(f"  {' '.join(f'{k}={v!s:<5}' for k, v in cfg.items())} {ms * 1e3:8.1f} us "
                   f"{bw:8,.0f} GB/s {100 * bw / copy_bw:5.1f}%{'  <- default' if default else ''}", flush=True)
-    best = {}
+    worst = {}
     for r in rows:
-        key = (r["lanes"], r["block_v"], r["num_warps"])
-        best[key] = min(best.get(key, 1e9), r["share"])
-    top = max(best.items(), key=lambda kv: kv[1])
-    print(f"best worst-case share over batches: lanes={top[0][0]} block_v={top[0][1]} warps={top[0][2]} "
-          f"{100 * top[1]:.1f}%")
+        key = tuple(r[k] for k in keys)
+        worst[key] = min(worst.get(key, 1e9), r["share"])
+    top_key, top_share = max(worst.items(), key=lambda kv: kv[1])
+    top = dict(zip(keys, top_key))
+    print(f"best worst-case share over batches: {top} {100 * top_share:.1f}%")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows, "best": top}, f, indent=1)
+    if args.best:
+        with open(args.best, "w") as f:
+            json.dump(top, f)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ inf, ties, sampling) are those of ``l2pd_kernels.reference.confidence``.
 from __future__ import annotations
 
 import functools
+import json
+import os
 
 import torch
 import triton
@@ -30,13 +32,20 @@ def _mix32(x):
 
 
 @triton.jit
-def _load_tile(base, offs, hi, stride_v, suppress):
-    # fp32 logits of one tile with the documented rules: NaN and the suppressed id count as -inf, +inf as
-    # the largest finite value; positions past the chunk read -inf
-    x = tl.load(base + offs.to(tl.int64) * stride_v, mask=offs < hi, other=float("-inf")).to(tl.float32)
+def _clean(x, offs, suppress):
+    # fp32 logits with the documented rules: NaN and the suppressed id count as -inf, +inf as the largest
+    # finite value
+    x = x.to(tl.float32)
     x = tl.where(x != x, float("-inf"), x)
     x = tl.minimum(x, _FLT_MAX)
     return tl.where(offs == suppress, float("-inf"), x)
+
+
+@triton.jit
+def _load_tile(base, offs, hi, stride_v, suppress):
+    # one tile that may run past the chunk: positions from ``hi`` on read -inf
+    x = tl.load(base + offs.to(tl.int64) * stride_v, mask=offs < hi, other=float("-inf"))
+    return _clean(x, offs, suppress)
 
 
 @triton.jit
@@ -48,11 +57,21 @@ def _gumbel_score(x, offs, row_h, inv_temp):
 
 
 @triton.jit
+def _lane_update(x, offs, m_v, s_v, idx_v):
+    # one element per lane: running max (with its first index) and the sum of exponentials relative to it,
+    # with one exponential per element: exp(-|x - m|) is the new term or the rescale factor
+    gt = x > m_v
+    e = tl.exp(-tl.abs(x - m_v))
+    s_v = tl.where(gt, s_v * e + 1.0, s_v + e)
+    return tl.where(gt, x, m_v), s_v, tl.where(gt, offs, idx_v)
+
+
+@triton.jit
 def _partial_kernel(
     logits_ptr, part_ptr,
     L, V, stride_b, stride_l, stride_v,
     chunk, n_split, seed_h, inv_temp, suppress,
-    SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr,
+    SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -62,44 +81,35 @@ def _partial_kernel(
     lo = split * chunk
     hi = tl.minimum(lo + chunk, V)
     row_h = _mix32(row.to(tl.int64) + seed_h)
-    if LANES:
-        # per-lane running statistics, reduced across lanes once at the end: no cross-warp reduction (and
-        # its barriers) inside the loop, at the price of a second exponential per element
+    if LANES and not SAMPLE:
+        # greedy with per-lane statistics, reduced across lanes once at the end: no reduction (and no
+        # barrier) inside the loop. The running max starts at -FLT_MAX with an empty sum, so -inf logits
+        # add exp(-inf) = 0 without a special case; a lane that saw only -inf keeps its first index.
         lane = tl.arange(0, BLOCK_V)
-        m_v = tl.full((BLOCK_V,), float("-inf"), tl.float32)
+        m_v = tl.full((BLOCK_V,), -_FLT_MAX, tl.float32)
         s_v = tl.zeros((BLOCK_V,), tl.float32)
-        best_v = tl.full((BLOCK_V,), float("-inf"), tl.float32)
-        idx_v = lo + lane  # the first index a lane visits: an all -inf chunk reports its lowest index
-        logit_v = tl.full((BLOCK_V,), float("-inf"), tl.float32)
-        for start in range(lo, hi, BLOCK_V):
+        idx_v = lo + lane
+        full_hi = lo + (hi - lo) // BLOCK_V * BLOCK_V
+        for start in tl.range(lo, full_hi, BLOCK_V, num_stages=STAGES):
             offs = start + lane
-            x = _load_tile(base, offs, hi, stride_v, suppress)
-            m_new = tl.maximum(m_v, x)
-            safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s_v = s_v * tl.exp(m_v - safe) + tl.exp(x - safe)
-            m_v = m_new
-            score = _gumbel_score(x, offs, row_h, inv_temp) if SAMPLE else x
-            better = score > best_v  # strict: a lane keeps its lowest index among equal scores
-            best_v = tl.where(better, score, best_v)
-            idx_v = tl.where(better, offs, idx_v)
-            if SAMPLE:
-                logit_v = tl.where(better, x, logit_v)
+            x = _clean(tl.load(base + offs.to(tl.int64) * stride_v), offs, suppress)  # a full tile: no mask
+            m_v, s_v, idx_v = _lane_update(x, offs, m_v, s_v, idx_v)
+        if full_hi < hi:
+            offs = full_hi + lane
+            m_v, s_v, idx_v = _lane_update(_load_tile(base, offs, hi, stride_v, suppress), offs, m_v, s_v, idx_v)
         m = tl.max(m_v, 0)
-        safe_m = tl.where(m == float("-inf"), 0.0, m)
-        s = tl.sum(tl.where(m_v == float("-inf"), 0.0, s_v * tl.exp(m_v - safe_m)), 0)
-        best = tl.max(best_v, 0)
-        best_idx = tl.min(tl.where(best_v == best, idx_v, 2147483647), 0)
-        if SAMPLE:
-            best_logit = tl.sum(tl.where(idx_v == best_idx, logit_v, 0.0), 0)
-        else:
-            best_logit = best
+        s = tl.sum(s_v * tl.exp(m_v - m), 0)
+        best_idx = tl.min(tl.where(m_v == m, idx_v, 2147483647), 0)
+        m = tl.where(s == 0.0, float("-inf"), m)  # no finite logit in the chunk
+        best = m
+        best_logit = m
     else:
         m = tl.full((), float("-inf"), tl.float32)
         s = tl.zeros((), tl.float32)
         best = tl.full((), float("-inf"), tl.float32)
         best_idx = tl.zeros((), tl.int32) + lo
         best_logit = tl.full((), float("-inf"), tl.float32)
-        for start in range(lo, hi, BLOCK_V):
+        for start in tl.range(lo, hi, BLOCK_V, num_stages=STAGES):
             offs = start + tl.arange(0, BLOCK_V)
             x = _load_tile(base, offs, hi, stride_v, suppress)
             # online softmax statistics, reduced over the tile at every iteration
@@ -161,22 +171,30 @@ def _num_sms(device: torch.device) -> int:
 
 
 # Launch configuration of the partial kernel; ``benchmarks/confidence_sweep.py`` measures the alternatives.
-TUNING = {"block_v": 2048, "num_warps": 4, "lanes": False}
+# ``programs_per_sm``: how many (row, chunk) programs per SM the vocabulary split aims for; ``stages``: the
+# software-pipelining depth of the tile loop. L2PD_CONFIDENCE_TUNING='{"block_v": 4096, ...}' overrides keys.
+TUNING = {"block_v": 2048, "num_warps": 4, "lanes": False, "stages": 1, "programs_per_sm": 4}
+TUNING.update(json.loads(os.environ.get("L2PD_CONFIDENCE_TUNING") or "{}"))
+if set(TUNING) != {"block_v", "num_warps", "lanes", "stages", "programs_per_sm"}:
+    raise ValueError(f"L2PD_CONFIDENCE_TUNING: unknown keys in {sorted(TUNING)}")
 
 
 def confidence(
     logits: torch.Tensor, temperature: float = 0.0, seed: int | None = None, suppress: int | None = None,
     block_v: int | None = None, num_warps: int | None = None, lanes: bool | None = None,
+    stages: int | None = None, programs_per_sm: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of ``l2pd_kernels.reference.confidence`` (same arguments and results).
 
-    ``block_v`` (vocabulary tile), ``num_warps`` and ``lanes`` (per-lane statistics instead of a reduction
-    per tile) tune the launch; they default to ``TUNING`` and never change the results beyond rounding of
-    the probability.
+    ``block_v`` (vocabulary tile), ``num_warps``, ``lanes`` (greedy: per-lane statistics instead of a
+    reduction per tile), ``stages`` and ``programs_per_sm`` tune the launch; they default to ``TUNING`` and
+    never change the results beyond rounding of the probability.
     """
     block_v = TUNING["block_v"] if block_v is None else block_v
     num_warps = TUNING["num_warps"] if num_warps is None else num_warps
     lanes = TUNING["lanes"] if lanes is None else lanes
+    stages = TUNING["stages"] if stages is None else stages
+    programs_per_sm = TUNING["programs_per_sm"] if programs_per_sm is None else programs_per_sm
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, L, V], got shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -195,7 +213,7 @@ def confidence(
         return token, prob
     block_v = min(block_v, triton.next_power_of_2(V))
     max_split = triton.cdiv(V, block_v)
-    n_split = max(1, min(max_split, triton.cdiv(4 * _num_sms(logits.device), rows)))
+    n_split = max(1, min(max_split, triton.cdiv(programs_per_sm * _num_sms(logits.device), rows)))
     chunk = triton.cdiv(triton.cdiv(V, n_split), block_v) * block_v
     n_split = triton.cdiv(V, chunk)
     part = torch.empty(rows * n_split * 5, dtype=torch.float32, device=logits.device)
@@ -206,7 +224,8 @@ def confidence(
         logits, part, L, V, logits.stride(0), logits.stride(1), logits.stride(2),
         chunk, n_split, seed_h, 1.0 / temperature if temperature > 0 else 1.0,
         -1 if suppress is None else int(suppress),
-        SAMPLE=temperature > 0, BLOCK_V=block_v, LANES=bool(lanes), num_warps=num_warps,
+        SAMPLE=temperature > 0, BLOCK_V=block_v, LANES=bool(lanes), STAGES=stages,
+        num_warps=num_warps,
     )
     _merge_kernel[(rows,)](part, token, prob, n_split, SPLIT_P2=triton.next_power_of_2(n_split))
     return token, prob

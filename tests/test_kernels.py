@@ -24,23 +24,30 @@ def _logits(B, L, V, dtype, scale=3.0):
     return (torch.randn(B, L, V, device=DEV) * scale).to(dtype)
 
 
-LANES = pytest.mark.parametrize("lanes", [False, True], ids=["tile-reduce", "lanes"])
+# launch variants: both reductions, and more vocabulary splits with a pipelined loop (the interpreter counts
+# 4 SMs, so programs_per_sm=16 splits every row of these small shapes into several chunks)
+LANES = pytest.mark.parametrize(
+    "tune",
+    [dict(lanes=False), dict(lanes=True), dict(lanes=True, programs_per_sm=16, stages=2),
+     dict(lanes=False, programs_per_sm=16, stages=2)],
+    ids=["tile-reduce", "lanes", "lanes-split", "tile-split"],
+)
 
 
 @LANES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(1, 1, 7), (2, 3, 1000), (3, 5, 4099)])
-def test_confidence_matches_reference(dtype, shape, lanes):
+def test_confidence_matches_reference(dtype, shape, tune):
     confidence, _ = kernels()
     x = _logits(*shape, dtype)
-    tk, pk = confidence(x, block_v=512, lanes=lanes)
+    tk, pk = confidence(x, block_v=512, **tune)
     tr, pr = ref.confidence(x)
     assert torch.equal(tk, tr)
     torch.testing.assert_close(pk, pr, rtol=1e-5, atol=1e-7)
 
 
 @LANES
-def test_confidence_ties_inf_nan_and_suppress(lanes):
+def test_confidence_ties_inf_nan_and_suppress(tune):
     confidence, _ = kernels()
     x = torch.zeros(1, 6, 300, device=DEV)
     x[0, 0, [17, 40, 299]] = 5.0  # ties across tiles: lowest index
@@ -50,7 +57,7 @@ def test_confidence_ties_inf_nan_and_suppress(lanes):
     x[0, 3, [9, 260]] = float("inf")  # two +inf: the first, probability 1/2
     x[0, 4, 11] = 9.0  # suppressed id: never chosen
     x[0, 5] = float("nan")
-    tk, pk = confidence(x, suppress=11, block_v=64, lanes=lanes)
+    tk, pk = confidence(x, suppress=11, block_v=64, **tune)
     tr, pr = ref.confidence(x, suppress=11)
     assert tk[0].tolist() == [17, 0, 250, 9, 0, 0]
     assert torch.equal(tk, tr)
@@ -59,25 +66,25 @@ def test_confidence_ties_inf_nan_and_suppress(lanes):
 
 
 @LANES
-def test_confidence_strided_and_split_views(lanes):
+def test_confidence_strided_and_split_views(tune):
     confidence, _ = kernels()
     big = _logits(4, 9, 801, torch.float32)
     x = big[1:3, 2:7, :777]  # non-contiguous
     xt = _logits(2, 777, 5, torch.bfloat16).transpose(1, 2)  # vocabulary not innermost
     for v in (x, xt):
-        tk, pk = confidence(v, block_v=128, lanes=lanes)
+        tk, pk = confidence(v, block_v=128, **tune)
         tr, pr = ref.confidence(v)
         assert torch.equal(tk, tr)
         torch.testing.assert_close(pk, pr, rtol=1e-5, atol=1e-7)
 
 
 @LANES
-def test_sampling_same_seed_same_tokens(lanes):
+def test_sampling_same_seed_same_tokens(tune):
     confidence, _ = kernels()
     x = _logits(2, 4, 513, torch.float32, scale=1.0)
-    a, pa = confidence(x, temperature=1.0, seed=5, block_v=128, lanes=lanes)
-    b, _ = confidence(x, temperature=1.0, seed=5, block_v=256, lanes=lanes)
-    c, _ = confidence(x, temperature=1.0, seed=6, block_v=128, lanes=lanes)
+    a, pa = confidence(x, temperature=1.0, seed=5, block_v=128, **tune)
+    b, _ = confidence(x, temperature=1.0, seed=5, block_v=256, **tune)
+    c, _ = confidence(x, temperature=1.0, seed=6, block_v=128, **tune)
     r, _ = ref.confidence(x, temperature=1.0, seed=5)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert (a == r).float().mean() >= 0.99  # same noise; only last-bit differences in log may flip a row

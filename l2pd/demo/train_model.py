@@ -38,9 +38,10 @@ def _texts(seed_range: tuple[int, int]) -> list[tuple[str, str]]:
     return [(p.question, p.solution) for p in map(problem, range(*seed_range))]
 
 
-def make_problems(n: int, workers: int) -> list[tuple[str, str]]:
+def make_problems(n: int, workers: int, first: int = 0) -> list[tuple[str, str]]:
+    """Training problems from seeds TRAIN_SEEDS[first : first + n]."""
     chunk = max(1, n // max(1, workers * 4))
-    ranges = [(TRAIN_SEEDS[i], TRAIN_SEEDS[min(n, i + chunk) - 1] + 1) for i in range(0, n, chunk)]
+    ranges = [(TRAIN_SEEDS[first + i], TRAIN_SEEDS[first + min(n, i + chunk) - 1] + 1) for i in range(0, n, chunk)]
     if workers <= 1:
         return [t for r in ranges for t in _texts(r)]
     with Pool(workers) as pool:
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--mlp", type=int, default=768)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--first-problem", type=int, default=0,
+                    help="index of the first training seed (fresh problems for a continued run)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (it needs a GPU toolchain)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -96,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.minutes <= 0 or args.problems <= 0 or args.tokens_per_batch <= 0 or args.lr <= 0:
         ap.error("--minutes, --problems, --tokens-per-batch and --lr must be positive")
+    if args.first_problem < 0:
+        ap.error("--first-problem must be >= 0")
 
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     t_start = time.time()
-    pairs = make_problems(args.problems, args.workers)
+    pairs = make_problems(args.problems, args.workers, args.first_problem)
     if args.init or args.tokenizer:
         from transformers import PreTrainedTokenizerFast
 
@@ -152,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             "version": 1, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "torch": torch.__version__, "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t0, 1),
             "steps": step, "finished": final, "parameters": n_params,
-            "final_loss": curve[-1]["loss"] if curve else None, "problems": len(pairs), "init": args.init,
+            "final_loss": curve[-1]["loss"] if curve else None, "problems": len(pairs),
+            "first_problem": args.first_problem, "init": args.init,
             "canvas_mix": CANVAS_MIX, "tokens_per_batch": args.tokens_per_batch, "lr": args.lr,
             "loss_curve": curve,
         }
