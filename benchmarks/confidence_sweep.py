@@ -47,7 +47,7 @@ def main() -> None:
         grid += itertools.product((True,), (1024, 2048, 4096), (4, 8), (1, 3), (4, 8, 16))
     else:
         grid = [(False, 2048, 4, 1, 4)]
-        grid += itertools.product((True,), (1024, 2048), (2, 4, 8), (3, 4, 6), (2, 4, 8))
+        grid += itertools.product((True,), (1024, 2048, 4096), (1, 2, 4), (4, 6), (1, 2, 4))
     suppress = None if args.suppress < 0 else args.suppress
     configs = [dict(zip(keys, c)) for c in grid]
     rows = []
