@@ -16,6 +16,6 @@ python3 -m l2pd.demo.train_model --out "$out/model" --init l2pd/demo/assets/mode
 python3 benchmarks/bundled_model_report.py --model "$out/model" --problems 500 --batch 500 >"$out/report.log" 2>&1
 python3 benchmarks/learn2pd_bundled.py --model "$out/model" --out "$out/l2" --collect-dir "$out/collect" \
   --train-prompts "${TRAIN_PROMPTS:-2000}" --filter-device cuda --batch 500 --val-problems 200 \
-  --taus "${TAUS:-0.95,0.98,0.99,0.995}" --gen-lengths 256,1024 --test-problems 500 --batch1-problems 3 \
+  --taus "${TAUS:-0.98,0.995,0.998,0.999}" --gen-lengths 256,1024 --test-problems 500 --batch1-problems 3 \
   >"$out/l2.log" 2>&1
 touch "$out/done"

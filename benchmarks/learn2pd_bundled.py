@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a LLaDA-format model folder (default: the bundled model)")
     ap.add_argument("--filter-device", default="cpu", help="where the filter trains (cpu: 2 threads)")
     ap.add_argument("--val-problems", type=int, default=500, help="validation problems for choosing tau")
-    ap.add_argument("--taus", default="0.8,0.9,0.95,0.98,0.99")
+    ap.add_argument("--taus", default="0.9,0.95,0.98,0.99,0.995,0.998,0.999")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     results: dict = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .collect import load_shards
 from .filter import Filter
 
-REPORT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+REPORT_THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999)
 
 
 def accept_metrics(logits: torch.Tensor, labels: torch.Tensor, masked: torch.Tensor,

@@ -68,10 +68,11 @@ def _lane_update(x, offs, m_v, s_v, idx_v):
 
 @triton.jit
 def _partial_kernel(
-    logits_ptr, part_ptr,
+    logits_ptr, part_ptr, token_ptr, prob_ptr,
     L, V, stride_b, stride_l, stride_v,
     chunk, n_split, seed_h, inv_temp, suppress,
     SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
+    DIRECT: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -130,12 +131,18 @@ def _partial_kernel(
             best_idx = tl.where(better, t_idx, best_idx)
             best_logit = tl.where(better, t_logit, best_logit)
             best = tl.where(better, t_best, best)
-    out = part_ptr + (row * n_split + split) * 5
-    tl.store(out + 0, m)
-    tl.store(out + 1, s)
-    tl.store(out + 2, best)
-    tl.store(out + 3, best_idx.to(tl.float32))  # exact: V < 2**24
-    tl.store(out + 4, best_logit)
+    if DIRECT:
+        # one chunk per row: the merge's arithmetic for a single split, without its launch
+        safe = tl.where(m == float("-inf"), 0.0, m)
+        tl.store(token_ptr + row, best_idx.to(tl.int64))
+        tl.store(prob_ptr + row, tl.where(m == float("-inf"), 0.0, tl.exp(best_logit - safe) / s))
+    else:
+        out = part_ptr + (row * n_split + split) * 5
+        tl.store(out + 0, m)
+        tl.store(out + 1, s)
+        tl.store(out + 2, best)
+        tl.store(out + 3, best_idx.to(tl.float32))  # exact: V < 2**24
+        tl.store(out + 4, best_logit)
 
 
 @triton.jit
@@ -216,18 +223,20 @@ def confidence(
     n_split = max(1, min(max_split, triton.cdiv(programs_per_sm * _num_sms(logits.device), rows)))
     chunk = triton.cdiv(triton.cdiv(V, n_split), block_v) * block_v
     n_split = triton.cdiv(V, chunk)
-    part = torch.empty(rows * n_split * 5, dtype=torch.float32, device=logits.device)
+    direct = n_split == 1
+    part = prob if direct else torch.empty(rows * n_split * 5, dtype=torch.float32, device=logits.device)
     seed_h = 0
     if temperature > 0:
         seed_h = int(_mix32_host(seed & _U32))
     _partial_kernel[(rows, n_split)](
-        logits, part, L, V, logits.stride(0), logits.stride(1), logits.stride(2),
+        logits, part, token, prob, L, V, logits.stride(0), logits.stride(1), logits.stride(2),
         chunk, n_split, seed_h, 1.0 / temperature if temperature > 0 else 1.0,
         -1 if suppress is None else int(suppress),
         SAMPLE=temperature > 0, BLOCK_V=block_v, LANES=bool(lanes), STAGES=stages,
-        num_warps=num_warps,
+        DIRECT=direct, num_warps=num_warps,
     )
-    _merge_kernel[(rows,)](part, token, prob, n_split, SPLIT_P2=triton.next_power_of_2(n_split))
+    if not direct:
+        _merge_kernel[(rows,)](part, token, prob, n_split, SPLIT_P2=triton.next_power_of_2(n_split))
     return token, prob
 
 

@@ -24,13 +24,15 @@ def _logits(B, L, V, dtype, scale=3.0):
     return (torch.randn(B, L, V, device=DEV) * scale).to(dtype)
 
 
-# launch variants: both reductions, and more vocabulary splits with a pipelined loop (the interpreter counts
-# 4 SMs, so programs_per_sm=16 splits every row of these small shapes into several chunks)
+# launch variants: both reductions, more vocabulary splits with a pipelined loop (the interpreter counts 4
+# SMs, so programs_per_sm=16 splits every row of these small shapes into several chunks), and one chunk per
+# row (programs_per_sm=1 with >= 4 rows: the partial kernel writes the result, no merge)
 LANES = pytest.mark.parametrize(
     "tune",
     [dict(lanes=False), dict(lanes=True), dict(lanes=True, programs_per_sm=16, stages=2),
-     dict(lanes=False, programs_per_sm=16, stages=2)],
-    ids=["tile-reduce", "lanes", "lanes-split", "tile-split"],
+     dict(lanes=False, programs_per_sm=16, stages=2), dict(lanes=True, programs_per_sm=1),
+     dict(lanes=False, programs_per_sm=1)],
+    ids=["tile-reduce", "lanes", "lanes-split", "tile-split", "lanes-direct", "tile-direct"],
 )
 
 
