@@ -180,7 +180,7 @@ def _num_sms(device: torch.device) -> int:
 # Launch configuration of the partial kernel; ``benchmarks/confidence_sweep.py`` measures the alternatives.
 # ``programs_per_sm``: how many (row, chunk) programs per SM the vocabulary split aims for; ``stages``: the
 # software-pipelining depth of the tile loop. L2PD_CONFIDENCE_TUNING='{"block_v": 4096, ...}' overrides keys.
-TUNING = {"block_v": 1024, "num_warps": 2, "lanes": True, "stages": 6, "programs_per_sm": 2}
+TUNING = {"block_v": 2048, "num_warps": 4, "lanes": True, "stages": 4, "programs_per_sm": 1}
 TUNING.update(json.loads(os.environ.get("L2PD_CONFIDENCE_TUNING") or "{}"))
 if set(TUNING) != {"block_v", "num_warps", "lanes", "stages", "programs_per_sm"}:
     raise ValueError(f"L2PD_CONFIDENCE_TUNING: unknown keys in {sorted(TUNING)}")
