@@ -2,8 +2,9 @@
 
 One pass over the vocabulary. Each row is split into chunks handled by separate programs (so that B * L = 32
 rows still occupy every SM); a program keeps an online max / sum of exponentials and the running best
-(lowest index on ties) over its chunk, and a second tiny kernel merges the chunks of a row. Semantics (NaN,
-inf, ties, sampling) are those of ``l2pd_kernels.reference.confidence``.
+(lowest index on ties) over its chunk, per lane for greedy decoding (no reduction inside the loop) or per
+tile for sampling, and a second tiny kernel merges the chunks of a row (skipped when a row is one chunk).
+Semantics (NaN, inf, ties, sampling) are those of ``l2pd_kernels.reference.confidence``.
 """
 
 from __future__ import annotations
