@@ -65,7 +65,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .demo.task import split
-    from .distributed import init_from_env
+    from .distributed import finish, init_from_env
     from .evaluate import evaluate
 
     if args.problems < 1 or args.batch_size < 1:
@@ -79,6 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                  threshold=args.threshold, eotp=args.eotp, cache=args.cache)
     for key in ("texts", "nfe"):
         r.pop(key)
+    finish()
     if rank != 0:
         return 0
     if args.json:
@@ -117,7 +118,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from .collect import collect
     from .demo.task import split
     from .demo.tokenizer import prompt_text
-    from .distributed import init_from_env
+    from .distributed import finish, init_from_env
 
     rank, _, rank_device = init_from_env()
     device = rank_device or _device(args.device)
@@ -130,6 +131,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     prompts = tok([prompt_text(tok, q) for q in questions], add_special_tokens=False).input_ids
     info = collect(model, prompts, args.out, gen_length=args.gen_length, block_length=args.block_length,
                    batch_size=args.batch_size, shard_size=args.shard_size, cache=args.cache)
+    finish()
     if rank == 0:
         print(json.dumps(info))
     return 0

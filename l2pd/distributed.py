@@ -46,6 +46,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def finish() -> None:
+    """Leave the process group together: a rank that tears its group down while a peer still finishes the
+    last collective can abort the peer (gloo), so every rank waits at a barrier first."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def gather_objects(obj: Any, world: int) -> list[Any]:
     """Every rank's ``obj`` in rank order (all ranks receive the list)."""
     if world <= 1 or not (dist.is_available() and dist.is_initialized()):

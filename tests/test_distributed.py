@@ -9,6 +9,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from l2pd.collect import collect
+from l2pd.distributed import finish
 from tests.conftest import tiny_model
 
 PROMPTS = [[int(t) for t in torch.randint(0, 58, (3 + i % 4,), generator=torch.Generator().manual_seed(i))]
@@ -25,6 +26,9 @@ def _eval_problems():
 
 
 def _worker(rank, world, tmp):
+    # one intra-op thread per rank, as torchrun sets OMP_NUM_THREADS=1 for several processes; two ranks with
+    # full thread pools on a 2-core machine crashed natively now and then (SIGABRT/SIGBUS in a native thread)
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
     try:
         info = collect(tiny_model(seed=3), PROMPTS, f"{tmp}/multi", **COLLECT_KW)
@@ -36,8 +40,10 @@ def _worker(rank, world, tmp):
         with open(f"{tmp}/eval{rank}.json", "w") as f:
             keys = ("problems", "accuracy", "mean_nfe", "texts", "nfe", "processes", "problems_per_process")
             json.dump({**{k: r[k] for k in keys}, "shards_written": info["shards_written_here"]}, f)
+        finish()  # what the CLI does: leave the group together
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():  # only after a failure above
+            dist.destroy_process_group()
 
 
 def test_two_processes_equal_one(tmp_path):
