@@ -225,6 +225,7 @@ def confidence(
     chunk = triton.cdiv(triton.cdiv(V, n_split), block_v) * block_v
     n_split = triton.cdiv(V, chunk)
     direct = n_split == 1
+    # a direct launch writes token/prob itself and never touches the partials buffer (prob stands in for it)
     part = prob if direct else torch.empty(rows * n_split * 5, dtype=torch.float32, device=logits.device)
     seed_h = 0
     if temperature > 0:
