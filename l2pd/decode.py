@@ -2,7 +2,8 @@
 
 One step: a forward over the canvas (or, with a cache, over the part of it the cache does not hold) gives
 the logits of the current block; ``confidence`` turns them into (token, probability); ``decide`` accepts
-positions by the strategy's rule, writes them into the canvas and applies EoTP. Strategies:
+positions by the strategy's rule, writes them into the canvas and applies EoTP (``l2pd.step`` runs it, eager
+or replayed from a CUDA graph). ``generate`` checks its arguments and runs the block loop. Strategies:
 
 - ``steps``: LLaDA's low-confidence remasking: the k most confident masked positions, k from an even
   per-block schedule (``steps`` forwards in all; default one token per step).
@@ -25,8 +26,8 @@ from typing import Any
 
 import torch
 
-from .cache import CACHE_MODES, BlockKVCache
-from .models.llada import llada_forward, positions_from_mask
+from .cache import CACHE_MODES, REFRESH_MODES
+from .step import DecodeState, Policy, Stepper, stepper_for
 
 STRATEGIES = ("steps", "threshold", "learn2pd", "oracle")
 BACKENDS = ("auto", "triton", "torch")
@@ -38,6 +39,12 @@ class GenerateOutput:
     nfe: torch.Tensor  # [B] forwards during which the row still had masked positions
     forwards: int  # forward passes the batch ran
     seconds: float
+    graphed: int = 0  # forwards replayed from a CUDA graph (the rest ran eagerly)
+
+    @property
+    def path(self) -> str:
+        """'graph' (every forward replayed), 'eager' (none) or 'mixed' (the first call of each shape is eager)."""
+        return "graph" if self.graphed == self.forwards else "eager" if self.graphed == 0 else "mixed"
 
 
 def select_ops(backend: str | None, device: torch.device):
@@ -68,37 +75,11 @@ def _triton_available() -> bool:
     return True
 
 
-GRAPH_MAX_ROWS = 256  # batch * block_length up to which the decision runs from a CUDA graph
-
-
-def _use_graph(device: torch.device, confidence: Any, strategy: str, temperature: float, on_step: Any,
-               rows: int) -> bool:
-    """CUDA-graph the decision where launches dominate it: small batches, greedy, Triton kernels on CUDA.
-
-    ``L2PD_CUDA_GRAPH=0`` turns it off."""
-    if os.environ.get("L2PD_CUDA_GRAPH", "1") == "0" or device.type != "cuda":
-        return False
-    from l2pd_kernels import confidence as kernel
-
-    return (confidence is kernel and strategy != "oracle" and temperature == 0 and on_step is None
-            and rows <= GRAPH_MAX_ROWS)
-
-
 def block_schedule(masks: int, steps: int) -> list[int]:
     """LLaDA's schedule: ``masks`` tokens over ``steps`` steps, evenly, the remainder to the first steps."""
     steps = max(1, min(steps, masks))
     base, rem = divmod(masks, steps)
     return [base + (1 if i < rem else 0) for i in range(steps)]
-
-
-def _oracle_step(canvas: torch.Tensor, token: torch.Tensor, target: torch.Tensor, s: int, mask_id: int):
-    block = canvas[:, s : s + token.shape[1]]
-    masked = block == mask_id
-    accept = masked & (token == target)
-    stuck = masked.any(-1) & ~accept.any(-1)  # no guess equals the answer yet: fill the block to move on
-    accept |= masked & stuck[:, None]
-    block.copy_(torch.where(accept, target, block))
-    return (block == mask_id).sum(-1)
 
 
 def _core(model: Any) -> tuple[Any, Any]:
@@ -124,6 +105,7 @@ def generate(
     threshold: float | None = None,
     eotp: bool | str = False,
     cache: str = "none",
+    refresh: str = "full",
     temperature: float = 0.0,
     steps: int | None = None,
     seed: int | None = None,
@@ -136,6 +118,7 @@ def generate(
     pad_token_id: int | None = None,
     target: torch.Tensor | None = None,
     on_step: Any = None,
+    cuda_graph: bool | None = None,
 ) -> torch.Tensor | GenerateOutput:
     """Decode ``max_new_tokens`` after left-padded prompts ``input_ids`` [B, P].
 
@@ -143,7 +126,9 @@ def generate(
     to the filter's tau for ``learn2pd`` and to 0.9 for ``threshold``. ``steps`` (total forwards of the
     schedule; default ``max_new_tokens``) sets the per-block top-k of ``steps`` and ``learn2pd``. ``eotp``:
     False/'off', True/'accepted' or 'predicted' (see ``l2pd_kernels.reference.decide``). ``cache``: 'none',
-    'prefix' or 'dual'. ``on_step(block_start, step, token, prob, canvas)`` is called after each forward,
+    'prefix' or 'dual'; ``refresh``: 'full' or 'tail' (see ``l2pd.cache``). ``cuda_graph``: replay steps
+    from CUDA graphs where they apply (default on; ``L2PD_CUDA_GRAPH=0`` turns it off).
+    ``on_step(block_start, step, token, prob, canvas)`` is called after each forward,
     before the decision (``canvas`` still holds the masks). Returns the sequences [B, P + max_new_tokens], or
     a ``GenerateOutput``.
     """
@@ -158,6 +143,8 @@ def generate(
         raise ValueError(f"strategy {strategy!r}: expected one of {STRATEGIES}")
     if cache not in CACHE_MODES:
         raise ValueError(f"cache {cache!r}: expected one of {CACHE_MODES}")
+    if refresh not in REFRESH_MODES:
+        raise ValueError(f"refresh {refresh!r}: expected one of {REFRESH_MODES}")
     eotp_mode = {False: "off", True: "accepted"}.get(eotp, eotp) if isinstance(eotp, bool) else eotp
     if eotp_mode not in ("off", "accepted", "predicted"):
         raise ValueError(f"eotp {eotp!r}: expected True, False, 'accepted' or 'predicted'")
@@ -208,39 +195,42 @@ def generate(
         raise ValueError(f"the prompt contains the mask token id {mask_id}")
 
     confidence, decide = select_ops(backend, device)
+    kernels = decide.__module__ == "l2pd_kernels.decide"
     if temperature > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-
-    canvas = torch.cat([input_ids, torch.full((B, G), mask_id, dtype=input_ids.dtype, device=device)], 1)
-    canvas = canvas.long().contiguous()
-    full_mask = None
-    positions = torch.arange(T, device=device).expand(B, T)
-    if attention_mask is not None and not bool(attention_mask.all()):
-        full_mask = torch.cat([attention_mask, torch.ones(B, G, dtype=attention_mask.dtype, device=device)], 1)
-        positions = positions_from_mask(full_mask)
-    kv = None
-    if cache != "none":
-        kv = BlockKVCache.for_model(config, B, T, cache, transformer.wte.weight.dtype, device)
-
+    padded = attention_mask is not None and not bool(attention_mask.all())
     num_blocks = -(-G // block_length)
     # Default: one token per step (LLaDA's baseline); else ``steps`` forwards spread evenly over the blocks.
     steps_per_block = block_length if steps is None else max(1, steps // num_blocks)
     filter_weights = filter.weights(device) if strategy == "learn2pd" else None
     step_threshold = float("inf") if strategy == "steps" else float(threshold)
-    decide_kwargs = dict(threshold=step_threshold, mask_id=mask_id, eos_id=eos_id, eotp=eotp_mode,
-                         filter_weights=filter_weights, filter_block=block_length)
-    use_graph = _use_graph(device, confidence, strategy, temperature, on_step, B * block_length)
-    graphed = None  # built at the first full block, for the logits' own shape and dtype
+    policy = Policy(strategy, mask_id, dict(threshold=step_threshold, mask_id=mask_id, eos_id=eos_id, eotp=eotp_mode,
+                                            filter_weights=filter_weights, filter_block=block_length),
+                    temperature=temperature, on_step=on_step, filter=filter,
+                    target=None if target is None else target.to(device=device, dtype=torch.long))
+    if cuda_graph is None:
+        cuda_graph = os.environ.get("L2PD_CUDA_GRAPH", "1") != "0"
+    dtype = transformer.wte.weight.dtype
 
-    def forward(lo: int, hi: int, s: int, e: int) -> torch.Tensor:
-        return llada_forward(
-            transformer, config, canvas[:, lo:hi], full_mask, cache=kv, start=lo,
-            position_ids=positions[:, lo:hi], logits_slice=(s - lo, e - lo),
-        )
+    def build() -> Stepper:
+        state = DecodeState.allocate(config, B, P, T, padded, cache, refresh, dtype, device)
+        return Stepper(transformer, config, state, policy, confidence, decide, kernels, cuda_graph)
+
+    # Steppers that can replay graphs stay on the model, keyed by everything a graph bakes in.
+    keep = cuda_graph and kernels and device.type == "cuda" and policy.graphable()
+    key = (B, P, G, str(dtype), cache, refresh, padded, strategy, step_threshold, eotp_mode, mask_id, eos_id,
+           block_length, id(filter) if filter_weights is not None else None)
+    stepper = stepper_for(model, key, build, keep)
+    # a kept stepper keeps its own policy (its graphs point at its filter weights); only the per-call parts move
+    stepper.policy.target, stepper.policy.on_step = policy.target, policy.on_step
+    state = stepper.state
+    state.load(input_ids, attention_mask if padded else None, mask_id)
+    canvas, kv = state.canvas, state.kv
 
     nfe = torch.zeros(B, dtype=torch.int64, device=device)
-    forwards = 0
+    forwards = graphed = 0
     t0 = time.perf_counter()
+    previous = None  # start of the last block decoded (the tail refresh starts there)
     for b in range(num_blocks):
         s, e = P + b * block_length, min(P + (b + 1) * block_length, T)
         left = (canvas[:, s:e] == mask_id).sum(-1)
@@ -249,32 +239,22 @@ def generate(
         schedule = block_schedule(e - s, steps_per_block)
         i = 0
         while True:
-            if kv is None or i == 0:  # with a cache, the block's first forward refreshes every slot
-                logits = forward(0, T, s, e)
+            if kv is None:
+                lo, hi = 0, T
+            elif i == 0:  # with a cache, the block's first forward refreshes the slots
+                lo, hi = kv.refresh_range(s, previous)
             else:
                 lo, hi = kv.feed_range(s, e)
-                logits = forward(lo, hi, s, e)
             nfe += left > 0
             k = schedule[i] if (strategy != "threshold" and i < len(schedule)) else 1
-            if use_graph and graphed is None and e - s == block_length:
-                from l2pd_kernels.graph import DecisionGraph
-
-                graphed = DecisionGraph(canvas, tuple(logits.shape), logits.dtype, suppress=mask_id, **decide_kwargs)
-            if graphed is not None and e - s == block_length and logits.shape == graphed.logits.shape:
-                _, _, _, left, _ = graphed(logits, s, k)
-            else:
-                step_seed = None if temperature == 0 else (seed * 1000003 + forwards) & 0x7FFFFFFF
-                token, prob = confidence(logits, temperature, step_seed, suppress=mask_id)
-                if on_step is not None:
-                    on_step(s, i, token, prob, canvas)
-                if strategy == "oracle":
-                    left = _oracle_step(canvas, token, target[:, s - P : e - P].to(device), s, mask_id)
-                else:
-                    _, left, _ = decide(canvas, token, prob, block_start=s, k=k, **decide_kwargs)
+            step_seed = None if temperature == 0 else (seed * 1000003 + forwards) & 0x7FFFFFFF
+            left, replayed = stepper(lo, hi - lo, s, e - s, k, step=i, seed=step_seed)
             forwards += 1
+            graphed += replayed
             i += 1
             if int(left.max()) == 0:  # the one host read of the step
                 break
+        previous = s
         if streamer is not None:
             streamer.put(canvas[:, s:e].cpu())
     if streamer is not None:
@@ -282,6 +262,7 @@ def generate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
+    sequences = canvas.clone() if keep else canvas  # a kept stepper's canvas is reused by the next call
     if return_dict_in_generate:
-        return GenerateOutput(canvas, nfe, forwards, seconds)
-    return canvas
+        return GenerateOutput(sequences, nfe, forwards, seconds, graphed)
+    return sequences

@@ -26,9 +26,9 @@ def _decide_kernel(
     EOTP: tl.constexpr, TAIL: tl.constexpr, DYN_PARAMS: tl.constexpr,
 ):
     row = tl.program_id(0)
-    if DYN_PARAMS:  # block start and k read from device memory (block_start << 20 | k): one CUDA graph serves all
+    if DYN_PARAMS:  # block start and k read from device memory (bits 20-39 and 0-19): one CUDA graph serves all
         packed = tl.load(params_ptr)
-        block_start = packed >> 20
+        block_start = ((packed >> 20) & 0xFFFFF).to(tl.int32)
         k = (packed & 0xFFFFF).to(tl.int32)
     i = tl.arange(0, BLOCK)
     inb = i < L
@@ -112,8 +112,9 @@ def decide(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of ``l2pd_kernels.reference.decide`` (same arguments and results).
 
-    ``params`` (int64 [1] on the device, ``block_start << 20 | k``), when given, replaces ``block_start`` and
-    ``k`` at run time (the Python values then only size the checks): what a captured CUDA graph needs.
+    ``params`` (int64 [1] on the device, ``block_start << 20 | k``; bits from 40 up are free for the caller),
+    when given, replaces ``block_start`` and ``k`` at run time (the Python values then only size the checks):
+    what a captured CUDA graph needs.
     """
     if canvas.dim() != 2 or canvas.dtype != torch.int64:
         raise ValueError(f"canvas must be int64 [B, T], got {canvas.dtype} {tuple(canvas.shape)}")

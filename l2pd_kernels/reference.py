@@ -158,3 +158,43 @@ def decide(
         still = block == mask_id
     left = still.sum(-1)
     return masked.sum(-1) - left, left, eot
+
+
+# ---- the forward's elementwise ops (fused by the kernels in rms_norm.py, rope.py, silu_mul.py) -----------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + delta) * weight, x + delta) in the official order: the sum rounded to x's dtype,
+    normalised in fp32, rounded back, then scaled by the weight."""
+    if delta is not None:
+        x = x + delta
+    xf = x.float()
+    h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return (h if weight is None else weight * h), x
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation: silu(gate) * up."""
+    return torch.nn.functional.silu(gate) * up
+
+
+def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half layout, fp32) of q [B, S, H, D] and k [B, S, Hkv, D].
+
+    ``cos``/``sin`` are fp32 [B, S, D/2]. Writes rotated k and v into ``k_out``/``v_out`` [B, Hkv, T, D] at
+    ``slots`` [S] (position s to slot slots[s]) and returns rotated q as [B, H, S, D].
+    """
+    c = torch.cat((cos, cos), -1)[:, None]  # [B, 1, S, D]
+    s = torch.cat((sin, sin), -1)[:, None]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xf = x.transpose(1, 2).float()
+        half = xf.shape[-1] // 2
+        rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+        return xf * c + rotated * s
+
+    k_out.index_copy_(2, slots, rotate(k).to(k_out.dtype))
+    v_out.index_copy_(2, slots, v.transpose(1, 2).to(v_out.dtype))
+    return rotate(q).to(q.dtype)

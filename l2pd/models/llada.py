@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from l2pd_kernels import reference
+
 # LLaDA-8B-Instruct values; a config.json overrides any of them.
 _DEFAULTS: dict[str, Any] = {
     "d_model": 4096,
@@ -79,24 +81,17 @@ class LLaDAConfig:
 
 def rms_norm(x: torch.Tensor, norm: nn.Module, eps: float) -> torch.Tensor:
     # Same order of operations as the official RMSLayerNorm: normalise in fp32, cast back, then scale.
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    out = xf.to(dtype)
-    weight = getattr(norm, "weight", None)
-    if weight is not None:
-        out = weight * out
+    out, _ = reference.rms_norm(x, getattr(norm, "weight", None), eps)
     bias = getattr(norm, "bias", None)
-    if bias is not None:
-        out = out + bias
-    return out
+    return out if bias is None else out + bias
 
 
 _INV_FREQ: dict[tuple, torch.Tensor] = {}
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [B, 1, S, head_dim] in fp32 for integer positions [B, S] (rotate-half layout)."""
+    """cos/sin [B, S, head_dim / 2] in fp32 for integer positions [B, S] (rotate-half layout: both halves
+    of a head use the same angles)."""
     key = (positions.device, head_dim, float(theta))
     inv_freq = _INV_FREQ.get(key)
     if inv_freq is None:
@@ -104,15 +99,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[
         inv_freq = 1.0 / (theta**exponent)
         _INV_FREQ[key] = inv_freq
     freqs = positions.float()[..., None] * inv_freq  # [B, S, D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    half = xf.shape[-1] // 2
-    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    return freqs.cos(), freqs.sin()
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -122,6 +109,30 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return F.linear(x, module.weight, getattr(module, "bias", None))
+
+
+def forward_ops(device: torch.device, fused: bool | None = None) -> Any:
+    """The forward's elementwise ops: the fused Triton kernels or ``l2pd_kernels.reference``.
+
+    ``fused=None``: the kernels on CUDA (``L2PD_FUSED=0`` turns them off), the reference elsewhere (the
+    interpreter would make a CPU forward slow; tests compare the two directly).
+    """
+    if fused is None:
+        fused = device.type == "cuda" and os.environ.get("L2PD_FUSED", "1") != "0"
+    if not fused:
+        return reference
+    import l2pd_kernels
+
+    return l2pd_kernels
+
+
+def _norm(ops: Any, x: torch.Tensor, norm: nn.Module, eps: float, delta: torch.Tensor | None):
+    """(norm(x + delta), x + delta); the fused kernel where the norm has no bias and matches x's dtype."""
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    if bias is not None or (weight is not None and weight.dtype != x.dtype):
+        x = x if delta is None else x + delta
+        return rms_norm(x, norm, eps), x
+    return ops.rms_norm(x, weight, eps, delta=delta)
 
 
 def llada_forward(
@@ -134,52 +145,75 @@ def llada_forward(
     start: int = 0,
     position_ids: torch.Tensor | None = None,
     logits_slice: tuple[int, int] | None = None,
+    slots: torch.Tensor | None = None,
+    logits_index: torch.Tensor | None = None,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """Logits for ``input_ids`` [B, S], the positions ``start .. start + S`` of the sequence.
 
     Without a cache S is the whole sequence. With a cache (``l2pd.cache.BlockKVCache``) the K/V of these
-    positions are written into its slots and attention runs over all its ``T`` slots, so the positions not
-    fed come from the cache. ``attention_mask`` [B, T] covers every key position (1 = real token, 0 = pad);
-    ``position_ids`` [B, S] default to positions that skip left padding. ``logits_slice=(a, b)`` computes the
-    LM head only for fed positions a..b: the head over a large vocabulary is the costliest single matmul.
+    positions are written into its slots (``slots`` [S], a device tensor, default ``start + arange(S)``) and
+    attention runs over all its ``T`` slots, so the positions not fed come from the cache. ``attention_mask``
+    [B, T] covers every key position (1 = real token, 0 = pad); ``position_ids`` [B, S] default to positions
+    that skip left padding. ``logits_slice=(a, b)`` or ``logits_index`` (a device tensor of fed positions)
+    computes the LM head only there: the head over a large vocabulary is the costliest single matmul.
+    Device-tensor slots and indices let one captured CUDA graph serve every block. ``fused``: see
+    ``forward_ops``.
     """
     bsz, seq = input_ids.shape
+    device = input_ids.device
     total = cache.length if cache is not None else seq
     if attention_mask is not None and attention_mask.shape != (bsz, total):
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(bsz, total)}")
     if position_ids is None:
         if attention_mask is None:
-            position_ids = torch.arange(start, start + seq, device=input_ids.device).expand(bsz, seq)
+            position_ids = torch.arange(start, start + seq, device=device).expand(bsz, seq)
         else:
             position_ids = positions_from_mask(attention_mask)[:, start : start + seq]
+    if cache is not None and slots is None:
+        if start + seq > cache.length:
+            raise ValueError(f"positions {start}..{start + seq} exceed the cache length {cache.length}")
+        slots = torch.arange(start, start + seq, device=device)
     # SDPA mask: True = may attend. Pass attention_mask=None when nothing is padded: that keeps the fused
     # flash kernels and avoids checking the mask on the host at every forward.
     sdpa_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
 
+    ops = forward_ops(device, fused)
     n_heads, n_kv = config.n_heads, config.n_kv_heads or config.n_heads
     head_dim = config.d_model // n_heads
     eps = getattr(config, "rms_norm_eps", 1e-5)
-    cos, sin = rope_cos_sin(position_ids, head_dim, config.rope_theta) if config.rope else (None, None)
+    if config.rope:
+        cos, sin = rope_cos_sin(position_ids, head_dim, config.rope_theta)
+    else:  # the identity rotation
+        cos = torch.ones(bsz, seq, head_dim // 2, device=device)
+        sin = torch.zeros_like(cos)
+    fresh_slots = torch.arange(seq, device=device) if cache is None else None
 
     x = F.embedding(input_ids, transformer.wte.weight)
+    delta = None  # the last residual branch, added inside the next norm
     for layer, block in enumerate(transformer.blocks):
-        h = rms_norm(x, block.attn_norm, eps)
-        q = _linear(h, block.q_proj).view(bsz, seq, n_heads, head_dim).transpose(1, 2)
-        k = _linear(h, block.k_proj).view(bsz, seq, n_kv, head_dim).transpose(1, 2)
-        v = _linear(h, block.v_proj).view(bsz, seq, n_kv, head_dim).transpose(1, 2)
-        if cos is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            # Keys are cached after RoPE, so cached positions are never rotated again.
-            k, v = cache.update(layer, start, k, v)
-        att = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
-        x = x + _linear(att.transpose(1, 2).reshape(bsz, seq, config.d_model), block.attn_out)
-        h = rms_norm(x, block.ff_norm, eps)
-        x = x + _linear(F.silu(_linear(h, block.ff_proj)) * _linear(h, block.up_proj), block.ff_out)
+        h, x = _norm(ops, x, block.attn_norm, eps, delta)
+        q = _linear(h, block.q_proj).view(bsz, seq, n_heads, head_dim)
+        k = _linear(h, block.k_proj).view(bsz, seq, n_kv, head_dim)
+        v = _linear(h, block.v_proj).view(bsz, seq, n_kv, head_dim)
+        if cache is not None:  # keys are cached after RoPE, so cached positions are never rotated again
+            k_all, v_all = cache.k[layer], cache.v[layer]
+        else:
+            k_all = torch.empty(bsz, n_kv, seq, head_dim, dtype=k.dtype, device=device)
+            v_all = torch.empty_like(k_all)
+        q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, fresh_slots if cache is None else slots)
+        att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
+        a = _linear(att.transpose(1, 2).reshape(bsz, seq, config.d_model), block.attn_out)
+        h, x = _norm(ops, x, block.ff_norm, eps, a)
+        delta = _linear(ops.silu_mul(_linear(h, block.ff_proj), _linear(h, block.up_proj)), block.ff_out)
 
-    if logits_slice is not None:
-        x = x[:, logits_slice[0] : logits_slice[1]]
-    x = rms_norm(x, transformer.ln_f, eps)
+    if delta is None:  # no blocks
+        delta = torch.zeros_like(x)
+    if logits_index is not None:
+        x, delta = x.index_select(1, logits_index), delta.index_select(1, logits_index)
+    elif logits_slice is not None:
+        x, delta = x[:, logits_slice[0] : logits_slice[1]], delta[:, logits_slice[0] : logits_slice[1]]
+    x, _ = _norm(ops, x, transformer.ln_f, eps, delta)
     head = transformer.wte if getattr(config, "weight_tying", False) else transformer.ff_out
     logits = F.linear(x, head.weight)
     if getattr(config, "scale_logits", False):

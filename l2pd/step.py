@@ -1,0 +1,183 @@
+"""One decoding step, eager or replayed from a CUDA graph: forward, confidence, decision, loop-control count.
+
+``Stepper`` owns the static buffers of a decode (canvas, attention mask, positions, KV cache: a
+``DecodeState``) and runs one step: the forward over the fed positions [fed_start, fed_start + fed_len)
+with the LM head over the block [block_start, block_start + block_len), ``confidence`` over the block's
+logits, the strategy's decision written into the canvas, and the masks left per row. Where the fed window
+starts, where the block starts and the step's top-k are one int64 word in device memory, so one captured
+graph per (fed_len, block_len) serves every block of a decode, and every later decode with the same shapes
+and policy (the model keeps its steppers; see ``stepper_for``).
+
+Graphs apply to greedy decoding with the Triton kernels on CUDA, without a per-step callback, up to
+``GRAPH_MAX_TOKENS`` fed tokens (past that the step is compute-bound and launches are cheap by comparison).
+A step's first call runs eagerly (Triton compiles, cuBLAS picks its kernels), the second captures and
+replays; graphed and eager steps run the same kernels on the same buffers, so greedy tokens are identical.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .cache import BlockKVCache
+from .models.llada import llada_forward, positions_from_mask
+
+GRAPH_MAX_TOKENS = int(os.environ.get("L2PD_GRAPH_MAX_TOKENS", "8192"))  # batch * fed positions
+MAX_STEPPERS = 2  # per model: the graphs of the last shapes used stay captured
+
+
+@dataclass
+class Policy:
+    """What a step decides with; everything here is baked into a captured graph."""
+
+    strategy: str  # steps | threshold | learn2pd | oracle
+    mask_id: int
+    decide_kwargs: dict[str, Any]  # threshold, mask_id, eos_id, eotp, filter_weights, filter_block
+    temperature: float = 0.0
+    target: torch.Tensor | None = None  # oracle: the reference answer [B, G]
+    on_step: Callable | None = None  # (block_start, step, token, prob, canvas), before the decision
+    filter: Any = None  # held so that a stepper keyed by id(filter) never outlives it
+
+    def graphable(self) -> bool:
+        return self.strategy != "oracle" and self.temperature == 0 and self.on_step is None
+
+
+@dataclass
+class DecodeState:
+    """The static buffers of one decode: canvas [B, T] (int64), key mask [B, T] or None, positions [B, T]."""
+
+    canvas: torch.Tensor
+    mask: torch.Tensor | None
+    positions: torch.Tensor
+    kv: BlockKVCache | None
+    prompt_length: int
+
+    @classmethod
+    def allocate(cls, config: Any, batch: int, prompt_length: int, total: int, padded: bool, cache: str,
+                 refresh: str, dtype: torch.dtype, device: torch.device) -> "DecodeState":
+        canvas = torch.zeros(batch, total, dtype=torch.int64, device=device)
+        mask = torch.ones(batch, total, dtype=torch.int64, device=device) if padded else None
+        positions = torch.arange(total, device=device).repeat(batch, 1)
+        kv = None if cache == "none" else BlockKVCache.for_model(config, batch, total, cache, dtype, device, refresh)
+        return cls(canvas, mask, positions, kv, prompt_length)
+
+    def load(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mask_id: int) -> None:
+        """A new decode: the prompt, then masks; positions that skip the left padding."""
+        P = self.prompt_length
+        self.canvas[:, :P].copy_(input_ids)
+        self.canvas[:, P:].fill_(mask_id)
+        if self.mask is not None:
+            self.mask[:, :P].copy_(attention_mask)
+            self.positions.copy_(positions_from_mask(self.mask))
+
+
+class Stepper:
+    """Runs steps on one ``DecodeState`` under one ``Policy``; ``graphs`` enables CUDA-graph replay."""
+
+    def __init__(self, transformer: Any, config: Any, state: DecodeState, policy: Policy, confidence: Any,
+                 decide: Any, kernels: bool, graphs: bool, fused: bool | None = None) -> None:
+        self.transformer, self.config, self.state, self.policy = transformer, config, state, policy
+        self.confidence, self.decide, self.kernels, self.fused = confidence, decide, kernels, fused
+        device = state.canvas.device
+        self.graphs_enabled = graphs and kernels and device.type == "cuda" and policy.graphable()
+        # fed_start << 40 | block_start << 20 | k: the decide kernel reads the low 40 bits
+        self.params = torch.zeros(1, dtype=torch.int64, device=device)
+        self.arange = torch.arange(state.canvas.shape[1], device=device)
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+
+    def graphable(self, fed_len: int) -> bool:
+        return self.graphs_enabled and self.state.canvas.shape[0] * fed_len <= GRAPH_MAX_TOKENS
+
+    def __call__(self, fed_start: int, fed_len: int, block_start: int, block_len: int, k: int,
+                 step: int = 0, seed: int | None = None) -> tuple[torch.Tensor, bool]:
+        """One step; returns (masks left in the block per row [B] on the device, whether it was replayed)."""
+        T = self.state.canvas.shape[1]
+        if not (0 <= fed_start <= block_start and block_start + block_len <= fed_start + fed_len <= T):
+            raise ValueError(f"block {block_start}+{block_len} outside the fed window {fed_start}+{fed_len} "
+                             f"of a canvas of {T}")
+        if not 0 <= k < 2**20 or T >= 2**20:
+            raise ValueError(f"k={k} or canvas length {T} outside the packed range (2**20)")
+        self.params.fill_((fed_start << 40) | (block_start << 20) | k)
+        if not self.graphable(fed_len):
+            return self.body(fed_start, fed_len, block_start, block_len, k, step, seed), False
+        g = self.graphs.get((fed_len, block_len))
+        if g is None:  # first call: eager, which compiles and warms everything the capture will record
+            self.graphs[(fed_len, block_len)] = _Graph()
+            return self.body(fed_start, fed_len, block_start, block_len, k, step, seed), False
+        if g.graph is None:
+            g.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g.graph):
+                g.left = self.body(fed_start, fed_len, block_start, block_len, k, step, seed)
+        g.graph.replay()
+        return g.left, True
+
+    def body(self, fed_start: int, fed_len: int, block_start: int, block_len: int, k: int, step: int,
+             seed: int | None) -> torch.Tensor:
+        """The step itself. Positions come from ``params`` on the device (the ints serve checks, the
+        reference ops and the oracle, none of which is graphed)."""
+        st, pol = self.state, self.policy
+        word = self.params[0]
+        fed0 = word >> 40
+        idx = fed0 + self.arange[:fed_len]
+        lidx = ((word >> 20) & 0xFFFFF) - fed0 + self.arange[:block_len]
+        logits = llada_forward(
+            self.transformer, self.config, st.canvas.index_select(1, idx), st.mask, cache=st.kv,
+            position_ids=st.positions.index_select(1, idx), slots=idx, logits_index=lidx, fused=self.fused,
+        )
+        token, prob = self.confidence(logits, pol.temperature, seed, suppress=pol.mask_id)
+        if pol.on_step is not None:
+            pol.on_step(block_start, step, token, prob, st.canvas)
+        if pol.strategy == "oracle":
+            P = st.prompt_length
+            target = pol.target[:, block_start - P : block_start - P + block_len]
+            return _oracle_step(st.canvas, token, target, block_start, pol.mask_id)
+        if self.kernels:
+            _, left, _ = self.decide(st.canvas, token, prob, block_start=block_start, k=k, params=self.params,
+                                     **pol.decide_kwargs)
+        else:
+            _, left, _ = self.decide(st.canvas, token, prob, block_start=block_start, k=k, **pol.decide_kwargs)
+        return left
+
+
+@dataclass
+class _Graph:
+    graph: Any = None
+    left: torch.Tensor | None = field(default=None, repr=False)
+
+
+def _oracle_step(canvas: torch.Tensor, token: torch.Tensor, target: torch.Tensor, s: int, mask_id: int):
+    """Learn2PD's replay: accept every masked position whose guess equals the answer; if none, fill the block."""
+    block = canvas[:, s : s + token.shape[1]]
+    masked = block == mask_id
+    accept = masked & (token == target)
+    stuck = masked.any(-1) & ~accept.any(-1)
+    accept |= masked & stuck[:, None]
+    block.copy_(torch.where(accept, target, block))
+    return (block == mask_id).sum(-1)
+
+
+def stepper_for(model: Any, key: tuple, build: Callable[[], Stepper], keep: bool) -> Stepper:
+    """The model's stepper for ``key`` (shapes and policy), built on first use; with ``keep`` the last
+    ``MAX_STEPPERS`` stay on the model with their captured graphs (``release(model)`` drops them)."""
+    if not keep:
+        return build()
+    steppers = vars(model).get("_l2pd_steppers")
+    if steppers is None:
+        steppers = OrderedDict()
+        model._l2pd_steppers = steppers
+    stepper = steppers.get(key)
+    if stepper is None:
+        while len(steppers) >= MAX_STEPPERS:
+            steppers.popitem(last=False)
+        stepper = steppers[key] = build()
+    steppers.move_to_end(key)
+    return stepper
+
+
+def release(model: Any) -> None:
+    """Drop the steppers (buffers and captured CUDA graphs) that ``generate`` keeps on ``model``."""
+    vars(model).pop("_l2pd_steppers", None)

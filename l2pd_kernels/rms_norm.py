@@ -1,0 +1,64 @@
+"""rms_norm: the residual add and RMSNorm of a transformer block in one pass over the hidden state.
+
+``x + delta`` is rounded to the model dtype (what the unfused ``x = x + delta`` stores), normalised in fp32,
+rounded to the model dtype, then scaled by the weight: the order of operations of the official LLaDA
+RMSLayerNorm, so only the fp32 sum of squares can differ from ``l2pd_kernels.reference.rms_norm`` by
+rounding. One program per row (a hidden state of up to 16384 values fits in registers).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, sum_ptr, D, eps,
+                     stride_x, stride_d, stride_o, stride_s,
+                     BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < D
+    x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
+    if HAS_DELTA:
+        x = (x.to(tl.float32) + tl.load(delta_ptr + row * stride_d + offs, mask=ok, other=0.0).to(tl.float32))
+        x = x.to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * stride_s + offs, x, mask=ok)
+    xf = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(xf * xf, 0) / D + eps)
+    h = (xf * inv).to(out_ptr.dtype.element_ty)
+    if HAS_WEIGHT:
+        h = (h.to(tl.float32) * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + offs, h, mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``l2pd_kernels.reference.rms_norm``: returns (normed, x + delta)."""
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"x must be [..., D] with D > 0, got shape {tuple(x.shape)}")
+    D = x.shape[-1]
+    if D > 16384:
+        raise ValueError(f"hidden size {D} exceeds the kernel's limit of 16384")
+    if weight is not None and (weight.shape != (D,) or weight.dtype != x.dtype):
+        raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not match x [..., {D}] {x.dtype}")
+    if delta is not None and (delta.shape != x.shape or delta.dtype != x.dtype):
+        raise ValueError(f"delta {tuple(delta.shape)} {delta.dtype} != x {tuple(x.shape)} {x.dtype}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype {x.dtype} is not supported (fp32, bf16, fp16)")
+    x2 = x.reshape(-1, D)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    d2 = None if delta is None else delta.reshape(-1, D).contiguous()
+    rows = x2.shape[0]
+    out = torch.empty(rows, D, dtype=x.dtype, device=x.device)
+    total = torch.empty_like(out) if delta is not None else x2
+    if rows:
+        _rms_norm_kernel[(rows,)](
+            x2, out if d2 is None else d2, out if weight is None else weight, out, total, D, float(eps),
+            x2.stride(0), 0 if d2 is None else d2.stride(0), out.stride(0), total.stride(0),
+            BLOCK=triton.next_power_of_2(D), HAS_DELTA=delta is not None, HAS_WEIGHT=weight is not None,
+            num_warps=8 if D >= 4096 else 4,
+        )
+    return out.view(x.shape), total.view(x.shape)

@@ -1,0 +1,91 @@
+"""rope_qkv: rotary embedding of q and k, fused with the write of k and v into their (cache) slots.
+
+Unfused, each layer spends about twenty small kernels here (upcast, split, negate, concatenate, two
+products and a sum for q and for k, a transpose copy each, then two cache writes). This kernel reads q, k and
+v once per token and writes q in the [B, H, S, D] layout that attention reads, and k (rotated) and v into
+``k_out`` / ``v_out`` [B, Hkv, T, D] at the slots ``slots[s]`` (a KV cache, or a fresh buffer with
+``slots = arange(S)``). cos/sin come precomputed per forward (they are shared by every layer). Slots are a
+device tensor, so a captured CUDA graph can write a different block at every replay. Semantics:
+``l2pd_kernels.reference.rope_qkv``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope_qkv_kernel(
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, qo_ptr, ko_ptr, vo_ptr,
+    S, H, HKV,
+    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, scb, scs,
+    sqob, sqoh, sqos, skob, skoh, skos, svob, svoh, svos,
+    HALF: tl.constexpr, HB: tl.constexpr, HKVB: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = (pid // S).to(tl.int64)
+    s = (pid % S).to(tl.int64)
+    j = tl.arange(0, HALF)
+    c = tl.load(cos_ptr + b * scb + s * scs + j)[None, :]
+    sn = tl.load(sin_ptr + b * scb + s * scs + j)[None, :]
+    slot = tl.load(slots_ptr + s).to(tl.int64)
+
+    h = tl.arange(0, HB)[:, None]
+    hm = h < H
+    base = q_ptr + b * sqb + s * sqs + h * sqh + j[None, :]
+    x1 = tl.load(base, mask=hm, other=0.0)
+    x2 = tl.load(base + HALF, mask=hm, other=0.0)
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    out = qo_ptr + b * sqob + h * sqoh + s * sqos + j[None, :]
+    tl.store(out, (f1 * c - f2 * sn).to(x1.dtype), mask=hm)
+    tl.store(out + HALF, (f2 * c + f1 * sn).to(x1.dtype), mask=hm)
+
+    g = tl.arange(0, HKVB)[:, None]
+    gm = g < HKV
+    base = k_ptr + b * skb + s * sks + g * skh + j[None, :]
+    x1 = tl.load(base, mask=gm, other=0.0)
+    x2 = tl.load(base + HALF, mask=gm, other=0.0)
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    out = ko_ptr + b * skob + g * skoh + slot * skos + j[None, :]
+    tl.store(out, (f1 * c - f2 * sn).to(ko_ptr.dtype.element_ty), mask=gm)
+    tl.store(out + HALF, (f2 * c + f1 * sn).to(ko_ptr.dtype.element_ty), mask=gm)
+
+    base = v_ptr + b * svb + s * svs + g * svh + j[None, :]
+    out = vo_ptr + b * svob + g * svoh + slot * svos + j[None, :]
+    tl.store(out, tl.load(base, mask=gm, other=0.0).to(vo_ptr.dtype.element_ty), mask=gm)
+    tl.store(out + HALF, tl.load(base + HALF, mask=gm, other=0.0).to(vo_ptr.dtype.element_ty), mask=gm)
+
+
+def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Triton version of ``l2pd_kernels.reference.rope_qkv``; returns the rotated q [B, H, S, D]."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
+        raise ValueError(f"q [B, S, H, D], k and v [B, S, Hkv, D]: got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, S, H, D = q.shape
+    HKV = k.shape[2]
+    if k.shape[:2] != (B, S) or k.shape[3] != D or D % 2 or (D // 2) & (D // 2 - 1):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree, or head_dim {D} is not twice "
+                         "a power of two")
+    if cos.shape != (B, S, D // 2) or sin.shape != cos.shape or cos.dtype != torch.float32:
+        raise ValueError(f"cos/sin must be fp32 [B, S, D/2] = {(B, S, D // 2)}, got {tuple(cos.shape)} {cos.dtype}")
+    if k_out.dim() != 4 or k_out.shape[:2] != (B, HKV) or k_out.shape[3] != D or v_out.shape != k_out.shape:
+        raise ValueError(f"k_out/v_out must be [B, Hkv, T, D] with B={B} Hkv={HKV} D={D}, got "
+                         f"{tuple(k_out.shape)} and {tuple(v_out.shape)}")
+    if slots.shape != (S,) or slots.dtype != torch.int64:
+        raise ValueError(f"slots must be int64 [S={S}], got {slots.dtype} {tuple(slots.shape)}")
+    if any(t.stride(-1) != 1 for t in (q, k, v, cos, sin, k_out, v_out)):
+        raise ValueError("q, k, v, cos, sin, k_out and v_out must be contiguous in their last dimension")
+    q_out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
+    if B * S:
+        _rope_qkv_kernel[(B * S,)](
+            q, k, v, cos, sin, slots, q_out, k_out, v_out, S, H, HKV,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), cos.stride(0), cos.stride(1),
+            q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
+            v_out.stride(0), v_out.stride(1), v_out.stride(2),
+            HALF=D // 2, HB=triton.next_power_of_2(H), HKVB=triton.next_power_of_2(HKV), num_warps=4,
+        )
+    return q_out

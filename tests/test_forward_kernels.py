@@ -1,0 +1,113 @@
+"""The forward's fused kernels (rms_norm, rope_qkv, silu_mul) against the PyTorch reference.
+
+Run on the CPU under TRITON_INTERPRET=1 (the README's test command) or on a GPU; fresh random inputs each
+run, odd sizes, fp32/bf16/fp16.
+"""
+
+import os
+
+import pytest
+import torch
+
+from l2pd_kernels import reference as ref
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (the README's test command sets it)",
+)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# tolerance of one rounding step in the output dtype (fp32: the sums' order)
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1e-2),
+       torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 8), (2, 3, 100), (3, 5, 257)])
+@pytest.mark.parametrize("with_delta", [False, True])
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_rms_norm_matches_reference(dtype, shape, with_delta, with_weight):
+    from l2pd_kernels import rms_norm
+
+    x = torch.randn(shape, device=DEV).to(dtype) * 3
+    delta = torch.randn(shape, device=DEV).to(dtype) if with_delta else None
+    w = torch.rand(shape[-1], device=DEV).to(dtype) + 0.5 if with_weight else None
+    h, total = rms_norm(x, w, 1e-5, delta=delta)
+    h_ref, total_ref = ref.rms_norm(x, w, 1e-5, delta=delta)
+    assert h.dtype == dtype and h.shape == x.shape
+    # one rounding of the same fp32 sum: exact, except that the interpreter rounds to bf16 by truncation
+    exact = dtype != torch.bfloat16 or DEV == "cuda"
+    torch.testing.assert_close(total, total_ref, **(dict(rtol=0, atol=0) if exact else TOL[dtype]))
+    torch.testing.assert_close(h, h_ref, **TOL[dtype])
+
+
+def test_rms_norm_strided_input_and_errors():
+    from l2pd_kernels import rms_norm
+
+    x = torch.randn(4, 6, 40, device=DEV)[:, ::2]  # non-contiguous rows
+    torch.testing.assert_close(rms_norm(x, None, 1e-6)[0], ref.rms_norm(x, None, 1e-6)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        rms_norm(x, torch.ones(7, device=DEV), 1e-5)
+    with pytest.raises(ValueError, match="delta"):
+        rms_norm(x, None, 1e-5, delta=torch.zeros(3, device=DEV))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 7), (3, 5, 1000), (2, 1031)])
+def test_silu_mul_matches_reference(dtype, shape):
+    from l2pd_kernels import silu_mul
+
+    g = (torch.randn(shape, device=DEV) * 4).to(dtype)
+    u = torch.randn(shape, device=DEV).to(dtype)
+    torch.testing.assert_close(silu_mul(g, u), ref.silu_mul(g, u), **TOL[dtype])
+    with pytest.raises(ValueError, match="gate"):
+        silu_mul(g, u[..., :1])
+
+
+def _cos_sin(B, S, D, start=0):
+    pos = torch.randint(0, 4096, (B, S), device=DEV) + start
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=DEV, dtype=torch.float32) / D))
+    f = pos.float()[..., None] * inv
+    return f.cos(), f.sin()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("B,S,H,HKV,D,T", [(1, 1, 1, 1, 4, 1), (2, 5, 6, 3, 16, 11), (3, 7, 4, 4, 8, 20)])
+def test_rope_qkv_matches_reference(dtype, B, S, H, HKV, D, T):
+    from l2pd_kernels import rope_qkv
+
+    # q/k/v as column slices of one projection output: strided like a fused qkv matmul would leave them
+    qkv = torch.randn(B, S, (H + 2 * HKV) * D, device=DEV).to(dtype)
+    q = qkv[..., : H * D].view(B, S, H, D)
+    k = qkv[..., H * D : (H + HKV) * D].view(B, S, HKV, D)
+    v = qkv[..., (H + HKV) * D :].view(B, S, HKV, D)
+    cos, sin = _cos_sin(B, S, D)
+    slots = torch.randperm(T, device=DEV)[:S] if S <= T else torch.arange(S, device=DEV)
+    outs = []
+    for fn in (rope_qkv, ref.rope_qkv):
+        k_out = torch.full((B, HKV, max(T, S), D), 7.0, device=DEV).to(dtype)  # poisoned: untouched slots stay 7
+        v_out = k_out.clone()
+        outs.append((fn(q, k, v, cos, sin, k_out, v_out, slots), k_out, v_out))
+    (qk, kk, vk), (qr, kr, vr) = outs
+    assert qk.shape == (B, H, S, D)
+    torch.testing.assert_close(qk, qr, **TOL[dtype])
+    torch.testing.assert_close(kk, kr, **TOL[dtype])
+    torch.testing.assert_close(vk, vr, rtol=0, atol=0)
+    untouched = torch.ones(kk.shape[2], dtype=torch.bool, device=DEV)
+    untouched[slots] = False
+    assert (kk[:, :, untouched] == 7).all() and (vk[:, :, untouched] == 7).all()
+
+
+def test_rope_qkv_rejects_bad_shapes():
+    from l2pd_kernels import rope_qkv
+
+    q = torch.randn(1, 2, 2, 8, device=DEV)
+    cos, sin = _cos_sin(1, 2, 8)
+    buf = torch.zeros(1, 2, 4, 8, device=DEV)
+    slots = torch.arange(2, device=DEV)
+    with pytest.raises(ValueError, match="cos/sin"):
+        rope_qkv(q, q, q, cos[..., :2], sin, buf, buf.clone(), slots)
+    with pytest.raises(ValueError, match="slots"):
+        rope_qkv(q, q, q, cos, sin, buf, buf.clone(), slots.int())
+    with pytest.raises(ValueError, match="k_out"):
+        rope_qkv(q, q, q, cos, sin, buf[:, :1], buf[:, :1].clone(), slots)
