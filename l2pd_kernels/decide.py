@@ -153,7 +153,10 @@ def decide(
         _decide_kernel[(B,)](
             canvas, token, prob, out, w1, b1, wm, bm, w2, b2,
             canvas.shape[1], B, canvas.stride(0), token.stride(0), prob.stride(0),
-            block_start, L, LF, H, int(k), float(threshold), int(mask_id), int(eos_id),
+            # with params the kernel reads block start and k from device memory; constant launch arguments
+            # keep Triton from specialising (and compiling) per block inside a graph capture
+            0 if params is not None else block_start, L, LF, H, 0 if params is not None else int(k),
+            float(threshold), int(mask_id), int(eos_id),
             out if params is None else params,
             BLOCK=BLOCK, HB=triton.next_power_of_2(H), N_MID=n_mid, USE_FILTER=filter_weights is not None,
             EOTP=EOTP_MODES[eotp], TAIL=256, DYN_PARAMS=params is not None,

@@ -1,0 +1,270 @@
+"""Decode speed of an 8B-shaped LLaDA (random bf16 weights built on the GPU) against the floors of the same run.
+
+    python benchmarks/decode_8b.py --out runs/decode_8b.json
+
+Measures, in one process on one GPU:
+- the floors: the weight-read time of one forward (weight bytes over the copy bandwidth, read + write
+  counted) and the bf16 matmul rate (an 8192^3 product), both measured here;
+- one dual-cache step at batch 1 (prompt 512 + 256 new tokens, block 32): eager unfused (the plain PyTorch
+  forward), eager with the fused kernels, and replayed from the step's CUDA graph; a profile of the eager
+  step by kernel kind; the block refresh (full and tail) at batch 1 and the largest batch;
+- ``generate`` tokens/s at a forced number of tokens per forward (strategy ``steps`` with
+  ``steps = 256 / TPF``), dual cache, full and tail refresh, at each batch, next to the compute limit of the
+  dual steps (32 query tokens per row per step) and the weight-read floor;
+- greedy token identity of the graphed and the eager path.
+Prints a table; ``--out`` keeps every figure as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from l2pd import LLaDAConfig, LLaDAModelLM
+from l2pd.decode import generate, select_ops
+from l2pd.step import DecodeState, Policy, Stepper, release
+
+P, G, L = 512, 256, 32
+
+
+def device_ms(fn, iters: int = 30, warmup: int = 3) -> float:
+    """Median device time of ``fn`` (events around each call; the host waits for each)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def floors(model) -> dict:
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    src = torch.randn(weight_bytes // 16, device="cuda", dtype=torch.bfloat16)  # 1/8 of the weights: 2 GB
+    dst = torch.empty_like(src)
+    copy_ms = device_ms(lambda: dst.copy_(src), iters=20)
+    bw = 2 * src.numel() * 2 / copy_ms / 1e6  # GB/s, read + write
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    mm_ms = device_ms(lambda: a @ b, iters=20)
+    flops_per_token = 2 * sum(p.numel() for n_, p in model.named_parameters() if "wte" not in n_)
+    return {"weights_GB": weight_bytes / 1e9, "copy_GBps": bw, "floor_ms": weight_bytes / bw / 1e6,
+            "matmul_TFLOPs": 2 * n**3 / mm_ms / 1e9, "flops_per_token": flops_per_token}
+
+
+def build_model() -> LLaDAModelLM:
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = LLaDAModelLM(LLaDAConfig())
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
+
+
+def make_stepper(model, batch: int, cache: str, refresh: str, fused: bool, graphs: bool) -> Stepper:
+    cfg = model.config
+    tf = model.model.transformer
+    conf, dec = select_ops("triton", torch.device("cuda"))
+    state = DecodeState.allocate(cfg, batch, P, P + G, False, cache, refresh, torch.bfloat16, torch.device("cuda"))
+    ids = torch.randint(0, 126000, (batch, P), device="cuda")
+    state.load(ids, None, cfg.mask_token_id)
+    policy = Policy("steps", cfg.mask_token_id, dict(threshold=float("inf"), mask_id=cfg.mask_token_id,
+                                                    eos_id=cfg.eos_token_id, eotp="off", filter_weights=None,
+                                                    filter_block=L))
+    return Stepper(tf, cfg, state, policy, conf, dec, kernels=True, graphs=graphs, fused=fused)
+
+
+@torch.no_grad()
+def step_section(model, fl: dict, big_batch: int) -> dict:
+    out = {}
+    T = P + G
+    for name, fused, graphs in (("eager_unfused", False, False), ("eager_fused", True, False),
+                                ("graph_fused", True, True)):
+        st = make_stepper(model, 1, "dual", "full", fused, graphs)
+        st(0, T, P, L, 1)  # the refresh fills the cache
+        for _ in range(2):  # graphed: the first call runs eagerly, the second captures
+            st(P, L, P, L, 1)
+        out[f"dual_step_{name}_ms"] = device_ms(lambda st=st: st(P, L, P, L, 1))
+        # as the decode loop runs it: with the host read of the count after every step
+        out[f"dual_step_{name}_with_read_ms"] = device_ms(lambda st=st: int(st(P, L, P, L, 1)[0].max()))
+        del st
+    out["dual_step_graph_over_floor"] = out["dual_step_graph_fused_ms"] / fl["floor_ms"]
+
+    # where an eager fused step's device time goes
+    st = make_stepper(model, 1, "dual", "full", True, False)
+    st(0, T, P, L, 1)
+    st(P, L, P, L, 1)
+    torch.cuda.synchronize()
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            st(P, L, P, L, 1)
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    count = 0
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t <= 0 or ev.key.startswith("ProfilerStep") or ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = ev.key.lower()
+        kind = ("matmul" if any(s in name for s in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas"))
+                else "attention" if any(s in name for s in ("flash", "fmha", "attention", "attn"))
+                else "fused (l2pd)" if any(s in name for s in ("_rms_norm", "_rope_qkv", "_silu_mul"))
+                else "decision (l2pd)" if any(s in name for s in ("_partial_kernel", "_merge", "_decide"))
+                else "other")
+        kinds[kind] = kinds.get(kind, 0.0) + t / 5 / 1000  # ms per step
+        count += ev.count
+    out["eager_fused_profile_ms"] = kinds
+    out["eager_fused_kernels_per_step"] = count / 5
+    del st
+
+    for B in sorted({1, big_batch}):
+        for refresh in ("full", "tail"):
+            st = make_stepper(model, B, "dual", refresh, True, True)
+            st(0, T, P, L, 1)
+            lo = 0 if refresh == "full" else P  # block 1's tail refresh feeds from block 0's start
+            for _ in range(2):
+                st(lo, T - lo, P + L, L, 1)
+            out[f"refresh_{refresh}_b{B}_ms"] = device_ms(lambda st=st, lo=lo: st(lo, T - lo, P + L, L, 1), iters=10)
+            del st
+            torch.cuda.empty_cache()
+    return out
+
+
+@torch.no_grad()
+def generate_section(model, fl: dict, batches: list[int], tpfs: list[int], refreshes: list[str],
+                     baseline: bool) -> list[dict]:
+    rows = []
+    for B in batches:
+        ids = torch.randint(0, 126000, (B, P), device="cuda")
+        configs = [(tpf, r, True, True) for r in refreshes for tpf in tpfs]
+        if baseline and B in (1, 64):  # the plain eager loop (no graphs, unfused forward) as the baseline
+            configs += [(tpf, "full", False, False) for tpf in tpfs if B == 1 or tpf == 8]
+        for tpf, refresh, graphs, fused in configs:
+            os.environ["L2PD_FUSED"] = "1" if fused else "0"
+            kw = dict(max_new_tokens=G, block_length=L, strategy="steps", cache="dual", refresh=refresh,
+                      cuda_graph=graphs, return_dict_in_generate=True)
+            for _ in range(2):  # capture every shape with a cheap decode (two forwards per block)
+                generate(model, ids, steps=2 * (G // L), **kw)
+            runs = 3 if B * G // tpf <= 8 * 256 else 1
+            outs = [generate(model, ids, steps=G // tpf, **kw) for _ in range(runs)]
+            sec = statistics.median(o.seconds for o in outs)
+            o = outs[0]
+            # compute limit: the dual steps' arithmetic alone (32 query tokens per row per step) at the
+            # measured matmul rate; floor: every forward at the weight-read time
+            step_flops = fl["flops_per_token"] * B * L
+            limit_tok_s = B * tpf / (step_flops / (fl["matmul_TFLOPs"] * 1e12))
+            floor_tok_s = B * tpf / (fl["floor_ms"] / 1e3)
+            row = {"batch": B, "tpf": tpf, "refresh": refresh, "graphs": graphs, "fused": fused, "runs": runs,
+                   "seconds": sec, "seconds_all": [x.seconds for x in outs], "forwards": o.forwards,
+                   "graphed": o.graphed, "ms_per_forward": sec / o.forwards * 1e3,
+                   "tokens_per_s": B * G / sec, "compute_limit_tokens_per_s": limit_tok_s,
+                   "floor_tokens_per_s": floor_tok_s}
+            row["share_of_compute_limit"] = row["tokens_per_s"] / limit_tok_s
+            row["forward_over_floor"] = row["ms_per_forward"] / fl["floor_ms"]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        release(model)
+        torch.cuda.empty_cache()
+    os.environ["L2PD_FUSED"] = "1"
+    return rows
+
+
+@torch.no_grad()
+def identity_section(model) -> dict:
+    """Greedy tokens of the graphed and the eager path, same inputs."""
+    out = {}
+    ids = torch.randint(0, 126000, (2, P), device="cuda")
+    for strategy, steps, refresh in (("steps", 32, "tail"), ("threshold", None, "full")):
+        kw = dict(max_new_tokens=G, block_length=L, strategy=strategy, steps=steps, cache="dual", refresh=refresh,
+                  threshold=0.5, eotp=True)
+        eager = generate(model, ids, cuda_graph=False, **kw)
+        graphed = [generate(model, ids, cuda_graph=True, return_dict_in_generate=True, **kw) for _ in range(3)]
+        out[f"{strategy}_{refresh}_identical"] = all(torch.equal(g.sequences, eager) for g in graphed)
+        out[f"{strategy}_{refresh}_graphed_forwards"] = [g.graphed for g in graphed]
+        release(model)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--tpf", default="1,4,8", help="tokens per forward (strategy steps, steps = 256 / TPF)")
+    ap.add_argument("--refresh", default="full,tail")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the plain eager loop")
+    ap.add_argument("--sections", default="floors,step,identity,generate")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_8b.py needs a CUDA GPU")
+    sections = args.sections.split(",")
+    batches = [int(x) for x in args.batches.split(",")]
+    t0 = time.time()
+    model = build_model()
+    res: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    import triton
+
+    res["triton"] = triton.__version__
+    res["floors"] = fl = floors(model)
+    print(json.dumps(res), flush=True)
+
+    def save():
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(res, f, indent=1)
+
+    if "step" in sections:
+        res["step"] = step_section(model, fl, max(batches))
+        print(json.dumps(res["step"]), flush=True)
+        save()
+    if "identity" in sections:
+        res["identity"] = identity_section(model)
+        print(json.dumps(res["identity"]), flush=True)
+        save()
+    if "generate" in sections:
+        res["generate"] = generate_section(model, fl, batches, [int(x) for x in args.tpf.split(",")],
+                                           args.refresh.split(","), not args.no_baseline)
+        save()
+    res["wall_s"] = time.time() - t0
+    save()
+    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}")
+    print(f"floor {fl['floor_ms']:.2f} ms/forward ({fl['weights_GB']:.2f} GB at {fl['copy_GBps']:.0f} GB/s); "
+          f"matmul {fl['matmul_TFLOPs']:.0f} TFLOP/s")
+    if "step" in res:
+        s = res["step"]
+        print("dual step b1 (ms): " + ", ".join(f"{k[10:-3]} {v:.2f}" for k, v in s.items()
+                                                if k.startswith("dual_step_") and k.endswith("_ms")))
+        print("profile eager fused (ms/step):", {k: round(v, 2) for k, v in s["eager_fused_profile_ms"].items()},
+              "kernels/step", s["eager_fused_kernels_per_step"])
+        print("refresh (ms):", {k: round(v, 1) for k, v in s.items() if k.startswith("refresh_")})
+    if "identity" in res:
+        print("identity:", res["identity"])
+    if "generate" in res:
+        print(f"{'B':>3} {'TPF':>3} {'refresh':>7} {'path':>13} {'tok/s':>8} {'ms/fwd':>7} {'x floor':>7} "
+              f"{'%limit':>6} {'graphed':>9}")
+        for r in res["generate"]:
+            path = ("graph" if r["graphs"] else "eager") + ("+fused" if r["fused"] else "")
+            print(f"{r['batch']:>3} {r['tpf']:>3} {r['refresh']:>7} {path:>13} {r['tokens_per_s']:>8.0f} "
+                  f"{r['ms_per_forward']:>7.2f} {r['forward_over_floor']:>7.2f} "
+                  f"{100 * r['share_of_compute_limit']:>5.0f}% {r['graphed']:>4}/{r['forwards']}")
+    print(f"wall {res['wall_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

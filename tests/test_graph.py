@@ -1,0 +1,69 @@
+"""CUDA-graph replay of the whole step gives the eager path's greedy tokens (GPU only; skipped on the CPU).
+
+Every strategy and cache on the bundled model, both refresh modes, the graphs reused across calls with new
+prompts, and a model of another class with the official module tree through ``l2pd.patch``.
+"""
+
+import pytest
+import torch
+
+import l2pd
+from l2pd.demo.task import split
+from l2pd.evaluate import encode_prompts
+from l2pd.step import release
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from l2pd.demo import load
+
+    return load(device="cuda")
+
+
+def _prompts(tok, offset, n=24):
+    return encode_prompts(tok, [p.question for p in split("test", n, offset)], "cuda")
+
+
+def _kw(strategy, cache, refresh):
+    kw = dict(max_new_tokens=128, block_length=32, strategy=strategy, cache=cache, refresh=refresh)
+    if strategy == "steps":
+        kw["steps"] = 32  # four tokens per forward: more than one step per block, fewer forwards
+    if strategy == "learn2pd":
+        kw["eotp"] = True
+    if strategy == "threshold":
+        kw.update(threshold=0.9, eotp="predicted")
+    return kw
+
+
+@pytest.mark.parametrize("strategy", ["steps", "threshold", "learn2pd"])
+@pytest.mark.parametrize("cache,refresh", [("none", "full"), ("prefix", "full"), ("prefix", "tail"),
+                                           ("dual", "full"), ("dual", "tail")])
+def test_graphed_equals_eager(bundled, strategy, cache, refresh):
+    model, tok = bundled
+    kw = _kw(strategy, cache, refresh)
+    release(model)
+    first, second = _prompts(tok, 0), _prompts(tok, 24)
+    outs = []
+    for ids, mask in (first, first, second):  # eager warm-up, capture, then replay on new prompts
+        outs.append(model.generate(ids, mask, cuda_graph=True, return_dict_in_generate=True, **kw))
+    assert outs[-1].path == "graph", (outs[-1].graphed, outs[-1].forwards)
+    for out, (ids, mask) in zip(outs, (first, first, second)):
+        eager = model.generate(ids, mask, cuda_graph=False, return_dict_in_generate=True, **kw)
+        assert eager.path == "eager"
+        assert torch.equal(out.sequences, eager.sequences)
+        assert torch.equal(out.nfe, eager.nfe)
+
+
+def test_graphed_official_module_tree(bundled):
+    from tests.test_patch import ForeignLLaDA
+
+    model, tok = bundled
+    foreign = l2pd.patch(ForeignLLaDA(model))
+    ids, mask = _prompts(tok, 0, 8)
+    kw = _kw("steps", "dual", "tail")
+    outs = [foreign.generate(ids, mask, return_dict_in_generate=True, **kw) for _ in range(3)]
+    assert outs[-1].path == "graph"
+    ours = model.generate(ids, mask, cuda_graph=False, **kw)
+    assert all(torch.equal(o.sequences, ours) for o in outs)
