@@ -27,6 +27,7 @@ import torch
 
 from l2pd import LLaDAConfig, LLaDAModelLM
 from l2pd.decode import generate, select_ops
+from l2pd.models.llada import pack_weights, unpack_weights
 from l2pd.step import DecodeState, Policy, Stepper, release
 
 P, G, L = 512, 256, 32
@@ -89,11 +90,47 @@ def make_stepper(model, batch: int, cache: str, refresh: str, fused: bool, graph
 
 
 @torch.no_grad()
+def packing_section(model) -> dict:
+    """A layer's matmuls as the forward issues them (q, k, v, out, gate, up, down) against packed weights
+    (qkv, out, gate+up, down), times 32 layers, at 32 and 2048 rows."""
+    import torch.nn.functional as F
+
+    blk = model.model.transformer.blocks[0]
+    ws = [blk.q_proj.weight, blk.k_proj.weight, blk.v_proj.weight, blk.attn_out.weight, blk.ff_proj.weight,
+          blk.up_proj.weight, blk.ff_out.weight]
+    qkv = torch.cat(ws[:3])
+    gu = torch.cat(ws[4:6])
+    out = {}
+    for M in (32, 2048):
+        x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+        h = torch.randn(M, 12288, device="cuda", dtype=torch.bfloat16)
+
+        def separate(x=x, h=h):
+            for w in ws[:4] + ws[4:6]:
+                F.linear(x, w)
+            F.linear(h, ws[6])
+
+        def packed(x=x, h=h):
+            F.linear(x, qkv)
+            F.linear(x, ws[3])
+            F.linear(x, gu)
+            F.linear(h, ws[6])
+
+        import triton.testing
+
+        out[f"separate_m{M}_ms_x32"] = 32 * triton.testing.do_bench_cudagraph(separate, rep=200)
+        out[f"packed_m{M}_ms_x32"] = 32 * triton.testing.do_bench_cudagraph(packed, rep=200)
+    return out
+
+
+@torch.no_grad()
 def step_section(model, fl: dict, big_batch: int) -> dict:
     out = {}
     T = P + G
     for name, fused, graphs in (("eager_unfused", False, False), ("eager_fused", True, False),
-                                ("graph_fused", True, True)):
+                                ("graph_fused", True, True), ("graph_fused_unpacked", True, True)):
+        tf = model.model.transformer
+        (unpack_weights if name in ("eager_unfused", "graph_fused_unpacked") else pack_weights)(tf)
         st = make_stepper(model, 1, "dual", "full", fused, graphs)
         st(0, T, P, L, 1)  # the refresh fills the cache
         for _ in range(2):  # graphed: the first call runs eagerly, the second captures
@@ -103,6 +140,7 @@ def step_section(model, fl: dict, big_batch: int) -> dict:
         out[f"dual_step_{name}_with_read_ms"] = device_ms(lambda st=st: int(st(P, L, P, L, 1)[0].max()))
         del st
     out["dual_step_graph_over_floor"] = out["dual_step_graph_fused_ms"] / fl["floor_ms"]
+    pack_weights(model.model.transformer)
 
     # where an eager fused step's device time goes
     st = make_stepper(model, 1, "dual", "full", True, False)
@@ -148,20 +186,22 @@ def step_section(model, fl: dict, big_batch: int) -> dict:
 
 @torch.no_grad()
 def generate_section(model, fl: dict, batches: list[int], tpfs: list[int], refreshes: list[str],
-                     baseline: bool) -> list[dict]:
+                     baseline: bool, save=None) -> list[dict]:
     rows = []
     for B in batches:
         ids = torch.randint(0, 126000, (B, P), device="cuda")
-        configs = [(tpf, r, True, True) for r in refreshes for tpf in tpfs]
-        if baseline and B in (1, 64):  # the plain eager loop (no graphs, unfused forward) as the baseline
+        configs = []
+        if baseline and B in (1, 64):  # the plain eager loop (no graphs, unfused, unpacked) as the baseline
             configs += [(tpf, "full", False, False) for tpf in tpfs if B == 1 or tpf == 8]
+        configs += [(tpf, r, True, True) for r in refreshes for tpf in tpfs]
         for tpf, refresh, graphs, fused in configs:
-            os.environ["L2PD_FUSED"] = "1" if fused else "0"
+            os.environ["L2PD_FUSED"] = os.environ["L2PD_PACK"] = "1" if fused else "0"
+            (pack_weights if fused else unpack_weights)(model.model.transformer)
             kw = dict(max_new_tokens=G, block_length=L, strategy="steps", cache="dual", refresh=refresh,
                       cuda_graph=graphs, return_dict_in_generate=True)
-            for _ in range(2):  # capture every shape with a cheap decode (two forwards per block)
+            for _ in range(2 if graphs else 1):  # capture every shape with a cheap decode (two forwards per block)
                 generate(model, ids, steps=2 * (G // L), **kw)
-            runs = 3 if B * G // tpf <= 8 * 256 else 1
+            runs = 3 if B == 1 else 1
             outs = [generate(model, ids, steps=G // tpf, **kw) for _ in range(runs)]
             sec = statistics.median(o.seconds for o in outs)
             o = outs[0]
@@ -179,9 +219,11 @@ def generate_section(model, fl: dict, batches: list[int], tpfs: list[int], refre
             row["forward_over_floor"] = row["ms_per_forward"] / fl["floor_ms"]
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if save is not None:
+                save(rows)
         release(model)
         torch.cuda.empty_cache()
-    os.environ["L2PD_FUSED"] = "1"
+    os.environ["L2PD_FUSED"] = os.environ["L2PD_PACK"] = "1"
     return rows
 
 
@@ -229,6 +271,10 @@ def main() -> None:
             with open(args.out, "w") as f:
                 json.dump(res, f, indent=1)
 
+    if "packing" in sections:
+        res["packing"] = packing_section(model)
+        print(json.dumps(res["packing"]), flush=True)
+        save()
     if "step" in sections:
         res["step"] = step_section(model, fl, max(batches))
         print(json.dumps(res["step"]), flush=True)
@@ -238,8 +284,12 @@ def main() -> None:
         print(json.dumps(res["identity"]), flush=True)
         save()
     if "generate" in sections:
+        def save_rows(rows):
+            res["generate"] = rows
+            save()
+
         res["generate"] = generate_section(model, fl, batches, [int(x) for x in args.tpf.split(",")],
-                                           args.refresh.split(","), not args.no_baseline)
+                                           args.refresh.split(","), not args.no_baseline, save_rows)
         save()
     res["wall_s"] = time.time() - t0
     save()

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .cache import CACHE_MODES, REFRESH_MODES
+from .models.llada import pack_weights
 from .step import DecodeState, Policy, Stepper, stepper_for
 
 STRATEGIES = ("steps", "threshold", "learn2pd", "oracle")
@@ -212,19 +213,26 @@ def generate(
         cuda_graph = os.environ.get("L2PD_CUDA_GRAPH", "1") != "0"
     dtype = transformer.wte.weight.dtype
 
+    if device.type == "cuda" and os.environ.get("L2PD_PACK", "1") != "0":
+        pack_weights(transformer)
+
     def build() -> Stepper:
         state = DecodeState.allocate(config, B, P, T, padded, cache, refresh, dtype, device)
         return Stepper(transformer, config, state, policy, confidence, decide, kernels, cuda_graph)
 
     # Steppers that can replay graphs stay on the model, keyed by everything a graph bakes in.
     keep = cuda_graph and kernels and device.type == "cuda" and policy.graphable()
-    key = (B, P, G, str(dtype), cache, refresh, padded, strategy, step_threshold, eotp_mode, mask_id, eos_id,
-           block_length, id(filter) if filter_weights is not None else None)
+    # refresh and prefix/dual only choose the fed ranges: one stepper (and its graphs) serves them all
+    key = (B, P, G, str(dtype), cache != "none", padded, strategy, step_threshold, eotp_mode, mask_id, eos_id,
+           block_length, id(filter) if filter_weights is not None else None, transformer.wte.weight.data_ptr(),
+           transformer.blocks[0].q_proj.weight.data_ptr() if len(transformer.blocks) else 0)
     stepper = stepper_for(model, key, build, keep)
     # a kept stepper keeps its own policy (its graphs point at its filter weights); only the per-call parts move
     stepper.policy.target, stepper.policy.on_step = policy.target, policy.on_step
     state = stepper.state
     state.load(input_ids, attention_mask if padded else None, mask_id)
+    if state.kv is not None:
+        state.kv.mode, state.kv.refresh = cache, refresh
     canvas, kv = state.canvas, state.kv
 
     nfe = torch.zeros(B, dtype=torch.int64, device=device)

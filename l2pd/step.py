@@ -27,7 +27,7 @@ from .cache import BlockKVCache
 from .models.llada import llada_forward, positions_from_mask
 
 GRAPH_MAX_TOKENS = int(os.environ.get("L2PD_GRAPH_MAX_TOKENS", "8192"))  # batch * fed positions
-MAX_STEPPERS = 2  # per model: the graphs of the last shapes used stay captured
+MAX_STEPPERS = 1  # per model: the graphs of the last shapes used stay captured (a KV cache can be GBs)
 
 
 @dataclass

