@@ -10,6 +10,9 @@ prefix mode is then exact once the prefix is final. ``refresh="tail"`` feeds the
 first block; later blocks feed from the start of the block just finished (so its final tokens get their K/V)
 to the end, and keep the prompt's K/V and those of older blocks from earlier refreshes: about a quarter of
 the tokens of a full refresh at prompt 512 + 256 new tokens, approximate in the same way as the dual cache.
+``refresh="window"`` (dual mode) feeds only the block just finished and the new block: two blocks, the cost
+of about one step; the suffix then keeps the K/V of the first forward (computed over masks). In prefix mode,
+whose steps feed the suffix anyway, ``window`` is ``tail``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 
 CACHE_MODES = ("none", "prefix", "dual")
-REFRESH_MODES = ("full", "tail")
+REFRESH_MODES = ("full", "tail", "window")
 
 
 class BlockKVCache:
@@ -53,8 +56,11 @@ class BlockKVCache:
         """Positions a step inside the block [block_start, block_end) must feed."""
         return (block_start, self.length) if self.mode == "prefix" else (block_start, block_end)
 
-    def refresh_range(self, block_start: int, previous_block_start: int | None) -> tuple[int, int]:
+    def refresh_range(self, block_start: int, previous_block_start: int | None,
+                      block_end: int | None = None) -> tuple[int, int]:
         """Positions the block's first forward feeds (``previous_block_start``: None at the first block)."""
         if self.refresh == "full" or previous_block_start is None:
             return 0, self.length
+        if self.refresh == "window" and self.mode == "dual":
+            return previous_block_start, self.length if block_end is None else block_end
         return previous_block_start, self.length

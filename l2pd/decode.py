@@ -127,7 +127,7 @@ def generate(
     to the filter's tau for ``learn2pd`` and to 0.9 for ``threshold``. ``steps`` (total forwards of the
     schedule; default ``max_new_tokens``) sets the per-block top-k of ``steps`` and ``learn2pd``. ``eotp``:
     False/'off', True/'accepted' or 'predicted' (see ``l2pd_kernels.reference.decide``). ``cache``: 'none',
-    'prefix' or 'dual'; ``refresh``: 'full' or 'tail' (see ``l2pd.cache``). ``cuda_graph``: replay steps
+    'prefix' or 'dual'; ``refresh``: 'full', 'tail' or 'window' (see ``l2pd.cache``). ``cuda_graph``: replay steps
     from CUDA graphs where they apply (default on; ``L2PD_CUDA_GRAPH=0`` turns it off).
     ``on_step(block_start, step, token, prob, canvas)`` is called after each forward,
     before the decision (``canvas`` still holds the masks). Returns the sequences [B, P + max_new_tokens], or
@@ -250,7 +250,7 @@ def generate(
             if kv is None:
                 lo, hi = 0, T
             elif i == 0:  # with a cache, the block's first forward refreshes the slots
-                lo, hi = kv.refresh_range(s, previous)
+                lo, hi = kv.refresh_range(s, previous, e)
             else:
                 lo, hi = kv.feed_range(s, e)
             nfe += left > 0

@@ -2,7 +2,7 @@
 
 Unfused, each layer spends about twenty small kernels here (upcast, split, negate, concatenate, two
 products and a sum for q and for k, a transpose copy each, then two cache writes). This kernel reads q, k and
-v once per token and writes q in the [B, H, S, D] layout that attention reads, and k (rotated) and v into
+v once per token and writes q as [B, H, S, D] (over [B, S, H, D] memory) for attention, and k (rotated) and v into
 ``k_out`` / ``v_out`` [B, Hkv, T, D] at the slots ``slots[s]`` (a KV cache, or a fresh buffer with
 ``slots = arange(S)``). cos/sin come precomputed per forward (they are shared by every layer). Slots are a
 device tensor, so a captured CUDA graph can write a different block at every replay. Semantics:
@@ -78,7 +78,9 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
         raise ValueError(f"slots must be int64 [S={S}], got {slots.dtype} {tuple(slots.shape)}")
     if any(t.stride(-1) != 1 for t in (q, k, v, cos, sin, k_out, v_out)):
         raise ValueError("q, k, v, cos, sin, k_out and v_out must be contiguous in their last dimension")
-    q_out = torch.empty(B, H, S, D, dtype=q.dtype, device=q.device)
+    # [B, H, S, D] as a view of [B, S, H, D] memory: attention then writes its output in that layout too, so
+    # the [B, S, H * D] input of the output projection is a view, not a transpose copy
+    q_out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     if B * S:
         _rope_qkv_kernel[(B * S,)](
             q, k, v, cos, sin, slots, q_out, k_out, v_out, S, H, HKV,
