@@ -1,9 +1,10 @@
-"""Accuracy of the tail refresh next to the full refresh on the bundled model (held-out problems).
+"""Accuracy of the tail and window refreshes next to the full refresh on the bundled model (held-out problems).
 
     python benchmarks/refresh_accuracy.py --problems 500 --batch 500 --out runs/refresh.json
 
-Strategies ``steps`` (one token per forward) and learn2pd + EoTP (the shipped filter and tau), threshold
-0.995 + EoTP, with the prefix and dual caches, refresh ``full`` and ``tail``; 256 new tokens, block 32, greedy.
+Strategies ``steps`` (one token per forward), learn2pd + EoTP (the shipped filter and tau) and threshold
+0.995 + EoTP, with the prefix cache (refresh ``full``, ``tail``) and the dual cache (``full``, ``tail``,
+``window``); 256 new tokens, block 32, greedy.
 """
 
 import argparse
@@ -28,8 +29,8 @@ def main() -> None:
     rows = []
     configs = [("steps", {}), ("learn2pd", {"eotp": True}), ("threshold", {"threshold": 0.995, "eotp": True})]
     for name, extra in configs:
-        for cache in ("prefix", "dual"):
-            for refresh in ("full", "tail"):
+        for cache, refreshes in (("prefix", ("full", "tail")), ("dual", ("full", "tail", "window"))):
+            for refresh in refreshes:
                 r = evaluate(model, tok, problems, batch_size=args.batch, progress=False, max_new_tokens=256,
                              block_length=32, strategy=name, cache=cache, refresh=refresh, **extra)
                 acc, n = r["accuracy"], r["problems"]

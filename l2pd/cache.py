@@ -45,6 +45,20 @@ class BlockKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    def narrow(self, n: int) -> "BlockKVCache":
+        """The first ``n`` rows, sharing this cache's memory (each layer's [n, H, T, D] stays contiguous)."""
+        view = object.__new__(BlockKVCache)
+        view.mode, view.refresh, view.length = self.mode, self.refresh, self.length
+        view.k, view.v = self.k[:, :n], self.v[:, :n]
+        return view
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Rows ``[:len(rows)]`` take the K/V of rows ``rows``, a layer at a time (a small temporary)."""
+        n = rows.shape[0]
+        for layer in range(self.k.shape[0]):
+            for t in (self.k, self.v):
+                t[layer, :n] = t[layer].index_select(0, rows)
+
     @classmethod
     def for_model(cls, config, batch: int, length: int, mode: str, dtype, device,
                   refresh: str = "full") -> "BlockKVCache":

@@ -20,6 +20,9 @@ def _add_strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eotp", choices=["off", "accepted", "predicted"], default="off",
                    help="end-of-text prediction: stop once an end-of-text token is accepted (default off)")
     p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none", help="block KV cache mode")
+    p.add_argument("--refresh", choices=["full", "tail", "window"], default="full",
+                   help="what a cache recomputes at each block start: the whole canvas (full), from the block "
+                        "just finished to the end (tail), or (dual) that block and the new one (window)")
     p.add_argument("--filter", default=None, help="filter folder (default: the bundled model's filter)")
 
 
@@ -57,7 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ids = tok(prompt_text(tok, args.prompt), add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     out = model.generate(ids, max_new_tokens=args.gen_length, block_length=args.block_length,
                          strategy=args.strategy, threshold=args.threshold, eotp=args.eotp, cache=args.cache,
-                         temperature=args.temperature, return_dict_in_generate=True)
+                         refresh=args.refresh, temperature=args.temperature, return_dict_in_generate=True)
     print(tok.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True))
     print(f"[{int(out.nfe[0])} forwards, {out.seconds:.2f} s]", file=sys.stderr)
     return 0
@@ -76,7 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     problems = split("test", args.problems)
     r = evaluate(model, tok, problems, batch_size=args.batch_size, progress=not args.json,
                  max_new_tokens=args.gen_length, block_length=args.block_length, strategy=args.strategy,
-                 threshold=args.threshold, eotp=args.eotp, cache=args.cache)
+                 threshold=args.threshold, eotp=args.eotp, cache=args.cache, refresh=args.refresh)
     for key in ("texts", "nfe"):
         r.pop(key)
     finish()

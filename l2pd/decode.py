@@ -83,6 +83,18 @@ def block_schedule(masks: int, steps: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(steps)]
 
 
+def _bucket(rows: int) -> int:
+    """Rows a compacted step runs: the next power of two (few distinct shapes, so few graph captures)."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+def _unpermute(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows of ``t`` back in input order (slot i holds input row ``order[i]``); a new tensor."""
+    out = torch.empty_like(t)
+    out[order] = t
+    return out
+
+
 def _core(model: Any) -> tuple[Any, Any]:
     transformer = getattr(getattr(model, "model", None), "transformer", None)
     if transformer is None:
@@ -120,6 +132,7 @@ def generate(
     target: torch.Tensor | None = None,
     on_step: Any = None,
     cuda_graph: bool | None = None,
+    compact: bool = True,
 ) -> torch.Tensor | GenerateOutput:
     """Decode ``max_new_tokens`` after left-padded prompts ``input_ids`` [B, P].
 
@@ -128,7 +141,9 @@ def generate(
     schedule; default ``max_new_tokens``) sets the per-block top-k of ``steps`` and ``learn2pd``. ``eotp``:
     False/'off', True/'accepted' or 'predicted' (see ``l2pd_kernels.reference.decide``). ``cache``: 'none',
     'prefix' or 'dual'; ``refresh``: 'full', 'tail' or 'window' (see ``l2pd.cache``). ``cuda_graph``: replay steps
-    from CUDA graphs where they apply (default on; ``L2PD_CUDA_GRAPH=0`` turns it off).
+    from CUDA graphs where they apply (default on; ``L2PD_CUDA_GRAPH=0`` turns it off). ``compact``: rows
+    that have finished (EoTP, or every block decoded) stop costing: at each block start the rows still
+    decoding move to the front and the step runs on those (rounded up to a power of two).
     ``on_step(block_start, step, token, prob, canvas)`` is called after each forward,
     before the decision (``canvas`` still holds the masks). Returns the sequences [B, P + max_new_tokens], or
     a ``GenerateOutput``.
@@ -236,14 +251,29 @@ def generate(
     canvas, kv = state.canvas, state.kv
 
     nfe = torch.zeros(B, dtype=torch.int64, device=device)
+    # Finished rows are compacted out at block starts: rows still decoding move to the front of the buffers
+    # and the step runs on the first n rows (n a power of two, so that few graph shapes arise). ``order[i]``
+    # is the input row held in slot i. Not with a per-step callback or the oracle, which index rows.
+    compact = compact and on_step is None and strategy != "oracle" and B > 1
+    order = torch.arange(B, device=device)
+    n, step_fn = B, stepper
     forwards = graphed = 0
     t0 = time.perf_counter()
-    previous = None  # start of the last block decoded (the tail refresh starts there)
+    previous = None  # start of the last block decoded (the tail and window refreshes start there)
     for b in range(num_blocks):
         s, e = P + b * block_length, min(P + (b + 1) * block_length, T)
-        left = (canvas[:, s:e] == mask_id).sum(-1)
-        if int(left.max()) == 0:  # EoTP already filled this block
+        left = (canvas[:n, s:e] == mask_id).sum(-1)
+        alive = int((left > 0).sum())  # the one host read of the block
+        if alive == 0:  # EoTP already filled this block in every row
             continue
+        if compact and _bucket(alive) < n:
+            keep_rows = _bucket(alive)
+            perm = torch.argsort((left == 0).to(torch.int8), stable=True)  # rows still decoding first
+            state.reorder(perm, keep_rows)
+            order[:n] = order[:n].index_select(0, perm)
+            nfe[:n] = nfe[:n].index_select(0, perm)
+            n, step_fn = keep_rows, stepper.narrow(keep_rows)
+            left = left.index_select(0, perm[:n])
         schedule = block_schedule(e - s, steps_per_block)
         i = 0
         while True:
@@ -253,10 +283,10 @@ def generate(
                 lo, hi = kv.refresh_range(s, previous, e)
             else:
                 lo, hi = kv.feed_range(s, e)
-            nfe += left > 0
+            nfe[:n] += left > 0
             k = schedule[i] if (strategy != "threshold" and i < len(schedule)) else 1
             step_seed = None if temperature == 0 else (seed * 1000003 + forwards) & 0x7FFFFFFF
-            left, replayed = stepper(lo, hi - lo, s, e - s, k, step=i, seed=step_seed)
+            left, replayed = step_fn(lo, hi - lo, s, e - s, k, step=i, seed=step_seed)
             forwards += 1
             graphed += replayed
             i += 1
@@ -264,13 +294,16 @@ def generate(
                 break
         previous = s
         if streamer is not None:
-            streamer.put(canvas[:, s:e].cpu())
+            streamer.put((_unpermute(canvas, order) if compact else canvas)[:, s:e].cpu())
     if streamer is not None:
         streamer.end()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    sequences = canvas.clone() if keep else canvas  # a kept stepper's canvas is reused by the next call
+    if compact:
+        sequences, nfe = _unpermute(canvas, order), _unpermute(nfe, order)
+    else:
+        sequences = canvas.clone() if keep else canvas  # a kept stepper's canvas is reused by the next call
     if return_dict_in_generate:
         return GenerateOutput(sequences, nfe, forwards, seconds, graphed)
     return sequences

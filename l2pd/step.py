@@ -65,6 +65,21 @@ class DecodeState:
         kv = None if cache == "none" else BlockKVCache.for_model(config, batch, total, cache, dtype, device, refresh)
         return cls(canvas, mask, positions, kv, prompt_length)
 
+    def narrow(self, n: int) -> "DecodeState":
+        """The first ``n`` rows, as views of these buffers."""
+        return DecodeState(self.canvas[:n], None if self.mask is None else self.mask[:n], self.positions[:n],
+                           None if self.kv is None else self.kv.narrow(n), self.prompt_length)
+
+    def reorder(self, perm: torch.Tensor, keep: int) -> None:
+        """Rows ``[:len(perm)]`` become rows ``perm`` (canvas, mask, positions); K/V only for the first
+        ``keep`` of them (the rows that go on decoding)."""
+        n = perm.shape[0]
+        for t in (self.canvas, self.mask, self.positions):
+            if t is not None:
+                t[:n] = t[:n].index_select(0, perm)
+        if self.kv is not None:
+            self.kv.reorder(perm[:keep])
+
     def load(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mask_id: int) -> None:
         """A new decode: the prompt, then masks; positions that skip the left padding."""
         P = self.prompt_length
@@ -82,12 +97,26 @@ class Stepper:
                  decide: Any, kernels: bool, graphs: bool, fused: bool | None = None) -> None:
         self.transformer, self.config, self.state, self.policy = transformer, config, state, policy
         self.confidence, self.decide, self.kernels, self.fused = confidence, decide, kernels, fused
+        self._graphs_flag = graphs
+        self.children: dict[int, Stepper] = {}
         device = state.canvas.device
         self.graphs_enabled = graphs and kernels and device.type == "cuda" and policy.graphable()
         # fed_start << 40 | block_start << 20 | k: the decide kernel reads the low 40 bits
         self.params = torch.zeros(1, dtype=torch.int64, device=device)
         self.arange = torch.arange(state.canvas.shape[1], device=device)
         self.graphs: dict[tuple[int, int], _Graph] = {}
+
+    def narrow(self, n: int) -> "Stepper":
+        """A stepper over the first ``n`` rows of this one's buffers (kept, with its own graphs): what the
+        decode loop runs once finished rows are compacted out."""
+        if n == self.state.canvas.shape[0]:
+            return self
+        child = self.children.get(n)
+        if child is None:
+            child = self.children[n] = Stepper(self.transformer, self.config, self.state.narrow(n), self.policy,
+                                               self.confidence, self.decide, self.kernels, self._graphs_flag,
+                                               self.fused)
+        return child
 
     def graphable(self, fed_len: int) -> bool:
         return self.graphs_enabled and self.state.canvas.shape[0] * fed_len <= GRAPH_MAX_TOKENS

@@ -1,0 +1,71 @@
+"""The step's cheaper refreshes and the compaction of finished rows (CPU; the bundled model for EoTP)."""
+
+import pytest
+import torch
+
+import l2pd
+from l2pd.cache import BlockKVCache
+from l2pd.demo.task import split
+from l2pd.evaluate import encode_prompts
+from l2pd.models.llada import llada_forward
+from l2pd.step import DecodeState
+from tests.conftest import tiny_model
+
+
+@pytest.mark.parametrize("refresh", ["tail", "window"])
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+def test_reduced_refresh_equals_full_on_an_unchanged_canvas(refresh, mode):
+    """Nothing changed since the last full refresh: the reduced refresh writes the same K/V and gives the
+    same block logits as a full one."""
+    model = tiny_model(seed=5)
+    tf, cfg = model.model.transformer, model.config
+    P, G, L = 7, 24, 8
+    ids = torch.randint(0, 58, (2, P + G))
+    kv = BlockKVCache.for_model(cfg, 2, P + G, mode, torch.float32, "cpu", refresh)
+    s = P + 2 * L  # the third block; the previous one starts at P + L
+    full = llada_forward(tf, cfg, ids, cache=kv, logits_slice=(s, s + L))
+    k_full, v_full = kv.k.clone(), kv.v.clone()
+    lo, hi = kv.refresh_range(s, P + L, s + L)
+    assert (lo, hi) != (0, P + G)
+    kv.k[:, :, :, lo:hi] = float("nan")  # the reduced refresh must write every slot it feeds
+    kv.v[:, :, :, lo:hi] = float("nan")
+    reduced = llada_forward(tf, cfg, ids[:, lo:hi], cache=kv, start=lo, logits_slice=(s - lo, s - lo + L))
+    torch.testing.assert_close(reduced, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kv.k, k_full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kv.v, v_full, rtol=1e-5, atol=1e-5)
+
+
+def test_window_refresh_ranges():
+    kv = BlockKVCache(1, 1, 1, 100, 2, mode="dual", refresh="window")
+    assert kv.refresh_range(40, None, 50) == (0, 100)  # the first block refreshes everything
+    assert kv.refresh_range(50, 40, 60) == (40, 60)  # then the finished block and the new one
+    kv.mode = "prefix"  # prefix steps feed the suffix anyway: window is tail there
+    assert kv.refresh_range(50, 40, 60) == (40, 100)
+    with pytest.raises(ValueError, match="refresh"):
+        BlockKVCache(1, 1, 1, 100, 2, refresh="sometimes")
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return l2pd.demo.load(device="cpu")
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+@pytest.mark.parametrize("strategy", ["threshold", "learn2pd"])
+def test_compacting_finished_rows_gives_the_same_tokens(bundled, cache, strategy, monkeypatch):
+    model, tok = bundled
+    # problems of different lengths, so that EoTP ends rows at different blocks
+    ids, mask = encode_prompts(tok, [p.question for p in split("test", 6, 3)], "cpu")
+    kw = dict(max_new_tokens=160, block_length=32, strategy=strategy, eotp=True, cache=cache,
+              return_dict_in_generate=True, backend="torch")  # the kernels are tested elsewhere
+    calls = []
+    reorder = DecodeState.reorder
+    monkeypatch.setattr(DecodeState, "reorder", lambda self, perm, keep: (calls.append(keep),
+                                                                          reorder(self, perm, keep)))
+    kept = model.generate(ids, mask, compact=False, **kw)
+    assert calls == []
+    compacted = model.generate(ids, mask, compact=True, **kw)
+    assert calls and calls == sorted(calls, reverse=True) and calls[-1] < 6, calls
+    assert torch.equal(compacted.sequences, kept.sequences)
+    assert torch.equal(compacted.nfe, kept.nfe)
+    assert compacted.forwards == kept.forwards
