@@ -41,6 +41,7 @@ def evaluate(
     slowest process).
     """
     rank, world, _ = env_world()
+    decode_kwargs.setdefault("filter", getattr(model, "l2pd_filter", None))  # the filter l2pd.patch attached
     device = model.model.transformer.wte.weight.device
     eos = tokenizer.eos_token_id
     records: list[tuple[int, bool, int, int, str]] = []  # (problem index, correct, nfe, answer tokens, text)

@@ -69,3 +69,15 @@ def test_compacting_finished_rows_gives_the_same_tokens(bundled, cache, strategy
     assert torch.equal(compacted.sequences, kept.sequences)
     assert torch.equal(compacted.nfe, kept.nfe)
     assert compacted.forwards == kept.forwards
+
+
+def test_evaluate_uses_the_patched_filter(bundled):
+    from l2pd.evaluate import evaluate
+
+    model, tok = bundled
+    assert model.l2pd_filter is not None
+    kw = dict(max_new_tokens=64, block_length=32, eotp=True, backend="torch", progress=False)
+    r = evaluate(model, tok, split("test", 2), strategy="learn2pd", **kw)
+    assert r["problems"] == 2 and r["mean_nfe"] >= 1
+    # no strategy: learn2pd, as model.generate does with a filter
+    assert evaluate(model, tok, split("test", 2), **kw)["mean_nfe"] == r["mean_nfe"]

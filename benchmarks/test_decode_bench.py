@@ -1,0 +1,86 @@
+"""End-to-end speed on an 8B-shaped LLaDA (random bf16 weights built on the GPU): `pytest benchmarks/ --benchmark-only`.
+
+Prompt 512 + 256 new tokens, block 32, dual cache. Measured in the same run and stored in ``extra_info``:
+the weight-read floor of one forward (weight bytes over the copy bandwidth) and the bf16 matmul rate (an
+8192^3 product), from which each case's ratio to the floor and share of the compute limit (the dual steps'
+arithmetic: 32 query tokens per row per step) follow.
+
+- ``test_step``: one dual-cache step at batch 1: the eager forward without the fused kernels (the plain
+  PyTorch path), eager with them, and replayed from the step's CUDA graph.
+- ``test_generate``: ``generate`` at a forced number of tokens per forward (strategy ``steps`` with
+  ``steps = 256 / TPF``) at batch 1, 8, 32 and 64, refresh ``full`` (Fast-dLLM's) and ``window``; one timed
+  decode per round after a cheap decode that captures the graphs.
+Skipped without a GPU. ``benchmarks/decode_8b.py`` prints the same figures as a table, with the tail refresh,
+the eager baseline loop and a profile.
+"""
+
+import pytest
+import torch
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="8B-shaped benchmarks need a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def model_and_floors():
+    from decode_8b import build_model, floors
+
+    from l2pd.models.llada import pack_weights
+
+    model = build_model()
+    pack_weights(model.model.transformer)
+    fl = floors(model)
+    yield model, fl
+    del model
+    torch.cuda.empty_cache()
+
+
+@cuda
+@pytest.mark.parametrize("path", ["eager_unfused", "eager_fused", "graph"])
+def test_step(benchmark, model_and_floors, path):
+    from decode_8b import G, L, P, device_ms, make_stepper
+
+    model, fl = model_and_floors
+    st = make_stepper(model, 1, "dual", "full", path != "eager_unfused", path == "graph")
+    st(0, P + G, P, L, 1)  # the refresh fills the cache
+    for _ in range(2):  # a graphed step: the first call runs eagerly, the second captures
+        st(P, L, P, L, 1)
+
+    def step():
+        st(P, L, P, L, 1)
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(step, rounds=30, warmup_rounds=3, iterations=1)
+    ms = device_ms(lambda: st(P, L, P, L, 1))
+    benchmark.extra_info.update(device_median_ms=ms, floor_ms=fl["floor_ms"], over_floor=ms / fl["floor_ms"],
+                                copy_GBps=fl["copy_GBps"])
+
+
+@cuda
+@pytest.mark.parametrize("refresh", ["full", "window"])
+@pytest.mark.parametrize("tpf", [1, 4, 8])
+@pytest.mark.parametrize("batch", [1, 8, 32, 64])
+def test_generate(benchmark, model_and_floors, batch, tpf, refresh):
+    from decode_8b import G, L, P
+
+    from l2pd.decode import generate
+    from l2pd.step import release
+
+    model, fl = model_and_floors
+    ids = torch.randint(0, 126000, (batch, P), device="cuda")
+    kw = dict(max_new_tokens=G, block_length=L, strategy="steps", cache="dual", refresh=refresh,
+              return_dict_in_generate=True)
+    for _ in range(2):  # capture every shape with a cheap decode (two forwards per block)
+        generate(model, ids, steps=2 * (G // L), **kw)
+    outs = []
+    benchmark.pedantic(lambda: outs.append(generate(model, ids, steps=G // tpf, **kw)),
+                       rounds=3 if batch == 1 else 1, iterations=1)
+    sec = sorted(o.seconds for o in outs)[len(outs) // 2]
+    forwards = outs[0].forwards
+    limit = batch * tpf / (fl["flops_per_token"] * batch * L / (fl["matmul_TFLOPs"] * 1e12))
+    tok_s = batch * G / sec
+    benchmark.extra_info.update(
+        tokens_per_s=tok_s, ms_per_forward=sec / forwards * 1e3, over_floor=sec / forwards * 1e3 / fl["floor_ms"],
+        share_of_compute_limit=tok_s / limit, forwards=forwards, graphed=outs[0].graphed, floor_ms=fl["floor_ms"],
+        matmul_TFLOPs=fl["matmul_TFLOPs"])
+    release(model)
+    torch.cuda.empty_cache()
