@@ -44,6 +44,18 @@ def profile_batch(model, fl: dict, B: int) -> dict:
     for _ in range(2):
         st(P, L, P, L, 1)
     out = {"graph_step_ms": device_ms(lambda st=st: st(P, L, P, L, 1), iters=20 if B > 8 else 50)}
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # kernels inside the replayed graph
+        for _ in range(3):
+            st(P, L, P, L, 1)
+        torch.cuda.synchronize()
+    graph_kernels: dict[str, list] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t > 0 and ev.device_type == torch.autograd.DeviceType.CUDA:
+            graph_kernels[ev.key] = [t / 3 / 1000, ev.count / 3]
+    out["graph_top"] = [(k[:90], round(v[0], 3), v[1]) for k, v in
+                        sorted(graph_kernels.items(), key=lambda kv: -kv[1][0])[:8]]
     eager = make_stepper(model, B, "dual", "full", True, False)
     eager.state.kv.k.copy_(st.state.kv.k)
     eager.state.kv.v.copy_(st.state.kv.v)
@@ -108,6 +120,9 @@ def main() -> None:
               f"8192^3 rate {r['matmul_at_peak_ms']:.2f}); eager device time {r['device_ms_eager']:.2f} ms")
         print("  by kind (ms):", {k: round(v, 2) for k, v in r["kinds_ms"].items()})
         for name, ms, count in r["top"]:
+            print(f"  {ms:8.3f} ms  x{count:<5.0f} {name}")
+        print("  replayed graph, top kernels:")
+        for name, ms, count in r["graph_top"]:
             print(f"  {ms:8.3f} ms  x{count:<5.0f} {name}")
         print("  attention x32 layers (ms):", {k: (round(v, 3) if isinstance(v, float) else v)
                                                for k, v in r["attention_x32_ms"].items()})
