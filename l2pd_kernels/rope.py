@@ -17,6 +17,15 @@ import triton.language as tl
 
 
 @triton.jit
+def _rotate(src, dst, mask, c, sn, HALF: tl.constexpr):
+    """Rotate-half RoPE of the [heads, HALF] pairs at ``src`` in fp32, stored at ``dst`` in its dtype."""
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, (x1 * c - x2 * sn).to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * c + x1 * sn).to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _rope_qkv_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, qo_ptr, ko_ptr, vo_ptr,
     S, H, HKV,
@@ -34,23 +43,13 @@ def _rope_qkv_kernel(
 
     h = tl.arange(0, HB)[:, None]
     hm = h < H
-    base = q_ptr + b * sqb + s * sqs + h * sqh + j[None, :]
-    x1 = tl.load(base, mask=hm, other=0.0)
-    x2 = tl.load(base + HALF, mask=hm, other=0.0)
-    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-    out = qo_ptr + b * sqob + h * sqoh + s * sqos + j[None, :]
-    tl.store(out, (f1 * c - f2 * sn).to(x1.dtype), mask=hm)
-    tl.store(out + HALF, (f2 * c + f1 * sn).to(x1.dtype), mask=hm)
+    _rotate(q_ptr + b * sqb + s * sqs + h * sqh + j[None, :], qo_ptr + b * sqob + h * sqoh + s * sqos + j[None, :],
+            hm, c, sn, HALF)
 
     g = tl.arange(0, HKVB)[:, None]
     gm = g < HKV
-    base = k_ptr + b * skb + s * sks + g * skh + j[None, :]
-    x1 = tl.load(base, mask=gm, other=0.0)
-    x2 = tl.load(base + HALF, mask=gm, other=0.0)
-    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
-    out = ko_ptr + b * skob + g * skoh + slot * skos + j[None, :]
-    tl.store(out, (f1 * c - f2 * sn).to(ko_ptr.dtype.element_ty), mask=gm)
-    tl.store(out + HALF, (f2 * c + f1 * sn).to(ko_ptr.dtype.element_ty), mask=gm)
+    _rotate(k_ptr + b * skb + s * sks + g * skh + j[None, :], ko_ptr + b * skob + g * skoh + slot * skos + j[None, :],
+            gm, c, sn, HALF)
 
     base = v_ptr + b * svb + s * svs + g * svh + j[None, :]
     out = vo_ptr + b * svob + g * svoh + slot * svos + j[None, :]
