@@ -1,4 +1,4 @@
-"""Block-level KV cache (prefix and dual), as in Fast-dLLM, with a full or a tail refresh.
+"""Block-level KV cache (prefix and dual), as in Fast-dLLM, with a full, tail or window refresh.
 
 Keys are stored after RoPE, one slot per sequence position; the forward writes the K/V of the positions it
 is fed into their slots and attends over all slots. Inside a block, a step feeds a contiguous range of
@@ -70,11 +70,10 @@ class BlockKVCache:
         """Positions a step inside the block [block_start, block_end) must feed."""
         return (block_start, self.length) if self.mode == "prefix" else (block_start, block_end)
 
-    def refresh_range(self, block_start: int, previous_block_start: int | None,
-                      block_end: int | None = None) -> tuple[int, int]:
-        """Positions the block's first forward feeds (``previous_block_start``: None at the first block)."""
+    def refresh_range(self, previous_block_start: int | None, block_end: int) -> tuple[int, int]:
+        """Positions the first forward of the block ending at ``block_end`` feeds (``previous_block_start``:
+        None at the first block)."""
         if self.refresh == "full" or previous_block_start is None:
             return 0, self.length
-        if self.refresh == "window" and self.mode == "dual":
-            return previous_block_start, self.length if block_end is None else block_end
-        return previous_block_start, self.length
+        end = block_end if self.refresh == "window" and self.mode == "dual" else self.length
+        return previous_block_start, end

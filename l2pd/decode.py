@@ -280,7 +280,7 @@ def generate(
             if kv is None:
                 lo, hi = 0, T
             elif i == 0:  # with a cache, the block's first forward refreshes the slots
-                lo, hi = kv.refresh_range(s, previous, e)
+                lo, hi = kv.refresh_range(previous, e)
             else:
                 lo, hi = kv.feed_range(s, e)
             nfe[:n] += left > 0

@@ -25,7 +25,7 @@ def test_reduced_refresh_equals_full_on_an_unchanged_canvas(refresh, mode):
     s = P + 2 * L  # the third block; the previous one starts at P + L
     full = llada_forward(tf, cfg, ids, cache=kv, logits_slice=(s, s + L))
     k_full, v_full = kv.k.clone(), kv.v.clone()
-    lo, hi = kv.refresh_range(s, P + L, s + L)
+    lo, hi = kv.refresh_range(P + L, s + L)
     assert (lo, hi) != (0, P + G)
     kv.k[:, :, :, lo:hi] = float("nan")  # the reduced refresh must write every slot it feeds
     kv.v[:, :, :, lo:hi] = float("nan")
@@ -37,10 +37,10 @@ def test_reduced_refresh_equals_full_on_an_unchanged_canvas(refresh, mode):
 
 def test_window_refresh_ranges():
     kv = BlockKVCache(1, 1, 1, 100, 2, mode="dual", refresh="window")
-    assert kv.refresh_range(40, None, 50) == (0, 100)  # the first block refreshes everything
-    assert kv.refresh_range(50, 40, 60) == (40, 60)  # then the finished block and the new one
+    assert kv.refresh_range(None, 50) == (0, 100)  # the first block refreshes everything
+    assert kv.refresh_range(40, 60) == (40, 60)  # then the finished block and the new one
     kv.mode = "prefix"  # prefix steps feed the suffix anyway: window is tail there
-    assert kv.refresh_range(50, 40, 60) == (40, 100)
+    assert kv.refresh_range(40, 60) == (40, 100)
     with pytest.raises(ValueError, match="refresh"):
         BlockKVCache(1, 1, 1, 100, 2, refresh="sometimes")
 
