@@ -114,3 +114,56 @@ def test_rope_qkv_rejects_bad_shapes():
         rope_qkv(q, q, q, cos, sin, buf, buf.clone(), slots.int())
     with pytest.raises(ValueError, match="k_out"):
         rope_qkv(q, q, q, cos, sin, buf[:, :1], buf[:, :1].clone(), slots)
+
+
+# (B, H, Hkv, S, T, D): one query, odd key counts, grouped heads, a 32-token block over a longer cache
+ATTENTION_SHAPES = [(1, 2, 2, 1, 37, 16), (2, 4, 2, 5, 130, 32), (3, 2, 1, 32, 200, 64), (1, 4, 4, 17, 64, 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("splits", [None, 1, 3])
+def test_attention_matches_reference(dtype, shape, masked, splits):
+    from l2pd_kernels import attention
+
+    B, H, HKV, S, T, D = shape
+    # q as the rope kernel leaves it: [B, H, S, D] over [B, S, H, D] memory
+    q = torch.randn(B, S, H, D, device=DEV).to(dtype).transpose(1, 2)
+    k = torch.randn(B, HKV, T, D, device=DEV).to(dtype)
+    v = torch.randn(B, HKV, T, D, device=DEV).to(dtype)
+    key_mask = None
+    if masked:  # left padding of a different length per row, at least one real key
+        key_mask = torch.ones(B, T, dtype=torch.int64, device=DEV)
+        for r in range(B):
+            key_mask[r, : int(torch.randint(0, T, ()))] = 0
+    out = attention(q, k, v, key_mask, splits=splits)
+    expected = ref.attention(q, k, v, key_mask)
+    assert out.shape == (B, H, S, D) and out.dtype == dtype and out.transpose(1, 2).is_contiguous()
+    assert not out.isnan().any()
+    # fp32 products on the GPU go through tf32 tensor cores
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == torch.float32 and DEV == "cuda" else TOL[dtype]
+    torch.testing.assert_close(out, expected, **tol)
+
+
+def test_attention_reference_equals_sdpa():
+    B, H, HKV, S, T, D = 2, 4, 2, 5, 19, 16
+    q, k, v = torch.randn(B, H, S, D), torch.randn(B, HKV, T, D), torch.randn(B, HKV, T, D)
+    key_mask = torch.ones(B, T, dtype=torch.int64)
+    key_mask[0, :7] = 0
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=key_mask.bool()[:, None, None, :])
+    torch.testing.assert_close(ref.attention(q, k, v, key_mask), sdpa, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_rejects_bad_shapes():
+    from l2pd_kernels import attention
+
+    q = torch.randn(1, 4, 3, 16, device=DEV)
+    kv = torch.randn(1, 3, 10, 16, device=DEV)
+    with pytest.raises(ValueError, match="divisible"):
+        attention(q, kv, kv)
+    with pytest.raises(ValueError, match="key_mask"):
+        attention(q, kv[:, :2], kv[:, :2], torch.ones(1, 9, device=DEV))
+    with pytest.raises(ValueError, match="power of two"):
+        attention(q[..., :12], kv[:, :2, :, :12], kv[:, :2, :, :12])
