@@ -5,8 +5,7 @@
 For each batch (prompt 512 + 256 new tokens, block 32, dual cache, fused kernels, packed weights): the
 step replayed from its CUDA graph (median device time), the same step run eagerly under the torch profiler
 (device time per kernel, grouped by kind, and the top kernels), the matmul time it would take at the rate of
-an 8192^3 product measured here, and the attention over the cache alone with each SDPA backend and with
-l2pd's key-split kernel. ``L2PD_SPLIT_ATTENTION=0`` keeps the step on SDPA.
+an 8192^3 product measured here, and the attention over the cache alone with each SDPA backend.
 """
 
 from __future__ import annotations
@@ -102,10 +101,6 @@ def profile_batch(model, fl: dict, B: int) -> dict:
                     lambda: F.scaled_dot_product_attention(q, k, v), rep=100)
         except Exception as e:  # a backend that does not take these shapes on this build
             att[name] = repr(e)[:120]
-    from l2pd_kernels import attention
-
-    attention(q, k, v)
-    att["l2pd split-KV"] = 32 * triton.testing.do_bench_cudagraph(lambda: attention(q, k, v), rep=100)
     out["attention_x32_ms"] = att
     return out
 

@@ -198,19 +198,3 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
     k_out.index_copy_(2, slots, rotate(k).to(k_out.dtype))
     v_out.index_copy_(2, slots, v.transpose(1, 2).to(v_out.dtype))
     return rotate(q).to(q.dtype)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
-              splits: int | None = None) -> torch.Tensor:
-    """Non-causal attention in fp32 of q [B, H, S, D] over k/v [B, Hkv, T, D] (each key head serves
-    H / Hkv query heads), scale 1/sqrt(D); ``key_mask`` [B, T]: nonzero where a key may be attended.
-    Returns [B, H, S, D] in q's dtype, over [B, S, H, D] memory. ``splits`` is the kernel's tuning knob
-    (ignored here)."""
-    group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, 1)
-    vf = v.float().repeat_interleave(group, 1)
-    scores = q.float() @ kf.transpose(-1, -2) * q.shape[-1] ** -0.5
-    if key_mask is not None:
-        scores = scores.masked_fill(key_mask[:, None, None, :] == 0, float("-inf"))
-    out = torch.softmax(scores, -1) @ vf
-    return out.to(q.dtype).transpose(1, 2).contiguous().transpose(1, 2)

@@ -7,7 +7,6 @@ runs on our class and, through ``l2pd.patch``, on the official class without cal
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -127,21 +126,6 @@ def forward_ops(device: torch.device, fused: bool | None = None) -> Any:
     return l2pd_kernels
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _split_attention(ops: Any, cache: Any, x: torch.Tensor, n_heads: int) -> bool:
-    """The key-split attention kernel for a cached step where the library kernels would fill less than one
-    wave of the GPU (one program per row and head): small batches. bf16/fp16 only, so fp32 decodes keep the
-    library kernel's exact path; ``L2PD_SPLIT_ATTENTION=0`` turns it off."""
-    bsz, seq = x.shape[:2]
-    return (cache is not None and ops is not reference and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and seq <= 128 and bsz * n_heads < _sm_count(x.device)
-            and os.environ.get("L2PD_SPLIT_ATTENTION", "1") != "0")
-
-
 def _norm(ops: Any, x: torch.Tensor, norm: nn.Module, eps: float, delta: torch.Tensor | None):
     """(norm(x + delta), x + delta); the fused kernel where the norm has no bias and matches x's dtype."""
     weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
@@ -257,7 +241,6 @@ def llada_forward(
     fresh_slots = torch.arange(seq, device=device) if cache is None else None
 
     x = F.embedding(input_ids, transformer.wte.weight)
-    split_attention = _split_attention(ops, cache, x, n_heads)
     delta = None  # the last residual branch, added inside the next norm
     for layer, block in enumerate(transformer.blocks):
         h, x = _norm(ops, x, block.attn_norm, eps, delta)
@@ -275,10 +258,7 @@ def llada_forward(
             k_all = torch.empty(bsz, n_kv, seq, head_dim, dtype=k.dtype, device=device)
             v_all = torch.empty_like(k_all)
         q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, fresh_slots if cache is None else slots)
-        if split_attention:
-            att = ops.attention(q, k_all, v_all, attention_mask)
-        else:
-            att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
+        att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
         a = _linear(att.transpose(1, 2).reshape(bsz, seq, config.d_model), block.attn_out)
         h, x = _norm(ops, x, block.ff_norm, eps, a)
         gate_up = _packed(block, "_l2pd_gate_up", [block.ff_proj, block.up_proj])
