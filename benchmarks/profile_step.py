@@ -23,7 +23,7 @@ from l2pd.models.llada import pack_weights
 
 def kind_of(name: str) -> str:
     n = name.lower()
-    if any(s in n for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "splitk")):
+    if any(s in n for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "splitk", "_skinny")):
         return "matmul"
     if any(s in n for s in ("flash", "fmha", "attention", "attn", "cudnn")):
         return "attention"

@@ -2,11 +2,12 @@
 
 Prompt 512 + 256 new tokens, block 32, dual cache. Measured in the same run and stored in ``extra_info``:
 the weight-read floor of one forward (weight bytes over the copy bandwidth) and the bf16 matmul rate (an
-8192^3 product), from which each case's ratio to the floor and share of the compute limit (the dual steps'
-arithmetic: 32 query tokens per row per step) follow.
+8192^3 product, in bursts and sustained for 3 s), from which each case's ratio to the floor and share of
+the compute limit (the dual steps' arithmetic: 32 query tokens per row per step) follow.
 
 - ``test_step``: one dual-cache step at batch 1: the eager forward without the fused kernels (the plain
-  PyTorch path), eager with them, and replayed from the step's CUDA graph.
+  PyTorch path), eager with them, and replayed from the step's CUDA graph, with the skinny matmul kernel
+  (the default) and with cuBLAS for every product (``graph_cublas``).
 - ``test_generate``: ``generate`` at a forced number of tokens per forward (strategy ``steps`` with
   ``steps = 256 / TPF``) at batch 1, 8, 32 and 64, refresh ``full`` (Fast-dLLM's) and ``window``; one timed
   decode per round after a cheap decode that captures the graphs.
@@ -35,12 +36,16 @@ def model_and_floors():
 
 
 @cuda
-@pytest.mark.parametrize("path", ["eager_unfused", "eager_fused", "graph"])
-def test_step(benchmark, model_and_floors, path):
+@pytest.mark.parametrize("path", ["eager_unfused", "eager_fused", "graph", "graph_cublas"])
+def test_step(benchmark, model_and_floors, path, monkeypatch):
     from decode_8b import G, L, P, device_ms, make_stepper
 
+    import l2pd_kernels.skinny
+
     model, fl = model_and_floors
-    st = make_stepper(model, 1, "dual", "full", path != "eager_unfused", path == "graph")
+    if path == "graph_cublas":
+        monkeypatch.setattr(l2pd_kernels.skinny, "MAX_ROWS", 0)
+    st = make_stepper(model, 1, "dual", "full", path != "eager_unfused", path.startswith("graph"))
     st(0, P + G, P, L, 1)  # the refresh fills the cache
     for _ in range(2):  # a graphed step: the first call runs eagerly, the second captures
         st(P, L, P, L, 1)
@@ -77,10 +82,12 @@ def test_generate(benchmark, model_and_floors, batch, tpf, refresh):
     sec = sorted(o.seconds for o in outs)[len(outs) // 2]
     forwards = outs[0].forwards
     limit = batch * tpf / (fl["flops_per_token"] * batch * L / (fl["matmul_TFLOPs"] * 1e12))
+    sustained = limit * fl["matmul_TFLOPs_sustained"] / fl["matmul_TFLOPs"]
     tok_s = batch * G / sec
     benchmark.extra_info.update(
         tokens_per_s=tok_s, ms_per_forward=sec / forwards * 1e3, over_floor=sec / forwards * 1e3 / fl["floor_ms"],
-        share_of_compute_limit=tok_s / limit, forwards=forwards, graphed=outs[0].graphed, floor_ms=fl["floor_ms"],
-        matmul_TFLOPs=fl["matmul_TFLOPs"])
+        share_of_compute_limit=tok_s / limit, share_of_sustained_compute_limit=tok_s / sustained,
+        forwards=forwards, graphed=outs[0].graphed, floor_ms=fl["floor_ms"],
+        matmul_TFLOPs=fl["matmul_TFLOPs"], matmul_TFLOPs_sustained=fl["matmul_TFLOPs_sustained"])
     release(model)
     torch.cuda.empty_cache()

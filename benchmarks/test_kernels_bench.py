@@ -90,3 +90,33 @@ def test_step_decision(benchmark, B, path):
             dec(canvas.clone(), tok, prob, block_start=512, k=1, threshold=0.9, mask_id=MASK, eos_id=EOS,
                 eotp="accepted")
     _run(benchmark, fn, {"batch": B, "path": path})
+
+
+# LLaDA-8B's linear layers (N, K), packed as the forward runs them; "gate_up" includes the SiLU-gate product
+SKINNY = {"qkv": (12288, 4096), "out": (4096, 4096), "gate_up": (24576, 4096), "down": (4096, 12288),
+          "head": (126464, 4096)}
+
+
+@cuda
+@pytest.mark.parametrize("rows", [8, 32, 64])
+@pytest.mark.parametrize("layer", list(SKINNY))
+@pytest.mark.parametrize("path", ["cublas", "skinny"])
+def test_skinny_matmul(benchmark, rows, layer, path):
+    """A cached step's linear layer at few rows: F.linear (cuBLAS; + silu_mul for gate_up) against the
+    skinny kernel, as weight-read bandwidth (the copy of the same bytes is ``test_copy_floor``'s figure)."""
+    import torch.nn.functional as F
+
+    from l2pd_kernels import gate_up_silu, silu_mul, skinny_matmul
+
+    n, k = SKINNY[layer]
+    torch.manual_seed(0)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    if layer == "gate_up":
+        fn = (lambda: silu_mul(*F.linear(x, w).chunk(2, -1))) if path == "cublas" else (lambda: gate_up_silu(x, w))
+    else:
+        fn = (lambda: F.linear(x, w)) if path == "cublas" else (lambda: skinny_matmul(x, w))
+    fn()
+    nbytes = w.numel() * w.element_size()
+    bw = {"weight_read_GBps": lambda ms: nbytes / ms / 1e6}
+    _run(benchmark, fn, {"rows": rows, "layer": layer, "path": path}, {"graph_" + k_: v for k_, v in bw.items()})

@@ -179,6 +179,17 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A bias-free linear layer, ``x @ w.T``."""
+    return torch.nn.functional.linear(x, w)
+
+
+def linear_gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) for a packed ``w = cat([gate, up])``: the gated MLP's first half."""
+    gate, up = torch.nn.functional.linear(x, w).chunk(2, -1)
+    return silu_mul(gate, up)
+
+
 def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Rotary embedding (rotate-half layout, fp32) of q [B, S, H, D] and k [B, S, Hkv, D].

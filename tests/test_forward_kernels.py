@@ -1,4 +1,4 @@
-"""The forward's fused kernels (rms_norm, rope_qkv, silu_mul) against the PyTorch reference.
+"""The forward's fused kernels (rms_norm, rope_qkv, silu_mul, skinny_matmul) against the PyTorch reference.
 
 Run on the CPU under TRITON_INTERPRET=1 (the README's test command) or on a GPU; fresh random inputs each
 run, odd sizes, fp32/bf16/fp16.
@@ -114,3 +114,68 @@ def test_rope_qkv_rejects_bad_shapes():
         rope_qkv(q, q, q, cos, sin, buf, buf.clone(), slots.int())
     with pytest.raises(ValueError, match="k_out"):
         rope_qkv(q, q, q, cos, sin, buf[:, :1], buf[:, :1].clone(), slots)
+
+
+# a sum of K products in another order: fp32 drifts by a few ulps of the sum's magnitude
+MM_TOL = {**TOL, torch.float32: dict(rtol=1e-4, atol=1e-4)}
+
+
+def _exact_linear(x, w):
+    """x @ w.T in float64 on the CPU (no TF32, no reordering question), rounded once to x's dtype."""
+    return (x.cpu().double() @ w.cpu().double().T).to(x.dtype).to(x.device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n,k", [(1, 5, 16), (7, 33, 100), (32, 48, 256), (70, 17, 130)])
+def test_skinny_matmul_matches_reference(dtype, rows, n, k):
+    from l2pd_kernels import skinny_matmul
+
+    x = torch.randn(rows, k, device=DEV).to(dtype)
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(dtype)
+    got = skinny_matmul(x, w)
+    assert got.shape == (rows, n) and got.dtype == dtype
+    torch.testing.assert_close(got, _exact_linear(x, w), **MM_TOL[dtype])
+    # leading dims, and x as a column slice of a wider buffer (the attention output view)
+    wide = torch.randn(2, rows, k + 9, device=DEV).to(dtype)[..., 3 : 3 + k]
+    torch.testing.assert_close(skinny_matmul(wide, w), _exact_linear(wide, w), **MM_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,f,k", [(1, 3, 16), (5, 37, 72), (32, 64, 128)])
+def test_gate_up_silu_matches_reference(dtype, rows, f, k):
+    from l2pd_kernels import gate_up_silu
+
+    x = torch.randn(1, rows, k, device=DEV).to(dtype)
+    w = (torch.randn(2 * f, k, device=DEV) * 2 / k**0.5).to(dtype)
+    got = gate_up_silu(x, w)
+    assert got.shape == (1, rows, f) and got.dtype == dtype
+    # gate and up are each rounded before the product, and either may land on the neighbouring value when
+    # the fp32 sums are taken in another order: two rounding steps apart at most
+    tol = {k: 2 * v for k, v in TOL[dtype].items()}
+    torch.testing.assert_close(got, ref.linear_gate_up_silu(x, w), **tol)
+
+
+def test_skinny_matmul_rejects_bad_input():
+    from l2pd_kernels import gate_up_silu, skinny_matmul
+
+    x = torch.randn(3, 8, device=DEV)
+    with pytest.raises(ValueError, match="multiply"):
+        skinny_matmul(x, torch.randn(4, 9, device=DEV))
+    with pytest.raises(ValueError, match="share"):
+        skinny_matmul(x, torch.randn(4, 8, device=DEV).half())
+    with pytest.raises(ValueError, match="unit stride"):
+        skinny_matmul(x, torch.randn(8, 4, device=DEV).T)
+    with pytest.raises(ValueError, match="even"):
+        gate_up_silu(x, torch.randn(5, 8, device=DEV))
+
+
+def test_linear_dispatch_keeps_results():
+    """``linear``/``linear_gate_up_silu`` pick the kernel or cuBLAS by rows; both give the reference result."""
+    import l2pd_kernels
+
+    for rows in (4, 100):
+        x = torch.randn(rows, 64, device=DEV)
+        w = torch.randn(40, 64, device=DEV) / 8
+        torch.testing.assert_close(l2pd_kernels.linear(x, w), ref.linear(x, w), **TOL[torch.float32])
+        torch.testing.assert_close(l2pd_kernels.linear_gate_up_silu(x, w), ref.linear_gate_up_silu(x, w),
+                                   **TOL[torch.float32])

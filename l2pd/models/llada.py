@@ -111,6 +111,13 @@ def _linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return F.linear(x, module.weight, getattr(module, "bias", None))
 
 
+def _lin(ops: Any, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """A linear layer through the forward's ops (the few-row kernel on CUDA) when it has no bias."""
+    if getattr(module, "bias", None) is not None:
+        return _linear(x, module)
+    return ops.linear(x, module.weight)
+
+
 def forward_ops(device: torch.device, fused: bool | None = None) -> Any:
     """The forward's elementwise ops: the fused Triton kernels or ``l2pd_kernels.reference``.
 
@@ -246,7 +253,7 @@ def llada_forward(
         h, x = _norm(ops, x, block.attn_norm, eps, delta)
         qkv = _packed(block, "_l2pd_qkv", [block.q_proj, block.k_proj, block.v_proj])
         if qkv is not None:  # one matmul; q, k, v are column slices (the rope kernel takes strides)
-            q, k, v = F.linear(h, qkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
+            q, k, v = ops.linear(h, qkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
         else:
             q, k, v = _linear(h, block.q_proj), _linear(h, block.k_proj), _linear(h, block.v_proj)
         q = q.view(bsz, seq, n_heads, head_dim)
@@ -259,14 +266,14 @@ def llada_forward(
             v_all = torch.empty_like(k_all)
         q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, fresh_slots if cache is None else slots)
         att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
-        a = _linear(att.transpose(1, 2).reshape(bsz, seq, config.d_model), block.attn_out)
+        a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, config.d_model), block.attn_out)
         h, x = _norm(ops, x, block.ff_norm, eps, a)
         gate_up = _packed(block, "_l2pd_gate_up", [block.ff_proj, block.up_proj])
-        if gate_up is not None:
-            gate, up = F.linear(h, gate_up).chunk(2, -1)
+        if gate_up is not None:  # silu(gate) * up straight from the packed matmul
+            act = ops.linear_gate_up_silu(h, gate_up)
         else:
-            gate, up = _linear(h, block.ff_proj), _linear(h, block.up_proj)
-        delta = _linear(ops.silu_mul(gate, up), block.ff_out)
+            act = ops.silu_mul(_linear(h, block.ff_proj), _linear(h, block.up_proj))
+        delta = _lin(ops, act, block.ff_out)
 
     if delta is None:  # no blocks
         delta = torch.zeros_like(x)
@@ -276,7 +283,7 @@ def llada_forward(
         x, delta = x[:, logits_slice[0] : logits_slice[1]], delta[:, logits_slice[0] : logits_slice[1]]
     x, _ = _norm(ops, x, transformer.ln_f, eps, delta)
     head = transformer.wte if getattr(config, "weight_tying", False) else transformer.ff_out
-    logits = F.linear(x, head.weight)
+    logits = ops.linear(x, head.weight)
     if getattr(config, "scale_logits", False):
         logits = logits * (1.0 / math.sqrt(config.d_model))
     return logits

@@ -1,0 +1,162 @@
+"""skinny_matmul: ``x @ w.T`` for a few rows of x (a cached decode step feeds 32 tokens at batch 1), reading
+the weight once at memory speed, with an optional SiLU-gate epilogue.
+
+At 32 rows a linear layer is a weight read: cuBLAS reaches about 93% of the copy bandwidth there on an H100.
+This kernel gives every program one slice of output columns and all the rows, streams that slice of the
+weight through a deep software pipeline, and accumulates in fp32. ``gate_up_silu`` computes both halves of a
+packed [gate; up] weight in the same program and writes ``silu(gate) * up`` directly: no [rows, 2F] buffer,
+no separate ``silu_mul`` launch. Rounding follows the unfused code: each product is rounded to the output
+dtype, then silu is rounded, then the product (``l2pd_kernels.reference.gate_up_silu``).
+The tile comes from ``pick_config``, a rule set from ``benchmarks/skinny_configs.py`` (every candidate timed
+on the 8B shapes); no tuning at run time, so the first decode does not pay for compiling candidates.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+MAX_ROWS = int(os.environ.get("L2PD_SKINNY_ROWS", "64"))  # above this, F.linear (compute-bound: cuBLAS)
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+                   GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm[:, None] < M
+    n_ok = rn[:, None] < N
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
+    u_ptrs = w_ptrs + N * stride_wn  # the up half of a packed [gate; up] weight
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            xt = tl.load(x_ptrs, mask=m_ok, other=0.0)
+            wt = tl.load(w_ptrs, mask=n_ok, other=0.0)
+        else:
+            k_ok = (k + rk[None, :]) < K
+            xt = tl.load(x_ptrs, mask=m_ok & k_ok, other=0.0)
+            wt = tl.load(w_ptrs, mask=n_ok & k_ok, other=0.0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, tl.trans(wt), acc)
+        if GATE:
+            if EVEN_K:
+                ut = tl.load(u_ptrs, mask=n_ok, other=0.0)
+            else:
+                ut = tl.load(u_ptrs, mask=n_ok & k_ok, other=0.0)
+            if UPCAST:
+                ut = ut.to(tl.float32)
+            if IEEE:
+                acc_u = tl.dot(xt, tl.trans(ut), acc_u, input_precision="ieee")
+            else:
+                acc_u = tl.dot(xt, tl.trans(ut), acc_u)
+            u_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    dt = out_ptr.dtype.element_ty
+    res = acc.to(dt)
+    if GATE:
+        g = res.to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        res = (s * acc_u.to(dt).to(tl.float32)).to(dt)
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(out_ptrs, res, mask=m_ok & (rn[None, :] < N))
+
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages)
+DEFAULT_CONFIG = (32, 128, 4, 4)
+
+
+def pick_config(rows: int, n: int, k: int, gate: bool) -> tuple[int, int, int, int]:
+    """The tile for a product of ``rows`` x ``k`` by ``n`` output columns (per half for ``gate``).
+
+    From ``benchmarks/skinny_configs.py`` on an H100 at 32 and 64 rows (cold weights), each choice within 1%
+    of the best candidate: narrow outputs (LLaDA-8B's out and down projections, 4096 columns) want one
+    32-column slice per SM and long K steps; wide ones (q/k/v, the LM head) 128-column slices; the gated
+    product, which streams two weights per program, 16-column slices and a shallower pipeline.
+    """
+    if gate:
+        return (16, 128, 4, 3)
+    if n <= 8192:
+        return (32, 256, 4, 4)
+    return (128, 128, 4, 4)
+
+
+def _launch(x2, w, out, n_out, gate, cfg=None):
+    M, K = x2.shape
+    bn, bk, warps, stages = cfg or pick_config(M, n_out, K, gate)
+    bm = max(16, triton.next_power_of_2(min(M, 64)))
+    grid = (triton.cdiv(n_out, bn), triton.cdiv(M, bm))
+    _skinny_kernel[grid](x2, w, out, M, n_out, K, x2.stride(0), w.stride(0), out.stride(0),
+                         GATE=gate, EVEN_K=K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
+                         UPCAST=_INTERPRET and x2.dtype == torch.bfloat16,
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+def _check(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    if w.dim() != 2 or x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply as x @ w.T")
+    if x.dtype != w.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x {x.dtype} and w {w.dtype} must share one of fp32, bf16, fp16")
+    if w.stride(1) != 1:
+        raise ValueError("w must have unit stride along K")
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def skinny_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` (``F.linear`` without bias) with the Triton kernel, for any number of rows."""
+    x2 = _check(x, w)
+    out = torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    if out.numel():
+        _launch(x2, w, out, w.shape[0], False)
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
+def gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``silu(x @ gate.T) * (x @ up.T)`` for a packed ``w = cat([gate, up])`` [2F, K]."""
+    x2 = _check(x, w)
+    if w.shape[0] % 2:
+        raise ValueError(f"a packed [gate; up] weight has an even number of rows, got {w.shape[0]}")
+    f = w.shape[0] // 2
+    out = torch.empty(x2.shape[0], f, dtype=x.dtype, device=x.device)
+    if out.numel():
+        _launch(x2, w, out, f, True)
+    return out.view(*x.shape[:-1], f)
+
+
+def _use_kernel(x: torch.Tensor) -> bool:
+    rows = x.numel() // max(1, x.shape[-1])
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < rows <= MAX_ROWS
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The forward's bias-free linear layer: the skinny kernel for up to ``MAX_ROWS`` rows of bf16/fp16 on
+    CUDA (``L2PD_SKINNY_ROWS=0`` turns it off), ``F.linear`` otherwise."""
+    if _use_kernel(x) and w.stride(1) == 1:
+        return skinny_matmul(x, w)
+    return torch.nn.functional.linear(x, w)
+
+
+def linear_gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's first half from a packed weight; ``F.linear`` and ``silu_mul`` above ``MAX_ROWS``."""
+    if _use_kernel(x) and w.stride(1) == 1:
+        return gate_up_silu(x, w)
+    from .silu_mul import silu_mul
+
+    gate, up = torch.nn.functional.linear(x, w).chunk(2, -1)
+    return silu_mul(gate, up)
