@@ -19,6 +19,7 @@ The only host reads are one small count per step (loop control) and one per bloc
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -95,6 +96,25 @@ def _unpermute(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
+            isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point()):
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    if int(value) <= 0:
+        raise ValueError(f"{name}={int(value)} must be > 0")
+    return int(value)
+
+
+def _finite(name: str, value: Any) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} must be finite")
+    return value
+
+
 def _core(model: Any) -> tuple[Any, Any]:
     transformer = getattr(getattr(model, "model", None), "transformer", None)
     if transformer is None:
@@ -164,12 +184,18 @@ def generate(
     eotp_mode = {False: "off", True: "accepted"}.get(eotp, eotp) if isinstance(eotp, bool) else eotp
     if eotp_mode not in ("off", "accepted", "predicted"):
         raise ValueError(f"eotp {eotp!r}: expected True, False, 'accepted' or 'predicted'")
-    if block_length <= 0:
-        raise ValueError(f"block_length={block_length} must be > 0")
-    if max_new_tokens <= 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be > 0")
+    block_length = _positive_int("block_length", block_length)
+    max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+    if steps is not None:
+        steps = _positive_int("steps", steps)
+    temperature = _finite("temperature", temperature)
     if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0")
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if threshold is not None:
+        threshold = _finite("threshold", threshold)
+        if threshold < 0:
+            raise ValueError(f"threshold={threshold} must be >= 0 (above 1 no position passes it: threshold "
+                             "decodes one token per step, learn2pd follows its schedule only)")
     if pad_id == mask_id:
         raise ValueError(f"pad_token_id={pad_id} equals mask_token_id={mask_id}; padding would read as masks")
     if strategy == "learn2pd":
@@ -285,6 +311,8 @@ def generate(
                 lo, hi = kv.feed_range(s, e)
             nfe[:n] += left > 0
             k = schedule[i] if (strategy != "threshold" and i < len(schedule)) else 1
+            if i == e - s - 1:  # the cap: a block never takes more forwards than its length
+                k = e - s  # (every step accepts >= 1, so this binds only for rules that stall, e.g. oracle)
             step_seed = None if temperature == 0 else (seed * 1000003 + forwards) & 0x7FFFFFFF
             left, replayed = step_fn(lo, hi - lo, s, e - s, k, step=i, seed=step_seed)
             forwards += 1
