@@ -4,26 +4,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
-def _add_decode_args(p: argparse.ArgumentParser, gen_length: int = 256) -> None:
+def _add_decode_args(p: argparse.ArgumentParser, gen_length: int = 256, filter_block: bool = False) -> None:
     p.add_argument("--gen-length", type=int, default=gen_length, help=f"new tokens per answer (default {gen_length})")
-    p.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block size (default 32)")
+    if filter_block:
+        p.add_argument("--block-length", type=int, default=None,
+                       help="semi-autoregressive block size (default: the filter's for learn2pd, else 32)")
+    else:
+        p.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block size (default 32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
 
 def _add_strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", choices=["steps", "threshold", "learn2pd"], default=None,
                    help="unmasking rule (default: learn2pd when a filter is available, else threshold)")
-    p.add_argument("--threshold", type=float, default=None, help="tau for threshold (0.9) / learn2pd (filter's)")
-    p.add_argument("--eotp", choices=["off", "accepted", "predicted"], default="off",
-                   help="end-of-text prediction: stop once an end-of-text token is accepted (default off)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="tau: for threshold (default 0.9) the confidence, for learn2pd (default: the filter's) "
+                        "the filter's probability; above 1 nothing passes (one token per step / schedule only)")
+    p.add_argument("--eotp", choices=["off", "accepted", "predicted"], default=None,
+                   help="end-of-text prediction: stop once an end-of-text token is accepted (accepted) or "
+                        "confidently predicted (predicted); default: the filter's stored mode for learn2pd, else off")
     p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none", help="block KV cache mode")
     p.add_argument("--refresh", choices=["full", "tail", "window"], default="full",
                    help="what a cache recomputes at each block start: the whole canvas (full), from the block "
                         "just finished to the end (tail), or (dual) that block and the new one (window)")
-    p.add_argument("--filter", default=None, help="filter folder (default: the bundled model's filter)")
+    p.add_argument("--filter", default=None,
+                   help="filter folder (default: filter.json beside --model or in its filter/ subfolder; for "
+                        "the bundled model, its filter)")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="use a filter recorded for another model (its fingerprint differs)")
 
 
 def _device(arg: str | None) -> str:
@@ -32,23 +44,37 @@ def _device(arg: str | None) -> str:
     return arg or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load(model_dir: str | None, device: str, filter_dir: str | None = None):
-    """(patched model, tokenizer): a checkpoint folder, or the bundled model when ``model_dir`` is None."""
+def _filter_beside(model_dir: str) -> str | None:
+    """A filter stored with a checkpoint: ``filter.json`` in the folder itself or in ``filter/``."""
+    for folder in (model_dir, os.path.join(model_dir, "filter")):
+        if os.path.isfile(os.path.join(folder, "filter.json")):
+            return folder
+    return None
+
+
+def _load(model_dir: str | None, device: str, filter_dir: str | None = None, allow_other_model: bool = False):
+    """(patched model, tokenizer): a checkpoint folder, or the bundled model when ``model_dir`` is None. The
+    filter: ``filter_dir``, else one stored beside the checkpoint, else (bundled model) the bundled one."""
     import torch
     from transformers import PreTrainedTokenizerFast
 
     import l2pd
     import l2pd.demo
 
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to torch here (use --device cpu)")
     if model_dir is None:
-        model, tok = l2pd.demo.load(device=device)
+        model, tok = l2pd.demo.load(device=device, filter=filter_dir is None)
     else:
+        if not os.path.isdir(model_dir):
+            raise FileNotFoundError(f"--model {model_dir!r}: no such folder")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model = l2pd.LLaDAModelLM.from_pretrained(model_dir, torch_dtype=dtype, device=device)
         tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+        filter_dir = filter_dir or _filter_beside(model_dir)
         l2pd.patch(model)
     if filter_dir is not None:
-        l2pd.patch(model, filter=filter_dir)
+        l2pd.patch(model, filter=filter_dir, allow_other_model=allow_other_model)
     return model, tok
 
 
@@ -56,11 +82,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .demo.tokenizer import prompt_text
 
     device = _device(args.device)
-    model, tok = _load(args.model, device, args.filter)
+    model, tok = _load(args.model, device, args.filter, args.allow_other_model)
     ids = tok(prompt_text(tok, args.prompt), add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     out = model.generate(ids, max_new_tokens=args.gen_length, block_length=args.block_length,
                          strategy=args.strategy, threshold=args.threshold, eotp=args.eotp, cache=args.cache,
-                         refresh=args.refresh, temperature=args.temperature, return_dict_in_generate=True)
+                         refresh=args.refresh, temperature=args.temperature, seed=args.seed,
+                         return_dict_in_generate=True)
     print(tok.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True))
     print(f"[{int(out.nfe[0])} forwards, {out.seconds:.2f} s]", file=sys.stderr)
     return 0
@@ -75,11 +102,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--problems={args.problems} and --batch-size={args.batch_size} must be >= 1")
     rank, _, rank_device = init_from_env()
     device = rank_device or _device(args.device)
-    model, tok = _load(args.model, device, args.filter)
+    model, tok = _load(args.model, device, args.filter, args.allow_other_model)
     problems = split("test", args.problems)
     r = evaluate(model, tok, problems, batch_size=args.batch_size, progress=not args.json,
                  max_new_tokens=args.gen_length, block_length=args.block_length, strategy=args.strategy,
-                 threshold=args.threshold, eotp=args.eotp, cache=args.cache, refresh=args.refresh)
+                 threshold=args.threshold, eotp=args.eotp, cache=args.cache, refresh=args.refresh,
+                 temperature=args.temperature, seed=args.seed)
     for key in ("texts", "nfe"):
         r.pop(key)
     finish()
@@ -103,8 +131,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if n < 1 or batch < 1:
         raise ValueError(f"--problems={n} and --batch-size={batch} must be >= 1")
     model, tok = _load(None, device, args.filter)
-    if model.l2pd_filter is None:
+    flt = model.l2pd_filter
+    if flt is None:
         print("note: no filter found; the learn2pd rows are skipped", file=sys.stderr)
+    elif flt.block_length != args.block_length:
+        print(f"note: the filter was trained for block length {flt.block_length}, not {args.block_length}; the "
+              "learn2pd rows are skipped (train one with `l2pd collect` and `l2pd train-filter` at this block "
+              "length, then pass --filter)", file=sys.stderr)
     print(f"bundled model, {n} held-out problems, gen length {args.gen_length}, block {args.block_length}, "
           f"greedy, batch {batch}, {device}", file=sys.stderr)
     rows = compare_configs(model, tok, split("test", n), args.gen_length, args.block_length, batch,
@@ -171,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="folder with config.json, safetensors and tokenizer files")
     g.add_argument("--prompt", required=True, help="the user message")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    _add_decode_args(g)
+    g.add_argument("--seed", type=int, default=None, help="fixes the samples when --temperature > 0")
+    _add_decode_args(g, filter_block=True)
     _add_strategy_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -181,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--problems", type=int, default=100, help="held-out problems (default 100)")
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--json", action="store_true", help="print the figures as JSON")
-    _add_decode_args(e)
+    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    e.add_argument("--seed", type=int, default=None, help="fixes the samples when --temperature > 0")
+    _add_decode_args(e, filter_block=True)
     _add_strategy_args(e)
     e.set_defaults(func=cmd_eval)
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .cache import CACHE_MODES, REFRESH_MODES
+from .hf import FinalTokenStream, StopCutter, as_input_ids, end_ids, from_generation_config, refuse_unknown
 from .models.llada import pack_weights
 from .step import DecodeState, Policy, Stepper, stepper_for
 
@@ -132,32 +133,41 @@ def generate(
     model: Any,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
-    max_new_tokens: int = 256,
-    block_length: int = 32,
+    max_new_tokens: int | None = None,
+    block_length: int | None = None,
     strategy: str | None = None,
     threshold: float | None = None,
-    eotp: bool | str = False,
+    eotp: bool | str | None = None,
     cache: str = "none",
     refresh: str = "full",
-    temperature: float = 0.0,
+    temperature: float | None = None,
     steps: int | None = None,
     seed: int | None = None,
     filter: Any = None,
     backend: str | None = None,
     streamer: Any = None,
-    return_dict_in_generate: bool = False,
+    return_dict_in_generate: bool | None = None,
     mask_token_id: int | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     target: torch.Tensor | None = None,
     on_step: Any = None,
     cuda_graph: bool | None = None,
     compact: bool = True,
+    max_length: int | None = None,
+    do_sample: bool | None = None,
+    num_return_sequences: int | None = None,
+    generation_config: Any = None,
+    stop_strings: str | list[str] | None = None,
+    tokenizer: Any = None,
+    **kwargs: Any,
 ) -> torch.Tensor | GenerateOutput:
     """Decode ``max_new_tokens`` after left-padded prompts ``input_ids`` [B, P].
 
-    ``strategy`` defaults to ``learn2pd`` when a filter is given, else ``threshold``. ``threshold`` defaults
-    to the filter's tau for ``learn2pd`` and to 0.9 for ``threshold``. ``steps`` (total forwards of the
+    ``strategy`` defaults to ``learn2pd`` when a filter is given, else ``threshold``. With ``learn2pd``,
+    ``block_length``, ``threshold`` and ``eotp`` default to the filter's operating point (its block length, its
+    tau, the ``eotp`` stored in its filter.json); otherwise to 32, 0.9 and off. ``threshold`` above 1 passes no
+    position (threshold: one token per step; learn2pd: its schedule only). ``steps`` (total forwards of the
     schedule; default ``max_new_tokens``) sets the per-block top-k of ``steps`` and ``learn2pd``. ``eotp``:
     False/'off', True/'accepted' or 'predicted' (see ``l2pd_kernels.reference.decide``). ``cache``: 'none',
     'prefix' or 'dual'; ``refresh``: 'full', 'tail' or 'window' (see ``l2pd.cache``). ``cuda_graph``: replay steps
@@ -167,16 +177,71 @@ def generate(
     ``on_step(block_start, step, token, prob, canvas)`` is called after each forward,
     before the decision (``canvas`` still holds the masks). Returns the sequences [B, P + max_new_tokens], or
     a ``GenerateOutput``.
+
+    Hugging Face conventions: ``input_ids`` may be a list or array; ``max_length`` (prompt + answer) when
+    ``max_new_tokens`` is not given (default 256 new tokens); ``do_sample=False`` is greedy whatever the
+    temperature, ``do_sample=True`` samples at ``temperature`` (default 1.0); ``num_return_sequences``
+    repeats each prompt; ``generation_config`` (a ``transformers.GenerationConfig``) supplies any of these
+    not given; ``eos_token_id`` may be a list (the first is the end-of-text of EoTP and padding, the others
+    end a row too) and ``stop_strings`` (with ``tokenizer``) end a row after the text; ``streamer`` (batch
+    1) gets the prompt, then each token once it and all before it are fixed, up to the end of text.
+    Autoregressive-only arguments (``num_beams``, ``top_p``, ...) raise a ValueError unless neutral.
     """
     transformer, config = _core(model)
+    refuse_unknown(kwargs)
+    if generation_config is not None:
+        given = dict(max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
+                     temperature=temperature, num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
+                     pad_token_id=pad_token_id, stop_strings=stop_strings,
+                     return_dict_in_generate=return_dict_in_generate)
+        given.update(from_generation_config(generation_config, given))
+        max_new_tokens, max_length, do_sample = given["max_new_tokens"], given["max_length"], given["do_sample"]
+        temperature, num_return_sequences = given["temperature"], given["num_return_sequences"]
+        eos_token_id, pad_token_id, stop_strings = given["eos_token_id"], given["pad_token_id"], given["stop_strings"]
+        return_dict_in_generate = given["return_dict_in_generate"]
+    return_dict_in_generate = bool(return_dict_in_generate)
+    if do_sample is False:
+        temperature = 0.0  # greedy, as transformers does whatever the temperature says
+    elif do_sample:
+        temperature = 1.0 if temperature is None else temperature
+        if _finite("temperature", temperature) <= 0:
+            raise ValueError(f"do_sample=True needs temperature > 0, got {temperature}")
+    elif temperature is None:
+        temperature = 0.0
+    input_ids = as_input_ids(input_ids, transformer.wte.weight.shape[0])
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        attention_mask = torch.as_tensor(attention_mask)
+    if max_new_tokens is None:
+        if max_length is not None:
+            max_length = _positive_int("max_length", max_length)
+            if max_length <= input_ids.shape[-1]:
+                raise ValueError(f"max_length={max_length} leaves no room after the prompt of "
+                                 f"{input_ids.shape[-1]} tokens (use max_new_tokens)")
+            max_new_tokens = max_length - input_ids.shape[-1]
+        else:
+            max_new_tokens = 256
+    if num_return_sequences is not None and _positive_int("num_return_sequences", num_return_sequences) > 1:
+        if strategy == "oracle" or on_step is not None:
+            raise ValueError("num_return_sequences > 1 does not go with the oracle or on_step")
+        input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1]).repeat_interleave(
+                num_return_sequences, 0)
+    ends = end_ids(eos_token_id)
     mask_id = mask_token_id if mask_token_id is not None else _cfg_id(config, "mask_token_id", 126336)
-    eos_id = eos_token_id if eos_token_id is not None else _cfg_id(config, "eos_token_id", 126081)
+    eos_id = ends[0] if ends else _cfg_id(config, "eos_token_id", 126081)
     pad_id = pad_token_id if pad_token_id is not None else _cfg_id(config, "pad_token_id", eos_id)
 
     if strategy is None:
         strategy = "learn2pd" if filter is not None else "threshold"
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: expected one of {STRATEGIES}")
+    # learn2pd's defaults are the filter's operating point: its block length, tau and EoTP mode
+    point = filter if strategy == "learn2pd" and filter is not None else None
+    if block_length is None:
+        block_length = point.block_length if point is not None else 32
+    if eotp is None:
+        eotp = point.meta.get("eotp", "off") if point is not None else "off"
     if cache not in CACHE_MODES:
         raise ValueError(f"cache {cache!r}: expected one of {CACHE_MODES}")
     if refresh not in REFRESH_MODES:
@@ -211,12 +276,12 @@ def generate(
         got = None if target is None else tuple(target.shape)
         raise ValueError(f"strategy 'oracle' needs target [B, max_new_tokens], got {got}")
 
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-        attention_mask = None if attention_mask is None else attention_mask.view(1, -1)
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be [B, P], got shape {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.dim() == 1:
+        attention_mask = attention_mask.view(1, -1)
     B, P = input_ids.shape
+    if streamer is not None and B != 1:
+        raise ValueError(f"a streamer takes one sequence (as in transformers), got {B} rows")
+    stops = StopCutter(ends[1:], stop_strings, tokenizer, eos_id, mask_id)
     G = max_new_tokens
     T = P + G
     limit = getattr(config, "max_sequence_length", None)
@@ -276,6 +341,7 @@ def generate(
         state.kv.mode, state.kv.refresh = cache, refresh
     canvas, kv = state.canvas, state.kv
 
+    stream = None if streamer is None else FinalTokenStream(streamer, input_ids[0], P, eos_id, mask_id)
     nfe = torch.zeros(B, dtype=torch.int64, device=device)
     # Finished rows are compacted out at block starts: rows still decoding move to the front of the buffers
     # and the step runs on the first n rows (n a power of two, so that few graph shapes arise). ``order[i]``
@@ -318,13 +384,19 @@ def generate(
             forwards += 1
             graphed += replayed
             i += 1
+            if stream is not None:  # batch 1: cut at a stop among the fixed tokens, send what is final
+                if stops.active:
+                    stops.cut(canvas, P, e, 1)
+                    left = (canvas[:1, s:e] == mask_id).sum(-1)
+                stream.update(canvas, e)
             if int(left.max()) == 0:  # the one host read of the step
                 break
         previous = s
-        if streamer is not None:
-            streamer.put((_unpermute(canvas, order) if compact else canvas)[:, s:e].cpu())
-    if streamer is not None:
-        streamer.end()
+        if stops.active:  # rows that reached a stop end here (the rest of their canvas becomes end-of-text)
+            stops.cut(canvas, P, e, n)
+    if stream is not None:
+        stream.update(canvas, T)
+        stream.end()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0

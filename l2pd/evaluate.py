@@ -143,7 +143,8 @@ def convergence_profile(model: Any, tokenizer: Any, problems: list[Problem], gen
 DEMO_STRATEGIES = (
     ("steps", {"strategy": "steps"}),
     ("threshold 0.9", {"strategy": "threshold", "threshold": 0.9}),
-    ("learn2pd", {"strategy": "learn2pd"}),
+    ("threshold 0.9 + EoTP", {"strategy": "threshold", "threshold": 0.9, "eotp": "accepted"}),
+    ("learn2pd", {"strategy": "learn2pd", "eotp": "off"}),
     ("learn2pd + EoTP", {"strategy": "learn2pd", "eotp": "accepted"}),
 )
 
@@ -154,9 +155,10 @@ def compare_configs(model: Any, tokenizer: Any, problems: list[Problem], gen_len
     """One row per (strategy, cache): accuracy, mean forwards, tokens/s, and speedups over the first row
     (the first strategy without a cache) in forwards and in wall time."""
     rows: list[dict[str, Any]] = []
+    flt = getattr(model, "l2pd_filter", None)
     for name, kw in strategies:
-        if kw.get("strategy") == "learn2pd" and getattr(model, "l2pd_filter", None) is None:
-            continue
+        if kw.get("strategy") == "learn2pd" and (flt is None or flt.block_length != block_length):
+            continue  # no filter, or one trained for another block length (the caller says so)
         for cache in caches:
             r = evaluate(model, tokenizer, problems, batch_size=batch_size, progress=progress,
                          max_new_tokens=gen_length, block_length=block_length, cache=cache,

@@ -68,8 +68,8 @@ class Filter(nn.Module):
         got = model_fingerprint(model)
         if got != want:
             raise ValueError(
-                f"this filter was trained for model {want}, not for this model ({got}); "
-                "pass allow_other_model=True to use it anyway"
+                f"this filter was trained for model {want}, not for this model ({got}); to use it anyway pass "
+                "allow_other_model=True (l2pd.patch, Filter.check_model) or --allow-other-model (CLI)"
             )
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:

@@ -7,6 +7,7 @@ generate are never called, so the official class works as loaded with ``trust_re
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 from .decode import generate
@@ -40,10 +41,12 @@ def check_llada(model: Any) -> None:
             raise ValueError(f"{name} block {i} lacks {absent} (only the LLaDA 'llama' block is supported)")
 
 
-def patch(model: Any, filter: Any = None) -> Any:
+def patch(model: Any, filter: Any = None, allow_other_model: bool = False) -> Any:
     """Attach ``model.generate(...)`` (``l2pd.decode.generate``); returns the same model.
 
-    ``filter`` (an ``l2pd.Filter`` or a folder holding one) becomes the default for ``strategy='learn2pd'``.
+    ``filter`` (an ``l2pd.Filter`` or a folder holding one) becomes the default for ``strategy='learn2pd'``
+    and for ``l2pd.evaluate``. A filter records the model it was trained for; ``allow_other_model=True``
+    uses it on another one (a fine-tune, another dtype of the same weights is not "other").
     """
     check_llada(model)
     if isinstance(filter, str):
@@ -51,14 +54,19 @@ def patch(model: Any, filter: Any = None) -> Any:
 
         filter = Filter.from_pretrained(filter)
     if filter is not None:
-        filter.check_model(model)
+        filter.check_model(model, allow_other_model=allow_other_model)
     if "_l2pd_saved_generate" not in vars(model):
         model._l2pd_saved_generate = vars(model).get("generate", _MISSING)
 
     @functools.wraps(generate)
     def bound_generate(*args: Any, **kwargs: Any):
-        kwargs.setdefault("filter", filter)
+        if kwargs.get("filter") is None:
+            kwargs["filter"] = filter
         return generate(model, *args, **kwargs)
+
+    # help(model.generate) and inspect show generate's own arguments, without the bound model
+    sig = inspect.signature(generate)
+    bound_generate.__signature__ = sig.replace(parameters=list(sig.parameters.values())[1:])
 
     model.generate = bound_generate
     model.l2pd_filter = filter

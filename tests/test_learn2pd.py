@@ -151,3 +151,26 @@ def test_eotp_cuts_exactly_after_end_of_text():
 
 def test_top_level_api():
     assert l2pd.collect is collect and l2pd.train_filter is train_filter and l2pd.Filter is Filter
+
+
+def test_evaluate_uses_the_patched_filter_and_its_operating_point():
+    """``l2pd.evaluate`` decodes with the filter ``patch`` attached; learn2pd's defaults (block length, tau,
+    EoTP mode) come from the filter."""
+    import l2pd.demo
+    from l2pd.demo.task import split
+    from l2pd.evaluate import evaluate
+
+    model, tok = l2pd.demo.load(device="cpu")
+    flt = model.l2pd_filter
+    assert flt is not None and flt.meta.get("eotp") == "accepted"
+    problems = split("test", 2)
+    stated = evaluate(model, tok, problems, progress=False, strategy="learn2pd", block_length=flt.block_length,
+                      threshold=flt.threshold, eotp=flt.meta["eotp"])
+    defaults = evaluate(model, tok, problems, progress=False)  # strategy learn2pd: the filter is there
+    assert defaults["nfe"] == stated["nfe"] and defaults["texts"] == stated["texts"]
+    assert stated["mean_nfe"] < 64
+    no_eotp = evaluate(model, tok, problems, progress=False, eotp="off")
+    assert no_eotp["mean_nfe"] > stated["mean_nfe"]  # the stored EoTP mode is what made it short
+    l2pd.patch(model, filter=None)
+    with pytest.raises(ValueError, match="needs a filter"):
+        evaluate(model, tok, problems, progress=False, strategy="learn2pd")
