@@ -81,6 +81,8 @@ def _load(model_dir: str | None, device: str, filter_dir: str | None = None, all
 def cmd_generate(args: argparse.Namespace) -> int:
     from .demo.tokenizer import prompt_text
 
+    if not args.prompt.strip():
+        raise ValueError("--prompt is empty")
     device = _device(args.device)
     model, tok = _load(args.model, device, args.filter, args.allow_other_model)
     ids = tok(prompt_text(tok, args.prompt), add_special_tokens=False, return_tensors="pt").input_ids.to(device)
@@ -155,15 +157,18 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from .demo.task import split
     from .demo.tokenizer import prompt_text
     from .distributed import finish, init_from_env
+    from .files import check_out_dir, read_prompts
 
     rank, _, rank_device = init_from_env()
     device = rank_device or _device(args.device)
-    model, tok = _load(args.model, device)
+    check_out_dir(args.out)  # before the model loads: an unwritable --out fails now
     if args.prompts:
-        with open(args.prompts) as f:
-            questions = [json.loads(line)["prompt"] for line in f if line.strip()]
+        questions = read_prompts(args.prompts)
     else:
+        if args.num_prompts < 1:
+            raise ValueError(f"--num-prompts={args.num_prompts} must be >= 1")
         questions = [p.question for p in split("train", args.num_prompts)]
+    model, tok = _load(args.model, device)
     prompts = tok([prompt_text(tok, q) for q in questions], add_special_tokens=False).input_ids
     info = collect(model, prompts, args.out, gen_length=args.gen_length, block_length=args.block_length,
                    batch_size=args.batch_size, shard_size=args.shard_size, cache=args.cache)
@@ -174,8 +179,17 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
 
 def cmd_train_filter(args: argparse.Namespace) -> int:
+    from .files import check_out_dir
     from .train import train_filter
 
+    check_out_dir(args.out, refuse_if_holds=None if args.overwrite else "filter.json")
+    if not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data!r}: no such folder (write one with `l2pd collect --out`)")
+    if (args.device or "cpu").startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA GPU is visible to torch here (use --device cpu)")
     flt = train_filter(args.data, hidden=args.hidden, depth=args.depth, lr=args.lr, max_epochs=args.max_epochs,
                        patience=args.patience, threshold=args.threshold, device=args.device or "cpu")
     flt.save_pretrained(args.out)
@@ -190,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
         "filter (Learn2PD), end-of-text prediction (EoTP) and a block KV cache. Without --model, commands "
         "use the bundled small model trained on grade-school word problems.",
     )
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads torch may use (default: OMP_NUM_THREADS, else all cores); on a shared "
+                             "machine give the cores you have to yourself, or a busy neighbour slows every "
+                             "step many times over")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="speed/quality table of every decoding configuration on the bundled model")
@@ -243,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-epochs", type=int, default=3000)
     t.add_argument("--patience", type=int, default=100, help="epochs without validation gain before stopping")
     t.add_argument("--threshold", type=float, default=0.9, help="default tau stored with the filter")
-    t.add_argument("--device", default=None)
+    t.add_argument("--device", default=None, help="cpu (default) or cuda: the training data is small")
+    t.add_argument("--overwrite", action="store_true", help="replace a filter already in --out")
     t.set_defaults(func=cmd_train_filter)
     return parser
 
@@ -251,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads={args.threads} must be >= 1")
+            import torch
+
+            torch.set_num_threads(args.threads)
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"l2pd: error: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ from l2pd_kernels.reference import filter_features
 
 from .decode import generate
 from .distributed import barrier, env_world, mine
+from .files import token_hash
 from .filter import model_fingerprint
 
 COLLECT_VERSION = 1
@@ -92,6 +93,7 @@ def collect(
     manifest = {
         "version": COLLECT_VERSION, "model_fingerprint": model_fingerprint(model), "gen_length": gen_length,
         "block_length": block_length, "prompts": len(prompts), "shard_size": shard_size, "cache": cache,
+        "prompts_sha256": token_hash(prompts),
     }
     rank, world, _ = env_world()
     path = os.path.join(out_dir, "collect.json")
@@ -101,8 +103,15 @@ def collect(
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+        if "prompts_sha256" not in old:  # written before prompts were hashed: the rest must still agree
+            old = {**old, "prompts_sha256": manifest["prompts_sha256"]}
         if old != manifest:
-            raise ValueError(f"{out_dir} holds a collection with other settings: {old} (now {manifest})")
+            if {**old, "prompts_sha256": None} == {**manifest, "prompts_sha256": None}:
+                raise ValueError(f"{out_dir} holds a collection over other prompts (same count, other content): "
+                                 "resuming would mix the two; use a new --out folder")
+            diff = {k: (old.get(k), manifest.get(k)) for k in manifest if old.get(k) != manifest.get(k)}
+            raise ValueError(f"{out_dir} holds a collection with other settings (was, now): {diff}; use a new "
+                             "--out folder or the same settings")
 
     n_shards = -(-len(prompts) // shard_size)
     written = 0
@@ -146,12 +155,14 @@ def _write_json_atomic(path: str, obj: Any) -> None:
 
 def load_shards(out_dir: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """All shards of a collection concatenated, and its manifest."""
-    from safetensors.torch import load_file
+    from .files import load_safetensors, read_json
 
-    with open(os.path.join(out_dir, "collect.json")) as f:
-        manifest = json.load(f)
+    path = os.path.join(out_dir, "collect.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no collect.json in {out_dir!r}: not a folder written by `l2pd collect`")
+    manifest = read_json(path, "collect.json")
     names = sorted(n for n in os.listdir(out_dir) if n.startswith("shard-") and n.endswith(".safetensors"))
     if not names:
         raise FileNotFoundError(f"no shards in {out_dir!r}")
-    parts = [load_file(os.path.join(out_dir, n)) for n in names]
+    parts = [load_safetensors(os.path.join(out_dir, n)) for n in names]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, manifest

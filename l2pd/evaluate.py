@@ -31,6 +31,7 @@ def evaluate(
     problems: list[Problem],
     batch_size: int = 1,
     progress: bool = True,
+    desc: str = "eval",
     **decode_kwargs: Any,
 ) -> dict[str, Any]:
     """Decode every problem; returns accuracy, mean forwards per answer, answer tokens/s, wall time.
@@ -49,7 +50,7 @@ def evaluate(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(problems), disable=not progress or rank != 0, desc="eval", unit="problem")
+    bar = tqdm(total=len(problems), disable=not progress or rank != 0, desc=desc, unit="problem")
     for bi, i in enumerate(range(0, len(problems), batch_size)):
         if not mine(bi, rank, world):
             continue
@@ -161,7 +162,7 @@ def compare_configs(model: Any, tokenizer: Any, problems: list[Problem], gen_len
             continue  # no filter, or one trained for another block length (the caller says so)
         for cache in caches:
             r = evaluate(model, tokenizer, problems, batch_size=batch_size, progress=progress,
-                         max_new_tokens=gen_length, block_length=block_length, cache=cache,
+                         desc=f"{name}, {cache}", max_new_tokens=gen_length, block_length=block_length, cache=cache,
                          filter=getattr(model, "l2pd_filter", None), **kw)
             for key in ("texts", "nfe", "problems_per_process"):
                 r.pop(key)

@@ -87,17 +87,25 @@ class Filter(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "Filter":
-        from safetensors.torch import load_file
+        from .files import load_safetensors, read_json
 
         path = os.path.join(folder, "filter.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no filter.json in {os.fspath(folder)!r}")
-        with open(path) as f:
-            info = json.load(f)
+        info = read_json(path, "filter.json")
+        if not isinstance(info, dict):
+            raise ValueError(f"{path}: expected a JSON object")
         if info.get("version") != FILTER_VERSION:
             raise ValueError(f"filter version {info.get('version')!r} is not supported (expected {FILTER_VERSION})")
+        missing = [k for k in ("block_length", "hidden", "depth", "threshold") if k not in info]
+        if missing:
+            raise ValueError(f"{path} lacks {missing}")
         shape = {k: info.pop(k) for k in ("block_length", "hidden", "depth", "threshold")}
         info.pop("version")
         flt = cls(**shape, meta=info)
-        flt.load_state_dict(load_file(os.path.join(folder, "filter.safetensors")))
+        weights = os.path.join(folder, "filter.safetensors")
+        try:
+            flt.load_state_dict(load_safetensors(weights))
+        except RuntimeError as exc:
+            raise ValueError(f"{weights} does not match {path}: {str(exc).splitlines()[0]}") from None
         return flt.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -47,6 +48,15 @@ def train_filter(
 
     The loss counts only positions that were still masked (the filter is never asked about the others).
     """
+    for name, value in (("hidden", hidden), ("depth", depth), ("max_epochs", max_epochs), ("patience", patience)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr!r} must be a finite number > 0")
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0 <= threshold):
+        raise ValueError(f"threshold={threshold!r} must be a finite number >= 0")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
     data, manifest = load_shards(data_dir)
     x = data["features"].float().to(device)
     y = data["labels"].bool().to(device)
@@ -57,6 +67,9 @@ def train_filter(
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g).to(device)
     n_val = max(1, int(n * val_fraction))
+    warnings = _degenerate(n, n_val, y, m)
+    for w in warnings:
+        log(f"warning: {w}")
     val, tr = perm[:n_val], perm[n_val:]
     torch.manual_seed(seed)
     flt = Filter(manifest["block_length"], hidden, depth, threshold).to(device)
@@ -97,10 +110,33 @@ def train_filter(
         train_seconds=round(seconds, 2), val_metrics=metrics,
         positive_rate=float(y[m].float().mean()),
     )
+    if warnings:
+        flt.meta["warnings"] = warnings
     flt.cpu()
     flt._device_weights.clear()
     log(f"trained in {seconds:.1f} s, {epoch + 1} epochs, best val loss {best:.4f}")
     for tau, r in metrics.items():
         log(f"  tau {tau}: precision {r['precision']:.4f} recall {r['recall']:.4f} "
             f"false-positive rate {r['false_positive_rate']:.4f}")
+    if warnings:
+        log("warning: these metrics are not evidence of a good filter (see the warnings above; stored in "
+            "filter.json)")
     return flt
+
+
+MIN_ROWS = 500  # a block step is one row; a few hundred prompts give tens of thousands
+
+
+def _degenerate(n: int, n_val: int, y: Any, m: Any) -> list[str]:
+    """Why figures from this data would mislead: too few rows, or labels almost all one class."""
+    out = []
+    if n < MIN_ROWS:
+        out.append(f"only {n} rows ({n_val} for validation): collect from more prompts (>= {MIN_ROWS} rows)")
+    masked = int(m.sum())
+    pos = float(y[m].float().mean()) if masked else 0.0
+    if masked == 0:
+        out.append("no masked positions: nothing to learn")
+    elif pos > 0.995 or pos < 0.005:
+        out.append(f"{100 * pos:.2f}% of masked positions are labelled final: labels almost all one class, "
+                   "so precision/recall say little (collect more varied prompts)")
+    return out

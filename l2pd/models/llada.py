@@ -75,8 +75,15 @@ class LLaDAConfig:
 
     @classmethod
     def from_json(cls, path: str) -> "LLaDAConfig":
-        with open(path) as f:
-            return cls(**json.load(f))
+        from ..files import read_json
+
+        cfg = read_json(path, "config.json")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+        missing = [k for k in ("d_model", "n_heads", "n_layers", "vocab_size") if k not in cfg]
+        if missing:  # the 8B defaults would load, then fail on every weight's shape
+            raise ValueError(f"{path} lacks {missing}: not a LLaDA config.json (copy the model's own)")
+        return cls(**cfg)
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module, eps: float) -> torch.Tensor:
@@ -371,7 +378,7 @@ class LLaDAModelLM(nn.Module):
         device: str | torch.device = "cpu",
     ) -> "LLaDAModelLM":
         """Load ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)."""
-        from safetensors.torch import load_file
+        from ..files import load_safetensors, read_json
 
         folder = os.fspath(folder)
         cfg_path = os.path.join(folder, "config.json")
@@ -384,19 +391,25 @@ class LLaDAModelLM(nn.Module):
         if os.path.isfile(single):
             files = [single]
         elif os.path.isfile(index):
-            with open(index) as f:
-                files = [os.path.join(folder, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+            weight_map = read_json(index, "shard index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no \"weight_map\" object")
+            files = [os.path.join(folder, n) for n in sorted(set(weight_map.values()))]
         else:
             raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder!r}")
         with torch.device("meta"):
             model = cls(config)
         state: dict[str, torch.Tensor] = {}
         for path in files:
-            state.update(load_file(path, device=str(device)))
+            state.update(load_safetensors(path, device=str(device)))
         state = {k: v.to(dtype) for k, v in state.items()}
         if config.weight_tying:
             state.pop("model.transformer.ff_out.weight", None)
-        model.load_state_dict(state, strict=True, assign=True)
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:  # torch lists every mismatch; the first few say enough
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:4]
+            raise ValueError(f"{folder}: the weights do not match config.json: {' '.join(lines)}") from None
         return model.eval()
 
     def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
