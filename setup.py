@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["l2pd", "l2pd.*", "l2pd_kernels", "l2pd_kernels.*"]),
-    package_data={"l2pd.demo": ["assets/*", "assets/*/*"]},
+    package_data={"l2pd.demo": ["assets/*", "assets/*/*"], "l2pd": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*.py"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.5",
@@ -19,6 +19,6 @@ setup(
         "numpy",
         "triton; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"], "eval": ["lm-eval>=0.4.8"]},
     entry_points={"console_scripts": ["l2pd = l2pd.cli:main"]},
 )

@@ -197,6 +197,33 @@ def cmd_train_filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    try:
+        from . import lm_eval_model
+    except ImportError as exc:
+        raise ValueError(f"`l2pd lm-eval` needs lm-evaluation-harness: pip install 'l2pd[eval]' ({exc})") from None
+    rest = args.lm_eval_args
+    if not rest or rest in (["-h"], ["--help"]):
+        print(LM_EVAL_HELP)
+        return 0
+    return lm_eval_model.cli(rest)
+
+
+LM_EVAL_HELP = """usage: l2pd lm-eval [lm-eval arguments]
+
+lm-evaluation-harness's command line with l2pd's model registered as `l2pd` and the bundled task
+`l2pd_word_problems` on the include path (pip install 'l2pd[eval]'). Example, offline on the bundled model:
+
+  l2pd lm-eval --model l2pd --model_args strategy=learn2pd,cache=dual --tasks l2pd_word_problems \
+      --apply_chat_template --limit 3
+
+model_args: pretrained=FOLDER (default: the bundled model), filter=FOLDER, allow_other_model=true,
+strategy, threshold, eotp, cache, refresh, block_length, max_new_tokens, mc_num (Monte-Carlo draws for
+loglikelihood, 128), mc_batch, seed, dtype; lm-eval's --batch_size and --device apply. After lm-eval's
+table, l2pd prints forwards per answer and answer tokens/s. Every other argument is lm-eval's
+(`lm-eval run --help`)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2pd",
@@ -264,11 +291,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu (default) or cuda: the training data is small")
     t.add_argument("--overwrite", action="store_true", help="replace a filter already in --out")
     t.set_defaults(func=cmd_train_filter)
+
+    m = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness with the l2pd model registered "
+                       "(pip install 'l2pd[eval]'; `l2pd lm-eval --help`)")
+    m.set_defaults(func=cmd_lm_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # lm-eval's arguments pass through untouched (argparse would read its --options as ours)
+    cut = argv.index("lm-eval") + 1 if "lm-eval" in argv else len(argv)
+    args = build_parser().parse_args(argv[:cut])
+    if args.command == "lm-eval":
+        args.lm_eval_args = argv[cut:]
     try:
         if args.threads is not None:
             if args.threads < 1:
