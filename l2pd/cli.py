@@ -197,6 +197,102 @@ def cmd_train_filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated numbers") from None
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated integers") from None
+
+
+def _choices(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in out if t not in allowed]
+    if bad or not out:
+        raise ValueError(f"{flag} {text!r}: expected comma-separated values from {list(allowed)}")
+    return out
+
+
+def _sweep_problems(args: argparse.Namespace):
+    from .demo.task import split
+    from .sweep import VAL_OFFSET, load_problems
+
+    if args.problems < 1 or args.batch_size < 1:
+        raise ValueError(f"--problems={args.problems} and --batch-size={args.batch_size} must be >= 1")
+    if args.data:
+        return load_problems(args.data)[: args.problems]
+    if getattr(args, "validation", False):
+        return split("train", args.problems, offset=VAL_OFFSET)
+    return split("test", args.problems)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .filter import Filter
+    from .sweep import format_rows, grid, plot, sweep
+
+    strategies = _choices(args.strategies, "--strategies", ("steps", "threshold", "learn2pd"))
+    eotps = _choices(args.eotp, "--eotp", ("off", "accepted", "predicted"))
+    caches = _choices(args.caches, "--caches", ("none", "prefix", "dual"))
+    taus, blocks = _floats(args.taus, "--taus"), _ints(args.blocks, "--blocks")
+    if args.out:
+        check_parent = os.path.dirname(os.path.abspath(args.out))
+        from .files import check_out_dir
+
+        check_out_dir(check_parent, flag="--out")
+    filters = {}
+    for spec in args.filters or []:
+        if "=" not in spec:
+            raise ValueError(f"--filters {spec!r}: expected BLOCK=FOLDER, e.g. 64=runs/filter64")
+        block, folder = spec.split("=", 1)
+        filters[int(block)] = Filter.from_pretrained(folder)
+    problems = _sweep_problems(args)
+    device = _device(args.device)
+    model, tok = _load(args.model, device, args.filter, args.allow_other_model)
+    for flt in filters.values():
+        flt.check_model(model, allow_other_model=args.allow_other_model)
+    rows = sweep(model, tok, problems, grid(strategies, taus, eotps, blocks, caches), out=args.out, filters=filters,
+                 batch_size=args.batch_size, max_new_tokens=args.gen_length, checker=args.checker,
+                 progress=not args.json, log=lambda m: print(m, file=sys.stderr))
+    if args.out:
+        with open(args.out, "w") as f:  # rewritten with the frontier marks
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    if args.plot:
+        plot(rows, args.plot)
+    print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from .filter import Filter
+    from .sweep import tune
+
+    folder = args.filter
+    flt = Filter.from_pretrained(folder)
+    out = args.out or folder
+    from .files import check_out_dir
+
+    check_out_dir(out)
+    args.validation = True
+    problems = _sweep_problems(args)
+    device = _device(args.device)
+    model, tok = _load(args.model, device, None)
+    flt.check_model(model, allow_other_model=args.allow_other_model)
+    point = tune(model, tok, flt, problems, _floats(args.taus, "--taus"), eotp=args.eotp, budget=args.budget,
+                 cache=args.cache, batch_size=args.batch_size, max_new_tokens=args.gen_length,
+                 checker=args.checker, progress=True)
+    flt.save_pretrained(out)
+    print(f"tau {point['tau']} ({point['rule']}): accuracy {100 * point['accuracy']:.1f}% at "
+          f"{point['mean_nfe']:.2f} forwards per answer (steps {100 * point['steps_accuracy']:.1f}%); "
+          f"saved to {out}/filter.json")
+    return 0
+
+
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     try:
         from . import lm_eval_model
@@ -291,6 +387,49 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="cpu (default) or cuda: the training data is small")
     t.add_argument("--overwrite", action="store_true", help="replace a filter already in --out")
     t.set_defaults(func=cmd_train_filter)
+
+    w = sub.add_parser("sweep", help="accuracy / forwards frontier over strategies, taus, EoTP modes, block "
+                       "lengths and caches (resumable JSONL, optional PNG)")
+    w.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    w.add_argument("--data", default=None, help='JSONL of {"prompt": ..., "answer": ...} (default: the bundled '
+                   "task's held-out problems)")
+    w.add_argument("--checker", default="hash-number", help="how an answer is scored: hash-number (the integer "
+                   "after ####), last-number, exact, contains")
+    w.add_argument("--problems", type=int, default=200, help="problems (default 200)")
+    w.add_argument("--batch-size", type=int, default=1)
+    w.add_argument("--strategies", default="steps,threshold,learn2pd")
+    w.add_argument("--taus", default="0.9,0.99,0.995,0.999", help="taus of threshold and learn2pd")
+    w.add_argument("--eotp", default="off,accepted", help="EoTP modes (comma-separated)")
+    w.add_argument("--blocks", default="32", help="block lengths (comma-separated)")
+    w.add_argument("--caches", default="none", help="cache modes (comma-separated)")
+    w.add_argument("--filter", default=None, help="filter folder (default: the model's)")
+    w.add_argument("--filters", nargs="*", help="BLOCK=FOLDER: a filter per block length for learn2pd")
+    w.add_argument("--allow-other-model", action="store_true")
+    w.add_argument("--out", default=None, help="JSONL rows (rerunning skips the configurations done)")
+    w.add_argument("--plot", default=None, help="PNG of accuracy against forwards (pip install 'l2pd[plot]')")
+    w.add_argument("--json", action="store_true", help="print the rows as JSON")
+    w.add_argument("--gen-length", type=int, default=256, help="new tokens per answer (default 256)")
+    w.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    w.set_defaults(func=cmd_sweep)
+
+    u = sub.add_parser("tune", help="choose a filter's tau (its operating point) on validation problems and "
+                       "store it in filter.json")
+    u.add_argument("--filter", required=True, help="filter folder")
+    u.add_argument("--out", default=None, help="where the tuned filter goes (default: over --filter)")
+    u.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    u.add_argument("--data", default=None, help='JSONL of {"prompt": ..., "answer": ...} validation problems '
+                   "(default: the bundled task's validation problems, unseen in training and in eval)")
+    u.add_argument("--checker", default="hash-number")
+    u.add_argument("--problems", type=int, default=200)
+    u.add_argument("--batch-size", type=int, default=1)
+    u.add_argument("--taus", default="0.9,0.95,0.98,0.99,0.995,0.998,0.999")
+    u.add_argument("--eotp", choices=["off", "accepted", "predicted"], default="accepted")
+    u.add_argument("--budget", type=float, default=0.5, help="accuracy points below `steps` allowed (default 0.5)")
+    u.add_argument("--cache", choices=["none", "prefix", "dual"], default="none")
+    u.add_argument("--allow-other-model", action="store_true")
+    u.add_argument("--gen-length", type=int, default=256)
+    u.add_argument("--device", default=None)
+    u.set_defaults(func=cmd_tune)
 
     m = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness with the l2pd model registered "
                        "(pip install 'l2pd[eval]'; `l2pd lm-eval --help`)")

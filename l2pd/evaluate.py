@@ -32,6 +32,7 @@ def evaluate(
     batch_size: int = 1,
     progress: bool = True,
     desc: str = "eval",
+    checker: Any = None,
     **decode_kwargs: Any,
 ) -> dict[str, Any]:
     """Decode every problem; returns accuracy, mean forwards per answer, answer tokens/s, wall time.
@@ -42,6 +43,7 @@ def evaluate(
     slowest process).
     """
     rank, world, _ = env_world()
+    check = checker or is_correct  # (answer text, reference) -> bool; default: the bundled task's "#### N"
     decode_kwargs.setdefault("filter", getattr(model, "l2pd_filter", None))  # the filter l2pd.patch attached
     device = model.model.transformer.wte.weight.device
     eos = tokenizer.eos_token_id
@@ -62,7 +64,7 @@ def evaluate(
         lengths = torch.where(is_eos.any(-1), is_eos.float().argmax(-1), answers.shape[1]).tolist()
         texts = answer_texts(tokenizer, out.sequences, ids.shape[1])
         for j, (p, text) in enumerate(zip(batch, texts)):
-            records.append((i + j, is_correct(text, p.answer), int(out.nfe[j]), int(lengths[j]), text))
+            records.append((i + j, bool(check(text, p.answer)), int(out.nfe[j]), int(lengths[j]), text))
         forwards += out.forwards
         bar.update(len(batch) * world)
     bar.close()

@@ -1,0 +1,213 @@
+"""The accuracy / forwards frontier of decoding configurations, and the choice of a filter's operating point.
+
+``sweep`` decodes a problem set under a grid of (strategy, tau, EoTP mode, block length, cache), one row per
+configuration (accuracy with its standard error, mean forwards per answer, answer tokens/s, wall time),
+appended to a JSONL file as each finishes so that a rerun resumes; ``pareto`` marks the rows that no other
+row beats on both accuracy and forwards; ``plot`` draws the frontier (matplotlib, ``pip install
+'l2pd[plot]'``). ``tune`` picks a filter's tau on validation problems by a stated rule and stores it, with
+its figures, in the filter.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .evaluate import evaluate
+
+CONFIG_KEYS = ("strategy", "threshold", "eotp", "block_length", "cache")
+VAL_OFFSET = 900_000_000  # validation problems: the training split's seeds far above any training prompt
+
+
+@dataclass
+class Item:
+    """A problem of a sweep: the question and the reference answer its checker compares against."""
+    question: str
+    answer: Any
+
+
+def _hash_number(text: str, answer: Any) -> bool:
+    from .demo.task import is_correct
+
+    return is_correct(text, int(answer))
+
+
+def _last_number(text: str, answer: Any) -> bool:
+    nums = re.findall(r"-?\d+(?:\.\d+)?", text.replace(",", ""))
+    return bool(nums) and float(nums[-1]) == float(answer)
+
+
+CHECKERS: dict[str, Callable[[str, Any], bool]] = {
+    "hash-number": _hash_number,  # the integer after "####" (GSM8K style; the bundled task)
+    "last-number": _last_number,  # the last number in the answer
+    "exact": lambda text, answer: text.strip() == str(answer).strip(),
+    "contains": lambda text, answer: str(answer) in text,
+}
+
+
+def load_problems(path: str) -> list[Item]:
+    """A JSONL file of ``{"prompt": ..., "answer": ...}`` objects."""
+    from .files import read_prompts
+
+    read_prompts(path)  # the prompt checks, with file and line
+    items = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                obj = json.loads(line)
+                if "answer" not in obj:
+                    raise ValueError(f'{path} line {lineno}: a sweep needs an "answer" next to the "prompt"')
+                items.append(Item(obj["prompt"], obj["answer"]))
+    return items
+
+
+def grid(strategies: list[str], taus: list[float], eotps: list[str], blocks: list[int],
+         caches: list[str]) -> list[dict[str, Any]]:
+    """Every configuration: ``steps`` has no tau; ``threshold`` and ``learn2pd`` take each tau."""
+    out = []
+    for strategy, eotp, block, cache in itertools.product(strategies, eotps, blocks, caches):
+        for tau in ([None] if strategy == "steps" else taus):
+            out.append(dict(strategy=strategy, threshold=tau, eotp=eotp, block_length=block, cache=cache))
+    return out
+
+
+def _key(config: dict[str, Any]) -> str:
+    return json.dumps({k: config.get(k) for k in CONFIG_KEYS}, sort_keys=True)
+
+
+def sweep(model: Any, tokenizer: Any, problems: list[Any], configs: list[dict[str, Any]], out: str | None = None,
+          filters: dict[int, Any] | None = None, batch_size: int = 1, max_new_tokens: int = 256,
+          checker: str = "hash-number", progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+    """Decode ``problems`` under each configuration; rows already in ``out`` (JSONL) are kept, not rerun.
+
+    ``filters`` maps a block length to the filter for ``learn2pd`` at that length (default: the patched
+    filter, at its own block length); learn2pd configurations without one are skipped with a note.
+    """
+    if checker not in CHECKERS:
+        raise ValueError(f"checker {checker!r}: expected one of {sorted(CHECKERS)}")
+    if not problems:
+        raise ValueError("no problems to sweep over")
+    filters = dict(filters or {})
+    patched = getattr(model, "l2pd_filter", None)
+    if patched is not None:
+        filters.setdefault(patched.block_length, patched)
+    done: dict[str, dict] = {}
+    if out and os.path.exists(out):
+        with open(out) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    done[_key(row)] = row
+    rows = []
+    for i, config in enumerate(configs):
+        key = _key(config)
+        if key in done:
+            rows.append(done[key])
+            continue
+        flt = filters.get(config["block_length"]) if config["strategy"] == "learn2pd" else None
+        if config["strategy"] == "learn2pd" and flt is None:
+            log(f"note: no filter for block length {config['block_length']}; skipped {key}")
+            continue
+        kw = {k: v for k, v in config.items() if v is not None}
+        r = evaluate(model, tokenizer, problems, batch_size=batch_size, progress=progress,
+                     desc=f"sweep {i + 1}/{len(configs)}", max_new_tokens=max_new_tokens, filter=flt,
+                     checker=CHECKERS[checker], **kw)
+        n, acc = r["problems"], r["accuracy"]
+        row = {**{k: config.get(k) for k in CONFIG_KEYS}, "problems": n, "accuracy": acc,
+               "stderr": math.sqrt(acc * (1 - acc) / n) if n else float("nan"), "mean_nfe": r["mean_nfe"],
+               "tokens_per_s": r["tokens_per_s"], "seconds": r["seconds"], "max_new_tokens": max_new_tokens}
+        rows.append(row)
+        if out:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return pareto(rows)
+
+
+def pareto(rows: list[dict]) -> list[dict]:
+    """Rows with ``pareto`` set: no other row is at least as accurate with at most as many forwards and
+    better on one of the two."""
+    for r in rows:
+        r["pareto"] = not any(
+            o is not r and o["accuracy"] >= r["accuracy"] and o["mean_nfe"] <= r["mean_nfe"]
+            and (o["accuracy"] > r["accuracy"] or o["mean_nfe"] < r["mean_nfe"]) for o in rows)
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    head = (f"{'strategy':<10}{'tau':>7}{'eotp':>10}{'block':>7}{'cache':>8}{'accuracy':>17}{'forwards':>10}"
+            f"{'tok/s':>9}  frontier")
+    lines = [head, "-" * len(head)]
+    for r in sorted(rows, key=lambda r: (r["mean_nfe"], -r["accuracy"])):
+        tau = "" if r["threshold"] is None else f"{r['threshold']:g}"
+        acc = f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}%"
+        lines.append(f"{r['strategy']:<10}{tau:>7}{r['eotp']:>10}{r['block_length']:>7}{r['cache']:>8}{acc:>17}"
+                     f"{r['mean_nfe']:>10.2f}{r['tokens_per_s']:>9.0f}  {'*' if r.get('pareto') else ''}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Accuracy against forwards per answer (log scale), one curve per (strategy, EoTP, block, cache),
+    the Pareto frontier circled."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("plotting needs matplotlib: pip install 'l2pd[plot]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series: dict[tuple, list[dict]] = {}
+    for r in rows:
+        series.setdefault((r["strategy"], r["eotp"], r["block_length"], r["cache"]), []).append(r)
+    for (strategy, eotp, block, cache), rs in sorted(series.items()):
+        rs = sorted(rs, key=lambda r: r["mean_nfe"])
+        label = f"{strategy}{' + EoTP' if eotp != 'off' else ''}, block {block}" + (f", {cache}" if cache != "none"
+                                                                                     else "")
+        ax.errorbar([r["mean_nfe"] for r in rs], [100 * r["accuracy"] for r in rs],
+                    yerr=[100 * r["stderr"] for r in rs], marker="o", ms=4, capsize=2, label=label)
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["mean_nfe"])
+    ax.plot([r["mean_nfe"] for r in front], [100 * r["accuracy"] for r in front], "k--", lw=1, label="frontier")
+    ax.set_xscale("log")
+    ax.set_xlabel("forwards per answer (log)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def tune(model: Any, tokenizer: Any, flt: Any, problems: list[Any], taus: list[float], eotp: str = "accepted",
+         budget: float = 0.5, cache: str = "none", batch_size: int = 1, max_new_tokens: int = 256,
+         checker: str = "hash-number", progress: bool = True) -> dict[str, Any]:
+    """Choose ``flt``'s tau on validation ``problems``: the fewest forwards per answer whose accuracy is
+    within ``budget`` points of ``steps`` (one token per forward) at the filter's block length; if no tau
+    qualifies, the most accurate. Sets ``flt.threshold`` and ``flt.meta['eotp']`` and stores the rule and
+    every figure in ``flt.meta['operating_point']`` (written to filter.json by ``save_pretrained``)."""
+    if not 0 <= budget <= 100:
+        raise ValueError(f"budget={budget} must be in [0, 100] accuracy points")
+    block = flt.block_length
+    configs = [dict(strategy="steps", threshold=None, eotp="off", block_length=block, cache=cache)]
+    configs += [dict(strategy="learn2pd", threshold=t, eotp=eotp, block_length=block, cache=cache) for t in taus]
+    rows = sweep(model, tokenizer, problems, configs, filters={block: flt}, batch_size=batch_size,
+                 max_new_tokens=max_new_tokens, checker=checker, progress=progress, log=lambda s: None)
+    base, cands = rows[0], rows[1:]
+    ok = [r for r in cands if 100 * r["accuracy"] >= 100 * base["accuracy"] - budget]
+    pick = min(ok, key=lambda r: (r["mean_nfe"], -r["accuracy"])) if ok else max(
+        cands, key=lambda r: (r["accuracy"], -r["mean_nfe"]))
+    flt.threshold = float(pick["threshold"])
+    flt.meta["eotp"] = eotp
+    flt.meta["operating_point"] = {
+        "rule": f"fewest forwards within {budget} points of steps on {len(problems)} validation problems"
+                + ("" if ok else " (none qualified: the most accurate tau)"),
+        "tau": flt.threshold, "eotp": eotp, "block_length": block, "cache": cache, "max_new_tokens": max_new_tokens,
+        "steps_accuracy": base["accuracy"], "accuracy": pick["accuracy"], "mean_nfe": pick["mean_nfe"],
+        "candidates": [{k: r[k] for k in ("threshold", "accuracy", "stderr", "mean_nfe")} for r in cands],
+    }
+    return flt.meta["operating_point"]
