@@ -174,6 +174,13 @@ def plot(rows: list[dict], path: str) -> None:
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["mean_nfe"])
     ax.plot([r["mean_nfe"] for r in front], [100 * r["accuracy"] for r in front], "k--", lw=1, label="frontier")
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, NullFormatter
+
+    lo, hi = min(r["mean_nfe"] for r in rows), max(r["mean_nfe"] for r in rows)
+    ticks = [t for t in (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256, 512, 1024) if lo / 1.2 <= t <= hi * 1.2]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("forwards per answer (log)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
