@@ -89,16 +89,18 @@ def build_model() -> LLaDAModelLM:
 
 
 def make_stepper(model, batch: int, cache: str, refresh: str, fused: bool, graphs: bool) -> Stepper:
+    from l2pd.models import adapter_for
+
     cfg = model.config
-    tf = model.model.transformer
+    adapter = adapter_for(model)
     conf, dec = select_ops("triton", torch.device("cuda"))
-    state = DecodeState.allocate(cfg, batch, P, P + G, False, cache, refresh, torch.bfloat16, torch.device("cuda"))
+    state = DecodeState.allocate(adapter, batch, P, P + G, False, cache, refresh, torch.bfloat16, torch.device("cuda"))
     ids = torch.randint(0, 126000, (batch, P), device="cuda")
     state.load(ids, None, cfg.mask_token_id)
     policy = Policy("steps", cfg.mask_token_id, dict(threshold=float("inf"), mask_id=cfg.mask_token_id,
                                                     eos_id=cfg.eos_token_id, eotp="off", filter_weights=None,
                                                     filter_block=L))
-    return Stepper(tf, cfg, state, policy, conf, dec, kernels=True, graphs=graphs, fused=fused)
+    return Stepper(adapter, state, policy, conf, dec, kernels=True, graphs=graphs, fused=fused)
 
 
 @torch.no_grad()

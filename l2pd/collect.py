@@ -24,6 +24,7 @@ from .decode import generate
 from .distributed import barrier, env_world, mine
 from .files import token_hash
 from .filter import model_fingerprint
+from .models import adapter_for
 
 COLLECT_VERSION = 1
 
@@ -45,7 +46,7 @@ def replay(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen_length: int, b
     P = ids.shape[1]
     final = generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length, strategy="steps",
                      cache=cache)[:, P:]
-    mask_id = model.config.mask_token_id
+    mask_id = adapter_for(model).mask_id
     rows: dict[str, list[torch.Tensor]] = {"features": [], "labels": [], "masked": []}
 
     def on_step(s, step, token, prob, canvas):
@@ -87,9 +88,8 @@ def collect(
     if shard_size % batch_size:
         raise ValueError(f"shard_size={shard_size} must be a multiple of batch_size={batch_size}")
     os.makedirs(out_dir, exist_ok=True)
-    device = model.model.transformer.wte.weight.device
-    pad_id = getattr(model.config, "pad_token_id", None)
-    pad_id = model.config.eos_token_id if pad_id is None else pad_id
+    adapter = adapter_for(model)
+    device, pad_id = adapter.device, adapter.pad_id
     manifest = {
         "version": COLLECT_VERSION, "model_fingerprint": model_fingerprint(model), "gen_length": gen_length,
         "block_length": block_length, "prompts": len(prompts), "shard_size": shard_size, "cache": cache,

@@ -29,7 +29,7 @@ import torch
 
 from .cache import CACHE_MODES, REFRESH_MODES
 from .hf import FinalTokenStream, StopCutter, as_input_ids, end_ids, from_generation_config, refuse_unknown
-from .models.llada import pack_weights
+from .models import adapter_for
 from .step import DecodeState, Policy, Stepper, stepper_for
 
 STRATEGIES = ("steps", "threshold", "learn2pd", "oracle")
@@ -116,13 +116,6 @@ def _finite(name: str, value: Any) -> float:
     return value
 
 
-def _core(model: Any) -> tuple[Any, Any]:
-    transformer = getattr(getattr(model, "model", None), "transformer", None)
-    if transformer is None:
-        raise ValueError(f"{type(model).__name__} has no model.transformer: not a LLaDA model")
-    return transformer, model.config
-
-
 def _cfg_id(config: Any, name: str, default: int) -> int:
     value = getattr(config, name, None)
     return default if value is None else int(value)
@@ -187,7 +180,8 @@ def generate(
     1) gets the prompt, then each token once it and all before it are fixed, up to the end of text.
     Autoregressive-only arguments (``num_beams``, ``top_p``, ...) raise a ValueError unless neutral.
     """
-    transformer, config = _core(model)
+    adapter = adapter_for(model)
+    config = adapter.config
     refuse_unknown(kwargs)
     if generation_config is not None:
         given = dict(max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
@@ -208,7 +202,7 @@ def generate(
             raise ValueError(f"do_sample=True needs temperature > 0, got {temperature}")
     elif temperature is None:
         temperature = 0.0
-    input_ids = as_input_ids(input_ids, transformer.wte.weight.shape[0])
+    input_ids = as_input_ids(input_ids, adapter.vocab_rows)
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         attention_mask = torch.as_tensor(attention_mask)
     if max_new_tokens is None:
@@ -228,8 +222,8 @@ def generate(
             attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1]).repeat_interleave(
                 num_return_sequences, 0)
     ends = end_ids(eos_token_id)
-    mask_id = mask_token_id if mask_token_id is not None else _cfg_id(config, "mask_token_id", 126336)
-    eos_id = ends[0] if ends else _cfg_id(config, "eos_token_id", 126081)
+    mask_id = mask_token_id if mask_token_id is not None else adapter.mask_id
+    eos_id = ends[0] if ends else adapter.eos_id
     pad_id = pad_token_id if pad_token_id is not None else _cfg_id(config, "pad_token_id", eos_id)
 
     if strategy is None:
@@ -284,10 +278,10 @@ def generate(
     stops = StopCutter(ends[1:], stop_strings, tokenizer, eos_id, mask_id)
     G = max_new_tokens
     T = P + G
-    limit = getattr(config, "max_sequence_length", None)
+    limit = adapter.max_length
     if limit is not None and T > limit:
         raise ValueError(f"prompt length {P} + max_new_tokens {G} = {T} exceeds max_sequence_length={limit}")
-    device = transformer.wte.weight.device
+    device = adapter.device
     input_ids = input_ids.to(device)
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
@@ -317,21 +311,20 @@ def generate(
                     target=None if target is None else target.to(device=device, dtype=torch.long))
     if cuda_graph is None:
         cuda_graph = os.environ.get("L2PD_CUDA_GRAPH", "1") != "0"
-    dtype = transformer.wte.weight.dtype
+    dtype = adapter.dtype
 
     if device.type == "cuda" and os.environ.get("L2PD_PACK", "1") != "0":
-        pack_weights(transformer)
+        adapter.pack()
 
     def build() -> Stepper:
-        state = DecodeState.allocate(config, B, P, T, padded, cache, refresh, dtype, device)
-        return Stepper(transformer, config, state, policy, confidence, decide, kernels, cuda_graph)
+        state = DecodeState.allocate(adapter, B, P, T, padded, cache, refresh, dtype, device)
+        return Stepper(adapter, state, policy, confidence, decide, kernels, cuda_graph)
 
     # Steppers that can replay graphs stay on the model, keyed by everything a graph bakes in.
     keep = cuda_graph and kernels and device.type == "cuda" and policy.graphable()
     # refresh and prefix/dual only choose the fed ranges: one stepper (and its graphs) serves them all
     key = (B, P, G, str(dtype), cache != "none", padded, strategy, step_threshold, eotp_mode, mask_id, eos_id,
-           block_length, id(filter) if filter_weights is not None else None, transformer.wte.weight.data_ptr(),
-           transformer.blocks[0].q_proj.weight.data_ptr() if len(transformer.blocks) else 0)
+           block_length, id(filter) if filter_weights is not None else None, adapter.key())
     stepper = stepper_for(model, key, build, keep)
     # a kept stepper keeps its own policy (its graphs point at its filter weights); only the per-call parts move
     stepper.policy.target, stepper.policy.on_step = policy.target, policy.on_step

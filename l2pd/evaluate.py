@@ -12,6 +12,7 @@ from .decode import generate
 from .demo.task import Problem, is_correct
 from .demo.tokenizer import prompt_text
 from .distributed import env_world, gather_objects, mine
+from .models import adapter_for
 
 
 def encode_prompts(tokenizer, questions: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +46,7 @@ def evaluate(
     rank, world, _ = env_world()
     check = checker or is_correct  # (answer text, reference) -> bool; default: the bundled task's "#### N"
     decode_kwargs.setdefault("filter", getattr(model, "l2pd_filter", None))  # the filter l2pd.patch attached
-    device = model.model.transformer.wte.weight.device
+    device = adapter_for(model).device
     eos = tokenizer.eos_token_id
     records: list[tuple[int, bool, int, int, str]] = []  # (problem index, correct, nfe, answer tokens, text)
     forwards = 0
@@ -100,7 +101,8 @@ def convergence_profile(model: Any, tokenizer: Any, problems: list[Problem], gen
     whose argmax already equals the final token at the block's first step and at its later steps; and, at
     the very first forward (all masks), the share of final end-of-text positions already predicted as
     end-of-text with probability > 0.9, by distance from the end of the answer."""
-    device = model.model.transformer.wte.weight.device
+    device = adapter_for(model).device
+    mask_id = adapter_for(model).mask_id
     eos = tokenizer.eos_token_id
     first = [0, 0]
     later = [0, 0]
@@ -112,7 +114,7 @@ def convergence_profile(model: Any, tokenizer: Any, problems: list[Problem], gen
         records: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
 
         def on_step(s, step, token, prob, canvas, records=records):
-            masked = canvas[:, s : s + token.shape[1]] == model.config.mask_token_id
+            masked = canvas[:, s : s + token.shape[1]] == mask_id
             records.append((s, step, token.clone(), masked.clone()))
 
         # one decode: the guesses are recorded as it goes and compared with its final answer afterwards
@@ -124,7 +126,7 @@ def convergence_profile(model: Any, tokenizer: Any, problems: list[Problem], gen
             bucket[0] += int(hit.sum())
             bucket[1] += int(masked.sum())
         # the first forward over an all-mask canvas
-        canvas = torch.cat([ids, torch.full_like(final, model.config.mask_token_id)], 1)
+        canvas = torch.cat([ids, torch.full_like(final, mask_id)], 1)
         full = torch.cat([mask, torch.ones_like(final)], 1)
         logits = model(canvas, attention_mask=full, logits_slice=(P, P + gen_length)).logits.float()
         prob, tok = logits.softmax(-1).max(-1)

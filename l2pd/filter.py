@@ -15,12 +15,11 @@ FILTER_VERSION = 1
 
 def model_fingerprint(model: Any) -> str:
     """A short id of a model's shape and weights (config keys plus a sample of the embedding and head)."""
-    config = model.config
-    tf = model.model.transformer
-    keys = ("d_model", "n_heads", "n_layers", "mlp_hidden_size", "vocab_size", "embedding_size", "rope_theta")
-    h = hashlib.sha256(json.dumps({k: getattr(config, k, None) for k in keys}, sort_keys=True).encode())
-    head = tf.wte if getattr(config, "weight_tying", False) else tf.ff_out
-    for w in (tf.wte.weight, head.weight, tf.ln_f.weight):
+    from .models import adapter_for
+
+    keys, weights = adapter_for(model).fingerprint_parts()
+    h = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())
+    for w in weights:
         sample = w.detach().reshape(-1)[:4096].to("cpu", torch.bfloat16)  # bf16: same id for any load dtype
         h.update(sample.view(torch.int16).numpy().tobytes())
     return h.hexdigest()[:16]

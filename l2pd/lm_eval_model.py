@@ -138,9 +138,9 @@ class L2PDLM(LM):
 
     @torch.no_grad()
     def _forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        from .models.llada import llada_forward
+        from .models import adapter_for
 
-        return llada_forward(self.model.model.transformer, self.model.config, ids).float()
+        return adapter_for(self.model).logits(ids).float()  # token i predicted at position i (Dream: shifted)
 
     @torch.no_grad()
     def _loglikelihood_one(self, context: str, continuation: str, gen: torch.Generator) -> tuple[float, bool]:
@@ -148,7 +148,9 @@ class L2PDLM(LM):
         cont = self.tokenizer(continuation, add_special_tokens=False).input_ids
         if not cont:
             return 0.0, True
-        mask_id = self.model.config.mask_token_id
+        from .models import adapter_for
+
+        mask_id = adapter_for(self.model).mask_id
         seq = torch.tensor(ctx + cont, device=self.device)
         P, L = len(ctx), len(cont)
         target = seq[P:]

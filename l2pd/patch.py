@@ -1,4 +1,4 @@
-"""``l2pd.patch(model)``: give a LLaDA model (ours or the official remote-code class) l2pd's ``generate``.
+"""``l2pd.patch(model)``: give a LLaDA or Dream model (ours or the official remote-code class) l2pd's ``generate``.
 
 Only the module tree and config keys of the official checkpoints are relied on; the model's own forward and
 generate are never called, so the official class works as loaded with ``trust_remote_code=True``.
@@ -11,34 +11,12 @@ import inspect
 from typing import Any
 
 from .decode import generate
-
-_BLOCK_MODULES = ("attn_norm", "ff_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
-_CONFIG_KEYS = ("d_model", "n_heads", "n_layers", "rope_theta", "max_sequence_length")
-_MISSING = object()
+from .models import adapter_for
 
 
 def check_llada(model: Any) -> None:
-    """Raise ValueError naming what is missing if ``model`` does not have the LLaDA module tree."""
-    name = type(model).__name__
-    config = getattr(model, "config", None)
-    if config is None:
-        raise ValueError(f"{name} has no .config: not a LLaDA model")
-    missing = [k for k in _CONFIG_KEYS if getattr(config, k, None) is None]
-    if missing:
-        raise ValueError(f"{name}.config lacks the LLaDA keys {missing}")
-    tf = getattr(getattr(model, "model", None), "transformer", None)
-    if tf is None:
-        raise ValueError(f"{name} has no model.transformer: not a LLaDA model")
-    need = ["wte", "blocks", "ln_f"] + ([] if getattr(config, "weight_tying", False) else ["ff_out"])
-    absent = [k for k in need if not hasattr(tf, k)]
-    if absent:
-        raise ValueError(f"{name}.model.transformer lacks {absent}")
-    if len(tf.blocks) != config.n_layers:
-        raise ValueError(f"{name} has {len(tf.blocks)} blocks but config.n_layers={config.n_layers}")
-    for i, block in enumerate(tf.blocks):
-        absent = [m for m in _BLOCK_MODULES if not hasattr(block, m)]
-        if absent:
-            raise ValueError(f"{name} block {i} lacks {absent} (only the LLaDA 'llama' block is supported)")
+    """Raise ValueError naming what is missing if ``model`` is not a LLaDA or Dream model l2pd can drive."""
+    adapter_for(model)
 
 
 def patch(model: Any, filter: Any = None, allow_other_model: bool = False) -> Any:
@@ -71,6 +49,9 @@ def patch(model: Any, filter: Any = None, allow_other_model: bool = False) -> An
     model.generate = bound_generate
     model.l2pd_filter = filter
     return model
+
+
+_MISSING = object()
 
 
 def unpatch(model: Any) -> Any:

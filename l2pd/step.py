@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from .cache import BlockKVCache
-from .models.llada import llada_forward, positions_from_mask
+from .models.llada import positions_from_mask
 
 GRAPH_MAX_TOKENS = int(os.environ.get("L2PD_GRAPH_MAX_TOKENS", "8192"))  # batch * fed positions
 MAX_STEPPERS = 1  # per model: the graphs of the last shapes used stay captured (a KV cache can be GBs)
@@ -57,12 +57,14 @@ class DecodeState:
     prompt_length: int
 
     @classmethod
-    def allocate(cls, config: Any, batch: int, prompt_length: int, total: int, padded: bool, cache: str,
+    def allocate(cls, adapter: Any, batch: int, prompt_length: int, total: int, padded: bool, cache: str,
                  refresh: str, dtype: torch.dtype, device: torch.device) -> "DecodeState":
         canvas = torch.zeros(batch, total, dtype=torch.int64, device=device)
         mask = torch.ones(batch, total, dtype=torch.int64, device=device) if padded else None
         positions = torch.arange(total, device=device).repeat(batch, 1)
-        kv = None if cache == "none" else BlockKVCache.for_model(config, batch, total, cache, dtype, device, refresh)
+        dec = adapter.decoder
+        kv = None if cache == "none" else BlockKVCache(len(dec.layers), batch, dec.n_kv, total, dec.head_dim, cache,
+                                                       dtype, device, refresh)
         return cls(canvas, mask, positions, kv, prompt_length)
 
     def narrow(self, n: int) -> "DecodeState":
@@ -93,9 +95,10 @@ class DecodeState:
 class Stepper:
     """Runs steps on one ``DecodeState`` under one ``Policy``; ``graphs`` enables CUDA-graph replay."""
 
-    def __init__(self, transformer: Any, config: Any, state: DecodeState, policy: Policy, confidence: Any,
+    def __init__(self, adapter: Any, state: DecodeState, policy: Policy, confidence: Any,
                  decide: Any, kernels: bool, graphs: bool, fused: bool | None = None) -> None:
-        self.transformer, self.config, self.state, self.policy = transformer, config, state, policy
+        self.adapter, self.state, self.policy = adapter, state, policy
+        self.shift = adapter.shift  # Dream: the block's logits come from the hidden states one to the left
         self.confidence, self.decide, self.kernels, self.fused = confidence, decide, kernels, fused
         self._graphs_flag = graphs
         self.children: dict[int, Stepper] = {}
@@ -113,7 +116,7 @@ class Stepper:
             return self
         child = self.children.get(n)
         if child is None:
-            child = self.children[n] = Stepper(self.transformer, self.config, self.state.narrow(n), self.policy,
+            child = self.children[n] = Stepper(self.adapter, self.state.narrow(n), self.policy,
                                                self.confidence, self.decide, self.kernels, self._graphs_flag,
                                                self.fused)
         return child
@@ -130,6 +133,8 @@ class Stepper:
                              f"of a canvas of {T}")
         if not 0 <= k < 2**20 or T >= 2**20:
             raise ValueError(f"k={k} or canvas length {T} outside the packed range (2**20)")
+        if self.shift and fed_start > 0:  # feed the position before the window too: its hidden state is needed
+            fed_start, fed_len = fed_start - self.shift, fed_len + self.shift
         self.params.fill_((fed_start << 40) | (block_start << 20) | k)
         if not self.graphable(fed_len):
             return self.body(fed_start, fed_len, block_start, block_len, k, step, seed), False
@@ -152,9 +157,9 @@ class Stepper:
         word = self.params[0]
         fed0 = word >> 40
         idx = fed0 + self.arange[:fed_len]
-        lidx = ((word >> 20) & 0xFFFFF) - fed0 + self.arange[:block_len]
-        logits = llada_forward(
-            self.transformer, self.config, st.canvas.index_select(1, idx), st.mask, cache=st.kv,
+        lidx = ((word >> 20) & 0xFFFFF) - fed0 - self.shift + self.arange[:block_len]
+        logits = self.adapter.forward(
+            st.canvas.index_select(1, idx), st.mask, cache=st.kv,
             position_ids=st.positions.index_select(1, idx), slots=idx, logits_index=lidx, fused=self.fused,
         )
         token, prob = self.confidence(logits, pol.temperature, seed, suppress=pol.mask_id)

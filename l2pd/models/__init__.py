@@ -1,3 +1,147 @@
-from .llada import LLaDAConfig, LLaDAModelLM
+"""Model families behind one interface: what decoding, caching, patching, collection and evaluation need
+from a model, chosen from the module tree and config of the object (ours or the official remote-code class).
 
-__all__ = ["LLaDAConfig", "LLaDAModelLM"]
+``adapter_for(model)`` returns an ``Adapter``: the model as a ``Decoder`` (embedding, layers, final norm,
+head, shapes), its forward, the logit shift (Dream predicts position i from hidden state i - 1), default
+token ids, device and dtype. Adding a family is one file with its module tree and a branch here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .dream import DreamConfig, DreamModel, dream_decoder
+from .llada import Decoder, LLaDAConfig, LLaDAModelLM, decoder_forward, llada_decoder, pack_layers
+
+__all__ = ["Adapter", "DreamConfig", "DreamModel", "LLaDAConfig", "LLaDAModelLM", "adapter_for"]
+
+_LLADA_BLOCK = ("attn_norm", "ff_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
+_LLADA_CONFIG = ("d_model", "n_heads", "n_layers", "rope_theta", "max_sequence_length")
+_DREAM_CONFIG = ("hidden_size", "num_attention_heads", "num_hidden_layers", "rope_theta")
+
+
+@dataclass
+class Adapter:
+    family: str  # "llada" | "dream"
+    model: Any
+    config: Any
+    decoder: Decoder
+    shift: int  # 1: the logits of position i come from hidden state i - 1
+    mask_id: int
+    eos_id: int
+    pad_id: int
+    max_length: int | None
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.embed.weight.dtype
+
+    @property
+    def vocab_rows(self) -> int:
+        return self.decoder.embed.weight.shape[0]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.decoder.layers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
+        """Unshifted logits (hidden state i -> logits i) over the fed positions; see ``decoder_forward``."""
+        return decoder_forward(self.decoder, input_ids, attention_mask, **kw)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The model's logits over a whole sequence: token i predicted at position i (shift applied)."""
+        out = self.forward(input_ids, attention_mask)
+        return torch.cat([out[:, :1], out[:, :-1]], 1) if self.shift else out
+
+    def pack(self) -> bool:
+        return pack_layers(self.decoder.layers)
+
+    def key(self) -> tuple:
+        """What identifies these weights for kept CUDA graphs."""
+        first = self.decoder.layers[0].q.weight.data_ptr() if self.decoder.layers else 0
+        return (self.family, self.decoder.embed.weight.data_ptr(), first)
+
+    def fingerprint_parts(self) -> tuple[dict, list[torch.Tensor]]:
+        """Config values and weights that identify the model (the filter records it)."""
+        c = self.config
+        if self.family == "llada":  # unchanged since filters were first recorded
+            keys = ("d_model", "n_heads", "n_layers", "mlp_hidden_size", "vocab_size", "embedding_size", "rope_theta")
+            d = self.decoder
+            return {k: getattr(c, k, None) for k in keys}, [d.embed.weight, d.head.weight, d.final_norm.weight]
+        keys = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "intermediate_size",
+                "vocab_size", "rope_theta")
+        d = self.decoder
+        return {"family": "dream", **{k: getattr(c, k, None) for k in keys}}, [d.embed.weight, d.head.weight,
+                                                                             d.final_norm.weight]
+
+
+def _id(config: Any, name: str, default: int) -> int:
+    value = getattr(config, name, None)
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return default if value is None else int(value)
+
+
+def adapter_for(model: Any) -> Adapter:
+    """The adapter for a LLaDA or Dream model (ours or the official class); a ValueError naming what is
+    missing otherwise."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ValueError(f"{name} has no .config: not a LLaDA or Dream model")
+    inner = getattr(model, "model", None)
+    if getattr(inner, "transformer", None) is not None:
+        return _llada(model, name, config)
+    if getattr(inner, "layers", None) is not None and getattr(inner, "embed_tokens", None) is not None:
+        return _dream(model, name, config)
+    raise ValueError(f"{name} has neither model.transformer (LLaDA) nor model.layers + model.embed_tokens (Dream)")
+
+
+def _llada(model: Any, name: str, config: Any) -> Adapter:
+    missing = [k for k in _LLADA_CONFIG if getattr(config, k, None) is None]
+    if missing:
+        raise ValueError(f"{name}.config lacks the LLaDA keys {missing}")
+    tf = model.model.transformer
+    need = ["wte", "blocks", "ln_f"] + ([] if getattr(config, "weight_tying", False) else ["ff_out"])
+    absent = [k for k in need if not hasattr(tf, k)]
+    if absent:
+        raise ValueError(f"{name}.model.transformer lacks {absent}")
+    if len(tf.blocks) != config.n_layers:
+        raise ValueError(f"{name} has {len(tf.blocks)} blocks but config.n_layers={config.n_layers}")
+    for i, block in enumerate(tf.blocks):
+        absent = [m for m in _LLADA_BLOCK if not hasattr(block, m)]
+        if absent:
+            raise ValueError(f"{name} block {i} lacks {absent} (only the LLaDA 'llama' block is supported)")
+    eos = _id(config, "eos_token_id", 126081)
+    return Adapter("llada", model, config, llada_decoder(tf, config), 0, _id(config, "mask_token_id", 126336), eos,
+                   _id(config, "pad_token_id", eos), getattr(config, "max_sequence_length", None))
+
+
+def _dream(model: Any, name: str, config: Any) -> Adapter:
+    missing = [k for k in _DREAM_CONFIG if getattr(config, k, None) is None]
+    if missing:
+        raise ValueError(f"{name}.config lacks the Dream keys {missing}")
+    base = model.model
+    if not hasattr(base, "norm") or (not getattr(config, "tie_word_embeddings", False)
+                                     and not hasattr(model, "lm_head")):
+        raise ValueError(f"{name} lacks model.norm or lm_head")
+    if len(base.layers) != config.num_hidden_layers:
+        raise ValueError(f"{name} has {len(base.layers)} layers but config.num_hidden_layers="
+                         f"{config.num_hidden_layers}")
+    for i, layer in enumerate(base.layers):
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        absent = [m for m in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, m)]
+        absent += [m for m in ("gate_proj", "up_proj", "down_proj") if not hasattr(mlp, m)]
+        absent += [m for m in ("input_layernorm", "post_attention_layernorm") if not hasattr(layer, m)]
+        if absent:
+            raise ValueError(f"{name} layer {i} lacks {absent} (the Dream / Qwen2 layer)")
+    eos = _id(config, "eos_token_id", 151643)
+    return Adapter("dream", model, config, dream_decoder(model, config), 1, _id(config, "mask_token_id", 151666),
+                   eos, _id(config, "pad_token_id", eos), getattr(config, "max_position_embeddings", None))

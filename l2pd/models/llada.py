@@ -156,11 +156,24 @@ def pack_weights(transformer: nn.Module) -> bool:
     names and ``load_state_dict`` (which copies into the views) are unchanged. Only on CUDA (safetensors
     refuses to save CPU tensors that share storage) and without biases. Returns whether the blocks are
     packed now."""
+    return pack_layers([_llada_layer(b) for b in transformer.blocks])
+
+
+def unpack_weights(transformer: nn.Module) -> None:
+    """Undo ``pack_weights``: every weight gets its own storage again."""
+    unpack_layers([_llada_layer(b) for b in transformer.blocks])
+
+
+def _groups(layer: "Layer") -> tuple:
+    return (("_l2pd_qkv", [layer.q, layer.k, layer.v]), ("_l2pd_gate_up", [layer.gate, layer.up]))
+
+
+def pack_layers(layers: list["Layer"]) -> bool:
+    """``pack_weights`` over any ``Decoder``'s layers."""
     done = True
-    for block in transformer.blocks:
-        for attr, names in (("_l2pd_qkv", ("q_proj", "k_proj", "v_proj")), ("_l2pd_gate_up", ("ff_proj", "up_proj"))):
-            mods = [getattr(block, n) for n in names]
-            if _packed(block, attr, mods) is not None:
+    for layer in layers:
+        for attr, mods in _groups(layer):
+            if _packed(layer.owner, attr, mods) is not None:
                 continue
             ws = [m.weight for m in mods]
             if ws[0].device.type != "cuda" or any(getattr(m, "bias", None) is not None for m in mods) or any(
@@ -172,17 +185,15 @@ def pack_weights(transformer: nn.Module) -> bool:
             for m, w in zip(mods, ws):
                 m.weight.data = buf[row : row + w.shape[0]]
                 row += w.shape[0]
-            object.__setattr__(block, attr, buf)  # a plain attribute: not a parameter, not in the state dict
+            object.__setattr__(layer.owner, attr, buf)  # a plain attribute: not a parameter, not in the state dict
     return done
 
 
-def unpack_weights(transformer: nn.Module) -> None:
-    """Undo ``pack_weights``: every weight gets its own storage again."""
-    for block in transformer.blocks:
-        for attr, names in (("_l2pd_qkv", ("q_proj", "k_proj", "v_proj")), ("_l2pd_gate_up", ("ff_proj", "up_proj"))):
-            if vars(block).pop(attr, None) is not None:
-                for n in names:
-                    m = getattr(block, n)
+def unpack_layers(layers: list["Layer"]) -> None:
+    for layer in layers:
+        for attr, mods in _groups(layer):
+            if vars(layer.owner).pop(attr, None) is not None:
+                for m in mods:
                     m.weight.data = m.weight.detach().clone()
 
 
@@ -225,6 +236,74 @@ def llada_forward(
     Device-tensor slots and indices let one captured CUDA graph serve every block. ``fused``: see
     ``forward_ops``.
     """
+    return decoder_forward(llada_decoder(transformer, config), input_ids, attention_mask, cache=cache, start=start,
+                           position_ids=position_ids, logits_slice=logits_slice, slots=slots,
+                           logits_index=logits_index, fused=fused)
+
+
+def llada_decoder(transformer: nn.Module, config: Any) -> Decoder:
+    """LLaDA's module tree (ours or the official class's) as a ``Decoder``."""
+    layers = [_llada_layer(b) for b in transformer.blocks]
+    head = transformer.wte if getattr(config, "weight_tying", False) else transformer.ff_out
+    n_heads = config.n_heads
+    return Decoder(transformer.wte, layers, transformer.ln_f, head, n_heads, config.n_kv_heads or n_heads,
+                   config.d_model // n_heads, config.d_model, getattr(config, "rms_norm_eps", 1e-5), bool(config.rope),
+                   float(config.rope_theta), bool(getattr(config, "scale_logits", False)))
+
+
+def _llada_layer(b: nn.Module) -> "Layer":
+    return Layer(b, b.attn_norm, b.q_proj, b.k_proj, b.v_proj, b.attn_out, b.ff_norm, b.ff_proj, b.up_proj, b.ff_out)
+
+
+@dataclass
+class Layer:
+    """One pre-norm block's modules; ``owner`` holds the packed q/k/v and gate/up buffers."""
+
+    owner: nn.Module
+    attn_norm: nn.Module
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    ff_norm: nn.Module
+    gate: nn.Module
+    up: nn.Module
+    down: nn.Module
+
+
+@dataclass
+class Decoder:
+    """A bidirectional pre-norm RMSNorm / RoPE / SiLU-gated decoder, whatever its module names (LLaDA,
+    Dream): what ``decoder_forward`` runs."""
+
+    embed: nn.Module
+    layers: list[Layer]
+    final_norm: nn.Module
+    head: nn.Module
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    d_model: int
+    eps: float
+    rope: bool
+    rope_theta: float
+    scale_logits: bool = False
+
+
+def decoder_forward(
+    dec: Decoder,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    cache: Any = None,
+    start: int = 0,
+    position_ids: torch.Tensor | None = None,
+    logits_slice: tuple[int, int] | None = None,
+    slots: torch.Tensor | None = None,
+    logits_index: torch.Tensor | None = None,
+    fused: bool | None = None,
+) -> torch.Tensor:
+    """``llada_forward`` over any ``Decoder`` (same arguments, same result)."""
     bsz, seq = input_ids.shape
     device = input_ids.device
     total = cache.length if cache is not None else seq
@@ -244,25 +323,23 @@ def llada_forward(
     sdpa_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
 
     ops = forward_ops(device, fused)
-    n_heads, n_kv = config.n_heads, config.n_kv_heads or config.n_heads
-    head_dim = config.d_model // n_heads
-    eps = getattr(config, "rms_norm_eps", 1e-5)
-    if config.rope:
-        cos, sin = rope_cos_sin(position_ids, head_dim, config.rope_theta)
+    n_heads, n_kv, head_dim, eps = dec.n_heads, dec.n_kv, dec.head_dim, dec.eps
+    if dec.rope:
+        cos, sin = rope_cos_sin(position_ids, head_dim, dec.rope_theta)
     else:  # the identity rotation
         cos = torch.ones(bsz, seq, head_dim // 2, device=device)
         sin = torch.zeros_like(cos)
     fresh_slots = torch.arange(seq, device=device) if cache is None else None
 
-    x = F.embedding(input_ids, transformer.wte.weight)
+    x = F.embedding(input_ids, dec.embed.weight)
     delta = None  # the last residual branch, added inside the next norm
-    for layer, block in enumerate(transformer.blocks):
-        h, x = _norm(ops, x, block.attn_norm, eps, delta)
-        qkv = _packed(block, "_l2pd_qkv", [block.q_proj, block.k_proj, block.v_proj])
+    for layer, blk in enumerate(dec.layers):
+        h, x = _norm(ops, x, blk.attn_norm, eps, delta)
+        qkv = _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])
         if qkv is not None:  # one matmul; q, k, v are column slices (the rope kernel takes strides)
             q, k, v = ops.linear(h, qkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
         else:
-            q, k, v = _linear(h, block.q_proj), _linear(h, block.k_proj), _linear(h, block.v_proj)
+            q, k, v = _linear(h, blk.q), _linear(h, blk.k), _linear(h, blk.v)
         q = q.view(bsz, seq, n_heads, head_dim)
         k = k.view(bsz, seq, n_kv, head_dim)
         v = v.view(bsz, seq, n_kv, head_dim)
@@ -273,14 +350,14 @@ def llada_forward(
             v_all = torch.empty_like(k_all)
         q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, fresh_slots if cache is None else slots)
         att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
-        a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, config.d_model), block.attn_out)
-        h, x = _norm(ops, x, block.ff_norm, eps, a)
-        gate_up = _packed(block, "_l2pd_gate_up", [block.ff_proj, block.up_proj])
+        a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
+        h, x = _norm(ops, x, blk.ff_norm, eps, a)
+        gate_up = _packed(blk.owner, "_l2pd_gate_up", [blk.gate, blk.up])
         if gate_up is not None:  # silu(gate) * up straight from the packed matmul
             act = ops.linear_gate_up_silu(h, gate_up)
         else:
-            act = ops.silu_mul(_linear(h, block.ff_proj), _linear(h, block.up_proj))
-        delta = _lin(ops, act, block.ff_out)
+            act = ops.silu_mul(_linear(h, blk.gate), _linear(h, blk.up))
+        delta = _lin(ops, act, blk.down)
 
     if delta is None:  # no blocks
         delta = torch.zeros_like(x)
@@ -288,11 +365,10 @@ def llada_forward(
         x, delta = x.index_select(1, logits_index), delta.index_select(1, logits_index)
     elif logits_slice is not None:
         x, delta = x[:, logits_slice[0] : logits_slice[1]], delta[:, logits_slice[0] : logits_slice[1]]
-    x, _ = _norm(ops, x, transformer.ln_f, eps, delta)
-    head = transformer.wte if getattr(config, "weight_tying", False) else transformer.ff_out
-    logits = ops.linear(x, head.weight)
-    if getattr(config, "scale_logits", False):
-        logits = logits * (1.0 / math.sqrt(config.d_model))
+    x, _ = _norm(ops, x, dec.final_norm, eps, delta)
+    logits = _lin(ops, x, dec.head)
+    if dec.scale_logits:
+        logits = logits * (1.0 / math.sqrt(dec.d_model))
     return logits
 
 
