@@ -54,9 +54,11 @@ def reference_logits(model, ids, mask=None):
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         h = norm(x, sd[p + "input_layernorm.weight"])
-        q = (h @ sd[p + "self_attn.q_proj.weight"].T + sd[p + "self_attn.q_proj.bias"]).view(B, S, H, D).transpose(1, 2)
-        k = (h @ sd[p + "self_attn.k_proj.weight"].T + sd[p + "self_attn.k_proj.bias"]).view(B, S, KV, D).transpose(1, 2)
-        v = (h @ sd[p + "self_attn.v_proj.weight"].T + sd[p + "self_attn.v_proj.bias"]).view(B, S, KV, D).transpose(1, 2)
+        def proj(name, heads):
+            y = h @ sd[p + f"self_attn.{name}.weight"].T + sd[p + f"self_attn.{name}.bias"]
+            return y.view(B, S, heads, D).transpose(1, 2)
+
+        q, k, v = proj("q_proj", H), proj("k_proj", KV), proj("v_proj", KV)
         q, k = rot(q), rot(k)
         k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(D)
@@ -203,9 +205,8 @@ def test_not_a_known_model_is_a_clear_error():
 def test_a_cached_step_reads_the_same_hidden_states_as_the_full_forward(cache):
     """On an unchanged canvas, a cached step (which feeds the position before the block too) gives the
     block the same tokens and confidences as the full forward: the shift is handled alike in both paths."""
-    from l2pd_kernels import reference
-
     from l2pd.step import DecodeState, Policy, Stepper
+    from l2pd_kernels import reference
 
     model = tiny_dream(7)
     ad = adapter_for(model)
