@@ -54,7 +54,7 @@ def reference_logits(model, ids, mask=None):
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         h = norm(x, sd[p + "input_layernorm.weight"])
-        def proj(name, heads):
+        def proj(name, heads, h=h, p=p):
             y = h @ sd[p + f"self_attn.{name}.weight"].T + sd[p + f"self_attn.{name}.bias"]
             return y.view(B, S, heads, D).transpose(1, 2)
 
