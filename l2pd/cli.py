@@ -69,7 +69,9 @@ def _load(model_dir: str | None, device: str, filter_dir: str | None = None, all
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"--model {model_dir!r}: no such folder")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        model = l2pd.LLaDAModelLM.from_pretrained(model_dir, torch_dtype=dtype, device=device)
+        from .models import load_pretrained
+
+        model = load_pretrained(model_dir, torch_dtype=dtype, device=device)
         tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
         filter_dir = filter_dir or _filter_beside(model_dir)
         l2pd.patch(model)

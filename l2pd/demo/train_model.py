@@ -25,6 +25,7 @@ from multiprocessing import Pool
 import torch
 import torch.nn.functional as F
 
+from ..models.dream import DreamConfig, DreamModel
 from ..models.llada import LLaDAConfig, LLaDAModelLM
 from .task import TRAIN_SEEDS, problem
 from .tokenizer import build_tokenizer, prompt_text
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--mlp", type=int, default=768)
+    ap.add_argument("--family", choices=["llada", "dream"], default="llada",
+                    help="the checkpoint format: LLaDA, or Dream (biased q/k/v, grouped-query attention with half "
+                         "as many key/value heads, shifted logits)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--first-problem", type=int, default=0,
                     help="index of the first training seed (fresh problems for a continued run)")
@@ -116,24 +120,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {len(pairs)} problems in {time.time() - t_start:.1f} s, vocab {len(tokenizer)}", flush=True)
 
     vocab = len(tokenizer)
-    config = LLaDAConfig(
-        d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.heads, n_layers=args.layers,
-        mlp_hidden_size=args.mlp, vocab_size=vocab, embedding_size=-(-vocab // 64) * 64,
-        max_sequence_length=2048, rope_theta=10000.0,
-        mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-    )
+    ids = dict(mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    if args.family == "dream":
+        config = DreamConfig(hidden_size=args.d_model, num_attention_heads=args.heads,
+                             num_key_value_heads=max(1, args.heads // 2), num_hidden_layers=args.layers,
+                             intermediate_size=args.mlp, vocab_size=-(-vocab // 64) * 64,
+                             max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5, **ids)
+        model_cls = DreamModel
+    else:
+        config = LLaDAConfig(
+            d_model=args.d_model, n_heads=args.heads, n_kv_heads=args.heads, n_layers=args.layers,
+            mlp_hidden_size=args.mlp, vocab_size=vocab, embedding_size=-(-vocab // 64) * 64,
+            max_sequence_length=2048, rope_theta=10000.0, **ids,
+        )
+        model_cls = LLaDAModelLM
     dev = torch.device(args.device)
     if args.init:
-        model = LLaDAModelLM.from_pretrained(args.init, torch_dtype=torch.float32, device=dev)
+        model = model_cls.from_pretrained(args.init, torch_dtype=torch.float32, device=dev)
         config = model.config
     else:
-        model = LLaDAModelLM(config).to(dev)
+        model = model_cls(config).to(dev)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.dim() == 2:
-                    torch.nn.init.normal_(p, std=0.02 if "ff_out" not in name and "attn_out" not in name
-                                          else 0.02 / math.sqrt(2 * args.layers))
+                    out_proj = any(k in name for k in ("ff_out", "attn_out", "o_proj", "down_proj"))
+                    torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * args.layers) if out_proj else 0.02)
+                elif name.endswith(".bias"):
+                    torch.nn.init.zeros_(p)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=dev.type == "cuda")

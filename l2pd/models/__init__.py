@@ -16,7 +16,22 @@ import torch
 from .dream import DreamConfig, DreamModel, dream_decoder
 from .llada import Decoder, LLaDAConfig, LLaDAModelLM, decoder_forward, llada_decoder, pack_layers
 
-__all__ = ["Adapter", "DreamConfig", "DreamModel", "LLaDAConfig", "LLaDAModelLM", "adapter_for"]
+__all__ = ["Adapter", "DreamConfig", "DreamModel", "LLaDAConfig", "LLaDAModelLM", "adapter_for", "load_pretrained"]
+
+
+def load_pretrained(folder: str, torch_dtype: Any = None, device: Any = "cpu") -> Any:
+    """Our LLaDA or Dream class for a checkpoint folder, chosen by its config.json (``model_type``)."""
+    import os
+
+    from ..files import read_json
+
+    path = os.path.join(os.fspath(folder), "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config.json in {os.fspath(folder)!r}")
+    cfg = read_json(path, "config.json")
+    kind = str(cfg.get("model_type", "")).lower() if isinstance(cfg, dict) else ""
+    cls = DreamModel if kind == "dream" else LLaDAModelLM
+    return cls.from_pretrained(folder, torch_dtype=torch_dtype, device=device)
 
 _LLADA_BLOCK = ("attn_norm", "ff_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 _LLADA_CONFIG = ("d_model", "n_heads", "n_layers", "rope_theta", "max_sequence_length")

@@ -161,10 +161,18 @@ class DreamModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
-        """Shifted logits over the whole sequence, as the official model returns them."""
-        logits = decoder_forward(dream_decoder(self, self.config), input_ids, attention_mask, **kwargs)
-        return DreamOutput(shift_logits(logits))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                logits_slice: tuple[int, int] | None = None, **kwargs: Any):
+        """Shifted logits (token i predicted at position i), as the official model returns them; over the
+        whole sequence, or over positions ``logits_slice=(a, b)`` (read from hidden states a - 1 .. b - 2)."""
+        if "logits_index" in kwargs:
+            raise ValueError("DreamModel.forward takes logits_slice, not logits_index")
+        dec = dream_decoder(self, self.config)
+        if logits_slice is not None and logits_slice[0] > 0:
+            a, b = logits_slice
+            return DreamOutput(decoder_forward(dec, input_ids, attention_mask, logits_slice=(a - 1, b - 1), **kwargs))
+        logits = shift_logits(decoder_forward(dec, input_ids, attention_mask, **kwargs))
+        return DreamOutput(logits if logits_slice is None else logits[:, logits_slice[0] : logits_slice[1]])
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | str | None = None,

@@ -128,11 +128,12 @@ def _lin(ops: Any, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 def forward_ops(device: torch.device, fused: bool | None = None) -> Any:
     """The forward's elementwise ops: the fused Triton kernels or ``l2pd_kernels.reference``.
 
-    ``fused=None``: the kernels on CUDA (``L2PD_FUSED=0`` turns them off), the reference elsewhere (the
+    ``fused=None``: the kernels on CUDA without autograd (``L2PD_FUSED=0`` turns them off), the reference
+    elsewhere (the
     interpreter would make a CPU forward slow; tests compare the two directly).
     """
-    if fused is None:
-        fused = device.type == "cuda" and os.environ.get("L2PD_FUSED", "1") != "0"
+    if fused is None:  # the kernels have no backward: training (grad enabled) runs the reference ops
+        fused = device.type == "cuda" and os.environ.get("L2PD_FUSED", "1") != "0" and not torch.is_grad_enabled()
     if not fused:
         return reference
     import l2pd_kernels
