@@ -129,8 +129,7 @@ def forward_ops(device: torch.device, fused: bool | None = None) -> Any:
     """The forward's elementwise ops: the fused Triton kernels or ``l2pd_kernels.reference``.
 
     ``fused=None``: the kernels on CUDA without autograd (``L2PD_FUSED=0`` turns them off), the reference
-    elsewhere (the
-    interpreter would make a CPU forward slow; tests compare the two directly).
+    elsewhere (the interpreter would make a CPU forward slow; tests compare the two directly).
     """
     if fused is None:  # the kernels have no backward: training (grad enabled) runs the reference ops
         fused = device.type == "cuda" and os.environ.get("L2PD_FUSED", "1") != "0" and not torch.is_grad_enabled()
