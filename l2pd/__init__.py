@@ -4,7 +4,7 @@ from .cache import BlockKVCache
 from .collect import collect  # the function; the module stays importable as l2pd.collect via sys.modules
 from .decode import GenerateOutput, generate
 from .filter import Filter
-from .models.llada import LLaDAConfig, LLaDAModelLM
+from .models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, load_pretrained
 from .patch import patch, unpatch
 from .train import train_filter
 
@@ -12,12 +12,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockKVCache",
+    "DreamConfig",
+    "DreamModel",
     "Filter",
     "GenerateOutput",
     "LLaDAConfig",
     "LLaDAModelLM",
     "collect",
     "generate",
+    "load_pretrained",
     "patch",
     "train_filter",
     "unpatch",
