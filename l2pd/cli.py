@@ -295,6 +295,54 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spec(text: str) -> dict:
+    """``key=value,...`` decode settings for ``--vs`` (numbers parsed, the rest kept as strings)."""
+    out: dict = {}
+    for part in (p for p in text.split(",") if p.strip()):
+        if "=" not in part:
+            raise ValueError(f"--vs {text!r}: expected key=value pairs, e.g. strategy=threshold,threshold=0.9")
+        k, v = (x.strip() for x in part.split("=", 1))
+        if k not in ("strategy", "threshold", "eotp", "cache", "refresh", "block_length", "steps"):
+            raise ValueError(f"--vs: {k!r} is not a decode setting (strategy, threshold, eotp, cache, refresh, "
+                             "block_length, steps)")
+        try:
+            out[k] = int(v) if k in ("block_length", "steps") else float(v) if k == "threshold" else v
+        except ValueError:
+            raise ValueError(f"--vs: {k}={v!r} is not a number") from None
+    return out
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .files import check_out_dir
+    from .trace import trace, write_html, write_png
+
+    for path in (args.out, args.png):
+        if path:
+            check_out_dir(os.path.dirname(os.path.abspath(path)), flag="--out")
+    device = _device(args.device)
+    model, tok = _load(args.model, device, args.filter, args.allow_other_model)
+    base = {k: v for k, v in dict(strategy=args.strategy, threshold=args.threshold, eotp=args.eotp,
+                                  cache=args.cache, refresh=args.refresh, block_length=args.block_length).items()
+            if v is not None}
+    configs = [base] + ([{**base, **_spec(args.vs)}] if args.vs else [])
+    records = [trace(model, tok, args.prompt, max_new_tokens=args.gen_length, **c) for c in configs]
+    for path in (args.out, args.png):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_html(records, args.out)
+    json_path = args.json_out or os.path.splitext(args.out)[0] + ".json"
+    with open(json_path, "w") as f:
+        json.dump(records, f)
+    if args.png:
+        write_png(records, args.png)
+    for r in records:
+        from .trace import label
+
+        print(f"{label(r)}: {r['forwards']} forwards, {r['seconds']:.2f} s: {r['answer_text']!r}")
+    print(f"wrote {args.out} and {json_path}" + (f" and {args.png}" if args.png else ""))
+    return 0
+
+
 def cmd_lm_eval(args: argparse.Namespace) -> int:
     try:
         from . import lm_eval_model
@@ -432,6 +480,19 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--gen-length", type=int, default=256)
     u.add_argument("--device", default=None)
     u.set_defaults(func=cmd_tune)
+
+    r = sub.add_parser("trace", help="record one decode forward by forward and draw it as a self-contained "
+                       "HTML page (and JSON, optionally a PNG)")
+    r.add_argument("--prompt", required=True, help="the user message")
+    r.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    r.add_argument("--out", default="trace.html", help="the page (default trace.html); the JSON goes beside it")
+    r.add_argument("--json-out", default=None, help="where the JSON goes (default: --out with .json)")
+    r.add_argument("--png", default=None, help="a summary picture (pip install 'l2pd[plot]')")
+    r.add_argument("--vs", default=None, help="a second configuration drawn beside the first, as changes to it: "
+                   "e.g. strategy=threshold,threshold=0.9,eotp=off")
+    _add_decode_args(r, filter_block=True)
+    _add_strategy_args(r)
+    r.set_defaults(func=cmd_trace)
 
     m = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness with the l2pd model registered "
                        "(pip install 'l2pd[eval]'; `l2pd lm-eval --help`)")
