@@ -81,7 +81,7 @@ def collect(
     ``torchrun`` each process takes the shards whose index is its rank modulo the world size and writes them
     into the same folder: the folder ends up exactly as one process would have written it.
     """
-    from safetensors.torch import save_file
+    from .files import save_safetensors
 
     if not prompts:
         raise ValueError("no prompts to collect from")
@@ -137,7 +137,7 @@ def collect(
         meta = {k: str(v) for k, v in manifest.items()}
         meta.update(first_prompt=str(lo), last_prompt=str(hi - 1), rows=str(len(data["features"])))
         tmp = name + ".tmp"
-        save_file(data, tmp, metadata=meta)
+        save_safetensors(data, tmp, metadata=meta)
         os.replace(tmp, name)  # atomic: a shard is either complete or absent
         written += 1
     bar.close()

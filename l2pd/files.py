@@ -33,6 +33,17 @@ def load_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
                          "corrupt: copy or save it again") from None
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file`` with the permissions any other written file gets (it creates files
+    readable by their owner only)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """The ``"prompt"`` strings of a JSONL file (one ``{"prompt": ...}`` object per line; blank lines skipped)."""
     path = os.fspath(path)

@@ -72,11 +72,12 @@ class Filter(nn.Module):
             )
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
+        from .files import save_safetensors
 
         os.makedirs(folder, exist_ok=True)
         state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(folder, "filter.safetensors"), metadata={"version": str(FILTER_VERSION)})
+        save_safetensors(state, os.path.join(folder, "filter.safetensors"),
+                         metadata={"version": str(FILTER_VERSION)})
         info = {
             "version": FILTER_VERSION, "block_length": self.block_length, "hidden": self.hidden,
             "depth": self.depth, "threshold": self.threshold, **self.meta,

@@ -140,3 +140,25 @@ def test_demo_with_another_block_length_skips_learn2pd(capsys):
     rows = json.loads(captured.out)
     assert "trained for block length 32, not 16" in captured.err
     assert {r["config"] for r in rows} == {"steps", "threshold 0.9", "threshold 0.9 + EoTP"}
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """safetensors creates owner-only files; what l2pd writes is readable like any other file."""
+    import stat
+
+    from l2pd import Filter
+
+    umask = os.umask(0o022)
+    try:
+        model = tiny_model(seed=1)
+        model.save_pretrained(tmp_path / "m")
+        Filter(block_length=4, hidden=4).save_pretrained(tmp_path / "f")
+        prompts = [torch.randint(0, 58, (5,)).tolist() for _ in range(2)]
+        collect(model, prompts, str(tmp_path / "c"), gen_length=4, block_length=4, batch_size=2, shard_size=2,
+                progress=False)
+        files = [tmp_path / "m" / "model.safetensors", tmp_path / "f" / "filter.safetensors",
+                 tmp_path / "c" / "shard-00000.safetensors"]
+        for f in files:
+            assert stat.S_IMODE(os.stat(f).st_mode) == 0o644, f
+    finally:
+        os.umask(umask)

@@ -211,7 +211,7 @@ class DreamModel(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
         """Write ``config.json`` and safetensors in the official layout (sharded above ``max_shard_bytes``)."""
-        from safetensors.torch import save_file
+        from ..files import save_safetensors
 
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
@@ -219,7 +219,7 @@ class DreamModel(nn.Module):
             json.dump({**self.config.to_dict(), "torch_dtype": str(self.dtype).replace("torch.", "")}, f, indent=2)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         if max_shard_bytes is None:
-            save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+            save_safetensors(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
             return
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
@@ -233,7 +233,7 @@ class DreamModel(nn.Module):
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+            save_safetensors(shard, os.path.join(folder, name), metadata={"format": "pt"})
             weight_map.update({k: name for k in shard})
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)

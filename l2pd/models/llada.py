@@ -490,7 +490,7 @@ class LLaDAModelLM(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
         """Write ``config.json`` and safetensors in the official layout (sharded above ``max_shard_bytes``)."""
-        from safetensors.torch import save_file
+        from ..files import save_safetensors
 
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
@@ -501,7 +501,7 @@ class LLaDAModelLM(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"format": "pt"}
         if max_shard_bytes is None:
-            save_file(state, os.path.join(folder, "model.safetensors"), metadata=meta)
+            save_safetensors(state, os.path.join(folder, "model.safetensors"), metadata=meta)
             return
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
@@ -515,7 +515,7 @@ class LLaDAModelLM(nn.Module):
         weight_map = {}
         for i, shard in enumerate(shards):
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(folder, fname), metadata=meta)
+            save_safetensors(shard, os.path.join(folder, fname), metadata=meta)
             weight_map.update(dict.fromkeys(shard, fname))
         total = sum(t.numel() * t.element_size() for t in state.values())
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
