@@ -101,8 +101,8 @@ def convergence_profile(model: Any, tokenizer: Any, problems: list[Problem], gen
     whose argmax already equals the final token at the block's first step and at its later steps; and, at
     the very first forward (all masks), the share of final end-of-text positions already predicted as
     end-of-text with probability > 0.9, by distance from the end of the answer."""
-    device = adapter_for(model).device
-    mask_id = adapter_for(model).mask_id
+    adapter = adapter_for(model)
+    device, mask_id = adapter.device, adapter.mask_id
     eos = tokenizer.eos_token_id
     first = [0, 0]
     later = [0, 0]

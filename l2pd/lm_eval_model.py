@@ -67,6 +67,9 @@ class L2PDLM(LM):
         self.model, self.tokenizer = _load(pretrained, str(self.device), filter, _bool(allow_other_model))
         if dtype is not None:
             self.model.to(getattr(torch, dtype))
+        from .models import adapter_for
+
+        self.adapter = adapter_for(self.model)
         self.decode = {k: v for k, v in dict(strategy=strategy, eotp=eotp, cache=cache, refresh=refresh).items()
                        if v is not None}
         if threshold is not None:
@@ -138,9 +141,7 @@ class L2PDLM(LM):
 
     @torch.no_grad()
     def _forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        from .models import adapter_for
-
-        return adapter_for(self.model).logits(ids).float()  # token i predicted at position i (Dream: shifted)
+        return self.adapter.logits(ids).float()  # token i predicted at position i (Dream: shifted)
 
     @torch.no_grad()
     def _loglikelihood_one(self, context: str, continuation: str, gen: torch.Generator) -> tuple[float, bool]:
@@ -148,9 +149,7 @@ class L2PDLM(LM):
         cont = self.tokenizer(continuation, add_special_tokens=False).input_ids
         if not cont:
             return 0.0, True
-        from .models import adapter_for
-
-        mask_id = adapter_for(self.model).mask_id
+        mask_id = self.adapter.mask_id
         seq = torch.tensor(ctx + cont, device=self.device)
         P, L = len(ctx), len(cont)
         target = seq[P:]

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from .cache import BlockKVCache
-from .models.llada import positions_from_mask
+from .models.decoder import positions_from_mask
 
 GRAPH_MAX_TOKENS = int(os.environ.get("L2PD_GRAPH_MAX_TOKENS", "8192"))  # batch * fed positions
 MAX_STEPPERS = 1  # per model: the graphs of the last shapes used stay captured (a KV cache can be GBs)

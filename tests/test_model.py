@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from l2pd import BlockKVCache, LLaDAModelLM
-from l2pd.models.llada import positions_from_mask
+from l2pd.models.decoder import positions_from_mask
 from tests.conftest import tiny_model
 
 

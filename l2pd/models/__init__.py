@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from .decoder import Decoder, decoder_forward, pack_layers
 from .dream import DreamConfig, DreamModel, dream_decoder
-from .llada import Decoder, LLaDAConfig, LLaDAModelLM, decoder_forward, llada_decoder, pack_layers
+from .llada import LLaDAConfig, LLaDAModelLM, llada_decoder
 
 __all__ = ["Adapter", "DreamConfig", "DreamModel", "LLaDAConfig", "LLaDAModelLM", "adapter_for", "load_pretrained"]
 

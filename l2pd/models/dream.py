@@ -11,7 +11,6 @@ predicted from the same hidden position as in the uncached forward.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .llada import Decoder, Layer, RMSNorm, _resolve_dtype, decoder_forward
+from .decoder import Decoder, Layer, RMSNorm, decoder_forward
 
 # Dream-v0-Instruct-7B values; a config.json overrides any of them.
 _DEFAULTS: dict[str, Any] = {
@@ -178,62 +177,15 @@ class DreamModel(nn.Module):
     def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | str | None = None,
                         device: str | torch.device = "cpu") -> "DreamModel":
         """Load ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)."""
-        from ..files import load_safetensors, read_json
+        from . import checkpoint
 
-        folder = os.fspath(folder)
-        cfg_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"no config.json in {folder!r}")
-        config = DreamConfig.from_json(cfg_path)
-        dtype = _resolve_dtype(torch_dtype, config)
-        single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
-        if os.path.isfile(single):
-            files = [single]
-        elif os.path.isfile(index):
-            weight_map = read_json(index, "shard index")["weight_map"]
-            files = [os.path.join(folder, n) for n in sorted(set(weight_map.values()))]
-        else:
-            raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder!r}")
-        with torch.device("meta"):
-            model = cls(config)
-        state: dict[str, torch.Tensor] = {}
-        for path in files:
-            state.update(load_safetensors(path, device=str(device)))
-        state = {k: v.to(dtype) for k, v in state.items()}
-        if config.tie_word_embeddings:
-            state.pop("lm_head.weight", None)
-        try:
-            model.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as exc:
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()][1:4]
-            raise ValueError(f"{folder}: the weights do not match config.json: {' '.join(lines)}") from None
-        return model.eval()
+        def tied(c):
+            return "lm_head.weight" if c.tie_word_embeddings else None
+
+        return checkpoint.load(cls, DreamConfig, folder, torch_dtype, device, tied)
 
     def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
         """Write ``config.json`` and safetensors in the official layout (sharded above ``max_shard_bytes``)."""
-        from ..files import save_safetensors
+        from . import checkpoint
 
-        folder = os.fspath(folder)
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump({**self.config.to_dict(), "torch_dtype": str(self.dtype).replace("torch.", "")}, f, indent=2)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if max_shard_bytes is None:
-            save_safetensors(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-            return
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for k, v in state.items():
-            n = v.numel() * v.element_size()
-            if shards[-1] and size + n > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += n
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_safetensors(shard, os.path.join(folder, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+        checkpoint.save(self, folder, max_shard_bytes)

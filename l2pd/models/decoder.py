@@ -1,0 +1,256 @@
+"""The decoder every supported family shares: a bidirectional pre-norm stack of RMSNorm, RoPE attention
+(grouped-query allowed) and a SiLU-gated MLP, described by a ``Decoder`` (which modules play which part)
+and run by ``decoder_forward`` with or without a block KV cache. Family files (``llada.py``, ``dream.py``)
+only map their module trees onto it. Elementwise work goes through ``forward_ops``: the fused Triton
+kernels on CUDA without autograd, ``l2pd_kernels.reference`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from l2pd_kernels import reference
+
+
+def rms_norm(x: torch.Tensor, norm: nn.Module, eps: float) -> torch.Tensor:
+    # Same order of operations as the official RMSLayerNorm: normalise in fp32, cast back, then scale.
+    out, _ = reference.rms_norm(x, getattr(norm, "weight", None), eps)
+    bias = getattr(norm, "bias", None)
+    return out if bias is None else out + bias
+
+
+_INV_FREQ: dict[tuple, torch.Tensor] = {}
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, S, head_dim / 2] in fp32 for integer positions [B, S] (rotate-half layout: both halves
+    of a head use the same angles)."""
+    key = (positions.device, head_dim, float(theta))
+    inv_freq = _INV_FREQ.get(key)
+    if inv_freq is None:
+        exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+        inv_freq = 1.0 / (theta**exponent)
+        _INV_FREQ[key] = inv_freq
+    freqs = positions.float()[..., None] * inv_freq  # [B, S, D/2]
+    return freqs.cos(), freqs.sin()
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore left padding: each row counts from 0 at its first real token."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    return F.linear(x, module.weight, getattr(module, "bias", None))
+
+
+def _lin(ops: Any, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """A linear layer through the forward's ops (the few-row kernel on CUDA) when it has no bias."""
+    if getattr(module, "bias", None) is not None:
+        return _linear(x, module)
+    return ops.linear(x, module.weight)
+
+
+def forward_ops(device: torch.device, fused: bool | None = None) -> Any:
+    """The forward's elementwise ops: the fused Triton kernels or ``l2pd_kernels.reference``.
+
+    ``fused=None``: the kernels on CUDA without autograd (``L2PD_FUSED=0`` turns them off), the reference
+    elsewhere (the interpreter would make a CPU forward slow; tests compare the two directly).
+    """
+    if fused is None:  # the kernels have no backward: training (grad enabled) runs the reference ops
+        fused = device.type == "cuda" and os.environ.get("L2PD_FUSED", "1") != "0" and not torch.is_grad_enabled()
+    if not fused:
+        return reference
+    import l2pd_kernels
+
+    return l2pd_kernels
+
+
+def _norm(ops: Any, x: torch.Tensor, norm: nn.Module, eps: float, delta: torch.Tensor | None):
+    """(norm(x + delta), x + delta); the fused kernel where the norm has no bias and matches x's dtype."""
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    if bias is not None or (weight is not None and weight.dtype != x.dtype):
+        x = x if delta is None else x + delta
+        return rms_norm(x, norm, eps), x
+    return ops.rms_norm(x, weight, eps, delta=delta)
+
+
+def _groups(layer: "Layer") -> tuple:
+    return (("_l2pd_qkv", [layer.q, layer.k, layer.v]), ("_l2pd_gate_up", [layer.gate, layer.up]))
+
+
+def pack_layers(layers: list["Layer"]) -> bool:
+    """``pack_weights`` over any ``Decoder``'s layers."""
+    done = True
+    for layer in layers:
+        for attr, mods in _groups(layer):
+            if _packed(layer.owner, attr, mods) is not None:
+                continue
+            ws = [m.weight for m in mods]
+            if ws[0].device.type != "cuda" or any(getattr(m, "bias", None) is not None for m in mods) or any(
+                    w.dtype != ws[0].dtype for w in ws):
+                done = False
+                continue
+            buf = torch.cat([w.detach() for w in ws])
+            row = 0
+            for m, w in zip(mods, ws):
+                m.weight.data = buf[row : row + w.shape[0]]
+                row += w.shape[0]
+            object.__setattr__(layer.owner, attr, buf)  # a plain attribute: not a parameter, not in the state dict
+    return done
+
+
+def unpack_layers(layers: list["Layer"]) -> None:
+    for layer in layers:
+        for attr, mods in _groups(layer):
+            if vars(layer.owner).pop(attr, None) is not None:
+                for m in mods:
+                    m.weight.data = m.weight.detach().clone()
+
+
+def _packed(block: nn.Module, attr: str, mods: list[nn.Module]) -> torch.Tensor | None:
+    """The packed buffer if every weight is still its view (a ``.to()`` or reassignment breaks the link)."""
+    buf = vars(block).get(attr)
+    if buf is None:
+        return None
+    row = 0
+    for m in mods:
+        w = m.weight
+        if w.data_ptr() != buf[row].data_ptr() or w.dtype != buf.dtype:
+            return None
+        row += w.shape[0]
+    return buf if row == buf.shape[0] else None
+
+
+@dataclass
+class Layer:
+    """One pre-norm block's modules; ``owner`` holds the packed q/k/v and gate/up buffers."""
+
+    owner: nn.Module
+    attn_norm: nn.Module
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module
+    o: nn.Module
+    ff_norm: nn.Module
+    gate: nn.Module
+    up: nn.Module
+    down: nn.Module
+
+
+@dataclass
+class Decoder:
+    """A bidirectional pre-norm RMSNorm / RoPE / SiLU-gated decoder, whatever its module names (LLaDA,
+    Dream): what ``decoder_forward`` runs."""
+
+    embed: nn.Module
+    layers: list[Layer]
+    final_norm: nn.Module
+    head: nn.Module
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    d_model: int
+    eps: float
+    rope: bool
+    rope_theta: float
+    scale_logits: bool = False
+
+
+def decoder_forward(
+    dec: Decoder,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    cache: Any = None,
+    start: int = 0,
+    position_ids: torch.Tensor | None = None,
+    logits_slice: tuple[int, int] | None = None,
+    slots: torch.Tensor | None = None,
+    logits_index: torch.Tensor | None = None,
+    fused: bool | None = None,
+) -> torch.Tensor:
+    """``llada_forward`` over any ``Decoder`` (same arguments, same result)."""
+    bsz, seq = input_ids.shape
+    device = input_ids.device
+    total = cache.length if cache is not None else seq
+    if attention_mask is not None and attention_mask.shape != (bsz, total):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(bsz, total)}")
+    if position_ids is None:
+        if attention_mask is None:
+            position_ids = torch.arange(start, start + seq, device=device).expand(bsz, seq)
+        else:
+            position_ids = positions_from_mask(attention_mask)[:, start : start + seq]
+    if cache is not None and slots is None:
+        if start + seq > cache.length:
+            raise ValueError(f"positions {start}..{start + seq} exceed the cache length {cache.length}")
+        slots = torch.arange(start, start + seq, device=device)
+    # SDPA mask: True = may attend. Pass attention_mask=None when nothing is padded: that keeps the fused
+    # flash kernels and avoids checking the mask on the host at every forward.
+    sdpa_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+
+    ops = forward_ops(device, fused)
+    n_heads, n_kv, head_dim, eps = dec.n_heads, dec.n_kv, dec.head_dim, dec.eps
+    if dec.rope:
+        cos, sin = rope_cos_sin(position_ids, head_dim, dec.rope_theta)
+    else:  # the identity rotation
+        cos = torch.ones(bsz, seq, head_dim // 2, device=device)
+        sin = torch.zeros_like(cos)
+    fresh_slots = torch.arange(seq, device=device) if cache is None else None
+
+    x = F.embedding(input_ids, dec.embed.weight)
+    delta = None  # the last residual branch, added inside the next norm
+    for layer, blk in enumerate(dec.layers):
+        h, x = _norm(ops, x, blk.attn_norm, eps, delta)
+        qkv = _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])
+        if qkv is not None:  # one matmul; q, k, v are column slices (the rope kernel takes strides)
+            q, k, v = ops.linear(h, qkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
+        else:
+            q, k, v = _linear(h, blk.q), _linear(h, blk.k), _linear(h, blk.v)
+        q = q.view(bsz, seq, n_heads, head_dim)
+        k = k.view(bsz, seq, n_kv, head_dim)
+        v = v.view(bsz, seq, n_kv, head_dim)
+        if cache is not None:  # keys are cached after RoPE, so cached positions are never rotated again
+            k_all, v_all = cache.k[layer], cache.v[layer]
+        else:
+            k_all = torch.empty(bsz, n_kv, seq, head_dim, dtype=k.dtype, device=device)
+            v_all = torch.empty_like(k_all)
+        q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, fresh_slots if cache is None else slots)
+        att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
+        a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
+        h, x = _norm(ops, x, blk.ff_norm, eps, a)
+        gate_up = _packed(blk.owner, "_l2pd_gate_up", [blk.gate, blk.up])
+        if gate_up is not None:  # silu(gate) * up straight from the packed matmul
+            act = ops.linear_gate_up_silu(h, gate_up)
+        else:
+            act = ops.silu_mul(_linear(h, blk.gate), _linear(h, blk.up))
+        delta = _lin(ops, act, blk.down)
+
+    if delta is None:  # no blocks
+        delta = torch.zeros_like(x)
+    if logits_index is not None:
+        x, delta = x.index_select(1, logits_index), delta.index_select(1, logits_index)
+    elif logits_slice is not None:
+        x, delta = x[:, logits_slice[0] : logits_slice[1]], delta[:, logits_slice[0] : logits_slice[1]]
+    x, _ = _norm(ops, x, dec.final_norm, eps, delta)
+    logits = _lin(ops, x, dec.head)
+    if dec.scale_logits:
+        logits = logits * (1.0 / math.sqrt(dec.d_model))
+    return logits
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self, self.eps)
