@@ -157,7 +157,10 @@ class Stepper:
         word = self.params[0]
         fed0 = word >> 40
         idx = fed0 + self.arange[:fed_len]
-        lidx = ((word >> 20) & 0xFFFFF) - fed0 - self.shift + self.arange[:block_len]
+        first = ((word >> 20) & 0xFFFFF) - fed0  # the block's first logit row among the fed positions
+        if self.shift:  # (no extra kernel for families without a shift)
+            first = first - self.shift
+        lidx = first + self.arange[:block_len]
         logits = self.adapter.forward(
             st.canvas.index_select(1, idx), st.mask, cache=st.kv,
             position_ids=st.positions.index_select(1, idx), slots=idx, logits_index=lidx, fused=self.fused,
