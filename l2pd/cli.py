@@ -180,6 +180,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _filter_inputs(text: str) -> tuple[str, ...]:
+    from .filter import RICH_INPUTS
+
+    if text == "rich":
+        return RICH_INPUTS
+    return tuple(name.strip() for name in text.split(","))
+
+
 def cmd_train_filter(args: argparse.Namespace) -> int:
     from .files import check_out_dir
     from .train import train_filter
@@ -193,7 +201,8 @@ def cmd_train_filter(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA GPU is visible to torch here (use --device cpu)")
     flt = train_filter(args.data, hidden=args.hidden, depth=args.depth, lr=args.lr, max_epochs=args.max_epochs,
-                       patience=args.patience, threshold=args.threshold, device=args.device or "cpu")
+                       patience=args.patience, threshold=args.threshold, device=args.device or "cpu",
+                       inputs=_filter_inputs(args.inputs))
     flt.save_pretrained(args.out)
     print(f"saved {args.out}/filter.safetensors and filter.json")
     return 0
@@ -435,6 +444,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--patience", type=int, default=100, help="epochs without validation gain before stopping")
     t.add_argument("--threshold", type=float, default=0.9, help="default tau stored with the filter")
     t.add_argument("--device", default=None, help="cpu (default) or cuda: the training data is small")
+    t.add_argument("--inputs", default="confidence",
+                   help="what the filter reads: 'confidence' (Learn2PD's filter, default), 'rich' (confidence, "
+                        "margin, entropy, step: top-1 minus top-2 probability and entropy of the same softmax, "
+                        "and the forwards already spent on the block), or a comma list in that order")
     t.add_argument("--overwrite", action="store_true", help="replace a filter already in --out")
     t.set_defaults(func=cmd_train_filter)
 

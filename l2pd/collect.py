@@ -3,9 +3,10 @@
 For each prompt: decode with ``steps`` (one token per step) to get the final answer y; decode again with the
 ``oracle`` strategy (unmask exactly the positions whose argmax already equals y), recording at every step the
 current block's filter features (confidences; 1.0 at decoded positions), labels (argmax == y) and which
-positions were still masked. Prompts are processed in shards of ``shard_size``; each shard is written
-atomically as ``shard-NNNNN.safetensors``, so an interrupted run resumes where it stopped, with the same
-shards it would have written in one go.
+positions were still masked, and for richer filters the margins, entropies and the step index in the block.
+Prompts are processed in shards of ``shard_size``; each shard is written atomically as
+``shard-NNNNN.safetensors``, so an interrupted run resumes where it stopped, with the same shards it would
+have written in one go.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from l2pd_kernels.reference import filter_features
+from l2pd_kernels.reference import filter_channel
 
 from .decode import generate
 from .distributed import barrier, env_world, mine
@@ -26,7 +27,7 @@ from .files import token_hash
 from .filter import model_fingerprint
 from .models import adapter_for
 
-COLLECT_VERSION = 1
+COLLECT_VERSION = 2  # 2 adds margin, entropy and step; version-1 folders still train confidence-only filters
 
 
 def _pad_left(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,19 +48,23 @@ def replay(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen_length: int, b
     final = generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length, strategy="steps",
                      cache=cache)[:, P:]
     mask_id = adapter_for(model).mask_id
-    rows: dict[str, list[torch.Tensor]] = {"features": [], "labels": [], "masked": []}
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("features", "margin", "entropy", "step", "labels",
+                                                            "masked")}
 
-    def on_step(s, step, token, prob, canvas):
+    def on_step(s, step, token, prob, canvas, margin, entropy):
         masked = canvas[:, s : s + token.shape[1]] == mask_id
         active = masked.any(-1)
         label = token == final[:, s - P : s - P + token.shape[1]]
         pad = block_length - token.shape[1]
-        rows["features"].append(filter_features(prob, masked, block_length)[active].cpu())
+        for key, name, value in (("features", "confidence", prob), ("margin", "margin", margin),
+                                 ("entropy", "entropy", entropy)):
+            rows[key].append(filter_channel(value, masked, block_length, name)[active].cpu())
+        rows["step"].append(torch.full((int(active.sum()),), step, dtype=torch.int32))
         rows["labels"].append(torch.nn.functional.pad(label & masked, (0, pad))[active].cpu())
         rows["masked"].append(torch.nn.functional.pad(masked, (0, pad))[active].cpu())
 
     generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length, strategy="oracle",
-             target=final, on_step=on_step, cache=cache)
+             target=final, on_step=on_step, step_stats=True, cache=cache)
     return {k: torch.cat(v) for k, v in rows.items()}
 
 

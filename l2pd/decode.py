@@ -145,6 +145,7 @@ def generate(
     pad_token_id: int | None = None,
     target: torch.Tensor | None = None,
     on_step: Any = None,
+    step_stats: bool = False,
     cuda_graph: bool | None = None,
     compact: bool = True,
     max_length: int | None = None,
@@ -167,9 +168,10 @@ def generate(
     from CUDA graphs where they apply (default on; ``L2PD_CUDA_GRAPH=0`` turns it off). ``compact``: rows
     that have finished (EoTP, or every block decoded) stop costing: at each block start the rows still
     decoding move to the front and the step runs on those (rounded up to a power of two).
-    ``on_step(block_start, step, token, prob, canvas)`` is called after each forward,
-    before the decision (``canvas`` still holds the masks). Returns the sequences [B, P + max_new_tokens], or
-    a ``GenerateOutput``.
+    ``on_step(block_start, step, token, prob, canvas)`` is called after each forward, before the decision
+    (``canvas`` still holds the masks); with ``step_stats=True`` it also gets the softmax's ``margin=`` and
+    ``entropy=`` [B, L] (what a richer filter reads). Returns the sequences [B, P + max_new_tokens], or a
+    ``GenerateOutput``.
 
     Hugging Face conventions: ``input_ids`` may be a list or array; ``max_length`` (prompt + answer) when
     ``max_new_tokens`` is not given (default 256 new tokens); ``do_sample=False`` is greedy whatever the
@@ -304,11 +306,16 @@ def generate(
     # Default: one token per step (LLaDA's baseline); else ``steps`` forwards spread evenly over the blocks.
     steps_per_block = block_length if steps is None else max(1, steps // num_blocks)
     filter_weights = filter.weights(device) if strategy == "learn2pd" else None
+    inputs = tuple(filter.inputs) if filter_weights is not None else ("confidence",)
     step_threshold = float("inf") if strategy == "steps" else float(threshold)
-    policy = Policy(strategy, mask_id, dict(threshold=step_threshold, mask_id=mask_id, eos_id=eos_id, eotp=eotp_mode,
-                                            filter_weights=filter_weights, filter_block=block_length),
-                    temperature=temperature, on_step=on_step, filter=filter,
-                    target=None if target is None else target.to(device=device, dtype=torch.long))
+    decide_kwargs = dict(threshold=step_threshold, mask_id=mask_id, eos_id=eos_id, eotp=eotp_mode,
+                         filter_weights=filter_weights, filter_block=block_length)
+    if filter_weights is not None:
+        decide_kwargs["filter_inputs"] = inputs
+    policy = Policy(strategy, mask_id, decide_kwargs, temperature=temperature, on_step=on_step, filter=filter,
+                    target=None if target is None else target.to(device=device, dtype=torch.long),
+                    stats=bool(step_stats) or "margin" in inputs or "entropy" in inputs,
+                    step_input="step" in inputs)
     if cuda_graph is None:
         cuda_graph = os.environ.get("L2PD_CUDA_GRAPH", "1") != "0"
     dtype = adapter.dtype

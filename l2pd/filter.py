@@ -1,4 +1,5 @@
-"""The Learn2PD filter: a small MLP from a block's confidence vector to per-position "already final" logits."""
+"""The Learn2PD filter: a small MLP from a block's confidence vector (and, for a richer filter, its margins,
+entropies and the step index) to per-position "already final" logits."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
-FILTER_VERSION = 1
+from l2pd_kernels.reference import FILTER_INPUTS, check_inputs, filter_width
+
+# filter.json versions: 1 reads the confidences only; 2 records its inputs ("inputs"). Both load.
+FILTER_VERSION = 2
+RICH_INPUTS = FILTER_INPUTS  # confidence, margin, entropy, step
 
 
 def model_fingerprint(model: Any) -> str:
@@ -26,22 +31,30 @@ def model_fingerprint(model: Any) -> str:
 
 
 class Filter(nn.Module):
-    """Linear(block_length, hidden) -> ReLU -> [Linear(hidden, hidden) -> ReLU] * (depth - 1) -> Linear(hidden,
-    block_length). Input: the block's confidences (1.0 at decoded positions); output: logits of "the current
-    guess already equals the final answer" per position. ``threshold`` is the tau applied to their sigmoid."""
+    """Linear(width, hidden) -> ReLU -> [Linear(hidden, hidden) -> ReLU] * (depth - 1) -> Linear(hidden,
+    block_length). Input (``inputs``): the block's confidences (1.0 at decoded positions), as in Learn2PD;
+    a richer filter adds the margins and entropies of the same softmax and the step index in the block (see
+    ``l2pd_kernels.reference.filter_features``). Output: logits of "the current guess already equals the
+    final answer" per position. ``threshold`` is the tau applied to their sigmoid."""
 
     def __init__(
         self, block_length: int = 32, hidden: int = 128, depth: int = 1, threshold: float = 0.9,
-        meta: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None, inputs=("confidence",),
     ) -> None:
         super().__init__()
         if block_length <= 0 or hidden <= 0 or depth < 1:
             raise ValueError(f"bad filter shape: block_length={block_length} hidden={hidden} depth={depth}")
-        dims = [block_length] + [hidden] * depth + [block_length]
+        self.inputs = check_inputs(inputs)
+        dims = [filter_width(self.inputs, block_length)] + [hidden] * depth + [block_length]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.block_length, self.hidden, self.depth, self.threshold = block_length, hidden, depth, threshold
         self.meta: dict[str, Any] = dict(meta or {})
         self._device_weights: dict[torch.device, list] = {}
+
+    @property
+    def needs_stats(self) -> bool:
+        """Whether decoding must compute margins and entropies for this filter."""
+        return "margin" in self.inputs or "entropy" in self.inputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -80,7 +93,7 @@ class Filter(nn.Module):
                          metadata={"version": str(FILTER_VERSION)})
         info = {
             "version": FILTER_VERSION, "block_length": self.block_length, "hidden": self.hidden,
-            "depth": self.depth, "threshold": self.threshold, **self.meta,
+            "depth": self.depth, "threshold": self.threshold, "inputs": list(self.inputs), **self.meta,
         }
         with open(os.path.join(folder, "filter.json"), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
@@ -95,14 +108,18 @@ class Filter(nn.Module):
         info = read_json(path, "filter.json")
         if not isinstance(info, dict):
             raise ValueError(f"{path}: expected a JSON object")
-        if info.get("version") != FILTER_VERSION:
-            raise ValueError(f"filter version {info.get('version')!r} is not supported (expected {FILTER_VERSION})")
+        version = info.get("version")
+        if version not in (1, FILTER_VERSION):
+            raise ValueError(f"filter version {version!r} is not supported (expected 1 or {FILTER_VERSION})")
+        inputs = info.pop("inputs", ["confidence"]) if version >= 2 else ["confidence"]
+        if not isinstance(inputs, list):
+            raise ValueError(f"{path}: 'inputs' must be a list, got {inputs!r}")
         missing = [k for k in ("block_length", "hidden", "depth", "threshold") if k not in info]
         if missing:
             raise ValueError(f"{path} lacks {missing}")
         shape = {k: info.pop(k) for k in ("block_length", "hidden", "depth", "threshold")}
         info.pop("version")
-        flt = cls(**shape, meta=info)
+        flt = cls(**shape, meta=info, inputs=inputs)
         weights = os.path.join(folder, "filter.safetensors")
         try:
             flt.load_state_dict(load_safetensors(weights))

@@ -41,6 +41,8 @@ class Policy:
     target: torch.Tensor | None = None  # oracle: the reference answer [B, G]
     on_step: Callable | None = None  # (block_start, step, token, prob, canvas), before the decision
     filter: Any = None  # held so that a stepper keyed by id(filter) never outlives it
+    stats: bool = False  # compute margins and entropies (a richer filter reads them; on_step gets them)
+    step_input: bool = False  # the filter reads the step index in the block (params' second word)
 
     def graphable(self) -> bool:
         return self.strategy != "oracle" and self.temperature == 0 and self.on_step is None
@@ -104,8 +106,9 @@ class Stepper:
         self.children: dict[int, Stepper] = {}
         device = state.canvas.device
         self.graphs_enabled = graphs and kernels and device.type == "cuda" and policy.graphable()
-        # fed_start << 40 | block_start << 20 | k: the decide kernel reads the low 40 bits
-        self.params = torch.zeros(1, dtype=torch.int64, device=device)
+        # fed_start << 40 | block_start << 20 | k: the decide kernel reads the low 40 bits; the second word is
+        # the step index in the block, written only for a filter that reads it
+        self.params = torch.zeros(2, dtype=torch.int64, device=device)
         self.arange = torch.arange(state.canvas.shape[1], device=device)
         self.graphs: dict[tuple[int, int], _Graph] = {}
 
@@ -135,7 +138,11 @@ class Stepper:
             raise ValueError(f"k={k} or canvas length {T} outside the packed range (2**20)")
         if self.shift and fed_start > 0:  # feed the position before the window too: its hidden state is needed
             fed_start, fed_len = fed_start - self.shift, fed_len + self.shift
-        self.params.fill_((fed_start << 40) | (block_start << 20) | k)
+        if self.policy.step_input:
+            self.params[0].fill_((fed_start << 40) | (block_start << 20) | k)
+            self.params[1].fill_(step)
+        else:
+            self.params.fill_((fed_start << 40) | (block_start << 20) | k)
         if not self.graphable(fed_len):
             return self.body(fed_start, fed_len, block_start, block_len, k, step, seed), False
         g = self.graphs.get((fed_len, block_len))
@@ -165,18 +172,28 @@ class Stepper:
             st.canvas.index_select(1, idx), st.mask, cache=st.kv,
             position_ids=st.positions.index_select(1, idx), slots=idx, logits_index=lidx, fused=self.fused,
         )
-        token, prob = self.confidence(logits, pol.temperature, seed, suppress=pol.mask_id)
+        margin = entropy = None
+        if pol.stats:
+            token, prob, margin, entropy = self.confidence(logits, pol.temperature, seed, suppress=pol.mask_id,
+                                                           stats=True)
+        else:
+            token, prob = self.confidence(logits, pol.temperature, seed, suppress=pol.mask_id)
         if pol.on_step is not None:
-            pol.on_step(block_start, step, token, prob, st.canvas)
+            if pol.stats:
+                pol.on_step(block_start, step, token, prob, st.canvas, margin=margin, entropy=entropy)
+            else:
+                pol.on_step(block_start, step, token, prob, st.canvas)
         if pol.strategy == "oracle":
             P = st.prompt_length
             target = pol.target[:, block_start - P : block_start - P + block_len]
             return _oracle_step(st.canvas, token, target, block_start, pol.mask_id)
+        stats = dict(margin=margin, entropy=entropy, step=step) if pol.stats or pol.step_input else {}
         if self.kernels:
             _, left, _ = self.decide(st.canvas, token, prob, block_start=block_start, k=k, params=self.params,
-                                     **pol.decide_kwargs)
+                                     **stats, **pol.decide_kwargs)
         else:
-            _, left, _ = self.decide(st.canvas, token, prob, block_start=block_start, k=k, **pol.decide_kwargs)
+            _, left, _ = self.decide(st.canvas, token, prob, block_start=block_start, k=k, **stats,
+                                     **pol.decide_kwargs)
         return left
 
 

@@ -45,20 +45,23 @@ def trace(model: Any, tokenizer: Any, prompt: str, chat: bool = True, **generate
     mask_id = generate_kwargs.get("mask_token_id") or adapter.mask_id
     steps: list[dict[str, Any]] = []
 
-    def on_step(block_start, step, token, prob, canvas):
+    def on_step(block_start, step, token, prob, canvas, margin=None, entropy=None):
         L = token.shape[1]
         masked = canvas[0, block_start : block_start + L] == mask_id
         rec = {"block_start": int(block_start), "step": int(step), "guess": token[0].tolist(),
                "confidence": [round(float(p), 5) for p in prob[0].float()], "masked": masked.tolist(),
                "canvas_masked": (canvas[0] == mask_id).tolist()}
         if use_filter:
-            feats = filter_features(prob[:1], masked[None], flt.block_length)
+            feats = filter_features(prob[:1], masked[None], flt.block_length, flt.inputs,
+                                    None if margin is None else margin[:1], None if entropy is None else entropy[:1],
+                                    step)
             score = torch.sigmoid(filter_logits(feats, flt.weights(prob.device)))[0, :L]
             rec["filter_score"] = [round(float(s), 5) for s in score]
         steps.append(rec)
 
     t0 = time.perf_counter()
-    out = generate(model, ids, on_step=on_step, return_dict_in_generate=True, **generate_kwargs)
+    out = generate(model, ids, on_step=on_step, return_dict_in_generate=True,
+                   step_stats=use_filter and flt.needs_stats, **generate_kwargs)
     seconds = time.perf_counter() - t0
     P = ids.shape[1]
     final = out.sequences[0].tolist()

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from l2pd_kernels.reference import check_inputs
+
 from .collect import load_shards
 from .filter import Filter
 
@@ -43,10 +45,13 @@ def train_filter(
     seed: int = 0,
     device: str = "cpu",
     log: Any = print,
+    inputs=("confidence",),
 ) -> Filter:
     """Full-batch training on all shards of ``data_dir``; keeps the weights of the best validation loss.
 
     The loss counts only positions that were still masked (the filter is never asked about the others).
+    ``inputs``: what the filter reads: ``("confidence",)`` (Learn2PD's filter) or an ordered subset of
+    ``l2pd.filter.RICH_INPUTS`` (confidence, margin, entropy, step) that starts with confidence.
     """
     for name, value in (("hidden", hidden), ("depth", depth), ("max_epochs", max_epochs), ("patience", patience)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -57,8 +62,9 @@ def train_filter(
         raise ValueError(f"threshold={threshold!r} must be a finite number >= 0")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    inputs = check_inputs(inputs)
     data, manifest = load_shards(data_dir)
-    x = data["features"].float().to(device)
+    x = training_inputs(data, inputs, manifest["block_length"], data_dir).to(device)
     y = data["labels"].bool().to(device)
     m = data["masked"].bool().to(device)
     n = len(x)
@@ -72,7 +78,7 @@ def train_filter(
         log(f"warning: {w}")
     val, tr = perm[:n_val], perm[n_val:]
     torch.manual_seed(seed)
-    flt = Filter(manifest["block_length"], hidden, depth, threshold).to(device)
+    flt = Filter(manifest["block_length"], hidden, depth, threshold, inputs=inputs).to(device)
     opt = torch.optim.AdamW(flt.parameters(), lr=lr)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
@@ -122,6 +128,23 @@ def train_filter(
         log("warning: these metrics are not evidence of a good filter (see the warnings above; stored in "
             "filter.json)")
     return flt
+
+
+def training_inputs(data: dict[str, torch.Tensor], inputs, block_length: int, data_dir: str) -> torch.Tensor:
+    """The filter's input rows [N, width] from a collection's channels, in the order of ``inputs``."""
+    missing = [n for n in inputs if n != "confidence" and n not in data]
+    if missing:
+        raise ValueError(f"{data_dir!r} was collected without {missing} (collection version 1): collect again "
+                         "into a new folder to train a filter that reads them")
+    parts = []
+    for name in inputs:
+        if name == "confidence":
+            parts.append(data["features"].float())
+        elif name == "step":
+            parts.append(data["step"].float()[:, None] / block_length)
+        else:
+            parts.append(data[name].float())
+    return torch.cat(parts, 1)
 
 
 MIN_ROWS = 500  # a block step is one row; a few hundred prompts give tens of thousands

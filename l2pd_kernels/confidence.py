@@ -1,9 +1,12 @@
-"""confidence: logits [B, L, V] -> (token int64 [B, L], softmax probability of that token fp32 [B, L]).
+"""confidence: logits [B, L, V] -> (token int64 [B, L], softmax probability of that token fp32 [B, L]), and
+with ``stats`` the softmax's top-1 minus top-2 margin and its entropy (the richer filter inputs).
 
 One pass over the vocabulary. Each row is split into chunks handled by separate programs (so that B * L = 32
 rows still occupy every SM); a program keeps an online max / sum of exponentials and the running best
 (lowest index on ties) over its chunk, per lane for greedy decoding (no reduction inside the loop) or per
 tile for sampling, and a second tiny kernel merges the chunks of a row (skipped when a row is one chunk).
+The statistics ride the same pass: the second-largest logit, and sum(exp(x - m) * (x - m)) rescaled with the
+sum of exponentials, so that entropy = log(sum) - that / sum.
 Semantics (NaN, inf, ties, sampling) are those of ``l2pd_kernels.reference.confidence``.
 """
 
@@ -58,22 +61,39 @@ def _gumbel_score(x, offs, row_h, inv_temp):
 
 
 @triton.jit
-def _lane_update(x, offs, m_v, s_v, idx_v):
+def _lane_update(x, offs, m_v, s_v, idx_v, t_v, m2_v, STATS: tl.constexpr):
     # one element per lane: running max (with its first index) and the sum of exponentials relative to it,
-    # with one exponential per element: exp(-|x - m|) is the new term or the rescale factor
+    # with one exponential per element: exp(-|x - m|) is the new term or the rescale factor. STATS: also the
+    # second-largest value and t = sum exp(x - m) * (x - m); products with a zero weight count as 0 (no NaN
+    # from 0 * inf)
     gt = x > m_v
-    e = tl.exp(-tl.abs(x - m_v))
+    d = x - m_v
+    e = tl.exp(-tl.abs(d))
+    if STATS:
+        t_v = tl.where(gt, tl.where(e > 0, e * (t_v - d * s_v), 0.0), t_v + tl.where(e > 0, e * d, 0.0))
+        m2_v = tl.where(gt, m_v, tl.maximum(m2_v, x))
     s_v = tl.where(gt, s_v * e + 1.0, s_v + e)
-    return tl.where(gt, x, m_v), s_v, tl.where(gt, offs, idx_v)
+    return tl.where(gt, x, m_v), s_v, tl.where(gt, offs, idx_v), t_v, m2_v
+
+
+@triton.jit
+def _stats_out(m, s, t, second):
+    # (margin, entropy) from a row's max, sum of exponentials, t and second-largest value; (0, 0) without a
+    # finite logit
+    none = m == float("-inf")
+    s1 = tl.where(none, 1.0, s)
+    margin = (1.0 - tl.exp(second - tl.where(none, 0.0, m))) / s1
+    entropy = tl.log(s1) - t / s1
+    return tl.where(none, 0.0, margin), tl.where(none, 0.0, entropy)
 
 
 @triton.jit
 def _partial_kernel(
-    logits_ptr, part_ptr, token_ptr, prob_ptr,
+    logits_ptr, part_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr,
     L, V, stride_b, stride_l, stride_v,
     chunk, n_split, seed_h, inv_temp, suppress,
     SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
-    DIRECT: tl.constexpr,
+    DIRECT: tl.constexpr, STATS: tl.constexpr, NP: tl.constexpr,
 ):
     row = tl.program_id(0)
     split = tl.program_id(1)
@@ -90,18 +110,28 @@ def _partial_kernel(
         lane = tl.arange(0, BLOCK_V)
         m_v = tl.full((BLOCK_V,), -_FLT_MAX, tl.float32)
         s_v = tl.zeros((BLOCK_V,), tl.float32)
+        t_v = tl.zeros((BLOCK_V,), tl.float32)
+        m2_v = tl.full((BLOCK_V,), -_FLT_MAX, tl.float32)
         idx_v = lo + lane
         full_hi = lo + (hi - lo) // BLOCK_V * BLOCK_V
         for start in tl.range(lo, full_hi, BLOCK_V, num_stages=STAGES):
             offs = start + lane
             x = _clean(tl.load(base + offs.to(tl.int64) * stride_v), offs, suppress)  # a full tile: no mask
-            m_v, s_v, idx_v = _lane_update(x, offs, m_v, s_v, idx_v)
+            m_v, s_v, idx_v, t_v, m2_v = _lane_update(x, offs, m_v, s_v, idx_v, t_v, m2_v, STATS)
         if full_hi < hi:
             offs = full_hi + lane
-            m_v, s_v, idx_v = _lane_update(_load_tile(base, offs, hi, stride_v, suppress), offs, m_v, s_v, idx_v)
+            m_v, s_v, idx_v, t_v, m2_v = _lane_update(_load_tile(base, offs, hi, stride_v, suppress), offs, m_v,
+                                                      s_v, idx_v, t_v, m2_v, STATS)
         m = tl.max(m_v, 0)
-        s = tl.sum(s_v * tl.exp(m_v - m), 0)
+        scale = tl.exp(m_v - m)
+        s = tl.sum(s_v * scale, 0)
         best_idx = tl.min(tl.where(m_v == m, idx_v, 2147483647), 0)
+        t = 0.0
+        second = -_FLT_MAX
+        if STATS:
+            t = tl.sum(tl.where(scale > 0, scale * (t_v + (m_v - m) * s_v), 0.0), 0)
+            # the second largest: the winning lane's own second, or another lane's max
+            second = tl.max(tl.where(idx_v == best_idx, m2_v, m_v), 0)
         m = tl.where(s == 0.0, float("-inf"), m)  # no finite logit in the chunk
         best = m
         best_logit = m
@@ -111,13 +141,24 @@ def _partial_kernel(
         best = tl.full((), float("-inf"), tl.float32)
         best_idx = tl.zeros((), tl.int32) + lo
         best_logit = tl.full((), float("-inf"), tl.float32)
+        t = tl.zeros((), tl.float32)
+        second = tl.full((), float("-inf"), tl.float32)
         for start in tl.range(lo, hi, BLOCK_V, num_stages=STAGES):
             offs = start + tl.arange(0, BLOCK_V)
             x = _load_tile(base, offs, hi, stride_v, suppress)
             # online softmax statistics, reduced over the tile at every iteration
-            m_new = tl.maximum(m, tl.max(x, 0))
+            x_max = tl.max(x, 0)
+            m_new = tl.maximum(m, x_max)
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
+            scale = tl.exp(m - safe)
+            if STATS:
+                z = x - safe
+                t = tl.where(scale > 0, scale * (t + (m - safe) * s), 0.0) + tl.sum(tl.where(x > float("-inf"),
+                                                                                        tl.exp(z) * z, 0.0), 0)
+                first_max = tl.min(tl.where(x == x_max, offs, 2147483647), 0)
+                t_second = tl.max(tl.where(offs == first_max, float("-inf"), x), 0)
+                second = tl.maximum(tl.maximum(second, tl.minimum(m, x_max)), t_second)
+            s = s * scale + tl.sum(tl.exp(x - safe), 0)
             m = m_new
             if SAMPLE:
                 score = _gumbel_score(x, offs, row_h, inv_temp)
@@ -137,21 +178,29 @@ def _partial_kernel(
         safe = tl.where(m == float("-inf"), 0.0, m)
         tl.store(token_ptr + row, best_idx.to(tl.int64))
         tl.store(prob_ptr + row, tl.where(m == float("-inf"), 0.0, tl.exp(best_logit - safe) / s))
+        if STATS:
+            margin, entropy = _stats_out(m, s, t, second)
+            tl.store(margin_ptr + row, margin)
+            tl.store(entropy_ptr + row, entropy)
     else:
-        out = part_ptr + (row * n_split + split) * 5
+        out = part_ptr + (row * n_split + split) * NP
         tl.store(out + 0, m)
         tl.store(out + 1, s)
         tl.store(out + 2, best)
         tl.store(out + 3, best_idx.to(tl.float32))  # exact: V < 2**24
         tl.store(out + 4, best_logit)
+        if STATS:
+            tl.store(out + 5, t)
+            tl.store(out + 6, second)
 
 
 @triton.jit
-def _merge_kernel(part_ptr, token_ptr, prob_ptr, n_split, SPLIT_P2: tl.constexpr):
+def _merge_kernel(part_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr, n_split, SPLIT_P2: tl.constexpr,
+                  STATS: tl.constexpr, NP: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, SPLIT_P2)
     ok = offs < n_split
-    base = part_ptr + (row * n_split + offs) * 5
+    base = part_ptr + (row * n_split + offs) * NP
     m = tl.load(base + 0, mask=ok, other=float("-inf"))
     s = tl.load(base + 1, mask=ok, other=0.0)
     best = tl.load(base + 2, mask=ok, other=float("-inf"))
@@ -169,6 +218,17 @@ def _merge_kernel(part_ptr, token_ptr, prob_ptr, n_split, SPLIT_P2: tl.constexpr
     p = tl.where(gm == float("-inf"), 0.0, tl.exp(lg - safe) / total)
     tl.store(token_ptr + row, tok)
     tl.store(prob_ptr + row, p)
+    if STATS:
+        t = tl.load(base + 5, mask=ok, other=0.0)
+        sec = tl.load(base + 6, mask=ok, other=float("-inf"))
+        sc = tl.exp(m - safe)
+        gt = tl.sum(tl.where(sc > 0, sc * (t + (m - safe) * s), 0.0), 0)
+        # the second largest: the split holding the maximum gives its own second, the others their max
+        wsplit = tl.min(tl.where(m == gm, offs, SPLIT_P2), 0)
+        gsecond = tl.max(tl.where(offs == wsplit, sec, m), 0)
+        margin, entropy = _stats_out(gm, total, gt, gsecond)
+        tl.store(margin_ptr + row, margin)
+        tl.store(entropy_ptr + row, entropy)
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,9 +250,10 @@ if set(TUNING) != {"block_v", "num_warps", "lanes", "stages", "programs_per_sm"}
 def confidence(
     logits: torch.Tensor, temperature: float = 0.0, seed: int | None = None, suppress: int | None = None,
     block_v: int | None = None, num_warps: int | None = None, lanes: bool | None = None,
-    stages: int | None = None, programs_per_sm: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton version of ``l2pd_kernels.reference.confidence`` (same arguments and results).
+    stages: int | None = None, programs_per_sm: int | None = None, stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Triton version of ``l2pd_kernels.reference.confidence`` (same arguments and results; ``stats`` adds
+    margin and entropy from the same pass over the vocabulary).
 
     ``block_v`` (vocabulary tile), ``num_warps``, ``lanes`` (greedy: per-lane statistics instead of a
     reduction per tile), ``stages`` and ``programs_per_sm`` tune the launch; they default to ``TUNING`` and
@@ -217,8 +278,12 @@ def confidence(
     rows = B * L
     token = torch.empty(B, L, dtype=torch.int64, device=logits.device)
     prob = torch.empty(B, L, dtype=torch.float32, device=logits.device)
+    margin = entropy = prob  # never written without stats
+    if stats:
+        margin, entropy = torch.empty_like(prob), torch.empty_like(prob)
+    result = (token, prob, margin, entropy) if stats else (token, prob)
     if rows == 0:
-        return token, prob
+        return result
     block_v = min(block_v, triton.next_power_of_2(V))
     max_split = triton.cdiv(V, block_v)
     n_split = max(1, min(max_split, triton.cdiv(programs_per_sm * _num_sms(logits.device), rows)))
@@ -226,20 +291,22 @@ def confidence(
     n_split = triton.cdiv(V, chunk)
     direct = n_split == 1
     # a direct launch writes token/prob itself and never touches the partials buffer (prob stands in for it)
-    part = prob if direct else torch.empty(rows * n_split * 5, dtype=torch.float32, device=logits.device)
+    n_part = 7 if stats else 5
+    part = prob if direct else torch.empty(rows * n_split * n_part, dtype=torch.float32, device=logits.device)
     seed_h = 0
     if temperature > 0:
         seed_h = int(_mix32_host(seed & _U32))
     _partial_kernel[(rows, n_split)](
-        logits, part, token, prob, L, V, logits.stride(0), logits.stride(1), logits.stride(2),
+        logits, part, token, prob, margin, entropy, L, V, logits.stride(0), logits.stride(1), logits.stride(2),
         chunk, n_split, seed_h, 1.0 / temperature if temperature > 0 else 1.0,
         -1 if suppress is None else int(suppress),
         SAMPLE=temperature > 0, BLOCK_V=block_v, LANES=bool(lanes), STAGES=stages,
-        DIRECT=direct, num_warps=num_warps,
+        DIRECT=direct, STATS=stats, NP=n_part, num_warps=num_warps,
     )
     if not direct:
-        _merge_kernel[(rows,)](part, token, prob, n_split, SPLIT_P2=triton.next_power_of_2(n_split))
-    return token, prob
+        _merge_kernel[(rows,)](part, token, prob, margin, entropy, n_split,
+                               SPLIT_P2=triton.next_power_of_2(n_split), STATS=stats, NP=n_part)
+    return result
 
 
 def _mix32_host(x: int) -> int:

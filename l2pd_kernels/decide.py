@@ -1,9 +1,10 @@
 """decide: one step's decision for a batch of blocks, fused into one program per batch row.
 
 Reads the block's tokens/probabilities and the canvas, runs the filter MLP (weights small enough to stay on
-chip), accepts still-masked positions whose score exceeds tau plus the k most confident ones, writes them into
-the canvas in place, applies EoTP (end-of-text written to every position after the cut, to the end of the
-canvas) and writes per-row counts to device memory: no host sync. Semantics are those of
+chip; its inputs are the confidences and, for a richer filter, the margins, entropies and the step index),
+accepts still-masked positions whose score exceeds tau plus the k most confident ones, writes them into the
+canvas in place, applies EoTP (end-of-text written to every position after the cut, to the end of the canvas)
+and writes per-row counts to device memory: no host sync. Semantics are those of
 ``l2pd_kernels.reference.decide``; ``steps`` and ``threshold`` are this kernel with the filter off.
 """
 
@@ -13,23 +14,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import EOTP_MODES
+from .reference import EOTP_MODES, check_inputs, filter_width
 
 
 @triton.jit
 def _decide_kernel(
-    canvas_ptr, token_ptr, prob_ptr, out_ptr,
+    canvas_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr, out_ptr,
     w1_ptr, b1_ptr, wm_ptr, bm_ptr, w2_ptr, b2_ptr,
-    T, n_rows, stride_c, stride_t, stride_p,
-    block_start, L, LF, H, k, threshold, mask_id, eos_id, params_ptr,
+    T, n_rows, stride_c, stride_t, stride_p, stride_m, stride_e,
+    block_start, L, LF, W, H, k, step, threshold, mask_id, eos_id, params_ptr,
     BLOCK: tl.constexpr, HB: tl.constexpr, N_MID: tl.constexpr, USE_FILTER: tl.constexpr,
     EOTP: tl.constexpr, TAIL: tl.constexpr, DYN_PARAMS: tl.constexpr,
+    USE_MARGIN: tl.constexpr, USE_ENTROPY: tl.constexpr, USE_STEP: tl.constexpr,
 ):
     row = tl.program_id(0)
     if DYN_PARAMS:  # block start and k read from device memory (bits 20-39 and 0-19): one CUDA graph serves all
         packed = tl.load(params_ptr)
         block_start = ((packed >> 20) & 0xFFFFF).to(tl.int32)
         k = (packed & 0xFFFFF).to(tl.int32)
+        if USE_STEP:  # the step index in the block: the word after
+            step = tl.load(params_ptr + 1).to(tl.int32)
     i = tl.arange(0, BLOCK)
     inb = i < L
     crow = canvas_ptr + row.to(tl.int64) * stride_c
@@ -39,13 +43,27 @@ def _decide_kernel(
     masked = (block == mask_id) & inb
 
     if USE_FILTER:
-        # features: confidences, 1.0 at decoded positions and past a short last block, up to LF inputs
-        feat = tl.where(masked, prob, 1.0)
-        feat = tl.where(i < LF, feat, 0.0)
+        # features: confidences (margins) 1.0, entropies 0.0 at decoded positions and past a short last block,
+        # LF inputs each, side by side in the first layer's columns; then the step index / LF
         hj = tl.arange(0, HB)
         hok = hj < H
-        w1 = tl.load(w1_ptr + hj[:, None] * LF + i[None, :], mask=hok[:, None] & (i[None, :] < LF), other=0.0)
+        wmask = hok[:, None] & (i[None, :] < LF)
+        feat = tl.where(masked, prob, 1.0)
+        w1 = tl.load(w1_ptr + hj[:, None] * W + i[None, :], mask=wmask, other=0.0)
         h = tl.sum(w1 * feat[None, :], 1) + tl.load(b1_ptr + hj, mask=hok, other=0.0)
+        col = LF
+        if USE_MARGIN:
+            mg = tl.load(margin_ptr + row * stride_m + i, mask=inb, other=0.0).to(tl.float32)
+            w1 = tl.load(w1_ptr + hj[:, None] * W + col + i[None, :], mask=wmask, other=0.0)
+            h += tl.sum(w1 * tl.where(masked, mg, 1.0)[None, :], 1)
+            col += LF
+        if USE_ENTROPY:
+            en = tl.load(entropy_ptr + row * stride_e + i, mask=inb, other=0.0).to(tl.float32)
+            w1 = tl.load(w1_ptr + hj[:, None] * W + col + i[None, :], mask=wmask, other=0.0)
+            h += tl.sum(w1 * tl.where(masked, en, 0.0)[None, :], 1)
+            col += LF
+        if USE_STEP:
+            h += tl.load(w1_ptr + hj * W + col, mask=hok, other=0.0) * (step * 1.0 / LF)
         h = tl.maximum(h, 0.0)
         for layer in tl.static_range(N_MID):
             wm = tl.load(wm_ptr + layer * H * H + hj[:, None] * H + hj[None, :],
@@ -108,13 +126,18 @@ def decide(
     eotp: str = "off",
     filter_weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     filter_block: int | None = None,
+    filter_inputs=("confidence",),
+    margin: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    step: int = 0,
     params: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of ``l2pd_kernels.reference.decide`` (same arguments and results).
 
-    ``params`` (int64 [1] on the device, ``block_start << 20 | k``; bits from 40 up are free for the caller),
-    when given, replaces ``block_start`` and ``k`` at run time (the Python values then only size the checks):
-    what a captured CUDA graph needs.
+    ``params`` (int64 [1] on the device, ``block_start << 20 | k``; bits from 40 up are free for the caller;
+    [2] with the step index in the second word for a filter that reads it), when given, replaces
+    ``block_start``, ``k`` and ``step`` at run time (the Python values then only size the checks): what a
+    captured CUDA graph needs.
     """
     if canvas.dim() != 2 or canvas.dtype != torch.int64:
         raise ValueError(f"canvas must be int64 [B, T], got {canvas.dtype} {tuple(canvas.shape)}")
@@ -132,13 +155,26 @@ def decide(
     prob = prob if prob.stride(1) == 1 else prob.contiguous()
     out = torch.empty(3, B, dtype=torch.int64, device=canvas.device)
     w1 = b1 = wm = bm = w2 = b2 = prob  # never read when the filter is off
-    LF, H, n_mid = L, 1, 0
+    LF, W, H, n_mid = L, L, 1, 0
+    inputs = check_inputs(filter_inputs) if filter_weights is not None else ("confidence",)
+    stats = {}
+    for name, v in (("margin", margin), ("entropy", entropy)):
+        if name in inputs:
+            if v is None or v.shape != (B, L):
+                raise ValueError(f"the filter reads {name!r}: expected [{B}, {L}], got "
+                                 f"{None if v is None else tuple(v.shape)}")
+            stats[name] = v if v.stride(1) == 1 else v.contiguous()
+    if "step" in inputs and params is not None and params.numel() < 2:
+        raise ValueError("a filter that reads the step index needs params with 2 words (the step in the second)")
     if filter_weights is not None:
-        LF = filter_block or filter_weights[0][0].shape[1]
+        LF = filter_block or filter_weights[-1][0].shape[0]
         if L > LF:
             raise ValueError(f"block of {L} positions exceeds the filter's block_length {LF}")
         (w1, b1), (w2, b2) = filter_weights[0], filter_weights[-1]
-        H = w1.shape[0]
+        H, W = w1.shape
+        if W != filter_width(inputs, LF) or w2.shape[0] != LF:
+            raise ValueError(f"filter weights {tuple(w1.shape)} / {tuple(w2.shape)} do not match inputs "
+                             f"{list(inputs)} at block_length {LF}")
         mids = filter_weights[1:-1]
         n_mid = len(mids)
         if n_mid:
@@ -149,16 +185,18 @@ def decide(
         if H > 512:
             raise ValueError(f"filter hidden size {H} is too large for the fused kernel (limit 512)")
     BLOCK = triton.next_power_of_2(max(L, LF))
+    mg, en = stats.get("margin", prob), stats.get("entropy", prob)
     if B:
         _decide_kernel[(B,)](
-            canvas, token, prob, out, w1, b1, wm, bm, w2, b2,
-            canvas.shape[1], B, canvas.stride(0), token.stride(0), prob.stride(0),
-            # with params the kernel reads block start and k from device memory; constant launch arguments
-            # keep Triton from specialising (and compiling) per block inside a graph capture
-            0 if params is not None else block_start, L, LF, H, 0 if params is not None else int(k),
-            float(threshold), int(mask_id), int(eos_id),
+            canvas, token, prob, mg, en, out, w1, b1, wm, bm, w2, b2,
+            canvas.shape[1], B, canvas.stride(0), token.stride(0), prob.stride(0), mg.stride(0), en.stride(0),
+            # with params the kernel reads block start, k and step from device memory; constant launch
+            # arguments keep Triton from specialising (and compiling) per block inside a graph capture
+            0 if params is not None else block_start, L, LF, W, H, 0 if params is not None else int(k),
+            0 if params is not None else int(step), float(threshold), int(mask_id), int(eos_id),
             out if params is None else params,
             BLOCK=BLOCK, HB=triton.next_power_of_2(H), N_MID=n_mid, USE_FILTER=filter_weights is not None,
             EOTP=EOTP_MODES[eotp], TAIL=256, DYN_PARAMS=params is not None,
+            USE_MARGIN="margin" in inputs, USE_ENTROPY="entropy" in inputs, USE_STEP="step" in inputs,
         )
     return out[0], out[1], out[2]  # views: no extra kernel launches

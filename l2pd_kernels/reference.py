@@ -43,12 +43,16 @@ def _clean(logits: torch.Tensor) -> torch.Tensor:
 
 
 def confidence(
-    logits: torch.Tensor, temperature: float = 0.0, seed: int | None = None, suppress: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor, temperature: float = 0.0, seed: int | None = None, suppress: int | None = None,
+    stats: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """logits [B, L, V] -> (token int64 [B, L], probability fp32 [B, L]).
 
     ``suppress``: a token id that is never chosen and leaves the softmax (the mask id: a mask predicted for a
-    masked position would leave it masked, and decoding would make no progress).
+    masked position would leave it masked, and decoding would make no progress). ``stats=True`` also returns
+    the margin (top-1 minus top-2 probability; a tie at the top gives 0) and the entropy (nats) of the same
+    softmax, fp32 [B, L] each: the richer filter inputs. A row with no finite logit gives margin 0 and
+    entropy 0.
     """
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, L, V], got shape {tuple(logits.shape)}")
@@ -71,7 +75,26 @@ def confidence(
     chosen = x.gather(-1, token[..., None]).squeeze(-1)
     prob = torch.exp(chosen - m.squeeze(-1)) / denom
     prob = torch.where(finite.squeeze(-1), prob, torch.zeros_like(prob))
-    return token, prob
+    if not stats:
+        return token, prob
+    return (token, prob) + softmax_stats(x)
+
+
+def softmax_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-1 minus top-2 probability, entropy in nats) of softmax(x) over the last axis; x holds cleaned
+    fp32 logits (no NaN, no +inf). Rows without a finite value give (0, 0)."""
+    m = x.amax(-1, keepdim=True)
+    finite = torch.isfinite(m.squeeze(-1))
+    z = x - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(z)
+    s = e.sum(-1)
+    top2 = x.topk(min(2, x.shape[-1]), -1).values
+    second = top2[..., 1] if top2.shape[-1] > 1 else torch.full_like(s, float("-inf"))
+    margin = (1 - torch.exp(second - m.squeeze(-1))) / s
+    plogp = torch.where(e > 0, e * z, torch.zeros_like(e)).sum(-1)  # sum exp(z) * z, 0 * -inf taken as 0
+    entropy = torch.log(s) - plogp / s
+    zero = torch.zeros_like(s)
+    return torch.where(finite, margin, zero), torch.where(finite, entropy, zero)
 
 
 def filter_logits(features: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -84,13 +107,50 @@ def filter_logits(features: torch.Tensor, weights: list[tuple[torch.Tensor, torc
     return h
 
 
-def filter_features(prob: torch.Tensor, masked: torch.Tensor, block_length: int) -> torch.Tensor:
-    """The filter's input: the block's confidences, 1.0 at decoded positions and past a short last block."""
-    feats = torch.where(masked, prob.float(), torch.ones_like(prob, dtype=torch.float32))
-    pad = block_length - feats.shape[1]
-    if pad > 0:
-        feats = torch.nn.functional.pad(feats, (0, pad), value=1.0)
-    return feats
+FILTER_INPUTS = ("confidence", "margin", "entropy", "step")  # the canonical order of a filter's inputs
+_DECODED = {"confidence": 1.0, "margin": 1.0, "entropy": 0.0}  # the value at decoded and padding positions
+
+
+def check_inputs(inputs) -> tuple[str, ...]:
+    """A filter's input layout: an ordered subset of ``FILTER_INPUTS`` that starts with confidence."""
+    inputs = tuple(inputs)
+    if not inputs or inputs[0] != "confidence" or len(set(inputs)) != len(inputs) or \
+            [i for i in FILTER_INPUTS if i in inputs] != list(inputs):
+        raise ValueError(f"filter inputs {list(inputs)}: expected an ordered subset of {list(FILTER_INPUTS)} "
+                         "that starts with 'confidence'")
+    return inputs
+
+
+def filter_width(inputs, block_length: int) -> int:
+    """The filter's first-layer width: ``block_length`` per per-position input, one for the step index."""
+    return sum(1 if name == "step" else block_length for name in inputs)
+
+
+def filter_features(prob: torch.Tensor, masked: torch.Tensor, block_length: int, inputs=("confidence",),
+                    margin: torch.Tensor | None = None, entropy: torch.Tensor | None = None,
+                    step: int | torch.Tensor = 0) -> torch.Tensor:
+    """The filter's input [B, width]: per input of ``inputs`` in order, the block's values (confidence and
+    margin 1.0, entropy 0.0 at decoded positions and past a short last block), then ``step`` (forwards
+    already spent on this block) divided by ``block_length``. Confidence only is Learn2PD's original filter."""
+    given = {"confidence": prob, "margin": margin, "entropy": entropy}
+    parts = []
+    for name in check_inputs(inputs):
+        if name == "step":
+            s = torch.as_tensor(step, dtype=torch.float32, device=prob.device)
+            parts.append((s / block_length).expand(prob.shape[0])[:, None])
+        elif given[name] is None:
+            raise ValueError(f"the filter reads {name!r}: pass it (confidence(..., stats=True) computes it)")
+        else:
+            parts.append(filter_channel(given[name], masked, block_length, name))
+    return torch.cat(parts, 1)
+
+
+def filter_channel(value: torch.Tensor, masked: torch.Tensor, block_length: int, name: str) -> torch.Tensor:
+    """One per-position input [B, block_length]: ``value`` at masked positions, the decided value elsewhere."""
+    fill = _DECODED[name]
+    f = torch.where(masked, value.float(), torch.full_like(value, fill, dtype=torch.float32))
+    pad = block_length - f.shape[1]
+    return torch.nn.functional.pad(f, (0, pad), value=fill) if pad > 0 else f
 
 
 def topk_lowest_index(score: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
@@ -116,6 +176,10 @@ def decide(
     eotp: str = "off",
     filter_weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     filter_block: int | None = None,
+    filter_inputs=("confidence",),
+    margin: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
+    step: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step's decision for the block ``canvas[:, block_start : block_start + L]``; updates ``canvas``.
 
@@ -123,14 +187,16 @@ def decide(
     logit with a filter, else the confidence), and the ``k`` most confident still-masked positions are always
     accepted. Accepted positions get their token. EoTP: ``accepted`` finds the first end-of-text token in the
     block and writes end-of-text to every position after it, to the end of the canvas; ``predicted`` also
-    cuts at the most confident still-masked end-of-text prediction. Returns per row (positions of the block
-    decided by this step, masks left in the block, end-of-text position or -1; all int64).
+    cuts at the most confident still-masked end-of-text prediction. A filter reads ``filter_inputs`` (see
+    ``filter_features``; ``margin``/``entropy`` [B, L] and ``step`` when it names them). Returns per row
+    (positions of the block decided by this step, masks left in the block, end-of-text position or -1; all
+    int64).
     """
     B, L = token.shape
     block = canvas[:, block_start : block_start + L]
     masked = block == mask_id
     if filter_weights is not None:
-        feats = filter_features(prob, masked, filter_block or L)
+        feats = filter_features(prob, masked, filter_block or L, filter_inputs, margin, entropy, step)
         score = torch.sigmoid(filter_logits(feats, filter_weights))[:, :L]
     else:
         score = prob.float()
