@@ -140,13 +140,13 @@ def pareto(rows: list[dict]) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = (f"{'strategy':<10}{'tau':>7}{'eotp':>10}{'block':>7}{'cache':>8}{'accuracy':>17}{'forwards':>10}"
+    head = (f"{'strategy':<14}{'tau':>7}{'eotp':>10}{'block':>7}{'cache':>8}{'accuracy':>17}{'forwards':>10}"
             f"{'tok/s':>9}  frontier")
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["mean_nfe"], -r["accuracy"])):
         tau = "" if r["threshold"] is None else f"{r['threshold']:g}"
         acc = f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}%"
-        lines.append(f"{r['strategy']:<10}{tau:>7}{r['eotp']:>10}{r['block_length']:>7}{r['cache']:>8}{acc:>17}"
+        lines.append(f"{r['strategy']:<14}{tau:>7}{r['eotp']:>10}{r['block_length']:>7}{r['cache']:>8}{acc:>17}"
                      f"{r['mean_nfe']:>10.2f}{r['tokens_per_s']:>9.0f}  {'*' if r.get('pareto') else ''}")
     return "\n".join(lines)
 

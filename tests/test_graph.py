@@ -106,3 +106,25 @@ def test_compacted_graphed_equals_uncompacted_eager(bundled, cache):
     for out in outs:
         assert torch.equal(out.sequences, kept.sequences)
         assert torch.equal(out.nfe, kept.nfe)
+
+
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_graphed_rich_filter_equals_eager(bundled, cache):
+    """A filter that reads margins, entropies and the step index (the step comes from device memory in a
+    graph): replayed steps decide as eager ones do."""
+    from l2pd.filter import RICH_INPUTS, Filter
+
+    model, tok = bundled
+    torch.manual_seed(0)
+    flt = Filter(32, 32, inputs=RICH_INPUTS, threshold=0.6).eval()  # random weights: any decision will do
+    with torch.no_grad():
+        flt.layers[-1].bias.fill_(0.4)  # scores around tau: some positions pass, some wait
+    kw = dict(max_new_tokens=128, block_length=32, strategy="learn2pd", filter=flt, eotp=True, cache=cache)
+    release(model)
+    first = _prompts(tok, 0)
+    outs = [model.generate(*first, cuda_graph=True, return_dict_in_generate=True, **kw) for _ in range(3)]
+    assert outs[-1].path == "graph"
+    eager = model.generate(*first, cuda_graph=False, return_dict_in_generate=True, **kw)
+    for out in outs:
+        assert torch.equal(out.sequences, eager.sequences) and torch.equal(out.nfe, eager.nfe)
+    assert float(eager.nfe.float().mean()) < 100  # the filter accepted more than the one-token fallback
