@@ -165,12 +165,18 @@ def plot(rows: list[dict], path: str) -> None:
     series: dict[tuple, list[dict]] = {}
     for r in rows:
         series.setdefault((r["strategy"], r["eotp"], r["block_length"], r["cache"]), []).append(r)
+    # colour: block length (and cache); line and marker: strategy, so that many series stay readable
+    colour_keys = sorted({(k[2], k[3]) for k in series})
+    palette = plt.get_cmap("tab10")
+    styles = {"threshold": ("-", "o"), "steps": ("", "s"), "learn2pd": ("--", "^")}
     for (strategy, eotp, block, cache), rs in sorted(series.items()):
         rs = sorted(rs, key=lambda r: r["mean_nfe"])
         label = f"{strategy}{' + EoTP' if eotp != 'off' else ''}, block {block}" + (f", {cache}" if cache != "none"
                                                                                      else "")
+        line, marker = styles.get(strategy, (":", "D"))
         ax.errorbar([r["mean_nfe"] for r in rs], [100 * r["accuracy"] for r in rs],
-                    yerr=[100 * r["stderr"] for r in rs], marker="o", ms=4, capsize=2, label=label)
+                    yerr=[100 * r["stderr"] for r in rs], marker=marker, ms=4, capsize=2, label=label, ls=line,
+                    color=palette(colour_keys.index((block, cache)) % 10))
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["mean_nfe"])
     ax.plot([r["mean_nfe"] for r in front], [100 * r["accuracy"] for r in front], "k--", lw=1, label="frontier")
     ax.set_xscale("log")

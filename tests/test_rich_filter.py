@@ -179,7 +179,7 @@ def test_rich_filter_round_trip_and_decodes(tmp_path):
     a = generate(model, prompt, filter=flt, backend="torch", **kw)
     b = generate(model, prompt, filter=again, backend="torch", **kw)
     assert torch.equal(a.sequences, b.sequences) and torch.equal(a.nfe, b.nfe)
-    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels on this CPU model (GPU: tests/test_graph.py)
         c = generate(model, prompt, filter=again, backend="triton", **kw)
         assert torch.equal(a.sequences, c.sequences) and torch.equal(a.nfe, c.nfe)
 
