@@ -202,7 +202,7 @@ def cmd_train_filter(args: argparse.Namespace) -> int:
             raise ValueError(f"--device {args.device}: no CUDA GPU is visible to torch here (use --device cpu)")
     flt = train_filter(args.data, hidden=args.hidden, depth=args.depth, lr=args.lr, max_epochs=args.max_epochs,
                        patience=args.patience, threshold=args.threshold, device=args.device or "cpu",
-                       inputs=_filter_inputs(args.inputs))
+                       inputs=_filter_inputs(args.inputs), kind=args.kind)
     flt.save_pretrained(args.out)
     print(f"saved {args.out}/filter.safetensors and filter.json")
     return 0
@@ -448,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the filter reads: 'confidence' (Learn2PD's filter, default), 'rich' (confidence, "
                         "margin, entropy, step: top-1 minus top-2 probability and entropy of the same softmax, "
                         "and the forwards already spent on the block), or a comma list in that order")
+    t.add_argument("--kind", choices=["dense", "shared"], default="dense",
+                   help="dense (Learn2PD's: the whole block's inputs to the whole block's scores) or shared (one "
+                        "small MLP applied to each position's own features: confidence, margin, entropy, "
+                        "position, step, the block's decided fraction, neighbours' confidences, masks before it "
+                        "and the lowest confidence before it; --inputs is then ignored)")
     t.add_argument("--overwrite", action="store_true", help="replace a filter already in --out")
     t.set_defaults(func=cmd_train_filter)
 

@@ -312,6 +312,8 @@ def generate(
                          filter_weights=filter_weights, filter_block=block_length)
     if filter_weights is not None:
         decide_kwargs["filter_inputs"] = inputs
+        if filter.kind != "dense":
+            decide_kwargs["filter_kind"] = filter.kind
     policy = Policy(strategy, mask_id, decide_kwargs, temperature=temperature, on_step=on_step, filter=filter,
                     target=None if target is None else target.to(device=device, dtype=torch.long),
                     stats=bool(step_stats) or "margin" in inputs or "entropy" in inputs,

@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from l2pd_kernels.reference import FILTER_INPUTS, check_inputs, filter_width
+from l2pd_kernels.reference import FILTER_INPUTS, SHARED_FEATURES, check_inputs, filter_width
 
 # filter.json versions: 1 reads the confidences only; 2 records its inputs ("inputs"). Both load.
 FILTER_VERSION = 2
 RICH_INPUTS = FILTER_INPUTS  # confidence, margin, entropy, step
+KINDS = ("dense", "shared")
 
 
 def model_fingerprint(model: Any) -> str:
@@ -35,17 +36,30 @@ class Filter(nn.Module):
     block_length). Input (``inputs``): the block's confidences (1.0 at decoded positions), as in Learn2PD;
     a richer filter adds the margins and entropies of the same softmax and the step index in the block (see
     ``l2pd_kernels.reference.filter_features``). Output: logits of "the current guess already equals the
-    final answer" per position. ``threshold`` is the tau applied to their sigmoid."""
+    final answer" per position. ``threshold`` is the tau applied to their sigmoid.
+
+    ``kind='shared'``: one MLP for every position, Linear(len(SHARED_FEATURES), hidden) -> ReLU -> ... ->
+    Linear(hidden, 1), over each position's own features (``l2pd_kernels.reference.shared_features``); its
+    size does not grow with the block and every masked position is a training example."""
 
     def __init__(
         self, block_length: int = 32, hidden: int = 128, depth: int = 1, threshold: float = 0.9,
-        meta: dict[str, Any] | None = None, inputs=("confidence",),
+        meta: dict[str, Any] | None = None, inputs=("confidence",), kind: str = "dense",
     ) -> None:
         super().__init__()
         if block_length <= 0 or hidden <= 0 or depth < 1:
             raise ValueError(f"bad filter shape: block_length={block_length} hidden={hidden} depth={depth}")
-        self.inputs = check_inputs(inputs)
-        dims = [filter_width(self.inputs, block_length)] + [hidden] * depth + [block_length]
+        if kind not in KINDS:
+            raise ValueError(f"filter kind {kind!r}: expected one of {list(KINDS)}")
+        self.kind = kind
+        if kind == "shared":
+            if tuple(inputs) not in (("confidence",), SHARED_FEATURES):
+                raise ValueError(f"a shared filter reads {list(SHARED_FEATURES)}, got {list(inputs)}")
+            self.inputs = SHARED_FEATURES
+            dims = [len(SHARED_FEATURES)] + [hidden] * depth + [1]
+        else:
+            self.inputs = check_inputs(inputs)
+            dims = [filter_width(self.inputs, block_length)] + [hidden] * depth + [block_length]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.block_length, self.hidden, self.depth, self.threshold = block_length, hidden, depth, threshold
         self.meta: dict[str, Any] = dict(meta or {})
@@ -54,7 +68,7 @@ class Filter(nn.Module):
     @property
     def needs_stats(self) -> bool:
         """Whether decoding must compute margins and entropies for this filter."""
-        return "margin" in self.inputs or "entropy" in self.inputs
+        return self.kind == "shared" or "margin" in self.inputs or "entropy" in self.inputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -93,7 +107,8 @@ class Filter(nn.Module):
                          metadata={"version": str(FILTER_VERSION)})
         info = {
             "version": FILTER_VERSION, "block_length": self.block_length, "hidden": self.hidden,
-            "depth": self.depth, "threshold": self.threshold, "inputs": list(self.inputs), **self.meta,
+            "depth": self.depth, "threshold": self.threshold, "inputs": list(self.inputs), "kind": self.kind,
+            **self.meta,
         }
         with open(os.path.join(folder, "filter.json"), "w") as f:
             json.dump(info, f, indent=2, sort_keys=True)
@@ -119,7 +134,10 @@ class Filter(nn.Module):
             raise ValueError(f"{path} lacks {missing}")
         shape = {k: info.pop(k) for k in ("block_length", "hidden", "depth", "threshold")}
         info.pop("version")
-        flt = cls(**shape, meta=info, inputs=inputs)
+        kind = info.pop("kind", "dense")
+        if kind not in KINDS:
+            raise ValueError(f"{path}: filter kind {kind!r} is not supported (expected one of {list(KINDS)})")
+        flt = cls(**shape, meta=info, inputs=inputs, kind=kind)
         weights = os.path.join(folder, "filter.safetensors")
         try:
             flt.load_state_dict(load_safetensors(weights))

@@ -16,8 +16,6 @@ import json
 import time
 from typing import Any
 
-import torch
-
 from .decode import generate
 from .models import adapter_for
 
@@ -26,7 +24,7 @@ TRACE_VERSION = 1
 
 def trace(model: Any, tokenizer: Any, prompt: str, chat: bool = True, **generate_kwargs: Any) -> dict[str, Any]:
     """Decode ``prompt`` (wrapped in the tokenizer's chat template unless ``chat=False``) and record it."""
-    from l2pd_kernels.reference import filter_features, filter_logits
+    from l2pd_kernels.reference import filter_scores
 
     from .demo.tokenizer import prompt_text
 
@@ -52,10 +50,9 @@ def trace(model: Any, tokenizer: Any, prompt: str, chat: bool = True, **generate
                "confidence": [round(float(p), 5) for p in prob[0].float()], "masked": masked.tolist(),
                "canvas_masked": (canvas[0] == mask_id).tolist()}
         if use_filter:
-            feats = filter_features(prob[:1], masked[None], flt.block_length, flt.inputs,
-                                    None if margin is None else margin[:1], None if entropy is None else entropy[:1],
-                                    step)
-            score = torch.sigmoid(filter_logits(feats, flt.weights(prob.device)))[0, :L]
+            score = filter_scores(prob[:1], masked[None], flt.weights(prob.device), flt.block_length, flt.inputs,
+                                  flt.kind, None if margin is None else margin[:1],
+                                  None if entropy is None else entropy[:1], step)[0]
             rec["filter_score"] = [round(float(s), 5) for s in score]
         steps.append(rec)
 

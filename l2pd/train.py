@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from l2pd_kernels.reference import check_inputs
+from l2pd_kernels.reference import SHARED_FEATURES, check_inputs, shared_features
 
 from .collect import load_shards
 from .filter import Filter
@@ -46,12 +46,14 @@ def train_filter(
     device: str = "cpu",
     log: Any = print,
     inputs=("confidence",),
+    kind: str = "dense",
 ) -> Filter:
     """Full-batch training on all shards of ``data_dir``; keeps the weights of the best validation loss.
 
     The loss counts only positions that were still masked (the filter is never asked about the others).
     ``inputs``: what the filter reads: ``("confidence",)`` (Learn2PD's filter) or an ordered subset of
     ``l2pd.filter.RICH_INPUTS`` (confidence, margin, entropy, step) that starts with confidence.
+    ``kind='shared'``: one small MLP applied to every position's own features (``inputs`` is then ignored).
     """
     for name, value in (("hidden", hidden), ("depth", depth), ("max_epochs", max_epochs), ("patience", patience)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -62,9 +64,13 @@ def train_filter(
         raise ValueError(f"threshold={threshold!r} must be a finite number >= 0")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
-    inputs = check_inputs(inputs)
     data, manifest = load_shards(data_dir)
-    x = training_inputs(data, inputs, manifest["block_length"], data_dir).to(device)
+    if kind == "shared":
+        inputs = SHARED_FEATURES
+        x = shared_inputs(data, manifest["block_length"], data_dir).to(device)
+    else:
+        inputs = check_inputs(inputs)
+        x = training_inputs(data, inputs, manifest["block_length"], data_dir).to(device)
     y = data["labels"].bool().to(device)
     m = data["masked"].bool().to(device)
     n = len(x)
@@ -78,11 +84,15 @@ def train_filter(
         log(f"warning: {w}")
     val, tr = perm[:n_val], perm[n_val:]
     torch.manual_seed(seed)
-    flt = Filter(manifest["block_length"], hidden, depth, threshold, inputs=inputs).to(device)
+    flt = Filter(manifest["block_length"], hidden, depth, threshold, inputs=inputs, kind=kind).to(device)
+
+    def scores(rows: torch.Tensor) -> torch.Tensor:  # [n, block_length] logits for either kind
+        out = flt(x[rows])
+        return out[..., 0] if kind == "shared" else out
     opt = torch.optim.AdamW(flt.parameters(), lr=lr)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
-        logits = flt(x[idx])
+        logits = scores(idx)
         per = F.binary_cross_entropy_with_logits(logits, y[idx].float(), reduction="none")
         return (per * m[idx]).sum() / m[idx].sum().clamp_min(1)
 
@@ -108,7 +118,7 @@ def train_filter(
     flt.load_state_dict(best_state)
     flt.eval()
     with torch.no_grad():
-        metrics = accept_metrics(flt(x[val]), y[val], m[val])
+        metrics = accept_metrics(scores(val), y[val], m[val])
     seconds = time.time() - t0
     flt.meta.update(
         model_fingerprint=manifest["model_fingerprint"], gen_length=manifest["gen_length"],
@@ -145,6 +155,15 @@ def training_inputs(data: dict[str, torch.Tensor], inputs, block_length: int, da
         else:
             parts.append(data[name].float())
     return torch.cat(parts, 1)
+
+
+def shared_inputs(data: dict[str, torch.Tensor], block_length: int, data_dir: str) -> torch.Tensor:
+    """A shared filter's per-position inputs [N, block_length, len(SHARED_FEATURES)] from a collection."""
+    if "margin" not in data:
+        raise ValueError(f"{data_dir!r} was collected without margins and entropies (collection version 1): "
+                         "collect again into a new folder to train a shared filter")
+    return shared_features(data["features"].float(), data["margin"].float(), data["entropy"].float(),
+                           data["masked"].bool(), data["step"].float(), block_length)
 
 
 MIN_ROWS = 500  # a block step is one row; a few hundred prompts give tens of thousands

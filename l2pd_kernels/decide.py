@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import EOTP_MODES, check_inputs, filter_width
+from .reference import EOTP_MODES, SHARED_FEATURES, check_inputs, filter_width
 
 
 @triton.jit
@@ -25,7 +25,7 @@ def _decide_kernel(
     block_start, L, LF, W, H, k, step, threshold, mask_id, eos_id, params_ptr,
     BLOCK: tl.constexpr, HB: tl.constexpr, N_MID: tl.constexpr, USE_FILTER: tl.constexpr,
     EOTP: tl.constexpr, TAIL: tl.constexpr, DYN_PARAMS: tl.constexpr,
-    USE_MARGIN: tl.constexpr, USE_ENTROPY: tl.constexpr, USE_STEP: tl.constexpr,
+    USE_MARGIN: tl.constexpr, USE_ENTROPY: tl.constexpr, USE_STEP: tl.constexpr, SHARED: tl.constexpr,
 ):
     row = tl.program_id(0)
     if DYN_PARAMS:  # block start and k read from device memory (bits 20-39 and 0-19): one CUDA graph serves all
@@ -42,7 +42,37 @@ def _decide_kernel(
     prob = tl.load(prob_ptr + row * stride_p + i, mask=inb, other=0.0).to(tl.float32)
     masked = (block == mask_id) & inb
 
-    if USE_FILTER:
+    if USE_FILTER and SHARED:
+        # one MLP for every position over its own features (reference.shared_features), all in registers;
+        # the neighbour, prefix and count features come from [BLOCK, BLOCK] comparisons along the block
+        mg = tl.load(margin_ptr + row * stride_m + i, mask=inb, other=0.0).to(tl.float32)
+        en = tl.load(entropy_ptr + row * stride_e + i, mask=inb, other=0.0).to(tl.float32)
+        conf_f = tl.where(masked, prob, 1.0)
+        mk = masked.to(tl.float32)
+        jj = tl.arange(0, BLOCK)[None, :]
+        ii = i[:, None]
+        left = tl.sum(tl.where(jj == ii - 1, conf_f[None, :], 0.0), 1) + tl.where(i == 0, 1.0, 0.0)
+        right = tl.sum(tl.where(jj == ii + 1, conf_f[None, :], 0.0), 1) + tl.where(i == BLOCK - 1, 1.0, 0.0)
+        before = tl.sum(tl.where(jj < ii, mk[None, :], 0.0), 1) / LF
+        prefix_min = tl.min(tl.where(jj < ii, conf_f[None, :], 1.0), 1)
+        decided = 1.0 - tl.sum(mk, 0) / LF
+        hj = tl.arange(0, HB)
+        hok = hj < H
+        h = tl.zeros((BLOCK, HB), tl.float32) + tl.load(b1_ptr + hj, mask=hok, other=0.0)[None, :]
+        h += conf_f[:, None] * tl.load(w1_ptr + hj * W + 0, mask=hok, other=0.0)[None, :]
+        h += tl.where(masked, mg, 1.0)[:, None] * tl.load(w1_ptr + hj * W + 1, mask=hok, other=0.0)[None, :]
+        h += tl.where(masked, en, 0.0)[:, None] * tl.load(w1_ptr + hj * W + 2, mask=hok, other=0.0)[None, :]
+        h += (i * 1.0 / LF)[:, None] * tl.load(w1_ptr + hj * W + 3, mask=hok, other=0.0)[None, :]
+        h += (step * 1.0 / LF) * tl.load(w1_ptr + hj * W + 4, mask=hok, other=0.0)[None, :]
+        h += decided * tl.load(w1_ptr + hj * W + 5, mask=hok, other=0.0)[None, :]
+        h += left[:, None] * tl.load(w1_ptr + hj * W + 6, mask=hok, other=0.0)[None, :]
+        h += right[:, None] * tl.load(w1_ptr + hj * W + 7, mask=hok, other=0.0)[None, :]
+        h += before[:, None] * tl.load(w1_ptr + hj * W + 8, mask=hok, other=0.0)[None, :]
+        h += prefix_min[:, None] * tl.load(w1_ptr + hj * W + 9, mask=hok, other=0.0)[None, :]
+        h = tl.maximum(h, 0.0)
+        logit = tl.sum(h * tl.load(w2_ptr + hj, mask=hok, other=0.0)[None, :], 1) + tl.load(b2_ptr)
+        score = 1.0 / (1.0 + tl.exp(-logit))
+    elif USE_FILTER:
         # features: confidences (margins) 1.0, entropies 0.0 at decoded positions and past a short last block,
         # LF inputs each, side by side in the first layer's columns; then the step index / LF
         hj = tl.arange(0, HB)
@@ -130,6 +160,7 @@ def decide(
     margin: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     step: int = 0,
+    filter_kind: str = "dense",
     params: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of ``l2pd_kernels.reference.decide`` (same arguments and results).
@@ -156,7 +187,13 @@ def decide(
     out = torch.empty(3, B, dtype=torch.int64, device=canvas.device)
     w1 = b1 = wm = bm = w2 = b2 = prob  # never read when the filter is off
     LF, W, H, n_mid = L, L, 1, 0
-    inputs = check_inputs(filter_inputs) if filter_weights is not None else ("confidence",)
+    shared = filter_weights is not None and filter_kind == "shared"
+    if filter_kind not in ("dense", "shared"):
+        raise ValueError(f"filter_kind {filter_kind!r}: expected 'dense' or 'shared'")
+    if shared:
+        inputs = SHARED_FEATURES
+    else:
+        inputs = check_inputs(filter_inputs) if filter_weights is not None else ("confidence",)
     stats = {}
     for name, v in (("margin", margin), ("entropy", entropy)):
         if name in inputs:
@@ -166,7 +203,18 @@ def decide(
             stats[name] = v if v.stride(1) == 1 else v.contiguous()
     if "step" in inputs and params is not None and params.numel() < 2:
         raise ValueError("a filter that reads the step index needs params with 2 words (the step in the second)")
-    if filter_weights is not None:
+    if shared:
+        LF = filter_block or L
+        (w1, b1), (w2, b2) = filter_weights[0], filter_weights[-1]
+        H, W = w1.shape
+        if len(filter_weights) != 2 or W != len(SHARED_FEATURES) or w2.shape != (1, H):
+            raise ValueError(f"the kernel runs shared filters of one hidden layer over {len(SHARED_FEATURES)} "
+                             f"features, got layers {[tuple(w.shape) for w, _ in filter_weights]}")
+        if L > LF:
+            raise ValueError(f"block of {L} positions exceeds the filter's block_length {LF}")
+        if H > 128:
+            raise ValueError(f"shared filter hidden size {H} is too large for the fused kernel (limit 128)")
+    elif filter_weights is not None:
         LF = filter_block or filter_weights[-1][0].shape[0]
         if L > LF:
             raise ValueError(f"block of {L} positions exceeds the filter's block_length {LF}")
@@ -198,5 +246,6 @@ def decide(
             BLOCK=BLOCK, HB=triton.next_power_of_2(H), N_MID=n_mid, USE_FILTER=filter_weights is not None,
             EOTP=EOTP_MODES[eotp], TAIL=256, DYN_PARAMS=params is not None,
             USE_MARGIN="margin" in inputs, USE_ENTROPY="entropy" in inputs, USE_STEP="step" in inputs,
+            SHARED=shared,
         )
     return out[0], out[1], out[2]  # views: no extra kernel launches

@@ -145,12 +145,57 @@ def filter_features(prob: torch.Tensor, masked: torch.Tensor, block_length: int,
     return torch.cat(parts, 1)
 
 
+# A shared filter scores each position from its own features with one small MLP for every position (weights
+# shared along the block): it trains on every masked position and its size does not grow with the block.
+SHARED_FEATURES = ("confidence", "margin", "entropy", "position", "step", "decided", "left", "right",
+                   "masked_before", "prefix_min")
+
+
+def shared_features(conf: torch.Tensor, margin: torch.Tensor, entropy: torch.Tensor, masked: torch.Tensor,
+                    step: int | torch.Tensor, block_length: int) -> torch.Tensor:
+    """Per-position inputs [B, LF, len(SHARED_FEATURES)] of a shared filter from the filled channels [B, LF]
+    (``filter_channel``: decided and padding positions read confidence 1, margin 1, entropy 0) and the
+    still-masked positions ``masked`` [B, LF]: the position's confidence, margin and entropy; its index and
+    the step index over the block length; the block's decided fraction; the confidences to its left and right
+    (1 past the ends); the masked positions before it over the block length; the lowest confidence before it
+    (1 at the first position)."""
+    B, LF = conf.shape
+    dev = conf.device
+    m = masked.float()
+    pos = (torch.arange(LF, device=dev, dtype=torch.float32) / block_length).expand(B, LF)
+    st = (torch.as_tensor(step, dtype=torch.float32, device=dev) / block_length).reshape(-1, 1).expand(B, LF)
+    decided = (1 - m.mean(1, keepdim=True)).expand(B, LF)
+    one = torch.ones(B, 1, device=dev)
+    left = torch.cat([one, conf[:, :-1]], 1)
+    right = torch.cat([conf[:, 1:], one], 1)
+    before = (torch.cumsum(m, 1) - m) / block_length
+    prefix_min = torch.cat([one, torch.cummin(conf, 1).values[:, :-1]], 1)
+    return torch.stack([conf, margin, entropy, pos, st, decided, left, right, before, prefix_min], -1)
+
+
 def filter_channel(value: torch.Tensor, masked: torch.Tensor, block_length: int, name: str) -> torch.Tensor:
     """One per-position input [B, block_length]: ``value`` at masked positions, the decided value elsewhere."""
     fill = _DECODED[name]
     f = torch.where(masked, value.float(), torch.full_like(value, fill, dtype=torch.float32))
     pad = block_length - f.shape[1]
     return torch.nn.functional.pad(f, (0, pad), value=fill) if pad > 0 else f
+
+
+def filter_scores(prob: torch.Tensor, masked: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]],
+                  block_length: int, inputs=("confidence",), kind: str = "dense", margin: torch.Tensor | None = None,
+                  entropy: torch.Tensor | None = None, step: int | torch.Tensor = 0) -> torch.Tensor:
+    """sigmoid(filter logits) [B, L] for the block's still-masked positions ``masked`` [B, L]: a dense filter
+    over ``filter_features``, a shared one over each position's ``shared_features``."""
+    L = prob.shape[1]
+    if kind == "shared":
+        if margin is None or entropy is None:
+            raise ValueError("a shared filter reads margins and entropies (confidence(..., stats=True))")
+        ch = [filter_channel(v, masked, block_length, n) for v, n in ((prob, "confidence"), (margin, "margin"),
+                                                                      (entropy, "entropy"))]
+        feats = shared_features(*ch, torch.nn.functional.pad(masked, (0, block_length - L)), step, block_length)
+        return torch.sigmoid(filter_logits(feats, weights)[..., 0])[:, :L]
+    feats = filter_features(prob, masked, block_length, inputs, margin, entropy, step)
+    return torch.sigmoid(filter_logits(feats, weights))[:, :L]
 
 
 def topk_lowest_index(score: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
@@ -180,6 +225,7 @@ def decide(
     margin: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     step: int = 0,
+    filter_kind: str = "dense",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step's decision for the block ``canvas[:, block_start : block_start + L]``; updates ``canvas``.
 
@@ -188,7 +234,8 @@ def decide(
     accepted. Accepted positions get their token. EoTP: ``accepted`` finds the first end-of-text token in the
     block and writes end-of-text to every position after it, to the end of the canvas; ``predicted`` also
     cuts at the most confident still-masked end-of-text prediction. A filter reads ``filter_inputs`` (see
-    ``filter_features``; ``margin``/``entropy`` [B, L] and ``step`` when it names them). Returns per row
+    ``filter_features``; ``margin``/``entropy`` [B, L] and ``step`` when it names them); a ``filter_kind``
+    'shared' filter scores each position from ``shared_features``. Returns per row
     (positions of the block decided by this step, masks left in the block, end-of-text position or -1; all
     int64).
     """
@@ -196,8 +243,8 @@ def decide(
     block = canvas[:, block_start : block_start + L]
     masked = block == mask_id
     if filter_weights is not None:
-        feats = filter_features(prob, masked, filter_block or L, filter_inputs, margin, entropy, step)
-        score = torch.sigmoid(filter_logits(feats, filter_weights))[:, :L]
+        score = filter_scores(prob, masked, filter_weights, filter_block or L, filter_inputs, filter_kind, margin,
+                              entropy, step)
     else:
         score = prob.float()
     accept = masked & (score > threshold)

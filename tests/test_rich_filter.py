@@ -216,3 +216,64 @@ def test_rich_inputs_need_a_rich_collection(tmp_path):
     train_filter(path, hidden=8, max_epochs=5, log=lambda *a: None)  # confidence only: still trains
     with pytest.raises(ValueError, match="collected without"):
         train_filter(path, hidden=8, max_epochs=5, log=lambda *a: None, inputs=RICH_INPUTS)
+
+
+def test_shared_features_by_hand():
+    conf = torch.tensor([[0.5, 1.0, 0.2, 0.9]])
+    masked = torch.tensor([[True, False, True, True]])
+    f = ref.shared_features(conf, conf * 0.5, conf * 2, masked, 2, 4)
+    names = ref.SHARED_FEATURES
+    col = {n: f[0, :, names.index(n)].tolist() for n in names}
+    want = {"position": [0, 0.25, 0.5, 0.75], "step": [0.5] * 4, "decided": [0.25] * 4,
+            "left": [1.0, 0.5, 1.0, 0.2], "right": [1.0, 0.2, 0.9, 1.0], "masked_before": [0, 0.25, 0.25, 0.5],
+            "prefix_min": [1.0, 0.5, 0.5, 0.2], "margin": [0.25, 0.5, 0.1, 0.45], "entropy": [1.0, 2.0, 0.4, 1.8]}
+    for name, values in want.items():
+        assert col[name] == pytest.approx(values), name
+
+
+@needs_triton
+@pytest.mark.parametrize("L,LF", [(8, 8), (5, 8), (13, 16), (32, 32)])
+def test_decide_with_a_shared_filter_matches_reference(L, LF):
+    from l2pd_kernels import decide
+
+    torch.manual_seed(L + LF)
+    B, T, mask_id, H = 3, 60, 99, 16
+    F = len(ref.SHARED_FEATURES)
+    fw = [(torch.randn(H, F, device=DEV), torch.randn(H, device=DEV) * 0.1),
+          (torch.randn(1, H, device=DEV) * 0.5, torch.randn(1, device=DEV) * 0.1)]
+    canvas = torch.randint(0, 50, (B, T), device=DEV)
+    canvas[:, 10 : 10 + L] = torch.where(torch.rand(B, L, device=DEV) < 0.6, mask_id, canvas[:, 10 : 10 + L])
+    token = torch.randint(0, 50, (B, L), device=DEV)
+    prob = torch.rand(B, L, device=DEV)
+    margin, entropy = torch.rand(B, L, device=DEV) * prob, torch.rand(B, L, device=DEV) * 3
+    for step in (0, 2):
+        kw = dict(block_start=10, k=1, threshold=0.5, mask_id=mask_id, eos_id=7, eotp="accepted",
+                  filter_weights=fw, filter_block=LF, filter_kind="shared", margin=margin, entropy=entropy,
+                  step=step)
+        c_ref, c_ker, c_par = canvas.clone(), canvas.clone(), canvas.clone()
+        want = ref.decide(c_ref, token, prob, **kw)
+        got = decide(c_ker, token, prob, **kw)
+        by_params = decide(c_par, token, prob, params=torch.tensor([(10 << 20) | 1, step], device=DEV), **kw)
+        assert torch.equal(c_ref, c_ker) and torch.equal(c_ref, c_par)
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(want, got, by_params))
+
+
+def test_shared_filter_trains_round_trips_and_decodes(tmp_path):
+    model = tiny_model(seed=25)
+    flt = train_filter(_collected(tmp_path, model), hidden=16, max_epochs=80, log=lambda *a: None, kind="shared")
+    assert flt.kind == "shared" and flt.layers[0].in_features == len(ref.SHARED_FEATURES)
+    assert flt.layers[-1].out_features == 1 and flt.needs_stats
+    flt.save_pretrained(tmp_path / "shared")
+    again = Filter.from_pretrained(tmp_path / "shared")
+    assert again.kind == "shared" and again.inputs == ref.SHARED_FEATURES
+    prompt = torch.randint(0, 58, (2, 5))
+    kw = dict(max_new_tokens=12, block_length=4, strategy="learn2pd", threshold=0.3, eotp=True,
+              return_dict_in_generate=True)
+    a = generate(model, prompt, filter=flt, backend="torch", **kw)
+    b = generate(model, prompt, filter=again, backend="torch", **kw)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.nfe, b.nfe)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        c = generate(model, prompt, filter=again, backend="triton", **kw)
+        assert torch.equal(a.sequences, c.sequences) and torch.equal(a.nfe, c.nfe)
+    with pytest.raises(ValueError, match="shared filter reads"):
+        Filter(4, 8, kind="shared", inputs=("confidence", "margin"))

@@ -95,3 +95,21 @@ def test_page_renders_in_a_headless_browser(bundled, tmp_path):
     want = [min(len(r["answer_ids"]), r["end_of_text"] + 1) for r in (a, b)]
     assert cells == want
     assert f'id="stepval">{max(a["forwards"], b["forwards"])}<' in res.stdout
+
+
+@pytest.mark.parametrize("kind,inputs", [("shared", ("confidence",)), ("dense", ("confidence", "margin", "entropy",
+                                                                                  "step"))])
+def test_trace_of_richer_filters_shows_the_scores_they_decide_with(bundled, kind, inputs):
+    import torch
+
+    from l2pd.filter import Filter
+
+    model, tok = bundled
+    torch.manual_seed(0)
+    flt = Filter(32, 16, kind=kind, inputs=inputs, threshold=0.5).eval()  # random weights
+    rec = trace(model, tok, Q, strategy="learn2pd", filter=flt, eotp="accepted")
+    step = rec["steps"][0]
+    scores = step["filter_score"]
+    assert len(scores) == 32 and all(0 <= s <= 1 for s in scores)
+    passed = [j for j, (m, s) in enumerate(zip(step["masked"], scores)) if m and s > 0.5]
+    assert passed and all(rec["fixed_at"][j] == 0 for j in passed)  # what passed tau was fixed then
