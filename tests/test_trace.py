@@ -107,6 +107,8 @@ def test_trace_of_richer_filters_shows_the_scores_they_decide_with(bundled, kind
     model, tok = bundled
     torch.manual_seed(0)
     flt = Filter(32, 16, kind=kind, inputs=inputs, threshold=0.5).eval()  # random weights
+    with torch.no_grad():
+        flt.layers[-1].bias.fill_(0.5)  # scores around tau: some positions pass, some wait
     rec = trace(model, tok, Q, strategy="learn2pd", filter=flt, eotp="accepted")
     step = rec["steps"][0]
     scores = step["filter_score"]
