@@ -1,14 +1,15 @@
-"""Confidence-only filter (Learn2PD's) against the richer filter (confidence, margin, entropy, step index) and
-a tuned threshold, all with EoTP, on the bundled model, at several block lengths, in one run.
+"""Confidence-only filter (Learn2PD's) against the richer dense filter (confidence, margin, entropy, step
+index), the shared per-position filter and a tuned threshold, all with EoTP, on the bundled model, at several
+block lengths, in one run.
 
     python benchmarks/rich_filter_bundled.py --out runs/rich --test-problems 1000
 
 For each block length: collect replay data once on ``--train-prompts`` training problems (the collection holds
-every channel), train both filters on it with the same recipe (hidden 128, depth 1, same seed), then sweep the
-held-out test problems: ``steps``, threshold + EoTP at ``--taus``, and each filter + EoTP at
-``--filter-taus``. Writes the rows (JSONL, strategy ``learn2pd`` for the confidence-only filter and
-``learn2pd-rich`` for the richer one), the filters, a PNG of the frontier and a summary: at matched accuracy
-(within ``--within`` points of the best ``steps``), the fewest forwards per answer of each method.
+every channel), train the three filters on it with the same seed (dense: hidden 128; shared: hidden 32; depth
+1), then sweep the held-out test problems: ``steps``, threshold + EoTP at ``--taus``, and each filter + EoTP
+at ``--filter-taus``. Writes the rows (JSONL, strategy ``learn2pd`` for the confidence-only filter,
+``learn2pd-rich`` and ``learn2pd-shared`` for the others), the filters, a PNG of the frontier and a summary:
+at matched accuracy (within ``--within`` points of the best ``steps``), the fewest forwards of each method.
 """
 
 import argparse
@@ -26,7 +27,9 @@ from l2pd.filter import RICH_INPUTS
 from l2pd.sweep import format_rows, pareto, plot, sweep
 from l2pd.train import train_filter
 
-FAMILIES = {"learn2pd": ("confidence",), "learn2pd-rich": RICH_INPUTS}
+# name -> (inputs, kind, hidden): Learn2PD's filter, the dense rich one, the shared per-position one
+FAMILIES = {"learn2pd": (("confidence",), "dense", 128), "learn2pd-rich": (RICH_INPUTS, "dense", 128),
+            "learn2pd-shared": (("confidence",), "shared", 32)}
 
 
 def matched(rows: list[dict], within: float) -> dict:
@@ -46,7 +49,7 @@ def main() -> None:
     ap.add_argument("--train-prompts", type=int, default=2000)
     ap.add_argument("--test-problems", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=500)
-    ap.add_argument("--taus", default="0.9,0.99,0.995,0.998,0.999", help="threshold taus")
+    ap.add_argument("--taus", default="0.9,0.95,0.98,0.99,0.995,0.998,0.999", help="threshold taus")
     ap.add_argument("--filter-taus", default="0.5,0.8,0.9,0.95,0.98,0.99,0.995,0.998", help="filters' taus")
     ap.add_argument("--within", type=float, default=1.0, help="matched accuracy: points below the best steps")
     args = ap.parse_args()
@@ -72,9 +75,9 @@ def main() -> None:
         base += [dict(strategy="threshold", threshold=t, eotp="accepted", block_length=block, cache="none")
                  for t in taus]
         rows += sweep(model, tok, test, base, batch_size=args.batch, progress=False)
-        for name, inputs in FAMILIES.items():
-            flt = train_filter(data, hidden=128, depth=1, max_epochs=3000, threshold=0.99, device=dev, seed=0,
-                               inputs=inputs, log=lambda *a: None)
+        for name, (inputs, kind, hidden) in FAMILIES.items():
+            flt = train_filter(data, hidden=hidden, depth=1, max_epochs=3000, threshold=0.99, device=dev, seed=0,
+                               inputs=inputs, kind=kind, log=lambda *a: None)
             flt.meta["eotp"] = "accepted"
             flt.save_pretrained(os.path.join(args.out, f"filter{block}-{name}"))
             info[f"block{block}"][name] = {"val_loss": flt.meta["val_loss"], "epochs": flt.meta["epochs"],
