@@ -169,11 +169,14 @@ def plot(rows: list[dict], path: str) -> None:
     colour_keys = sorted({(k[2], k[3]) for k in series})
     palette = plt.get_cmap("tab10")
     styles = {"threshold": ("-", "o"), "steps": ("", "s"), "learn2pd": ("--", "^")}
+    others = [(":", "D"), ("-.", "v"), ((0, (1, 3)), "P"), ((0, (5, 1)), "X")]  # labelled variants, in name order
+    for n, name in enumerate(sorted({k[0] for k in series} - set(styles))):
+        styles[name] = others[n % len(others)]
     for (strategy, eotp, block, cache), rs in sorted(series.items()):
         rs = sorted(rs, key=lambda r: r["mean_nfe"])
         label = f"{strategy}{' + EoTP' if eotp != 'off' else ''}, block {block}" + (f", {cache}" if cache != "none"
                                                                                      else "")
-        line, marker = styles.get(strategy, (":", "D"))
+        line, marker = styles[strategy]
         ax.errorbar([r["mean_nfe"] for r in rs], [100 * r["accuracy"] for r in rs],
                     yerr=[100 * r["stderr"] for r in rs], marker=marker, ms=4, capsize=2, label=label, ls=line,
                     color=palette(colour_keys.index((block, cache)) % 10))
