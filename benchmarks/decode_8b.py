@@ -76,13 +76,14 @@ def floors(model) -> dict:
             "flops_per_token": flops_per_token}
 
 
-def build_model() -> LLaDAModelLM:
+def build_model(model_cls=LLaDAModelLM, config_cls=LLaDAConfig):
+    """A model of the config's default (full-size) shapes with random bf16 weights, built on the GPU."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            model = LLaDAModelLM(LLaDAConfig())
+            model = model_cls(config_cls())
     finally:
         torch.set_default_dtype(default)
     return model.eval()

@@ -17,25 +17,13 @@ import json
 import time
 
 import torch
-from decode_8b import G, L, P, device_ms, floors, make_stepper
+from decode_8b import G, L, P, build_model, device_ms, floors, make_stepper
 
 import l2pd_kernels.skinny
 from l2pd.decode import generate
 from l2pd.models import adapter_for
 from l2pd.models.dream import DreamConfig, DreamModel
 from l2pd.step import release
-
-
-def build_model() -> DreamModel:
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = DreamModel(DreamConfig())
-    finally:
-        torch.set_default_dtype(default)
-    return model.eval()
 
 
 def step_ms(model: DreamModel, path: str) -> float:
@@ -58,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", help="write every figure here as JSON")
     args = ap.parse_args()
-    model = build_model()
+    model = build_model(DreamModel, DreamConfig)
     adapter_for(model).pack()
     fl = floors(model)
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "floors": fl, "step_ms": {}}

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from l2pd_kernels.reference import SHARED_FEATURES, check_inputs, shared_features
+from l2pd_kernels.reference import SHARED_FEATURES, check_inputs, filter_features, shared_features
 
 from .collect import load_shards
 from .filter import Filter
@@ -146,15 +146,10 @@ def training_inputs(data: dict[str, torch.Tensor], inputs, block_length: int, da
     if missing:
         raise ValueError(f"{data_dir!r} was collected without {missing} (collection version 1): collect again "
                          "into a new folder to train a filter that reads them")
-    parts = []
-    for name in inputs:
-        if name == "confidence":
-            parts.append(data["features"].float())
-        elif name == "step":
-            parts.append(data["step"].float()[:, None] / block_length)
-        else:
-            parts.append(data[name].float())
-    return torch.cat(parts, 1)
+    # the stored channels already hold the decided-position values: every position reads as "masked" here
+    conf = data["features"].float()
+    return filter_features(conf, torch.ones_like(conf, dtype=torch.bool), block_length, inputs,
+                           data.get("margin"), data.get("entropy"), data["step"] if "step" in data else 0)
 
 
 def shared_inputs(data: dict[str, torch.Tensor], block_length: int, data_dir: str) -> torch.Tensor:

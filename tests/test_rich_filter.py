@@ -97,25 +97,21 @@ def _random_filter(inputs, LF, H=24, seed=0):
             (torch.randn(LF, H, generator=g) * 0.5, torch.randn(LF, generator=g) * 0.1)]
 
 
-@needs_triton
-@pytest.mark.parametrize("inputs", [RICH_INPUTS, ("confidence", "entropy"), ("confidence", "step")],
-                         ids=["rich", "entropy", "step"])
-@pytest.mark.parametrize("L,LF", [(8, 8), (5, 8), (13, 16)])
-def test_decide_with_rich_inputs_matches_reference(inputs, L, LF):
+def _decide_matches_reference(L, LF, fw, steps, **filter_kw):
+    """Kernel == reference on a random block (masks, tokens, probabilities, margins, entropies), with the step
+    passed as an argument and through the device parameters a graphed step uses."""
     from l2pd_kernels import decide
 
-    torch.manual_seed(L * 7 + LF)
-    B, T, mask_id = 3, 40, 99
-    fw = [(w.to(DEV), b.to(DEV)) for w, b in _random_filter(inputs, LF)]
+    B, T, mask_id = 3, 60, 99
+    fw = [(w.to(DEV), b.to(DEV)) for w, b in fw]
     canvas = torch.randint(0, 50, (B, T), device=DEV)
     canvas[:, 10 : 10 + L] = torch.where(torch.rand(B, L, device=DEV) < 0.6, mask_id, canvas[:, 10 : 10 + L])
     token = torch.randint(0, 50, (B, L), device=DEV)
     prob = torch.rand(B, L, device=DEV)
     margin, entropy = torch.rand(B, L, device=DEV) * prob, torch.rand(B, L, device=DEV) * 3
-    for step in (0, 3):
+    for step in steps:
         kw = dict(block_start=10, k=1, threshold=0.5, mask_id=mask_id, eos_id=7, eotp="accepted",
-                  filter_weights=fw, filter_block=LF, filter_inputs=inputs, margin=margin, entropy=entropy,
-                  step=step)
+                  filter_weights=fw, filter_block=LF, margin=margin, entropy=entropy, step=step, **filter_kw)
         c_ref, c_ker, c_par = canvas.clone(), canvas.clone(), canvas.clone()
         want = ref.decide(c_ref, token, prob, **kw)
         got = decide(c_ker, token, prob, **kw)
@@ -123,6 +119,15 @@ def test_decide_with_rich_inputs_matches_reference(inputs, L, LF):
         by_params = decide(c_par, token, prob, params=params, **kw)
         assert torch.equal(c_ref, c_ker) and torch.equal(c_ref, c_par)
         assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(want, got, by_params))
+
+
+@needs_triton
+@pytest.mark.parametrize("inputs", [RICH_INPUTS, ("confidence", "entropy"), ("confidence", "step")],
+                         ids=["rich", "entropy", "step"])
+@pytest.mark.parametrize("L,LF", [(8, 8), (5, 8), (13, 16)])
+def test_decide_with_rich_inputs_matches_reference(inputs, L, LF):
+    torch.manual_seed(L * 7 + LF)
+    _decide_matches_reference(L, LF, _random_filter(inputs, LF), (0, 3), filter_inputs=inputs)
 
 
 def test_every_rich_input_changes_the_score():
@@ -234,28 +239,10 @@ def test_shared_features_by_hand():
 @needs_triton
 @pytest.mark.parametrize("L,LF", [(8, 8), (5, 8), (13, 16), (32, 32)])
 def test_decide_with_a_shared_filter_matches_reference(L, LF):
-    from l2pd_kernels import decide
-
     torch.manual_seed(L + LF)
-    B, T, mask_id, H = 3, 60, 99, 16
-    F = len(ref.SHARED_FEATURES)
-    fw = [(torch.randn(H, F, device=DEV), torch.randn(H, device=DEV) * 0.1),
-          (torch.randn(1, H, device=DEV) * 0.5, torch.randn(1, device=DEV) * 0.1)]
-    canvas = torch.randint(0, 50, (B, T), device=DEV)
-    canvas[:, 10 : 10 + L] = torch.where(torch.rand(B, L, device=DEV) < 0.6, mask_id, canvas[:, 10 : 10 + L])
-    token = torch.randint(0, 50, (B, L), device=DEV)
-    prob = torch.rand(B, L, device=DEV)
-    margin, entropy = torch.rand(B, L, device=DEV) * prob, torch.rand(B, L, device=DEV) * 3
-    for step in (0, 2):
-        kw = dict(block_start=10, k=1, threshold=0.5, mask_id=mask_id, eos_id=7, eotp="accepted",
-                  filter_weights=fw, filter_block=LF, filter_kind="shared", margin=margin, entropy=entropy,
-                  step=step)
-        c_ref, c_ker, c_par = canvas.clone(), canvas.clone(), canvas.clone()
-        want = ref.decide(c_ref, token, prob, **kw)
-        got = decide(c_ker, token, prob, **kw)
-        by_params = decide(c_par, token, prob, params=torch.tensor([(10 << 20) | 1, step], device=DEV), **kw)
-        assert torch.equal(c_ref, c_ker) and torch.equal(c_ref, c_par)
-        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(want, got, by_params))
+    H, F = 16, len(ref.SHARED_FEATURES)
+    fw = [(torch.randn(H, F), torch.randn(H) * 0.1), (torch.randn(1, H) * 0.5, torch.randn(1) * 0.1)]
+    _decide_matches_reference(L, LF, fw, (0, 2), filter_kind="shared")
 
 
 def test_shared_filter_trains_round_trips_and_decodes(tmp_path):
