@@ -311,12 +311,10 @@ def generate(
     decide_kwargs = dict(threshold=step_threshold, mask_id=mask_id, eos_id=eos_id, eotp=eotp_mode,
                          filter_weights=filter_weights, filter_block=block_length)
     if filter_weights is not None:
-        decide_kwargs["filter_inputs"] = inputs
-        if filter.kind != "dense":
-            decide_kwargs["filter_kind"] = filter.kind
+        decide_kwargs.update(filter_inputs=inputs, filter_kind=filter.kind)
     policy = Policy(strategy, mask_id, decide_kwargs, temperature=temperature, on_step=on_step, filter=filter,
                     target=None if target is None else target.to(device=device, dtype=torch.long),
-                    stats=bool(step_stats) or "margin" in inputs or "entropy" in inputs,
+                    stats=bool(step_stats) or (filter_weights is not None and filter.needs_stats),
                     step_input="step" in inputs)
     if cuda_graph is None:
         cuda_graph = os.environ.get("L2PD_CUDA_GRAPH", "1") != "0"

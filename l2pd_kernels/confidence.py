@@ -151,14 +151,14 @@ def _partial_kernel(
             m_new = tl.maximum(m, x_max)
             safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             scale = tl.exp(m - safe)
+            ez = tl.exp(x - safe)  # one exponential per element, shared by the sum and the entropy term
             if STATS:
-                z = x - safe
                 t = tl.where(scale > 0, scale * (t + (m - safe) * s), 0.0) + tl.sum(tl.where(x > float("-inf"),
-                                                                                        tl.exp(z) * z, 0.0), 0)
+                                                                                        ez * (x - safe), 0.0), 0)
                 first_max = tl.min(tl.where(x == x_max, offs, 2147483647), 0)
                 t_second = tl.max(tl.where(offs == first_max, float("-inf"), x), 0)
                 second = tl.maximum(tl.maximum(second, tl.minimum(m, x_max)), t_second)
-            s = s * scale + tl.sum(tl.exp(x - safe), 0)
+            s = s * scale + tl.sum(ez, 0)
             m = m_new
             if SAMPLE:
                 score = _gumbel_score(x, offs, row_h, inv_temp)
