@@ -3,12 +3,14 @@ from setuptools import find_packages, setup
 setup(
     name="l2pd",
     version="0.1.0",
-    description="Learned parallel decoding, end-of-text prediction and block KV caching for diffusion LMs (LLaDA)",
+    description="Learned parallel decoding, end-of-text prediction and block KV caching for diffusion LMs "
+    "(LLaDA, Dream)",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["l2pd", "l2pd.*", "l2pd_kernels", "l2pd_kernels.*"]),
-    package_data={"l2pd.demo": ["assets/*", "assets/*/*"], "l2pd": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*.py"]},
+    package_data={"l2pd.demo": ["assets/*", "assets/*/*", "assets/*/*/*"],
+                  "l2pd": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*.py"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.5",

@@ -12,10 +12,17 @@ def _add_decode_args(p: argparse.ArgumentParser, gen_length: int = 256, filter_b
     p.add_argument("--gen-length", type=int, default=gen_length, help=f"new tokens per answer (default {gen_length})")
     if filter_block:
         p.add_argument("--block-length", type=int, default=None,
-                       help="semi-autoregressive block size (default: the filter's for learn2pd, else 32)")
+                       help="semi-autoregressive block size (default: the filter's block length for learn2pd, and "
+                            "for every row of the demo; else 32)")
     else:
         p.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block size (default 32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def _add_family_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-family", choices=["llada", "dream"], default=None,
+                   help="which bundled model to use when --model is not given: LLaDA's format (default) or "
+                        "Dream's (shifted logits, grouped-query attention, biased q/k/v)")
 
 
 def _add_strategy_args(p: argparse.ArgumentParser) -> None:
@@ -52,9 +59,11 @@ def _filter_beside(model_dir: str) -> str | None:
     return None
 
 
-def _load(model_dir: str | None, device: str, filter_dir: str | None = None, allow_other_model: bool = False):
-    """(patched model, tokenizer): a checkpoint folder, or the bundled model when ``model_dir`` is None. The
-    filter: ``filter_dir``, else one stored beside the checkpoint, else (bundled model) the bundled one."""
+def _load(model_dir: str | None, device: str, filter_dir: str | None = None, allow_other_model: bool = False,
+          family: str | None = None):
+    """(patched model, tokenizer): a checkpoint folder, or the bundled model of ``family`` (default LLaDA's)
+    when ``model_dir`` is None. The filter: ``filter_dir``, else one stored beside the checkpoint, else
+    (bundled model) the bundled one."""
     import torch
     from transformers import PreTrainedTokenizerFast
 
@@ -63,8 +72,10 @@ def _load(model_dir: str | None, device: str, filter_dir: str | None = None, all
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA GPU is visible to torch here (use --device cpu)")
+    if model_dir is not None and family is not None:
+        raise ValueError("--model-family picks a bundled model; with --model the checkpoint's config decides")
     if model_dir is None:
-        model, tok = l2pd.demo.load(device=device, filter=filter_dir is None)
+        model, tok = l2pd.demo.load(device=device, filter=filter_dir is None, family=family or "llada")
     else:
         if not os.path.isdir(model_dir):
             raise FileNotFoundError(f"--model {model_dir!r}: no such folder")
@@ -86,7 +97,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise ValueError("--prompt is empty")
     device = _device(args.device)
-    model, tok = _load(args.model, device, args.filter, args.allow_other_model)
+    model, tok = _load(args.model, device, args.filter, args.allow_other_model, args.model_family)
     ids = tok(prompt_text(tok, args.prompt), add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     out = model.generate(ids, max_new_tokens=args.gen_length, block_length=args.block_length,
                          strategy=args.strategy, threshold=args.threshold, eotp=args.eotp, cache=args.cache,
@@ -106,7 +117,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--problems={args.problems} and --batch-size={args.batch_size} must be >= 1")
     rank, _, rank_device = init_from_env()
     device = rank_device or _device(args.device)
-    model, tok = _load(args.model, device, args.filter, args.allow_other_model)
+    model, tok = _load(args.model, device, args.filter, args.allow_other_model, args.model_family)
     problems = split("test", args.problems)
     r = evaluate(model, tok, problems, batch_size=args.batch_size, progress=not args.json,
                  max_new_tokens=args.gen_length, block_length=args.block_length, strategy=args.strategy,
@@ -134,17 +145,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
     batch = args.batch_size if args.batch_size is not None else (n if device.startswith("cuda") else 1)
     if n < 1 or batch < 1:
         raise ValueError(f"--problems={n} and --batch-size={batch} must be >= 1")
-    model, tok = _load(None, device, args.filter)
+    model, tok = _load(None, device, args.filter, family=args.model_family)
     flt = model.l2pd_filter
+    block = args.block_length or (flt.block_length if flt is not None else 32)
     if flt is None:
         print("note: no filter found; the learn2pd rows are skipped", file=sys.stderr)
-    elif flt.block_length != args.block_length:
-        print(f"note: the filter was trained for block length {flt.block_length}, not {args.block_length}; the "
+    elif flt.block_length != block:
+        print(f"note: the filter was trained for block length {flt.block_length}, not {block}; the "
               "learn2pd rows are skipped (train one with `l2pd collect` and `l2pd train-filter` at this block "
               "length, then pass --filter)", file=sys.stderr)
-    print(f"bundled model, {n} held-out problems, gen length {args.gen_length}, block {args.block_length}, "
-          f"greedy, batch {batch}, {device}", file=sys.stderr)
-    rows = compare_configs(model, tok, split("test", n), args.gen_length, args.block_length, batch,
+    print(f"bundled {args.model_family or 'llada'} model, {n} held-out problems, gen length {args.gen_length}, "
+          f"block {block}, greedy, batch {batch}, {device}", file=sys.stderr)
+    rows = compare_configs(model, tok, split("test", n), args.gen_length, block, batch,
                            progress=not args.json)
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -170,7 +182,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         if args.num_prompts < 1:
             raise ValueError(f"--num-prompts={args.num_prompts} must be >= 1")
         questions = [p.question for p in split("train", args.num_prompts)]
-    model, tok = _load(args.model, device)
+    model, tok = _load(args.model, device, family=args.model_family)
     prompts = tok([prompt_text(tok, q) for q in questions], add_special_tokens=False).input_ids
     info = collect(model, prompts, args.out, gen_length=args.gen_length, block_length=args.block_length,
                    batch_size=args.batch_size, shard_size=args.shard_size, cache=args.cache)
@@ -264,7 +276,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         filters[int(block)] = Filter.from_pretrained(folder)
     problems = _sweep_problems(args)
     device = _device(args.device)
-    model, tok = _load(args.model, device, args.filter, args.allow_other_model)
+    model, tok = _load(args.model, device, args.filter, args.allow_other_model, args.model_family)
     for flt in filters.values():
         flt.check_model(model, allow_other_model=args.allow_other_model)
     rows = sweep(model, tok, problems, grid(strategies, taus, eotps, blocks, caches), out=args.out, filters=filters,
@@ -292,7 +304,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     args.validation = True
     problems = _sweep_problems(args)
     device = _device(args.device)
-    model, tok = _load(args.model, device, None)
+    model, tok = _load(args.model, device, None, family=args.model_family)
     flt.check_model(model, allow_other_model=args.allow_other_model)
     point = tune(model, tok, flt, problems, _floats(args.taus, "--taus"), eotp=args.eotp, budget=args.budget,
                  cache=args.cache, batch_size=args.batch_size, max_new_tokens=args.gen_length,
@@ -329,7 +341,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         if path:
             check_out_dir(os.path.dirname(os.path.abspath(path)), flag="--out")
     device = _device(args.device)
-    model, tok = _load(args.model, device, args.filter, args.allow_other_model)
+    model, tok = _load(args.model, device, args.filter, args.allow_other_model, args.model_family)
     base = {k: v for k, v in dict(strategy=args.strategy, threshold=args.threshold, eotp=args.eotp,
                                   cache=args.cache, refresh=args.refresh, block_length=args.block_length).items()
             if v is not None}
@@ -382,9 +394,10 @@ table, l2pd prints forwards per answer and answer tokens/s. Every other argument
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="l2pd",
-        description="Fast parallel decoding for LLaDA-style diffusion language models: a learned unmasking "
+        description="Fast parallel decoding for diffusion language models (LLaDA, Dream): a learned unmasking "
         "filter (Learn2PD), end-of-text prediction (EoTP) and a block KV cache. Without --model, commands "
-        "use the bundled small model trained on grade-school word problems.",
+        "use the bundled small model trained on grade-school word problems (LLaDA format; --model-family "
+        "dream for the Dream-format one).",
     )
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads torch may use (default: OMP_NUM_THREADS, else all cores); on a shared "
@@ -396,12 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--problems", type=int, default=None, help="held-out problems (default 3 on CPU, 200 on GPU)")
     d.add_argument("--batch-size", type=int, default=None, help="default 1 on CPU, all problems at once on GPU")
     d.add_argument("--filter", default=None, help="filter folder (default: the bundled one)")
+    _add_family_arg(d)
     d.add_argument("--json", action="store_true", help="print the rows as JSON")
-    _add_decode_args(d)
+    _add_decode_args(d, filter_block=True)
     d.set_defaults(func=cmd_demo)
 
     g = sub.add_parser("generate", help="answer one prompt")
     g.add_argument("--model", default=None, help="folder with config.json, safetensors and tokenizer files")
+    _add_family_arg(g)
     g.add_argument("--prompt", required=True, help="the user message")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=None, help="fixes the samples when --temperature > 0")
@@ -412,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="held-out accuracy, forwards per answer and tokens/s of one configuration "
                        "(data-parallel under torchrun)")
     e.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    _add_family_arg(e)
     e.add_argument("--problems", type=int, default=100, help="held-out problems (default 100)")
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -425,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "data-parallel under torchrun)")
     c.add_argument("--out", required=True, help="output folder for shards")
     c.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    _add_family_arg(c)
     c.add_argument("--prompts", default=None, help='JSONL file, one {"prompt": ...} per line (default: the '
                    "bundled task's training problems)")
     c.add_argument("--num-prompts", type=int, default=2000, help="bundled-task prompts when --prompts is absent")
@@ -459,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="accuracy / forwards frontier over strategies, taus, EoTP modes, block "
                        "lengths and caches (resumable JSONL, optional PNG)")
     w.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    _add_family_arg(w)
     w.add_argument("--data", default=None, help='JSONL of {"prompt": ..., "answer": ...} (default: the bundled '
                    "task's held-out problems)")
     w.add_argument("--checker", default="hash-number", help="how an answer is scored: hash-number (the integer "
@@ -485,6 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--filter", required=True, help="filter folder")
     u.add_argument("--out", default=None, help="where the tuned filter goes (default: over --filter)")
     u.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    _add_family_arg(u)
     u.add_argument("--data", default=None, help='JSONL of {"prompt": ..., "answer": ...} validation problems '
                    "(default: the bundled task's validation problems, unseen in training and in eval)")
     u.add_argument("--checker", default="hash-number")
@@ -503,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "HTML page (and JSON, optionally a PNG)")
     r.add_argument("--prompt", required=True, help="the user message")
     r.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    _add_family_arg(r)
     r.add_argument("--out", default="trace.html", help="the page (default trace.html); the JSON goes beside it")
     r.add_argument("--json-out", default=None, help="where the JSON goes (default: --out with .json)")
     r.add_argument("--png", default=None, help="a summary picture (pip install 'l2pd[plot]')")

@@ -1,9 +1,16 @@
+import os
+
 import pytest
 import torch
 
 from l2pd import LLaDAConfig, LLaDAModelLM
 
 MASK, EOS = 61, 60
+
+
+# the block-32, confidence-only filter shipped with the bundled LLaDA model before its block-128 shared filter:
+# tests that decode at block 32 with a real filter use it
+FILTER32 = os.path.join(os.path.dirname(__file__), "data", "filter32")
 
 
 def tiny_config(**kw) -> LLaDAConfig:

@@ -89,3 +89,37 @@ def test_bundled_model_greedy_answer_is_fixed_and_correct():
     text = answer_texts(tok, out, ids.shape[1])[0]
     assert text == "Iris starts with 112 toy cars.\nTwice as many is 112 * 2 = 224 toy cars.\n#### 224"
     assert is_correct(text, p.answer)
+
+
+def test_bundled_dream_model_and_filter():
+    """The Dream-format bundle: the official module tree and config, its shared filter at block 128, and
+    learn2pd + EoTP answering held-out problems in a few forwards."""
+    import l2pd.demo
+    from l2pd.evaluate import evaluate
+    from l2pd.models.dream import DreamModel
+
+    with open(f"{l2pd.demo.DREAM_DIR}/config.json") as f:
+        cfg = json.load(f)
+    assert cfg["model_type"] == "Dream" and cfg["architectures"] == ["DreamModel"]
+    model, tok = l2pd.demo.load(device="cpu", family="dream")
+    assert isinstance(model, DreamModel)
+    names = set(model.state_dict())
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.bias"} <= names
+    flt = model.l2pd_filter
+    assert (flt.kind, flt.block_length, flt.meta["eotp"]) == ("shared", 128, "accepted")
+    r = evaluate(model, tok, split("test", 4), batch_size=4, progress=False)  # the filter's operating point
+    assert r["accuracy"] == 1.0 and r["mean_nfe"] < 6, r
+    with pytest.raises(ValueError, match="bundled models"):
+        l2pd.demo.load(device="cpu", family="mdm")
+
+
+def test_cli_model_family_picks_the_bundle_and_refuses_with_model(capsys):
+    from l2pd.cli import main
+
+    assert main(["eval", "--model-family", "dream", "--problems", "2", "--batch-size", "2", "--device", "cpu",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["problems"] == 2 and r["mean_nfe"] < 6
+    assert main(["eval", "--model-family", "dream", "--model", MODEL_DIR, "--problems", "1", "--device",
+                 "cpu"]) == 2
+    assert "--model-family picks a bundled model" in capsys.readouterr().err

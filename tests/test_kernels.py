@@ -153,16 +153,28 @@ def test_decide_rejects_bad_shapes():
 
 
 @pytest.mark.parametrize("strategy, extra", [("threshold", {}), ("learn2pd", {"eotp": "accepted"}),
-                                             ("learn2pd", {"eotp": "predicted", "cache": "dual"})])
+                                             ("learn2pd", {"eotp": "predicted", "cache": "dual"}),
+                                             ("learn2pd-shared", {"eotp": "accepted"}),
+                                             ("learn2pd-shared", {"eotp": "accepted", "cache": "dual"})])
 def test_decode_loop_same_tokens_with_kernels_and_reference(strategy, extra):
+    """The bundled model end to end: threshold and the block-32 confidence-only filter at block 32, the bundled
+    shared filter at its block 128."""
     import l2pd.demo
     from l2pd.decode import generate
     from l2pd.demo.task import split
     from l2pd.evaluate import encode_prompts
+    from l2pd.filter import Filter
+    from tests.conftest import FILTER32
 
     model, tok = l2pd.demo.load(device=DEV, dtype=torch.float32)
     ids, mask = encode_prompts(tok, [p.question for p in split("test", 3)], DEV)
-    kw = dict(max_new_tokens=64, block_length=32, strategy=strategy, filter=model.l2pd_filter, **extra)
+    if strategy == "learn2pd-shared":
+        strategy, flt = "learn2pd", model.l2pd_filter
+        assert flt.kind == "shared"
+    else:
+        flt = Filter.from_pretrained(FILTER32)
+    block = flt.block_length
+    kw = dict(max_new_tokens=2 * block, block_length=block, strategy=strategy, filter=flt, **extra)
     a = generate(model, ids, mask, backend="triton", return_dict_in_generate=True, **kw)
     b = generate(model, ids, mask, backend="torch", return_dict_in_generate=True, **kw)
     assert torch.equal(a.sequences, b.sequences)

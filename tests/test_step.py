@@ -9,7 +9,7 @@ from l2pd.demo.task import split
 from l2pd.evaluate import encode_prompts
 from l2pd.models.llada import llada_forward
 from l2pd.step import DecodeState
-from tests.conftest import tiny_model
+from tests.conftest import FILTER32, tiny_model
 
 
 @pytest.mark.parametrize("refresh", ["tail", "window"])
@@ -56,7 +56,8 @@ def test_compacting_finished_rows_gives_the_same_tokens(bundled, cache, strategy
     model, tok = bundled
     # problems of different lengths, so that EoTP ends rows at different blocks
     ids, mask = encode_prompts(tok, [p.question for p in split("test", 6, 3)], "cpu")
-    kw = dict(max_new_tokens=160, block_length=32, strategy=strategy, eotp=True, cache=cache,
+    flt = l2pd.Filter.from_pretrained(FILTER32) if strategy == "learn2pd" else None  # block 32: rows end apart
+    kw = dict(max_new_tokens=160, block_length=32, strategy=strategy, eotp=True, cache=cache, filter=flt,
               return_dict_in_generate=True, backend="torch")  # the kernels are tested elsewhere
     calls = []
     reorder = DecodeState.reorder
@@ -76,7 +77,8 @@ def test_evaluate_uses_the_patched_filter(bundled):
 
     model, tok = bundled
     assert model.l2pd_filter is not None
-    kw = dict(max_new_tokens=64, block_length=32, eotp=True, backend="torch", progress=False)
+    block = model.l2pd_filter.block_length
+    kw = dict(max_new_tokens=block, block_length=block, eotp=True, backend="torch", progress=False)
     r = evaluate(model, tok, split("test", 2), strategy="learn2pd", **kw)
     assert r["problems"] == 2 and r["mean_nfe"] >= 1
     # no strategy: learn2pd, as model.generate does with a filter

@@ -88,13 +88,13 @@ def test_sweep_and_tune_from_the_command_line(tmp_path, capsys):
 
     out = tmp_path / "rows.jsonl"
     argv = ["sweep", "--problems", "2", "--strategies", "threshold,learn2pd", "--taus", "0.9", "--eotp", "accepted",
-            "--gen-length", "64", "--device", "cpu", "--out", str(out), "--json"]
+            "--blocks", "128", "--gen-length", "128", "--device", "cpu", "--out", str(out), "--json"]
     assert main(argv) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["strategy"] for r in rows} == {"threshold", "learn2pd"} and all("pareto" in r for r in rows)
     assert len(out.read_text().splitlines()) == 2
     shutil.copytree(l2pd.demo.FILTER_DIR, tmp_path / "f")
     assert main(["tune", "--filter", str(tmp_path / "f"), "--problems", "2", "--taus", "0.9,0.99",
-                 "--gen-length", "64", "--device", "cpu"]) == 0
+                 "--gen-length", "128", "--device", "cpu"]) == 0
     info = json.loads((tmp_path / "f" / "filter.json").read_text())
     assert info["operating_point"]["tau"] in (0.9, 0.99) and info["threshold"] == info["operating_point"]["tau"]

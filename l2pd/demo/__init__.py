@@ -1,4 +1,6 @@
-"""The bundled model: a small LLaDA-format masked-diffusion LM trained on the word problems of ``task``."""
+"""The bundled models: small masked-diffusion LMs trained on the word problems of ``task``, one in LLaDA's
+format (``assets/model``, its filter in ``assets/filter``) and one in Dream's (``assets/dream``, its filter in
+``assets/dream/filter``)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,13 @@ from typing import Any
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 MODEL_DIR = os.path.join(ASSETS, "model")
 FILTER_DIR = os.path.join(ASSETS, "filter")
+DREAM_DIR = os.path.join(ASSETS, "dream")
+FAMILIES = {"llada": (MODEL_DIR, FILTER_DIR), "dream": (DREAM_DIR, os.path.join(DREAM_DIR, "filter"))}
 
 
-def load(device: str | None = None, dtype: Any = None, filter: bool = True):
-    """(model, tokenizer) of the bundled checkpoint, from package data (no network).
+def load(device: str | None = None, dtype: Any = None, filter: bool = True, family: str = "llada"):
+    """(model, tokenizer) of the bundled checkpoint of ``family`` ('llada' or 'dream'), from package data (no
+    network).
 
     The model comes patched (``model.generate``), with the bundled filter as its default when one ships and
     ``filter`` is true. Default dtype: bf16 on CUDA, fp32 on the CPU (faster there).
@@ -20,17 +25,20 @@ def load(device: str | None = None, dtype: Any = None, filter: bool = True):
     from transformers import PreTrainedTokenizerFast
 
     from .. import patch
-    from ..models.llada import LLaDAModelLM
+    from ..models import load_pretrained
 
-    if not os.path.isfile(os.path.join(MODEL_DIR, "config.json")):
-        raise FileNotFoundError(f"the bundled model is missing from {MODEL_DIR}")
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r}: the bundled models are {list(FAMILIES)}")
+    model_dir, filter_dir = FAMILIES[family]
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"the bundled {family} model is missing from {model_dir}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    model = LLaDAModelLM.from_pretrained(MODEL_DIR, torch_dtype=dtype, device=device)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(MODEL_DIR)  # AutoTokenizer works too; this skips config.json
+    model = load_pretrained(model_dir, torch_dtype=dtype, device=device)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)  # AutoTokenizer works too; this skips config.json
     flt = None
-    if filter and os.path.isfile(os.path.join(FILTER_DIR, "filter.json")):
+    if filter and os.path.isfile(os.path.join(filter_dir, "filter.json")):
         from ..filter import Filter
 
-        flt = Filter.from_pretrained(FILTER_DIR)
+        flt = Filter.from_pretrained(filter_dir)
     return patch(model, filter=flt), tokenizer
