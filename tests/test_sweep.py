@@ -6,6 +6,7 @@ import pytest
 
 import l2pd.sweep as sw
 from l2pd.cli import main
+from tests.conftest import FILTER32
 
 
 def _row(strategy, tau, acc, nfe, block=32):
@@ -84,8 +85,6 @@ def test_plot_writes_a_png(tmp_path):
 def test_sweep_and_tune_from_the_command_line(tmp_path, capsys):
     import shutil
 
-    import l2pd.demo
-
     out = tmp_path / "rows.jsonl"
     argv = ["sweep", "--problems", "2", "--strategies", "threshold,learn2pd", "--taus", "0.9", "--eotp", "accepted",
             "--blocks", "128", "--gen-length", "128", "--device", "cpu", "--out", str(out), "--json"]
@@ -93,8 +92,8 @@ def test_sweep_and_tune_from_the_command_line(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert {r["strategy"] for r in rows} == {"threshold", "learn2pd"} and all("pareto" in r for r in rows)
     assert len(out.read_text().splitlines()) == 2
-    shutil.copytree(l2pd.demo.FILTER_DIR, tmp_path / "f")
+    shutil.copytree(FILTER32, tmp_path / "f")  # block 32: tune's `steps` baseline is 64 forwards, not 128
     assert main(["tune", "--filter", str(tmp_path / "f"), "--problems", "2", "--taus", "0.9,0.99",
-                 "--gen-length", "128", "--device", "cpu"]) == 0
+                 "--gen-length", "64", "--device", "cpu"]) == 0
     info = json.loads((tmp_path / "f" / "filter.json").read_text())
     assert info["operating_point"]["tau"] in (0.9, 0.99) and info["threshold"] == info["operating_point"]["tau"]
