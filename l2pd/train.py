@@ -79,7 +79,7 @@ def train_filter(
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g).to(device)
     n_val = max(1, int(n * val_fraction))
-    warnings = _degenerate(n, n_val, y, m)
+    warnings = _degenerate(n, n_val, y, m, per_position=kind == "shared")
     for w in warnings:
         log(f"warning: {w}")
     val, tr = perm[:n_val], perm[n_val:]
@@ -162,14 +162,19 @@ def shared_inputs(data: dict[str, torch.Tensor], block_length: int, data_dir: st
 
 
 MIN_ROWS = 500  # a block step is one row; a few hundred prompts give tens of thousands
+MIN_POSITIONS = 5000  # a shared filter learns from each masked position: its examples are positions, not rows
 
 
-def _degenerate(n: int, n_val: int, y: Any, m: Any) -> list[str]:
-    """Why figures from this data would mislead: too few rows, or labels almost all one class."""
+def _degenerate(n: int, n_val: int, y: Any, m: Any, per_position: bool = False) -> list[str]:
+    """Why figures from this data would mislead: too few examples (rows for a dense filter, masked positions
+    for a shared one), or labels almost all one class."""
     out = []
-    if n < MIN_ROWS:
-        out.append(f"only {n} rows ({n_val} for validation): collect from more prompts (>= {MIN_ROWS} rows)")
     masked = int(m.sum())
+    if per_position and masked < MIN_POSITIONS:
+        out.append(f"only {masked} masked positions in {n} rows: collect from more prompts (a shared filter "
+                   f"wants >= {MIN_POSITIONS})")
+    elif not per_position and n < MIN_ROWS:
+        out.append(f"only {n} rows ({n_val} for validation): collect from more prompts (>= {MIN_ROWS} rows)")
     pos = float(y[m].float().mean()) if masked else 0.0
     if masked == 0:
         out.append("no masked positions: nothing to learn")

@@ -132,6 +132,23 @@ def test_degenerate_training_data_warns(tmp_path):
     assert any("not evidence of a good filter" in line for line in logged)
 
 
+
+def test_shared_filter_counts_masked_positions_not_rows():
+    """A shared filter learns from every masked position, so 354 rows holding 32,693 positions are enough for
+    it; the dense filter's row count does not apply."""
+    from l2pd.train import MIN_POSITIONS, MIN_ROWS, _degenerate
+
+    y = torch.tensor([[True, False]]).repeat(MIN_ROWS // 2, 1)
+    few_rows_many_positions = torch.ones(MIN_ROWS // 2, MIN_POSITIONS // (MIN_ROWS // 2) + 1, dtype=torch.bool)
+    few = _degenerate(MIN_ROWS // 2, 25, y, torch.ones_like(y))
+    assert any(w.startswith(f"only {MIN_ROWS // 2} rows") for w in few)
+    yy = torch.zeros_like(few_rows_many_positions)
+    yy[:, 0] = True
+    assert not _degenerate(MIN_ROWS // 2, 25, yy, few_rows_many_positions, per_position=True)
+    too_few = _degenerate(MIN_ROWS // 2, 25, y, torch.ones_like(y), per_position=True)
+    assert any(w.startswith(f"only {y.numel()} masked positions") for w in too_few)
+
+
 def test_demo_with_another_block_length_skips_learn2pd(capsys):
     import l2pd.cli
 
