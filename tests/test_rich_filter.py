@@ -168,6 +168,20 @@ def test_collection_holds_the_rich_channels(tmp_path):
     assert (data["entropy"][m] > 0).all() and int(data["step"].max()) >= 1
 
 
+def _same_decodes(model, flt, again) -> None:
+    """A filter and its saved-and-loaded copy decode identically, and (under the interpreter; GPU:
+    tests/test_graph.py) the kernels decode as the reference does."""
+    prompt = torch.randint(0, 58, (2, 5))
+    kw = dict(max_new_tokens=12, block_length=4, strategy="learn2pd", threshold=0.3, eotp=True,
+              return_dict_in_generate=True)
+    a = generate(model, prompt, filter=flt, backend="torch", **kw)
+    b = generate(model, prompt, filter=again, backend="torch", **kw)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.nfe, b.nfe)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        c = generate(model, prompt, filter=again, backend="triton", **kw)
+        assert torch.equal(a.sequences, c.sequences) and torch.equal(a.nfe, c.nfe)
+
+
 def test_rich_filter_round_trip_and_decodes(tmp_path):
     model = tiny_model(seed=22)
     path = _collected(tmp_path, model)
@@ -178,15 +192,7 @@ def test_rich_filter_round_trip_and_decodes(tmp_path):
     assert info["version"] == 2 and info["inputs"] == list(RICH_INPUTS)
     again = Filter.from_pretrained(tmp_path / "rich")
     assert again.inputs == RICH_INPUTS and again.needs_stats
-    prompt = torch.randint(0, 58, (2, 5))
-    kw = dict(max_new_tokens=12, block_length=4, strategy="learn2pd", threshold=0.3, eotp=True,
-              return_dict_in_generate=True)
-    a = generate(model, prompt, filter=flt, backend="torch", **kw)
-    b = generate(model, prompt, filter=again, backend="torch", **kw)
-    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.nfe, b.nfe)
-    if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels on this CPU model (GPU: tests/test_graph.py)
-        c = generate(model, prompt, filter=again, backend="triton", **kw)
-        assert torch.equal(a.sequences, c.sequences) and torch.equal(a.nfe, c.nfe)
+    _same_decodes(model, flt, again)
 
 
 def test_version_1_filter_still_loads_and_decodes_identically(tmp_path):
@@ -253,14 +259,6 @@ def test_shared_filter_trains_round_trips_and_decodes(tmp_path):
     flt.save_pretrained(tmp_path / "shared")
     again = Filter.from_pretrained(tmp_path / "shared")
     assert again.kind == "shared" and again.inputs == ref.SHARED_FEATURES
-    prompt = torch.randint(0, 58, (2, 5))
-    kw = dict(max_new_tokens=12, block_length=4, strategy="learn2pd", threshold=0.3, eotp=True,
-              return_dict_in_generate=True)
-    a = generate(model, prompt, filter=flt, backend="torch", **kw)
-    b = generate(model, prompt, filter=again, backend="torch", **kw)
-    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.nfe, b.nfe)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        c = generate(model, prompt, filter=again, backend="triton", **kw)
-        assert torch.equal(a.sequences, c.sequences) and torch.equal(a.nfe, c.nfe)
+    _same_decodes(model, flt, again)
     with pytest.raises(ValueError, match="shared filter reads"):
         Filter(4, 8, kind="shared", inputs=("confidence", "margin"))
