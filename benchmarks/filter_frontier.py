@@ -59,6 +59,7 @@ def print_matched(m: dict, families, title: str) -> None:
 
 
 def load_model(path: str | None, dev: str):
+    """(patched model without a filter, tokenizer): a checkpoint folder, or the bundled LLaDA-format model."""
     if path is None:
         return l2pd.demo.load(device=dev, filter=False)
     model = load_pretrained(path, torch_dtype=torch.bfloat16 if dev == "cuda" else torch.float32, device=dev)

@@ -13,14 +13,11 @@ is the figure to compare with EoTP rows.
 import argparse
 
 import torch
-from transformers import PreTrainedTokenizerFast
+from filter_frontier import load_model  # benchmarks/ is on the path when this runs as a script
 
-import l2pd
-import l2pd.demo
 from l2pd.decode import generate
 from l2pd.demo.task import is_correct, split
 from l2pd.evaluate import answer_texts, encode_prompts
-from l2pd.models import load_pretrained
 
 
 def main() -> None:
@@ -32,12 +29,7 @@ def main() -> None:
     ap.add_argument("--gen-length", type=int, default=256)
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.model is None:
-        model, tok = l2pd.demo.load(device=dev, filter=False)
-    else:
-        dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-        model = l2pd.patch(load_pretrained(args.model, torch_dtype=dtype, device=dev))
-        tok = PreTrainedTokenizerFast.from_pretrained(args.model)
+    model, tok = load_model(args.model, dev)
     problems = split("test", args.problems)
     print(f"{args.model or 'bundled'}, {len(problems)} held-out problems, gen length {args.gen_length}, {dev}")
     for block in (int(b) for b in args.blocks.split(",")):
