@@ -5,6 +5,7 @@ entropy, step index) and the shared per-position filter.
     python benchmarks/filter_frontier.py --out runs/rich --test-problems 1000
     python benchmarks/filter_frontier.py --model runs/dream --families learn2pd,learn2pd-shared \
         --blocks 128,256 --test-problems 500 --out runs/dream_frontier
+    python benchmarks/filter_frontier.py --model runs/model-hard --level hard --blocks 128 --out runs/hard_frontier
 
 For each block length: collect replay data once on ``--train-prompts`` training problems (the collection holds
 every channel), train each filter family on it with the same seed (dense: hidden 128; shared: hidden 32; depth
@@ -13,7 +14,8 @@ at ``--filter-taus``. With ``--long N`` the same configurations (dual cache; ``s
 1,024 new tokens on N test problems. Writes the rows (JSONL, strategy ``learn2pd`` for the confidence-only
 filter, ``learn2pd-rich`` and ``learn2pd-shared`` for the others), the filters, a PNG of the frontier and a
 summary: at matched accuracy (within ``--within`` points of the best ``steps``), the fewest forwards of each
-method.
+method. ``--level hard`` takes the training prompts and test problems from the task's hard level (for a model
+trained with ``--hard-fraction``).
 """
 
 import argparse
@@ -76,6 +78,9 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
     ap.add_argument("--families", default=",".join(FAMILIES), help=f"filters to train, from {list(FAMILIES)}")
     ap.add_argument("--blocks", default="32,64,128,256")
+    ap.add_argument("--level", choices=["base", "hard"], default="base",
+                    help="the task's level: collection prompts and test problems from train/test or "
+                         "hard-train/hard-test")
     ap.add_argument("--train-prompts", type=int, default=2000)
     ap.add_argument("--test-problems", type=int, default=1000)
     ap.add_argument("--long", type=int, default=0, help="also run at 1,024 new tokens on this many problems")
@@ -93,13 +98,14 @@ def main() -> None:
     blocks = [int(b) for b in args.blocks.split(",")]
     taus = [float(t) for t in args.taus.split(",")]
     ftaus = [float(t) for t in args.filter_taus.split(",")]
-    questions = [p.question for p in split("train", args.train_prompts)]
+    train_split, test_split = ("train", "test") if args.level == "base" else ("hard-train", "hard-test")
+    questions = [p.question for p in split(train_split, args.train_prompts)]
     prompts = tok([prompt_text(tok, q) for q in questions], add_special_tokens=False).input_ids
-    test = split("test", args.test_problems)
-    long_test = split("test", args.long) if args.long else []
+    test = split(test_split, args.test_problems)
+    long_test = split(test_split, args.long) if args.long else []
     info = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
-            "model": args.model or "bundled", "train_prompts": args.train_prompts, "test_problems": len(test),
-            "long_problems": len(long_test)}
+            "model": args.model or "bundled", "level": args.level, "train_prompts": args.train_prompts,
+            "test_problems": len(test), "long_problems": len(long_test)}
     rows, long_rows = [], []
     for block in blocks:
         t0 = time.time()

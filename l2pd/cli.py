@@ -25,6 +25,21 @@ def _add_family_arg(p: argparse.ArgumentParser) -> None:
                         "Dream's (shifted logits, grouped-query attention, biased q/k/v)")
 
 
+def _add_level_arg(p: argparse.ArgumentParser, which: str) -> None:
+    p.add_argument("--level", choices=["base", "hard"], default="base",
+                   help=f"the bundled task's level for the {which}: base (1 to 4 steps, what the bundled models "
+                        "are trained on) or hard (5 or 6 steps; for a model trained with "
+                        "`python -m l2pd.demo.train_model --hard-fraction ...`; the bundled models fail it)")
+
+
+def _level_split(args: argparse.Namespace, part: str) -> str:
+    """The task split of ``part`` ('train' or 'test') at ``--level``; --data and --prompts bring their own."""
+    level = getattr(args, "level", "base")
+    if level != "base" and (getattr(args, "data", None) or getattr(args, "prompts", None)):
+        raise ValueError("--level picks the bundled task's problems; leave it out with --data or --prompts")
+    return part if level == "base" else f"{level}-{part}"
+
+
 def _add_strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", choices=["steps", "threshold", "learn2pd"], default=None,
                    help="unmasking rule (default: learn2pd when a filter is available, else threshold)")
@@ -117,8 +132,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--problems={args.problems} and --batch-size={args.batch_size} must be >= 1")
     rank, _, rank_device = init_from_env()
     device = rank_device or _device(args.device)
+    problems = split(_level_split(args, "test"), args.problems)
     model, tok = _load(args.model, device, args.filter, args.allow_other_model, args.model_family)
-    problems = split("test", args.problems)
     r = evaluate(model, tok, problems, batch_size=args.batch_size, progress=not args.json,
                  max_new_tokens=args.gen_length, block_length=args.block_length, strategy=args.strategy,
                  threshold=args.threshold, eotp=args.eotp, cache=args.cache, refresh=args.refresh,
@@ -176,12 +191,13 @@ def cmd_collect(args: argparse.Namespace) -> int:
     rank, _, rank_device = init_from_env()
     device = rank_device or _device(args.device)
     check_out_dir(args.out)  # before the model loads: an unwritable --out fails now
+    train_split = _level_split(args, "train")
     if args.prompts:
         questions = read_prompts(args.prompts)
     else:
         if args.num_prompts < 1:
             raise ValueError(f"--num-prompts={args.num_prompts} must be >= 1")
-        questions = [p.question for p in split("train", args.num_prompts)]
+        questions = [p.question for p in split(train_split, args.num_prompts)]
     model, tok = _load(args.model, device, family=args.model_family)
     prompts = tok([prompt_text(tok, q) for q in questions], add_special_tokens=False).input_ids
     info = collect(model, prompts, args.out, gen_length=args.gen_length, block_length=args.block_length,
@@ -248,11 +264,12 @@ def _sweep_problems(args: argparse.Namespace):
 
     if args.problems < 1 or args.batch_size < 1:
         raise ValueError(f"--problems={args.problems} and --batch-size={args.batch_size} must be >= 1")
+    train_split, test_split = _level_split(args, "train"), _level_split(args, "test")
     if args.data:
         return load_problems(args.data)[: args.problems]
     if getattr(args, "validation", False):
-        return split("train", args.problems, offset=VAL_OFFSET)
-    return split("test", args.problems)
+        return split(train_split, args.problems, offset=VAL_OFFSET)
+    return split(test_split, args.problems)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -429,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
     _add_family_arg(e)
     e.add_argument("--problems", type=int, default=100, help="held-out problems (default 100)")
+    _add_level_arg(e, "held-out problems")
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--json", action="store_true", help="print the figures as JSON")
     e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -445,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", default=None, help='JSONL file, one {"prompt": ...} per line (default: the '
                    "bundled task's training problems)")
     c.add_argument("--num-prompts", type=int, default=2000, help="bundled-task prompts when --prompts is absent")
+    _add_level_arg(c, "training prompts")
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--shard-size", type=int, default=256)
     c.add_argument("--cache", choices=["none", "prefix", "dual"], default="none")
@@ -482,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--checker", default="hash-number", help="how an answer is scored: hash-number (the integer "
                    "after ####), last-number, exact, contains")
     w.add_argument("--problems", type=int, default=200, help="problems (default 200)")
+    _add_level_arg(w, "held-out problems")
     w.add_argument("--batch-size", type=int, default=1)
     w.add_argument("--strategies", default="steps,threshold,learn2pd")
     w.add_argument("--taus", default="0.9,0.99,0.995,0.999", help="taus of threshold and learn2pd")
@@ -508,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the bundled task's validation problems, unseen in training and in eval)")
     u.add_argument("--checker", default="hash-number")
     u.add_argument("--problems", type=int, default=200)
+    _add_level_arg(u, "validation problems")
     u.add_argument("--batch-size", type=int, default=1)
     u.add_argument("--taus", default="0.9,0.95,0.98,0.99,0.995,0.998,0.999")
     u.add_argument("--eotp", choices=["off", "accepted", "predicted"], default="accepted")

@@ -5,7 +5,7 @@ import torch
 from transformers import AutoTokenizer
 
 from l2pd.demo import MODEL_DIR
-from l2pd.demo.task import TEST_SEEDS, TRAIN_SEEDS, extract_answer, is_correct, problem, split
+from l2pd.demo.task import HARD_TEST_SEEDS, TEST_SEEDS, TRAIN_SEEDS, extract_answer, is_correct, problem, split
 from l2pd.models.llada import LLaDAModelLM
 
 FACTS_KEYS = {
@@ -24,13 +24,20 @@ def test_generator_is_deterministic_and_splits_disjoint():
     assert split("test", 1)[0] == problem(TEST_SEEDS.start)
     with pytest.raises(ValueError, match="split"):
         split("dev", 1)
+    # the hard level: its own test seeds, the same train seeds at another level, deterministic
+    assert TEST_SEEDS.stop <= HARD_TEST_SEEDS.start
+    assert split("hard-test", 1)[0] == problem(HARD_TEST_SEEDS.start, "hard")
+    assert split("hard-train", 2)[1] == problem(TRAIN_SEEDS[1], "hard") != problem(TRAIN_SEEDS[1])
+    with pytest.raises(ValueError, match="level"):
+        problem(1, "harder")
 
 
-def test_problems_are_consistent():
-    for p in split("train", 300):
+@pytest.mark.parametrize("name, steps", [("train", (1, 4)), ("hard-train", (5, 6)), ("hard-test", (5, 6))])
+def test_problems_are_consistent(name, steps):
+    for p in split(name, 300):
         assert extract_answer(p.solution) == p.answer
         assert 0 <= p.answer <= 999
-        assert 1 <= p.steps <= 4
+        assert steps[0] <= p.steps <= steps[1]
         for line in p.solution.splitlines()[1:-1]:  # every worked line's arithmetic is right
             expr, result = line.split(" = ")
             lhs = expr.rsplit(" is ", 1)[-1].rsplit(" so ", 1)[-1].rsplit(" hold ", 1)[-1].rsplit(" has ", 1)[-1]
@@ -123,3 +130,36 @@ def test_cli_model_family_picks_the_bundle_and_refuses_with_model(capsys):
     assert main(["eval", "--model-family", "dream", "--model", MODEL_DIR, "--problems", "1", "--device",
                  "cpu"]) == 2
     assert "--model-family picks a bundled model" in capsys.readouterr().err
+
+
+def test_training_mix_has_the_hard_fraction_on_disjoint_seeds():
+    from l2pd.demo.train_model import HARD_PROMPT_SLOTS, encode, make_problems
+
+    base = make_problems(40, workers=1, first=7)
+    mixed = make_problems(40, workers=1, first=7, hard_fraction=0.25)
+    assert mixed[:30] == base[:30]  # the first 75% of the seeds keep their base problems
+    assert [q for q, _ in mixed[30:]] == [problem(TRAIN_SEEDS[7 + i], "hard").question for i in range(30, 40)]
+    assert all(a.count("=") >= 5 for _, a in mixed[30:])
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    prompts, answers = encode(tok, mixed, HARD_PROMPT_SLOTS)
+    assert prompts.shape == (40, HARD_PROMPT_SLOTS) and answers.shape[0] == 40
+
+
+def test_cli_level_picks_the_hard_split_and_refuses_with_data(tmp_path, capsys, monkeypatch):
+    import l2pd.evaluate
+    from l2pd.cli import main
+
+    seen = {}
+
+    def fake_evaluate(model, tok, problems, **kw):
+        seen["problems"] = problems
+        return {"problems": len(problems), "accuracy": 0.0, "mean_nfe": 1.0, "tokens_per_s": 1.0, "seconds": 1.0,
+                "texts": [], "nfe": []}
+
+    monkeypatch.setattr(l2pd.evaluate, "evaluate", fake_evaluate)
+    assert main(["eval", "--level", "hard", "--problems", "3", "--device", "cpu", "--json"]) == 0
+    assert seen["problems"] == split("hard-test", 3)
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "q", "answer": 1}\n')
+    assert main(["sweep", "--level", "hard", "--data", str(data), "--device", "cpu"]) == 2
+    assert "--level picks the bundled task's problems" in capsys.readouterr().err

@@ -3,6 +3,10 @@
 A problem follows one quantity through 1 to 4 arithmetic steps (+, -, *, exact /, numbers up to 3 digits).
 Every solution line shows its arithmetic; the last line is ``#### N``. ``problem(seed)`` is deterministic;
 the train and test splits draw seeds from disjoint ranges.
+
+The ``hard`` level (5 or 6 steps, so about twice the solution length) is never trained on: its test split
+``hard-test`` measures decoding where the model is less sure; ``hard-train`` gives prompts for a filter's
+replay data and validation problems at that level.
 """
 
 from __future__ import annotations
@@ -13,6 +17,11 @@ from dataclasses import dataclass
 
 TRAIN_SEEDS = range(0, 1_000_000_000)
 TEST_SEEDS = range(1_000_000_000, 1_000_100_000)
+HARD_TEST_SEEDS = range(1_000_100_000, 1_000_200_000)
+# level -> (choices of the number of operations, most solution lines)
+LEVELS = {"base": ((1, 1, 2, 2, 2, 3, 3, 4), 4), "hard": ((5, 6), 6)}
+SPLITS = {"train": (TRAIN_SEEDS, "base"), "test": (TEST_SEEDS, "base"), "hard-train": (TRAIN_SEEDS, "hard"),
+          "hard-test": (HARD_TEST_SEEDS, "hard")}
 
 NAMES = [
     ("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Noah", "he"), ("Zoe", "she"), ("Liam", "he"),
@@ -77,12 +86,15 @@ def _step(rng: random.Random, v: int, who: str, pron: str, obj: str, box: str, f
     return None
 
 
-def problem(seed: int) -> Problem:
-    """The problem for ``seed`` (the same seed always gives the same problem)."""
+def problem(seed: int, level: str = "base") -> Problem:
+    """The problem for ``seed`` at ``level`` (the same seed and level always give the same problem)."""
+    if level not in LEVELS:
+        raise ValueError(f"level {level!r}: expected one of {list(LEVELS)}")
+    ops, max_lines = LEVELS[level]
     rng = random.Random(seed)
     (who, pron), (friend, _) = rng.sample(NAMES, 2)
     obj, box = rng.choice(OBJECTS)
-    n_ops = rng.choice([1, 1, 2, 2, 2, 3, 3, 4])
+    n_ops = rng.choice(ops)
     v = rng.randint(2, 200)
     opening = rng.choice([f"{who} has {v} {obj}.", f"{who} starts with {v} {obj}.",
                           f"There are {v} {obj} in {who}'s room."])
@@ -90,7 +102,7 @@ def problem(seed: int) -> Problem:
     steps = 0
     while steps < n_ops:
         out = _step(rng, v, who, pron, obj, box, friend)
-        if out is None or steps + len(out[1]) > 4:
+        if out is None or steps + len(out[1]) > max_lines:
             continue
         q, sol, v = out
         sentences.append(q)
@@ -102,13 +114,13 @@ def problem(seed: int) -> Problem:
 
 
 def split(name: str, n: int, offset: int = 0) -> list[Problem]:
-    """The first ``n`` problems (after ``offset``) of the ``train`` or ``test`` split."""
-    seeds = {"train": TRAIN_SEEDS, "test": TEST_SEEDS}.get(name)
-    if seeds is None:
-        raise ValueError(f"split {name!r}: expected 'train' or 'test'")
+    """The first ``n`` problems (after ``offset``) of a split: ``train``, ``test``, ``hard-train``, ``hard-test``."""
+    if name not in SPLITS:
+        raise ValueError(f"split {name!r}: expected one of {list(SPLITS)}")
+    seeds, level = SPLITS[name]
     if offset + n > len(seeds):
         raise ValueError(f"the {name} split has {len(seeds)} problems; asked for {offset}..{offset + n}")
-    return [problem(seeds[offset + i]) for i in range(n)]
+    return [problem(seeds[offset + i], level) for i in range(n)]
 
 
 _ANSWER = re.compile(r"####\s*(-?\d+)")

@@ -10,6 +10,12 @@ weighted by 1/t, summed and divided by the canvas length, as in LLaDA's SFT. Can
 
 With ``--checkpoint-minutes`` the folder holds a loadable bf16 checkpoint during training as well (a
 long run in the background can be harvested at any time); ``--init`` continues from such a folder.
+
+``--hard-fraction F`` mixes in problems of the task's ``hard`` level (5 or 6 steps), which the bundled model
+never saw: a model trained on the mix is less sure on the ``hard-test`` split, so decoding has headroom there.
+
+    python -m l2pd.demo.train_model --init l2pd/demo/assets/model --hard-fraction 0.5 --minutes 5 \
+        --lr 1e-3 --warmup 100 --first-problem 200000000 --out runs/model-hard
 """
 
 from __future__ import annotations
@@ -31,34 +37,47 @@ from .task import TRAIN_SEEDS, problem
 from .tokenizer import build_tokenizer, prompt_text
 
 PROMPT_SLOTS = 112  # prompts are left-padded to this many tokens in training
+HARD_PROMPT_SLOTS = 160  # the same with hard-level problems in the mix (their prompts run to about 120 tokens)
 CANVAS_MIX = ((256, 0.9), (1024, 0.1))
 ANSWER_SLOTS = 256  # answers are stored end-of-text padded to this length and extended on the fly
 
 
-def _texts(seed_range: tuple[int, int]) -> list[tuple[str, str]]:
-    return [(p.question, p.solution) for p in map(problem, range(*seed_range))]
+def _texts(job: tuple[int, int, str]) -> list[tuple[str, str]]:
+    lo, hi, level = job
+    return [(p.question, p.solution) for p in (problem(s, level) for s in range(lo, hi))]
 
 
-def make_problems(n: int, workers: int, first: int = 0) -> list[tuple[str, str]]:
-    """Training problems from seeds TRAIN_SEEDS[first : first + n]."""
+def make_problems(n: int, workers: int, first: int = 0, hard_fraction: float = 0.0) -> list[tuple[str, str]]:
+    """Training problems from seeds TRAIN_SEEDS[first : first + n]: the last ``hard_fraction`` of them at the
+    hard level, the rest at the base level."""
+    n_hard = round(n * hard_fraction)
     chunk = max(1, n // max(1, workers * 4))
-    ranges = [(TRAIN_SEEDS[first + i], TRAIN_SEEDS[first + min(n, i + chunk) - 1] + 1) for i in range(0, n, chunk)]
+    jobs = [(TRAIN_SEEDS[first + i], TRAIN_SEEDS[first + min(n, i + chunk) - 1] + 1) for i in range(0, n, chunk)]
+    # split the chunk that straddles the base/hard boundary, so that every seed has exactly one level
+    cut = TRAIN_SEEDS[first + n - n_hard] if n_hard else TRAIN_SEEDS[first + n - 1] + 1
+    leveled = []
+    for lo, hi in jobs:
+        if lo < cut:
+            leveled.append((lo, min(hi, cut), "base"))
+        if hi > cut:
+            leveled.append((max(lo, cut), hi, "hard"))
     if workers <= 1:
-        return [t for r in ranges for t in _texts(r)]
+        return [t for job in leveled for t in _texts(job)]
     with Pool(workers) as pool:
-        return [t for part in pool.map(_texts, ranges) for t in part]
+        return [t for part in pool.map(_texts, leveled) for t in part]
 
 
-def encode(tokenizer, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts [N, PROMPT_SLOTS] left-padded with end-of-text; answers + eot [N, ANSWER_SLOTS] right-padded."""
+def encode(tokenizer, pairs: list[tuple[str, str]],
+           prompt_slots: int = PROMPT_SLOTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts [N, prompt_slots] left-padded with end-of-text; answers + eot [N, ANSWER_SLOTS] right-padded."""
     common = dict(add_special_tokens=False, padding="max_length", return_attention_mask=False)
-    prompts = tokenizer([prompt_text(tokenizer, q) for q, _ in pairs], max_length=PROMPT_SLOTS,
+    prompts = tokenizer([prompt_text(tokenizer, q) for q, _ in pairs], max_length=prompt_slots,
                         padding_side="left", **common).input_ids
     answers = tokenizer([a + "<|eot_id|>" for _, a in pairs], max_length=ANSWER_SLOTS, padding_side="right",
                         **common).input_ids
     P, A = torch.tensor(prompts, dtype=torch.int32), torch.tensor(answers, dtype=torch.int32)
-    if P.shape[1] != PROMPT_SLOTS or A.shape[1] != ANSWER_SLOTS:
-        raise ValueError(f"a problem is longer than {PROMPT_SLOTS} prompt / {ANSWER_SLOTS} answer tokens")
+    if P.shape[1] != prompt_slots or A.shape[1] != ANSWER_SLOTS:
+        raise ValueError(f"a problem is longer than {prompt_slots} prompt / {ANSWER_SLOTS} answer tokens")
     return P, A
 
 
@@ -94,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-problem", type=int, default=0,
                     help="index of the first training seed (fresh problems for a continued run)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hard-fraction", type=float, default=0.0,
+                    help="share of the training problems drawn at the task's hard level (5 or 6 steps; default 0)")
     ap.add_argument("--no-compile", action="store_true", help="skip torch.compile (it needs a GPU toolchain)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--tokenizer", help="reuse the tokenizer of this folder instead of training one")
@@ -105,18 +126,21 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--minutes, --problems, --tokens-per-batch and --lr must be positive")
     if args.first_problem < 0:
         ap.error("--first-problem must be >= 0")
+    if not 0 <= args.hard_fraction <= 1:
+        ap.error(f"--hard-fraction={args.hard_fraction} must be in [0, 1]")
+    prompt_slots = HARD_PROMPT_SLOTS if args.hard_fraction > 0 else PROMPT_SLOTS
 
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     t_start = time.time()
-    pairs = make_problems(args.problems, args.workers, args.first_problem)
+    pairs = make_problems(args.problems, args.workers, args.first_problem, args.hard_fraction)
     if args.init or args.tokenizer:
         from transformers import PreTrainedTokenizerFast
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(args.init or args.tokenizer)
     else:
         tokenizer = build_tokenizer(f"{q}\n{a}" for q, a in pairs[:50_000])
-    prompts_all, answers_all = encode(tokenizer, pairs)
+    prompts_all, answers_all = encode(tokenizer, pairs, prompt_slots)
     print(f"data: {len(pairs)} problems in {time.time() - t_start:.1f} s, vocab {len(tokenizer)}", flush=True)
 
     vocab = len(tokenizer)
@@ -172,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t0, 1),
             "steps": step, "finished": final, "parameters": n_params,
             "final_loss": curve[-1]["loss"] if curve else None, "problems": len(pairs),
-            "first_problem": args.first_problem, "init": args.init,
+            "first_problem": args.first_problem, "init": args.init, "hard_fraction": args.hard_fraction,
             "canvas_mix": CANVAS_MIX, "tokens_per_batch": args.tokens_per_batch, "lr": args.lr,
             "loss_curve": curve,
         }
@@ -199,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr
         G = gens[int(gen_choice[step % len(gen_choice)])]
-        B = max(1, args.tokens_per_batch // (PROMPT_SLOTS + G))
+        B = max(1, args.tokens_per_batch // (prompt_slots + G))
         idx = torch.randint(0, len(pairs), (B,), device=dev)
         answers = answers_all[idx]
         if G > ANSWER_SLOTS:
