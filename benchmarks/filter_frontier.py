@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
     ap.add_argument("--families", default=",".join(FAMILIES), help=f"filters to train, from {list(FAMILIES)}")
     ap.add_argument("--blocks", default="32,64,128,256")
+    ap.add_argument("--policy", default="oracle", help="collection policy: oracle (Learn2PD's) or threshold:TAU")
     ap.add_argument("--level", choices=["base", "hard"], default="base",
                     help="the task's level: collection prompts and test problems from train/test or "
                          "hard-train/hard-test")
@@ -104,14 +105,14 @@ def main() -> None:
     test = split(test_split, args.test_problems)
     long_test = split(test_split, args.long) if args.long else []
     info = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
-            "model": args.model or "bundled", "level": args.level, "train_prompts": args.train_prompts,
-            "test_problems": len(test), "long_problems": len(long_test)}
+            "model": args.model or "bundled", "level": args.level, "policy": args.policy,
+            "train_prompts": args.train_prompts, "test_problems": len(test), "long_problems": len(long_test)}
     rows, long_rows = [], []
     for block in blocks:
         t0 = time.time()
         data = os.path.join(args.out, f"collect{block}")
         collect(model, prompts, data, gen_length=256, block_length=block, batch_size=250, shard_size=500,
-                progress=False)
+                progress=False, policy=args.policy)
         info[f"block{block}"] = {"collect_seconds": round(time.time() - t0, 1)}
         base = [dict(strategy="steps", threshold=None, eotp="off", block_length=block, cache="none")]
         rows += sweep(model, tok, test, base + configs("threshold", taus, block, "none"), batch_size=args.batch,

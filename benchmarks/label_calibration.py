@@ -48,8 +48,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         collect(model, prompts, out, gen_length=256, block_length=args.block, batch_size=64, progress=False)
         data, _ = load_shards(out)
-    masked = data["masked"]
-    rows = table(data["features"][masked].float(), data["labels"][masked])
+    masked = data["masked"].bool()
+    rows = table(data["features"][masked].float(), data["labels"][masked].bool())
     if args.json:
         print(json.dumps(rows))
         return

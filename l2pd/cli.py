@@ -201,7 +201,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     model, tok = _load(args.model, device, family=args.model_family)
     prompts = tok([prompt_text(tok, q) for q in questions], add_special_tokens=False).input_ids
     info = collect(model, prompts, args.out, gen_length=args.gen_length, block_length=args.block_length,
-                   batch_size=args.batch_size, shard_size=args.shard_size, cache=args.cache)
+                   batch_size=args.batch_size, shard_size=args.shard_size, cache=args.cache, policy=args.policy)
     finish()
     if rank == 0:
         print(json.dumps(info))
@@ -467,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=32)
     c.add_argument("--shard-size", type=int, default=256)
     c.add_argument("--cache", choices=["none", "prefix", "dual"], default="none")
+    c.add_argument("--policy", default="oracle",
+                   help="the decode whose states are recorded: 'oracle' (Learn2PD's replay: unmask exactly the "
+                        "positions already equal to the final answer; default) or 'threshold:TAU' (a confidence "
+                        "threshold, whose states are closer to those a filter meets when it decodes); the labels "
+                        "are the same")
     _add_decode_args(c)
     c.set_defaults(func=cmd_collect)
 

@@ -4,6 +4,12 @@ For each prompt: decode with ``steps`` (one token per step) to get the final ans
 ``oracle`` strategy (unmask exactly the positions whose argmax already equals y), recording at every step the
 current block's filter features (confidences; 1.0 at decoded positions), labels (argmax == y) and which
 positions were still masked, and for richer filters the margins, entropies and the step index in the block.
+
+``policy="threshold:TAU"`` makes the second decode a confidence threshold instead of the oracle (labels are
+the same). The oracle's states are not the ones a filter meets: after its first step, a position still masked
+is one whose guess was wrong at every earlier step, so a filter that reads the step or the block's decided
+positions learns that late positions are unreliable and, decoding, refuses confident tokens after the first
+forward. A threshold's states are close to those of a decode that unmasks confident tokens.
 Prompts are processed in shards of ``shard_size``; each shard is written atomically as
 ``shard-NNNNN.safetensors``, so an interrupted run resumes where it stopped, with the same shards it would
 have written in one go.
@@ -41,8 +47,22 @@ def _pad_left(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
 
 
 @torch.no_grad()
+def parse_policy(policy: str) -> tuple[str, float | None]:
+    """``"oracle"`` or ``"threshold:TAU"`` (0 < TAU <= 1) as (strategy, tau)."""
+    if policy == "oracle":
+        return "oracle", None
+    name, _, tau = policy.partition(":")
+    try:
+        value = float(tau)
+    except ValueError:
+        value = float("nan")
+    if name != "threshold" or not 0 < value <= 1:
+        raise ValueError(f"policy {policy!r}: expected 'oracle' or 'threshold:TAU' with 0 < TAU <= 1")
+    return "threshold", value
+
+
 def replay(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen_length: int, block_length: int,
-           cache: str = "none") -> dict[str, torch.Tensor]:
+           cache: str = "none", policy: str = "oracle") -> dict[str, torch.Tensor]:
     """Features/labels/masks [N, block_length] of every (row, step) where the row had masked positions."""
     P = ids.shape[1]
     final = generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length, strategy="steps",
@@ -63,8 +83,10 @@ def replay(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen_length: int, b
         rows["labels"].append(torch.nn.functional.pad(label & masked, (0, pad))[active].cpu())
         rows["masked"].append(torch.nn.functional.pad(masked, (0, pad))[active].cpu())
 
-    generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length, strategy="oracle",
-             target=final, on_step=on_step, step_stats=True, cache=cache)
+    strategy, tau = parse_policy(policy)
+    how = dict(target=final) if strategy == "oracle" else dict(threshold=tau)
+    generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length, strategy=strategy,
+             on_step=on_step, step_stats=True, cache=cache, **how)
     return {k: torch.cat(v) for k, v in rows.items()}
 
 
@@ -79,6 +101,7 @@ def collect(
     cache: str = "none",
     progress: bool = True,
     max_shards: int | None = None,
+    policy: str = "oracle",
 ) -> dict[str, Any]:
     """Collect replay data for token-id ``prompts`` (chat-formatted) into ``out_dir``; resumes if present.
 
@@ -90,6 +113,7 @@ def collect(
 
     if not prompts:
         raise ValueError("no prompts to collect from")
+    parse_policy(policy)
     if shard_size % batch_size:
         raise ValueError(f"shard_size={shard_size} must be a multiple of batch_size={batch_size}")
     os.makedirs(out_dir, exist_ok=True)
@@ -100,6 +124,8 @@ def collect(
         "block_length": block_length, "prompts": len(prompts), "shard_size": shard_size, "cache": cache,
         "prompts_sha256": token_hash(prompts),
     }
+    if policy != "oracle":  # only then: folders collected before the option resume as they were
+        manifest["policy"] = policy
     rank, world, _ = env_world()
     path = os.path.join(out_dir, "collect.json")
     if rank == 0 and not os.path.exists(path):
@@ -134,7 +160,7 @@ def collect(
         parts = []
         for b in range(lo, hi, batch_size):
             ids, mask = _pad_left(prompts[b : min(b + batch_size, hi)], pad_id, device)
-            parts.append(replay(model, ids, mask, gen_length, block_length, cache))
+            parts.append(replay(model, ids, mask, gen_length, block_length, cache, policy))
             bar.update(ids.shape[0])
         data = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
         data["labels"] = data["labels"].to(torch.uint8)

@@ -124,7 +124,7 @@ def train_filter(
         model_fingerprint=manifest["model_fingerprint"], gen_length=manifest["gen_length"],
         train_rows=int(len(tr)), val_rows=int(n_val), val_loss=best, epochs=epoch + 1,
         train_seconds=round(seconds, 2), val_metrics=metrics,
-        positive_rate=float(y[m].float().mean()),
+        positive_rate=float(y[m].float().mean()), collect_policy=manifest.get("policy", "oracle"),
     )
     if warnings:
         flt.meta["warnings"] = warnings

@@ -39,6 +39,38 @@ def test_replay_labels_are_argmax_equals_final():
     assert ((data["features"] == 1.0) | want_masked).all()  # decoded positions read as certain
 
 
+def test_threshold_policy_replays_the_threshold_decode_with_the_same_labels(tmp_path):
+    model = tiny_model(seed=5)
+    ids = torch.randint(0, 58, (3, 5))
+    mask = torch.ones_like(ids)
+    final = generate(model, ids, mask, max_new_tokens=8, block_length=4, strategy="steps")[:, 5:]
+    seen = []
+
+    def on_step(s, step, token, prob, canvas):
+        masked = canvas[:, s : s + 4] == MASK
+        seen.append((masked.clone(), (token == final[:, s - 5 : s - 1]) & masked, step))
+
+    generate(model, ids, mask, max_new_tokens=8, block_length=4, strategy="threshold", threshold=0.3,
+             on_step=on_step)
+    data = replay(model, ids, mask, 8, 4, policy="threshold:0.3")
+    assert torch.equal(data["labels"], torch.cat([lab[m.any(-1)] for m, lab, _ in seen]))
+    assert torch.equal(data["masked"], torch.cat([m[m.any(-1)] for m, _, _ in seen]))
+    assert torch.equal(data["step"], torch.cat([torch.full((int(m.any(-1).sum()),), k) for m, _, k in seen]).int())
+    oracle = replay(model, ids, mask, 8, 4)
+    assert not torch.equal(oracle["masked"], data["masked"])  # another decode's states
+    prompts = [torch.randint(0, 58, (5,)).tolist() for _ in range(4)]
+    kw = dict(gen_length=8, block_length=4, batch_size=2, shard_size=4, progress=False)
+    assert collect(model, prompts, str(tmp_path / "t"), policy="threshold:0.3", **kw)["policy"] == "threshold:0.3"
+    assert "policy" not in collect(model, prompts, str(tmp_path / "o"), **kw)  # oracle folders read as before
+    flt = train_filter(str(tmp_path / "t"), hidden=8, max_epochs=5, log=lambda *a: None)
+    assert flt.meta["collect_policy"] == "threshold:0.3"
+    with pytest.raises(ValueError, match="other settings"):
+        collect(model, prompts, str(tmp_path / "o"), policy="threshold:0.3", **kw)
+    for bad in ("threshold", "threshold:0", "threshold:x", "steps", "threshold:1.5"):
+        with pytest.raises(ValueError, match="policy"):
+            collect(model, prompts, str(tmp_path / "bad"), policy=bad, **kw)
+
+
 def test_replay_terminates_when_the_model_never_converges():
     model = _scaled(tiny_model(seed=6), 0.0)  # argmax is always token 0
     ids = torch.randint(1, 58, (1, 4))
