@@ -9,7 +9,9 @@ positions were still masked, and for richer filters the margins, entropies and t
 the same). The oracle's states are not the ones a filter meets: after its first step, a position still masked
 is one whose guess was wrong at every earlier step, so a filter that reads the step or the block's decided
 positions learns that late positions are unreliable and, decoding, refuses confident tokens after the first
-forward. A threshold's states are close to those of a decode that unmasks confident tokens.
+forward. A threshold's states are closer to those of a decode that unmasks confident tokens, but its labels
+mark every position after a token that left the one-token-per-step path as wrong; on the task's hard level
+it gave a worse filter than the oracle (benchmarks/RESULTS.md, "Headroom").
 Prompts are processed in shards of ``shard_size``; each shard is written atomically as
 ``shard-NNNNN.safetensors``, so an interrupted run resumes where it stopped, with the same shards it would
 have written in one go.
@@ -46,7 +48,6 @@ def _pad_left(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
     return ids.to(device), mask.to(device)
 
 
-@torch.no_grad()
 def parse_policy(policy: str) -> tuple[str, float | None]:
     """``"oracle"`` or ``"threshold:TAU"`` (0 < TAU <= 1) as (strategy, tau)."""
     if policy == "oracle":
@@ -61,6 +62,7 @@ def parse_policy(policy: str) -> tuple[str, float | None]:
     return "threshold", value
 
 
+@torch.no_grad()
 def replay(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen_length: int, block_length: int,
            cache: str = "none", policy: str = "oracle") -> dict[str, torch.Tensor]:
     """Features/labels/masks [N, block_length] of every (row, step) where the row had masked positions."""

@@ -4,9 +4,10 @@ A problem follows one quantity through 1 to 4 arithmetic steps (+, -, *, exact /
 Every solution line shows its arithmetic; the last line is ``#### N``. ``problem(seed)`` is deterministic;
 the train and test splits draw seeds from disjoint ranges.
 
-The ``hard`` level (5 or 6 steps, so about twice the solution length) is never trained on: its test split
-``hard-test`` measures decoding where the model is less sure; ``hard-train`` gives prompts for a filter's
-replay data and validation problems at that level.
+The ``hard`` level (5 or 6 steps, so about twice the solution length) is not in the bundled models' training:
+a model trained on it too (``train_model --hard-fraction``) is less sure there, and its test split
+``hard-test`` measures decoding with headroom; ``hard-train`` gives prompts for a filter's replay data and
+validation problems at that level.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ long run in the background can be harvested at any time); ``--init`` continues f
 ``--hard-fraction F`` mixes in problems of the task's ``hard`` level (5 or 6 steps), which the bundled model
 never saw: a model trained on the mix is less sure on the ``hard-test`` split, so decoding has headroom there.
 
-    python -m l2pd.demo.train_model --init l2pd/demo/assets/model --hard-fraction 0.5 --minutes 5 \
+    python -m l2pd.demo.train_model --init l2pd/demo/assets/model --hard-fraction 0.5 --minutes 4.5 \
         --lr 1e-3 --warmup 100 --first-problem 200000000 --out runs/model-hard
 """
 
