@@ -182,7 +182,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from .collect import collect
+    from .collect import collect, parse_policy
     from .demo.task import split
     from .demo.tokenizer import prompt_text
     from .distributed import finish, init_from_env
@@ -192,6 +192,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     device = rank_device or _device(args.device)
     check_out_dir(args.out)  # before the model loads: an unwritable --out fails now
     train_split = _level_split(args, "train")
+    parse_policy(args.policy)  # a bad --policy fails before the model loads
     if args.prompts:
         questions = read_prompts(args.prompts)
     else:

@@ -163,3 +163,5 @@ def test_cli_level_picks_the_hard_split_and_refuses_with_data(tmp_path, capsys, 
     data.write_text('{"prompt": "q", "answer": 1}\n')
     assert main(["sweep", "--level", "hard", "--data", str(data), "--device", "cpu"]) == 2
     assert "--level picks the bundled task's problems" in capsys.readouterr().err
+    assert main(["collect", "--policy", "threshold:2", "--out", str(tmp_path / "c"), "--device", "cpu"]) == 2
+    assert "policy 'threshold:2'" in capsys.readouterr().err
