@@ -471,8 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--policy", default="oracle",
                    help="the decode whose states are recorded: 'oracle' (Learn2PD's replay: unmask exactly the "
                         "positions already equal to the final answer; default) or 'threshold:TAU' (a confidence "
-                        "threshold, whose states are closer to those a filter meets when it decodes); the labels "
-                        "are the same")
+                        "threshold, whose states are closer to those a filter meets when it decodes; on the "
+                        "bundled task's hard level it gave a worse filter, see benchmarks/RESULTS.md); the "
+                        "labels are the same")
     _add_decode_args(c)
     c.set_defaults(func=cmd_collect)
 
