@@ -19,21 +19,30 @@ def _scaled(model, scale):
     return model
 
 
-def test_replay_labels_are_argmax_equals_final():
-    model = tiny_model(seed=5)
-    ids = torch.randint(0, 58, (2, 5))
-    mask = torch.ones_like(ids)
+def _recorded(model, ids, mask, **decode):
+    """What a replay should hold for the decode ``decode`` of 8 new tokens at block 4: labels (argmax equals the
+    one-token-per-step answer), masks and step indices of every (row, step) with masked positions."""
     final = generate(model, ids, mask, max_new_tokens=8, block_length=4, strategy="steps")[:, 5:]
     seen = []
 
     def on_step(s, step, token, prob, canvas):
         masked = canvas[:, s : s + 4] == MASK
-        seen.append((masked.clone(), (token == final[:, s - 5 : s - 1]) & masked))
+        seen.append((masked.clone(), (token == final[:, s - 5 : s - 1]) & masked, step))
 
-    generate(model, ids, mask, max_new_tokens=8, block_length=4, strategy="oracle", target=final, on_step=on_step)
+    generate(model, ids, mask, max_new_tokens=8, block_length=4, on_step=on_step,
+             **({"target": final} if decode.get("strategy") == "oracle" else {}), **decode)
+    labels = torch.cat([lab[m.any(-1)] for m, lab, _ in seen])
+    masked = torch.cat([m[m.any(-1)] for m, _, _ in seen])
+    steps = torch.cat([torch.full((int(m.any(-1).sum()),), k) for m, _, k in seen]).int()
+    return labels, masked, steps
+
+
+def test_replay_labels_are_argmax_equals_final():
+    model = tiny_model(seed=5)
+    ids = torch.randint(0, 58, (2, 5))
+    mask = torch.ones_like(ids)
+    want_labels, want_masked, _ = _recorded(model, ids, mask, strategy="oracle")
     data = replay(model, ids, mask, 8, 4)
-    want_labels = torch.cat([lab[m.any(-1)] for m, lab in seen])
-    want_masked = torch.cat([m[m.any(-1)] for m, _ in seen])
     assert torch.equal(data["labels"], want_labels) and torch.equal(data["masked"], want_masked)
     assert data["features"].shape == (len(want_labels), 4)
     assert ((data["features"] == 1.0) | want_masked).all()  # decoded positions read as certain
@@ -43,19 +52,11 @@ def test_threshold_policy_replays_the_threshold_decode_with_the_same_labels(tmp_
     model = tiny_model(seed=5)
     ids = torch.randint(0, 58, (3, 5))
     mask = torch.ones_like(ids)
-    final = generate(model, ids, mask, max_new_tokens=8, block_length=4, strategy="steps")[:, 5:]
-    seen = []
-
-    def on_step(s, step, token, prob, canvas):
-        masked = canvas[:, s : s + 4] == MASK
-        seen.append((masked.clone(), (token == final[:, s - 5 : s - 1]) & masked, step))
-
-    generate(model, ids, mask, max_new_tokens=8, block_length=4, strategy="threshold", threshold=0.3,
-             on_step=on_step)
+    labels, masked, steps = _recorded(model, ids, mask, strategy="threshold", threshold=0.3)
     data = replay(model, ids, mask, 8, 4, policy="threshold:0.3")
-    assert torch.equal(data["labels"], torch.cat([lab[m.any(-1)] for m, lab, _ in seen]))
-    assert torch.equal(data["masked"], torch.cat([m[m.any(-1)] for m, _, _ in seen]))
-    assert torch.equal(data["step"], torch.cat([torch.full((int(m.any(-1).sum()),), k) for m, _, k in seen]).int())
+    assert torch.equal(data["labels"], labels)
+    assert torch.equal(data["masked"], masked)
+    assert torch.equal(data["step"], steps)
     oracle = replay(model, ids, mask, 8, 4)
     assert not torch.equal(oracle["masked"], data["masked"])  # another decode's states
     prompts = [torch.randint(0, 58, (5,)).tolist() for _ in range(4)]
