@@ -1,8 +1,12 @@
-"""l2pd: fast parallel decoding for diffusion language models (LLaDA)."""
+"""l2pd: fast parallel decoding for diffusion language models (LLaDA, Dream)."""
+
+import importlib
+from typing import Any
 
 from .cache import BlockKVCache
 from .collect import collect  # the function; the module stays importable as l2pd.collect via sys.modules
 from .decode import GenerateOutput, generate
+from .evaluate import evaluate  # the function, as with collect
 from .filter import Filter
 from .models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, load_pretrained
 from .patch import patch, unpatch
@@ -19,9 +23,20 @@ __all__ = [
     "LLaDAConfig",
     "LLaDAModelLM",
     "collect",
+    "demo",
+    "evaluate",
     "generate",
     "load_pretrained",
     "patch",
+    "trace",
     "train_filter",
     "unpatch",
 ]
+
+_LAZY = ("demo", "trace", "sweep", "cli")  # submodules imported on first use: `l2pd.demo.load()` after `import l2pd`
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'l2pd' has no attribute {name!r}")

@@ -7,16 +7,24 @@ import json
 import os
 import sys
 
+from .args import Parser, choices_type, device_type, float_type, int_type, list_type, needs_matplotlib, threads_type
+
 
 def _add_decode_args(p: argparse.ArgumentParser, gen_length: int = 256, filter_block: bool = False) -> None:
-    p.add_argument("--gen-length", type=int, default=gen_length, help=f"new tokens per answer (default {gen_length})")
+    p.add_argument("--gen-length", type=int_type(1), default=gen_length,
+                   help=f"new tokens per answer (default {gen_length})")
     if filter_block:
-        p.add_argument("--block-length", type=int, default=None,
+        p.add_argument("--block-length", type=int_type(1), default=None,
                        help="semi-autoregressive block size (default: the filter's block length for learn2pd, and "
                             "for every row of the demo; else 32)")
     else:
-        p.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block size (default 32)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        p.add_argument("--block-length", type=int_type(1), default=32,
+                       help="semi-autoregressive block size (default 32)")
+    _add_device_arg(p)
+
+
+def _add_device_arg(p: argparse.ArgumentParser, default: str = "cuda when available") -> None:
+    p.add_argument("--device", type=device_type, default=None, help=f"cpu, cuda or cuda:N (default: {default})")
 
 
 def _add_family_arg(p: argparse.ArgumentParser) -> None:
@@ -43,7 +51,7 @@ def _level_split(args: argparse.Namespace, part: str) -> str:
 def _add_strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", choices=["steps", "threshold", "learn2pd"], default=None,
                    help="unmasking rule (default: learn2pd when a filter is available, else threshold)")
-    p.add_argument("--threshold", type=float, default=None,
+    p.add_argument("--threshold", type=float_type(0), default=None,
                    help="tau: for threshold (default 0.9) the confidence, for learn2pd (default: the filter's) "
                         "the filter's probability; above 1 nothing passes (one token per step / schedule only)")
     p.add_argument("--eotp", choices=["off", "accepted", "predicted"], default=None,
@@ -67,11 +75,39 @@ def _device(arg: str | None) -> str:
 
 
 def _filter_beside(model_dir: str) -> str | None:
-    """A filter stored with a checkpoint: ``filter.json`` in the folder itself or in ``filter/``."""
+    """A filter stored with a checkpoint: ``filter.json`` in the folder itself or in ``filter/``; for a bundled
+    model's folder, however its path is spelled, the bundled filter."""
+    import l2pd.demo
+
     for folder in (model_dir, os.path.join(model_dir, "filter")):
         if os.path.isfile(os.path.join(folder, "filter.json")):
             return folder
+    real = os.path.realpath(model_dir)
+    for bundled_model, bundled_filter in l2pd.demo.FAMILIES.values():
+        if real == os.path.realpath(bundled_model) and os.path.isfile(os.path.join(bundled_filter, "filter.json")):
+            return bundled_filter
     return None
+
+
+def _note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def _default_strategy(args: argparse.Namespace, model, quiet: bool = False) -> None:
+    """Without --strategy, learn2pd when the model has a filter that fits --block-length; else threshold,
+    said once on stderr."""
+    if args.strategy is not None:
+        return
+    flt = getattr(model, "l2pd_filter", None)
+    note = (lambda text: None) if quiet else _note
+    if flt is None:
+        note("no filter for this model (none with --filter, none beside --model): decoding with --strategy "
+              "threshold")
+        args.strategy = "threshold"
+    elif args.block_length is not None and args.block_length != flt.block_length:
+        note(f"the filter was trained for block length {flt.block_length}, not --block-length "
+              f"{args.block_length}: decoding with --strategy threshold")
+        args.strategy = "threshold"
 
 
 def _load(model_dir: str | None, device: str, filter_dir: str | None = None, allow_other_model: bool = False,
@@ -89,11 +125,18 @@ def _load(model_dir: str | None, device: str, filter_dir: str | None = None, all
         raise ValueError(f"--device {device}: no CUDA GPU is visible to torch here (use --device cpu)")
     if model_dir is not None and family is not None:
         raise ValueError("--model-family picks a bundled model; with --model the checkpoint's config decides")
+    if filter_dir is not None and not os.path.isfile(os.path.join(filter_dir, "filter.json")):
+        raise FileNotFoundError(f"--filter {filter_dir}: no filter.json there (a folder written by `l2pd "
+                                "train-filter --out`)")
     if model_dir is None:
         model, tok = l2pd.demo.load(device=device, filter=filter_dir is None, family=family or "llada")
     else:
         if not os.path.isdir(model_dir):
-            raise FileNotFoundError(f"--model {model_dir!r}: no such folder")
+            raise FileNotFoundError(f"--model {model_dir}: no such folder")
+        for name, why in (("config.json", "the model's configuration"),
+                          ("tokenizer.json", "the fast tokenizer file; tokenizer.save_pretrained(folder) writes it")):
+            if not os.path.isfile(os.path.join(model_dir, name)):
+                raise FileNotFoundError(f"--model {model_dir}: no {name} ({why})")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         from .models import load_pretrained
 
@@ -113,6 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--prompt is empty")
     device = _device(args.device)
     model, tok = _load(args.model, device, args.filter, args.allow_other_model, args.model_family)
+    _default_strategy(args, model)
     ids = tok(prompt_text(tok, args.prompt), add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     out = model.generate(ids, max_new_tokens=args.gen_length, block_length=args.block_length,
                          strategy=args.strategy, threshold=args.threshold, eotp=args.eotp, cache=args.cache,
@@ -128,12 +172,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .distributed import finish, init_from_env
     from .evaluate import evaluate
 
-    if args.problems < 1 or args.batch_size < 1:
-        raise ValueError(f"--problems={args.problems} and --batch-size={args.batch_size} must be >= 1")
     rank, _, rank_device = init_from_env()
     device = rank_device or _device(args.device)
     problems = split(_level_split(args, "test"), args.problems)
     model, tok = _load(args.model, device, args.filter, args.allow_other_model, args.model_family)
+    _default_strategy(args, model, quiet=rank != 0)
     r = evaluate(model, tok, problems, batch_size=args.batch_size, progress=not args.json,
                  max_new_tokens=args.gen_length, block_length=args.block_length, strategy=args.strategy,
                  threshold=args.threshold, eotp=args.eotp, cache=args.cache, refresh=args.refresh,
@@ -158,11 +201,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     device = _device(args.device)
     n = args.problems if args.problems is not None else (200 if device.startswith("cuda") else 3)
     batch = args.batch_size if args.batch_size is not None else (n if device.startswith("cuda") else 1)
-    if n < 1 or batch < 1:
-        raise ValueError(f"--problems={n} and --batch-size={batch} must be >= 1")
     model, tok = _load(None, device, args.filter, family=args.model_family)
     flt = model.l2pd_filter
-    block = args.block_length or (flt.block_length if flt is not None else 32)
+    block = args.block_length if args.block_length is not None else (flt.block_length if flt is not None else 32)
     if flt is None:
         print("note: no filter found; the learn2pd rows are skipped", file=sys.stderr)
     elif flt.block_length != block:
@@ -182,7 +223,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    from .collect import collect, parse_policy
+    from .collect import collect, shards_in
     from .demo.task import split
     from .demo.tokenizer import prompt_text
     from .distributed import finish, init_from_env
@@ -192,29 +233,51 @@ def cmd_collect(args: argparse.Namespace) -> int:
     device = rank_device or _device(args.device)
     check_out_dir(args.out)  # before the model loads: an unwritable --out fails now
     train_split = _level_split(args, "train")
-    parse_policy(args.policy)  # a bad --policy fails before the model loads
     if args.prompts:
         questions = read_prompts(args.prompts)
     else:
-        if args.num_prompts < 1:
-            raise ValueError(f"--num-prompts={args.num_prompts} must be >= 1")
         questions = [p.question for p in split(train_split, args.num_prompts)]
     model, tok = _load(args.model, device, family=args.model_family)
     prompts = tok([prompt_text(tok, q) for q in questions], add_special_tokens=False).input_ids
-    info = collect(model, prompts, args.out, gen_length=args.gen_length, block_length=args.block_length,
-                   batch_size=args.batch_size, shard_size=args.shard_size, cache=args.cache, policy=args.policy)
+    try:
+        info = collect(model, prompts, args.out, gen_length=args.gen_length, block_length=args.block_length,
+                       batch_size=args.batch_size, shard_size=args.shard_size, cache=args.cache, policy=args.policy)
+    except KeyboardInterrupt:
+        kept = shards_in(args.out) if os.path.isdir(args.out) else 0
+        raise Interrupted(f"collect stopped; {kept} finished shard(s) kept in {args.out}: rerun the same command "
+                          "to resume") from None
     finish()
     if rank == 0:
         print(json.dumps(info))
     return 0
 
 
+class Interrupted(Exception):
+    """Ctrl-C, with what the command kept."""
+
+
+def _policy(text: str) -> str:
+    from .collect import parse_policy
+
+    try:
+        parse_policy(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected oracle or threshold:TAU with 0 < TAU <= 1") from None
+    return text
+
+
 def _filter_inputs(text: str) -> tuple[str, ...]:
+    from l2pd_kernels.reference import check_inputs
+
     from .filter import RICH_INPUTS
 
     if text == "rich":
         return RICH_INPUTS
-    return tuple(name.strip() for name in text.split(","))
+    try:
+        return check_inputs(name.strip() for name in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'confidence', 'rich' or an ordered list from "
+                                         f"{','.join(RICH_INPUTS)} starting with confidence") from None
 
 
 def cmd_train_filter(args: argparse.Namespace) -> int:
@@ -224,109 +287,87 @@ def cmd_train_filter(args: argparse.Namespace) -> int:
     check_out_dir(args.out, refuse_if_holds=None if args.overwrite else "filter.json")
     if not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data!r}: no such folder (write one with `l2pd collect --out`)")
-    if (args.device or "cpu").startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: no CUDA GPU is visible to torch here (use --device cpu)")
     flt = train_filter(args.data, hidden=args.hidden, depth=args.depth, lr=args.lr, max_epochs=args.max_epochs,
                        patience=args.patience, threshold=args.threshold, device=args.device or "cpu",
-                       inputs=_filter_inputs(args.inputs), kind=args.kind)
+                       inputs=args.inputs, kind=args.kind)
     flt.save_pretrained(args.out)
     print(f"saved {args.out}/filter.safetensors and filter.json")
     return 0
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        return [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected comma-separated numbers") from None
-
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected comma-separated integers") from None
-
-
-def _choices(text: str, flag: str, allowed: tuple[str, ...]) -> list[str]:
-    out = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in out if t not in allowed]
-    if bad or not out:
-        raise ValueError(f"{flag} {text!r}: expected comma-separated values from {list(allowed)}")
-    return out
-
-
-def _sweep_problems(args: argparse.Namespace):
+def _sweep_problems(args: argparse.Namespace, validation: bool = False):
     from .demo.task import split
     from .sweep import VAL_OFFSET, load_problems
 
-    if args.problems < 1 or args.batch_size < 1:
-        raise ValueError(f"--problems={args.problems} and --batch-size={args.batch_size} must be >= 1")
     train_split, test_split = _level_split(args, "train"), _level_split(args, "test")
     if args.data:
         return load_problems(args.data)[: args.problems]
-    if getattr(args, "validation", False):
+    if validation:
         return split(train_split, args.problems, offset=VAL_OFFSET)
     return split(test_split, args.problems)
 
 
+def _block_filters(specs: list[str] | None) -> dict[int, str]:
+    """``--filters 64=runs/f64 ...`` as {block length: folder}, each folder checked."""
+    out = {}
+    for spec in specs or []:
+        block, sep, folder = spec.partition("=")
+        if not sep or not block.strip().isdigit() or int(block) < 1 or not folder:
+            raise ValueError(f"--filters {spec}: expected BLOCK=FOLDER, e.g. 64=runs/filter64")
+        if not os.path.isfile(os.path.join(folder, "filter.json")):
+            raise FileNotFoundError(f"--filters {spec}: no filter.json in {folder}")
+        out[int(block)] = folder
+    return out
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from .files import check_out_file
     from .filter import Filter
     from .sweep import format_rows, grid, plot, sweep
 
-    strategies = _choices(args.strategies, "--strategies", ("steps", "threshold", "learn2pd"))
-    eotps = _choices(args.eotp, "--eotp", ("off", "accepted", "predicted"))
-    caches = _choices(args.caches, "--caches", ("none", "prefix", "dual"))
-    taus, blocks = _floats(args.taus, "--taus"), _ints(args.blocks, "--blocks")
     if args.out:
-        check_parent = os.path.dirname(os.path.abspath(args.out))
-        from .files import check_out_dir
-
-        check_out_dir(check_parent, flag="--out")
-    filters = {}
-    for spec in args.filters or []:
-        if "=" not in spec:
-            raise ValueError(f"--filters {spec!r}: expected BLOCK=FOLDER, e.g. 64=runs/filter64")
-        block, folder = spec.split("=", 1)
-        filters[int(block)] = Filter.from_pretrained(folder)
+        check_out_file(args.out, flag="--out")
+    if args.plot:
+        check_out_file(args.plot, flag="--plot")
+        needs_matplotlib("--plot")
+    folders = _block_filters(args.filters)
     problems = _sweep_problems(args)
-    device = _device(args.device)
-    model, tok = _load(args.model, device, args.filter, args.allow_other_model, args.model_family)
+    filters = {block: Filter.from_pretrained(folder) for block, folder in folders.items()}
+    model, tok = _load(args.model, _device(args.device), args.filter, args.allow_other_model, args.model_family)
     for flt in filters.values():
         flt.check_model(model, allow_other_model=args.allow_other_model)
-    rows = sweep(model, tok, problems, grid(strategies, taus, eotps, blocks, caches), out=args.out, filters=filters,
-                 batch_size=args.batch_size, max_new_tokens=args.gen_length, checker=args.checker,
-                 progress=not args.json, log=lambda m: print(m, file=sys.stderr))
+    configs = grid(args.strategies, args.taus, args.eotp, args.blocks, args.caches)
+    try:
+        rows = sweep(model, tok, problems, configs, out=args.out, filters=filters, batch_size=args.batch_size,
+                     max_new_tokens=args.gen_length, checker=args.checker, progress=not args.json,
+                     log=lambda m: print(m, file=sys.stderr), resume=not args.overwrite)
+    except KeyboardInterrupt:
+        kept = f"the finished rows are kept in {args.out}: rerun the same command to resume" if args.out else \
+            "nothing kept (give --out to keep finished rows)"
+        raise Interrupted(f"sweep stopped; {kept}") from None
     if args.out:
         with open(args.out, "w") as f:  # rewritten with the frontier marks
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    if args.plot:
+    if args.plot and rows:
         plot(rows, args.plot)
     print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from .files import check_out_dir
     from .filter import Filter
     from .sweep import tune
 
     folder = args.filter
     flt = Filter.from_pretrained(folder)
     out = args.out or folder
-    from .files import check_out_dir
-
     check_out_dir(out)
-    args.validation = True
-    problems = _sweep_problems(args)
-    device = _device(args.device)
-    model, tok = _load(args.model, device, None, family=args.model_family)
+    problems = _sweep_problems(args, validation=True)
+    model, tok = _load(args.model, _device(args.device), None, family=args.model_family)
     flt.check_model(model, allow_other_model=args.allow_other_model)
-    point = tune(model, tok, flt, problems, _floats(args.taus, "--taus"), eotp=args.eotp, budget=args.budget,
-                 cache=args.cache, batch_size=args.batch_size, max_new_tokens=args.gen_length,
-                 checker=args.checker, progress=True)
+    point = tune(model, tok, flt, problems, args.taus, eotp=args.eotp, budget=args.budget, cache=args.cache,
+                 batch_size=args.batch_size, max_new_tokens=args.gen_length, checker=args.checker, progress=True)
     flt.save_pretrained(out)
     print(f"tau {point['tau']} ({point['rule']}): accuracy {100 * point['accuracy']:.1f}% at "
           f"{point['mean_nfe']:.2f} forwards per answer (steps {100 * point['steps_accuracy']:.1f}%); "
@@ -348,28 +389,40 @@ def _spec(text: str) -> dict:
             out[k] = int(v) if k in ("block_length", "steps") else float(v) if k == "threshold" else v
         except ValueError:
             raise ValueError(f"--vs: {k}={v!r} is not a number") from None
+        allowed = _VS_CHOICES.get(k)
+        if allowed and v not in allowed:
+            raise ValueError(f"--vs: {k}={v!r}: expected one of {', '.join(allowed)}")
+        if k in ("block_length", "steps") and out[k] < 1 or k == "threshold" and not 0 <= out[k] < float("inf"):
+            raise ValueError(f"--vs: {k}={v!r} is out of range")
     return out
 
 
+_VS_CHOICES = {"strategy": ("steps", "threshold", "learn2pd"), "eotp": ("off", "accepted", "predicted"),
+               "cache": ("none", "prefix", "dual"), "refresh": ("full", "tail", "window")}
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
-    from .files import check_out_dir
+    from .files import check_out_file
     from .trace import trace, write_html, write_png
 
-    for path in (args.out, args.png):
+    json_path = args.json_out or os.path.splitext(args.out)[0] + ".json"
+    for flag, path in (("--out", args.out), ("--json-out", json_path), ("--png", args.png)):
         if path:
-            check_out_dir(os.path.dirname(os.path.abspath(path)), flag="--out")
-    device = _device(args.device)
-    model, tok = _load(args.model, device, args.filter, args.allow_other_model, args.model_family)
+            check_out_file(path, flag=flag)
+    if args.png:
+        needs_matplotlib("--png")
+    vs = _spec(args.vs) if args.vs else None
+    model, tok = _load(args.model, _device(args.device), args.filter, args.allow_other_model, args.model_family)
+    _default_strategy(args, model)
     base = {k: v for k, v in dict(strategy=args.strategy, threshold=args.threshold, eotp=args.eotp,
                                   cache=args.cache, refresh=args.refresh, block_length=args.block_length).items()
             if v is not None}
-    configs = [base] + ([{**base, **_spec(args.vs)}] if args.vs else [])
+    configs = [base] + ([{**base, **vs}] if vs else [])
     records = [trace(model, tok, args.prompt, max_new_tokens=args.gen_length, **c) for c in configs]
-    for path in (args.out, args.png):
+    for path in (args.out, json_path, args.png):
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_html(records, args.out)
-    json_path = args.json_out or os.path.splitext(args.out)[0] + ".json"
     with open(json_path, "w") as f:
         json.dump(records, f)
     if args.png:
@@ -383,14 +436,19 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_lm_eval(args: argparse.Namespace) -> int:
-    try:
-        from . import lm_eval_model
-    except ImportError as exc:
-        raise ValueError(f"`l2pd lm-eval` needs lm-evaluation-harness: pip install 'l2pd[eval]' ({exc})") from None
+    import importlib.util
+
+    installed = importlib.util.find_spec("lm_eval") is not None
     rest = args.lm_eval_args
     if not rest or rest in (["-h"], ["--help"]):
         print(LM_EVAL_HELP)
+        if not installed:
+            print("\nlm-evaluation-harness is not installed here: pip install 'l2pd[eval]' (or pip install lm-eval)")
         return 0
+    if not installed:
+        raise ValueError("`l2pd lm-eval` needs lm-evaluation-harness: pip install 'l2pd[eval]'")
+    from . import lm_eval_model
+
     return lm_eval_model.cli(rest)
 
 
@@ -410,22 +468,24 @@ table, l2pd prints forwards per answer and answer tokens/s. Every other argument
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="l2pd",
         description="Fast parallel decoding for diffusion language models (LLaDA, Dream): a learned unmasking "
         "filter (Learn2PD), end-of-text prediction (EoTP) and a block KV cache. Without --model, commands "
         "use the bundled small model trained on grade-school word problems (LLaDA format; --model-family "
         "dream for the Dream-format one).",
     )
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=threads_type, default=None,
                         help="CPU threads torch may use (default: OMP_NUM_THREADS, else all cores); on a shared "
                              "machine give the cores you have to yourself, or a busy neighbour slows every "
                              "step many times over")
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="speed/quality table of every decoding configuration on the bundled model")
-    d.add_argument("--problems", type=int, default=None, help="held-out problems (default 3 on CPU, 200 on GPU)")
-    d.add_argument("--batch-size", type=int, default=None, help="default 1 on CPU, all problems at once on GPU")
+    d.add_argument("--problems", type=int_type(1), default=None,
+                   help="held-out problems (default 3 on CPU, 200 on GPU)")
+    d.add_argument("--batch-size", type=int_type(1), default=None,
+                   help="default 1 on CPU, all problems at once on GPU")
     d.add_argument("--filter", default=None, help="filter folder (default: the bundled one)")
     _add_family_arg(d)
     d.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -436,8 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, help="folder with config.json, safetensors and tokenizer files")
     _add_family_arg(g)
     g.add_argument("--prompt", required=True, help="the user message")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--seed", type=int, default=None, help="fixes the samples when --temperature > 0")
+    g.add_argument("--temperature", type=float_type(0), default=0.0, help="0 = greedy")
+    g.add_argument("--seed", type=int_type(0), default=None, help="fixes the samples when --temperature > 0")
     _add_decode_args(g, filter_block=True)
     _add_strategy_args(g)
     g.set_defaults(func=cmd_generate)
@@ -446,12 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "(data-parallel under torchrun)")
     e.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
     _add_family_arg(e)
-    e.add_argument("--problems", type=int, default=100, help="held-out problems (default 100)")
+    e.add_argument("--problems", type=int_type(1), default=100, help="held-out problems (default 100)")
     _add_level_arg(e, "held-out problems")
-    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--batch-size", type=int_type(1), default=1)
     e.add_argument("--json", action="store_true", help="print the figures as JSON")
-    e.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    e.add_argument("--seed", type=int, default=None, help="fixes the samples when --temperature > 0")
+    e.add_argument("--temperature", type=float_type(0), default=0.0, help="0 = greedy")
+    e.add_argument("--seed", type=int_type(0), default=None, help="fixes the samples when --temperature > 0")
     _add_decode_args(e, filter_block=True)
     _add_strategy_args(e)
     e.set_defaults(func=cmd_eval)
@@ -463,12 +523,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_family_arg(c)
     c.add_argument("--prompts", default=None, help='JSONL file, one {"prompt": ...} per line (default: the '
                    "bundled task's training problems)")
-    c.add_argument("--num-prompts", type=int, default=2000, help="bundled-task prompts when --prompts is absent")
+    c.add_argument("--num-prompts", type=int_type(1), default=2000,
+                   help="bundled-task prompts when --prompts is absent")
     _add_level_arg(c, "training prompts")
-    c.add_argument("--batch-size", type=int, default=32)
-    c.add_argument("--shard-size", type=int, default=256)
+    c.add_argument("--batch-size", type=int_type(1), default=32, help="prompts decoded together (default 32)")
+    c.add_argument("--shard-size", type=int_type(1), default=None,
+                   help="prompts per saved shard: an interrupted run keeps its finished shards (default: the "
+                        "folder's when resuming, else --batch-size)")
     c.add_argument("--cache", choices=["none", "prefix", "dual"], default="none")
-    c.add_argument("--policy", default="oracle",
+    c.add_argument("--policy", type=_policy, default="oracle",
                    help="the decode whose states are recorded: 'oracle' (Learn2PD's replay: unmask exactly the "
                         "positions already equal to the final answer; default) or 'threshold:TAU' (a confidence "
                         "threshold, whose states are closer to those a filter meets when it decodes; on the "
@@ -480,14 +543,16 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-filter", help="train the Learn2PD filter on collected shards")
     t.add_argument("--data", required=True, help="folder written by `l2pd collect`")
     t.add_argument("--out", required=True, help="output folder (filter.safetensors + filter.json)")
-    t.add_argument("--hidden", type=int, default=128)
-    t.add_argument("--depth", type=int, default=1, help="hidden layers")
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--max-epochs", type=int, default=3000)
-    t.add_argument("--patience", type=int, default=100, help="epochs without validation gain before stopping")
-    t.add_argument("--threshold", type=float, default=0.9, help="default tau stored with the filter")
-    t.add_argument("--device", default=None, help="cpu (default) or cuda: the training data is small")
-    t.add_argument("--inputs", default="confidence",
+    t.add_argument("--hidden", type=int_type(1), default=128, help="hidden width (default 128)")
+    t.add_argument("--depth", type=int_type(1), default=1, help="hidden layers")
+    t.add_argument("--lr", type=float_type(0, 10, lo_open=True), default=3e-3, help="AdamW learning rate "
+                   "(default 3e-3)")
+    t.add_argument("--max-epochs", type=int_type(1), default=3000)
+    t.add_argument("--patience", type=int_type(1), default=100,
+                   help="epochs without validation gain before stopping")
+    t.add_argument("--threshold", type=float_type(0), default=0.9, help="default tau stored with the filter")
+    _add_device_arg(t, "cpu: the training data is small")
+    t.add_argument("--inputs", type=_filter_inputs, default=("confidence",),
                    help="what the filter reads: 'confidence' (Learn2PD's filter, default), 'rich' (confidence, "
                         "margin, entropy, step: top-1 minus top-2 probability and entropy of the same softmax, "
                         "and the forwards already spent on the block), or a comma list in that order")
@@ -507,22 +572,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "task's held-out problems)")
     w.add_argument("--checker", default="hash-number", help="how an answer is scored: hash-number (the integer "
                    "after ####), last-number, exact, contains")
-    w.add_argument("--problems", type=int, default=200, help="problems (default 200)")
+    w.add_argument("--problems", type=int_type(1), default=200, help="problems (default 200)")
     _add_level_arg(w, "held-out problems")
-    w.add_argument("--batch-size", type=int, default=1)
-    w.add_argument("--strategies", default="steps,threshold,learn2pd")
-    w.add_argument("--taus", default="0.9,0.99,0.995,0.999", help="taus of threshold and learn2pd")
-    w.add_argument("--eotp", default="off,accepted", help="EoTP modes (comma-separated)")
-    w.add_argument("--blocks", default="32", help="block lengths (comma-separated)")
-    w.add_argument("--caches", default="none", help="cache modes (comma-separated)")
+    w.add_argument("--batch-size", type=int_type(1), default=1)
+    w.add_argument("--strategies", type=choices_type(("steps", "threshold", "learn2pd")),
+                   default="steps,threshold,learn2pd", help="comma-separated (default steps,threshold,learn2pd)")
+    w.add_argument("--taus", type=list_type(float_type(0)), default="0.9,0.99,0.995,0.999",
+                   help="taus of threshold and learn2pd (comma-separated)")
+    w.add_argument("--eotp", type=choices_type(("off", "accepted", "predicted")), default="off,accepted",
+                   help="EoTP modes (comma-separated)")
+    w.add_argument("--blocks", type=list_type(int_type(1)), default="32", help="block lengths (comma-separated)")
+    w.add_argument("--caches", type=choices_type(("none", "prefix", "dual")), default="none",
+                   help="cache modes (comma-separated)")
     w.add_argument("--filter", default=None, help="filter folder (default: the model's)")
     w.add_argument("--filters", nargs="*", help="BLOCK=FOLDER: a filter per block length for learn2pd")
     w.add_argument("--allow-other-model", action="store_true")
-    w.add_argument("--out", default=None, help="JSONL rows (rerunning skips the configurations done)")
+    w.add_argument("--out", default=None, help="JSONL rows; a rerun of the same sweep (same problems, model, "
+                   "length, checker) skips the configurations done, another sweep's rows are refused")
+    w.add_argument("--overwrite", action="store_true", help="start --out afresh instead of resuming it")
     w.add_argument("--plot", default=None, help="PNG of accuracy against forwards (pip install 'l2pd[plot]')")
     w.add_argument("--json", action="store_true", help="print the rows as JSON")
-    w.add_argument("--gen-length", type=int, default=256, help="new tokens per answer (default 256)")
-    w.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    w.add_argument("--gen-length", type=int_type(1), default=256, help="new tokens per answer (default 256)")
+    _add_device_arg(w)
     w.set_defaults(func=cmd_sweep)
 
     u = sub.add_parser("tune", help="choose a filter's tau (its operating point) on validation problems and "
@@ -534,16 +605,18 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--data", default=None, help='JSONL of {"prompt": ..., "answer": ...} validation problems '
                    "(default: the bundled task's validation problems, unseen in training and in eval)")
     u.add_argument("--checker", default="hash-number")
-    u.add_argument("--problems", type=int, default=200)
+    u.add_argument("--problems", type=int_type(1), default=200, help="validation problems (default 200)")
     _add_level_arg(u, "validation problems")
-    u.add_argument("--batch-size", type=int, default=1)
-    u.add_argument("--taus", default="0.9,0.95,0.98,0.99,0.995,0.998,0.999")
+    u.add_argument("--batch-size", type=int_type(1), default=1)
+    u.add_argument("--taus", type=list_type(float_type(0)), default="0.9,0.95,0.98,0.99,0.995,0.998,0.999",
+                   help="candidate taus (comma-separated)")
     u.add_argument("--eotp", choices=["off", "accepted", "predicted"], default="accepted")
-    u.add_argument("--budget", type=float, default=0.5, help="accuracy points below `steps` allowed (default 0.5)")
+    u.add_argument("--budget", type=float_type(0, 100), default=0.5,
+                   help="accuracy points below `steps` allowed (default 0.5)")
     u.add_argument("--cache", choices=["none", "prefix", "dual"], default="none")
     u.add_argument("--allow-other-model", action="store_true")
-    u.add_argument("--gen-length", type=int, default=256)
-    u.add_argument("--device", default=None)
+    u.add_argument("--gen-length", type=int_type(1), default=256, help="new tokens per answer (default 256)")
+    _add_device_arg(u)
     u.set_defaults(func=cmd_tune)
 
     r = sub.add_parser("trace", help="record one decode forward by forward and draw it as a self-contained "
@@ -567,23 +640,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; bad input ends in one line on stderr and exit status 2, Ctrl-C in one line and 130."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # lm-eval's arguments pass through untouched (argparse would read its --options as ours)
     cut = argv.index("lm-eval") + 1 if "lm-eval" in argv else len(argv)
-    args = build_parser().parse_args(argv[:cut])
+    try:
+        args = build_parser().parse_args(argv[:cut])
+    except SystemExit as exc:  # --help (0) or a bad argument (2, its one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command == "lm-eval":
         args.lm_eval_args = argv[cut:]
     try:
         if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads={args.threads} must be >= 1")
             import torch
 
             torch.set_num_threads(args.threads)
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"l2pd: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        _say(f"l2pd: error: {exc}")
         return 2
+    except Interrupted as exc:
+        _say(f"l2pd: interrupted: {exc}")
+        return 130
+    except KeyboardInterrupt:
+        _say("l2pd: interrupted")
+        return 130
+
+
+def _say(line: str) -> None:
+    """One line on stderr, on a line of its own even when a progress bar was drawing."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+    print(" ".join(line.split("\n")), file=sys.stderr)
 
 
 if __name__ == "__main__":

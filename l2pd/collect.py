@@ -12,7 +12,7 @@ positions learns that late positions are unreliable and, decoding, refuses confi
 forward. A threshold's states are closer to those of a decode that unmasks confident tokens, but its labels
 mark every position after a token that left the one-token-per-step path as wrong; on the task's hard level
 it gave a worse filter than the oracle (benchmarks/RESULTS.md, "Headroom").
-Prompts are processed in shards of ``shard_size``; each shard is written atomically as
+Prompts are processed in shards of ``shard_size`` (default one batch); each shard is written atomically as
 ``shard-NNNNN.safetensors``, so an interrupted run resumes where it stopped, with the same shards it would
 have written in one go.
 """
@@ -99,7 +99,7 @@ def collect(
     gen_length: int = 256,
     block_length: int = 32,
     batch_size: int = 32,
-    shard_size: int = 256,
+    shard_size: int | None = None,
     cache: str = "none",
     progress: bool = True,
     max_shards: int | None = None,
@@ -107,76 +107,136 @@ def collect(
 ) -> dict[str, Any]:
     """Collect replay data for token-id ``prompts`` (chat-formatted) into ``out_dir``; resumes if present.
 
-    ``max_shards`` stops after writing that many new shards (for tests and time-boxed runs). Under
-    ``torchrun`` each process takes the shards whose index is its rank modulo the world size and writes them
-    into the same folder: the folder ends up exactly as one process would have written it.
+    Prompts go in shards of ``shard_size`` (default: the folder's when resuming, else ``batch_size``, so that an
+    interrupted run loses at most one batch), each written atomically. ``collect.json`` (the settings) is
+    written with the first shard, so a run that fails before it leaves a folder any settings can use. A lock
+    file keeps a second collection out of a folder in use. ``max_shards`` stops after writing that many new
+    shards (for tests and time-boxed runs). Under ``torchrun`` each process takes the shards whose index is
+    its rank modulo the world size and writes them into the same folder: the folder ends up exactly as one
+    process would have written it.
     """
     from .files import save_safetensors
 
     if not prompts:
         raise ValueError("no prompts to collect from")
     parse_policy(policy)
-    if shard_size % batch_size:
-        raise ValueError(f"shard_size={shard_size} must be a multiple of batch_size={batch_size}")
+    for name, value in (("gen_length", gen_length), ("block_length", block_length), ("batch_size", batch_size),
+                        ("shard_size", 1 if shard_size is None else shard_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
     os.makedirs(out_dir, exist_ok=True)
-    adapter = adapter_for(model)
-    device, pad_id = adapter.device, adapter.pad_id
-    manifest = {
-        "version": COLLECT_VERSION, "model_fingerprint": model_fingerprint(model), "gen_length": gen_length,
-        "block_length": block_length, "prompts": len(prompts), "shard_size": shard_size, "cache": cache,
-        "prompts_sha256": token_hash(prompts),
-    }
-    if policy != "oracle":  # only then: folders collected before the option resume as they were
-        manifest["policy"] = policy
     rank, world, _ = env_world()
-    path = os.path.join(out_dir, "collect.json")
-    if rank == 0 and not os.path.exists(path):
-        _write_json_atomic(path, manifest)
-    barrier()
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if "prompts_sha256" not in old:  # written before prompts were hashed: the rest must still agree
-            old = {**old, "prompts_sha256": manifest["prompts_sha256"]}
-        if old != manifest:
-            if {**old, "prompts_sha256": None} == {**manifest, "prompts_sha256": None}:
-                raise ValueError(f"{out_dir} holds a collection over other prompts (same count, other content): "
-                                 "resuming would mix the two; use a new --out folder")
-            diff = {k: (old.get(k), manifest.get(k)) for k in manifest if old.get(k) != manifest.get(k)}
-            raise ValueError(f"{out_dir} holds a collection with other settings (was, now): {diff}; use a new "
-                             "--out folder or the same settings")
-
-    n_shards = -(-len(prompts) // shard_size)
-    written = 0
-    bar = tqdm(total=len(prompts), disable=not progress or rank != 0, desc="collect", unit="prompt")
-    for shard in range(n_shards):
-        lo, hi = shard * shard_size, min((shard + 1) * shard_size, len(prompts))
-        if not mine(shard, rank, world):
-            continue
-        name = os.path.join(out_dir, f"shard-{shard:05d}.safetensors")
-        if os.path.exists(name):
-            bar.update(hi - lo)
-            continue
-        if max_shards is not None and written >= max_shards:
-            break
-        parts = []
-        for b in range(lo, hi, batch_size):
-            ids, mask = _pad_left(prompts[b : min(b + batch_size, hi)], pad_id, device)
-            parts.append(replay(model, ids, mask, gen_length, block_length, cache, policy))
-            bar.update(ids.shape[0])
-        data = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
-        data["labels"] = data["labels"].to(torch.uint8)
-        data["masked"] = data["masked"].to(torch.uint8)
-        meta = {k: str(v) for k, v in manifest.items()}
-        meta.update(first_prompt=str(lo), last_prompt=str(hi - 1), rows=str(len(data["features"])))
-        tmp = name + ".tmp"
-        save_safetensors(data, tmp, metadata=meta)
-        os.replace(tmp, name)  # atomic: a shard is either complete or absent
-        written += 1
-    bar.close()
-    barrier()
+    lock = _lock(out_dir) if rank == 0 else None
+    try:
+        path = os.path.join(out_dir, "collect.json")
+        n_done = shards_in(out_dir)
+        old = _read_manifest(path) if n_done else None  # a manifest without shards binds nothing
+        if shard_size is None:
+            shard_size = int(old["shard_size"]) if old and "shard_size" in old else batch_size
+        adapter = adapter_for(model)
+        device, pad_id = adapter.device, adapter.pad_id
+        manifest = {
+            "version": COLLECT_VERSION, "model_fingerprint": model_fingerprint(model), "gen_length": gen_length,
+            "block_length": block_length, "prompts": len(prompts), "shard_size": shard_size, "cache": cache,
+            "prompts_sha256": token_hash(prompts),
+        }
+        if policy != "oracle":  # only then: folders collected before the option resume as they were
+            manifest["policy"] = policy
+        if old is not None:
+            _check_resume(out_dir, old, manifest)
+        if rank == 0:
+            for name in os.listdir(out_dir):  # what an interrupted write left
+                if name.startswith("shard-") and ".tmp" in name:
+                    os.remove(os.path.join(out_dir, name))
+        barrier()  # no process starts writing before the leftovers are gone
+        n_shards = -(-len(prompts) // shard_size)
+        written = 0
+        bar = tqdm(total=len(prompts), disable=not progress or rank != 0, desc="collect", unit="prompt")
+        for shard in range(n_shards):
+            lo, hi = shard * shard_size, min((shard + 1) * shard_size, len(prompts))
+            if not mine(shard, rank, world):
+                continue
+            name = os.path.join(out_dir, f"shard-{shard:05d}.safetensors")
+            if os.path.exists(name):
+                bar.update(hi - lo)
+                continue
+            if max_shards is not None and written >= max_shards:
+                break
+            parts = []
+            for b in range(lo, hi, batch_size):
+                ids, mask = _pad_left(prompts[b : min(b + batch_size, hi)], pad_id, device)
+                parts.append(replay(model, ids, mask, gen_length, block_length, cache, policy))
+                bar.update(ids.shape[0])
+            data = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
+            data["labels"] = data["labels"].to(torch.uint8)
+            data["masked"] = data["masked"].to(torch.uint8)
+            meta = {k: str(v) for k, v in manifest.items()}
+            meta.update(first_prompt=str(lo), last_prompt=str(hi - 1), rows=str(len(data["features"])))
+            if written == 0:  # the settings go down with the first shard, never before
+                _write_json_atomic(path, manifest)
+            tmp = f"{name}.tmp{os.getpid()}"
+            save_safetensors(data, tmp, metadata=meta)
+            os.replace(tmp, name)  # atomic: a shard is either complete or absent
+            written += 1
+        bar.close()
+        barrier()
+    finally:
+        if lock is not None:
+            lock.close()
     done = sum(os.path.exists(os.path.join(out_dir, f"shard-{i:05d}.safetensors")) for i in range(n_shards))
     return {**manifest, "shards": n_shards, "shards_done": done, "shards_written_here": written}
+
+
+def shards_in(out_dir: str) -> int:
+    return sum(n.startswith("shard-") and n.endswith(".safetensors") for n in os.listdir(out_dir))
+
+
+def _read_manifest(path: str) -> dict[str, Any] | None:
+    from .files import read_json
+
+    if not os.path.isfile(path):
+        raise ValueError(f"{os.path.dirname(path)} holds shards but no collect.json: not a folder `l2pd collect` "
+                         "can resume; use a new --out folder")
+    old = read_json(path, "collect.json")
+    if not isinstance(old, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return old
+
+
+def _check_resume(out_dir: str, old: dict[str, Any], manifest: dict[str, Any]) -> None:
+    if "prompts_sha256" not in old:  # written before prompts were hashed: the rest must still agree
+        old = {**old, "prompts_sha256": manifest["prompts_sha256"]}
+    if old == manifest:
+        return
+    if {**old, "prompts_sha256": None} == {**manifest, "prompts_sha256": None}:
+        raise ValueError(f"{out_dir} holds a collection over other prompts (same count, other content): resuming "
+                         "would mix the two; use a new --out folder")
+    diff = {k: (old.get(k), manifest.get(k)) for k in manifest if old.get(k) != manifest.get(k)}
+    raise ValueError(f"{out_dir} holds a collection with other settings (was, now): {diff}; use a new --out "
+                     "folder or the same settings")
+
+
+def _lock(out_dir: str):
+    """An exclusive lock on ``out_dir`` held while the returned file is open (released when the process ends,
+    however it ends); a clear refusal when another collection holds it."""
+    try:
+        import fcntl
+    except ImportError:  # no fcntl (Windows): no lock
+        return None
+    f = open(os.path.join(out_dir, ".collect.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ValueError(f"{out_dir} is being written by another collection ({holder}); wait for it to finish "
+                         "or use another --out folder") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}")
+    f.flush()
+    return f
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:

@@ -20,6 +20,7 @@ The only host reads are one small count per step (loop control) and one per bloc
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -98,12 +99,33 @@ def _unpermute(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 
 def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int,)) and not (
-            isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point()):
+    """``value`` as a Python int > 0: ints, numpy integers and one-element integer tensors are accepted."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}={value!r} must be a positive integer")
     if int(value) <= 0:
         raise ValueError(f"{name}={int(value)} must be > 0")
     return int(value)
+
+
+def _token_id(name: str, value: Any, vocab: int) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) < vocab:
+        raise ValueError(f"{name}={value!r} must be a token id in [0, {vocab})")
+    return int(value)
+
+
+def _as_filter(filter: Any) -> Any:
+    """A ``Filter``, a folder holding one (loaded), or None."""
+    from .filter import Filter
+
+    if filter is None or isinstance(filter, Filter):
+        return filter
+    if isinstance(filter, (str, os.PathLike)):
+        return Filter.from_pretrained(filter)
+    raise ValueError(f"filter={filter!r}: expected an l2pd.Filter or the folder of one")
 
 
 def _finite(name: str, value: Any) -> float:
@@ -124,7 +146,7 @@ def _cfg_id(config: Any, name: str, default: int) -> int:
 @torch.no_grad()
 def generate(
     model: Any,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int | None = None,
     block_length: int | None = None,
@@ -154,6 +176,7 @@ def generate(
     generation_config: Any = None,
     stop_strings: str | list[str] | None = None,
     tokenizer: Any = None,
+    inputs: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | GenerateOutput:
     """Decode ``max_new_tokens`` after left-padded prompts ``input_ids`` [B, P].
@@ -179,12 +202,20 @@ def generate(
     repeats each prompt; ``generation_config`` (a ``transformers.GenerationConfig``) supplies any of these
     not given; ``eos_token_id`` may be a list (the first is the end-of-text of EoTP and padding, the others
     end a row too) and ``stop_strings`` (with ``tokenizer``) end a row after the text; ``streamer`` (batch
-    1) gets the prompt, then each token once it and all before it are fixed, up to the end of text.
+    1) gets the prompt, then each token once it and all before it are fixed, up to the end of text;
+    ``inputs=`` is another name for ``input_ids``; ``filter`` may be a folder.
     Autoregressive-only arguments (``num_beams``, ``top_p``, ...) raise a ValueError unless neutral.
     """
     adapter = adapter_for(model)
     config = adapter.config
     refuse_unknown(kwargs)
+    if inputs is not None:
+        if input_ids is not None:
+            raise ValueError("give the prompt as input_ids or as inputs, not both")
+        input_ids = inputs
+    if input_ids is None:
+        raise ValueError("generate() needs input_ids (the prompt's token ids, [B, P])")
+    filter = _as_filter(filter)
     if generation_config is not None:
         given = dict(max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
                      temperature=temperature, num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
@@ -207,6 +238,8 @@ def generate(
     input_ids = as_input_ids(input_ids, adapter.vocab_rows)
     if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
         attention_mask = torch.as_tensor(attention_mask)
+    if attention_mask is not None and attention_mask.device.type == "meta":
+        raise ValueError("attention_mask is on the meta device (shapes without data); give real values")
     if max_new_tokens is None:
         if max_length is not None:
             max_length = _positive_int("max_length", max_length)
@@ -223,10 +256,12 @@ def generate(
         if attention_mask is not None:
             attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1]).repeat_interleave(
                 num_return_sequences, 0)
-    ends = end_ids(eos_token_id)
-    mask_id = mask_token_id if mask_token_id is not None else adapter.mask_id
+    vocab = adapter.vocab_rows
+    ends = [_token_id("eos_token_id", i, vocab) for i in end_ids(eos_token_id)]
+    mask_id = _token_id("mask_token_id", mask_token_id if mask_token_id is not None else adapter.mask_id, vocab)
     eos_id = ends[0] if ends else adapter.eos_id
-    pad_id = pad_token_id if pad_token_id is not None else _cfg_id(config, "pad_token_id", eos_id)
+    pad_id = _token_id("pad_token_id", pad_token_id if pad_token_id is not None else _cfg_id(config, "pad_token_id",
+                                                                                           eos_id), vocab)
 
     if strategy is None:
         strategy = "learn2pd" if filter is not None else "threshold"
@@ -289,6 +324,12 @@ def generate(
         attention_mask = attention_mask.to(device)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (prompt)")
+        empty = torch.nonzero(~attention_mask.bool().any(-1)).flatten().tolist()
+        if empty:
+            raise ValueError(f"attention_mask is all zeros in row(s) {empty[:8]}: an empty prompt (give at least one "
+                             "token, e.g. a chat template)")
         if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
             raise ValueError("attention_mask must be left-padded (zeros before the prompt, never after)")
         real = attention_mask.bool()

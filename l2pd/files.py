@@ -44,26 +44,43 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | No
     os.chmod(path, 0o666 & ~umask)
 
 
+def read_jsonl(path: str | os.PathLike, what: str) -> list[tuple[int, Any]]:
+    """(line number, object) for each non-blank line of a UTF-8 JSONL file (a byte-order mark is fine); one clear
+    line naming the file and line for anything else."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such {what}")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); a "
+                         f"{what} is JSONL, one JSON object per line") from None
+    out = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((lineno, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    return out
+
+
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """The ``"prompt"`` strings of a JSONL file (one ``{"prompt": ...}`` object per line; blank lines skipped)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such prompts file")
     prompts = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                got = type(obj).__name__ if not isinstance(obj, dict) else f"keys {sorted(obj)}"
-                raise ValueError(f'{path} line {lineno}: expected an object with a "prompt" string, got {got}')
-            if not obj["prompt"].strip():
-                raise ValueError(f'{path} line {lineno}: the "prompt" is empty')
-            prompts.append(obj["prompt"])
+    for lineno, obj in read_jsonl(path, "prompts file"):
+        if not isinstance(obj, dict) or "prompt" not in obj:
+            got = type(obj).__name__ if not isinstance(obj, dict) else f"keys {sorted(obj)}"
+            raise ValueError(f'{path} line {lineno}: expected an object with a "prompt" string, got {got}')
+        if not isinstance(obj["prompt"], str):
+            raise ValueError(f'{path} line {lineno}: "prompt" must be a string, got {type(obj["prompt"]).__name__} '
+                             f"{obj['prompt']!r:.40}")
+        if not obj["prompt"].strip():
+            raise ValueError(f'{path} line {lineno}: the "prompt" is empty')
+        prompts.append(obj["prompt"])
     if not prompts:
         raise ValueError(f'{path}: no prompts (expected one {{"prompt": ...}} object per line)')
     return prompts
@@ -77,11 +94,35 @@ def check_out_dir(path: str | os.PathLike, refuse_if_holds: str | None = None, f
         raise ValueError(f"{flag} {path}: exists and is not a folder")
     if refuse_if_holds and os.path.exists(os.path.join(path, refuse_if_holds)):
         raise ValueError(f"{flag} {path}: already holds {refuse_if_holds}; choose another folder or pass --overwrite")
-    probe = path
+    _probe_write(path, flag)
+
+
+def check_out_file(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Fail now if a file cannot be written at ``path`` later (missing folders above it are made then)."""
+    full = os.path.abspath(os.fspath(path))
+    if os.path.isdir(full):
+        raise ValueError(f"{flag} {os.fspath(path)}: is a folder; give a file name")
+    _probe_write(os.path.dirname(full), flag, shown=os.fspath(path))
+
+
+def _probe_write(folder: str, flag: str, shown: str | None = None) -> None:
+    """The nearest existing folder at or above ``folder`` must take a new file (tried for real: permission bits
+    do not tell for root or for special file systems); nothing is left behind."""
+    import tempfile
+
+    shown = shown or folder
+    probe = folder
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{flag} {shown}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: cannot write there ({probe} is not writable)")
+        raise ValueError(f"{flag} {shown}: cannot write there ({probe} is not writable)")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {shown}: cannot write there ({probe}: {exc.strerror or exc})") from None
 
 
 def token_hash(prompts: Any) -> str:

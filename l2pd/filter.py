@@ -87,6 +87,14 @@ class Filter(nn.Module):
             ]
         return self._device_weights[device]
 
+    def digest(self) -> str:
+        """A short id of the filter's kind, inputs and weights (not its tau): what a sweep row was decoded with."""
+        h = hashlib.sha256(json.dumps([self.kind, list(self.inputs), self.block_length]).encode())
+        for name, value in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(value.detach().float().contiguous().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def check_model(self, model: Any, allow_other_model: bool = False) -> None:
         want = self.meta.get("model_fingerprint")
         if want is None or allow_other_model:

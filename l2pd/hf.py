@@ -8,6 +8,7 @@ every token before it are fixed, so what it prints never changes (as with an aut
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
@@ -68,6 +69,8 @@ def as_input_ids(input_ids: Any, vocab_size: int | None) -> torch.Tensor:
             input_ids = torch.as_tensor(input_ids)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise ValueError(f"input_ids must be a tensor, array or list of token ids [B, P] ({exc})") from None
+    if input_ids.device.type == "meta":
+        raise ValueError("input_ids is on the meta device (shapes without data); give real token ids")
     if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
         raise ValueError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
     if input_ids.dim() == 1:
@@ -92,10 +95,10 @@ def end_ids(eos_token_id: Any) -> list[int]:
         return []
     if isinstance(eos_token_id, torch.Tensor):
         eos_token_id = eos_token_id.tolist()
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    ids = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else list(eos_token_id)
+    if not ids or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids):
         raise ValueError(f"eos_token_id={eos_token_id!r} must be an int or a non-empty list of ints")
-    return ids
+    return [int(i) for i in ids]
 
 
 class StopCutter:

@@ -42,6 +42,18 @@ TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lm_eval_ta
 LAST: list[Any] = []  # the instances created, for ``l2pd lm-eval`` to print their figures
 
 
+def _number(name: str, value: Any, cast: Any, lo: float) -> Any:
+    """A model_arg as int or float >= ``lo``, or a ValueError naming it."""
+    try:
+        out = cast(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"model_args {name}={value!r}: expected {'an integer' if cast is int else 'a number'}") \
+            from None
+    if not out >= lo or out == float("inf"):
+        raise ValueError(f"model_args {name}={value!r}: must be a finite number >= {lo}")
+    return out
+
+
 def _bool(value: Any) -> bool:
     return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
 
@@ -64,24 +76,27 @@ class L2PDLM(LM):
             print(f"l2pd: no CUDA GPU is visible; running on the CPU instead of {device}", file=sys.stderr)
             device = "cpu"
         self._device = torch.device(_device(device))
-        self.model, self.tokenizer = _load(pretrained, str(self.device), filter, _bool(allow_other_model))
-        if dtype is not None:
-            self.model.to(getattr(torch, dtype))
-        from .models import adapter_for
+        from .models.checkpoint import resolve_dtype
 
-        self.adapter = adapter_for(self.model)
+        # every model_arg is checked before the model loads
+        torch_dtype = None if dtype in (None, "auto") else resolve_dtype(str(dtype), None)
         self.decode = {k: v for k, v in dict(strategy=strategy, eotp=eotp, cache=cache, refresh=refresh).items()
                        if v is not None}
         if threshold is not None:
-            self.decode["threshold"] = float(threshold)
+            self.decode["threshold"] = _number("threshold", threshold, float, 0)
         if block_length is not None:
-            self.decode["block_length"] = int(block_length)
-        self.max_new_tokens = int(max_new_tokens)
-        self.mc_num, self.mc_batch, self.seed = int(mc_num), int(mc_batch), int(seed)
-        if self.mc_num < 1 or self.mc_batch < 1:
-            raise ValueError(f"mc_num={mc_num} and mc_batch={mc_batch} must be >= 1")
+            self.decode["block_length"] = _number("block_length", block_length, int, 1)
+        self.max_new_tokens = _number("max_new_tokens", max_new_tokens, int, 1)
+        self.mc_num, self.mc_batch = _number("mc_num", mc_num, int, 1), _number("mc_batch", mc_batch, int, 1)
+        self.seed = _number("seed", seed, int, 0)
         bs = str(batch_size)
-        self.batch_size = 1 if bs.startswith("auto") else int(bs)
+        self.batch_size = 1 if bs.startswith("auto") else _number("batch_size", bs, int, 1)
+        self.model, self.tokenizer = _load(pretrained, str(self.device), filter, _bool(allow_other_model))
+        if torch_dtype is not None:
+            self.model.to(torch_dtype)
+        from .models import adapter_for
+
+        self.adapter = adapter_for(self.model)
         self.name = pretrained or "l2pd-bundled"
         self.stats = {"answers": 0, "forwards": 0, "answer_tokens": 0, "seconds": 0.0}
         LAST.append(self)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import warnings
 from typing import Any
 
 from .decode import generate
@@ -23,11 +25,17 @@ def patch(model: Any, filter: Any = None, allow_other_model: bool = False) -> An
     """Attach ``model.generate(...)`` (``l2pd.decode.generate``); returns the same model.
 
     ``filter`` (an ``l2pd.Filter`` or a folder holding one) becomes the default for ``strategy='learn2pd'``
-    and for ``l2pd.evaluate``. A filter records the model it was trained for; ``allow_other_model=True``
-    uses it on another one (a fine-tune, another dtype of the same weights is not "other").
+    and for ``l2pd.evaluate``; without it, a filter attached earlier (``l2pd.demo.load`` attaches the
+    bundled one) stays; ``filter=False`` drops it. A filter records the model it was trained for;
+    ``allow_other_model=True`` uses it on another one (a fine-tune, another dtype of the same weights is not
+    "other").
     """
     check_llada(model)
-    if isinstance(filter, str):
+    if filter is None:
+        filter = getattr(model, "l2pd_filter", None)
+    elif filter is False:
+        filter = None
+    elif isinstance(filter, (str, os.PathLike)):
         from .filter import Filter
 
         filter = Filter.from_pretrained(filter)
@@ -38,8 +46,16 @@ def patch(model: Any, filter: Any = None, allow_other_model: bool = False) -> An
 
     @functools.wraps(generate)
     def bound_generate(*args: Any, **kwargs: Any):
-        if kwargs.get("filter") is None:
-            kwargs["filter"] = filter
+        if kwargs.get("filter") is None and filter is not None:
+            block = kwargs.get("block_length")
+            if kwargs.get("strategy") is None and block is not None and block != filter.block_length:
+                # the attached filter is a default, not a demand: another block length decodes by threshold
+                warnings.warn(f"the model's filter was trained for block_length={filter.block_length}, not "
+                              f"{block}: decoding with strategy='threshold' (pass strategy= to choose)",
+                              stacklevel=2)
+                kwargs["strategy"] = "threshold"
+            else:
+                kwargs["filter"] = filter
         return generate(model, *args, **kwargs)
 
     # help(model.generate) and inspect show generate's own arguments, without the bound model

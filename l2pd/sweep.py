@@ -10,6 +10,7 @@ its figures, in the filter.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -52,17 +53,14 @@ CHECKERS: dict[str, Callable[[str, Any], bool]] = {
 
 def load_problems(path: str) -> list[Item]:
     """A JSONL file of ``{"prompt": ..., "answer": ...}`` objects."""
-    from .files import read_prompts
+    from .files import read_jsonl, read_prompts
 
     read_prompts(path)  # the prompt checks, with file and line
     items = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                obj = json.loads(line)
-                if "answer" not in obj:
-                    raise ValueError(f'{path} line {lineno}: a sweep needs an "answer" next to the "prompt"')
-                items.append(Item(obj["prompt"], obj["answer"]))
+    for lineno, obj in read_jsonl(path, "problems file"):
+        if "answer" not in obj:
+            raise ValueError(f'{path} line {lineno}: a sweep needs an "answer" next to the "prompt"')
+        items.append(Item(obj["prompt"], obj["answer"]))
     return items
 
 
@@ -77,16 +75,62 @@ def grid(strategies: list[str], taus: list[float], eotps: list[str], blocks: lis
 
 
 def _key(config: dict[str, Any]) -> str:
-    return json.dumps({k: config.get(k) for k in CONFIG_KEYS}, sort_keys=True)
+    return json.dumps({k: config.get(k) for k in (*CONFIG_KEYS, "filter")}, sort_keys=True)
+
+
+def problems_hash(problems: list[Any]) -> str:
+    """A content hash of a problem set (questions and reference answers), whatever file or split it came from."""
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(json.dumps([p.question, str(p.answer)]).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def sweep_settings(model: Any, problems: list[Any], max_new_tokens: int, checker: str) -> dict[str, Any]:
+    """What every row of a sweep shares and its figures depend on: a rerun resumes only over the same."""
+    from .filter import model_fingerprint
+
+    return {"problems": len(problems), "problems_sha256": problems_hash(problems),
+            "model_fingerprint": model_fingerprint(model), "max_new_tokens": max_new_tokens, "checker": checker}
+
+
+def read_rows(out: str, settings: dict[str, Any]) -> dict[str, dict]:
+    """The rows of an earlier run of the same sweep in ``out``, by configuration; a ValueError naming what
+    differs when they were made with other settings."""
+    done: dict[str, dict] = {}
+    with open(out, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{out} line {lineno}: not valid JSON ({exc.msg}); use another --out or pass "
+                                 "--overwrite") from None
+            old = row.get("settings") if isinstance(row, dict) else None
+            if old is None:
+                raise ValueError(f"{out} holds rows that do not record their settings (problems, model, length); "
+                                 "use another --out or pass --overwrite")
+            if old != settings:
+                diff = ", ".join(f"{k} {old.get(k)} -> {settings[k]}" for k in settings if old.get(k) != settings[k])
+                raise ValueError(f"{out} holds rows of another sweep ({diff}); use another --out or pass "
+                                 "--overwrite")
+            done[_key(row)] = row
+    return done
 
 
 def sweep(model: Any, tokenizer: Any, problems: list[Any], configs: list[dict[str, Any]], out: str | None = None,
           filters: dict[int, Any] | None = None, batch_size: int = 1, max_new_tokens: int = 256,
-          checker: str = "hash-number", progress: bool = True, log: Callable[[str], None] = print) -> list[dict]:
+          checker: str = "hash-number", progress: bool = True, log: Callable[[str], None] = print,
+          resume: bool = True) -> list[dict]:
     """Decode ``problems`` under each configuration; rows already in ``out`` (JSONL) are kept, not rerun.
 
-    ``filters`` maps a block length to the filter for ``learn2pd`` at that length (default: the patched
-    filter, at its own block length); learn2pd configurations without one are skipped with a note.
+    Every row records the sweep's settings (the problems' count and content hash, the model's fingerprint,
+    ``max_new_tokens``, the checker) and learn2pd rows their filter's digest; rows in ``out`` made with other
+    settings are refused (``resume=False`` starts ``out`` afresh). ``filters`` maps a block length to the
+    filter for ``learn2pd`` at that length (default: the patched filter, at its own block length); learn2pd
+    configurations without one are skipped with a note.
     """
     if checker not in CHECKERS:
         raise ValueError(f"checker {checker!r}: expected one of {sorted(CHECKERS)}")
@@ -96,36 +140,35 @@ def sweep(model: Any, tokenizer: Any, problems: list[Any], configs: list[dict[st
     patched = getattr(model, "l2pd_filter", None)
     if patched is not None:
         filters.setdefault(patched.block_length, patched)
-    done: dict[str, dict] = {}
-    if out and os.path.exists(out):
-        with open(out) as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    done[_key(row)] = row
+    settings = sweep_settings(model, problems, max_new_tokens, checker)
+    done = read_rows(out, settings) if out and resume and os.path.exists(out) else {}
+    fresh = bool(out) and not resume
     rows = []
     for i, config in enumerate(configs):
+        flt = filters.get(config["block_length"]) if config["strategy"] == "learn2pd" else None
+        config = {**config, "filter": flt.digest() if flt is not None else None}
         key = _key(config)
         if key in done:
             rows.append(done[key])
             continue
-        flt = filters.get(config["block_length"]) if config["strategy"] == "learn2pd" else None
         if config["strategy"] == "learn2pd" and flt is None:
             log(f"note: no filter for block length {config['block_length']}; skipped {key}")
             continue
-        kw = {k: v for k, v in config.items() if v is not None}
+        kw = {k: v for k, v in config.items() if v is not None and k != "filter"}
         r = evaluate(model, tokenizer, problems, batch_size=batch_size, progress=progress,
                      desc=f"sweep {i + 1}/{len(configs)}", max_new_tokens=max_new_tokens, filter=flt,
                      checker=CHECKERS[checker], **kw)
         n, acc = r["problems"], r["accuracy"]
-        row = {**{k: config.get(k) for k in CONFIG_KEYS}, "problems": n, "accuracy": acc,
+        row = {**{k: config.get(k) for k in (*CONFIG_KEYS, "filter")}, "problems": n, "accuracy": acc,
                "stderr": math.sqrt(acc * (1 - acc) / n) if n else float("nan"), "mean_nfe": r["mean_nfe"],
-               "tokens_per_s": r["tokens_per_s"], "seconds": r["seconds"], "max_new_tokens": max_new_tokens}
+               "tokens_per_s": r["tokens_per_s"], "seconds": r["seconds"], "max_new_tokens": max_new_tokens,
+               "settings": settings}
         rows.append(row)
         if out:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            with open(out, "a") as f:
+            with open(out, "w" if fresh else "a") as f:
                 f.write(json.dumps(row) + "\n")
+            fresh = False
     return pareto(rows)
 
 
@@ -140,14 +183,15 @@ def pareto(rows: list[dict]) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = (f"{'strategy':<14}{'tau':>7}{'eotp':>10}{'block':>7}{'cache':>8}{'accuracy':>17}{'forwards':>10}"
-            f"{'tok/s':>9}  frontier")
+    head = (f"{'strategy':<14}{'tau':>7}{'eotp':>10}{'block':>7}{'cache':>8}{'problems':>10}{'accuracy':>17}"
+            f"{'forwards':>10}{'tok/s':>9}  frontier")
     lines = [head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: (r["mean_nfe"], -r["accuracy"])):
         tau = "" if r["threshold"] is None else f"{r['threshold']:g}"
         acc = f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}%"
-        lines.append(f"{r['strategy']:<14}{tau:>7}{r['eotp']:>10}{r['block_length']:>7}{r['cache']:>8}{acc:>17}"
-                     f"{r['mean_nfe']:>10.2f}{r['tokens_per_s']:>9.0f}  {'*' if r.get('pareto') else ''}")
+        lines.append(f"{r['strategy']:<14}{tau:>7}{r['eotp']:>10}{r['block_length']:>7}{r['cache']:>8}"
+                     f"{r['problems']:>10}{acc:>17}{r['mean_nfe']:>10.2f}{r['tokens_per_s']:>9.0f}  "
+                     f"{'*' if r.get('pareto') else ''}")
     return "\n".join(lines)
 
 
@@ -192,9 +236,12 @@ def plot(rows: list[dict], path: str) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("forwards per answer (log)")
     ax.set_ylabel("accuracy (%)")
+    counts = sorted({r["problems"] for r in rows})
+    ax.set_title(f"{' / '.join(map(str, counts))} problems per point (error bars: one standard error)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -223,6 +270,7 @@ def tune(model: Any, tokenizer: Any, flt: Any, problems: list[Any], taus: list[f
         "rule": f"fewest forwards within {budget} points of steps on {len(problems)} validation problems"
                 + ("" if ok else " (none qualified: the most accurate tau)"),
         "tau": flt.threshold, "eotp": eotp, "block_length": block, "cache": cache, "max_new_tokens": max_new_tokens,
+        "problems": len(problems), "problems_sha256": problems_hash(problems), "checker": checker,
         "steps_accuracy": base["accuracy"], "accuracy": pick["accuracy"], "mean_nfe": pick["mean_nfe"],
         "candidates": [{k: r[k] for k in ("threshold", "accuracy", "stderr", "mean_nfe")} for r in cands],
     }

@@ -106,6 +106,9 @@ def train_filter(
         opt.step()
         with torch.no_grad():
             v = float(loss_of(val))
+        if not math.isfinite(v) or not math.isfinite(loss.item()):
+            raise ValueError(f"training diverged at epoch {epoch} (loss {loss.item():.4g}, validation {v:.4g}); "
+                             f"lower lr={lr:g}")
         if v < best - 1e-5:
             best, since = v, 0
             best_state = {k: t.detach().clone() for k, t in flt.state_dict().items()}

@@ -146,7 +146,8 @@ def test_training_mix_has_the_hard_fraction_on_disjoint_seeds():
 
 
 def test_cli_level_picks_the_hard_split_and_refuses_with_data(tmp_path, capsys, monkeypatch):
-    import l2pd.evaluate
+    import importlib
+
     from l2pd.cli import main
 
     seen = {}
@@ -156,7 +157,7 @@ def test_cli_level_picks_the_hard_split_and_refuses_with_data(tmp_path, capsys, 
         return {"problems": len(problems), "accuracy": 0.0, "mean_nfe": 1.0, "tokens_per_s": 1.0, "seconds": 1.0,
                 "texts": [], "nfe": []}
 
-    monkeypatch.setattr(l2pd.evaluate, "evaluate", fake_evaluate)
+    monkeypatch.setattr(importlib.import_module("l2pd.evaluate"), "evaluate", fake_evaluate)
     assert main(["eval", "--level", "hard", "--problems", "3", "--device", "cpu", "--json"]) == 0
     assert seen["problems"] == split("hard-test", 3)
     data = tmp_path / "p.jsonl"
@@ -164,4 +165,4 @@ def test_cli_level_picks_the_hard_split_and_refuses_with_data(tmp_path, capsys, 
     assert main(["sweep", "--level", "hard", "--data", str(data), "--device", "cpu"]) == 2
     assert "--level picks the bundled task's problems" in capsys.readouterr().err
     assert main(["collect", "--policy", "threshold:2", "--out", str(tmp_path / "c"), "--device", "cpu"]) == 2
-    assert "policy 'threshold:2'" in capsys.readouterr().err
+    assert "argument --policy: 'threshold:2'" in capsys.readouterr().err

@@ -106,7 +106,8 @@ def test_bad_training_numbers(tmp_path, capsys, flag, value):
     collect(model, prompts, str(tmp_path / "data"), gen_length=8, block_length=4, batch_size=2, shard_size=4,
             progress=False)
     _fails(["train-filter", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "f"), flag, value], capsys,
-           flag[2:].replace("-", "_"))
+           f"argument {flag}")
+    assert not (tmp_path / "f").exists()
 
 
 def test_resume_with_other_prompts_is_refused(tmp_path):

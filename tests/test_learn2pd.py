@@ -204,6 +204,6 @@ def test_evaluate_uses_the_patched_filter_and_its_operating_point():
     assert stated["mean_nfe"] < 64
     no_eotp = evaluate(model, tok, problems, progress=False, eotp="off")
     assert no_eotp["mean_nfe"] > stated["mean_nfe"]  # the stored EoTP mode is what made it short
-    l2pd.patch(model, filter=None)
+    l2pd.patch(model, filter=False)  # drops it (filter=None keeps an attached filter)
     with pytest.raises(ValueError, match="needs a filter"):
         evaluate(model, tok, problems, progress=False, strategy="learn2pd")

@@ -6,7 +6,7 @@ import pytest
 
 import l2pd.sweep as sw
 from l2pd.cli import main
-from tests.conftest import FILTER32
+from tests.conftest import FILTER32, tiny_model
 
 
 def _row(strategy, tau, acc, nfe, block=32):
@@ -38,15 +38,13 @@ def test_sweep_resumes_without_rerunning(tmp_path, monkeypatch):
     configs = sw.grid(["threshold"], [0.9, 0.99], ["accepted"], [32], ["none"])
     problems = [sw.Item("q", 1)] * 4
 
-    class M:
-        l2pd_filter = None
-
-    sw.sweep(M(), None, problems, configs[:1], out=out, progress=False)
-    rows = sw.sweep(M(), None, problems, configs, out=out, progress=False)
+    model = tiny_model(seed=0)
+    sw.sweep(model, None, problems, configs[:1], out=out, progress=False)
+    rows = sw.sweep(model, None, problems, configs, out=out, progress=False)
     assert calls == [0.9, 0.99] and len(rows) == 2  # the first configuration was read back, not rerun
     assert rows[0]["stderr"] == pytest.approx(0.25)
     with pytest.raises(ValueError, match="checker"):
-        sw.sweep(M(), None, problems, configs, checker="nope")
+        sw.sweep(model, None, problems, configs, checker="nope")
 
 
 def test_tune_follows_the_stated_rule(monkeypatch):
@@ -92,8 +90,8 @@ def test_sweep_and_tune_from_the_command_line(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert {r["strategy"] for r in rows} == {"threshold", "learn2pd"} and all("pareto" in r for r in rows)
     assert len(out.read_text().splitlines()) == 2
-    shutil.copytree(FILTER32, tmp_path / "f")  # block 32: tune's `steps` baseline is 64 forwards, not 128
-    assert main(["tune", "--filter", str(tmp_path / "f"), "--problems", "2", "--taus", "0.9,0.99",
-                 "--gen-length", "64", "--device", "cpu"]) == 0
+    shutil.copytree(FILTER32, tmp_path / "f")  # block 32: tune's `steps` baseline is 32 forwards, not 128
+    assert main(["tune", "--filter", str(tmp_path / "f"), "--problems", "2", "--batch-size", "2", "--taus",
+                 "0.9,0.99", "--gen-length", "32", "--device", "cpu"]) == 0
     info = json.loads((tmp_path / "f" / "filter.json").read_text())
     assert info["operating_point"]["tau"] in (0.9, 0.99) and info["threshold"] == info["operating_point"]["tau"]

@@ -47,7 +47,7 @@ def _batch(prompts):
     return ids, mask
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_decoding_terminates_within_the_cap(case):
     kw = dict(case["kw"])

@@ -20,11 +20,14 @@ from .llada import LLaDAConfig, LLaDAModelLM, llada_decoder
 __all__ = ["Adapter", "DreamConfig", "DreamModel", "LLaDAConfig", "LLaDAModelLM", "adapter_for", "load_pretrained"]
 
 
-def load_pretrained(folder: str, torch_dtype: Any = None, device: Any = "cpu") -> Any:
+def load_pretrained(folder: str, torch_dtype: Any = None, device: Any = "cpu", dtype: Any = None) -> Any:
     """Our LLaDA or Dream class for a checkpoint folder, chosen by its config.json (``model_type``)."""
     import os
 
     from ..files import read_json
+    from .checkpoint import dtype_alias
+
+    torch_dtype = dtype_alias(torch_dtype, dtype)
 
     path = os.path.join(os.fspath(folder), "config.json")
     if not os.path.isfile(path):

@@ -12,14 +12,39 @@ import torch
 from ..files import load_safetensors, read_json, save_safetensors
 
 
+def dtype_alias(torch_dtype: Any, dtype: Any) -> Any:
+    """``dtype=`` (transformers 5) and ``torch_dtype=`` (earlier releases) name the same thing."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one of them")
+    return dtype if dtype is not None else torch_dtype
+
+
+def check_device(device: Any) -> torch.device:
+    """``device`` as a torch.device l2pd can load onto (cpu, or a CUDA GPU torch sees), else a ValueError."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r}: expected 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: no CUDA GPU is visible to torch here (use 'cpu')")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+    elif dev.type != "cpu" or dev.index not in (None, 0):
+        raise ValueError(f"device={device!r}: l2pd loads models on 'cpu' or 'cuda[:N]'")
+    return dev
+
+
 def resolve_dtype(torch_dtype: torch.dtype | str | None, config: Any) -> torch.dtype:
     if torch_dtype is None or torch_dtype == "auto":
         torch_dtype = getattr(config, "torch_dtype", None) or "float32"
     if isinstance(torch_dtype, str):
         name = torch_dtype.removeprefix("torch.")
         if name not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"torch_dtype={torch_dtype!r}: expected float32, bfloat16 or float16")
+            raise ValueError(f"dtype={torch_dtype!r}: expected float32, bfloat16 or float16")
         torch_dtype = getattr(torch, name)
+    if torch_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype={torch_dtype!r}: expected float32, bfloat16 or float16")
     return torch_dtype
 
 
@@ -31,6 +56,7 @@ def load(cls: Any, config_cls: Any, folder: str | os.PathLike, torch_dtype: Any,
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"no config.json in {folder!r}")
+    device = check_device(device)
     config = config_cls.from_json(cfg_path)
     dtype = resolve_dtype(torch_dtype, config)
     single = os.path.join(folder, "model.safetensors")

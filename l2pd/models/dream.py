@@ -175,9 +175,12 @@ class DreamModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | str | None = None,
-                        device: str | torch.device = "cpu") -> "DreamModel":
-        """Load ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)."""
+                        device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> "DreamModel":
+        """Load ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``);
+        ``dtype`` is transformers 5's name for ``torch_dtype``."""
         from . import checkpoint
+
+        torch_dtype = checkpoint.dtype_alias(torch_dtype, dtype)
 
         def tied(c):
             return "lm_head.weight" if c.tie_word_embeddings else None

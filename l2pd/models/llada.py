@@ -216,9 +216,12 @@ class LLaDAModelLM(nn.Module):
     # ---- checkpoint io -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | str | None = None,
-                        device: str | torch.device = "cpu") -> "LLaDAModelLM":
-        """Load ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)."""
+                        device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> "LLaDAModelLM":
+        """Load ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``);
+        ``dtype`` is transformers 5's name for ``torch_dtype``."""
         from . import checkpoint
+
+        torch_dtype = checkpoint.dtype_alias(torch_dtype, dtype)
 
         def tied(c):
             return "model.transformer.ff_out.weight" if c.weight_tying else None
