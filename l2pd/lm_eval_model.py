@@ -79,7 +79,10 @@ class L2PDLM(LM):
         from .models.checkpoint import resolve_dtype
 
         # every model_arg is checked before the model loads
-        torch_dtype = None if dtype in (None, "auto") else resolve_dtype(str(dtype), None)
+        try:
+            torch_dtype = None if dtype in (None, "auto") else resolve_dtype(str(dtype), None)
+        except ValueError as exc:
+            raise ValueError(f"model_args {exc}") from None
         self.decode = {k: v for k, v in dict(strategy=strategy, eotp=eotp, cache=cache, refresh=refresh).items()
                        if v is not None}
         if threshold is not None:
