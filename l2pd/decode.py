@@ -19,8 +19,6 @@ The only host reads are one small count per step (loop control) and one per bloc
 
 from __future__ import annotations
 
-import math
-import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -28,12 +26,11 @@ from typing import Any
 
 import torch
 
-from .cache import CACHE_MODES, REFRESH_MODES
-from .hf import FinalTokenStream, StopCutter, as_input_ids, end_ids, from_generation_config, refuse_unknown
+from .hf import FinalTokenStream
 from .models import adapter_for
+from .spec import DecodeSpec, resolve
 from .step import DecodeState, Policy, Stepper, stepper_for
 
-STRATEGIES = ("steps", "threshold", "learn2pd", "oracle")
 BACKENDS = ("auto", "triton", "torch")
 
 
@@ -96,51 +93,6 @@ def _unpermute(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(t)
     out[order] = t
     return out
-
-
-def _positive_int(name: str, value: Any) -> int:
-    """``value`` as a Python int > 0: ints, numpy integers and one-element integer tensors are accepted."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-    if int(value) <= 0:
-        raise ValueError(f"{name}={int(value)} must be > 0")
-    return int(value)
-
-
-def _token_id(name: str, value: Any, vocab: int) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) < vocab:
-        raise ValueError(f"{name}={value!r} must be a token id in [0, {vocab})")
-    return int(value)
-
-
-def _as_filter(filter: Any) -> Any:
-    """A ``Filter``, a folder holding one (loaded), or None."""
-    from .filter import Filter
-
-    if filter is None or isinstance(filter, Filter):
-        return filter
-    if isinstance(filter, (str, os.PathLike)):
-        return Filter.from_pretrained(filter)
-    raise ValueError(f"filter={filter!r}: expected an l2pd.Filter or the folder of one")
-
-
-def _finite(name: str, value: Any) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} must be a number") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{name}={value} must be finite")
-    return value
-
-
-def _cfg_id(config: Any, name: str, default: int) -> int:
-    value = getattr(config, name, None)
-    return default if value is None else int(value)
 
 
 @torch.no_grad()
@@ -206,160 +158,34 @@ def generate(
     ``inputs=`` is another name for ``input_ids``; ``filter`` may be a folder.
     Autoregressive-only arguments (``num_beams``, ``top_p``, ...) raise a ValueError unless neutral.
     """
+    given = dict(locals())  # every argument as passed; resolve() checks them and applies the defaults
     adapter = adapter_for(model)
-    config = adapter.config
-    refuse_unknown(kwargs)
-    if inputs is not None:
-        if input_ids is not None:
-            raise ValueError("give the prompt as input_ids or as inputs, not both")
-        input_ids = inputs
-    if input_ids is None:
-        raise ValueError("generate() needs input_ids (the prompt's token ids, [B, P])")
-    filter = _as_filter(filter)
-    if generation_config is not None:
-        given = dict(max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
-                     temperature=temperature, num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
-                     pad_token_id=pad_token_id, stop_strings=stop_strings,
-                     return_dict_in_generate=return_dict_in_generate)
-        given.update(from_generation_config(generation_config, given))
-        max_new_tokens, max_length, do_sample = given["max_new_tokens"], given["max_length"], given["do_sample"]
-        temperature, num_return_sequences = given["temperature"], given["num_return_sequences"]
-        eos_token_id, pad_token_id, stop_strings = given["eos_token_id"], given["pad_token_id"], given["stop_strings"]
-        return_dict_in_generate = given["return_dict_in_generate"]
-    return_dict_in_generate = bool(return_dict_in_generate)
-    if do_sample is False:
-        temperature = 0.0  # greedy, as transformers does whatever the temperature says
-    elif do_sample:
-        temperature = 1.0 if temperature is None else temperature
-        if _finite("temperature", temperature) <= 0:
-            raise ValueError(f"do_sample=True needs temperature > 0, got {temperature}")
-    elif temperature is None:
-        temperature = 0.0
-    input_ids = as_input_ids(input_ids, adapter.vocab_rows)
-    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-        attention_mask = torch.as_tensor(attention_mask)
-    if attention_mask is not None and attention_mask.device.type == "meta":
-        raise ValueError("attention_mask is on the meta device (shapes without data); give real values")
-    if max_new_tokens is None:
-        if max_length is not None:
-            max_length = _positive_int("max_length", max_length)
-            if max_length <= input_ids.shape[-1]:
-                raise ValueError(f"max_length={max_length} leaves no room after the prompt of "
-                                 f"{input_ids.shape[-1]} tokens (use max_new_tokens)")
-            max_new_tokens = max_length - input_ids.shape[-1]
-        else:
-            max_new_tokens = 256
-    if num_return_sequences is not None and _positive_int("num_return_sequences", num_return_sequences) > 1:
-        if strategy == "oracle" or on_step is not None:
-            raise ValueError("num_return_sequences > 1 does not go with the oracle or on_step")
-        input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
-        if attention_mask is not None:
-            attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1]).repeat_interleave(
-                num_return_sequences, 0)
-    vocab = adapter.vocab_rows
-    ends = [_token_id("eos_token_id", i, vocab) for i in end_ids(eos_token_id)]
-    mask_id = _token_id("mask_token_id", mask_token_id if mask_token_id is not None else adapter.mask_id, vocab)
-    eos_id = ends[0] if ends else adapter.eos_id
-    pad_id = _token_id("pad_token_id", pad_token_id if pad_token_id is not None else _cfg_id(config, "pad_token_id",
-                                                                                           eos_id), vocab)
+    spec, ids, mask = resolve(adapter, **{k: v for k, v in given.items() if k != "model"})
+    return run(model, adapter, spec, ids, mask)
 
-    if strategy is None:
-        strategy = "learn2pd" if filter is not None else "threshold"
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy {strategy!r}: expected one of {STRATEGIES}")
-    # learn2pd's defaults are the filter's operating point: its block length, tau and EoTP mode
-    point = filter if strategy == "learn2pd" and filter is not None else None
-    if block_length is None:
-        block_length = point.block_length if point is not None else 32
-    if eotp is None:
-        eotp = point.meta.get("eotp", "off") if point is not None else "off"
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache {cache!r}: expected one of {CACHE_MODES}")
-    if refresh not in REFRESH_MODES:
-        raise ValueError(f"refresh {refresh!r}: expected one of {REFRESH_MODES}")
-    eotp_mode = {False: "off", True: "accepted"}.get(eotp, eotp) if isinstance(eotp, bool) else eotp
-    if eotp_mode not in ("off", "accepted", "predicted"):
-        raise ValueError(f"eotp {eotp!r}: expected True, False, 'accepted' or 'predicted'")
-    block_length = _positive_int("block_length", block_length)
-    max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
-    if steps is not None:
-        steps = _positive_int("steps", steps)
-    temperature = _finite("temperature", temperature)
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if threshold is not None:
-        threshold = _finite("threshold", threshold)
-        if threshold < 0:
-            raise ValueError(f"threshold={threshold} must be >= 0 (above 1 no position passes it: threshold "
-                             "decodes one token per step, learn2pd follows its schedule only)")
-    if pad_id == mask_id:
-        raise ValueError(f"pad_token_id={pad_id} equals mask_token_id={mask_id}; padding would read as masks")
-    if strategy == "learn2pd":
-        if filter is None:
-            raise ValueError("strategy 'learn2pd' needs a filter (l2pd.patch(model, filter=...) or filter=...)")
-        if filter.block_length != block_length:
-            raise ValueError(
-                f"the filter was trained for block_length={filter.block_length}, got block_length={block_length}"
-            )
-    if threshold is None:
-        threshold = filter.threshold if strategy == "learn2pd" else 0.9
-    if strategy == "oracle" and (target is None or target.shape != (input_ids.shape[0], max_new_tokens)):
-        got = None if target is None else tuple(target.shape)
-        raise ValueError(f"strategy 'oracle' needs target [B, max_new_tokens], got {got}")
 
-    if attention_mask is not None and attention_mask.dim() == 1:
-        attention_mask = attention_mask.view(1, -1)
+def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None) -> torch.Tensor | GenerateOutput:
+    """The block loop of one resolved decode (``l2pd.spec.resolve``) over prompts on the model's device."""
+    strategy, mask_id, eos_id, filter = spec.strategy, spec.mask_id, spec.eos_id, spec.filter
+    block_length, stops, device = spec.block_length, spec.stops, adapter.device
     B, P = input_ids.shape
-    if streamer is not None and B != 1:
-        raise ValueError(f"a streamer takes one sequence (as in transformers), got {B} rows")
-    stops = StopCutter(ends[1:], stop_strings, tokenizer, eos_id, mask_id)
-    G = max_new_tokens
+    G = spec.max_new_tokens
     T = P + G
-    limit = adapter.max_length
-    if limit is not None and T > limit:
-        raise ValueError(f"prompt length {P} + max_new_tokens {G} = {T} exceeds max_sequence_length={limit}")
-    device = adapter.device
-    input_ids = input_ids.to(device)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
-        if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (prompt)")
-        empty = torch.nonzero(~attention_mask.bool().any(-1)).flatten().tolist()
-        if empty:
-            raise ValueError(f"attention_mask is all zeros in row(s) {empty[:8]}: an empty prompt (give at least one "
-                             "token, e.g. a chat template)")
-        if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
-            raise ValueError("attention_mask must be left-padded (zeros before the prompt, never after)")
-        real = attention_mask.bool()
-    else:
-        real = torch.ones_like(input_ids, dtype=torch.bool)
-    if bool(((input_ids == mask_id) & real).any()):
-        raise ValueError(f"the prompt contains the mask token id {mask_id}")
-
-    confidence, decide = select_ops(backend, device)
+    confidence, decide = select_ops(spec.backend, device)
     kernels = decide.__module__ == "l2pd_kernels.decide"
-    if temperature > 0 and seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     padded = attention_mask is not None and not bool(attention_mask.all())
     num_blocks = -(-G // block_length)
-    # Default: one token per step (LLaDA's baseline); else ``steps`` forwards spread evenly over the blocks.
-    steps_per_block = block_length if steps is None else max(1, steps // num_blocks)
-    filter_weights = filter.weights(device) if strategy == "learn2pd" else None
-    inputs = tuple(filter.inputs) if filter_weights is not None else ("confidence",)
-    step_threshold = float("inf") if strategy == "steps" else float(threshold)
-    decide_kwargs = dict(threshold=step_threshold, mask_id=mask_id, eos_id=eos_id, eotp=eotp_mode,
+    filter_weights = filter.weights(device) if filter is not None else None
+    inputs = tuple(filter.inputs) if filter is not None else ("confidence",)
+    decide_kwargs = dict(threshold=spec.threshold, mask_id=mask_id, eos_id=eos_id, eotp=spec.eotp,
                          filter_weights=filter_weights, filter_block=block_length)
-    if filter_weights is not None:
+    if filter is not None:
         decide_kwargs.update(filter_inputs=inputs, filter_kind=filter.kind)
-    policy = Policy(strategy, mask_id, decide_kwargs, temperature=temperature, on_step=on_step, filter=filter,
-                    target=None if target is None else target.to(device=device, dtype=torch.long),
-                    stats=bool(step_stats) or (filter_weights is not None and filter.needs_stats),
-                    step_input="step" in inputs)
-    if cuda_graph is None:
-        cuda_graph = os.environ.get("L2PD_CUDA_GRAPH", "1") != "0"
-    dtype = adapter.dtype
+    policy = Policy(strategy, mask_id, decide_kwargs, temperature=spec.temperature, on_step=spec.on_step,
+                    filter=filter, target=spec.target,
+                    stats=spec.step_stats or (filter is not None and filter.needs_stats), step_input="step" in inputs)
+    cuda_graph, cache, refresh, dtype = spec.cuda_graph, spec.cache, spec.refresh, adapter.dtype
 
     if device.type == "cuda" and os.environ.get("L2PD_PACK", "1") != "0":
         adapter.pack()
@@ -371,8 +197,8 @@ def generate(
     # Steppers that can replay graphs stay on the model, keyed by everything a graph bakes in.
     keep = cuda_graph and kernels and device.type == "cuda" and policy.graphable()
     # refresh and prefix/dual only choose the fed ranges: one stepper (and its graphs) serves them all
-    key = (B, P, G, str(dtype), cache != "none", padded, strategy, step_threshold, eotp_mode, mask_id, eos_id,
-           block_length, id(filter) if filter_weights is not None else None, adapter.key())
+    key = (B, P, G, str(dtype), cache != "none", padded, strategy, spec.threshold, spec.eotp, mask_id, eos_id,
+           block_length, id(filter) if filter is not None else None, adapter.key())
     stepper = stepper_for(model, key, build, keep)
     # a kept stepper keeps its own policy (its graphs point at its filter weights); only the per-call parts move
     stepper.policy.target, stepper.policy.on_step = policy.target, policy.on_step
@@ -382,12 +208,12 @@ def generate(
         state.kv.mode, state.kv.refresh = cache, refresh
     canvas, kv = state.canvas, state.kv
 
-    stream = None if streamer is None else FinalTokenStream(streamer, input_ids[0], P, eos_id, mask_id)
+    stream = None if spec.streamer is None else FinalTokenStream(spec.streamer, input_ids[0], P, eos_id, mask_id)
     nfe = torch.zeros(B, dtype=torch.int64, device=device)
     # Finished rows are compacted out at block starts: rows still decoding move to the front of the buffers
     # and the step runs on the first n rows (n a power of two, so that few graph shapes arise). ``order[i]``
-    # is the input row held in slot i. Not with a per-step callback or the oracle, which index rows.
-    compact = compact and on_step is None and strategy != "oracle" and B > 1
+    # is the input row held in slot i.
+    compact = spec.compact
     order = torch.arange(B, device=device)
     n, step_fn = B, stepper
     forwards = graphed = 0
@@ -407,7 +233,7 @@ def generate(
             nfe[:n] = nfe[:n].index_select(0, perm)
             n, step_fn = keep_rows, stepper.narrow(keep_rows)
             left = left.index_select(0, perm[:n])
-        schedule = block_schedule(e - s, steps_per_block)
+        schedule = block_schedule(e - s, spec.steps_per_block)
         i = 0
         while True:
             if kv is None:
@@ -420,7 +246,7 @@ def generate(
             k = schedule[i] if (strategy != "threshold" and i < len(schedule)) else 1
             if i == e - s - 1:  # the cap: a block never takes more forwards than its length
                 k = e - s  # (every step accepts >= 1, so this binds only for rules that stall, e.g. oracle)
-            step_seed = None if temperature == 0 else (seed * 1000003 + forwards) & 0x7FFFFFFF
+            step_seed = None if spec.temperature == 0 else (spec.seed * 1000003 + forwards) & 0x7FFFFFFF
             left, replayed = step_fn(lo, hi - lo, s, e - s, k, step=i, seed=step_seed)
             forwards += 1
             graphed += replayed
@@ -445,6 +271,6 @@ def generate(
         sequences, nfe = _unpermute(canvas, order), _unpermute(nfe, order)
     else:
         sequences = canvas.clone() if keep else canvas  # a kept stepper's canvas is reused by the next call
-    if return_dict_in_generate:
+    if spec.return_dict:
         return GenerateOutput(sequences, nfe, forwards, seconds, graphed)
     return sequences

@@ -1,0 +1,256 @@
+"""One decode's settings, resolved and checked once: ``resolve`` turns ``generate``'s arguments (Hugging Face
+conventions, a filter's operating point, defaults) into a ``DecodeSpec`` and the prompt tensors on the model's
+device, or raises a ValueError naming the argument. The block loop and the step read the spec, never the raw
+arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .cache import CACHE_MODES, REFRESH_MODES
+from .hf import StopCutter, as_input_ids, end_ids, from_generation_config, refuse_unknown
+
+STRATEGIES = ("steps", "threshold", "learn2pd", "oracle")
+EOTP_MODES = ("off", "accepted", "predicted")
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What a decode does, every value resolved: the loop and the step read these fields."""
+
+    strategy: str  # steps | threshold | learn2pd | oracle
+    threshold: float  # the rule's tau (inf for steps: no position passes, the schedule decides)
+    eotp: str  # off | accepted | predicted
+    block_length: int
+    max_new_tokens: int
+    steps_per_block: int  # the schedule's forwards per block (its top-k spreads the block's masks over them)
+    temperature: float  # 0: greedy
+    seed: int | None  # set when sampling
+    cache: str  # none | prefix | dual
+    refresh: str  # full | tail | window
+    mask_id: int
+    eos_id: int  # the end of text of EoTP and of the answer's padding
+    pad_id: int
+    filter: Any  # learn2pd's filter, else None
+    backend: str | None  # the decision's ops: None (auto), 'triton' or 'torch'
+    cuda_graph: bool
+    compact: bool  # finished rows leave the step at block starts
+    return_dict: bool
+    step_stats: bool  # on_step also gets margins and entropies
+    stops: StopCutter  # extra end ids and stop strings
+    streamer: Any = None
+    target: torch.Tensor | None = None  # the oracle's reference answer [B, G]
+    on_step: Any = None  # (block_start, step, token, prob, canvas) after each forward
+
+
+def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max_new_tokens: Any = None,
+            block_length: Any = None, strategy: str | None = None, threshold: Any = None, eotp: Any = None,
+            cache: str = "none", refresh: str = "full", temperature: Any = None, steps: Any = None,
+            seed: int | None = None, filter: Any = None, backend: str | None = None, streamer: Any = None,
+            return_dict_in_generate: bool | None = None, mask_token_id: Any = None, eos_token_id: Any = None,
+            pad_token_id: Any = None, target: torch.Tensor | None = None, on_step: Any = None,
+            step_stats: bool = False, cuda_graph: bool | None = None, compact: bool = True, max_length: Any = None,
+            do_sample: bool | None = None, num_return_sequences: Any = None, generation_config: Any = None,
+            stop_strings: Any = None, tokenizer: Any = None, inputs: Any = None,
+            kwargs: dict[str, Any] | None = None) -> tuple[DecodeSpec, torch.Tensor, torch.Tensor | None]:
+    """(spec, input_ids [B, P] int64, attention_mask [B, P] or None), both on the model's device; the
+    arguments are ``l2pd.generate``'s (see its docstring), ``kwargs`` the unknown ones (refused by name)."""
+    config = adapter.config
+    refuse_unknown(dict(kwargs or {}))
+    if inputs is not None:
+        if input_ids is not None:
+            raise ValueError("give the prompt as input_ids or as inputs, not both")
+        input_ids = inputs
+    if input_ids is None:
+        raise ValueError("generate() needs input_ids (the prompt's token ids, [B, P])")
+    filter = _as_filter(filter)
+    if generation_config is not None:
+        given = dict(max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
+                     temperature=temperature, num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
+                     pad_token_id=pad_token_id, stop_strings=stop_strings,
+                     return_dict_in_generate=return_dict_in_generate)
+        given.update(from_generation_config(generation_config, given))
+        max_new_tokens, max_length, do_sample = given["max_new_tokens"], given["max_length"], given["do_sample"]
+        temperature, num_return_sequences = given["temperature"], given["num_return_sequences"]
+        eos_token_id, pad_token_id, stop_strings = given["eos_token_id"], given["pad_token_id"], given["stop_strings"]
+        return_dict_in_generate = given["return_dict_in_generate"]
+    if do_sample is False:
+        temperature = 0.0  # greedy, as transformers does whatever the temperature says
+    elif do_sample:
+        temperature = 1.0 if temperature is None else temperature
+        if _finite("temperature", temperature) <= 0:
+            raise ValueError(f"do_sample=True needs temperature > 0, got {temperature}")
+    elif temperature is None:
+        temperature = 0.0
+    input_ids = as_input_ids(input_ids, adapter.vocab_rows)
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        attention_mask = torch.as_tensor(attention_mask)
+    if attention_mask is not None and attention_mask.device.type == "meta":
+        raise ValueError("attention_mask is on the meta device (shapes without data); give real values")
+    if max_new_tokens is None:
+        if max_length is not None:
+            max_length = _positive_int("max_length", max_length)
+            if max_length <= input_ids.shape[-1]:
+                raise ValueError(f"max_length={max_length} leaves no room after the prompt of "
+                                 f"{input_ids.shape[-1]} tokens (use max_new_tokens)")
+            max_new_tokens = max_length - input_ids.shape[-1]
+        else:
+            max_new_tokens = 256
+    if num_return_sequences is not None and _positive_int("num_return_sequences", num_return_sequences) > 1:
+        if strategy == "oracle" or on_step is not None:
+            raise ValueError("num_return_sequences > 1 does not go with the oracle or on_step")
+        input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
+        if attention_mask is not None:
+            attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1]).repeat_interleave(
+                num_return_sequences, 0)
+    vocab = adapter.vocab_rows
+    ends = [_token_id("eos_token_id", i, vocab) for i in end_ids(eos_token_id)]
+    mask_id = _token_id("mask_token_id", mask_token_id if mask_token_id is not None else adapter.mask_id, vocab)
+    eos_id = ends[0] if ends else adapter.eos_id
+    pad_id = _token_id("pad_token_id", pad_token_id if pad_token_id is not None else _cfg_id(config, "pad_token_id",
+                                                                                           eos_id), vocab)
+
+    if strategy is None:
+        strategy = "learn2pd" if filter is not None else "threshold"
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy {strategy!r}: expected one of {STRATEGIES}")
+    # learn2pd's defaults are the filter's operating point: its block length, tau and EoTP mode
+    point = filter if strategy == "learn2pd" and filter is not None else None
+    if block_length is None:
+        block_length = point.block_length if point is not None else 32
+    if eotp is None:
+        eotp = point.meta.get("eotp", "off") if point is not None else "off"
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache {cache!r}: expected one of {CACHE_MODES}")
+    if refresh not in REFRESH_MODES:
+        raise ValueError(f"refresh {refresh!r}: expected one of {REFRESH_MODES}")
+    eotp_mode = {False: "off", True: "accepted"}.get(eotp, eotp) if isinstance(eotp, bool) else eotp
+    if eotp_mode not in EOTP_MODES:
+        raise ValueError(f"eotp {eotp!r}: expected True, False, 'accepted' or 'predicted'")
+    block_length = _positive_int("block_length", block_length)
+    max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+    if steps is not None:
+        steps = _positive_int("steps", steps)
+    temperature = _finite("temperature", temperature)
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if threshold is not None:
+        threshold = _finite("threshold", threshold)
+        if threshold < 0:
+            raise ValueError(f"threshold={threshold} must be >= 0 (above 1 no position passes it: threshold "
+                             "decodes one token per step, learn2pd follows its schedule only)")
+    if pad_id == mask_id:
+        raise ValueError(f"pad_token_id={pad_id} equals mask_token_id={mask_id}; padding would read as masks")
+    if strategy == "learn2pd":
+        if filter is None:
+            raise ValueError("strategy 'learn2pd' needs a filter (l2pd.patch(model, filter=...) or filter=...)")
+        if filter.block_length != block_length:
+            raise ValueError(
+                f"the filter was trained for block_length={filter.block_length}, got block_length={block_length}"
+            )
+    if threshold is None:
+        threshold = filter.threshold if strategy == "learn2pd" else 0.9
+    if strategy == "oracle" and (target is None or target.shape != (input_ids.shape[0], max_new_tokens)):
+        got = None if target is None else tuple(target.shape)
+        raise ValueError(f"strategy 'oracle' needs target [B, max_new_tokens], got {got}")
+
+    if attention_mask is not None and attention_mask.dim() == 1:
+        attention_mask = attention_mask.view(1, -1)
+    B, P = input_ids.shape
+    if streamer is not None and B != 1:
+        raise ValueError(f"a streamer takes one sequence (as in transformers), got {B} rows")
+    stops = StopCutter(ends[1:], stop_strings, tokenizer, eos_id, mask_id)
+    T = P + max_new_tokens
+    limit = adapter.max_length
+    if limit is not None and T > limit:
+        raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {T} exceeds "
+                         f"max_sequence_length={limit}")
+    device = adapter.device
+    input_ids = input_ids.to(device)
+    if attention_mask is not None:
+        attention_mask = _check_mask(attention_mask.to(device), input_ids)
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    if bool(((input_ids == mask_id) & real).any()):
+        raise ValueError(f"the prompt contains the mask token id {mask_id}")
+    if temperature > 0 and seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    num_blocks = -(-max_new_tokens // block_length)
+    spec = DecodeSpec(
+        strategy=strategy, threshold=float("inf") if strategy == "steps" else float(threshold), eotp=eotp_mode,
+        block_length=block_length, max_new_tokens=max_new_tokens,
+        # default: one token per step (LLaDA's baseline); else ``steps`` forwards spread evenly over the blocks
+        steps_per_block=block_length if steps is None else max(1, steps // num_blocks),
+        temperature=temperature, seed=seed, cache=cache, refresh=refresh, mask_id=mask_id, eos_id=eos_id,
+        pad_id=pad_id, filter=filter if strategy == "learn2pd" else None, backend=backend,
+        cuda_graph=os.environ.get("L2PD_CUDA_GRAPH", "1") != "0" if cuda_graph is None else bool(cuda_graph),
+        # finished rows leave the step; not with a per-step callback or the oracle, which index rows
+        compact=bool(compact) and on_step is None and strategy != "oracle" and B > 1,
+        return_dict=bool(return_dict_in_generate), step_stats=bool(step_stats), stops=stops, streamer=streamer,
+        target=None if target is None else target.to(device=device, dtype=torch.long), on_step=on_step)
+    return spec, input_ids, attention_mask
+
+
+def _check_mask(mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (prompt)")
+    empty = torch.nonzero(~mask.bool().any(-1)).flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask is all zeros in row(s) {empty[:8]}: an empty prompt (give at least one "
+                         "token, e.g. a chat template)")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask must be left-padded (zeros before the prompt, never after)")
+    return mask
+
+
+def _positive_int(name: str, value: Any) -> int:
+    """``value`` as a Python int > 0: ints, numpy integers and one-element integer tensors are accepted."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+    if int(value) <= 0:
+        raise ValueError(f"{name}={int(value)} must be > 0")
+    return int(value)
+
+
+def _token_id(name: str, value: Any, vocab: int) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) < vocab:
+        raise ValueError(f"{name}={value!r} must be a token id in [0, {vocab})")
+    return int(value)
+
+
+def _as_filter(filter: Any) -> Any:
+    """A ``Filter``, a folder holding one (loaded), or None."""
+    from .filter import Filter
+
+    if filter is None or isinstance(filter, Filter):
+        return filter
+    if isinstance(filter, (str, os.PathLike)):
+        return Filter.from_pretrained(filter)
+    raise ValueError(f"filter={filter!r}: expected an l2pd.Filter or the folder of one")
+
+
+def _finite(name: str, value: Any) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} must be a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value} must be finite")
+    return value
+
+
+def _cfg_id(config: Any, name: str, default: int) -> int:
+    value = getattr(config, name, None)
+    return default if value is None else int(value)
