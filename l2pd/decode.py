@@ -3,7 +3,8 @@
 One step: a forward over the canvas (or, with a cache, over the part of it the cache does not hold) gives
 the logits of the current block; ``confidence`` turns them into (token, probability); ``decide`` accepts
 positions by the strategy's rule, writes them into the canvas and applies EoTP (``l2pd.step`` runs it, eager
-or replayed from a CUDA graph). ``generate`` checks its arguments and runs the block loop. Strategies:
+or replayed from a CUDA graph). ``generate`` resolves its arguments into a ``DecodeSpec`` (``l2pd.spec``)
+and ``run`` executes the block loop on it. Strategies:
 
 - ``steps``: LLaDA's low-confidence remasking: the k most confident masked positions, k from an even
   per-block schedule (``steps`` forwards in all; default one token per step).
