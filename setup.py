@@ -21,7 +21,7 @@ setup(
         "numpy",
         "triton; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"], "eval": ["lm-eval>=0.4.8"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "matplotlib"], "eval": ["lm-eval>=0.4.8"],
                     "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["l2pd = l2pd.cli:main"]},
 )

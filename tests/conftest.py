@@ -5,6 +5,9 @@ import torch
 
 from l2pd import LLaDAConfig, LLaDAModelLM
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one torch thread per worker, or N workers fight for cores
+    torch.set_num_threads(1)
+
 MASK, EOS = 61, 60
 
 
