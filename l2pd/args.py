@@ -77,18 +77,15 @@ def choices_type(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
 
 
 def device_type(text: str) -> str:
-    """``cpu``, ``cuda`` or ``cuda:N``, and a GPU torch can see when it says cuda."""
-    if text == "cpu":
-        return text
-    m = re.fullmatch(r"cuda(?::(\d+))?", text)
-    if m is None:
+    """``cpu``, ``cuda`` or ``cuda:N``, and a GPU torch can see when it says cuda (the check models load with)."""
+    if text != "cpu" and re.fullmatch(r"cuda(:\d+)?", text) is None:
         raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda or cuda:N")
-    import torch
+    from .models.checkpoint import check_device
 
-    if not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA GPU is visible to torch here (use --device cpu)")
-    if m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: torch sees {torch.cuda.device_count()} GPU(s), numbered from 0")
+    try:
+        check_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

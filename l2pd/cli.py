@@ -205,7 +205,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     flt = model.l2pd_filter
     block = args.block_length if args.block_length is not None else (flt.block_length if flt is not None else 32)
     if flt is None:
-        print("note: no filter found; the learn2pd rows are skipped", file=sys.stderr)
+        _note("no filter found; the learn2pd rows are skipped")
     elif flt.block_length != block:
         print(f"note: the filter was trained for block length {flt.block_length}, not {block}; the "
               "learn2pd rows are skipped (train one with `l2pd collect` and `l2pd train-filter` at this block "
@@ -389,7 +389,7 @@ def _spec(text: str) -> dict:
             out[k] = int(v) if k in ("block_length", "steps") else float(v) if k == "threshold" else v
         except ValueError:
             raise ValueError(f"--vs: {k}={v!r} is not a number") from None
-        allowed = _VS_CHOICES.get(k)
+        allowed = _vs_choices().get(k)
         if allowed and v not in allowed:
             raise ValueError(f"--vs: {k}={v!r}: expected one of {', '.join(allowed)}")
         if k in ("block_length", "steps") and out[k] < 1 or k == "threshold" and not 0 <= out[k] < float("inf"):
@@ -397,8 +397,12 @@ def _spec(text: str) -> dict:
     return out
 
 
-_VS_CHOICES = {"strategy": ("steps", "threshold", "learn2pd"), "eotp": ("off", "accepted", "predicted"),
-               "cache": ("none", "prefix", "dual"), "refresh": ("full", "tail", "window")}
+def _vs_choices() -> dict[str, tuple[str, ...]]:
+    from .cache import CACHE_MODES, REFRESH_MODES
+    from .spec import EOTP_MODES, STRATEGIES
+
+    return {"strategy": tuple(s for s in STRATEGIES if s != "oracle"), "eotp": EOTP_MODES, "cache": CACHE_MODES,
+            "refresh": REFRESH_MODES}
 
 
 def cmd_trace(args: argparse.Namespace) -> int:

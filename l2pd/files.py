@@ -69,9 +69,14 @@ def read_jsonl(path: str | os.PathLike, what: str) -> list[tuple[int, Any]]:
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """The ``"prompt"`` strings of a JSONL file (one ``{"prompt": ...}`` object per line; blank lines skipped)."""
+    return [obj["prompt"] for obj in read_prompt_objects(path)]
+
+
+def read_prompt_objects(path: str | os.PathLike, what: str = "prompts file") -> list[dict]:
+    """The objects of a JSONL file, each checked to hold a non-empty ``"prompt"`` string (other keys kept)."""
     path = os.fspath(path)
-    prompts = []
-    for lineno, obj in read_jsonl(path, "prompts file"):
+    objs = []
+    for lineno, obj in read_jsonl(path, what):
         if not isinstance(obj, dict) or "prompt" not in obj:
             got = type(obj).__name__ if not isinstance(obj, dict) else f"keys {sorted(obj)}"
             raise ValueError(f'{path} line {lineno}: expected an object with a "prompt" string, got {got}')
@@ -80,10 +85,10 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
                              f"{obj['prompt']!r:.40}")
         if not obj["prompt"].strip():
             raise ValueError(f'{path} line {lineno}: the "prompt" is empty')
-        prompts.append(obj["prompt"])
-    if not prompts:
+        objs.append({**obj, "_line": lineno})
+    if not objs:
         raise ValueError(f'{path}: no prompts (expected one {{"prompt": ...}} object per line)')
-    return prompts
+    return objs
 
 
 def check_out_dir(path: str | os.PathLike, refuse_if_holds: str | None = None, flag: str = "--out") -> None:

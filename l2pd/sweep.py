@@ -53,13 +53,12 @@ CHECKERS: dict[str, Callable[[str, Any], bool]] = {
 
 def load_problems(path: str) -> list[Item]:
     """A JSONL file of ``{"prompt": ..., "answer": ...}`` objects."""
-    from .files import read_jsonl, read_prompts
+    from .files import read_prompt_objects
 
-    read_prompts(path)  # the prompt checks, with file and line
     items = []
-    for lineno, obj in read_jsonl(path, "problems file"):
+    for obj in read_prompt_objects(path, "problems file"):
         if "answer" not in obj:
-            raise ValueError(f'{path} line {lineno}: a sweep needs an "answer" next to the "prompt"')
+            raise ValueError(f'{path} line {obj["_line"]}: a sweep needs an "answer" next to the "prompt"')
         items.append(Item(obj["prompt"], obj["answer"]))
     return items
 
