@@ -68,12 +68,25 @@ class BlockKVCache:
 
     def feed_range(self, block_start: int, block_end: int) -> tuple[int, int]:
         """Positions a step inside the block [block_start, block_end) must feed."""
-        return (block_start, self.length) if self.mode == "prefix" else (block_start, block_end)
+        return feed_range(self.mode, block_start, block_end, self.length)
 
     def refresh_range(self, previous_block_start: int | None, block_end: int) -> tuple[int, int]:
         """Positions the first forward of the block ending at ``block_end`` feeds (``previous_block_start``:
         None at the first block)."""
-        if self.refresh == "full" or previous_block_start is None:
-            return 0, self.length
-        end = block_end if self.refresh == "window" and self.mode == "dual" else self.length
-        return previous_block_start, end
+        return refresh_range(self.mode, self.refresh, previous_block_start, block_end, self.length)
+
+
+def feed_range(mode: str, block_start: int, block_end: int, length: int) -> tuple[int, int]:
+    """Positions a step inside the block [block_start, block_end) of a canvas of ``length`` feeds."""
+    if mode == "none":
+        return 0, length
+    return (block_start, length) if mode == "prefix" else (block_start, block_end)
+
+
+def refresh_range(mode: str, refresh: str, previous_block_start: int | None, block_end: int,
+                  length: int) -> tuple[int, int]:
+    """Positions the first forward of a block feeds (``previous_block_start``: None at the first block)."""
+    if mode == "none" or refresh == "full" or previous_block_start is None:
+        return 0, length
+    end = block_end if refresh == "window" and mode == "dual" else length
+    return previous_block_start, end

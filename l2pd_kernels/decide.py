@@ -22,21 +22,23 @@ def _decide_kernel(
     canvas_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr, out_ptr,
     w1_ptr, b1_ptr, wm_ptr, bm_ptr, w2_ptr, b2_ptr,
     T, n_rows, stride_c, stride_t, stride_p, stride_m, stride_e,
-    block_start, L, LF, W, H, k, step, threshold, mask_id, eos_id, params_ptr,
-    BLOCK: tl.constexpr, HB: tl.constexpr, N_MID: tl.constexpr, USE_FILTER: tl.constexpr,
+    block_start, L, LF, W, H, k, step, threshold, mask_id, eos_id, params_ptr, rows_ptr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, PER_ROW: tl.constexpr, HB: tl.constexpr, N_MID: tl.constexpr, USE_FILTER: tl.constexpr,
     EOTP: tl.constexpr, TAIL: tl.constexpr, DYN_PARAMS: tl.constexpr,
     USE_MARGIN: tl.constexpr, USE_ENTROPY: tl.constexpr, USE_STEP: tl.constexpr, SHARED: tl.constexpr,
 ):
     row = tl.program_id(0)
     if DYN_PARAMS:  # block start and k read from device memory (bits 20-39 and 0-19): one CUDA graph serves all
-        packed = tl.load(params_ptr)
+        pp = params_ptr + row * 2 if PER_ROW else params_ptr  # per row: two words each (the engine's rows)
+        packed = tl.load(pp)
         block_start = ((packed >> 20) & 0xFFFFF).to(tl.int32)
         k = (packed & 0xFFFFF).to(tl.int32)
         if USE_STEP:  # the step index in the block: the word after
-            step = tl.load(params_ptr + 1).to(tl.int32)
+            step = tl.load(pp + 1).to(tl.int32)
     i = tl.arange(0, BLOCK)
     inb = i < L
-    crow = canvas_ptr + row.to(tl.int64) * stride_c
+    crow_i = tl.load(rows_ptr + row).to(tl.int64) if ROWS else row.to(tl.int64)  # the canvas row it decides
+    crow = canvas_ptr + crow_i * stride_c
     block = tl.load(crow + block_start + i, mask=inb, other=0)
     token = tl.load(token_ptr + row * stride_t + i, mask=inb, other=0)
     prob = tl.load(prob_ptr + row * stride_p + i, mask=inb, other=0.0).to(tl.float32)
@@ -162,20 +164,27 @@ def decide(
     step: int = 0,
     filter_kind: str = "dense",
     params: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of ``l2pd_kernels.reference.decide`` (same arguments and results).
 
     ``params`` (int64 [1] on the device, ``block_start << 20 | k``; bits from 40 up are free for the caller;
     [2] with the step index in the second word for a filter that reads it), when given, replaces
     ``block_start``, ``k`` and ``step`` at run time (the Python values then only size the checks): what a
-    captured CUDA graph needs.
+    captured CUDA graph needs. ``params`` [B, 2] gives each row its own words; ``rows`` [B] (int64) sends
+    row i of ``token``/``prob`` to canvas row ``rows[i]`` (the engine's rows each sit at their own block).
     """
     if canvas.dim() != 2 or canvas.dtype != torch.int64:
         raise ValueError(f"canvas must be int64 [B, T], got {canvas.dtype} {tuple(canvas.shape)}")
     if canvas.stride(1) != 1:
         raise ValueError("canvas must be contiguous along the sequence")
     B, L = token.shape
-    if prob.shape != (B, L) or canvas.shape[0] != B:
+    if rows is not None and (rows.shape != (B,) or rows.dtype != torch.int64):
+        raise ValueError(f"rows must be int64 [{B}], got {rows.dtype} {tuple(rows.shape)}")
+    per_row = params is not None and params.dim() == 2
+    if per_row and params.shape != (B, 2):
+        raise ValueError(f"per-row params must be int64 [{B}, 2], got {tuple(params.shape)}")
+    if prob.shape != (B, L) or (rows is None and canvas.shape[0] != B):
         raise ValueError(f"token {tuple(token.shape)}, prob {tuple(prob.shape)}, canvas {tuple(canvas.shape)}")
     if block_start < 0 or block_start + L > canvas.shape[1]:
         raise ValueError(f"block {block_start}..{block_start + L} is outside the canvas of {canvas.shape[1]}")
@@ -201,7 +210,7 @@ def decide(
                 raise ValueError(f"the filter reads {name!r}: expected [{B}, {L}], got "
                                  f"{None if v is None else tuple(v.shape)}")
             stats[name] = v if v.stride(1) == 1 else v.contiguous()
-    if "step" in inputs and params is not None and params.numel() < 2:
+    if "step" in inputs and params is not None and params.shape[-1] < 2:
         raise ValueError("a filter that reads the step index needs params with 2 words (the step in the second)")
     if shared:
         LF = filter_block or L
@@ -242,8 +251,8 @@ def decide(
             # arguments keep Triton from specialising (and compiling) per block inside a graph capture
             0 if params is not None else block_start, L, LF, W, H, 0 if params is not None else int(k),
             0 if params is not None else int(step), float(threshold), int(mask_id), int(eos_id),
-            out if params is None else params,
-            BLOCK=BLOCK, HB=triton.next_power_of_2(H), N_MID=n_mid, USE_FILTER=filter_weights is not None,
+            out if params is None else params, out if rows is None else rows,
+            BLOCK=BLOCK, ROWS=rows is not None, PER_ROW=per_row, HB=triton.next_power_of_2(H), N_MID=n_mid, USE_FILTER=filter_weights is not None,
             EOTP=EOTP_MODES[eotp], TAIL=256, DYN_PARAMS=params is not None,
             USE_MARGIN="margin" in inputs, USE_ENTROPY="entropy" in inputs, USE_STEP="step" in inputs,
             SHARED=shared,

@@ -226,6 +226,8 @@ def decide(
     entropy: torch.Tensor | None = None,
     step: int = 0,
     filter_kind: str = "dense",
+    params: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step's decision for the block ``canvas[:, block_start : block_start + L]``; updates ``canvas``.
 
@@ -238,7 +240,15 @@ def decide(
     'shared' filter scores each position from ``shared_features``. Returns per row
     (positions of the block decided by this step, masks left in the block, end-of-text position or -1; all
     int64).
+
+    Per row (the engine): ``params`` int64 [B, 2] holds ``block_start << 20 | k`` and the step index of each
+    row, and ``rows`` [B] the canvas row each row of ``token``/``prob`` decides (default: row i).
     """
+    if params is not None or rows is not None:
+        return _decide_rows(canvas, token, prob, params, rows, block_start=block_start, k=k, step=step,
+                            threshold=threshold, mask_id=mask_id, eos_id=eos_id, eotp=eotp,
+                            filter_weights=filter_weights, filter_block=filter_block, filter_inputs=filter_inputs,
+                            margin=margin, entropy=entropy, filter_kind=filter_kind)
     B, L = token.shape
     block = canvas[:, block_start : block_start + L]
     masked = block == mask_id
@@ -273,6 +283,31 @@ def decide(
     return masked.sum(-1) - left, left, eot
 
 
+def _decide_rows(canvas, token, prob, params, rows, *, block_start, k, step, margin, entropy, **kw):
+    """``decide`` one row at a time, each at its own block start, k and step, on its own canvas row."""
+    B = token.shape[0]
+    outs = []
+    for i in range(B):
+        r = i if rows is None else int(rows[i])
+        if params is not None and params.dim() == 2:
+            word, step_i = int(params[i, 0]), int(params[i, 1])
+            s_i, k_i = (word >> 20) & 0xFFFFF, word & 0xFFFFF
+        elif params is not None:  # one shared word
+            word = int(params[0])
+            s_i, k_i = (word >> 20) & 0xFFFFF, word & 0xFFFFF
+            step_i = int(params[1]) if params.numel() > 1 else step
+        else:
+            s_i, k_i, step_i = block_start, k, step
+        one = slice(i, i + 1)
+        outs.append(decide(canvas[r : r + 1], token[one], prob[one], block_start=s_i, k=k_i, step=step_i,
+                           margin=None if margin is None else margin[one],
+                           entropy=None if entropy is None else entropy[one], **kw))
+    if not outs:
+        empty = torch.zeros(0, dtype=torch.int64, device=canvas.device)
+        return empty, empty, empty
+    return tuple(torch.cat(col) for col in zip(*outs))
+
+
 # ---- the forward's elementwise ops (fused by the kernels in rms_norm.py, rope.py, silu_mul.py) -----------
 
 
@@ -304,11 +339,13 @@ def linear_gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+             k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary embedding (rotate-half layout, fp32) of q [B, S, H, D] and k [B, S, Hkv, D].
 
     ``cos``/``sin`` are fp32 [B, S, D/2]. Writes rotated k and v into ``k_out``/``v_out`` [B, Hkv, T, D] at
-    ``slots`` [S] (position s to slot slots[s]) and returns rotated q as [B, H, S, D].
+    ``slots`` [S] (position s to slot slots[s]) and returns rotated q as [B, H, S, D]. With ``rows`` [S]
+    (B = 1: one packed sequence) position s goes to row ``rows[s]`` of ``k_out``/``v_out`` [R, Hkv, T, D].
     """
     c = torch.cat((cos, cos), -1)[:, None]  # [B, 1, S, D]
     s = torch.cat((sin, sin), -1)[:, None]
@@ -319,6 +356,31 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
         rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
         return xf * c + rotated * s
 
+    if rows is not None:
+        k_out[rows, :, slots] = rotate(k)[0].transpose(0, 1).to(k_out.dtype)  # [S, Hkv, D]
+        v_out[rows, :, slots] = v[0].to(v_out.dtype)
+        return rotate(q).to(q.dtype)
     k_out.index_copy_(2, slots, rotate(k).to(k_out.dtype))
     v_out.index_copy_(2, slots, v.transpose(1, 2).to(v_out.dtype))
     return rotate(q).to(q.dtype)
+
+
+def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor,
+                   tiles: torch.Tensor | None = None, block_m: int = 32) -> torch.Tensor:
+    """Attention of packed queries q [1, H, N, D] over a slot pool's K/V rows [R, Hkv, T, D].
+
+    ``seg`` int64 [G, 4] holds one (q_start, q_len, row, k_len) per segment: queries [q_start, q_start + q_len)
+    attend, without a mask, to keys [0, k_len) of cache row ``row``. Returns [1, H, N, D] (queries outside
+    every segment are zero). ``tiles`` and ``block_m`` only shape the kernel's programs.
+    """
+    out = torch.zeros_like(q)
+    for q_start, q_len, row, k_len in seg.tolist():
+        if q_len == 0:
+            continue
+        # contiguous, as a [1, Hkv, k_len, D] cache of its own would be: SDPA's CPU kernels round differently
+        # on strided keys, and a request's tokens should not depend on the pool's width
+        k = k_cache[row : row + 1, :, :k_len].contiguous()
+        v = v_cache[row : row + 1, :, :k_len].contiguous()
+        out[:, :, q_start : q_start + q_len] = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, q_start : q_start + q_len], k, v, enable_gqa=k.shape[1] != q.shape[1])
+    return out

@@ -5,8 +5,9 @@ products and a sum for q and for k, a transpose copy each, then two cache writes
 v once per token and writes q as [B, H, S, D] (over [B, S, H, D] memory) for attention, and k (rotated) and v into
 ``k_out`` / ``v_out`` [B, Hkv, T, D] at the slots ``slots[s]`` (a KV cache, or a fresh buffer with
 ``slots = arange(S)``). cos/sin come precomputed per forward (they are shared by every layer). Slots are a
-device tensor, so a captured CUDA graph can write a different block at every replay. Semantics:
-``l2pd_kernels.reference.rope_qkv``.
+device tensor, so a captured CUDA graph can write a different block at every replay. With ``rows`` (one
+packed sequence, B = 1) token s writes into cache row ``rows[s]``: the engine packs the fed tokens of many
+requests, each at its own positions, into one forward. Semantics: ``l2pd_kernels.reference.rope_qkv``.
 """
 
 from __future__ import annotations
@@ -27,11 +28,11 @@ def _rotate(src, dst, mask, c, sn, HALF: tl.constexpr):
 
 @triton.jit
 def _rope_qkv_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, qo_ptr, ko_ptr, vo_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr,
     S, H, HKV,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, scb, scs,
     sqob, sqoh, sqos, skob, skoh, skos, svob, svoh, svos,
-    HALF: tl.constexpr, HB: tl.constexpr, HKVB: tl.constexpr,
+    HALF: tl.constexpr, HB: tl.constexpr, HKVB: tl.constexpr, ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // S).to(tl.int64)
@@ -40,6 +41,7 @@ def _rope_qkv_kernel(
     c = tl.load(cos_ptr + b * scb + s * scs + j)[None, :]
     sn = tl.load(sin_ptr + b * scb + s * scs + j)[None, :]
     slot = tl.load(slots_ptr + s).to(tl.int64)
+    kb = tl.load(rows_ptr + s).to(tl.int64) if ROWS else b  # the cache row this token's K/V go to
 
     h = tl.arange(0, HB)[:, None]
     hm = h < H
@@ -48,17 +50,18 @@ def _rope_qkv_kernel(
 
     g = tl.arange(0, HKVB)[:, None]
     gm = g < HKV
-    _rotate(k_ptr + b * skb + s * sks + g * skh + j[None, :], ko_ptr + b * skob + g * skoh + slot * skos + j[None, :],
+    _rotate(k_ptr + b * skb + s * sks + g * skh + j[None, :], ko_ptr + kb * skob + g * skoh + slot * skos + j[None, :],
             gm, c, sn, HALF)
 
     base = v_ptr + b * svb + s * svs + g * svh + j[None, :]
-    out = vo_ptr + b * svob + g * svoh + slot * svos + j[None, :]
+    out = vo_ptr + kb * svob + g * svoh + slot * svos + j[None, :]
     tl.store(out, tl.load(base, mask=gm, other=0.0).to(vo_ptr.dtype.element_ty), mask=gm)
     tl.store(out + HALF, tl.load(base + HALF, mask=gm, other=0.0).to(vo_ptr.dtype.element_ty), mask=gm)
 
 
 def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+             k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.rope_qkv``; returns the rotated q [B, H, S, D]."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"q [B, S, H, D], k and v [B, S, Hkv, D]: got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -70,7 +73,10 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
                          "a power of two")
     if cos.shape != (B, S, D // 2) or sin.shape != cos.shape or cos.dtype != torch.float32:
         raise ValueError(f"cos/sin must be fp32 [B, S, D/2] = {(B, S, D // 2)}, got {tuple(cos.shape)} {cos.dtype}")
-    if k_out.dim() != 4 or k_out.shape[:2] != (B, HKV) or k_out.shape[3] != D or v_out.shape != k_out.shape:
+    if rows is not None and (B != 1 or rows.shape != (S,) or rows.dtype != torch.int64):
+        raise ValueError(f"rows must be int64 [S={S}] with B = 1, got B={B}, rows {rows.dtype} {tuple(rows.shape)}")
+    if (k_out.dim() != 4 or k_out.shape[1] != HKV or (rows is None and k_out.shape[0] != B)
+            or k_out.shape[3] != D or v_out.shape != k_out.shape):
         raise ValueError(f"k_out/v_out must be [B, Hkv, T, D] with B={B} Hkv={HKV} D={D}, got "
                          f"{tuple(k_out.shape)} and {tuple(v_out.shape)}")
     if slots.shape != (S,) or slots.dtype != torch.int64:
@@ -82,11 +88,12 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
     q_out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     if B * S:
         _rope_qkv_kernel[(B * S,)](
-            q, k, v, cos, sin, slots, q_out, k_out, v_out, S, H, HKV,
+            q, k, v, cos, sin, slots, slots if rows is None else rows, q_out, k_out, v_out, S, H, HKV,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), cos.stride(0), cos.stride(1),
             q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
             v_out.stride(0), v_out.stride(1), v_out.stride(2),
-            HALF=D // 2, HB=triton.next_power_of_2(H), HKVB=triton.next_power_of_2(HKV), num_warps=4,
+            HALF=D // 2, HB=triton.next_power_of_2(H), HKVB=triton.next_power_of_2(HKV), ROWS=rows is not None,
+            num_warps=4,
         )
     return q_out

@@ -130,6 +130,19 @@ def _packed(block: nn.Module, attr: str, mods: list[nn.Module]) -> torch.Tensor 
 
 
 @dataclass
+class Pack:
+    """The fed tokens of many requests as one sequence [1, N] (the engine's forward): token t is position
+    ``slots[t]`` of cache row ``rows[t]``; ``seg`` [G, 4] holds each request's (q_start, q_len, row, k_len), its
+    queries and the keys they attend to (``l2pd_kernels.reference.pool_attention``); ``tiles`` the attention
+    kernel's programs (``l2pd_kernels.attention.pool_tiles``)."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    seg: torch.Tensor
+    tiles: torch.Tensor | None = None
+
+
+@dataclass
 class Layer:
     """One pre-norm block's modules; ``owner`` holds the packed q/k/v and gate/up buffers."""
 
@@ -176,9 +189,15 @@ def decoder_forward(
     slots: torch.Tensor | None = None,
     logits_index: torch.Tensor | None = None,
     fused: bool | None = None,
+    pack: Pack | None = None,
 ) -> torch.Tensor:
-    """``llada_forward`` over any ``Decoder`` (same arguments, same result)."""
+    """``llada_forward`` over any ``Decoder`` (same arguments, same result). With ``pack`` (and ``cache``
+    the engine's slot pool, ``position_ids`` given) ``input_ids`` [1, N] are many requests' fed tokens."""
     bsz, seq = input_ids.shape
+    if pack is not None:
+        if cache is None or attention_mask is not None or position_ids is None or bsz != 1:
+            raise ValueError("a packed forward takes [1, N] ids with position_ids and a cache, and no mask")
+        slots = pack.slots
     device = input_ids.device
     total = cache.length if cache is not None else seq
     if attention_mask is not None and attention_mask.shape != (bsz, total):
@@ -222,8 +241,12 @@ def decoder_forward(
         else:
             k_all = torch.empty(bsz, n_kv, seq, head_dim, dtype=k.dtype, device=device)
             v_all = torch.empty_like(k_all)
-        q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, fresh_slots if cache is None else slots)
-        att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
+        if pack is not None:  # each request attends to its own pool row
+            q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, slots, rows=pack.rows)
+            att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles)
+        else:
+            q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, fresh_slots if cache is None else slots)
+            att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
         a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
         h, x = _norm(ops, x, blk.ff_norm, eps, a)
         gate_up = _packed(blk.owner, "_l2pd_gate_up", [blk.gate, blk.up])

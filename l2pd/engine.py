@@ -1,0 +1,490 @@
+"""The decode engine: continuous batching of block decodes over a pool of row slots.
+
+Each request gets a *row* of the pool: its canvas (prompt, then ``max_new_tokens`` masks), its K/V, and its
+own block position, step and policy. One *iteration* runs one forward for every active row, each at its own
+block: the rows' fed tokens are packed into one sequence (``l2pd.models.decoder.Pack``: token t is position
+``slots[t]`` of pool row ``rows[t]``), attention reads each row's own K/V (``pool_attention``), then one
+``confidence`` over the blocks' logits and one ``decide`` per policy group (per-row block starts, k and step
+in device memory, canvas rows by index). A row's forwards are exactly those of ``generate`` on its prompt
+alone: the block's first forward is its refresh (``l2pd.cache.refresh_range``), the others feed what the
+cache mode says (``feed_range``), with the same top-k schedule, cap and sampling seeds; so greedy tokens of a
+row never depend on which rows share its iterations, or when they joined.
+
+Scheduler policy, once per iteration (``Engine.step``):
+
+1. **Retire** cancelled rows and rows past their deadline (their slots free at once).
+2. **Admit** waiting requests, first come first served, into the lowest free slots, up to ``max_batch`` rows.
+3. **Plan** under a budget of ``max_step_tokens`` fed tokens: every row inside a block takes its step (steps
+   are never deferred, so a row's latency per step is bounded by one iteration); then block refreshes in
+   slot order (rows that finished a block, then the rows that just joined), each while the budget allows, and
+   at least one per iteration so that nothing starves. A deferred refresh waits one iteration; it changes
+   when the row runs, never what it computes.
+4. **Run** the packed forward, ``confidence``, ``decide``; read back the rows' blocks (the one host read).
+5. **Advance**: tokens that are final (they and all before them decided) go to the request; a row finishes
+   at its first end of text (once final), at its token budget, at an extra end id or a stop string.
+
+``generate`` runs today's loop (``l2pd.decode``) on the same step kernels and the same ``DecodeSpec``;
+``Engine.generate`` is the batch front end of the engine (all rows at once) and the tests hold the two to the
+same tokens. ``counters`` and ``step_seconds`` feed the server's metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .cache import BlockKVCache, feed_range, refresh_range
+from .decode import block_schedule, select_ops
+from .models import adapter_for
+from .models.decoder import Pack
+from .spec import DecodeSpec, resolve
+
+_RESOLVE_ARGS = set(inspect.signature(resolve).parameters) - {"adapter", "kwargs", "input_ids"}
+MAX_BLOCK = 256  # the pool's canvas keeps this many spare columns past the longest request: a block never overruns
+
+
+class EngineClosed(RuntimeError):
+    """The engine no longer admits requests (it is draining or stopped)."""
+
+
+@dataclass
+class Request:
+    """One request: its resolved spec and prompt, and what it has produced so far."""
+
+    id: str
+    prompt: list[int]
+    spec: DecodeSpec
+    stop: tuple[str, ...] = ()
+    on_event: Callable[["Request", list[int]], None] | None = None  # (request, new final tokens); last: done
+    deadline: float | None = None  # time.monotonic() after which the request is dropped ('timeout')
+    tokens: list[int] = field(default_factory=list)  # final answer tokens, up to (not including) the end of text
+    finish_reason: str | None = None  # stop | length | cancelled | timeout | error
+    stop_hit: str | None = None  # the stop string that ended it
+    error: str | None = None
+    forwards: int = 0
+    submitted: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    finished: float | None = None
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def cancel(self) -> None:
+        """Free the request's row at the next iteration (a client went away)."""
+        self.cancelled = True
+
+    def wait(self, timeout: float | None = None) -> "Request":
+        if not self.done.wait(timeout):
+            raise TimeoutError(f"request {self.id} not finished after {timeout} s")
+        return self
+
+
+@dataclass
+class _Row:
+    """A request's place in the pool and where its decode stands (host side)."""
+
+    request: Request
+    slot: int
+    P: int
+    T: int
+    block: int  # the block's first position
+    step: int = 0  # forwards taken in this block (0: the next one is the refresh)
+    previous: int | None = None  # the last block decoded (where tail and window refreshes start)
+    schedule: list[int] = field(default_factory=list)
+    final: int = 0  # answer tokens final so far
+    answer: list[int] = field(default_factory=list)  # tokens final so far (including any end of text)
+
+    @property
+    def end(self) -> int:
+        return min(self.block + self.request.spec.block_length, self.T)
+
+
+_COUNTERS = ("iterations", "forwards", "fed_tokens", "step_tokens", "refresh_tokens", "tokens_out", "admitted",
+             "finished", "cancelled", "timed_out", "failed", "deferred_refreshes")
+
+
+class Engine:
+    """Continuous batching over ``max_batch`` row slots of up to ``max_length`` positions each.
+
+    ``submit`` adds a request (any thread); ``step`` runs one iteration; ``run`` steps until idle;
+    ``start``/``stop`` drive the loop on a background thread (the server). ``filter`` is the learn2pd filter
+    requests get; ``tokenizer`` decodes stop strings.
+    """
+
+    def __init__(self, model: Any, *, max_batch: int = 16, max_length: int | None = None, filter: Any = None,
+                 tokenizer: Any = None, max_step_tokens: int = 8192, backend: str | None = None) -> None:
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch={max_batch!r} must be a positive integer")
+        self.model, self.adapter = model, adapter_for(model)
+        limit = self.adapter.max_length
+        max_length = max_length or min(limit or 4096, 4096)
+        if not isinstance(max_length, int) or max_length < 2 or (limit is not None and max_length > limit):
+            raise ValueError(f"max_length={max_length!r} must be an integer in [2, {limit}] (the model's length)")
+        from .spec import _as_filter
+
+        self.filter, self.tokenizer = _as_filter(filter), tokenizer
+        self.max_batch, self.max_length, self.max_step_tokens = max_batch, max_length, int(max_step_tokens)
+        dec, device, dtype = self.adapter.decoder, self.adapter.device, self.adapter.dtype
+        self.device = device
+        width = max_length + MAX_BLOCK
+        # row max_batch is spare: a place for nothing (kept so a padded pack has somewhere harmless to write)
+        self.canvas = torch.full((max_batch + 1, width), self.adapter.eos_id, dtype=torch.int64, device=device)
+        self.kv = BlockKVCache(len(dec.layers), max_batch + 1, dec.n_kv, width, dec.head_dim, "dual", dtype, device)
+        self.confidence, self.decide = select_ops(backend, device)
+        self.kernels = self.decide.__module__ == "l2pd_kernels.decide"
+        if device.type == "cuda":
+            self.adapter.pack()
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.rows: dict[int, _Row] = {}  # slot -> row
+        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self.step_seconds: collections.deque[float] = collections.deque(maxlen=4096)
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._stopping = False
+
+    # ---- front ends ----------------------------------------------------------------------------------
+
+    def submit(self, prompt: Any, *, on_event: Callable | None = None, request_id: str | None = None,
+               stop: Any = None, timeout: float | None = None, **options: Any) -> Request:
+        """Queue a request: ``prompt`` token ids (1-D), ``options`` those of ``generate`` (``max_new_tokens``,
+        ``strategy``, ``threshold``, ``eotp``, ``block_length``, ``cache``, ``refresh``, ``temperature``,
+        ``seed``, ``steps``, ``eos_token_id``); ``stop`` strings end it (with the engine's tokenizer); a
+        ``timeout`` in seconds drops it. Raises ValueError (naming the argument) for a request it cannot run,
+        ``EngineClosed`` once the engine drains."""
+        spec, ids, stops = self._resolve(prompt, stop, options)
+        req = Request(id=request_id or f"req-{next(self._ids)}", prompt=ids, spec=spec, stop=stops,
+                      on_event=on_event, deadline=None if timeout is None else time.monotonic() + float(timeout))
+        with self._lock:
+            if self._closed:
+                raise EngineClosed("the engine is shutting down and admits no new requests")
+            self.waiting.append(req)
+            self._lock.notify()
+        return req
+
+    def _resolve(self, prompt: Any, stop: Any, options: dict[str, Any]) -> tuple[DecodeSpec, list[int], tuple]:
+        for name in ("on_step", "streamer", "target", "num_return_sequences", "attention_mask", "inputs",
+                     "input_ids", "return_dict_in_generate", "stop_strings", "generation_config"):
+            if options.get(name) is not None:
+                raise ValueError(f"{name} is not an engine option (one request is one prompt)")
+        if options.get("strategy") == "oracle":
+            raise ValueError("strategy 'oracle' is for collecting training data; use l2pd.collect")
+        if options.get("strategy") in (None, "learn2pd") and options.get("filter") is None:
+            options["filter"] = self.filter
+        ids = torch.as_tensor(prompt, dtype=torch.long) if not isinstance(prompt, torch.Tensor) else prompt
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError(f"prompt must be a non-empty list of token ids, got shape {tuple(ids.shape)}")
+        known = {k: v for k, v in options.items() if k in _RESOLVE_ARGS}
+        unknown = {k: v for k, v in options.items() if k not in _RESOLVE_ARGS}
+        spec, input_ids, _ = resolve(self.adapter, input_ids=ids.view(1, -1), kwargs=unknown, **known)
+        if spec.block_length > MAX_BLOCK:
+            raise ValueError(f"block_length={spec.block_length} exceeds the engine's limit of {MAX_BLOCK}")
+        P, G = input_ids.shape[1], spec.max_new_tokens
+        if P + G > self.max_length:
+            raise ValueError(f"prompt of {P} tokens + max_new_tokens {G} = {P + G} exceeds the engine's "
+                             f"max_length={self.max_length}")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if any(not isinstance(s, str) for s in stops):
+            raise ValueError(f"stop={stop!r} must be a string or a list of strings")
+        stops = tuple(s for s in stops if s)
+        if stops and self.tokenizer is None:
+            raise ValueError("stop strings need the engine's tokenizer (Engine(..., tokenizer=...))")
+        return spec, input_ids[0].tolist(), stops
+
+    def generate(self, prompts: list[Any], **options: Any) -> list[Request]:
+        """Every prompt at once, run to completion on this thread; the finished requests in order."""
+        reqs = [self.submit(p, **options) for p in prompts]
+        self.run()
+        return reqs
+
+    def run(self) -> None:
+        """Iterate until no request is waiting or active."""
+        while self.step():
+            pass
+
+    def start(self) -> None:
+        """Run the loop on a background thread (idle iterations sleep on a condition)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="l2pd-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, drain: float = 30.0) -> None:
+        """Admit nothing more; let active and queued requests finish for up to ``drain`` seconds, then cancel
+        what is left and stop the loop."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify()
+        deadline = time.monotonic() + drain
+        while self.load() and time.monotonic() < deadline and self._thread is not None:
+            time.sleep(0.01)
+        with self._lock:
+            for req in list(self.waiting) + [r.request for r in self.rows.values()]:
+                req.cancel()
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, drain))
+            self._thread = None
+        else:
+            self.step()  # retire what was cancelled
+
+    def load(self) -> int:
+        """Requests waiting or active."""
+        return len(self.waiting) + len(self.rows)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self.waiting and not self.rows and not self._stopping:
+                    self._lock.wait()
+                if self._stopping and not self.rows and not self.waiting:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # a failed iteration fails its rows, never the loop
+                self._fail_all(exc)
+            if self._stopping:
+                self.step()
+                return
+
+    # ---- one iteration -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One iteration (see the module docstring); returns whether any request is still waiting or active."""
+        t0 = time.perf_counter()
+        now = time.monotonic()
+        for row in list(self.rows.values()):
+            req = row.request
+            if req.cancelled:
+                self._retire(row, "cancelled")
+            elif req.deadline is not None and now > req.deadline:
+                self._retire(row, "timeout")
+        self._admit(now)
+        if not self.rows:
+            return bool(self.waiting)
+        plan = self._plan()
+        try:
+            blocks = self._run(plan)
+        except Exception as exc:
+            for row in plan:
+                self._retire(row, "error", error=f"{type(exc).__name__}: {exc}")
+            raise
+        for row, toks in zip(plan, blocks):
+            try:
+                self._advance(row, toks)
+            except Exception as exc:  # a request's own failure (its callback, its stop check) is its alone
+                self._retire(row, "error", error=f"{type(exc).__name__}: {exc}")
+        self.counters["iterations"] += 1
+        self.step_seconds.append(time.perf_counter() - t0)
+        return bool(self.rows or self.waiting)
+
+    def _admit(self, now: float) -> None:
+        with self._lock:
+            free = [s for s in range(self.max_batch) if s not in self.rows]
+            while self.waiting and free:
+                req = self.waiting.popleft()
+                if req.cancelled or (req.deadline is not None and now > req.deadline):
+                    self._finish(req, "cancelled" if req.cancelled else "timeout")
+                    continue
+                slot = free.pop(0)
+                spec = req.spec
+                P, G = len(req.prompt), spec.max_new_tokens
+                row = self.canvas[slot]
+                row.fill_(spec.eos_id)  # past the answer: end of text, never masked, never attended
+                row[:P] = torch.tensor(req.prompt, dtype=torch.int64)
+                row[P : P + G] = spec.mask_id
+                self.rows[slot] = _Row(req, slot, P, P + G, P)
+                self.counters["admitted"] += 1
+
+    def _plan(self) -> list[_Row]:
+        """Rows that run this iteration: every row inside a block, then refreshes within the token budget."""
+        stepping = [r for r in self.rows.values() if r.step > 0]
+        refresh = sorted((r for r in self.rows.values() if r.step == 0), key=lambda r: (r.previous is None, r.slot))
+        budget = self.max_step_tokens - sum(self._fed(r)[1] - self._fed(r)[0] for r in stepping)
+        plan = list(stepping)
+        for r in refresh:
+            lo, hi = self._fed(r)
+            if hi - lo <= budget or (not plan and r is refresh[0]):
+                plan.append(r)
+                budget -= hi - lo
+            else:
+                self.counters["deferred_refreshes"] += 1
+        return plan
+
+    def _fed(self, row: _Row) -> tuple[int, int]:
+        """The positions this row's next forward feeds (``generate``'s ranges; Dream one more to the left)."""
+        spec = row.request.spec
+        if row.step == 0:
+            lo, hi = refresh_range(spec.cache, spec.refresh, row.previous, row.end, row.T)
+        else:
+            lo, hi = feed_range(spec.cache, row.block, row.end, row.T)
+        if self.adapter.shift and lo > 0:
+            lo -= self.adapter.shift
+        return lo, hi
+
+    def _run(self, plan: list[_Row]) -> list[list[int]]:
+        """The packed forward, confidence and decisions of the planned rows; their blocks, read back."""
+        device, shift = self.device, self.adapter.shift
+        # rows grouped by policy (one decide per group), so each group's logits are contiguous
+        groups: dict[tuple, list[_Row]] = {}
+        for row in plan:
+            s = row.request.spec
+            key = (s.block_length, s.strategy, s.threshold, s.eotp, s.mask_id, s.eos_id, id(s.filter))
+            groups.setdefault(key, []).append(row)
+        order = [row for rows in groups.values() for row in rows]
+        rows_l, slots_l, seg_l, lidx_l, params_l = [], [], [], [], []
+        n = 0
+        for row in order:
+            lo, hi = self._fed(row)
+            seg_l.append((n, hi - lo, row.slot, row.T))
+            rows_l.append(torch.full((hi - lo,), row.slot, dtype=torch.int64))
+            slots_l.append(torch.arange(lo, hi, dtype=torch.int64))
+            spec, s, e = row.request.spec, row.block, row.end
+            L = spec.block_length
+            # the block's logits: position p from hidden state p - shift; past the answer (a short last block)
+            # repeat the last, whose decision the canvas (end of text there) ignores
+            idx = [n + min(p, e - 1) - shift - lo for p in range(s, s + L)]
+            lidx_l.extend(idx)
+            n += hi - lo
+            if row.step == 0:
+                row.schedule = block_schedule(e - s, spec.steps_per_block)
+            k = row.schedule[row.step] if spec.strategy != "threshold" and row.step < len(row.schedule) else 1
+            if row.step == e - s - 1:
+                k = e - s  # generate's cap: a block never takes more forwards than its length
+            params_l.append(((s << 20) | k, row.step))
+            kind = "step_tokens" if row.step else "refresh_tokens"
+            self.counters[kind] += hi - lo
+        self.counters["fed_tokens"] += n
+        self.counters["forwards"] += len(order)
+        rows = torch.cat(rows_l).to(device)
+        slots = torch.cat(slots_l).to(device)
+        seg = torch.tensor(seg_l, dtype=torch.int64)
+        pack = Pack(rows, slots, seg.to(device), None)
+        if self.kernels or device.type == "cuda":
+            from l2pd_kernels.attention import pool_tiles
+
+            pack.tiles = pool_tiles(seg).to(device)
+        ids = self.canvas[rows, slots].view(1, -1)
+        lidx = torch.tensor(lidx_l, dtype=torch.int64, device=device)
+        logits = self.adapter.forward(ids, None, cache=self.kv, position_ids=slots.view(1, -1), logits_index=lidx,
+                                      pack=pack)
+        needs_stats = any(r.request.spec.filter is not None and r.request.spec.filter.needs_stats for r in order)
+        mask_id = order[0].request.spec.mask_id
+        out = self.confidence(logits, 0.0, None, suppress=mask_id, stats=True) if needs_stats else \
+            self.confidence(logits, 0.0, None, suppress=mask_id)
+        token, prob = out[0][0], out[1][0]
+        margin, entropy = (out[2][0], out[3][0]) if needs_stats else (None, None)
+        self._sample(order, logits, token, prob)
+        params = torch.tensor(params_l, dtype=torch.int64, device=device)
+        off = r0 = 0
+        for rows_g in groups.values():
+            spec = rows_g[0].request.spec
+            L, g = spec.block_length, len(rows_g)
+            part = slice(off, off + g * L)
+            kw = dict(threshold=spec.threshold, mask_id=spec.mask_id, eos_id=spec.eos_id, eotp=spec.eotp)
+            stats = {}
+            if spec.filter is not None:
+                f = spec.filter
+                kw.update(filter_weights=f.weights(device), filter_block=L, filter_inputs=tuple(f.inputs),
+                          filter_kind=f.kind)
+                if f.needs_stats:
+                    stats = dict(margin=margin[part].view(g, L), entropy=entropy[part].view(g, L))
+            self.decide(self.canvas, token[part].view(g, L), prob[part].view(g, L), block_start=0, k=0,
+                        params=params[r0 : r0 + g], rows=torch.tensor([r.slot for r in rows_g], device=device),
+                        **stats, **kw)
+            off += g * L
+            r0 += g
+        # the one host read: every planned row's block after the decision
+        width = max(r.request.spec.block_length for r in order)
+        cols = torch.tensor([r.block for r in order], device=device)[:, None] + torch.arange(width, device=device)
+        srows = torch.tensor([r.slot for r in order], device=device)[:, None]
+        blocks = self.canvas[srows, cols].tolist()
+        by_row = {id(r): b for r, b in zip(order, blocks)}
+        return [by_row[id(r)] for r in plan]
+
+    def _sample(self, order: list[_Row], logits: torch.Tensor, token: torch.Tensor, prob: torch.Tensor) -> None:
+        """Rows that sample redo their confidence alone, with ``generate``'s per-forward seed (batch 1)."""
+        off = 0
+        for row in order:
+            spec = row.request.spec
+            L = spec.block_length
+            if spec.temperature > 0:
+                valid = row.end - row.block
+                seed = (spec.seed * 1000003 + row.request.forwards) & 0x7FFFFFFF
+                t, p = self.confidence(logits[:, off : off + valid], spec.temperature, seed, suppress=spec.mask_id)
+                token[off : off + valid], prob[off : off + valid] = t[0], p[0]
+            off += L
+
+    def _advance(self, row: _Row, block: list[int]) -> None:
+        req, spec = row.request, row.request.spec
+        req.forwards += 1
+        row.step += 1
+        e = row.end
+        width = e - row.block
+        fixed = block[:width]
+        # tokens final: the answer's prefix without a mask (every block before this one is complete)
+        done_here = spec.mask_id not in fixed
+        upto = width if done_here else fixed.index(spec.mask_id)
+        new = fixed[row.final - (row.block - row.P) : upto]  # (every earlier block is complete)
+        reason = None
+        emit: list[int] = []
+        for tok in new:
+            row.final += 1
+            if tok == spec.eos_id:
+                reason = "stop"
+                break
+            emit.append(tok)
+            if tok in spec.stops.extra.tolist():
+                reason = "stop"
+                break
+        if emit:
+            req.tokens.extend(emit)
+            self.counters["tokens_out"] += len(emit)
+            if req.first_token is None:
+                req.first_token = time.monotonic()
+        if reason is None and req.stop and emit:
+            text = self.tokenizer.decode(req.tokens)
+            hits = [(text.find(s), s) for s in req.stop if s in text]
+            if hits:
+                req.stop_hit = min(hits)[1]
+                reason = "stop"
+        if emit and req.on_event is not None and reason is None:
+            req.on_event(req, emit)
+        if reason is None and done_here:
+            if e >= row.T:
+                reason = "length"
+            else:  # the next block: its first forward is a refresh
+                row.previous, row.block, row.step = row.block, e, 0
+        if reason is not None:
+            self._retire(row, reason, last=emit)
+
+    def _retire(self, row: _Row, reason: str, error: str | None = None, last: list[int] | None = None) -> None:
+        self.rows.pop(row.slot, None)
+        self._finish(row.request, reason, error, last or [])
+
+    def _finish(self, req: Request, reason: str, error: str | None = None, last: list[int] | None = None) -> None:
+        req.finish_reason, req.error, req.finished = reason, error, time.monotonic()
+        key = {"cancelled": "cancelled", "timeout": "timed_out", "error": "failed"}.get(reason, "finished")
+        self.counters[key] += 1
+        if req.on_event is not None:
+            try:
+                req.on_event(req, last or [])
+            except Exception:  # the request is over either way
+                pass
+        req.done.set()
+
+    def _fail_all(self, exc: Exception) -> None:
+        for row in list(self.rows.values()):
+            self._retire(row, "error", error=f"{type(exc).__name__}: {exc}")

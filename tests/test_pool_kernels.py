@@ -1,0 +1,141 @@
+"""The engine's kernels against the PyTorch reference: pool attention (packed requests over a slot pool),
+rope_qkv writing into per-token cache rows, and decide with per-row params and canvas rows.
+
+Run on the CPU under TRITON_INTERPRET=1 (the README's test command) or on a GPU; fresh random inputs, odd
+sizes, fp32/bf16/fp16.
+"""
+
+import os
+
+import pytest
+import torch
+
+from l2pd_kernels import reference as ref
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (the README's test command sets it)",
+)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+       torch.float16: dict(rtol=3e-3, atol=3e-3)}
+
+
+def _segments(lengths, rows, k_lens):
+    seg, start = [], 0
+    for q_len, row, k_len in zip(lengths, rows, k_lens):
+        seg.append((start, q_len, row, k_len))
+        start += q_len
+    return torch.tensor(seg, dtype=torch.int64, device=DEV), start
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H, HKV, D", [(4, 4, 16), (6, 2, 32)])
+def test_pool_attention_matches_reference(dtype, H, HKV, D):
+    from l2pd_kernels import pool_attention
+
+    R, T = 5, 77
+    # odd query lengths (one spans several tiles), rows out of order, a zero-length segment, k_len not a tile
+    seg, N = _segments([7, 40, 0, 1, 33], [3, 0, 2, 4, 1], [50, 77, 10, 1, 41])
+    q = torch.randn(1, N, H, D, device=DEV).to(dtype).transpose(1, 2)  # the rope kernel's layout
+    k = torch.randn(R, HKV, T, D, device=DEV).to(dtype)
+    v = torch.randn(R, HKV, T, D, device=DEV).to(dtype)
+    got = pool_attention(q, k, v, seg, block_m=16)
+    want = ref.pool_attention(q, k, v, seg)
+    assert got.shape == (1, H, N, D)
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    # the output projection reads [1, N, H * D] as a view
+    assert got.transpose(1, 2).is_contiguous()
+
+
+def test_pool_attention_keys_past_k_len_are_ignored():
+    from l2pd_kernels import pool_attention
+
+    seg, N = _segments([9], [1], [20])
+    q = torch.randn(1, 2, N, 16, device=DEV)
+    k = torch.randn(2, 2, 40, 16, device=DEV)
+    v = torch.randn(2, 2, 40, 16, device=DEV)
+    a = pool_attention(q, k, v, seg)
+    k[:, :, 20:], v[:, :, 20:] = 1e4, float("nan")  # poison: must never be read
+    k[0], v[0] = float("nan"), float("nan")  # another row: never read
+    b = pool_attention(q, k, v, seg)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_pool_attention_rejects_bad_shapes():
+    from l2pd_kernels import pool_attention
+
+    q = torch.randn(1, 4, 5, 16, device=DEV)
+    k = torch.randn(2, 3, 8, 16, device=DEV)  # 4 heads over 3 K/V heads
+    with pytest.raises(ValueError, match="heads"):
+        pool_attention(q, k, k, torch.zeros(1, 4, dtype=torch.int64, device=DEV))
+    with pytest.raises(ValueError, match="seg"):
+        pool_attention(q, k[:, :2], k[:, :2], torch.zeros(1, 3, dtype=torch.int64, device=DEV))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_qkv_rows_match_reference(dtype):
+    from l2pd_kernels import rope_qkv
+
+    S, H, HKV, D, R, T = 11, 4, 2, 16, 3, 19
+    q = torch.randn(1, S, H, D, device=DEV).to(dtype)
+    k = torch.randn(1, S, HKV, D, device=DEV).to(dtype)
+    v = torch.randn(1, S, HKV, D, device=DEV).to(dtype)
+    ang = torch.rand(1, S, D // 2, device=DEV) * 6
+    cos, sin = ang.cos(), ang.sin()
+    rows = torch.randint(0, R, (S,), device=DEV)
+    slots = torch.randperm(T, device=DEV)[:S]  # distinct slots, so no two tokens write one place
+    outs = []
+    for fn in (rope_qkv, ref.rope_qkv):
+        k_out = torch.full((R, HKV, T, D), 7.0, device=DEV).to(dtype)
+        v_out = k_out.clone()
+        outs.append((fn(q, k, v, cos, sin, k_out, v_out, slots, rows=rows), k_out, v_out))
+    (qk, kk, vk), (qr, kr, vr) = outs
+    torch.testing.assert_close(qk, qr, **TOL[dtype])
+    torch.testing.assert_close(kk, kr, **TOL[dtype])
+    torch.testing.assert_close(vk, vr, rtol=0, atol=0)
+    written = torch.zeros(R, T, dtype=torch.bool, device=DEV)
+    written[rows, slots] = True
+    assert (kk.permute(0, 2, 1, 3)[~written] == 7).all()  # nothing else touched
+    with pytest.raises(ValueError, match="rows"):
+        rope_qkv(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), cos.expand(2, -1, -1),
+                 sin.expand(2, -1, -1), k_out, v_out, slots, rows=rows)
+
+
+@pytest.mark.parametrize("eotp", ["off", "accepted", "predicted"])
+@pytest.mark.parametrize("with_filter", [False, True])
+def test_decide_per_row_params_match_reference(eotp, with_filter):
+    from l2pd_kernels import decide
+
+    MASK, EOS, L, T, R = 9, 8, 7, 40, 6
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    canvas = torch.randint(0, 8, (R, T), device=DEV)
+    starts = [3, 12, 20, 5]
+    rows = torch.tensor([4, 0, 2, 5], device=DEV)  # the canvas rows decided, out of order; rows 1 and 3 untouched
+    for r, s in zip(rows.tolist(), starts):
+        canvas[r, s:] = MASK
+        canvas[r, s + 2] = 3  # a decided position inside the block
+    B = len(starts)
+    token = torch.randint(0, 9, (B, L), device=DEV)
+    token[1, 4] = EOS
+    prob = torch.rand(B, L, device=DEV)
+    ks, steps = [1, 2, 0, 3], [0, 1, 2, 3]
+    params = torch.tensor([[(s << 20) | k, st] for s, k, st in zip(starts, ks, steps)], device=DEV)
+    kw = dict(threshold=0.6, mask_id=MASK, eos_id=EOS, eotp=eotp)
+    if with_filter:
+        H = 5
+        kw.update(filter_weights=[(torch.randn(H, L + 1, device=DEV), torch.randn(H, device=DEV)),
+                                  (torch.randn(L, H, device=DEV), torch.randn(L, device=DEV))],
+                  filter_block=L, filter_inputs=("confidence", "step"))
+    a, b = canvas.clone(), canvas.clone()
+    got = decide(a, token, prob, block_start=0, k=0, params=params, rows=rows, **kw)
+    want = ref.decide(b, token, prob, block_start=0, k=0, params=params, rows=rows, **kw)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the per-row reference is the shared-offset decide applied row by row
+    c = canvas.clone()
+    for i, (r, s) in enumerate(zip(rows.tolist(), starts)):
+        ref.decide(c[r : r + 1], token[i : i + 1], prob[i : i + 1], block_start=s, k=ks[i], step=steps[i], **kw)
+    torch.testing.assert_close(b, c, rtol=0, atol=0)
+    assert torch.equal(a[1], canvas[1]) and torch.equal(a[3], canvas[3])
