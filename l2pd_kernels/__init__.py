@@ -15,5 +15,5 @@ from .rope import rope_qkv
 from .silu_mul import silu_mul
 from .skinny import gate_up_silu, linear, linear_gate_up_silu, skinny_matmul
 
-__all__ = ["confidence", "decide", "gate_up_silu", "linear", "linear_gate_up_silu", "pool_attention", "rms_norm", "rope_qkv",
-           "silu_mul", "skinny_matmul"]
+__all__ = ["confidence", "decide", "gate_up_silu", "linear", "linear_gate_up_silu", "pool_attention", "rms_norm",
+           "rope_qkv", "silu_mul", "skinny_matmul"]
