@@ -118,7 +118,8 @@ class Engine:
     """
 
     def __init__(self, model: Any, *, max_batch: int = 16, max_length: int | None = None, filter: Any = None,
-                 tokenizer: Any = None, max_step_tokens: int = 8192, backend: str | None = None) -> None:
+                 tokenizer: Any = None, max_step_tokens: int = 8192, backend: str | None = None,
+                 fused: bool | None = None) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} must be a positive integer")
         self.model, self.adapter = model, adapter_for(model)
@@ -137,6 +138,7 @@ class Engine:
         self.canvas = torch.full((max_batch + 1, width), self.adapter.eos_id, dtype=torch.int64, device=device)
         self.kv = BlockKVCache(len(dec.layers), max_batch + 1, dec.n_kv, width, dec.head_dim, "dual", dtype, device)
         self.confidence, self.decide = select_ops(backend, device)
+        self.fused = fused  # the forward's kernels (default: on CUDA)
         self.kernels = self.decide.__module__ == "l2pd_kernels.decide"
         if device.type == "cuda":
             self.adapter.pack()
@@ -372,14 +374,14 @@ class Engine:
         slots = torch.cat(slots_l).to(device)
         seg = torch.tensor(seg_l, dtype=torch.int64)
         pack = Pack(rows, slots, seg.to(device), None)
-        if self.kernels or device.type == "cuda":
+        if self.fused or device.type == "cuda":
             from l2pd_kernels.attention import pool_tiles
 
             pack.tiles = pool_tiles(seg).to(device)
         ids = self.canvas[rows, slots].view(1, -1)
         lidx = torch.tensor(lidx_l, dtype=torch.int64, device=device)
         logits = self.adapter.forward(ids, None, cache=self.kv, position_ids=slots.view(1, -1), logits_index=lidx,
-                                      pack=pack)
+                                      pack=pack, fused=self.fused)
         needs_stats = any(r.request.spec.filter is not None and r.request.spec.filter.needs_stats for r in order)
         mask_id = order[0].request.spec.mask_id
         out = self.confidence(logits, 0.0, None, suppress=mask_id, stats=True) if needs_stats else \

@@ -1,0 +1,240 @@
+"""The decode engine: every request gets exactly what ``generate`` gives its prompt alone, whatever shares
+its iterations and whenever it joined; cancellation, deadlines, stop strings, the token budget, failures.
+
+Bundled models (trained, so their greedy answers are the ones a user checks), CPU, reference ops; the
+kernel path of the packed forward runs under TRITON_INTERPRET=1 on a tiny model.
+"""
+
+import functools
+import os
+import random
+
+import pytest
+import torch
+
+from l2pd.engine import Engine, EngineClosed
+
+from conftest import tiny_model
+
+# the reference decision ops on both sides (the interpreter would make these tests slow); the kernel path has
+# its own test at the end
+Engine = functools.partial(Engine, backend="torch")
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from l2pd.demo import load
+    from l2pd.demo.task import split
+    from l2pd.demo.tokenizer import prompt_text
+
+    model, tok = load(family="llada")
+    prompts = [tok(prompt_text(tok, p.question))["input_ids"] for p in split("test", 5)]
+    prompts[1] = prompts[1][4:]  # lengths differ
+    prompts[3] = prompts[3][:30]
+    return model, tok, prompts
+
+
+def _alone(model, prompt, **options):
+    """``generate`` on one prompt: the answer up to its first end of text."""
+    out = model.generate(torch.tensor([prompt]), backend="torch", **options)[0, len(prompt):].tolist()
+    eos = model.config.eos_token_id
+    return out[: out.index(eos)] if eos in out else out
+
+
+CONFIGS = [
+    dict(max_new_tokens=96, cache="dual", refresh="window"),  # learn2pd with the bundled filter (block 128)
+    dict(max_new_tokens=70, cache="prefix", strategy="threshold", threshold=0.9, block_length=32),
+    dict(max_new_tokens=64, cache="none", strategy="steps", block_length=16, steps=32, eotp=False),
+    dict(max_new_tokens=80, cache="dual", refresh="tail", strategy="threshold", eotp="predicted", block_length=32),
+    dict(max_new_tokens=50, cache="dual", refresh="full", strategy="threshold", threshold=0.7, block_length=24,
+         eotp=True),
+]
+
+
+def test_engine_matches_generate_alone_across_strategies_and_caches(bundled):
+    model, _, prompts = bundled
+    engine = Engine(model, max_batch=3, filter=model.l2pd_filter)  # fewer slots than requests: rows join mid-way
+    jobs = [(p, c, engine.submit(p, **c)) for c in CONFIGS for p in prompts[:3]]
+    engine.run()
+    for p, c, req in jobs:
+        assert req.finish_reason in ("stop", "length")
+        assert req.tokens == _alone(model, p, **c), (len(p), c)
+        assert req.forwards > 0
+    counters = engine.counters
+    assert counters["admitted"] == counters["finished"] == len(jobs)
+    assert counters["forwards"] == sum(r.forwards for _, _, r in jobs)
+    assert not engine.rows and not engine.waiting
+
+
+def test_tokens_never_depend_on_arrival_order_or_batch(bundled):
+    """Property: random arrival times (requests submitted between iterations), random pool sizes and token
+    budgets; every request's tokens equal its prompt's tokens alone."""
+    model, _, prompts = bundled
+    options = [dict(max_new_tokens=48 + 8 * i, strategy="threshold", block_length=16, cache="dual",
+                    refresh=("window", "full", "tail")[i % 3], eotp=bool(i % 2)) for i in range(4)]
+    want = {(i, j): _alone(model, p, **o) for i, p in enumerate(prompts) for j, o in enumerate(options)}
+    for trial in range(3):
+        rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,))))
+        engine = Engine(model, max_batch=rng.choice([1, 2, 5]), max_step_tokens=rng.choice([64, 400, 8192]))
+        arrivals = list(want)
+        rng.shuffle(arrivals)
+        submitted = []
+        while arrivals or engine.load():
+            for _ in range(rng.choice([0, 0, 1, 3])):
+                if arrivals:
+                    i, j = arrivals.pop()
+                    submitted.append(((i, j), engine.submit(prompts[i], **options[j])))
+            engine.step()
+        assert len(submitted) == len(want)
+        for key, req in submitted:
+            assert req.tokens == want[key], (trial, key)
+
+
+def test_dream_family_matches_generate():
+    from l2pd.demo import load
+    from l2pd.demo.task import split
+    from l2pd.demo.tokenizer import prompt_text
+
+    model, tok = load(family="dream")
+    prompts = [tok(prompt_text(tok, p.question))["input_ids"] for p in split("test", 3)]
+    prompts[2] = prompts[2][3:]
+    engine = Engine(model, max_batch=2, filter=model.l2pd_filter)
+    configs = [dict(max_new_tokens=64), dict(max_new_tokens=72, strategy="threshold", block_length=32,
+                                             cache="dual", refresh="window")]
+    jobs = [(p, c, engine.submit(p, **c)) for c in configs for p in prompts]
+    engine.run()
+    for p, c, req in jobs:
+        assert req.tokens == _alone(model, p, **c), c
+
+
+def test_sampling_with_a_seed_matches_generate_at_batch_one(bundled):
+    model, _, prompts = bundled
+    opts = dict(max_new_tokens=40, strategy="threshold", block_length=16, temperature=0.8, seed=1234,
+                cache="dual")
+    engine = Engine(model, max_batch=4)
+    reqs = [engine.submit(p, **opts) for p in prompts[:3]]
+    engine.run()
+    for p, r in zip(prompts, reqs):
+        assert r.tokens == _alone(model, p, **opts)
+
+
+def test_events_stream_every_final_token_once_in_order(bundled):
+    model, _, prompts = bundled
+    seen, ends = [], []
+
+    def on_event(req, tokens):
+        seen.extend(tokens)
+        if req.finish_reason is not None:
+            ends.append(req.finish_reason)
+
+    engine = Engine(model, max_batch=2)
+    req = engine.submit(prompts[0], on_event=on_event, max_new_tokens=64, strategy="threshold", block_length=16)
+    engine.run()
+    assert seen == req.tokens and ends == [req.finish_reason] and req.done.is_set()
+    assert req.first_token is not None and req.finished >= req.first_token
+
+
+def test_cancel_frees_the_row_at_the_next_iteration(bundled):
+    model, _, prompts = bundled
+    engine = Engine(model, max_batch=1)
+    a = engine.submit(prompts[0], max_new_tokens=128, strategy="steps", block_length=32)  # 128 forwards
+    b = engine.submit(prompts[1], max_new_tokens=32, strategy="threshold", block_length=32)
+    engine.step()
+    engine.step()
+    assert a.finish_reason is None and 0 in engine.rows
+    a.cancel()
+    engine.step()  # a leaves, b takes its slot in the same iteration
+    assert a.finish_reason == "cancelled" and a.done.is_set()
+    assert engine.rows[0].request is b
+    engine.run()
+    assert b.tokens == _alone(model, prompts[1], max_new_tokens=32, strategy="threshold", block_length=32)
+    assert engine.counters["cancelled"] == 1
+
+
+def test_deadline_drops_a_request(bundled):
+    model, _, prompts = bundled
+    engine = Engine(model, max_batch=2)
+    req = engine.submit(prompts[0], max_new_tokens=64, strategy="steps", timeout=0.0)
+    engine.run()
+    assert req.finish_reason == "timeout" and engine.counters["timed_out"] == 1
+
+
+def test_stop_strings_end_the_request(bundled):
+    model, tok, prompts = bundled
+    full = _alone(model, prompts[0], max_new_tokens=96, strategy="threshold", block_length=32)
+    text = tok.decode(full)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    engine = Engine(model, max_batch=2, tokenizer=tok)
+    req = engine.submit(prompts[0], stop=[stop, "never-said"], max_new_tokens=96, strategy="threshold",
+                        block_length=32)
+    engine.run()
+    assert req.finish_reason == "stop" and req.stop_hit == stop
+    assert req.tokens == full[: len(req.tokens)] and len(req.tokens) < len(full)
+    assert stop in tok.decode(req.tokens)
+
+
+def test_a_failing_request_leaves_the_others_alone(bundled):
+    model, _, prompts = bundled
+
+    def explode(req, tokens):
+        raise RuntimeError("client went away badly")
+
+    engine = Engine(model, max_batch=3)
+    bad = engine.submit(prompts[0], on_event=explode, max_new_tokens=64, strategy="threshold", block_length=16)
+    good = engine.submit(prompts[1], max_new_tokens=64, strategy="threshold", block_length=16)
+    engine.run()
+    assert bad.finish_reason == "error" and "client went away" in bad.error
+    assert good.tokens == _alone(model, prompts[1], max_new_tokens=64, strategy="threshold", block_length=16)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=5000), "exceeds"),
+    (dict(strategy="fast"), "strategy"),
+    (dict(strategy="oracle"), "oracle"),
+    (dict(threshold=float("nan")), "threshold"),
+    (dict(block_length=512), "block_length"),
+    (dict(top_p=0.5), "top_p"),
+    (dict(stop=[3]), "stop"),
+])
+def test_bad_requests_are_refused_by_name(bundled, bad, match):
+    model, _, prompts = bundled
+    engine = Engine(model, max_batch=1)
+    with pytest.raises(ValueError, match=match):
+        engine.submit(prompts[0], **bad)
+    with pytest.raises(ValueError, match="mask token"):
+        engine.submit([5, model.config.mask_token_id, 6])
+    with pytest.raises(ValueError, match="non-empty"):
+        engine.submit([])
+    assert engine.load() == 0
+
+
+def test_background_loop_and_draining_stop(bundled):
+    model, _, prompts = bundled
+    engine = Engine(model, max_batch=2)
+    engine.start()
+    reqs = [engine.submit(p, max_new_tokens=40, strategy="threshold", block_length=16) for p in prompts[:3]]
+    engine.stop(drain=60)
+    assert all(r.done.is_set() and r.finish_reason in ("stop", "length") for r in reqs)
+    with pytest.raises(EngineClosed):
+        engine.submit(prompts[0])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="the kernel path needs a GPU or TRITON_INTERPRET=1")
+def test_kernel_path_matches_reference_path():
+    """The packed forward through the Triton kernels (pool attention, rope rows, per-row decide) gives the
+    reference path's tokens on a tiny random model."""
+    model = tiny_model(seed=3, n_kv_heads=2, d_model=64, n_heads=4)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(dev)
+    prompts = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15, 16, 17]]
+    opts = dict(max_new_tokens=12, strategy="threshold", threshold=0.3, block_length=4, cache="dual",
+                refresh="window", eotp=True)
+    out = []
+    for kernels in (False, True):
+        engine = Engine.func(model, max_batch=2, backend="triton" if kernels else "torch", fused=kernels)
+        reqs = [engine.submit(p, **opts) for p in prompts]
+        engine.run()
+        out.append([r.tokens for r in reqs])
+    assert out[0] == out[1]
