@@ -21,7 +21,8 @@ setup(
         "numpy",
         "triton; platform_system == 'Linux'",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "matplotlib"], "eval": ["lm-eval>=0.4.8"],
-                    "plot": ["matplotlib"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis", "matplotlib",
+                                      "fastapi", "uvicorn", "prometheus_client", "openai"], "eval": ["lm-eval>=0.4.8"],
+                    "plot": ["matplotlib"], "serve": ["fastapi", "uvicorn", "prometheus_client"]},
     entry_points={"console_scripts": ["l2pd = l2pd.cli:main"]},
 )

@@ -146,6 +146,9 @@ class Engine:
         self.rows: dict[int, _Row] = {}  # slot -> row
         self.counters = dict.fromkeys(_COUNTERS, 0)
         self.step_seconds: collections.deque[float] = collections.deque(maxlen=4096)
+        # (time, tokens out so far) after each iteration: tokens/s over a recent window
+        self.history: collections.deque[tuple[float, int]] = collections.deque(maxlen=4096)
+        self.observers: list[Callable[[float], None]] = []  # called with each iteration's seconds (metrics)
         self._ids = itertools.count()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -241,6 +244,14 @@ class Engine:
         """Requests waiting or active."""
         return len(self.waiting) + len(self.rows)
 
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Answer tokens per second over the last ``window`` seconds of iterations."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self.history) if now - t <= window]
+        if len(recent) < 2 or recent[-1][0] <= recent[0][0]:
+            return 0.0
+        return (recent[-1][1] - recent[0][1]) / (now - recent[0][0])
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -289,7 +300,11 @@ class Engine:
             except Exception as exc:  # a request's own failure (its callback, its stop check) is its alone
                 self._retire(row, "error", error=f"{type(exc).__name__}: {exc}")
         self.counters["iterations"] += 1
-        self.step_seconds.append(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.step_seconds.append(seconds)
+        self.history.append((time.monotonic(), self.counters["tokens_out"]))
+        for observe in self.observers:
+            observe(seconds)
         return bool(self.rows or self.waiting)
 
     def _admit(self, now: float) -> None:
@@ -451,17 +466,21 @@ class Engine:
             if tok in spec.stops.extra.tolist():
                 reason = "stop"
                 break
+        if emit and req.stop:  # the first stop string in the text ends the answer at the token completing it
+            text = self.tokenizer.decode(req.tokens + emit)
+            hits = [(text.find(s), s) for s in req.stop if s in text]
+            if hits:
+                req.stop_hit = min(hits)[1]
+                reason = "stop"
+                for k in range(1, len(emit) + 1):
+                    if any(s in self.tokenizer.decode(req.tokens + emit[:k]) for s in req.stop):
+                        emit = emit[:k]
+                        break
         if emit:
             req.tokens.extend(emit)
             self.counters["tokens_out"] += len(emit)
             if req.first_token is None:
                 req.first_token = time.monotonic()
-        if reason is None and req.stop and emit:
-            text = self.tokenizer.decode(req.tokens)
-            hits = [(text.find(s), s) for s in req.stop if s in text]
-            if hits:
-                req.stop_hit = min(hits)[1]
-                reason = "stop"
         if emit and req.on_event is not None and reason is None:
             req.on_event(req, emit)
         if reason is None and done_here:

@@ -11,10 +11,9 @@ import random
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from l2pd.engine import Engine, EngineClosed
-
-from conftest import tiny_model
 
 # the reference decision ops on both sides (the interpreter would make these tests slow); the kernel path has
 # its own test at the end
