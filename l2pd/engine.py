@@ -47,7 +47,7 @@ from .models.decoder import Pack
 from .spec import DecodeSpec, resolve
 
 _RESOLVE_ARGS = set(inspect.signature(resolve).parameters) - {"adapter", "kwargs", "input_ids"}
-MAX_BLOCK = 256  # the pool's canvas keeps this many spare columns past the longest request: a block never overruns
+MAX_BLOCK = 256  # default longest block: the pool keeps that many spare columns past the longest request
 
 
 class EngineClosed(RuntimeError):
@@ -119,7 +119,7 @@ class Engine:
 
     def __init__(self, model: Any, *, max_batch: int = 16, max_length: int | None = None, filter: Any = None,
                  tokenizer: Any = None, max_step_tokens: int = 8192, backend: str | None = None,
-                 fused: bool | None = None) -> None:
+                 fused: bool | None = None, max_block_length: int = MAX_BLOCK) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} must be a positive integer")
         self.model, self.adapter = model, adapter_for(model)
@@ -133,7 +133,8 @@ class Engine:
         self.max_batch, self.max_length, self.max_step_tokens = max_batch, max_length, int(max_step_tokens)
         dec, device, dtype = self.adapter.decoder, self.adapter.device, self.adapter.dtype
         self.device = device
-        width = max_length + MAX_BLOCK
+        self.max_block_length = int(max_block_length)
+        width = max_length + self.max_block_length  # a last block may reach past the answer; never past the pool
         # row max_batch is spare: a place for nothing (kept so a padded pack has somewhere harmless to write)
         self.canvas = torch.full((max_batch + 1, width), self.adapter.eos_id, dtype=torch.int64, device=device)
         self.kv = BlockKVCache(len(dec.layers), max_batch + 1, dec.n_kv, width, dec.head_dim, "dual", dtype, device)
@@ -189,8 +190,8 @@ class Engine:
         known = {k: v for k, v in options.items() if k in _RESOLVE_ARGS}
         unknown = {k: v for k, v in options.items() if k not in _RESOLVE_ARGS}
         spec, input_ids, _ = resolve(self.adapter, input_ids=ids.view(1, -1), kwargs=unknown, **known)
-        if spec.block_length > MAX_BLOCK:
-            raise ValueError(f"block_length={spec.block_length} exceeds the engine's limit of {MAX_BLOCK}")
+        if spec.block_length > self.max_block_length:
+            raise ValueError(f"block_length={spec.block_length} exceeds the engine's limit of {self.max_block_length}")
         P, G = input_ids.shape[1], spec.max_new_tokens
         if P + G > self.max_length:
             raise ValueError(f"prompt of {P} tokens + max_new_tokens {G} = {P + G} exceeds the engine's "
