@@ -170,6 +170,42 @@ def static_batches(model, requests, batch: int, options, pad_id: int, arrivals: 
             "latency_p50": percentile(lat, 50), "latency_p99": percentile(lat, 99)}
 
 
+def profile_engine(engine, reqs, options, warm: int = 12, iters: int = 6) -> dict:
+    """Steady state of a full engine: wall time per iteration against the device time of its kernels, by
+    kind (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for ids, G in reqs:
+        engine.submit(ids, max_new_tokens=G, **options(G))
+    for _ in range(warm):
+        engine.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        engine.step()
+    wall = (time.perf_counter() - t0) / iters
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            engine.step()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    for ev in prof.key_averages():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = getattr(ev, "device_time_total", 0) / iters / 1000
+        name = ev.key.lower()
+        kind = ("matmul" if any(k in name for k in ("gemm", "cutlass", "nvjet", "xmma", "cublas")) else
+                "pool_attention" if "pool_attention" in name else
+                "l2pd fused" if any(k in name for k in ("_rms_norm", "_rope", "_silu", "skinny", "gate_up")) else
+                "decision" if any(k in name for k in ("_decide", "_partial", "_merge")) else "other")
+        kinds[kind] = kinds.get(kind, 0.0) + t
+    out = {"wall_ms_per_iteration": 1e3 * wall, "device_ms_per_iteration": sum(kinds.values()),
+           "rows": len(engine.rows)}
+    out.update({f"{k}_ms": v for k, v in kinds.items()})
+    engine.stop(drain=0)
+    return out
+
+
 def check_bundled(args, n: int = 64) -> dict:
     """The bundled model on this device: engine answers (32 rows at once, mixed budgets) against ``generate``
     on each prompt alone, for the default learn2pd and for threshold at block 32."""
@@ -308,6 +344,9 @@ def main(argv=None) -> int:
         for rate in [float(x) for x in args.rates.split(",")]:
             reqs = make_requests(n_req, (sc(64), sc(2048)), (sc(64), sc(1024)), vocab, avoid, 5)
             report(f"poisson_{rate:g}", Load(engines(1, longest(reqs)), options).run(reqs, rate=rate))
+    if "profile" in suites:
+        reqs = make_requests(2 * args.max_batch, (sc(512), sc(512)), (sc(256), sc(256)), vocab, avoid, 6)
+        report("profile", profile_engine(engines(1, longest(reqs))[0], reqs, options))
     if "check" in suites:
         report("check", check_bundled(args))
     if args.out:

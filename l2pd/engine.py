@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from .cache import BlockKVCache, feed_range, refresh_range
@@ -46,6 +47,7 @@ from .models import adapter_for
 from .models.decoder import Pack
 from .spec import DecodeSpec, resolve
 
+TILE_M = 32  # queries per program of the pool attention kernel
 _RESOLVE_ARGS = set(inspect.signature(resolve).parameters) - {"adapter", "kwargs", "input_ids"}
 MAX_BLOCK = 256  # default longest block: the pool keeps that many spare columns past the longest request
 
@@ -290,7 +292,11 @@ class Engine:
             return bool(self.waiting)
         plan = self._plan()
         try:
-            blocks = self._run(plan)
+            if self.device.type == "cuda":
+                with torch.cuda.device(self.device):  # Triton launches on the current device
+                    blocks = self._run(plan)
+            else:
+                blocks = self._run(plan)
         except Exception as exc:
             for row in plan:
                 self._retire(row, "error", error=f"{type(exc).__name__}: {exc}")
@@ -362,42 +368,53 @@ class Engine:
             key = (s.block_length, s.strategy, s.threshold, s.eotp, s.mask_id, s.eos_id, id(s.filter))
             groups.setdefault(key, []).append(row)
         order = [row for rows in groups.values() for row in rows]
-        rows_l, slots_l, seg_l, lidx_l, params_l = [], [], [], [], []
-        n = 0
-        for row in order:
-            lo, hi = self._fed(row)
-            seg_l.append((n, hi - lo, row.slot, row.T))
-            rows_l.append(torch.full((hi - lo,), row.slot, dtype=torch.int64))
-            slots_l.append(torch.arange(lo, hi, dtype=torch.int64))
-            spec, s, e = row.request.spec, row.block, row.end
-            L = spec.block_length
-            # the block's logits: position p from hidden state p - shift; past the answer (a short last block)
-            # repeat the last, whose decision the canvas (end of text there) ignores
-            idx = [n + min(p, e - 1) - shift - lo for p in range(s, s + L)]
-            lidx_l.extend(idx)
-            n += hi - lo
+        # host side, vectorised: each row's fed range, block and step words; then one copy to the device
+        fed = np.array([self._fed(r) for r in order], dtype=np.int64).reshape(-1, 2)
+        lo, lens = fed[:, 0], fed[:, 1] - fed[:, 0]
+        slot = np.array([r.slot for r in order], dtype=np.int64)
+        T = np.array([r.T for r in order], dtype=np.int64)
+        s = np.array([r.block for r in order], dtype=np.int64)
+        e = np.array([r.end for r in order], dtype=np.int64)
+        L = np.array([r.request.spec.block_length for r in order], dtype=np.int64)
+        start = np.cumsum(lens) - lens
+        n = int(lens.sum())
+        tok_rows = np.repeat(slot, lens)
+        tok_slots = np.arange(n) - np.repeat(start - lo, lens)
+        # the block's logits: position p from hidden state p - shift; past the answer (a short last block)
+        # repeat the last, whose decision the canvas (end of text there) ignores
+        offs = np.arange(int(L.sum())) - np.repeat(np.cumsum(L) - L, L)
+        p = np.minimum(np.repeat(s, L) + offs, np.repeat(e - 1, L))
+        lidx = np.repeat(start - lo - shift, L) + p
+        words = np.empty((len(order), 2), dtype=np.int64)
+        for i, row in enumerate(order):
+            spec = row.request.spec
             if row.step == 0:
-                row.schedule = block_schedule(e - s, spec.steps_per_block)
+                row.schedule = block_schedule(row.end - row.block, spec.steps_per_block)
             k = row.schedule[row.step] if spec.strategy != "threshold" and row.step < len(row.schedule) else 1
-            if row.step == e - s - 1:
-                k = e - s  # generate's cap: a block never takes more forwards than its length
-            params_l.append(((s << 20) | k, row.step))
-            kind = "step_tokens" if row.step else "refresh_tokens"
-            self.counters[kind] += hi - lo
+            if row.step == row.end - row.block - 1:
+                k = row.end - row.block  # generate's cap: a block never takes more forwards than its length
+            words[i] = ((row.block << 20) | k, row.step)
+        steps = np.array([r.step for r in order]) > 0
+        self.counters["step_tokens"] += int(lens[steps].sum())
+        self.counters["refresh_tokens"] += int(lens[~steps].sum())
         self.counters["fed_tokens"] += n
         self.counters["forwards"] += len(order)
-        rows = torch.cat(rows_l).to(device)
-        slots = torch.cat(slots_l).to(device)
-        seg = torch.tensor(seg_l, dtype=torch.int64)
-        pack = Pack(rows, slots, seg.to(device), None)
-        if self.fused or device.type == "cuda":
-            from l2pd_kernels.attention import pool_tiles
-
-            pack.tiles = pool_tiles(seg).to(device)
+        seg = np.stack([start, lens, slot, T], 1)
+        width = int(L.max())
+        cols = (s[:, None] + np.arange(width)[None, :]).reshape(-1)  # the blocks read back after the decision
+        ntiles = -(-lens // TILE_M)
+        tiles = np.stack([np.repeat(np.arange(len(order)), ntiles),
+                          (np.arange(int(ntiles.sum())) - np.repeat(np.cumsum(ntiles) - ntiles, ntiles)) * TILE_M], 1)
+        parts = [tok_rows, tok_slots, lidx, seg.reshape(-1), words.reshape(-1), slot, cols, tiles.reshape(-1)]
+        host = torch.from_numpy(np.concatenate(parts))
+        if device.type == "cuda":
+            host = host.pin_memory()
+        dev = host.to(device, non_blocking=True)
+        (rows, slots, lidx_t, seg_t, params, slot_t, cols_t, tiles_t) = torch.split(dev, [len(x) for x in parts])
+        pack = Pack(rows, slots, seg_t.view(-1, 4), tiles_t.view(-1, 2))
         ids = self.canvas[rows, slots].view(1, -1)
-        lidx = torch.tensor(lidx_l, dtype=torch.int64, device=device)
-        logits = self.adapter.forward(ids, None, cache=self.kv, position_ids=slots.view(1, -1), logits_index=lidx,
-                                      pack=pack, fused=self.fused)
+        logits = self.adapter.forward(ids, None, cache=self.kv, position_ids=slots.view(1, -1),
+                                      logits_index=lidx_t, pack=pack, fused=self.fused)
         needs_stats = any(r.request.spec.filter is not None and r.request.spec.filter.needs_stats for r in order)
         mask_id = order[0].request.spec.mask_id
         out = self.confidence(logits, 0.0, None, suppress=mask_id, stats=True) if needs_stats else \
@@ -405,7 +422,7 @@ class Engine:
         token, prob = out[0][0], out[1][0]
         margin, entropy = (out[2][0], out[3][0]) if needs_stats else (None, None)
         self._sample(order, logits, token, prob)
-        params = torch.tensor(params_l, dtype=torch.int64, device=device)
+        params = params.view(-1, 2)
         off = r0 = 0
         for rows_g in groups.values():
             spec = rows_g[0].request.spec
@@ -420,15 +437,12 @@ class Engine:
                 if f.needs_stats:
                     stats = dict(margin=margin[part].view(g, L), entropy=entropy[part].view(g, L))
             self.decide(self.canvas, token[part].view(g, L), prob[part].view(g, L), block_start=0, k=0,
-                        params=params[r0 : r0 + g], rows=torch.tensor([r.slot for r in rows_g], device=device),
+                        params=params[r0 : r0 + g], rows=slot_t[r0 : r0 + g],
                         **stats, **kw)
             off += g * L
             r0 += g
         # the one host read: every planned row's block after the decision
-        width = max(r.request.spec.block_length for r in order)
-        cols = torch.tensor([r.block for r in order], device=device)[:, None] + torch.arange(width, device=device)
-        srows = torch.tensor([r.slot for r in order], device=device)[:, None]
-        blocks = self.canvas[srows, cols].tolist()
+        blocks = self.canvas[slot_t[:, None], cols_t.view(-1, width)].tolist()
         by_row = {id(r): b for r, b in zip(order, blocks)}
         return [by_row[id(r)] for r in plan]
 
