@@ -86,7 +86,15 @@ class Load:
         o["max_new_tokens"] = G
         return o
 
-    def run(self, requests, concurrency: int | None = None, rate: float | None = None, seed: int = 0) -> dict:
+    def run(self, requests, concurrency: int | None = None, rate: float | None = None, seed: int = 0,
+            warmup: int = 0) -> dict:
+        """Time the requests; ``warmup`` of them first, untimed, on every engine (kernel compiles, cuBLAS)."""
+        for e in self.engines:
+            for ids, G in requests[:warmup]:
+                e.submit(ids, **self.opts(G))
+            e.run()
+            for k in e.counters:
+                e.counters[k] = 0
         for e in self.engines:
             e.start()
         done = threading.Semaphore(0)
@@ -131,7 +139,8 @@ class Load:
                 "iterations": sum(e.counters["iterations"] for e in self.engines)}
 
 
-def static_batches(model, requests, batch: int, options, pad_id: int, arrivals: list[float] | None = None) -> dict:
+def static_batches(model, requests, batch: int, options, pad_id: int, arrivals: list[float] | None = None,
+                   warmup: bool = True) -> dict:
     """``generate`` over batches of ``batch`` requests in arrival order, each run to its longest budget."""
     import gc
 
@@ -142,6 +151,8 @@ def static_batches(model, requests, batch: int, options, pad_id: int, arrivals: 
         torch.cuda.empty_cache()
     device = next(model.parameters()).device
     eos = model.config.eos_token_id
+    if warmup:  # the first batch once, untimed (kernel compiles, graph captures)
+        static_batches(model, requests[:batch], batch, options, pad_id, warmup=False)
     tokens, lat, clock = 0, [], 0.0
     t_start = time.perf_counter()
     for i in range(0, len(requests), batch):
@@ -166,6 +177,8 @@ def static_batches(model, requests, batch: int, options, pad_id: int, arrivals: 
             lat.append(clock - (arrivals[i + r] if arrivals else 0.0))
     wall = clock if arrivals else time.perf_counter() - t_start
     release(model)  # its kept buffers (a K/V cache of this batch's shape)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return {"requests": len(requests), "tokens": tokens, "seconds": wall, "tok_s": tokens / wall,
             "latency_p50": percentile(lat, 50), "latency_p99": percentile(lat, 99)}
 
@@ -283,6 +296,8 @@ def main(argv=None) -> int:
                     "poisson, dp")
     ap.add_argument("--max-batch", type=int, default=None, help="rows per engine (default 64 on GPU, 8 on CPU)")
     ap.add_argument("--requests", type=int, default=None, help="requests per load (default 4 x max-batch)")
+    ap.add_argument("--static-batch", type=int, default=None,
+                    help="rows of a static batch in the mixed suite (default max-batch; the largest that fits)")
     ap.add_argument("--tpf", type=int, default=8, help="forced tokens per forward (8b shapes)")
     ap.add_argument("--rates", default="1,2,4", help="Poisson arrival rates, requests/s")
     ap.add_argument("--data-parallel", type=int, default=1)
@@ -311,9 +326,13 @@ def main(argv=None) -> int:
         print(f"{name:32s} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                          for k, v in r.items()), flush=True)
 
+    if "profile" in suites:
+        reqs = make_requests(2 * args.max_batch, (sc(512), sc(512)), (sc(256), sc(256)), vocab, avoid, 6)
+        report("profile", profile_engine(engines(1, longest(reqs))[0], reqs, options))
     if "saturated" in suites or "dp" in suites:
         reqs = make_requests(n_req, (sc(512), sc(512)), (sc(256), sc(256)), vocab, avoid, 1)
-        report("saturated_engine", Load(engines(1, longest(reqs)), options).run(reqs, 2 * args.max_batch))
+        report("saturated_engine", Load(engines(1, longest(reqs)), options).run(reqs, 2 * args.max_batch,
+                                                                                   warmup=args.max_batch))
         torch.cuda.empty_cache() if gpu else None
         report("saturated_generate", static_batches(models[0], reqs, args.max_batch, options, pad))
         results["saturated_ratio"] = results["saturated_engine"]["tok_s"] / results["saturated_generate"]["tok_s"]
@@ -321,20 +340,21 @@ def main(argv=None) -> int:
         if "dp" in suites and args.data_parallel > 1:
             reqs2 = make_requests(2 * n_req, (sc(512), sc(512)), (sc(256), sc(256)), vocab, avoid, 2)
             report("dp_engines", Load(engines(args.data_parallel, longest(reqs2)), options).run(
-                reqs2, 2 * args.max_batch * args.data_parallel))
+                reqs2, 2 * args.max_batch * args.data_parallel, warmup=args.max_batch))
             results["dp_ratio"] = results["dp_engines"]["tok_s"] / results["saturated_engine"]["tok_s"]
             print(f"data parallel {args.data_parallel} / one engine: {results['dp_ratio']:.3f}")
     if "mixed" in suites:
         reqs = make_requests(n_req, (sc(64), sc(2048)), (sc(64), sc(1024)), vocab, avoid, 3)
-        report("mixed_engine", Load(engines(1, longest(reqs)), options).run(reqs, args.max_batch))
+        report("mixed_engine", Load(engines(1, longest(reqs)), options).run(reqs, args.max_batch,
+                                                                            warmup=args.max_batch // 4))
         torch.cuda.empty_cache() if gpu else None
         # static batching of the same requests, all there at the start (its best case)
-        report("mixed_static", static_batches(models[0], reqs, args.max_batch, options, pad))
+        report("mixed_static", static_batches(models[0], reqs, args.static_batch or args.max_batch, options, pad))
         results["mixed_ratio"] = results["mixed_engine"]["tok_s"] / results["mixed_static"]["tok_s"]
         print(f"mixed continuous / static: {results['mixed_ratio']:.3f}")
     if "single" in suites:
         reqs = make_requests(6, (sc(512), sc(512)), (sc(256), sc(256)), vocab, avoid, 4)
-        r = Load(engines(1, longest(reqs)), options).run(reqs, 1)
+        r = Load(engines(1, longest(reqs)), options).run(reqs, 1, warmup=1)
         r["ms_per_forward"] = 1e3 * r["seconds"] / r["forwards"]
         report("single_engine", r)
         g = static_batches(models[0], reqs, 1, options, pad)
@@ -344,9 +364,6 @@ def main(argv=None) -> int:
         for rate in [float(x) for x in args.rates.split(",")]:
             reqs = make_requests(n_req, (sc(64), sc(2048)), (sc(64), sc(1024)), vocab, avoid, 5)
             report(f"poisson_{rate:g}", Load(engines(1, longest(reqs)), options).run(reqs, rate=rate))
-    if "profile" in suites:
-        reqs = make_requests(2 * args.max_batch, (sc(512), sc(512)), (sc(256), sc(256)), vocab, avoid, 6)
-        report("profile", profile_engine(engines(1, longest(reqs))[0], reqs, options))
     if "check" in suites:
         report("check", check_bundled(args))
     if args.out:

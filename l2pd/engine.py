@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import inspect
 import itertools
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -107,8 +108,26 @@ class _Row:
         return min(self.block + self.request.spec.block_length, self.T)
 
 
-_COUNTERS = ("iterations", "forwards", "fed_tokens", "step_tokens", "refresh_tokens", "tokens_out", "admitted",
-             "finished", "cancelled", "timed_out", "failed", "deferred_refreshes")
+_COUNTERS = ("iterations", "graphed", "forwards", "fed_tokens", "step_tokens", "refresh_tokens", "tokens_out",
+             "admitted", "finished", "cancelled", "timed_out", "failed", "deferred_refreshes")
+
+
+@dataclass
+class _EngineGraph:
+    dev: torch.Tensor  # the iteration's indices (static input)
+    graph: Any = None
+    out: torch.Tensor | None = None  # the rows' blocks after the decision (static output)
+
+
+def _bucket(n: int) -> int:
+    """Rows a graphed iteration runs: the next power of two."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _bucket_tokens(n: int) -> int:
+    """Tokens (or attention programs) of a graphed iteration: rounded up by at most 1/8 (and to 16)."""
+    step = max(16, 1 << max(0, n.bit_length() - 4))
+    return -(-max(n, 1) // step) * step
 
 
 class Engine:
@@ -121,7 +140,8 @@ class Engine:
 
     def __init__(self, model: Any, *, max_batch: int = 16, max_length: int | None = None, filter: Any = None,
                  tokenizer: Any = None, max_step_tokens: int = 8192, backend: str | None = None,
-                 fused: bool | None = None, max_block_length: int = MAX_BLOCK) -> None:
+                 fused: bool | None = None, max_block_length: int = MAX_BLOCK,
+                 cuda_graphs: bool | None = None, pad_buckets: bool = False) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} must be a positive integer")
         self.model, self.adapter = model, adapter_for(model)
@@ -145,6 +165,12 @@ class Engine:
         self.kernels = self.decide.__module__ == "l2pd_kernels.decide"
         if device.type == "cuda":
             self.adapter.pack()
+        # iterations of one policy, greedy, on CUDA replay from a graph per (token, row, program) bucket
+        self.graphs = device.type == "cuda" and self.kernels and (cuda_graphs if cuda_graphs is not None else
+                                                                   os.environ.get("L2PD_CUDA_GRAPH", "1") != "0")
+        self._graphed: dict[tuple, _EngineGraph] = {}
+        self.pad_buckets = pad_buckets  # pad iterations to the graphs' buckets without graphs (tests, CPU)
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: dict[int, _Row] = {}  # slot -> row
         self.counters = dict.fromkeys(_COUNTERS, 0)
@@ -360,7 +386,7 @@ class Engine:
 
     def _run(self, plan: list[_Row]) -> list[list[int]]:
         """The packed forward, confidence and decisions of the planned rows; their blocks, read back."""
-        device, shift = self.device, self.adapter.shift
+        device = self.device
         # rows grouped by policy (one decide per group), so each group's logits are contiguous
         groups: dict[tuple, list[_Row]] = {}
         for row in plan:
@@ -368,7 +394,42 @@ class Engine:
             key = (s.block_length, s.strategy, s.threshold, s.eotp, s.mask_id, s.eos_id, id(s.filter))
             groups.setdefault(key, []).append(row)
         order = [row for rows in groups.values() for row in rows]
-        # host side, vectorised: each row's fed range, block and step words; then one copy to the device
+        sampled = any(r.request.spec.temperature > 0 for r in order)
+        graph = self.graphs and len(groups) == 1 and not sampled
+        parts, meta = self._pack(order, [len(g) for g in groups.values()],
+                                 pad=(graph or self.pad_buckets) and len(groups) == 1)
+        host = torch.from_numpy(np.concatenate(parts))
+        if device.type == "cuda":
+            host = host.pin_memory()
+        if not graph:
+            dev = host.to(device, non_blocking=True)
+            blocks = self._body(dev, meta, order, groups)
+        else:
+            key = (tuple(len(x) for x in parts), meta["width"], next(iter(groups)))
+            g = self._graphed.get(key)
+            if g is None:  # first use: eager (compiles, warms cuBLAS), keeping its input buffer
+                dev = host.to(device, non_blocking=True)
+                self._graphed[key] = _EngineGraph(dev)
+                blocks = self._body(dev, meta, order, groups)
+            else:
+                g.dev.copy_(host, non_blocking=True)
+                if g.graph is None:
+                    g.graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g.graph, pool=self._pool):
+                        g.out = self._body(g.dev, meta, order, groups)
+                g.graph.replay()
+                self.counters["graphed"] += 1
+                blocks = g.out
+        blocks = blocks[: len(order)].tolist()  # the one host read of the iteration
+        by_row = {id(r): b for r, b in zip(order, blocks)}
+        return [by_row[id(r)] for r in plan]
+
+    def _pack(self, order: list[_Row], group_sizes: list[int], pad: bool) -> tuple[list[np.ndarray], dict]:
+        """The iteration's indices, built vectorised on the host: token rows and slots, logit rows, segments,
+        decide words, canvas rows, read-back columns, attention tiles. With ``pad`` the token, row and tile
+        counts are rounded up to buckets (a captured graph per bucket): padding rows decide on the pool's
+        spare row and padding tokens write there, so nothing real is touched."""
+        shift, spare = self.adapter.shift, self.max_batch
         fed = np.array([self._fed(r) for r in order], dtype=np.int64).reshape(-1, 2)
         lo, lens = fed[:, 0], fed[:, 1] - fed[:, 0]
         slot = np.array([r.slot for r in order], dtype=np.int64)
@@ -376,15 +437,6 @@ class Engine:
         s = np.array([r.block for r in order], dtype=np.int64)
         e = np.array([r.end for r in order], dtype=np.int64)
         L = np.array([r.request.spec.block_length for r in order], dtype=np.int64)
-        start = np.cumsum(lens) - lens
-        n = int(lens.sum())
-        tok_rows = np.repeat(slot, lens)
-        tok_slots = np.arange(n) - np.repeat(start - lo, lens)
-        # the block's logits: position p from hidden state p - shift; past the answer (a short last block)
-        # repeat the last, whose decision the canvas (end of text there) ignores
-        offs = np.arange(int(L.sum())) - np.repeat(np.cumsum(L) - L, L)
-        p = np.minimum(np.repeat(s, L) + offs, np.repeat(e - 1, L))
-        lidx = np.repeat(start - lo - shift, L) + p
         words = np.empty((len(order), 2), dtype=np.int64)
         for i, row in enumerate(order):
             spec = row.request.spec
@@ -395,26 +447,55 @@ class Engine:
                 k = row.end - row.block  # generate's cap: a block never takes more forwards than its length
             words[i] = ((row.block << 20) | k, row.step)
         steps = np.array([r.step for r in order]) > 0
+        n = int(lens.sum())
         self.counters["step_tokens"] += int(lens[steps].sum())
         self.counters["refresh_tokens"] += int(lens[~steps].sum())
         self.counters["fed_tokens"] += n
         self.counters["forwards"] += len(order)
-        seg = np.stack([start, lens, slot, T], 1)
+        start = np.cumsum(lens) - lens
         width = int(L.max())
+        if pad:  # padding rows (no tokens, block 0 of the spare row), then one segment of padding tokens
+            extra = _bucket(len(order)) - len(order)
+            n_pad = _bucket_tokens(n) - n
+            def grow(a: np.ndarray, tail: list[int]) -> np.ndarray:
+                return np.concatenate([a, np.array(tail, dtype=np.int64)])
+
+            lo, lens = grow(lo, [0] * (extra + 1)), grow(lens, [0] * extra + [n_pad])
+            slot = grow(slot, [spare] * (extra + 1))
+            T = grow(T, [1] * extra + [max(1, n_pad)])
+            s, e = grow(s, [0] * extra), grow(e, [1] * extra)
+            L = grow(L, [width] * extra)
+            words = np.concatenate([words, np.zeros((extra, 2), dtype=np.int64)])
+            start = np.cumsum(lens) - lens
+        rows_n = len(s)  # rows that decide (padding rows included)
+        tok_rows = np.repeat(slot, lens)
+        tok_slots = np.arange(int(lens.sum())) - np.repeat(start - lo, lens)
+        # the block's logits: position p from hidden state p - shift; past the answer (a short last block)
+        # repeat the last, whose decision the canvas (end of text there) ignores
+        offs = np.arange(int(L.sum())) - np.repeat(np.cumsum(L) - L, L)
+        p = np.minimum(np.repeat(s, L) + offs, np.repeat(e - 1, L))
+        lidx = np.clip(np.repeat((start - lo)[:rows_n] - shift, L) + p, 0, int(lens.sum()) - 1)
+        seg = np.stack([start, lens, slot, T], 1)
         cols = (s[:, None] + np.arange(width)[None, :]).reshape(-1)  # the blocks read back after the decision
         ntiles = -(-lens // TILE_M)
-        tiles = np.stack([np.repeat(np.arange(len(order)), ntiles),
+        tiles = np.stack([np.repeat(np.arange(len(lens)), ntiles),
                           (np.arange(int(ntiles.sum())) - np.repeat(np.cumsum(ntiles) - ntiles, ntiles)) * TILE_M], 1)
-        parts = [tok_rows, tok_slots, lidx, seg.reshape(-1), words.reshape(-1), slot, cols, tiles.reshape(-1)]
-        host = torch.from_numpy(np.concatenate(parts))
-        if device.type == "cuda":
-            host = host.pin_memory()
-        dev = host.to(device, non_blocking=True)
-        (rows, slots, lidx_t, seg_t, params, slot_t, cols_t, tiles_t) = torch.split(dev, [len(x) for x in parts])
-        pack = Pack(rows, slots, seg_t.view(-1, 4), tiles_t.view(-1, 2))
+        if pad:  # idle programs on the padding segment (their queries are past its length: nothing stored)
+            more = _bucket_tokens(len(tiles)) - len(tiles)
+            tiles = np.concatenate([tiles, np.tile([[len(lens) - 1, 1 << 30]], (more, 1))]).astype(np.int64)
+        parts = [tok_rows, tok_slots, lidx, seg.reshape(-1), words.reshape(-1), slot[:rows_n], cols,
+                 tiles.reshape(-1)]
+        return parts, {"sizes": [len(x) for x in parts], "width": width, "rows": rows_n, "groups": group_sizes}
+
+    def _body(self, dev: torch.Tensor, meta: dict, order: list[_Row], groups: dict) -> torch.Tensor:
+        """Forward, confidence, decisions and the gather of the rows' blocks, all on the device (what a graph
+        captures): the blocks [rows, width] after the decision."""
+        device = self.device
+        rows, slots, lidx, seg, params, slot_t, cols, tiles = torch.split(dev, meta["sizes"])
+        pack = Pack(rows, slots, seg.view(-1, 4), tiles.view(-1, 2))
         ids = self.canvas[rows, slots].view(1, -1)
         logits = self.adapter.forward(ids, None, cache=self.kv, position_ids=slots.view(1, -1),
-                                      logits_index=lidx_t, pack=pack, fused=self.fused)
+                                      logits_index=lidx, pack=pack, fused=self.fused)
         needs_stats = any(r.request.spec.filter is not None and r.request.spec.filter.needs_stats for r in order)
         mask_id = order[0].request.spec.mask_id
         out = self.confidence(logits, 0.0, None, suppress=mask_id, stats=True) if needs_stats else \
@@ -423,10 +504,12 @@ class Engine:
         margin, entropy = (out[2][0], out[3][0]) if needs_stats else (None, None)
         self._sample(order, logits, token, prob)
         params = params.view(-1, 2)
+        sizes = list(meta["groups"])
+        sizes[-1] += meta["rows"] - len(order)  # padding rows join the (single) group
         off = r0 = 0
-        for rows_g in groups.values():
+        for rows_g, g in zip(groups.values(), sizes):
             spec = rows_g[0].request.spec
-            L, g = spec.block_length, len(rows_g)
+            L = spec.block_length
             part = slice(off, off + g * L)
             kw = dict(threshold=spec.threshold, mask_id=spec.mask_id, eos_id=spec.eos_id, eotp=spec.eotp)
             stats = {}
@@ -437,14 +520,10 @@ class Engine:
                 if f.needs_stats:
                     stats = dict(margin=margin[part].view(g, L), entropy=entropy[part].view(g, L))
             self.decide(self.canvas, token[part].view(g, L), prob[part].view(g, L), block_start=0, k=0,
-                        params=params[r0 : r0 + g], rows=slot_t[r0 : r0 + g],
-                        **stats, **kw)
+                        params=params[r0 : r0 + g], rows=slot_t[r0 : r0 + g], **stats, **kw)
             off += g * L
             r0 += g
-        # the one host read: every planned row's block after the decision
-        blocks = self.canvas[slot_t[:, None], cols_t.view(-1, width)].tolist()
-        by_row = {id(r): b for r, b in zip(order, blocks)}
-        return [by_row[id(r)] for r in plan]
+        return self.canvas[slot_t[:, None], cols.view(-1, meta["width"])]
 
     def _sample(self, order: list[_Row], logits: torch.Tensor, token: torch.Tensor, prob: torch.Tensor) -> None:
         """Rows that sample redo their confidence alone, with ``generate``'s per-forward seed (batch 1)."""

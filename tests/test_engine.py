@@ -89,6 +89,20 @@ def test_tokens_never_depend_on_arrival_order_or_batch(bundled):
             assert req.tokens == want[key], (trial, key)
 
 
+def test_padded_iterations_give_the_same_tokens(bundled):
+    """Iterations padded to the CUDA graphs' buckets (padding rows and tokens on the pool's spare row) change
+    no request's tokens (the graphs replay exactly this padded iteration)."""
+    model, _, prompts = bundled
+    opts = [dict(max_new_tokens=40 + 8 * i, strategy="threshold", block_length=16, cache="dual",
+                 refresh=("window", "full", "tail")[i % 3]) for i in range(3)]
+    engine = Engine(model, max_batch=5, pad_buckets=True)
+    jobs = [(p, o, engine.submit(p, **o)) for o in opts for p in prompts]
+    engine.run()
+    for p, o, req in jobs:
+        assert req.tokens == _alone(model, p, **o)
+    assert engine.canvas[-1].ne(model.config.mask_token_id).all()  # the spare row never holds a mask
+
+
 def test_dream_family_matches_generate():
     from l2pd.demo import load
     from l2pd.demo.task import split
