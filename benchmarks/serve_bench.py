@@ -183,7 +183,7 @@ def static_batches(model, requests, batch: int, options, pad_id: int, arrivals: 
             "latency_p50": percentile(lat, 50), "latency_p99": percentile(lat, 99)}
 
 
-def profile_engine(engine, reqs, options, warm: int = 12, iters: int = 6) -> dict:
+def profile_engine(engine, reqs, options, warm: int = 40, iters: int = 6) -> dict:
     """Steady state of a full engine: wall time per iteration against the device time of its kernels, by
     kind (torch profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -213,7 +213,8 @@ def profile_engine(engine, reqs, options, warm: int = 12, iters: int = 6) -> dic
                 "decision" if any(k in name for k in ("_decide", "_partial", "_merge")) else "other")
         kinds[kind] = kinds.get(kind, 0.0) + t
     out = {"wall_ms_per_iteration": 1e3 * wall, "device_ms_per_iteration": sum(kinds.values()),
-           "rows": len(engine.rows)}
+           "rows": len(engine.rows), "graphed": engine.counters["graphed"], "iterations": engine.counters["iterations"],
+           "graphs": len(engine._graphed)}
     out.update({f"{k}_ms": v for k, v in kinds.items()})
     engine.stop(drain=0)
     return out

@@ -112,6 +112,18 @@ _COUNTERS = ("iterations", "graphed", "forwards", "fed_tokens", "step_tokens", "
              "admitted", "finished", "cancelled", "timed_out", "failed", "deferred_refreshes")
 
 
+class _OnHost:
+    """An adapter seen from the host: what ``resolve`` reads, with the prompt kept on the CPU."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, adapter: Any) -> None:
+        self._adapter = adapter
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._adapter, name)
+
+
 @dataclass
 class _EngineGraph:
     dev: torch.Tensor  # the iteration's indices (static input)
@@ -217,7 +229,9 @@ class Engine:
             raise ValueError(f"prompt must be a non-empty list of token ids, got shape {tuple(ids.shape)}")
         known = {k: v for k, v in options.items() if k in _RESOLVE_ARGS}
         unknown = {k: v for k, v in options.items() if k not in _RESOLVE_ARGS}
-        spec, input_ids, _ = resolve(self.adapter, input_ids=ids.view(1, -1), kwargs=unknown, **known)
+        # checked on the host: submit runs on the caller's thread, which must not touch the device while the
+        # engine's thread may be capturing a CUDA graph
+        spec, input_ids, _ = resolve(_OnHost(self.adapter), input_ids=ids.view(1, -1), kwargs=unknown, **known)
         if spec.block_length > self.max_block_length:
             raise ValueError(f"block_length={spec.block_length} exceeds the engine's limit of {self.max_block_length}")
         P, G = input_ids.shape[1], spec.max_new_tokens
