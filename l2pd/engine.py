@@ -429,7 +429,8 @@ class Engine:
                 g.dev.copy_(host, non_blocking=True)
                 if g.graph is None:
                     g.graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g.graph, pool=self._pool):
+                    # thread-local: engines on other GPUs (data parallel) keep working while this one captures
+                    with torch.cuda.graph(g.graph, pool=self._pool, capture_error_mode="thread_local"):
                         g.out = self._body(g.dev, meta, order, groups)
                 g.graph.replay()
                 self.counters["graphed"] += 1
