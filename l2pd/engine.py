@@ -183,6 +183,7 @@ class Engine:
         self._graphed: dict[tuple, _EngineGraph] = {}
         self.pad_buckets = pad_buckets  # pad iterations to the graphs' buckets without graphs (tests, CPU)
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self._capture_stream: Any = None
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: dict[int, _Row] = {}  # slot -> row
         self.counters = dict.fromkeys(_COUNTERS, 0)
@@ -430,7 +431,10 @@ class Engine:
                 if g.graph is None:
                     g.graph = torch.cuda.CUDAGraph()
                     # thread-local: engines on other GPUs (data parallel) keep working while this one captures
-                    with torch.cuda.graph(g.graph, pool=self._pool, capture_error_mode="thread_local"):
+                    if self._capture_stream is None:  # (torch's default capture stream is on the first GPU used)
+                        self._capture_stream = torch.cuda.Stream(device=device)
+                    with torch.cuda.graph(g.graph, pool=self._pool, stream=self._capture_stream,
+                                          capture_error_mode="thread_local"):
                         g.out = self._body(g.dev, meta, order, groups)
                 g.graph.replay()
                 self.counters["graphed"] += 1
