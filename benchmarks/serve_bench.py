@@ -2,7 +2,8 @@
 
     python benchmarks/serve_bench.py --out runs/serve_cpu.json                    # bundled model, CPU
     python benchmarks/serve_bench.py --shape 8b --data-parallel 2 --out runs/serve_8b.json   # GPUs
-    python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --suite mixed    # a running `l2pd serve`
+    python benchmarks/serve_bench.py --suite http --scale 0.125                   # HTTP on loopback, CPU
+    python benchmarks/serve_bench.py --suite http --url http://127.0.0.1:8000    # a running `l2pd serve`
 
 A bounded load generator: requests with prompt lengths and answer budgets drawn from a seeded RNG, sent at a
 fixed concurrency (a new request as soon as one finishes) or as Poisson arrivals at a set rate. With
@@ -16,11 +17,15 @@ both sides do the same work; on the bundled model requests decode greedily with 
   static batching: batches of max-batch in arrival order, each run to completion at its longest budget;
 - ``single``: one client, prompt 512, answer 256: time per forward against ``generate`` at batch 1;
 - ``poisson``: arrivals at ``--rates`` requests/s, mixed lengths: throughput and latency per rate;
-- ``dp``: the saturated load over ``--data-parallel`` engines (one per GPU) against one engine.
+- ``dp``: the saturated load over ``--data-parallel`` engines (one per GPU) against one engine;
+- ``http``: mixed lengths through the HTTP front end on loopback (streamed completions, ``--concurrency``
+  clients, then Poisson ``--rates``), next to static ``generate`` batches of the same requests;
+- ``profile``: a full engine's iteration, wall time against its kernels' device time; ``check``: the bundled
+  model's engine answers against ``generate`` on each prompt alone.
 
 Throughput counts answer tokens (up to the first end of text); latencies are per request, from submission
-(for static batches: from its arrival to the end of its batch). In-process unless ``--url``: the engine's
-own loop, no HTTP (the HTTP front end adds one JSON round trip per request).
+(for static batches: from its arrival to the end of its batch). Every suite but ``http`` runs in-process:
+the engine's own loop, no HTTP.
 """
 
 from __future__ import annotations
@@ -137,6 +142,99 @@ class Load:
                 "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
                 "forwards": sum(r.forwards for r in records),
                 "iterations": sum(e.counters["iterations"] for e in self.engines)}
+
+
+class HttpLoad:
+    """The same loads over HTTP: streamed ``POST /v1/completions`` (prompt as token ids, l2pd's options in the
+    body) from client threads; the time to first token is the first text chunk, the counts come from usage."""
+
+    def __init__(self, url: str, options) -> None:
+        from urllib.parse import urlparse
+
+        u = urlparse(url)
+        self.host, self.port, self.options = u.hostname, u.port or 80, options
+
+    def one(self, ids: list[int], G: int) -> dict:
+        import http.client
+
+        body = dict(self.options(G), prompt=ids, max_tokens=G, stream=True, stream_options={"include_usage": True})
+        body.pop("max_new_tokens", None)
+        t0 = time.monotonic()
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=3600)
+        conn.request("POST", "/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+        first, usage, finish = None, None, None
+        for line in resp:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            if data.get("usage"):
+                usage = data["usage"]
+            for ch in data.get("choices", []):
+                if ch.get("text") and first is None:
+                    first = time.monotonic()
+                finish = ch.get("finish_reason") or finish
+        conn.close()
+        end = time.monotonic()
+        return {"submitted": t0, "first": first or end, "finished": end, "usage": usage, "finish": finish}
+
+    def run(self, requests, concurrency: int | None = None, rate: float | None = None, seed: int = 0) -> dict:
+        import concurrent.futures as cf
+
+        t0 = time.monotonic()
+        if concurrency is not None:
+            with cf.ThreadPoolExecutor(concurrency) as pool:
+                records = list(pool.map(lambda r: self.one(*r), requests))
+        else:
+            rng = random.Random(seed)
+            futures, t = [], t0
+            with cf.ThreadPoolExecutor(256) as pool:
+                for ids, G in requests:
+                    t += rng.expovariate(rate)
+                    time.sleep(max(0.0, t - time.monotonic()))
+                    futures.append(pool.submit(self.one, ids, G))
+                records = [f.result() for f in futures]
+        wall = time.monotonic() - t0
+        bad = [r["finish"] for r in records if r["finish"] not in ("stop", "length")]
+        if bad:
+            raise RuntimeError(f"requests failed: {bad[:5]}")
+        tokens = sum(r["usage"]["completion_tokens"] for r in records)
+        lat = [r["finished"] - r["submitted"] for r in records]
+        ttft = [r["first"] - r["submitted"] for r in records]
+        return {"requests": len(records), "tokens": tokens, "seconds": wall, "tok_s": tokens / wall,
+                "latency_p50": percentile(lat, 50), "latency_p99": percentile(lat, 99),
+                "ttft_p50": percentile(ttft, 50), "ttft_p99": percentile(ttft, 99),
+                "forwards": sum(r["usage"]["forwards"] for r in records)}
+
+
+def start_server(model, tok, max_batch: int, max_length: int):
+    """``l2pd serve``'s app on a free loopback port, on a background thread: (url, stop)."""
+    import socket
+
+    import uvicorn
+
+    from l2pd.engine import Engine
+    from l2pd.serve.app import Server, build_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    engine = Engine(model, max_batch=max_batch, max_length=max_length, tokenizer=tok,
+                    filter=getattr(model, "l2pd_filter", None))
+    uv = uvicorn.Server(uvicorn.Config(build_app(Server([engine], tok, "bench", max_queue=100000)), host="127.0.0.1",
+                                       port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.02)
+
+    def stop():
+        uv.should_exit = True
+        thread.join(timeout=60)
+
+    return f"http://127.0.0.1:{port}", stop
 
 
 def static_batches(model, requests, batch: int, options, pad_id: int, arrivals: list[float] | None = None,
@@ -294,7 +392,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=["bundled", "8b"], default="bundled")
     ap.add_argument("--suite", default="saturated,mixed,single", help="comma list: saturated, mixed, single, "
-                    "poisson, dp")
+                    "poisson, dp, http, profile, check")
     ap.add_argument("--max-batch", type=int, default=None, help="rows per engine (default 64 on GPU, 8 on CPU)")
     ap.add_argument("--requests", type=int, default=None, help="requests per load (default 4 x max-batch)")
     ap.add_argument("--static-batch", type=int, default=None,
@@ -302,6 +400,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tpf", type=int, default=8, help="forced tokens per forward (8b shapes)")
     ap.add_argument("--rates", default="1,2,4", help="Poisson arrival rates, requests/s")
     ap.add_argument("--data-parallel", type=int, default=1)
+    ap.add_argument("--url", default=None, help="the http suite against a running `l2pd serve` (default: one started "
+                    "here on a free loopback port)")
+    ap.add_argument("--concurrency", default="1,8,32", help="client counts of the http suite")
     ap.add_argument("--device", default=None)
     ap.add_argument("--scale", type=float, default=1.0, help="lengths times this (CPU: 0.125 keeps it short)")
     ap.add_argument("--out", default=None)
@@ -365,6 +466,24 @@ def main(argv=None) -> int:
         for rate in [float(x) for x in args.rates.split(",")]:
             reqs = make_requests(n_req, (sc(64), sc(2048)), (sc(64), sc(1024)), vocab, avoid, 5)
             report(f"poisson_{rate:g}", Load(engines(1, longest(reqs)), options).run(reqs, rate=rate))
+    if "http" in suites:  # the HTTP front end on loopback: fixed concurrencies and Poisson rates, mixed lengths
+        reqs = make_requests(n_req, (sc(64), sc(2048)), (sc(64), sc(1024)), vocab, avoid, 8)
+        if args.url:
+            url, stop = args.url, None
+        else:
+            from l2pd.demo import load
+
+            url, stop = start_server(models[0], load(device="cpu", filter=False)[1] if args.shape == "bundled"
+                                     else None, args.max_batch, longest(reqs))
+        load_ = HttpLoad(url, options)
+        load_.run(reqs[: args.max_batch], args.max_batch)  # warm-up
+        for c in [int(x) for x in args.concurrency.split(",")]:
+            report(f"http_c{c}", load_.run(reqs, c))
+        for rate in [float(x) for x in args.rates.split(",")]:
+            report(f"http_poisson_{rate:g}", load_.run(reqs, rate=rate))
+        if stop is not None:
+            stop()
+        report("http_static", static_batches(models[0], reqs, args.max_batch, options, pad))
     if "check" in suites:
         report("check", check_bundled(args))
     if args.out:

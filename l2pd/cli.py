@@ -180,6 +180,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .engine import Engine
     from .serve import serve
 
+    import socket
+
+    with socket.socket() as sock:  # before the model loads: a port in use is a one-line error
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((args.host, args.port))
+        except OSError as exc:
+            raise ValueError(f"--host {args.host} --port {args.port}: cannot listen there ({exc.strerror})") from None
     device = _device(args.device)
     n = args.data_parallel
     if n > 1 and device.startswith("cuda"):
