@@ -49,8 +49,12 @@ def _level_split(args: argparse.Namespace, part: str) -> str:
 
 
 def _add_strategy_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategy", choices=["steps", "threshold", "learn2pd"], default=None,
-                   help="unmasking rule (default: learn2pd when a filter is available, else threshold)")
+    p.add_argument("--strategy", choices=["steps", "threshold", "margin", "persistence", "learn2pd"], default=None,
+                   help="unmasking rule (default: learn2pd when a filter is available, else threshold); margin: "
+                        "top-1 minus top-2 probability > tau; persistence: the guess unchanged for --persist "
+                        "forwards with confidence > tau")
+    p.add_argument("--persist", type=int_type(1), default=None,
+                   help="persistence: forwards a guess must stay the same (default 2)")
     p.add_argument("--threshold", type=float_type(0), default=None,
                    help="tau: for threshold (default 0.9) the confidence, for learn2pd (default: the filter's) "
                         "the filter's probability; above 1 nothing passes (one token per step / schedule only)")
@@ -161,7 +165,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = model.generate(ids, max_new_tokens=args.gen_length, block_length=args.block_length,
                          strategy=args.strategy, threshold=args.threshold, eotp=args.eotp, cache=args.cache,
                          refresh=args.refresh, temperature=args.temperature, seed=args.seed,
-                         return_dict_in_generate=True)
+                         persist=args.persist, return_dict_in_generate=True)
     print(tok.decode(out.sequences[0, ids.shape[1] :], skip_special_tokens=True))
     print(f"[{int(out.nfe[0])} forwards, {out.seconds:.2f} s]", file=sys.stderr)
     return 0
@@ -175,12 +179,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise ValueError(f"l2pd serve needs FastAPI, uvicorn and prometheus_client ({exc.name} is missing): "
                          "pip install 'l2pd[serve]'") from None
+    import socket
+
     import torch
 
     from .engine import Engine
     from .serve import serve
-
-    import socket
 
     with socket.socket() as sock:  # before the model loads: a port in use is a one-line error
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
@@ -231,7 +235,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     r = evaluate(model, tok, problems, batch_size=args.batch_size, progress=not args.json,
                  max_new_tokens=args.gen_length, block_length=args.block_length, strategy=args.strategy,
                  threshold=args.threshold, eotp=args.eotp, cache=args.cache, refresh=args.refresh,
-                 temperature=args.temperature, seed=args.seed)
+                 temperature=args.temperature, seed=args.seed, persist=args.persist)
     for key in ("texts", "nfe"):
         r.pop(key)
     finish()
@@ -387,7 +391,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     model, tok = _load(args.model, _device(args.device), args.filter, args.allow_other_model, args.model_family)
     for flt in filters.values():
         flt.check_model(model, allow_other_model=args.allow_other_model)
-    configs = grid(args.strategies, args.taus, args.eotp, args.blocks, args.caches)
+    configs = grid(args.strategies, args.taus, args.eotp, args.blocks, args.caches, args.persist)
     try:
         rows = sweep(model, tok, problems, configs, out=args.out, filters=filters, batch_size=args.batch_size,
                      max_new_tokens=args.gen_length, checker=args.checker, progress=not args.json,
@@ -470,7 +474,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
     model, tok = _load(args.model, _device(args.device), args.filter, args.allow_other_model, args.model_family)
     _default_strategy(args, model)
     base = {k: v for k, v in dict(strategy=args.strategy, threshold=args.threshold, eotp=args.eotp,
-                                  cache=args.cache, refresh=args.refresh, block_length=args.block_length).items()
+                                  cache=args.cache, refresh=args.refresh, block_length=args.block_length,
+                                  persist=args.persist).items()
             if v is not None}
     configs = [base] + ([{**base, **vs}] if vs else [])
     records = [trace(model, tok, args.prompt, max_new_tokens=args.gen_length, **c) for c in configs]
@@ -630,8 +635,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--problems", type=int_type(1), default=200, help="problems (default 200)")
     _add_level_arg(w, "held-out problems")
     w.add_argument("--batch-size", type=int_type(1), default=1)
-    w.add_argument("--strategies", type=choices_type(("steps", "threshold", "learn2pd")),
-                   default="steps,threshold,learn2pd", help="comma-separated (default steps,threshold,learn2pd)")
+    w.add_argument("--strategies", type=choices_type(("steps", "threshold", "margin", "persistence", "learn2pd")),
+                   default="steps,threshold,learn2pd", help="comma-separated, from steps, threshold, margin, "
+                   "persistence, learn2pd (default steps,threshold,learn2pd)")
+    w.add_argument("--persist", type=list_type(int_type(1)), default="2,3",
+                   help="run lengths of the persistence rule (comma-separated, default 2,3)")
     w.add_argument("--taus", type=list_type(float_type(0)), default="0.9,0.99,0.995,0.999",
                    help="taus of threshold and learn2pd (comma-separated)")
     w.add_argument("--eotp", type=choices_type(("off", "accepted", "predicted")), default="off,accepted",

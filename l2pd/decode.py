@@ -9,6 +9,11 @@ and ``run`` executes the block loop on it. Strategies:
 - ``steps``: LLaDA's low-confidence remasking: the k most confident masked positions, k from an even
   per-block schedule (``steps`` forwards in all; default one token per step).
 - ``threshold``: every masked position with confidence > ``threshold``, and at least the most confident.
+- ``margin``: every masked position whose top-1 minus top-2 probability > ``threshold``, and at least the most
+  confident (Prophet's early-commit criterion as a rule).
+- ``persistence``: every masked position whose guess has stayed the same for ``persist`` forwards in a row
+  (this one included) with confidence > ``threshold``, and at least the most confident (persistence gating);
+  the step keeps each position's previous guess and run length in device memory.
 - ``learn2pd``: every masked position where sigmoid(filter(block confidences)) > ``threshold``, plus the
   schedule's top-k, so that each step makes progress.
 - ``oracle`` (for collecting filter training data): Learn2PD's "extremely greedy parallel" replay: every
@@ -130,11 +135,14 @@ def generate(
     stop_strings: str | list[str] | None = None,
     tokenizer: Any = None,
     inputs: torch.Tensor | None = None,
+    persist: int | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | GenerateOutput:
     """Decode ``max_new_tokens`` after left-padded prompts ``input_ids`` [B, P].
 
-    ``strategy`` defaults to ``learn2pd`` when a filter is given, else ``threshold``. With ``learn2pd``,
+    ``strategy`` (``steps``, ``threshold``, ``margin``, ``persistence``, ``learn2pd``; see the module docstring;
+    ``persist``: the persistence rule's run length, default 2) defaults to ``learn2pd`` when a filter is given,
+    else ``threshold``. With ``learn2pd``,
     ``block_length``, ``threshold`` and ``eotp`` default to the filter's operating point (its block length, its
     tau, the ``eotp`` stored in its filter.json); otherwise to 32, 0.9 and off. ``threshold`` above 1 passes no
     position (threshold: one token per step; learn2pd: its schedule only). ``steps`` (total forwards of the
@@ -181,25 +189,29 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     inputs = tuple(filter.inputs) if filter is not None else ("confidence",)
     decide_kwargs = dict(threshold=spec.threshold, mask_id=mask_id, eos_id=eos_id, eotp=spec.eotp,
                          filter_weights=filter_weights, filter_block=block_length)
+    if spec.rule != "confidence":
+        decide_kwargs.update(rule=spec.rule, persist=spec.persist)
     if filter is not None:
         decide_kwargs.update(filter_inputs=inputs, filter_kind=filter.kind)
     policy = Policy(strategy, mask_id, decide_kwargs, temperature=spec.temperature, on_step=spec.on_step,
                     filter=filter, target=spec.target,
-                    stats=spec.step_stats or (filter is not None and filter.needs_stats), step_input="step" in inputs)
+                    stats=spec.step_stats or (filter is not None and filter.needs_stats) or spec.rule == "margin",
+                    step_input="step" in inputs)
     cuda_graph, cache, refresh, dtype = spec.cuda_graph, spec.cache, spec.refresh, adapter.dtype
 
     if device.type == "cuda" and os.environ.get("L2PD_PACK", "1") != "0":
         adapter.pack()
 
     def build() -> Stepper:
-        state = DecodeState.allocate(adapter, B, P, T, padded, cache, refresh, dtype, device)
+        state = DecodeState.allocate(adapter, B, P, T, padded, cache, refresh, dtype, device,
+                                     history=spec.rule == "persistence")
         return Stepper(adapter, state, policy, confidence, decide, kernels, cuda_graph)
 
     # Steppers that can replay graphs stay on the model, keyed by everything a graph bakes in.
     keep = cuda_graph and kernels and device.type == "cuda" and policy.graphable()
     # refresh and prefix/dual only choose the fed ranges: one stepper (and its graphs) serves them all
     key = (B, P, G, str(dtype), cache != "none", padded, strategy, spec.threshold, spec.eotp, mask_id, eos_id,
-           block_length, id(filter) if filter is not None else None, adapter.key())
+           block_length, spec.persist, id(filter) if filter is not None else None, adapter.key())
     stepper = stepper_for(model, key, build, keep)
     # a kept stepper keeps its own policy (its graphs point at its filter weights); only the per-call parts move
     stepper.policy.target, stepper.policy.on_step = policy.target, policy.on_step
@@ -244,7 +256,7 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
             else:
                 lo, hi = kv.feed_range(s, e)
             nfe[:n] += left > 0
-            k = schedule[i] if (strategy != "threshold" and i < len(schedule)) else 1
+            k = schedule[i] if (not spec.fixed_k and i < len(schedule)) else 1
             if i == e - s - 1:  # the cap: a block never takes more forwards than its length
                 k = e - s  # (every step accepts >= 1, so this binds only for rules that stall, e.g. oracle)
             step_seed = None if spec.temperature == 0 else (spec.seed * 1000003 + forwards) & 0x7FFFFFFF

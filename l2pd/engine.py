@@ -172,6 +172,9 @@ class Engine:
         # row max_batch is spare: a place for nothing (kept so a padded pack has somewhere harmless to write)
         self.canvas = torch.full((max_batch + 1, width), self.adapter.eos_id, dtype=torch.int64, device=device)
         self.kv = BlockKVCache(len(dec.layers), max_batch + 1, dec.n_kv, width, dec.head_dim, "dual", dtype, device)
+        # the persistence rule's per-position previous guess and run length, per pool row
+        self.guesses = (torch.full((max_batch + 1, width), -1, dtype=torch.int64, device=device),
+                        torch.zeros(max_batch + 1, width, dtype=torch.int32, device=device))
         self.confidence, self.decide = select_ops(backend, device)
         self.fused = fused  # the forward's kernels (default: on CUDA)
         self.kernels = self.decide.__module__ == "l2pd_kernels.decide"
@@ -370,6 +373,8 @@ class Engine:
                 row.fill_(spec.eos_id)  # past the answer: end of text, never masked, never attended
                 row[:P] = torch.tensor(req.prompt, dtype=torch.int64)
                 row[P : P + G] = spec.mask_id
+                self.guesses[0][slot].fill_(-1)
+                self.guesses[1][slot].zero_()
                 self.rows[slot] = _Row(req, slot, P, P + G, P)
                 self.counters["admitted"] += 1
 
@@ -406,7 +411,7 @@ class Engine:
         groups: dict[tuple, list[_Row]] = {}
         for row in plan:
             s = row.request.spec
-            key = (s.block_length, s.strategy, s.threshold, s.eotp, s.mask_id, s.eos_id, id(s.filter))
+            key = (s.block_length, s.strategy, s.threshold, s.eotp, s.mask_id, s.eos_id, id(s.filter), s.persist)
             groups.setdefault(key, []).append(row)
         order = [row for rows in groups.values() for row in rows]
         sampled = any(r.request.spec.temperature > 0 for r in order)
@@ -461,7 +466,7 @@ class Engine:
             spec = row.request.spec
             if row.step == 0:
                 row.schedule = block_schedule(row.end - row.block, spec.steps_per_block)
-            k = row.schedule[row.step] if spec.strategy != "threshold" and row.step < len(row.schedule) else 1
+            k = row.schedule[row.step] if not spec.fixed_k and row.step < len(row.schedule) else 1
             if row.step == row.end - row.block - 1:
                 k = row.end - row.block  # generate's cap: a block never takes more forwards than its length
             words[i] = ((row.block << 20) | k, row.step)
@@ -515,7 +520,8 @@ class Engine:
         ids = self.canvas[rows, slots].view(1, -1)
         logits = self.adapter.forward(ids, None, cache=self.kv, position_ids=slots.view(1, -1),
                                       logits_index=lidx, pack=pack, fused=self.fused)
-        needs_stats = any(r.request.spec.filter is not None and r.request.spec.filter.needs_stats for r in order)
+        needs_stats = any((r.request.spec.filter is not None and r.request.spec.filter.needs_stats)
+                          or r.request.spec.rule == "margin" for r in order)
         mask_id = order[0].request.spec.mask_id
         out = self.confidence(logits, 0.0, None, suppress=mask_id, stats=True) if needs_stats else \
             self.confidence(logits, 0.0, None, suppress=mask_id)
@@ -532,6 +538,10 @@ class Engine:
             part = slice(off, off + g * L)
             kw = dict(threshold=spec.threshold, mask_id=spec.mask_id, eos_id=spec.eos_id, eotp=spec.eotp)
             stats = {}
+            if spec.rule != "confidence":
+                kw.update(rule=spec.rule, persist=spec.persist, history=self.guesses)
+                if spec.rule == "margin":
+                    stats = dict(margin=margin[part].view(g, L))
             if spec.filter is not None:
                 f = spec.filter
                 kw.update(filter_weights=f.weights(device), filter_block=L, filter_inputs=tuple(f.inputs),

@@ -17,7 +17,9 @@ import torch
 from .cache import CACHE_MODES, REFRESH_MODES
 from .hf import StopCutter, as_input_ids, end_ids, from_generation_config, refuse_unknown
 
-STRATEGIES = ("steps", "threshold", "learn2pd", "oracle")
+STRATEGIES = ("steps", "threshold", "margin", "persistence", "learn2pd", "oracle")
+# rules that accept by a score against the threshold, plus the most confident position (no schedule)
+THRESHOLD_RULES = ("threshold", "margin", "persistence")
 EOTP_MODES = ("off", "accepted", "predicted")
 
 
@@ -25,7 +27,7 @@ EOTP_MODES = ("off", "accepted", "predicted")
 class DecodeSpec:
     """What a decode does, every value resolved: the loop and the step read these fields."""
 
-    strategy: str  # steps | threshold | learn2pd | oracle
+    strategy: str  # steps | threshold | margin | persistence | learn2pd | oracle
     threshold: float  # the rule's tau (inf for steps: no position passes, the schedule decides)
     eotp: str  # off | accepted | predicted
     block_length: int
@@ -48,6 +50,17 @@ class DecodeSpec:
     streamer: Any = None
     target: torch.Tensor | None = None  # the oracle's reference answer [B, G]
     on_step: Any = None  # (block_start, step, token, prob, canvas) after each forward
+    persist: int = 1  # persistence: forwards a guess must stay the same
+
+    @property
+    def rule(self) -> str:
+        """The decision's score without a filter: confidence, margin or persistence."""
+        return self.strategy if self.strategy in ("margin", "persistence") else "confidence"
+
+    @property
+    def fixed_k(self) -> bool:
+        """Whether the top-k fallback is the most confident position only (the threshold rules)."""
+        return self.strategy in THRESHOLD_RULES
 
 
 def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max_new_tokens: Any = None,
@@ -58,7 +71,7 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
             pad_token_id: Any = None, target: torch.Tensor | None = None, on_step: Any = None,
             step_stats: bool = False, cuda_graph: bool | None = None, compact: bool = True, max_length: Any = None,
             do_sample: bool | None = None, num_return_sequences: Any = None, generation_config: Any = None,
-            stop_strings: Any = None, tokenizer: Any = None, inputs: Any = None,
+            stop_strings: Any = None, tokenizer: Any = None, inputs: Any = None, persist: Any = None,
             kwargs: dict[str, Any] | None = None) -> tuple[DecodeSpec, torch.Tensor, torch.Tensor | None]:
     """(spec, input_ids [B, P] int64, attention_mask [B, P] or None), both on the model's device; the
     arguments are ``l2pd.generate``'s (see its docstring), ``kwargs`` the unknown ones (refused by name)."""
@@ -138,6 +151,10 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
     max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
     if steps is not None:
         steps = _positive_int("steps", steps)
+    if persist is not None:
+        persist = _positive_int("persist", persist)
+        if strategy != "persistence":
+            raise ValueError(f"persist={persist} is the persistence rule's setting (strategy='persistence')")
     temperature = _finite("temperature", temperature)
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
@@ -193,7 +210,8 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
         # finished rows leave the step; not with a per-step callback or the oracle, which index rows
         compact=bool(compact) and on_step is None and strategy != "oracle" and B > 1,
         return_dict=bool(return_dict_in_generate), step_stats=bool(step_stats), stops=stops, streamer=streamer,
-        target=None if target is None else target.to(device=device, dtype=torch.long), on_step=on_step)
+        target=None if target is None else target.to(device=device, dtype=torch.long), on_step=on_step,
+        persist=2 if persist is None else persist)
     return spec, input_ids, attention_mask
 
 

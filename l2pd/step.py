@@ -34,7 +34,7 @@ MAX_STEPPERS = 1  # per model: the graphs of the last shapes used stay captured 
 class Policy:
     """What a step decides with; everything here is baked into a captured graph."""
 
-    strategy: str  # steps | threshold | learn2pd | oracle
+    strategy: str  # steps | threshold | margin | persistence | learn2pd | oracle
     mask_id: int
     decide_kwargs: dict[str, Any]  # threshold, mask_id, eos_id, eotp, filter_weights, filter_block
     temperature: float = 0.0
@@ -50,35 +50,42 @@ class Policy:
 
 @dataclass
 class DecodeState:
-    """The static buffers of one decode: canvas [B, T] (int64), key mask [B, T] or None, positions [B, T]."""
+    """The static buffers of one decode: canvas [B, T] (int64), key mask [B, T] or None, positions [B, T],
+    and for the persistence rule each position's previous guess (int64) and run length (int32) [B, T]."""
 
     canvas: torch.Tensor
     mask: torch.Tensor | None
     positions: torch.Tensor
     kv: BlockKVCache | None
     prompt_length: int
+    history: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def allocate(cls, adapter: Any, batch: int, prompt_length: int, total: int, padded: bool, cache: str,
-                 refresh: str, dtype: torch.dtype, device: torch.device) -> "DecodeState":
+                 refresh: str, dtype: torch.dtype, device: torch.device, history: bool = False) -> "DecodeState":
         canvas = torch.zeros(batch, total, dtype=torch.int64, device=device)
         mask = torch.ones(batch, total, dtype=torch.int64, device=device) if padded else None
         positions = torch.arange(total, device=device).repeat(batch, 1)
         dec = adapter.decoder
         kv = None if cache == "none" else BlockKVCache(len(dec.layers), batch, dec.n_kv, total, dec.head_dim, cache,
                                                        dtype, device, refresh)
-        return cls(canvas, mask, positions, kv, prompt_length)
+        hist = None
+        if history:
+            hist = (torch.full((batch, total), -1, dtype=torch.int64, device=device),
+                    torch.zeros(batch, total, dtype=torch.int32, device=device))
+        return cls(canvas, mask, positions, kv, prompt_length, hist)
 
     def narrow(self, n: int) -> "DecodeState":
         """The first ``n`` rows, as views of these buffers."""
         return DecodeState(self.canvas[:n], None if self.mask is None else self.mask[:n], self.positions[:n],
-                           None if self.kv is None else self.kv.narrow(n), self.prompt_length)
+                           None if self.kv is None else self.kv.narrow(n), self.prompt_length,
+                           None if self.history is None else (self.history[0][:n], self.history[1][:n]))
 
     def reorder(self, perm: torch.Tensor, keep: int) -> None:
         """Rows ``[:len(perm)]`` become rows ``perm`` (canvas, mask, positions); K/V only for the first
         ``keep`` of them (the rows that go on decoding)."""
         n = perm.shape[0]
-        for t in (self.canvas, self.mask, self.positions):
+        for t in (self.canvas, self.mask, self.positions, *(self.history or ())):
             if t is not None:
                 t[:n] = t[:n].index_select(0, perm)
         if self.kv is not None:
@@ -89,6 +96,9 @@ class DecodeState:
         P = self.prompt_length
         self.canvas[:, :P].copy_(input_ids)
         self.canvas[:, P:].fill_(mask_id)
+        if self.history is not None:  # no guess seen yet
+            self.history[0].fill_(-1)
+            self.history[1].zero_()
         if self.mask is not None:
             self.mask[:, :P].copy_(attention_mask)
             self.positions.copy_(positions_from_mask(self.mask))
@@ -188,6 +198,8 @@ class Stepper:
             target = pol.target[:, block_start - P : block_start - P + block_len]
             return _oracle_step(st.canvas, token, target, block_start, pol.mask_id)
         stats = dict(margin=margin, entropy=entropy, step=step) if pol.stats or pol.step_input else {}
+        if st.history is not None:
+            stats["history"] = st.history
         if self.kernels:
             _, left, _ = self.decide(st.canvas, token, prob, block_start=block_start, k=k, params=self.params,
                                      **stats, **pol.decide_kwargs)

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from .evaluate import evaluate
 
-CONFIG_KEYS = ("strategy", "threshold", "eotp", "block_length", "cache")
+CONFIG_KEYS = ("strategy", "threshold", "eotp", "block_length", "cache", "persist")
 VAL_OFFSET = 900_000_000  # validation problems: the training split's seeds far above any training prompt
 
 
@@ -64,12 +64,15 @@ def load_problems(path: str) -> list[Item]:
 
 
 def grid(strategies: list[str], taus: list[float], eotps: list[str], blocks: list[int],
-         caches: list[str]) -> list[dict[str, Any]]:
-    """Every configuration: ``steps`` has no tau; ``threshold`` and ``learn2pd`` take each tau."""
+         caches: list[str], persists: list[int] = (2,)) -> list[dict[str, Any]]:
+    """Every configuration: ``steps`` has no tau; the other strategies take each tau, ``persistence`` each
+    tau at each run length in ``persists``."""
     out = []
     for strategy, eotp, block, cache in itertools.product(strategies, eotps, blocks, caches):
         for tau in ([None] if strategy == "steps" else taus):
-            out.append(dict(strategy=strategy, threshold=tau, eotp=eotp, block_length=block, cache=cache))
+            for persist in (persists if strategy == "persistence" else [None]):
+                out.append(dict(strategy=strategy, threshold=tau, eotp=eotp, block_length=block, cache=cache,
+                                persist=persist))
     return out
 
 
@@ -188,7 +191,8 @@ def format_rows(rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: (r["mean_nfe"], -r["accuracy"])):
         tau = "" if r["threshold"] is None else f"{r['threshold']:g}"
         acc = f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}%"
-        lines.append(f"{r['strategy']:<14}{tau:>7}{r['eotp']:>10}{r['block_length']:>7}{r['cache']:>8}"
+        name = r["strategy"] + (f"/{r['persist']}" if r.get("persist") else "")
+        lines.append(f"{name:<14}{tau:>7}{r['eotp']:>10}{r['block_length']:>7}{r['cache']:>8}"
                      f"{r['problems']:>10}{acc:>17}{r['mean_nfe']:>10.2f}{r['tokens_per_s']:>9.0f}  "
                      f"{'*' if r.get('pareto') else ''}")
     return "\n".join(lines)

@@ -14,17 +14,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import EOTP_MODES, SHARED_FEATURES, check_inputs, filter_width
+from .reference import EOTP_MODES, SHARED_FEATURES, check_inputs, check_rule, filter_width
 
 
 @triton.jit
 def _decide_kernel(
-    canvas_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr, out_ptr,
+    canvas_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr, out_ptr, hist_tok_ptr, hist_run_ptr, stride_h, persist,
     w1_ptr, b1_ptr, wm_ptr, bm_ptr, w2_ptr, b2_ptr,
     T, n_rows, stride_c, stride_t, stride_p, stride_m, stride_e,
     block_start, L, LF, W, H, k, step, threshold, mask_id, eos_id, params_ptr, rows_ptr,
     BLOCK: tl.constexpr, ROWS: tl.constexpr, PER_ROW: tl.constexpr, HB: tl.constexpr, N_MID: tl.constexpr,
-    USE_FILTER: tl.constexpr,
+    USE_FILTER: tl.constexpr, RULE: tl.constexpr,
     EOTP: tl.constexpr, TAIL: tl.constexpr, DYN_PARAMS: tl.constexpr,
     USE_MARGIN: tl.constexpr, USE_ENTROPY: tl.constexpr, USE_STEP: tl.constexpr, SHARED: tl.constexpr,
 ):
@@ -106,6 +106,16 @@ def _decide_kernel(
         w2 = tl.load(w2_ptr + i[:, None] * H + hj[None, :], mask=(i[:, None] < LF) & hok[None, :], other=0.0)
         logit = tl.sum(w2 * h[None, :], 1) + tl.load(b2_ptr + i, mask=i < LF, other=0.0)
         score = 1.0 / (1.0 + tl.exp(-logit))
+    elif RULE == 1:  # margin: top-1 minus top-2 probability
+        score = tl.load(margin_ptr + row * stride_m + i, mask=inb, other=0.0).to(tl.float32)
+    elif RULE == 2:  # persistence: the guess unchanged for `persist` forwards in a row (this one included)
+        hp = crow_i * stride_h + block_start + i
+        prev = tl.load(hist_tok_ptr + hp, mask=inb, other=-1)
+        run = tl.load(hist_run_ptr + hp, mask=inb, other=0)
+        run = tl.where(token == prev, run + 1, 1)
+        tl.store(hist_tok_ptr + hp, token, mask=inb)
+        tl.store(hist_run_ptr + hp, run, mask=inb)
+        score = tl.where(run >= persist, prob, -1.0)
     else:
         score = prob
 
@@ -166,6 +176,9 @@ def decide(
     filter_kind: str = "dense",
     params: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    rule: str = "confidence",
+    history: tuple[torch.Tensor, torch.Tensor] | None = None,
+    persist: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton version of ``l2pd_kernels.reference.decide`` (same arguments and results).
 
@@ -191,6 +204,8 @@ def decide(
         raise ValueError(f"block {block_start}..{block_start + L} is outside the canvas of {canvas.shape[1]}")
     if eotp not in EOTP_MODES:
         raise ValueError(f"eotp {eotp!r}: expected one of {list(EOTP_MODES)}")
+    rule_id = check_rule(rule, canvas, filter_weights, margin, history, persist, B, L)
+    hist_tok, hist_run = history if history is not None else (canvas, canvas)
     token = token.to(torch.int64)
     token = token if token.stride(1) == 1 else token.contiguous()
     prob = prob if prob.stride(1) == 1 else prob.contiguous()
@@ -244,9 +259,12 @@ def decide(
             raise ValueError(f"filter hidden size {H} is too large for the fused kernel (limit 512)")
     BLOCK = triton.next_power_of_2(max(L, LF))
     mg, en = stats.get("margin", prob), stats.get("entropy", prob)
+    if rule == "margin":
+        mg = margin if margin.stride(1) == 1 else margin.contiguous()
     if B:
         _decide_kernel[(B,)](
-            canvas, token, prob, mg, en, out, w1, b1, wm, bm, w2, b2,
+            canvas, token, prob, mg, en, out, hist_tok, hist_run, hist_tok.stride(0), int(persist),
+            w1, b1, wm, bm, w2, b2,
             canvas.shape[1], B, canvas.stride(0), token.stride(0), prob.stride(0), mg.stride(0), en.stride(0),
             # with params the kernel reads block start, k and step from device memory; constant launch
             # arguments keep Triton from specialising (and compiling) per block inside a graph capture
@@ -254,7 +272,7 @@ def decide(
             0 if params is not None else int(step), float(threshold), int(mask_id), int(eos_id),
             out if params is None else params, out if rows is None else rows,
             BLOCK=BLOCK, ROWS=rows is not None, PER_ROW=per_row, HB=triton.next_power_of_2(H), N_MID=n_mid,
-            USE_FILTER=filter_weights is not None,
+            USE_FILTER=filter_weights is not None, RULE=rule_id,
             EOTP=EOTP_MODES[eotp], TAIL=256, DYN_PARAMS=params is not None,
             USE_MARGIN="margin" in inputs, USE_ENTROPY="entropy" in inputs, USE_STEP="step" in inputs,
             SHARED=shared,

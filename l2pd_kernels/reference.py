@@ -11,6 +11,8 @@ Conventions shared with the kernels:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 EOTP_MODES = {"off": 0, "accepted": 1, "predicted": 2}
@@ -228,6 +230,9 @@ def decide(
     filter_kind: str = "dense",
     params: torch.Tensor | None = None,
     rows: torch.Tensor | None = None,
+    rule: str = "confidence",
+    history: tuple[torch.Tensor, torch.Tensor] | None = None,
+    persist: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One step's decision for the block ``canvas[:, block_start : block_start + L]``; updates ``canvas``.
 
@@ -241,6 +246,12 @@ def decide(
     (positions of the block decided by this step, masks left in the block, end-of-text position or -1; all
     int64).
 
+    Without a filter, ``rule`` picks the score the threshold applies to: ``confidence`` (the guess's
+    probability), ``margin`` (top-1 minus top-2 probability; ``margin`` [B, L] given) or ``persistence`` (the
+    confidence, but only where the guess has been the same for ``persist`` forwards in a row, this one
+    included; ``history`` = (previous guess int64, run length int32), both [B, T] like the canvas (previous
+    guess -1 at the start), read and updated at the block's positions).
+
     Per row (the engine): ``params`` int64 [B, 2] holds ``block_start << 20 | k`` and the step index of each
     row, and ``rows`` [B] the canvas row each row of ``token``/``prob`` decides (default: row i).
     """
@@ -248,13 +259,23 @@ def decide(
         return _decide_rows(canvas, token, prob, params, rows, block_start=block_start, k=k, step=step,
                             threshold=threshold, mask_id=mask_id, eos_id=eos_id, eotp=eotp,
                             filter_weights=filter_weights, filter_block=filter_block, filter_inputs=filter_inputs,
-                            margin=margin, entropy=entropy, filter_kind=filter_kind)
+                            margin=margin, entropy=entropy, filter_kind=filter_kind, rule=rule, history=history,
+                            persist=persist)
     B, L = token.shape
+    check_rule(rule, canvas, filter_weights, margin, history, persist, B, L)
     block = canvas[:, block_start : block_start + L]
     masked = block == mask_id
     if filter_weights is not None:
         score = filter_scores(prob, masked, filter_weights, filter_block or L, filter_inputs, filter_kind, margin,
                               entropy, step)
+    elif rule == "margin":
+        score = margin.float()
+    elif rule == "persistence":
+        prev, run = (h[:, block_start : block_start + L] for h in history)
+        new_run = torch.where(token == prev, run + 1, torch.ones_like(run))
+        prev.copy_(token)
+        run.copy_(new_run)
+        score = torch.where(new_run >= persist, prob.float(), torch.full_like(prob, -1.0, dtype=torch.float32))
     else:
         score = prob.float()
     accept = masked & (score > threshold)
@@ -283,7 +304,33 @@ def decide(
     return masked.sum(-1) - left, left, eot
 
 
-def _decide_rows(canvas, token, prob, params, rows, *, block_start, k, step, margin, entropy, **kw):
+RULES = ("confidence", "margin", "persistence")
+
+
+def check_rule(rule: str, canvas: torch.Tensor, filter_weights: Any, margin: torch.Tensor | None,
+               history: Any, persist: int, B: int, L: int) -> int:
+    """The rule's index after checking what it reads; a ValueError naming what is missing."""
+    if rule not in RULES:
+        raise ValueError(f"rule {rule!r}: expected one of {list(RULES)}")
+    if rule != "confidence" and filter_weights is not None:
+        raise ValueError(f"rule {rule!r} is a training-free rule; a filter scores by itself")
+    if rule == "margin" and (margin is None or margin.shape != (B, L)):
+        got = None if margin is None else tuple(margin.shape)
+        raise ValueError(f"rule 'margin' needs margin [{B}, {L}], got {got}")
+    if rule == "persistence":
+        if history is None or len(history) != 2:
+            raise ValueError("rule 'persistence' needs history=(previous guess, run length)")
+        tok, run = history
+        if tok.shape != canvas.shape or run.shape != canvas.shape or tok.dtype != torch.int64 or \
+                run.dtype != torch.int32 or tok.stride() != run.stride() or tok.stride(1) != 1:
+            raise ValueError(f"history must be int64 and int32 tensors shaped like the canvas {tuple(canvas.shape)}"
+                             f" with equal strides, got {tok.dtype} {tuple(tok.shape)}, {run.dtype} {tuple(run.shape)}")
+        if int(persist) < 1:
+            raise ValueError(f"persist={persist} must be >= 1")
+    return RULES.index(rule)
+
+
+def _decide_rows(canvas, token, prob, params, rows, *, block_start, k, step, margin, entropy, history=None, **kw):
     """``decide`` one row at a time, each at its own block start, k and step, on its own canvas row."""
     B = token.shape[0]
     outs = []
@@ -301,7 +348,8 @@ def _decide_rows(canvas, token, prob, params, rows, *, block_start, k, step, mar
         one = slice(i, i + 1)
         outs.append(decide(canvas[r : r + 1], token[one], prob[one], block_start=s_i, k=k_i, step=step_i,
                            margin=None if margin is None else margin[one],
-                           entropy=None if entropy is None else entropy[one], **kw))
+                           entropy=None if entropy is None else entropy[one],
+                           history=None if history is None else tuple(h[r : r + 1] for h in history), **kw))
     if not outs:
         empty = torch.zeros(0, dtype=torch.int64, device=canvas.device)
         return empty, empty, empty

@@ -262,6 +262,18 @@ def test_full_queue_answers_429_with_retry_after(bundled):
         r.stop()
 
 
+def test_a_request_past_its_timeout_gets_504(bundled):
+    model, tok = bundled
+    engine = Engine(model, max_batch=2, tokenizer=tok, backend="torch")
+    r = Running([engine], tok, request_timeout=0.0)
+    try:
+        status, _, data = r.raw("POST", "/v1/completions", json.dumps({"prompt": "Ana has", "max_tokens": 16}).encode())
+        assert status == 504 and data["error"]["code"] == "timeout"
+        assert engine.counters["timed_out"] == 1 and not engine.rows
+    finally:
+        r.stop()
+
+
 def test_load_200_requests_from_32_clients_none_lost_or_mixed(bundled):
     """Two engines (data parallel on one CPU, sharing the weights) behind one front end."""
     model, tok = bundled

@@ -13,9 +13,9 @@ from typing import Any
 # l2pd's own options, accepted as extra body fields (the openai client's ``extra_body=``); defaults are the
 # engine's (learn2pd at the filter's operating point when the server has a filter, else threshold 0.9,
 # block 32; EoTP per the filter, else off; dual cache with the window refresh)
-L2PD_FIELDS = ("strategy", "threshold", "block_length", "eotp", "cache", "refresh", "steps")
+L2PD_FIELDS = ("strategy", "threshold", "block_length", "eotp", "cache", "refresh", "steps", "persist")
 SERVER_DEFAULTS = dict(cache="dual", refresh="window")
-STRATEGIES = ("steps", "threshold", "learn2pd")
+STRATEGIES = ("steps", "threshold", "margin", "persistence", "learn2pd")
 # OpenAI fields the server cannot honour: refused unless neutral (value: what counts as neutral)
 NEUTRAL = {"top_p": (1, 1.0), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "best_of": (1,),
            "echo": (False,), "logprobs": (None, False, 0), "top_logprobs": (None, 0), "logit_bias": (None, {}),
@@ -176,7 +176,7 @@ def _l2pd_field(name: str, value: Any) -> Any:
         return value
     if name == "threshold":
         return _number(name, value, 0.0)
-    if name in ("block_length", "steps"):
+    if name in ("block_length", "steps", "persist"):
         return _int(name, value, 1)
     if name == "eotp":
         if value in (True, False, "off", "accepted", "predicted"):
@@ -191,7 +191,8 @@ def _l2pd_field(name: str, value: Any) -> Any:
 # engine messages name generate's arguments; the API's field names
 _FIELD_OF = {"max_new_tokens": "max_tokens", "input_ids": "prompt", "prompt": "prompt", "mask token": "prompt",
              "block_length": "block_length", "threshold": "threshold", "strategy": "strategy", "eotp": "eotp",
-             "temperature": "temperature", "seed": "seed", "steps": "steps", "filter": "strategy"}
+             "temperature": "temperature", "seed": "seed", "steps": "steps", "filter": "strategy",
+             "persist": "persist"}
 
 
 def engine_error(exc: ValueError) -> ApiError:
