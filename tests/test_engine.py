@@ -26,7 +26,7 @@ def bundled():
     from l2pd.demo.task import split
     from l2pd.demo.tokenizer import prompt_text
 
-    model, tok = load(family="llada")
+    model, tok = load(family="llada", device="cpu")  # exact fp32 arithmetic
     prompts = [tok(prompt_text(tok, p.question))["input_ids"] for p in split("test", 5)]
     prompts[1] = prompts[1][4:]  # lengths differ
     prompts[3] = prompts[3][:30]
@@ -108,7 +108,7 @@ def test_dream_family_matches_generate():
     from l2pd.demo.task import split
     from l2pd.demo.tokenizer import prompt_text
 
-    model, tok = load(family="dream")
+    model, tok = load(family="dream", device="cpu")
     prompts = [tok(prompt_text(tok, p.question))["input_ids"] for p in split("test", 3)]
     prompts[2] = prompts[2][3:]
     engine = Engine(model, max_batch=2, filter=model.l2pd_filter)

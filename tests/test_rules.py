@@ -115,7 +115,7 @@ def bundled():
     from l2pd.demo.task import split
     from l2pd.demo.tokenizer import prompt_text
 
-    model, tok = load(family="llada")
+    model, tok = load(family="llada", device="cpu")  # exact fp32 arithmetic
     prompts = [tok(prompt_text(tok, p.question), add_special_tokens=False)["input_ids"] for p in split("test", 3)]
     return model, prompts
 

@@ -39,7 +39,7 @@ QUESTIONS = [
 def bundled():
     from l2pd.demo import load
 
-    return load(family="llada")
+    return load(family="llada", device="cpu")  # exact fp32 arithmetic
 
 
 def _free_port() -> int:
