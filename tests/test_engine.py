@@ -241,8 +241,8 @@ def test_kernel_path_matches_reference_path():
     model = tiny_model(seed=3, n_kv_heads=2, d_model=64, n_heads=4)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(dev)
-    prompts = [[3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15, 16, 17]]
-    opts = dict(max_new_tokens=12, strategy="threshold", threshold=0.3, block_length=4, cache="dual",
+    prompts = [[3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14]]
+    opts = dict(max_new_tokens=8, strategy="threshold", threshold=0.3, block_length=4, cache="dual",
                 refresh="window", eotp=True)
     out = []
     for kernels in (False, True):

@@ -26,13 +26,13 @@ uvicorn = pytest.importorskip("uvicorn")
 from l2pd.engine import Engine  # noqa: E402
 from l2pd.serve.app import Server, build_app  # noqa: E402
 
-QUESTIONS = [
-    "Ana has 3 apples and buys 4 more. How many apples does she have?",
-    "Ben had 12 marbles and gave 5 to his friend. How many marbles does he have left?",
-    "A jar holds 7 cookies. Maya eats 2 and then bakes 6 more. How many cookies are in the jar?",
-    "Theo has 9 stickers on a sheet and 8 in a box. How many stickers does he have?",
-    "Iris buys 5 packs of 3 cards. How many cards does she have?",
-]
+def _questions(n: int) -> list[str]:
+    from l2pd.demo.task import split
+
+    return [p.question for p in split("test", n)]
+
+
+QUESTIONS = _questions(5)  # the bundled model's task: answered in a forward or two
 
 
 @pytest.fixture(scope="module")
