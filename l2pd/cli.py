@@ -405,7 +405,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     if args.plot and rows:
         plot(rows, args.plot)
-    print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
+    if args.json:  # each row also carries its rule's AUP
+        print(json.dumps(rows, indent=1))
+    else:
+        from .sweep import format_aup
+
+        print(format_rows(rows))
+        print(format_aup(rows))
     return 0
 
 

@@ -163,6 +163,9 @@ def sweep(model: Any, tokenizer: Any, problems: list[Any], configs: list[dict[st
         n, acc = r["problems"], r["accuracy"]
         row = {**{k: config.get(k) for k in (*CONFIG_KEYS, "filter")}, "problems": n, "accuracy": acc,
                "stderr": math.sqrt(acc * (1 - acc) / n) if n else float("nan"), "mean_nfe": r["mean_nfe"],
+               "answer_tokens": r.get("answer_tokens"),
+               "tokens_per_forward": (r["answer_tokens"] / (r["mean_nfe"] * n)
+                                      if n and r["mean_nfe"] and r.get("answer_tokens") else None),
                "tokens_per_s": r["tokens_per_s"], "seconds": r["seconds"], "max_new_tokens": max_new_tokens,
                "settings": settings}
         rows.append(row)
@@ -171,7 +174,9 @@ def sweep(model: Any, tokenizer: Any, problems: list[Any], configs: list[dict[st
             with open(out, "w" if fresh else "a") as f:
                 f.write(json.dumps(row) + "\n")
             fresh = False
-    return pareto(rows)
+    rows = pareto(rows)
+    aup_rows(rows)  # each row gets its rule's AUP
+    return rows
 
 
 def pareto(rows: list[dict]) -> list[dict]:
@@ -182,6 +187,64 @@ def pareto(rows: list[dict]) -> list[dict]:
             o is not r and o["accuracy"] >= r["accuracy"] and o["mean_nfe"] <= r["mean_nfe"]
             and (o["accuracy"] > r["accuracy"] or o["mean_nfe"] < r["mean_nfe"]) for o in rows)
     return rows
+
+
+def aup(points: list[tuple[float, float]], y_max: float, alpha: float = 3.0, drop: float = 5.0) -> float:
+    """Accuracy under parallelism (d3LLM's AUP) of (tokens per forward, accuracy in %) points.
+
+    Points are sorted by tokens per forward; those more than ``drop`` points below the least parallel one
+    are left out; the rest are weighted by W(y) = min(exp(-alpha (1 - y / y_max)), 1), which discounts
+    accuracy lost against ``y_max`` (the best accuracy among everything compared), and the area under W(y) y
+    is taken from 0 (the first point's value held from 0 to its tokens per forward, then trapezoids).
+    Compare AUPs only when they share ``y_max`` (one sweep).
+    """
+    if not points or y_max <= 0:
+        raise ValueError("AUP needs at least one point and a positive y_max")
+    pts = sorted(points)
+    pts = [(r, y) for r, y in pts if y >= pts[0][1] - drop]
+
+    def w(y: float) -> float:
+        return min(math.exp(-alpha * (1 - y / y_max)), 1.0) * y
+
+    area = pts[0][0] * w(pts[0][1])
+    for (r0, y0), (r1, y1) in zip(pts, pts[1:]):
+        area += (r1 - r0) * (w(y0) + w(y1)) / 2
+    return area
+
+
+def aup_rows(rows: list[dict]) -> list[dict]:
+    """AUP per rule (strategy, persist, EoTP, block, cache) over its taus, best first; rows without
+    tokens per forward (written before it was recorded) are left out."""
+    usable = [r for r in rows if r.get("tokens_per_forward")]
+    if not usable:
+        return []
+    y_max = 100 * max(r["accuracy"] for r in usable)
+    if y_max <= 0:  # nothing correct: no accuracy to weigh
+        return []
+    groups: dict[tuple, list[dict]] = {}
+    for r in usable:
+        groups.setdefault((r["strategy"], r.get("persist"), r["eotp"], r["block_length"], r["cache"]), []).append(r)
+    out = []
+    for k, g in groups.items():
+        value = aup([(r["tokens_per_forward"], 100 * r["accuracy"]) for r in g], y_max)
+        for r in g:
+            r["aup"] = value
+        out.append({"strategy": k[0], "persist": k[1], "eotp": k[2], "block_length": k[3], "cache": k[4],
+                    "points": len(g), "aup": value})
+    return sorted(out, key=lambda a: -a["aup"])
+
+
+def format_aup(rows: list[dict]) -> str:
+    table = aup_rows(rows)
+    if not table:
+        return ""
+    lines = ["AUP (accuracy under parallelism over each rule's taus; tokens per forward x weighted accuracy, "
+             "higher is better; y_max = this sweep's best accuracy):"]
+    for a in table:
+        name = a["strategy"] + (f"/{a['persist']}" if a["persist"] else "")
+        lines.append(f"  {name:<14}{a['eotp']:>10}{a['block_length']:>7}{a['cache']:>8}  {a['aup']:>9.1f}"
+                     f"  ({a['points']} point{'s' if a['points'] > 1 else ''})")
+    return "\n".join(lines)
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -26,6 +26,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from l2pd.engine import Engine  # noqa: E402
 from l2pd.serve.app import Server, build_app  # noqa: E402
 
+
 def _questions(n: int) -> list[str]:
     from l2pd.demo.task import split
 

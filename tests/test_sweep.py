@@ -1,6 +1,7 @@
 """l2pd sweep / tune: the grid, resuming, the Pareto frontier, the operating-point rule, the plot, the CLI."""
 
 import json
+import math
 
 import pytest
 
@@ -72,6 +73,18 @@ def test_checkers_and_problem_files(tmp_path):
         sw.load_problems(str(path))
 
 
+def test_aup_of_hand_made_points():
+    # one point: its rectangle; W = 1 at y_max
+    assert sw.aup([(2.0, 90.0)], 90.0) == pytest.approx(180.0)
+    # a second point 2 points lower: trapezoid with its weight exp(-3 (1 - 88/90))
+    w = math.exp(-3 * (1 - 88 / 90)) * 88
+    assert sw.aup([(4.0, 88.0), (2.0, 90.0)], 90.0) == pytest.approx(180.0 + 2 * (90 + w) / 2)
+    # a point more than 5 points below the least parallel one is left out
+    assert sw.aup([(2.0, 90.0), (9.0, 80.0)], 90.0) == pytest.approx(180.0)
+    with pytest.raises(ValueError):
+        sw.aup([], 90.0)
+
+
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib", reason="plotting is the optional extra l2pd[plot]")
     rows = sw.pareto([_row("threshold", 0.9, 0.9, 2.0), _row("threshold", 0.99, 0.95, 3.0),
@@ -89,6 +102,8 @@ def test_sweep_and_tune_from_the_command_line(tmp_path, capsys):
     assert main(argv) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["strategy"] for r in rows} == {"threshold", "learn2pd"} and all("pareto" in r for r in rows)
+    assert all(r["tokens_per_forward"] > 0 for r in rows)
+    assert all(r.get("aup", 0) > 0 for r in rows) or all(r["accuracy"] == 0 for r in rows)
     assert len(out.read_text().splitlines()) == 2
     shutil.copytree(FILTER32, tmp_path / "f")  # block 32: tune's `steps` baseline is 32 forwards, not 128
     assert main(["tune", "--filter", str(tmp_path / "f"), "--problems", "2", "--batch-size", "2", "--taus",
