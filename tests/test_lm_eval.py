@@ -18,7 +18,11 @@ from l2pd.cli import main  # noqa: E402
 def lm():
     from l2pd.lm_eval_model import L2PDLM
 
-    return L2PDLM(strategy="learn2pd", device="cpu", batch_size=2, mc_num=16, mc_batch=8)
+    # the decision's reference ops: these tests are about the harness (the kernels have their own, under
+    # the interpreter, where one decode costs a minute)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("L2PD_BACKEND", "torch")
+        yield L2PDLM(strategy="learn2pd", device="cpu", batch_size=2, mc_num=16, mc_batch=8)
 
 
 def _question(i=0):
@@ -27,7 +31,8 @@ def _question(i=0):
     return split("test", i + 1)[i]
 
 
-def test_cli_end_to_end_on_three_problems(tmp_path, capsys):
+def test_cli_end_to_end_on_three_problems(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("L2PD_BACKEND", "torch")  # the harness, not the kernels, is under test
     argv = ["lm-eval", "--model", "l2pd", "--model_args", "strategy=learn2pd,cache=dual", "--device", "cpu",
             "--tasks", "l2pd_word_problems", "--apply_chat_template", "--limit", "3", "--output_path", str(tmp_path)]
     assert main(argv) == 0

@@ -93,9 +93,10 @@ def test_plot_writes_a_png(tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_sweep_and_tune_from_the_command_line(tmp_path, capsys):
+def test_sweep_and_tune_from_the_command_line(tmp_path, capsys, monkeypatch):
     import shutil
 
+    monkeypatch.setenv("L2PD_BACKEND", "torch")  # the commands, not the kernels, are under test
     out = tmp_path / "rows.jsonl"
     argv = ["sweep", "--problems", "2", "--strategies", "threshold,learn2pd", "--taus", "0.9", "--eotp", "accepted",
             "--blocks", "128", "--gen-length", "128", "--device", "cpu", "--out", str(out), "--json"]
