@@ -706,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "'l2pd[serve]')", description="Serve a model over HTTP: POST /v1/completions, POST "
                        "/v1/chat/completions, GET /v1/models, /health and /metrics (Prometheus). Requests join "
                        "the running batch at the next step. l2pd's options go in the request body: strategy, "
-                       "threshold, block_length, eotp, cache (default dual), refresh (default window), steps.")
+                       "threshold, block_length, eotp, cache (default dual), refresh (default window), steps, "
+                       "persist.")
     v.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
     _add_family_arg(v)
     v.add_argument("--filter", default=None, help="the learn2pd filter requests get (default: the model's)")

@@ -245,10 +245,10 @@ def test_full_queue_answers_429_with_retry_after(bundled):
     engine = Engine(model, max_batch=1, tokenizer=tok, backend="torch")
     r = Running([engine], tok, max_queue=0)
     try:
-        slow = dict(strategy="steps", block_length=32, eotp=False)
+        # one token per forward over a whole answer (tens of forwards): the row stays busy
         with cf.ThreadPoolExecutor(1) as pool:
-            busy = pool.submit(lambda: r.client.completions.create(model="bundled", prompt="Ana has", max_tokens=256,
-                                                                   extra_body=slow))
+            busy = pool.submit(lambda: _ask(r.client, QUESTIONS[0], max_tokens=256, strategy="steps",
+                                            block_length=32, eotp=False))
             deadline = time.time() + 30
             while not engine.rows:
                 assert time.time() < deadline
