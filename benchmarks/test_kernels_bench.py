@@ -120,3 +120,42 @@ def test_skinny_matmul(benchmark, rows, layer, path):
     nbytes = w.numel() * w.element_size()
     bw = {"weight_read_GBps": lambda ms: nbytes / ms / 1e6}
     _run(benchmark, fn, {"rows": rows, "layer": layer, "path": path}, {"graph_" + k_: v for k_, v in bw.items()})
+
+
+def _pool_case(rows: int, queries: int, keys: int = 768, H: int = 32, D: int = 128):
+    """The engine's attention at LLaDA-8B shapes: ``rows`` requests of ``queries`` fed tokens each over
+    ``keys`` cached positions (one layer), packed as the engine packs them."""
+    torch.manual_seed(0)
+    q = torch.randn(1, rows * queries, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(rows + 1, H, keys + 256, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    seg = torch.tensor([(r * queries, queries, r, keys) for r in range(rows)], device="cuda")
+    return q, k, v, seg, 2 * rows * H * keys * D * 2  # K and V bytes read
+
+
+@cuda
+@pytest.mark.parametrize("rows, queries", [(1, 32), (64, 32), (64, 64)])
+@pytest.mark.parametrize("config", ["n32-w4", "n64-w4", "n64-w8", "n32-w4-s3", "sdpa", "kv-copy"])
+def test_pool_attention(benchmark, rows, queries, config):
+    """The pool attention kernel's launch settings against SDPA on the same rows as a dense batch (its K/V
+    already contiguous per row: what ``generate`` runs) and a copy of the K/V bytes (the memory floor)."""
+    from l2pd_kernels.attention import pool_attention, pool_tiles
+
+    q, k, v, seg, nbytes = _pool_case(rows, queries)
+    keys = int(seg[0, 3])
+    if config == "sdpa":
+        qd = q[0].reshape(q.shape[1], rows, queries, q.shape[3]).transpose(0, 1).contiguous()
+        kd, vd = k[:rows, :, :keys].contiguous(), v[:rows, :, :keys].contiguous()
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd)  # noqa: E731
+    elif config == "kv-copy":
+        src = torch.cat([k[:rows, :, :keys].reshape(-1), v[:rows, :, :keys].reshape(-1)])
+        dst = torch.empty_like(src)
+        fn = lambda: dst.copy_(src)  # noqa: E731  (reads and writes: twice the bytes of the attention's read)
+        nbytes = 2 * nbytes
+    else:
+        parts = {p[0]: int(p[1:]) for p in config.split("-")}  # n: keys per loop, w: warps, s: stages
+        tiles = pool_tiles(seg.cpu()).cuda()
+        kw = dict(block_n=parts["n"], num_warps=parts["w"], num_stages=parts.get("s"))
+        fn = lambda: pool_attention(q, k, v, seg, tiles, **kw)  # noqa: E731
+    bw = {"GBps": lambda ms: nbytes / ms / 1e6}
+    _run(benchmark, fn, bw, {"graph_" + k_: v_ for k_, v_ in bw.items()})

@@ -75,11 +75,14 @@ def _pool_attention_kernel(
 
 
 def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor,
-                   tiles: torch.Tensor | None = None, block_m: int = 32) -> torch.Tensor:
+                   tiles: torch.Tensor | None = None, block_m: int = 32, block_n: int | None = None,
+                   num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.pool_attention``: q [1, H, N, D] (any strides with a
     contiguous last dimension), caches [R, Hkv, T, D], ``seg`` int64 [G, 4]; returns [1, H, N, D] laid out as
     [1, N, H, D] (so the output projection's input is a view). ``tiles`` (int64 [n, 2]: segment, first query;
-    from ``pool_tiles``) is built here when not given."""
+    from ``pool_tiles``) is built here when not given. ``block_n`` (keys per loop, default 64), ``num_warps``,
+    ``num_stages``: launch settings (``benchmarks/test_kernels_bench.py`` compares them; 64 keys and 4 warps
+    were fastest at LLaDA-8B shapes on an H200)."""
     if q.dim() != 4 or q.shape[0] != 1 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"q [1, H, N, D] and caches [R, Hkv, T, D]: got {tuple(q.shape)}, {tuple(k_cache.shape)},"
                          f" {tuple(v_cache.shape)}")
@@ -101,7 +104,8 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             q.stride(2), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(1), out.stride(2),
             1.0 / math.sqrt(D) * 1.4426950408889634, H // HKV,
-            D=D, BM=block_m, BN=64 if D <= 64 else 32, IEEE=q.dtype == torch.float32 or _INTERPRET, num_warps=4,
+            D=D, BM=block_m, BN=block_n or 64, IEEE=q.dtype == torch.float32 or _INTERPRET,
+            num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
         )
     return out.transpose(1, 2)
 
