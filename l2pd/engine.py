@@ -284,8 +284,11 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, drain))
             self._thread = None
-        else:
-            self.step()  # retire what was cancelled
+        with self._lock:  # whatever the last iteration did not reach ends here, so no caller waits forever
+            for row in list(self.rows.values()):
+                self._retire(row, "cancelled")
+            while self.waiting:
+                self._finish(self.waiting.popleft(), "cancelled")
 
     def load(self) -> int:
         """Requests waiting or active."""
@@ -315,8 +318,7 @@ class Engine:
             except Exception as exc:  # a failed iteration fails its rows, never the loop
                 self._fail_all(exc)
             if self._stopping:
-                self.step()
-                return
+                return  # stop() ends what is left
 
     # ---- one iteration -------------------------------------------------------------------------------
 
@@ -382,7 +384,7 @@ class Engine:
         """Rows that run this iteration: every row inside a block, then refreshes within the token budget."""
         stepping = [r for r in self.rows.values() if r.step > 0]
         refresh = sorted((r for r in self.rows.values() if r.step == 0), key=lambda r: (r.previous is None, r.slot))
-        budget = self.max_step_tokens - sum(self._fed(r)[1] - self._fed(r)[0] for r in stepping)
+        budget = self.max_step_tokens - sum(hi - lo for lo, hi in map(self._fed, stepping))
         plan = list(stepping)
         for r in refresh:
             lo, hi = self._fed(r)
@@ -580,13 +582,14 @@ class Engine:
         new = fixed[row.final - (row.block - row.P) : upto]  # (every earlier block is complete)
         reason = None
         emit: list[int] = []
+        extra_ends = set(spec.stops.extra.tolist()) if spec.stops.extra.numel() else ()
         for tok in new:
             row.final += 1
             if tok == spec.eos_id:
                 reason = "stop"
                 break
             emit.append(tok)
-            if tok in spec.stops.extra.tolist():
+            if tok in extra_ends:
                 reason = "stop"
                 break
         if emit and req.stop:  # the first stop string in the text ends the answer at the token completing it

@@ -252,3 +252,14 @@ def test_kernel_path_matches_reference_path():
         out.append([r.tokens for r in reqs])
     assert out[0] == out[1]
     assert sum(len(t) for t in out[0]) >= 4  # something was decoded on both paths
+
+
+def test_stop_ends_every_request_even_beyond_the_free_rows(bundled):
+    """Requests still queued when the engine stops (more than it has rows) end as cancelled: no caller waits."""
+    model, _, prompts = bundled
+    engine = Engine(model, max_batch=1)
+    reqs = [engine.submit(p, max_new_tokens=64, strategy="steps", block_length=32) for p in prompts]
+    engine.step()
+    engine.stop(drain=0)
+    assert all(r.done.is_set() for r in reqs) and {r.finish_reason for r in reqs} == {"cancelled"}
+    assert not engine.rows and not engine.waiting

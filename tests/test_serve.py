@@ -169,9 +169,11 @@ def test_a_dropped_stream_frees_its_row(running):
     sock = socket.create_connection(("127.0.0.1", running.port), timeout=60)
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    got = b""
+    got, deadline = b"", time.time() + 60
     while b"data: " not in got:  # the first event (the assistant's role) arrived: the request is in
-        got += sock.recv(4096)
+        chunk = sock.recv(4096)  # (the socket's own timeout bounds each read)
+        assert chunk and time.time() < deadline, f"no event before the server closed: {got[:200]!r}"
+        got += chunk
     deadline = time.time() + 30
     while not engine.rows:  # admitted at the engine's next iteration
         assert time.time() < deadline and engine.counters["finished"] >= 0

@@ -64,8 +64,7 @@ def parse_request(body: dict[str, Any], tokenizer: Any, chat: bool, max_length: 
                   default_max_tokens: int = 256) -> Parsed:
     """Check an OpenAI completions (``chat=False``) or chat completions body; see ``ApiError``."""
     for name, neutral in NEUTRAL.items():
-        if name in body and not any(body[name] == v and type(body[name]) is type(v) or
-                                    (body[name] is None and v is None) for v in neutral):
+        if name in body and not any(body[name] == v and type(body[name]) is type(v) for v in neutral):
             what = "n > 1 (one answer per request)" if name == "n" else f"{name}={body[name]!r}"
             raise ApiError(400, f"{what} is not supported by this server", name)
     if chat:
@@ -199,6 +198,4 @@ def engine_error(exc: ValueError) -> ApiError:
     """A request the engine refused, as a 400 naming the API field."""
     msg = str(exc)
     param = next((f for key, f in _FIELD_OF.items() if key in msg), None)
-    for key, f in _FIELD_OF.items():
-        msg = msg.replace(key, f) if key == "max_new_tokens" else msg
-    return ApiError(400, msg, param)
+    return ApiError(400, msg.replace("max_new_tokens", "max_tokens"), param)
