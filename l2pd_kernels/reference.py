@@ -432,3 +432,65 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         out[:, :, q_start : q_start + q_len] = torch.nn.functional.scaled_dot_product_attention(
             q[:, :, q_start : q_start + q_len], k, v, enable_gqa=k.shape[1] != q.shape[1])
     return out
+
+
+def moe_route(logits: torch.Tensor, top_k: int, score: str = "sigmoid", bias: torch.Tensor | None = None,
+              n_group: int = 1, topk_group: int = 1, scale: float = 1.0,
+              normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mixture-of-experts router: (expert ids int64 [N, top_k], weights fp32 [N, top_k]) from router logits
+    [N, E] (read in fp32).
+
+    ``score='sigmoid'`` (LLaDA 2.x): s = sigmoid(logits); the experts are chosen on s + ``bias`` within the
+    ``topk_group`` of ``n_group`` groups whose two best biased scores sum highest; the weights are the chosen
+    unbiased s, divided by their sum (+ 1e-20) when ``normalize`` and top_k > 1, times ``scale``.
+    ``score='softmax'`` (LLaDA-MoE): s = softmax(logits); the top_k of s, renormalised only when ``normalize``.
+    Ties go to the lower index (``torch.topk``'s order on equal values is not promised; routing on exact ties is
+    measure-zero with real weights).
+    """
+    logits = logits.float()
+    N, E = logits.shape
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k={top_k} outside [1, {E}]")
+    if score == "softmax":
+        s = logits.softmax(-1)
+        weights, ids = s.topk(top_k, -1)
+        if normalize:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return ids, weights * scale
+    if score != "sigmoid":
+        raise ValueError(f"score={score!r}: expected 'sigmoid' or 'softmax'")
+    if E % n_group or not 1 <= topk_group <= n_group:
+        raise ValueError(f"{E} experts in {n_group} groups, keeping {topk_group}: not a valid grouping")
+    s = torch.sigmoid(logits)
+    biased = s if bias is None else s + bias.float()
+    if n_group > 1:
+        per = E // n_group
+        group_score = biased.view(N, n_group, per).topk(min(2, per), -1).values.sum(-1)
+        keep = group_score.topk(topk_group, -1).indices
+        group_mask = torch.zeros(N, n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
+        biased = biased.masked_fill(~group_mask.repeat_interleave(per, 1), float("-inf"))
+    ids = biased.topk(top_k, -1).indices
+    weights = s.gather(1, ids)
+    if normalize and top_k > 1:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return ids, weights * scale
+
+
+def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
+              weights: torch.Tensor) -> torch.Tensor:
+    """The routed experts of a mixture-of-experts MLP: for each token x [N, D] and each of its experts
+    ``ids`` [N, k], down(silu(gate(x)) * up(x)) with expert e's ``w_gate_up[e]`` = cat(gate, up) [2I, D] and
+    ``w_down[e]`` [D, I], each product rounded to x's dtype (as separate linear layers do); the k outputs
+    weighted by ``weights`` [N, k] in fp32, summed, rounded to x's dtype."""
+    N, D = x.shape
+    k = ids.shape[1]
+    inter = w_down.shape[2]
+    out = torch.zeros(N, k, D, dtype=torch.float32, device=x.device)
+    flat = ids.reshape(-1)
+    for e in torch.unique(flat).tolist():
+        slot = (flat == e).nonzero().squeeze(1)
+        h = x.index_select(0, slot // k)
+        gate_up = torch.nn.functional.linear(h, w_gate_up[e])
+        act = silu_mul(gate_up[:, :inter], gate_up[:, inter:])
+        out.view(N * k, D)[slot] = torch.nn.functional.linear(act, w_down[e]).float()
+    return (out * weights.float()[..., None]).sum(1).to(x.dtype)

@@ -1,0 +1,144 @@
+"""fused_moe: the routed experts of a mixture-of-experts MLP as two grouped GEMMs.
+
+The (token, expert) pairs are sorted by expert and each expert's run is padded to a multiple of ``BLOCK_M``
+(``align``, a few torch ops on the device with static sizes: no host read, so a CUDA graph can hold it). Each
+program of the first kernel takes ``BLOCK_M`` pairs of one expert and a column tile of its gate and up
+projections and writes ``silu(gate) * up``; the second multiplies those rows by the expert's down projection,
+scales each by its routing weight and writes one fp32 row per pair; the weighted rows of a token are then
+summed (``[N, k, D].sum(1)``: a fixed order, so the result does not depend on which tokens share the batch).
+Programs of padding blocks (experts without tokens take none) return at once. Rounding follows
+``l2pd_kernels.reference.fused_moe``: gate, up, their product and the down projection are each rounded to the
+input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pair index per sorted slot [L], padding = N * k; expert per block [L / block_m], -1 = unused).
+
+    ``L`` is the static bound ``ceil((N * k + min(E, N * k) * (block_m - 1)) / block_m) * block_m``."""
+    flat = ids.reshape(-1)
+    pairs = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    starts = ends - padded
+    order = torch.argsort(flat, stable=True)  # pairs grouped by expert, in pair order within an expert
+    expert = flat.index_select(0, order)
+    first = counts.cumsum(0) - counts  # each expert's first index in ``order``
+    dest = starts.index_select(0, expert) + torch.arange(pairs, device=flat.device) - first.index_select(0, expert)
+    bound = pairs + min(num_experts, pairs) * (block_m - 1)
+    length = triton.cdiv(bound, block_m) * block_m
+    sorted_pairs = torch.full((length,), pairs, dtype=torch.int64, device=flat.device)
+    sorted_pairs.scatter_(0, dest, order)
+    block_start = torch.arange(0, length, block_m, device=flat.device)
+    block_expert = torch.searchsorted(ends, block_start, right=True)
+    block_expert = torch.where(block_start < ends[-1], block_expert, torch.full_like(block_expert, -1))
+    return sorted_pairs, block_expert
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, TOPK: tl.constexpr,
+                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pairs_ptr + offs_m)
+    valid = pair < num_pairs
+    tok = tl.where(valid, pair // TOPK, 0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < INTER
+    offs_k = tl.arange(0, BLOCK_K)
+    w_base = w_ptr + e * (2 * INTER) * D
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < D
+        a = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+        wmask = k_ok[:, None] & n_ok[None, :]
+        bg = tl.load(w_base + offs_n[None, :] * D + kk[:, None], mask=wmask, other=0.0)
+        bu = tl.load(w_base + (INTER + offs_n[None, :]) * D + kk[:, None], mask=wmask, other=0.0)
+        if UPCAST:
+            a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
+        acc_g = tl.dot(a, bg, acc_g)
+        acc_u = tl.dot(a, bu, acc_u)
+    dt = act_ptr.dtype.element_ty
+    g = acc_g.to(dt).to(tl.float32)
+    u = acc_u.to(dt).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    tl.store(act_ptr + pair[:, None] * INTER + offs_n[None, :], (s * u).to(dt), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(act_ptr, w_ptr, weight_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER,
+                 UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    e = tl.load(expert_ptr + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pairs_ptr + offs_m)
+    valid = pair < num_pairs
+    row = tl.where(valid, pair, 0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    offs_k = tl.arange(0, BLOCK_K)
+    w_base = w_ptr + e * D * INTER
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, INTER, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < INTER
+        a = tl.load(act_ptr + row[:, None] * INTER + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_base + offs_n[None, :] * INTER + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        acc = tl.dot(a, b, acc)
+    w = tl.load(weight_ptr + row, mask=valid, other=0.0)
+    y = acc.to(act_ptr.dtype.element_ty).to(tl.float32) * w[:, None]
+    tl.store(out_ptr + pair[:, None] * D + offs_n[None, :], y, mask=valid[:, None] & n_ok[None, :])
+
+
+def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
+              weights: torch.Tensor, block_m: int = 16, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+    """Triton version of ``l2pd_kernels.reference.fused_moe`` (x [N, D], w_gate_up [E, 2I, D], w_down [E, D, I],
+    ids [N, k], weights [N, k])."""
+    if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
+        raise ValueError("fused_moe takes x [N, D], w_gate_up [E, 2I, D] and w_down [E, D, I]")
+    N, D = x.shape
+    E, two_i, d_in = w_gate_up.shape
+    inter = two_i // 2
+    if d_in != D or two_i % 2 or tuple(w_down.shape) != (E, D, inter):
+        raise ValueError(f"shapes disagree: x {tuple(x.shape)}, w_gate_up {tuple(w_gate_up.shape)}, "
+                         f"w_down {tuple(w_down.shape)}")
+    if ids.shape != weights.shape or ids.dim() != 2 or ids.shape[0] != N:
+        raise ValueError(f"ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must both be [{N}, k]")
+    if not (x.dtype == w_gate_up.dtype == w_down.dtype) or x.dtype not in (torch.float32, torch.bfloat16,
+                                                                            torch.float16):
+        raise ValueError(f"x, w_gate_up and w_down must share one of fp32/bf16/fp16, got {x.dtype}, "
+                         f"{w_gate_up.dtype}, {w_down.dtype}")
+    k = ids.shape[1]
+    if N == 0:
+        return torch.empty_like(x)
+    x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
+    pairs, experts = align(ids.long(), E, block_m)
+    act = torch.empty(N * k, inter, dtype=x.dtype, device=x.device)
+    out = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
+    blocks = experts.shape[0]
+    upcast = x.device.type != "cuda" and x.dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong
+    _gate_up_kernel[(blocks, triton.cdiv(inter, block_n))](x, w_gate_up, act, pairs, experts, N * k, D, inter,
+                                                           TOPK=k, UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                           BLOCK_K=block_k, num_warps=4)
+    _down_kernel[(blocks, triton.cdiv(D, block_n))](act, w_down, weights.float().contiguous().view(-1), out, pairs,
+                                                    experts, N * k, D, inter, UPCAST=upcast,
+                                                    BLOCK_M=block_m, BLOCK_N=block_n,
+                                                    BLOCK_K=block_k, num_warps=4)
+    return out.view(N, k, D).sum(1).to(x.dtype)

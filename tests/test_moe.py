@@ -1,0 +1,138 @@
+"""The mixture-of-experts ops: the router against a plain loop, the fused Triton experts against the reference.
+
+Fresh random inputs, odd sizes, fp32/bf16/fp16, experts with no tokens, every token on one expert. The kernel
+runs on the CPU under TRITON_INTERPRET=1 or on a GPU.
+"""
+
+import os
+
+import pytest
+import torch
+
+from l2pd_kernels import reference as ref
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                             reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+       torch.float16: dict(rtol=5e-3, atol=5e-3)}
+
+
+def _route_loop(logits, top_k, bias, n_group, topk_group, scale):
+    """LLaDA 2.x's router spelled out one token at a time."""
+    ids, weights = [], []
+    for row in logits.float():
+        s = torch.sigmoid(row)
+        b = s + bias
+        per = len(row) // n_group
+        groups = sorted(range(n_group), key=lambda g: -float(b[g * per:(g + 1) * per].sort(descending=True).values[:2].sum()))
+        allowed = [e for g in groups[:topk_group] for e in range(g * per, (g + 1) * per)]
+        chosen = sorted(allowed, key=lambda e: -float(b[e]))[:top_k]
+        w = s[chosen]
+        ids.append(chosen)
+        weights.append(w / (w.sum() + 1e-20) * scale)
+    return torch.tensor(ids), torch.stack(weights)
+
+
+@pytest.mark.parametrize("n,e,groups,keep,k", [(5, 16, 4, 2, 3), (9, 24, 8, 4, 8), (3, 8, 1, 1, 2)])
+def test_sigmoid_group_router_matches_a_plain_loop(n, e, groups, keep, k):
+    logits = torch.randn(n, e) * 2
+    bias = torch.randn(e) * 0.1
+    ids, w = ref.moe_route(logits, k, "sigmoid", bias, groups, keep, 2.5)
+    ids_loop, w_loop = _route_loop(logits, k, bias, groups, keep, 2.5)
+    assert torch.equal(ids.sort(-1).values, ids_loop.sort(-1).values)
+    order, order_loop = ids.argsort(-1), ids_loop.argsort(-1)
+    torch.testing.assert_close(w.gather(1, order), w_loop.gather(1, order_loop))
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32
+
+
+def test_softmax_router_keeps_unnormalised_probabilities():
+    logits = torch.randn(4, 10)
+    ids, w = ref.moe_route(logits, 3, "softmax", normalize=False)
+    p = logits.softmax(-1)
+    torch.testing.assert_close(w, p.gather(1, ids))
+    assert float(w.sum(-1).max()) < 1
+    with pytest.raises(ValueError, match="groups"):
+        ref.moe_route(logits, 3, "sigmoid", n_group=3, topk_group=1)
+
+
+def _experts(e, d, inter, dtype):
+    w13 = (torch.randn(e, 2 * inter, d, device=DEV) / d**0.5).to(dtype)
+    w2 = (torch.randn(e, d, inter, device=DEV) / inter**0.5).to(dtype)
+    return w13, w2
+
+
+def test_reference_matches_separate_expert_layers():
+    x = torch.randn(6, 20)
+    w13, w2 = _experts(5, 20, 12, torch.float32)
+    w13, w2 = w13.cpu(), w2.cpu()
+    ids, w = ref.moe_route(torch.randn(6, 5), 2, "softmax")
+    out = ref.fused_moe(x, w13, w2, ids, w)
+    for t in range(6):
+        want = sum(float(w[t, j]) * (torch.nn.functional.silu(x[t] @ w13[e, :12].T) * (x[t] @ w13[e, 12:].T)) @ w2[e].T
+                   for j, e in enumerate(ids[t].tolist()))
+        torch.testing.assert_close(out[t], want, rtol=1e-5, atol=1e-5)
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d,inter,e,k", [(1, 32, 16, 4, 2), (7, 45, 23, 9, 3), (33, 64, 40, 16, 4)])
+def test_fused_moe_matches_reference(dtype, n, d, inter, e, k):
+    from l2pd_kernels import fused_moe
+
+    x = torch.randn(n, d, device=DEV).to(dtype)
+    w13, w2 = _experts(e, d, inter, dtype)
+    ids, w = ref.moe_route(torch.randn(n, e, device=DEV), k, "sigmoid", torch.zeros(e, device=DEV), 1, 1, 2.5)
+    torch.testing.assert_close(fused_moe(x, w13, w2, ids, w), ref.fused_moe(x, w13, w2, ids, w), **TOL[dtype])
+
+
+@kernels
+def test_fused_moe_with_idle_experts_and_every_token_on_one_expert():
+    from l2pd_kernels import fused_moe
+
+    n, d, inter, e = 21, 40, 24, 12
+    x = torch.randn(n, d, device=DEV)
+    w13, w2 = _experts(e, d, inter, torch.float32)
+    ids = torch.full((n, 1), 7, device=DEV, dtype=torch.int64)  # one expert takes every token, the rest none
+    w = torch.rand(n, 1, device=DEV)
+    torch.testing.assert_close(fused_moe(x, w13, w2, ids, w), ref.fused_moe(x, w13, w2, ids, w), rtol=1e-4, atol=1e-4)
+    ids = torch.stack([torch.full((n,), 2), torch.full((n,), 11)], 1).to(DEV)  # two experts, ten idle
+    w = torch.rand(n, 2, device=DEV)
+    torch.testing.assert_close(fused_moe(x, w13, w2, ids, w), ref.fused_moe(x, w13, w2, ids, w), rtol=1e-4, atol=1e-4)
+
+
+@kernels
+def test_fused_moe_rows_do_not_depend_on_the_batch():
+    from l2pd_kernels import fused_moe
+
+    x = torch.randn(10, 32, device=DEV)
+    w13, w2 = _experts(6, 32, 16, torch.float32)
+    ids, w = ref.moe_route(torch.randn(10, 6, device=DEV), 2, "softmax")
+    full = fused_moe(x, w13, w2, ids, w)
+    part = fused_moe(x[3:5], w13, w2, ids[3:5], w[3:5])
+    assert torch.equal(full[3:5], part)
+
+
+def test_align_pads_each_expert_to_whole_blocks():
+    from l2pd_kernels.moe import align
+
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3]])
+    pairs, experts = align(ids, 5, 4)
+    assert pairs.shape[0] % 4 == 0 and experts.shape[0] == pairs.shape[0] // 4
+    used = experts[experts >= 0].tolist()
+    assert used == [0, 1, 3]  # expert 2 and 4 get no block
+    for b, ex in enumerate(experts.tolist()):
+        chunk = pairs[4 * b: 4 * b + 4]
+        real = chunk[chunk < 6]
+        assert all(int(ids.view(-1)[p]) == ex for p in real)
+    assert sorted(pairs[pairs < 6].tolist()) == list(range(6))
+
+
+@kernels
+def test_fused_moe_checks_shapes():
+    from l2pd_kernels import fused_moe
+
+    x = torch.randn(3, 8, device=DEV)
+    w13, w2 = _experts(2, 8, 4, torch.float32)
+    with pytest.raises(ValueError, match="shapes"):
+        fused_moe(x, w13, w2[:, :, :3], torch.zeros(3, 1, dtype=torch.int64, device=DEV), torch.ones(3, 1, device=DEV))
