@@ -89,6 +89,27 @@ def block_schedule(masks: int, steps: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(steps)]
 
 
+def block_bounds(prompt: int, new: int, block: int, aligned: bool = False) -> list[tuple[int, int]]:
+    """The decoding blocks [start, end) of a canvas holding ``prompt`` + ``new`` tokens: blocks of ``block``
+    from the prompt's end; or, ``aligned`` (block-causal models), blocks at multiples of ``block`` from position
+    0, as the model's attention groups them: the first one also holds the prompt's last partial block and the
+    last one runs to its end, past ``prompt + new`` (those tokens are decoded and dropped, as LLaDA 2.x's own
+    loop does)."""
+    if not aligned:
+        return [(s, min(s + block, prompt + new)) for s in range(prompt, prompt + new, block)]
+    end = -(-(prompt + new) // block) * block
+    starts = [prompt] + list(range((prompt // block + 1) * block, end, block))
+    return list(zip(starts, starts[1:] + [end]))
+
+
+def _check_block_causal(padded: bool, attention_mask: torch.Tensor | None) -> None:
+    if padded:
+        lengths = sorted(set(attention_mask.sum(-1).tolist()))
+        raise ValueError("a block-causal model (LLaDA 2.x) groups positions into blocks from each prompt's start, "
+                         f"so one call decodes prompts of one length; these have {lengths[0]} to {lengths[-1]} "
+                         "tokens: decode each length apart (l2pd.evaluate groups them)")
+
+
 def _bucket(rows: int) -> int:
     """Rows a compacted step runs: the next power of two (few distinct shapes, so few graph captures)."""
     return 1 << max(0, rows - 1).bit_length()
@@ -180,11 +201,14 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     block_length, stops, device = spec.block_length, spec.stops, adapter.device
     B, P = input_ids.shape
     G = spec.max_new_tokens
-    T = P + G
     confidence, decide = select_ops(spec.backend, device)
     kernels = decide.__module__ == "l2pd_kernels.decide"
     padded = attention_mask is not None and not bool(attention_mask.all())
-    num_blocks = -(-G // block_length)
+    if adapter.block_causal:
+        _check_block_causal(padded, attention_mask)
+        adapter.decoder.block_causal = block_length  # the attention's blocks are the decoding blocks
+    bounds = block_bounds(P, G, block_length, adapter.block_causal)
+    T = bounds[-1][1]  # P + G, or (block-causal) up to the end of the last block
     filter_weights = filter.weights(device) if filter is not None else None
     inputs = tuple(filter.inputs) if filter is not None else ("confidence",)
     decide_kwargs = dict(threshold=spec.threshold, mask_id=mask_id, eos_id=eos_id, eotp=spec.eotp,
@@ -232,8 +256,10 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     forwards = graphed = 0
     t0 = time.perf_counter()
     previous = None  # start of the last block decoded (the tail and window refreshes start there)
-    for b in range(num_blocks):
-        s, e = P + b * block_length, min(P + (b + 1) * block_length, T)
+    for s, e in bounds:
+        # block-causal: the fed range starts at the attention block's start (the first block may also hold the
+        # prompt's tail, whose K/V depend on the block's tokens)
+        s_attn = s - (s % block_length) if adapter.block_causal else s
         left = (canvas[:n, s:e] == mask_id).sum(-1)
         alive = int((left > 0).sum())  # the one host read of the block
         if alive == 0:  # EoTP already filled this block in every row
@@ -246,7 +272,9 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
             nfe[:n] = nfe[:n].index_select(0, perm)
             n, step_fn = keep_rows, stepper.narrow(keep_rows)
             left = left.index_select(0, perm[:n])
-        schedule = block_schedule(e - s, spec.steps_per_block)
+        # block-causal: the schedule of a whole block, also for a first block that holds the prompt's tail (as
+        # LLaDA 2.x's loop does; top-k takes what is left)
+        schedule = block_schedule(block_length if adapter.block_causal else e - s, spec.steps_per_block)
         i = 0
         while True:
             if kv is None:
@@ -254,7 +282,7 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
             elif i == 0:  # with a cache, the block's first forward refreshes the slots
                 lo, hi = kv.refresh_range(previous, e)
             else:
-                lo, hi = kv.feed_range(s, e)
+                lo, hi = kv.feed_range(s_attn, e)
             nfe[:n] += left > 0
             k = schedule[i] if (not spec.fixed_k and i < len(schedule)) else 1
             if i == e - s - 1:  # the cap: a block never takes more forwards than its length
@@ -268,22 +296,22 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
                 if stops.active:
                     stops.cut(canvas, P, e, 1)
                     left = (canvas[:1, s:e] == mask_id).sum(-1)
-                stream.update(canvas, e)
+                stream.update(canvas, min(e, P + G))
             if int(left.max()) == 0:  # the one host read of the step
                 break
-        previous = s
+        previous = s_attn
         if stops.active:  # rows that reached a stop end here (the rest of their canvas becomes end-of-text)
             stops.cut(canvas, P, e, n)
     if stream is not None:
-        stream.update(canvas, T)
+        stream.update(canvas, P + G)
         stream.end()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     if compact:
-        sequences, nfe = _unpermute(canvas, order), _unpermute(nfe, order)
-    else:
-        sequences = canvas.clone() if keep else canvas  # a kept stepper's canvas is reused by the next call
+        sequences, nfe = _unpermute(canvas[:, : P + G], order), _unpermute(nfe, order)
+    else:  # a kept stepper's canvas is reused by the next call
+        sequences = canvas[:, : P + G].clone() if keep or T > P + G else canvas
     if spec.return_dict:
         return GenerateOutput(sequences, nfe, forwards, seconds, graphed)
     return sequences

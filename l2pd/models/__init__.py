@@ -16,12 +16,14 @@ import torch
 from .decoder import Decoder, decoder_forward, pack_layers
 from .dream import DreamConfig, DreamModel, dream_decoder
 from .llada import LLaDAConfig, LLaDAModelLM, llada_decoder
+from .llada2 import LLaDA2Config, LLaDA2MoeModelLM, llada2_decoder
 
-__all__ = ["Adapter", "DreamConfig", "DreamModel", "LLaDAConfig", "LLaDAModelLM", "adapter_for", "load_pretrained"]
+__all__ = ["Adapter", "DreamConfig", "DreamModel", "LLaDA2Config", "LLaDA2MoeModelLM", "LLaDAConfig", "LLaDAModelLM",
+           "adapter_for", "load_pretrained"]
 
 
 def load_pretrained(folder: str, torch_dtype: Any = None, device: Any = "cpu", dtype: Any = None) -> Any:
-    """Our LLaDA or Dream class for a checkpoint folder, chosen by its config.json (``model_type``)."""
+    """Our LLaDA, Dream or LLaDA 2.x class for a checkpoint folder, chosen by its config.json (``model_type``)."""
     import os
 
     from ..files import read_json
@@ -34,17 +36,18 @@ def load_pretrained(folder: str, torch_dtype: Any = None, device: Any = "cpu", d
         raise FileNotFoundError(f"no config.json in {os.fspath(folder)!r}")
     cfg = read_json(path, "config.json")
     kind = str(cfg.get("model_type", "")).lower() if isinstance(cfg, dict) else ""
-    cls = DreamModel if kind == "dream" else LLaDAModelLM
+    cls = DreamModel if kind == "dream" else LLaDA2MoeModelLM if kind in LLADA2_TYPES else LLaDAModelLM
     return cls.from_pretrained(folder, torch_dtype=torch_dtype, device=device)
 
 _LLADA_BLOCK = ("attn_norm", "ff_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
 _LLADA_CONFIG = ("d_model", "n_heads", "n_layers", "rope_theta", "max_sequence_length")
 _DREAM_CONFIG = ("hidden_size", "num_attention_heads", "num_hidden_layers", "rope_theta")
+LLADA2_TYPES = ("llada2_moe", "llada2")
 
 
 @dataclass
 class Adapter:
-    family: str  # "llada" | "dream"
+    family: str  # "llada" | "dream" | "llada2"
     model: Any
     config: Any
     decoder: Decoder
@@ -61,6 +64,11 @@ class Adapter:
     @property
     def dtype(self) -> torch.dtype:
         return self.decoder.embed.weight.dtype
+
+    @property
+    def block_causal(self) -> bool:
+        """Attention causal across blocks (LLaDA 2.x): blocks align with multiples of the block length."""
+        return self.decoder.block_causal > 0
 
     @property
     def vocab_rows(self) -> int:
@@ -84,7 +92,7 @@ class Adapter:
 
     def key(self) -> tuple:
         """What identifies these weights for kept CUDA graphs."""
-        first = self.decoder.layers[0].q.weight.data_ptr() if self.decoder.layers else 0
+        first = self.decoder.layers[0].o.weight.data_ptr() if self.decoder.layers else 0
         return (self.family, self.decoder.embed.weight.data_ptr(), first)
 
     def fingerprint_parts(self) -> tuple[dict, list[torch.Tensor]]:
@@ -96,8 +104,10 @@ class Adapter:
             return {k: getattr(c, k, None) for k in keys}, [d.embed.weight, d.head.weight, d.final_norm.weight]
         keys = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "intermediate_size",
                 "vocab_size", "rope_theta")
+        if self.family == "llada2":
+            keys += ("num_experts", "moe_intermediate_size", "num_experts_per_tok", "partial_rotary_factor")
         d = self.decoder
-        return {"family": "dream", **{k: getattr(c, k, None) for k in keys}}, [d.embed.weight, d.head.weight,
+        return {"family": self.family, **{k: getattr(c, k, None) for k in keys}}, [d.embed.weight, d.head.weight,
                                                                              d.final_norm.weight]
 
 
@@ -118,9 +128,12 @@ def adapter_for(model: Any) -> Adapter:
     inner = getattr(model, "model", None)
     if getattr(inner, "transformer", None) is not None:
         return _llada(model, name, config)
+    if getattr(inner, "layers", None) is not None and getattr(inner, "word_embeddings", None) is not None:
+        return _llada2(model, name, config)
     if getattr(inner, "layers", None) is not None and getattr(inner, "embed_tokens", None) is not None:
         return _dream(model, name, config)
-    raise ValueError(f"{name} has neither model.transformer (LLaDA) nor model.layers + model.embed_tokens (Dream)")
+    raise ValueError(f"{name} has neither model.transformer (LLaDA), model.layers + model.embed_tokens (Dream) nor "
+                     "model.layers + model.word_embeddings (LLaDA 2.x)")
 
 
 def _llada(model: Any, name: str, config: Any) -> Adapter:
@@ -163,4 +176,33 @@ def _dream(model: Any, name: str, config: Any) -> Adapter:
             raise ValueError(f"{name} layer {i} lacks {absent} (the Dream / Qwen2 layer)")
     eos = _id(config, "eos_token_id", 151643)
     return Adapter("dream", model, config, dream_decoder(model, config), 1, _id(config, "mask_token_id", 151666),
+                   eos, _id(config, "pad_token_id", eos), getattr(config, "max_position_embeddings", None))
+
+
+def _llada2(model: Any, name: str, config: Any) -> Adapter:
+    missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "rope_theta")
+               if getattr(config, k, None) is None]
+    if missing:
+        raise ValueError(f"{name}.config lacks the LLaDA 2.x keys {missing}")
+    base = model.model
+    if not hasattr(base, "norm") or (not getattr(config, "tie_word_embeddings", False)
+                                     and not hasattr(model, "lm_head")):
+        raise ValueError(f"{name} lacks model.norm or lm_head")
+    if len(base.layers) != config.num_hidden_layers:
+        raise ValueError(f"{name} has {len(base.layers)} layers but config.num_hidden_layers="
+                         f"{config.num_hidden_layers}")
+    for i, layer in enumerate(base.layers):
+        att, mlp = getattr(layer, "attention", None), getattr(layer, "mlp", None)
+        absent = [m for m in ("query_key_value", "dense") if not hasattr(att, m)]
+        absent += [m for m in ("input_layernorm", "post_attention_layernorm") if not hasattr(layer, m)]
+        if hasattr(mlp, "experts"):
+            absent += [m for m in ("gate",) if not hasattr(mlp, m)]
+        else:
+            absent += [m for m in ("gate_proj", "up_proj", "down_proj") if not hasattr(mlp, m)]
+        if absent:
+            raise ValueError(f"{name} layer {i} lacks {absent} (the LLaDA 2.x layer)")
+    if getattr(config, "score_function", "sigmoid") not in ("sigmoid", "softmax"):
+        raise ValueError(f"{name}.config.score_function={config.score_function!r}: expected sigmoid or softmax")
+    eos = _id(config, "eos_token_id", 156892)
+    return Adapter("llada2", model, config, llada2_decoder(model, config), 0, _id(config, "mask_token_id", 156895),
                    eos, _id(config, "pad_token_id", eos), getattr(config, "max_position_embeddings", None))

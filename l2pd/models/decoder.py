@@ -1,7 +1,9 @@
-"""The decoder every supported family shares: a bidirectional pre-norm stack of RMSNorm, RoPE attention
-(grouped-query allowed) and a SiLU-gated MLP, described by a ``Decoder`` (which modules play which part)
-and run by ``decoder_forward`` with or without a block KV cache. Family files (``llada.py``, ``dream.py``)
-only map their module trees onto it. Elementwise work goes through ``forward_ops``: the fused Triton
+"""The decoder every supported family shares: a pre-norm stack of RMSNorm, RoPE attention (grouped-query
+allowed) and a SiLU-gated MLP, described by a ``Decoder`` (which modules play which part) and run by
+``decoder_forward`` with or without a block KV cache. Options a family may use: a fused q/k/v projection,
+per-head q/k RMSNorm, RoPE on part of each head, block-causal attention, and a mixture-of-experts MLP (routed
+experts beside the gated MLP, which then plays the shared expert). Family files (``llada.py``, ``dream.py``,
+``llada2.py``) only map their module trees onto it. Elementwise work goes through ``forward_ops``: the fused Triton
 kernels on CUDA without autograd, ``l2pd_kernels.reference`` elsewhere.
 """
 
@@ -83,7 +85,8 @@ def _norm(ops: Any, x: torch.Tensor, norm: nn.Module, eps: float, delta: torch.T
 
 
 def _groups(layer: "Layer") -> tuple:
-    return (("_l2pd_qkv", [layer.q, layer.k, layer.v]), ("_l2pd_gate_up", [layer.gate, layer.up]))
+    groups = (("_l2pd_qkv", [layer.q, layer.k, layer.v]), ("_l2pd_gate_up", [layer.gate, layer.up]))
+    return tuple(g for g in groups if all(m is not None for m in g[1]))  # a fused q/k/v, a MoE without shared expert
 
 
 def pack_layers(layers: list["Layer"]) -> bool:
@@ -143,19 +146,43 @@ class Pack:
 
 
 @dataclass
+class MoE:
+    """A mixture-of-experts MLP: ``router.weight`` [E, D] gives the logits (fp32) that
+    ``l2pd_kernels.reference.moe_route`` turns into experts and weights; each expert has ``gate_proj``,
+    ``up_proj`` and ``down_proj``; ``owner`` holds their stacked weights."""
+
+    owner: nn.Module
+    router: nn.Module
+    bias: torch.Tensor | None
+    experts: Any
+    top_k: int
+    score: str = "sigmoid"
+    n_group: int = 1
+    topk_group: int = 1
+    scale: float = 1.0
+    normalize: bool = True
+
+
+@dataclass
 class Layer:
-    """One pre-norm block's modules; ``owner`` holds the packed q/k/v and gate/up buffers."""
+    """One pre-norm block's modules; ``owner`` holds the packed q/k/v and gate/up buffers. ``qkv`` (rows
+    q | k | v) replaces q, k and v; ``q_norm``/``k_norm`` normalise each head; with ``moe`` the gate/up/down
+    MLP is the shared expert (None: no shared expert)."""
 
     owner: nn.Module
     attn_norm: nn.Module
-    q: nn.Module
-    k: nn.Module
-    v: nn.Module
+    q: nn.Module | None
+    k: nn.Module | None
+    v: nn.Module | None
     o: nn.Module
     ff_norm: nn.Module
-    gate: nn.Module
-    up: nn.Module
-    down: nn.Module
+    gate: nn.Module | None
+    up: nn.Module | None
+    down: nn.Module | None
+    qkv: nn.Module | None = None
+    q_norm: nn.Module | None = None
+    k_norm: nn.Module | None = None
+    moe: MoE | None = None
 
 
 @dataclass
@@ -175,6 +202,8 @@ class Decoder:
     rope: bool
     rope_theta: float
     scale_logits: bool = False
+    rotary_dim: int | None = None  # RoPE on the first rotary_dim of each head (None: all of it)
+    block_causal: int = 0  # > 0: a query at position i sees keys at positions j with j // L <= i // L
 
 
 def decoder_forward(
@@ -214,28 +243,40 @@ def decoder_forward(
     # SDPA mask: True = may attend. Pass attention_mask=None when nothing is padded: that keeps the fused
     # flash kernels and avoids checking the mask on the host at every forward.
     sdpa_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+    if dec.block_causal:
+        if pack is not None:
+            raise ValueError("block-causal attention is not supported in a packed (engine) forward")
+        sdpa_mask = _block_causal_mask(dec.block_causal, position_ids, attention_mask, total)
 
     ops = forward_ops(device, fused)
     n_heads, n_kv, head_dim, eps = dec.n_heads, dec.n_kv, dec.head_dim, dec.eps
-    if dec.rope:
+    partial = dec.rope and dec.rotary_dim is not None and dec.rotary_dim != head_dim
+    if dec.rope and not partial:
         cos, sin = rope_cos_sin(position_ids, head_dim, dec.rope_theta)
-    else:  # the identity rotation
+    else:  # the kernel's rotation is the identity (partial RoPE is applied before it)
         cos = torch.ones(bsz, seq, head_dim // 2, device=device)
         sin = torch.zeros_like(cos)
+    if partial:
+        part = rope_cos_sin(position_ids, dec.rotary_dim, dec.rope_theta)
     fresh_slots = torch.arange(seq, device=device) if cache is None else None
 
     x = F.embedding(input_ids, dec.embed.weight)
     delta = None  # the last residual branch, added inside the next norm
     for layer, blk in enumerate(dec.layers):
         h, x = _norm(ops, x, blk.attn_norm, eps, delta)
-        qkv = _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])
+        widths = [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim]
+        qkv = blk.qkv.weight if blk.qkv is not None else _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])
         if qkv is not None:  # one matmul; q, k, v are column slices (the rope kernel takes strides)
-            q, k, v = ops.linear(h, qkv).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], -1)
+            q, k, v = ops.linear(h, qkv).split(widths, -1)
         else:
             q, k, v = _linear(h, blk.q), _linear(h, blk.k), _linear(h, blk.v)
         q = q.view(bsz, seq, n_heads, head_dim)
         k = k.view(bsz, seq, n_kv, head_dim)
         v = v.view(bsz, seq, n_kv, head_dim)
+        if blk.q_norm is not None:  # per head, before RoPE
+            q, k = rms_norm(q, blk.q_norm, eps), rms_norm(k, blk.k_norm, eps)
+        if partial:
+            q, k = _partial_rope(q, *part), _partial_rope(k, *part)
         if cache is not None:  # keys are cached after RoPE, so cached positions are never rotated again
             k_all, v_all = cache.k[layer], cache.v[layer]
         else:
@@ -249,12 +290,10 @@ def decoder_forward(
             att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
         a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
         h, x = _norm(ops, x, blk.ff_norm, eps, a)
-        gate_up = _packed(blk.owner, "_l2pd_gate_up", [blk.gate, blk.up])
-        if gate_up is not None:  # silu(gate) * up straight from the packed matmul
-            act = ops.linear_gate_up_silu(h, gate_up)
-        else:
-            act = ops.silu_mul(_linear(h, blk.gate), _linear(h, blk.up))
-        delta = _lin(ops, act, blk.down)
+        delta = None if blk.gate is None else _mlp(ops, h, blk)
+        if blk.moe is not None:
+            routed = _moe(ops, h, blk.moe)
+            delta = routed if delta is None else routed + delta
 
     if delta is None:  # no blocks
         delta = torch.zeros_like(x)
@@ -267,6 +306,72 @@ def decoder_forward(
     if dec.scale_logits:
         logits = logits * (1.0 / math.sqrt(dec.d_model))
     return logits
+
+
+def _mlp(ops: Any, h: torch.Tensor, blk: Layer) -> torch.Tensor:
+    gate_up = _packed(blk.owner, "_l2pd_gate_up", [blk.gate, blk.up])
+    if gate_up is not None:  # silu(gate) * up straight from the packed matmul
+        act = ops.linear_gate_up_silu(h, gate_up)
+    else:
+        act = ops.silu_mul(_linear(h, blk.gate), _linear(h, blk.up))
+    return _lin(ops, act, blk.down)
+
+
+def _moe(ops: Any, h: torch.Tensor, moe: MoE) -> torch.Tensor:
+    """The routed experts' output for h [B, S, D]: router in fp32, then ``ops.fused_moe``."""
+    flat = h.reshape(-1, h.shape[-1])
+    logits = F.linear(flat.float(), moe.router.weight.float())
+    ids, weights = reference.moe_route(logits, moe.top_k, moe.score, moe.bias, moe.n_group, moe.topk_group,
+                                       moe.scale, moe.normalize)
+    w13, w2 = expert_weights(moe)
+    return ops.fused_moe(flat, w13, w2, ids, weights).view(h.shape)
+
+
+def expert_weights(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate|up [E, 2I, D], down [E, D, I]) of the experts. On CUDA the experts' parameters become views of
+    these two buffers (kept on ``moe.owner``, no extra memory, state dict unchanged), as ``pack_layers`` does;
+    elsewhere they are stacked anew at each call (safetensors cannot save CPU tensors that share storage)."""
+    mods = list(moe.experts)
+    kept = vars(moe.owner).get("_l2pd_experts")
+    if kept is not None:
+        w13, w2 = kept
+        first, last = mods[0], mods[-1]
+        if (first.gate_proj.weight.data_ptr() == w13[0].data_ptr() and last.down_proj.weight.data_ptr()
+                == w2[-1].data_ptr() and first.gate_proj.weight.dtype == w13.dtype):
+            return w13, w2
+    w13 = torch.stack([torch.cat([m.gate_proj.weight.detach(), m.up_proj.weight.detach()]) for m in mods])
+    w2 = torch.stack([m.down_proj.weight.detach() for m in mods])
+    if w13.device.type == "cuda":
+        inter = w2.shape[2]
+        for i, m in enumerate(mods):
+            m.gate_proj.weight.data, m.up_proj.weight.data = w13[i, :inter], w13[i, inter:]
+            m.down_proj.weight.data = w2[i]
+        object.__setattr__(moe.owner, "_l2pd_experts", (w13, w2))
+    return w13, w2
+
+
+def _partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE (rotate-half, fp32) on the first ``2 * cos.shape[-1]`` dims of each head of x [B, S, H, D]."""
+    r = 2 * cos.shape[-1]
+    c = torch.cat((cos, cos), -1)[:, :, None]
+    s = torch.cat((sin, sin), -1)[:, :, None]
+    rot = x[..., :r].float()
+    half = torch.cat((-rot[..., r // 2 :], rot[..., : r // 2]), -1)
+    return torch.cat(((rot * c + half * s).to(x.dtype), x[..., r:]), -1)
+
+
+def _block_causal_mask(block: int, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       total: int) -> torch.Tensor:
+    """SDPA's boolean mask [B, 1, S, total]: query i sees key j when j's block (position // block) is not after
+    i's and j is not padding; key positions skip the left padding as query positions do."""
+    if attention_mask is not None:
+        key_pos = positions_from_mask(attention_mask)
+    else:
+        key_pos = torch.arange(total, device=position_ids.device)[None]
+    allowed = (key_pos[:, None, :] // block) <= (position_ids[:, :, None] // block)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, :]
+    return allowed[:, None]
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,248 @@
+"""LLaDA 2.x through the model adapters: our forward against an independent float64 implementation of the
+official one (fused q/k/v, q/k norms, partial RoPE, block-causal attention, sigmoid group-limited routing with
+shared experts), the official layout, patch on the official module tree, and decoding against a plain copy of
+the official block loop, with every cache exact."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import l2pd
+from l2pd.decode import block_bounds, generate
+from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM, adapter_for, load_pretrained
+
+MASK, EOS = 61, 60
+
+
+def tiny_llada2(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, vocab_size=64, max_position_embeddings=256, rope_theta=10000.0,
+               partial_rotary_factor=0.5, num_experts=8, num_shared_experts=1, num_experts_per_tok=3, n_group=4,
+               topk_group=2, moe_intermediate_size=24, first_k_dense_replace=1, routed_scaling_factor=2.5,
+               mask_token_id=MASK, eos_token_id=EOS, pad_token_id=EOS)
+    cfg.update(kw)
+    model = LLaDA2MoeModelLM(LLaDA2Config(**cfg))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("gate.weight"):
+                p.normal_(0, 0.3)
+            else:
+                p.normal_(0, 0.15)
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "experts"):
+                layer.mlp.gate.expert_bias.normal_(0, 0.05)
+    return model.eval()
+
+
+def reference_logits(model, ids, block):
+    """The official forward in float64 over a whole unpadded sequence: attention allowed where the key's block
+    (position // block) is not after the query's."""
+    c = model.config
+    sd = {k: v.double() for k, v in model.state_dict().items()}
+    B, S = ids.shape
+    H, KV, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    R = int(D * c.partial_rotary_factor)
+    pos = torch.arange(S, dtype=torch.float64)
+    inv = 1.0 / (c.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float64) / R))
+    ang = pos[:, None] * inv
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1)[:, None], torch.cat([ang.sin(), ang.sin()], -1)[:, None]
+    blocks = torch.arange(S) // block
+    allowed = blocks[None, :] <= blocks[:, None]
+
+    def norm(x, w):
+        return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + c.rms_norm_eps)
+
+    def rope(x):
+        r, rest = x[..., :R], x[..., R:]
+        half = torch.cat([-r[..., R // 2:], r[..., :R // 2]], -1)
+        return torch.cat([r * cos + half * sin, rest], -1)
+
+    def mlp(h, p):
+        g, u = h @ sd[p + "gate_proj.weight"].T, h @ sd[p + "up_proj.weight"].T
+        return (torch.nn.functional.silu(g) * u) @ sd[p + "down_proj.weight"].T
+
+    x = sd["model.word_embeddings.weight"][ids]
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        h = norm(x, sd[p + "input_layernorm.weight"])
+        qkv = (h @ sd[p + "attention.query_key_value.weight"].T).view(B, S, H + 2 * KV, D)
+        q, k, v = qkv[:, :, :H], qkv[:, :, H:H + KV], qkv[:, :, H + KV:]
+        q, k = norm(q, sd[p + "attention.query_layernorm.weight"]), norm(k, sd[p + "attention.key_layernorm.weight"])
+        q, k, v = rope(q).transpose(1, 2), rope(k).transpose(1, 2), v.transpose(1, 2)
+        k, v = k.repeat_interleave(H // KV, 1), v.repeat_interleave(H // KV, 1)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+        att = att.masked_fill(~allowed, float("-inf")).softmax(-1)
+        x = x + (att @ v).transpose(1, 2).reshape(B, S, H * D) @ sd[p + "attention.dense.weight"].T
+        h = norm(x, sd[p + "post_attention_layernorm.weight"])
+        if i < c.first_k_dense_replace:
+            x = x + mlp(h, p + "mlp.")
+            continue
+        flat = h.reshape(B * S, -1)
+        s = torch.sigmoid(flat @ sd[p + "mlp.gate.weight"].T)
+        out = torch.zeros_like(flat)
+        for t in range(B * S):
+            biased = s[t] + sd[p + "mlp.gate.expert_bias"]
+            per = c.num_experts // c.n_group
+            gs = [float(biased[g * per:(g + 1) * per].sort(descending=True).values[:2].sum()) for g in range(c.n_group)]
+            keep = sorted(range(c.n_group), key=lambda g: -gs[g])[:c.topk_group]
+            cand = [e for g in keep for e in range(g * per, (g + 1) * per)]
+            chosen = sorted(cand, key=lambda e: -float(biased[e]))[:c.num_experts_per_tok]
+            w = s[t, chosen] / (s[t, chosen].sum() + 1e-20) * c.routed_scaling_factor
+            for j, e in enumerate(chosen):
+                out[t] += w[j] * mlp(flat[t], p + f"mlp.experts.{e}.")
+        x = x + out.view(B, S, -1) + mlp(h, p + "mlp.shared_experts.")
+    return norm(x, sd["model.norm.weight"]) @ sd["lm_head.weight"].T
+
+
+def test_logits_match_a_float64_reimplementation_full_and_cached():
+    from l2pd.cache import BlockKVCache
+
+    model = tiny_llada2(1)
+    ids = torch.randint(0, 58, (2, 13))
+    want = reference_logits(model, ids, 4)
+    got = model(ids, block_length=4).logits
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # block-causal: the first two blocks do not see what follows them
+    changed = ids.clone()
+    changed[:, 8:] = MASK
+    torch.testing.assert_close(model(changed, block_length=4).logits[:, :8], got[:, :8], rtol=1e-6, atol=1e-6)
+    # an exact prefix cache: blocks 0-1 fed once, then block 2 alone against the cache
+    ad = adapter_for(model)
+    ad.decoder.block_causal = 4
+    dec = ad.decoder
+    cache = BlockKVCache(len(dec.layers), 2, dec.n_kv, 13, dec.head_dim, "dual")
+    ad.forward(ids[:, :8], cache=cache, start=0)
+    part = ad.forward(ids[:, 8:12], cache=cache, start=8)
+    torch.testing.assert_close(part.double(), want[:, 8:12], rtol=1e-5, atol=1e-5)
+
+
+def test_official_layout_round_trip(tmp_path):
+    model = tiny_llada2(2)
+    names = set(model.state_dict())
+    assert {"model.word_embeddings.weight", "model.norm.weight", "lm_head.weight",
+            "model.layers.0.attention.query_key_value.weight", "model.layers.0.attention.query_layernorm.weight",
+            "model.layers.0.attention.key_layernorm.weight", "model.layers.0.attention.dense.weight",
+            "model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.gate.weight",
+            "model.layers.1.mlp.gate.expert_bias", "model.layers.1.mlp.experts.7.down_proj.weight",
+            "model.layers.2.mlp.shared_experts.up_proj.weight"} <= names
+    assert "model.layers.0.mlp.gate.weight" not in names  # layer 0 is dense
+    ids = torch.randint(0, 58, (1, 9))
+    for shard in (None, 30_000):
+        folder = tmp_path / f"m{shard}"
+        model.save_pretrained(folder, max_shard_bytes=shard)
+        again = load_pretrained(folder)
+        assert isinstance(again, LLaDA2MoeModelLM)
+        assert again.config.to_dict() == {**model.config.to_dict(), "torch_dtype": "float32"}
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="groups"):
+        LLaDA2Config(num_experts=10, n_group=4)
+    with pytest.raises(ValueError, match="rotary"):
+        LLaDA2Config(partial_rotary_factor=0.01)
+
+
+class OfficialLikeLLaDA2(nn.Module):
+    """The official remote-code class's module tree and config, with a forward that must never be called."""
+
+    def __init__(self, ours):
+        super().__init__()
+        self.config = ours.config
+        self.model, self.lm_head = ours.model, ours.lm_head
+
+    def forward(self, *a, **k):
+        raise AssertionError("l2pd must not call the official forward")
+
+
+def official_loop(model, prompt, gen_length, block, threshold, steps=None):
+    """The official LLaDA 2.0 loop, plainly: the canvas rounded up to whole blocks, blocks at multiples of
+    ``block`` from position 0, each step over the canvas up to the current block's end; commit every masked
+    position with probability > threshold when at least k of them pass, else the k most confident."""
+    steps = steps or block
+    P = prompt.shape[1]
+    nb = -(-(P + gen_length) // block)
+    x = torch.full((1, nb * block), MASK)
+    x[:, :P] = prompt
+    base, rem = divmod(block, steps)
+    schedule = [base + (1 if i < rem else 0) for i in range(steps)]
+    forwards = 0
+    for b in range(P // block, nb):
+        end = (b + 1) * block
+        for i in range(steps):
+            cur = x[:, :end]
+            active = cur[0, -block:] == MASK
+            if not active.any():
+                break
+            logits = model(cur, block_length=block).logits[0, -block:].double()
+            forwards += 1
+            logits[:, MASK] = float("-inf")
+            p, tok = logits.softmax(-1).max(-1)
+            conf = torch.where(active, p, torch.tensor(-1.0, dtype=p.dtype))
+            high = conf > threshold
+            if int(high.sum()) >= schedule[i]:
+                take = high
+            else:
+                take = torch.zeros_like(high)
+                take[conf.topk(min(schedule[i], int(active.sum()))).indices] = True
+            cur[0, -block:][take] = tok[take]
+    return x[:, :P + gen_length], forwards
+
+
+def test_block_bounds_align_with_the_attention_blocks():
+    assert block_bounds(5, 10, 4) == [(5, 9), (9, 13), (13, 15)]
+    assert block_bounds(5, 10, 4, aligned=True) == [(5, 8), (8, 12), (12, 16)]
+    assert block_bounds(8, 8, 4, aligned=True) == [(8, 12), (12, 16)]
+
+
+@pytest.mark.parametrize("plen", [5, 8])
+@pytest.mark.parametrize("cache,refresh", [("none", "full"), ("prefix", "full"), ("dual", "full"),
+                                           ("dual", "window"), ("prefix", "tail")])
+def test_threshold_decoding_equals_the_official_loop_with_every_cache(plen, cache, refresh):
+    model = tiny_llada2(3)
+    official = l2pd.patch(OfficialLikeLLaDA2(model))
+    torch.manual_seed(plen)
+    prompt = torch.randint(0, 58, (1, plen))
+    want, forwards = official_loop(model, prompt, 11, 4, 0.3)
+    out = official.generate(prompt, max_new_tokens=11, block_length=4, strategy="threshold", threshold=0.3,
+                            cache=cache, refresh=refresh, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, want)
+    assert out.forwards == forwards
+
+
+def test_steps_schedule_equals_the_official_loop():
+    model = tiny_llada2(4)
+    prompt = torch.randint(0, 58, (1, 6))
+    want, _ = official_loop(model, prompt, 12, 4, 2.0, steps=2)  # threshold > 1: the schedule alone
+    got = generate(model, prompt, max_new_tokens=12, block_length=4, strategy="steps", steps=6, cache="dual",
+                   refresh="window")
+    assert torch.equal(got, want)
+
+
+def test_batch_rows_decode_as_alone_and_padding_is_refused():
+    model = tiny_llada2(5)
+    prompts = torch.randint(0, 58, (3, 7))
+    kw = dict(max_new_tokens=9, block_length=4, strategy="threshold", threshold=0.3, eotp="accepted",
+              cache="dual", refresh="window")
+    both = generate(model, prompts, **kw)
+    for r in range(3):
+        assert torch.equal(both[r], generate(model, prompts[r:r + 1], **kw)[0])
+    mask = torch.ones_like(prompts)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match="one length"):
+        generate(model, prompts, mask, **kw)
+
+
+def test_learn2pd_runs_on_llada2():
+    model = tiny_llada2(6)
+    torch.manual_seed(0)
+    flt = l2pd.Filter(block_length=4, hidden=8)
+    out = generate(model, torch.randint(0, 58, (2, 6)), max_new_tokens=8, filter=flt, cache="dual",
+                   refresh="window", return_dict_in_generate=True)
+    assert not bool((out.sequences[:, 6:] == MASK).any())
+    assert adapter_for(model).fingerprint_parts()[0]["family"] == "llada2"
