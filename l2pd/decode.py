@@ -102,12 +102,31 @@ def block_bounds(prompt: int, new: int, block: int, aligned: bool = False) -> li
     return list(zip(starts, starts[1:] + [end]))
 
 
-def _check_block_causal(padded: bool, attention_mask: torch.Tensor | None) -> None:
-    if padded:
-        lengths = sorted(set(attention_mask.sum(-1).tolist()))
-        raise ValueError("a block-causal model (LLaDA 2.x) groups positions into blocks from each prompt's start, "
-                         f"so one call decodes prompts of one length; these have {lengths[0]} to {lengths[-1]} "
-                         "tokens: decode each length apart (l2pd.evaluate groups them)")
+def block_phase(input_ids: torch.Tensor, attention_mask: torch.Tensor, block: int, new: int, mask_id: int,
+                eos_id: int, stops: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Left-padded prompts laid out for a block-causal model: each row's left padding is cut down to a
+    multiple of ``block``, so every row's attention blocks (multiples of ``block`` from its first token) fall
+    on the canvas' blocks, and the masks of its answer follow its prompt at once. Returns (ids, attention mask,
+    answer start per row, end of each row's last block, filler token): past its last block a row holds the
+    filler, which is never decoded (later blocks cannot change earlier ones)."""
+    B, P = input_ids.shape
+    lengths = attention_mask.long().sum(-1)
+    lead = (P - lengths) // block * block  # left padding kept: whole blocks
+    starts = lead + lengths
+    col = torch.arange(P, device=input_ids.device)[None]
+    src = (col - lead[:, None] + (P - lengths)[:, None]).clamp(0, P - 1)
+    prompt = (col >= lead[:, None]) & (col < starts[:, None])
+    filler = next(t for t in range(3) if t not in (mask_id, eos_id))  # padding: neither a mask nor an end of text
+    ids = torch.where(prompt, input_ids.gather(1, src), torch.where(col < lead[:, None], filler, mask_id))
+    if stops:
+        raise ValueError("stop strings with a padded batch of a block-causal model (LLaDA 2.x) are not supported: "
+                         "pass the prompts one at a time or without stop_strings")
+    first = int(starts.min())
+    if first < P and bool(((ids[:, first:] == eos_id) & prompt[:, first:]).any()):
+        raise ValueError("a prompt of this padded batch holds the end-of-text token in its last block, which "
+                         "its decoding block would read as an answer's end: pass the prompts one at a time")
+    ends = lead + (lengths + new + block - 1) // block * block
+    return ids, (col >= lead[:, None]).long().expand(B, P).contiguous(), starts, ends, filler
 
 
 def _bucket(rows: int) -> int:
@@ -201,13 +220,18 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     block_length, stops, device = spec.block_length, spec.stops, adapter.device
     B, P = input_ids.shape
     G = spec.max_new_tokens
+    given_ids = input_ids
     confidence, decide = select_ops(spec.backend, device)
     kernels = decide.__module__ == "l2pd_kernels.decide"
     padded = attention_mask is not None and not bool(attention_mask.all())
+    starts = None  # block-causal padded rows: where each row's answer starts in the canvas
     if adapter.block_causal:
-        _check_block_causal(padded, attention_mask)
         adapter.decoder.block_causal = block_length  # the attention's blocks are the decoding blocks
-    bounds = block_bounds(P, G, block_length, adapter.block_causal)
+        if padded:
+            input_ids, attention_mask, starts, ends, filler = block_phase(input_ids, attention_mask, block_length, G,
+                                                                          mask_id, eos_id, bool(stops.active))
+    first = P if starts is None else int(starts.min())
+    bounds = block_bounds(first, P + G - first, block_length, adapter.block_causal)
     T = bounds[-1][1]  # P + G, or (block-causal) up to the end of the last block
     filter_weights = filter.weights(device) if filter is not None else None
     inputs = tuple(filter.inputs) if filter is not None else ("confidence",)
@@ -241,6 +265,9 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     stepper.policy.target, stepper.policy.on_step = policy.target, policy.on_step
     state = stepper.state
     state.load(input_ids, attention_mask if padded else None, mask_id)
+    if starts is not None:  # nothing to decode past each row's own last block
+        past = torch.arange(T, device=device)[None] >= ends[:, None]
+        state.canvas.masked_fill_(past, filler)
     if state.kv is not None:
         state.kv.mode, state.kv.refresh = cache, refresh
     canvas, kv = state.canvas, state.kv
@@ -261,12 +288,15 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
         # prompt's tail, whose K/V depend on the block's tokens)
         s_attn = s - (s % block_length) if adapter.block_causal else s
         left = (canvas[:n, s:e] == mask_id).sum(-1)
-        alive = int((left > 0).sum())  # the one host read of the block
-        if alive == 0:  # EoTP already filled this block in every row
+        # a row is done when its block has no masks (EoTP filled it), or with phase-shifted rows (block-causal,
+        # padded) none after it either: such a row's answer may start a block later
+        done = left == 0 if starts is None else (canvas[:n, s:] == mask_id).sum(-1) == 0
+        alive, any_left = torch.stack([(~done).sum(), left.max()]).tolist()  # the one host read of the block
+        if alive == 0 or any_left == 0:  # EoTP already filled this block in every row (or no row starts here)
             continue
         if compact and _bucket(alive) < n:
             keep_rows = _bucket(alive)
-            perm = torch.argsort((left == 0).to(torch.int8), stable=True)  # rows still decoding first
+            perm = torch.argsort(done.to(torch.int8), stable=True)  # rows still decoding first
             state.reorder(perm, keep_rows)
             order[:n] = order[:n].index_select(0, perm)
             nfe[:n] = nfe[:n].index_select(0, perm)
@@ -312,6 +342,10 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
         sequences, nfe = _unpermute(canvas[:, : P + G], order), _unpermute(nfe, order)
     else:  # a kept stepper's canvas is reused by the next call
         sequences = canvas[:, : P + G].clone() if keep or T > P + G else canvas
+    if starts is not None:  # each row's answer back after the prompt as given
+        full = _unpermute(canvas, order) if compact else canvas
+        answer = full.gather(1, starts[:, None] + torch.arange(G, device=device))
+        sequences = torch.cat([given_ids, answer], 1)
     if spec.return_dict:
         return GenerateOutput(sequences, nfe, forwards, seconds, graphed)
     return sequences

@@ -157,6 +157,9 @@ class Engine:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} must be a positive integer")
         self.model, self.adapter = model, adapter_for(model)
+        if self.adapter.block_causal:  # the pool attention has no block-causal mask yet
+            raise ValueError(f"the engine (and l2pd serve) does not run block-causal models ({self.adapter.family}) "
+                             "yet; decode them with generate")
         limit = self.adapter.max_length
         max_length = max_length or min(limit or 4096, 4096)
         if not isinstance(max_length, int) or max_length < 2 or (limit is not None and max_length > limit):

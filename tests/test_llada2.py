@@ -224,18 +224,40 @@ def test_steps_schedule_equals_the_official_loop():
     assert torch.equal(got, want)
 
 
-def test_batch_rows_decode_as_alone_and_padding_is_refused():
+@pytest.mark.parametrize("strategy", ["steps", "threshold", "learn2pd"])
+@pytest.mark.parametrize("cache,refresh", [("none", "full"), ("prefix", "full"), ("dual", "window"),
+                                           ("prefix", "tail")])
+def test_padded_batch_rows_decode_as_alone_and_the_official_tree_agrees(strategy, cache, refresh):
     model = tiny_llada2(5)
-    prompts = torch.randint(0, 58, (3, 7))
-    kw = dict(max_new_tokens=9, block_length=4, strategy="threshold", threshold=0.3, eotp="accepted",
-              cache="dual", refresh="window")
-    both = generate(model, prompts, **kw)
-    for r in range(3):
-        assert torch.equal(both[r], generate(model, prompts[r:r + 1], **kw)[0])
-    mask = torch.ones_like(prompts)
-    mask[0, :2] = 0
-    with pytest.raises(ValueError, match="one length"):
-        generate(model, prompts, mask, **kw)
+    official = l2pd.patch(OfficialLikeLLaDA2(model))
+    torch.manual_seed(1)
+    lengths = [7, 3, 9, 6, 1]  # answers starting in two canvas blocks, left padding of 0 to 8
+    P = max(lengths)
+    prompts = [torch.randint(0, 58, (n,)) for n in lengths]
+    ids = torch.full((len(lengths), P), EOS)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, P - len(p):], mask[r, P - len(p):] = p, 1
+    kw = dict(max_new_tokens=9, block_length=4, strategy=strategy, threshold=0.3, eotp="accepted", cache=cache,
+              refresh=refresh, return_dict_in_generate=True)
+    if strategy == "learn2pd":
+        torch.manual_seed(0)
+        kw["filter"] = l2pd.Filter(block_length=4, hidden=8)
+    both = generate(model, ids, mask, **kw)
+    assert torch.equal(both.sequences[:, :P], ids)
+    assert torch.equal(official.generate(ids, mask, **kw).sequences, both.sequences)
+    for r, p in enumerate(prompts):
+        alone = generate(model, p[None], **kw)
+        assert torch.equal(both.sequences[r, P:], alone.sequences[0, len(p):]), r
+        assert int(both.nfe[r]) == int(alone.nfe[0]), r
+
+
+def test_padded_batch_refuses_what_it_cannot_decode_exactly():
+    model = tiny_llada2(5)
+    ids = torch.tensor([[EOS, 5, 6, 7, 8, 9], [EOS, EOS, EOS, EOS, 4, EOS]])
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])  # row 1's answer starts a block later
+    with pytest.raises(ValueError, match="end-of-text"):
+        generate(model, ids, mask, max_new_tokens=4, block_length=4, eotp="accepted")
 
 
 def test_learn2pd_runs_on_llada2():
@@ -246,3 +268,10 @@ def test_learn2pd_runs_on_llada2():
                    refresh="window", return_dict_in_generate=True)
     assert not bool((out.sequences[:, 6:] == MASK).any())
     assert adapter_for(model).fingerprint_parts()[0]["family"] == "llada2"
+
+
+def test_the_engine_refuses_block_causal_models():
+    from l2pd.engine import Engine
+
+    with pytest.raises(ValueError, match="block-causal"):
+        Engine(tiny_llada2(7))
