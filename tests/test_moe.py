@@ -25,7 +25,8 @@ def _route_loop(logits, top_k, bias, n_group, topk_group, scale):
         s = torch.sigmoid(row)
         b = s + bias
         per = len(row) // n_group
-        groups = sorted(range(n_group), key=lambda g: -float(b[g * per:(g + 1) * per].sort(descending=True).values[:2].sum()))
+        best2 = [float(b[g * per:(g + 1) * per].sort(descending=True).values[:2].sum()) for g in range(n_group)]
+        groups = sorted(range(n_group), key=lambda g: -best2[g])
         allowed = [e for g in groups[:topk_group] for e in range(g * per, (g + 1) * per)]
         chosen = sorted(allowed, key=lambda e: -float(b[e]))[:top_k]
         w = s[chosen]
