@@ -468,7 +468,7 @@ def moe_route(logits: torch.Tensor, top_k: int, score: str = "sigmoid", bias: to
         group_score = biased.view(N, n_group, per).topk(min(2, per), -1).values.sum(-1)
         keep = group_score.topk(topk_group, -1).indices
         group_mask = torch.zeros(N, n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
-        biased = biased.masked_fill(~group_mask.repeat_interleave(per, 1), float("-inf"))
+        biased = biased.masked_fill(~group_mask[:, :, None].expand(N, n_group, per).reshape(N, E), float("-inf"))
     ids = biased.topk(top_k, -1).indices
     weights = s.gather(1, ids)
     if normalize and top_k > 1:

@@ -15,6 +15,7 @@ on the official one.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +130,7 @@ class LLaDA2Gate(nn.Module):
     def __init__(self, c: LLaDA2Config) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(c.num_experts, c.hidden_size))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear (a no-op on the meta device)
         self.register_buffer("expert_bias", torch.zeros(c.num_experts))
 
 

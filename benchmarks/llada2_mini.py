@@ -1,0 +1,210 @@
+"""LLaDA2.0-mini shapes (random bf16 weights built on the GPU): checks, the MoE kernel, the step and
+``generate`` against the floors of the same run.
+
+    PYTHONPATH=. python benchmarks/llada2_mini.py --out runs/llada2_mini.json
+
+In one process on one GPU:
+- checks: ``fused_moe`` against its reference on a real layer's experts; the fused forward's logits against the
+  plain PyTorch forward; greedy tokens of the graphed and the eager ``generate``;
+- floors: copy bandwidth (read + write) and the sustained bf16 matmul rate, measured here; the weight bytes a
+  step touches (every non-expert weight, plus the routed experts its tokens actually choose, counted per layer);
+- the MoE layer (router + routed experts) at 32, 256 and 2,048 tokens against the bytes of the experts it touches;
+- ``generate`` (prompt 512 + 256, block 32, dual cache, window refresh, strategy ``steps`` forcing 1, 4 or 8 tokens
+  per forward) at batch 1, 8 and 64: ms per forward against the touched-weight floor, and the matmul rate over
+  active parameters (tokens fed x 2 x active parameters per token) against the sustained rate.
+Random routing spreads tokens over experts more evenly than a trained router may, so the touched-expert count
+is the one these weights produce, stated beside the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from benchmarks.decode_8b import build_model, device_ms
+from l2pd.decode import generate
+from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM
+from l2pd.models.decoder import expert_weights
+from l2pd.step import release
+from l2pd_kernels import fused_moe
+from l2pd_kernels import reference as ref
+
+P, G, L = 512, 256, 32
+
+
+def floors() -> dict:
+    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GB
+    dst = torch.empty_like(src)
+    copy_ms = device_ms(lambda: dst.copy_(src), iters=20)
+    bw = 2 * src.numel() * 2 / copy_ms / 1e6  # GB/s
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t0, k = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 3.0:
+        for _ in range(20):
+            a @ b
+        k += 20
+        torch.cuda.synchronize()
+    sustained = 2 * n**3 * k / (time.perf_counter() - t0) / 1e12
+    return {"copy_GBps": bw, "matmul_TFLOPs_sustained": sustained}
+
+
+def sizes(model) -> dict:
+    """Bytes of the weights that are not routed experts, bytes of one routed expert, active params per token."""
+    c = model.config
+    expert_bytes = 3 * c.hidden_size * c.moe_intermediate_size * 2
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    moe_layers = c.num_hidden_layers - c.first_k_dense_replace
+    routed = moe_layers * c.num_experts * expert_bytes
+    embed = model.model.word_embeddings.weight
+    fixed = total - routed - embed.numel() * embed.element_size()  # the embedding is a row gather
+    active = (fixed + moe_layers * c.num_experts_per_tok * expert_bytes) / 2
+    return {"weights_GB": total / 1e9, "fixed_GB": fixed / 1e9, "expert_MB": expert_bytes / 1e6,
+            "moe_layers": moe_layers, "active_params_per_token": active}
+
+
+def touched_experts(model, batch: int) -> float:
+    """Mean distinct experts per MoE layer over the forwards of a short eager decode at ``batch`` rows."""
+    counts = []
+    real = ref.moe_route
+
+    def counting(*a, **k):
+        ids, w = real(*a, **k)
+        counts.append(int(ids.unique().numel()))
+        return ids, w
+
+    ref.moe_route = counting
+    try:
+        ids = torch.randint(0, 150000, (batch, P), device="cuda")
+        generate(model, ids, max_new_tokens=64, block_length=L, strategy="steps", steps=8, cache="dual",
+                 refresh="window", cuda_graph=False)
+    finally:
+        ref.moe_route = real
+    # the refreshes feed two blocks or the whole prompt; the steps feed one block: keep the steps' forwards
+    n_layers = model.config.num_hidden_layers - model.config.first_k_dense_replace
+    per_forward = [statistics.mean(counts[i:i + n_layers]) for i in range(0, len(counts), n_layers)]
+    return statistics.median(per_forward)
+
+
+@torch.no_grad()
+def checks(model) -> dict:
+    out = {}
+    mlp = model.model.layers[1].mlp
+    moe = __import__("l2pd.models.llada2", fromlist=["_moe"])._moe(mlp, model.config)
+    w13, w2 = expert_weights(moe)
+    x = torch.randn(32, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    logits = torch.nn.functional.linear(x.float(), mlp.gate.weight.float())
+    ids, w = ref.moe_route(logits, 8, "sigmoid", mlp.gate.expert_bias, 8, 4, 2.5)
+    a, b = fused_moe(x, w13, w2, ids, w), ref.fused_moe(x, w13, w2, ids, w)
+    out["moe_rel_err"] = float((a.float() - b.float()).norm() / b.float().norm())
+    seq = torch.randint(0, 150000, (1, 96), device="cuda")
+    fused = model(seq).logits.float()
+    os.environ["L2PD_FUSED"] = "0"
+    plain = model(seq).logits.float()
+    os.environ["L2PD_FUSED"] = "1"
+    out["forward_rel_err"] = float((fused - plain).norm() / plain.norm())
+    prompt = torch.randint(0, 150000, (1, 100), device="cuda")
+    kw = dict(max_new_tokens=64, block_length=L, strategy="steps", steps=16, cache="dual", refresh="window")
+    eager = generate(model, prompt, cuda_graph=False, **kw)
+    graphed = [generate(model, prompt, cuda_graph=True, return_dict_in_generate=True, **kw) for _ in range(2)][-1]
+    out["graph_tokens_identical"] = bool(torch.equal(eager, graphed.sequences))
+    out["graphed_forwards"] = f"{graphed.graphed}/{graphed.forwards}"
+    release(model)
+    return out
+
+
+@torch.no_grad()
+def moe_section(model, fl: dict, sz: dict) -> list[dict]:
+    mlp = model.model.layers[1].mlp
+    moe = __import__("l2pd.models.llada2", fromlist=["_moe"])._moe(mlp, model.config)
+    w13, w2 = expert_weights(moe)
+    rows = []
+    for n in (32, 256, 2048):
+        x = torch.randn(n, model.config.hidden_size, device="cuda", dtype=torch.bfloat16)
+
+        def route(x=x):
+            logits = torch.nn.functional.linear(x.float(), mlp.gate.weight.float())
+            return ref.moe_route(logits, 8, "sigmoid", mlp.gate.expert_bias, 8, 4, 2.5)
+
+        ids, w = route()
+        touched = int(ids.unique().numel())
+        ms = device_ms(lambda x=x: fused_moe(x, w13, w2, *route(x)), iters=30)
+        kernel_ms = device_ms(lambda x=x, ids=ids, w=w: fused_moe(x, w13, w2, ids, w), iters=30)
+        floor = touched * sz["expert_MB"] * 1e6 / (fl["copy_GBps"] * 1e9) * 1e3
+        ref_ms = (device_ms(lambda x=x, ids=ids, w=w: ref.fused_moe(x, w13, w2, ids, w), iters=5, warmup=1)
+                  if n <= 256 else None)
+        row = {"tokens": n, "touched_experts": touched, "layer_ms": ms, "experts_ms": kernel_ms,
+               "floor_ms": floor, "over_floor": kernel_ms / floor, "reference_loop_ms": ref_ms}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def generate_section(model, fl: dict, sz: dict, batches: list[int], tpfs: list[int]) -> list[dict]:
+    rows = []
+    for B in batches:
+        touched = touched_experts(model, B)
+        floor_ms = (sz["fixed_GB"] * 1e9 + sz["moe_layers"] * touched * sz["expert_MB"] * 1e6) / (
+            fl["copy_GBps"] * 1e9) * 1e3
+        ids = torch.randint(0, 150000, (B, P), device="cuda")
+        kw = dict(max_new_tokens=G, block_length=L, strategy="steps", cache="dual", refresh="window",
+                  return_dict_in_generate=True)
+        for _ in range(2):  # compile and capture every shape
+            generate(model, ids, steps=2 * (G // L), **kw)
+        for tpf in tpfs:
+            outs = [generate(model, ids, steps=G // tpf, **kw) for _ in range(3 if B == 1 else 1)]
+            sec = statistics.median(o.seconds for o in outs)
+            o = outs[0]
+            ms = sec / o.forwards * 1e3
+            # matmul rate over active parameters: each step feeds one block per row (refreshes: two)
+            fed = B * L * (o.forwards + G // L)
+            tflops = fed * 2 * sz["active_params_per_token"] / sec / 1e12
+            row = {"batch": B, "tpf": tpf, "seconds": sec, "seconds_all": [x.seconds for x in outs],
+                   "forwards": o.forwards, "graphed": o.graphed, "ms_per_forward": ms, "tokens_per_s": B * G / sec,
+                   "touched_experts_per_layer": touched, "touched_floor_ms": floor_ms,
+                   "over_touched_floor": ms / floor_ms, "active_TFLOPs": tflops,
+                   "share_of_sustained_matmul": tflops / fl["matmul_TFLOPs_sustained"]}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        release(model)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="JSON with every figure")
+    ap.add_argument("--batches", default="1,8,64")
+    ap.add_argument("--tpfs", default="1,4,8", help="tokens per forward")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    model = build_model(LLaDA2MoeModelLM, LLaDA2Config)
+    print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d")}
+    result["sizes"] = sz = sizes(model)
+    result["floors"] = fl = floors()
+    print(json.dumps({**sz, **fl}), flush=True)
+    result["checks"] = checks(model)
+    print(json.dumps(result["checks"]), flush=True)
+    result["moe"] = moe_section(model, fl, sz)
+    result["generate"] = generate_section(model, fl, sz, [int(b) for b in args.batches.split(",")],
+                                          [int(t) for t in args.tpfs.split(",")])
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
