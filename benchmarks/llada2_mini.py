@@ -106,6 +106,7 @@ def checks(model) -> dict:
     ids, w = ref.moe_route(logits, 8, "sigmoid", mlp.gate.expert_bias, 8, 4, 2.5)
     a, b = fused_moe(x, w13, w2, ids, w), ref.fused_moe(x, w13, w2, ids, w)
     out["moe_rel_err"] = float((a.float() - b.float()).norm() / b.float().norm())
+    out["moe_max_abs_diff"], out["moe_ref_norm"] = float((a.float() - b.float()).abs().max()), float(b.float().norm())
     seq = torch.randint(0, 150000, (1, 96), device="cuda")
     fused = model(seq).logits.float()
     os.environ["L2PD_FUSED"] = "0"

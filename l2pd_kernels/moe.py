@@ -107,10 +107,24 @@ def _down_kernel(act_ptr, w_ptr, weight_ptr, out_ptr, pairs_ptr, expert_ptr, num
     tl.store(out_ptr + pair[:, None] * D + offs_n[None, :], y, mask=valid[:, None] & n_ok[None, :])
 
 
+# (tokens per expert up to, block_m, gate/up (block_n, block_k, warps, stages), down (...)): see pick_config
+CONFIGS = [(8, 16, (64, 64, 4, 3), (64, 64, 4, 3)),
+           (48, 32, (64, 64, 4, 3), (64, 64, 4, 3)),
+           (float("inf"), 64, (128, 64, 8, 3), (128, 64, 8, 3))]
+
+
+def pick_config(tokens: int, top_k: int, experts: int) -> tuple:
+    """(block_m, gate/up config, down config) for ``tokens`` routed to ``top_k`` of ``experts`` each: the
+    tile height follows the mean pairs per expert (few: short tiles, so an expert's weights are read once)."""
+    per_expert = tokens * top_k / max(1, experts)
+    return next(c[1:] for c in CONFIGS if per_expert <= c[0])
+
+
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
-              weights: torch.Tensor, block_m: int = 16, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
+              weights: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.fused_moe`` (x [N, D], w_gate_up [E, 2I, D], w_down [E, D, I],
-    ids [N, k], weights [N, k])."""
+    ids [N, k], weights [N, k]). ``config``: (block_m, (block_n, block_k, warps, stages) of the gate/up kernel,
+    the same of the down kernel); default ``pick_config``."""
     if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
         raise ValueError("fused_moe takes x [N, D], w_gate_up [E, 2I, D] and w_down [E, D, I]")
     N, D = x.shape
@@ -128,17 +142,19 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     k = ids.shape[1]
     if N == 0:
         return torch.empty_like(x)
+    block_m, (bn1, bk1, w1, st1), (bn2, bk2, w2_, st2) = config or pick_config(N, k, E)
+    if x.device.type != "cuda":  # the interpreter: small tiles keep the CPU tests quick
+        bn1 = bn2 = bk1 = bk2 = 32
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     pairs, experts = align(ids.long(), E, block_m)
     act = torch.empty(N * k, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
     blocks = experts.shape[0]
     upcast = x.device.type != "cuda" and x.dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong
-    _gate_up_kernel[(blocks, triton.cdiv(inter, block_n))](x, w_gate_up, act, pairs, experts, N * k, D, inter,
-                                                           TOPK=k, UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                           BLOCK_K=block_k, num_warps=4)
-    _down_kernel[(blocks, triton.cdiv(D, block_n))](act, w_down, weights.float().contiguous().view(-1), out, pairs,
-                                                    experts, N * k, D, inter, UPCAST=upcast,
-                                                    BLOCK_M=block_m, BLOCK_N=block_n,
-                                                    BLOCK_K=block_k, num_warps=4)
+    _gate_up_kernel[(blocks, triton.cdiv(inter, bn1))](x, w_gate_up, act, pairs, experts, N * k, D, inter, TOPK=k,
+                                                       UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=bn1, BLOCK_K=bk1,
+                                                       num_warps=w1, num_stages=st1)
+    _down_kernel[(blocks, triton.cdiv(D, bn2))](act, w_down, weights.float().contiguous().view(-1), out, pairs,
+                                                experts, N * k, D, inter, UPCAST=upcast, BLOCK_M=block_m,
+                                                BLOCK_N=bn2, BLOCK_K=bk2, num_warps=w2_, num_stages=st2)
     return out.view(N, k, D).sum(1).to(x.dtype)

@@ -1,0 +1,81 @@
+"""Tile candidates of ``fused_moe`` at LLaDA2.0-mini shapes (256 experts, top-8, hidden 2048, expert width 512),
+cold weights, against the read floor of the experts the tokens touch.
+
+    PYTHONPATH=. python benchmarks/moe_configs.py --tokens 32,256,2048,16384 --out runs/moe_configs.json
+
+``triton.testing.do_bench`` flushes the L2 cache before each call. For each token count: the default
+(``pick_config``), the best gate/up and down candidate at each tile height, and the floor (touched experts'
+bytes over the copy bandwidth measured here). ``l2pd_kernels.moe.CONFIGS`` is set from these figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import triton.testing
+
+from l2pd_kernels import fused_moe
+from l2pd_kernels import reference as ref
+from l2pd_kernels.moe import pick_config
+
+E, K, D, INTER = 256, 8, 2048, 512
+TILES = [(bn, bk, w, st) for bn in (32, 64, 128) for bk in (64, 128) for w in (4, 8) for st in (3, 4)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="32,256,2048,16384")
+    ap.add_argument("--heights", default="16,32,64,128")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    w13 = torch.randn(E, 2 * INTER, D, device="cuda", dtype=torch.bfloat16) / D**0.5
+    w2 = torch.randn(E, D, INTER, device="cuda", dtype=torch.bfloat16) / INTER**0.5
+    src = torch.empty(1 << 30, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * 2 / triton.testing.do_bench(lambda: dst.copy_(src)) / 1e6  # GB/s
+    expert_bytes = 3 * D * INTER * 2
+    results = []
+    for n in [int(t) for t in args.tokens.split(",")]:
+        x = torch.randn(n, D, device="cuda", dtype=torch.bfloat16)
+        # a block of one row's masks routes alike: the first 32 tokens are copies of one, as in a decode step
+        if n == 32:
+            x = x[:1].expand(32, D) + 0.05 * torch.randn(32, D, device="cuda", dtype=torch.bfloat16)
+        ids, w = ref.moe_route(torch.randn(n, E, device="cuda") + 0.1 * (x[:, :E].float()), K, "sigmoid",
+                               torch.zeros(E, device="cuda"), 8, 4, 2.5)
+        touched = int(ids.unique().numel())
+        want = ref.fused_moe(x, w13, w2, ids, w).float()
+        floor = touched * expert_bytes / bw / 1e6
+        row = {"tokens": n, "touched": touched, "floor_ms": floor,
+               "default": list(pick_config(n, K, E)),
+               "default_ms": triton.testing.do_bench(lambda x=x, ids=ids, w=w: fused_moe(x, w13, w2, ids, w))}
+        best = None
+        for bm in [int(h) for h in args.heights.split(",")]:
+            for tile in TILES:  # the same tile for both kernels first, then each kernel's best
+                cfg = (bm, tile, tile)
+                try:
+                    got = fused_moe(x, w13, w2, ids, w, config=cfg).float()
+                    err = float((got - want).abs().max())
+                    ms = triton.testing.do_bench(lambda x=x, ids=ids, w=w, cfg=cfg: fused_moe(x, w13, w2, ids, w,
+                                                                                              config=cfg))
+                except Exception as exc:  # out of shared memory and the like
+                    print(f"skip {cfg}: {type(exc).__name__}", flush=True)
+                    continue
+                if best is None or ms < best[0]:
+                    best = (ms, cfg, err)
+        row["best_ms"], row["best"], row["best_max_err"] = best[0], [best[1][0], *best[1][1:]], best[2]
+        row["default_over_floor"] = row["default_ms"] / floor
+        row["best_over_floor"] = best[0] / floor
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_GBps": bw, "rows": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
