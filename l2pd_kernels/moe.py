@@ -1,6 +1,8 @@
 """fused_moe: the routed experts of a mixture-of-experts MLP as two grouped GEMMs.
 
-The (token, expert) pairs are sorted by expert and each expert's run is padded to a multiple of ``BLOCK_M``
+Few pairs (a decode step at small batch): one program per expert and column tile scans the ids for its own
+pairs (a cumulative sum gives each its rank), so no sort runs and programs of idle experts return at once.
+Many pairs: the (token, expert) pairs are sorted by expert and each expert's run is padded to a multiple of ``BLOCK_M``
 (``align``, a few torch ops on the device with static sizes: no host read, so a CUDA graph can hold it). Each
 program of the first kernel takes ``BLOCK_M`` pairs of one expert and a column tile of its gate and up
 projections and writes ``silu(gate) * up``; the second multiplies those rows by the expert's down projection,
@@ -44,20 +46,12 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tens
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, TOPK: tl.constexpr,
-                    UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    e = tl.load(expert_ptr + pid_m).to(tl.int64)
-    if e < 0:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(pairs_ptr + offs_m)
-    valid = pair < num_pairs
+def _gate_up_tile(x_ptr, w_base, act_ptr, pair, valid, D, INTER, TOPK: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     tok = tl.where(valid, pair // TOPK, 0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < INTER
     offs_k = tl.arange(0, BLOCK_K)
-    w_base = w_ptr + e * (2 * INTER) * D
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -79,20 +73,12 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, 
 
 
 @triton.jit
-def _down_kernel(act_ptr, w_ptr, weight_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER,
-                 UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    e = tl.load(expert_ptr + pid_m).to(tl.int64)
-    if e < 0:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(pairs_ptr + offs_m)
-    valid = pair < num_pairs
+def _down_tile(act_ptr, w_base, weight_ptr, out_ptr, pair, valid, D, INTER, UPCAST: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.where(valid, pair, 0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < D
     offs_k = tl.arange(0, BLOCK_K)
-    w_base = w_ptr + e * D * INTER
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, INTER, BLOCK_K):
         kk = k0 + offs_k
@@ -105,6 +91,66 @@ def _down_kernel(act_ptr, w_ptr, weight_ptr, out_ptr, pairs_ptr, expert_ptr, num
     w = tl.load(weight_ptr + row, mask=valid, other=0.0)
     y = acc.to(act_ptr.dtype.element_ty).to(tl.float32) * w[:, None]
     tl.store(out_ptr + pair[:, None] * D + offs_n[None, :], y, mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _scan(ids_ptr, num_pairs, e, PAIRS: tl.constexpr):
+    """(pair indices, their rank among expert e's pairs (1-based), how many there are)."""
+    offs = tl.arange(0, PAIRS)
+    hit = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=-1) == e
+    rank = tl.cumsum(hit.to(tl.int32), 0)
+    return offs, tl.where(hit, rank, 0), tl.sum(hit.to(tl.int32), 0)
+
+
+@triton.jit
+def _chunk(offs, rank, r0, count, BLOCK_M: tl.constexpr):
+    """The pairs of ranks r0 + 1 .. r0 + BLOCK_M as a [BLOCK_M] vector, and which of them exist."""
+    want = r0 + 1 + tl.arange(0, BLOCK_M)
+    sel = rank[None, :] == want[:, None]
+    return tl.sum(tl.where(sel, offs[None, :], 0), 1).to(tl.int64), want <= count
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, TOPK: tl.constexpr,
+                    UPCAST: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if SCAN:  # program = expert; its pairs found in the ids themselves (few pairs: no sort)
+        e = pid_m.to(tl.int64)
+        offs, rank, count = _scan(pairs_ptr, num_pairs, e, PAIRS)
+        for r0 in range(0, count, BLOCK_M):
+            pair, valid = _chunk(offs, rank, r0, count, BLOCK_M)
+            _gate_up_tile(x_ptr, w_ptr + e * (2 * INTER) * D, act_ptr, pair, valid, D, INTER, TOPK, UPCAST,
+                          BLOCK_M, BLOCK_N, BLOCK_K)
+    else:  # program = a block of one expert's sorted pairs
+        e = tl.load(expert_ptr + pid_m).to(tl.int64)
+        if e >= 0:
+            pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+            _gate_up_tile(x_ptr, w_ptr + e * (2 * INTER) * D, act_ptr, pair, pair < num_pairs, D, INTER, TOPK,
+                          UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _down_kernel(act_ptr, w_ptr, weight_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER,
+                 UPCAST: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    if SCAN:
+        e = pid_m.to(tl.int64)
+        offs, rank, count = _scan(pairs_ptr, num_pairs, e, PAIRS)
+        for r0 in range(0, count, BLOCK_M):
+            pair, valid = _chunk(offs, rank, r0, count, BLOCK_M)
+            _down_tile(act_ptr, w_ptr + e * D * INTER, weight_ptr, out_ptr, pair, valid, D, INTER, UPCAST,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        e = tl.load(expert_ptr + pid_m).to(tl.int64)
+        if e >= 0:
+            pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+            _down_tile(act_ptr, w_ptr + e * D * INTER, weight_ptr, out_ptr, pair, pair < num_pairs, D, INTER,
+                       UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+SCAN_MAX_PAIRS = 1024  # up to this many (token, expert) pairs the programs find their pairs by scanning
 
 
 # (tokens per expert up to, block_m, gate/up (block_n, block_k, warps, stages), down (...)): see pick_config
@@ -121,10 +167,11 @@ def pick_config(tokens: int, top_k: int, experts: int) -> tuple:
 
 
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
-              weights: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
+              weights: torch.Tensor, config: tuple | None = None, scan: bool | None = None) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.fused_moe`` (x [N, D], w_gate_up [E, 2I, D], w_down [E, D, I],
     ids [N, k], weights [N, k]). ``config``: (block_m, (block_n, block_k, warps, stages) of the gate/up kernel,
-    the same of the down kernel); default ``pick_config``."""
+    the same of the down kernel); default ``pick_config``. ``scan``: find each expert's pairs by scanning the
+    ids in its program instead of sorting them (default: up to ``SCAN_MAX_PAIRS`` pairs)."""
     if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
         raise ValueError("fused_moe takes x [N, D], w_gate_up [E, 2I, D] and w_down [E, D, I]")
     N, D = x.shape
@@ -146,15 +193,20 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     if x.device.type != "cuda":  # the interpreter: small tiles keep the CPU tests quick
         bn1 = bn2 = bk1 = bk2 = 32
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
-    pairs, experts = align(ids.long(), E, block_m)
+    scan = N * k <= SCAN_MAX_PAIRS if scan is None else scan
+    if scan:  # one program per expert and column tile; no sort
+        pairs, experts, blocks = ids.reshape(-1).contiguous(), ids, E
+    else:
+        pairs, experts = align(ids.long(), E, block_m)
+        blocks = experts.shape[0]
     act = torch.empty(N * k, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
-    blocks = experts.shape[0]
     upcast = x.device.type != "cuda" and x.dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong
+    flags = dict(UPCAST=upcast, SCAN=scan, PAIRS=triton.next_power_of_2(N * k), BLOCK_M=block_m)
     _gate_up_kernel[(blocks, triton.cdiv(inter, bn1))](x, w_gate_up, act, pairs, experts, N * k, D, inter, TOPK=k,
-                                                       UPCAST=upcast, BLOCK_M=block_m, BLOCK_N=bn1, BLOCK_K=bk1,
-                                                       num_warps=w1, num_stages=st1)
+                                                       BLOCK_N=bn1, BLOCK_K=bk1, num_warps=w1, num_stages=st1,
+                                                       **flags)
     _down_kernel[(blocks, triton.cdiv(D, bn2))](act, w_down, weights.float().contiguous().view(-1), out, pairs,
-                                                experts, N * k, D, inter, UPCAST=upcast, BLOCK_M=block_m,
-                                                BLOCK_N=bn2, BLOCK_K=bk2, num_warps=w2_, num_stages=st2)
+                                                experts, N * k, D, inter, BLOCK_N=bn2, BLOCK_K=bk2, num_warps=w2_,
+                                                num_stages=st2, **flags)
     return out.view(N, k, D).sum(1).to(x.dtype)

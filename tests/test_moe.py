@@ -84,7 +84,9 @@ def test_fused_moe_matches_reference(dtype, n, d, inter, e, k):
     x = torch.randn(n, d, device=DEV).to(dtype)
     w13, w2 = _experts(e, d, inter, dtype)
     ids, w = ref.moe_route(torch.randn(n, e, device=DEV), k, "sigmoid", torch.zeros(e, device=DEV), 1, 1, 2.5)
-    torch.testing.assert_close(fused_moe(x, w13, w2, ids, w), ref.fused_moe(x, w13, w2, ids, w), **TOL[dtype])
+    want = ref.fused_moe(x, w13, w2, ids, w)
+    for scan in (False, True):  # sorted pairs, and each expert scanning the ids for its own
+        torch.testing.assert_close(fused_moe(x, w13, w2, ids, w, scan=scan), want, **TOL[dtype])
 
 
 @kernels
@@ -96,7 +98,9 @@ def test_fused_moe_with_idle_experts_and_every_token_on_one_expert():
     w13, w2 = _experts(e, d, inter, torch.float32)
     ids = torch.full((n, 1), 7, device=DEV, dtype=torch.int64)  # one expert takes every token, the rest none
     w = torch.rand(n, 1, device=DEV)
-    torch.testing.assert_close(fused_moe(x, w13, w2, ids, w), ref.fused_moe(x, w13, w2, ids, w), rtol=1e-4, atol=1e-4)
+    for scan in (False, True):  # 21 pairs of one expert: two chunks of 16 when scanning
+        torch.testing.assert_close(fused_moe(x, w13, w2, ids, w, scan=scan), ref.fused_moe(x, w13, w2, ids, w),
+                                   rtol=1e-4, atol=1e-4)
     ids = torch.stack([torch.full((n,), 2), torch.full((n,), 11)], 1).to(DEV)  # two experts, ten idle
     w = torch.rand(n, 2, device=DEV)
     torch.testing.assert_close(fused_moe(x, w13, w2, ids, w), ref.fused_moe(x, w13, w2, ids, w), rtol=1e-4, atol=1e-4)
