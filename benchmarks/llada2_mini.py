@@ -182,6 +182,31 @@ def generate_section(model, fl: dict, sz: dict, batches: list[int], tpfs: list[i
     return rows
 
 
+@torch.no_grad()
+def profile_section(model, top: int = 18) -> list[dict]:
+    """Device time by kernel over the forwards of a short eager decode at batch 1 (what a graph replays)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, 150000, (1, P), device="cuda")
+    kw = dict(max_new_tokens=64, block_length=L, strategy="steps", steps=16, cache="dual", refresh="window",
+              cuda_graph=False, return_dict_in_generate=True)
+    generate(model, ids, **kw)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = generate(model, ids, **kw)
+    rows = []
+    for ev in prof.key_averages():
+        if ev.device_type.name == "CUDA" or getattr(ev, "self_device_time_total", 0) > 0:
+            t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+            rows.append({"kernel": ev.key[:90], "calls": ev.count, "ms_per_forward": t / 1e3 / out.forwards})
+    rows.sort(key=lambda r: -r["ms_per_forward"])
+    total = sum(r["ms_per_forward"] for r in rows)
+    print(f"profile: {total:.2f} ms of kernels per forward, {sum(r['calls'] for r in rows) / out.forwards:.0f} "
+          "kernels per forward", flush=True)
+    for r in rows[:top]:
+        print(f"  {r['ms_per_forward']:7.3f} ms  {r['calls'] / out.forwards:6.1f}/fwd  {r['kernel']}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="JSON with every figure")
@@ -199,6 +224,7 @@ def main() -> None:
     result["checks"] = checks(model)
     print(json.dumps(result["checks"]), flush=True)
     result["moe"] = moe_section(model, fl, sz)
+    result["profile"] = profile_section(model)
     result["generate"] = generate_section(model, fl, sz, [int(b) for b in args.batches.split(",")],
                                           [int(t) for t in args.tpfs.split(",")])
     if args.out:

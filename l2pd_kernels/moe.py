@@ -150,6 +150,89 @@ def _down_kernel(act_ptr, w_ptr, weight_ptr, out_ptr, pairs_ptr, expert_ptr, num
                        UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
+@triton.jit
+def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, E, scale, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
+                  E_P: tl.constexpr, GROUPS: tl.constexpr, GROUPS_P: tl.constexpr, KEEP: tl.constexpr,
+                  SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, E_P)
+    ok = offs < E
+    x = tl.load(logits_ptr + row * E + offs, mask=ok, other=float("-inf")).to(tl.float32)
+    if SIGMOID:
+        s = tl.where(ok, 1.0 / (1.0 + tl.exp(-x)), 0.0)
+        b = s
+        if HAS_BIAS:
+            b = s + tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        b = tl.where(ok, b, float("-inf"))
+        if GROUPS > 1:  # keep the KEEP groups whose two best biased scores sum highest
+            per = E // GROUPS
+            grp = offs // per
+            gidx = tl.arange(0, GROUPS_P)
+            gs = tl.full((GROUPS_P,), float("-inf"), tl.float32)
+            for g in tl.static_range(GROUPS):
+                mine = tl.where(grp == g, b, float("-inf"))
+                best = tl.argmax(mine, 0)
+                second = tl.max(tl.where(offs == best, float("-inf"), mine), 0)
+                total = tl.max(mine, 0) + tl.where(second > float("-inf"), second, 0.0)
+                gs = tl.where(gidx == g, total, gs)
+            allowed = offs < 0
+            for _ in tl.static_range(KEEP):
+                gi = tl.argmax(gs, 0)
+                allowed = allowed | (grp == gi)
+                gs = tl.where(gidx == gi, float("-inf"), gs)
+            b = tl.where(allowed & ok, b, float("-inf"))
+    else:
+        m = tl.max(x, 0)
+        ex = tl.where(ok, tl.exp(x - m), 0.0)
+        s = ex / tl.sum(ex, 0)
+        b = tl.where(ok, s, float("-inf"))
+    kidx = tl.arange(0, TOPK_P)
+    ids = tl.zeros((TOPK_P,), tl.int64)
+    ws = tl.zeros((TOPK_P,), tl.float32)
+    for j in tl.static_range(TOPK):  # the top-k, best first (ties: the lower index)
+        i = tl.argmax(b, 0)
+        ids = tl.where(kidx == j, i, ids)
+        ws = tl.where(kidx == j, tl.sum(tl.where(offs == i, s, 0.0), 0), ws)
+        b = tl.where(offs == i, float("-inf"), b)
+    if NORMALIZE:
+        if SIGMOID:
+            if TOPK > 1:
+                ws = ws / (tl.sum(ws, 0) + 1e-20)
+        else:
+            ws = ws / tl.sum(ws, 0)
+    kok = kidx < TOPK
+    tl.store(ids_ptr + row * TOPK + kidx, ids, mask=kok)
+    tl.store(w_ptr + row * TOPK + kidx, ws * scale, mask=kok)
+
+
+def moe_route(logits: torch.Tensor, top_k: int, score: str = "sigmoid", bias: torch.Tensor | None = None,
+              n_group: int = 1, topk_group: int = 1, scale: float = 1.0,
+              normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``l2pd_kernels.reference.moe_route``: one program per token."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [N, E], got {tuple(logits.shape)}")
+    N, E = logits.shape
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k={top_k} outside [1, {E}]")
+    if score not in ("sigmoid", "softmax"):
+        raise ValueError(f"score={score!r}: expected 'sigmoid' or 'softmax'")
+    if score == "sigmoid" and (E % n_group or not 1 <= topk_group <= n_group):
+        raise ValueError(f"{E} experts in {n_group} groups, keeping {topk_group}: not a valid grouping")
+    logits = logits.contiguous()
+    ids = torch.empty(N, top_k, dtype=torch.int64, device=logits.device)
+    weights = torch.empty(N, top_k, dtype=torch.float32, device=logits.device)
+    if N:
+        grouped = score == "sigmoid" and n_group > 1
+        _route_kernel[(N,)](logits, logits if bias is None else bias.contiguous(), ids, weights, E, float(scale),
+                            TOPK=top_k, TOPK_P=triton.next_power_of_2(top_k), E_P=triton.next_power_of_2(E),
+                            GROUPS=n_group if grouped else 1,
+                            GROUPS_P=triton.next_power_of_2(n_group if grouped else 1),
+                            KEEP=topk_group if grouped else 1, SIGMOID=score == "sigmoid",
+                            HAS_BIAS=bias is not None and score == "sigmoid", NORMALIZE=bool(normalize),
+                            num_warps=4)
+    return ids, weights
+
+
 SCAN_MAX_PAIRS = 1024  # up to this many (token, expert) pairs the programs find their pairs by scanning
 
 

@@ -141,3 +141,21 @@ def test_fused_moe_checks_shapes():
     w13, w2 = _experts(2, 8, 4, torch.float32)
     with pytest.raises(ValueError, match="shapes"):
         fused_moe(x, w13, w2[:, :, :3], torch.zeros(3, 1, dtype=torch.int64, device=DEV), torch.ones(3, 1, device=DEV))
+
+
+@kernels
+@pytest.mark.parametrize("n,e,groups,keep,k,score", [(5, 16, 4, 2, 3, "sigmoid"), (9, 24, 8, 4, 8, "sigmoid"),
+                                                     (3, 8, 1, 1, 2, "sigmoid"), (7, 12, 1, 1, 4, "softmax"),
+                                                     (4, 256, 8, 4, 8, "sigmoid")])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_router_kernel_matches_reference(n, e, groups, keep, k, score, normalize):
+    from l2pd_kernels import moe_route
+
+    logits = torch.randn(n, e, device=DEV) * 2
+    bias = torch.randn(e, device=DEV) * 0.1
+    ids, w = moe_route(logits, k, score, bias, groups, keep, 2.5, normalize)
+    ids_ref, w_ref = ref.moe_route(logits, k, score, bias, groups, keep, 2.5, normalize)
+    assert torch.equal(ids, ids_ref)  # best first in both
+    torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_route(logits, e + 1)

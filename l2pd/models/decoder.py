@@ -320,11 +320,24 @@ def _mlp(ops: Any, h: torch.Tensor, blk: Layer) -> torch.Tensor:
 def _moe(ops: Any, h: torch.Tensor, moe: MoE) -> torch.Tensor:
     """The routed experts' output for h [B, S, D]: router in fp32, then ``ops.fused_moe``."""
     flat = h.reshape(-1, h.shape[-1])
-    logits = F.linear(flat.float(), moe.router.weight.float())
-    ids, weights = reference.moe_route(logits, moe.top_k, moe.score, moe.bias, moe.n_group, moe.topk_group,
-                                       moe.scale, moe.normalize)
+    logits = F.linear(flat.float(), _router_weight(moe))
+    ids, weights = ops.moe_route(logits, moe.top_k, moe.score, moe.bias, moe.n_group, moe.topk_group, moe.scale,
+                                 moe.normalize)
     w13, w2 = expert_weights(moe)
     return ops.fused_moe(flat, w13, w2, ids, weights).view(h.shape)
+
+
+def _router_weight(moe: MoE) -> torch.Tensor:
+    """The router's weight in fp32 (the router runs in fp32); a half-precision weight's copy is kept on
+    ``moe.owner`` while the weight's storage stays the same."""
+    w = moe.router.weight
+    if w.dtype == torch.float32:
+        return w
+    kept = vars(moe.owner).get("_l2pd_router32")
+    if kept is None or kept[0] != w.data_ptr() or kept[1]._version != kept[2]:
+        kept = (w.data_ptr(), w, w._version, w.detach().float())
+        object.__setattr__(moe.owner, "_l2pd_router32", kept)
+    return kept[3]
 
 
 def expert_weights(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
