@@ -74,21 +74,23 @@ def sizes(model) -> dict:
 
 def touched_experts(model, batch: int) -> float:
     """Mean distinct experts per MoE layer over the forwards of a short eager decode at ``batch`` rows."""
+    import l2pd_kernels
+
     counts = []
-    real = ref.moe_route
+    real = l2pd_kernels.moe_route  # the forward's ops route through the kernel on CUDA
 
     def counting(*a, **k):
         ids, w = real(*a, **k)
         counts.append(int(ids.unique().numel()))
         return ids, w
 
-    ref.moe_route = counting
+    l2pd_kernels.moe_route = counting
     try:
         ids = torch.randint(0, 150000, (batch, P), device="cuda")
         generate(model, ids, max_new_tokens=64, block_length=L, strategy="steps", steps=8, cache="dual",
                  refresh="window", cuda_graph=False)
     finally:
-        ref.moe_route = real
+        l2pd_kernels.moe_route = real
     # the refreshes feed two blocks or the whole prompt; the steps feed one block: keep the steps' forwards
     n_layers = model.config.num_hidden_layers - model.config.first_k_dense_replace
     per_forward = [statistics.mean(counts[i:i + n_layers]) for i in range(0, len(counts), n_layers)]

@@ -391,18 +391,21 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
              rows: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary embedding (rotate-half layout, fp32) of q [B, S, H, D] and k [B, S, Hkv, D].
 
-    ``cos``/``sin`` are fp32 [B, S, D/2]. Writes rotated k and v into ``k_out``/``v_out`` [B, Hkv, T, D] at
-    ``slots`` [S] (position s to slot slots[s]) and returns rotated q as [B, H, S, D]. With ``rows`` [S]
-    (B = 1: one packed sequence) position s goes to row ``rows[s]`` of ``k_out``/``v_out`` [R, Hkv, T, D].
+    ``cos``/``sin`` are fp32 [B, S, R/2]: R = D rotates whole heads; R < D (partial RoPE, LLaDA 2.x) rotates
+    the first R dims of each head (pairs i and i + R/2) and passes the rest through. Writes rotated k and v into
+    ``k_out``/``v_out`` [B, Hkv, T, D] at ``slots`` [S] (position s to slot slots[s]) and returns rotated q as
+    [B, H, S, D]. With ``rows`` [S] (B = 1: one packed sequence) position s goes to row ``rows[s]`` of
+    ``k_out``/``v_out`` [R, Hkv, T, D].
     """
-    c = torch.cat((cos, cos), -1)[:, None]  # [B, 1, S, D]
+    c = torch.cat((cos, cos), -1)[:, None]  # [B, 1, S, R]
     s = torch.cat((sin, sin), -1)[:, None]
+    r = c.shape[-1]
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         xf = x.transpose(1, 2).float()
-        half = xf.shape[-1] // 2
-        rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-        return xf * c + rotated * s
+        part = xf[..., :r]
+        rotated = torch.cat((-part[..., r // 2 :], part[..., : r // 2]), dim=-1)
+        return torch.cat((part * c + rotated * s, xf[..., r:]), -1)
 
     if rows is not None:
         k_out[rows, :, slots] = rotate(k)[0].transpose(0, 1).to(k_out.dtype)  # [S, Hkv, D]

@@ -7,7 +7,8 @@ v once per token and writes q as [B, H, S, D] (over [B, S, H, D] memory) for att
 ``slots = arange(S)``). cos/sin come precomputed per forward (they are shared by every layer). Slots are a
 device tensor, so a captured CUDA graph can write a different block at every replay. With ``rows`` (one
 packed sequence, B = 1) token s writes into cache row ``rows[s]``: the engine packs the fed tokens of many
-requests, each at its own positions, into one forward. Semantics: ``l2pd_kernels.reference.rope_qkv``.
+requests, each at its own positions, into one forward. cos/sin of R/2 < D/2 angles rotate the first R dims
+of each head and copy the rest (partial RoPE). Semantics: ``l2pd_kernels.reference.rope_qkv``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _rope_qkv_kernel(
     S, H, HKV,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, scb, scs,
     sqob, sqoh, sqos, skob, skoh, skos, svob, svoh, svos,
-    HALF: tl.constexpr, HB: tl.constexpr, HKVB: tl.constexpr, ROWS: tl.constexpr,
+    HALF: tl.constexpr, VHALF: tl.constexpr, REST: tl.constexpr, HB: tl.constexpr, HKVB: tl.constexpr,
+    ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // S).to(tl.int64)
@@ -53,10 +55,19 @@ def _rope_qkv_kernel(
     _rotate(k_ptr + b * skb + s * sks + g * skh + j[None, :], ko_ptr + kb * skob + g * skoh + slot * skos + j[None, :],
             gm, c, sn, HALF)
 
-    base = v_ptr + b * svb + s * svs + g * svh + j[None, :]
-    out = vo_ptr + kb * svob + g * svoh + slot * svos + j[None, :]
+    if REST > 0:  # partial RoPE: the dims past the rotated ones pass through
+        r = 2 * HALF + tl.arange(0, REST)[None, :]
+        src = q_ptr + b * sqb + s * sqs + h * sqh + r
+        tl.store(qo_ptr + b * sqob + h * sqoh + s * sqos + r, tl.load(src, mask=hm, other=0.0), mask=hm)
+        src = k_ptr + b * skb + s * sks + g * skh + r
+        tl.store(ko_ptr + kb * skob + g * skoh + slot * skos + r,
+                 tl.load(src, mask=gm, other=0.0).to(ko_ptr.dtype.element_ty), mask=gm)
+
+    jv = tl.arange(0, VHALF)[None, :]
+    base = v_ptr + b * svb + s * svs + g * svh + jv
+    out = vo_ptr + kb * svob + g * svoh + slot * svos + jv
     tl.store(out, tl.load(base, mask=gm, other=0.0).to(vo_ptr.dtype.element_ty), mask=gm)
-    tl.store(out + HALF, tl.load(base + HALF, mask=gm, other=0.0).to(vo_ptr.dtype.element_ty), mask=gm)
+    tl.store(out + VHALF, tl.load(base + VHALF, mask=gm, other=0.0).to(vo_ptr.dtype.element_ty), mask=gm)
 
 
 def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -71,8 +82,12 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
     if k.shape[:2] != (B, S) or k.shape[3] != D or D % 2 or (D // 2) & (D // 2 - 1):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} disagree, or head_dim {D} is not twice "
                          "a power of two")
-    if cos.shape != (B, S, D // 2) or sin.shape != cos.shape or cos.dtype != torch.float32:
-        raise ValueError(f"cos/sin must be fp32 [B, S, D/2] = {(B, S, D // 2)}, got {tuple(cos.shape)} {cos.dtype}")
+    half = cos.shape[-1] if cos.dim() == 3 else 0
+    rest = D - 2 * half
+    if (cos.shape != (B, S, half) or sin.shape != cos.shape or cos.dtype != torch.float32 or half < 1
+            or half & (half - 1) or (rest and rest & (rest - 1))):
+        raise ValueError(f"cos/sin must be fp32 [B, S, R/2] with B, S = {B}, {S} and R/2 and D - R powers of two "
+                         f"(D = {D}), got {tuple(cos.shape)} {cos.dtype}")
     if rows is not None and (B != 1 or rows.shape != (S,) or rows.dtype != torch.int64):
         raise ValueError(f"rows must be int64 [S={S}] with B = 1, got B={B}, rows {rows.dtype} {tuple(rows.shape)}")
     if (k_out.dim() != 4 or k_out.shape[1] != HKV or (rows is None and k_out.shape[0] != B)
@@ -93,7 +108,7 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
             v.stride(0), v.stride(1), v.stride(2), cos.stride(0), cos.stride(1),
             q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
             v_out.stride(0), v_out.stride(1), v_out.stride(2),
-            HALF=D // 2, HB=triton.next_power_of_2(H), HKVB=triton.next_power_of_2(HKV), ROWS=rows is not None,
-            num_warps=4,
+            HALF=half, VHALF=D // 2, REST=rest, HB=triton.next_power_of_2(H), HKVB=triton.next_power_of_2(HKV),
+            ROWS=rows is not None, num_warps=4,
         )
     return q_out

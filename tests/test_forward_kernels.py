@@ -76,7 +76,8 @@ def _cos_sin(B, S, D, start=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,S,H,HKV,D,T", [(1, 1, 1, 1, 4, 1), (2, 5, 6, 3, 16, 11), (3, 7, 4, 4, 8, 20)])
-def test_rope_qkv_matches_reference(dtype, B, S, H, HKV, D, T):
+@pytest.mark.parametrize("partial", [False, True])  # True: RoPE on the first half of each head (LLaDA 2.x)
+def test_rope_qkv_matches_reference(dtype, B, S, H, HKV, D, T, partial):
     from l2pd_kernels import rope_qkv
 
     # q/k/v as column slices of one projection output: strided like a fused qkv matmul would leave them
@@ -84,7 +85,7 @@ def test_rope_qkv_matches_reference(dtype, B, S, H, HKV, D, T):
     q = qkv[..., : H * D].view(B, S, H, D)
     k = qkv[..., H * D : (H + HKV) * D].view(B, S, HKV, D)
     v = qkv[..., (H + HKV) * D :].view(B, S, HKV, D)
-    cos, sin = _cos_sin(B, S, D)
+    cos, sin = _cos_sin(B, S, D // 2 if partial else D)
     slots = torch.randperm(T, device=DEV)[:S] if S <= T else torch.arange(S, device=DEV)
     outs = []
     for fn in (rope_qkv, ref.rope_qkv):
@@ -99,6 +100,8 @@ def test_rope_qkv_matches_reference(dtype, B, S, H, HKV, D, T):
     untouched = torch.ones(kk.shape[2], dtype=torch.bool, device=DEV)
     untouched[slots] = False
     assert (kk[:, :, untouched] == 7).all() and (vk[:, :, untouched] == 7).all()
+    if partial:  # the second half of each head passes through unchanged
+        torch.testing.assert_close(qk[..., D // 2:], q.transpose(1, 2)[..., D // 2:], rtol=0, atol=0)
 
 
 def test_rope_qkv_rejects_bad_shapes():

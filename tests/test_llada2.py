@@ -275,3 +275,13 @@ def test_the_engine_refuses_block_causal_models():
 
     with pytest.raises(ValueError, match="block-causal"):
         Engine(tiny_llada2(7))
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+def test_the_fused_forward_matches_the_plain_one():
+    model = tiny_llada2(8)
+    ids = torch.randint(0, 58, (2, 9))
+    ad = adapter_for(model)
+    ad.decoder.block_causal = 4
+    torch.testing.assert_close(ad.forward(ids, fused=True), ad.forward(ids, fused=False), rtol=1e-4, atol=1e-4)

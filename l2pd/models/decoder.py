@@ -250,14 +250,11 @@ def decoder_forward(
 
     ops = forward_ops(device, fused)
     n_heads, n_kv, head_dim, eps = dec.n_heads, dec.n_kv, dec.head_dim, dec.eps
-    partial = dec.rope and dec.rotary_dim is not None and dec.rotary_dim != head_dim
-    if dec.rope and not partial:
-        cos, sin = rope_cos_sin(position_ids, head_dim, dec.rope_theta)
-    else:  # the kernel's rotation is the identity (partial RoPE is applied before it)
+    if dec.rope:  # partial RoPE (rotary_dim < head_dim): angles for the rotated dims only
+        cos, sin = rope_cos_sin(position_ids, dec.rotary_dim or head_dim, dec.rope_theta)
+    else:  # the identity rotation
         cos = torch.ones(bsz, seq, head_dim // 2, device=device)
         sin = torch.zeros_like(cos)
-    if partial:
-        part = rope_cos_sin(position_ids, dec.rotary_dim, dec.rope_theta)
     fresh_slots = torch.arange(seq, device=device) if cache is None else None
 
     x = F.embedding(input_ids, dec.embed.weight)
@@ -274,9 +271,7 @@ def decoder_forward(
         k = k.view(bsz, seq, n_kv, head_dim)
         v = v.view(bsz, seq, n_kv, head_dim)
         if blk.q_norm is not None:  # per head, before RoPE
-            q, k = rms_norm(q, blk.q_norm, eps), rms_norm(k, blk.k_norm, eps)
-        if partial:
-            q, k = _partial_rope(q, *part), _partial_rope(k, *part)
+            q, k = _norm(ops, q, blk.q_norm, eps, None)[0], _norm(ops, k, blk.k_norm, eps, None)[0]
         if cache is not None:  # keys are cached after RoPE, so cached positions are never rotated again
             k_all, v_all = cache.k[layer], cache.v[layer]
         else:
@@ -361,16 +356,6 @@ def expert_weights(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
             m.down_proj.weight.data = w2[i]
         object.__setattr__(moe.owner, "_l2pd_experts", (w13, w2))
     return w13, w2
-
-
-def _partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE (rotate-half, fp32) on the first ``2 * cos.shape[-1]`` dims of each head of x [B, S, H, D]."""
-    r = 2 * cos.shape[-1]
-    c = torch.cat((cos, cos), -1)[:, :, None]
-    s = torch.cat((sin, sin), -1)[:, :, None]
-    rot = x[..., :r].float()
-    half = torch.cat((-rot[..., r // 2 :], rot[..., : r // 2]), -1)
-    return torch.cat(((rot * c + half * s).to(x.dtype), x[..., r:]), -1)
 
 
 def _block_causal_mask(block: int, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
