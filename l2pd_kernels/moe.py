@@ -47,6 +47,7 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tens
 
 @triton.jit
 def _gate_up_tile(x_ptr, w_base, act_ptr, pair, valid, D, INTER, TOPK: tl.constexpr, UPCAST: tl.constexpr,
+                  PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     tok = tl.where(valid, pair // TOPK, 0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -63,8 +64,8 @@ def _gate_up_tile(x_ptr, w_base, act_ptr, pair, valid, D, INTER, TOPK: tl.conste
         bu = tl.load(w_base + (INTER + offs_n[None, :]) * D + kk[:, None], mask=wmask, other=0.0)
         if UPCAST:
             a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-        acc_g = tl.dot(a, bg, acc_g)
-        acc_u = tl.dot(a, bu, acc_u)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PREC)
     dt = act_ptr.dtype.element_ty
     g = acc_g.to(dt).to(tl.float32)
     u = acc_u.to(dt).to(tl.float32)
@@ -73,7 +74,7 @@ def _gate_up_tile(x_ptr, w_base, act_ptr, pair, valid, D, INTER, TOPK: tl.conste
 
 
 @triton.jit
-def _down_tile(act_ptr, w_base, weight_ptr, out_ptr, pair, valid, D, INTER, UPCAST: tl.constexpr,
+def _down_tile(act_ptr, w_base, weight_ptr, out_ptr, pair, valid, D, INTER, UPCAST: tl.constexpr, PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     row = tl.where(valid, pair, 0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,7 +88,7 @@ def _down_tile(act_ptr, w_base, weight_ptr, out_ptr, pair, valid, D, INTER, UPCA
         b = tl.load(w_base + offs_n[None, :] * INTER + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
     w = tl.load(weight_ptr + row, mask=valid, other=0.0)
     y = acc.to(act_ptr.dtype.element_ty).to(tl.float32) * w[:, None]
     tl.store(out_ptr + pair[:, None] * D + offs_n[None, :], y, mask=valid[:, None] & n_ok[None, :])
@@ -112,8 +113,8 @@ def _chunk(offs, rank, r0, count, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, TOPK: tl.constexpr,
-                    UPCAST: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     if SCAN:  # program = expert; its pairs found in the ids themselves (few pairs: no sort)
         e = pid_m.to(tl.int64)
@@ -121,19 +122,19 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, 
         for r0 in range(0, count, BLOCK_M):
             pair, valid = _chunk(offs, rank, r0, count, BLOCK_M)
             _gate_up_tile(x_ptr, w_ptr + e * (2 * INTER) * D, act_ptr, pair, valid, D, INTER, TOPK, UPCAST,
-                          BLOCK_M, BLOCK_N, BLOCK_K)
+                          PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     else:  # program = a block of one expert's sorted pairs
         e = tl.load(expert_ptr + pid_m).to(tl.int64)
         if e >= 0:
             pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
             _gate_up_tile(x_ptr, w_ptr + e * (2 * INTER) * D, act_ptr, pair, pair < num_pairs, D, INTER, TOPK,
-                          UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                          UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def _down_kernel(act_ptr, w_ptr, weight_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER,
-                 UPCAST: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     if SCAN:
         e = pid_m.to(tl.int64)
@@ -141,13 +142,13 @@ def _down_kernel(act_ptr, w_ptr, weight_ptr, out_ptr, pairs_ptr, expert_ptr, num
         for r0 in range(0, count, BLOCK_M):
             pair, valid = _chunk(offs, rank, r0, count, BLOCK_M)
             _down_tile(act_ptr, w_ptr + e * D * INTER, weight_ptr, out_ptr, pair, valid, D, INTER, UPCAST,
-                       BLOCK_M, BLOCK_N, BLOCK_K)
+                       PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         e = tl.load(expert_ptr + pid_m).to(tl.int64)
         if e >= 0:
             pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
             _down_tile(act_ptr, w_ptr + e * D * INTER, weight_ptr, out_ptr, pair, pair < num_pairs, D, INTER,
-                       UPCAST, BLOCK_M, BLOCK_N, BLOCK_K)
+                       UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -285,7 +286,9 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     act = torch.empty(N * k, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(N * k, D, dtype=torch.float32, device=x.device)
     upcast = x.device.type != "cuda" and x.dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong
-    flags = dict(UPCAST=upcast, SCAN=scan, PAIRS=triton.next_power_of_2(N * k), BLOCK_M=block_m)
+    # fp32 products in full precision (as the reference's matmuls), not TF32
+    flags = dict(UPCAST=upcast, PREC="ieee" if x.dtype == torch.float32 else "tf32", SCAN=scan,
+                 PAIRS=triton.next_power_of_2(N * k), BLOCK_M=block_m)
     _gate_up_kernel[(blocks, triton.cdiv(inter, bn1))](x, w_gate_up, act, pairs, experts, N * k, D, inter, TOPK=k,
                                                        BLOCK_N=bn1, BLOCK_K=bk1, num_warps=w1, num_stages=st1,
                                                        **flags)

@@ -280,8 +280,9 @@ def test_the_engine_refuses_block_causal_models():
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 def test_the_fused_forward_matches_the_plain_one():
-    model = tiny_llada2(8)
-    ids = torch.randint(0, 58, (2, 9))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_llada2(8).to(dev)
+    ids = torch.randint(0, 58, (2, 9), device=dev)
     ad = adapter_for(model)
     ad.decoder.block_causal = 4
     torch.testing.assert_close(ad.forward(ids, fused=True), ad.forward(ids, fused=False), rtol=1e-4, atol=1e-4)
