@@ -22,7 +22,7 @@ from l2pd_kernels import reference as ref
 from l2pd_kernels.moe import pick_config
 
 E, K, D, INTER = 256, 8, 2048, 512
-TILES = [(bn, bk, w, st) for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for w in (4, 8) for st in (2, 3, 4)]
+TILES = [(bn, bk, w, st) for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for w in (4, 8) for st in (3, 4)]
 
 
 def main() -> None:
