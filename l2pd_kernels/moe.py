@@ -237,10 +237,12 @@ def moe_route(logits: torch.Tensor, top_k: int, score: str = "sigmoid", bias: to
 SCAN_MAX_PAIRS = 1024  # up to this many (token, expert) pairs the programs find their pairs by scanning
 
 
-# (tokens per expert up to, block_m, gate/up (block_n, block_k, warps, stages), down (...)): see pick_config
-CONFIGS = [(8, 16, (64, 64, 4, 3), (64, 64, 4, 3)),
-           (48, 32, (64, 64, 4, 3), (64, 64, 4, 3)),
-           (float("inf"), 64, (128, 64, 8, 3), (128, 64, 8, 3))]
+# (pairs per expert up to, block_m, gate/up (block_n, block_k, warps, stages), down (...)), from
+# benchmarks/moe_configs.py on an H200 at LLaDA2.0-mini shapes (RESULTS, "LLaDA 2.x")
+CONFIGS = [(2, 32, (64, 64, 4, 4), (64, 64, 4, 4)),
+           (16, 32, (128, 64, 8, 4), (128, 64, 8, 4)),
+           (128, 64, (128, 64, 8, 4), (128, 64, 8, 4)),
+           (float("inf"), 128, (128, 64, 8, 4), (128, 64, 8, 4))]
 
 
 def pick_config(tokens: int, top_k: int, experts: int) -> tuple:
