@@ -1,4 +1,4 @@
-"""l2pd: fast parallel decoding for diffusion language models (LLaDA, Dream)."""
+"""l2pd: fast parallel decoding for diffusion language models (LLaDA, Dream, LLaDA 2.x)."""
 
 import importlib
 from typing import Any
@@ -8,7 +8,7 @@ from .collect import collect  # the function; the module stays importable as l2p
 from .decode import GenerateOutput, generate
 from .evaluate import evaluate  # the function, as with collect
 from .filter import Filter
-from .models import DreamConfig, DreamModel, LLaDAConfig, LLaDAModelLM, load_pretrained
+from .models import DreamConfig, DreamModel, LLaDA2Config, LLaDA2MoeModelLM, LLaDAConfig, LLaDAModelLM, load_pretrained
 from .patch import patch, unpatch
 from .train import train_filter
 
@@ -20,6 +20,8 @@ __all__ = [
     "DreamModel",
     "Filter",
     "GenerateOutput",
+    "LLaDA2Config",
+    "LLaDA2MoeModelLM",
     "LLaDAConfig",
     "LLaDAModelLM",
     "collect",

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .decoder import Decoder, decoder_forward, pack_layers
+from .decoder import Decoder, Layer, decoder_forward, pack_layers
 from .dream import DreamConfig, DreamModel, dream_decoder
 from .llada import LLaDAConfig, LLaDAModelLM, llada_decoder
 from .llada2 import LLaDA2Config, LLaDA2MoeModelLM, llada2_decoder
@@ -47,7 +47,7 @@ LLADA2_TYPES = ("llada2_moe", "llada2")
 
 @dataclass
 class Adapter:
-    family: str  # "llada" | "dream" | "llada2"
+    family: str  # "llada" | "dream" | "llada2" | "llada_moe"
     model: Any
     config: Any
     decoder: Decoder
@@ -104,7 +104,7 @@ class Adapter:
             return {k: getattr(c, k, None) for k in keys}, [d.embed.weight, d.head.weight, d.final_norm.weight]
         keys = ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "intermediate_size",
                 "vocab_size", "rope_theta")
-        if self.family == "llada2":
+        if self.family in ("llada2", "llada_moe"):
             keys += ("num_experts", "moe_intermediate_size", "num_experts_per_tok", "partial_rotary_factor")
         d = self.decoder
         return {"family": self.family, **{k: getattr(c, k, None) for k in keys}}, [d.embed.weight, d.head.weight,
@@ -131,6 +131,8 @@ def adapter_for(model: Any) -> Adapter:
     if getattr(inner, "layers", None) is not None and getattr(inner, "word_embeddings", None) is not None:
         return _llada2(model, name, config)
     if getattr(inner, "layers", None) is not None and getattr(inner, "embed_tokens", None) is not None:
+        if len(inner.layers) and hasattr(getattr(inner.layers[0], "mlp", None), "experts"):
+            return _llada_moe(model, name, config)
         return _dream(model, name, config)
     raise ValueError(f"{name} has neither model.transformer (LLaDA), model.layers + model.embed_tokens (Dream) nor "
                      "model.layers + model.word_embeddings (LLaDA 2.x)")
@@ -206,3 +208,42 @@ def _llada2(model: Any, name: str, config: Any) -> Adapter:
     eos = _id(config, "eos_token_id", 156892)
     return Adapter("llada2", model, config, llada2_decoder(model, config), 0, _id(config, "mask_token_id", 156895),
                    eos, _id(config, "pad_token_id", eos), getattr(config, "max_position_embeddings", None))
+
+
+def _llada_moe(model: Any, name: str, config: Any) -> Adapter:
+    """LLaDA-MoE (e.g. LLaDA-MoE-7B-A1B): Dream's module names with per-head q/k norms, and a mixture of
+    experts in every layer routed by a softmax over all experts (top-k, renormalised only with
+    ``norm_topk_prob``); bidirectional attention and unshifted logits, as LLaDA."""
+    from .decoder import MoE
+
+    missing = [k for k in _DREAM_CONFIG + ("num_experts_per_tok",) if getattr(config, k, None) is None]
+    if missing:
+        raise ValueError(f"{name}.config lacks the LLaDA-MoE keys {missing}")
+    base = model.model
+    if len(base.layers) != config.num_hidden_layers:
+        raise ValueError(f"{name} has {len(base.layers)} layers but config.num_hidden_layers="
+                         f"{config.num_hidden_layers}")
+    layers = []
+    for i, lyr in enumerate(base.layers):
+        att, mlp = getattr(lyr, "self_attn", None), getattr(lyr, "mlp", None)
+        absent = [m for m in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(att, m)]
+        absent += [m for m in ("gate", "experts") if not hasattr(mlp, m)]
+        if absent:
+            raise ValueError(f"{name} layer {i} lacks {absent} (the LLaDA-MoE layer)")
+        moe = MoE(mlp, mlp.gate, None, mlp.experts, int(config.num_experts_per_tok), "softmax",
+                  normalize=bool(getattr(config, "norm_topk_prob", False)))
+        shared = getattr(mlp, "shared_experts", None)
+        layers.append(Layer(lyr, lyr.input_layernorm, att.q_proj, att.k_proj, att.v_proj, att.o_proj,
+                            lyr.post_attention_layernorm, getattr(shared, "gate_proj", None),
+                            getattr(shared, "up_proj", None), getattr(shared, "down_proj", None),
+                            q_norm=getattr(att, "q_norm", None), k_norm=getattr(att, "k_norm", None), moe=moe))
+    head = base.embed_tokens if getattr(config, "tie_word_embeddings", False) else model.lm_head
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    dec = Decoder(base.embed_tokens, layers, base.norm, head, n_heads,
+                  getattr(config, "num_key_value_heads", None) or n_heads, head_dim, config.hidden_size,
+                  float(getattr(config, "rms_norm_eps", 1e-6)), True, float(config.rope_theta),
+                  rotary_dim=int(head_dim * float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)))
+    eos = _id(config, "eos_token_id", 156892)
+    return Adapter("llada_moe", model, config, dec, 0, _id(config, "mask_token_id", 156895), eos,
+                   _id(config, "pad_token_id", eos), getattr(config, "max_position_embeddings", None))
