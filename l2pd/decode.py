@@ -176,6 +176,8 @@ def generate(
     tokenizer: Any = None,
     inputs: torch.Tensor | None = None,
     persist: int | None = None,
+    edit_threshold: float | None = None,
+    edit_steps: int | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | GenerateOutput:
     """Decode ``max_new_tokens`` after left-padded prompts ``input_ids`` [B, P].
@@ -205,6 +207,10 @@ def generate(
     end a row too) and ``stop_strings`` (with ``tokenizer``) end a row after the text; ``streamer`` (batch
     1) gets the prompt, then each token once it and all before it are fixed, up to the end of text;
     ``inputs=`` is another name for ``input_ids``; ``filter`` may be a folder.
+    Token editing (LLaDA 2.1): with ``edit_threshold`` (tau_edit; ``threshold`` plays tau_mask), each forward also
+    rewrites the block's decided positions whose current guess differs with probability > ``edit_threshold``,
+    and a block without masks keeps editing for up to ``edit_steps`` (default 16) more forwards while something
+    changes.
     Autoregressive-only arguments (``num_beams``, ``top_p``, ...) raise a ValueError unless neutral.
     """
     given = dict(locals())  # every argument as passed; resolve() checks them and applies the defaults
@@ -228,6 +234,9 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     if adapter.block_causal:
         adapter.decoder.block_causal = block_length  # the attention's blocks are the decoding blocks
         if padded:
+            if spec.edit is not None:  # a shifted row's prompt tail may sit in a decision block
+                raise ValueError("token editing with a padded batch of a block-causal model is not supported: pass "
+                                 "prompts of one length, or one at a time")
             input_ids, attention_mask, starts, ends, filler = block_phase(input_ids, attention_mask, block_length, G,
                                                                           mask_id, eos_id, bool(stops.active))
     first = P if starts is None else int(starts.min())
@@ -244,7 +253,7 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     policy = Policy(strategy, mask_id, decide_kwargs, temperature=spec.temperature, on_step=spec.on_step,
                     filter=filter, target=spec.target,
                     stats=spec.step_stats or (filter is not None and filter.needs_stats) or spec.rule == "margin",
-                    step_input="step" in inputs)
+                    step_input="step" in inputs, edit=spec.edit)
     cuda_graph, cache, refresh, dtype = spec.cuda_graph, spec.cache, spec.refresh, adapter.dtype
 
     if device.type == "cuda" and os.environ.get("L2PD_PACK", "1") != "0":
@@ -259,7 +268,7 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     keep = cuda_graph and kernels and device.type == "cuda" and policy.graphable()
     # refresh and prefix/dual only choose the fed ranges: one stepper (and its graphs) serves them all
     key = (B, P, G, str(dtype), cache != "none", padded, strategy, spec.threshold, spec.eotp, mask_id, eos_id,
-           block_length, spec.persist, id(filter) if filter is not None else None, adapter.key())
+           block_length, spec.persist, spec.edit, id(filter) if filter is not None else None, adapter.key())
     stepper = stepper_for(model, key, build, keep)
     # a kept stepper keeps its own policy (its graphs point at its filter weights); only the per-call parts move
     stepper.policy.target, stepper.policy.on_step = policy.target, policy.on_step
@@ -305,7 +314,8 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
         # block-causal: the schedule of a whole block, also for a first block that holds the prompt's tail (as
         # LLaDA 2.x's loop does; top-k takes what is left)
         schedule = block_schedule(block_length if adapter.block_causal else e - s, spec.steps_per_block)
-        i = 0
+        i = post = 0  # post: forwards spent editing after the block's masks are gone
+        started = left > 0
         while True:
             if kv is None:
                 lo, hi = 0, T
@@ -313,7 +323,7 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
                 lo, hi = kv.refresh_range(previous, e)
             else:
                 lo, hi = kv.feed_range(s_attn, e)
-            nfe[:n] += left > 0
+            nfe[:n] += started if post else left > 0
             k = schedule[i] if (not spec.fixed_k and i < len(schedule)) else 1
             if i == e - s - 1:  # the cap: a block never takes more forwards than its length
                 k = e - s  # (every step accepts >= 1, so this binds only for rules that stall, e.g. oracle)
@@ -327,8 +337,15 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
                     stops.cut(canvas, P, e, 1)
                     left = (canvas[:1, s:e] == mask_id).sum(-1)
                 stream.update(canvas, min(e, P + G))
-            if int(left.max()) == 0:  # the one host read of the step
-                break
+            if spec.edit is None:
+                if int(left.max()) == 0:  # the one host read of the step
+                    break
+                continue
+            masks, edits = torch.stack([left.max(), step_fn.edits[:n].max()]).tolist()  # the one host read
+            if masks == 0:  # editing goes on while it changes something, edit_steps forwards at most
+                if edits == 0 or post >= spec.edit_steps:
+                    break
+                post += 1
         previous = s_attn
         if stops.active:  # rows that reached a stop end here (the rest of their canvas becomes end-of-text)
             stops.cut(canvas, P, e, n)

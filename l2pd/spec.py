@@ -51,6 +51,8 @@ class DecodeSpec:
     target: torch.Tensor | None = None  # the oracle's reference answer [B, G]
     on_step: Any = None  # (block_start, step, token, prob, canvas) after each forward
     persist: int = 1  # persistence: forwards a guess must stay the same
+    edit: float | None = None  # token editing (LLaDA 2.1): rewrite decided positions whose guess passes this
+    edit_steps: int = 16  # forwards a block may keep editing once it has no masks
 
     @property
     def rule(self) -> str:
@@ -72,6 +74,7 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
             step_stats: bool = False, cuda_graph: bool | None = None, compact: bool = True, max_length: Any = None,
             do_sample: bool | None = None, num_return_sequences: Any = None, generation_config: Any = None,
             stop_strings: Any = None, tokenizer: Any = None, inputs: Any = None, persist: Any = None,
+            edit_threshold: Any = None, edit_steps: Any = None,
             kwargs: dict[str, Any] | None = None) -> tuple[DecodeSpec, torch.Tensor, torch.Tensor | None]:
     """(spec, input_ids [B, P] int64, attention_mask [B, P] or None), both on the model's device; the
     arguments are ``l2pd.generate``'s (see its docstring), ``kwargs`` the unknown ones (refused by name)."""
@@ -155,6 +158,15 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
         persist = _positive_int("persist", persist)
         if strategy != "persistence":
             raise ValueError(f"persist={persist} is the persistence rule's setting (strategy='persistence')")
+    if edit_threshold is not None:
+        edit_threshold = _finite("edit_threshold", edit_threshold)
+        if edit_threshold < 0 or strategy == "oracle":
+            raise ValueError(f"edit_threshold={edit_threshold}: token editing takes a tau >= 0, with a decoding "
+                             "strategy (not the oracle)")
+    if edit_steps is not None:
+        if edit_threshold is None:
+            raise ValueError("edit_steps is token editing's setting: give edit_threshold too")
+        edit_steps = _positive_int("edit_steps", edit_steps) if edit_steps != 0 else 0
     temperature = _finite("temperature", temperature)
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
@@ -211,7 +223,8 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
         compact=bool(compact) and on_step is None and strategy != "oracle" and B > 1,
         return_dict=bool(return_dict_in_generate), step_stats=bool(step_stats), stops=stops, streamer=streamer,
         target=None if target is None else target.to(device=device, dtype=torch.long), on_step=on_step,
-        persist=2 if persist is None else persist)
+        persist=2 if persist is None else persist, edit=edit_threshold,
+        edit_steps=16 if edit_steps is None else edit_steps)
     return spec, input_ids, attention_mask
 
 

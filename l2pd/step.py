@@ -43,6 +43,7 @@ class Policy:
     filter: Any = None  # held so that a stepper keyed by id(filter) never outlives it
     stats: bool = False  # compute margins and entropies (a richer filter reads them; on_step gets them)
     step_input: bool = False  # the filter reads the step index in the block (params' second word)
+    edit: float | None = None  # token editing's tau (LLaDA 2.1), None = off
 
     def graphable(self) -> bool:
         return self.strategy != "oracle" and self.temperature == 0 and self.on_step is None
@@ -119,6 +120,7 @@ class Stepper:
         # fed_start << 40 | block_start << 20 | k: the decide kernel reads the low 40 bits; the second word is
         # the step index in the block, written only for a filter that reads it
         self.params = torch.zeros(2, dtype=torch.int64, device=device)
+        self.edits = torch.zeros(state.canvas.shape[0], dtype=torch.int64, device=device)  # rewritten per row
         self.arange = torch.arange(state.canvas.shape[1], device=device)
         self.graphs: dict[tuple[int, int], _Graph] = {}
 
@@ -197,6 +199,11 @@ class Stepper:
             P = st.prompt_length
             target = pol.target[:, block_start - P : block_start - P + block_len]
             return _oracle_step(st.canvas, token, target, block_start, pol.mask_id)
+        if pol.edit is not None:  # before the decision: it rewrites decided positions, the decision fills masks
+            from l2pd_kernels.reference import edit_tokens
+
+            cols = ((word >> 20) & 0xFFFFF) + self.arange[:block_len]
+            self.edits.copy_(edit_tokens(st.canvas, token, prob, cols, pol.edit, pol.mask_id))
         stats = dict(margin=margin, entropy=entropy, step=step) if pol.stats or pol.step_input else {}
         if st.history is not None:
             stats["history"] = st.history

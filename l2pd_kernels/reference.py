@@ -497,3 +497,15 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
         act = silu_mul(gate_up[:, :inter], gate_up[:, inter:])
         out.view(N * k, D)[slot] = torch.nn.functional.linear(act, w_down[e]).float()
     return (out * weights.float()[..., None]).sum(1).to(x.dtype)
+
+
+def edit_tokens(canvas: torch.Tensor, token: torch.Tensor, prob: torch.Tensor, cols: torch.Tensor, threshold: float,
+                mask_id: int) -> torch.Tensor:
+    """LLaDA 2.1's token editing over the block ``canvas[:, cols]`` (``cols`` [L], a device tensor, so a captured
+    graph can serve every block): every decided (non-mask) position whose current guess ``token`` [B, L] differs
+    from the canvas with probability ``prob`` > ``threshold`` takes the guess. Updates ``canvas``; returns the
+    positions rewritten per row (int64 [B]). Plain tensor ops: the kernel path runs this too (graph-safe)."""
+    current = canvas.index_select(1, cols)
+    change = (current != mask_id) & (token != current) & (prob > threshold)
+    canvas.index_copy_(1, cols, torch.where(change, token, current))
+    return change.sum(-1)

@@ -286,3 +286,62 @@ def test_the_fused_forward_matches_the_plain_one():
     ad = adapter_for(model)
     ad.decoder.block_causal = 4
     torch.testing.assert_close(ad.forward(ids, fused=True), ad.forward(ids, fused=False), rtol=1e-4, atol=1e-4)
+
+
+def official_edit_loop(model, prompt, gen_length, block, tau_mask, tau_edit, edit_steps=16):
+    """LLaDA 2.1's editing loop, plainly: each forward unmasks the masked positions above tau_mask (at least the
+    most confident) and rewrites the block's decided answer positions whose guess differs above tau_edit; once a
+    block has no masks it goes on while a forward still rewrites something, edit_steps forwards at most."""
+    P = prompt.shape[1]
+    nb = -(-(P + gen_length) // block)
+    x = torch.full((1, nb * block), MASK)
+    x[:, :P] = prompt
+    forwards = 0
+    for b in range(P // block, nb):
+        start, end = max(b * block, P), (b + 1) * block
+        post = 0
+        while True:
+            cur = x[:, :end]
+            logits = model(cur, block_length=block).logits[0, start:end].double()
+            forwards += 1
+            logits[:, MASK] = float("-inf")
+            p, tok = logits.softmax(-1).max(-1)
+            blk = cur[0, start:end]
+            masked = blk == MASK
+            edit = ~masked & (tok != blk) & (p > tau_edit)
+            take = masked & (p > tau_mask)
+            if masked.any() and not take.any():
+                take[torch.where(masked, p, torch.tensor(-1.0, dtype=p.dtype)).argmax()] = True
+            blk[edit] = tok[edit]
+            blk[take] = tok[take]
+            if not (blk == MASK).any():
+                if not edit.any() or post >= edit_steps:
+                    break
+                post += 1
+    return x[:, :P + gen_length], forwards
+
+
+@pytest.mark.parametrize("cache,refresh", [("none", "full"), ("dual", "window")])
+@pytest.mark.parametrize("plen", [5, 8])
+def test_token_editing_equals_a_plain_loop(cache, refresh, plen):
+    model = tiny_llada2(9)
+    torch.manual_seed(plen)
+    prompt = torch.randint(0, 58, (1, plen))
+    want, forwards = official_edit_loop(model, prompt, 11, 4, 0.5, 0.05, edit_steps=3)
+    out = generate(model, prompt, max_new_tokens=11, block_length=4, strategy="threshold", threshold=0.5,
+                   edit_threshold=0.05, edit_steps=3, cache=cache, refresh=refresh, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, want)
+    assert out.forwards == forwards
+    plain = generate(model, prompt, max_new_tokens=11, block_length=4, strategy="threshold", threshold=0.5,
+                     return_dict_in_generate=True)
+    assert out.forwards > plain.forwards  # editing did run: it costs forwards on this model
+    assert int(out.nfe[0]) == forwards  # the editing forwards count for the row
+
+
+def test_token_editing_arguments_are_checked():
+    model = tiny_llada2(9)
+    prompt = torch.randint(0, 58, (1, 5))
+    with pytest.raises(ValueError, match="edit_threshold"):
+        generate(model, prompt, max_new_tokens=4, block_length=4, edit_threshold=-1)
+    with pytest.raises(ValueError, match="edit_threshold too"):
+        generate(model, prompt, max_new_tokens=4, block_length=4, edit_steps=4)
