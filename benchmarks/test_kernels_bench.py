@@ -159,3 +159,36 @@ def test_pool_attention(benchmark, rows, queries, config):
         fn = lambda: pool_attention(q, k, v, seg, tiles, **kw)  # noqa: E731
     bw = {"GBps": lambda ms: nbytes / ms / 1e6}
     _run(benchmark, fn, bw, {"graph_" + k_: v_ for k_, v_ in bw.items()})
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [32, 256, 2048])
+@pytest.mark.parametrize("path", ["kernel", "reference", "touched-copy"])
+def test_fused_moe(benchmark, tokens, path):
+    """A LLaDA2.0-mini MoE layer's routed experts (256 of width 512, top-8, hidden 2048, bf16) for ``tokens``
+    tokens routed alike in blocks of 32 (as a decode step's masks are): the Triton kernels, the PyTorch
+    reference (a loop over experts) and a copy of the touched experts' bytes (the read floor)."""
+    from l2pd_kernels import fused_moe
+    from l2pd_kernels import reference as ref
+
+    torch.manual_seed(0)
+    E, D, inter = 256, 2048, 512
+    w13 = torch.randn(E, 2 * inter, D, device="cuda", dtype=torch.bfloat16) / D**0.5
+    w2 = torch.randn(E, D, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
+    x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
+    shared = torch.randn((tokens + 31) // 32, E, device="cuda").repeat_interleave(32, 0)[:tokens]
+    ids, w = ref.moe_route(shared + 0.3 * torch.randn(tokens, E, device="cuda"), 8, "sigmoid",
+                           torch.zeros(E, device="cuda"), 8, 4, 2.5)
+    touched = ids.unique()
+    nbytes = int(touched.numel()) * 3 * D * inter * 2
+    if path == "kernel":
+        fn = lambda: fused_moe(x, w13, w2, ids, w)  # noqa: E731
+    elif path == "reference":
+        fn = lambda: ref.fused_moe(x, w13, w2, ids, w)  # noqa: E731
+    else:
+        src = torch.cat([w13[touched].reshape(-1), w2[touched].reshape(-1)])
+        dst = torch.empty_like(src)
+        fn = lambda: dst.copy_(src)  # noqa: E731  (reads and writes: twice the bytes)
+        nbytes *= 2
+    benchmark.extra_info["touched_experts"] = int(touched.numel())
+    _run(benchmark, fn, {"GBps": lambda ms: nbytes / ms / 1e6})

@@ -66,7 +66,7 @@ class L2PDLM(LM):
                  max_new_tokens: int = 256, mc_num: int = 128, mc_batch: int = 32, seed: int = 0,
                  batch_size: Any = 1, device: str | None = None, dtype: str | None = None, **unused: Any) -> None:
         super().__init__()
-        from .cli import _device, _load
+        from .loading import default_device, load_model
 
         unused.pop("max_batch_size", None)
         if unused:
@@ -75,7 +75,7 @@ class L2PDLM(LM):
             # lm-eval passes --device (default cuda:0) whether or not the user chose it
             print(f"l2pd: no CUDA GPU is visible; running on the CPU instead of {device}", file=sys.stderr)
             device = "cpu"
-        self._device = torch.device(_device(device))
+        self._device = torch.device(default_device(device))
         from .models.checkpoint import resolve_dtype
 
         # every model_arg is checked before the model loads
@@ -94,7 +94,7 @@ class L2PDLM(LM):
         self.seed = _number("seed", seed, int, 0)
         bs = str(batch_size)
         self.batch_size = 1 if bs.startswith("auto") else _number("batch_size", bs, int, 1)
-        self.model, self.tokenizer = _load(pretrained, str(self.device), filter, _bool(allow_other_model))
+        self.model, self.tokenizer = load_model(pretrained, str(self.device), filter, _bool(allow_other_model))
         if torch_dtype is not None:
             self.model.to(torch_dtype)
         from .models import adapter_for

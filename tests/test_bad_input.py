@@ -191,7 +191,7 @@ def test_patch_keeps_an_attached_filter_and_falls_back_out_loud(tiny):
 
 def test_the_bundled_folder_finds_its_filter_however_it_is_named(tmp_path, monkeypatch):
     import l2pd.demo
-    from l2pd.cli import _filter_beside
+    from l2pd.loading import filter_beside as _filter_beside
 
     rel = os.path.relpath(l2pd.demo.MODEL_DIR)
     (tmp_path / "link").symlink_to(l2pd.demo.MODEL_DIR)

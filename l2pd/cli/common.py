@@ -1,0 +1,95 @@
+"""What the commands share: argument groups, the default strategy, notes on stderr, Ctrl-C with what was kept."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..args import device_type, float_type, int_type
+
+
+def add_decode_args(p: argparse.ArgumentParser, gen_length: int = 256, filter_block: bool = False) -> None:
+    p.add_argument("--gen-length", type=int_type(1), default=gen_length,
+                   help=f"new tokens per answer (default {gen_length})")
+    if filter_block:
+        p.add_argument("--block-length", type=int_type(1), default=None,
+                       help="semi-autoregressive block size (default: the filter's block length for learn2pd, and "
+                            "for every row of the demo; else 32)")
+    else:
+        p.add_argument("--block-length", type=int_type(1), default=32,
+                       help="semi-autoregressive block size (default 32)")
+    add_device_arg(p)
+
+
+def add_device_arg(p: argparse.ArgumentParser, default: str = "cuda when available") -> None:
+    p.add_argument("--device", type=device_type, default=None, help=f"cpu, cuda or cuda:N (default: {default})")
+
+
+def add_family_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-family", choices=["llada", "dream"], default=None,
+                   help="which bundled model to use when --model is not given: LLaDA's format (default) or "
+                        "Dream's (shifted logits, grouped-query attention, biased q/k/v)")
+
+
+def add_level_arg(p: argparse.ArgumentParser, which: str) -> None:
+    p.add_argument("--level", choices=["base", "hard"], default="base",
+                   help=f"the bundled task's level for the {which}: base (1 to 4 steps, what the bundled models "
+                        "are trained on) or hard (5 or 6 steps; for a model trained with "
+                        "`python -m l2pd.demo.train_model --hard-fraction ...`; the bundled models fail it)")
+
+
+def level_split(args: argparse.Namespace, part: str) -> str:
+    """The task split of ``part`` ('train' or 'test') at ``--level``; --data and --prompts bring their own."""
+    level = getattr(args, "level", "base")
+    if level != "base" and (getattr(args, "data", None) or getattr(args, "prompts", None)):
+        raise ValueError("--level picks the bundled task's problems; leave it out with --data or --prompts")
+    return part if level == "base" else f"{level}-{part}"
+
+
+def add_strategy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", choices=["steps", "threshold", "margin", "persistence", "learn2pd"], default=None,
+                   help="unmasking rule (default: learn2pd when a filter is available, else threshold); margin: "
+                        "top-1 minus top-2 probability > tau; persistence: the guess unchanged for --persist "
+                        "forwards with confidence > tau")
+    p.add_argument("--persist", type=int_type(1), default=None,
+                   help="persistence: forwards a guess must stay the same (default 2)")
+    p.add_argument("--threshold", type=float_type(0), default=None,
+                   help="tau: for threshold (default 0.9) the confidence, for learn2pd (default: the filter's) "
+                        "the filter's probability; above 1 nothing passes (one token per step / schedule only)")
+    p.add_argument("--eotp", choices=["off", "accepted", "predicted"], default=None,
+                   help="end-of-text prediction: stop once an end-of-text token is accepted (accepted) or "
+                        "confidently predicted (predicted); default: the filter's stored mode for learn2pd, else off")
+    p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none", help="block KV cache mode")
+    p.add_argument("--refresh", choices=["full", "tail", "window"], default="full",
+                   help="what a cache recomputes at each block start: the whole canvas (full), from the block "
+                        "just finished to the end (tail), or (dual) that block and the new one (window)")
+    p.add_argument("--filter", default=None,
+                   help="filter folder (default: filter.json beside --model or in its filter/ subfolder; for "
+                        "the bundled model, its filter)")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="use a filter recorded for another model (its fingerprint differs)")
+
+
+def note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def default_strategy(args: argparse.Namespace, model, quiet: bool = False) -> None:
+    """Without --strategy, learn2pd when the model has a filter that fits --block-length; else threshold,
+    said once on stderr."""
+    if args.strategy is not None:
+        return
+    flt = getattr(model, "l2pd_filter", None)
+    say = (lambda text: None) if quiet else note
+    if flt is None:
+        say("no filter for this model (none with --filter, none beside --model): decoding with --strategy "
+            "threshold")
+        args.strategy = "threshold"
+    elif args.block_length is not None and args.block_length != flt.block_length:
+        say(f"the filter was trained for block length {flt.block_length}, not --block-length "
+             f"{args.block_length}: decoding with --strategy threshold")
+        args.strategy = "threshold"
+
+
+class Interrupted(Exception):
+    """Ctrl-C, with what the command kept."""

@@ -1,0 +1,140 @@
+"""`collect` and `train-filter`: trajectories for a Learn2PD filter, and the filter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from ..args import float_type, int_type
+from ..loading import default_device, load_model
+from .common import (
+    Interrupted,
+    add_decode_args,
+    add_device_arg,
+    add_family_arg,
+    add_level_arg,
+    level_split,
+)
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from ..collect import collect, shards_in
+    from ..demo.task import split
+    from ..demo.tokenizer import prompt_text
+    from ..distributed import finish, init_from_env
+    from ..files import check_out_dir, read_prompts
+
+    rank, _, rank_device = init_from_env()
+    device = rank_device or default_device(args.device)
+    check_out_dir(args.out)  # before the model loads: an unwritable --out fails now
+    train_split = level_split(args, "train")
+    if args.prompts:
+        questions = read_prompts(args.prompts)
+    else:
+        questions = [p.question for p in split(train_split, args.num_prompts)]
+    model, tok = load_model(args.model, device, family=args.model_family)
+    prompts = tok([prompt_text(tok, q) for q in questions], add_special_tokens=False).input_ids
+    try:
+        info = collect(model, prompts, args.out, gen_length=args.gen_length, block_length=args.block_length,
+                       batch_size=args.batch_size, shard_size=args.shard_size, cache=args.cache, policy=args.policy)
+    except KeyboardInterrupt:
+        kept = shards_in(args.out) if os.path.isdir(args.out) else 0
+        raise Interrupted(f"collect stopped; {kept} finished shard(s) kept in {args.out}: rerun the same command "
+                          "to resume") from None
+    finish()
+    if rank == 0:
+        print(json.dumps(info))
+    return 0
+
+
+def _policy(text: str) -> str:
+    from ..collect import parse_policy
+
+    try:
+        parse_policy(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected oracle or threshold:TAU with 0 < TAU <= 1") from None
+    return text
+
+
+def _filter_inputs(text: str) -> tuple[str, ...]:
+    from l2pd_kernels.reference import check_inputs
+
+    from ..filter import RICH_INPUTS
+
+    if text == "rich":
+        return RICH_INPUTS
+    try:
+        return check_inputs(name.strip() for name in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'confidence', 'rich' or an ordered list from "
+                                         f"{','.join(RICH_INPUTS)} starting with confidence") from None
+
+
+def cmd_train_filter(args: argparse.Namespace) -> int:
+    from ..files import check_out_dir
+    from ..train import train_filter
+
+    check_out_dir(args.out, refuse_if_holds=None if args.overwrite else "filter.json")
+    if not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data!r}: no such folder (write one with `l2pd collect --out`)")
+    flt = train_filter(args.data, hidden=args.hidden, depth=args.depth, lr=args.lr, max_epochs=args.max_epochs,
+                       patience=args.patience, threshold=args.threshold, device=args.device or "cpu",
+                       inputs=args.inputs, kind=args.kind)
+    flt.save_pretrained(args.out)
+    print(f"saved {args.out}/filter.safetensors and filter.json")
+    return 0
+
+
+def add_collect(sub: Any) -> None:
+    c = sub.add_parser("collect", help="record oracle-replay trajectories for filter training (resumable; "
+                       "data-parallel under torchrun)")
+    c.add_argument("--out", required=True, help="output folder for shards")
+    c.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    add_family_arg(c)
+    c.add_argument("--prompts", default=None, help='JSONL file, one {"prompt": ...} per line (default: the '
+                   "bundled task's training problems)")
+    c.add_argument("--num-prompts", type=int_type(1), default=2000,
+                   help="bundled-task prompts when --prompts is absent")
+    add_level_arg(c, "training prompts")
+    c.add_argument("--batch-size", type=int_type(1), default=32, help="prompts decoded together (default 32)")
+    c.add_argument("--shard-size", type=int_type(1), default=None,
+                   help="prompts per saved shard: an interrupted run keeps its finished shards (default: the "
+                        "folder's when resuming, else --batch-size)")
+    c.add_argument("--cache", choices=["none", "prefix", "dual"], default="none")
+    c.add_argument("--policy", type=_policy, default="oracle",
+                   help="the decode whose states are recorded: 'oracle' (Learn2PD's replay: unmask exactly the "
+                        "positions already equal to the final answer; default) or 'threshold:TAU' (a confidence "
+                        "threshold, whose states are closer to those a filter meets when it decodes; on the "
+                        "bundled task's hard level it gave a worse filter, see benchmarks/RESULTS.md); the "
+                        "labels are the same")
+    add_decode_args(c)
+    c.set_defaults(func=cmd_collect)
+
+
+def add_train_filter(sub: Any) -> None:
+    t = sub.add_parser("train-filter", help="train the Learn2PD filter on collected shards")
+    t.add_argument("--data", required=True, help="folder written by `l2pd collect`")
+    t.add_argument("--out", required=True, help="output folder (filter.safetensors + filter.json)")
+    t.add_argument("--hidden", type=int_type(1), default=128, help="hidden width (default 128)")
+    t.add_argument("--depth", type=int_type(1), default=1, help="hidden layers")
+    t.add_argument("--lr", type=float_type(0, 10, lo_open=True), default=3e-3, help="AdamW learning rate "
+                   "(default 3e-3)")
+    t.add_argument("--max-epochs", type=int_type(1), default=3000)
+    t.add_argument("--patience", type=int_type(1), default=100,
+                   help="epochs without validation gain before stopping")
+    t.add_argument("--threshold", type=float_type(0), default=0.9, help="default tau stored with the filter")
+    add_device_arg(t, "cpu: the training data is small")
+    t.add_argument("--inputs", type=_filter_inputs, default=("confidence",),
+                   help="what the filter reads: 'confidence' (Learn2PD's filter, default), 'rich' (confidence, "
+                        "margin, entropy, step: top-1 minus top-2 probability and entropy of the same softmax, "
+                        "and the forwards already spent on the block), or a comma list in that order")
+    t.add_argument("--kind", choices=["dense", "shared"], default="dense",
+                   help="dense (Learn2PD's: the whole block's inputs to the whole block's scores) or shared (one "
+                        "small MLP applied to each position's own features: confidence, margin, entropy, "
+                        "position, step, the block's decided fraction, neighbours' confidences, masks before it "
+                        "and the lowest confidence before it; --inputs is then ignored)")
+    t.add_argument("--overwrite", action="store_true", help="replace a filter already in --out")
+    t.set_defaults(func=cmd_train_filter)
