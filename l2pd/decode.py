@@ -129,6 +129,82 @@ def block_phase(input_ids: torch.Tensor, attention_mask: torch.Tensor, block: in
     return ids, (col >= lead[:, None]).long().expand(B, P).contiguous(), starts, ends, filler
 
 
+def _layout(adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+            padded: bool) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
+    """(prompts, attention mask, phase) as the canvas holds them. A block-causal model attends in blocks of the
+    decoding block length; its padded rows are shifted by ``block_phase`` (phase: answer starts, row ends,
+    filler), else phase is None."""
+    if not adapter.block_causal:
+        return input_ids, attention_mask, None
+    adapter.decoder.block_causal = spec.block_length  # the attention's blocks are the decoding blocks
+    if not padded:
+        return input_ids, attention_mask, None
+    if spec.edit is not None:  # a shifted row's prompt tail may sit in a decision block
+        raise ValueError("token editing with a padded batch of a block-causal model is not supported: pass "
+                         "prompts of one length, or one at a time")
+    ids, mask, starts, ends, filler = block_phase(input_ids, attention_mask, spec.block_length, spec.max_new_tokens,
+                                                  spec.mask_id, spec.eos_id, bool(spec.stops.active))
+    return ids, mask, (starts, ends, filler)
+
+
+def _policy(spec: DecodeSpec, device: torch.device) -> Policy:
+    """The step's policy: the decision's settings (baked into a captured graph) and the per-call parts."""
+    flt = spec.filter
+    inputs = tuple(flt.inputs) if flt is not None else ("confidence",)
+    decide_kwargs = dict(threshold=spec.threshold, mask_id=spec.mask_id, eos_id=spec.eos_id, eotp=spec.eotp,
+                         filter_weights=flt.weights(device) if flt is not None else None,
+                         filter_block=spec.block_length)
+    if spec.rule != "confidence":
+        decide_kwargs.update(rule=spec.rule, persist=spec.persist)
+    if flt is not None:
+        decide_kwargs.update(filter_inputs=inputs, filter_kind=flt.kind)
+    return Policy(spec.strategy, spec.mask_id, decide_kwargs, temperature=spec.temperature, on_step=spec.on_step,
+                  filter=flt, target=spec.target,
+                  stats=spec.step_stats or (flt is not None and flt.needs_stats) or spec.rule == "margin",
+                  step_input="step" in inputs, edit=spec.edit)
+
+
+def _stepper(model: Any, adapter: Any, spec: DecodeSpec, policy: Policy, B: int, P: int, T: int,
+             padded: bool) -> tuple[Stepper, bool]:
+    """(the stepper for this decode, whether it stays on the model): steppers that can replay graphs are kept,
+    keyed by everything a graph bakes in."""
+    device, dtype = adapter.device, adapter.dtype
+    confidence, decide = select_ops(spec.backend, device)
+    kernels = decide.__module__ == "l2pd_kernels.decide"
+    if device.type == "cuda" and os.environ.get("L2PD_PACK", "1") != "0":
+        adapter.pack()
+
+    def build() -> Stepper:
+        state = DecodeState.allocate(adapter, B, P, T, padded, spec.cache, spec.refresh, dtype, device,
+                                     history=spec.rule == "persistence")
+        return Stepper(adapter, state, policy, confidence, decide, kernels, spec.cuda_graph)
+
+    keep = spec.cuda_graph and kernels and device.type == "cuda" and policy.graphable()
+    # refresh and prefix/dual only choose the fed ranges: one stepper (and its graphs) serves them all
+    flt = spec.filter
+    key = (B, P, spec.max_new_tokens, str(dtype), spec.cache != "none", padded, spec.strategy, spec.threshold,
+           spec.eotp, spec.mask_id, spec.eos_id, spec.block_length, spec.persist, spec.edit,
+           id(flt) if flt is not None else None, adapter.key())
+    stepper = stepper_for(model, key, build, keep)
+    # a kept stepper keeps its own policy (its graphs point at its filter weights); only the per-call parts move
+    stepper.policy.target, stepper.policy.on_step = policy.target, policy.on_step
+    return stepper, keep
+
+
+def _block_done(spec: DecodeSpec, left: torch.Tensor, edits: torch.Tensor, post: int) -> tuple[bool, int]:
+    """(whether the block's loop ends after this forward, forwards spent editing after its masks were gone):
+    when no row has masks left; with token editing, once a forward changes nothing or after ``edit_steps``
+    more. The one host read of the step."""
+    if spec.edit is None:
+        return int(left.max()) == 0, post
+    masks, changed = torch.stack([left.max(), edits.max()]).tolist()
+    if masks:
+        return False, post
+    if changed == 0 or post >= spec.edit_steps:
+        return True, post
+    return False, post + 1
+
+
 def _bucket(rows: int) -> int:
     """Rows a compacted step runs: the next power of two (few distinct shapes, so few graph captures)."""
     return 1 << max(0, rows - 1).bit_length()
@@ -222,70 +298,32 @@ def generate(
 def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None) -> torch.Tensor | GenerateOutput:
     """The block loop of one resolved decode (``l2pd.spec.resolve``) over prompts on the model's device."""
-    strategy, mask_id, eos_id, filter = spec.strategy, spec.mask_id, spec.eos_id, spec.filter
+    mask_id, eos_id = spec.mask_id, spec.eos_id
     block_length, stops, device = spec.block_length, spec.stops, adapter.device
     B, P = input_ids.shape
     G = spec.max_new_tokens
     given_ids = input_ids
-    confidence, decide = select_ops(spec.backend, device)
-    kernels = decide.__module__ == "l2pd_kernels.decide"
     padded = attention_mask is not None and not bool(attention_mask.all())
-    starts = None  # block-causal padded rows: where each row's answer starts in the canvas
-    if adapter.block_causal:
-        adapter.decoder.block_causal = block_length  # the attention's blocks are the decoding blocks
-        if padded:
-            if spec.edit is not None:  # a shifted row's prompt tail may sit in a decision block
-                raise ValueError("token editing with a padded batch of a block-causal model is not supported: pass "
-                                 "prompts of one length, or one at a time")
-            input_ids, attention_mask, starts, ends, filler = block_phase(input_ids, attention_mask, block_length, G,
-                                                                          mask_id, eos_id, bool(stops.active))
+    # block-causal padded rows: each row's answer start and end in the canvas, and the filler past its end
+    input_ids, attention_mask, phase = _layout(adapter, spec, input_ids, attention_mask, padded)
+    starts = None if phase is None else phase[0]
     first = P if starts is None else int(starts.min())
     bounds = block_bounds(first, P + G - first, block_length, adapter.block_causal)
     T = bounds[-1][1]  # P + G, or (block-causal) up to the end of the last block
-    filter_weights = filter.weights(device) if filter is not None else None
-    inputs = tuple(filter.inputs) if filter is not None else ("confidence",)
-    decide_kwargs = dict(threshold=spec.threshold, mask_id=mask_id, eos_id=eos_id, eotp=spec.eotp,
-                         filter_weights=filter_weights, filter_block=block_length)
-    if spec.rule != "confidence":
-        decide_kwargs.update(rule=spec.rule, persist=spec.persist)
-    if filter is not None:
-        decide_kwargs.update(filter_inputs=inputs, filter_kind=filter.kind)
-    policy = Policy(strategy, mask_id, decide_kwargs, temperature=spec.temperature, on_step=spec.on_step,
-                    filter=filter, target=spec.target,
-                    stats=spec.step_stats or (filter is not None and filter.needs_stats) or spec.rule == "margin",
-                    step_input="step" in inputs, edit=spec.edit)
-    cuda_graph, cache, refresh, dtype = spec.cuda_graph, spec.cache, spec.refresh, adapter.dtype
-
-    if device.type == "cuda" and os.environ.get("L2PD_PACK", "1") != "0":
-        adapter.pack()
-
-    def build() -> Stepper:
-        state = DecodeState.allocate(adapter, B, P, T, padded, cache, refresh, dtype, device,
-                                     history=spec.rule == "persistence")
-        return Stepper(adapter, state, policy, confidence, decide, kernels, cuda_graph)
-
-    # Steppers that can replay graphs stay on the model, keyed by everything a graph bakes in.
-    keep = cuda_graph and kernels and device.type == "cuda" and policy.graphable()
-    # refresh and prefix/dual only choose the fed ranges: one stepper (and its graphs) serves them all
-    key = (B, P, G, str(dtype), cache != "none", padded, strategy, spec.threshold, spec.eotp, mask_id, eos_id,
-           block_length, spec.persist, spec.edit, id(filter) if filter is not None else None, adapter.key())
-    stepper = stepper_for(model, key, build, keep)
-    # a kept stepper keeps its own policy (its graphs point at its filter weights); only the per-call parts move
-    stepper.policy.target, stepper.policy.on_step = policy.target, policy.on_step
+    policy = _policy(spec, device)
+    stepper, keep = _stepper(model, adapter, spec, policy, B, P, T, padded)
     state = stepper.state
     state.load(input_ids, attention_mask if padded else None, mask_id)
-    if starts is not None:  # nothing to decode past each row's own last block
-        past = torch.arange(T, device=device)[None] >= ends[:, None]
-        state.canvas.masked_fill_(past, filler)
+    if phase is not None:  # nothing to decode past each row's own last block
+        state.canvas.masked_fill_(torch.arange(T, device=device)[None] >= phase[1][:, None], phase[2])
     if state.kv is not None:
-        state.kv.mode, state.kv.refresh = cache, refresh
+        state.kv.mode, state.kv.refresh = spec.cache, spec.refresh
     canvas, kv = state.canvas, state.kv
 
     stream = None if spec.streamer is None else FinalTokenStream(spec.streamer, input_ids[0], P, eos_id, mask_id)
     nfe = torch.zeros(B, dtype=torch.int64, device=device)
-    # Finished rows are compacted out at block starts: rows still decoding move to the front of the buffers
-    # and the step runs on the first n rows (n a power of two, so that few graph shapes arise). ``order[i]``
-    # is the input row held in slot i.
+    # finished rows leave at block starts: the rest move to the front, the step runs on the first n (a power of
+    # two: few graph shapes); ``order[i]`` is the input row in slot i
     compact = spec.compact
     order = torch.arange(B, device=device)
     n, step_fn = B, stepper
@@ -293,8 +331,7 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     t0 = time.perf_counter()
     previous = None  # start of the last block decoded (the tail and window refreshes start there)
     for s, e in bounds:
-        # block-causal: the fed range starts at the attention block's start (the first block may also hold the
-        # prompt's tail, whose K/V depend on the block's tokens)
+        # block-causal: feed from the attention block's start (the first one holds the prompt's tail too)
         s_attn = s - (s % block_length) if adapter.block_causal else s
         left = (canvas[:n, s:e] == mask_id).sum(-1)
         # a row is done when its block has no masks (EoTP filled it), or with phase-shifted rows (block-causal,
@@ -337,15 +374,9 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
                     stops.cut(canvas, P, e, 1)
                     left = (canvas[:1, s:e] == mask_id).sum(-1)
                 stream.update(canvas, min(e, P + G))
-            if spec.edit is None:
-                if int(left.max()) == 0:  # the one host read of the step
-                    break
-                continue
-            masks, edits = torch.stack([left.max(), step_fn.edits[:n].max()]).tolist()  # the one host read
-            if masks == 0:  # editing goes on while it changes something, edit_steps forwards at most
-                if edits == 0 or post >= spec.edit_steps:
-                    break
-                post += 1
+            done, post = _block_done(spec, left, step_fn.edits[:n], post)
+            if done:
+                break
         previous = s_attn
         if stops.active:  # rows that reached a stop end here (the rest of their canvas becomes end-of-text)
             stops.cut(canvas, P, e, n)
@@ -356,13 +387,11 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     if compact:
-        sequences, nfe = _unpermute(canvas[:, : P + G], order), _unpermute(nfe, order)
-    else:  # a kept stepper's canvas is reused by the next call
-        sequences = canvas[:, : P + G].clone() if keep or T > P + G else canvas
+        canvas, nfe = _unpermute(canvas, order), _unpermute(nfe, order)
     if starts is not None:  # each row's answer back after the prompt as given
-        full = _unpermute(canvas, order) if compact else canvas
-        answer = full.gather(1, starts[:, None] + torch.arange(G, device=device))
-        sequences = torch.cat([given_ids, answer], 1)
+        sequences = torch.cat([given_ids, canvas.gather(1, starts[:, None] + torch.arange(G, device=device))], 1)
+    else:  # a kept stepper's canvas is reused by the next call
+        sequences = canvas[:, : P + G].clone() if (keep and not compact) or T > P + G else canvas
     if spec.return_dict:
         return GenerateOutput(sequences, nfe, forwards, seconds, graphed)
     return sequences
