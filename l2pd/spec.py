@@ -78,7 +78,6 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
             kwargs: dict[str, Any] | None = None) -> tuple[DecodeSpec, torch.Tensor, torch.Tensor | None]:
     """(spec, input_ids [B, P] int64, attention_mask [B, P] or None), both on the model's device; the
     arguments are ``l2pd.generate``'s (see its docstring), ``kwargs`` the unknown ones (refused by name)."""
-    config = adapter.config
     refuse_unknown(dict(kwargs or {}))
     if inputs is not None:
         if input_ids is not None:
@@ -87,51 +86,21 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
     if input_ids is None:
         raise ValueError("generate() needs input_ids (the prompt's token ids, [B, P])")
     filter = _as_filter(filter)
-    if generation_config is not None:
-        given = dict(max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
-                     temperature=temperature, num_return_sequences=num_return_sequences, eos_token_id=eos_token_id,
-                     pad_token_id=pad_token_id, stop_strings=stop_strings,
-                     return_dict_in_generate=return_dict_in_generate)
-        given.update(from_generation_config(generation_config, given))
-        max_new_tokens, max_length, do_sample = given["max_new_tokens"], given["max_length"], given["do_sample"]
-        temperature, num_return_sequences = given["temperature"], given["num_return_sequences"]
-        eos_token_id, pad_token_id, stop_strings = given["eos_token_id"], given["pad_token_id"], given["stop_strings"]
-        return_dict_in_generate = given["return_dict_in_generate"]
-    if do_sample is False:
-        temperature = 0.0  # greedy, as transformers does whatever the temperature says
-    elif do_sample:
-        temperature = 1.0 if temperature is None else temperature
-        if _finite("temperature", temperature) <= 0:
-            raise ValueError(f"do_sample=True needs temperature > 0, got {temperature}")
-    elif temperature is None:
-        temperature = 0.0
+    if generation_config is not None:  # the arguments given win over the config's
+        (max_new_tokens, max_length, do_sample, temperature, num_return_sequences, eos_token_id, pad_token_id,
+         stop_strings, return_dict_in_generate) = _with_generation_config(generation_config, dict(
+            max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample, temperature=temperature,
+            num_return_sequences=num_return_sequences, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            stop_strings=stop_strings, return_dict_in_generate=return_dict_in_generate))
+    temperature = _temperature(do_sample, temperature)
     input_ids = as_input_ids(input_ids, adapter.vocab_rows)
-    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
-        attention_mask = torch.as_tensor(attention_mask)
-    if attention_mask is not None and attention_mask.device.type == "meta":
-        raise ValueError("attention_mask is on the meta device (shapes without data); give real values")
+    attention_mask = _as_mask(attention_mask)
     if max_new_tokens is None:
-        if max_length is not None:
-            max_length = _positive_int("max_length", max_length)
-            if max_length <= input_ids.shape[-1]:
-                raise ValueError(f"max_length={max_length} leaves no room after the prompt of "
-                                 f"{input_ids.shape[-1]} tokens (use max_new_tokens)")
-            max_new_tokens = max_length - input_ids.shape[-1]
-        else:
-            max_new_tokens = 256
+        max_new_tokens = _from_max_length(max_length, input_ids.shape[-1])
     if num_return_sequences is not None and _positive_int("num_return_sequences", num_return_sequences) > 1:
-        if strategy == "oracle" or on_step is not None:
-            raise ValueError("num_return_sequences > 1 does not go with the oracle or on_step")
-        input_ids = input_ids.repeat_interleave(num_return_sequences, 0)
-        if attention_mask is not None:
-            attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1]).repeat_interleave(
-                num_return_sequences, 0)
-    vocab = adapter.vocab_rows
-    ends = [_token_id("eos_token_id", i, vocab) for i in end_ids(eos_token_id)]
-    mask_id = _token_id("mask_token_id", mask_token_id if mask_token_id is not None else adapter.mask_id, vocab)
-    eos_id = ends[0] if ends else adapter.eos_id
-    pad_id = _token_id("pad_token_id", pad_token_id if pad_token_id is not None else _cfg_id(config, "pad_token_id",
-                                                                                           eos_id), vocab)
+        input_ids, attention_mask = _repeat(input_ids, attention_mask, num_return_sequences,
+                                            strategy == "oracle" or on_step is not None)
+    ends, mask_id, eos_id, pad_id = _ids(adapter, eos_token_id, mask_token_id, pad_token_id)
 
     if strategy is None:
         strategy = "learn2pd" if filter is not None else "threshold"
@@ -143,13 +112,7 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
         block_length = point.block_length if point is not None else 32
     if eotp is None:
         eotp = point.meta.get("eotp", "off") if point is not None else "off"
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache {cache!r}: expected one of {CACHE_MODES}")
-    if refresh not in REFRESH_MODES:
-        raise ValueError(f"refresh {refresh!r}: expected one of {REFRESH_MODES}")
-    eotp_mode = {False: "off", True: "accepted"}.get(eotp, eotp) if isinstance(eotp, bool) else eotp
-    if eotp_mode not in EOTP_MODES:
-        raise ValueError(f"eotp {eotp!r}: expected True, False, 'accepted' or 'predicted'")
+    eotp_mode = _modes(cache, refresh, eotp)
     block_length = _positive_int("block_length", block_length)
     max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
     if steps is not None:
@@ -158,32 +121,12 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
         persist = _positive_int("persist", persist)
         if strategy != "persistence":
             raise ValueError(f"persist={persist} is the persistence rule's setting (strategy='persistence')")
-    if edit_threshold is not None:
-        edit_threshold = _finite("edit_threshold", edit_threshold)
-        if edit_threshold < 0 or strategy == "oracle":
-            raise ValueError(f"edit_threshold={edit_threshold}: token editing takes a tau >= 0, with a decoding "
-                             "strategy (not the oracle)")
-    if edit_steps is not None:
-        if edit_threshold is None:
-            raise ValueError("edit_steps is token editing's setting: give edit_threshold too")
-        edit_steps = _positive_int("edit_steps", edit_steps) if edit_steps != 0 else 0
-    temperature = _finite("temperature", temperature)
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if threshold is not None:
-        threshold = _finite("threshold", threshold)
-        if threshold < 0:
-            raise ValueError(f"threshold={threshold} must be >= 0 (above 1 no position passes it: threshold "
-                             "decodes one token per step, learn2pd follows its schedule only)")
+    edit_threshold, edit_steps = _editing(edit_threshold, edit_steps, strategy)
+    temperature, threshold = _nonnegative("temperature", temperature), _threshold(threshold)
     if pad_id == mask_id:
         raise ValueError(f"pad_token_id={pad_id} equals mask_token_id={mask_id}; padding would read as masks")
     if strategy == "learn2pd":
-        if filter is None:
-            raise ValueError("strategy 'learn2pd' needs a filter (l2pd.patch(model, filter=...) or filter=...)")
-        if filter.block_length != block_length:
-            raise ValueError(
-                f"the filter was trained for block_length={filter.block_length}, got block_length={block_length}"
-            )
+        _check_filter(filter, block_length)
     if threshold is None:
         threshold = filter.threshold if strategy == "learn2pd" else 0.9
     if strategy == "oracle" and (target is None or target.shape != (input_ids.shape[0], max_new_tokens)):
@@ -202,12 +145,7 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
         raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {T} exceeds "
                          f"max_sequence_length={limit}")
     device = adapter.device
-    input_ids = input_ids.to(device)
-    if attention_mask is not None:
-        attention_mask = _check_mask(attention_mask.to(device), input_ids)
-    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-    if bool(((input_ids == mask_id) & real).any()):
-        raise ValueError(f"the prompt contains the mask token id {mask_id}")
+    input_ids, attention_mask = _place(input_ids, attention_mask, device, mask_id)
     if temperature > 0 and seed is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     num_blocks = -(-max_new_tokens // block_length)
@@ -226,6 +164,126 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
         persist=2 if persist is None else persist, edit=edit_threshold,
         edit_steps=16 if edit_steps is None else edit_steps)
     return spec, input_ids, attention_mask
+
+
+def _temperature(do_sample: Any, temperature: Any) -> float:
+    """transformers' habit: do_sample=False is greedy whatever the temperature, True samples (default 1.0)."""
+    if do_sample is False:
+        return 0.0
+    if do_sample:
+        temperature = 1.0 if temperature is None else temperature
+        if _finite("temperature", temperature) <= 0:
+            raise ValueError(f"do_sample=True needs temperature > 0, got {temperature}")
+        return temperature
+    return 0.0 if temperature is None else temperature
+
+
+def _from_max_length(max_length: Any, prompt_length: int) -> int:
+    """max_new_tokens from transformers' max_length (prompt + answer); 256 without either."""
+    if max_length is None:
+        return 256
+    max_length = _positive_int("max_length", max_length)
+    if max_length <= prompt_length:
+        raise ValueError(f"max_length={max_length} leaves no room after the prompt of {prompt_length} tokens "
+                         "(use max_new_tokens)")
+    return max_length - prompt_length
+
+
+def _editing(edit_threshold: Any, edit_steps: Any, strategy: str) -> tuple[float | None, int | None]:
+    """Token editing's settings, checked: (tau_edit or None, post-block editing forwards or None)."""
+    if edit_threshold is not None:
+        edit_threshold = _finite("edit_threshold", edit_threshold)
+        if edit_threshold < 0 or strategy == "oracle":
+            raise ValueError(f"edit_threshold={edit_threshold}: token editing takes a tau >= 0, with a decoding "
+                             "strategy (not the oracle)")
+    if edit_steps is not None:
+        if edit_threshold is None:
+            raise ValueError("edit_steps is token editing's setting: give edit_threshold too")
+        edit_steps = _positive_int("edit_steps", edit_steps) if edit_steps != 0 else 0
+    return edit_threshold, edit_steps
+
+
+def _repeat(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, n: int,
+            per_row: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each prompt ``n`` times (num_return_sequences)."""
+    if per_row:
+        raise ValueError("num_return_sequences > 1 does not go with the oracle or on_step")
+    if attention_mask is not None:
+        attention_mask = attention_mask.reshape(-1, attention_mask.shape[-1]).repeat_interleave(n, 0)
+    return input_ids.repeat_interleave(n, 0), attention_mask
+
+
+def _modes(cache: str, refresh: str, eotp: Any) -> str:
+    """The EoTP mode, with the cache and refresh modes checked."""
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache {cache!r}: expected one of {CACHE_MODES}")
+    if refresh not in REFRESH_MODES:
+        raise ValueError(f"refresh {refresh!r}: expected one of {REFRESH_MODES}")
+    mode = {False: "off", True: "accepted"}.get(eotp, eotp) if isinstance(eotp, bool) else eotp
+    if mode not in EOTP_MODES:
+        raise ValueError(f"eotp {eotp!r}: expected True, False, 'accepted' or 'predicted'")
+    return mode
+
+
+def _nonnegative(name: str, value: Any) -> float:
+    value = _finite(name, value)
+    if value < 0:
+        raise ValueError(f"{name}={value} must be >= 0 (0 = greedy)")
+    return value
+
+
+def _threshold(threshold: Any) -> float | None:
+    if threshold is None:
+        return None
+    threshold = _finite("threshold", threshold)
+    if threshold < 0:
+        raise ValueError(f"threshold={threshold} must be >= 0 (above 1 no position passes it: threshold decodes "
+                         "one token per step, learn2pd follows its schedule only)")
+    return threshold
+
+
+def _check_filter(filter: Any, block_length: int) -> None:
+    if filter is None:
+        raise ValueError("strategy 'learn2pd' needs a filter (l2pd.patch(model, filter=...) or filter=...)")
+    if filter.block_length != block_length:
+        raise ValueError(f"the filter was trained for block_length={filter.block_length}, got "
+                         f"block_length={block_length}")
+
+
+def _ids(adapter: Any, eos_token_id: Any, mask_token_id: Any, pad_token_id: Any) -> tuple[list[int], int, int, int]:
+    """(every end id, the mask id, the end of text, the padding id), from the arguments or the model's config."""
+    vocab = adapter.vocab_rows
+    ends = [_token_id("eos_token_id", i, vocab) for i in end_ids(eos_token_id)]
+    mask_id = _token_id("mask_token_id", mask_token_id if mask_token_id is not None else adapter.mask_id, vocab)
+    eos_id = ends[0] if ends else adapter.eos_id
+    pad = pad_token_id if pad_token_id is not None else _cfg_id(adapter.config, "pad_token_id", eos_id)
+    return ends, mask_id, eos_id, _token_id("pad_token_id", pad, vocab)
+
+
+def _place(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, device: Any,
+           mask_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts and mask on the model's device, the mask checked, no mask token among the prompts."""
+    input_ids = input_ids.to(device)
+    if attention_mask is not None:
+        attention_mask = _check_mask(attention_mask.to(device), input_ids)
+    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    if bool(((input_ids == mask_id) & real).any()):
+        raise ValueError(f"the prompt contains the mask token id {mask_id}")
+    return input_ids, attention_mask
+
+
+def _with_generation_config(config: Any, given: dict[str, Any]) -> tuple:
+    """The values of ``given`` (in its order), those left None taken from a ``transformers.GenerationConfig``."""
+    given = {**given, **from_generation_config(config, given)}
+    return tuple(given.values())
+
+
+def _as_mask(attention_mask: Any) -> torch.Tensor | None:
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        attention_mask = torch.as_tensor(attention_mask)
+    if attention_mask is not None and attention_mask.device.type == "meta":
+        raise ValueError("attention_mask is on the meta device (shapes without data); give real values")
+    return attention_mask
 
 
 def _check_mask(mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
