@@ -55,15 +55,8 @@ def train_filter(
     ``l2pd.filter.RICH_INPUTS`` (confidence, margin, entropy, step) that starts with confidence.
     ``kind='shared'``: one small MLP applied to every position's own features (``inputs`` is then ignored).
     """
-    for name, value in (("hidden", hidden), ("depth", depth), ("max_epochs", max_epochs), ("patience", patience)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be an integer >= 1")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr={lr!r} must be a finite number > 0")
-    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0 <= threshold):
-        raise ValueError(f"threshold={threshold!r} must be a finite number >= 0")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+    _check_settings(hidden=hidden, depth=depth, max_epochs=max_epochs, patience=patience, lr=lr, threshold=threshold,
+                    val_fraction=val_fraction)
     data, manifest = load_shards(data_dir)
     if kind == "shared":
         inputs = SHARED_FEATURES
@@ -133,14 +126,31 @@ def train_filter(
         flt.meta["warnings"] = warnings
     flt.cpu()
     flt._device_weights.clear()
-    log(f"trained in {seconds:.1f} s, {epoch + 1} epochs, best val loss {best:.4f}")
+    _report(log, seconds, epoch + 1, best, metrics, bool(warnings))
+    return flt
+
+
+def _check_settings(*, hidden: Any, depth: Any, max_epochs: Any, patience: Any, lr: Any, threshold: Any,
+                    val_fraction: Any) -> None:
+    for name, value in (("hidden", hidden), ("depth", depth), ("max_epochs", max_epochs), ("patience", patience)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr={lr!r} must be a finite number > 0")
+    if not (isinstance(threshold, (int, float)) and math.isfinite(threshold) and 0 <= threshold):
+        raise ValueError(f"threshold={threshold!r} must be a finite number >= 0")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 1)")
+
+
+def _report(log: Any, seconds: float, epochs: int, best: float, metrics: dict, warned: bool) -> None:
+    log(f"trained in {seconds:.1f} s, {epochs} epochs, best val loss {best:.4f}")
     for tau, r in metrics.items():
         log(f"  tau {tau}: precision {r['precision']:.4f} recall {r['recall']:.4f} "
             f"false-positive rate {r['false_positive_rate']:.4f}")
-    if warnings:
+    if warned:
         log("warning: these metrics are not evidence of a good filter (see the warnings above; stored in "
             "filter.json)")
-    return flt
 
 
 def training_inputs(data: dict[str, torch.Tensor], inputs, block_length: int, data_dir: str) -> torch.Tensor:

@@ -27,6 +27,7 @@ import math
 import os
 import time
 from multiprocessing import Pool
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +95,7 @@ def sft_loss(model, prompts, answers, mask_id: int, pad_id: int, eps: float = 1e
     return ((ce * masked) / t).sum() / (B * G)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (checkpoint + tokenizer + training.json)")
     ap.add_argument("--minutes", type=float, default=8.0, help="training time budget; the LR schedule follows it")
@@ -121,28 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", help="start from the weights, config and tokenizer of this checkpoint folder")
     ap.add_argument("--checkpoint-minutes", type=float, default=0.0,
                     help="also write the checkpoint every this many minutes (0: only at the end)")
-    args = ap.parse_args(argv)
-    if args.minutes <= 0 or args.problems <= 0 or args.tokens_per_batch <= 0 or args.lr <= 0:
-        ap.error("--minutes, --problems, --tokens-per-batch and --lr must be positive")
-    if args.first_problem < 0:
-        ap.error("--first-problem must be >= 0")
-    if not 0 <= args.hard_fraction <= 1:
-        ap.error(f"--hard-fraction={args.hard_fraction} must be in [0, 1]")
-    prompt_slots = HARD_PROMPT_SLOTS if args.hard_fraction > 0 else PROMPT_SLOTS
+    return ap
 
-    torch.manual_seed(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    t_start = time.time()
-    pairs = make_problems(args.problems, args.workers, args.first_problem, args.hard_fraction)
-    if args.init or args.tokenizer:
-        from transformers import PreTrainedTokenizerFast
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.init or args.tokenizer)
-    else:
-        tokenizer = build_tokenizer(f"{q}\n{a}" for q, a in pairs[:50_000])
-    prompts_all, answers_all = encode(tokenizer, pairs, prompt_slots)
-    print(f"data: {len(pairs)} problems in {time.time() - t_start:.1f} s, vocab {len(tokenizer)}", flush=True)
-
+def _model(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, Any]:
+    """(model, config): a fresh model of the chosen format, or the --init checkpoint."""
     vocab = len(tokenizer)
     ids = dict(mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
@@ -172,6 +156,49 @@ def main(argv: list[str] | None = None) -> int:
                     torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * args.layers) if out_proj else 0.02)
                 elif name.endswith(".bias"):
                     torch.nn.init.zeros_(p)
+    return model, config
+
+
+def _data(args: argparse.Namespace) -> tuple[Any, list, torch.Tensor, torch.Tensor]:
+    """(tokenizer, problems, prompt ids, answer ids): the problems drawn, the tokenizer trained or reused."""
+    pairs = make_problems(args.problems, args.workers, args.first_problem, args.hard_fraction)
+    if args.init or args.tokenizer:
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.init or args.tokenizer)
+    else:
+        tokenizer = build_tokenizer(f"{q}\n{a}" for q, a in pairs[:50_000])
+    prompts, answers = encode(tokenizer, pairs, HARD_PROMPT_SLOTS if args.hard_fraction > 0 else PROMPT_SLOTS)
+    return tokenizer, pairs, prompts, answers
+
+
+def _swap_in(tmp: str, out: str) -> None:
+    """Folder ``tmp`` becomes ``out`` (the previous ``out`` removed after the swap)."""
+    import shutil
+
+    old = out.rstrip("/") + ".old"
+    if os.path.isdir(out):
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = _parser()
+    args = ap.parse_args(argv)
+    if args.minutes <= 0 or args.problems <= 0 or args.tokens_per_batch <= 0 or args.lr <= 0:
+        ap.error("--minutes, --problems, --tokens-per-batch and --lr must be positive")
+    if args.first_problem < 0 or not 0 <= args.hard_fraction <= 1:
+        ap.error("--first-problem must be >= 0 and --hard-fraction in [0, 1]")
+    torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    t_start = time.time()
+    tokenizer, pairs, prompts_all, answers_all = _data(args)
+    print(f"data: {len(pairs)} problems in {time.time() - t_start:.1f} s, vocab {len(tokenizer)}", flush=True)
+
+    dev = torch.device(args.device)
+    model, config = _model(args, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=dev.type == "cuda")
@@ -202,14 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         with open(os.path.join(tmp, "training.json"), "w") as f:
             json.dump(info, f, indent=1)
-        old = args.out.rstrip("/") + ".old"
-        if os.path.isdir(args.out):
-            os.replace(args.out, old)
-        os.replace(tmp, args.out)
-        if os.path.isdir(old):
-            import shutil
-
-            shutil.rmtree(old)
+        _swap_in(tmp, args.out)
 
     loss_sum = torch.zeros((), device=dev)
     next_save = args.checkpoint_minutes * 60 if args.checkpoint_minutes > 0 else float("inf")
@@ -223,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr
         G = gens[int(gen_choice[step % len(gen_choice)])]
-        B = max(1, args.tokens_per_batch // (prompt_slots + G))
+        B = max(1, args.tokens_per_batch // (prompts_all.shape[1] + G))
         idx = torch.randint(0, len(pairs), (B,), device=dev)
         answers = answers_all[idx]
         if G > ANSWER_SLOTS:
