@@ -25,6 +25,7 @@ import statistics
 import time
 
 import torch
+from harness import device_ms  # noqa: E402  (benchmarks/ is on the path when this runs as a script)
 
 from l2pd import LLaDAConfig, LLaDAModelLM
 from l2pd.decode import generate, select_ops
@@ -32,22 +33,6 @@ from l2pd.models.llada import pack_weights, unpack_weights
 from l2pd.step import DecodeState, Policy, Stepper, release
 
 P, G, L = 512, 256, 32
-
-
-def device_ms(fn, iters: int = 30, warmup: int = 3) -> float:
-    """Median device time of ``fn`` (events around each call; the host waits for each)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def floors(model) -> dict:

@@ -25,8 +25,9 @@ import statistics
 import time
 
 import torch
+from decode_8b import build_model
+from harness import device_ms, floors, run_info, save
 
-from benchmarks.decode_8b import build_model, device_ms
 from l2pd.decode import generate
 from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM
 from l2pd.models.decoder import expert_weights
@@ -35,27 +36,6 @@ from l2pd_kernels import fused_moe
 from l2pd_kernels import reference as ref
 
 P, G, L = 512, 256, 32
-
-
-def floors() -> dict:
-    src = torch.randn(1 << 30, device="cuda", dtype=torch.bfloat16)  # 2 GB
-    dst = torch.empty_like(src)
-    copy_ms = device_ms(lambda: dst.copy_(src), iters=20)
-    bw = 2 * src.numel() * 2 / copy_ms / 1e6  # GB/s
-    n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    t0, k = time.perf_counter(), 0
-    while time.perf_counter() - t0 < 3.0:
-        for _ in range(20):
-            a @ b
-        k += 20
-        torch.cuda.synchronize()
-    sustained = 2 * n**3 * k / (time.perf_counter() - t0) / 1e12
-    return {"copy_GBps": bw, "matmul_TFLOPs_sustained": sustained}
 
 
 def sizes(model) -> dict:
@@ -218,8 +198,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = build_model(LLaDA2MoeModelLM, LLaDA2Config)
     print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "triton": __import__("triton").__version__, "date": time.strftime("%Y-%m-%d")}
+    result = run_info()
     result["sizes"] = sz = sizes(model)
     result["floors"] = fl = floors()
     print(json.dumps({**sz, **fl}), flush=True)
@@ -229,10 +208,7 @@ def main() -> None:
     result["profile"] = profile_section(model)
     result["generate"] = generate_section(model, fl, sz, [int(b) for b in args.batches.split(",")],
                                           [int(t) for t in args.tpfs.split(",")])
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    save(args.out, result)
 
 
 if __name__ == "__main__":

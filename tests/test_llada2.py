@@ -345,3 +345,15 @@ def test_token_editing_arguments_are_checked():
         generate(model, prompt, max_new_tokens=4, block_length=4, edit_threshold=-1)
     with pytest.raises(ValueError, match="edit_threshold too"):
         generate(model, prompt, max_new_tokens=4, block_length=4, edit_steps=4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("edit", [None, 0.05])
+def test_graphed_decoding_matches_eager_on_the_gpu(edit):
+    model = tiny_llada2(10).cuda().to(torch.bfloat16)
+    prompt = torch.randint(0, 58, (2, 7), device="cuda")
+    kw = dict(max_new_tokens=16, block_length=4, strategy="threshold", threshold=0.5, edit_threshold=edit,
+              cache="dual", refresh="window", return_dict_in_generate=True)
+    eager = generate(model, prompt, cuda_graph=False, **kw)
+    graphed = [generate(model, prompt, cuda_graph=True, **kw) for _ in range(3)][-1]
+    assert graphed.graphed > 0 and torch.equal(eager.sequences, graphed.sequences)

@@ -1,6 +1,6 @@
 """Accuracy of the tail and window refreshes next to the full refresh on the bundled model (held-out problems).
 
-    python benchmarks/refresh_accuracy.py --problems 500 --batch 500 --out runs/refresh.json
+    python benchmarks/studies/refresh_accuracy.py --problems 500 --batch 500 --out runs/refresh.json
 
 Strategies ``steps`` (one token per forward), learn2pd + EoTP (the shipped filter and tau) and threshold
 0.995 + EoTP, with the prefix cache (refresh ``full``, ``tail``) and the dual cache (``full``, ``tail``,

@@ -1,6 +1,6 @@
 """Load the bundled model on the CPU and decode one test problem with `steps` (256 tokens, block 32).
 
-    python benchmarks/cpu_decode_time.py --caches none,dual
+    python benchmarks/studies/cpu_decode_time.py --caches none,dual
 
 Prints the decode time per cache, the time since start (imports and loading included) and the answer.
 """

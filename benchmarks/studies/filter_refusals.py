@@ -2,17 +2,18 @@
 forward of each block and at the later ones, the masked positions whose confidence is at least
 ``--confident`` and how many of them the filter unmasked in that forward.
 
-    python benchmarks/filter_refusals.py --model runs/model-hard --filter runs/hard-frontier/filter128-learn2pd-shared \
-        --level hard --problems 16 --tau 0.99
+    python benchmarks/studies/filter_refusals.py --model runs/model-hard \
+        --filter runs/hard-frontier/filter128-learn2pd-shared --level hard --problems 16 --tau 0.99
 
 A threshold at ``--confident`` unmasks all of them by definition; a filter that refuses many of them after the
 first forward spends forwards that the threshold does not.
 """
 
 import argparse
+import os
+import sys
 
 import torch
-from filter_frontier import load_model
 
 from l2pd.decode import generate
 from l2pd.demo.task import split
@@ -20,6 +21,13 @@ from l2pd.evaluate import encode_prompts
 from l2pd.filter import Filter
 from l2pd.models import adapter_for
 
+
+def load_model(*args, **kwargs):
+    """``benchmarks/filter_frontier.py``'s loader (benchmarks/ is this study's parent folder)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from filter_frontier import load_model as load
+
+    return load(*args, **kwargs)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,8 +1,8 @@
 """How few forwards a perfect filter would need: Learn2PD's oracle replay (unmask exactly the positions whose
 guess already equals the final answer of ``steps``) on held-out problems, per block length.
 
-    python benchmarks/oracle_forwards.py --blocks 32,128,256 --problems 1000
-    python benchmarks/oracle_forwards.py --model l2pd/demo/assets/dream --blocks 128,256 --problems 500
+    python benchmarks/studies/oracle_forwards.py --blocks 32,128,256 --problems 1000
+    python benchmarks/studies/oracle_forwards.py --model l2pd/demo/assets/dream --blocks 128,256 --problems 500
 
 The oracle is what a filter is trained to imitate, so its forwards per answer bound what any filter trained
 this way can reach at ``steps``' accuracy. It has no EoTP: every block is decoded, so at block lengths below
@@ -11,14 +11,22 @@ is the figure to compare with EoTP rows.
 """
 
 import argparse
+import os
+import sys
 
 import torch
-from filter_frontier import load_model  # benchmarks/ is on the path when this runs as a script
 
 from l2pd.decode import generate
 from l2pd.demo.task import is_correct, split
 from l2pd.evaluate import answer_texts, encode_prompts
 
+
+def load_model(*args, **kwargs):
+    """``benchmarks/filter_frontier.py``'s loader (benchmarks/ is this study's parent folder)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from filter_frontier import load_model as load
+
+    return load(*args, **kwargs)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,6 +1,6 @@
 """Wall time with and without compacting finished rows out of the step (bundled model, held-out problems).
 
-    python benchmarks/compaction_bundled.py --problems 500 --batch 500 --out runs/compaction.json
+    python benchmarks/studies/compaction_bundled.py --problems 500 --batch 500 --out runs/compaction.json
 
 learn2pd + EoTP (the shipped filter and tau) and threshold 0.9 + EoTP, no cache and the dual cache, 256 and
 1024 new tokens, block 32, greedy: rows end at different blocks, so compaction has rows to drop. Each

@@ -1,6 +1,6 @@
 """Time per decoding step of an 8B-shaped LLaDA (random bf16 weights built on the GPU).
 
-    python benchmarks/step_8b.py
+    python benchmarks/studies/step_8b.py
 
 Reports, at batch 1 (prompt 512 + 256 new tokens, block 32): the weight-read floor (weight bytes over the
 copy bandwidth measured in the same run), a full forward over the canvas, a prefix-cache step (block and

@@ -1,7 +1,7 @@
 """The accuracy / forwards frontier on the bundled model: threshold + EoTP against learn2pd + EoTP at block
 lengths 32, 64 and 128, each filter trained and tuned at its own block length.
 
-    python benchmarks/frontier_bundled.py --out runs/frontier --test-problems 1000
+    python benchmarks/studies/frontier_bundled.py --out runs/frontier --test-problems 1000
 
 For each block length other than the shipped filter's (32): collect replay data on ``--train-prompts``
 training problems and train a filter (the recipe of the shipped one). Every filter, the shipped one

@@ -1,6 +1,6 @@
 """Scaling of data-parallel collection over the GPUs of a host (needs 2 or more GPUs).
 
-    python benchmarks/collect_scaling.py --prompts 4000 --gpus 1,2
+    python benchmarks/studies/collect_scaling.py --prompts 4000 --gpus 1,2
 
 Runs `torchrun --nproc_per_node N -m l2pd.cli collect` on the bundled model for each N into fresh folders,
 checks that every run wrote identical shards, and prints the wall time and the speedup over one GPU.

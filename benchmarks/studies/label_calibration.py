@@ -1,8 +1,8 @@
 """How well the softmax confidence predicts Learn2PD's label (the position's argmax already equals the token a
 one-token-per-step decode ends with), on the oracle replay states a filter is trained on.
 
-    python benchmarks/label_calibration.py --prompts 16                                  # bundled model
-    python benchmarks/label_calibration.py --model runs/model-hard --level hard --prompts 16
+    python benchmarks/studies/label_calibration.py --prompts 16                                  # bundled model
+    python benchmarks/studies/label_calibration.py --model runs/model-hard --level hard --prompts 16
 
 Prints, per confidence bin, the masked positions in it and the share whose label is 1. A share well below the
 bin's confidence means the label is stricter than the confidence: a filter that imitates it unmasks fewer
@@ -11,10 +11,11 @@ tokens than a threshold at the same tau, even where the threshold's extra tokens
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 
 import torch
-from filter_frontier import load_model
 
 from l2pd.collect import collect, load_shards
 from l2pd.demo.task import split
@@ -22,6 +23,14 @@ from l2pd.demo.tokenizer import prompt_text
 
 EDGES = (0.0, 0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0001)
 
+
+
+def load_model(*args, **kwargs):
+    """``benchmarks/filter_frontier.py``'s loader (benchmarks/ is this study's parent folder)."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from filter_frontier import load_model as load
+
+    return load(*args, **kwargs)
 
 def table(conf: torch.Tensor, label: torch.Tensor) -> list[dict]:
     rows = []
