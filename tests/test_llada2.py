@@ -16,6 +16,13 @@ from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM, adapter_for, load_pretra
 MASK, EOS = 61, 60
 
 
+@pytest.fixture(autouse=True)
+def _torch_decision(monkeypatch):
+    """Decode with the decision's PyTorch ops: the kernels have their own tests, and under the interpreter they
+    would make these decoding tests minutes long (the fused forward test below picks its ops itself)."""
+    monkeypatch.setenv("L2PD_BACKEND", "torch")
+
+
 def tiny_llada2(seed=0, **kw):
     torch.manual_seed(seed)
     cfg = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=4,
