@@ -10,6 +10,7 @@ from .evaluate import evaluate  # the function, as with collect
 from .filter import Filter
 from .models import DreamConfig, DreamModel, LLaDA2Config, LLaDA2MoeModelLM, LLaDAConfig, LLaDAModelLM, load_pretrained
 from .patch import patch, unpatch
+from .quantize import quantize
 from .train import train_filter
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "generate",
     "load_pretrained",
     "patch",
+    "quantize",
     "trace",
     "train_filter",
     "unpatch",

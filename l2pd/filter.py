@@ -20,8 +20,13 @@ KINDS = ("dense", "shared")
 
 
 def model_fingerprint(model: Any) -> str:
-    """A short id of a model's shape and weights (config keys plus a sample of the embedding and head)."""
+    """A short id of a model's shape and weights (config keys plus a sample of the embedding and head); a model
+    quantized by ``l2pd.quantize`` keeps the id of its weights before (its filters still fit it)."""
     from .models import adapter_for
+
+    kept = vars(model).get("_l2pd_fingerprint")
+    if kept is not None:
+        return kept
 
     keys, weights = adapter_for(model).fingerprint_parts()
     h = hashlib.sha256(json.dumps(keys, sort_keys=True).encode())

@@ -93,8 +93,12 @@ def sweep_settings(model: Any, problems: list[Any], max_new_tokens: int, checker
     """What every row of a sweep shares and its figures depend on: a rerun resumes only over the same."""
     from .filter import model_fingerprint
 
-    return {"problems": len(problems), "problems_sha256": problems_hash(problems),
-            "model_fingerprint": model_fingerprint(model), "max_new_tokens": max_new_tokens, "checker": checker}
+    settings = {"problems": len(problems), "problems_sha256": problems_hash(problems),
+                "model_fingerprint": model_fingerprint(model), "max_new_tokens": max_new_tokens, "checker": checker}
+    quantized = vars(model).get("_l2pd_quantized")  # l2pd.quantize keeps the fingerprint: its rows differ
+    if quantized:
+        settings["weights"] = quantized
+    return settings
 
 
 def read_rows(out: str, settings: dict[str, Any]) -> dict[str, dict]:

@@ -509,3 +509,21 @@ def edit_tokens(canvas: torch.Tensor, token: torch.Tensor, prob: torch.Tensor, c
     change = (current != mask_id) & (token != current) & (prob > threshold)
     canvas.index_copy_(1, cols, torch.where(change, token, current))
     return change.sum(-1)
+
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight [N, K], fp32 scale [N]): each output channel scaled so its largest magnitude is 448, then
+    rounded to nearest; an all-zero channel gets scale 1."""
+    wf = w.detach().float()
+    amax = wf.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (w * scale[:, None]).T`` in fp32 (the e4m3 weight widened exactly, products accumulated in fp32,
+    the channel scale applied to the sum), rounded to x's dtype."""
+    return ((x.float() @ w.float().T) * scale).to(x.dtype)

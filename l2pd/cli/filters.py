@@ -34,7 +34,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         questions = read_prompts(args.prompts)
     else:
         questions = [p.question for p in split(train_split, args.num_prompts)]
-    model, tok = load_model(args.model, device, family=args.model_family)
+    model, tok = load_model(args.model, device, family=args.model_family, weights=args.weights)
     prompts = tok([prompt_text(tok, q) for q in questions], add_special_tokens=False).input_ids
     try:
         info = collect(model, prompts, args.out, gen_length=args.gen_length, block_length=args.block_length,

@@ -50,13 +50,24 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    return F.linear(x, module.weight, getattr(module, "bias", None))
+    bias = getattr(module, "bias", None)
+    if module.weight.dtype == torch.float8_e4m3fn:  # l2pd.quantize: e4m3 weight, per-channel scale
+        y = reference.linear_fp8(x, module.weight, module.weight_scale)
+        return y if bias is None else y + bias
+    return F.linear(x, module.weight, bias)
+
+
+def _proj(ops: Any, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """An unpacked projection: FP8 weights through the forward's ops (their few-row kernel), others as before."""
+    return _lin(ops, x, module) if module.weight.dtype == torch.float8_e4m3fn else _linear(x, module)
 
 
 def _lin(ops: Any, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     """A linear layer through the forward's ops (the few-row kernel on CUDA) when it has no bias."""
     if getattr(module, "bias", None) is not None:
         return _linear(x, module)
+    if module.weight.dtype == torch.float8_e4m3fn:
+        return ops.linear_fp8(x, module.weight, module.weight_scale)
     return ops.linear(x, module.weight)
 
 
@@ -98,7 +109,7 @@ def pack_layers(layers: list["Layer"]) -> bool:
                 continue
             ws = [m.weight for m in mods]
             if ws[0].device.type != "cuda" or any(getattr(m, "bias", None) is not None for m in mods) or any(
-                    w.dtype != ws[0].dtype for w in ws):
+                    w.dtype != ws[0].dtype or w.dtype == torch.float8_e4m3fn for w in ws):  # FP8: per-module scales
                 done = False
                 continue
             buf = torch.cat([w.detach() for w in ws])
@@ -262,11 +273,12 @@ def decoder_forward(
     for layer, blk in enumerate(dec.layers):
         h, x = _norm(ops, x, blk.attn_norm, eps, delta)
         widths = [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim]
-        qkv = blk.qkv.weight if blk.qkv is not None else _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])
-        if qkv is not None:  # one matmul; q, k, v are column slices (the rope kernel takes strides)
+        if blk.qkv is not None:  # a fused projection (LLaDA 2.x); q, k, v are column slices
+            q, k, v = _lin(ops, h, blk.qkv).split(widths, -1)
+        elif (qkv := _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])) is not None:  # one matmul
             q, k, v = ops.linear(h, qkv).split(widths, -1)
         else:
-            q, k, v = _linear(h, blk.q), _linear(h, blk.k), _linear(h, blk.v)
+            q, k, v = _proj(ops, h, blk.q), _proj(ops, h, blk.k), _proj(ops, h, blk.v)
         q = q.view(bsz, seq, n_heads, head_dim)
         k = k.view(bsz, seq, n_kv, head_dim)
         v = v.view(bsz, seq, n_kv, head_dim)
@@ -308,7 +320,7 @@ def _mlp(ops: Any, h: torch.Tensor, blk: Layer) -> torch.Tensor:
     if gate_up is not None:  # silu(gate) * up straight from the packed matmul
         act = ops.linear_gate_up_silu(h, gate_up)
     else:
-        act = ops.silu_mul(_linear(h, blk.gate), _linear(h, blk.up))
+        act = ops.silu_mul(_proj(ops, h, blk.gate), _proj(ops, h, blk.up))
     return _lin(ops, act, blk.down)
 
 

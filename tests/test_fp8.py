@@ -1,0 +1,70 @@
+"""FP8 weights: the quantizer's error bound, the few-row FP8 kernel against its reference (odd sizes,
+fp32/bf16/fp16 activations; on the CPU under TRITON_INTERPRET=1), and a quantized model decoding through
+patch with its filter."""
+
+import os
+
+import pytest
+import torch
+
+import l2pd
+from l2pd_kernels import reference as ref
+from tests.conftest import MASK, tiny_model
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                             reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+
+
+def test_quantize_fp8_error_is_within_half_an_e4m3_step():
+    w = torch.randn(37, 53) * torch.rand(37, 1) * 3
+    w[5] = 0  # an all-zero channel
+    w8, scale = ref.quantize_fp8(w)
+    assert w8.dtype == torch.float8_e4m3fn and scale.shape == (37,) and float(scale[5]) == 1.0
+    back = w8.float() * scale[:, None]
+    # e4m3 keeps 3 mantissa bits: a rounding error of at most 2^-4 of the value (normal range), and the
+    # channel's largest value maps to 448 exactly
+    err = (back - w).abs()
+    assert bool((err <= w.abs() * 2**-4 + scale[:, None] * 2**-9 + 1e-12).all())
+    torch.testing.assert_close(back.abs().amax(-1)[w.abs().amax(-1) > 0], w.abs().amax(-1)[w.abs().amax(-1) > 0])
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n,k", [(1, 16, 32), (5, 37, 100), (33, 129, 64)])
+def test_linear_fp8_kernel_matches_reference(dtype, rows, n, k):
+    from l2pd_kernels import linear_fp8
+
+    x = torch.randn(rows, k, device=DEV).to(dtype)
+    w8, scale = ref.quantize_fp8(torch.randn(n, k, device=DEV))
+    got = linear_fp8(x, w8, scale)
+    want = ref.linear_fp8(x, w8, scale)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    with pytest.raises(ValueError, match="FP8"):
+        linear_fp8(x, w8.float(), scale)
+
+
+@torch.no_grad()
+def test_quantized_model_decodes_with_its_filter_and_close_logits():
+    torch.manual_seed(0)
+    model = tiny_model(seed=1)
+    ids = torch.randint(0, 58, (2, 9))
+    before = model(ids).logits
+    from l2pd.filter import model_fingerprint
+
+    torch.manual_seed(0)
+    flt = l2pd.Filter(block_length=8, hidden=8)
+    flt.meta["model_fingerprint"] = model_fingerprint(model)
+    l2pd.quantize(model, "fp8")
+    blk = model.model.transformer.blocks[0]
+    assert blk.q_proj.weight.dtype == torch.float8_e4m3fn and blk.q_proj.weight_scale.shape == (64,)
+    assert model.model.transformer.wte.weight.dtype == torch.float32  # the embedding stays
+    after = model(ids).logits
+    rel = float((after - before).norm() / before.norm())
+    assert 0 < rel < 0.1, rel
+    l2pd.patch(model, filter=flt)  # the filter recorded for the unquantized weights still fits
+    out = model.generate(ids, max_new_tokens=16, block_length=8, eotp="accepted", return_dict_in_generate=True)
+    assert not bool((out.sequences[:, 9:] == MASK).any())
+    with pytest.raises(ValueError, match="kind"):
+        l2pd.quantize(model, "int4")
