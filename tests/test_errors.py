@@ -150,8 +150,10 @@ def test_shared_filter_counts_masked_positions_not_rows():
     assert any(w.startswith(f"only {y.numel()} masked positions") for w in too_few)
 
 
-def test_demo_with_another_block_length_skips_learn2pd(capsys):
+def test_demo_with_another_block_length_skips_learn2pd(capsys, monkeypatch):
     import l2pd.cli
+
+    monkeypatch.setenv("L2PD_BACKEND", "torch")  # what the demo prints, not the kernels, is under test
 
     assert l2pd.cli.main(["demo", "--problems", "1", "--gen-length", "32", "--block-length", "16", "--device",
                           "cpu", "--json"]) == 0

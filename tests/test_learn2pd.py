@@ -186,10 +186,12 @@ def test_top_level_api():
     assert l2pd.collect is collect and l2pd.train_filter is train_filter and l2pd.Filter is Filter
 
 
-def test_evaluate_uses_the_patched_filter_and_its_operating_point():
+def test_evaluate_uses_the_patched_filter_and_its_operating_point(monkeypatch):
     """``l2pd.evaluate`` decodes with the filter ``patch`` attached; learn2pd's defaults (block length, tau,
     EoTP mode) come from the filter."""
     import l2pd.demo
+
+    monkeypatch.setenv("L2PD_BACKEND", "torch")  # the decision's PyTorch ops: the kernels have their own tests
     from l2pd.demo.task import split
     from l2pd.evaluate import evaluate
 
