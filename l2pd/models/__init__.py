@@ -158,10 +158,12 @@ def _llada(model: Any, name: str, config: Any) -> Adapter:
                    _id(config, "pad_token_id", eos), getattr(config, "max_sequence_length", None))
 
 
-def _dream(model: Any, name: str, config: Any) -> Adapter:
-    missing = [k for k in _DREAM_CONFIG if getattr(config, k, None) is None]
+def _check_tree(model: Any, name: str, config: Any, keys: tuple[str, ...], family: str) -> Any:
+    """``model.model`` of a Hugging Face-style tree (``layers``, ``norm``, ``lm_head`` unless tied), with its
+    config keys and layer count checked."""
+    missing = [k for k in keys if getattr(config, k, None) is None]
     if missing:
-        raise ValueError(f"{name}.config lacks the Dream keys {missing}")
+        raise ValueError(f"{name}.config lacks the {family} keys {missing}")
     base = model.model
     if not hasattr(base, "norm") or (not getattr(config, "tie_word_embeddings", False)
                                      and not hasattr(model, "lm_head")):
@@ -169,6 +171,11 @@ def _dream(model: Any, name: str, config: Any) -> Adapter:
     if len(base.layers) != config.num_hidden_layers:
         raise ValueError(f"{name} has {len(base.layers)} layers but config.num_hidden_layers="
                          f"{config.num_hidden_layers}")
+    return base
+
+
+def _dream(model: Any, name: str, config: Any) -> Adapter:
+    base = _check_tree(model, name, config, _DREAM_CONFIG, "Dream")
     for i, layer in enumerate(base.layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         absent = [m for m in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, m)]
@@ -182,17 +189,7 @@ def _dream(model: Any, name: str, config: Any) -> Adapter:
 
 
 def _llada2(model: Any, name: str, config: Any) -> Adapter:
-    missing = [k for k in ("hidden_size", "num_attention_heads", "num_hidden_layers", "rope_theta")
-               if getattr(config, k, None) is None]
-    if missing:
-        raise ValueError(f"{name}.config lacks the LLaDA 2.x keys {missing}")
-    base = model.model
-    if not hasattr(base, "norm") or (not getattr(config, "tie_word_embeddings", False)
-                                     and not hasattr(model, "lm_head")):
-        raise ValueError(f"{name} lacks model.norm or lm_head")
-    if len(base.layers) != config.num_hidden_layers:
-        raise ValueError(f"{name} has {len(base.layers)} layers but config.num_hidden_layers="
-                         f"{config.num_hidden_layers}")
+    base = _check_tree(model, name, config, _DREAM_CONFIG, "LLaDA 2.x")
     for i, layer in enumerate(base.layers):
         att, mlp = getattr(layer, "attention", None), getattr(layer, "mlp", None)
         absent = [m for m in ("query_key_value", "dense") if not hasattr(att, m)]
@@ -216,13 +213,7 @@ def _llada_moe(model: Any, name: str, config: Any) -> Adapter:
     ``norm_topk_prob``); bidirectional attention and unshifted logits, as LLaDA."""
     from .decoder import MoE
 
-    missing = [k for k in _DREAM_CONFIG + ("num_experts_per_tok",) if getattr(config, k, None) is None]
-    if missing:
-        raise ValueError(f"{name}.config lacks the LLaDA-MoE keys {missing}")
-    base = model.model
-    if len(base.layers) != config.num_hidden_layers:
-        raise ValueError(f"{name} has {len(base.layers)} layers but config.num_hidden_layers="
-                         f"{config.num_hidden_layers}")
+    base = _check_tree(model, name, config, _DREAM_CONFIG + ("num_experts_per_tok",), "LLaDA-MoE")
     layers = []
     for i, lyr in enumerate(base.layers):
         att, mlp = getattr(lyr, "self_attn", None), getattr(lyr, "mlp", None)
