@@ -10,10 +10,9 @@ first forward spends forwards that the threshold does not.
 """
 
 import argparse
-import os
-import sys
 
 import torch
+from _frontier import load_model
 
 from l2pd.decode import generate
 from l2pd.demo.task import split
@@ -21,13 +20,6 @@ from l2pd.evaluate import encode_prompts
 from l2pd.filter import Filter
 from l2pd.models import adapter_for
 
-
-def load_model(*args, **kwargs):
-    """``benchmarks/filter_frontier.py``'s loader (benchmarks/ is this study's parent folder)."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from filter_frontier import load_model as load
-
-    return load(*args, **kwargs)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,11 +11,10 @@ tokens than a threshold at the same tau, even where the threshold's extra tokens
 
 import argparse
 import json
-import os
-import sys
 import tempfile
 
 import torch
+from _frontier import load_model
 
 from l2pd.collect import collect, load_shards
 from l2pd.demo.task import split
@@ -24,13 +23,6 @@ from l2pd.demo.tokenizer import prompt_text
 EDGES = (0.0, 0.5, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0001)
 
 
-
-def load_model(*args, **kwargs):
-    """``benchmarks/filter_frontier.py``'s loader (benchmarks/ is this study's parent folder)."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from filter_frontier import load_model as load
-
-    return load(*args, **kwargs)
 
 def table(conf: torch.Tensor, label: torch.Tensor) -> list[dict]:
     rows = []

@@ -11,22 +11,14 @@ is the figure to compare with EoTP rows.
 """
 
 import argparse
-import os
-import sys
 
 import torch
+from _frontier import load_model
 
 from l2pd.decode import generate
 from l2pd.demo.task import is_correct, split
 from l2pd.evaluate import answer_texts, encode_prompts
 
-
-def load_model(*args, **kwargs):
-    """``benchmarks/filter_frontier.py``'s loader (benchmarks/ is this study's parent folder)."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from filter_frontier import load_model as load
-
-    return load(*args, **kwargs)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
