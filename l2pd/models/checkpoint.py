@@ -117,3 +117,46 @@ def save(model: Any, folder: str | os.PathLike, max_shard_bytes: int | None = No
     total = sum(t.numel() * t.element_size() for t in state.values())
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+class ConfigFile:
+    """A config with the official keys as attributes, read from and written to config.json; ``REQUIRED``:
+    the keys without which the family's defaults would load and then fail on every weight's shape."""
+
+    REQUIRED: tuple[str, ...] = ()
+    FAMILY = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    @classmethod
+    def from_json(cls, path: str) -> Any:
+        cfg = read_json(path, "config.json")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+        missing = [k for k in cls.REQUIRED if k not in cfg]
+        if missing:
+            raise ValueError(f"{path} lacks {missing}: not a {cls.FAMILY} config.json (copy the model's own)")
+        return cls(**cfg)
+
+
+class Checkpoint:
+    """``from_pretrained`` / ``save_pretrained`` in the official layout for a model class whose
+    ``config_class`` reads config.json and whose ``tied_head(config)`` names a head tied to the embedding."""
+
+    config_class: Any = None
+
+    @staticmethod
+    def tied_head(config: Any) -> str | None:
+        return None
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: Any = None, device: Any = "cpu",
+                        dtype: Any = None) -> Any:
+        """Load ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``);
+        ``dtype`` is transformers 5's name for ``torch_dtype``."""
+        return load(cls, cls.config_class, folder, dtype_alias(torch_dtype, dtype), device, cls.tied_head)
+
+    def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
+        """Write ``config.json`` and safetensors in the official layout (sharded above ``max_shard_bytes``)."""
+        save(self, folder, max_shard_bytes)

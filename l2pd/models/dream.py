@@ -11,13 +11,13 @@ predicted from the same hidden position as in the uncached forward.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoint import Checkpoint, ConfigFile
 from .decoder import Decoder, Layer, RMSNorm, decoder_forward
 
 # Dream-v0-Instruct-7B values; a config.json overrides any of them.
@@ -43,8 +43,11 @@ _DEFAULTS: dict[str, Any] = {
 _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
 
-class DreamConfig:
+class DreamConfig(ConfigFile):
     """Config with the official keys as attributes; unknown keys are kept and written back."""
+
+    REQUIRED = _REQUIRED
+    FAMILY = "Dream"
 
     def __init__(self, **kwargs: Any) -> None:
         merged = dict(_DEFAULTS)
@@ -65,20 +68,6 @@ class DreamConfig:
     def max_sequence_length(self) -> int:  # the name generate checks
         return self.max_position_embeddings
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
-    @classmethod
-    def from_json(cls, path: str) -> "DreamConfig":
-        from ..files import read_json
-
-        cfg = read_json(path, "config.json")
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-        missing = [k for k in _REQUIRED if k not in cfg]
-        if missing:
-            raise ValueError(f"{path} lacks {missing}: not a Dream config.json (copy the model's own)")
-        return cls(**cfg)
 
 
 class DreamAttention(nn.Module):
@@ -140,8 +129,14 @@ def shift_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.cat([logits[:, :1], logits[:, :-1]], 1)
 
 
-class DreamModel(nn.Module):
+class DreamModel(Checkpoint, nn.Module):
     """Our Dream: ``model.*`` and ``lm_head`` parameters exactly as in the official checkpoints."""
+
+    config_class = DreamConfig
+
+    @staticmethod
+    def tied_head(config: Any) -> str | None:
+        return "lm_head.weight" if config.tie_word_embeddings else None
 
     def __init__(self, config: DreamConfig) -> None:
         super().__init__()
@@ -172,23 +167,3 @@ class DreamModel(nn.Module):
             return DreamOutput(decoder_forward(dec, input_ids, attention_mask, logits_slice=(a - 1, b - 1), **kwargs))
         logits = shift_logits(decoder_forward(dec, input_ids, attention_mask, **kwargs))
         return DreamOutput(logits if logits_slice is None else logits[:, logits_slice[0] : logits_slice[1]])
-
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | str | None = None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> "DreamModel":
-        """Load ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``);
-        ``dtype`` is transformers 5's name for ``torch_dtype``."""
-        from . import checkpoint
-
-        torch_dtype = checkpoint.dtype_alias(torch_dtype, dtype)
-
-        def tied(c):
-            return "lm_head.weight" if c.tie_word_embeddings else None
-
-        return checkpoint.load(cls, DreamConfig, folder, torch_dtype, device, tied)
-
-    def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
-        """Write ``config.json`` and safetensors in the official layout (sharded above ``max_shard_bytes``)."""
-        from . import checkpoint
-
-        checkpoint.save(self, folder, max_shard_bytes)

@@ -8,13 +8,13 @@ the official class without calling any of its methods.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoint import Checkpoint, ConfigFile
 from .decoder import (
     Decoder,
     Layer,
@@ -54,8 +54,11 @@ _DEFAULTS: dict[str, Any] = {
 }
 
 
-class LLaDAConfig:
+class LLaDAConfig(ConfigFile):
     """Config with the official keys as attributes; unknown keys are kept and written back."""
+
+    REQUIRED = ("d_model", "n_heads", "n_layers", "vocab_size")
+    FAMILY = "LLaDA"
 
     def __init__(self, **kwargs: Any) -> None:
         merged = dict(_DEFAULTS)
@@ -75,20 +78,6 @@ class LLaDAConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
-    @classmethod
-    def from_json(cls, path: str) -> "LLaDAConfig":
-        from ..files import read_json
-
-        cfg = read_json(path, "config.json")
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-        missing = [k for k in ("d_model", "n_heads", "n_layers", "vocab_size") if k not in cfg]
-        if missing:  # the 8B defaults would load, then fail on every weight's shape
-            raise ValueError(f"{path} lacks {missing}: not a LLaDA config.json (copy the model's own)")
-        return cls(**cfg)
 
 
 def pack_weights(transformer: nn.Module) -> bool:
@@ -186,8 +175,14 @@ class LLaDAOutput:
     logits: torch.Tensor
 
 
-class LLaDAModelLM(nn.Module):
+class LLaDAModelLM(Checkpoint, nn.Module):
     """Our LLaDA: ``model.transformer.*`` parameters exactly as in the official checkpoints."""
+
+    config_class = LLaDAConfig
+
+    @staticmethod
+    def tied_head(config: Any) -> str | None:
+        return "model.transformer.ff_out.weight" if config.weight_tying else None
 
     def __init__(self, config: LLaDAConfig) -> None:
         super().__init__()
@@ -213,23 +208,3 @@ class LLaDAModelLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):
         return LLaDAOutput(llada_forward(self.model.transformer, self.config, input_ids, attention_mask, **kwargs))
 
-    # ---- checkpoint io -------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | str | None = None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None) -> "LLaDAModelLM":
-        """Load ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``);
-        ``dtype`` is transformers 5's name for ``torch_dtype``."""
-        from . import checkpoint
-
-        torch_dtype = checkpoint.dtype_alias(torch_dtype, dtype)
-
-        def tied(c):
-            return "model.transformer.ff_out.weight" if c.weight_tying else None
-
-        return checkpoint.load(cls, LLaDAConfig, folder, torch_dtype, device, tied)
-
-    def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
-        """Write ``config.json`` and safetensors in the official layout (sharded above ``max_shard_bytes``)."""
-        from . import checkpoint
-
-        checkpoint.save(self, folder, max_shard_bytes)

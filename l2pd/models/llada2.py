@@ -16,13 +16,13 @@ on the official one.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .checkpoint import Checkpoint, ConfigFile
 from .decoder import Decoder, Layer, MoE, RMSNorm, decoder_forward
 
 BLOCK_LENGTH = 32  # the official generate's default block: what the attention mask uses unless told otherwise
@@ -66,8 +66,11 @@ _DEFAULTS: dict[str, Any] = {
 _REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
 
 
-class LLaDA2Config:
+class LLaDA2Config(ConfigFile):
     """Config with the official keys as attributes; unknown keys are kept and written back."""
+
+    REQUIRED = _REQUIRED
+    FAMILY = "LLaDA 2.x"
 
     def __init__(self, **kwargs: Any) -> None:
         merged = dict(_DEFAULTS)
@@ -102,20 +105,6 @@ class LLaDA2Config:
     def max_sequence_length(self) -> int:  # the name generate checks
         return self.max_position_embeddings
 
-    def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
-    @classmethod
-    def from_json(cls, path: str) -> "LLaDA2Config":
-        from ..files import read_json
-
-        cfg = read_json(path, "config.json")
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-        missing = [k for k in _REQUIRED if k not in cfg]
-        if missing:
-            raise ValueError(f"{path} lacks {missing}: not a LLaDA 2.x config.json (copy the model's own)")
-        return cls(**cfg)
 
 
 class LLaDA2MLP(nn.Module):
@@ -210,8 +199,14 @@ class LLaDA2Output:
     logits: torch.Tensor
 
 
-class LLaDA2MoeModelLM(nn.Module):
+class LLaDA2MoeModelLM(Checkpoint, nn.Module):
     """Our LLaDA 2.x: ``model.*`` and ``lm_head`` parameters exactly as in the official checkpoints."""
+
+    config_class = LLaDA2Config
+
+    @staticmethod
+    def tied_head(config: Any) -> str | None:
+        return "lm_head.weight" if config.tie_word_embeddings else None
 
     def __init__(self, config: LLaDA2Config) -> None:
         super().__init__()
@@ -234,23 +229,3 @@ class LLaDA2MoeModelLM(nn.Module):
         ``block_length`` positions; ``attention_mask`` [B, S] marks padding (1 = token)."""
         dec = llada2_decoder(self, self.config, block_length)
         return LLaDA2Output(decoder_forward(dec, input_ids, attention_mask, **kwargs))
-
-    @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, torch_dtype: torch.dtype | str | None = None,
-                        device: str | torch.device = "cpu",
-                        dtype: torch.dtype | str | None = None) -> "LLaDA2MoeModelLM":
-        """Load ``config.json`` and ``model.safetensors`` (or a sharded ``model.safetensors.index.json``)."""
-        from . import checkpoint
-
-        torch_dtype = checkpoint.dtype_alias(torch_dtype, dtype)
-
-        def tied(c):
-            return "lm_head.weight" if c.tie_word_embeddings else None
-
-        return checkpoint.load(cls, LLaDA2Config, folder, torch_dtype, device, tied)
-
-    def save_pretrained(self, folder: str | os.PathLike, max_shard_bytes: int | None = None) -> None:
-        """Write ``config.json`` and safetensors in the official layout (sharded above ``max_shard_bytes``)."""
-        from . import checkpoint
-
-        checkpoint.save(self, folder, max_shard_bytes)
