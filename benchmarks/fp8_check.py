@@ -20,17 +20,17 @@ from harness import floors, save
 import l2pd
 
 
-def bundled_rows(problems: int, batch: int, steps: bool, result: dict, out: str | None) -> None:
+def bundled_rows(problems: int, batch: int, steps: bool, result: dict, out: str | None, kinds: list[str]) -> None:
     from l2pd.demo.task import split
     from l2pd.evaluate import evaluate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     test = split("test", problems)
     for family in ("llada", "dream"):
-        for weights in ("native", "fp8"):
+        for weights in ["native", *kinds]:
             model, tok = l2pd.demo.load(device=device, family=family)
-            if weights == "fp8":
-                l2pd.quantize(model, "fp8")
+            if weights != "native":
+                l2pd.quantize(model, weights)
             configs = [("shipped default", {})] + ([("steps", dict(strategy="steps", eotp="off",
                                                                    block_length=model.l2pd_filter.block_length))]
                                                    if steps else [])
@@ -44,7 +44,7 @@ def bundled_rows(problems: int, batch: int, steps: bool, result: dict, out: str 
             del model
 
 
-def step_rows(result: dict, out: str | None, batches: list[int]) -> None:
+def step_rows(result: dict, out: str | None, batches: list[int], kinds: list[str]) -> None:
     from decode_8b import build_model
 
     from l2pd.decode import generate
@@ -57,12 +57,12 @@ def step_rows(result: dict, out: str | None, batches: list[int]) -> None:
     with torch.no_grad():
         ref_logits = model(ids).logits.float()
     timings = {}
-    for weights in ("native", "fp8"):
-        if weights == "fp8":
-            l2pd.quantize(model, "fp8")
+    for weights in ["native", *kinds]:
+        if weights != "native":
+            l2pd.quantize(model, weights)
             with torch.no_grad():
                 err = (model(ids).logits.float() - ref_logits).norm() / ref_logits.norm()
-            result["logit_relative_error_8b"] = float(err)
+            result[f"logit_relative_error_8b_{weights}"] = float(err)
         nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         embed = model.model.transformer.wte.weight
         floor_ms = (nbytes - embed.numel() * embed.element_size()) / (fl["copy_GBps"] * 1e9) * 1e3
@@ -99,15 +99,16 @@ def main() -> None:
     ap.add_argument("--steps", action="store_true", help="also decode with steps (one token per forward)")
     ap.add_argument("--sections", default="step,bundled")
     ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--kinds", default="fp8,w8a8", help="the l2pd.quantize kinds to compare with bf16")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     result: dict = {}
     t0 = time.time()
     for section in args.sections.split(","):
         if section == "step":
-            step_rows(result, args.out, [int(b) for b in args.batches.split(",")])
+            step_rows(result, args.out, [int(b) for b in args.batches.split(",")], args.kinds.split(","))
         elif section == "bundled":
-            bundled_rows(args.problems, args.batch_size, args.steps, result, args.out)
+            bundled_rows(args.problems, args.batch_size, args.steps, result, args.out, args.kinds.split(","))
     result["seconds"] = time.time() - t0
     save(args.out, result)
 

@@ -23,7 +23,7 @@ from l2pd.models.llada import pack_weights
 
 def kind_of(name: str) -> str:
     n = name.lower()
-    if any(s in n for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "splitk", "_skinny")):
+    if any(s in n for s in ("gemm", "cutlass", "nvjet", "xmma", "cublas", "splitk", "_skinny", "scaled_mm", "f8")):
         return "matmul"
     if any(s in n for s in ("flash", "fmha", "attention", "attn", "cudnn")):
         return "attention"
@@ -108,12 +108,20 @@ def profile_batch(model, fl: dict, B: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--weights", choices=("bf16", "fp8"), default="bf16", help="fp8: l2pd.quantize first")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = build_model()
     pack_weights(model.model.transformer)  # as generate runs it
     fl = floors(model)
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "floors": fl}
+    if args.weights == "fp8":  # the floor of the FP8 weights: their bytes and scales over the same copy rate
+        import l2pd
+
+        l2pd.quantize(model, "fp8")
+        nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        fl["floor_ms_bf16"], fl["floor_ms"] = fl["floor_ms"], nbytes / fl["copy_GBps"] / 1e6
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "floors": fl,
+           "weights": args.weights}
     for B in (int(b) for b in args.batches.split(",")):
         res[f"b{B}"] = r = profile_batch(model, fl, B)
         print(f"\nbatch {B}: graph step {r['graph_step_ms']:.2f} ms (floor {fl['floor_ms']:.2f}, matmul at the "

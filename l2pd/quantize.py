@@ -1,5 +1,6 @@
 """FP8 weights: ``l2pd.quantize(model, "fp8")`` stores the decoder's linear layers as e4m3 with one fp32 scale
-per output channel, in place.
+per output channel, in place; ``"w8a8"`` also quantizes their inputs, one e4m3 scale per token computed on the
+fly, so the products run on FP8 tensor cores with nothing widened (``l2pd_kernels.linear_w8a8``).
 
 Which layers: q/k/v (or the fused q/k/v), the attention output, gate/up/down of the dense MLP (and of a shared
 expert) and the LM head (``head=False`` keeps it bf16). What stays bf16 and why: the embedding (a gather of a
@@ -24,7 +25,7 @@ from .models import adapter_for
 from .models.decoder import unpack_layers
 from .step import release
 
-KINDS = ("fp8",)
+KINDS = ("fp8", "w8a8")
 
 
 def quantize(model: Any, kind: str = "fp8", head: bool = True) -> Any:
@@ -46,6 +47,7 @@ def quantize(model: Any, kind: str = "fp8", head: bool = True) -> Any:
         modules.append(dec.head)
     for m in modules:
         _quantize_linear(m)
+        m.l2pd_w8a8 = kind == "w8a8"
     model._l2pd_fingerprint, model._l2pd_quantized = fingerprint, kind
     return model
 

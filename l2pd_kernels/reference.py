@@ -527,3 +527,21 @@ def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.T
     """``x @ (w * scale[:, None]).T`` in fp32 (the e4m3 weight widened exactly, products accumulated in fp32,
     the channel scale applied to the sum), rounded to x's dtype."""
     return ((x.float() @ w.float().T) * scale).to(x.dtype)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 x [M, K], fp32 scales [M]) for x [..., K] as rows: each row divided by its largest magnitude over
+    448 (scale 1 for an all-zero row), rounded to nearest."""
+    xf = x.reshape(-1, x.shape[-1]).float()
+    amax = xf.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``linear_fp8`` with x first quantized per row (``quantize_rows_fp8``): the e4m3 products summed in fp32,
+    then the row and channel scales, rounded to x's dtype."""
+    q, qs = quantize_rows_fp8(x)
+    y = (q.float() @ w.float().T) * qs[:, None] * scale
+    return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
+

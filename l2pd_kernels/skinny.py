@@ -24,9 +24,22 @@ MAX_ROWS = int(os.environ.get("L2PD_SKINNY_ROWS", "64"))  # above this, F.linear
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
+def _mac(acc, xt, wt, SWAP: tl.constexpr, IEEE: tl.constexpr):
+    """acc + x @ w.T (or its transpose, w @ x.T, with SWAP)."""
+    if SWAP:
+        if IEEE:
+            return tl.dot(wt, tl.trans(xt), acc, input_precision="ieee")
+        return tl.dot(wt, tl.trans(xt), acc)
+    if IEEE:
+        return tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
+    return tl.dot(xt, tl.trans(wt), acc)
+
+
+@triton.jit
+def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                    GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                   FP8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                   FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -36,8 +49,12 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
     x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
     u_ptrs = w_ptrs + N * stride_wn  # the up half of a packed [gate; up] weight
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:  # out.T = w @ x.T: the weight slice is the tensor cores' wide operand (their M is 64 or more)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         if EVEN_K:
             xt = tl.load(x_ptrs, mask=m_ok, other=0.0)
@@ -46,37 +63,39 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, stride_xm, stride_wn, 
             k_ok = (k + rk[None, :]) < K
             xt = tl.load(x_ptrs, mask=m_ok & k_ok, other=0.0)
             wt = tl.load(w_ptrs, mask=n_ok & k_ok, other=0.0)
-        if FP8:  # e4m3 weights widen exactly to the activations' dtype; the channel scale comes at the end
+        if FP8 and not A8:  # e4m3 weights widen exactly to the activations' dtype; the channel scale comes last
             wt = wt.to(xt.dtype)
         if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
             xt = xt.to(tl.float32)
             wt = wt.to(tl.float32)
-        if IEEE:
-            acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(xt, tl.trans(wt), acc)
+        acc = _mac(acc, xt, wt, SWAP, IEEE)
         if GATE:
             if EVEN_K:
                 ut = tl.load(u_ptrs, mask=n_ok, other=0.0)
             else:
                 ut = tl.load(u_ptrs, mask=n_ok & k_ok, other=0.0)
-            if FP8:
+            if FP8 and not A8:
                 ut = ut.to(xt.dtype)
             if UPCAST:
                 ut = ut.to(tl.float32)
-            if IEEE:
-                acc_u = tl.dot(xt, tl.trans(ut), acc_u, input_precision="ieee")
-            else:
-                acc_u = tl.dot(xt, tl.trans(ut), acc_u)
+            acc_u = _mac(acc_u, xt, ut, SWAP, IEEE)
             u_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
+    if SWAP:
+        acc = tl.trans(acc)
+        acc_u = tl.trans(acc_u)
     dt = out_ptr.dtype.element_ty
     if FP8:
         n_in = rn < N
         acc = acc * tl.load(s_ptr + rn, mask=n_in, other=0.0)[None, :]
         if GATE:
             acc_u = acc_u * tl.load(s_ptr + N + rn, mask=n_in, other=0.0)[None, :]
+    if A8:  # e4m3 activations: each row's scale
+        xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)[:, None]
+        acc = acc * xs
+        if GATE:
+            acc_u = acc_u * xs
     res = acc.to(dt)
     if GATE:
         g = res.to(tl.float32)
@@ -103,6 +122,25 @@ def pick_config(rows: int, n: int, k: int, gate: bool) -> tuple[int, int, int, i
     if n <= 8192:
         return (32, 256, 4, 4)
     return (128, 128, 4, 4)
+
+
+def pick_config_fp8(rows: int, n: int, k: int, gate: bool) -> tuple[int, int, int, int]:
+    """The tile for FP8 weights (``benchmarks/skinny_configs.py --weights fp8`` on an H200 at 32 rows, cold
+    weights): a byte of weight per element, so the slices are wider than bf16's for the same bytes in flight."""
+    if gate:
+        return (64, 256, 4, 3)
+    if n <= 8192:
+        return (16, 256, 4, 4)
+    return (64, 256, 4, 3)
+
+
+# which products run transposed (w @ x.T): "a8" (e4m3 activations), "all" or "none"
+SWAP = os.environ.get("L2PD_SKINNY_SWAP", "a8")
+
+
+def _swap(a8: bool) -> bool:
+    """Whether the product runs transposed (``benchmarks/skinny_configs.py`` measures both per kind)."""
+    return SWAP == "all" or (SWAP == "a8" and a8)
 
 
 _smem: dict[int, int] = {}
@@ -132,17 +170,21 @@ def _fit(bm: int, bn: int, bk: int, stages: int, gate: bool, elsize: int, limit:
     return bk, stages
 
 
-def _launch(x2, w, out, n_out, gate, cfg=None, scale=None):
+def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None):
     M, K = x2.shape
-    bn, bk, warps, stages = cfg or pick_config(M, n_out, K, gate)
+    a8 = x_scale is not None
+    bn, bk, warps, stages = cfg or (pick_config_fp8(M, n_out, K, gate) if scale is not None else
+                                    pick_config(M, n_out, K, gate))
     bm = max(16, triton.next_power_of_2(min(M, 64)))
     if cfg is None:
         bk, stages = _fit(bm, bn, bk, stages, gate, x2.element_size(), _smem_bytes(x2.device))
     grid = (triton.cdiv(n_out, bn), triton.cdiv(M, bm))
-    _skinny_kernel[grid](x2, w, w if scale is None else scale, out, M, n_out, K, x2.stride(0), w.stride(0),
-                         out.stride(0), GATE=gate, EVEN_K=K % bk == 0,
-                         IEEE=x2.dtype == torch.float32 or _INTERPRET, UPCAST=_INTERPRET and x2.dtype == torch.bfloat16,
-                         FP8=scale is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+    _skinny_kernel[grid](x2, w, w if scale is None else scale, w if x_scale is None else x_scale, out, M, n_out,
+                         K, x2.stride(0), w.stride(0), out.stride(0), GATE=gate, EVEN_K=K % bk == 0,
+                         IEEE=x2.dtype == torch.float32 or _INTERPRET,
+                         UPCAST=_INTERPRET and (x2.dtype == torch.bfloat16 or a8),  # no fp8 dot on the CPU
+                         FP8=scale is not None, A8=a8, SWAP=_swap(a8) if swap is None else swap, BLOCK_M=bm,
+                         BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
                          num_stages=stages)
 
 
@@ -199,35 +241,3 @@ def linear_gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
     gate, up = torch.nn.functional.linear(x, w).chunk(2, -1)
     return silu_mul(gate, up)
-
-
-FP8 = torch.float8_e4m3fn
-
-
-def _check_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    if w.dtype != FP8 or scale.dtype != torch.float32 or scale.shape != (w.shape[0],):
-        raise ValueError(f"an FP8 weight is float8_e4m3fn [N, K] with fp32 scales [N]; got {w.dtype} "
-                         f"{tuple(w.shape)} and {scale.dtype} {tuple(scale.shape)}")
-    if w.dim() != 2 or x.shape[-1] != w.shape[1] or w.stride(1) != 1:
-        raise ValueError(f"x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply as x @ w.T")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"x {x.dtype}: expected fp32, bf16 or fp16")
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
-def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ (w * scale[:, None]).T`` for an e4m3 weight ``w`` [N, K] with per-output-channel fp32 ``scale``
-    [N] (``l2pd_kernels.reference.linear_fp8``). Up to ``MAX_ROWS`` rows the skinny kernel reads the FP8 bytes
-    and widens them in registers; more rows (compute-bound) dequantize the weight and use ``F.linear``."""
-    x2 = _check_fp8(x, w, scale)
-    rows = x2.shape[0]
-    if (x.is_cuda or _INTERPRET) and 0 < rows <= MAX_ROWS:
-        out = torch.empty(rows, w.shape[0], dtype=x.dtype, device=x.device)
-        _launch(x2, w, out, w.shape[0], False, scale=scale)
-        return out.view(*x.shape[:-1], w.shape[0])
-    if x.is_cuda and x.dtype != torch.float32:  # compute-bound: cuBLAS on the widened weight (one more rounding)
-        return (torch.nn.functional.linear(x, w.to(x.dtype)).float() * scale).to(x.dtype)
-    from .reference import linear_fp8 as plain
-
-    return plain(x, w, scale)

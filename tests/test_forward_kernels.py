@@ -128,11 +128,13 @@ def _exact_linear(x, w):
     return (x.cpu().double() @ w.cpu().double().T).to(x.dtype).to(x.device)
 
 
+@pytest.mark.parametrize("swap", ["none", "all"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,n,k", [(1, 5, 16), (7, 33, 100), (32, 48, 256), (70, 17, 130)])
-def test_skinny_matmul_matches_reference(dtype, rows, n, k):
-    from l2pd_kernels import skinny_matmul
+def test_skinny_matmul_matches_reference(dtype, rows, n, k, swap, monkeypatch):
+    from l2pd_kernels import skinny, skinny_matmul
 
+    monkeypatch.setattr(skinny, "SWAP", swap)  # x @ w.T, and its transpose w @ x.T
     x = torch.randn(rows, k, device=DEV).to(dtype)
     w = (torch.randn(n, k, device=DEV) / k**0.5).to(dtype)
     got = skinny_matmul(x, w)
@@ -143,11 +145,13 @@ def test_skinny_matmul_matches_reference(dtype, rows, n, k):
     torch.testing.assert_close(skinny_matmul(wide, w), _exact_linear(wide, w), **MM_TOL[dtype])
 
 
+@pytest.mark.parametrize("swap", ["none", "all"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows,f,k", [(1, 3, 16), (5, 37, 72), (32, 64, 128)])
-def test_gate_up_silu_matches_reference(dtype, rows, f, k):
-    from l2pd_kernels import gate_up_silu
+def test_gate_up_silu_matches_reference(dtype, rows, f, k, swap, monkeypatch):
+    from l2pd_kernels import gate_up_silu, skinny
 
+    monkeypatch.setattr(skinny, "SWAP", swap)
     x = torch.randn(1, rows, k, device=DEV).to(dtype)
     w = (torch.randn(2 * f, k, device=DEV) * 2 / k**0.5).to(dtype)
     got = gate_up_silu(x, w)

@@ -1,6 +1,6 @@
-"""FP8 weights: the quantizer's error bound, the few-row FP8 kernel against its reference (odd sizes,
-fp32/bf16/fp16 activations; on the CPU under TRITON_INTERPRET=1), and a quantized model decoding through
-patch with its filter."""
+"""FP8 weights: the quantizer's error bound, the few-row FP8 kernels (weights only, and weights with per-token
+activations) and the row quantizer against their references (odd sizes, fp32/bf16/fp16 activations; on the CPU
+under TRITON_INTERPRET=1), and quantized models decoding through patch with their filter."""
 
 import os
 
@@ -43,6 +43,65 @@ def test_linear_fp8_kernel_matches_reference(dtype, rows, n, k):
     torch.testing.assert_close(got, want, **tol)
     with pytest.raises(ValueError, match="FP8"):
         linear_fp8(x, w8.float(), scale)
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,k", [(1, 16), (7, 100), (33, 2100)])
+def test_quantize_rows_kernel_matches_reference(dtype, rows, k):
+    from l2pd_kernels import quantize_rows
+
+    x = (torch.randn(rows, k, device=DEV) * torch.rand(rows, 1, device=DEV) * 50).to(dtype)
+    x[0] = 0  # an all-zero row: scale 1
+    if rows > 1:
+        x[-1, :3] = torch.tensor([1e-6, -3e-5, 2e-4]).to(dtype)  # e4m3 subnormals after scaling
+    q, s = quantize_rows(x)
+    q_ref, s_ref = ref.quantize_rows_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (rows,) and float(s[0]) == 1.0
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+    torch.testing.assert_close(q.float(), q_ref.float(), rtol=0, atol=0)  # the same division and rounding
+    assert bool((q.float().abs().amax(-1)[1:] == 448.0).all())  # each row's largest magnitude maps to 448
+
+
+@kernels
+@pytest.mark.parametrize("swap", ["none", "a8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n,k", [(1, 16, 32), (5, 37, 100), (33, 129, 64)])
+def test_linear_w8a8_kernel_matches_reference(dtype, rows, n, k, swap, monkeypatch):
+    from l2pd_kernels import linear_w8a8, skinny
+
+    monkeypatch.setattr(skinny, "SWAP", swap)
+    x = torch.randn(rows, k, device=DEV).to(dtype)
+    w8, scale = ref.quantize_fp8(torch.randn(n, k, device=DEV))
+    got = linear_w8a8(x, w8, scale)
+    want = ref.linear_w8a8(x, w8, scale)
+    # fp32 activations: the same e4m3 products; the interpreter sums them in fp32, Hopper's FP8 tensor cores
+    # with a narrower accumulator (about 2^-13 of the sum)
+    exact_sum = os.environ.get("TRITON_INTERPRET") == "1"
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 and exact_sum else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    # and within the activations' rounding of the weights-only product (e4m3: 2^-4 relative per element)
+    exact = ref.linear_fp8(x.float(), w8, scale)
+    assert float((got.float() - exact).norm() / exact.norm()) < 0.05
+    with pytest.raises(ValueError, match="FP8"):
+        linear_w8a8(x, w8.float(), scale)
+
+
+@torch.no_grad()
+def test_w8a8_model_decodes_close_to_weights_only():
+    torch.manual_seed(0)
+    model = tiny_model(seed=1)
+    ids = torch.randint(0, 58, (2, 9))
+    l2pd.quantize(model, "fp8")
+    weights_only = model(ids).logits
+    l2pd.quantize(model, "w8a8")  # the same FP8 weights; now the activations too
+    assert model.model.transformer.blocks[0].q_proj.l2pd_w8a8 and model._l2pd_quantized == "w8a8"
+    both = model(ids).logits
+    rel = float((both - weights_only).norm() / weights_only.norm())
+    assert 0 < rel < 0.1, rel
+    l2pd.patch(model)
+    out = model.generate(ids, max_new_tokens=16, block_length=8, eotp="accepted")
+    assert not bool((out[:, 9:] == MASK).any())
 
 
 @torch.no_grad()

@@ -29,8 +29,9 @@ def add_family_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-family", choices=["llada", "dream"], default=None,
                    help="which bundled model to use when --model is not given: LLaDA's format (default) or "
                         "Dream's (shifted logits, grouped-query attention, biased q/k/v)")
-    p.add_argument("--weights", choices=["native", "fp8"], default="native",
+    p.add_argument("--weights", choices=["native", "fp8", "w8a8"], default="native",
                    help="fp8: the decoder's linear layers as e4m3 with per-channel scales (l2pd.quantize); "
+                        "w8a8: also their inputs as e4m3, one scale per token (FP8 tensor cores); "
                         "native: as loaded (default)")
 
 

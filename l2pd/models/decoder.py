@@ -52,7 +52,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def _linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     bias = getattr(module, "bias", None)
     if module.weight.dtype == torch.float8_e4m3fn:  # l2pd.quantize: e4m3 weight, per-channel scale
-        y = reference.linear_fp8(x, module.weight, module.weight_scale)
+        y = _fp8(reference, module)(x, module.weight, module.weight_scale)
         return y if bias is None else y + bias
     return F.linear(x, module.weight, bias)
 
@@ -67,8 +67,13 @@ def _lin(ops: Any, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     if getattr(module, "bias", None) is not None:
         return _linear(x, module)
     if module.weight.dtype == torch.float8_e4m3fn:
-        return ops.linear_fp8(x, module.weight, module.weight_scale)
+        return _fp8(ops, module)(x, module.weight, module.weight_scale)
     return ops.linear(x, module.weight)
+
+
+def _fp8(ops: Any, module: nn.Module) -> Any:
+    """The FP8 product of a quantized module: e4m3 activations too after ``l2pd.quantize(model, 'w8a8')``."""
+    return ops.linear_w8a8 if getattr(module, "l2pd_w8a8", False) else ops.linear_fp8
 
 
 def forward_ops(device: torch.device, fused: bool | None = None) -> Any:

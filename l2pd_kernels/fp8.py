@@ -1,0 +1,122 @@
+"""FP8 linear layers: e4m3 weights with one fp32 scale per output channel (``l2pd.quantize``).
+
+Two forms, each with its reference in ``l2pd_kernels.reference``:
+
+- ``linear_fp8`` (weights only): up to ``MAX_ROWS`` rows the skinny kernel reads the FP8 bytes and widens
+  them to the activations' dtype in registers; more rows dequantize the weight and call cuBLAS.
+- ``linear_w8a8`` (weights and activations): each row of x is scaled to e4m3 (``quantize_rows``: one scale
+  per token, its largest magnitude at 448) and the product runs on FP8 tensor cores, nothing widened: the
+  skinny kernel up to ``MAX_ROWS`` rows, cuBLAS FP8 (``torch._scaled_mm`` with row-wise scales) above.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .skinny import _INTERPRET, MAX_ROWS, _launch
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+@triton.jit
+def _round_e4m3(y):
+    """y (fp32, |y| <= 448) rounded to the nearest e4m3 value, ties to even, as fp32: the conversion that
+    follows is then exact whatever its own rounding (Triton's CPU interpreter carries no mantissa overflow)."""
+    bits = y.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & ~0xFFFFF).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    sub = (y + 24576.0) - 24576.0  # below 2^-6: multiples of 2^-9 (24576 = 1.5 * 2^14 has an ulp of 2^-9)
+    return tl.where(tl.abs(y) < 0.015625, sub, normal)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    x_row = x_ptr + row.to(tl.int64) * stride_x
+    q_row = q_ptr + row.to(tl.int64) * stride_q
+    cols = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k in range(0, K, BLOCK):
+        x = tl.load(x_row + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    m = tl.max(amax, 0)
+    scale = tl.where(m > 0, m / 448.0, 1.0)
+    tl.store(s_ptr + row, scale)
+    for k in range(0, K, BLOCK):
+        x = tl.load(x_row + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
+        y = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0))
+        tl.store(q_row + k + cols, y.to(tl.float8e4nv), mask=k + cols < K)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 x [M, K], fp32 scales [M]) for x [..., K] flattened to rows (``reference.quantize_rows_fp8``)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    M, K = x2.shape
+    q = torch.empty(M, K, dtype=FP8, device=x.device)
+    s = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M and K:
+        block = min(2048, triton.next_power_of_2(K))
+        _quantize_rows_kernel[(M,)](x2, q, s, K, x2.stride(0), q.stride(0), BLOCK=block,
+                                    num_warps=4 if block <= 1024 else 8)
+    return q, s
+
+
+def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if w.dtype != FP8 or scale.dtype != torch.float32 or scale.shape != (w.shape[0],):
+        raise ValueError(f"an FP8 weight is float8_e4m3fn [N, K] with fp32 scales [N]; got {w.dtype} "
+                         f"{tuple(w.shape)} and {scale.dtype} {tuple(scale.shape)}")
+    if w.dim() != 2 or x.shape[-1] != w.shape[1] or w.stride(1) != 1:
+        raise ValueError(f"x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply as x @ w.T")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"x {x.dtype}: expected fp32, bf16 or fp16")
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
+def _few_rows(x: torch.Tensor, rows: int) -> bool:
+    return (x.is_cuda or _INTERPRET) and 0 < rows <= MAX_ROWS
+
+
+def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (w * scale[:, None]).T`` for an e4m3 weight ``w`` [N, K] with per-output-channel fp32 ``scale``
+    [N] (``reference.linear_fp8``); the activations stay in their dtype."""
+    x2 = _check(x, w, scale)
+    rows = x2.shape[0]
+    if _few_rows(x, rows):
+        out = torch.empty(rows, w.shape[0], dtype=x.dtype, device=x.device)
+        _launch(x2, w, out, w.shape[0], False, scale=scale)
+        return out.view(*x.shape[:-1], w.shape[0])
+    if x.is_cuda and x.dtype != torch.float32:  # compute-bound: cuBLAS on the widened weight (one more rounding)
+        return (torch.nn.functional.linear(x, w.to(x.dtype)).float() * scale).to(x.dtype)
+    from .reference import linear_fp8 as plain
+
+    return plain(x, w, scale)
+
+
+def _scaled_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """cuBLAS FP8 needs a GPU of compute capability 8.9 or later and K, N multiples of 16."""
+    if not x.is_cuda or w.shape[0] % 16 or w.shape[1] % 16:
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (w * scale[:, None]).T`` with x quantized per row to e4m3 first (``reference.linear_w8a8``),
+    in x's dtype (fp32 activations are refused by cuBLAS FP8 only on its path: they go through the kernel
+    or the reference)."""
+    x2 = _check(x, w, scale)
+    rows, n = x2.shape[0], w.shape[0]
+    if _few_rows(x, rows) or (rows and _scaled_mm_ok(x, w) and x.dtype != torch.float32):
+        q, qs = quantize_rows(x2)
+        if _few_rows(x, rows):
+            out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+            _launch(q, w, out, n, False, scale=scale, x_scale=qs)
+        else:
+            out = torch._scaled_mm(q, w.t(), qs[:, None], scale[None, :], out_dtype=x.dtype)
+        return out.view(*x.shape[:-1], n)
+    from .reference import linear_w8a8 as plain
+
+    return plain(x, w, scale)
