@@ -25,14 +25,18 @@ MAX_ROWS = int(os.environ.get("L2PD_SKINNY_ROWS", "64"))  # above this, F.linear
 
 @triton.jit
 def _mac(acc, xt, wt, SWAP: tl.constexpr, IEEE: tl.constexpr):
-    """acc + x @ w.T (or its transpose, w @ x.T, with SWAP)."""
+    """acc + x @ w.T (or its transpose, w @ x.T, with SWAP); one return: the compiler takes no early one."""
     if SWAP:
         if IEEE:
-            return tl.dot(wt, tl.trans(xt), acc, input_precision="ieee")
-        return tl.dot(wt, tl.trans(xt), acc)
-    if IEEE:
-        return tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
-    return tl.dot(xt, tl.trans(wt), acc)
+            acc = tl.dot(wt, tl.trans(xt), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(wt, tl.trans(xt), acc)
+    else:
+        if IEEE:
+            acc = tl.dot(xt, tl.trans(wt), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, tl.trans(wt), acc)
+    return acc
 
 
 @triton.jit
