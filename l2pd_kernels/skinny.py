@@ -128,13 +128,15 @@ def pick_config(rows: int, n: int, k: int, gate: bool) -> tuple[int, int, int, i
     return (128, 128, 4, 4)
 
 
-def pick_config_fp8(rows: int, n: int, k: int, gate: bool) -> tuple[int, int, int, int]:
+def pick_config_fp8(rows: int, n: int, k: int, gate: bool, a8: bool = False) -> tuple[int, int, int, int]:
     """The tile for FP8 weights (``benchmarks/skinny_configs.py --weights fp8`` on an H200 at 32 rows, cold
-    weights): a byte of weight per element, so the slices are wider than bf16's for the same bytes in flight."""
+    weights), widened in registers or (``a8``) against e4m3 activations, which take longer K steps."""
+    if a8:
+        return (64, 512, 8, 4) if n <= 8192 else (64, 256, 4, 4)
     if gate:
         return (64, 256, 4, 3)
     if n <= 8192:
-        return (16, 256, 4, 4)
+        return (16, 256, 4, 3)
     return (64, 256, 4, 3)
 
 
@@ -177,7 +179,7 @@ def _fit(bm: int, bn: int, bk: int, stages: int, gate: bool, elsize: int, limit:
 def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None):
     M, K = x2.shape
     a8 = x_scale is not None
-    bn, bk, warps, stages = cfg or (pick_config_fp8(M, n_out, K, gate) if scale is not None else
+    bn, bk, warps, stages = cfg or (pick_config_fp8(M, n_out, K, gate, a8) if scale is not None else
                                     pick_config(M, n_out, K, gate))
     bm = max(16, triton.next_power_of_2(min(M, 64)))
     if cfg is None:
