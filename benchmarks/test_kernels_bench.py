@@ -122,6 +122,33 @@ def test_skinny_matmul(benchmark, rows, layer, path):
     _run(benchmark, fn, {"rows": rows, "layer": layer, "path": path}, {"graph_" + k_: v for k_, v in bw.items()})
 
 
+@cuda
+@pytest.mark.parametrize("rows", [32, 768, 2048])
+@pytest.mark.parametrize("layer", ["qkv", "out", "down", "head"])
+@pytest.mark.parametrize("path", ["bf16", "fp8", "w8a8"])
+def test_linear_fp8(benchmark, rows, layer, path):
+    """A linear layer of LLaDA-8B with bf16 weights (``l2pd_kernels.linear``), e4m3 weights widened in
+    registers (``linear_fp8``) and e4m3 weights and activations (``linear_w8a8``); 32 rows is a cached step at
+    batch 1, 768 its block refresh, 2048 a step at batch 64. ``graph_weight_read_GBps``: the weight's bytes
+    (FP8: one byte each, plus the scales) over the device time of graph replays."""
+    from l2pd_kernels import linear, linear_fp8, linear_w8a8
+    from l2pd_kernels.reference import quantize_fp8
+
+    n, k = SKINNY[layer]
+    torch.manual_seed(0)
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    if path == "bf16":
+        fn, nbytes = (lambda: linear(x, w)), w.numel() * 2
+    else:
+        w8, scale = quantize_fp8(w)
+        op = linear_fp8 if path == "fp8" else linear_w8a8
+        fn, nbytes = (lambda: op(x, w8, scale)), w8.numel() + scale.numel() * 4
+    fn()
+    bw = {"weight_read_GBps": lambda ms: nbytes / ms / 1e6}
+    _run(benchmark, fn, {"rows": rows, "layer": layer, "path": path}, {"graph_" + k_: v for k_, v in bw.items()})
+
+
 def _pool_case(rows: int, queries: int, keys: int = 768, H: int = 32, D: int = 128):
     """The engine's attention at LLaDA-8B shapes: ``rows`` requests of ``queries`` fed tokens each over
     ``keys`` cached positions (one layer), packed as the engine packs them."""
