@@ -73,10 +73,10 @@ def replay(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen_length: int, b
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("features", "margin", "entropy", "step", "labels",
                                                             "masked")}
 
-    def on_step(s, step, token, prob, canvas, margin, entropy):
+    def on_step(s, step, token, prob, canvas, margin, entropy, target):
         masked = canvas[:, s : s + token.shape[1]] == mask_id
         active = masked.any(-1)
-        label = token == final[:, s - P : s - P + token.shape[1]]
+        label = token == target  # the block's slice of ``final`` in canvas columns
         pad = block_length - token.shape[1]
         for key, name, value in (("features", "confidence", prob), ("margin", "margin", margin),
                                  ("entropy", "entropy", entropy)):
@@ -86,9 +86,9 @@ def replay(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen_length: int, b
         rows["masked"].append(torch.nn.functional.pad(masked, (0, pad))[active].cpu())
 
     strategy, tau = parse_policy(policy)
-    how = dict(target=final) if strategy == "oracle" else dict(threshold=tau)
+    how = {} if strategy == "oracle" else dict(threshold=tau)
     generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length, strategy=strategy,
-             on_step=on_step, step_stats=True, cache=cache, **how)
+             on_step=on_step, step_stats=True, cache=cache, target=final, **how)
     return {k: torch.cat(v) for k, v in rows.items()}
 
 

@@ -147,6 +147,16 @@ def _layout(adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor, attention_m
     return ids, mask, (starts, ends, filler)
 
 
+def canvas_target(target: torch.Tensor, starts: int | torch.Tensor, T: int) -> torch.Tensor:
+    """A reference answer [B, G] placed in canvas columns [B, T]: row r's answer from ``starts`` (P, or each
+    row's answer start of a shifted block-causal layout), -1 elsewhere."""
+    B, G = target.shape
+    out = torch.full((B, T), -1, dtype=torch.long, device=target.device)
+    start = torch.as_tensor(starts, device=target.device).reshape(-1, 1).expand(B, 1)
+    out.scatter_(1, start + torch.arange(G, device=target.device), target.long())
+    return out
+
+
 def _policy(spec: DecodeSpec, device: torch.device) -> Policy:
     """The step's policy: the decision's settings (baked into a captured graph) and the per-call parts."""
     flt = spec.filter
@@ -272,7 +282,9 @@ def generate(
     decoding move to the front and the step runs on those (rounded up to a power of two).
     ``on_step(block_start, step, token, prob, canvas)`` is called after each forward, before the decision
     (``canvas`` still holds the masks); with ``step_stats=True`` it also gets the softmax's ``margin=`` and
-    ``entropy=`` [B, L] (what a richer filter reads). Returns the sequences [B, P + max_new_tokens], or a
+    ``entropy=`` [B, L] (what a richer filter reads), and with ``target`` (a reference answer [B, G]; the
+    ``oracle`` strategy's), if it takes ``target=``, the block's slice of it [B, L] in canvas columns (-1
+    outside the answer). Returns the sequences [B, P + max_new_tokens], or a
     ``GenerateOutput``.
 
     Hugging Face conventions: ``input_ids`` may be a list or array; ``max_length`` (prompt + answer) when
@@ -312,6 +324,8 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     T = bounds[-1][1]  # P + G, or (block-causal) up to the end of the last block
     policy = _policy(spec, device)
     stepper, keep = _stepper(model, adapter, spec, policy, B, P, T, padded)
+    if spec.target is not None:
+        stepper.policy.target = canvas_target(spec.target, P if starts is None else starts, T)
     state = stepper.state
     state.load(input_ids, attention_mask if padded else None, mask_id)
     if phase is not None:  # nothing to decode past each row's own last block

@@ -48,7 +48,7 @@ class DecodeSpec:
     step_stats: bool  # on_step also gets margins and entropies
     stops: StopCutter  # extra end ids and stop strings
     streamer: Any = None
-    target: torch.Tensor | None = None  # the oracle's reference answer [B, G]
+    target: torch.Tensor | None = None  # a reference answer [B, G]: the oracle's, or collect's labels
     on_step: Any = None  # (block_start, step, token, prob, canvas) after each forward
     persist: int = 1  # persistence: forwards a guess must stay the same
     edit: float | None = None  # token editing (LLaDA 2.1): rewrite decided positions whose guess passes this
@@ -129,9 +129,10 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
         _check_filter(filter, block_length)
     if threshold is None:
         threshold = filter.threshold if strategy == "learn2pd" else 0.9
-    if strategy == "oracle" and (target is None or target.shape != (input_ids.shape[0], max_new_tokens)):
+    if (strategy == "oracle" or target is not None) and (
+            target is None or tuple(target.shape) != (input_ids.shape[0], max_new_tokens)):
         got = None if target is None else tuple(target.shape)
-        raise ValueError(f"strategy 'oracle' needs target [B, max_new_tokens], got {got}")
+        raise ValueError(f"target must be [B, max_new_tokens] (strategy 'oracle' needs one), got {got}")
 
     if attention_mask is not None and attention_mask.dim() == 1:
         attention_mask = attention_mask.view(1, -1)

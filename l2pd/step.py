@@ -16,6 +16,7 @@ replays; graphed and eager steps run the same kernels on the same buffers, so gr
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ class Policy:
     mask_id: int
     decide_kwargs: dict[str, Any]  # threshold, mask_id, eos_id, eotp, filter_weights, filter_block
     temperature: float = 0.0
-    target: torch.Tensor | None = None  # oracle: the reference answer [B, G]
+    target: torch.Tensor | None = None  # the reference answer in canvas columns [B, T] (oracle; collect's labels)
     on_step: Callable | None = None  # (block_start, step, token, prob, canvas), before the decision
     filter: Any = None  # held so that a stepper keyed by id(filter) never outlives it
     stats: bool = False  # compute margins and entropies (a richer filter reads them; on_step gets them)
@@ -190,14 +191,14 @@ class Stepper:
                                                            stats=True)
         else:
             token, prob = self.confidence(logits, pol.temperature, seed, suppress=pol.mask_id)
+        # the reference answer in canvas columns (-1 outside the answer): see ``l2pd.decode.canvas_target``
+        target = None if pol.target is None else pol.target[:, block_start : block_start + block_len]
         if pol.on_step is not None:
+            extra = {"target": target} if target is not None and _takes_target(pol.on_step) else {}
             if pol.stats:
-                pol.on_step(block_start, step, token, prob, st.canvas, margin=margin, entropy=entropy)
-            else:
-                pol.on_step(block_start, step, token, prob, st.canvas)
+                extra.update(margin=margin, entropy=entropy)
+            pol.on_step(block_start, step, token, prob, st.canvas, **extra)
         if pol.strategy == "oracle":
-            P = st.prompt_length
-            target = pol.target[:, block_start - P : block_start - P + block_len]
             return _oracle_step(st.canvas, token, target, block_start, pol.mask_id)
         if pol.edit is not None:  # before the decision: it rewrites decided positions, the decision fills masks
             from l2pd_kernels.reference import edit_tokens
@@ -216,6 +217,16 @@ class Stepper:
         return left
 
 
+def _takes_target(fn: Any) -> bool:
+    """Whether a step callback takes ``target=`` (by name or ``**kwargs``): callbacks written before it existed
+    keep working."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "target" or p.kind is p.VAR_KEYWORD for p in params)
+
+
 @dataclass
 class _Graph:
     graph: Any = None
@@ -223,13 +234,15 @@ class _Graph:
 
 
 def _oracle_step(canvas: torch.Tensor, token: torch.Tensor, target: torch.Tensor, s: int, mask_id: int):
-    """Learn2PD's replay: accept every masked position whose guess equals the answer; if none, fill the block."""
+    """Learn2PD's replay: accept every masked position whose guess equals the answer; if none, fill the block.
+    Positions past the answer (target -1: a block-causal model's last block) take their guess."""
     block = canvas[:, s : s + token.shape[1]]
     masked = block == mask_id
-    accept = masked & (token == target)
+    want = torch.where(target < 0, token, target)
+    accept = masked & (token == want)
     stuck = masked.any(-1) & ~accept.any(-1)
     accept |= masked & stuck[:, None]
-    block.copy_(torch.where(accept, target, block))
+    block.copy_(torch.where(accept, want, block))
     return (block == mask_id).sum(-1)
 
 

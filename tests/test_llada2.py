@@ -277,6 +277,32 @@ def test_learn2pd_runs_on_llada2():
     assert adapter_for(model).fingerprint_parts()[0]["family"] == "llada2"
 
 
+@torch.no_grad()
+def test_oracle_replay_and_collect_labels_on_llada2():
+    """Learn2PD's replay on a block-causal model, where the first decoding block holds the prompt's tail and a
+    padded batch is laid out shifted: the oracle rebuilds its reference answer in every row, and collect's labels
+    compare each masked position's guess with that answer at its own column."""
+    from l2pd.collect import replay
+
+    model = tiny_llada2(7)
+    torch.manual_seed(1)
+    ids = torch.randint(0, 58, (3, 7))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = EOS, 0  # rows of 7, 5 and 4 tokens: three layouts
+    ids[2, :3], mask[2, :3] = EOS, 0
+    final = generate(model, ids, mask, max_new_tokens=10, block_length=4, strategy="steps")
+    out = generate(model, ids, mask, max_new_tokens=10, block_length=4, strategy="oracle", target=final[:, 7:])
+    assert torch.equal(out, final)
+    # one row: the first attention block is columns 4..7, so its decision covers column 7 alone (padded to 4)
+    data = replay(model, ids[:1], mask[:1], 10, 4)
+    assert data["masked"][0].tolist() == [True, False, False, False]
+    assert not bool(data["labels"][0, 1:].any())
+    logits = model(torch.cat([ids[:1], torch.full((1, 1), MASK)], 1), block_length=4).logits[0, 7]
+    logits[MASK] = -float("inf")  # decoding never proposes the mask token
+    assert bool(data["labels"][0, 0]) == bool(logits.argmax() == final[0, 7])
+    assert int(data["labels"].sum()) >= 1 and bool((data["labels"] <= data["masked"]).all())
+
+
 def test_the_engine_refuses_block_causal_models():
     from l2pd.engine import Engine
 
@@ -364,3 +390,90 @@ def test_graphed_decoding_matches_eager_on_the_gpu(edit):
     eager = generate(model, prompt, cuda_graph=False, **kw)
     graphed = [generate(model, prompt, cuda_graph=True, **kw) for _ in range(3)][-1]
     assert graphed.graphed > 0 and torch.equal(eager.sequences, graphed.sequences)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("block", [4, 8])
+def test_block_diffusion_training_sees_what_decoding_sees(block):
+    """The training input [prompt, clean answer, prompt, masked answer]: each masked block's logits equal a
+    plain block-causal forward over the prompt, the clean answer blocks before it and that masked block alone
+    (what a block decode against an exact prefix cache computes), also where the prompt's tail shares the block
+    and with left padding; the clean copy is an ordinary block-causal forward."""
+    from l2pd.demo.train_model import block_diffusion_mask
+
+    model = tiny_llada2(seed=3)
+    P, G = 7, 13  # the prompt ends mid-block: its tail shares the first answer block
+    prompts = torch.randint(0, 58, (2, P))
+    prompts[1, :3] = EOS  # row 1: left padding
+    real = prompts != EOS
+    answers = torch.randint(0, 58, (2, G))
+    noisy = torch.where(torch.rand(2, G) < 0.5, MASK, answers)
+    pos, attn = block_diffusion_mask(real, G, block)
+    x = torch.cat([prompts, answers, prompts, noisy], 1)
+    out = model(x, position_ids=pos, attn_mask=attn, block_length=block).logits
+    got = out[:, 2 * P + G :]
+    for r in range(2):
+        p = prompts[r, real[r]]
+        n = p.numel()
+        for b0 in range(0, n + G, block):  # blocks in positions counted from the first real token
+            cols = [i for i in range(G) if b0 <= n + i < b0 + block]
+            if not cols:
+                continue
+            seq = torch.cat([p, answers[r, : cols[0]], noisy[r, cols[0] : cols[-1] + 1]])[None]
+            want = model(seq, block_length=block).logits[0, n + cols[0] :]
+            torch.testing.assert_close(got[r, cols], want, rtol=1e-4, atol=1e-4)
+    # the clean copy is an ordinary block-causal forward of prompt + answer
+    clean = model(torch.cat([prompts, answers], 1), attention_mask=torch.cat([real, torch.ones(2, G).bool()], 1),
+                  block_length=block).logits
+    torch.testing.assert_close(out[0, : P + G], clean[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[1, 3 : P + G], clean[1, 3:], rtol=1e-4, atol=1e-4)  # past the padding
+
+
+def test_block_diffusion_training_trains_the_experts():
+    """One step of the block-diffusion loss gives every trained part of a LLaDA2 model a gradient: attention,
+    router, routed and shared experts (the routed experts' stacked weights stay differentiable)."""
+    from l2pd.demo.train_model import block_sft_loss
+
+    model = tiny_llada2(seed=4).train()
+    torch.manual_seed(0)
+    prompts, answers = torch.randint(0, 58, (4, 6)), torch.randint(0, 58, (4, 10))
+    loss = block_sft_loss(model, prompts, answers, MASK, EOS, block=4)
+    loss.backward()
+    assert torch.isfinite(loss) and float(loss.detach()) > 0
+    moe = model.model.layers[1].mlp
+    used = [e for e in moe.experts if e.down_proj.weight.grad is not None and bool(e.down_proj.weight.grad.any())]
+    assert len(used) >= 2, "the routed experts get no gradient"
+    qkv = model.model.layers[0].attention.query_key_value
+    for p in (moe.gate.weight, moe.shared_experts.up_proj.weight, qkv.weight):
+        assert p.grad is not None and bool(p.grad.any())
+
+
+@torch.no_grad()
+def test_upcycling_a_llada_checkpoint(tmp_path):
+    """``upcycle``: with no routed experts the LLaDA 2.x-format copy of a LLaDA checkpoint gives its logits (a
+    block as long as the sequence is bidirectional attention); with experts, the MLP's units are split exactly
+    into the shared expert and the routed ones."""
+    from l2pd.demo.train_model import upcycle
+    from tests.conftest import tiny_model
+
+    dense = tiny_model(seed=2)  # the LLaDA format: 64 wide, 4 heads, MLP 128
+    dense.save_pretrained(tmp_path)
+    ids = torch.randint(0, 58, (2, 11))
+    want = dense(ids).logits
+    plain = upcycle(str(tmp_path), dense_layers=dense.config.n_layers).eval()
+    assert not any(hasattr(layer.mlp, "experts") for layer in plain.model.layers)
+    torch.testing.assert_close(plain(ids, block_length=64).logits, want, rtol=1e-4, atol=1e-4)
+
+    moe = upcycle(str(tmp_path), experts=4, top_k=2).eval()
+    F_ = dense.config.mlp_hidden_size
+    src = dense.model.transformer.blocks[1]
+    mlp = moe.model.layers[1].mlp
+    assert len(mlp.experts) == 4 and mlp.shared_experts.up_proj.weight.shape[0] == F_ // 2
+    units = torch.cat([mlp.shared_experts.gate_proj.weight] + [e.gate_proj.weight for e in mlp.experts])
+    torch.testing.assert_close(units, src.ff_proj.weight)
+    down = torch.cat([mlp.shared_experts.down_proj.weight] + [e.down_proj.weight for e in mlp.experts], 1)
+    torch.testing.assert_close(down, src.ff_out.weight)
+    assert sum(p.numel() for p in moe.parameters()) == sum(p.numel() for p in dense.parameters()) + sum(
+        layer.mlp.gate.weight.numel() for layer in moe.model.layers[1:])
+    out = generate(moe, ids, max_new_tokens=8, block_length=4, strategy="threshold", threshold=0.9)
+    assert out.shape == (2, 19) and not bool((out[:, 11:] == moe.config.mask_token_id).any())

@@ -11,6 +11,12 @@ weighted by 1/t, summed and divided by the canvas length, as in LLaDA's SFT. Can
 With ``--checkpoint-minutes`` the folder holds a loadable bf16 checkpoint during training as well (a
 long run in the background can be harvested at any time); ``--init`` continues from such a folder.
 
+``--family llada2`` trains a LLaDA 2.x-format model (mixture of experts, block-causal attention) with block
+diffusion: each problem is fed twice, clean and with the answer masked; a masked block attends to the clean
+blocks before it and to itself, as decoding a block against an exact prefix cache does (``block_sft_loss``).
+
+    python -m l2pd.demo.train_model --family llada2 --out runs/llada2 --minutes 8 --no-compile
+
 ``--hard-fraction F`` mixes in problems of the task's ``hard`` level (5 or 6 steps), which the bundled model
 never saw: a model trained on the mix is less sure on the ``hard-test`` split, so decoding has headroom there.
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -32,8 +39,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..models.decoder import positions_from_mask
 from ..models.dream import DreamConfig, DreamModel
 from ..models.llada import LLaDAConfig, LLaDAModelLM
+from ..models.llada2 import LLaDA2Config, LLaDA2MoeModelLM
 from .task import TRAIN_SEEDS, problem
 from .tokenizer import build_tokenizer, prompt_text
 
@@ -95,6 +104,43 @@ def sft_loss(model, prompts, answers, mask_id: int, pad_id: int, eps: float = 1e
     return ((ce * masked) / t).sum() / (B * G)
 
 
+def block_diffusion_mask(prompt_real: torch.Tensor, G: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position ids [B, 2(P + G)], SDPA mask [B, 1, S, S]) for ``[prompt, clean answer, prompt, masked answer]``
+    with left-padded prompts (``prompt_real`` [B, P], True at real tokens). Blocks are ``position // block``,
+    positions counted from each row's first real token (as decoding counts them). A clean token sees the
+    clean tokens of its block and the blocks before (block-causal); a token of the second, masked copy sees
+    the clean blocks before its own and the masked copy of its own block (the prompt's tail included): what
+    decoding that block against an exact prefix cache computes."""
+    B, P = prompt_real.shape
+    dev = prompt_real.device
+    real = torch.cat([prompt_real, torch.ones(B, G, dtype=torch.bool, device=dev)], 1)
+    pos = positions_from_mask(real)
+    pos = torch.cat([pos, pos], 1)
+    blk = pos // block
+    noisy = torch.zeros(pos.shape[1], dtype=torch.bool, device=dev)
+    noisy[P + G :] = True
+    bq, bk = blk[:, :, None], blk[:, None, :]
+    nq, nk = noisy[None, :, None], noisy[None, None, :]
+    allowed = torch.where(nq, (~nk & (bk < bq)) | (nk & (bk == bq)), ~nk & (bk <= bq))
+    return pos, (allowed & torch.cat([real, real], 1)[:, None, :])[:, None]
+
+
+def block_sft_loss(model, prompts, answers, mask_id: int, pad_id: int, block: int = 32,
+                   eps: float = 1e-3) -> torch.Tensor:
+    """``sft_loss`` for a block-causal model, every block at once: the input is the prompt and clean answer,
+    then the prompt and masked answer (``block_diffusion_mask``); logits and loss come from the masked answer."""
+    B, G = answers.shape
+    P = prompts.shape[1]
+    t = eps + (1 - eps) * torch.rand(B, 1, device=answers.device)
+    masked = torch.rand(B, G, device=answers.device) < t
+    x = torch.cat([prompts, answers, prompts, torch.where(masked, mask_id, answers)], 1)
+    pos, attn = block_diffusion_mask(prompts != pad_id, G, block)
+    S = 2 * (P + G)
+    logits = model(x, position_ids=pos, attn_mask=attn, logits_slice=(S - G, S), block_length=block).logits
+    ce = F.cross_entropy(logits.float().reshape(B * G, -1), answers.reshape(-1), reduction="none").view(B, G)
+    return ((ce * masked) / t).sum() / (B * G)
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (checkpoint + tokenizer + training.json)")
@@ -107,9 +153,19 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--mlp", type=int, default=768)
-    ap.add_argument("--family", choices=["llada", "dream"], default="llada",
-                    help="the checkpoint format: LLaDA, or Dream (biased q/k/v, grouped-query attention with half "
-                         "as many key/value heads, shifted logits)")
+    ap.add_argument("--family", choices=["llada", "dream", "llada2"], default="llada",
+                    help="the checkpoint format: LLaDA, Dream (biased q/k/v, grouped-query attention with half "
+                         "as many key/value heads, shifted logits) or LLaDA 2.x (fused q/k/v with q/k norms, "
+                         "partial RoPE, half as many key/value heads, a dense first layer, then --experts routed "
+                         "experts and one shared expert; block-causal, trained by block diffusion)")
+    ap.add_argument("--experts", type=int, default=8, help="llada2: routed experts per layer")
+    ap.add_argument("--experts-per-token", type=int, default=2, help="llada2: experts each token is routed to")
+    ap.add_argument("--moe-mlp", type=int, default=96, help="llada2: the width of each expert (and the shared one)")
+    ap.add_argument("--block-length", type=int, default=32, help="llada2: the attention block of training")
+    ap.add_argument("--from-dense", metavar="DIR",
+                    help="llada2: start from a LLaDA-format checkpoint (upcycling): embeddings, attention, norms and "
+                         "head copied; the first layer's MLP kept dense; each later MLP split into a shared expert "
+                         "(the first half of its units) and --experts routed experts (the rest, in equal slices)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--first-problem", type=int, default=0,
                     help="index of the first training seed (fresh problems for a continued run)")
@@ -130,7 +186,16 @@ def _model(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, Any]:
     vocab = len(tokenizer)
     ids = dict(mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
-    if args.family == "dream":
+    if args.family == "llada2":
+        config = LLaDA2Config(
+            hidden_size=args.d_model, num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 2),
+            head_dim=args.d_model // args.heads, num_hidden_layers=args.layers, intermediate_size=args.mlp,
+            vocab_size=-(-vocab // 64) * 64, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
+            num_experts=args.experts, num_experts_per_tok=args.experts_per_token, n_group=min(4, args.experts),
+            topk_group=max(1, min(4, args.experts) // 2), moe_intermediate_size=args.moe_mlp, num_shared_experts=1,
+            first_k_dense_replace=1, **ids)
+        model_cls = LLaDA2MoeModelLM
+    elif args.family == "dream":
         config = DreamConfig(hidden_size=args.d_model, num_attention_heads=args.heads,
                              num_key_value_heads=max(1, args.heads // 2), num_hidden_layers=args.layers,
                              intermediate_size=args.mlp, vocab_size=-(-vocab // 64) * 64,
@@ -144,6 +209,9 @@ def _model(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, Any]:
         )
         model_cls = LLaDAModelLM
     dev = torch.device(args.device)
+    if args.from_dense:
+        model = upcycle(args.from_dense, args.experts, args.experts_per_token).to(dev)
+        return model, model.config
     if args.init:
         model = model_cls.from_pretrained(args.init, torch_dtype=torch.float32, device=dev)
         config = model.config
@@ -152,24 +220,77 @@ def _model(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, Any]:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if p.dim() == 2:
-                    out_proj = any(k in name for k in ("ff_out", "attn_out", "o_proj", "down_proj"))
+                    out_proj = any(k in name for k in ("ff_out", "attn_out", "o_proj", "down_proj", "attention.dense"))
                     torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * args.layers) if out_proj else 0.02)
                 elif name.endswith(".bias"):
                     torch.nn.init.zeros_(p)
     return model, config
 
 
+def upcycle(dense_dir: str, experts: int = 8, top_k: int = 2, dense_layers: int = 1) -> LLaDA2MoeModelLM:
+    """A LLaDA 2.x-format model (fp32) from a LLaDA-format checkpoint: full RoPE, no q/k norms and as many
+    key/value heads as the source (so attention is copied exactly); the first ``dense_layers`` MLPs dense, each
+    later one split by its hidden units into a shared expert (the first half) and ``experts`` routed experts
+    of equal width (the rest), routed ``top_k`` at a time. Same parameter count as the source plus the routers."""
+    src = LLaDAModelLM.from_pretrained(dense_dir, torch_dtype=torch.float32)
+    c = src.config
+    F_ = c.mlp_hidden_size
+    if F_ % 2 or (F_ // 2) % experts or c.n_kv_heads != c.n_heads or c.weight_tying:
+        raise ValueError(f"{dense_dir}: upcycling needs an untied head, as many K/V heads as heads and an MLP "
+                         f"width ({F_}) whose half splits into {experts} experts")
+    width = F_ // 2 // experts
+    cfg = LLaDA2Config(
+        hidden_size=c.d_model, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,
+        head_dim=c.d_model // c.n_heads, num_hidden_layers=c.n_layers, intermediate_size=F_,
+        vocab_size=c.embedding_size or c.vocab_size, max_position_embeddings=c.max_sequence_length,
+        rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps, partial_rotary_factor=1.0, use_qk_norm=False,
+        num_experts=experts if dense_layers < c.n_layers else 0, num_experts_per_tok=top_k,
+        n_group=min(4, experts), topk_group=max(1, min(4, experts) // 2), moe_intermediate_size=width,
+        num_shared_experts=experts, first_k_dense_replace=dense_layers, mask_token_id=c.mask_token_id,
+        eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, bos_token_id=getattr(c, "bos_token_id", None))
+    model = LLaDA2MoeModelLM(cfg)
+    t, m = src.model.transformer, model.model
+    with torch.no_grad():
+        m.word_embeddings.weight.copy_(t.wte.weight)
+        model.lm_head.weight.copy_(t.ff_out.weight)
+        m.norm.weight.copy_(t.ln_f.weight)
+        for b, layer in zip(t.blocks, m.layers):
+            layer.input_layernorm.weight.copy_(b.attn_norm.weight)
+            layer.post_attention_layernorm.weight.copy_(b.ff_norm.weight)
+            layer.attention.query_key_value.weight.copy_(torch.cat([b.q_proj.weight, b.k_proj.weight,
+                                                                     b.v_proj.weight]))
+            layer.attention.dense.weight.copy_(b.attn_out.weight)
+            mlp = layer.mlp
+            parts = [(mlp, 0, F_)] if not hasattr(mlp, "experts") else [(mlp.shared_experts, 0, F_ // 2)] + [
+                (e, F_ // 2 + i * width, F_ // 2 + (i + 1) * width) for i, e in enumerate(mlp.experts)]
+            for dst, lo, hi in parts:
+                dst.gate_proj.weight.copy_(b.ff_proj.weight[lo:hi])
+                dst.up_proj.weight.copy_(b.up_proj.weight[lo:hi])
+                dst.down_proj.weight.copy_(b.ff_out.weight[:, lo:hi])
+            if hasattr(mlp, "experts"):
+                torch.nn.init.normal_(mlp.gate.weight, std=0.02)
+    return model
+
+
 def _data(args: argparse.Namespace) -> tuple[Any, list, torch.Tensor, torch.Tensor]:
     """(tokenizer, problems, prompt ids, answer ids): the problems drawn, the tokenizer trained or reused."""
     pairs = make_problems(args.problems, args.workers, args.first_problem, args.hard_fraction)
-    if args.init or args.tokenizer:
+    if args.init or args.tokenizer or args.from_dense:
         from transformers import PreTrainedTokenizerFast
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.init or args.tokenizer)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.init or args.tokenizer or args.from_dense)
     else:
         tokenizer = build_tokenizer(f"{q}\n{a}" for q, a in pairs[:50_000])
     prompts, answers = encode(tokenizer, pairs, HARD_PROMPT_SLOTS if args.hard_fraction > 0 else PROMPT_SLOTS)
     return tokenizer, pairs, prompts, answers
+
+
+def _loss(args: argparse.Namespace) -> tuple[Any, int]:
+    """(the loss function, how many times each problem is fed): block diffusion for the block-causal family."""
+    if args.family == "llada2":  # routing reads expert ids on the host: no torch.compile
+        args.no_compile = True
+        return functools.partial(block_sft_loss, block=args.block_length), 2
+    return sft_loss, 1
 
 
 def _swap_in(tmp: str, out: str) -> None:
@@ -191,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--minutes, --problems, --tokens-per-batch and --lr must be positive")
     if args.first_problem < 0 or not 0 <= args.hard_fraction <= 1:
         ap.error("--first-problem must be >= 0 and --hard-fraction in [0, 1]")
+    if args.from_dense and (args.family != "llada2" or args.init):
+        ap.error("--from-dense starts a --family llada2 model from a LLaDA-format checkpoint (not with --init)")
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True
     t_start = time.time()
@@ -206,9 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     gens, weights = zip(*CANVAS_MIX)
     gen_choice = torch.multinomial(torch.tensor(weights), 1_000_000, replacement=True)
     budget = args.minutes * 60
-    loss_fn = sft_loss
-    if dev.type == "cuda" and not args.no_compile:
-        loss_fn = torch.compile(sft_loss)
+    plain, fed = _loss(args)
+    loss_fn = torch.compile(plain) if dev.type == "cuda" and not args.no_compile else plain
     eos_fill = torch.full((1, 1), config.eos_token_id, device=dev, dtype=torch.long)
     curve, step, t0 = [], 0, time.time()
     t_data = t0 - t_start
@@ -223,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__, "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t0, 1),
             "steps": step, "finished": final, "parameters": n_params,
             "final_loss": curve[-1]["loss"] if curve else None, "problems": len(pairs),
-            "first_problem": args.first_problem, "init": args.init, "hard_fraction": args.hard_fraction,
+            "first_problem": args.first_problem, "init": args.init, "from_dense": args.from_dense,
+            "hard_fraction": args.hard_fraction, "family": args.family,
             "canvas_mix": CANVAS_MIX, "tokens_per_batch": args.tokens_per_batch, "lr": args.lr,
             "loss_curve": curve,
         }
@@ -243,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr
         G = gens[int(gen_choice[step % len(gen_choice)])]
-        B = max(1, args.tokens_per_batch // (prompts_all.shape[1] + G))
+        B = max(1, args.tokens_per_batch // (fed * (prompts_all.shape[1] + G)))
         idx = torch.randint(0, len(pairs), (B,), device=dev)
         answers = answers_all[idx]
         if G > ANSWER_SLOTS:
@@ -252,10 +375,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 loss = loss_fn(model, prompts_all[idx], answers[:, :G], config.mask_token_id, config.pad_token_id)
             except Exception as exc:  # a broken compile toolchain: train eagerly rather than not at all
-                if loss_fn is sft_loss:
+                if loss_fn is plain:
                     raise
                 print(f"torch.compile failed ({type(exc).__name__}: {exc}); training eagerly", flush=True)
-                loss_fn = sft_loss
+                loss_fn = plain
                 loss = loss_fn(model, prompts_all[idx], answers[:, :G], config.mask_token_id, config.pad_token_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()

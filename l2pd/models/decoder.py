@@ -235,9 +235,12 @@ def decoder_forward(
     logits_index: torch.Tensor | None = None,
     fused: bool | None = None,
     pack: Pack | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``llada_forward`` over any ``Decoder`` (same arguments, same result). With ``pack`` (and ``cache``
-    the engine's slot pool, ``position_ids`` given) ``input_ids`` [1, N] are many requests' fed tokens."""
+    the engine's slot pool, ``position_ids`` given) ``input_ids`` [1, N] are many requests' fed tokens.
+    ``attn_mask`` (bool [B, 1, S, S], True = may attend; no cache) replaces the mask the decoder would build:
+    block-diffusion training (``l2pd.demo.train_model``) attends across a clean and a noised copy."""
     bsz, seq = input_ids.shape
     if pack is not None:
         if cache is None or attention_mask is not None or position_ids is None or bsz != 1:
@@ -259,7 +262,12 @@ def decoder_forward(
     # SDPA mask: True = may attend. Pass attention_mask=None when nothing is padded: that keeps the fused
     # flash kernels and avoids checking the mask on the host at every forward.
     sdpa_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-    if dec.block_causal:
+    if attn_mask is not None:
+        if cache is not None or attn_mask.shape != (bsz, 1, seq, seq) or attn_mask.dtype != torch.bool:
+            raise ValueError(f"attn_mask must be bool [{bsz}, 1, {seq}, {seq}] without a cache, got "
+                             f"{attn_mask.dtype} {tuple(attn_mask.shape)}")
+        sdpa_mask = attn_mask
+    elif dec.block_causal:
         if pack is not None:
             raise ValueError("block-causal attention is not supported in a packed (engine) forward")
         sdpa_mask = _block_causal_mask(dec.block_causal, position_ids, attention_mask, total)
@@ -355,8 +363,12 @@ def _router_weight(moe: MoE) -> torch.Tensor:
 def expert_weights(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate|up [E, 2I, D], down [E, D, I]) of the experts. On CUDA the experts' parameters become views of
     these two buffers (kept on ``moe.owner``, no extra memory, state dict unchanged), as ``pack_layers`` does;
-    elsewhere they are stacked anew at each call (safetensors cannot save CPU tensors that share storage)."""
+    elsewhere they are stacked anew at each call (safetensors cannot save CPU tensors that share storage).
+    With autograd on and trainable experts, a fresh differentiable stack (training)."""
     mods = list(moe.experts)
+    if torch.is_grad_enabled() and mods[0].gate_proj.weight.requires_grad:
+        return (torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in mods]),
+                torch.stack([m.down_proj.weight for m in mods]))
     kept = vars(moe.owner).get("_l2pd_experts")
     if kept is not None:
         w13, w2 = kept
