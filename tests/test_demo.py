@@ -120,14 +120,42 @@ def test_bundled_dream_model_and_filter():
         l2pd.demo.load(device="cpu", family="mdm")
 
 
-def test_cli_model_family_picks_the_bundle_and_refuses_with_model(capsys):
+def test_bundled_llada2_model_and_filter():
+    """The LLaDA 2.x-format bundle: the official layout (fused q/k/v, routed and shared experts), under 15 MB,
+    its filter found and fitting it; its shipped default (filter + EoTP at block 32) answers held-out problems
+    in a few forwards."""
+    import os
+
+    import l2pd.demo
+    from l2pd.evaluate import evaluate
+    from l2pd.models import LLaDA2MoeModelLM
+
+    folder = l2pd.demo.FAMILIES["llada2"][0]
+    assert os.path.getsize(os.path.join(folder, "model.safetensors")) < 15e6
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["model_type"] == "llada2_moe" and cfg["num_experts"] == 8
+    model, tok = l2pd.demo.load(device="cpu", family="llada2")
+    assert isinstance(model, LLaDA2MoeModelLM)
+    names = set(model.state_dict())
+    assert {"model.layers.0.attention.query_key_value.weight", "model.layers.1.mlp.experts.7.down_proj.weight",
+            "model.layers.1.mlp.shared_experts.up_proj.weight", "model.layers.1.mlp.gate.expert_bias",
+            "lm_head.weight"} <= names
+    flt = model.l2pd_filter
+    assert (flt.kind, flt.block_length, flt.meta["eotp"]) == ("shared", 32, "accepted")
+    r = evaluate(model, tok, split("test", 4), batch_size=4, progress=False)
+    assert r["accuracy"] == 1.0 and r["mean_nfe"] < 20, r
+
+
+@pytest.mark.parametrize("family,forwards", [("dream", 6), ("llada2", 20)])
+def test_cli_model_family_picks_the_bundle_and_refuses_with_model(capsys, family, forwards):
     from l2pd.cli import main
 
-    assert main(["eval", "--model-family", "dream", "--problems", "2", "--batch-size", "2", "--device", "cpu",
+    assert main(["eval", "--model-family", family, "--problems", "2", "--batch-size", "2", "--device", "cpu",
                  "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["problems"] == 2 and r["mean_nfe"] < 6
-    assert main(["eval", "--model-family", "dream", "--model", MODEL_DIR, "--problems", "1", "--device",
+    assert r["problems"] == 2 and r["accuracy"] == 1.0 and r["mean_nfe"] < forwards
+    assert main(["eval", "--model-family", family, "--model", MODEL_DIR, "--problems", "1", "--device",
                  "cpu"]) == 2
     assert "--model-family picks a bundled model" in capsys.readouterr().err
 

@@ -20,7 +20,7 @@ def build_parser() -> Parser:
         description="Fast parallel decoding for diffusion language models (LLaDA, Dream): a learned unmasking "
         "filter (Learn2PD), end-of-text prediction (EoTP) and a block KV cache. Without --model, commands "
         "use the bundled small model trained on grade-school word problems (LLaDA format; --model-family "
-        "dream for the Dream-format one).",
+        "dream or llada2 for the Dream- or LLaDA 2.x-format one).",
     )
     parser.add_argument("--threads", type=threads_type, default=None,
                         help="CPU threads torch may use (default: OMP_NUM_THREADS, else all cores); on a shared "

@@ -26,9 +26,10 @@ def add_device_arg(p: argparse.ArgumentParser, default: str = "cuda when availab
 
 
 def add_family_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-family", choices=["llada", "dream"], default=None,
-                   help="which bundled model to use when --model is not given: LLaDA's format (default) or "
-                        "Dream's (shifted logits, grouped-query attention, biased q/k/v)")
+    p.add_argument("--model-family", choices=["llada", "dream", "llada2"], default=None,
+                   help="which bundled model to use when --model is not given: LLaDA's format (default), "
+                        "Dream's (shifted logits, grouped-query attention, biased q/k/v) or LLaDA 2.x's "
+                        "(mixture of experts, block-causal attention: the decoding block is its attention block)")
     p.add_argument("--weights", choices=["native", "fp8", "w8a8"], default="native",
                    help="fp8: the decoder's linear layers as e4m3 with per-channel scales (l2pd.quantize); "
                         "w8a8: also their inputs as e4m3, one scale per token (FP8 tensor cores); "

@@ -1,6 +1,7 @@
 """The bundled models: small masked-diffusion LMs trained on the word problems of ``task``, one in LLaDA's
-format (``assets/model``, its filter in ``assets/filter``) and one in Dream's (``assets/dream``, its filter in
-``assets/dream/filter``)."""
+format (``assets/model``, its filter in ``assets/filter``), one in Dream's (``assets/dream``, its filter in
+``assets/dream/filter``) and one in LLaDA 2.x's (``assets/llada2``: mixture of experts, block-causal; its filter
+in ``assets/llada2/filter``)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 MODEL_DIR = os.path.join(ASSETS, "model")
 FILTER_DIR = os.path.join(ASSETS, "filter")
 DREAM_DIR = os.path.join(ASSETS, "dream")
-FAMILIES = {"llada": (MODEL_DIR, FILTER_DIR), "dream": (DREAM_DIR, os.path.join(DREAM_DIR, "filter"))}
+LLADA2_DIR = os.path.join(ASSETS, "llada2")
+FAMILIES = {"llada": (MODEL_DIR, FILTER_DIR), "dream": (DREAM_DIR, os.path.join(DREAM_DIR, "filter")),
+            "llada2": (LLADA2_DIR, os.path.join(LLADA2_DIR, "filter"))}
 
 
 def load(device: str | None = None, dtype: Any = None, filter: bool = True, family: str = "llada"):
-    """(model, tokenizer) of the bundled checkpoint of ``family`` ('llada' or 'dream'), from package data (no
-    network).
+    """(model, tokenizer) of the bundled checkpoint of ``family`` ('llada', 'dream' or 'llada2'), from package
+    data (no network).
 
     The model comes patched (``model.generate``), with the bundled filter as its default when one ships and
     ``filter`` is true. Default dtype: bf16 on CUDA, fp32 on the CPU (faster there).
