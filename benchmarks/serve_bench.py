@@ -388,7 +388,7 @@ def setup(args):
     return models, engines, options, vocab, avoid, pad
 
 
-def main(argv=None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=["bundled", "8b"], default="bundled")
     ap.add_argument("--suite", default="saturated,mixed,single", help="comma list: saturated, mixed, single, "
@@ -406,6 +406,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--scale", type=float, default=1.0, help="lengths times this (CPU: 0.125 keeps it short)")
     ap.add_argument("--out", default=None)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = _parser()
     args = ap.parse_args(argv)
     gpu = torch.cuda.is_available() and args.device != "cpu"
     args.max_batch = args.max_batch or (64 if gpu else 8)

@@ -402,10 +402,17 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     seconds = time.perf_counter() - t0
     if compact:
         canvas, nfe = _unpermute(canvas, order), _unpermute(nfe, order)
-    if starts is not None:  # each row's answer back after the prompt as given
-        sequences = torch.cat([given_ids, canvas.gather(1, starts[:, None] + torch.arange(G, device=device))], 1)
-    else:  # a kept stepper's canvas is reused by the next call
-        sequences = canvas[:, : P + G].clone() if (keep and not compact) or T > P + G else canvas
+    sequences = _sequences(canvas, given_ids, starts, G, T, keep and not compact)
     if spec.return_dict:
         return GenerateOutput(sequences, nfe, forwards, seconds, graphed)
     return sequences
+
+
+def _sequences(canvas: torch.Tensor, given_ids: torch.Tensor, starts: torch.Tensor | None, G: int, T: int,
+               kept: bool) -> torch.Tensor:
+    """The decoded sequences [B, P + G] from the final canvas: each row's answer after its prompt as given."""
+    P = given_ids.shape[1]
+    if starts is not None:  # a shifted block-causal layout
+        return torch.cat([given_ids, canvas.gather(1, starts[:, None] + torch.arange(G, device=canvas.device))], 1)
+    # a kept stepper's canvas is reused by the next call
+    return canvas[:, : P + G].clone() if kept or T > P + G else canvas

@@ -259,18 +259,7 @@ def decoder_forward(
         if start + seq > cache.length:
             raise ValueError(f"positions {start}..{start + seq} exceed the cache length {cache.length}")
         slots = torch.arange(start, start + seq, device=device)
-    # SDPA mask: True = may attend. Pass attention_mask=None when nothing is padded: that keeps the fused
-    # flash kernels and avoids checking the mask on the host at every forward.
-    sdpa_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
-    if attn_mask is not None:
-        if cache is not None or attn_mask.shape != (bsz, 1, seq, seq) or attn_mask.dtype != torch.bool:
-            raise ValueError(f"attn_mask must be bool [{bsz}, 1, {seq}, {seq}] without a cache, got "
-                             f"{attn_mask.dtype} {tuple(attn_mask.shape)}")
-        sdpa_mask = attn_mask
-    elif dec.block_causal:
-        if pack is not None:
-            raise ValueError("block-causal attention is not supported in a packed (engine) forward")
-        sdpa_mask = _block_causal_mask(dec.block_causal, position_ids, attention_mask, total)
+    sdpa_mask = _sdpa_mask(dec, attention_mask, attn_mask, position_ids, total, cache, pack, bsz, seq)
 
     ops = forward_ops(device, fused)
     n_heads, n_kv, head_dim, eps = dec.n_heads, dec.n_kv, dec.head_dim, dec.eps
@@ -385,6 +374,22 @@ def expert_weights(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
             m.down_proj.weight.data = w2[i]
         object.__setattr__(moe.owner, "_l2pd_experts", (w13, w2))
     return w13, w2
+
+
+def _sdpa_mask(dec: Decoder, attention_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
+               position_ids: torch.Tensor, total: int, cache: Any, pack: Any, bsz: int, seq: int):
+    """SDPA's mask (True = may attend): ``attn_mask`` as given, the block-causal one, the padding one, or None.
+    None when nothing is padded keeps the fused flash kernels and avoids checking the mask on the host."""
+    if attn_mask is not None:
+        if cache is not None or attn_mask.shape != (bsz, 1, seq, seq) or attn_mask.dtype != torch.bool:
+            raise ValueError(f"attn_mask must be bool [{bsz}, 1, {seq}, {seq}] without a cache, got "
+                             f"{attn_mask.dtype} {tuple(attn_mask.shape)}")
+        return attn_mask
+    if dec.block_causal:
+        if pack is not None:
+            raise ValueError("block-causal attention is not supported in a packed (engine) forward")
+        return _block_causal_mask(dec.block_causal, position_ids, attention_mask, total)
+    return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
 
 
 def _block_causal_mask(block: int, position_ids: torch.Tensor, attention_mask: torch.Tensor | None,
