@@ -98,10 +98,12 @@ def test_bundled_model_greedy_answer_is_fixed_and_correct():
     assert is_correct(text, p.answer)
 
 
-def test_bundled_dream_model_and_filter():
+def test_bundled_dream_model_and_filter(monkeypatch):
     """The Dream-format bundle: the official module tree and config, its shared filter at block 128, and
     learn2pd + EoTP answering held-out problems in a few forwards."""
     import l2pd.demo
+
+    monkeypatch.setenv("L2PD_BACKEND", "torch")  # the decision's PyTorch ops: the kernels have their own tests
     from l2pd.evaluate import evaluate
     from l2pd.models.dream import DreamModel
 
@@ -120,12 +122,13 @@ def test_bundled_dream_model_and_filter():
         l2pd.demo.load(device="cpu", family="mdm")
 
 
-def test_bundled_llada2_model_and_filter():
+def test_bundled_llada2_model_and_filter(monkeypatch):
     """The LLaDA 2.x-format bundle: the official layout (fused q/k/v, routed and shared experts), under 15 MB,
     its filter found and fitting it; its shipped default (filter + EoTP at block 32) answers held-out problems
     in a few forwards."""
     import os
 
+    monkeypatch.setenv("L2PD_BACKEND", "torch")  # the decision's PyTorch ops: the kernels have their own tests
     import l2pd.demo
     from l2pd.evaluate import evaluate
     from l2pd.models import LLaDA2MoeModelLM
@@ -148,9 +151,10 @@ def test_bundled_llada2_model_and_filter():
 
 
 @pytest.mark.parametrize("family,forwards", [("dream", 6), ("llada2", 20)])
-def test_cli_model_family_picks_the_bundle_and_refuses_with_model(capsys, family, forwards):
+def test_cli_model_family_picks_the_bundle_and_refuses_with_model(capsys, monkeypatch, family, forwards):
     from l2pd.cli import main
 
+    monkeypatch.setenv("L2PD_BACKEND", "torch")  # the decision's PyTorch ops: the kernels have their own tests
     assert main(["eval", "--model-family", family, "--problems", "2", "--batch-size", "2", "--device", "cpu",
                  "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
