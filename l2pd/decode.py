@@ -35,7 +35,7 @@ import torch
 from .hf import FinalTokenStream
 from .models import adapter_for
 from .spec import DecodeSpec, resolve
-from .step import DecodeState, Policy, Stepper, stepper_for
+from .step import DecodeState, Policy, Stepper, stepper_for, takes_target
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -326,6 +326,8 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     stepper, keep = _stepper(model, adapter, spec, policy, B, P, T, padded)
     if spec.target is not None:
         stepper.policy.target = canvas_target(spec.target, P if starts is None else starts, T)
+    # once per decode, not per step: whether the callback takes the reference answer's block slice
+    stepper.policy.on_step_target = spec.target is not None and spec.on_step is not None and takes_target(spec.on_step)
     state = stepper.state
     state.load(input_ids, attention_mask if padded else None, mask_id)
     if phase is not None:  # nothing to decode past each row's own last block

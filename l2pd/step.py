@@ -41,6 +41,7 @@ class Policy:
     temperature: float = 0.0
     target: torch.Tensor | None = None  # the reference answer in canvas columns [B, T] (oracle; collect's labels)
     on_step: Callable | None = None  # (block_start, step, token, prob, canvas), before the decision
+    on_step_target: bool = False  # on_step also gets target= (it takes it, and a target is given)
     filter: Any = None  # held so that a stepper keyed by id(filter) never outlives it
     stats: bool = False  # compute margins and entropies (a richer filter reads them; on_step gets them)
     step_input: bool = False  # the filter reads the step index in the block (params' second word)
@@ -194,7 +195,7 @@ class Stepper:
         # the reference answer in canvas columns (-1 outside the answer): see ``l2pd.decode.canvas_target``
         target = None if pol.target is None else pol.target[:, block_start : block_start + block_len]
         if pol.on_step is not None:
-            extra = {"target": target} if target is not None and _takes_target(pol.on_step) else {}
+            extra = {"target": target} if pol.on_step_target else {}
             if pol.stats:
                 extra.update(margin=margin, entropy=entropy)
             pol.on_step(block_start, step, token, prob, st.canvas, **extra)
@@ -217,7 +218,7 @@ class Stepper:
         return left
 
 
-def _takes_target(fn: Any) -> bool:
+def takes_target(fn: Any) -> bool:
     """Whether a step callback takes ``target=`` (by name or ``**kwargs``): callbacks written before it existed
     keep working."""
     try:

@@ -109,9 +109,10 @@ def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.
     or the reference)."""
     x2 = _check(x, w, scale)
     rows, n = x2.shape[0], w.shape[0]
-    if _few_rows(x, rows) or (rows and _scaled_mm_ok(x, w) and x.dtype != torch.float32):
+    few = _few_rows(x, rows)
+    if few or (rows and _scaled_mm_ok(x, w) and x.dtype != torch.float32):
         q, qs = quantize_rows(x2)
-        if _few_rows(x, rows):
+        if few:
             out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
             _launch(q, w, out, n, False, scale=scale, x_scale=qs)
         else:

@@ -191,9 +191,8 @@ def _model(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, Any]:
             hidden_size=args.d_model, num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 2),
             head_dim=args.d_model // args.heads, num_hidden_layers=args.layers, intermediate_size=args.mlp,
             vocab_size=-(-vocab // 64) * 64, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-5,
-            num_experts=args.experts, num_experts_per_tok=args.experts_per_token, n_group=min(4, args.experts),
-            topk_group=max(1, min(4, args.experts) // 2), moe_intermediate_size=args.moe_mlp, num_shared_experts=1,
-            first_k_dense_replace=1, **ids)
+            num_experts=args.experts, num_experts_per_tok=args.experts_per_token, **_router_groups(args.experts),
+            moe_intermediate_size=args.moe_mlp, num_shared_experts=1, first_k_dense_replace=1, **ids)
         model_cls = LLaDA2MoeModelLM
     elif args.family == "dream":
         config = DreamConfig(hidden_size=args.d_model, num_attention_heads=args.heads,
@@ -227,6 +226,12 @@ def _model(args: argparse.Namespace, tokenizer: Any) -> tuple[Any, Any]:
     return model, config
 
 
+def _router_groups(experts: int) -> dict[str, int]:
+    """The group-limited router's settings for a small model: up to 4 groups, half of them kept."""
+    groups = min(4, experts)
+    return {"n_group": groups, "topk_group": max(1, groups // 2)}
+
+
 def upcycle(dense_dir: str, experts: int = 8, top_k: int = 2, dense_layers: int = 1) -> LLaDA2MoeModelLM:
     """A LLaDA 2.x-format model (fp32) from a LLaDA-format checkpoint: full RoPE, no q/k norms and as many
     key/value heads as the source (so attention is copied exactly); the first ``dense_layers`` MLPs dense, each
@@ -245,7 +250,7 @@ def upcycle(dense_dir: str, experts: int = 8, top_k: int = 2, dense_layers: int 
         vocab_size=c.embedding_size or c.vocab_size, max_position_embeddings=c.max_sequence_length,
         rope_theta=c.rope_theta, rms_norm_eps=c.rms_norm_eps, partial_rotary_factor=1.0, use_qk_norm=False,
         num_experts=experts if dense_layers < c.n_layers else 0, num_experts_per_tok=top_k,
-        n_group=min(4, experts), topk_group=max(1, min(4, experts) // 2), moe_intermediate_size=width,
+        **_router_groups(experts), moe_intermediate_size=width,
         num_shared_experts=experts, first_k_dense_replace=dense_layers, mask_token_id=c.mask_token_id,
         eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, bos_token_id=getattr(c, "bos_token_id", None))
     model = LLaDA2MoeModelLM(cfg)
