@@ -12,6 +12,11 @@ positions learns that late positions are unreliable and, decoding, refuses confi
 forward. A threshold's states are closer to those of a decode that unmasks confident tokens, but its labels
 mark every position after a token that left the one-token-per-step path as wrong; on the task's hard level
 it gave a worse filter than the oracle (benchmarks/RESULTS.md, "Headroom").
+
+On-policy data fixes both: ``labels="rollout:TAU"`` labels each recorded state on its own path (does the
+guess equal what a careful decode continuing from this very state writes there?), and ``policy=
+"learn2pd:TAU"`` with a ``filter`` records the filter's own decodes, so rounds of collect, train, collect
+with the new filter (DAgger; ``train_filter`` takes several folders) train it on the states it meets.
 Prompts are processed in shards of ``shard_size`` (default one batch); each shard is written atomically as
 ``shard-NNNNN.safetensors``, so an interrupted run resumes where it stopped, with the same shards it would
 have written in one go.
@@ -27,7 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from l2pd_kernels.reference import filter_channel
+from l2pd_kernels.reference import filter_channel, update_history
 
 from .decode import generate
 from .distributed import barrier, env_world, mine
@@ -35,7 +40,9 @@ from .files import token_hash
 from .filter import model_fingerprint
 from .models import adapter_for
 
-COLLECT_VERSION = 2  # 2 adds margin, entropy and step; version-1 folders still train confidence-only filters
+# 2 adds margin, entropy and step; 3 the guesses' run length and previous confidence (history filters); older
+# folders still train the filters their channels allow
+COLLECT_VERSION = 3
 
 
 def _pad_left(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,47 +56,120 @@ def _pad_left(prompts: Sequence[Sequence[int]], pad_id: int, device) -> tuple[to
 
 
 def parse_policy(policy: str) -> tuple[str, float | None]:
-    """``"oracle"`` or ``"threshold:TAU"`` (0 < TAU <= 1) as (strategy, tau)."""
+    """``"oracle"``, ``"threshold:TAU"`` or ``"learn2pd:TAU"`` (0 < TAU <= 1; learn2pd decodes with the
+    collection's ``filter``) as (strategy, tau)."""
     if policy == "oracle":
         return "oracle", None
     name, _, tau = policy.partition(":")
+    value = _tau(tau)
+    if name not in ("threshold", "learn2pd") or not 0 < value <= 1:
+        raise ValueError(f"policy {policy!r}: expected 'oracle', 'threshold:TAU' or 'learn2pd:TAU' with "
+                         "0 < TAU <= 1")
+    return name, value
+
+
+def parse_labels(labels: str) -> float | None:
+    """``"final"`` (None: the one-token-per-step answer) or ``"rollout:TAU"`` (the tau of the continuation)."""
+    if labels == "final":
+        return None
+    name, _, tau = labels.partition(":")
+    value = _tau(tau)
+    if name != "rollout" or not 0 < value <= 1:
+        raise ValueError(f"labels {labels!r}: expected 'final' or 'rollout:TAU' with 0 < TAU <= 1")
+    return value
+
+
+def _tau(text: str) -> float:
     try:
-        value = float(tau)
+        return float(text)
     except ValueError:
-        value = float("nan")
-    if name != "threshold" or not 0 < value <= 1:
-        raise ValueError(f"policy {policy!r}: expected 'oracle' or 'threshold:TAU' with 0 < TAU <= 1")
-    return "threshold", value
+        return float("nan")
 
 
 @torch.no_grad()
 def replay(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen_length: int, block_length: int,
-           cache: str = "none", policy: str = "oracle") -> dict[str, torch.Tensor]:
-    """Features/labels/masks [N, block_length] of every (row, step) where the row had masked positions."""
+           cache: str = "none", policy: str = "oracle", labels: str = "final",
+           filter: Any = None) -> dict[str, torch.Tensor]:
+    """Features/labels/masks [N, block_length] of every (row, step) where the row had masked positions.
+
+    ``labels="final"``: a position's label is whether its guess equals the one-token-per-step answer.
+    ``labels="rollout:TAU"``: whether it equals what a careful decode (threshold TAU + EoTP) continuing from
+    that very state writes there: each state is labelled on its own path (``rollout_labels``); the recorded
+    decode then runs with EoTP, as decoding does."""
     P = ids.shape[1]
-    final = generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length, strategy="steps",
-                     cache=cache)[:, P:]
+    strategy, tau = parse_policy(policy)
+    careful = parse_labels(labels)
+    final = None
+    if careful is None or strategy == "oracle":
+        final = generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length,
+                         strategy="steps", cache=cache)[:, P:]
     mask_id = adapter_for(model).mask_id
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("features", "margin", "entropy", "step", "labels",
-                                                            "masked")}
+                                                            "masked", "run", "previous")}
+    states: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    # each position's guess history, advanced as the decision does (l2pd_kernels.reference.update_history)
+    B, T = ids.shape[0], P + gen_length
+    history = (torch.full((B, T), -1, dtype=torch.int64, device=ids.device),
+               torch.zeros(B, T, dtype=torch.int32, device=ids.device),
+               torch.zeros(B, T, dtype=torch.float32, device=ids.device))
 
-    def on_step(s, step, token, prob, canvas, margin, entropy, target):
+    def on_step(s, step, token, prob, canvas, margin, entropy, target=None):
         masked = canvas[:, s : s + token.shape[1]] == mask_id
         active = masked.any(-1)
-        label = token == target  # the block's slice of ``final`` in canvas columns
         pad = block_length - token.shape[1]
+        run, previous = update_history(history, token, prob, s)
+        rows["run"].append(torch.nn.functional.pad(run, (0, pad), value=1)[active].cpu())
+        rows["previous"].append(torch.nn.functional.pad(previous, (0, pad))[active].cpu())
         for key, name, value in (("features", "confidence", prob), ("margin", "margin", margin),
                                  ("entropy", "entropy", entropy)):
             rows[key].append(filter_channel(value, masked, block_length, name)[active].cpu())
         rows["step"].append(torch.full((int(active.sum()),), step, dtype=torch.int32))
-        rows["labels"].append(torch.nn.functional.pad(label & masked, (0, pad))[active].cpu())
         rows["masked"].append(torch.nn.functional.pad(masked, (0, pad))[active].cpu())
+        if careful is None:
+            label = token == target  # the block's slice of ``final`` in canvas columns
+            rows["labels"].append(torch.nn.functional.pad(label & masked, (0, pad))[active].cpu())
+        else:  # labelled once the continuations have run
+            states.append((active.nonzero().flatten(), s - P, token[active].clone(), masked[active],
+                           canvas[active, P:].clone()))
 
-    strategy, tau = parse_policy(policy)
-    how = {} if strategy == "oracle" else dict(threshold=tau)
+    how: dict[str, Any] = {}
+    if strategy != "oracle":
+        how = dict(threshold=tau, filter=filter)
+    if careful is not None:
+        how["eotp"] = "accepted"
     generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length, strategy=strategy,
              on_step=on_step, step_stats=True, cache=cache, target=final, **how)
+    if careful is not None:
+        rows["labels"] = rollout_labels(model, ids, mask, states, careful, block_length, cache, ids.shape[0])
     return {k: torch.cat(v) for k, v in rows.items()}
+
+
+def rollout_labels(model: Any, ids: torch.Tensor, mask: torch.Tensor, states: list, tau: float,
+                   block_length: int, cache: str, batch: int) -> list[torch.Tensor]:
+    """Per recorded state (rows, block offset in the answer, guesses [n, L], masked [n, L], answer [n, G]
+    before the step's decision): whether each still-masked position's guess equals what threshold ``tau`` +
+    EoTP writes there when it continues the decode from that answer (``generate(answer=...)``), padded to
+    ``block_length``; in ``batch``-row chunks."""
+    if not states:
+        return []
+    rows = torch.cat([st[0] for st in states])
+    answers = torch.cat([st[4] for st in states])
+    G, P = answers.shape[1], ids.shape[1]
+    done = []
+    for lo in range(0, len(rows), batch):
+        r = rows[lo : lo + batch]
+        out = generate(model, ids[r], None if mask is None else mask[r], max_new_tokens=G,
+                       block_length=block_length, strategy="threshold", threshold=tau, eotp="accepted", cache=cache,
+                       answer=answers[lo : lo + batch])
+        done.append(out[:, P:])
+    cont = torch.cat(done)
+    labels, at = [], 0
+    for _, offset, token, masked, _ in states:
+        n, L = token.shape
+        label = (token == cont[at : at + n, offset : offset + L]) & masked
+        labels.append(torch.nn.functional.pad(label, (0, block_length - L)).cpu())
+        at += n
+    return labels
 
 
 def collect(
@@ -104,6 +184,8 @@ def collect(
     progress: bool = True,
     max_shards: int | None = None,
     policy: str = "oracle",
+    labels: str = "final",
+    filter: Any = None,
 ) -> dict[str, Any]:
     """Collect replay data for token-id ``prompts`` (chat-formatted) into ``out_dir``; resumes if present.
 
@@ -114,12 +196,26 @@ def collect(
     shards (for tests and time-boxed runs). Under ``torchrun`` each process takes the shards whose index is
     its rank modulo the world size and writes them into the same folder: the folder ends up exactly as one
     process would have written it.
+
+    ``policy``: the decode whose states are recorded: ``oracle``, ``threshold:TAU`` or ``learn2pd:TAU`` (with
+    ``filter``: a DAgger round records the states of the current filter's own decodes); ``labels``: ``final``
+    or ``rollout:TAU`` (see ``replay``).
     """
     from .files import save_safetensors
 
     if not prompts:
         raise ValueError("no prompts to collect from")
-    parse_policy(policy)
+    strategy, _ = parse_policy(policy)
+    parse_labels(labels)
+    from .spec import _as_filter
+
+    filter = _as_filter(filter)
+    if (strategy == "learn2pd") != (filter is not None):
+        raise ValueError(f"policy {policy!r} with filter={filter!r}: a filter is what the learn2pd policy decodes "
+                         "with, and only that policy takes one")
+    if filter is not None and filter.block_length != block_length:
+        raise ValueError(f"the policy's filter was trained for block_length={filter.block_length}, not "
+                         f"{block_length}")
     for name, value in (("gen_length", gen_length), ("block_length", block_length), ("batch_size", batch_size),
                         ("shard_size", 1 if shard_size is None else shard_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -142,6 +238,10 @@ def collect(
         }
         if policy != "oracle":  # only then: folders collected before the option resume as they were
             manifest["policy"] = policy
+        if labels != "final":
+            manifest["labels"] = labels
+        if filter is not None:
+            manifest["policy_filter"] = filter.digest()
         if old is not None:
             _check_resume(out_dir, old, manifest)
         if rank == 0:
@@ -165,7 +265,7 @@ def collect(
             parts = []
             for b in range(lo, hi, batch_size):
                 ids, mask = _pad_left(prompts[b : min(b + batch_size, hi)], pad_id, device)
-                parts.append(replay(model, ids, mask, gen_length, block_length, cache, policy))
+                parts.append(replay(model, ids, mask, gen_length, block_length, cache, policy, labels, filter))
                 bar.update(ids.shape[0])
             data = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
             data["labels"] = data["labels"].to(torch.uint8)

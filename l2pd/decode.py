@@ -186,7 +186,8 @@ def _stepper(model: Any, adapter: Any, spec: DecodeSpec, policy: Policy, B: int,
 
     def build() -> Stepper:
         state = DecodeState.allocate(adapter, B, P, T, padded, spec.cache, spec.refresh, dtype, device,
-                                     history=spec.rule == "persistence")
+                                     history=spec.rule == "persistence" or (spec.filter is not None
+                                                                            and spec.filter.needs_history))
         return Stepper(adapter, state, policy, confidence, decide, kernels, spec.cuda_graph)
 
     keep = spec.cuda_graph and kernels and device.type == "cuda" and policy.graphable()
@@ -264,6 +265,7 @@ def generate(
     persist: int | None = None,
     edit_threshold: float | None = None,
     edit_steps: int | None = None,
+    answer: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | GenerateOutput:
     """Decode ``max_new_tokens`` after left-padded prompts ``input_ids`` [B, P].
@@ -299,6 +301,8 @@ def generate(
     rewrites the block's decided positions whose current guess differs with probability > ``edit_threshold``,
     and a block without masks keeps editing for up to ``edit_steps`` (default 16) more forwards while something
     changes.
+    ``answer`` [B, max_new_tokens] continues a partial answer (infilling): its tokens stay as given, its
+    ``mask_token_id`` positions are decoded (blocks without masks are skipped).
     Autoregressive-only arguments (``num_beams``, ``top_p``, ...) raise a ValueError unless neutral.
     """
     given = dict(locals())  # every argument as passed; resolve() checks them and applies the defaults
@@ -332,6 +336,11 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     state.load(input_ids, attention_mask if padded else None, mask_id)
     if phase is not None:  # nothing to decode past each row's own last block
         state.canvas.masked_fill_(torch.arange(T, device=device)[None] >= phase[1][:, None], phase[2])
+    if spec.answer is not None:  # a partial answer: its decided tokens stay
+        if phase is not None:
+            raise ValueError("answer= with a padded batch of a block-causal model is not supported: pass prompts "
+                             "of one length")
+        state.canvas[:, P : P + G].copy_(spec.answer)
     if state.kv is not None:
         state.kv.mode, state.kv.refresh = spec.cache, spec.refresh
     canvas, kv = state.canvas, state.kv

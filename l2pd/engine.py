@@ -175,9 +175,10 @@ class Engine:
         # row max_batch is spare: a place for nothing (kept so a padded pack has somewhere harmless to write)
         self.canvas = torch.full((max_batch + 1, width), self.adapter.eos_id, dtype=torch.int64, device=device)
         self.kv = BlockKVCache(len(dec.layers), max_batch + 1, dec.n_kv, width, dec.head_dim, "dual", dtype, device)
-        # the persistence rule's per-position previous guess and run length, per pool row
+        # per pool row and position: previous guess, run length, previous confidence (persistence, history filters)
         self.guesses = (torch.full((max_batch + 1, width), -1, dtype=torch.int64, device=device),
-                        torch.zeros(max_batch + 1, width, dtype=torch.int32, device=device))
+                        torch.zeros(max_batch + 1, width, dtype=torch.int32, device=device),
+                        torch.zeros(max_batch + 1, width, dtype=torch.float32, device=device))
         self.confidence, self.decide = select_ops(backend, device)
         self.fused = fused  # the forward's kernels (default: on CUDA)
         self.kernels = self.decide.__module__ == "l2pd_kernels.decide"
@@ -224,7 +225,7 @@ class Engine:
 
     def _resolve(self, prompt: Any, stop: Any, options: dict[str, Any]) -> tuple[DecodeSpec, list[int], tuple]:
         for name in ("on_step", "streamer", "target", "num_return_sequences", "attention_mask", "inputs",
-                     "input_ids", "return_dict_in_generate", "stop_strings", "generation_config"):
+                     "input_ids", "return_dict_in_generate", "stop_strings", "generation_config", "answer"):
             if options.get(name) is not None:
                 raise ValueError(f"{name} is not an engine option (one request is one prompt)")
         if options.get("strategy") == "oracle":
@@ -380,6 +381,7 @@ class Engine:
                 row[P : P + G] = spec.mask_id
                 self.guesses[0][slot].fill_(-1)
                 self.guesses[1][slot].zero_()
+                self.guesses[2][slot].zero_()
                 self.rows[slot] = _Row(req, slot, P, P + G, P)
                 self.counters["admitted"] += 1
 
@@ -551,6 +553,8 @@ class Engine:
                 f = spec.filter
                 kw.update(filter_weights=f.weights(device), filter_block=L, filter_inputs=tuple(f.inputs),
                           filter_kind=f.kind)
+                if f.needs_history:
+                    kw["history"] = self.guesses
                 if f.needs_stats:
                     stats = dict(margin=margin[part].view(g, L), entropy=entropy[part].view(g, L))
             self.decide(self.canvas, token[part].view(g, L), prob[part].view(g, L), block_start=0, k=0,

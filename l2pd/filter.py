@@ -11,12 +11,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from l2pd_kernels.reference import FILTER_INPUTS, SHARED_FEATURES, check_inputs, filter_width
+from l2pd_kernels.reference import FILTER_INPUTS, HISTORY_FEATURES, SHARED_FEATURES, check_inputs, filter_width
 
-# filter.json versions: 1 reads the confidences only; 2 records its inputs ("inputs"). Both load.
-FILTER_VERSION = 2
+# filter.json versions: 1 reads the confidences only; 2 records its inputs ("inputs") and kind (dense or
+# shared); 3 adds the history kind. All load; a filter is written with the lowest version that describes it.
+FILTER_VERSION = 3
 RICH_INPUTS = FILTER_INPUTS  # confidence, margin, entropy, step
-KINDS = ("dense", "shared")
+KINDS = ("dense", "shared", "history")
+_PER_POSITION = {"shared": SHARED_FEATURES, "history": HISTORY_FEATURES}
 
 
 def model_fingerprint(model: Any) -> str:
@@ -45,7 +47,11 @@ class Filter(nn.Module):
 
     ``kind='shared'``: one MLP for every position, Linear(len(SHARED_FEATURES), hidden) -> ReLU -> ... ->
     Linear(hidden, 1), over each position's own features (``l2pd_kernels.reference.shared_features``); its
-    size does not grow with the block and every masked position is a training example."""
+    size does not grow with the block and every masked position is a training example.
+
+    ``kind='history'``: a shared filter over ``HISTORY_FEATURES``: also the run length of the position's
+    guess over the block's forwards, its previous confidence and the change (the decode keeps them per
+    position in device memory)."""
 
     def __init__(
         self, block_length: int = 32, hidden: int = 128, depth: int = 1, threshold: float = 0.9,
@@ -57,11 +63,12 @@ class Filter(nn.Module):
         if kind not in KINDS:
             raise ValueError(f"filter kind {kind!r}: expected one of {list(KINDS)}")
         self.kind = kind
-        if kind == "shared":
-            if tuple(inputs) not in (("confidence",), SHARED_FEATURES):
-                raise ValueError(f"a shared filter reads {list(SHARED_FEATURES)}, got {list(inputs)}")
-            self.inputs = SHARED_FEATURES
-            dims = [len(SHARED_FEATURES)] + [hidden] * depth + [1]
+        if kind in _PER_POSITION:
+            features = _PER_POSITION[kind]
+            if tuple(inputs) not in (("confidence",), features):
+                raise ValueError(f"a {kind} filter reads {list(features)}, got {list(inputs)}")
+            self.inputs = features
+            dims = [len(features)] + [hidden] * depth + [1]
         else:
             self.inputs = check_inputs(inputs)
             dims = [filter_width(self.inputs, block_length)] + [hidden] * depth + [block_length]
@@ -73,7 +80,12 @@ class Filter(nn.Module):
     @property
     def needs_stats(self) -> bool:
         """Whether decoding must compute margins and entropies for this filter."""
-        return self.kind == "shared" or "margin" in self.inputs or "entropy" in self.inputs
+        return self.kind != "dense" or "margin" in self.inputs or "entropy" in self.inputs
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether decoding must keep each position's guess history (previous guess, run, confidence)."""
+        return self.kind == "history"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -116,10 +128,10 @@ class Filter(nn.Module):
 
         os.makedirs(folder, exist_ok=True)
         state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_safetensors(state, os.path.join(folder, "filter.safetensors"),
-                         metadata={"version": str(FILTER_VERSION)})
+        version = 3 if self.kind == "history" else 2
+        save_safetensors(state, os.path.join(folder, "filter.safetensors"), metadata={"version": str(version)})
         info = {
-            "version": FILTER_VERSION, "block_length": self.block_length, "hidden": self.hidden,
+            "version": version, "block_length": self.block_length, "hidden": self.hidden,
             "depth": self.depth, "threshold": self.threshold, "inputs": list(self.inputs), "kind": self.kind,
             **self.meta,
         }
@@ -137,8 +149,9 @@ class Filter(nn.Module):
         if not isinstance(info, dict):
             raise ValueError(f"{path}: expected a JSON object")
         version = info.get("version")
-        if version not in (1, FILTER_VERSION):
-            raise ValueError(f"filter version {version!r} is not supported (expected 1 or {FILTER_VERSION})")
+        if version not in range(1, FILTER_VERSION + 1):
+            raise ValueError(f"filter version {version!r} is not supported (expected 1 to {FILTER_VERSION}; a "
+                             "newer l2pd wrote it)")
         inputs = info.pop("inputs", ["confidence"]) if version >= 2 else ["confidence"]
         if not isinstance(inputs, list):
             raise ValueError(f"{path}: 'inputs' must be a list, got {inputs!r}")
@@ -148,7 +161,7 @@ class Filter(nn.Module):
         shape = {k: info.pop(k) for k in ("block_length", "hidden", "depth", "threshold")}
         info.pop("version")
         kind = info.pop("kind", "dense")
-        if kind not in KINDS:
+        if kind not in KINDS or (kind == "history" and version < 3):
             raise ValueError(f"{path}: filter kind {kind!r} is not supported (expected one of {list(KINDS)})")
         flt = cls(**shape, meta=info, inputs=inputs, kind=kind)
         weights = os.path.join(folder, "filter.safetensors")

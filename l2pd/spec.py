@@ -53,6 +53,7 @@ class DecodeSpec:
     persist: int = 1  # persistence: forwards a guess must stay the same
     edit: float | None = None  # token editing (LLaDA 2.1): rewrite decided positions whose guess passes this
     edit_steps: int = 16  # forwards a block may keep editing once it has no masks
+    answer: torch.Tensor | None = None  # a partial answer [B, G] to continue from (mask ids where undecided)
 
     @property
     def rule(self) -> str:
@@ -74,7 +75,7 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
             step_stats: bool = False, cuda_graph: bool | None = None, compact: bool = True, max_length: Any = None,
             do_sample: bool | None = None, num_return_sequences: Any = None, generation_config: Any = None,
             stop_strings: Any = None, tokenizer: Any = None, inputs: Any = None, persist: Any = None,
-            edit_threshold: Any = None, edit_steps: Any = None,
+            edit_threshold: Any = None, edit_steps: Any = None, answer: Any = None,
             kwargs: dict[str, Any] | None = None) -> tuple[DecodeSpec, torch.Tensor, torch.Tensor | None]:
     """(spec, input_ids [B, P] int64, attention_mask [B, P] or None), both on the model's device; the
     arguments are ``l2pd.generate``'s (see its docstring), ``kwargs`` the unknown ones (refused by name)."""
@@ -137,6 +138,7 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
     if attention_mask is not None and attention_mask.dim() == 1:
         attention_mask = attention_mask.view(1, -1)
     B, P = input_ids.shape
+    answer = _answer(answer, B, max_new_tokens, adapter, mask_id, strategy)
     if streamer is not None and B != 1:
         raise ValueError(f"a streamer takes one sequence (as in transformers), got {B} rows")
     stops = StopCutter(ends[1:], stop_strings, tokenizer, eos_id, mask_id)
@@ -163,8 +165,25 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
         return_dict=bool(return_dict_in_generate), step_stats=bool(step_stats), stops=stops, streamer=streamer,
         target=None if target is None else target.to(device=device, dtype=torch.long), on_step=on_step,
         persist=2 if persist is None else persist, edit=edit_threshold,
-        edit_steps=16 if edit_steps is None else edit_steps)
+        edit_steps=16 if edit_steps is None else edit_steps,
+        answer=None if answer is None else answer.to(device))
     return spec, input_ids, attention_mask
+
+
+def _answer(answer: Any, B: int, G: int, adapter: Any, mask_id: int, strategy: str) -> torch.Tensor | None:
+    """A partial answer to continue from, checked: int64 [B, G] of token ids, ``mask_id`` where undecided."""
+    if answer is None:
+        return None
+    if strategy == "oracle":
+        raise ValueError("answer= (a partial answer to continue) does not go with the oracle")
+    try:
+        answer = as_input_ids(answer, adapter.vocab_rows).long()
+    except ValueError as exc:
+        raise ValueError(f"answer: {str(exc).replace('input_ids', 'answer')}") from None
+    if tuple(answer.shape) != (B, G):
+        raise ValueError(f"answer must be [B, max_new_tokens] = [{B}, {G}] (mask_token_id {mask_id} where "
+                         f"undecided), got {tuple(answer.shape)}")
+    return answer
 
 
 def _temperature(do_sample: Any, temperature: Any) -> float:

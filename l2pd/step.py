@@ -54,14 +54,15 @@ class Policy:
 @dataclass
 class DecodeState:
     """The static buffers of one decode: canvas [B, T] (int64), key mask [B, T] or None, positions [B, T],
-    and for the persistence rule each position's previous guess (int64) and run length (int32) [B, T]."""
+    and for the persistence rule and a history filter each position's previous guess (int64), run length
+    (int32) and previous confidence (float32) [B, T]."""
 
     canvas: torch.Tensor
     mask: torch.Tensor | None
     positions: torch.Tensor
     kv: BlockKVCache | None
     prompt_length: int
-    history: tuple[torch.Tensor, torch.Tensor] | None = None
+    history: tuple[torch.Tensor, ...] | None = None
 
     @classmethod
     def allocate(cls, adapter: Any, batch: int, prompt_length: int, total: int, padded: bool, cache: str,
@@ -75,14 +76,15 @@ class DecodeState:
         hist = None
         if history:
             hist = (torch.full((batch, total), -1, dtype=torch.int64, device=device),
-                    torch.zeros(batch, total, dtype=torch.int32, device=device))
+                    torch.zeros(batch, total, dtype=torch.int32, device=device),
+                    torch.zeros(batch, total, dtype=torch.float32, device=device))
         return cls(canvas, mask, positions, kv, prompt_length, hist)
 
     def narrow(self, n: int) -> "DecodeState":
         """The first ``n`` rows, as views of these buffers."""
         return DecodeState(self.canvas[:n], None if self.mask is None else self.mask[:n], self.positions[:n],
                            None if self.kv is None else self.kv.narrow(n), self.prompt_length,
-                           None if self.history is None else (self.history[0][:n], self.history[1][:n]))
+                           None if self.history is None else tuple(h[:n] for h in self.history))
 
     def reorder(self, perm: torch.Tensor, keep: int) -> None:
         """Rows ``[:len(perm)]`` become rows ``perm`` (canvas, mask, positions); K/V only for the first
@@ -102,6 +104,7 @@ class DecodeState:
         if self.history is not None:  # no guess seen yet
             self.history[0].fill_(-1)
             self.history[1].zero_()
+            self.history[2].zero_()
         if self.mask is not None:
             self.mask[:, :P].copy_(attention_mask)
             self.positions.copy_(positions_from_mask(self.mask))

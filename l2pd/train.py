@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from l2pd_kernels.reference import SHARED_FEATURES, check_inputs, filter_features, shared_features
+from l2pd_kernels.reference import (
+    HISTORY_FEATURES,
+    SHARED_FEATURES,
+    check_inputs,
+    filter_features,
+    history_features,
+    shared_features,
+)
 
 from .collect import load_shards
 from .filter import Filter
@@ -33,8 +41,29 @@ def accept_metrics(logits: torch.Tensor, labels: torch.Tensor, masked: torch.Ten
     return out
 
 
+def load_collections(data_dirs: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """One collection folder, or several (a DAgger run's rounds) joined: they must share the model, block
+    length and answer length. Returns (data, manifest, the folders' names for messages)."""
+    dirs = [data_dirs] if isinstance(data_dirs, (str, os.PathLike)) else list(data_dirs)
+    if not dirs:
+        raise ValueError("no collection folders given")
+    loaded = [load_shards(os.fspath(d)) for d in dirs]
+    manifest = dict(loaded[0][1])
+    for d, (_, other) in zip(dirs[1:], loaded[1:]):
+        for key in ("model_fingerprint", "block_length", "gen_length"):
+            if other.get(key) != manifest.get(key):
+                raise ValueError(f"{os.fspath(d)!r} was collected with {key}={other.get(key)!r}, "
+                                 f"{os.fspath(dirs[0])!r} with {manifest.get(key)!r}: they cannot train one filter")
+    keys = set.intersection(*(set(data) for data, _ in loaded))
+    data = {k: torch.cat([p[k] for p, _ in loaded]) for k in sorted(keys)}
+    if len(dirs) > 1:
+        manifest["policy"] = "+".join(m.get("policy", "oracle") for _, m in loaded)
+        manifest["labels"] = "+".join(m.get("labels", "final") for _, m in loaded)
+    return data, manifest, ",".join(os.fspath(d) for d in dirs)
+
+
 def train_filter(
-    data_dir: str,
+    data_dir: Any,
     hidden: int = 128,
     depth: int = 1,
     lr: float = 3e-3,
@@ -48,19 +77,21 @@ def train_filter(
     inputs=("confidence",),
     kind: str = "dense",
 ) -> Filter:
-    """Full-batch training on all shards of ``data_dir``; keeps the weights of the best validation loss.
+    """Full-batch training on all shards of ``data_dir`` (a folder, or a list of folders trained on together);
+    keeps the weights of the best validation loss.
 
     The loss counts only positions that were still masked (the filter is never asked about the others).
     ``inputs``: what the filter reads: ``("confidence",)`` (Learn2PD's filter) or an ordered subset of
     ``l2pd.filter.RICH_INPUTS`` (confidence, margin, entropy, step) that starts with confidence.
-    ``kind='shared'``: one small MLP applied to every position's own features (``inputs`` is then ignored).
+    ``kind='shared'``: one small MLP applied to every position's own features (``inputs`` is then ignored);
+    ``kind='history'``: the same over its features and its guess's history (run length, previous confidence).
     """
     _check_settings(hidden=hidden, depth=depth, max_epochs=max_epochs, patience=patience, lr=lr, threshold=threshold,
                     val_fraction=val_fraction)
-    data, manifest = load_shards(data_dir)
-    if kind == "shared":
-        inputs = SHARED_FEATURES
-        x = shared_inputs(data, manifest["block_length"], data_dir).to(device)
+    data, manifest, data_dir = load_collections(data_dir)
+    if kind in ("shared", "history"):
+        inputs = SHARED_FEATURES if kind == "shared" else HISTORY_FEATURES
+        x = shared_inputs(data, manifest["block_length"], data_dir, history=kind == "history").to(device)
     else:
         inputs = check_inputs(inputs)
         x = training_inputs(data, inputs, manifest["block_length"], data_dir).to(device)
@@ -72,7 +103,7 @@ def train_filter(
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g).to(device)
     n_val = max(1, int(n * val_fraction))
-    warnings = _degenerate(n, n_val, y, m, per_position=kind == "shared")
+    warnings = _degenerate(n, n_val, y, m, per_position=kind != "dense")
     for w in warnings:
         log(f"warning: {w}")
     val, tr = perm[:n_val], perm[n_val:]
@@ -81,7 +112,7 @@ def train_filter(
 
     def scores(rows: torch.Tensor) -> torch.Tensor:  # [n, block_length] logits for either kind
         out = flt(x[rows])
-        return out[..., 0] if kind == "shared" else out
+        return out[..., 0] if kind != "dense" else out
     opt = torch.optim.AdamW(flt.parameters(), lr=lr)
 
     def loss_of(idx: torch.Tensor) -> torch.Tensor:
@@ -121,6 +152,7 @@ def train_filter(
         train_rows=int(len(tr)), val_rows=int(n_val), val_loss=best, epochs=epoch + 1,
         train_seconds=round(seconds, 2), val_metrics=metrics,
         positive_rate=float(y[m].float().mean()), collect_policy=manifest.get("policy", "oracle"),
+        collect_labels=manifest.get("labels", "final"),
     )
     if warnings:
         flt.meta["warnings"] = warnings
@@ -165,13 +197,20 @@ def training_inputs(data: dict[str, torch.Tensor], inputs, block_length: int, da
                            data.get("margin"), data.get("entropy"), data["step"] if "step" in data else 0)
 
 
-def shared_inputs(data: dict[str, torch.Tensor], block_length: int, data_dir: str) -> torch.Tensor:
-    """A shared filter's per-position inputs [N, block_length, len(SHARED_FEATURES)] from a collection."""
+def shared_inputs(data: dict[str, torch.Tensor], block_length: int, data_dir: str,
+                  history: bool = False) -> torch.Tensor:
+    """A shared filter's per-position inputs [N, block_length, len(SHARED_FEATURES)] from a collection; with
+    ``history``, a history filter's [N, block_length, len(HISTORY_FEATURES)]."""
     if "margin" not in data:
         raise ValueError(f"{data_dir!r} was collected without margins and entropies (collection version 1): "
                          "collect again into a new folder to train a shared filter")
-    return shared_features(data["features"].float(), data["margin"].float(), data["entropy"].float(),
-                           data["masked"].bool(), data["step"].float(), block_length)
+    if history and "run" not in data:
+        raise ValueError(f"{data_dir!r} was collected without the guesses' history (collection version < 3): "
+                         "collect again into a new folder to train a history filter")
+    conf = data["features"].float()
+    x = shared_features(conf, data["margin"].float(), data["entropy"].float(), data["masked"].bool(),
+                        data["step"].float(), block_length)
+    return history_features(x, conf, data["run"], data["previous"]) if history else x
 
 
 MIN_ROWS = 500  # a block step is one row; a few hundred prompts give tens of thousands

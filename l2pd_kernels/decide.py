@@ -14,12 +14,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import EOTP_MODES, SHARED_FEATURES, check_inputs, check_rule, filter_width
+from .reference import (
+    EOTP_MODES,
+    HISTORY_FEATURES,
+    RUN_CAP,
+    SHARED_FEATURES,
+    check_history,
+    check_inputs,
+    check_rule,
+    filter_width,
+)
 
 
 @triton.jit
 def _decide_kernel(
-    canvas_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr, out_ptr, hist_tok_ptr, hist_run_ptr, stride_h, persist,
+    canvas_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr, out_ptr, hist_tok_ptr, hist_run_ptr, hist_conf_ptr,
+    stride_h, persist,
     w1_ptr, b1_ptr, wm_ptr, bm_ptr, w2_ptr, b2_ptr,
     T, n_rows, stride_c, stride_t, stride_p, stride_m, stride_e,
     block_start, L, LF, W, H, k, step, threshold, mask_id, eos_id, params_ptr, rows_ptr,
@@ -27,6 +37,7 @@ def _decide_kernel(
     USE_FILTER: tl.constexpr, RULE: tl.constexpr,
     EOTP: tl.constexpr, TAIL: tl.constexpr, DYN_PARAMS: tl.constexpr,
     USE_MARGIN: tl.constexpr, USE_ENTROPY: tl.constexpr, USE_STEP: tl.constexpr, SHARED: tl.constexpr,
+    HISTORY: tl.constexpr, HIST_CONF: tl.constexpr, HIST_FEATS: tl.constexpr, RUN_CAP: tl.constexpr,
 ):
     row = tl.program_id(0)
     if DYN_PARAMS:  # block start and k read from device memory (bits 20-39 and 0-19): one CUDA graph serves all
@@ -44,6 +55,16 @@ def _decide_kernel(
     token = tl.load(token_ptr + row * stride_t + i, mask=inb, other=0)
     prob = tl.load(prob_ptr + row * stride_p + i, mask=inb, other=0.0).to(tl.float32)
     masked = (block == mask_id) & inb
+    if HISTORY:  # the guesses' history at the block (persistence, a history filter): read, advance, store
+        hp = crow_i * stride_h + block_start + i
+        prev = tl.load(hist_tok_ptr + hp, mask=inb, other=-1)
+        run = tl.load(hist_run_ptr + hp, mask=inb, other=0)
+        run = tl.where(token == prev, run + 1, 1)
+        tl.store(hist_tok_ptr + hp, token, mask=inb)
+        tl.store(hist_run_ptr + hp, run, mask=inb)
+        if HIST_CONF:
+            prev_conf = tl.load(hist_conf_ptr + hp, mask=inb, other=0.0)
+            tl.store(hist_conf_ptr + hp, prob, mask=inb)
 
     if USE_FILTER and SHARED:
         # one MLP for every position over its own features (reference.shared_features), all in registers;
@@ -72,6 +93,12 @@ def _decide_kernel(
         h += right[:, None] * tl.load(w1_ptr + hj * W + 7, mask=hok, other=0.0)[None, :]
         h += before[:, None] * tl.load(w1_ptr + hj * W + 8, mask=hok, other=0.0)[None, :]
         h += prefix_min[:, None] * tl.load(w1_ptr + hj * W + 9, mask=hok, other=0.0)[None, :]
+        if HIST_FEATS:  # a history filter: run length (capped), previous confidence, change (HISTORY_FEATURES)
+            run_f = tl.minimum(tl.where(inb, run, 1), RUN_CAP).to(tl.float32) / RUN_CAP
+            pc = tl.where(inb, prev_conf, 0.0)
+            h += run_f[:, None] * tl.load(w1_ptr + hj * W + 10, mask=hok, other=0.0)[None, :]
+            h += pc[:, None] * tl.load(w1_ptr + hj * W + 11, mask=hok, other=0.0)[None, :]
+            h += (conf_f - pc)[:, None] * tl.load(w1_ptr + hj * W + 12, mask=hok, other=0.0)[None, :]
         h = tl.maximum(h, 0.0)
         logit = tl.sum(h * tl.load(w2_ptr + hj, mask=hok, other=0.0)[None, :], 1) + tl.load(b2_ptr)
         score = 1.0 / (1.0 + tl.exp(-logit))
@@ -109,12 +136,6 @@ def _decide_kernel(
     elif RULE == 1:  # margin: top-1 minus top-2 probability
         score = tl.load(margin_ptr + row * stride_m + i, mask=inb, other=0.0).to(tl.float32)
     elif RULE == 2:  # persistence: the guess unchanged for `persist` forwards in a row (this one included)
-        hp = crow_i * stride_h + block_start + i
-        prev = tl.load(hist_tok_ptr + hp, mask=inb, other=-1)
-        run = tl.load(hist_run_ptr + hp, mask=inb, other=0)
-        run = tl.where(token == prev, run + 1, 1)
-        tl.store(hist_tok_ptr + hp, token, mask=inb)
-        tl.store(hist_run_ptr + hp, run, mask=inb)
         score = tl.where(run >= persist, prob, -1.0)
     else:
         score = prob
@@ -205,18 +226,25 @@ def decide(
     if eotp not in EOTP_MODES:
         raise ValueError(f"eotp {eotp!r}: expected one of {list(EOTP_MODES)}")
     rule_id = check_rule(rule, canvas, filter_weights, margin, history, persist, B, L)
-    hist_tok, hist_run = history if history is not None else (canvas, canvas)
+    hist_feats = filter_weights is not None and filter_kind == "history"
+    if hist_feats:
+        check_history(history, canvas, 3, "a history filter")
+    uses_history = rule == "persistence" or hist_feats
+    hist = tuple(history) if uses_history else (canvas, canvas)
+    hist_tok, hist_run = hist[:2]
+    hist_conf = hist[2] if len(hist) == 3 else prob
     token = token.to(torch.int64)
     token = token if token.stride(1) == 1 else token.contiguous()
     prob = prob if prob.stride(1) == 1 else prob.contiguous()
     out = torch.empty(3, B, dtype=torch.int64, device=canvas.device)
     w1 = b1 = wm = bm = w2 = b2 = prob  # never read when the filter is off
     LF, W, H, n_mid = L, L, 1, 0
-    shared = filter_weights is not None and filter_kind == "shared"
-    if filter_kind not in ("dense", "shared"):
-        raise ValueError(f"filter_kind {filter_kind!r}: expected 'dense' or 'shared'")
+    shared = filter_weights is not None and filter_kind in ("shared", "history")
+    if filter_kind not in ("dense", "shared", "history"):
+        raise ValueError(f"filter_kind {filter_kind!r}: expected 'dense', 'shared' or 'history'")
+    features = HISTORY_FEATURES if hist_feats else SHARED_FEATURES
     if shared:
-        inputs = SHARED_FEATURES
+        inputs = features
     else:
         inputs = check_inputs(filter_inputs) if filter_weights is not None else ("confidence",)
     stats = {}
@@ -232,8 +260,8 @@ def decide(
         LF = filter_block or L
         (w1, b1), (w2, b2) = filter_weights[0], filter_weights[-1]
         H, W = w1.shape
-        if len(filter_weights) != 2 or W != len(SHARED_FEATURES) or w2.shape != (1, H):
-            raise ValueError(f"the kernel runs shared filters of one hidden layer over {len(SHARED_FEATURES)} "
+        if len(filter_weights) != 2 or W != len(features) or w2.shape != (1, H):
+            raise ValueError(f"the kernel runs {filter_kind} filters of one hidden layer over {len(features)} "
                              f"features, got layers {[tuple(w.shape) for w, _ in filter_weights]}")
         if L > LF:
             raise ValueError(f"block of {L} positions exceeds the filter's block_length {LF}")
@@ -263,7 +291,7 @@ def decide(
         mg = margin if margin.stride(1) == 1 else margin.contiguous()
     if B:
         _decide_kernel[(B,)](
-            canvas, token, prob, mg, en, out, hist_tok, hist_run, hist_tok.stride(0), int(persist),
+            canvas, token, prob, mg, en, out, hist_tok, hist_run, hist_conf, hist_tok.stride(0), int(persist),
             w1, b1, wm, bm, w2, b2,
             canvas.shape[1], B, canvas.stride(0), token.stride(0), prob.stride(0), mg.stride(0), en.stride(0),
             # with params the kernel reads block start, k and step from device memory; constant launch
@@ -275,6 +303,7 @@ def decide(
             USE_FILTER=filter_weights is not None, RULE=rule_id,
             EOTP=EOTP_MODES[eotp], TAIL=256, DYN_PARAMS=params is not None,
             USE_MARGIN="margin" in inputs, USE_ENTROPY="entropy" in inputs, USE_STEP="step" in inputs,
-            SHARED=shared,
+            SHARED=shared, HISTORY=uses_history, HIST_CONF=uses_history and len(hist) == 3, HIST_FEATS=hist_feats,
+            RUN_CAP=RUN_CAP,
         )
     return out[0], out[1], out[2]  # views: no extra kernel launches

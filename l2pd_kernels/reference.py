@@ -175,6 +175,40 @@ def shared_features(conf: torch.Tensor, margin: torch.Tensor, entropy: torch.Ten
     return torch.stack([conf, margin, entropy, pos, st, decided, left, right, before, prefix_min], -1)
 
 
+# A history filter is a shared filter that also reads how the position's guess has evolved over the block's
+# forwards (what beats a snapshot of confidences): the run length of its current guess (capped at RUN_CAP,
+# over RUN_CAP), its confidence at the previous forward (0 at the block's first) and the change since.
+HISTORY_FEATURES = SHARED_FEATURES + ("run", "previous", "change")
+RUN_CAP = 8
+
+
+def history_features(shared: torch.Tensor, conf: torch.Tensor, run: torch.Tensor,
+                     previous: torch.Tensor) -> torch.Tensor:
+    """[B, LF, len(HISTORY_FEATURES)]: ``shared_features`` and, per position, its run length ``run`` (this
+    forward included), its previous confidence ``previous`` and the change ``conf - previous``."""
+    runf = run.float().clamp(max=RUN_CAP) / RUN_CAP
+    previous = previous.float()
+    return torch.cat([shared, torch.stack([runf, previous, conf.float() - previous], -1)], -1)
+
+
+def update_history(history: tuple, token: torch.Tensor, prob: torch.Tensor, block_start: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Advance the block's history (previous guess, run length[, previous confidence]; [B, T] like the canvas)
+    by this forward's guesses: returns (run length, previous confidence or zeros) as they are now, and stores
+    the new values."""
+    L = token.shape[1]
+    prev, run = (h[:, block_start : block_start + L] for h in history[:2])
+    new_run = torch.where(token == prev, run + 1, torch.ones_like(run))
+    prev.copy_(token)
+    run.copy_(new_run)
+    if len(history) < 3:
+        return new_run, torch.zeros_like(prob, dtype=torch.float32)
+    pc = history[2][:, block_start : block_start + L]
+    before = pc.clone()
+    pc.copy_(prob.float())
+    return new_run, before
+
+
 def filter_channel(value: torch.Tensor, masked: torch.Tensor, block_length: int, name: str) -> torch.Tensor:
     """One per-position input [B, block_length]: ``value`` at masked positions, the decided value elsewhere."""
     fill = _DECODED[name]
@@ -185,16 +219,22 @@ def filter_channel(value: torch.Tensor, masked: torch.Tensor, block_length: int,
 
 def filter_scores(prob: torch.Tensor, masked: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]],
                   block_length: int, inputs=("confidence",), kind: str = "dense", margin: torch.Tensor | None = None,
-                  entropy: torch.Tensor | None = None, step: int | torch.Tensor = 0) -> torch.Tensor:
+                  entropy: torch.Tensor | None = None, step: int | torch.Tensor = 0,
+                  run: torch.Tensor | None = None, previous: torch.Tensor | None = None) -> torch.Tensor:
     """sigmoid(filter logits) [B, L] for the block's still-masked positions ``masked`` [B, L]: a dense filter
-    over ``filter_features``, a shared one over each position's ``shared_features``."""
+    over ``filter_features``, a shared one over each position's ``shared_features``, a history one also over
+    its ``run`` and ``previous`` confidence (``history_features``)."""
     L = prob.shape[1]
-    if kind == "shared":
+    if kind in ("shared", "history"):
         if margin is None or entropy is None:
-            raise ValueError("a shared filter reads margins and entropies (confidence(..., stats=True))")
+            raise ValueError(f"a {kind} filter reads margins and entropies (confidence(..., stats=True))")
         ch = [filter_channel(v, masked, block_length, n) for v, n in ((prob, "confidence"), (margin, "margin"),
                                                                       (entropy, "entropy"))]
         feats = shared_features(*ch, torch.nn.functional.pad(masked, (0, block_length - L)), step, block_length)
+        if kind == "history":
+            pad = (0, block_length - L)
+            feats = history_features(feats, ch[0], torch.nn.functional.pad(run, pad, value=1),
+                                     torch.nn.functional.pad(previous.float(), pad))
         return torch.sigmoid(filter_logits(feats, weights)[..., 0])[:, :L]
     feats = filter_features(prob, masked, block_length, inputs, margin, entropy, step)
     return torch.sigmoid(filter_logits(feats, weights))[:, :L]
@@ -263,18 +303,20 @@ def decide(
                             persist=persist)
     B, L = token.shape
     check_rule(rule, canvas, filter_weights, margin, history, persist, B, L)
+    if filter_weights is not None and filter_kind == "history":
+        check_history(history, canvas, 3, "a history filter")
     block = canvas[:, block_start : block_start + L]
     masked = block == mask_id
     if filter_weights is not None:
+        run = previous = None
+        if filter_kind == "history":
+            run, previous = update_history(history, token, prob, block_start)
         score = filter_scores(prob, masked, filter_weights, filter_block or L, filter_inputs, filter_kind, margin,
-                              entropy, step)
+                              entropy, step, run, previous)
     elif rule == "margin":
         score = margin.float()
     elif rule == "persistence":
-        prev, run = (h[:, block_start : block_start + L] for h in history)
-        new_run = torch.where(token == prev, run + 1, torch.ones_like(run))
-        prev.copy_(token)
-        run.copy_(new_run)
+        new_run, _ = update_history(history, token, prob, block_start)
         score = torch.where(new_run >= persist, prob.float(), torch.full_like(prob, -1.0, dtype=torch.float32))
     else:
         score = prob.float()
@@ -318,16 +360,25 @@ def check_rule(rule: str, canvas: torch.Tensor, filter_weights: Any, margin: tor
         got = None if margin is None else tuple(margin.shape)
         raise ValueError(f"rule 'margin' needs margin [{B}, {L}], got {got}")
     if rule == "persistence":
-        if history is None or len(history) != 2:
-            raise ValueError("rule 'persistence' needs history=(previous guess, run length)")
-        tok, run = history
-        if tok.shape != canvas.shape or run.shape != canvas.shape or tok.dtype != torch.int64 or \
-                run.dtype != torch.int32 or tok.stride() != run.stride() or tok.stride(1) != 1:
-            raise ValueError(f"history must be int64 and int32 tensors shaped like the canvas {tuple(canvas.shape)}"
-                             f" with equal strides, got {tok.dtype} {tuple(tok.shape)}, {run.dtype} {tuple(run.shape)}")
+        check_history(history, canvas, 2, "rule 'persistence'")
         if int(persist) < 1:
             raise ValueError(f"persist={persist} must be >= 1")
     return RULES.index(rule)
+
+
+def check_history(history: Any, canvas: torch.Tensor, need: int, who: str) -> None:
+    """``history`` = (previous guess int64, run length int32[, previous confidence float32]), each shaped and
+    strided like the canvas; ``need`` of them at least."""
+    if history is None or not need <= len(history) <= 3:
+        names = "previous guess, run length" + (", previous confidence" if need == 3 else "")
+        raise ValueError(f"{who} needs history=({names})")
+    want = (torch.int64, torch.int32, torch.float32)
+    bad = any(h.shape != canvas.shape or h.dtype != d or h.stride() != history[0].stride()
+              for h, d in zip(history, want))
+    if bad or history[0].stride(1) != 1:
+        raise ValueError(f"history must be {[str(d) for d in want[:len(history)]]} tensors shaped like the canvas "
+                         f"{tuple(canvas.shape)} with equal strides, got "
+                         f"{[(str(h.dtype), tuple(h.shape)) for h in history]}")
 
 
 def _decide_rows(canvas, token, prob, params, rows, *, block_start, k, step, margin, entropy, history=None, **kw):

@@ -160,7 +160,8 @@ def test_collection_holds_the_rich_channels(tmp_path):
     model = tiny_model(seed=21)
     data, manifest = load_shards(_collected(tmp_path, model))
     n = len(data["labels"])
-    assert manifest["version"] == 2
+    assert manifest["version"] == 3
+    assert data["run"].shape == data["previous"].shape == (n, 4) and int(data["run"].min()) >= 1
     assert data["margin"].shape == data["entropy"].shape == (n, 4) and data["step"].shape == (n,)
     m = data["masked"].bool()
     assert (data["margin"][~m] == 1).all() and (data["entropy"][~m] == 0).all()

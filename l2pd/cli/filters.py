@@ -26,6 +26,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from ..distributed import finish, init_from_env
     from ..files import check_out_dir, read_prompts
 
+    if args.policy.startswith("learn2pd") != (args.policy_filter is not None):
+        raise ValueError("--policy learn2pd:TAU decodes with --policy-filter DIR, and only it takes one")
+    if args.policy_filter is not None and not os.path.isfile(os.path.join(args.policy_filter, "filter.json")):
+        raise FileNotFoundError(f"--policy-filter {args.policy_filter!r}: no filter.json there")
     rank, _, rank_device = init_from_env()
     device = rank_device or default_device(args.device)
     check_out_dir(args.out)  # before the model loads: an unwritable --out fails now
@@ -38,7 +42,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     prompts = tok([prompt_text(tok, q) for q in questions], add_special_tokens=False).input_ids
     try:
         info = collect(model, prompts, args.out, gen_length=args.gen_length, block_length=args.block_length,
-                       batch_size=args.batch_size, shard_size=args.shard_size, cache=args.cache, policy=args.policy)
+                       batch_size=args.batch_size, shard_size=args.shard_size, cache=args.cache, policy=args.policy,
+                       labels=args.labels, filter=args.policy_filter)
     except KeyboardInterrupt:
         kept = shards_in(args.out) if os.path.isdir(args.out) else 0
         raise Interrupted(f"collect stopped; {kept} finished shard(s) kept in {args.out}: rerun the same command "
@@ -55,7 +60,18 @@ def _policy(text: str) -> str:
     try:
         parse_policy(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected oracle or threshold:TAU with 0 < TAU <= 1") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: expected oracle, threshold:TAU or learn2pd:TAU with "
+                                         "0 < TAU <= 1") from None
+    return text
+
+
+def _labels(text: str) -> str:
+    from ..collect import parse_labels
+
+    try:
+        parse_labels(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected final or rollout:TAU with 0 < TAU <= 1") from None
     return text
 
 
@@ -78,9 +94,11 @@ def cmd_train_filter(args: argparse.Namespace) -> int:
     from ..train import train_filter
 
     check_out_dir(args.out, refuse_if_holds=None if args.overwrite else "filter.json")
-    if not os.path.isdir(args.data):
-        raise FileNotFoundError(f"--data {args.data!r}: no such folder (write one with `l2pd collect --out`)")
-    flt = train_filter(args.data, hidden=args.hidden, depth=args.depth, lr=args.lr, max_epochs=args.max_epochs,
+    folders = [d for d in args.data.split(",") if d]
+    for d in folders or [args.data]:
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"--data {d!r}: no such folder (write one with `l2pd collect --out`)")
+    flt = train_filter(folders, hidden=args.hidden, depth=args.depth, lr=args.lr, max_epochs=args.max_epochs,
                        patience=args.patience, threshold=args.threshold, device=args.device or "cpu",
                        inputs=args.inputs, kind=args.kind)
     flt.save_pretrained(args.out)
@@ -107,16 +125,24 @@ def add_collect(sub: Any) -> None:
     c.add_argument("--policy", type=_policy, default="oracle",
                    help="the decode whose states are recorded: 'oracle' (Learn2PD's replay: unmask exactly the "
                         "positions already equal to the final answer; default) or 'threshold:TAU' (a confidence "
-                        "threshold, whose states are closer to those a filter meets when it decodes; on the "
-                        "bundled task's hard level it gave a worse filter, see benchmarks/RESULTS.md); the "
-                        "labels are the same")
+                        "threshold, whose states are closer to those a filter meets when it decodes) or "
+                        "'learn2pd:TAU' (the --policy-filter at tau TAU: a DAgger round on the filter's own "
+                        "states)")
+    c.add_argument("--policy-filter", default=None, metavar="DIR",
+                   help="the filter folder --policy learn2pd:TAU decodes with")
+    c.add_argument("--labels", type=_labels, default="final",
+                   help="'final' (default: does the guess equal the one-token-per-step answer?) or "
+                        "'rollout:TAU' (does it equal what threshold TAU + EoTP writes there when it continues the "
+                        "decode from this very state? a continuation per recorded state; the recorded decode "
+                        "runs with EoTP)")
     add_decode_args(c)
     c.set_defaults(func=cmd_collect)
 
 
 def add_train_filter(sub: Any) -> None:
     t = sub.add_parser("train-filter", help="train the Learn2PD filter on collected shards")
-    t.add_argument("--data", required=True, help="folder written by `l2pd collect`")
+    t.add_argument("--data", required=True, help="folder written by `l2pd collect`, or several separated by "
+                   "commas (DAgger rounds, trained on together)")
     t.add_argument("--out", required=True, help="output folder (filter.safetensors + filter.json)")
     t.add_argument("--hidden", type=int_type(1), default=128, help="hidden width (default 128)")
     t.add_argument("--depth", type=int_type(1), default=1, help="hidden layers")
