@@ -117,16 +117,21 @@ def train_rounds(model, tok, args, block: int, kind: str, info: dict) -> dict:
     return filters
 
 
-def sweep_all(model, tok, problems, args, block: int, filters: dict) -> list[dict]:
+def sweep_all(model, tok, problems, args, block: int, filters: dict, tag: str) -> list[dict]:
+    """Every configuration at one block length; rows are appended to ``rows-TAG-*.jsonl`` as they finish
+    (a rerun resumes from them)."""
     taus = [float(t) for t in args.taus.split(",")]
     ftaus = [float(t) for t in args.filter_taus.split(",")]
     kw = dict(batch_size=args.batch, progress=False, max_new_tokens=args.max_new_tokens)
     base = [dict(strategy="steps", threshold=None, eotp="off", block_length=block, cache="none")]
     rules = [r for r in args.rules.split(",") if r]
-    rows = run_sweep(model, tok, problems, base + [c for rule in rules for c in configs(rule, taus, block)], **kw)
+    rows = run_sweep(model, tok, problems, base + [c for rule in rules for c in configs(rule, taus, block)],
+                     out=os.path.join(args.out, f"rows-{tag}-block{block}-rules.jsonl"), **kw)
     for name, flt in filters.items():
-        for r in run_sweep(model, tok, problems, configs("learn2pd", ftaus, block), filters={block: flt}, **kw):
+        for r in run_sweep(model, tok, problems, configs("learn2pd", ftaus, block), filters={block: flt},
+                           out=os.path.join(args.out, f"rows-{tag}-block{block}-{name}.jsonl"), **kw):
             rows.append({**r, "strategy": name})
+    print(f"{tag} block {block}: {len(rows)} rows", flush=True)
     return rows
 
 
@@ -152,12 +157,12 @@ def main() -> None:
         for kind in kinds:
             filters.update(train_rounds(model, tok, args, block, kind, info))
         all_filters[block] = filters
-        val_rows += sweep_all(model, tok, val, args, block, filters)
+        val_rows += sweep_all(model, tok, val, args, block, filters, "val")
     methods = [r for r in args.rules.split(",") if r] + [f"{k}-r{r}" for k in kinds for r in range(args.rounds + 1)]
     picks = pick(val_rows, args.within, methods)
     test_rows = []
     for block in blocks:
-        test_rows += sweep_all(model, tok, test, args, block, all_filters[block])
+        test_rows += sweep_all(model, tok, test, args, block, all_filters[block], "test")
     for rows, name in ((val_rows, "val"), (test_rows, "test")):
         aup_rows(pareto(rows))
         with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:

@@ -157,10 +157,12 @@ def add_train_filter(sub: Any) -> None:
                    help="what the filter reads: 'confidence' (Learn2PD's filter, default), 'rich' (confidence, "
                         "margin, entropy, step: top-1 minus top-2 probability and entropy of the same softmax, "
                         "and the forwards already spent on the block), or a comma list in that order")
-    t.add_argument("--kind", choices=["dense", "shared"], default="dense",
+    t.add_argument("--kind", choices=["dense", "shared", "history"], default="dense",
                    help="dense (Learn2PD's: the whole block's inputs to the whole block's scores) or shared (one "
                         "small MLP applied to each position's own features: confidence, margin, entropy, "
                         "position, step, the block's decided fraction, neighbours' confidences, masks before it "
-                        "and the lowest confidence before it; --inputs is then ignored)")
+                        "and the lowest confidence before it; --inputs is then ignored) or history (shared, plus "
+                        "each guess's run length over the block's forwards, its previous confidence and the "
+                        "change: needs a collection made by this version)")
     t.add_argument("--overwrite", action="store_true", help="replace a filter already in --out")
     t.set_defaults(func=cmd_train_filter)
