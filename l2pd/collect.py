@@ -195,27 +195,13 @@ def collect(
     file keeps a second collection out of a folder in use. ``max_shards`` stops after writing that many new
     shards (for tests and time-boxed runs). Under ``torchrun`` each process takes the shards whose index is
     its rank modulo the world size and writes them into the same folder: the folder ends up exactly as one
-    process would have written it.
-
-    ``policy``: the decode whose states are recorded: ``oracle``, ``threshold:TAU`` or ``learn2pd:TAU`` (with
-    ``filter``: a DAgger round records the states of the current filter's own decodes); ``labels``: ``final``
-    or ``rollout:TAU`` (see ``replay``).
+    process would have written it. ``policy``, ``labels`` and ``filter``: see ``replay`` and the module docstring.
     """
     from .files import save_safetensors
 
     if not prompts:
         raise ValueError("no prompts to collect from")
-    strategy, _ = parse_policy(policy)
-    parse_labels(labels)
-    from .spec import _as_filter
-
-    filter = _as_filter(filter)
-    if (strategy == "learn2pd") != (filter is not None):
-        raise ValueError(f"policy {policy!r} with filter={filter!r}: a filter is what the learn2pd policy decodes "
-                         "with, and only that policy takes one")
-    if filter is not None and filter.block_length != block_length:
-        raise ValueError(f"the policy's filter was trained for block_length={filter.block_length}, not "
-                         f"{block_length}")
+    filter = _check_policy(policy, labels, filter, block_length)
     for name, value in (("gen_length", gen_length), ("block_length", block_length), ("batch_size", batch_size),
                         ("shard_size", 1 if shard_size is None else shard_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -285,6 +271,22 @@ def collect(
             lock.close()
     done = sum(os.path.exists(os.path.join(out_dir, f"shard-{i:05d}.safetensors")) for i in range(n_shards))
     return {**manifest, "shards": n_shards, "shards_done": done, "shards_written_here": written}
+
+
+def _check_policy(policy: str, labels: str, filter: Any, block_length: int) -> Any:
+    """The policy and labels checked; the policy's filter (loaded from a folder) or None."""
+    from .spec import _as_filter
+
+    strategy, _ = parse_policy(policy)
+    parse_labels(labels)
+    filter = _as_filter(filter)
+    if (strategy == "learn2pd") != (filter is not None):
+        raise ValueError(f"policy {policy!r} with filter={filter!r}: a filter is what the learn2pd policy decodes "
+                         "with, and only that policy takes one")
+    if filter is not None and filter.block_length != block_length:
+        raise ValueError(f"the policy's filter was trained for block_length={filter.block_length}, not "
+                         f"{block_length}")
+    return filter
 
 
 def shards_in(out_dir: str) -> int:

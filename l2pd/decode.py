@@ -316,9 +316,7 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     """The block loop of one resolved decode (``l2pd.spec.resolve``) over prompts on the model's device."""
     mask_id, eos_id = spec.mask_id, spec.eos_id
     block_length, stops, device = spec.block_length, spec.stops, adapter.device
-    B, P = input_ids.shape
-    G = spec.max_new_tokens
-    given_ids = input_ids
+    (B, P), G, given_ids = input_ids.shape, spec.max_new_tokens, input_ids
     padded = attention_mask is not None and not bool(attention_mask.all())
     # block-causal padded rows: each row's answer start and end in the canvas, and the filler past its end
     input_ids, attention_mask, phase = _layout(adapter, spec, input_ids, attention_mask, padded)
@@ -336,11 +334,7 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     state.load(input_ids, attention_mask if padded else None, mask_id)
     if phase is not None:  # nothing to decode past each row's own last block
         state.canvas.masked_fill_(torch.arange(T, device=device)[None] >= phase[1][:, None], phase[2])
-    if spec.answer is not None:  # a partial answer: its decided tokens stay
-        if phase is not None:
-            raise ValueError("answer= with a padded batch of a block-causal model is not supported: pass prompts "
-                             "of one length")
-        state.canvas[:, P : P + G].copy_(spec.answer)
+    _place_answer(state.canvas, spec.answer, phase, P)
     if state.kv is not None:
         state.kv.mode, state.kv.refresh = spec.cache, spec.refresh
     canvas, kv = state.canvas, state.kv
@@ -417,6 +411,16 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     if spec.return_dict:
         return GenerateOutput(sequences, nfe, forwards, seconds, graphed)
     return sequences
+
+
+def _place_answer(canvas: torch.Tensor, answer: torch.Tensor | None, phase: tuple | None, P: int) -> None:
+    """A partial answer into the canvas after the prompts: its decided tokens stay, its masks get decoded."""
+    if answer is None:
+        return
+    if phase is not None:
+        raise ValueError("answer= with a padded batch of a block-causal model is not supported: pass prompts of "
+                         "one length")
+    canvas[:, P : P + answer.shape[1]].copy_(answer)
 
 
 def _sequences(canvas: torch.Tensor, given_ids: torch.Tensor, starts: torch.Tensor | None, G: int, T: int,

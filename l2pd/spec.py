@@ -138,12 +138,10 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
     if attention_mask is not None and attention_mask.dim() == 1:
         attention_mask = attention_mask.view(1, -1)
     B, P = input_ids.shape
-    answer = _answer(answer, B, max_new_tokens, adapter, mask_id, strategy)
     if streamer is not None and B != 1:
         raise ValueError(f"a streamer takes one sequence (as in transformers), got {B} rows")
     stops = StopCutter(ends[1:], stop_strings, tokenizer, eos_id, mask_id)
-    T = P + max_new_tokens
-    limit = adapter.max_length
+    T, limit = P + max_new_tokens, adapter.max_length
     if limit is not None and T > limit:
         raise ValueError(f"prompt length {P} + max_new_tokens {max_new_tokens} = {T} exceeds "
                          f"max_sequence_length={limit}")
@@ -166,11 +164,12 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
         target=None if target is None else target.to(device=device, dtype=torch.long), on_step=on_step,
         persist=2 if persist is None else persist, edit=edit_threshold,
         edit_steps=16 if edit_steps is None else edit_steps,
-        answer=None if answer is None else answer.to(device))
+        answer=_answer(answer, B, max_new_tokens, adapter, mask_id, strategy, device))
     return spec, input_ids, attention_mask
 
 
-def _answer(answer: Any, B: int, G: int, adapter: Any, mask_id: int, strategy: str) -> torch.Tensor | None:
+def _answer(answer: Any, B: int, G: int, adapter: Any, mask_id: int, strategy: str,
+            device: Any) -> torch.Tensor | None:
     """A partial answer to continue from, checked: int64 [B, G] of token ids, ``mask_id`` where undecided."""
     if answer is None:
         return None
@@ -183,7 +182,7 @@ def _answer(answer: Any, B: int, G: int, adapter: Any, mask_id: int, strategy: s
     if tuple(answer.shape) != (B, G):
         raise ValueError(f"answer must be [B, max_new_tokens] = [{B}, {G}] (mask_token_id {mask_id} where "
                          f"undecided), got {tuple(answer.shape)}")
-    return answer
+    return answer.to(device)
 
 
 def _temperature(do_sample: Any, temperature: Any) -> float:
