@@ -142,7 +142,7 @@ def test_collection_history_is_what_decoding_keeps(tmp_path):
 
 def test_history_filter_trains_round_trips_and_decodes_like_the_engine(tmp_path):
     model = tiny_model(seed=25)
-    path = _collect(tmp_path, model, policy="threshold:0.5", labels="rollout:0.9")
+    path = _collect(tmp_path, model, policy="threshold:0.5")
     assert load_shards(path)[1]["version"] == 3
     flt = train_filter(path, hidden=16, max_epochs=60, log=lambda *a: None, kind="history", threshold=0.5)
     assert flt.kind == "history" and flt.needs_history and flt.layers[0].in_features == F
@@ -159,9 +159,10 @@ def test_history_filter_trains_round_trips_and_decodes_like_the_engine(tmp_path)
     backends = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
     for backend in backends:  # interleaved rows at different blocks, each with its own history
         engine = functools.partial(Engine, backend=backend)(model, max_batch=2, filter=again)
-        reqs = [engine.submit(p, **kw) for p in prompts]
+        n = 3 if backend == "torch" else 2  # (the interpreter is slow)
+        reqs = [engine.submit(p, **kw) for p in prompts[:n]]
         engine.run()
-        assert [r.tokens for r in reqs] == want, backend
+        assert [r.tokens for r in reqs] == want[:n], backend
         if backend == "triton":
             got = generate(model, torch.tensor([prompts[0]]), filter=again, backend="triton", **kw)
             assert got[0, len(prompts[0]):].tolist()[: len(want[0])] == want[0]
