@@ -108,19 +108,22 @@ def test_compacted_graphed_equals_uncompacted_eager(bundled, cache):
         assert torch.equal(out.nfe, kept.nfe)
 
 
-@pytest.mark.parametrize("kind", ["rich", "shared"])
+@pytest.mark.parametrize("kind", ["rich", "shared", "history"])
 @pytest.mark.parametrize("cache", ["none", "dual"])
 def test_graphed_rich_filter_equals_eager(bundled, cache, kind):
     """A filter that reads margins, entropies and the step index (the step comes from device memory in a
-    graph), dense or shared per position: replayed steps decide as eager ones do."""
+    graph), dense or shared per position, or also each guess's history (buffers in device memory): replayed
+    steps decide as eager ones do."""
     from l2pd.filter import RICH_INPUTS, SHARED_FEATURES, Filter
 
     model, tok = bundled
     torch.manual_seed(0)
     if kind == "rich":
         flt = Filter(32, 32, inputs=RICH_INPUTS, threshold=0.6).eval()  # random weights: any decision will do
-    else:
+    elif kind == "shared":
         flt = Filter(32, 32, inputs=SHARED_FEATURES, kind="shared", threshold=0.6).eval()
+    else:
+        flt = Filter(32, 32, kind="history", threshold=0.6).eval()
     with torch.no_grad():
         flt.layers[-1].bias.fill_(0.4)  # scores around tau: some positions pass, some wait
     kw = dict(max_new_tokens=128, block_length=32, strategy="learn2pd", filter=flt, eotp=True, cache=cache)
