@@ -107,13 +107,14 @@ def replay(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen_length: int, b
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("features", "margin", "entropy", "step", "labels",
                                                             "masked", "run", "previous")}
     states: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    # each position's guess history, advanced as the decision does (l2pd_kernels.reference.update_history)
-    B, T = ids.shape[0], P + gen_length
-    history = (torch.full((B, T), -1, dtype=torch.int64, device=ids.device),
-               torch.zeros(B, T, dtype=torch.int32, device=ids.device),
-               torch.zeros(B, T, dtype=torch.float32, device=ids.device))
+    # each position's guess history, advanced as the decision does (l2pd_kernels.reference.update_history);
+    # shaped like the canvas (a block-causal model's runs past P + gen_length to its last block's end)
+    history: list[torch.Tensor] = []
 
     def on_step(s, step, token, prob, canvas, margin, entropy, target=None):
+        if not history:
+            history.extend([torch.full_like(canvas, -1), torch.zeros_like(canvas, dtype=torch.int32),
+                            torch.zeros_like(canvas, dtype=torch.float32)])
         masked = canvas[:, s : s + token.shape[1]] == mask_id
         active = masked.any(-1)
         pad = block_length - token.shape[1]
