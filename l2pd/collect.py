@@ -99,6 +99,9 @@ def replay(model: Any, ids: torch.Tensor, mask: torch.Tensor, gen_length: int, b
     P = ids.shape[1]
     strategy, tau = parse_policy(policy)
     careful = parse_labels(labels)
+    if careful is not None and adapter_for(model).block_causal:  # its states run past the answer's columns
+        raise ValueError("labels='rollout:TAU' is not supported for block-causal models (LLaDA 2.x) yet; use "
+                         "labels='final'")
     final = None
     if careful is None or strategy == "oracle":
         final = generate(model, ids, mask, max_new_tokens=gen_length, block_length=block_length,

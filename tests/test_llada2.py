@@ -278,6 +278,14 @@ def test_learn2pd_runs_on_llada2():
 
 
 @torch.no_grad()
+def test_rollout_labels_refuse_block_causal_models():
+    from l2pd.collect import replay
+
+    ids = torch.randint(0, 58, (2, 7))
+    with pytest.raises(ValueError, match="rollout.*block-causal"):
+        replay(tiny_llada2(7), ids, torch.ones_like(ids), 8, 4, policy="threshold:0.5", labels="rollout:0.9")
+
+
 def test_oracle_replay_and_collect_labels_on_llada2():
     """Learn2PD's replay on a block-causal model, where the first decoding block holds the prompt's tail and a
     padded batch is laid out shifted: the oracle rebuilds its reference answer in every row, and collect's labels
