@@ -12,6 +12,7 @@ per (tile, head); grouped-query heads read their shared K/V head. Semantics:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -24,19 +25,33 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _pool_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, seg_ptr, tiles_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, seg_ptr, tiles_ptr, part_ptr, lse_ptr,
     sqn, sqh, skr, skh, skw, svr, svh, svw, son, soh,
-    scale_log2, GROUP,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+    scale_log2, GROUP, DENSE_L, DENSE_T, DENSE_TILES, KEY_CHUNK, NH,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DENSE: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
-    g = tl.load(tiles_ptr + tile * 2)
-    t0 = tl.load(tiles_ptr + tile * 2 + 1)
-    q_start = tl.load(seg_ptr + g * 4)
-    q_len = tl.load(seg_ptr + g * 4 + 1)
-    row = tl.load(seg_ptr + g * 4 + 2)
-    k_len = tl.load(seg_ptr + g * 4 + 3)
+    if DENSE:  # B rows of L queries over all T keys of their own cache row: the segment follows from the tile
+        g = tile // DENSE_TILES
+        t0 = (tile % DENSE_TILES) * BM
+        q_start = g * DENSE_L
+        q_len = DENSE_L
+        row = g
+        k_len = DENSE_T
+    else:
+        g = tl.load(tiles_ptr + tile * 2)
+        t0 = tl.load(tiles_ptr + tile * 2 + 1)
+        q_start = tl.load(seg_ptr + g * 4)
+        q_len = tl.load(seg_ptr + g * 4 + 1)
+        row = tl.load(seg_ptr + g * 4 + 2)
+        k_len = tl.load(seg_ptr + g * 4 + 3)
+    k_lo = 0
+    k_hi = k_len
+    if SPLIT:  # this program's share of the keys: chunk program_id(2)
+        k_lo = tl.program_id(2) * KEY_CHUNK
+        k_hi = tl.minimum(k_lo + KEY_CHUNK, k_len)
     m = t0 + tl.arange(0, BM)
     mq = m < q_len
     d = tl.arange(0, D)
@@ -51,9 +66,9 @@ def _pool_attention_kernel(
     l_i = tl.zeros((BM,), tl.float32)
     acc = tl.zeros((BM, D), tl.float32)
     n = tl.arange(0, BN)
-    for start in range(0, k_len, BN):
+    for start in range(k_lo, k_hi, BN):
         kn = start + n
-        kmask = kn < k_len
+        kmask = kn < k_hi
         k = tl.load(kbase + kn[:, None].to(tl.int64) * skw + d[None, :], mask=kmask[:, None], other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
@@ -70,44 +85,144 @@ def _pool_attention_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
+    if SPLIT:  # the chunk's normalised output and log2-sum-exp (an empty chunk: weight 0 in the combine)
+        full = l_i > 0
+        out = tl.where(full[:, None], acc / tl.where(full, l_i, 1.0)[:, None], 0.0)
+        lse = tl.where(full, m_i + tl.log2(tl.where(full, l_i, 1.0)), float("-inf"))
+        r = tl.program_id(2).to(tl.int64) * NH + tok * tl.num_programs(1) + h  # part [splits, N, H, D]
+        tl.store(part_ptr + r[:, None] * D + d[None, :], out, mask=mq[:, None])
+        tl.store(lse_ptr + r, lse, mask=mq)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + tok[:, None] * son + h * soh + d[None, :], out.to(o_ptr.dtype.element_ty), mask=mq[:, None])
+
+
+@triton.jit
+def _combine_kernel(part_ptr, lse_ptr, o_ptr, NH, SPLITS, D: tl.constexpr, BR: tl.constexpr):
+    """Merge the key chunks of BR (token, head) pairs: weights 2^(lse_s - max) (an online log-sum-exp)."""
+    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    mr = r < NH
+    d = tl.arange(0, D)
+    m_i = tl.load(lse_ptr + r, mask=mr, other=0.0)  # chunk 0 is never empty (k_len >= 1)
+    acc = tl.load(part_ptr + r[:, None] * D + d[None, :], mask=mr[:, None], other=0.0)
+    l_i = tl.full((BR,), 1.0, tl.float32)
+    for s in range(1, SPLITS):
+        ls = tl.load(lse_ptr + s * NH + r, mask=mr, other=float("-inf"))
+        o = tl.load(part_ptr + (s * NH + r)[:, None] * D + d[None, :], mask=mr[:, None], other=0.0)
+        m_new = tl.maximum(m_i, ls)
+        alpha = tl.exp2(m_i - m_new)
+        w = tl.exp2(ls - m_new)
+        acc = acc * alpha[:, None] + w[:, None] * o
+        l_i = l_i * alpha + w
+        m_i = m_new
     out = acc / l_i[:, None]
-    tl.store(o_ptr + tok[:, None] * son + h * soh + d[None, :], out.to(o_ptr.dtype.element_ty), mask=mq[:, None])
+    tl.store(o_ptr + r[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=mr[:, None])
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q [B, H, N, D] and caches [R, Hkv, T, D]: got {tuple(q.shape)}, {tuple(k_cache.shape)},"
+                         f" {tuple(v_cache.shape)}")
+    H, D, HKV = q.shape[1], q.shape[3], k_cache.shape[1]
+    if k_cache.shape[3] != D or H % HKV or D & (D - 1) or D < 16:
+        raise ValueError(f"head_dim {D} (a power of two >= 16) and heads {H} (a multiple of {HKV} K/V heads) "
+                         f"must match the cache {tuple(k_cache.shape)}")
+    if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache)):
+        raise ValueError("q and the caches must be contiguous in their last dimension")
+
+
+def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor | None,
+            tiles: torch.Tensor | None, programs: int, dense: tuple[int, int, int], key_chunk: int, splits: int,
+            block_m: int, block_n: int, num_warps: int, num_stages: int | None) -> torch.Tensor:
+    """One launch over ``programs`` query tiles x heads (x ``splits`` key chunks, then the combine); q is
+    [1, H, N, D]; returns [1, N, H, D]."""
+    _, H, N, D = q.shape
+    out = torch.empty(1, N, H, D, dtype=q.dtype, device=q.device)
+    if not programs or not N:
+        return out
+    split = splits > 1
+    part = torch.empty(splits, N, H, D, dtype=torch.float32, device=q.device) if split else out
+    lse = torch.empty(splits, N, H, dtype=torch.float32, device=q.device) if split else out
+    dummy = out if seg is None else seg  # unused pointers of the dense form
+    _pool_attention_kernel[(programs, H, splits)](
+        q, k_cache, v_cache, out, dummy, dummy if tiles is None else tiles, part, lse,
+        q.stride(2), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(1), out.stride(2),
+        1.0 / math.sqrt(D) * 1.4426950408889634, H // k_cache.shape[1], *dense, key_chunk, N * H,
+        D=D, BM=block_m, BN=block_n, IEEE=q.dtype == torch.float32 or _INTERPRET, DENSE=seg is None,
+        SPLIT=split, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+    )
+    if split:
+        br = 16
+        _combine_kernel[(triton.cdiv(N * H, br),)](part, lse, out, N * H, splits, D=D, BR=br, num_warps=4)
+    return out
 
 
 def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor,
                    tiles: torch.Tensor | None = None, block_m: int = 32, block_n: int | None = None,
-                   num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                   num_warps: int = 4, num_stages: int | None = None, key_chunk: int | None = None,
+                   splits: int = 1) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.pool_attention``: q [1, H, N, D] (any strides with a
     contiguous last dimension), caches [R, Hkv, T, D], ``seg`` int64 [G, 4]; returns [1, H, N, D] laid out as
     [1, N, H, D] (so the output projection's input is a view). ``tiles`` (int64 [n, 2]: segment, first query;
     from ``pool_tiles``) is built here when not given. ``block_n`` (keys per loop, default 64), ``num_warps``,
     ``num_stages``: launch settings (``benchmarks/test_kernels_bench.py`` compares them; 64 keys and 4 warps
-    were fastest at LLaDA-8B shapes on an H200)."""
-    if q.dim() != 4 or q.shape[0] != 1 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"q [1, H, N, D] and caches [R, Hkv, T, D]: got {tuple(q.shape)}, {tuple(k_cache.shape)},"
-                         f" {tuple(v_cache.shape)}")
-    _, H, N, D = q.shape
-    HKV = k_cache.shape[1]
-    if k_cache.shape[3] != D or H % HKV or D & (D - 1) or D < 16:
-        raise ValueError(f"head_dim {D} (a power of two >= 16) and heads {H} (a multiple of {HKV} K/V heads) "
-                         f"must match the cache {tuple(k_cache.shape)}")
+    were fastest at LLaDA-8B shapes on an H200). ``splits`` > 1 with ``key_chunk`` (a multiple of
+    ``block_n``; ``splits * key_chunk`` must cover the longest ``k_len``): each program takes one chunk of its
+    segment's keys and a second kernel merges the chunks (flash-decoding); a segment's result depends only on
+    its own ``k_len`` and the chunk size, not on the other segments."""
+    _check(q, k_cache, v_cache)
+    if q.shape[0] != 1:
+        raise ValueError(f"q must be [1, H, N, D], got {tuple(q.shape)}")
     if seg.dim() != 2 or seg.shape[1] != 4 or seg.dtype != torch.int64:
         raise ValueError(f"seg must be int64 [G, 4] (q_start, q_len, row, k_len), got {seg.dtype} {tuple(seg.shape)}")
-    if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache)):
-        raise ValueError("q and the caches must be contiguous in their last dimension")
+    block_n = block_n or 64
+    if splits > 1 and (key_chunk is None or key_chunk % block_n):
+        raise ValueError(f"splits={splits} needs a key_chunk that is a multiple of block_n={block_n}")
     if tiles is None:
         tiles = pool_tiles(seg.cpu(), block_m).to(q.device)
-    out = torch.empty(1, N, H, D, dtype=q.dtype, device=q.device)
-    if tiles.shape[0] and N:
-        _pool_attention_kernel[(tiles.shape[0], H)](
-            q, k_cache, v_cache, out, seg, tiles,
-            q.stride(2), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(1), out.stride(2),
-            1.0 / math.sqrt(D) * 1.4426950408889634, H // HKV,
-            D=D, BM=block_m, BN=block_n or 64, IEEE=q.dtype == torch.float32 or _INTERPRET,
-            num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
-        )
+    out = _launch(q, k_cache, v_cache, seg, tiles, tiles.shape[0], (0, 0, 0), key_chunk or 0, splits, block_m,
+                  block_n, num_warps, num_stages)
     return out.transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def split_plan(programs: int, keys: int, sms: int, block_n: int = 64, waves: int = 4) -> tuple[int, int]:
+    """(splits, key_chunk) for ``programs`` query tiles x heads over ``keys`` keys: split the keys until about
+    ``waves`` programs per SM run, in chunks of whole ``block_n`` loops (no split when the grid is full)."""
+    splits = max(1, min(triton.cdiv(keys, block_n), triton.cdiv(waves * sms, max(programs, 1))))
+    chunk = triton.cdiv(triton.cdiv(keys, splits), block_n) * block_n
+    return triton.cdiv(keys, chunk), chunk
+
+
+def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_m: int = 32,
+                     block_n: int = 64, splits: int | None = None, num_warps: int = 4) -> torch.Tensor:
+    """Triton version of ``l2pd_kernels.reference.cached_attention``: a cached step's queries q [B, H, L, D]
+    (laid out [B, L, H, D], as ``rope_qkv`` returns them) over every key of their row of the cache
+    [B, Hkv, T, D], without a mask. Few queries over a long canvas leave most of the GPU idle in one program
+    per query tile and head, so the keys are split into chunks (``split_plan``; ``splits`` forces a count) and
+    the chunks merged. Returns [B, H, L, D] laid out [B, L, H, D]."""
+    _check(q, k_cache, v_cache)
+    B, H, L, D = q.shape
+    T = k_cache.shape[2]
+    if k_cache.shape[0] != B:
+        raise ValueError(f"the cache holds {k_cache.shape[0]} rows for {B} query rows")
+    if q.transpose(1, 2).stride(1) != H * D or (B > 1 and q.stride(0) != L * H * D) or q.stride(3) != 1:
+        raise ValueError("q must be laid out [B, L, H, D] (rope_qkv's output)")
+    per_row = triton.cdiv(L, block_m)
+    if splits is None:
+        splits, chunk = split_plan(B * per_row * H, T, _sm_count(q.device), block_n)
+    else:
+        chunk = triton.cdiv(triton.cdiv(T, splits), block_n) * block_n
+        splits = triton.cdiv(T, chunk)
+    flat = q.transpose(1, 2).reshape(1, B * L, H, D).transpose(1, 2)  # a view
+    out = _launch(flat, k_cache, v_cache, None, None, B * per_row, (L, T, per_row), chunk, splits, block_m,
+                  block_n, num_warps, None)
+    return out.view(B, L, H, D).transpose(1, 2)
 
 
 def pool_tiles(seg: torch.Tensor, block_m: int = 32) -> torch.Tensor:

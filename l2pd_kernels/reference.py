@@ -488,6 +488,13 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return out
 
 
+def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """A cached step's attention: queries q [B, H, L, D] over every key of their row of the cache
+    [B, Hkv, T, D], without a mask (what SDPA computes for an unpadded, bidirectional cached forward)."""
+    return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache,
+                                                            enable_gqa=k_cache.shape[1] != q.shape[1])
+
+
 def moe_route(logits: torch.Tensor, top_k: int, score: str = "sigmoid", bias: torch.Tensor | None = None,
               n_group: int = 1, topk_group: int = 1, scale: float = 1.0,
               normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

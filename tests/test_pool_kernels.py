@@ -139,3 +139,66 @@ def test_decide_per_row_params_match_reference(eotp, with_filter):
         ref.decide(c[r : r + 1], token[i : i + 1], prob[i : i + 1], block_start=s, k=ks[i], step=steps[i], **kw)
     torch.testing.assert_close(b, c, rtol=0, atol=0)
     assert torch.equal(a[1], canvas[1]) and torch.equal(a[3], canvas[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, H, HKV, L, T, D, splits", [
+    (2, 4, 4, 5, 77, 16, None),  # the plan's split count; T not a multiple of the key loop
+    (3, 6, 2, 33, 130, 32, 3),  # grouped-query heads, L spanning two query tiles, forced splits
+    (1, 2, 2, 1, 1, 16, None),  # one query, one key
+    (2, 4, 2, 7, 200, 16, 1),  # no split: the one-pass form
+])
+def test_cached_attention_matches_reference(dtype, B, H, HKV, L, T, D, splits):
+    from l2pd_kernels import cached_attention
+
+    q = torch.randn(B, L, H, D, device=DEV).to(dtype).transpose(1, 2)  # rope_qkv's layout
+    k = torch.randn(B, HKV, T, D, device=DEV).to(dtype)
+    v = torch.randn(B, HKV, T, D, device=DEV).to(dtype)
+    got = cached_attention(q, k, v, block_m=16, block_n=16, splits=splits)
+    torch.testing.assert_close(got, ref.cached_attention(q, k, v), **TOL[dtype])
+    assert got.shape == (B, H, L, D) and got.transpose(1, 2).is_contiguous()  # o-projection input as a view
+
+
+def test_split_plan_fills_the_gpu_in_whole_key_loops():
+    from l2pd_kernels.attention import split_plan
+
+    assert split_plan(32, 4096, 132) == (16, 256)  # batch 1, 32 heads: 16 chunks of 256 keys
+    assert split_plan(2048, 4096, 132) == (1, 4096)  # a full grid: one pass
+    assert split_plan(32, 100, 132) == (2, 64)  # never a chunk shorter than one key loop
+    splits, chunk = split_plan(7, 777, 5)
+    assert chunk % 64 == 0 and (splits - 1) * chunk < 777 <= splits * chunk
+
+
+def test_pool_attention_splits_keep_each_segment_on_its_own():
+    """With split keys, each segment still matches the reference, and its result (bit for bit) does not
+    depend on the other segments: the chunks follow from its own k_len."""
+    from l2pd_kernels import pool_attention
+
+    H, D, R, T = 4, 16, 4, 150
+    seg, N = _segments([6, 20, 3], [2, 0, 3], [150, 37, 90])
+    q = torch.randn(1, N, H, D, device=DEV).transpose(1, 2)
+    k, v = torch.randn(2, R, H, T, D, device=DEV).unbind(0)
+    got = pool_attention(q, k, v, seg, block_m=16, block_n=16, key_chunk=32, splits=5)
+    torch.testing.assert_close(got, ref.pool_attention(q, k, v, seg), rtol=2e-5, atol=2e-5)
+    alone = pool_attention(q[:, :, :6], k, v, seg[:1], block_m=16, block_n=16, key_chunk=32, splits=5)
+    assert torch.equal(alone, got[:, :, :6])
+    with pytest.raises(ValueError, match="key_chunk"):
+        pool_attention(q, k, v, seg, block_n=16, key_chunk=40, splits=2)
+
+
+def test_cached_step_through_the_split_kernel_matches_sdpa():
+    """A dual-cache step of a small model through the fused forward (the split-key attention) gives the
+    reference forward's logits (SDPA)."""
+    from l2pd.cache import BlockKVCache
+    from tests.conftest import tiny_model
+
+    model = tiny_model(seed=5, n_kv_heads=2).to(DEV)
+    B, T = 2, 41
+    ids = torch.randint(0, 60, (B, T), device=DEV)
+    logits = []
+    for fused in (False, True):
+        cache = BlockKVCache.for_model(model.config, B, T, "dual", torch.float32, DEV)
+        with torch.no_grad():
+            model(ids, cache=cache, start=0, fused=fused)  # the refresh fills the cache
+            logits.append(model(ids[:, 16:24], cache=cache, start=16, fused=fused).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)

@@ -20,6 +20,11 @@ from torch import nn
 
 from l2pd_kernels import reference
 
+# cached forwards of at most this many queries per row attend through ``l2pd_kernels.cached_attention``
+# (``L2PD_SPLIT_ATTENTION=0``: SDPA, as before; benchmarks flip the flag to compare)
+SPLIT_ATTENTION = os.environ.get("L2PD_SPLIT_ATTENTION", "1") != "0"
+SPLIT_MAX_QUERIES = 64
+
 
 def rms_norm(x: torch.Tensor, norm: nn.Module, eps: float) -> torch.Tensor:
     # Same order of operations as the official RMSLayerNorm: normalise in fp32, cast back, then scale.
@@ -262,6 +267,9 @@ def decoder_forward(
     sdpa_mask = _sdpa_mask(dec, attention_mask, attn_mask, position_ids, total, cache, pack, bsz, seq)
 
     ops = forward_ops(device, fused)
+    # a cached step's few queries over the whole unmasked canvas: the split-key kernel (SDPA leaves SMs idle)
+    split = (cache is not None and pack is None and sdpa_mask is None and seq <= SPLIT_MAX_QUERIES
+             and ops is not reference and SPLIT_ATTENTION)
     n_heads, n_kv, head_dim, eps = dec.n_heads, dec.n_kv, dec.head_dim, dec.eps
     if dec.rope:  # partial RoPE (rotary_dim < head_dim): angles for the rotated dims only
         cos, sin = rope_cos_sin(position_ids, dec.rotary_dim or head_dim, dec.rope_theta)
@@ -296,7 +304,10 @@ def decoder_forward(
             att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles)
         else:
             q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, fresh_slots if cache is None else slots)
-            att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
+            if split:
+                att = ops.cached_attention(q, k_all, v_all)
+            else:
+                att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
         a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
         h, x = _norm(ops, x, blk.ff_norm, eps, a)
         delta = None if blk.gate is None else _mlp(ops, h, blk)
