@@ -91,3 +91,36 @@ def test_generate(benchmark, model_and_floors, batch, tpf, refresh):
         matmul_TFLOPs=fl["matmul_TFLOPs"], matmul_TFLOPs_sustained=fl["matmul_TFLOPs_sustained"])
     release(model)
     torch.cuda.empty_cache()
+
+
+@cuda
+@pytest.mark.parametrize("attention", ["split", "sdpa"])
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("prompt, new", [(512, 256), (3072, 1024)])
+def test_long_canvas(benchmark, model_and_floors, prompt, new, batch, attention, monkeypatch):
+    from decode_8b import L
+
+    import l2pd.models.decoder as decoder
+    from l2pd.decode import generate
+    from l2pd.step import release
+
+    monkeypatch.setattr(decoder, "SPLIT_ATTENTION", attention == "split")
+    model, fl = model_and_floors
+    cfg = model.config
+    ids = torch.randint(0, 126000, (batch, prompt), device="cuda")
+    kw = dict(max_new_tokens=new, block_length=L, strategy="steps", cache="dual", return_dict_in_generate=True)
+    generate(model, ids, steps=2 * (new // L), **kw)  # captures every shape (two forwards per block)
+    outs = []
+    benchmark.pedantic(lambda: outs.append(generate(model, ids, steps=new // 8, **kw)),
+                       rounds=3 if batch == 1 else 1, iterations=1)
+    sec = sorted(o.seconds for o in outs)[len(outs) // 2]
+    forwards = outs[0].forwards
+    # a step reads every weight once and every cached K/V position of every row
+    kv_bytes = 2 * cfg.n_layers * batch * cfg.n_kv_heads * (prompt + new) * (cfg.d_model // cfg.n_heads) * 2
+    floor = fl["floor_ms"] + kv_bytes / fl["copy_GBps"] / 1e6
+    ms = sec / forwards * 1e3
+    benchmark.extra_info.update(tokens_per_s=batch * new / sec, ms_per_forward=ms, forwards=forwards,
+                                graphed=outs[0].graphed, weight_floor_ms=fl["floor_ms"], floor_with_kv_ms=floor,
+                                over_weight_floor=ms / fl["floor_ms"], over_floor_with_kv=ms / floor)
+    release(model)
+    torch.cuda.empty_cache()

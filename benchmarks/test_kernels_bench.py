@@ -161,8 +161,9 @@ def _pool_case(rows: int, queries: int, keys: int = 768, H: int = 32, D: int = 1
 
 
 @cuda
-@pytest.mark.parametrize("rows, queries", [(1, 32), (64, 32), (64, 64)])
-@pytest.mark.parametrize("config", ["n32-w4", "n64-w4", "n64-w8", "n32-w4-s3", "sdpa", "kv-copy"])
+@pytest.mark.parametrize("rows, queries", [(1, 32), (64, 32), (64, 64), (8, 768)])
+@pytest.mark.parametrize("config", ["n32-w4", "n64-w4", "n64-w8", "n32-w4-s3", "m64-n64-w4", "m64-n64-w8",
+                                    "m128-n64-w8", "sdpa", "kv-copy"])
 def test_pool_attention(benchmark, rows, queries, config):
     """The pool attention kernel's launch settings against SDPA on the same rows as a dense batch (its K/V
     already contiguous per row: what ``generate`` runs) and a copy of the K/V bytes (the memory floor)."""
@@ -180,10 +181,41 @@ def test_pool_attention(benchmark, rows, queries, config):
         fn = lambda: dst.copy_(src)  # noqa: E731  (reads and writes: twice the bytes of the attention's read)
         nbytes = 2 * nbytes
     else:
-        parts = {p[0]: int(p[1:]) for p in config.split("-")}  # n: keys per loop, w: warps, s: stages
-        tiles = pool_tiles(seg.cpu()).cuda()
-        kw = dict(block_n=parts["n"], num_warps=parts["w"], num_stages=parts.get("s"))
+        parts = {p[0]: int(p[1:]) for p in config.split("-")}  # m: queries per tile, n: keys per loop, w: warps
+        tiles = pool_tiles(seg.cpu(), parts.get("m", 32)).cuda()
+        kw = dict(block_m=parts.get("m", 32), block_n=parts["n"], num_warps=parts["w"], num_stages=parts.get("s"))
         fn = lambda: pool_attention(q, k, v, seg, tiles, **kw)  # noqa: E731
+    bw = {"GBps": lambda ms: nbytes / ms / 1e6}
+    _run(benchmark, fn, bw, {"graph_" + k_: v_ for k_, v_ in bw.items()})
+
+
+@cuda
+@pytest.mark.parametrize("batch, keys", [(1, 768), (1, 4096), (8, 768), (8, 4096), (64, 768), (64, 4096)])
+@pytest.mark.parametrize("config", ["split", "one-pass", "sdpa", "kv-copy"])
+def test_cached_attention(benchmark, batch, keys, config):
+    """A cached step's attention at LLaDA-8B shapes (32 heads of 128, block 32 queries per row over every key of
+    a 512 + 256 or 3,072 + 1,024 canvas; one layer): the split-key kernel with its plan, the same kernel in one
+    pass, SDPA (``generate``'s path before it) and a copy of the K/V bytes (the memory floor)."""
+    from l2pd_kernels import cached_attention
+    from l2pd_kernels.attention import _sm_count, split_plan
+
+    torch.manual_seed(0)
+    H, D = 32, 128
+    q = torch.randn(batch, L, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(batch, H, keys, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    nbytes = 2 * k.numel() * k.element_size()
+    if config == "sdpa":
+        fn = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    elif config == "kv-copy":
+        src, dst = torch.cat([k.reshape(-1), v.reshape(-1)]), torch.empty(2 * k.numel(), device="cuda",
+                                                                             dtype=k.dtype)
+        fn = lambda: dst.copy_(src)  # noqa: E731  (reads and writes: twice the attention's bytes)
+        nbytes = 2 * nbytes
+    else:
+        splits = None if config == "split" else 1
+        fn = lambda: cached_attention(q, k, v, splits=splits)  # noqa: E731
+    benchmark.extra_info["splits"] = split_plan(batch * H, keys, _sm_count(q.device))[0]
     bw = {"GBps": lambda ms: nbytes / ms / 1e6}
     _run(benchmark, fn, bw, {"graph_" + k_: v_ for k_, v_ in bw.items()})
 

@@ -42,13 +42,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from l2pd_kernels.attention import POOL_TILE_M as TILE_M
+
 from .cache import BlockKVCache, feed_range, refresh_range
 from .decode import block_schedule, select_ops
 from .models import adapter_for
 from .models.decoder import Pack
 from .spec import DecodeSpec, resolve
 
-TILE_M = 32  # queries per program of the pool attention kernel
 _RESOLVE_ARGS = set(inspect.signature(resolve).parameters) - {"adapter", "kwargs", "input_ids"}
 MAX_BLOCK = 256  # default longest block: the pool keeps that many spare columns past the longest request
 

@@ -21,6 +21,10 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# queries per program of pool_attention: 64 was fastest at LLaDA-8B shapes on an H200 for step segments (32 or
+# 64 queries, even with SDPA) and twice as fast as 32 for refresh segments (benchmarks/RESULTS.md)
+POOL_TILE_M = 64
+SPLIT_MIN_KEYS = 2048  # below this, and with fewer than 4 chunks, SDPA's one pass was as fast (H200)
 
 
 @triton.jit
@@ -159,7 +163,7 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: 
 
 
 def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor,
-                   tiles: torch.Tensor | None = None, block_m: int = 32, block_n: int | None = None,
+                   tiles: torch.Tensor | None = None, block_m: int = POOL_TILE_M, block_n: int | None = None,
                    num_warps: int = 4, num_stages: int | None = None, key_chunk: int | None = None,
                    splits: int = 1) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.pool_attention``: q [1, H, N, D] (any strides with a
@@ -167,10 +171,10 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     [1, N, H, D] (so the output projection's input is a view). ``tiles`` (int64 [n, 2]: segment, first query;
     from ``pool_tiles``) is built here when not given. ``block_n`` (keys per loop, default 64), ``num_warps``,
     ``num_stages``: launch settings (``benchmarks/test_kernels_bench.py`` compares them; 64 keys and 4 warps
-    were fastest at LLaDA-8B shapes on an H200). ``splits`` > 1 with ``key_chunk`` (a multiple of
-    ``block_n``; ``splits * key_chunk`` must cover the longest ``k_len``): each program takes one chunk of its
-    segment's keys and a second kernel merges the chunks (flash-decoding); a segment's result depends only on
-    its own ``k_len`` and the chunk size, not on the other segments."""
+    were fastest at LLaDA-8B shapes on an H200; ``block_m`` must be the ``tiles``' own). ``splits`` > 1 with
+    ``key_chunk`` (a multiple of ``block_n``; ``splits * key_chunk`` must cover the longest ``k_len``): each
+    program takes one chunk of its segment's keys and a second kernel merges the chunks (flash-decoding); a
+    segment's result depends only on its own ``k_len`` and the chunk size, not on the other segments."""
     _check(q, k_cache, v_cache)
     if q.shape[0] != 1:
         raise ValueError(f"q must be [1, H, N, D], got {tuple(q.shape)}")
@@ -199,6 +203,14 @@ def split_plan(programs: int, keys: int, sms: int, block_n: int = 64, waves: int
     return triton.cdiv(keys, chunk), chunk
 
 
+def split_pays(batch: int, queries: int, heads: int, keys: int, device: torch.device, block_m: int = 32) -> bool:
+    """Whether ``cached_attention`` beats SDPA's one pass: long canvases (``SPLIT_MIN_KEYS``) with a grid small
+    enough that the keys split at least four ways (at LLaDA-8B shapes on an H200: batch 1 to about 4)."""
+    if keys < SPLIT_MIN_KEYS:
+        return False
+    return split_plan(batch * triton.cdiv(queries, block_m) * heads, keys, _sm_count(device))[0] >= 4
+
+
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_m: int = 32,
                      block_n: int = 64, splits: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.cached_attention``: a cached step's queries q [B, H, L, D]
@@ -225,7 +237,7 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out.view(B, L, H, D).transpose(1, 2)
 
 
-def pool_tiles(seg: torch.Tensor, block_m: int = 32) -> torch.Tensor:
+def pool_tiles(seg: torch.Tensor, block_m: int = POOL_TILE_M) -> torch.Tensor:
     """(segment, first query) of each program: ``ceil(q_len / block_m)`` tiles per segment (CPU int64)."""
     rows = []
     for g, q_len in enumerate(seg[:, 1].tolist()):

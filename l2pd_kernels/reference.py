@@ -468,7 +468,7 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
 
 
 def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor,
-                   tiles: torch.Tensor | None = None, block_m: int = 32) -> torch.Tensor:
+                   tiles: torch.Tensor | None = None, block_m: int = 64) -> torch.Tensor:
     """Attention of packed queries q [1, H, N, D] over a slot pool's K/V rows [R, Hkv, T, D].
 
     ``seg`` int64 [G, 4] holds one (q_start, q_len, row, k_len) per segment: queries [q_start, q_start + q_len)

@@ -186,11 +186,18 @@ def test_pool_attention_splits_keep_each_segment_on_its_own():
         pool_attention(q, k, v, seg, block_n=16, key_chunk=40, splits=2)
 
 
-def test_cached_step_through_the_split_kernel_matches_sdpa():
-    """A dual-cache step of a small model through the fused forward (the split-key attention) gives the
-    reference forward's logits (SDPA)."""
+def test_cached_step_through_the_split_kernel_matches_sdpa(monkeypatch):
+    """A dual-cache step of a small model through the fused forward (the split-key attention, forced: the
+    canvas is short) gives the reference forward's logits (SDPA)."""
+    import l2pd.models.decoder as decoder
+    import l2pd_kernels
     from l2pd.cache import BlockKVCache
     from tests.conftest import tiny_model
+
+    calls = []
+    monkeypatch.setattr(decoder, "_split_pays", lambda *a: True)
+    kernel = l2pd_kernels.cached_attention
+    monkeypatch.setattr(l2pd_kernels, "cached_attention", lambda *a: calls.append(1) or kernel(*a, block_n=16))
 
     model = tiny_model(seed=5, n_kv_heads=2).to(DEV)
     B, T = 2, 41
@@ -202,3 +209,13 @@ def test_cached_step_through_the_split_kernel_matches_sdpa():
             model(ids, cache=cache, start=0, fused=fused)  # the refresh fills the cache
             logits.append(model(ids[:, 16:24], cache=cache, start=16, fused=fused).logits)
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2 * model.config.n_layers  # both forwards (the refresh's 41 queries count as few)
+
+
+def test_split_pays_only_for_long_canvases_and_small_grids():
+    from l2pd_kernels.attention import split_pays
+
+    dev = torch.device("cpu")  # counted as 4 SMs
+    assert not split_pays(1, 32, 4, 1024, dev)  # short canvas
+    assert split_pays(1, 32, 1, 4096, dev)  # one program per key-less grid: many chunks
+    assert not split_pays(8, 32, 32, 4096, dev)  # a full grid

@@ -20,8 +20,8 @@ from torch import nn
 
 from l2pd_kernels import reference
 
-# cached forwards of at most this many queries per row attend through ``l2pd_kernels.cached_attention``
-# (``L2PD_SPLIT_ATTENTION=0``: SDPA, as before; benchmarks flip the flag to compare)
+# cached forwards of at most this many queries per row attend through ``l2pd_kernels.cached_attention`` where
+# it pays (``split_pays``); ``L2PD_SPLIT_ATTENTION=0``: always SDPA (benchmarks flip the flag to compare)
 SPLIT_ATTENTION = os.environ.get("L2PD_SPLIT_ATTENTION", "1") != "0"
 SPLIT_MAX_QUERIES = 64
 
@@ -94,6 +94,12 @@ def forward_ops(device: torch.device, fused: bool | None = None) -> Any:
     import l2pd_kernels
 
     return l2pd_kernels
+
+
+def _split_pays(batch: int, queries: int, heads: int, keys: int, device: torch.device) -> bool:
+    from l2pd_kernels.attention import split_pays
+
+    return split_pays(batch, queries, heads, keys, device)
 
 
 def _norm(ops: Any, x: torch.Tensor, norm: nn.Module, eps: float, delta: torch.Tensor | None):
@@ -267,9 +273,10 @@ def decoder_forward(
     sdpa_mask = _sdpa_mask(dec, attention_mask, attn_mask, position_ids, total, cache, pack, bsz, seq)
 
     ops = forward_ops(device, fused)
-    # a cached step's few queries over the whole unmasked canvas: the split-key kernel (SDPA leaves SMs idle)
+    # a cached step's few queries over a long unmasked canvas: the split-key kernel (SDPA leaves SMs idle)
     split = (cache is not None and pack is None and sdpa_mask is None and seq <= SPLIT_MAX_QUERIES
-             and ops is not reference and SPLIT_ATTENTION)
+             and ops is not reference and SPLIT_ATTENTION
+             and _split_pays(bsz, seq, dec.n_heads, total, device))
     n_heads, n_kv, head_dim, eps = dec.n_heads, dec.n_kv, dec.head_dim, dec.eps
     if dec.rope:  # partial RoPE (rotary_dim < head_dim): angles for the rotated dims only
         cos, sin = rope_cos_sin(position_ids, dec.rotary_dim or head_dim, dec.rope_theta)
