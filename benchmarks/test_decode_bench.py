@@ -95,7 +95,7 @@ def test_generate(benchmark, model_and_floors, batch, tpf, refresh):
 
 @cuda
 @pytest.mark.parametrize("attention", ["split", "sdpa"])
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", [1])
 @pytest.mark.parametrize("prompt, new", [(512, 256), (3072, 1024)])
 def test_long_canvas(benchmark, model_and_floors, prompt, new, batch, attention, monkeypatch):
     from decode_8b import L
@@ -108,7 +108,8 @@ def test_long_canvas(benchmark, model_and_floors, prompt, new, batch, attention,
     model, fl = model_and_floors
     cfg = model.config
     ids = torch.randint(0, 126000, (batch, prompt), device="cuda")
-    kw = dict(max_new_tokens=new, block_length=L, strategy="steps", cache="dual", return_dict_in_generate=True)
+    kw = dict(max_new_tokens=new, block_length=L, strategy="steps", cache="dual", refresh="window",
+              return_dict_in_generate=True)
     generate(model, ids, steps=2 * (new // L), **kw)  # captures every shape (two forwards per block)
     outs = []
     benchmark.pedantic(lambda: outs.append(generate(model, ids, steps=new // 8, **kw)),
