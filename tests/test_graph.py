@@ -11,6 +11,7 @@ import l2pd
 from l2pd.demo.task import split
 from l2pd.evaluate import encode_prompts
 from l2pd.step import release
+from tests.conftest import FILTER32
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
@@ -30,8 +31,8 @@ def _kw(strategy, cache, refresh):
     kw = dict(max_new_tokens=128, block_length=32, strategy=strategy, cache=cache, refresh=refresh)
     if strategy == "steps":
         kw["steps"] = 32  # four tokens per forward: more than one step per block, fewer forwards
-    if strategy == "learn2pd":
-        kw["eotp"] = True
+    if strategy == "learn2pd":  # the bundled filter is a block-128 one: the block-32 filter of the same model
+        kw.update(eotp=True, filter=l2pd.Filter.from_pretrained(FILTER32))
     if strategy == "threshold":
         kw.update(threshold=0.9, eotp="predicted")
     return kw
@@ -98,7 +99,7 @@ def test_compacted_graphed_equals_uncompacted_eager(bundled, cache):
     model, tok = bundled
     ids, mask = _prompts(tok, 0, 24)
     kw = dict(max_new_tokens=256, block_length=32, strategy="learn2pd", eotp=True, cache=cache,
-              return_dict_in_generate=True)
+              filter=l2pd.Filter.from_pretrained(FILTER32), return_dict_in_generate=True)
     release(model)
     outs = [model.generate(ids, mask, cuda_graph=True, **kw) for _ in range(3)]
     kept = model.generate(ids, mask, cuda_graph=False, compact=False, **kw)

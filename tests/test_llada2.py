@@ -390,7 +390,8 @@ def test_token_editing_arguments_are_checked():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("edit", [None, 0.05])
-def test_graphed_decoding_matches_eager_on_the_gpu(edit):
+def test_graphed_decoding_matches_eager_on_the_gpu(edit, monkeypatch):
+    monkeypatch.setenv("L2PD_BACKEND", "triton")  # graphs need the kernels (this file's default is torch)
     model = tiny_llada2(10).cuda().to(torch.bfloat16)
     prompt = torch.randint(0, 58, (2, 7), device="cuda")
     kw = dict(max_new_tokens=16, block_length=4, strategy="threshold", threshold=0.5, edit_threshold=edit,
