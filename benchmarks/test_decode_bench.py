@@ -11,6 +11,10 @@ the compute limit (the dual steps' arithmetic: 32 query tokens per row per step)
 - ``test_generate``: ``generate`` at a forced number of tokens per forward (strategy ``steps`` with
   ``steps = 256 / TPF``) at batch 1, 8, 32 and 64, refresh ``full`` (Fast-dLLM's) and ``window``; one timed
   decode per round after a cheap decode that captures the graphs.
+- ``test_long_canvas``: ``generate`` at 8 tokens per forward on canvases 512 + 256 and 3,072 + 1,024 (window
+  refresh), bf16 and e4m3 (``w8a8``) weights, batch 1 and 8; at batch 1 bf16 the cached steps' attention
+  through the split-key kernel where it pays (``split``, the default) and always through SDPA (``sdpa``);
+  next to a floor that counts the weights a forward reads (not the embedding table) plus the K/V a step reads.
 Skipped without a GPU. ``benchmarks/decode_8b.py`` prints the same figures as a table, with the tail refresh,
 the eager baseline loop and a profile.
 """
@@ -93,11 +97,36 @@ def test_generate(benchmark, model_and_floors, batch, tpf, refresh):
     torch.cuda.empty_cache()
 
 
+@pytest.fixture(scope="module")
+def w8a8_model():
+    """A second 8B-shaped model, quantized to e4m3 weights and activations (``l2pd.quantize(model, 'w8a8')``)."""
+    from decode_8b import build_model
+
+    import l2pd
+
+    model = l2pd.quantize(build_model(), "w8a8")
+    yield model
+    del model
+    torch.cuda.empty_cache()
+
+
+def _read_bytes(model) -> int:
+    """Bytes a forward reads of the weights: every parameter and buffer (FP8 weights and their scales) but the
+    embedding table, of which a forward reads only the fed rows."""
+    embed = model.model.transformer.wte.weight
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors) - embed.numel() * embed.element_size()
+
+
+LONG_CASES = [("bf16", 1, "split"), ("bf16", 1, "sdpa"), ("bf16", 8, "split"), ("w8a8", 1, "split"),
+              ("w8a8", 8, "split")]  # from batch 8 the split does not pay: "split" runs SDPA there
+
+
 @cuda
-@pytest.mark.parametrize("attention", ["split", "sdpa"])
-@pytest.mark.parametrize("batch", [1])
+@pytest.mark.parametrize("weights, batch, attention", LONG_CASES)
 @pytest.mark.parametrize("prompt, new", [(512, 256), (3072, 1024)])
-def test_long_canvas(benchmark, model_and_floors, prompt, new, batch, attention, monkeypatch):
+def test_long_canvas(benchmark, model_and_floors, w8a8_model, prompt, new, weights, batch, attention,
+                     monkeypatch):
     from decode_8b import L
 
     import l2pd.models.decoder as decoder
@@ -106,6 +135,8 @@ def test_long_canvas(benchmark, model_and_floors, prompt, new, batch, attention,
 
     monkeypatch.setattr(decoder, "SPLIT_ATTENTION", attention == "split")
     model, fl = model_and_floors
+    if weights == "w8a8":
+        model = w8a8_model
     cfg = model.config
     ids = torch.randint(0, 126000, (batch, prompt), device="cuda")
     kw = dict(max_new_tokens=new, block_length=L, strategy="steps", cache="dual", refresh="window",
@@ -116,12 +147,15 @@ def test_long_canvas(benchmark, model_and_floors, prompt, new, batch, attention,
                        rounds=3 if batch == 1 else 1, iterations=1)
     sec = sorted(o.seconds for o in outs)[len(outs) // 2]
     forwards = outs[0].forwards
-    # a step reads every weight once and every cached K/V position of every row
+    # a step reads the weights once (``_read_bytes``) and every cached K/V position of every row
     kv_bytes = 2 * cfg.n_layers * batch * cfg.n_kv_heads * (prompt + new) * (cfg.d_model // cfg.n_heads) * 2
-    floor = fl["floor_ms"] + kv_bytes / fl["copy_GBps"] / 1e6
+    weight_floor = _read_bytes(model) / fl["copy_GBps"] / 1e6
+    bf16_floor = _read_bytes(model_and_floors[0]) / fl["copy_GBps"] / 1e6
+    floor = weight_floor + kv_bytes / fl["copy_GBps"] / 1e6
     ms = sec / forwards * 1e3
     benchmark.extra_info.update(tokens_per_s=batch * new / sec, ms_per_forward=ms, forwards=forwards,
-                                graphed=outs[0].graphed, weight_floor_ms=fl["floor_ms"], floor_with_kv_ms=floor,
-                                over_weight_floor=ms / fl["floor_ms"], over_floor_with_kv=ms / floor)
+                                graphed=outs[0].graphed, weight_floor_ms=weight_floor, floor_with_kv_ms=floor,
+                                bf16_weight_floor_ms=bf16_floor, over_weight_floor=ms / weight_floor,
+                                over_floor_with_kv=ms / floor, over_bf16_weight_floor=ms / bf16_floor)
     release(model)
     torch.cuda.empty_cache()
