@@ -241,6 +241,8 @@ class Engine:
         # checked on the host: submit runs on the caller's thread, which must not touch the device while the
         # engine's thread may be capturing a CUDA graph
         spec, input_ids, _ = resolve(_OnHost(self.adapter), input_ids=ids.view(1, -1), kwargs=unknown, **known)
+        if spec.edit is not None:  # the engine's decision has no editing pass: refused, never silently dropped
+            raise ValueError("edit_threshold (token editing) is not an engine option yet; decode with generate")
         if spec.block_length > self.max_block_length:
             raise ValueError(f"block_length={spec.block_length} exceeds the engine's limit of {self.max_block_length}")
         P, G = input_ids.shape[1], spec.max_new_tokens

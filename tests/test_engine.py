@@ -209,6 +209,7 @@ def test_a_failing_request_leaves_the_others_alone(bundled):
     (dict(block_length=512), "block_length"),
     (dict(top_p=0.5), "top_p"),
     (dict(stop=[3]), "stop"),
+    (dict(edit_threshold=0.5), "edit_threshold"),
 ])
 def test_bad_requests_are_refused_by_name(bundled, bad, match):
     model, _, prompts = bundled
