@@ -125,8 +125,7 @@ LONG_CASES = [("bf16", 1, "split"), ("bf16", 1, "sdpa"), ("bf16", 8, "split"), (
 @cuda
 @pytest.mark.parametrize("weights, batch, attention", LONG_CASES)
 @pytest.mark.parametrize("prompt, new", [(512, 256), (3072, 1024)])
-def test_long_canvas(benchmark, model_and_floors, w8a8_model, prompt, new, weights, batch, attention,
-                     monkeypatch):
+def test_long_canvas(benchmark, model_and_floors, request, prompt, new, weights, batch, attention, monkeypatch):
     from decode_8b import L
 
     import l2pd.models.decoder as decoder
@@ -135,8 +134,8 @@ def test_long_canvas(benchmark, model_and_floors, w8a8_model, prompt, new, weigh
 
     monkeypatch.setattr(decoder, "SPLIT_ATTENTION", attention == "split")
     model, fl = model_and_floors
-    if weights == "w8a8":
-        model = w8a8_model
+    if weights == "w8a8":  # built on first use: a bf16-only selection never builds the second model
+        model = request.getfixturevalue("w8a8_model")
     cfg = model.config
     ids = torch.randint(0, 126000, (batch, prompt), device="cuda")
     kw = dict(max_new_tokens=new, block_length=L, strategy="steps", cache="dual", refresh="window",
