@@ -2,12 +2,14 @@
 
     python benchmarks/serve_bench.py --out runs/serve_cpu.json                    # bundled model, CPU
     python benchmarks/serve_bench.py --shape 8b --data-parallel 2 --out runs/serve_8b.json   # GPUs
+    python benchmarks/serve_bench.py --shape llada2-mini --suite saturated,single   # MoE, block-causal
     python benchmarks/serve_bench.py --suite http --scale 0.125                   # HTTP on loopback, CPU
     python benchmarks/serve_bench.py --suite http --url http://127.0.0.1:8000    # a running `l2pd serve`
 
 A bounded load generator: requests with prompt lengths and answer budgets drawn from a seeded RNG, sent at a
 fixed concurrency (a new request as soon as one finishes) or as Poisson arrivals at a set rate. With
-``--shape 8b`` the model is LLaDA-8B-shaped with random bf16 weights built on the GPU and every request
+``--shape 8b`` (``llada2-mini``) the model is LLaDA-8B-shaped (LLaDA2.0-mini-shaped: mixture of experts,
+block-causal) with random bf16 weights built on the GPU and every request
 decodes a forced number of tokens per forward (strategy ``steps``, ``steps = budget / tpf``, EoTP off), so
 both sides do the same work; on the bundled model requests decode greedily with its filter. Suites:
 
@@ -325,8 +327,8 @@ def check_bundled(args, n: int = 64) -> dict:
     from l2pd.engine import Engine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = load(device=device)
-    reqs = make_requests(n, (0, 0), (64, 256), None, set(), 7)
+    model, tok = load(device=device, family=args.model_family)
+    reqs = make_requests(n, (0, 0), (64, 256), None, set(), 7)  # (the bundled models share one tokenizer)
     eos = model.config.eos_token_id
     out = {}
     for name, opts in (("learn2pd", dict(cache="dual", refresh="window")),
@@ -347,23 +349,26 @@ def check_bundled(args, n: int = 64) -> dict:
 def setup(args):
     from l2pd.engine import Engine
 
-    if args.shape == "8b":
+    if args.shape in ("8b", "llada2-mini"):
         from decode_8b import build_model
 
         import l2pd
+        from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM
 
+        classes = (LLaDA2MoeModelLM, LLaDA2Config) if args.shape == "llada2-mini" else ()
         devices = [f"cuda:{i}" for i in range(args.data_parallel)]
         models = []
         for d in devices:
             with torch.cuda.device(d):
-                models.append(l2pd.patch(build_model()))
+                models.append(l2pd.patch(build_model(*classes)))
         tpf = args.tpf
 
         def options(G):
             return dict(strategy="steps", steps=max(1, G // tpf), block_length=32, cache="dual", refresh="window",
                         eotp=False)
 
-        vocab, avoid = 126000, {models[0].config.mask_token_id, models[0].config.eos_token_id}
+        vocab = min(126000, models[0].config.vocab_size)
+        avoid = {models[0].config.mask_token_id, models[0].config.eos_token_id}
         pad = models[0].config.eos_token_id
     else:
         from l2pd.demo import load
@@ -372,7 +377,7 @@ def setup(args):
         for i in range(args.data_parallel):
             d = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             d = f"cuda:{i}" if d == "cuda" else d
-            models.append(load(device=d)[0])
+            models.append(load(device=d, family=args.model_family)[0])
             devices.append(d)
 
         def options(G):
@@ -390,7 +395,8 @@ def setup(args):
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", choices=["bundled", "8b"], default="bundled")
+    ap.add_argument("--shape", choices=["bundled", "8b", "llada2-mini"], default="bundled",
+                    help="bundled model, or random bf16 weights on the GPU at LLaDA-8B or LLaDA2.0-mini shapes")
     ap.add_argument("--suite", default="saturated,mixed,single", help="comma list: saturated, mixed, single, "
                     "poisson, dp, http, profile, check")
     ap.add_argument("--max-batch", type=int, default=None, help="rows per engine (default 64 on GPU, 8 on CPU)")
@@ -404,6 +410,8 @@ def _parser() -> argparse.ArgumentParser:
                     "here on a free loopback port)")
     ap.add_argument("--concurrency", default="1,8,32", help="client counts of the http suite")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--model-family", default="llada", choices=["llada", "dream", "llada2"],
+                    help="which bundled model (shape bundled, and the check suite)")
     ap.add_argument("--scale", type=float, default=1.0, help="lengths times this (CPU: 0.125 keeps it short)")
     ap.add_argument("--out", default=None)
     return ap

@@ -96,17 +96,25 @@ class _Row:
     request: Request
     slot: int
     P: int
-    T: int
+    T: int  # the canvas' end: P + max_new_tokens, or (block-causal) the end of the last attention block
     block: int  # the block's first position
     step: int = 0  # forwards taken in this block (0: the next one is the refresh)
     previous: int | None = None  # the last block decoded (where tail and window refreshes start)
     schedule: list[int] = field(default_factory=list)
     final: int = 0  # answer tokens final so far
     answer: list[int] = field(default_factory=list)  # tokens final so far (including any end of text)
+    causal: bool = False  # a block-causal model: blocks (and attention) at multiples of block_length
+
+    @property
+    def start(self) -> int:
+        """Where the block's fed range starts: its attention block's start for a block-causal model (the first
+        block also holds the prompt's tail)."""
+        return self.block - self.block % self.request.spec.block_length if self.causal else self.block
 
     @property
     def end(self) -> int:
-        return min(self.block + self.request.spec.block_length, self.T)
+        L = self.request.spec.block_length
+        return min((self.block // L + 1) * L if self.causal else self.block + L, self.T)
 
 
 _COUNTERS = ("iterations", "graphed", "forwards", "fed_tokens", "step_tokens", "refresh_tokens", "tokens_out",
@@ -158,9 +166,6 @@ class Engine:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} must be a positive integer")
         self.model, self.adapter = model, adapter_for(model)
-        if self.adapter.block_causal:  # the pool attention has no block-causal mask yet
-            raise ValueError(f"the engine (and l2pd serve) does not run block-causal models ({self.adapter.family}) "
-                             "yet; decode them with generate")
         limit = self.adapter.max_length
         max_length = max_length or min(limit or 4096, 4096)
         if not isinstance(max_length, int) or max_length < 2 or (limit is not None and max_length > limit):
@@ -377,15 +382,19 @@ class Engine:
                     continue
                 slot = free.pop(0)
                 spec = req.spec
-                P, G = len(req.prompt), spec.max_new_tokens
+                P, G, L = len(req.prompt), spec.max_new_tokens, spec.block_length
+                causal = self.adapter.block_causal
+                # block-causal: the last block runs to its attention block's end; what lies past the answer is
+                # decoded and dropped, as ``generate`` does
+                T = -(-(P + G) // L) * L if causal else P + G
                 row = self.canvas[slot]
-                row.fill_(spec.eos_id)  # past the answer: end of text, never masked, never attended
+                row.fill_(spec.eos_id)  # past the canvas: end of text, never masked, never attended
                 row[:P] = torch.tensor(req.prompt, dtype=torch.int64)
-                row[P : P + G] = spec.mask_id
+                row[P:T] = spec.mask_id
                 self.guesses[0][slot].fill_(-1)
                 self.guesses[1][slot].zero_()
                 self.guesses[2][slot].zero_()
-                self.rows[slot] = _Row(req, slot, P, P + G, P)
+                self.rows[slot] = _Row(req, slot, P, T, P, causal=causal)
                 self.counters["admitted"] += 1
 
     def _plan(self) -> list[_Row]:
@@ -409,7 +418,7 @@ class Engine:
         if row.step == 0:
             lo, hi = refresh_range(spec.cache, spec.refresh, row.previous, row.end, row.T)
         else:
-            lo, hi = feed_range(spec.cache, row.block, row.end, row.T)
+            lo, hi = feed_range(spec.cache, row.start, row.end, row.T)
         if self.adapter.shift and lo > 0:
             lo -= self.adapter.shift
         return lo, hi
@@ -474,12 +483,13 @@ class Engine:
         words = np.empty((len(order), 2), dtype=np.int64)
         for i, row in enumerate(order):
             spec = row.request.spec
-            if row.step == 0:
-                row.schedule = block_schedule(row.end - row.block, spec.steps_per_block)
+            width = row.end - row.block
+            if row.step == 0:  # block-causal: a whole block's schedule, also for the first (generate's rule)
+                row.schedule = block_schedule(spec.block_length if row.causal else width, spec.steps_per_block)
             k = row.schedule[row.step] if not spec.fixed_k and row.step < len(row.schedule) else 1
-            if row.step == row.end - row.block - 1:
-                k = row.end - row.block  # generate's cap: a block never takes more forwards than its length
-            words[i] = ((row.block << 20) | k, row.step)
+            if row.step == width - 1:
+                k = width  # generate's cap: a block never takes more forwards than its length
+            words[i] = ((width << 40) | (row.block << 20) | k, row.step)
         steps = np.array([r.step for r in order]) > 0
         n = int(lens.sum())
         self.counters["step_tokens"] += int(lens[steps].sum())
@@ -509,17 +519,38 @@ class Engine:
         offs = np.arange(int(L.sum())) - np.repeat(np.cumsum(L) - L, L)
         p = np.minimum(np.repeat(s, L) + offs, np.repeat(e - 1, L))
         lidx = np.clip(np.repeat((start - lo)[:rows_n] - shift, L) + p, 0, int(lens.sum()) - 1)
-        seg = np.stack([start, lens, slot, T], 1)
+        seg = self._segments(order, lo, start, lens, slot, T)
         cols = (s[:, None] + np.arange(width)[None, :]).reshape(-1)  # the blocks read back after the decision
-        ntiles = -(-lens // TILE_M)
-        tiles = np.stack([np.repeat(np.arange(len(lens)), ntiles),
+        ntiles = -(-seg[:, 1] // TILE_M)
+        tiles = np.stack([np.repeat(np.arange(len(seg)), ntiles),
                           (np.arange(int(ntiles.sum())) - np.repeat(np.cumsum(ntiles) - ntiles, ntiles)) * TILE_M], 1)
         if pad:  # idle programs on the padding segment (their queries are past its length: nothing stored)
             more = _bucket_tokens(len(tiles)) - len(tiles)
-            tiles = np.concatenate([tiles, np.tile([[len(lens) - 1, 1 << 30]], (more, 1))]).astype(np.int64)
+            tiles = np.concatenate([tiles, np.tile([[len(seg) - 1, 1 << 30]], (more, 1))]).astype(np.int64)
         parts = [tok_rows, tok_slots, lidx, seg.reshape(-1), words.reshape(-1), slot[:rows_n], cols,
                  tiles.reshape(-1)]
         return parts, {"sizes": [len(x) for x in parts], "width": width, "rows": rows_n, "groups": group_sizes}
+
+    def _segments(self, order: list[_Row], lo: np.ndarray, start: np.ndarray, lens: np.ndarray, slot: np.ndarray,
+                  T: np.ndarray) -> np.ndarray:
+        """The attention segments [G, 4] (first token, tokens, pool row, keys): a row's fed tokens attend to keys
+        [0, T) of its own pool row; a block-causal row's are cut at its attention blocks, each part attending
+        to the keys up to the end of its block (what the model's block-causal mask allows)."""
+        seg = np.stack([start, lens, slot, T], 1)
+        if not self.adapter.block_causal:
+            return seg
+        out = []
+        for i, (q0, n, r, t) in enumerate(seg.tolist()):
+            if i >= len(order):  # padding: one segment as it is
+                out.append((q0, n, r, t))
+                continue
+            L = order[i].request.spec.block_length
+            pos, end = int(lo[i]), int(lo[i]) + n
+            while pos < end:
+                cut = min((pos // L + 1) * L, end)
+                out.append((q0 + pos - int(lo[i]), cut - pos, r, min((pos // L + 1) * L, t)))
+                pos = cut
+        return np.array(out, dtype=np.int64).reshape(-1, 4)
 
     def _body(self, dev: torch.Tensor, meta: dict, order: list[_Row], groups: dict) -> torch.Tensor:
         """Forward, confidence, decisions and the gather of the rows' blocks, all on the device (what a graph
@@ -590,6 +621,7 @@ class Engine:
         done_here = spec.mask_id not in fixed
         upto = width if done_here else fixed.index(spec.mask_id)
         new = fixed[row.final - (row.block - row.P) : upto]  # (every earlier block is complete)
+        new = new[: spec.max_new_tokens - row.final]  # a block-causal last block runs past the answer
         reason = None
         emit: list[int] = []
         extra_ends = set(spec.stops.extra.tolist()) if spec.stops.extra.numel() else ()
@@ -619,11 +651,13 @@ class Engine:
                 req.first_token = time.monotonic()
         if emit and req.on_event is not None and reason is None:
             req.on_event(req, emit)
+        if reason is None and row.final >= spec.max_new_tokens:
+            reason = "length"
         if reason is None and done_here:
             if e >= row.T:
                 reason = "length"
             else:  # the next block: its first forward is a refresh
-                row.previous, row.block, row.step = row.block, e, 0
+                row.previous, row.block, row.step = row.start, e, 0
         if reason is not None:
             self._retire(row, reason, last=emit)
 

@@ -45,6 +45,9 @@ def _decide_kernel(
         packed = tl.load(pp)
         block_start = ((packed >> 20) & 0xFFFFF).to(tl.int32)
         k = (packed & 0xFFFFF).to(tl.int32)
+        if PER_ROW:  # bits 40-59: the row's block width when it is shorter than L (0: L)
+            width = ((packed >> 40) & 0xFFFFF).to(tl.int32)
+            L = tl.where(width > 0, tl.minimum(width, L), L)
         if USE_STEP:  # the step index in the block: the word after
             step = tl.load(pp + 1).to(tl.int32)
     i = tl.arange(0, BLOCK)
@@ -206,8 +209,10 @@ def decide(
     ``params`` (int64 [1] on the device, ``block_start << 20 | k``; bits from 40 up are free for the caller;
     [2] with the step index in the second word for a filter that reads it), when given, replaces
     ``block_start``, ``k`` and ``step`` at run time (the Python values then only size the checks): what a
-    captured CUDA graph needs. ``params`` [B, 2] gives each row its own words; ``rows`` [B] (int64) sends
-    row i of ``token``/``prob`` to canvas row ``rows[i]`` (the engine's rows each sit at their own block).
+    captured CUDA graph needs. ``params`` [B, 2] gives each row its own words, and there bits 40-59 hold the
+    row's block width when it is shorter than L (0: L; a block-causal model's first block, a last block);
+    ``rows`` [B] (int64) sends row i of ``token``/``prob`` to canvas row ``rows[i]`` (the engine's rows each
+    sit at their own block).
     """
     if canvas.dim() != 2 or canvas.dtype != torch.int64:
         raise ValueError(f"canvas must be int64 [B, T], got {canvas.dtype} {tuple(canvas.shape)}")

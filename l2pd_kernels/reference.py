@@ -292,8 +292,9 @@ def decide(
     included; ``history`` = (previous guess int64, run length int32), both [B, T] like the canvas (previous
     guess -1 at the start), read and updated at the block's positions).
 
-    Per row (the engine): ``params`` int64 [B, 2] holds ``block_start << 20 | k`` and the step index of each
-    row, and ``rows`` [B] the canvas row each row of ``token``/``prob`` decides (default: row i).
+    Per row (the engine): ``params`` int64 [B, 2] holds ``width << 40 | block_start << 20 | k`` and the step
+    index of each row (``width``: the row's block width when shorter than L, 0 for L: only the first ``width``
+    positions decide), and ``rows`` [B] the canvas row each row of ``token``/``prob`` decides (default: row i).
     """
     if params is not None or rows is not None:
         return _decide_rows(canvas, token, prob, params, rows, block_start=block_start, k=k, step=step,
@@ -387,16 +388,18 @@ def _decide_rows(canvas, token, prob, params, rows, *, block_start, k, step, mar
     outs = []
     for i in range(B):
         r = i if rows is None else int(rows[i])
+        width = token.shape[1]
         if params is not None and params.dim() == 2:
             word, step_i = int(params[i, 0]), int(params[i, 1])
             s_i, k_i = (word >> 20) & 0xFFFFF, word & 0xFFFFF
+            width = min(width, (word >> 40) & 0xFFFFF or width)
         elif params is not None:  # one shared word
             word = int(params[0])
             s_i, k_i = (word >> 20) & 0xFFFFF, word & 0xFFFFF
             step_i = int(params[1]) if params.numel() > 1 else step
         else:
             s_i, k_i, step_i = block_start, k, step
-        one = slice(i, i + 1)
+        one = (slice(i, i + 1), slice(0, width))
         outs.append(decide(canvas[r : r + 1], token[one], prob[one], block_start=s_i, k=k_i, step=step_i,
                            margin=None if margin is None else margin[one],
                            entropy=None if entropy is None else entropy[one],

@@ -120,6 +120,28 @@ def test_dream_family_matches_generate():
         assert req.tokens == _alone(model, p, **c), c
 
 
+def test_block_causal_family_matches_generate():
+    """The bundled LLaDA 2.x-format model (mixture of experts, block-causal attention): every strategy and cache
+    gives each request what ``generate`` gives its prompt alone."""
+    from l2pd.demo import load
+    from l2pd.demo.task import split
+    from l2pd.demo.tokenizer import prompt_text
+
+    model, tok = load(family="llada2", device="cpu")
+    prompts = [tok(prompt_text(tok, p.question))["input_ids"] for p in split("test", 3)]
+    prompts[1] = prompts[1][3:]  # the first block holds a different share of each prompt's tail
+    engine = Engine(model, max_batch=2, filter=model.l2pd_filter)
+    configs = [dict(max_new_tokens=40),  # learn2pd with the bundled filter
+               dict(max_new_tokens=37, strategy="threshold", block_length=8, cache="dual", refresh="window"),
+               dict(max_new_tokens=30, strategy="steps", block_length=8, steps=15, cache="none", eotp=False),
+               dict(max_new_tokens=45, strategy="threshold", block_length=16, cache="prefix", eotp="predicted")]
+    jobs = [(p, c, engine.submit(p, **c)) for c in configs for p in prompts]
+    engine.run()
+    for p, c, req in jobs:
+        assert req.tokens == _alone(model, p, **c), c
+        assert req.finish_reason in ("stop", "length")
+
+
 def test_sampling_with_a_seed_matches_generate_at_batch_one(bundled):
     model, _, prompts = bundled
     opts = dict(max_new_tokens=40, strategy="threshold", block_length=16, temperature=0.8, seed=1234,

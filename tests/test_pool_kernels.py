@@ -120,7 +120,9 @@ def test_decide_per_row_params_match_reference(eotp, with_filter):
     token[1, 4] = EOS
     prob = torch.rand(B, L, device=DEV)
     ks, steps = [1, 2, 0, 3], [0, 1, 2, 3]
-    params = torch.tensor([[(s << 20) | k, st] for s, k, st in zip(starts, ks, steps)], device=DEV)
+    widths = [0, 4, L, 2]  # bits 40-59: a row's block width when shorter than L (0: L)
+    params = torch.tensor([[(w << 40) | (s << 20) | k, st] for s, k, st, w in zip(starts, ks, steps, widths)],
+                          device=DEV)
     kw = dict(threshold=0.6, mask_id=MASK, eos_id=EOS, eotp=eotp)
     if with_filter:
         H = 5
@@ -133,10 +135,12 @@ def test_decide_per_row_params_match_reference(eotp, with_filter):
     for x, y in zip(got, want):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # the per-row reference is the shared-offset decide applied row by row
+    # the per-row reference is the shared-offset decide applied row by row, on each row's width
     c = canvas.clone()
     for i, (r, s) in enumerate(zip(rows.tolist(), starts)):
-        ref.decide(c[r : r + 1], token[i : i + 1], prob[i : i + 1], block_start=s, k=ks[i], step=steps[i], **kw)
+        w = widths[i] or L
+        ref.decide(c[r : r + 1], token[i : i + 1, :w], prob[i : i + 1, :w], block_start=s, k=ks[i], step=steps[i],
+                   **kw)
     torch.testing.assert_close(b, c, rtol=0, atol=0)
     assert torch.equal(a[1], canvas[1]) and torch.equal(a[3], canvas[3])
 

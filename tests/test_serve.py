@@ -130,6 +130,27 @@ def test_concurrent_clients_get_their_offline_answers(running, bundled):
         assert r.usage.model_extra["forwards"] >= 1
 
 
+def test_a_block_causal_model_is_served_with_its_offline_answers():
+    """The bundled LLaDA 2.x-format model (mixture of experts, block-causal) behind the same API."""
+    from l2pd.demo import load
+
+    model, tok = load(family="llada2", device="cpu")
+    engine = Engine(model, max_batch=4, tokenizer=tok, filter=model.l2pd_filter, backend="torch")
+    r = Running([engine], tok, max_queue=64)
+    try:
+        jobs = [(q, dict(max_tokens=40 + 8 * i, **({} if i % 2 else dict(strategy="threshold", block_length=8))))
+                for i, q in enumerate(QUESTIONS[:4])]
+        with cf.ThreadPoolExecutor(4) as pool:
+            results = list(pool.map(lambda job: _ask(r.client, job[0], **dict(job[1])), jobs))
+        for (q, kw), got in zip(jobs, results):
+            opts = dict(kw)
+            assert got.choices[0].message.content  # an answer, not an empty string on both sides
+            assert got.choices[0].message.content == _offline(model, tok, q, max_new_tokens=opts.pop("max_tokens"),
+                                                              **opts), kw
+    finally:
+        r.stop()
+
+
 def test_streamed_chunks_concatenate_to_the_answer(running):
     for chat in (True, False):
         kw = dict(max_tokens=64, extra_body=dict(strategy="threshold", block_length=8))

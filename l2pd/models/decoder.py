@@ -403,9 +403,9 @@ def _sdpa_mask(dec: Decoder, attention_mask: torch.Tensor | None, attn_mask: tor
             raise ValueError(f"attn_mask must be bool [{bsz}, 1, {seq}, {seq}] without a cache, got "
                              f"{attn_mask.dtype} {tuple(attn_mask.shape)}")
         return attn_mask
+    if pack is not None:  # the pack's segments say which keys each query sees (block-causal ones included)
+        return None
     if dec.block_causal:
-        if pack is not None:
-            raise ValueError("block-causal attention is not supported in a packed (engine) forward")
         return _block_causal_mask(dec.block_causal, position_ids, attention_mask, total)
     return None if attention_mask is None else attention_mask.bool()[:, None, None, :]
 
