@@ -191,8 +191,10 @@ class Engine:
         if device.type == "cuda":
             self.adapter.pack()
         # iterations of one policy, greedy, on CUDA replay from a graph per (token, row, program) bucket
-        self.graphs = device.type == "cuda" and self.kernels and (cuda_graphs if cuda_graphs is not None else
-                                                                   os.environ.get("L2PD_CUDA_GRAPH", "1") != "0")
+        # (the reference forward ops read the pack's segments on the host: they cannot be captured)
+        fused_ops = fused if fused is not None else os.environ.get("L2PD_FUSED", "1") != "0"
+        self.graphs = device.type == "cuda" and self.kernels and fused_ops and (
+            cuda_graphs if cuda_graphs is not None else os.environ.get("L2PD_CUDA_GRAPH", "1") != "0")
         self._graphed: dict[tuple, _EngineGraph] = {}
         self.pad_buckets = pad_buckets  # pad iterations to the graphs' buckets without graphs (tests, CPU)
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
@@ -520,13 +522,22 @@ class Engine:
         p = np.minimum(np.repeat(s, L) + offs, np.repeat(e - 1, L))
         lidx = np.clip(np.repeat((start - lo)[:rows_n] - shift, L) + p, 0, int(lens.sum()) - 1)
         seg = self._segments(order, lo, start, lens, slot, T)
+        pad_seg = len(seg) - 1  # (with ``pad``: the segment of the padding tokens)
         cols = (s[:, None] + np.arange(width)[None, :]).reshape(-1)  # the blocks read back after the decision
         ntiles = -(-seg[:, 1] // TILE_M)
         tiles = np.stack([np.repeat(np.arange(len(seg)), ntiles),
                           (np.arange(int(ntiles.sum())) - np.repeat(np.cumsum(ntiles) - ntiles, ntiles)) * TILE_M], 1)
-        if pad:  # idle programs on the padding segment (their queries are past its length: nothing stored)
-            more = _bucket_tokens(len(tiles)) - len(tiles)
-            tiles = np.concatenate([tiles, np.tile([[len(seg) - 1, 1 << 30]], (more, 1))]).astype(np.int64)
+        if pad:
+            # segments and tiles padded to bounds that follow from the token and row buckets alone, so the
+            # graph's shape does too: a row's fed range spans at most its tokens / L + 2 attention blocks
+            # (block-causal), and each segment at most tokens / TILE_M + 1 tiles
+            n_tok = int(lens.sum())
+            L_min = int(L.min()) if self.adapter.block_causal else 0
+            seg_cap = len(seg) if not L_min else 2 * rows_n + 1 + n_tok // L_min
+            seg = np.concatenate([seg, np.tile([[n_tok, 0, spare, 1]], (seg_cap - len(seg), 1))])  # empty ones
+            # idle programs on the padding segment (their queries are past its length: nothing stored)
+            more = seg_cap + n_tok // TILE_M - len(tiles)
+            tiles = np.concatenate([tiles, np.tile([[pad_seg, 1 << 30]], (more, 1))]).astype(np.int64)
         parts = [tok_rows, tok_slots, lidx, seg.reshape(-1), words.reshape(-1), slot[:rows_n], cols,
                  tiles.reshape(-1)]
         return parts, {"sizes": [len(x) for x in parts], "width": width, "rows": rows_n, "groups": group_sizes}
