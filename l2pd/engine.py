@@ -23,6 +23,11 @@ Scheduler policy, once per iteration (``Engine.step``):
 5. **Advance**: tokens that are final (they and all before them decided) go to the request; a row finishes
    at its first end of text (once final), at its token budget, at an extra end id or a stop string.
 
+Block-causal models (LLaDA 2.x): a row's blocks and attention blocks are multiples of its ``block_length``
+from position 0 (the first block also holds the prompt's tail; the last runs past the answer, whose tokens
+there are dropped); its fed tokens are cut into attention segments at those blocks, each seeing the keys up
+to its block's end, and its decision covers its block's width: ``generate``'s layout for one prompt.
+
 ``generate`` runs today's loop (``l2pd.decode``) on the same step kernels and the same ``DecodeSpec``;
 ``Engine.generate`` is the batch front end of the engine (all rows at once) and the tests hold the two to the
 same tokens. ``counters`` and ``step_seconds`` feed the server's metrics.
