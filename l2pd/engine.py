@@ -27,6 +27,9 @@ Block-causal models (LLaDA 2.x): a row's blocks and attention blocks are multipl
 from position 0 (the first block also holds the prompt's tail; the last runs past the answer, whose tokens
 there are dropped); its fed tokens are cut into attention segments at those blocks, each seeing the keys up
 to its block's end, and its decision covers its block's width: ``generate``'s layout for one prompt.
+Token editing (LLaDA 2.1, ``edit_threshold``): before its decision a row rewrites its block's decided positions
+whose guess passes tau_edit; once the block has no masks it keeps editing while a forward still rewrites
+something, ``edit_steps`` forwards at most; its block's tokens become final when the block ends.
 
 ``generate`` runs today's loop (``l2pd.decode``) on the same step kernels and the same ``DecodeSpec``;
 ``Engine.generate`` is the batch front end of the engine (all rows at once) and the tests hold the two to the
@@ -109,6 +112,8 @@ class _Row:
     final: int = 0  # answer tokens final so far
     answer: list[int] = field(default_factory=list)  # tokens final so far (including any end of text)
     causal: bool = False  # a block-causal model: blocks (and attention) at multiples of block_length
+    post: int = 0  # token editing: forwards spent editing after the block's masks were gone
+    seen: list[int] | None = None  # token editing: the block as the last forward left it
 
     @property
     def start(self) -> int:
@@ -223,7 +228,8 @@ class Engine:
                stop: Any = None, timeout: float | None = None, **options: Any) -> Request:
         """Queue a request: ``prompt`` token ids (1-D), ``options`` those of ``generate`` (``max_new_tokens``,
         ``strategy``, ``threshold``, ``eotp``, ``block_length``, ``cache``, ``refresh``, ``temperature``,
-        ``seed``, ``steps``, ``eos_token_id``); ``stop`` strings end it (with the engine's tokenizer); a
+        ``seed``, ``steps``, ``persist``, ``edit_threshold``, ``edit_steps``, ``eos_token_id``); ``stop`` strings
+        end it (with the engine's tokenizer); a
         ``timeout`` in seconds drops it. Raises ValueError (naming the argument) for a request it cannot run,
         ``EngineClosed`` once the engine drains."""
         spec, ids, stops = self._resolve(prompt, stop, options)
@@ -253,8 +259,6 @@ class Engine:
         # checked on the host: submit runs on the caller's thread, which must not touch the device while the
         # engine's thread may be capturing a CUDA graph
         spec, input_ids, _ = resolve(_OnHost(self.adapter), input_ids=ids.view(1, -1), kwargs=unknown, **known)
-        if spec.edit is not None:  # the engine's decision has no editing pass: refused, never silently dropped
-            raise ValueError("edit_threshold (token editing) is not an engine option yet; decode with generate")
         if spec.block_length > self.max_block_length:
             raise ValueError(f"block_length={spec.block_length} exceeds the engine's limit of {self.max_block_length}")
         P, G = input_ids.shape[1], spec.max_new_tokens
@@ -437,7 +441,8 @@ class Engine:
         groups: dict[tuple, list[_Row]] = {}
         for row in plan:
             s = row.request.spec
-            key = (s.block_length, s.strategy, s.threshold, s.eotp, s.mask_id, s.eos_id, id(s.filter), s.persist)
+            key = (s.block_length, s.strategy, s.threshold, s.eotp, s.mask_id, s.eos_id, id(s.filter), s.persist,
+                   s.edit)
             groups.setdefault(key, []).append(row)
         order = [row for rows in groups.values() for row in rows]
         sampled = any(r.request.spec.temperature > 0 for r in order)
@@ -607,11 +612,25 @@ class Engine:
                     kw["history"] = self.guesses
                 if f.needs_stats:
                     stats = dict(margin=margin[part].view(g, L), entropy=entropy[part].view(g, L))
+            if spec.edit is not None:  # LLaDA 2.1: rewrite decided positions first, then fill masks
+                self._edit(token[part].view(g, L), prob[part].view(g, L), slot_t[r0 : r0 + g],
+                           cols.view(-1, meta["width"])[r0 : r0 + g, :L], params[r0 : r0 + g, 0], spec)
             self.decide(self.canvas, token[part].view(g, L), prob[part].view(g, L), block_start=0, k=0,
                         params=params[r0 : r0 + g], rows=slot_t[r0 : r0 + g], **stats, **kw)
             off += g * L
             r0 += g
         return self.canvas[slot_t[:, None], cols.view(-1, meta["width"])]
+
+    def _edit(self, token: torch.Tensor, prob: torch.Tensor, slots: torch.Tensor, cols: torch.Tensor,
+              words: torch.Tensor, spec: DecodeSpec) -> None:
+        """Token editing (``l2pd_kernels.reference.edit_tokens``) per row at its own block: every decided
+        position of the block (its width: bits 40-59 of its word) whose guess differs with probability above
+        ``spec.edit`` takes the guess. Plain tensor ops (graph-safe); padding rows have width 0."""
+        width = (words >> 40) & 0xFFFFF
+        inside = torch.arange(token.shape[1], device=token.device)[None] < width[:, None]
+        current = self.canvas[slots[:, None], cols]
+        change = inside & (current != spec.mask_id) & (token != current) & (prob > spec.edit)
+        self.canvas[slots[:, None], cols] = torch.where(change, token, current)
 
     def _sample(self, order: list[_Row], logits: torch.Tensor, token: torch.Tensor, prob: torch.Tensor) -> None:
         """Rows that sample redo their confidence alone, with ``generate``'s per-forward seed (batch 1)."""
@@ -636,6 +655,9 @@ class Engine:
         # tokens final: the answer's prefix without a mask (every block before this one is complete)
         done_here = spec.mask_id not in fixed
         upto = width if done_here else fixed.index(spec.mask_id)
+        if spec.edit is not None:  # decided tokens may still change until the block ends (generate's rule)
+            done_here = self._edit_done(row, fixed, done_here)
+            upto = width if done_here else row.final - (row.block - row.P)
         new = fixed[row.final - (row.block - row.P) : upto]  # (every earlier block is complete)
         new = new[: spec.max_new_tokens - row.final]  # a block-causal last block runs past the answer
         reason = None
@@ -673,9 +695,25 @@ class Engine:
             if e >= row.T:
                 reason = "length"
             else:  # the next block: its first forward is a refresh
-                row.previous, row.block, row.step = row.start, e, 0
+                row.previous, row.block, row.step, row.post, row.seen = row.start, e, 0, 0, None
         if reason is not None:
             self._retire(row, reason, last=emit)
+
+    @staticmethod
+    def _edit_done(row: _Row, fixed: list[int], no_masks: bool) -> bool:
+        """Whether an editing row's block ends after this forward: once it has no masks, when the forward
+        rewrote no decided position or after ``edit_steps`` more forwards (``generate``'s ``_block_done``).
+        Rewrites are read from the block itself: the decision only fills masks, editing only changes the
+        rest."""
+        spec = row.request.spec
+        seen, row.seen = row.seen, fixed
+        if not no_masks:
+            return False
+        changed = seen is not None and any(a != spec.mask_id and a != b for a, b in zip(seen, fixed))
+        if not changed or row.post >= spec.edit_steps:
+            return True
+        row.post += 1
+        return False
 
     def _retire(self, row: _Row, reason: str, error: str | None = None, last: list[int] | None = None) -> None:
         self.rows.pop(row.slot, None)

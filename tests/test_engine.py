@@ -134,7 +134,10 @@ def test_block_causal_family_matches_generate():
     configs = [dict(max_new_tokens=40),  # learn2pd with the bundled filter
                dict(max_new_tokens=37, strategy="threshold", block_length=8, cache="dual", refresh="window"),
                dict(max_new_tokens=30, strategy="steps", block_length=8, steps=15, cache="none", eotp=False),
-               dict(max_new_tokens=45, strategy="threshold", block_length=16, cache="prefix", eotp="predicted")]
+               dict(max_new_tokens=45, strategy="threshold", block_length=16, cache="prefix", eotp="predicted"),
+               # LLaDA 2.1's token editing: tokens of a block are final only once it ends
+               dict(max_new_tokens=40, strategy="threshold", threshold=0.7, block_length=16, cache="dual",
+                    refresh="window", edit_threshold=0.3, edit_steps=4)]
     jobs = [(p, c, engine.submit(p, **c)) for c in configs for p in prompts]
     engine.run()
     for p, c, req in jobs:
@@ -231,7 +234,8 @@ def test_a_failing_request_leaves_the_others_alone(bundled):
     (dict(block_length=512), "block_length"),
     (dict(top_p=0.5), "top_p"),
     (dict(stop=[3]), "stop"),
-    (dict(edit_threshold=0.5), "edit_threshold"),
+    (dict(edit_threshold=-0.5), "edit_threshold"),
+    (dict(edit_steps=3), "edit_steps"),
 ])
 def test_bad_requests_are_refused_by_name(bundled, bad, match):
     model, _, prompts = bundled

@@ -333,6 +333,30 @@ def test_the_engine_decodes_block_causal_rows_as_generate_alone():
     assert any(len(r.tokens) == 9 for _, _, r in jobs)  # some rows ran to the end of the answer
 
 
+def test_the_engine_edits_tokens_as_generate_alone():
+    """LLaDA 2.1's token editing in the engine: each row's tokens and forwards (its editing forwards after a
+    block's masks are gone included) equal ``generate`` on its prompt alone."""
+    from l2pd.engine import Engine
+
+    model = tiny_llada2(7)
+    prompts = [torch.randint(0, 58, (n,)).tolist() for n in (5, 8, 11)]
+    opts = [dict(o, edit_threshold=tau, edit_steps=steps) for o in ENGINE_OPTS[:2] for tau, steps in ((0.05, 3),
+                                                                                                       (0.2, 16))]
+    engine = Engine(model, max_batch=2, backend="torch", pad_buckets=True)
+    jobs = [(p, o, engine.submit(p, **o)) for o in opts for p in prompts]
+    engine.run()
+    edited = 0
+    for p, o, req in jobs:
+        out = generate(model, torch.tensor([p]), return_dict_in_generate=True, **o)
+        seq = out.sequences[0, len(p):].tolist()
+        assert req.tokens == (seq[: seq.index(EOS)] if EOS in seq else seq), (len(p), o)
+        assert req.forwards == out.forwards
+        plain = generate(model, torch.tensor([p]), return_dict_in_generate=True,
+                         **{k: v for k, v in o.items() if not k.startswith("edit")})
+        edited += out.forwards > plain.forwards
+    assert edited  # some blocks went on editing after their masks were gone
+
+
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 def test_the_engine_kernel_path_decodes_block_causal_rows_as_the_reference_path():
@@ -343,10 +367,12 @@ def test_the_engine_kernel_path_decodes_block_causal_rows_as_the_reference_path(
     prompts = [[3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14]]
     out = []
     for kernels in (False, True):
-        # the decision kernel with per-row block widths; the fused forward has its own test above (its
-        # interpreted experts would make this one slow)
-        engine = Engine(model, max_batch=2, backend="triton" if kernels else "torch", fused=False)
-        reqs = [engine.submit(p, **ENGINE_OPTS[1]) for p in prompts]
+        # the decision kernel with per-row block widths; on a GPU the fused forward and CUDA graphs too (under
+        # the interpreter its experts would make this slow; the fused forward has its own test above)
+        engine = Engine(model, max_batch=2, backend="triton" if kernels else "torch",
+                        fused=kernels and dev == "cuda")
+        reqs = [engine.submit(p, **o) for o in (ENGINE_OPTS[1], dict(ENGINE_OPTS[1], edit_threshold=0.05))
+                for p in prompts]
         engine.run()
         out.append([r.tokens for r in reqs])
     assert out[0] == out[1] and sum(map(len, out[0])) >= 4

@@ -106,7 +106,7 @@ def _offline(model, tok, question: str, **options) -> str:
 
 def _ask(client, question, **kw):
     extra = {k: kw.pop(k) for k in list(kw) if k in ("strategy", "threshold", "block_length", "eotp", "cache",
-                                                      "refresh", "steps")}
+                                                      "refresh", "steps", "edit_threshold", "edit_steps")}
     return client.chat.completions.create(model="bundled", messages=[{"role": "user", "content": question}],
                                           temperature=0, extra_body=extra or None, **kw)
 
@@ -140,6 +140,8 @@ def test_a_block_causal_model_is_served_with_its_offline_answers():
     try:
         jobs = [(q, dict(max_tokens=40 + 8 * i, **({} if i % 2 else dict(strategy="threshold", block_length=8))))
                 for i, q in enumerate(QUESTIONS[:4])]
+        jobs.append((QUESTIONS[4], dict(max_tokens=48, strategy="threshold", threshold=0.7, block_length=16,
+                                        edit_threshold=0.3, edit_steps=4)))  # LLaDA 2.1's token editing
         with cf.ThreadPoolExecutor(4) as pool:
             results = list(pool.map(lambda job: _ask(r.client, job[0], **dict(job[1])), jobs))
         for (q, kw), got in zip(jobs, results):
@@ -234,6 +236,8 @@ BAD = [
     ("/v1/completions", {"prompt": "hi", "stop": [1, 2]}, "stop"),
     ("/v1/completions", {"prompt": "hi", "top_p": 0.5}, "top_p"),
     ("/v1/completions", {"prompt": "hi", "block_length": 1000}, "block_length"),
+    ("/v1/completions", {"prompt": "hi", "edit_threshold": "low"}, "edit_threshold"),
+    ("/v1/completions", {"prompt": "hi", "edit_steps": 2}, "edit_steps"),  # without edit_threshold
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),

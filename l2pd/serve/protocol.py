@@ -13,7 +13,8 @@ from typing import Any
 # l2pd's own options, accepted as extra body fields (the openai client's ``extra_body=``); defaults are the
 # engine's (learn2pd at the filter's operating point when the server has a filter, else threshold 0.9,
 # block 32; EoTP per the filter, else off; dual cache with the window refresh)
-L2PD_FIELDS = ("strategy", "threshold", "block_length", "eotp", "cache", "refresh", "steps", "persist")
+L2PD_FIELDS = ("strategy", "threshold", "block_length", "eotp", "cache", "refresh", "steps", "persist",
+               "edit_threshold", "edit_steps")
 SERVER_DEFAULTS = dict(cache="dual", refresh="window")
 STRATEGIES = ("steps", "threshold", "margin", "persistence", "learn2pd")
 # OpenAI fields the server cannot honour: refused unless neutral (value: what counts as neutral)
@@ -173,8 +174,10 @@ def _l2pd_field(name: str, value: Any) -> Any:
         if value not in STRATEGIES:
             raise ApiError(400, f"strategy {value!r}: expected one of {list(STRATEGIES)}", name)
         return value
-    if name == "threshold":
+    if name in ("threshold", "edit_threshold"):
         return _number(name, value, 0.0)
+    if name == "edit_steps":
+        return _int(name, value, 0)
     if name in ("block_length", "steps", "persist"):
         return _int(name, value, 1)
     if name == "eotp":
@@ -188,7 +191,8 @@ def _l2pd_field(name: str, value: Any) -> Any:
 
 
 # engine messages name generate's arguments; the API's field names
-_FIELD_OF = {"max_new_tokens": "max_tokens", "input_ids": "prompt", "prompt": "prompt", "mask token": "prompt",
+_FIELD_OF = {"edit_steps": "edit_steps", "edit_threshold": "edit_threshold",  # before "steps" and "threshold"
+             "max_new_tokens": "max_tokens", "input_ids": "prompt", "prompt": "prompt", "mask token": "prompt",
              "block_length": "block_length", "threshold": "threshold", "strategy": "strategy", "eotp": "eotp",
              "temperature": "temperature", "seed": "seed", "steps": "steps", "filter": "strategy",
              "persist": "persist"}
