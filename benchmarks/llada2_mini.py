@@ -165,12 +165,13 @@ def generate_section(model, fl: dict, sz: dict, batches: list[int], tpfs: list[i
 
 
 @torch.no_grad()
-def profile_section(model, top: int = 18) -> list[dict]:
-    """Device time by kernel over the forwards of a short eager decode at batch 1 (what a graph replays)."""
+def profile_section(model, top: int = 18, new: int = 64, steps: int = 16) -> list[dict]:
+    """Device time by kernel over the forwards of a short eager decode at batch 1 (what a graph replays):
+    ``new`` tokens in ``steps`` forwards (its block refreshes included)."""
     from torch.profiler import ProfilerActivity, profile
 
     ids = torch.randint(0, 150000, (1, P), device="cuda")
-    kw = dict(max_new_tokens=64, block_length=L, strategy="steps", steps=16, cache="dual", refresh="window",
+    kw = dict(max_new_tokens=new, block_length=L, strategy="steps", steps=steps, cache="dual", refresh="window",
               cuda_graph=False, return_dict_in_generate=True)
     generate(model, ids, **kw)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -194,6 +195,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON with every figure")
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--tpfs", default="1,4,8", help="tokens per forward")
+    ap.add_argument("--sections", default="checks,moe,profile,generate", help="comma list of what to run")
+    ap.add_argument("--profile-new", type=int, default=64, help="the profiled decode's new tokens")
+    ap.add_argument("--profile-steps", type=int, default=16, help="the profiled decode's forwards")
     args = ap.parse_args()
     t0 = time.perf_counter()
     model = build_model(LLaDA2MoeModelLM, LLaDA2Config)
@@ -202,12 +206,17 @@ def main() -> None:
     result["sizes"] = sz = sizes(model)
     result["floors"] = fl = floors()
     print(json.dumps({**sz, **fl}), flush=True)
-    result["checks"] = checks(model)
-    print(json.dumps(result["checks"]), flush=True)
-    result["moe"] = moe_section(model, fl, sz)
-    result["profile"] = profile_section(model)
-    result["generate"] = generate_section(model, fl, sz, [int(b) for b in args.batches.split(",")],
-                                          [int(t) for t in args.tpfs.split(",")])
+    sections = args.sections.split(",")
+    if "checks" in sections:
+        result["checks"] = checks(model)
+        print(json.dumps(result["checks"]), flush=True)
+    if "moe" in sections:
+        result["moe"] = moe_section(model, fl, sz)
+    if "profile" in sections:
+        result["profile"] = profile_section(model, new=args.profile_new, steps=args.profile_steps)
+    if "generate" in sections:
+        result["generate"] = generate_section(model, fl, sz, [int(b) for b in args.batches.split(",")],
+                                              [int(t) for t in args.tpfs.split(",")])
     save(args.out, result)
 
 
