@@ -33,7 +33,7 @@ def _pool_attention_kernel(
     sqn, sqh, skr, skh, skw, svr, svh, svw, son, soh,
     scale_log2, GROUP, DENSE_L, DENSE_T, DENSE_TILES, KEY_CHUNK, NH,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DENSE: tl.constexpr,
-    SPLIT: tl.constexpr,
+    SPLIT: tl.constexpr, QLIM: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -51,15 +51,18 @@ def _pool_attention_kernel(
         q_len = tl.load(seg_ptr + g * 4 + 1)
         row = tl.load(seg_ptr + g * 4 + 2)
         k_len = tl.load(seg_ptr + g * 4 + 3)
+    m = t0 + tl.arange(0, BM)
+    mq = m < q_len
+    d = tl.arange(0, D)
+    tok = (q_start + m).to(tl.int64)
+    if QLIM:  # dense form: each query's own key count (block-causal: up to its block's end; in seg_ptr)
+        qlim = tl.minimum(tl.load(seg_ptr + tok, mask=mq, other=0), k_len).to(tl.int32)
+        k_len = tl.max(qlim, 0)
     k_lo = 0
     k_hi = k_len
     if SPLIT:  # this program's share of the keys: chunk program_id(2)
         k_lo = tl.program_id(2) * KEY_CHUNK
         k_hi = tl.minimum(k_lo + KEY_CHUNK, k_len)
-    m = t0 + tl.arange(0, BM)
-    mq = m < q_len
-    d = tl.arange(0, D)
-    tok = (q_start + m).to(tl.int64)
     q = tl.load(q_ptr + tok[:, None] * sqn + h * sqh + d[None, :], mask=mq[:, None], other=0.0)
     if IEEE:  # fp32 products (and the interpreter, whose bf16 dot is wrong)
         q = q.to(tl.float32)
@@ -78,8 +81,13 @@ def _pool_attention_kernel(
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
-        s = tl.where(kmask[None, :], s * scale_log2, float("-inf"))
+        if QLIM:
+            s = tl.where(kn[None, :] < qlim[:, None], s * scale_log2, float("-inf"))
+        else:
+            s = tl.where(kmask[None, :], s * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        if QLIM:  # a query with no key in this loop yet: keep its state finite (its p are all 0)
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -137,9 +145,10 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Non
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor | None,
             tiles: torch.Tensor | None, programs: int, dense: tuple[int, int, int], key_chunk: int, splits: int,
-            block_m: int, block_n: int, num_warps: int, num_stages: int | None) -> torch.Tensor:
+            block_m: int, block_n: int, num_warps: int, num_stages: int | None,
+            qlim: torch.Tensor | None = None) -> torch.Tensor:
     """One launch over ``programs`` query tiles x heads (x ``splits`` key chunks, then the combine); q is
-    [1, H, N, D]; returns [1, N, H, D]."""
+    [1, H, N, D]; returns [1, N, H, D]. ``qlim`` (dense form): int64 [N], each query's key count."""
     _, H, N, D = q.shape
     out = torch.empty(1, N, H, D, dtype=q.dtype, device=q.device)
     if not programs or not N:
@@ -147,14 +156,15 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: 
     split = splits > 1
     part = torch.empty(splits, N, H, D, dtype=torch.float32, device=q.device) if split else out
     lse = torch.empty(splits, N, H, dtype=torch.float32, device=q.device) if split else out
-    dummy = out if seg is None else seg  # unused pointers of the dense form
+    dummy = seg if seg is not None else qlim if qlim is not None else out  # (unused pointers of the dense form)
     _pool_attention_kernel[(programs, H, splits)](
         q, k_cache, v_cache, out, dummy, dummy if tiles is None else tiles, part, lse,
         q.stride(2), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(1), out.stride(2),
         1.0 / math.sqrt(D) * 1.4426950408889634, H // k_cache.shape[1], *dense, key_chunk, N * H,
         D=D, BM=block_m, BN=block_n, IEEE=q.dtype == torch.float32 or _INTERPRET, DENSE=seg is None,
-        SPLIT=split, num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
+        SPLIT=split, QLIM=qlim is not None and seg is None, num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
     if split:
         br = 16
@@ -212,12 +222,15 @@ def split_pays(batch: int, queries: int, heads: int, keys: int, device: torch.de
 
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_m: int = 32,
-                     block_n: int = 64, splits: int | None = None, num_warps: int = 4) -> torch.Tensor:
+                     block_n: int = 64, splits: int | None = None, num_warps: int = 4,
+                     key_limit: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.cached_attention``: a cached step's queries q [B, H, L, D]
     (laid out [B, L, H, D], as ``rope_qkv`` returns them) over every key of their row of the cache
-    [B, Hkv, T, D], without a mask. Few queries over a long canvas leave most of the GPU idle in one program
-    per query tile and head, so the keys are split into chunks (``split_plan``; ``splits`` forces a count) and
-    the chunks merged. Returns [B, H, L, D] laid out [B, L, H, D]."""
+    [B, Hkv, T, D], without a mask; or with ``key_limit`` (int64 [B, L], each at least 1) query (b, i) over
+    the first ``key_limit[b, i]`` keys (a block-causal step: keys up to its block's end). Few queries over a
+    long canvas leave most of the GPU idle in one program per query tile and head, so the keys are split into
+    chunks (``split_plan``; ``splits`` forces a count) and the chunks merged. Returns [B, H, L, D] laid out
+    [B, L, H, D]."""
     _check(q, k_cache, v_cache)
     B, H, L, D = q.shape
     T = k_cache.shape[2]
@@ -231,9 +244,12 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     else:
         chunk = triton.cdiv(triton.cdiv(T, splits), block_n) * block_n
         splits = triton.cdiv(T, chunk)
+    if key_limit is not None and (key_limit.shape != (B, L) or key_limit.dtype != torch.int64):
+        raise ValueError(f"key_limit must be int64 [{B}, {L}], got {key_limit.dtype} {tuple(key_limit.shape)}")
     flat = q.transpose(1, 2).reshape(1, B * L, H, D).transpose(1, 2)  # a view
+    qlim = None if key_limit is None else key_limit.contiguous().view(-1)
     out = _launch(flat, k_cache, v_cache, None, None, B * per_row, (L, T, per_row), chunk, splits, block_m,
-                  block_n, num_warps, None)
+                  block_n, num_warps, None, qlim)
     return out.view(B, L, H, D).transpose(1, 2)
 
 

@@ -491,10 +491,15 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return out
 
 
-def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     key_limit: torch.Tensor | None = None) -> torch.Tensor:
     """A cached step's attention: queries q [B, H, L, D] over every key of their row of the cache
-    [B, Hkv, T, D], without a mask (what SDPA computes for an unpadded, bidirectional cached forward)."""
-    return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache,
+    [B, Hkv, T, D], without a mask (what SDPA computes for an unpadded, bidirectional cached forward); with
+    ``key_limit`` [B, L], query (b, i) over the first ``key_limit[b, i]`` keys only."""
+    mask = None
+    if key_limit is not None:
+        mask = (torch.arange(k_cache.shape[2], device=q.device) < key_limit[..., None])[:, None]  # [B, 1, L, T]
+    return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
                                                             enable_gqa=k_cache.shape[1] != q.shape[1])
 
 

@@ -389,6 +389,33 @@ def test_the_fused_forward_matches_the_plain_one():
     torch.testing.assert_close(ad.forward(ids, fused=True), ad.forward(ids, fused=False), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+def test_cached_block_causal_forwards_attend_through_the_key_limited_kernel(monkeypatch):
+    """With the fused ops, a cached forward of a block-causal model attends through ``cached_attention`` with
+    each query's keys ending at its block's end (no SDPA mask): the logits equal the plain full forward's."""
+    import l2pd_kernels
+    from l2pd.cache import BlockKVCache
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_llada2(8).to(dev)
+    ad = adapter_for(model)
+    ad.decoder.block_causal = 4
+    dec = ad.decoder
+    ids = torch.randint(0, 58, (2, 12), device=dev)
+    limits = []
+    kernel = l2pd_kernels.cached_attention
+    monkeypatch.setattr(l2pd_kernels, "cached_attention",
+                        lambda *a, **kw: limits.append(kw.get("key_limit")) or kernel(*a, **kw))
+    cache = BlockKVCache(len(dec.layers), 2, dec.n_kv, 12, dec.head_dim, "dual", device=dev)
+    first = ad.forward(ids[:, :8], cache=cache, start=0, fused=True)  # two blocks: limits 4 and 8
+    last = ad.forward(ids[:, 8:12], cache=cache, start=8, fused=True)  # the next block against the cache
+    want = ad.forward(ids, fused=False)
+    torch.testing.assert_close(first, want[:, :8], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last, want[:, 8:12], rtol=1e-4, atol=1e-4)
+    assert len(limits) == 2 * len(dec.layers) and limits[0][0].tolist() == [4] * 4 + [8] * 4
+
+
 def official_edit_loop(model, prompt, gen_length, block, tau_mask, tau_edit, edit_steps=16):
     """LLaDA 2.1's editing loop, plainly: each forward unmasks the masked positions above tau_mask (at least the
     most confident) and rewrites the block's decided answer positions whose guess differs above tau_edit; once a

@@ -152,15 +152,23 @@ def test_decide_per_row_params_match_reference(eotp, with_filter):
     (1, 2, 2, 1, 1, 16, None),  # one query, one key
     (2, 4, 2, 7, 200, 16, 1),  # no split: the one-pass form
 ])
-def test_cached_attention_matches_reference(dtype, B, H, HKV, L, T, D, splits):
+@pytest.mark.parametrize("limited", [False, True])
+def test_cached_attention_matches_reference(dtype, B, H, HKV, L, T, D, splits, limited):
     from l2pd_kernels import cached_attention
 
     q = torch.randn(B, L, H, D, device=DEV).to(dtype).transpose(1, 2)  # rope_qkv's layout
     k = torch.randn(B, HKV, T, D, device=DEV).to(dtype)
     v = torch.randn(B, HKV, T, D, device=DEV).to(dtype)
-    got = cached_attention(q, k, v, block_m=16, block_n=16, splits=splits)
-    torch.testing.assert_close(got, ref.cached_attention(q, k, v), **TOL[dtype])
+    # per-query key counts (a block-causal step's block ends), 1 to T, some past whole chunks of keys
+    limit = torch.randint(1, T + 1, (B, L), device=DEV) if limited else None
+    got = cached_attention(q, k, v, block_m=16, block_n=16, splits=splits, key_limit=limit)
+    torch.testing.assert_close(got, ref.cached_attention(q, k, v, key_limit=limit), **TOL[dtype])
     assert got.shape == (B, H, L, D) and got.transpose(1, 2).is_contiguous()  # o-projection input as a view
+    if limited:  # keys past a query's limit are never read: changing them changes nothing
+        k2, v2 = k.clone(), v.clone()
+        past = torch.arange(T, device=DEV) >= int(limit.max())
+        k2[:, :, past], v2[:, :, past] = 1e4, 1e4
+        assert torch.equal(cached_attention(q, k2, v2, block_m=16, block_n=16, splits=splits, key_limit=limit), got)
 
 
 def test_split_plan_fills_the_gpu_in_whole_key_loops():
@@ -201,7 +209,8 @@ def test_cached_step_through_the_split_kernel_matches_sdpa(monkeypatch):
     calls = []
     monkeypatch.setattr(decoder, "_split_pays", lambda *a: True)
     kernel = l2pd_kernels.cached_attention
-    monkeypatch.setattr(l2pd_kernels, "cached_attention", lambda *a: calls.append(1) or kernel(*a, block_n=16))
+    monkeypatch.setattr(l2pd_kernels, "cached_attention",
+                        lambda *a, **kw: calls.append(1) or kernel(*a, block_n=16, **kw))
 
     model = tiny_model(seed=5, n_kv_heads=2).to(DEV)
     B, T = 2, 41

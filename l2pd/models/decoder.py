@@ -21,7 +21,8 @@ from torch import nn
 from l2pd_kernels import reference
 
 # cached forwards of at most this many queries per row attend through ``l2pd_kernels.cached_attention`` where
-# it pays (``split_pays``); ``L2PD_SPLIT_ATTENTION=0``: always SDPA (benchmarks flip the flag to compare)
+# it pays (``split_pays``), and always for a block-causal model (keys up to each query's block end, where SDPA
+# would need a mask); ``L2PD_SPLIT_ATTENTION=0``: always SDPA (benchmarks flip the flag to compare)
 SPLIT_ATTENTION = os.environ.get("L2PD_SPLIT_ATTENTION", "1") != "0"
 SPLIT_MAX_QUERIES = 64
 
@@ -270,13 +271,19 @@ def decoder_forward(
         if start + seq > cache.length:
             raise ValueError(f"positions {start}..{start + seq} exceed the cache length {cache.length}")
         slots = torch.arange(start, start + seq, device=device)
-    sdpa_mask = _sdpa_mask(dec, attention_mask, attn_mask, position_ids, total, cache, pack, bsz, seq)
-
     ops = forward_ops(device, fused)
+    key_limit = None  # a block-causal cached step: each query's keys end at its block's end (no SDPA mask)
+    if (dec.block_causal and cache is not None and pack is None and attention_mask is None and attn_mask is None
+            and seq <= SPLIT_MAX_QUERIES and ops is not reference and SPLIT_ATTENTION):
+        L = dec.block_causal
+        key_limit = ((position_ids // L + 1) * L).clamp(max=total).expand(bsz, seq).contiguous()
+        sdpa_mask = None
+    else:
+        sdpa_mask = _sdpa_mask(dec, attention_mask, attn_mask, position_ids, total, cache, pack, bsz, seq)
     # a cached step's few queries over a long unmasked canvas: the split-key kernel (SDPA leaves SMs idle)
-    split = (cache is not None and pack is None and sdpa_mask is None and seq <= SPLIT_MAX_QUERIES
-             and ops is not reference and SPLIT_ATTENTION
-             and _split_pays(bsz, seq, dec.n_heads, total, device))
+    split = key_limit is not None or (
+        cache is not None and pack is None and sdpa_mask is None and seq <= SPLIT_MAX_QUERIES
+        and ops is not reference and SPLIT_ATTENTION and _split_pays(bsz, seq, dec.n_heads, total, device))
     n_heads, n_kv, head_dim, eps = dec.n_heads, dec.n_kv, dec.head_dim, dec.eps
     if dec.rope:  # partial RoPE (rotary_dim < head_dim): angles for the rotated dims only
         cos, sin = rope_cos_sin(position_ids, dec.rotary_dim or head_dim, dec.rope_theta)
@@ -312,7 +319,7 @@ def decoder_forward(
         else:
             q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, fresh_slots if cache is None else slots)
             if split:
-                att = ops.cached_attention(q, k_all, v_all)
+                att = ops.cached_attention(q, k_all, v_all, key_limit=key_limit)
             else:
                 att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
         a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
