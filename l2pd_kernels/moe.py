@@ -252,12 +252,30 @@ def pick_config(tokens: int, top_k: int, experts: int) -> tuple:
     return next(c[1:] for c in CONFIGS if per_expert <= c[0])
 
 
+@triton.jit
+def _combine_kernel(part_ptr, shared_ptr, out_ptr, D, K: tl.constexpr, SHARED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A token's k weighted expert outputs (fp32) summed in order, rounded, plus the shared expert's output."""
+    n = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    ok = d < D
+    acc = tl.load(part_ptr + n * K * D + d, mask=ok, other=0.0)
+    for j in tl.static_range(1, K):
+        acc += tl.load(part_ptr + (n * K + j) * D + d, mask=ok, other=0.0)
+    res = acc.to(out_ptr.dtype.element_ty)
+    if SHARED:  # as ``routed + shared`` in the output dtype: both widened, added, rounded
+        sh = tl.load(shared_ptr + n * D + d, mask=ok, other=0.0).to(tl.float32)
+        res = (res.to(tl.float32) + sh).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + n * D + d, res, mask=ok)
+
+
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
-              weights: torch.Tensor, config: tuple | None = None, scan: bool | None = None) -> torch.Tensor:
+              weights: torch.Tensor, config: tuple | None = None, scan: bool | None = None,
+              shared: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.fused_moe`` (x [N, D], w_gate_up [E, 2I, D], w_down [E, D, I],
-    ids [N, k], weights [N, k]). ``config``: (block_m, (block_n, block_k, warps, stages) of the gate/up kernel,
-    the same of the down kernel); default ``pick_config``. ``scan``: find each expert's pairs by scanning the
-    ids in its program instead of sorting them (default: up to ``SCAN_MAX_PAIRS`` pairs)."""
+    ids [N, k], weights [N, k], ``shared`` [N, D] added at the end). ``config``: (block_m, (block_n, block_k,
+    warps, stages) of the gate/up kernel, the same of the down kernel); default ``pick_config``. ``scan``: find
+    each expert's pairs by scanning the ids in its program instead of sorting them (default: up to
+    ``SCAN_MAX_PAIRS`` pairs). One small kernel sums each token's k outputs and adds ``shared``."""
     if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
         raise ValueError("fused_moe takes x [N, D], w_gate_up [E, 2I, D] and w_down [E, D, I]")
     N, D = x.shape
@@ -273,6 +291,8 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
         raise ValueError(f"x, w_gate_up and w_down must share one of fp32/bf16/fp16, got {x.dtype}, "
                          f"{w_gate_up.dtype}, {w_down.dtype}")
     k = ids.shape[1]
+    if shared is not None and (shared.shape != x.shape or shared.dtype != x.dtype):
+        raise ValueError(f"shared must be {x.dtype} {tuple(x.shape)}, got {shared.dtype} {tuple(shared.shape)}")
     if N == 0:
         return torch.empty_like(x)
     block_m, (bn1, bk1, w1, st1), (bn2, bk2, w2_, st2) = config or pick_config(N, k, E)
@@ -297,4 +317,9 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     _down_kernel[(blocks, triton.cdiv(D, bn2))](act, w_down, weights.float().contiguous().view(-1), out, pairs,
                                                 experts, N * k, D, inter, BLOCK_N=bn2, BLOCK_K=bk2, num_warps=w2_,
                                                 num_stages=st2, **flags)
-    return out.view(N, k, D).sum(1).to(x.dtype)
+    res = torch.empty_like(x)
+    sh = shared.contiguous() if shared is not None else res
+    block_d = min(1024, triton.next_power_of_2(D))
+    _combine_kernel[(N, triton.cdiv(D, block_d))](out, sh, res, D, K=k, SHARED=shared is not None, BLOCK_D=block_d,
+                                                  num_warps=4)
+    return res

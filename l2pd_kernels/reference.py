@@ -546,11 +546,12 @@ def moe_route(logits: torch.Tensor, top_k: int, score: str = "sigmoid", bias: to
 
 
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
-              weights: torch.Tensor) -> torch.Tensor:
+              weights: torch.Tensor, shared: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts of a mixture-of-experts MLP: for each token x [N, D] and each of its experts
     ``ids`` [N, k], down(silu(gate(x)) * up(x)) with expert e's ``w_gate_up[e]`` = cat(gate, up) [2I, D] and
     ``w_down[e]`` [D, I], each product rounded to x's dtype (as separate linear layers do); the k outputs
-    weighted by ``weights`` [N, k] in fp32, summed, rounded to x's dtype."""
+    weighted by ``weights`` [N, k] in fp32, summed in order (expert slot 0 first), rounded to x's dtype; plus
+    ``shared`` [N, D] (the shared expert's output) added in x's dtype."""
     N, D = x.shape
     k = ids.shape[1]
     inter = w_down.shape[2]
@@ -562,7 +563,17 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
         gate_up = torch.nn.functional.linear(h, w_gate_up[e])
         act = silu_mul(gate_up[:, :inter], gate_up[:, inter:])
         out.view(N * k, D)[slot] = torch.nn.functional.linear(act, w_down[e]).float()
-    return (out * weights.float()[..., None]).sum(1).to(x.dtype)
+    out = out * weights.float()[..., None]
+    acc = out[:, 0]
+    for j in range(1, k):  # in order: the sum's rounding does not depend on a reduction's tree
+        acc = acc + out[:, j]
+    routed = acc.to(x.dtype)
+    return routed if shared is None else routed + shared
+
+
+def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A mixture-of-experts router's logits in fp32: ``x.float() @ w.T`` (w fp32 [E, D])."""
+    return torch.nn.functional.linear(x.float(), w)
 
 
 def edit_tokens(canvas: torch.Tensor, token: torch.Tensor, prob: torch.Tensor, cols: torch.Tensor, threshold: float,
