@@ -18,8 +18,8 @@ from .moe import fused_moe, moe_route
 from .rms_norm import rms_norm
 from .rope import rope_qkv
 from .silu_mul import silu_mul
-from .skinny import gate_up_silu, linear, linear_gate_up_silu, router_logits, skinny_matmul
+from .skinny import gate_up_silu, linear, linear_gate_up_silu, skinny_matmul
 
 __all__ = ["cached_attention", "confidence", "decide", "fused_moe", "gate_up_silu", "linear", "linear_fp8",
            "linear_gate_up_silu", "linear_w8a8", "moe_route", "pool_attention", "quantize_rows", "rms_norm",
-           "rope_qkv", "router_logits", "silu_mul", "skinny_matmul"]
+           "rope_qkv", "silu_mul", "skinny_matmul"]

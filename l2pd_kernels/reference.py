@@ -571,10 +571,6 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     return routed if shared is None else routed + shared
 
 
-def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """A mixture-of-experts router's logits in fp32: ``x.float() @ w.T`` (w fp32 [E, D])."""
-    return torch.nn.functional.linear(x.float(), w)
-
 
 def edit_tokens(canvas: torch.Tensor, token: torch.Tensor, prob: torch.Tensor, cols: torch.Tensor, threshold: float,
                 mask_id: int) -> torch.Tensor:

@@ -226,22 +226,6 @@ def gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], f)
 
 
-ROUTER_CONFIG = (16, 64, 4, 4)  # 16 experts per program: a router's few hundred rows still spread over the SMs
-
-
-def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Triton version of ``l2pd_kernels.reference.router_logits``: fp32 logits ``x.float() @ w.T`` (w fp32
-    [E, D]) for up to ``MAX_ROWS`` rows on CUDA through the skinny kernel (fp32 products, ``ROUTER_CONFIG``):
-    one launch where cuBLAS runs a SIMT GEMM and a split-K reduce; ``F.linear`` otherwise."""
-    rows = x.numel() // max(1, x.shape[-1])
-    if not (x.is_cuda or _INTERPRET) or not 0 < rows <= MAX_ROWS or w.dtype != torch.float32:
-        return torch.nn.functional.linear(x.float(), w)
-    x2 = _check(x.float(), w)
-    out = torch.empty(x2.shape[0], w.shape[0], dtype=torch.float32, device=x.device)
-    _launch(x2, w, out, w.shape[0], False, cfg=ROUTER_CONFIG, swap=False)
-    return out.view(*x.shape[:-1], w.shape[0])
-
-
 def _use_kernel(x: torch.Tensor) -> bool:
     rows = x.numel() // max(1, x.shape[-1])
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < rows <= MAX_ROWS

@@ -21,7 +21,8 @@ def bundled():
     return l2pd.demo.load(device="cpu")
 
 
-@pytest.mark.parametrize("strategy,extra", [("steps", {"max_new_tokens": 32}), ("threshold", {"threshold": 0.9}),
+@pytest.mark.parametrize("strategy,extra", [("steps", {"max_new_tokens": 32, "steps": 8}),
+                                            ("threshold", {"threshold": 0.9}),
                                             ("learn2pd", {})])
 @pytest.mark.parametrize("cache", ["none", "prefix", "dual"])
 def test_tracing_does_not_change_the_decode(bundled, strategy, extra, cache):

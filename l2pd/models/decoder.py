@@ -25,9 +25,6 @@ from l2pd_kernels import reference
 # would need a mask); ``L2PD_SPLIT_ATTENTION=0``: always SDPA (benchmarks flip the flag to compare)
 SPLIT_ATTENTION = os.environ.get("L2PD_SPLIT_ATTENTION", "1") != "0"
 SPLIT_MAX_QUERIES = 64
-# the MoE layer's router logits through ``l2pd_kernels.router_logits`` and the shared expert's output added in
-# ``fused_moe``'s combine; ``L2PD_MOE_GLUE=0``: cuBLAS logits and a separate add (benchmarks compare the two)
-MOE_GLUE = os.environ.get("L2PD_MOE_GLUE", "1") != "0"
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module, eps: float) -> torch.Tensor:
@@ -354,15 +351,13 @@ def _mlp(ops: Any, h: torch.Tensor, blk: Layer) -> torch.Tensor:
 
 
 def _moe(ops: Any, h: torch.Tensor, moe: MoE, shared: torch.Tensor | None = None) -> torch.Tensor:
-    """The routed experts' output for h [B, S, D] (plus ``shared``, the shared expert's): router logits in
-    fp32, then ``ops.fused_moe``."""
+    """The routed experts' output for h [B, S, D] (plus ``shared``, the shared expert's, added in the experts'
+    combine): router logits in fp32, then ``ops.fused_moe``."""
     flat = h.reshape(-1, h.shape[-1])
-    logits = (ops.router_logits if MOE_GLUE else reference.router_logits)(flat, _router_weight(moe))
+    logits = F.linear(flat.float(), _router_weight(moe))
     ids, weights = ops.moe_route(logits, moe.top_k, moe.score, moe.bias, moe.n_group, moe.topk_group, moe.scale,
                                  moe.normalize)
     w13, w2 = expert_weights(moe)
-    if not MOE_GLUE and shared is not None:
-        return ops.fused_moe(flat, w13, w2, ids, weights).view(h.shape) + shared
     shared = None if shared is None else shared.reshape(flat.shape)
     return ops.fused_moe(flat, w13, w2, ids, weights, shared=shared).view(h.shape)
 
