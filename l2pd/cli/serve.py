@@ -73,7 +73,7 @@ def add_serve(sub: Any) -> None:
                        "/v1/chat/completions, GET /v1/models, /health and /metrics (Prometheus). Requests join "
                        "the running batch at the next step. l2pd's options go in the request body: strategy, "
                        "threshold, block_length, eotp, cache (default dual), refresh (default window), steps, "
-                       "persist.")
+                       "persist, and LLaDA 2.1's token editing: edit_threshold, edit_steps.")
     v.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
     add_family_arg(v)
     v.add_argument("--filter", default=None, help="the learn2pd filter requests get (default: the model's)")
