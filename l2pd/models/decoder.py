@@ -272,18 +272,8 @@ def decoder_forward(
             raise ValueError(f"positions {start}..{start + seq} exceed the cache length {cache.length}")
         slots = torch.arange(start, start + seq, device=device)
     ops = forward_ops(device, fused)
-    key_limit = None  # a block-causal cached step: each query's keys end at its block's end (no SDPA mask)
-    if (dec.block_causal and cache is not None and pack is None and attention_mask is None and attn_mask is None
-            and seq <= SPLIT_MAX_QUERIES and ops is not reference and SPLIT_ATTENTION):
-        L = dec.block_causal
-        key_limit = ((position_ids // L + 1) * L).clamp(max=total).expand(bsz, seq).contiguous()
-        sdpa_mask = None
-    else:
-        sdpa_mask = _sdpa_mask(dec, attention_mask, attn_mask, position_ids, total, cache, pack, bsz, seq)
-    # a cached step's few queries over a long unmasked canvas: the split-key kernel (SDPA leaves SMs idle)
-    split = key_limit is not None or (
-        cache is not None and pack is None and sdpa_mask is None and seq <= SPLIT_MAX_QUERIES
-        and ops is not reference and SPLIT_ATTENTION and _split_pays(bsz, seq, dec.n_heads, total, device))
+    split, key_limit, sdpa_mask = _attention_path(dec, ops, attention_mask, attn_mask, position_ids, total, cache,
+                                                  pack, bsz, seq)
     n_heads, n_kv, head_dim, eps = dec.n_heads, dec.n_kv, dec.head_dim, dec.eps
     if dec.rope:  # partial RoPE (rotary_dim < head_dim): angles for the rotated dims only
         cos, sin = rope_cos_sin(position_ids, dec.rotary_dim or head_dim, dec.rope_theta)
@@ -400,6 +390,22 @@ def expert_weights(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
             m.down_proj.weight.data = w2[i]
         object.__setattr__(moe.owner, "_l2pd_experts", (w13, w2))
     return w13, w2
+
+
+def _attention_path(dec: Decoder, ops: Any, attention_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
+                    position_ids: torch.Tensor, total: int, cache: Any, pack: Any, bsz: int, seq: int):
+    """(whether a cached forward attends through ``cached_attention``, its per-query key limits or None, SDPA's
+    mask or None). A block-causal cached step (unpadded, at most ``SPLIT_MAX_QUERIES`` queries per row) reads
+    the keys up to each query's block end through the kernel, with no mask; a cached step's few queries over a
+    long unmasked canvas take the split-key kernel where it pays (SDPA leaves SMs idle there)."""
+    kernel = (cache is not None and pack is None and seq <= SPLIT_MAX_QUERIES and ops is not reference
+              and SPLIT_ATTENTION)
+    if kernel and dec.block_causal and attention_mask is None and attn_mask is None:
+        L = dec.block_causal
+        return True, ((position_ids // L + 1) * L).clamp(max=total).expand(bsz, seq).contiguous(), None
+    sdpa_mask = _sdpa_mask(dec, attention_mask, attn_mask, position_ids, total, cache, pack, bsz, seq)
+    split = kernel and sdpa_mask is None and _split_pays(bsz, seq, dec.n_heads, total, position_ids.device)
+    return split, None, sdpa_mask
 
 
 def _sdpa_mask(dec: Decoder, attention_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
