@@ -114,6 +114,7 @@ class _Row:
     causal: bool = False  # a block-causal model: blocks (and attention) at multiples of block_length
     post: int = 0  # token editing: forwards spent editing after the block's masks were gone
     seen: list[int] | None = None  # token editing: the block as the last forward left it
+    given: list[int] | None = None  # a partial answer (``answer=``): the canvas from P to T as admitted
 
     @property
     def start(self) -> int:
@@ -228,8 +229,8 @@ class Engine:
                stop: Any = None, timeout: float | None = None, **options: Any) -> Request:
         """Queue a request: ``prompt`` token ids (1-D), ``options`` those of ``generate`` (``max_new_tokens``,
         ``strategy``, ``threshold``, ``eotp``, ``block_length``, ``cache``, ``refresh``, ``temperature``,
-        ``seed``, ``steps``, ``persist``, ``edit_threshold``, ``edit_steps``, ``eos_token_id``); ``stop`` strings
-        end it (with the engine's tokenizer); a
+        ``seed``, ``steps``, ``persist``, ``edit_threshold``, ``edit_steps``, ``eos_token_id``, ``answer``: a
+        partial answer of ``max_new_tokens`` ids); ``stop`` strings end it (with the engine's tokenizer); a
         ``timeout`` in seconds drops it. Raises ValueError (naming the argument) for a request it cannot run,
         ``EngineClosed`` once the engine drains."""
         spec, ids, stops = self._resolve(prompt, stop, options)
@@ -245,8 +246,11 @@ class Engine:
     def _resolve(self, prompt: Any, stop: Any, options: dict[str, Any]) -> tuple[DecodeSpec, list[int], tuple]:
         for name in ("on_step", "streamer", "target", "num_return_sequences", "attention_mask", "inputs",
                      "input_ids", "return_dict_in_generate", "stop_strings", "generation_config", "answer"):
-            if options.get(name) is not None:
+            if options.get(name) is not None and name != "answer":
                 raise ValueError(f"{name} is not an engine option (one request is one prompt)")
+        if options.get("answer") is not None:  # one request's partial answer: [max_new_tokens] -> [1, G]
+            answer = torch.as_tensor(options["answer"])
+            options["answer"] = answer.view(1, -1) if answer.dim() == 1 else answer
         if options.get("strategy") == "oracle":
             raise ValueError("strategy 'oracle' is for collecting training data; use l2pd.collect")
         if options.get("strategy") in (None, "learn2pd") and options.get("filter") is None:
@@ -402,11 +406,17 @@ class Engine:
                 row.fill_(spec.eos_id)  # past the canvas: end of text, never masked, never attended
                 row[:P] = torch.tensor(req.prompt, dtype=torch.int64)
                 row[P:T] = spec.mask_id
+                given = None
+                if spec.answer is not None:  # a partial answer: its tokens stay, its masks get decoded
+                    row[P : P + G] = spec.answer[0].to(row.device)
+                    given = spec.answer[0].tolist() + [spec.mask_id] * (T - P - G)
                 self.guesses[0][slot].fill_(-1)
                 self.guesses[1][slot].zero_()
                 self.guesses[2][slot].zero_()
-                self.rows[slot] = _Row(req, slot, P, T, P, causal=causal)
+                self.rows[slot] = _Row(req, slot, P, T, P, causal=causal, given=given)
                 self.counters["admitted"] += 1
+                if given is not None and spec.mask_id not in given[: self.rows[slot].end - P]:
+                    self._skip_given(self.rows[slot])
 
     def _plan(self) -> list[_Row]:
         """Rows that run this iteration: every row inside a block, then refreshes within the token budget."""
@@ -649,8 +659,7 @@ class Engine:
         req, spec = row.request, row.request.spec
         req.forwards += 1
         row.step += 1
-        e = row.end
-        width = e - row.block
+        width = row.end - row.block
         fixed = block[:width]
         # tokens final: the answer's prefix without a mask (every block before this one is complete)
         done_here = spec.mask_id not in fixed
@@ -658,7 +667,15 @@ class Engine:
         if spec.edit is not None:  # decided tokens may still change until the block ends (generate's rule)
             done_here = self._edit_done(row, fixed, done_here)
             upto = width if done_here else row.final - (row.block - row.P)
-        new = fixed[row.final - (row.block - row.P) : upto]  # (every earlier block is complete)
+        reason, emit = self._take(row, fixed[row.final - (row.block - row.P) : upto])  # (earlier blocks complete)
+        if reason is None and done_here:
+            reason, emit = self._next_block(row, emit)
+        self._deliver(row, reason, emit)
+
+    def _take(self, row: _Row, new: list[int]) -> tuple[str | None, list[int]]:
+        """Final answer tokens ``new`` onto the request, up to its first end of text, extra end id or stop
+        string, and within its token budget: (the finish reason or None, the tokens taken)."""
+        req, spec = row.request, row.request.spec
         new = new[: spec.max_new_tokens - row.final]  # a block-causal last block runs past the answer
         reason = None
         emit: list[int] = []
@@ -687,17 +704,43 @@ class Engine:
             self.counters["tokens_out"] += len(emit)
             if req.first_token is None:
                 req.first_token = time.monotonic()
-        if emit and req.on_event is not None and reason is None:
-            req.on_event(req, emit)
         if reason is None and row.final >= spec.max_new_tokens:
             reason = "length"
-        if reason is None and done_here:
-            if e >= row.T:
-                reason = "length"
-            else:  # the next block: its first forward is a refresh
-                row.previous, row.block, row.step, row.post, row.seen = row.start, e, 0, 0, None
+        return reason, emit
+
+    def _next_block(self, row: _Row, emit: list[int], decoded: bool = True) -> tuple[str | None, list[int]]:
+        """Move a row whose block is done (``decoded``: by its forwards) to its next block (its first forward:
+        a refresh). Blocks a partial answer (``answer=``) fills entirely are skipped, their tokens taken, as
+        ``generate`` skips them (the last block decoded stays where the next refresh starts)."""
+        if decoded:
+            row.previous = row.start
+        while True:
+            if row.end >= row.T:
+                return "length", emit
+            row.block, row.step, row.post, row.seen = row.end, 0, 0, None
+            given = row.given[row.block - row.P : row.end - row.P] if row.given is not None else None
+            if given is None or row.request.spec.mask_id in given:
+                return None, emit
+            reason, more = self._take(row, given)
+            emit = emit + more
+            if reason is not None:
+                return reason, emit
+
+    def _skip_given(self, row: _Row) -> None:
+        """A row whose first block the partial answer fills: take it and the filled blocks after it."""
+        reason, emit = self._take(row, row.given[: row.end - row.P])
+        if reason is None:
+            reason, emit = self._next_block(row, emit, decoded=False)
+        self._deliver(row, reason, emit)
+
+    def _deliver(self, row: _Row, reason: str | None, emit: list[int]) -> None:
+        """The tokens taken this iteration to the request's callback, once: as an event while it runs, or with
+        its end."""
+        req = row.request
         if reason is not None:
             self._retire(row, reason, last=emit)
+        elif emit and req.on_event is not None:
+            req.on_event(req, emit)
 
     @staticmethod
     def _edit_done(row: _Row, fixed: list[int], no_masks: bool) -> bool:

@@ -145,6 +145,30 @@ def test_block_causal_family_matches_generate():
         assert req.finish_reason in ("stop", "length")
 
 
+def test_partial_answers_continue_as_in_generate(bundled):
+    """``answer=``: its tokens stay, its masks are decoded; blocks it fills are skipped (no forward), as in
+    ``generate``, and the forwards match too. An answer without masks takes no forward at all."""
+    model, _, prompts = bundled
+    M = model.config.mask_token_id
+    opts = dict(max_new_tokens=48, strategy="threshold", block_length=8, eotp=False)
+    full = model.generate(torch.tensor([prompts[1]]), backend="torch", **opts)[0, len(prompts[1]):].tolist()
+    given = [M if 8 <= i < 20 or 32 <= i < 40 else t for i, t in enumerate(full)]  # block 0 given, 2 and 3 too
+    engine = Engine(model, max_batch=2)
+    jobs = [(p, o, a, engine.submit(p, answer=a, **o)) for o in (dict(opts, cache="dual", refresh="window"),
+                                                                 dict(opts, cache="none"))
+            for p in prompts[:2] for a in (given, full)]
+    engine.run()
+    for p, o, a, req in jobs:
+        want = model.generate(torch.tensor([p]), backend="torch", answer=torch.tensor([a]),
+                              return_dict_in_generate=True, **o)
+        out = want.sequences[0, len(p):].tolist()
+        eos = model.config.eos_token_id
+        assert req.tokens == (out[: out.index(eos)] if eos in out else out)
+        assert req.forwards == want.forwards and (req.forwards == 0) == (a is full)
+    with pytest.raises(ValueError, match="answer"):
+        engine.submit(prompts[0], answer=given[:10], **opts)
+
+
 def test_sampling_with_a_seed_matches_generate_at_batch_one(bundled):
     model, _, prompts = bundled
     opts = dict(max_new_tokens=40, strategy="threshold", block_length=16, temperature=0.8, seed=1234,
@@ -170,6 +194,10 @@ def test_events_stream_every_final_token_once_in_order(bundled):
     engine.run()
     assert seen == req.tokens and ends == [req.finish_reason] and req.done.is_set()
     assert req.first_token is not None and req.finished >= req.first_token
+    seen.clear()  # a request that ends at its token budget, inside a block: its last tokens come once too
+    req = engine.submit(prompts[0], on_event=on_event, max_new_tokens=20, strategy="threshold", block_length=8)
+    engine.run()
+    assert req.finish_reason == "length" and len(req.tokens) == 20 and seen == req.tokens
 
 
 def test_cancel_frees_the_row_at_the_next_iteration(bundled):
