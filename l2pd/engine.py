@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from l2pd_kernels.attention import POOL_TILE_M as TILE_M
+from l2pd_kernels.reference import edit_tokens
 
 from .cache import BlockKVCache, feed_range, refresh_range
 from .decode import block_schedule, select_ops
@@ -110,7 +111,6 @@ class _Row:
     previous: int | None = None  # the last block decoded (where tail and window refreshes start)
     schedule: list[int] = field(default_factory=list)
     final: int = 0  # answer tokens final so far
-    answer: list[int] = field(default_factory=list)  # tokens final so far (including any end of text)
     causal: bool = False  # a block-causal model: blocks (and attention) at multiples of block_length
     post: int = 0  # token editing: forwards spent editing after the block's masks were gone
     seen: list[int] | None = None  # token editing: the block as the last forward left it
@@ -245,8 +245,8 @@ class Engine:
 
     def _resolve(self, prompt: Any, stop: Any, options: dict[str, Any]) -> tuple[DecodeSpec, list[int], tuple]:
         for name in ("on_step", "streamer", "target", "num_return_sequences", "attention_mask", "inputs",
-                     "input_ids", "return_dict_in_generate", "stop_strings", "generation_config", "answer"):
-            if options.get(name) is not None and name != "answer":
+                     "input_ids", "return_dict_in_generate", "stop_strings", "generation_config"):
+            if options.get(name) is not None:
                 raise ValueError(f"{name} is not an engine option (one request is one prompt)")
         if options.get("answer") is not None:  # one request's partial answer: [max_new_tokens] -> [1, G]
             answer = torch.as_tensor(options["answer"])
@@ -623,24 +623,15 @@ class Engine:
                 if f.needs_stats:
                     stats = dict(margin=margin[part].view(g, L), entropy=entropy[part].view(g, L))
             if spec.edit is not None:  # LLaDA 2.1: rewrite decided positions first, then fill masks
-                self._edit(token[part].view(g, L), prob[part].view(g, L), slot_t[r0 : r0 + g],
-                           cols.view(-1, meta["width"])[r0 : r0 + g, :L], params[r0 : r0 + g, 0], spec)
+                # (each row's block width: bits 40-59 of its word; padding rows have width 0)
+                edit_tokens(self.canvas, token[part].view(g, L), prob[part].view(g, L),
+                            cols.view(-1, meta["width"])[r0 : r0 + g, :L], spec.edit, spec.mask_id,
+                            rows=slot_t[r0 : r0 + g], width=(params[r0 : r0 + g, 0] >> 40) & 0xFFFFF)
             self.decide(self.canvas, token[part].view(g, L), prob[part].view(g, L), block_start=0, k=0,
                         params=params[r0 : r0 + g], rows=slot_t[r0 : r0 + g], **stats, **kw)
             off += g * L
             r0 += g
         return self.canvas[slot_t[:, None], cols.view(-1, meta["width"])]
-
-    def _edit(self, token: torch.Tensor, prob: torch.Tensor, slots: torch.Tensor, cols: torch.Tensor,
-              words: torch.Tensor, spec: DecodeSpec) -> None:
-        """Token editing (``l2pd_kernels.reference.edit_tokens``) per row at its own block: every decided
-        position of the block (its width: bits 40-59 of its word) whose guess differs with probability above
-        ``spec.edit`` takes the guess. Plain tensor ops (graph-safe); padding rows have width 0."""
-        width = (words >> 40) & 0xFFFFF
-        inside = torch.arange(token.shape[1], device=token.device)[None] < width[:, None]
-        current = self.canvas[slots[:, None], cols]
-        change = inside & (current != spec.mask_id) & (token != current) & (prob > spec.edit)
-        self.canvas[slots[:, None], cols] = torch.where(change, token, current)
 
     def _sample(self, order: list[_Row], logits: torch.Tensor, token: torch.Tensor, prob: torch.Tensor) -> None:
         """Rows that sample redo their confidence alone, with ``generate``'s per-forward seed (batch 1)."""

@@ -573,14 +573,24 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
 
 
 def edit_tokens(canvas: torch.Tensor, token: torch.Tensor, prob: torch.Tensor, cols: torch.Tensor, threshold: float,
-                mask_id: int) -> torch.Tensor:
+                mask_id: int, rows: torch.Tensor | None = None, width: torch.Tensor | None = None) -> torch.Tensor:
     """LLaDA 2.1's token editing over the block ``canvas[:, cols]`` (``cols`` [L], a device tensor, so a captured
     graph can serve every block): every decided (non-mask) position whose current guess ``token`` [B, L] differs
     from the canvas with probability ``prob`` > ``threshold`` takes the guess. Updates ``canvas``; returns the
-    positions rewritten per row (int64 [B]). Plain tensor ops: the kernel path runs this too (graph-safe)."""
-    current = canvas.index_select(1, cols)
+    positions rewritten per row (int64 [B]). Plain tensor ops: the kernel path runs this too (graph-safe).
+    Per row (the engine): ``rows`` [B] the canvas rows, ``cols`` [B, L] each row's block, ``width`` [B] how many
+    of its L positions belong to the block (the rest are left alone)."""
+    if rows is None:
+        current = canvas.index_select(1, cols)
+    else:
+        current = canvas[rows[:, None], cols]
     change = (current != mask_id) & (token != current) & (prob > threshold)
-    canvas.index_copy_(1, cols, torch.where(change, token, current))
+    if width is not None:
+        change &= torch.arange(token.shape[1], device=token.device)[None] < width[:, None]
+    if rows is None:
+        canvas.index_copy_(1, cols, torch.where(change, token, current))
+    else:
+        canvas[rows[:, None], cols] = torch.where(change, token, current)
     return change.sum(-1)
 
 
