@@ -108,16 +108,17 @@ def profile_batch(model, fl: dict, B: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="1,64")
-    ap.add_argument("--weights", choices=("bf16", "fp8"), default="bf16", help="fp8: l2pd.quantize first")
+    ap.add_argument("--weights", choices=("bf16", "fp8", "w8a8"), default="bf16",
+                    help="fp8, w8a8: l2pd.quantize first")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model = build_model()
     pack_weights(model.model.transformer)  # as generate runs it
     fl = floors(model)
-    if args.weights == "fp8":  # the floor of the FP8 weights: their bytes and scales over the same copy rate
+    if args.weights != "bf16":  # the floor of the FP8 weights: their bytes and scales over the same copy rate
         import l2pd
 
-        l2pd.quantize(model, "fp8")
+        l2pd.quantize(model, args.weights)
         nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         fl["floor_ms_bf16"], fl["floor_ms"] = fl["floor_ms"], nbytes / fl["copy_GBps"] / 1e6
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "floors": fl,

@@ -2,6 +2,12 @@
 
     python benchmarks/skinny_configs.py --rows 32,64 --out runs/skinny_configs.json
     python benchmarks/skinny_configs.py --weights fp8 --rows 32,64,768,2048 --out runs/skinny_fp8.json
+    python benchmarks/skinny_configs.py --splits --rows 32 --out runs/skinny_split.json
+
+``--splits`` times the tiles around ``pick_config``'s with K shared by 1, 2, 4 or 8 programs per output tile
+(bf16, FP8 weights widened, e4m3 activations; LLaDA-8B's layers and LLaDA2.0-mini's), replayed from a CUDA graph
+that runs the product on enough distinct copies of the weight to overflow the L2 cache, back to back as in a
+step: no host cost, every weight from HBM.
 
 With ``--weights fp8`` the weights are e4m3 with per-channel scales (``l2pd.quantize``); the baselines are
 bf16 cuBLAS on the same shapes, the FP8 path of ``l2pd_kernels.linear_fp8`` as it stands, and ``linear_w8a8``,
@@ -23,6 +29,7 @@ import os
 import torch
 import torch.nn.functional as F
 import triton.testing
+from harness import device_ms
 
 from l2pd_kernels import silu_mul
 from l2pd_kernels.skinny import _launch, pick_config
@@ -98,12 +105,90 @@ def time_layer(layer: str, rows: int) -> dict:
     return row
 
 
+MINI_LAYERS = {"mini_qkv": (3072, 2048), "mini_out": (2048, 2048), "mini_head": (157184, 2048)}
+
+
+def time_splits(layer: str, rows: int, kind: str) -> dict:
+    """Per (tile, split): microseconds per product, from a graph over copies of the weight (>= 256 MB)."""
+    from l2pd_kernels import quantize_rows
+    from l2pd_kernels.reference import quantize_fp8
+    from l2pd_kernels.skinny import _launch, pick_config_fp8, pick_split
+
+    n, k = {**LAYERS, **MINI_LAYERS}[layer]
+    gate = layer == "gate_up"
+    n_out = n // 2 if gate else n
+    copies = max(1, -(-(256 << 20) // (n * k * (2 if kind == "bf16" else 1))))
+    x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+    kw: dict = {}
+    if kind != "bf16":
+        ws, scales = zip(*[quantize_fp8(w) for w in ws])
+        kw["scale"] = scales[0]
+        if kind == "a8":
+            x, kw["x_scale"] = quantize_rows(x)
+    pick = pick_config(rows, n_out, k, gate) if kind == "bf16" else pick_config_fp8(rows, n_out, k, gate, kind == "a8")
+    out = torch.empty(rows, n_out, device="cuda", dtype=torch.bfloat16)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    row = {"pick": str(pick), "copies": copies, "MB": n * k * (2 if kind == "bf16" else 1) / 1e6, "us": {}}
+    if kind == "bf16":
+        want = F.linear(x, ws[-1]).float()
+    else:
+        xf = x.float() * kw["x_scale"][:, None] if kind == "a8" else x.float()
+        want = xf @ (ws[-1].float() * kw["scale"][:, None]).T
+    if gate:
+        want = F.silu(want[:, :n_out]) * want[:, n_out:]
+    row["max_rel_err"] = 0.0
+    for bn in sorted({pick[0], 64 if pick[0] != 64 else 128}):
+        cfg = (bn, *pick[1:])
+        tiles, steps = -(-n_out // bn), -(-k // cfg[1])
+        row["rule"] = row.get("rule") or {}
+        row["rule"][str(cfg)] = pick_split(tiles, steps, sms)
+        for split in (1, 2, 4, 8):
+            def body(cfg=cfg, split=split):
+                for w in ws:
+                    _launch(x, w, out, n_out, gate, cfg, split=split, **kw)
+            try:
+                body()
+                torch.cuda.synchronize()
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    body()
+                ms = device_ms(g.replay, iters=20)
+                err = float((out.float() - want).abs().max() / want.abs().max())  # the replayed graph's result
+                row["max_rel_err"] = max(row["max_rel_err"], err)
+            except Exception as e:  # a tile that needs more shared memory than the GPU has
+                row["us"][f"{cfg} x{split}"] = repr(e)[:120]
+                continue
+            row["us"][f"{cfg} x{split}"] = 1e3 * ms / copies
+    return row
+
+
+def splits_main(rows_list: list[int], out: str | None) -> None:
+    res = {"device": torch.cuda.get_device_name(), "rows": {}}
+    for rows in rows_list:
+        for kind in ("bf16", "a8", "fp8"):
+            for layer in (*LAYERS, *MINI_LAYERS):
+                if kind == "fp8" and layer.startswith("mini"):
+                    continue
+                row = time_splits(layer, rows, kind)
+                res["rows"][f"{kind} {layer}@{rows}"] = row
+                times = {c: t for c, t in row["us"].items() if isinstance(t, float)}
+                top = sorted(times.items(), key=lambda kv: kv[1])[:3]
+                base = times.get(f"{row['pick']} x1", float("nan"))
+                print(f"{kind:4s} {layer:9s} {rows:3d}  {row['MB']:6.1f} MB  pick x1 {base:7.1f} us "
+                      f"({row['MB'] / base:.2f} TB/s)  best: " + ", ".join(f"{c} {t:.1f}" for c, t in top), flush=True)
+                _save(out, res)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="32,64")
     ap.add_argument("--weights", choices=("bf16", "fp8"), default="bf16")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--splits", action="store_true", help="time split-K against the tiles around the picked one")
     args = ap.parse_args()
+    if args.splits:
+        return splits_main([int(r) for r in args.rows.split(",")], args.out)
     res = {"device": torch.cuda.get_device_name(), "rows": {}}
     for rows in (int(r) for r in args.rows.split(",")):
         for layer in LAYERS:

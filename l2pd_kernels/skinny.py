@@ -40,18 +40,20 @@ def _mac(acc, xt, wt, SWAP: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                   GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                   FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
+                   stride_wn, stride_om, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                   UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
+                   SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m = tl.program_id(1)
+    k_lo = tl.program_id(2) * K_SPLIT  # this program's share of K (all of it without a split)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm[:, None] < M
     n_ok = rn[:, None] < N
-    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :]
-    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
+    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_lo + rk)[None, :]
+    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
     u_ptrs = w_ptrs + N * stride_wn  # the up half of a packed [gate; up] weight
     if SWAP:  # out.T = w @ x.T: the weight slice is the tensor cores' wide operand (their M is 64 or more)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -59,7 +61,7 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, M, N, K, stride_xm, str
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
+    for k in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
         if EVEN_K:
             xt = tl.load(x_ptrs, mask=m_ok, other=0.0)
             wt = tl.load(w_ptrs, mask=n_ok, other=0.0)
@@ -89,6 +91,38 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, M, N, K, stride_xm, str
     if SWAP:
         acc = tl.trans(acc)
         acc_u = tl.trans(acc_u)
+    tile_ok = m_ok & (rn[None, :] < N)
+    if SPLIT == 1:
+        _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8)
+    else:
+        # split K: each program leaves its fp32 partial; the last of a tile's SPLIT programs to arrive sums
+        # them in split order (the same bits whichever arrives last), resets the tile's counter for the next
+        # launch and writes the output
+        tile = pid_m * tl.num_programs(0) + pid_n
+        offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+        mn = M * N
+        plane = mn * 2 if GATE else mn
+        part = part_ptr + tl.program_id(2).to(tl.int64) * plane + offs
+        tl.store(part, acc, mask=tile_ok)
+        if GATE:
+            tl.store(part + mn, acc_u, mask=tile_ok)
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLIT):
+                base = part_ptr + s * plane + offs
+                acc += tl.load(base, mask=tile_ok, other=0.0, cache_modifier=".cg")
+                if GATE:
+                    acc_u += tl.load(base + mn, mask=tile_ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+            _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8)
+
+
+@triton.jit
+def _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE: tl.constexpr,
+              FP8: tl.constexpr, A8: tl.constexpr):
+    """Scales (FP8 channel, e4m3 row), rounding to the output dtype, the SiLU gate, the store."""
     dt = out_ptr.dtype.element_ty
     if FP8:
         n_in = rn < N
@@ -106,7 +140,7 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, M, N, K, stride_xm, str
         s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         res = (s * acc_u.to(dt).to(tl.float32)).to(dt)
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    tl.store(out_ptrs, res, mask=m_ok & (rn[None, :] < N))
+    tl.store(out_ptrs, res, mask=tile_ok)
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -176,7 +210,51 @@ def _fit(bm: int, bn: int, bk: int, stages: int, gate: bool, elsize: int, limit:
     return bk, stages
 
 
-def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None):
+_counters: dict[int, torch.Tensor] = {}
+MAX_TILES = 1 << 15  # counters per device: the most (N tile, M tile) pairs a split product may have
+
+
+def _tile_counters(device: torch.device) -> torch.Tensor | None:
+    """The device's split-K arrival counters (int32, zero between launches: the last program of a tile resets
+    its own); None while a CUDA graph is being captured before any exist (a capture must not allocate them)."""
+    key = -1 if device.type != "cuda" else (device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _counters[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _counters[key]
+
+
+_sms: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sms:
+        _sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sms[idx]
+
+
+def pick_split(tiles: int, k_steps: int, sms: int) -> int:
+    """How many programs share one output tile's K (``benchmarks/skinny_configs.py --splits``): enough that
+    the programs fill the SMs evenly, each still running a pipeline of at least 4 K steps."""
+    if SPLIT_K > 0:
+        return max(1, min(SPLIT_K, k_steps))
+    if tiles >= 2 * sms:
+        return 1
+    split = 1
+    while tiles * split * 2 <= 4 * sms and k_steps // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
+# 0: the rule of ``pick_split``; n > 0: every product splits K n ways
+SPLIT_K = int(os.environ.get("L2PD_SKINNY_SPLIT", "0"))
+
+
+def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None, split=None):
     M, K = x2.shape
     a8 = x_scale is not None
     bn, bk, warps, stages = cfg or (pick_config_fp8(M, n_out, K, gate, a8) if scale is not None else
@@ -184,14 +262,25 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     bm = max(16, triton.next_power_of_2(min(M, 64)))
     if cfg is None:
         bk, stages = _fit(bm, bn, bk, stages, gate, x2.element_size(), _smem_bytes(x2.device))
-    grid = (triton.cdiv(n_out, bn), triton.cdiv(M, bm))
-    _skinny_kernel[grid](x2, w, w if scale is None else scale, w if x_scale is None else x_scale, out, M, n_out,
-                         K, x2.stride(0), w.stride(0), out.stride(0), GATE=gate, EVEN_K=K % bk == 0,
-                         IEEE=x2.dtype == torch.float32 or _INTERPRET,
-                         UPCAST=_INTERPRET and (x2.dtype == torch.bfloat16 or a8),  # no fp8 dot on the CPU
-                         FP8=scale is not None, A8=a8, SWAP=_swap(a8) if swap is None else swap, BLOCK_M=bm,
-                         BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-                         num_stages=stages)
+    grid_n, grid_m = triton.cdiv(n_out, bn), triton.cdiv(M, bm)
+    k_steps = triton.cdiv(K, bk)
+    if split is None:
+        split = pick_split(grid_n * grid_m, k_steps, _sm_count(x2.device))
+    split = max(1, min(split, k_steps))
+    counters = _tile_counters(x2.device) if split > 1 and grid_n * grid_m <= MAX_TILES else None
+    if counters is None:
+        split = 1
+    k_split = triton.cdiv(k_steps, split) * bk  # whole K steps per program
+    split = triton.cdiv(K, k_split)  # no program without K
+    part = out if split == 1 else torch.empty(split * (2 if gate else 1) * M * n_out, dtype=torch.float32,
+                                              device=x2.device)
+    _skinny_kernel[(grid_n, grid_m, split)](
+        x2, w, w if scale is None else scale, w if x_scale is None else x_scale, out, part,
+        out if counters is None else counters, M, n_out, K, k_split, x2.stride(0), w.stride(0), out.stride(0),
+        GATE=gate, EVEN_K=K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
+        UPCAST=_INTERPRET and (x2.dtype == torch.bfloat16 or a8),  # no fp8 dot on the CPU
+        FP8=scale is not None, A8=a8, SWAP=_swap(a8) if swap is None else swap, SPLIT=split, BLOCK_M=bm,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

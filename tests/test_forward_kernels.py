@@ -162,6 +162,66 @@ def test_gate_up_silu_matches_reference(dtype, rows, f, k, swap, monkeypatch):
     torch.testing.assert_close(got, ref.linear_gate_up_silu(x, w), **tol)
 
 
+@pytest.mark.parametrize("kind", ["bf16", "fp32-gate", "fp16-gate", "fp8", "a8"])
+@pytest.mark.parametrize("rows,n,k,split", [(5, 37, 300, 3), (17, 64, 520, 2), (1, 19, 96, 4)])
+def test_skinny_split_k_matches_reference(kind, rows, n, k, split):
+    """K shared by ``split`` programs per tile (the last to arrive sums the partials): the reference result,
+    the unsplit kernel's within the fp32 sums' order, and every tile counter back at zero for the next launch."""
+    from l2pd_kernels import skinny
+
+    gate = kind.endswith("gate")
+    dtype = {"fp32-gate": torch.float32, "fp16-gate": torch.float16}.get(kind, torch.bfloat16)
+    x = torch.randn(rows, k, device=DEV).to(dtype)
+    w = (torch.randn((2 if gate else 1) * n, k, device=DEV) * 2 / k**0.5).to(dtype)
+    kw, want = {}, None
+    if kind in ("fp8", "a8"):
+        w, scale = ref.quantize_fp8(w.float())
+        kw["scale"] = scale
+        want = ref.linear_fp8(x, w, scale)
+        if kind == "a8":  # e4m3 activations with their row scales
+            want = ref.linear_w8a8(x, w, scale)
+            x, kw["x_scale"] = ref.quantize_rows_fp8(x)
+    elif gate:
+        want = ref.linear_gate_up_silu(x, w)
+    else:
+        want = _exact_linear(x, w)
+    outs = []
+    for s in (1, split):
+        out = torch.empty(rows, n, device=DEV, dtype=dtype)
+        skinny._launch(x, w, out, n, gate, cfg=(16, 32, 4, 2), split=s, **kw)
+        outs.append(out)
+    tol = {key: 2 * v for key, v in MM_TOL[dtype].items()} if gate or kind == "a8" else MM_TOL[dtype]
+    torch.testing.assert_close(outs[1], want, **tol)
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    assert int(skinny._tile_counters(x.device).abs().sum()) == 0
+
+
+def test_skinny_split_k_through_the_public_calls(monkeypatch):
+    """``L2PD_SKINNY_SPLIT`` (``SPLIT_K``) reaches ``skinny_matmul`` and ``gate_up_silu`` with their own tiles."""
+    from l2pd_kernels import gate_up_silu, skinny, skinny_matmul
+
+    monkeypatch.setattr(skinny, "SPLIT_K", 2)
+    x = torch.randn(3, 600, device=DEV).to(torch.bfloat16)
+    w = (torch.randn(2 * 21, 600, device=DEV) / 600**0.5).to(torch.bfloat16)
+    torch.testing.assert_close(skinny_matmul(x, w), _exact_linear(x, w), **MM_TOL[torch.bfloat16])
+    tol = {key: 2 * v for key, v in TOL[torch.bfloat16].items()}
+    torch.testing.assert_close(gate_up_silu(x, w), ref.linear_gate_up_silu(x, w), **tol)
+    assert skinny.pick_split(4, 3, 132) == 2
+
+
+def test_pick_split_fills_the_sms():
+    from l2pd_kernels import skinny
+
+    if skinny.SPLIT_K:
+        pytest.skip("L2PD_SKINNY_SPLIT set")
+    assert skinny.pick_split(400, 32, 132) == 1  # enough tiles already
+    assert skinny.pick_split(96, 32, 132) > 1  # q/k/v in 128-column tiles
+    assert skinny.pick_split(96, 4, 132) == 1  # too few K steps to share
+    for tiles, steps in ((1, 64), (32, 16), (96, 32), (128, 48)):
+        split = skinny.pick_split(tiles, steps, 132)
+        assert steps // split >= 4 and tiles * split <= 4 * 132
+
+
 def test_skinny_matmul_rejects_bad_input():
     from l2pd_kernels import gate_up_silu, skinny_matmul
 
