@@ -9,7 +9,8 @@ experts (the fused MoE kernel reads bf16; FP8 experts are not done). Each quanti
 a float8_e4m3fn buffer beside a ``weight_scale`` buffer: the decoder multiplies through
 ``l2pd_kernels.linear_fp8`` (the few-row kernel reads the FP8 bytes and widens them in registers), and
 ``state_dict`` holds both. Quantizing drops the bf16 copies (and the packed q/k/v and gate/up buffers), so the
-model's weight bytes halve.
+model's weight bytes halve; the next decode packs the e4m3 q/k/v and gate/up again, with their scales (one
+row quantization and one product for q/k/v, one for gate/up with the SiLU gate in its epilogue).
 """
 
 from __future__ import annotations

@@ -121,3 +121,25 @@ def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.
     from .reference import linear_w8a8 as plain
 
     return plain(x, w, scale)
+
+
+def linear_gate_up_silu_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, a8: bool = False) -> torch.Tensor:
+    """``silu(x @ gate.T) * (x @ up.T)`` for a packed e4m3 ``w = cat([gate, up])`` [2F, K] and its scales [2F]
+    (``reference.linear_gate_up_silu_fp8``): up to ``MAX_ROWS`` rows one skinny launch computes both halves
+    and the gate (``a8``: against e4m3 activations); above, the FP8 product, then ``silu_mul``."""
+    x2 = _check(x, w, scale)
+    if w.shape[0] % 2:
+        raise ValueError(f"a packed [gate; up] weight has an even number of rows, got {w.shape[0]}")
+    rows, f = x2.shape[0], w.shape[0] // 2
+    if not _few_rows(x, rows):
+        from .silu_mul import silu_mul
+
+        gate, up = (linear_w8a8 if a8 else linear_fp8)(x, w, scale).chunk(2, -1)
+        return silu_mul(gate, up)
+    out = torch.empty(rows, f, dtype=x.dtype, device=x.device)
+    if a8:
+        q, qs = quantize_rows(x2)
+        _launch(q, w, out, f, True, scale=scale, x_scale=qs)
+    else:
+        _launch(x2, w, out, f, True, scale=scale)
+    return out.view(*x.shape[:-1], f)

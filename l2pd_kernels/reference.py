@@ -612,6 +612,13 @@ def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.T
     return ((x.float() @ w.float().T) * scale).to(x.dtype)
 
 
+def linear_gate_up_silu_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, a8: bool = False) -> torch.Tensor:
+    """``linear_gate_up_silu`` for a packed e4m3 ``w = cat([gate, up])`` with its scales: both halves from
+    ``linear_fp8`` (``a8``: ``linear_w8a8``), each rounded to x's dtype, then ``silu_mul``."""
+    gate, up = (linear_w8a8 if a8 else linear_fp8)(x, w, scale).chunk(2, -1)
+    return silu_mul(gate, up)
+
+
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 x [M, K], fp32 scales [M]) for x [..., K] as rows: each row divided by its largest magnitude over
     448 (scale 1 for an all-zero row), rounded to nearest."""

@@ -147,31 +147,34 @@ def _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_
 DEFAULT_CONFIG = (32, 128, 4, 4)
 
 
-def pick_config(rows: int, n: int, k: int, gate: bool) -> tuple[int, int, int, int]:
-    """The tile for a product of ``rows`` x ``k`` by ``n`` output columns (per half for ``gate``).
+def pick_config(rows: int, n: int, k: int, gate: bool, device: str = "") -> tuple[int, int, int, int]:
+    """The tile for a product of ``rows`` x ``k`` by ``n`` output columns (per half for ``gate``) on the GPU
+    named ``device``.
 
-    From ``benchmarks/skinny_configs.py`` on an H100 at 32 and 64 rows (cold weights), each choice within 1%
-    of the best candidate: narrow outputs (LLaDA-8B's out and down projections, 4096 columns) want one
-    32-column slice per SM and long K steps; wide ones (q/k/v, the LM head) 128-column slices; the gated
-    product, which streams two weights per program, 16-column slices and a shallower pipeline.
+    From ``benchmarks/skinny_configs.py``: on an H100 at 32 and 64 rows (cold weights, each choice within 1% of
+    the best candidate) narrow outputs (LLaDA-8B's out and down projections, 4096 columns) want one 32-column
+    slice per SM and long K steps; wide ones (q/k/v, the LM head) 128-column slices; the gated product, which
+    streams two weights per program, 16-column slices and a shallower pipeline. On an H200 (``--splits``,
+    replayed from graphs) the gated product and q/k/v run faster in 64-column slices (54 us against 60 us for
+    LLaDA-8B's gate/up); devices not measured take the H200's tiles.
     """
+    older = "H100" in device or "A100" in device
     if gate:
-        return (16, 128, 4, 3)
+        return (16, 128, 4, 3) if older else (64, 128, 4, 3)
     if n <= 8192:
         return (32, 256, 4, 4)
-    return (128, 128, 4, 4)
+    return (128, 128, 4, 4) if older or n > 65536 else (64, 128, 4, 4)
 
 
 def pick_config_fp8(rows: int, n: int, k: int, gate: bool, a8: bool = False) -> tuple[int, int, int, int]:
-    """The tile for FP8 weights (``benchmarks/skinny_configs.py --weights fp8`` on an H200 at 32 rows, cold
-    weights), widened in registers or (``a8``) against e4m3 activations, which take longer K steps."""
+    """The tile for FP8 weights (``benchmarks/skinny_configs.py --weights fp8`` and ``--splits`` on an H200 at
+    32 rows), widened in registers or (``a8``) against e4m3 activations, which take longer K steps; an LM head's
+    many columns in 128-column slices (a8: 136 us against 145 for LLaDA-8B's)."""
     if a8:
+        if n > 65536:
+            return (128, 256, 4, 4)
         return (64, 512, 8, 4) if n <= 8192 else (64, 256, 4, 4)
-    if gate:
-        return (64, 256, 4, 3)
-    if n <= 8192:
-        return (16, 256, 4, 3)
-    return (64, 256, 4, 3)
+    return (64, 256, 4, 3)  # with K split across programs (``pick_split``)
 
 
 # which products run transposed (w @ x.T): "a8" (e4m3 activations), "all" or "none"
@@ -225,28 +228,43 @@ def _tile_counters(device: torch.device) -> torch.Tensor | None:
     return _counters[key]
 
 
-_sms: dict[int, int] = {}
+_props: dict[int, tuple[int, str]] = {}
+
+
+def _device_props(device: torch.device) -> tuple[int, str]:
+    """(SM count, name) of a CUDA device, read once; an H100's for the interpreter."""
+    if device.type != "cuda":
+        return 132, ""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _props:
+        props = torch.cuda.get_device_properties(idx)
+        _props[idx] = (props.multi_processor_count, props.name)
+    return _props[idx]
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _sms:
-        _sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _sms[idx]
+    return _device_props(device)[0]
 
 
-def pick_split(tiles: int, k_steps: int, sms: int) -> int:
-    """How many programs share one output tile's K (``benchmarks/skinny_configs.py --splits``): enough that
-    the programs fill the SMs evenly, each still running a pipeline of at least 4 K steps."""
+def _device_name(device: torch.device) -> str:
+    return _device_props(device)[1]
+
+
+def pick_split(tiles: int, k_steps: int, sms: int, widened: bool = False, a8: bool = False) -> int:
+    """How many programs share one output tile's K (``benchmarks/skinny_configs.py --splits``, an H200 at 32
+    rows, replayed from graphs). bf16 products: none (each program already streams at the SM's rate; the
+    partials cost more than the balance gains). e4m3 weights widened in registers are bound by the widening, so
+    more programs help: up to 4 per SM, each keeping at least 4 K steps (LLaDA-8B's down projection 28 us
+    against 42). e4m3 activations: 2 for outputs of at most half an SM each with 16 K steps or more (down:
+    18.5 us against 20.1)."""
     if SPLIT_K > 0:
         return max(1, min(SPLIT_K, k_steps))
-    if tiles >= 2 * sms:
-        return 1
     split = 1
-    while tiles * split * 2 <= 4 * sms and k_steps // (split * 2) >= 4:
-        split *= 2
+    if widened:
+        while tiles * split * 2 <= 4 * sms and k_steps // (split * 2) >= 4:
+            split *= 2
+    elif a8 and 2 * tiles <= sms and k_steps >= 16:
+        split = 2
     return split
 
 
@@ -258,14 +276,14 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     M, K = x2.shape
     a8 = x_scale is not None
     bn, bk, warps, stages = cfg or (pick_config_fp8(M, n_out, K, gate, a8) if scale is not None else
-                                    pick_config(M, n_out, K, gate))
+                                    pick_config(M, n_out, K, gate, _device_name(x2.device)))
     bm = max(16, triton.next_power_of_2(min(M, 64)))
     if cfg is None:
         bk, stages = _fit(bm, bn, bk, stages, gate, x2.element_size(), _smem_bytes(x2.device))
     grid_n, grid_m = triton.cdiv(n_out, bn), triton.cdiv(M, bm)
     k_steps = triton.cdiv(K, bk)
     if split is None:
-        split = pick_split(grid_n * grid_m, k_steps, _sm_count(x2.device))
+        split = pick_split(grid_n * grid_m, k_steps, _sm_count(x2.device), scale is not None and not a8, a8)
     split = max(1, min(split, k_steps))
     counters = _tile_counters(x2.device) if split > 1 and grid_n * grid_m <= MAX_TILES else None
     if counters is None:

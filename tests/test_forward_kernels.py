@@ -206,19 +206,20 @@ def test_skinny_split_k_through_the_public_calls(monkeypatch):
     torch.testing.assert_close(skinny_matmul(x, w), _exact_linear(x, w), **MM_TOL[torch.bfloat16])
     tol = {key: 2 * v for key, v in TOL[torch.bfloat16].items()}
     torch.testing.assert_close(gate_up_silu(x, w), ref.linear_gate_up_silu(x, w), **tol)
-    assert skinny.pick_split(4, 3, 132) == 2
 
 
-def test_pick_split_fills_the_sms():
+def test_pick_split_rule():
     from l2pd_kernels import skinny
 
     if skinny.SPLIT_K:
         pytest.skip("L2PD_SKINNY_SPLIT set")
-    assert skinny.pick_split(400, 32, 132) == 1  # enough tiles already
-    assert skinny.pick_split(96, 32, 132) > 1  # q/k/v in 128-column tiles
-    assert skinny.pick_split(96, 4, 132) == 1  # too few K steps to share
+    assert skinny.pick_split(96, 32, 132) == 1  # bf16: never
+    assert skinny.pick_split(64, 48, 132, widened=True) == 8  # widened e4m3, down projection: 8 x 64 programs
+    assert skinny.pick_split(192, 16, 132, widened=True) == 2
+    assert skinny.pick_split(1976, 16, 132, widened=True) == 1  # the LM head fills the SMs alone
+    assert skinny.pick_split(64, 24, 132, a8=True) == 2 and skinny.pick_split(64, 4, 132, a8=True) == 1
     for tiles, steps in ((1, 64), (32, 16), (96, 32), (128, 48)):
-        split = skinny.pick_split(tiles, steps, 132)
+        split = skinny.pick_split(tiles, steps, 132, widened=True)
         assert steps // split >= 4 and tiles * split <= 4 * 132
 
 

@@ -127,3 +127,51 @@ def test_quantized_model_decodes_with_its_filter_and_close_logits():
     assert not bool((out.sequences[:, 9:] == MASK).any())
     with pytest.raises(ValueError, match="kind"):
         l2pd.quantize(model, "int4")
+
+
+@kernels
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["fp8", "w8a8"])
+def test_packed_fp8_weights_same_logits_as_unpacked(kind):
+    """Quantized q/k/v and gate/up pack with their scales (one product each, the gate in the kernel's epilogue):
+    the same logits as the separate products, with the kernels and with the reference ops."""
+    from l2pd.models.decoder import _packed, pack_layers, unpack_layers
+    from l2pd.models.llada import llada_forward
+
+    model = tiny_model(seed=5)
+    l2pd.quantize(model, kind)
+    tf, ids = model.model.transformer, torch.randint(0, 58, (1, 11))
+    layers = l2pd.models.adapter_for(model).decoder.layers
+    separate = {fused: llada_forward(tf, model.config, ids, fused=fused) for fused in (False, True)}
+    assert pack_layers(layers, cpu=True)
+    blk = layers[0]
+    qkv = _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])
+    assert qkv is not None and qkv.dtype == torch.float8_e4m3fn and vars(blk.owner)["_l2pd_qkv_scale"].shape == (
+        qkv.shape[0],)
+    for fused in (False, True):
+        packed = llada_forward(tf, model.config, ids, fused=fused)
+        # one rounding step of the activations apart at most (the gate and up halves rounded in another order)
+        torch.testing.assert_close(packed, separate[fused], rtol=1e-4, atol=1e-4)
+    blk.q.weight_scale.data = blk.q.weight_scale.clone()  # a scale no longer a view: not used packed
+    assert _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v]) is None
+    unpack_layers(layers)
+    assert "_l2pd_qkv" not in vars(blk.owner) and "_l2pd_qkv_scale" not in vars(blk.owner)
+    torch.testing.assert_close(llada_forward(tf, model.config, ids, fused=False), separate[False])
+
+
+@kernels
+@pytest.mark.parametrize("a8", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,f,k", [(1, 8, 32), (5, 37, 100)])
+def test_linear_gate_up_silu_fp8_matches_reference(a8, dtype, rows, f, k):
+    from l2pd_kernels import linear_gate_up_silu_fp8
+
+    x = torch.randn(rows, k, device=DEV).to(dtype)
+    w8, scale = ref.quantize_fp8(torch.randn(2 * f, k, device=DEV) * 2 / k**0.5)
+    got = linear_gate_up_silu_fp8(x, w8, scale, a8=a8)
+    want = ref.linear_gate_up_silu_fp8(x, w8, scale, a8=a8)
+    assert got.shape == (rows, f) and got.dtype == dtype
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=4e-2, atol=3e-2)
+    torch.testing.assert_close(got, want, **tol)
+    with pytest.raises(ValueError, match="even"):
+        linear_gate_up_silu_fp8(x, w8[:-1], scale[:-1])

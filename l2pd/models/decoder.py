@@ -117,25 +117,36 @@ def _groups(layer: "Layer") -> tuple:
     return tuple(g for g in groups if all(m is not None for m in g[1]))  # a fused q/k/v, a MoE without shared expert
 
 
-def pack_layers(layers: list["Layer"]) -> bool:
-    """``pack_weights`` over any ``Decoder``'s layers."""
+def pack_layers(layers: list["Layer"], cpu: bool = False) -> bool:
+    """``pack_weights`` over any ``Decoder``'s layers; e4m3 weights (``l2pd.quantize``) pack with their scales.
+    ``cpu``: pack CPU weights too (tests; safetensors refuses to save CPU tensors that share storage)."""
     done = True
     for layer in layers:
         for attr, mods in _groups(layer):
             if _packed(layer.owner, attr, mods) is not None:
                 continue
             ws = [m.weight for m in mods]
-            if ws[0].device.type != "cuda" or any(getattr(m, "bias", None) is not None for m in mods) or any(
-                    w.dtype != ws[0].dtype or w.dtype == torch.float8_e4m3fn for w in ws):  # FP8: per-module scales
+            fp8 = ws[0].dtype == torch.float8_e4m3fn
+            if (ws[0].device.type != "cuda" and not cpu) or any(getattr(m, "bias", None) is not None for m in mods) \
+                    or any(w.dtype != ws[0].dtype for w in ws) \
+                    or (fp8 and any(getattr(m, "weight_scale", None) is None for m in mods)):
                 done = False
                 continue
-            buf = torch.cat([w.detach() for w in ws])
-            row = 0
-            for m, w in zip(mods, ws):
-                m.weight.data = buf[row : row + w.shape[0]]
-                row += w.shape[0]
-            object.__setattr__(layer.owner, attr, buf)  # a plain attribute: not a parameter, not in the state dict
+            object.__setattr__(layer.owner, attr, _share(mods, "weight"))  # plain attributes: not in the state dict
+            if fp8:  # one fp32 scale per output channel, packed the same way
+                object.__setattr__(layer.owner, attr + "_scale", _share(mods, "weight_scale"))
     return done
+
+
+def _share(mods: list[nn.Module], name: str) -> torch.Tensor:
+    """One buffer of the modules' tensors ``name`` stacked by rows, each module's tensor becoming its view."""
+    buf = torch.cat([getattr(m, name).detach() for m in mods])
+    row = 0
+    for m in mods:
+        t = getattr(m, name)
+        t.data = buf[row : row + t.shape[0]]
+        row += t.shape[0]
+    return buf
 
 
 def unpack_layers(layers: list["Layer"]) -> None:
@@ -144,20 +155,35 @@ def unpack_layers(layers: list["Layer"]) -> None:
             if vars(layer.owner).pop(attr, None) is not None:
                 for m in mods:
                     m.weight.data = m.weight.detach().clone()
+            if vars(layer.owner).pop(attr + "_scale", None) is not None:
+                for m in mods:
+                    m.weight_scale.data = m.weight_scale.detach().clone()
 
 
 def _packed(block: nn.Module, attr: str, mods: list[nn.Module]) -> torch.Tensor | None:
-    """The packed buffer if every weight is still its view (a ``.to()`` or reassignment breaks the link)."""
+    """The packed buffer if every weight (and, for e4m3 weights, every scale) is still its view (a ``.to()``, a
+    reassignment or ``l2pd.quantize`` breaks the link)."""
     buf = vars(block).get(attr)
-    if buf is None:
+    if buf is None or (buf.dtype == torch.float8_e4m3fn and _packed_scale(block, attr, mods) is None):
         return None
+    return buf if _views(buf, [m.weight for m in mods]) else None
+
+
+def _packed_scale(block: nn.Module, attr: str, mods: list[nn.Module]) -> torch.Tensor | None:
+    """The packed per-channel scales of packed e4m3 weights, if every module's scale is still their view."""
+    buf = vars(block).get(attr + "_scale")
+    if buf is None or any(getattr(m, "weight_scale", None) is None for m in mods):
+        return None
+    return buf if _views(buf, [m.weight_scale for m in mods]) else None
+
+
+def _views(buf: torch.Tensor, parts: list[torch.Tensor]) -> bool:
     row = 0
-    for m in mods:
-        w = m.weight
-        if w.data_ptr() != buf[row].data_ptr() or w.dtype != buf.dtype:
-            return None
-        row += w.shape[0]
-    return buf if row == buf.shape[0] else None
+    for t in parts:
+        if row >= buf.shape[0] or t.data_ptr() != buf[row].data_ptr() or t.dtype != buf.dtype:
+            return False
+        row += t.shape[0]
+    return row == buf.shape[0]
 
 
 @dataclass
@@ -290,7 +316,7 @@ def decoder_forward(
         if blk.qkv is not None:  # a fused projection (LLaDA 2.x); q, k, v are column slices
             q, k, v = _lin(ops, h, blk.qkv).split(widths, -1)
         elif (qkv := _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])) is not None:  # one matmul
-            q, k, v = ops.linear(h, qkv).split(widths, -1)
+            q, k, v = _packed_linear(ops, h, qkv, blk, "_l2pd_qkv", [blk.q, blk.k, blk.v]).split(widths, -1)
         else:
             q, k, v = _proj(ops, h, blk.q), _proj(ops, h, blk.k), _proj(ops, h, blk.v)
         q = q.view(bsz, seq, n_heads, head_dim)
@@ -331,9 +357,21 @@ def decoder_forward(
     return logits
 
 
+def _packed_linear(ops: Any, h: torch.Tensor, buf: torch.Tensor, blk: Layer, attr: str,
+                   mods: list[nn.Module]) -> torch.Tensor:
+    """The product with a packed weight: e4m3 ones with their packed scales, as their modules multiply."""
+    if buf.dtype == torch.float8_e4m3fn:
+        return _fp8(ops, mods[0])(h, buf, _packed_scale(blk.owner, attr, mods))
+    return ops.linear(h, buf)
+
+
 def _mlp(ops: Any, h: torch.Tensor, blk: Layer) -> torch.Tensor:
-    gate_up = _packed(blk.owner, "_l2pd_gate_up", [blk.gate, blk.up])
-    if gate_up is not None:  # silu(gate) * up straight from the packed matmul
+    mods = [blk.gate, blk.up]
+    gate_up = _packed(blk.owner, "_l2pd_gate_up", mods)
+    if gate_up is not None and gate_up.dtype == torch.float8_e4m3fn:
+        act = ops.linear_gate_up_silu_fp8(h, gate_up, _packed_scale(blk.owner, "_l2pd_gate_up", mods),
+                                          a8=getattr(blk.gate, "l2pd_w8a8", False))
+    elif gate_up is not None:  # silu(gate) * up straight from the packed matmul
         act = ops.linear_gate_up_silu(h, gate_up)
     else:
         act = ops.silu_mul(_proj(ops, h, blk.gate), _proj(ops, h, blk.up))
