@@ -119,6 +119,7 @@ def main() -> None:
         import l2pd
 
         l2pd.quantize(model, args.weights)
+        pack_weights(model.model.transformer)  # e4m3 q/k/v and gate/up with their scales, as generate runs them
         nbytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         fl["floor_ms_bf16"], fl["floor_ms"] = fl["floor_ms"], nbytes / fl["copy_GBps"] / 1e6
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "floors": fl,

@@ -103,15 +103,16 @@ def _scaled_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device) >= (8, 9)
 
 
-def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ (w * scale[:, None]).T`` with x quantized per row to e4m3 first (``reference.linear_w8a8``),
-    in x's dtype (fp32 activations are refused by cuBLAS FP8 only on its path: they go through the kernel
-    or the reference)."""
+def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``x @ (w * scale[:, None]).T`` with x quantized per row to e4m3 first (``reference.linear_w8a8``; ``xq``:
+    that quantization, already made, as ``rms_norm_fp8`` leaves it), in x's dtype (fp32 activations are refused
+    by cuBLAS FP8 only on its path: they go through the kernel or the reference)."""
     x2 = _check(x, w, scale)
     rows, n = x2.shape[0], w.shape[0]
     few = _few_rows(x, rows)
     if few or (rows and _scaled_mm_ok(x, w) and x.dtype != torch.float32):
-        q, qs = quantize_rows(x2)
+        q, qs = quantize_rows(x2) if xq is None else xq
         if few:
             out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
             _launch(q, w, out, n, False, scale=scale, x_scale=qs)
@@ -120,13 +121,15 @@ def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.
         return out.view(*x.shape[:-1], n)
     from .reference import linear_w8a8 as plain
 
-    return plain(x, w, scale)
+    return plain(x, w, scale, xq)
 
 
-def linear_gate_up_silu_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, a8: bool = False) -> torch.Tensor:
+def linear_gate_up_silu_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, a8: bool = False,
+                            xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``silu(x @ gate.T) * (x @ up.T)`` for a packed e4m3 ``w = cat([gate, up])`` [2F, K] and its scales [2F]
     (``reference.linear_gate_up_silu_fp8``): up to ``MAX_ROWS`` rows one skinny launch computes both halves
-    and the gate (``a8``: against e4m3 activations); above, the FP8 product, then ``silu_mul``."""
+    and the gate (``a8``: against e4m3 activations, ``xq`` if already quantized); above, the FP8 product, then
+    ``silu_mul``."""
     x2 = _check(x, w, scale)
     if w.shape[0] % 2:
         raise ValueError(f"a packed [gate; up] weight has an even number of rows, got {w.shape[0]}")
@@ -134,11 +137,12 @@ def linear_gate_up_silu_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tenso
     if not _few_rows(x, rows):
         from .silu_mul import silu_mul
 
-        gate, up = (linear_w8a8 if a8 else linear_fp8)(x, w, scale).chunk(2, -1)
+        both = linear_w8a8(x, w, scale, xq) if a8 else linear_fp8(x, w, scale)
+        gate, up = both.chunk(2, -1)
         return silu_mul(gate, up)
     out = torch.empty(rows, f, dtype=x.dtype, device=x.device)
     if a8:
-        q, qs = quantize_rows(x2)
+        q, qs = quantize_rows(x2) if xq is None else xq
         _launch(q, w, out, f, True, scale=scale, x_scale=qs)
     else:
         _launch(x2, w, out, f, True, scale=scale)

@@ -424,6 +424,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     return (h if weight is None else weight * h), x
 
 
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor | None, eps: float, delta: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``rms_norm``, and its normed rows quantized by ``quantize_rows_fp8`` (the input of an e4m3 product)."""
+    h, total = rms_norm(x, weight, eps, delta)
+    return h, total, quantize_rows_fp8(h)
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The gated MLP's activation: silu(gate) * up."""
     return torch.nn.functional.silu(gate) * up
@@ -612,10 +619,12 @@ def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.T
     return ((x.float() @ w.float().T) * scale).to(x.dtype)
 
 
-def linear_gate_up_silu_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, a8: bool = False) -> torch.Tensor:
+def linear_gate_up_silu_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, a8: bool = False,
+                            xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``linear_gate_up_silu`` for a packed e4m3 ``w = cat([gate, up])`` with its scales: both halves from
-    ``linear_fp8`` (``a8``: ``linear_w8a8``), each rounded to x's dtype, then ``silu_mul``."""
-    gate, up = (linear_w8a8 if a8 else linear_fp8)(x, w, scale).chunk(2, -1)
+    ``linear_fp8`` (``a8``: ``linear_w8a8``, with ``xq``), each rounded to x's dtype, then ``silu_mul``."""
+    both = linear_w8a8(x, w, scale, xq) if a8 else linear_fp8(x, w, scale)
+    gate, up = both.chunk(2, -1)
     return silu_mul(gate, up)
 
 
@@ -628,10 +637,11 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``linear_fp8`` with x first quantized per row (``quantize_rows_fp8``): the e4m3 products summed in fp32,
-    then the row and channel scales, rounded to x's dtype."""
-    q, qs = quantize_rows_fp8(x)
+def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``linear_fp8`` with x first quantized per row (``quantize_rows_fp8``; ``xq``: that quantization, already
+    made): the e4m3 products summed in fp32, then the row and channel scales, rounded to x's dtype."""
+    q, qs = quantize_rows_fp8(x) if xq is None else xq
     y = (q.float() @ w.float().T) * qs[:, None] * scale
     return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
 

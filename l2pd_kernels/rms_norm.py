@@ -4,6 +4,9 @@
 rounded to the model dtype, then scaled by the weight: the order of operations of the official LLaDA
 RMSLayerNorm, so only the fp32 sum of squares can differ from ``l2pd_kernels.reference.rms_norm`` by
 rounding. One program per row (a hidden state of up to 16384 values fits in registers).
+
+``rms_norm_fp8`` also writes the normed row as e4m3 with its scale, the bits ``quantize_rows`` would give: the
+input of a layer with e4m3 activations (``l2pd.quantize(model, "w8a8")``) without a second launch.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import FP8, _round_e4m3
+
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, sum_ptr, D, eps,
+def _rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, sum_ptr, q_ptr, qs_ptr, D, eps,
                      stride_x, stride_d, stride_o, stride_s,
-                     BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+                     BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_WEIGHT: tl.constexpr, QUANT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < D
@@ -31,11 +36,30 @@ def _rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, sum_ptr, D, eps,
     if HAS_WEIGHT:
         h = (h.to(tl.float32) * tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_o + offs, h, mask=ok)
+    if QUANT:  # the stored row as e4m3: the largest magnitude at 448 (quantize_rows' rule and rounding)
+        hf = h.to(tl.float32)
+        m = tl.max(tl.abs(hf), 0)
+        scale = tl.where(m > 0, m / 448.0, 1.0)
+        tl.store(qs_ptr + row, scale)
+        y = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(hf, scale), -448.0), 448.0))
+        tl.store(q_ptr + row * D + offs, y.to(tl.float8e4nv), mask=ok)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
              delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of ``l2pd_kernels.reference.rms_norm``: returns (normed, x + delta)."""
+    h, total, _ = _run(x, weight, eps, delta, False)
+    return h, total
+
+
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor | None, eps: float, delta: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``rms_norm`` and the normed rows as e4m3 with one fp32 scale each (``reference.rms_norm_fp8``):
+    (normed, x + delta, (e4m3 [M, D], scales [M]))."""
+    return _run(x, weight, eps, delta, True)
+
+
+def _run(x, weight, eps, delta, quant):
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must be [..., D] with D > 0, got shape {tuple(x.shape)}")
     D = x.shape[-1]
@@ -54,11 +78,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     rows = x2.shape[0]
     out = torch.empty(rows, D, dtype=x.dtype, device=x.device)
     total = torch.empty_like(out) if delta is not None else x2
+    q = torch.empty(rows, D, dtype=FP8, device=x.device) if quant else out
+    qs = torch.empty(rows, dtype=torch.float32, device=x.device) if quant else out
     if rows:
         _rms_norm_kernel[(rows,)](
-            x2, out if d2 is None else d2, out if weight is None else weight, out, total, D, float(eps),
+            x2, out if d2 is None else d2, out if weight is None else weight, out, total, q, qs, D, float(eps),
             x2.stride(0), 0 if d2 is None else d2.stride(0), out.stride(0), total.stride(0),
             BLOCK=triton.next_power_of_2(D), HAS_DELTA=delta is not None, HAS_WEIGHT=weight is not None,
-            num_warps=8 if D >= 4096 else 4,
+            QUANT=quant, num_warps=8 if D >= 4096 else 4,
         )
-    return out.view(x.shape), total.view(x.shape)
+    return out.view(x.shape), total.view(x.shape), ((q, qs) if quant else None)

@@ -155,12 +155,12 @@ def pick_config(rows: int, n: int, k: int, gate: bool, device: str = "") -> tupl
     the best candidate) narrow outputs (LLaDA-8B's out and down projections, 4096 columns) want one 32-column
     slice per SM and long K steps; wide ones (q/k/v, the LM head) 128-column slices; the gated product, which
     streams two weights per program, 16-column slices and a shallower pipeline. On an H200 (``--splits``,
-    replayed from graphs) the gated product and q/k/v run faster in 64-column slices (54 us against 60 us for
-    LLaDA-8B's gate/up); devices not measured take the H200's tiles.
+    replayed from graphs) the wide gated products and q/k/v run faster in 64-column slices (54 us against 60 us
+    for LLaDA-8B's gate/up); devices not measured take the H200's tiles.
     """
     older = "H100" in device or "A100" in device
-    if gate:
-        return (16, 128, 4, 3) if older else (64, 128, 4, 3)
+    if gate:  # 64-column slices only where they still give every SM programs (a MoE's small shared expert not)
+        return (16, 128, 4, 3) if older or n < 8192 else (64, 128, 4, 3)
     if n <= 8192:
         return (32, 256, 4, 4)
     return (128, 128, 4, 4) if older or n > 65536 else (64, 128, 4, 4)

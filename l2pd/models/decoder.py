@@ -63,23 +63,36 @@ def _linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return F.linear(x, module.weight, bias)
 
 
-def _proj(ops: Any, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+def _proj(ops: Any, x: torch.Tensor, module: nn.Module, xq: tuple | None = None) -> torch.Tensor:
     """An unpacked projection: FP8 weights through the forward's ops (their few-row kernel), others as before."""
-    return _lin(ops, x, module) if module.weight.dtype == torch.float8_e4m3fn else _linear(x, module)
+    return _lin(ops, x, module, xq) if module.weight.dtype == torch.float8_e4m3fn else _linear(x, module)
 
 
-def _lin(ops: Any, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """A linear layer through the forward's ops (the few-row kernel on CUDA) when it has no bias."""
+def _lin(ops: Any, x: torch.Tensor, module: nn.Module, xq: tuple | None = None) -> torch.Tensor:
+    """A linear layer through the forward's ops (the few-row kernel on CUDA) when it has no bias; ``xq``: x
+    already quantized for e4m3 activations (``rms_norm_fp8``)."""
     if getattr(module, "bias", None) is not None:
         return _linear(x, module)
     if module.weight.dtype == torch.float8_e4m3fn:
-        return _fp8(ops, module)(x, module.weight, module.weight_scale)
+        return _fp8_mm(ops, module, x, module.weight, module.weight_scale, xq)
     return ops.linear(x, module.weight)
 
 
 def _fp8(ops: Any, module: nn.Module) -> Any:
     """The FP8 product of a quantized module: e4m3 activations too after ``l2pd.quantize(model, 'w8a8')``."""
     return ops.linear_w8a8 if getattr(module, "l2pd_w8a8", False) else ops.linear_fp8
+
+
+def _fp8_mm(ops: Any, module: nn.Module, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+            xq: tuple | None) -> torch.Tensor:
+    if getattr(module, "l2pd_w8a8", False):
+        return ops.linear_w8a8(x, w, scale, xq)
+    return ops.linear_fp8(x, w, scale)
+
+
+def _a8(module: nn.Module | None) -> bool:
+    """Whether ``module`` multiplies e4m3 activations: its input norm then quantizes in the same kernel."""
+    return module is not None and module.weight.dtype == torch.float8_e4m3fn and getattr(module, "l2pd_w8a8", False)
 
 
 def forward_ops(device: torch.device, fused: bool | None = None) -> Any:
@@ -103,13 +116,17 @@ def _split_pays(batch: int, queries: int, heads: int, keys: int, device: torch.d
     return split_pays(batch, queries, heads, keys, device)
 
 
-def _norm(ops: Any, x: torch.Tensor, norm: nn.Module, eps: float, delta: torch.Tensor | None):
-    """(norm(x + delta), x + delta); the fused kernel where the norm has no bias and matches x's dtype."""
+def _norm(ops: Any, x: torch.Tensor, norm: nn.Module, eps: float, delta: torch.Tensor | None,
+          quant: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+    """(norm(x + delta), x + delta, the normed rows as e4m3 and their scales with ``quant``, else None); the
+    fused kernel where the norm has no bias and matches x's dtype."""
     weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
     if bias is not None or (weight is not None and weight.dtype != x.dtype):
         x = x if delta is None else x + delta
-        return rms_norm(x, norm, eps), x
-    return ops.rms_norm(x, weight, eps, delta=delta)
+        return rms_norm(x, norm, eps), x, None
+    if quant:
+        return ops.rms_norm_fp8(x, weight, eps, delta=delta)
+    return (*ops.rms_norm(x, weight, eps, delta=delta), None)
 
 
 def _groups(layer: "Layer") -> tuple:
@@ -311,14 +328,14 @@ def decoder_forward(
     x = F.embedding(input_ids, dec.embed.weight)
     delta = None  # the last residual branch, added inside the next norm
     for layer, blk in enumerate(dec.layers):
-        h, x = _norm(ops, x, blk.attn_norm, eps, delta)
+        h, x, hq = _norm(ops, x, blk.attn_norm, eps, delta, _a8(blk.q if blk.qkv is None else blk.qkv))
         widths = [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim]
         if blk.qkv is not None:  # a fused projection (LLaDA 2.x); q, k, v are column slices
-            q, k, v = _lin(ops, h, blk.qkv).split(widths, -1)
+            q, k, v = _lin(ops, h, blk.qkv, hq).split(widths, -1)
         elif (qkv := _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])) is not None:  # one matmul
-            q, k, v = _packed_linear(ops, h, qkv, blk, "_l2pd_qkv", [blk.q, blk.k, blk.v]).split(widths, -1)
+            q, k, v = _packed_linear(ops, h, qkv, blk, "_l2pd_qkv", [blk.q, blk.k, blk.v], hq).split(widths, -1)
         else:
-            q, k, v = _proj(ops, h, blk.q), _proj(ops, h, blk.k), _proj(ops, h, blk.v)
+            q, k, v = _proj(ops, h, blk.q, hq), _proj(ops, h, blk.k, hq), _proj(ops, h, blk.v, hq)
         q = q.view(bsz, seq, n_heads, head_dim)
         k = k.view(bsz, seq, n_kv, head_dim)
         v = v.view(bsz, seq, n_kv, head_dim)
@@ -339,8 +356,8 @@ def decoder_forward(
             else:
                 att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
         a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
-        h, x = _norm(ops, x, blk.ff_norm, eps, a)
-        delta = None if blk.gate is None else _mlp(ops, h, blk)
+        h, x, hq = _norm(ops, x, blk.ff_norm, eps, a, _a8(blk.gate))
+        delta = None if blk.gate is None else _mlp(ops, h, blk, hq)
         if blk.moe is not None:  # the routed experts, plus the shared expert's output (delta) in the same kernel
             delta = _moe(ops, h, blk.moe, delta)
 
@@ -350,31 +367,33 @@ def decoder_forward(
         x, delta = x.index_select(1, logits_index), delta.index_select(1, logits_index)
     elif logits_slice is not None:
         x, delta = x[:, logits_slice[0] : logits_slice[1]], delta[:, logits_slice[0] : logits_slice[1]]
-    x, _ = _norm(ops, x, dec.final_norm, eps, delta)
-    logits = _lin(ops, x, dec.head)
+    x, _, xq = _norm(ops, x, dec.final_norm, eps, delta, _a8(dec.head))
+    logits = _lin(ops, x, dec.head, xq)
     if dec.scale_logits:
         logits = logits * (1.0 / math.sqrt(dec.d_model))
     return logits
 
 
 def _packed_linear(ops: Any, h: torch.Tensor, buf: torch.Tensor, blk: Layer, attr: str,
-                   mods: list[nn.Module]) -> torch.Tensor:
+                   mods: list[nn.Module], hq: tuple | None = None) -> torch.Tensor:
     """The product with a packed weight: e4m3 ones with their packed scales, as their modules multiply."""
     if buf.dtype == torch.float8_e4m3fn:
-        return _fp8(ops, mods[0])(h, buf, _packed_scale(blk.owner, attr, mods))
+        return _fp8_mm(ops, mods[0], h, buf, _packed_scale(blk.owner, attr, mods), hq)
     return ops.linear(h, buf)
 
 
-def _mlp(ops: Any, h: torch.Tensor, blk: Layer) -> torch.Tensor:
+def _mlp(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None) -> torch.Tensor:
+    """The gated MLP (a dense layer's, or a MoE's shared expert); ``hq``: h as e4m3 rows for w8a8 weights."""
     mods = [blk.gate, blk.up]
     gate_up = _packed(blk.owner, "_l2pd_gate_up", mods)
     if gate_up is not None and gate_up.dtype == torch.float8_e4m3fn:
-        act = ops.linear_gate_up_silu_fp8(h, gate_up, _packed_scale(blk.owner, "_l2pd_gate_up", mods),
-                                          a8=getattr(blk.gate, "l2pd_w8a8", False))
+        a8 = getattr(blk.gate, "l2pd_w8a8", False)
+        act = ops.linear_gate_up_silu_fp8(h, gate_up, _packed_scale(blk.owner, "_l2pd_gate_up", mods), a8=a8,
+                                          xq=hq if a8 else None)
     elif gate_up is not None:  # silu(gate) * up straight from the packed matmul
         act = ops.linear_gate_up_silu(h, gate_up)
     else:
-        act = ops.silu_mul(_proj(ops, h, blk.gate), _proj(ops, h, blk.up))
+        act = ops.silu_mul(_proj(ops, h, blk.gate, hq), _proj(ops, h, blk.up, hq))
     return _lin(ops, act, blk.down)
 
 
