@@ -5,7 +5,8 @@ problems), and at LLaDA-8B shapes (random bf16 weights built on the GPU) the rel
     PYTHONPATH=. python benchmarks/fp8_check.py --problems 1000 --out runs/fp8.json
 
 The bundled rows decode with each model's shipped default (its filter, tau, block and EoTP) and, with
-``--steps``, with ``steps`` (one token per forward). Results are written after every row.
+``--steps``, with ``steps`` (one token per forward); each quantized row carries its accuracy difference from the
+weights as loaded on the same problems, with its paired standard error. Results are written after every row.
 """
 
 from __future__ import annotations
@@ -20,24 +21,48 @@ from harness import floors, save
 import l2pd
 
 
-def bundled_rows(problems: int, batch: int, steps: bool, result: dict, out: str | None, kinds: list[str]) -> None:
-    from l2pd.demo.task import split
+def _quantize(model, kind: str) -> None:
+    """``kind``: an ``l2pd.quantize`` kind, or ``<kind>-bf16head`` for the same with the LM head left bf16."""
+    base, _, variant = kind.partition("-")
+    l2pd.quantize(model, base, head=variant != "bf16head")
+
+
+def paired(native: list[bool], other: list[bool]) -> dict:
+    """The accuracy difference of two decodes of the same problems with its paired standard error (only the
+    problems where they disagree carry it), and the counts each way."""
+    n = len(native)
+    gained = sum(o and not a for a, o in zip(native, other))
+    lost = sum(a and not o for a, o in zip(native, other))
+    diff = (gained - lost) / n
+    se = ((gained + lost) / n - diff**2) ** 0.5 / n**0.5
+    return {"difference": diff, "paired_se": se, "gained": gained, "lost": lost}
+
+
+def bundled_rows(problems: int, batch: int, steps: bool, result: dict, out: str | None, kinds: list[str],
+                 families: list[str]) -> None:
+    from l2pd.demo.task import is_correct, split
     from l2pd.evaluate import evaluate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     test = split("test", problems)
-    for family in ("llada", "dream"):
+    for family in families:
+        native: dict[str, list[bool]] = {}
         for weights in ["native", *kinds]:
             model, tok = l2pd.demo.load(device=device, family=family)
             if weights != "native":
-                l2pd.quantize(model, weights)
+                _quantize(model, weights)
             configs = [("shipped default", {})] + ([("steps", dict(strategy="steps", eotp="off",
                                                                    block_length=model.l2pd_filter.block_length))]
                                                    if steps else [])
             for name, kw in configs:
                 r = evaluate(model, tok, test, batch_size=batch, progress=False, **kw)
+                correct = [bool(is_correct(t, p.answer)) for t, p in zip(r["texts"], test)]
                 row = {"family": family, "weights": weights, "config": name, "problems": r["problems"],
                        "accuracy": r["accuracy"], "mean_nfe": r["mean_nfe"], "seconds": r["seconds"]}
+                if weights == "native":
+                    native[name] = correct
+                else:
+                    row["against_native"] = paired(native[name], correct)
                 print(row, flush=True)
                 result.setdefault("bundled", []).append(row)
                 save(out, result)
@@ -59,7 +84,7 @@ def step_rows(result: dict, out: str | None, batches: list[int], kinds: list[str
     timings = {}
     for weights in ["native", *kinds]:
         if weights != "native":
-            l2pd.quantize(model, weights)
+            _quantize(model, weights)
             with torch.no_grad():
                 err = (model(ids).logits.float() - ref_logits).norm() / ref_logits.norm()
             result[f"logit_relative_error_8b_{weights}"] = float(err)
@@ -99,7 +124,9 @@ def main() -> None:
     ap.add_argument("--steps", action="store_true", help="also decode with steps (one token per forward)")
     ap.add_argument("--sections", default="step,bundled")
     ap.add_argument("--batches", default="1,64")
-    ap.add_argument("--kinds", default="fp8,w8a8", help="the l2pd.quantize kinds to compare with bf16")
+    ap.add_argument("--kinds", default="fp8,w8a8",
+                    help="the l2pd.quantize kinds to compare with bf16 (<kind>-bf16head: the LM head left bf16)")
+    ap.add_argument("--families", default="llada,dream", help="the bundled models of the bundled section")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     result: dict = {}
@@ -108,7 +135,8 @@ def main() -> None:
         if section == "step":
             step_rows(result, args.out, [int(b) for b in args.batches.split(",")], args.kinds.split(","))
         elif section == "bundled":
-            bundled_rows(args.problems, args.batch_size, args.steps, result, args.out, args.kinds.split(","))
+            bundled_rows(args.problems, args.batch_size, args.steps, result, args.out, args.kinds.split(","),
+                         args.families.split(","))
     result["seconds"] = time.time() - t0
     save(args.out, result)
 
