@@ -19,6 +19,8 @@ both sides do the same work; on the bundled model requests decode greedily with 
 - ``mixed``: prompts 64 to 2,048, answers 64 to 1,024 (multiples of 32), max-batch concurrent clients; against
   static batching: batches of max-batch in arrival order, each run to completion at its longest budget;
 - ``single``: one client, prompt 512, answer 256: time per forward against ``generate`` at batch 1;
+- ``offline``: max-batch prompts of 512 + 256 handed to ``Engine.generate`` at once (the engine's form of a
+  batch decode, after one untimed batch of other prompts) against ``generate`` on the same batch;
 - ``poisson``: arrivals at ``--rates`` requests/s, mixed lengths: throughput and latency per rate;
 - ``dp``: the saturated load over ``--data-parallel`` engines (one per GPU) against one engine;
 - ``http``: mixed lengths through the HTTP front end on loopback (streamed completions, ``--concurrency``
@@ -297,6 +299,25 @@ def static_batches(model, requests, batch: int, options, pad_id: int, arrivals: 
             "latency_p50": percentile(lat, 50), "latency_p99": percentile(lat, 99)}
 
 
+def offline_engine(engine, warm, reqs, options) -> dict:
+    """``Engine.generate`` on all of ``reqs`` at once (one shared budget), after the same on ``warm``."""
+    G = reqs[0][1]
+    engine.generate([ids for ids, _ in warm], **dict(options(G), max_new_tokens=G))
+    for k in engine.counters:
+        engine.counters[k] = 0
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    done = engine.generate([ids for ids, _ in reqs], **dict(options(G), max_new_tokens=G))
+    wall = time.perf_counter() - t0
+    bad = [r.finish_reason for r in done if r.finish_reason not in ("stop", "length")]
+    if bad:
+        raise RuntimeError(f"requests failed: {bad[:5]}")
+    tokens = sum(len(r.tokens) for r in done)
+    return {"requests": len(done), "tokens": tokens, "seconds": wall, "tok_s": tokens / wall,
+            "iterations": engine.counters["iterations"], "graphed": engine.counters["graphed"]}
+
+
 def profile_engine(engine, reqs, options, warm: int = 40, iters: int = 6) -> dict:
     """Steady state of a full engine: wall time per iteration against the device time of its kernels, by
     kind (torch profiler)."""
@@ -403,7 +424,8 @@ def setup(args):
 
     def engines(n, max_length):
         return [Engine(models[i], max_batch=args.max_batch, max_length=max_length, max_block_length=128,
-                       filter=getattr(models[i], "l2pd_filter", None)) for i in range(n)]
+                       filter=getattr(models[i], "l2pd_filter", None), max_step_tokens=args.max_step_tokens)
+                for i in range(n)]
 
     return models, engines, options, vocab, avoid, pad
 
@@ -412,12 +434,13 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=["bundled", "8b", "llada2-mini"], default="bundled",
                     help="bundled model, or random bf16 weights on the GPU at LLaDA-8B or LLaDA2.0-mini shapes")
-    ap.add_argument("--suite", default="saturated,mixed,single", help="comma list: saturated, mixed, single, "
+    ap.add_argument("--suite", default="saturated,mixed,single", help="comma list: saturated, mixed, single, offline, "
                     "poisson, dp, http, profile, check")
     ap.add_argument("--max-batch", type=int, default=None, help="rows per engine (default 64 on GPU, 8 on CPU)")
     ap.add_argument("--requests", type=int, default=None, help="requests per load (default 4 x max-batch)")
     ap.add_argument("--static-batch", type=int, default=None,
                     help="rows of a static batch in the mixed suite (default max-batch; the largest that fits)")
+    ap.add_argument("--max-step-tokens", type=int, default=8192, help="the engines' fed-token budget per iteration")
     ap.add_argument("--tpf", type=int, default=8, help="forced tokens per forward (8b shapes)")
     ap.add_argument("--rates", default="1,2,4", help="Poisson arrival rates, requests/s")
     ap.add_argument("--data-parallel", type=int, default=1)
@@ -492,6 +515,14 @@ def main(argv=None) -> int:
         g = static_batches(models[0], reqs, 1, options, pad)
         g["ms_per_forward"] = 1e3 * g["seconds"] / r["forwards"]  # the same forwards per request (forced)
         report("single_generate", g)
+    if "offline" in suites:
+        reqs = make_requests(args.max_batch, (sc(512), sc(512)), (sc(256), sc(256)), vocab, avoid, 12)
+        warm = make_requests(args.max_batch, (sc(512), sc(512)), (sc(256), sc(256)), vocab, avoid, 13)
+        report("offline_engine", offline_engine(engines(1, longest(reqs))[0], warm, reqs, options))
+        torch.cuda.empty_cache() if gpu else None
+        report("offline_generate", static_batches(models[0], reqs, args.max_batch, options, pad))
+        results["offline_ratio"] = results["offline_engine"]["tok_s"] / results["offline_generate"]["tok_s"]
+        print(f"offline Engine.generate / generate: {results['offline_ratio']:.3f}")
     if "poisson" in suites:
         for rate in [float(x) for x in args.rates.split(",")]:
             reqs = make_requests(n_req, (sc(64), sc(2048)), (sc(64), sc(1024)), vocab, avoid, 5)

@@ -89,6 +89,17 @@ def test_tokens_never_depend_on_arrival_order_or_batch(bundled):
             assert req.tokens == want[key], (trial, key)
 
 
+def test_batch_generate_refreshes_every_row_in_its_first_iteration(bundled):
+    """``Engine.generate`` (all prompts at once) lifts the token budget for the call: no refresh is deferred, the
+    rows' tokens are those of ``generate`` alone, and the serving budget is back afterwards."""
+    model, _, prompts = bundled
+    opts = dict(max_new_tokens=48, strategy="threshold", block_length=16, cache="dual", refresh="full")
+    engine = Engine(model, max_batch=5, max_step_tokens=64)
+    reqs = engine.generate(prompts, **opts)
+    assert engine.counters["deferred_refreshes"] == 0 and engine.max_step_tokens == 64
+    assert [r.tokens for r in reqs] == [_alone(model, p, **opts) for p in prompts]
+
+
 def test_padded_iterations_give_the_same_tokens(bundled):
     """Iterations padded to the CUDA graphs' buckets (padding rows and tokens on the pool's spare row) change
     no request's tokens (the graphs replay exactly this padded iteration)."""
