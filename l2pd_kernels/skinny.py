@@ -9,6 +9,10 @@ no separate ``silu_mul`` launch. Rounding follows the unfused code: each product
 dtype, then silu is rounded, then the product (``l2pd_kernels.reference.gate_up_silu``).
 The tile comes from ``pick_config``, a rule set from ``benchmarks/skinny_configs.py`` (every candidate timed
 on the 8B shapes); no tuning at run time, so the first decode does not pay for compiling candidates.
+Where a program's own work bounds the product (e4m3 weights widened in registers), ``pick_split`` shares each
+output tile's K among several programs: each leaves an fp32 partial, and the last of them to arrive (a
+per-tile counter) sums the partials in a fixed order and writes the tile, so results do not depend on timing
+and the counters are back at zero for the next launch (graph replays included).
 """
 
 from __future__ import annotations
