@@ -201,3 +201,25 @@ def test_rms_norm_fp8_quantizes_its_own_output(dtype, rows, d):
     assert torch.equal(qs, qs_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     h_r, _, (q_r, qs_r) = ref.rms_norm_fp8(x, w, 1e-5, delta=delta)
     torch.testing.assert_close(qs, qs_r, rtol=2e-2, atol=0)  # the reference norm's own rounding
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["fp8", "w8a8"])
+def test_engine_serves_a_quantized_model_as_generate_decodes_it(kind):
+    """A quantized model through the decode engine (``l2pd serve --weights``): each request's tokens are
+    ``generate``'s on its prompt alone, with the q/k/v and gate/up products packed as the GPU runs them."""
+    from l2pd.engine import Engine
+    from l2pd.models.decoder import pack_layers
+
+    model = l2pd.patch(tiny_model(seed=2))
+    l2pd.quantize(model, kind)
+    assert pack_layers(l2pd.models.adapter_for(model).decoder.layers, cpu=True)
+    prompts = [torch.randint(0, 58, (n,)).tolist() for n in (7, 12)]
+    opts = dict(max_new_tokens=24, strategy="threshold", threshold=0.5, block_length=8, cache="dual",
+                refresh="window")
+    engine = Engine(model, max_batch=2, backend="torch")
+    reqs = engine.generate(prompts, **opts)
+    eos = model.config.eos_token_id
+    for p, r in zip(prompts, reqs):
+        alone = model.generate(torch.tensor([p]), backend="torch", **opts)[0, len(p):].tolist()
+        assert r.tokens == (alone[: alone.index(eos)] if eos in alone else alone)
