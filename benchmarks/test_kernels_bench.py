@@ -197,7 +197,8 @@ def test_cached_attention(benchmark, batch, keys, config):
     a 512 + 256 or 3,072 + 1,024 canvas; one layer): the split-key kernel with its plan, the same kernel in one
     pass, SDPA (``generate``'s path before it) and a copy of the K/V bytes (the memory floor)."""
     from l2pd_kernels import cached_attention
-    from l2pd_kernels.attention import _sm_count, split_plan
+    from l2pd_kernels.attention import split_plan
+    from l2pd_kernels.device import sm_count
 
     torch.manual_seed(0)
     H, D = 32, 128
@@ -215,7 +216,7 @@ def test_cached_attention(benchmark, batch, keys, config):
     else:
         splits = None if config == "split" else 1
         fn = lambda: cached_attention(q, k, v, splits=splits)  # noqa: E731
-    benchmark.extra_info["splits"] = split_plan(batch * H, keys, _sm_count(q.device))[0]
+    benchmark.extra_info["splits"] = split_plan(batch * H, keys, sm_count(q.device))[0]
     bw = {"GBps": lambda ms: nbytes / ms / 1e6}
     _run(benchmark, fn, bw, {"graph_" + k_: v_ for k_, v_ in bw.items()})
 

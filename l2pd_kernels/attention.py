@@ -12,13 +12,14 @@ per (tile, head); grouped-query heads read their shared K/V head. Semantics:
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .device import sm_count
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # queries per program of pool_attention: 64 was fastest at LLaDA-8B shapes on an H200 for step segments (32 or
@@ -200,11 +201,6 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return out.transpose(1, 2)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def split_plan(programs: int, keys: int, sms: int, block_n: int = 64, waves: int = 4) -> tuple[int, int]:
     """(splits, key_chunk) for ``programs`` query tiles x heads over ``keys`` keys: split the keys until about
     ``waves`` programs per SM run, in chunks of whole ``block_n`` loops (no split when the grid is full)."""
@@ -218,7 +214,7 @@ def split_pays(batch: int, queries: int, heads: int, keys: int, device: torch.de
     enough that the keys split at least four ways (at LLaDA-8B shapes on an H200: batch 1 to about 4)."""
     if keys < SPLIT_MIN_KEYS:
         return False
-    return split_plan(batch * triton.cdiv(queries, block_m) * heads, keys, _sm_count(device))[0] >= 4
+    return split_plan(batch * triton.cdiv(queries, block_m) * heads, keys, sm_count(device))[0] >= 4
 
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_m: int = 32,
@@ -240,7 +236,7 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError("q must be laid out [B, L, H, D] (rope_qkv's output)")
     per_row = triton.cdiv(L, block_m)
     if splits is None:
-        splits, chunk = split_plan(B * per_row * H, T, _sm_count(q.device), block_n)
+        splits, chunk = split_plan(B * per_row * H, T, sm_count(q.device), block_n)
     else:
         chunk = triton.cdiv(triton.cdiv(T, splits), block_n) * block_n
         splits = triton.cdiv(T, chunk)

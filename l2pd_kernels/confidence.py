@@ -12,13 +12,14 @@ Semantics (NaN, inf, ties, sampling) are those of ``l2pd_kernels.reference.confi
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .device import sm_count
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _U32 = 0xFFFFFFFF
@@ -231,13 +232,6 @@ def _merge_kernel(part_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr, n_spli
         tl.store(entropy_ptr + row, entropy)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
-
-
 # Launch configuration of the partial kernel; ``benchmarks/confidence_sweep.py`` measures the alternatives.
 # ``programs_per_sm``: how many (row, chunk) programs per SM the vocabulary split aims for; ``stages``: the
 # software-pipelining depth of the tile loop. L2PD_CONFIDENCE_TUNING='{"block_v": 4096, ...}' overrides keys.
@@ -286,7 +280,7 @@ def confidence(
         return result
     block_v = min(block_v, triton.next_power_of_2(V))
     max_split = triton.cdiv(V, block_v)
-    n_split = max(1, min(max_split, triton.cdiv(programs_per_sm * _num_sms(logits.device), rows)))
+    n_split = max(1, min(max_split, triton.cdiv(programs_per_sm * sm_count(logits.device), rows)))
     chunk = triton.cdiv(triton.cdiv(V, n_split), block_v) * block_v
     n_split = triton.cdiv(V, chunk)
     direct = n_split == 1

@@ -41,13 +41,23 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
     for k in range(0, K, BLOCK):
         x = tl.load(x_row + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    m = tl.max(amax, 0)
-    scale = tl.where(m > 0, m / 448.0, 1.0)
+    scale = _row_scale(tl.max(amax, 0))
     tl.store(s_ptr + row, scale)
     for k in range(0, K, BLOCK):
         x = tl.load(x_row + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
-        y = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0))
-        tl.store(q_row + k + cols, y.to(tl.float8e4nv), mask=k + cols < K)
+        tl.store(q_row + k + cols, _to_e4m3(x, scale), mask=k + cols < K)
+
+
+@triton.jit
+def _row_scale(amax):
+    """A row's e4m3 scale: its largest magnitude maps to 448; an all-zero row gets 1."""
+    return tl.where(amax > 0, amax / 448.0, 1.0)
+
+
+@triton.jit
+def _to_e4m3(x, scale):
+    """x (fp32) / scale, clamped to +-448 and rounded to the nearest e4m3 value: ``quantize_rows``' bits."""
+    return _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)).to(tl.float8e4nv)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import FP8, _round_e4m3
+from .fp8 import FP8, _row_scale, _to_e4m3
 
 
 @triton.jit
@@ -38,11 +38,9 @@ def _rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, sum_ptr, q_ptr, qs_ptr, D
     tl.store(out_ptr + row * stride_o + offs, h, mask=ok)
     if QUANT:  # the stored row as e4m3: the largest magnitude at 448 (quantize_rows' rule and rounding)
         hf = h.to(tl.float32)
-        m = tl.max(tl.abs(hf), 0)
-        scale = tl.where(m > 0, m / 448.0, 1.0)
+        scale = _row_scale(tl.max(tl.abs(hf), 0))
         tl.store(qs_ptr + row, scale)
-        y = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(hf, scale), -448.0), 448.0))
-        tl.store(q_ptr + row * D + offs, y.to(tl.float8e4nv), mask=ok)
+        tl.store(q_ptr + row * D + offs, _to_e4m3(hf, scale), mask=ok)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,

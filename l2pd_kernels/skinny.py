@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import device_name, sm_count, smem_bytes
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = int(os.environ.get("L2PD_SKINNY_ROWS", "64"))  # above this, F.linear (compute-bound: cuBLAS)
 
@@ -190,21 +192,6 @@ def _swap(a8: bool) -> bool:
     return SWAP == "all" or (SWAP == "a8" and a8)
 
 
-_smem: dict[int, int] = {}
-
-
-def _smem_bytes(device: torch.device) -> int:
-    """Shared memory one program may use, less what the compiler adds (227 KB on an H100, 163 KB on an
-    A100); unlimited under the interpreter."""
-    if device.type != "cuda":
-        return 1 << 30
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _smem:
-        props = torch.cuda.get_device_properties(idx)
-        _smem[idx] = int(getattr(props, "shared_memory_per_block_optin", 163 * 1024)) - 8 * 1024
-    return _smem[idx]
-
-
 def _fit(bm: int, bn: int, bk: int, stages: int, gate: bool, elsize: int, limit: int) -> tuple[int, int]:
     """(BLOCK_K, stages) shrunk until the pipelined x and weight tiles fit in ``limit`` bytes of shared
     memory (fp32 tiles take twice the bytes of the bf16 ones the configurations were chosen for)."""
@@ -230,28 +217,6 @@ def _tile_counters(device: torch.device) -> torch.Tensor | None:
             return None
         _counters[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
     return _counters[key]
-
-
-_props: dict[int, tuple[int, str]] = {}
-
-
-def _device_props(device: torch.device) -> tuple[int, str]:
-    """(SM count, name) of a CUDA device, read once; an H100's for the interpreter."""
-    if device.type != "cuda":
-        return 132, ""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _props:
-        props = torch.cuda.get_device_properties(idx)
-        _props[idx] = (props.multi_processor_count, props.name)
-    return _props[idx]
-
-
-def _sm_count(device: torch.device) -> int:
-    return _device_props(device)[0]
-
-
-def _device_name(device: torch.device) -> str:
-    return _device_props(device)[1]
 
 
 def pick_split(tiles: int, k_steps: int, sms: int, widened: bool = False, a8: bool = False) -> int:
@@ -280,14 +245,14 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     M, K = x2.shape
     a8 = x_scale is not None
     bn, bk, warps, stages = cfg or (pick_config_fp8(M, n_out, K, gate, a8) if scale is not None else
-                                    pick_config(M, n_out, K, gate, _device_name(x2.device)))
+                                    pick_config(M, n_out, K, gate, device_name(x2.device)))
     bm = max(16, triton.next_power_of_2(min(M, 64)))
     if cfg is None:
-        bk, stages = _fit(bm, bn, bk, stages, gate, x2.element_size(), _smem_bytes(x2.device))
+        bk, stages = _fit(bm, bn, bk, stages, gate, x2.element_size(), smem_bytes(x2.device))
     grid_n, grid_m = triton.cdiv(n_out, bn), triton.cdiv(M, bm)
     k_steps = triton.cdiv(K, bk)
     if split is None:
-        split = pick_split(grid_n * grid_m, k_steps, _sm_count(x2.device), scale is not None and not a8, a8)
+        split = pick_split(grid_n * grid_m, k_steps, sm_count(x2.device), scale is not None and not a8, a8)
     split = max(1, min(split, k_steps))
     counters = _tile_counters(x2.device) if split > 1 and grid_n * grid_m <= MAX_TILES else None
     if counters is None:

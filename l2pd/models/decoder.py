@@ -58,7 +58,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def _linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     bias = getattr(module, "bias", None)
     if module.weight.dtype == torch.float8_e4m3fn:  # l2pd.quantize: e4m3 weight, per-channel scale
-        y = _fp8(reference, module)(x, module.weight, module.weight_scale)
+        y = _fp8_mm(reference, module, x, module.weight, module.weight_scale, None)
         return y if bias is None else y + bias
     return F.linear(x, module.weight, bias)
 
@@ -78,13 +78,10 @@ def _lin(ops: Any, x: torch.Tensor, module: nn.Module, xq: tuple | None = None) 
     return ops.linear(x, module.weight)
 
 
-def _fp8(ops: Any, module: nn.Module) -> Any:
-    """The FP8 product of a quantized module: e4m3 activations too after ``l2pd.quantize(model, 'w8a8')``."""
-    return ops.linear_w8a8 if getattr(module, "l2pd_w8a8", False) else ops.linear_fp8
-
-
 def _fp8_mm(ops: Any, module: nn.Module, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
             xq: tuple | None) -> torch.Tensor:
+    """The FP8 product of a quantized module: e4m3 activations too (``xq`` if the norm already made them) after
+    ``l2pd.quantize(model, 'w8a8')``."""
     if getattr(module, "l2pd_w8a8", False):
         return ops.linear_w8a8(x, w, scale, xq)
     return ops.linear_fp8(x, w, scale)
@@ -387,9 +384,8 @@ def _mlp(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None) -> torc
     mods = [blk.gate, blk.up]
     gate_up = _packed(blk.owner, "_l2pd_gate_up", mods)
     if gate_up is not None and gate_up.dtype == torch.float8_e4m3fn:
-        a8 = getattr(blk.gate, "l2pd_w8a8", False)
-        act = ops.linear_gate_up_silu_fp8(h, gate_up, _packed_scale(blk.owner, "_l2pd_gate_up", mods), a8=a8,
-                                          xq=hq if a8 else None)
+        act = ops.linear_gate_up_silu_fp8(h, gate_up, _packed_scale(blk.owner, "_l2pd_gate_up", mods),
+                                          a8=getattr(blk.gate, "l2pd_w8a8", False), xq=hq)
     elif gate_up is not None:  # silu(gate) * up straight from the packed matmul
         act = ops.linear_gate_up_silu(h, gate_up)
     else:
