@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -312,8 +312,113 @@ def generate(
 
 
 def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None) -> torch.Tensor | GenerateOutput:
-    """The block loop of one resolved decode (``l2pd.spec.resolve``) over prompts on the model's device."""
+          attention_mask: torch.Tensor | None) -> torch.Tensor | GenerateOutput:
+    """One resolved decode (``l2pd.spec.resolve``) of prompts on the model's device, on the model's engine
+    (``l2pd.engine``): a request per row, all at once, each decoding its whole canvas as ``generate`` does."""
+    if spec.on_step is not None or spec.target is not None:
+        return _run_lockstep(model, adapter, spec, input_ids, attention_mask)
+    from .engine import Request
+
+    (B, P), G = input_ids.shape, spec.max_new_tokens
+    lengths = [P] * B if attention_mask is None else attention_mask.sum(-1).tolist()
+    if adapter.block_causal:
+        adapter.decoder.block_causal = spec.block_length  # the attention's blocks are the decoding blocks
+    first = _first_blocks(adapter, spec, input_ids, lengths)
+    engine = _engine(model, adapter, spec, B, P + G)
+    host = input_ids.cpu()
+    stream = None if spec.streamer is None else _Stream(spec.streamer, host[0], spec.eos_id)
+    reqs = [Request(id=f"generate-{b}", prompt=host[b, P - lengths[b] :].tolist(), spec=_row_spec(spec, b),
+                    whole=True, first_block=first[b], on_event=stream) for b in range(B)]
+    iterations, graphed = engine.counters["iterations"], engine.counters["graphed"]
+    t0 = time.perf_counter()
+    engine.run_batch(reqs)
+    if adapter.device.type == "cuda":
+        torch.cuda.synchronize(adapter.device)
+    seconds = time.perf_counter() - t0
+    failed = [r for r in reqs if r.finish_reason == "error"]
+    if failed:
+        raise RuntimeError(f"decoding failed: {failed[0].error}")
+    answers = torch.stack([engine.canvas[r.slot, n : n + G] for r, n in zip(reqs, lengths)])
+    for b, r in enumerate(reqs):
+        if r.cut is not None:  # cut at a stop: end of text after it
+            answers[b, r.cut :] = spec.eos_id
+    sequences = torch.cat([input_ids, answers.to(input_ids.device)], 1)
+    if spec.return_dict:
+        nfe = torch.tensor([r.forwards for r in reqs], dtype=torch.int64, device=adapter.device)
+        return GenerateOutput(sequences, nfe, engine.counters["iterations"] - iterations, seconds,
+                              engine.counters["graphed"] - graphed)
+    return sequences
+
+
+def _row_spec(spec: DecodeSpec, b: int) -> DecodeSpec:
+    """Row ``b``'s spec: its slice of the partial answer, and when sampling a seed of its own (row 0 keeps the
+    call's seed, so a batch of one samples as before)."""
+    seed = spec.seed if spec.seed is None or b == 0 else (spec.seed + b * 0x9E3779B1) & 0x7FFFFFFF
+    answer = None if spec.answer is None else spec.answer[b : b + 1]
+    return replace(spec, answer=answer, seed=seed, streamer=None)
+
+
+def _first_blocks(adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor, lengths: list[int]) -> list[int | None]:
+    """Where each row's first decision block starts, in its own positions (None: at its answer). A padded batch
+    of a block-causal model decides in the batch's blocks: each row's padding is cut to whole blocks
+    (``block_phase``), so the first block starts at the batch's earliest answer start, and a row whose answer
+    starts in a later block decides over that whole block (its prompt's tail included)."""
+    P, L = input_ids.shape[1], spec.block_length
+    if not adapter.block_causal or min(lengths) == P or spec.edit is not None:
+        return [None] * len(lengths)
+    if spec.answer is not None:
+        raise ValueError("answer= with a padded batch of a block-causal model is not supported: pass prompts of "
+                         "one length")
+    leads = [(P - n) // L * L for n in lengths]
+    first = min(lead + n for lead, n in zip(leads, lengths))
+    starts = [max(first - lead, n // L * L) for lead, n in zip(leads, lengths)]
+    host = input_ids.cpu()
+    for b, (n, s) in enumerate(zip(lengths, starts)):
+        if s < n and spec.eos_id in host[b, P - n + s :].tolist():
+            raise ValueError("a prompt of this padded batch holds the end-of-text token in its last block, which "
+                             "its decoding block would read as an answer's end: pass the prompts one at a time")
+    return starts
+
+
+class _Stream:
+    """A ``transformers`` streamer fed from engine events: the prompt first (so ``skip_prompt`` works), then
+    each token once it and all before it are final, then the end of text if the answer has one."""
+
+    def __init__(self, streamer: Any, prompt: torch.Tensor, eos_id: int) -> None:
+        self.streamer, self.eos_id = streamer, eos_id
+        streamer.put(prompt)
+
+    def __call__(self, req: Any, tokens: list[int]) -> None:
+        if tokens:
+            self.streamer.put(torch.tensor(tokens, dtype=torch.long))
+        if req.finish_reason is not None:
+            G = req.spec.max_new_tokens
+            if req.spec.eos_id in req.answer or (req.cut is not None and req.cut < G):
+                self.streamer.put(torch.tensor([self.eos_id], dtype=torch.long))
+            self.streamer.end()
+
+
+def _engine(model: Any, adapter: Any, spec: DecodeSpec, rows: int, length: int) -> Any:
+    """The engine ``generate`` runs on: kept on the model (``release`` drops it) while the batch size, the
+    longest canvas (rounded up to 128) and what its graphs bake in stay the same."""
+    from .engine import Engine
+
+    limit = adapter.max_length
+    length = -(-length // 128) * 128 if limit is None else min(-(-length // 128) * 128, limit)
+    key = (rows, length, spec.block_length, spec.backend, spec.cuda_graph, adapter.key())
+    held = vars(model).get("_l2pd_engine")
+    if held is not None and held[0] == key:
+        return held[1]
+    vars(model).pop("_l2pd_engine", None)  # its buffers go before the new ones are allocated
+    engine = Engine(model, max_batch=rows, max_length=max(length, 2), backend=spec.backend,
+                    cuda_graphs=spec.cuda_graph, max_block_length=spec.block_length)
+    model._l2pd_engine = (key, engine)
+    return engine
+
+
+def _run_lockstep(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None) -> torch.Tensor | GenerateOutput:
+    """The block loop with every row in the same block and step (a per-step callback, a target)."""
     mask_id, eos_id = spec.mask_id, spec.eos_id
     block_length, stops, device = spec.block_length, spec.stops, adapter.device
     (B, P), G, given_ids = input_ids.shape, spec.max_new_tokens, input_ids

@@ -87,6 +87,14 @@ class Request:
     finished: float | None = None
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event, repr=False)
+    # ``generate``'s rows (``whole``): the whole canvas is decoded, past the first end of text, and cut at
+    # ``spec.stops`` as ``generate`` cuts; ``answer`` holds every final token, ``cut`` where the answer was cut
+    # (it is end of text from there), ``slot`` the pool row that holds the canvas once it is done
+    whole: bool = False
+    first_block: int | None = None  # where the first decision block starts, if before the answer (generate)
+    answer: list[int] = field(default_factory=list)
+    cut: int | None = None
+    slot: int | None = None
 
     def cancel(self) -> None:
         """Free the request's row at the next iteration (a client went away)."""
@@ -113,6 +121,7 @@ class _Row:
     final: int = 0  # answer tokens final so far
     causal: bool = False  # a block-causal model: blocks (and attention) at multiples of block_length
     post: int = 0  # token editing: forwards spent editing after the block's masks were gone
+    ended: bool = False  # a whole-canvas row past its first end of text: nothing more to send
     seen: list[int] | None = None  # token editing: the block as the last forward left it
     given: list[int] | None = None  # a partial answer (``answer=``): the canvas from P to T as admitted
 
@@ -147,6 +156,7 @@ class _OnHost:
 @dataclass
 class _EngineGraph:
     dev: torch.Tensor  # the iteration's indices (static input)
+    held: Any = None  # the group's filter: its weights are baked in and its id is in the key, so it must live
     graph: Any = None
     out: torch.Tensor | None = None  # the rows' blocks after the decision (static output)
 
@@ -196,10 +206,11 @@ class Engine:
         self.guesses = (torch.full((max_batch + 1, width), -1, dtype=torch.int64, device=device),
                         torch.zeros(max_batch + 1, width, dtype=torch.int32, device=device),
                         torch.zeros(max_batch + 1, width, dtype=torch.float32, device=device))
+        self._columns = torch.arange(width, device=device)
         self.confidence, self.decide = select_ops(backend, device)
         self.fused = fused  # the forward's kernels (default: on CUDA)
         self.kernels = self.decide.__module__ == "l2pd_kernels.decide"
-        if device.type == "cuda":
+        if device.type == "cuda" and os.environ.get("L2PD_PACK", "1") != "0":
             self.adapter.pack()
         # iterations of one policy, greedy, on CUDA replay from a graph per (token, row, program) bucket
         # (the reference forward ops read the pack's segments on the host: they cannot be captured)
@@ -284,15 +295,22 @@ class Engine:
         every joining row's first refresh in one iteration, as ``generate``'s first forward does (at LLaDA-8B
         shapes, 64 rows of 512 + 256: the same throughput as ``generate``; with the serving budget, 0.89 of it:
         ``benchmarks/RESULTS.md``, "The engine as a batch decoder")."""
-        reqs = [self.submit(p, **options) for p in prompts]
+        return self.run_batch([self.submit(p, **options) for p in prompts])
+
+    def run_batch(self, requests: list[Request]) -> list[Request]:
+        """Queue ``requests`` (submitted, or built with a resolved spec: ``l2pd.decode``) and run until idle,
+        every joining row's first refresh in the first iteration."""
+        with self._lock:
+            queued = {id(r) for r in self.waiting}
+            self.waiting.extend(r for r in requests if id(r) not in queued)
         budget = self.max_step_tokens
         self.max_step_tokens = max(budget, sum(r.spec.max_new_tokens + len(r.prompt) + self.max_block_length
-                                               for r in reqs))
+                                               for r in requests))
         try:
             self.run()
         finally:
             self.max_step_tokens = budget
-        return reqs
+        return requests
 
     def run(self) -> None:
         """Iterate until no request is waiting or active."""
@@ -424,7 +442,9 @@ class Engine:
                 self.guesses[0][slot].fill_(-1)
                 self.guesses[1][slot].zero_()
                 self.guesses[2][slot].zero_()
-                self.rows[slot] = _Row(req, slot, P, T, P, causal=causal, given=given)
+                first = P if req.first_block is None else req.first_block
+                req.slot = slot
+                self.rows[slot] = _Row(req, slot, P, T, first, causal=causal, given=given)
                 self.counters["admitted"] += 1
                 if given is not None and spec.mask_id not in given[: self.rows[slot].end - P]:
                     self._skip_given(self.rows[slot])
@@ -481,7 +501,7 @@ class Engine:
             g = self._graphed.get(key)
             if g is None:  # first use: eager (compiles, warms cuBLAS), keeping its input buffer
                 dev = host.to(device, non_blocking=True)
-                self._graphed[key] = _EngineGraph(dev)
+                self._graphed[key] = _EngineGraph(dev, order[0].request.spec.filter)
                 blocks = self._body(dev, meta, order, groups)
             else:
                 g.dev.copy_(host, non_blocking=True)
@@ -642,7 +662,12 @@ class Engine:
                         params=params[r0 : r0 + g], rows=slot_t[r0 : r0 + g], **stats, **kw)
             off += g * L
             r0 += g
-        return self.canvas[slot_t[:, None], cols.view(-1, meta["width"])]
+        cols = cols.view(-1, meta["width"])
+        blocks = self.canvas[slot_t[:, None], cols]
+        # and per row the masks left past its block (a whole-canvas row is done when none are left)
+        ends = cols[:, :1] + ((params[:, :1] >> 40) & 0xFFFFF)
+        rest = ((self.canvas[slot_t] == mask_id) & (self._columns[None] >= ends)).sum(-1, keepdim=True)
+        return torch.cat([blocks, rest], 1)
 
     def _sample(self, order: list[_Row], logits: torch.Tensor, token: torch.Tensor, prob: torch.Tensor) -> None:
         """Rows that sample redo their confidence alone, with ``generate``'s per-forward seed (batch 1)."""
@@ -662,7 +687,7 @@ class Engine:
         req.forwards += 1
         row.step += 1
         width = row.end - row.block
-        fixed = block[:width]
+        fixed, rest = block[:width], block[-1]
         # tokens final: the answer's prefix without a mask (every block before this one is complete)
         done_here = spec.mask_id not in fixed
         upto = width if done_here else fixed.index(spec.mask_id)
@@ -671,7 +696,10 @@ class Engine:
             upto = width if done_here else row.final - (row.block - row.P)
         reason, emit = self._take(row, fixed[row.final - (row.block - row.P) : upto])  # (earlier blocks complete)
         if reason is None and done_here:
-            reason, emit = self._next_block(row, emit)
+            if req.whole and rest == 0:  # nothing left to decode (EoTP filled the rest)
+                reason = "stop" if row.ended else "length"
+            else:
+                reason, emit = self._next_block(row, emit)
         self._deliver(row, reason, emit)
 
     def _take(self, row: _Row, new: list[int]) -> tuple[str | None, list[int]]:
@@ -679,6 +707,8 @@ class Engine:
         string, and within its token budget: (the finish reason or None, the tokens taken)."""
         req, spec = row.request, row.request.spec
         new = new[: spec.max_new_tokens - row.final]  # a block-causal last block runs past the answer
+        if req.whole:
+            return self._take_whole(row, new)
         reason = None
         emit: list[int] = []
         extra_ends = set(spec.stops.extra.tolist()) if spec.stops.extra.numel() else ()
@@ -708,6 +738,33 @@ class Engine:
                 req.first_token = time.monotonic()
         if reason is None and row.final >= spec.max_new_tokens:
             reason = "length"
+        return reason, emit
+
+    def _take_whole(self, row: _Row, new: list[int]) -> tuple[str | None, list[int]]:
+        """``_take`` for a whole-canvas row: every final token goes to ``answer``; the row is cut at the first
+        stop of ``spec.stops`` in it (``generate``'s cut: the stop stays, end of text follows) and sends the
+        tokens before its first end of text."""
+        req, spec = row.request, row.request.spec
+        row.final += len(new)
+        req.answer.extend(new)
+        reason = None
+        if spec.stops.active:
+            cut = spec.stops.cut_index(req.answer)
+            if cut >= 0:
+                req.cut, reason = cut + 1, "stop"
+                del req.answer[cut + 1 :]
+        emit: list[int] = []
+        if not row.ended:
+            for tok in req.answer[len(req.tokens) :]:
+                if tok == spec.eos_id:
+                    row.ended = True
+                    break
+                emit.append(tok)
+        if emit:
+            req.tokens.extend(emit)
+            self.counters["tokens_out"] += len(emit)
+            if req.first_token is None:
+                req.first_token = time.monotonic()
         return reason, emit
 
     def _next_block(self, row: _Row, emit: list[int], decoded: bool = True) -> tuple[str | None, list[int]]:

@@ -138,6 +138,17 @@ class StopCutter:
         for r in torch.nonzero(cut_at >= 0).flatten().tolist():
             canvas[r, P + int(cut_at[r]) + 1 :] = self.eos_id
 
+    def cut_index(self, ids: list[int]) -> int:
+        """Where ``cut`` cuts one row whose answer tokens fixed in order are ``ids``: the index of the extra end
+        id or the token completing a stop string that comes first, or -1."""
+        extra = set(self.extra.tolist())
+        hits = [i for i, t in enumerate(ids) if t in extra][:1]
+        if self.strings:
+            end = self._string_end(ids)
+            if end >= 0:
+                hits.append(end)
+        return min(hits) if hits else -1
+
     def _string_end(self, ids: list[int]) -> int:
         """Index of the token that completes the first stop string, or -1."""
         text = self.tokenizer.decode(ids)

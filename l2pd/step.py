@@ -269,5 +269,6 @@ def stepper_for(model: Any, key: tuple, build: Callable[[], Stepper], keep: bool
 
 
 def release(model: Any) -> None:
-    """Drop the steppers (buffers and captured CUDA graphs) that ``generate`` keeps on ``model``."""
+    """Drop the engine and steppers (buffers and captured CUDA graphs) that ``generate`` keeps on ``model``."""
     vars(model).pop("_l2pd_steppers", None)
+    vars(model).pop("_l2pd_engine", None)
