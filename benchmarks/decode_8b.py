@@ -6,9 +6,10 @@ Measures, in one process on one GPU:
 - the floors: the weight-read time of one forward (weight bytes over the copy bandwidth, read + write
   counted) and the bf16 matmul rate (an 8192^3 product: in bursts, and back to back for 3 s, where the
   power cap lowers the clocks), both measured here;
-- one dual-cache step at batch 1 (prompt 512 + 256 new tokens, block 32): eager unfused (the plain PyTorch
-  forward), eager with the fused kernels, and replayed from the step's CUDA graph; a profile of the eager
-  step by kernel kind; the block refresh (full and tail) at batch 1 and the largest batch;
+- one dual-cache step at batch 1 (prompt 512 + 256 new tokens, block 32; the engine's iteration): eager
+  unfused (the plain PyTorch forward), eager with the fused kernels, and replayed from its CUDA graph (the
+  graph alone, and the whole iteration with its host packing and read-back); a profile of the eager step by
+  kernel kind; the block refresh (full and tail) at batch 1 and the largest batch;
 - ``generate`` tokens/s at a forced number of tokens per forward (strategy ``steps`` with
   ``steps = 256 / TPF``), dual cache, full and tail refresh, at each batch, next to the compute limit of the
   dual steps (32 query tokens per row per step) and the weight-read floor;
@@ -28,9 +29,8 @@ import torch
 from harness import device_ms  # noqa: E402  (benchmarks/ is on the path when this runs as a script)
 
 from l2pd import LLaDAConfig, LLaDAModelLM
-from l2pd.decode import generate, select_ops
+from l2pd.decode import generate, release
 from l2pd.models.llada import pack_weights, unpack_weights
-from l2pd.step import DecodeState, Policy, Stepper, release
 
 P, G, L = 512, 256, 32
 
@@ -74,19 +74,50 @@ def build_model(model_cls=LLaDAModelLM, config_cls=LLaDAConfig):
     return model.eval()
 
 
-def make_stepper(model, batch: int, cache: str, refresh: str, fused: bool, graphs: bool) -> Stepper:
-    from l2pd.models import adapter_for
+class EngineStep:
+    """The engine's iteration held still, for timing: ``batch`` requests of P prompt tokens + G masks
+    (strategy ``steps``, one token per forward) past their first refresh. ``step()`` runs their next forward
+    again and again (host packing, the forward, the decision, the read-back; the canvas fills, the shapes and
+    kernels stay); ``refresh(previous)`` the first forward of the second block (``previous``: the block the
+    tail or window refresh starts at, None for a full refresh); ``replay()`` only the CUDA graph of the last
+    iteration run (device work alone)."""
 
-    cfg = model.config
-    adapter = adapter_for(model)
-    conf, dec = select_ops("triton", torch.device("cuda"))
-    state = DecodeState.allocate(adapter, batch, P, P + G, False, cache, refresh, torch.bfloat16, torch.device("cuda"))
-    ids = torch.randint(0, 126000, (batch, P), device="cuda")
-    state.load(ids, None, cfg.mask_token_id)
-    policy = Policy("steps", cfg.mask_token_id, dict(threshold=float("inf"), mask_id=cfg.mask_token_id,
-                                                    eos_id=cfg.eos_token_id, eotp="off", filter_weights=None,
-                                                    filter_block=L))
-    return Stepper(adapter, state, policy, conf, dec, kernels=True, graphs=graphs, fused=fused)
+    def __init__(self, model, batch: int, cache: str, refresh: str, fused: bool, graphs: bool) -> None:
+        from l2pd.engine import Engine
+
+        self.engine = Engine(model, max_batch=batch, max_length=P + G, backend="triton", fused=fused,
+                             cuda_graphs=graphs, max_block_length=L, max_step_tokens=batch * (P + G + L))
+        mask = model.config.mask_token_id
+        for _ in range(batch):
+            prompt = torch.randint(0, min(mask, 126000), (P,)).tolist()
+            self.engine.submit(prompt, max_new_tokens=G, block_length=L, strategy="steps", cache=cache,
+                               refresh=refresh, eotp=False)
+        self.engine.step()  # admission and the first block's refresh
+        self.rows = sorted(self.engine.rows.values(), key=lambda r: r.slot)
+        self._last = None  # the last captured iteration
+
+    def _run(self):
+        captured = {id(g) for g in self.engine._graphed.values() if g.graph is not None}
+        out = self.engine._run(self.rows)
+        new = [g for g in self.engine._graphed.values() if g.graph is not None and id(g) not in captured]
+        if new:  # this iteration was captured: ``replay`` replays it
+            self._last = new[0]
+        return out
+
+    def step(self):
+        for r in self.rows:
+            r.step = max(r.step, 1)
+        return self._run()
+
+    def refresh(self, previous: int | None):
+        for r in self.rows:
+            r.block, r.step, r.previous = P + L, 0, previous
+        return self._run()
+
+    def replay(self) -> None:
+        if self._last is None:
+            raise RuntimeError("no iteration captured yet: run it three times with graphs on")
+        self._last.graph.replay()
 
 
 @torch.no_grad()
@@ -125,33 +156,34 @@ def packing_section(model) -> dict:
 
 @torch.no_grad()
 def step_section(model, fl: dict, big_batch: int) -> dict:
+    """One dual-cache step at batch 1 (the engine's iteration): device time of the graph alone, and the whole
+    iteration as ``generate`` runs it (host packing, launch or replay, the read-back); a profile of the eager
+    step by kernel kind; the refreshes."""
     out = {}
-    T = P + G
     for name, fused, graphs in (("eager_unfused", False, False), ("eager_fused", True, False),
                                 ("graph_fused", True, True), ("graph_fused_unpacked", True, True)):
-        tf = model.model.transformer
-        (unpack_weights if name in ("eager_unfused", "graph_fused_unpacked") else pack_weights)(tf)
-        st = make_stepper(model, 1, "dual", "full", fused, graphs)
-        st(0, T, P, L, 1)  # the refresh fills the cache
-        for _ in range(2):  # graphed: the first call runs eagerly, the second captures
-            st(P, L, P, L, 1)
-        out[f"dual_step_{name}_ms"] = device_ms(lambda st=st: st(P, L, P, L, 1))
-        # as the decode loop runs it: with the host read of the count after every step
-        out[f"dual_step_{name}_with_read_ms"] = device_ms(lambda st=st: int(st(P, L, P, L, 1)[0].max()))
+        packed = name not in ("eager_unfused", "graph_fused_unpacked")
+        (pack_weights if packed else unpack_weights)(model.model.transformer)
+        os.environ["L2PD_PACK"] = "1" if packed else "0"
+        st = EngineStep(model, 1, "dual", "full", fused, graphs)
+        for _ in range(3):  # graphed: the first call runs eagerly, the second captures
+            st.step()
+        out[f"dual_step_{name}_ms"] = device_ms(st.replay if graphs else st.step)
+        out[f"dual_step_{name}_with_read_ms"] = device_ms(st.step)  # the iteration as generate runs it
         del st
+    os.environ["L2PD_PACK"] = "1"
     out["dual_step_graph_over_floor"] = out["dual_step_graph_fused_ms"] / fl["floor_ms"]
     pack_weights(model.model.transformer)
 
     # where an eager fused step's device time goes
-    st = make_stepper(model, 1, "dual", "full", True, False)
-    st(0, T, P, L, 1)
-    st(P, L, P, L, 1)
+    st = EngineStep(model, 1, "dual", "full", True, False)
+    st.step()
     torch.cuda.synchronize()
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
-            st(P, L, P, L, 1)
+            st.step()
         torch.cuda.synchronize()
     kinds: dict[str, float] = {}
     count = 0
@@ -160,7 +192,7 @@ def step_section(model, fl: dict, big_batch: int) -> dict:
         if t <= 0 or ev.key.startswith("ProfilerStep") or ev.device_type != torch.autograd.DeviceType.CUDA:
             continue
         name = ev.key.lower()
-        kind = ("matmul" if any(s in name for s in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas"))
+        kind = ("matmul" if any(s in name for s in ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "_skinny"))
                 else "attention" if any(s in name for s in ("flash", "fmha", "attention", "attn"))
                 else "fused (l2pd)" if any(s in name for s in ("_rms_norm", "_rope_qkv", "_silu_mul"))
                 else "decision (l2pd)" if any(s in name for s in ("_partial_kernel", "_merge", "_decide"))
@@ -173,12 +205,11 @@ def step_section(model, fl: dict, big_batch: int) -> dict:
 
     for B in sorted({1, big_batch}):
         for refresh in ("full", "tail"):
-            st = make_stepper(model, B, "dual", refresh, True, True)
-            st(0, T, P, L, 1)
-            lo = 0 if refresh == "full" else P  # block 1's tail refresh feeds from block 0's start
-            for _ in range(2):
-                st(lo, T - lo, P + L, L, 1)
-            out[f"refresh_{refresh}_b{B}_ms"] = device_ms(lambda st=st, lo=lo: st(lo, T - lo, P + L, L, 1), iters=10)
+            st = EngineStep(model, B, "dual", refresh, True, True)
+            previous = None if refresh == "full" else P  # block 1's tail refresh feeds from block 0's start
+            for _ in range(3):
+                st.refresh(previous)
+            out[f"refresh_{refresh}_b{B}_ms"] = device_ms(st.replay, iters=10)
             del st
             torch.cuda.empty_cache()
     return out

@@ -17,13 +17,12 @@ import json
 import time
 
 import torch
-from decode_8b import G, L, P, build_model, device_ms, floors, make_stepper
+from decode_8b import EngineStep, G, L, P, build_model, device_ms, floors
 
 import l2pd_kernels.skinny
-from l2pd.decode import generate
+from l2pd.decode import generate, release
 from l2pd.models import adapter_for
 from l2pd.models.dream import DreamConfig, DreamModel
-from l2pd.step import release
 
 
 def step_ms(model: DreamModel, path: str) -> float:
@@ -32,11 +31,11 @@ def step_ms(model: DreamModel, path: str) -> float:
     if path == "graph_cublas":
         l2pd_kernels.skinny.MAX_ROWS = 0
     try:
-        st = make_stepper(model, 1, "dual", "full", True, path.startswith("graph"))
-        st(0, P + G, P, L, 1)  # the refresh fills the cache
-        for _ in range(2):  # graphed: the first call runs eagerly, the second captures
-            st(P, L, P, L, 1)
-        return device_ms(lambda: st(P, L, P, L, 1))
+        graphs = path.startswith("graph")
+        st = EngineStep(model, 1, "dual", "full", True, graphs)
+        for _ in range(3):  # graphed: the first call runs eagerly, the second captures
+            st.step()
+        return device_ms(st.replay if graphs else st.step)
     finally:
         l2pd_kernels.skinny.MAX_ROWS = rows
 

@@ -72,8 +72,7 @@ def bundled_rows(problems: int, batch: int, steps: bool, result: dict, out: str 
 def step_rows(result: dict, out: str | None, batches: list[int], kinds: list[str]) -> None:
     from decode_8b import build_model
 
-    from l2pd.decode import generate
-    from l2pd.step import release
+    from l2pd.decode import generate, release
 
     fl = floors()
     model = build_model()

@@ -28,10 +28,9 @@ import torch
 from decode_8b import build_model
 from harness import device_ms, floors, run_info, save
 
-from l2pd.decode import generate
+from l2pd.decode import generate, release
 from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM
 from l2pd.models.decoder import expert_weights
-from l2pd.step import release
 from l2pd_kernels import fused_moe
 from l2pd_kernels import reference as ref
 

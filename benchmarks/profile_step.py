@@ -16,7 +16,7 @@ import os
 
 import torch
 import torch.nn.functional as F
-from decode_8b import G, L, P, build_model, device_ms, floors, make_stepper
+from decode_8b import EngineStep, G, L, P, build_model, device_ms, floors
 
 from l2pd.models.llada import pack_weights
 
@@ -39,15 +39,15 @@ def profile_batch(model, fl: dict, B: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     T = P + G
-    st = make_stepper(model, B, "dual", "full", True, True)
-    st(0, T, P, L, 1)
-    for _ in range(2):
-        st(P, L, P, L, 1)
-    out = {"graph_step_ms": device_ms(lambda st=st: st(P, L, P, L, 1), iters=20 if B > 8 else 50)}
+    st = EngineStep(model, B, "dual", "full", True, True)
+    for _ in range(3):
+        st.step()
+    out = {"graph_step_ms": device_ms(st.replay, iters=20 if B > 8 else 50),
+           "iteration_ms": device_ms(st.step, iters=20 if B > 8 else 50)}  # with host packing and read-back
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:  # kernels inside the replayed graph
         for _ in range(3):
-            st(P, L, P, L, 1)
+            st.replay()
         torch.cuda.synchronize()
     graph_kernels: dict[str, list] = {}
     for ev in prof.key_averages():
@@ -56,16 +56,14 @@ def profile_batch(model, fl: dict, B: int) -> dict:
             graph_kernels[ev.key] = [t / 3 / 1000, ev.count / 3]
     out["graph_top"] = [(k[:90], round(v[0], 3), v[1]) for k, v in
                         sorted(graph_kernels.items(), key=lambda kv: -kv[1][0])[:8]]
-    eager = make_stepper(model, B, "dual", "full", True, False)
-    eager.state.kv.k.copy_(st.state.kv.k)
-    eager.state.kv.v.copy_(st.state.kv.v)
-    del st
-    eager(P, L, P, L, 1)
+    st.engine.graphs = False  # the same rows and cache, eager
+    eager = st
+    eager.step()
     torch.cuda.synchronize()
     n = 3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
-            eager(P, L, P, L, 1)
+            eager.step()
         torch.cuda.synchronize()
     kernels: dict[str, list] = {}
     for ev in prof.key_averages():

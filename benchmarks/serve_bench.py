@@ -260,7 +260,7 @@ def static_batches(model, requests, batch: int, options, pad_id: int, arrivals: 
     """``generate`` over batches of ``batch`` requests in arrival order, each run to its longest budget."""
     import gc
 
-    from l2pd.step import release
+    from l2pd.decode import release
 
     gc.collect()  # the engines of the last load, and their K/V pools, go first
     if torch.cuda.is_available():

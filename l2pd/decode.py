@@ -1,10 +1,12 @@
-"""The block decoding loop: the one place where a step's policy lives.
+"""``generate``: block decoding of a batch of prompts on the model's decode engine.
 
-One step: a forward over the canvas (or, with a cache, over the part of it the cache does not hold) gives
-the logits of the current block; ``confidence`` turns them into (token, probability); ``decide`` accepts
-positions by the strategy's rule, writes them into the canvas and applies EoTP (``l2pd.step`` runs it, eager
-or replayed from a CUDA graph). ``generate`` resolves its arguments into a ``DecodeSpec`` (``l2pd.spec``)
-and ``run`` executes the block loop on it. Strategies:
+``generate`` resolves its arguments into a ``DecodeSpec`` (``l2pd.spec``) and ``run`` makes each row a
+request of the engine the model keeps (``l2pd.engine``: the loop and the step, forward, confidence,
+decision, live there), decoding its whole canvas; a per-step callback or a target runs the rows in lockstep
+(``l2pd.lockstep``). A step: a forward over the canvas (or, with a cache, over the part of it the cache does
+not hold) gives the logits of the current block; ``confidence`` turns them into (token, probability);
+``decide`` accepts positions by the strategy's rule, writes them into the canvas and applies EoTP.
+Strategies:
 
 - ``steps``: LLaDA's low-confidence remasking: the k most confident masked positions, k from an even
   per-block schedule (``steps`` forwards in all; default one token per step).
@@ -20,7 +22,7 @@ and ``run`` executes the block loop on it. Strategies:
   masked position whose current guess already equals ``target`` (the final answer of a reference decode);
   a step that accepts nothing fills the block with ``target``.
 
-The only host reads are one small count per step (loop control) and one per block.
+The only host read of an iteration is the rows' blocks after the decision.
 """
 
 from __future__ import annotations
@@ -32,10 +34,9 @@ from typing import Any
 
 import torch
 
-from .hf import FinalTokenStream
+from .lockstep import takes_target
 from .models import adapter_for
 from .spec import DecodeSpec, resolve
-from .step import DecodeState, Policy, Stepper, stepper_for, takes_target
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -102,51 +103,6 @@ def block_bounds(prompt: int, new: int, block: int, aligned: bool = False) -> li
     return list(zip(starts, starts[1:] + [end]))
 
 
-def block_phase(input_ids: torch.Tensor, attention_mask: torch.Tensor, block: int, new: int, mask_id: int,
-                eos_id: int, stops: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Left-padded prompts laid out for a block-causal model: each row's left padding is cut down to a
-    multiple of ``block``, so every row's attention blocks (multiples of ``block`` from its first token) fall
-    on the canvas' blocks, and the masks of its answer follow its prompt at once. Returns (ids, attention mask,
-    answer start per row, end of each row's last block, filler token): past its last block a row holds the
-    filler, which is never decoded (later blocks cannot change earlier ones)."""
-    B, P = input_ids.shape
-    lengths = attention_mask.long().sum(-1)
-    lead = (P - lengths) // block * block  # left padding kept: whole blocks
-    starts = lead + lengths
-    col = torch.arange(P, device=input_ids.device)[None]
-    src = (col - lead[:, None] + (P - lengths)[:, None]).clamp(0, P - 1)
-    prompt = (col >= lead[:, None]) & (col < starts[:, None])
-    filler = next(t for t in range(3) if t not in (mask_id, eos_id))  # padding: neither a mask nor an end of text
-    ids = torch.where(prompt, input_ids.gather(1, src), torch.where(col < lead[:, None], filler, mask_id))
-    if stops:
-        raise ValueError("stop strings with a padded batch of a block-causal model (LLaDA 2.x) are not supported: "
-                         "pass the prompts one at a time or without stop_strings")
-    first = int(starts.min())
-    if first < P and bool(((ids[:, first:] == eos_id) & prompt[:, first:]).any()):
-        raise ValueError("a prompt of this padded batch holds the end-of-text token in its last block, which "
-                         "its decoding block would read as an answer's end: pass the prompts one at a time")
-    ends = lead + (lengths + new + block - 1) // block * block
-    return ids, (col >= lead[:, None]).long().expand(B, P).contiguous(), starts, ends, filler
-
-
-def _layout(adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-            padded: bool) -> tuple[torch.Tensor, torch.Tensor | None, tuple | None]:
-    """(prompts, attention mask, phase) as the canvas holds them. A block-causal model attends in blocks of the
-    decoding block length; its padded rows are shifted by ``block_phase`` (phase: answer starts, row ends,
-    filler), else phase is None."""
-    if not adapter.block_causal:
-        return input_ids, attention_mask, None
-    adapter.decoder.block_causal = spec.block_length  # the attention's blocks are the decoding blocks
-    if not padded:
-        return input_ids, attention_mask, None
-    if spec.edit is not None:  # a shifted row's prompt tail may sit in a decision block
-        raise ValueError("token editing with a padded batch of a block-causal model is not supported: pass "
-                         "prompts of one length, or one at a time")
-    ids, mask, starts, ends, filler = block_phase(input_ids, attention_mask, spec.block_length, spec.max_new_tokens,
-                                                  spec.mask_id, spec.eos_id, bool(spec.stops.active))
-    return ids, mask, (starts, ends, filler)
-
-
 def canvas_target(target: torch.Tensor, starts: int | torch.Tensor, T: int) -> torch.Tensor:
     """A reference answer [B, G] placed in canvas columns [B, T]: row r's answer from ``starts`` (P, or each
     row's answer start of a shifted block-causal layout), -1 elsewhere."""
@@ -154,77 +110,6 @@ def canvas_target(target: torch.Tensor, starts: int | torch.Tensor, T: int) -> t
     out = torch.full((B, T), -1, dtype=torch.long, device=target.device)
     start = torch.as_tensor(starts, device=target.device).reshape(-1, 1).expand(B, 1)
     out.scatter_(1, start + torch.arange(G, device=target.device), target.long())
-    return out
-
-
-def _policy(spec: DecodeSpec, device: torch.device) -> Policy:
-    """The step's policy: the decision's settings (baked into a captured graph) and the per-call parts."""
-    flt = spec.filter
-    inputs = tuple(flt.inputs) if flt is not None else ("confidence",)
-    decide_kwargs = dict(threshold=spec.threshold, mask_id=spec.mask_id, eos_id=spec.eos_id, eotp=spec.eotp,
-                         filter_weights=flt.weights(device) if flt is not None else None,
-                         filter_block=spec.block_length)
-    if spec.rule != "confidence":
-        decide_kwargs.update(rule=spec.rule, persist=spec.persist)
-    if flt is not None:
-        decide_kwargs.update(filter_inputs=inputs, filter_kind=flt.kind)
-    return Policy(spec.strategy, spec.mask_id, decide_kwargs, temperature=spec.temperature, on_step=spec.on_step,
-                  filter=flt, target=spec.target,
-                  stats=spec.step_stats or (flt is not None and flt.needs_stats) or spec.rule == "margin",
-                  step_input="step" in inputs, edit=spec.edit)
-
-
-def _stepper(model: Any, adapter: Any, spec: DecodeSpec, policy: Policy, B: int, P: int, T: int,
-             padded: bool) -> tuple[Stepper, bool]:
-    """(the stepper for this decode, whether it stays on the model): steppers that can replay graphs are kept,
-    keyed by everything a graph bakes in."""
-    device, dtype = adapter.device, adapter.dtype
-    confidence, decide = select_ops(spec.backend, device)
-    kernels = decide.__module__ == "l2pd_kernels.decide"
-    if device.type == "cuda" and os.environ.get("L2PD_PACK", "1") != "0":
-        adapter.pack()
-
-    def build() -> Stepper:
-        state = DecodeState.allocate(adapter, B, P, T, padded, spec.cache, spec.refresh, dtype, device,
-                                     history=spec.rule == "persistence" or (spec.filter is not None
-                                                                            and spec.filter.needs_history))
-        return Stepper(adapter, state, policy, confidence, decide, kernels, spec.cuda_graph)
-
-    keep = spec.cuda_graph and kernels and device.type == "cuda" and policy.graphable()
-    # refresh and prefix/dual only choose the fed ranges: one stepper (and its graphs) serves them all
-    flt = spec.filter
-    key = (B, P, spec.max_new_tokens, str(dtype), spec.cache != "none", padded, spec.strategy, spec.threshold,
-           spec.eotp, spec.mask_id, spec.eos_id, spec.block_length, spec.persist, spec.edit,
-           id(flt) if flt is not None else None, adapter.key())
-    stepper = stepper_for(model, key, build, keep)
-    # a kept stepper keeps its own policy (its graphs point at its filter weights); only the per-call parts move
-    stepper.policy.target, stepper.policy.on_step = policy.target, policy.on_step
-    return stepper, keep
-
-
-def _block_done(spec: DecodeSpec, left: torch.Tensor, edits: torch.Tensor, post: int) -> tuple[bool, int]:
-    """(whether the block's loop ends after this forward, forwards spent editing after its masks were gone):
-    when no row has masks left; with token editing, once a forward changes nothing or after ``edit_steps``
-    more. The one host read of the step."""
-    if spec.edit is None:
-        return int(left.max()) == 0, post
-    masks, changed = torch.stack([left.max(), edits.max()]).tolist()
-    if masks:
-        return False, post
-    if changed == 0 or post >= spec.edit_steps:
-        return True, post
-    return False, post + 1
-
-
-def _bucket(rows: int) -> int:
-    """Rows a compacted step runs: the next power of two (few distinct shapes, so few graph captures)."""
-    return 1 << max(0, rows - 1).bit_length()
-
-
-def _unpermute(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Rows of ``t`` back in input order (slot i holds input row ``order[i]``); a new tensor."""
-    out = torch.empty_like(t)
-    out[order] = t
     return out
 
 
@@ -279,9 +164,10 @@ def generate(
     schedule; default ``max_new_tokens``) sets the per-block top-k of ``steps`` and ``learn2pd``. ``eotp``:
     False/'off', True/'accepted' or 'predicted' (see ``l2pd_kernels.reference.decide``). ``cache``: 'none',
     'prefix' or 'dual'; ``refresh``: 'full', 'tail' or 'window' (see ``l2pd.cache``). ``cuda_graph``: replay steps
-    from CUDA graphs where they apply (default on; ``L2PD_CUDA_GRAPH=0`` turns it off). ``compact``: rows
-    that have finished (EoTP, or every block decoded) stop costing: at each block start the rows still
-    decoding move to the front and the step runs on those (rounded up to a power of two).
+    from CUDA graphs where they apply (default on; ``L2PD_CUDA_GRAPH=0`` turns it off). Each row is a request
+    of the model's engine (``l2pd.engine``): a row that finishes (EoTP, every block decoded) leaves its
+    iterations at once, and its tokens are those of its prompt alone. ``compact`` is accepted and has no
+    effect. Sampling (``temperature > 0``) gives row 0 the call's seed and each other row a seed of its own.
     ``on_step(block_start, step, token, prob, canvas)`` is called after each forward, before the decision
     (``canvas`` still holds the masks); with ``step_stats=True`` it also gets the softmax's ``margin=`` and
     ``entropy=`` [B, L] (what a richer filter reads), and with ``target`` (a reference answer [B, G]; the
@@ -312,11 +198,10 @@ def generate(
 
 
 def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
-          attention_mask: torch.Tensor | None) -> torch.Tensor | GenerateOutput:
+        attention_mask: torch.Tensor | None) -> torch.Tensor | GenerateOutput:
     """One resolved decode (``l2pd.spec.resolve``) of prompts on the model's device, on the model's engine
-    (``l2pd.engine``): a request per row, all at once, each decoding its whole canvas as ``generate`` does."""
-    if spec.on_step is not None or spec.target is not None:
-        return _run_lockstep(model, adapter, spec, input_ids, attention_mask)
+    (``l2pd.engine``): a request per row, all at once, each decoding its whole canvas as ``generate`` does;
+    in lockstep (``l2pd.lockstep``) with a per-step callback or a target."""
     from .engine import Request
 
     (B, P), G = input_ids.shape, spec.max_new_tokens
@@ -329,9 +214,12 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     stream = None if spec.streamer is None else _Stream(spec.streamer, host[0], spec.eos_id)
     reqs = [Request(id=f"generate-{b}", prompt=host[b, P - lengths[b] :].tolist(), spec=_row_spec(spec, b),
                     whole=True, first_block=first[b], on_event=stream) for b in range(B)]
+    lock = None
+    if spec.on_step is not None or spec.target is not None:
+        lock = _lockstep(adapter, spec, reqs, input_ids, lengths)
     iterations, graphed = engine.counters["iterations"], engine.counters["graphed"]
     t0 = time.perf_counter()
-    engine.run_batch(reqs)
+    engine.run_batch(reqs, lock)
     if adapter.device.type == "cuda":
         torch.cuda.synchronize(adapter.device)
     seconds = time.perf_counter() - t0
@@ -348,6 +236,33 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
         return GenerateOutput(sequences, nfe, engine.counters["iterations"] - iterations, seconds,
                               engine.counters["graphed"] - graphed)
     return sequences
+
+
+def _lockstep(adapter: Any, spec: DecodeSpec, reqs: list, input_ids: torch.Tensor, lengths: list[int]) -> Any:
+    """The lockstep frame of a padded batch: each row's answer after the padded prompts (a block-causal model:
+    after its prompt, its padding cut to whole blocks), the canvas' columns as ``on_step`` sees them."""
+    from .lockstep import Lockstep
+
+    (B, P), G, L = input_ids.shape, spec.max_new_tokens, spec.block_length
+    if adapter.block_causal:
+        offsets = [(P - n) // L * L for n in lengths]
+        T = max(o + -(-(n + G) // L) * L for o, n in zip(offsets, lengths))
+    else:
+        offsets, T = [P - n for n in lengths], P + G
+    base = torch.full((B, T), spec.mask_id, dtype=torch.long, device=input_ids.device)
+    base[:, :P] = input_ids
+    if adapter.block_causal:  # what lies before a shifted row: a filler, neither a mask nor an end of text
+        filler = next(t for t in range(3) if t not in (spec.mask_id, spec.eos_id))
+        lead = torch.tensor(offsets, device=base.device)[:, None]
+        base = torch.where(torch.arange(T, device=base.device)[None] < lead, filler, base)
+    target = None
+    if spec.target is not None:
+        starts = torch.tensor([o + n for o, n in zip(offsets, lengths)], device=base.device)
+        target = canvas_target(spec.target, starts, T)
+    return Lockstep(reqs, offsets, base, on_step=spec.on_step, target=target,
+                    stats=spec.step_stats or spec.rule == "margin" or (
+                        spec.filter is not None and spec.filter.needs_stats),
+                    with_target=target is not None and spec.on_step is not None and takes_target(spec.on_step))
 
 
 def _row_spec(spec: DecodeSpec, b: int) -> DecodeSpec:
@@ -416,123 +331,6 @@ def _engine(model: Any, adapter: Any, spec: DecodeSpec, rows: int, length: int) 
     return engine
 
 
-def _run_lockstep(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor | None) -> torch.Tensor | GenerateOutput:
-    """The block loop with every row in the same block and step (a per-step callback, a target)."""
-    mask_id, eos_id = spec.mask_id, spec.eos_id
-    block_length, stops, device = spec.block_length, spec.stops, adapter.device
-    (B, P), G, given_ids = input_ids.shape, spec.max_new_tokens, input_ids
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    # block-causal padded rows: each row's answer start and end in the canvas, and the filler past its end
-    input_ids, attention_mask, phase = _layout(adapter, spec, input_ids, attention_mask, padded)
-    starts = None if phase is None else phase[0]
-    first = P if starts is None else int(starts.min())
-    bounds = block_bounds(first, P + G - first, block_length, adapter.block_causal)
-    T = bounds[-1][1]  # P + G, or (block-causal) up to the end of the last block
-    policy = _policy(spec, device)
-    stepper, keep = _stepper(model, adapter, spec, policy, B, P, T, padded)
-    if spec.target is not None:
-        stepper.policy.target = canvas_target(spec.target, P if starts is None else starts, T)
-    # once per decode, not per step: whether the callback takes the reference answer's block slice
-    stepper.policy.on_step_target = spec.target is not None and spec.on_step is not None and takes_target(spec.on_step)
-    state = stepper.state
-    state.load(input_ids, attention_mask if padded else None, mask_id)
-    if phase is not None:  # nothing to decode past each row's own last block
-        state.canvas.masked_fill_(torch.arange(T, device=device)[None] >= phase[1][:, None], phase[2])
-    _place_answer(state.canvas, spec.answer, phase, P)
-    if state.kv is not None:
-        state.kv.mode, state.kv.refresh = spec.cache, spec.refresh
-    canvas, kv = state.canvas, state.kv
-
-    stream = None if spec.streamer is None else FinalTokenStream(spec.streamer, input_ids[0], P, eos_id, mask_id)
-    nfe = torch.zeros(B, dtype=torch.int64, device=device)
-    # finished rows leave at block starts: the rest move to the front, the step runs on the first n (a power of
-    # two: few graph shapes); ``order[i]`` is the input row in slot i
-    compact = spec.compact
-    order = torch.arange(B, device=device)
-    n, step_fn = B, stepper
-    forwards = graphed = 0
-    t0 = time.perf_counter()
-    previous = None  # start of the last block decoded (the tail and window refreshes start there)
-    for s, e in bounds:
-        # block-causal: feed from the attention block's start (the first one holds the prompt's tail too)
-        s_attn = s - (s % block_length) if adapter.block_causal else s
-        left = (canvas[:n, s:e] == mask_id).sum(-1)
-        # a row is done when its block has no masks (EoTP filled it), or with phase-shifted rows (block-causal,
-        # padded) none after it either: such a row's answer may start a block later
-        done = left == 0 if starts is None else (canvas[:n, s:] == mask_id).sum(-1) == 0
-        alive, any_left = torch.stack([(~done).sum(), left.max()]).tolist()  # the one host read of the block
-        if alive == 0 or any_left == 0:  # EoTP already filled this block in every row (or no row starts here)
-            continue
-        if compact and _bucket(alive) < n:
-            keep_rows = _bucket(alive)
-            perm = torch.argsort(done.to(torch.int8), stable=True)  # rows still decoding first
-            state.reorder(perm, keep_rows)
-            order[:n] = order[:n].index_select(0, perm)
-            nfe[:n] = nfe[:n].index_select(0, perm)
-            n, step_fn = keep_rows, stepper.narrow(keep_rows)
-            left = left.index_select(0, perm[:n])
-        # block-causal: the schedule of a whole block, also for a first block that holds the prompt's tail (as
-        # LLaDA 2.x's loop does; top-k takes what is left)
-        schedule = block_schedule(block_length if adapter.block_causal else e - s, spec.steps_per_block)
-        i = post = 0  # post: forwards spent editing after the block's masks are gone
-        started = left > 0
-        while True:
-            if kv is None:
-                lo, hi = 0, T
-            elif i == 0:  # with a cache, the block's first forward refreshes the slots
-                lo, hi = kv.refresh_range(previous, e)
-            else:
-                lo, hi = kv.feed_range(s_attn, e)
-            nfe[:n] += started if post else left > 0
-            k = schedule[i] if (not spec.fixed_k and i < len(schedule)) else 1
-            if i == e - s - 1:  # the cap: a block never takes more forwards than its length
-                k = e - s  # (every step accepts >= 1, so this binds only for rules that stall, e.g. oracle)
-            step_seed = None if spec.temperature == 0 else (spec.seed * 1000003 + forwards) & 0x7FFFFFFF
-            left, replayed = step_fn(lo, hi - lo, s, e - s, k, step=i, seed=step_seed)
-            forwards += 1
-            graphed += replayed
-            i += 1
-            if stream is not None:  # batch 1: cut at a stop among the fixed tokens, send what is final
-                if stops.active:
-                    stops.cut(canvas, P, e, 1)
-                    left = (canvas[:1, s:e] == mask_id).sum(-1)
-                stream.update(canvas, min(e, P + G))
-            done, post = _block_done(spec, left, step_fn.edits[:n], post)
-            if done:
-                break
-        previous = s_attn
-        if stops.active:  # rows that reached a stop end here (the rest of their canvas becomes end-of-text)
-            stops.cut(canvas, P, e, n)
-    if stream is not None:
-        stream.update(canvas, P + G)
-        stream.end()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    if compact:
-        canvas, nfe = _unpermute(canvas, order), _unpermute(nfe, order)
-    sequences = _sequences(canvas, given_ids, starts, G, T, keep and not compact)
-    if spec.return_dict:
-        return GenerateOutput(sequences, nfe, forwards, seconds, graphed)
-    return sequences
-
-
-def _place_answer(canvas: torch.Tensor, answer: torch.Tensor | None, phase: tuple | None, P: int) -> None:
-    """A partial answer into the canvas after the prompts: its decided tokens stay, its masks get decoded."""
-    if answer is None:
-        return
-    if phase is not None:
-        raise ValueError("answer= with a padded batch of a block-causal model is not supported: pass prompts of "
-                         "one length")
-    canvas[:, P : P + answer.shape[1]].copy_(answer)
-
-
-def _sequences(canvas: torch.Tensor, given_ids: torch.Tensor, starts: torch.Tensor | None, G: int, T: int,
-               kept: bool) -> torch.Tensor:
-    """The decoded sequences [B, P + G] from the final canvas: each row's answer after its prompt as given."""
-    P = given_ids.shape[1]
-    if starts is not None:  # a shifted block-causal layout
-        return torch.cat([given_ids, canvas.gather(1, starts[:, None] + torch.arange(G, device=canvas.device))], 1)
-    # a kept stepper's canvas is reused by the next call
-    return canvas[:, : P + G].clone() if kept or T > P + G else canvas
+def release(model: Any) -> None:
+    """Drop the engine (its buffers and captured CUDA graphs) that ``generate`` keeps on ``model``."""
+    vars(model).pop("_l2pd_engine", None)

@@ -31,9 +31,12 @@ Token editing (LLaDA 2.1, ``edit_threshold``): before its decision a row rewrite
 whose guess passes tau_edit; once the block has no masks it keeps editing while a forward still rewrites
 something, ``edit_steps`` forwards at most; its block's tokens become final when the block ends.
 
-``generate`` runs today's loop (``l2pd.decode``) on the same step kernels and the same ``DecodeSpec``;
-``Engine.generate`` is the batch front end of the engine (all rows at once) and the tests hold the two to the
-same tokens. ``counters`` and ``step_seconds`` feed the server's metrics.
+Front ends: ``submit`` (one request; the server), ``Engine.generate`` (prompts at once), and ``generate``
+(``l2pd.decode``), which makes each row of its batch a *whole-canvas* request (``Request.whole``: decoded
+past its first end of text, cut at stops as ``generate`` cuts) and runs the batch with ``run_batch``; with
+a per-step callback or a target the batch runs in lockstep (``l2pd.lockstep``): only the rows at the batch's
+current block run, and a row whose block is done waits for the others. ``counters`` and ``step_seconds``
+feed the server's metrics.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from l2pd_kernels.reference import edit_tokens
 
 from .cache import BlockKVCache, feed_range, refresh_range
 from .decode import block_schedule, select_ops
+from .lockstep import Lockstep
 from .models import adapter_for
 from .models.decoder import Pack
 from .spec import DecodeSpec, resolve
@@ -122,6 +126,7 @@ class _Row:
     causal: bool = False  # a block-causal model: blocks (and attention) at multiples of block_length
     post: int = 0  # token editing: forwards spent editing after the block's masks were gone
     ended: bool = False  # a whole-canvas row past its first end of text: nothing more to send
+    waiting: bool = False  # lockstep: its block is done, the batch's is not
     seen: list[int] | None = None  # token editing: the block as the last forward left it
     given: list[int] | None = None  # a partial answer (``answer=``): the canvas from P to T as admitted
 
@@ -218,6 +223,9 @@ class Engine:
         self.graphs = device.type == "cuda" and self.kernels and fused_ops and (
             cuda_graphs if cuda_graphs is not None else os.environ.get("L2PD_CUDA_GRAPH", "1") != "0")
         self._graphed: dict[tuple, _EngineGraph] = {}
+        self.lockstep: Lockstep | None = None  # a lockstep batch being decoded (``run_batch``)
+        self._staging: torch.Tensor | None = None  # pinned host memory the iteration's indices go through
+        self._packed: tuple | None = None  # the last iteration's packed indices and what they were built from
         self.pad_buckets = pad_buckets  # pad iterations to the graphs' buckets without graphs (tests, CPU)
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self._capture_stream: Any = None
@@ -297,19 +305,23 @@ class Engine:
         ``benchmarks/RESULTS.md``, "The engine as a batch decoder")."""
         return self.run_batch([self.submit(p, **options) for p in prompts])
 
-    def run_batch(self, requests: list[Request]) -> list[Request]:
+    def run_batch(self, requests: list[Request], lockstep: Lockstep | None = None) -> list[Request]:
         """Queue ``requests`` (submitted, or built with a resolved spec: ``l2pd.decode``) and run until idle,
-        every joining row's first refresh in the first iteration."""
+        every joining row's first refresh in the first iteration; with ``lockstep`` (``l2pd.lockstep``; the
+        engine must be idle) the rows move from block to block together."""
+        if lockstep is not None and (self.rows or self.waiting):
+            raise RuntimeError("a lockstep batch needs an idle engine")
         with self._lock:
             queued = {id(r) for r in self.waiting}
             self.waiting.extend(r for r in requests if id(r) not in queued)
         budget = self.max_step_tokens
         self.max_step_tokens = max(budget, sum(r.spec.max_new_tokens + len(r.prompt) + self.max_block_length
                                                for r in requests))
+        self.lockstep = lockstep
         try:
             self.run()
         finally:
-            self.max_step_tokens = budget
+            self.max_step_tokens, self.lockstep = budget, None
         return requests
 
     def run(self) -> None:
@@ -390,6 +402,8 @@ class Engine:
             elif req.deadline is not None and now > req.deadline:
                 self._retire(row, "timeout")
         self._admit(now)
+        if self.lockstep is not None:
+            self._barrier()
         if not self.rows:
             return bool(self.waiting)
         plan = self._plan()
@@ -449,8 +463,27 @@ class Engine:
                 if given is not None and spec.mask_id not in given[: self.rows[slot].end - P]:
                     self._skip_given(self.rows[slot])
 
+    def _barrier(self) -> None:
+        """Lockstep: once no row at the batch's block has masks left there, every waiting row moves on, and
+        the batch's block becomes the earliest block a row has to decode."""
+        ls = self.lockstep
+        if any(not r.waiting and ls.canvas_start(r) == ls.block for r in self.rows.values()):
+            return
+        for row in list(self.rows.values()):
+            if row.waiting:
+                row.waiting = False
+                try:
+                    self._deliver(row, *self._next_block(row, []))
+                except Exception as exc:
+                    self._retire(row, "error", error=f"{type(exc).__name__}: {exc}")
+        ls.block = min((ls.canvas_start(r) for r in self.rows.values()), default=None)
+
     def _plan(self) -> list[_Row]:
-        """Rows that run this iteration: every row inside a block, then refreshes within the token budget."""
+        """Rows that run this iteration: every row inside a block, then refreshes within the token budget
+        (lockstep: the rows at the batch's block that have masks left in it)."""
+        if self.lockstep is not None:
+            ls = self.lockstep
+            return [r for r in self.rows.values() if not r.waiting and ls.canvas_start(r) == ls.block]
         stepping = [r for r in self.rows.values() if r.step > 0]
         refresh = sorted((r for r in self.rows.values() if r.step == 0), key=lambda r: (r.previous is None, r.slot))
         budget = self.max_step_tokens - sum(hi - lo for lo, hi in map(self._fed, stepping))
@@ -487,12 +520,16 @@ class Engine:
             groups.setdefault(key, []).append(row)
         order = [row for rows in groups.values() for row in rows]
         sampled = any(r.request.spec.temperature > 0 for r in order)
-        graph = self.graphs and len(groups) == 1 and not sampled
+        graph = self.graphs and len(groups) == 1 and not sampled and self.lockstep is None
         parts, meta = self._pack(order, [len(g) for g in groups.values()],
                                  pad=(graph or self.pad_buckets) and len(groups) == 1)
-        host = torch.from_numpy(np.concatenate(parts))
-        if device.type == "cuda":
-            host = host.pin_memory()
+        flat = np.concatenate(parts)
+        host = torch.from_numpy(flat)
+        if device.type == "cuda":  # through a pinned buffer kept for the engine (the last copy from it is done:
+            if self._staging is None or self._staging.numel() < flat.size:  # every iteration ends reading back)
+                self._staging = torch.empty(max(flat.size, 1 << 16), dtype=torch.int64, pin_memory=True)
+            host = self._staging[: flat.size]
+            host.numpy()[:] = flat
         if not graph:
             dev = host.to(device, non_blocking=True)
             blocks = self._body(dev, meta, order, groups)
@@ -549,6 +586,14 @@ class Engine:
         self.counters["refresh_tokens"] += int(lens[~steps].sum())
         self.counters["fed_tokens"] += n
         self.counters["forwards"] += len(order)
+        # the rows' steps inside their blocks change only the decide words: the rest is the last iteration's
+        key = (pad, tuple(group_sizes), fed.tobytes(), slot.tobytes(), T.tobytes(), s.tobytes(), e.tobytes(),
+               L.tobytes())
+        if self._packed is not None and self._packed[0] == key:
+            parts, meta = list(self._packed[1]), self._packed[2]
+            padding = np.zeros((meta["rows"] - len(order), 2), dtype=np.int64)
+            parts[4] = np.concatenate([words, padding]).reshape(-1)
+            return parts, meta
         start = np.cumsum(lens) - lens
         width = int(L.max())
         if pad:  # padding rows (no tokens, block 0 of the spare row), then one segment of padding tokens
@@ -559,7 +604,9 @@ class Engine:
 
             lo, lens = grow(lo, [0] * (extra + 1)), grow(lens, [0] * extra + [n_pad])
             slot = grow(slot, [spare] * (extra + 1))
-            T = grow(T, [1] * extra + [max(1, n_pad)])
+            # (the padding tokens cycle through the spare row's slots: a pool narrower than the padding, as
+            # ``generate``'s is, still holds them)
+            T = grow(T, [1] * extra + [max(1, min(n_pad, self.canvas.shape[1]))])
             s, e = grow(s, [0] * extra), grow(e, [1] * extra)
             L = grow(L, [width] * extra)
             words = np.concatenate([words, np.zeros((extra, 2), dtype=np.int64)])
@@ -567,6 +614,8 @@ class Engine:
         rows_n = len(s)  # rows that decide (padding rows included)
         tok_rows = np.repeat(slot, lens)
         tok_slots = np.arange(int(lens.sum())) - np.repeat(start - lo, lens)
+        if pad:
+            tok_slots[n:] %= self.canvas.shape[1]
         # the block's logits: position p from hidden state p - shift; past the answer (a short last block)
         # repeat the last, whose decision the canvas (end of text there) ignores
         offs = np.arange(int(L.sum())) - np.repeat(np.cumsum(L) - L, L)
@@ -591,7 +640,9 @@ class Engine:
             tiles = np.concatenate([tiles, np.tile([[pad_seg, 1 << 30]], (more, 1))]).astype(np.int64)
         parts = [tok_rows, tok_slots, lidx, seg.reshape(-1), words.reshape(-1), slot[:rows_n], cols,
                  tiles.reshape(-1)]
-        return parts, {"sizes": [len(x) for x in parts], "width": width, "rows": rows_n, "groups": group_sizes}
+        meta = {"sizes": [len(x) for x in parts], "width": width, "rows": rows_n, "groups": group_sizes}
+        self._packed = (key, parts, meta)
+        return parts, meta
 
     def _segments(self, order: list[_Row], lo: np.ndarray, start: np.ndarray, lens: np.ndarray, slot: np.ndarray,
                   T: np.ndarray) -> np.ndarray:
@@ -623,14 +674,20 @@ class Engine:
         ids = self.canvas[rows, slots].view(1, -1)
         logits = self.adapter.forward(ids, None, cache=self.kv, position_ids=slots.view(1, -1),
                                       logits_index=lidx, pack=pack, fused=self.fused)
+        ls = self.lockstep
         needs_stats = any((r.request.spec.filter is not None and r.request.spec.filter.needs_stats)
-                          or r.request.spec.rule == "margin" for r in order)
+                          or r.request.spec.rule == "margin" for r in order) or (ls is not None and ls.stats)
         mask_id = order[0].request.spec.mask_id
         out = self.confidence(logits, 0.0, None, suppress=mask_id, stats=True) if needs_stats else \
             self.confidence(logits, 0.0, None, suppress=mask_id)
         token, prob = out[0][0], out[1][0]
         margin, entropy = (out[2][0], out[3][0]) if needs_stats else (None, None)
         self._sample(order, logits, token, prob)
+        if ls is not None and ls.on_step is not None:  # lockstep: one group of the batch's rows, no padding
+            L = order[0].request.spec.block_length
+            ls.call(order, self.canvas, token.view(-1, L), prob.view(-1, L),
+                    None if margin is None else margin.view(-1, L),
+                    None if entropy is None else entropy.view(-1, L), mask_id)
         params = params.view(-1, 2)
         sizes = list(meta["groups"])
         sizes[-1] += meta["rows"] - len(order)  # padding rows join the (single) group
@@ -653,6 +710,13 @@ class Engine:
                     kw["history"] = self.guesses
                 if f.needs_stats:
                     stats = dict(margin=margin[part].view(g, L), entropy=entropy[part].view(g, L))
+            if spec.strategy == "oracle":  # lockstep only: the target's decision instead of the rule's
+                W = rows_g[0].end - rows_g[0].block
+                ls.oracle(self.canvas, rows_g, slot_t[r0 : r0 + g], cols.view(-1, meta["width"])[r0 : r0 + g, :W],
+                          token[part].view(g, L)[:, :W], spec.mask_id)
+                off += g * L
+                r0 += g
+                continue
             if spec.edit is not None:  # LLaDA 2.1: rewrite decided positions first, then fill masks
                 # (each row's block width: bits 40-59 of its word; padding rows have width 0)
                 edit_tokens(self.canvas, token[part].view(g, L), prob[part].view(g, L),
@@ -698,6 +762,8 @@ class Engine:
         if reason is None and done_here:
             if req.whole and rest == 0:  # nothing left to decode (EoTP filled the rest)
                 reason = "stop" if row.ended else "length"
+            elif self.lockstep is not None:  # the next block once the batch's block is done
+                row.waiting = True
             else:
                 reason, emit = self._next_block(row, emit)
         self._deliver(row, reason, emit)

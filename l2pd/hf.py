@@ -102,8 +102,9 @@ def end_ids(eos_token_id: Any) -> list[int]:
 
 
 class StopCutter:
-    """Ends rows at extra end ids and stop strings, checked at block ends on the tokens fixed so far: the
-    answer is cut after the stop (the rest becomes end-of-text), so the row stops costing forwards."""
+    """Ends rows at extra end ids and stop strings, checked on the answer tokens fixed so far (in order from
+    its start): the answer is cut after the stop (the rest becomes end-of-text), so the row stops costing
+    forwards."""
 
     def __init__(self, extra_ids: list[int], stop_strings: Any, tokenizer: Any, eos_id: int, mask_id: int) -> None:
         if isinstance(stop_strings, str):
@@ -118,29 +119,9 @@ class StopCutter:
     def active(self) -> bool:
         return bool(self.extra.numel() or self.strings)
 
-    def cut(self, canvas: torch.Tensor, P: int, end: int, rows: int) -> None:
-        """Cut the first ``rows`` rows of ``canvas`` in place at the first stop among the answer tokens fixed in
-        order from its start (positions [P, end) up to the first mask)."""
-        answer = canvas[:rows, P:end]
-        masked = answer == self.mask_id
-        prefix = torch.where(masked.any(-1), masked.float().argmax(-1), answer.shape[1])
-        in_prefix = torch.arange(answer.shape[1], device=answer.device)[None] < prefix[:, None]
-        cut_at = torch.full((rows,), -1, dtype=torch.long)
-        if self.extra.numel():
-            hit = torch.isin(answer, self.extra.to(answer.device)) & in_prefix
-            cut_at = torch.where(hit.any(-1), hit.float().argmax(-1), -1).cpu()
-        if self.strings:
-            host, lengths = answer.cpu(), prefix.tolist()
-            for r in range(rows):
-                pos = self._string_end(host[r, : lengths[r]].tolist())
-                if pos >= 0 and (cut_at[r] < 0 or pos < cut_at[r]):
-                    cut_at[r] = pos
-        for r in torch.nonzero(cut_at >= 0).flatten().tolist():
-            canvas[r, P + int(cut_at[r]) + 1 :] = self.eos_id
-
     def cut_index(self, ids: list[int]) -> int:
-        """Where ``cut`` cuts one row whose answer tokens fixed in order are ``ids``: the index of the extra end
-        id or the token completing a stop string that comes first, or -1."""
+        """Where a row whose answer tokens fixed in order are ``ids`` is cut: the index of the extra end id or
+        of the token completing a stop string, whichever comes first, or -1."""
         extra = set(self.extra.tolist())
         hits = [i for i, t in enumerate(ids) if t in extra][:1]
         if self.strings:
@@ -160,30 +141,3 @@ class StopCutter:
             if len(self.tokenizer.decode(ids[: i + 1])) >= need:
                 return i
         return len(ids) - 1
-
-
-class FinalTokenStream:
-    """Feeds a ``transformers`` streamer: the prompt first (so ``skip_prompt`` works), then each token once it
-    and all before it are fixed, up to and including the first end-of-text; ``end()`` at the close."""
-
-    def __init__(self, streamer: Any, prompt: torch.Tensor, P: int, eos_id: int, mask_id: int) -> None:
-        self.streamer, self.P, self.eos_id, self.mask_id = streamer, P, eos_id, mask_id
-        self.sent = P  # canvas positions [P, sent) have been sent
-        self.done = False
-        streamer.put(prompt.cpu())
-
-    def update(self, canvas: torch.Tensor, end: int) -> None:
-        if self.done or end <= self.sent:
-            return
-        row = canvas[0, self.sent : end].cpu()
-        masked = (row == self.mask_id).nonzero()
-        fixed = row if masked.numel() == 0 else row[: int(masked[0, 0])]
-        eos = (fixed == self.eos_id).nonzero()
-        if eos.numel():
-            fixed, self.done = fixed[: int(eos[0, 0]) + 1], True
-        if fixed.numel():
-            self.streamer.put(fixed)
-            self.sent += fixed.numel()
-
-    def end(self) -> None:
-        self.streamer.end()

@@ -22,9 +22,9 @@ from torch import nn
 
 from l2pd_kernels.reference import quantize_fp8
 
+from .decode import release
 from .models import adapter_for
 from .models.decoder import unpack_layers
-from .step import release
 
 KINDS = ("fp8", "w8a8")
 

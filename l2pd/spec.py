@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,6 @@ class DecodeSpec:
     filter: Any  # learn2pd's filter, else None
     backend: str | None  # the decision's ops: None (auto), 'triton' or 'torch'
     cuda_graph: bool
-    compact: bool  # finished rows leave the step at block starts
     return_dict: bool
     step_stats: bool  # on_step also gets margins and entropies
     stops: StopCutter  # extra end ids and stop strings
@@ -80,6 +80,9 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
     """(spec, input_ids [B, P] int64, attention_mask [B, P] or None), both on the model's device; the
     arguments are ``l2pd.generate``'s (see its docstring), ``kwargs`` the unknown ones (refused by name)."""
     refuse_unknown(dict(kwargs or {}))
+    if not compact:
+        warnings.warn("compact=False has no effect: rows that finish leave the engine's iterations at once",
+                      DeprecationWarning, stacklevel=3)
     if inputs is not None:
         if input_ids is not None:
             raise ValueError("give the prompt as input_ids or as inputs, not both")
@@ -159,7 +162,6 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
         pad_id=pad_id, filter=filter if strategy == "learn2pd" else None, backend=backend,
         cuda_graph=os.environ.get("L2PD_CUDA_GRAPH", "1") != "0" if cuda_graph is None else bool(cuda_graph),
         # finished rows leave the step; not with a per-step callback or the oracle, which index rows
-        compact=bool(compact) and on_step is None and strategy != "oracle" and B > 1,
         return_dict=bool(return_dict_in_generate), step_stats=bool(step_stats), stops=stops, streamer=streamer,
         target=None if target is None else target.to(device=device, dtype=torch.long), on_step=on_step,
         persist=2 if persist is None else persist, edit=edit_threshold,

@@ -205,27 +205,29 @@ def test_not_a_known_model_is_a_clear_error():
 def test_a_cached_step_reads_the_same_hidden_states_as_the_full_forward(cache):
     """On an unchanged canvas, a cached step (which feeds the position before the block too) gives the
     block the same tokens and confidences as the full forward: the shift is handled alike in both paths."""
-    from l2pd.step import DecodeState, Policy, Stepper
+    from l2pd.cache import BlockKVCache
     from l2pd_kernels import reference
 
     model = tiny_dream(7)
     ad = adapter_for(model)
+    dec = ad.decoder
     P, G, L = 5, 12, 4
-    state = DecodeState.allocate(ad, 2, P, P + G, False, cache, "full", torch.float32, torch.device("cpu"))
-    state.load(torch.randint(0, 58, (2, P)), None, MASK)
-    state.canvas[:, P : P + L] = torch.randint(0, 58, (2, L))  # a finished first block
-    seen = []
-    policy = Policy("steps", MASK, dict(threshold=float("inf"), mask_id=MASK, eos_id=EOS, eotp="off",
-                                        filter_weights=None, filter_block=L),
-                    on_step=lambda s, step, tok, prob, canvas: seen.append((tok.clone(), prob.clone())))
-    st = Stepper(ad, state, policy, reference.confidence, reference.decide, kernels=False, graphs=False)
-    s = P + L
-    st(0, P + G, s, L, 0)  # full forward; k=0 and tau=inf accept nothing: the canvas stays as it is
-    lo, hi = state.kv.feed_range(s, s + L)
-    st(lo, hi - lo, s, L, 0)
-    (tok_full, prob_full), (tok_cached, prob_cached) = seen
+    T, s = P + G, P + L
+    canvas = torch.cat([torch.randint(0, 58, (2, P + L)), torch.full((2, G - L), MASK)], 1)  # a finished block
+    kv = BlockKVCache(len(dec.layers), 2, dec.n_kv, T, dec.head_dim, cache, torch.float32, "cpu")
+
+    def step(lo, hi):
+        # the block's logits come from the hidden states one to the left: the fed range starts one earlier
+        lo = lo - ad.shift if lo > 0 else lo
+        idx = torch.arange(lo, hi)
+        logits = ad.forward(canvas[:, lo:hi], None, cache=kv, position_ids=idx.repeat(2, 1), slots=idx,
+                            logits_index=s - ad.shift - lo + torch.arange(L))
+        return reference.confidence(logits, 0.0, None, suppress=MASK)
+
+    tok_full, prob_full = step(0, T)  # the full forward writes every slot
+    tok_cached, prob_cached = step(*kv.feed_range(s, s + L))
     assert torch.equal(tok_full, tok_cached)
     torch.testing.assert_close(prob_cached, prob_full, rtol=1e-5, atol=1e-6)
-    want = reference_logits(model, state.canvas)[:, s : s + L]
+    want = reference_logits(model, canvas)[:, s : s + L]
     want[..., MASK] = float("-inf")
     assert torch.equal(tok_full, want.argmax(-1))

@@ -114,6 +114,27 @@ def test_padded_iterations_give_the_same_tokens(bundled):
     assert engine.canvas[-1].ne(model.config.mask_token_id).all()  # the spare row never holds a mask
 
 
+def test_padding_wider_than_a_narrow_pool_stays_in_the_spare_row(bundled):
+    """``generate``'s engine is as wide as its canvas; the padding tokens of a large iteration (up to 1/8 of its
+    tokens) may outnumber the spare row's slots: they cycle through them, and no request's tokens change."""
+    model, tok, _ = bundled
+    from l2pd.demo.task import split
+    from l2pd.demo.tokenizer import prompt_text
+
+    prompts = [tok(prompt_text(tok, p.question))["input_ids"] for p in split("test", 40)]
+    opts = dict(max_new_tokens=32, strategy="threshold", block_length=16, cache="none")
+    engine = Engine(model, max_batch=40, max_length=max(map(len, prompts)) + 32, max_block_length=16,
+                    max_step_tokens=1 << 16, pad_buckets=True)
+    jobs = [(p, engine.submit(p, **opts)) for p in prompts]
+    widest = []
+    pack = engine._pack
+    engine._pack = lambda *a, **k: (lambda r: (widest.append(r[1]["sizes"][0]), r)[1])(pack(*a, **k))
+    engine.run()
+    assert max(widest) - sum(len(p) + 32 for p in prompts) > engine.canvas.shape[1]  # padding past the row
+    for p, req in jobs:
+        assert req.tokens == _alone(model, p, **opts)
+
+
 def test_dream_family_matches_generate():
     from l2pd.demo import load
     from l2pd.demo.task import split

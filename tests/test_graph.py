@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import l2pd
+from l2pd.decode import release
 from l2pd.demo.task import split
 from l2pd.evaluate import encode_prompts
-from l2pd.step import release
 from tests.conftest import FILTER32
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -94,15 +94,15 @@ def test_packed_weights_same_logits_and_state_dict():
 
 
 @pytest.mark.parametrize("cache", ["none", "dual"])
-def test_compacted_graphed_equals_uncompacted_eager(bundled, cache):
-    """Rows that finish early leave the step (smaller batches, their own graphs); tokens stay the same."""
+def test_graphed_equals_eager_as_rows_finish(bundled, cache):
+    """Rows that finish early leave the iterations (fewer rows, their own graphs); tokens stay the same."""
     model, tok = bundled
     ids, mask = _prompts(tok, 0, 24)
     kw = dict(max_new_tokens=256, block_length=32, strategy="learn2pd", eotp=True, cache=cache,
               filter=l2pd.Filter.from_pretrained(FILTER32), return_dict_in_generate=True)
     release(model)
     outs = [model.generate(ids, mask, cuda_graph=True, **kw) for _ in range(3)]
-    kept = model.generate(ids, mask, cuda_graph=False, compact=False, **kw)
+    kept = model.generate(ids, mask, cuda_graph=False, **kw)
     assert outs[-1].graphed > 0
     for out in outs:
         assert torch.equal(out.sequences, kept.sequences)

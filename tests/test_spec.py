@@ -22,7 +22,7 @@ def test_defaults_without_a_filter(adapter):
     assert isinstance(spec, DecodeSpec) and ids.dtype == torch.int64 and mask is None
     assert (spec.strategy, spec.threshold, spec.eotp, spec.block_length, spec.max_new_tokens) == (
         "threshold", 0.9, "off", 32, 256)
-    assert (spec.mask_id, spec.eos_id, spec.temperature, spec.seed, spec.compact) == (MASK, EOS, 0.0, None, False)
+    assert (spec.mask_id, spec.eos_id, spec.temperature, spec.seed) == (MASK, EOS, 0.0, None)
 
 
 def test_the_filter_gives_learn2pd_its_operating_point(adapter):
@@ -39,7 +39,6 @@ def test_steps_schedule_sampling_and_hugging_face_names(adapter):
     assert math.isinf(spec.threshold) and spec.steps_per_block == 2
     spec, ids, _ = resolve(adapter, [[1, 2]], do_sample=True, max_length=10, num_return_sequences=3)
     assert spec.temperature == 1.0 and spec.seed is not None and spec.max_new_tokens == 8 and ids.shape == (3, 2)
-    assert spec.compact  # three rows: finished ones leave the step
     spec, _, _ = resolve(adapter, inputs=[[1, 2]], eos_token_id=[EOS, 5], eotp=True)
     assert spec.eotp == "accepted" and spec.stops.active
 

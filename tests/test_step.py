@@ -1,4 +1,4 @@
-"""The step's cheaper refreshes and the compaction of finished rows (CPU; the bundled model for EoTP)."""
+"""The step's cheaper refreshes, and rows of a batch that finish apart (CPU; the bundled model for EoTP)."""
 
 import pytest
 import torch
@@ -8,7 +8,6 @@ from l2pd.cache import BlockKVCache
 from l2pd.demo.task import split
 from l2pd.evaluate import encode_prompts
 from l2pd.models.llada import llada_forward
-from l2pd.step import DecodeState
 from tests.conftest import FILTER32, tiny_model
 
 
@@ -52,24 +51,24 @@ def bundled():
 
 @pytest.mark.parametrize("cache", ["none", "dual"])
 @pytest.mark.parametrize("strategy", ["threshold", "learn2pd"])
-def test_compacting_finished_rows_gives_the_same_tokens(bundled, cache, strategy, monkeypatch):
+def test_rows_that_finish_early_leave_without_changing_any_row(bundled, cache, strategy):
+    """Rows of a batch end at different blocks (EoTP) and leave the engine's iterations: every row's answer
+    and forwards are those of its prompt alone, and the batch runs no more forwards than its longest row."""
     model, tok = bundled
     # problems of different lengths, so that EoTP ends rows at different blocks
     ids, mask = encode_prompts(tok, [p.question for p in split("test", 6, 3)], "cpu")
     flt = l2pd.Filter.from_pretrained(FILTER32) if strategy == "learn2pd" else None  # block 32: rows end apart
     kw = dict(max_new_tokens=160, block_length=32, strategy=strategy, eotp=True, cache=cache, filter=flt,
               return_dict_in_generate=True, backend="torch")  # the kernels are tested elsewhere
-    calls = []
-    reorder = DecodeState.reorder
-    monkeypatch.setattr(DecodeState, "reorder", lambda self, perm, keep: (calls.append(keep),
-                                                                          reorder(self, perm, keep)))
-    kept = model.generate(ids, mask, compact=False, **kw)
-    assert calls == []
-    compacted = model.generate(ids, mask, compact=True, **kw)
-    assert calls and calls == sorted(calls, reverse=True) and calls[-1] < 6, calls
-    assert torch.equal(compacted.sequences, kept.sequences)
-    assert torch.equal(compacted.nfe, kept.nfe)
-    assert compacted.forwards == kept.forwards
+    batch = model.generate(ids, mask, **kw)
+    P = ids.shape[1]
+    assert len(set(batch.nfe.tolist())) > 1  # the rows do end apart
+    for r in range(ids.shape[0]):
+        n = int(mask[r].sum())
+        alone = model.generate(ids[r : r + 1, P - n :], **kw)
+        assert torch.equal(batch.sequences[r, P:], alone.sequences[0, n:]), r
+        assert int(batch.nfe[r]) == int(alone.nfe[0]), r
+    assert batch.forwards == int(batch.nfe.max())
 
 
 def test_evaluate_uses_the_patched_filter(bundled):
