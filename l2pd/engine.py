@@ -563,37 +563,27 @@ class Engine:
         counts are rounded up to buckets (a captured graph per bucket): padding rows decide on the pool's
         spare row and padding tokens write there, so nothing real is touched."""
         shift, spare = self.adapter.shift, self.max_batch
-        fed = np.array([self._fed(r) for r in order], dtype=np.int64).reshape(-1, 2)
-        lo, lens = fed[:, 0], fed[:, 1] - fed[:, 0]
-        slot = np.array([r.slot for r in order], dtype=np.int64)
-        T = np.array([r.T for r in order], dtype=np.int64)
-        s = np.array([r.block for r in order], dtype=np.int64)
-        e = np.array([r.end for r in order], dtype=np.int64)
-        L = np.array([r.request.spec.block_length for r in order], dtype=np.int64)
-        words = np.empty((len(order), 2), dtype=np.int64)
-        for i, row in enumerate(order):
-            spec = row.request.spec
-            width = row.end - row.block
-            if row.step == 0:  # block-causal: a whole block's schedule, also for the first (generate's rule)
-                row.schedule = block_schedule(spec.block_length if row.causal else width, spec.steps_per_block)
-            k = row.schedule[row.step] if not spec.fixed_k and row.step < len(row.schedule) else 1
-            if row.step == width - 1:
-                k = width  # generate's cap: a block never takes more forwards than its length
-            words[i] = ((width << 40) | (row.block << 20) | k, row.step)
-        steps = np.array([r.step for r in order]) > 0
-        n = int(lens.sum())
-        self.counters["step_tokens"] += int(lens[steps].sum())
-        self.counters["refresh_tokens"] += int(lens[~steps].sum())
+        ranges = [self._fed(r) for r in order]
+        tokens = [hi - lo for lo, hi in ranges]
+        n = sum(tokens)
+        stepping = sum(t for t, r in zip(tokens, order) if r.step > 0)
+        self.counters["step_tokens"] += stepping
+        self.counters["refresh_tokens"] += n - stepping
         self.counters["fed_tokens"] += n
         self.counters["forwards"] += len(order)
+        words = np.array([self._word(r) for r in order], dtype=np.int64).reshape(-1, 2)
         # the rows' steps inside their blocks change only the decide words: the rest is the last iteration's
-        key = (pad, tuple(group_sizes), fed.tobytes(), slot.tobytes(), T.tobytes(), s.tobytes(), e.tobytes(),
-               L.tobytes())
+        key = (pad, tuple(group_sizes), tuple(ranges),
+               tuple((r.slot, r.T, r.block, r.end, r.request.spec.block_length) for r in order))
         if self._packed is not None and self._packed[0] == key:
             parts, meta = list(self._packed[1]), self._packed[2]
             padding = np.zeros((meta["rows"] - len(order), 2), dtype=np.int64)
             parts[4] = np.concatenate([words, padding]).reshape(-1)
             return parts, meta
+        fed = np.array(ranges, dtype=np.int64).reshape(-1, 2)
+        lo, lens = fed[:, 0], fed[:, 1] - fed[:, 0]
+        slot, T, s, e, L = np.array([(r.slot, r.T, r.block, r.end, r.request.spec.block_length) for r in order],
+                                    dtype=np.int64).reshape(-1, 5).T
         start = np.cumsum(lens) - lens
         width = int(L.max())
         if pad:  # padding rows (no tokens, block 0 of the spare row), then one segment of padding tokens
@@ -643,6 +633,18 @@ class Engine:
         meta = {"sizes": [len(x) for x in parts], "width": width, "rows": rows_n, "groups": group_sizes}
         self._packed = (key, parts, meta)
         return parts, meta
+
+    @staticmethod
+    def _word(row: _Row) -> tuple[int, int]:
+        """A row's decide word (its block width, block start and this forward's k) and step index."""
+        spec = row.request.spec
+        width = row.end - row.block
+        if row.step == 0:  # block-causal: a whole block's schedule, also for the first (generate's rule)
+            row.schedule = block_schedule(spec.block_length if row.causal else width, spec.steps_per_block)
+        k = row.schedule[row.step] if not spec.fixed_k and row.step < len(row.schedule) else 1
+        if row.step == width - 1:
+            k = width  # generate's cap: a block never takes more forwards than its length
+        return (width << 40) | (row.block << 20) | k, row.step
 
     def _segments(self, order: list[_Row], lo: np.ndarray, start: np.ndarray, lens: np.ndarray, slot: np.ndarray,
                   T: np.ndarray) -> np.ndarray:
