@@ -80,9 +80,7 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
     """(spec, input_ids [B, P] int64, attention_mask [B, P] or None), both on the model's device; the
     arguments are ``l2pd.generate``'s (see its docstring), ``kwargs`` the unknown ones (refused by name)."""
     refuse_unknown(dict(kwargs or {}))
-    if not compact:
-        warnings.warn("compact=False has no effect: rows that finish leave the engine's iterations at once",
-                      DeprecationWarning, stacklevel=3)
+    _compact(compact)
     if inputs is not None:
         if input_ids is not None:
             raise ValueError("give the prompt as input_ids or as inputs, not both")
@@ -168,6 +166,13 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
         edit_steps=16 if edit_steps is None else edit_steps,
         answer=_answer(answer, B, max_new_tokens, adapter, mask_id, strategy, device))
     return spec, input_ids, attention_mask
+
+
+def _compact(compact: Any) -> None:
+    """``compact`` is accepted for old callers: finished rows always leave the engine's iterations."""
+    if not compact:
+        warnings.warn("compact=False has no effect: rows that finish leave the engine's iterations at once",
+                      DeprecationWarning, stacklevel=4)
 
 
 def _answer(answer: Any, B: int, G: int, adapter: Any, mask_id: int, strategy: str,

@@ -46,3 +46,8 @@ def test_steps_schedule_sampling_and_hugging_face_names(adapter):
 def test_unknown_arguments_are_refused_by_name(adapter):
     with pytest.raises(ValueError, match=r"\['top_p'\]"):
         resolve(adapter, [[1, 2]], kwargs={"top_p": 0.9})
+
+
+def test_compact_is_accepted_and_has_no_effect(adapter):
+    with pytest.warns(DeprecationWarning, match="compact=False has no effect"):
+        resolve(adapter, [[1, 2]], compact=False)

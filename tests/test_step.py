@@ -82,3 +82,36 @@ def test_evaluate_uses_the_patched_filter(bundled):
     assert r["problems"] == 2 and r["mean_nfe"] >= 1
     # no strategy: learn2pd, as model.generate does with a filter
     assert evaluate(model, tok, split("test", 2), **kw)["mean_nfe"] == r["mean_nfe"]
+
+
+def test_a_step_callback_sees_the_batch_in_lockstep(bundled):
+    """With ``on_step`` the rows of a left-padded batch decode the same block at the same step: every call
+    gets [B, L] tensors and the padded canvas before the decision; a row with nothing left in the block shows
+    the mask id and probability 0; the tokens are those of the decode without a callback."""
+    model, tok = bundled
+    ids, mask = encode_prompts(tok, [p.question for p in split("test", 4, 3)], "cpu")
+    B, P = ids.shape
+    mask_id = model.config.mask_token_id
+    kw = dict(max_new_tokens=96, block_length=32, strategy="threshold", eotp=True, cache="dual",
+              return_dict_in_generate=True, backend="torch")
+    calls = []
+
+    def on_step(block_start, step, token, prob, canvas):
+        masked = canvas[:, block_start : block_start + token.shape[1]] == mask_id
+        calls.append((block_start, step, masked.any(-1).clone()))
+        assert token.shape == prob.shape == (B, 32) and canvas.shape == (B, P + 96)
+        assert torch.equal(canvas[:, :P], ids)  # the batch's frame: prompts as given, padding included
+        idle = ~masked.any(-1)
+        assert bool((token[idle] == mask_id).all()) and bool((prob[idle] == 0).all())
+
+    free = model.generate(ids, mask, **kw)
+    locked = model.generate(ids, mask, on_step=on_step, **kw)
+    assert torch.equal(locked.sequences, free.sequences) and torch.equal(locked.nfe, free.nfe)
+    assert len(calls) == locked.forwards >= free.forwards
+    starts = [s for s, _, _ in calls]
+    assert starts == sorted(starts) and set(starts) <= {P, P + 32, P + 64}
+    for (s, step, _), (s2, step2, _) in zip(calls, calls[1:]):
+        assert step2 == (step + 1 if s2 == s else 0)  # the block's forwards counted from its refresh
+    # each forward's running rows are the rows with masks in the block; EoTP ends some rows early
+    assert sum(int(active.sum()) for _, _, active in calls) == int(locked.nfe.sum())
+    assert any(not bool(active.all()) for _, _, active in calls)  # some forward ran without every row
