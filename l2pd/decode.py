@@ -90,19 +90,6 @@ def block_schedule(masks: int, steps: int) -> list[int]:
     return [base + (1 if i < rem else 0) for i in range(steps)]
 
 
-def block_bounds(prompt: int, new: int, block: int, aligned: bool = False) -> list[tuple[int, int]]:
-    """The decoding blocks [start, end) of a canvas holding ``prompt`` + ``new`` tokens: blocks of ``block``
-    from the prompt's end; or, ``aligned`` (block-causal models), blocks at multiples of ``block`` from position
-    0, as the model's attention groups them: the first one also holds the prompt's last partial block and the
-    last one runs to its end, past ``prompt + new`` (those tokens are decoded and dropped, as LLaDA 2.x's own
-    loop does)."""
-    if not aligned:
-        return [(s, min(s + block, prompt + new)) for s in range(prompt, prompt + new, block)]
-    end = -(-(prompt + new) // block) * block
-    starts = [prompt] + list(range((prompt // block + 1) * block, end, block))
-    return list(zip(starts, starts[1:] + [end]))
-
-
 def canvas_target(target: torch.Tensor, starts: int | torch.Tensor, T: int) -> torch.Tensor:
     """A reference answer [B, G] placed in canvas columns [B, T]: row r's answer from ``starts`` (P, or each
     row's answer start of a shifted block-causal layout), -1 elsewhere."""

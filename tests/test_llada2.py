@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import l2pd
-from l2pd.decode import block_bounds, generate
+from l2pd.decode import generate
 from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM, adapter_for, load_pretrained
 
 MASK, EOS = 61, 60
@@ -201,10 +201,21 @@ def official_loop(model, prompt, gen_length, block, threshold, steps=None):
     return x[:, :P + gen_length], forwards
 
 
-def test_block_bounds_align_with_the_attention_blocks():
-    assert block_bounds(5, 10, 4) == [(5, 9), (9, 13), (13, 15)]
-    assert block_bounds(5, 10, 4, aligned=True) == [(5, 8), (8, 12), (12, 16)]
-    assert block_bounds(8, 8, 4, aligned=True) == [(8, 12), (12, 16)]
+@pytest.mark.parametrize("plen,new,want", [(5, 10, [(5, 8), (8, 12), (12, 16)]), (8, 8, [(8, 12), (12, 16)])])
+def test_decoding_blocks_align_with_the_attention_blocks(plen, new, want):
+    """A block-causal model decodes in blocks at multiples of the block length from position 0: the first one
+    holds the prompt's tail, the last runs past the answer. (A bidirectional model's blocks start at the
+    answer: see test_decode.)"""
+    model = tiny_llada2(3)
+    seen = []
+
+    def on_step(block_start, step, token, prob, canvas):
+        if step == 0:
+            seen.append((block_start, block_start + token.shape[1]))
+
+    generate(model, torch.randint(0, 50, (1, plen)), max_new_tokens=new, block_length=4, strategy="steps",
+             on_step=on_step, backend="torch")
+    assert seen == want
 
 
 @pytest.mark.parametrize("plen", [5, 8])
