@@ -232,7 +232,7 @@ def _lockstep(adapter: Any, spec: DecodeSpec, reqs: list, input_ids: torch.Tenso
 
     (B, P), G, L = input_ids.shape, spec.max_new_tokens, spec.block_length
     if adapter.block_causal:
-        offsets = [(P - n) // L * L for n in lengths]
+        offsets = _leads(P, L, lengths)
         T = max(o + -(-(n + G) // L) * L for o, n in zip(offsets, lengths))
     else:
         offsets, T = [P - n for n in lengths], P + G
@@ -263,7 +263,7 @@ def _row_spec(spec: DecodeSpec, b: int) -> DecodeSpec:
 def _first_blocks(adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor, lengths: list[int]) -> list[int | None]:
     """Where each row's first decision block starts, in its own positions (None: at its answer). A padded batch
     of a block-causal model decides in the batch's blocks: each row's padding is cut to whole blocks
-    (``block_phase``), so the first block starts at the batch's earliest answer start, and a row whose answer
+    (``_leads``), so the first block starts at the batch's earliest answer start, and a row whose answer
     starts in a later block decides over that whole block (its prompt's tail included)."""
     P, L = input_ids.shape[1], spec.block_length
     if not adapter.block_causal or min(lengths) == P or spec.edit is not None:
@@ -271,7 +271,7 @@ def _first_blocks(adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor, lengt
     if spec.answer is not None:
         raise ValueError("answer= with a padded batch of a block-causal model is not supported: pass prompts of "
                          "one length")
-    leads = [(P - n) // L * L for n in lengths]
+    leads = _leads(P, L, lengths)
     first = min(lead + n for lead, n in zip(leads, lengths))
     starts = [max(first - lead, n // L * L) for lead, n in zip(leads, lengths)]
     host = input_ids.cpu()
@@ -280,6 +280,12 @@ def _first_blocks(adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor, lengt
             raise ValueError("a prompt of this padded batch holds the end-of-text token in its last block, which "
                              "its decoding block would read as an answer's end: pass the prompts one at a time")
     return starts
+
+
+def _leads(P: int, L: int, lengths: list[int]) -> list[int]:
+    """A padded block-causal batch's frame: the left padding each row keeps, cut to whole blocks, so that its
+    attention blocks fall on the batch's blocks."""
+    return [(P - n) // L * L for n in lengths]
 
 
 class _Stream:

@@ -799,14 +799,18 @@ class Engine:
                     if any(s in self.tokenizer.decode(req.tokens + emit[:k]) for s in req.stop):
                         emit = emit[:k]
                         break
+        self._keep(req, emit)
+        if reason is None and row.final >= spec.max_new_tokens:
+            reason = "length"
+        return reason, emit
+
+    def _keep(self, req: Request, emit: list[int]) -> None:
+        """Answer tokens ``emit`` onto the request (and the first token's time)."""
         if emit:
             req.tokens.extend(emit)
             self.counters["tokens_out"] += len(emit)
             if req.first_token is None:
                 req.first_token = time.monotonic()
-        if reason is None and row.final >= spec.max_new_tokens:
-            reason = "length"
-        return reason, emit
 
     def _take_whole(self, row: _Row, new: list[int]) -> tuple[str | None, list[int]]:
         """``_take`` for a whole-canvas row: every final token goes to ``answer``; the row is cut at the first
@@ -828,11 +832,7 @@ class Engine:
                     row.ended = True
                     break
                 emit.append(tok)
-        if emit:
-            req.tokens.extend(emit)
-            self.counters["tokens_out"] += len(emit)
-            if req.first_token is None:
-                req.first_token = time.monotonic()
+        self._keep(req, emit)
         return reason, emit
 
     def _next_block(self, row: _Row, emit: list[int], decoded: bool = True) -> tuple[str | None, list[int]]:
