@@ -42,6 +42,7 @@ except ImportError:  # run from the repository root
 
 RULES = ("threshold", "margin", "persistence")
 VAL_OFFSET = 900_000_000  # validation problems: training-split seeds no collection or model training uses
+RL_OFFSET = 800_000_000  # the policy gradient's prompts: another range of unused training seeds
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,7 +62,19 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--hidden", type=int, default=32, help="the filters' hidden width")
     ap.add_argument("--kinds", default="shared,history",
                     help="filter kinds, each its own DAgger chain: shared (a snapshot of the softmax and the block) "
-                         "and history (also each guess's run length, previous confidence and change)")
+                         "and history (also each guess's run length, previous confidence and change); reinforce: "
+                         "a history filter trained by policy gradient on its own decodes (l2pd.reinforce), from a "
+                         "confidence threshold or from --reinforce-init")
+    ap.add_argument("--reinforce-init", default=None,
+                    help="start the policy gradient from this chain's filter (e.g. history-r1) instead of a threshold")
+    ap.add_argument("--rl-cost", type=float, default=0.01, help="reward per decode: correct - cost * forwards")
+    ap.add_argument("--rl-iterations", type=int, default=150)
+    ap.add_argument("--rl-prompts", type=int, default=64, help="prompts per policy-gradient iteration")
+    ap.add_argument("--rl-samples", type=int, default=8, help="decodes per prompt (the baseline is their mean)")
+    ap.add_argument("--rl-tau", type=float, default=0.5, help="the policy's operating tau")
+    ap.add_argument("--rl-temperature", type=float, default=0.25)
+    ap.add_argument("--rl-taus", default="0.2,0.35,0.5,0.65,0.8", help="the policy-gradient filter's taus to sweep")
+    ap.add_argument("--rl-lr", type=float, default=1e-3)
     ap.add_argument("--rules", default=",".join(RULES), help="training-free rules to sweep")
     ap.add_argument("--taus", default="0.9,0.95,0.98,0.99,0.995,0.998,0.999", help="training-free rules' taus")
     ap.add_argument("--filter-taus", default="0.5,0.7,0.8,0.9,0.95,0.98,0.99", help="filters' taus")
@@ -117,6 +130,23 @@ def train_rounds(model, tok, args, block: int, kind: str, info: dict) -> dict:
     return filters
 
 
+def train_reinforce(model, tok, args, block: int, init, info: dict) -> dict:
+    """The policy-gradient filter at one block length, on its own hard-train (or train) prompts."""
+    from l2pd.reinforce import train_policy
+
+    train_split = "train" if args.level == "base" else "hard-train"
+    problems = split(train_split, args.rl_iterations * args.rl_prompts, offset=RL_OFFSET)
+    t0 = time.time()
+    flt = train_policy(model, tok, problems, init, block_length=block, gen_length=args.max_new_tokens,
+                       tau=args.rl_tau, cost=args.rl_cost, samples=args.rl_samples, prompts_per_step=args.rl_prompts,
+                       iterations=args.rl_iterations, lr=args.rl_lr, temperature=args.rl_temperature,
+                       hidden=args.hidden, log=lambda m: print(f"block {block} reinforce: {m}", flush=True))
+    flt.save_pretrained(os.path.join(args.out, f"reinforce-block{block}"))
+    info[f"block{block}"]["reinforce"] = {"init": args.reinforce_init or "threshold",
+                                          "train_seconds": round(time.time() - t0, 1), "curve": flt.meta["curve"]}
+    return {"reinforce": flt}
+
+
 def sweep_all(model, tok, problems, args, block: int, filters: dict, tag: str) -> list[dict]:
     """Every configuration at one block length; rows are appended to ``rows-TAG-*.jsonl`` as they finish
     (a rerun resumes from them)."""
@@ -128,7 +158,8 @@ def sweep_all(model, tok, problems, args, block: int, filters: dict, tag: str) -
     rows = run_sweep(model, tok, problems, base + [c for rule in rules for c in configs(rule, taus, block)],
                      out=os.path.join(args.out, f"rows-{tag}-block{block}-rules.jsonl"), **kw)
     for name, flt in filters.items():
-        for r in run_sweep(model, tok, problems, configs("learn2pd", ftaus, block), filters={block: flt},
+        taus = [float(t) for t in args.rl_taus.split(",")] if name == "reinforce" else ftaus
+        for r in run_sweep(model, tok, problems, configs("learn2pd", taus, block), filters={block: flt},
                            out=os.path.join(args.out, f"rows-{tag}-block{block}-{name}.jsonl"), **kw):
             rows.append({**r, "strategy": name})
     print(f"{tag} block {block}: {len(rows)} rows", flush=True)
@@ -142,9 +173,12 @@ def main() -> None:
     model, tok = load_model(args.model, dev)
     blocks = [int(b) for b in args.blocks.split(",")]
     kinds = [k for k in args.kinds.split(",") if k]
-    if not kinds or any(k not in ("shared", "history") for k in kinds) or \
+    if not kinds or any(k not in ("shared", "history", "reinforce") for k in kinds) or \
             any(r not in RULES for r in args.rules.split(",") if r):
-        raise SystemExit(f"--kinds {args.kinds!r} / --rules {args.rules!r}: expected shared,history / {RULES}")
+        raise SystemExit(f"--kinds {args.kinds!r} / --rules {args.rules!r}: expected shared,history,reinforce / "
+                         f"{RULES}")
+    if args.reinforce_init and args.reinforce_init.split("-r")[0] not in kinds:
+        raise SystemExit(f"--reinforce-init {args.reinforce_init!r}: its chain is not among --kinds {args.kinds!r}")
     val_split, test_split = ("train", "test") if args.level == "base" else ("hard-train", "hard-test")
     val = split(val_split, args.val_problems, offset=VAL_OFFSET)
     test = split(test_split, args.test_problems)
@@ -155,10 +189,13 @@ def main() -> None:
         info[f"block{block}"] = {}
         filters = {}
         for kind in kinds:
-            filters.update(train_rounds(model, tok, args, block, kind, info))
+            if kind != "reinforce":
+                filters.update(train_rounds(model, tok, args, block, kind, info))
+        if "reinforce" in kinds:
+            filters.update(train_reinforce(model, tok, args, block, filters.get(args.reinforce_init), info))
         all_filters[block] = filters
         val_rows += sweep_all(model, tok, val, args, block, filters, "val")
-    methods = [r for r in args.rules.split(",") if r] + [f"{k}-r{r}" for k in kinds for r in range(args.rounds + 1)]
+    methods = [r for r in args.rules.split(",") if r] + list(all_filters[blocks[0]])
     picks = pick(val_rows, args.within, methods)
     test_rows = []
     for block in blocks:

@@ -226,18 +226,27 @@ def filter_scores(prob: torch.Tensor, masked: torch.Tensor, weights: list[tuple[
     its ``run`` and ``previous`` confidence (``history_features``)."""
     L = prob.shape[1]
     if kind in ("shared", "history"):
-        if margin is None or entropy is None:
-            raise ValueError(f"a {kind} filter reads margins and entropies (confidence(..., stats=True))")
-        ch = [filter_channel(v, masked, block_length, n) for v, n in ((prob, "confidence"), (margin, "margin"),
-                                                                      (entropy, "entropy"))]
-        feats = shared_features(*ch, torch.nn.functional.pad(masked, (0, block_length - L)), step, block_length)
-        if kind == "history":
-            pad = (0, block_length - L)
-            feats = history_features(feats, ch[0], torch.nn.functional.pad(run, pad, value=1),
-                                     torch.nn.functional.pad(previous.float(), pad))
+        feats = position_inputs(prob, masked, block_length, kind, margin, entropy, step, run, previous)
         return torch.sigmoid(filter_logits(feats, weights)[..., 0])[:, :L]
     feats = filter_features(prob, masked, block_length, inputs, margin, entropy, step)
     return torch.sigmoid(filter_logits(feats, weights))[:, :L]
+
+
+def position_inputs(prob: torch.Tensor, masked: torch.Tensor, block_length: int, kind: str,
+                    margin: torch.Tensor | None, entropy: torch.Tensor | None, step: int | torch.Tensor = 0,
+                    run: torch.Tensor | None = None, previous: torch.Tensor | None = None) -> torch.Tensor:
+    """A shared or history filter's inputs [B, block_length, features] for the block's positions [B, L]."""
+    if margin is None or entropy is None:
+        raise ValueError(f"a {kind} filter reads margins and entropies (confidence(..., stats=True))")
+    L = prob.shape[1]
+    ch = [filter_channel(v, masked, block_length, n) for v, n in ((prob, "confidence"), (margin, "margin"),
+                                                                  (entropy, "entropy"))]
+    feats = shared_features(*ch, torch.nn.functional.pad(masked, (0, block_length - L)), step, block_length)
+    if kind == "history":
+        pad = (0, block_length - L)
+        feats = history_features(feats, ch[0], torch.nn.functional.pad(run, pad, value=1),
+                                 torch.nn.functional.pad(previous.float(), pad))
+    return feats
 
 
 def topk_lowest_index(score: torch.Tensor, eligible: torch.Tensor, k: int) -> torch.Tensor:
@@ -336,15 +345,19 @@ def decide(
             best = topk_lowest_index(prob, pred, 1)
             cut_pred = torch.where(best, idx, L).amin(-1)
             first = torch.minimum(first, cut_pred)
-        has = first < L
-        pos = block_start + first
-        eot = torch.where(has, pos, eot)
-        col = torch.arange(canvas.shape[1], device=canvas.device)
-        fill = has[:, None] & (col[None, :] >= pos[:, None]) & ((col[None, :] > pos[:, None]) | (canvas == mask_id))
-        canvas.copy_(torch.where(fill, torch.full_like(canvas, eos_id), canvas))
+        eot = end_fill(canvas, block_start + first, first < L, mask_id, eos_id)
         still = block == mask_id
     left = still.sum(-1)
     return masked.sum(-1) - left, left, eot
+
+
+def end_fill(canvas: torch.Tensor, pos: torch.Tensor, has: torch.Tensor, mask_id: int, eos_id: int) -> torch.Tensor:
+    """EoTP's cut: in rows ``has``, end-of-text at canvas column ``pos`` (if still masked) and every column
+    after it. Returns the cut column per row, -1 where none."""
+    col = torch.arange(canvas.shape[1], device=canvas.device)
+    fill = has[:, None] & (col[None, :] >= pos[:, None]) & ((col[None, :] > pos[:, None]) | (canvas == mask_id))
+    canvas.copy_(torch.where(fill, torch.full_like(canvas, eos_id), canvas))
+    return torch.where(has, pos, torch.full_like(pos, -1))
 
 
 RULES = ("confidence", "margin", "persistence")
