@@ -75,6 +75,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rl-temperature", type=float, default=0.25)
     ap.add_argument("--rl-taus", default="0.2,0.35,0.5,0.65,0.8", help="the policy-gradient filter's taus to sweep")
     ap.add_argument("--rl-lr", type=float, default=1e-3)
+    ap.add_argument("--rl-start", type=float, default=0.98, help="the confidence threshold the policy starts as")
     ap.add_argument("--rules", default=",".join(RULES), help="training-free rules to sweep")
     ap.add_argument("--taus", default="0.9,0.95,0.98,0.99,0.995,0.998,0.999", help="training-free rules' taus")
     ap.add_argument("--filter-taus", default="0.5,0.7,0.8,0.9,0.95,0.98,0.99", help="filters' taus")
@@ -140,9 +141,10 @@ def train_reinforce(model, tok, args, block: int, init, info: dict) -> dict:
     flt = train_policy(model, tok, problems, init, block_length=block, gen_length=args.max_new_tokens,
                        tau=args.rl_tau, cost=args.rl_cost, samples=args.rl_samples, prompts_per_step=args.rl_prompts,
                        iterations=args.rl_iterations, lr=args.rl_lr, temperature=args.rl_temperature,
-                       hidden=args.hidden, log=lambda m: print(f"block {block} reinforce: {m}", flush=True))
+                       hidden=args.hidden, start_confidence=args.rl_start, progress=False,
+                       log=lambda m: print(f"block {block} reinforce: {m}", flush=True))
     flt.save_pretrained(os.path.join(args.out, f"reinforce-block{block}"))
-    info[f"block{block}"]["reinforce"] = {"init": args.reinforce_init or "threshold",
+    info[f"block{block}"]["reinforce"] = {"init": args.reinforce_init or f"threshold {args.rl_start}",
                                           "train_seconds": round(time.time() - t0, 1), "curve": flt.meta["curve"]}
     return {"reinforce": flt}
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from l2pd_kernels.reference import (
     HISTORY_FEATURES,
@@ -139,22 +140,26 @@ def train_policy(
     model: Any, tokenizer: Any, problems: list[Any], filter: Filter | None = None, *, block_length: int = 128,
     gen_length: int = 256, tau: float = 0.5, cost: float = 0.01, samples: int = 8, prompts_per_step: int = 32,
     iterations: int = 100, lr: float = 1e-3, temperature: float = 0.25, hidden: int = 32, seed: int = 0,
-    checker: Callable[[str, Any], bool] | None = None, log: Any = print,
+    start_confidence: float = 0.98, checker: Callable[[str, Any], bool] | None = None, log: Any = print,
+    progress: bool = True,
 ) -> Filter:
     """Train a history filter by policy gradient on ``problems`` (objects with ``.question`` and ``.answer``):
     each iteration decodes ``prompts_per_step`` prompts ``samples`` times each. Starts from ``filter`` (a
-    history filter; its weights are copied) or from ``threshold_filter``. The result is saved with ``tau`` as
-    its operating point; its meta records the training curve."""
+    history filter; its weights are copied) or from ``threshold_filter`` at ``start_confidence``. The result
+    has ``tau`` as its operating point; its meta records the training curve."""
     from .demo.task import is_correct
     from .evaluate import answer_texts, encode_prompts
     from .models import adapter_for
 
     _check(block_length, gen_length, tau, cost, samples, prompts_per_step, iterations, lr, temperature, problems)
     adapter = adapter_for(model)
+    if adapter.block_causal:
+        raise ValueError("policy-gradient training decodes bidirectional models (LLaDA, Dream); block-causal "
+                         "LLaDA 2.x is not supported")
     device = adapter.device
     check = checker or is_correct
     if filter is None:
-        flt = threshold_filter(block_length, hidden, tau=tau, seed=seed)
+        flt = threshold_filter(block_length, hidden, confidence_at=start_confidence, tau=tau, seed=seed)
     else:
         if filter.kind != "history" or filter.block_length != block_length:
             raise ValueError(f"the starting filter must be a history filter of block {block_length}, got a "
@@ -166,7 +171,8 @@ def train_policy(
     gen = torch.Generator(device=device).manual_seed(seed)
     order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed)).tolist()
     curve, t0 = [], time.time()
-    for it in range(iterations):
+    bar = tqdm(range(iterations), disable=not progress, desc="policy gradient", unit="iteration")
+    for it in bar:
         pick = [problems[order[(it * prompts_per_step + j) % len(problems)]] for j in range(prompts_per_step)]
         ids, mask = encode_prompts(tokenizer, [p.question for p in pick for _ in range(samples)], device)
         with torch.no_grad():
@@ -184,6 +190,7 @@ def train_policy(
         curve.append({"iteration": it, "accuracy": round(float(right.mean()), 4),
                       "forwards": round(float(ro.forwards.float().mean()), 3),
                       "reward": round(float(reward.mean()), 4)})
+        bar.set_postfix(accuracy=curve[-1]["accuracy"], forwards=curve[-1]["forwards"])
         if it % 10 == 0 or it == iterations - 1:
             log(f"iteration {it}: accuracy {curve[-1]['accuracy']:.3f} forwards {curve[-1]['forwards']:.2f} "
                 f"reward {curve[-1]['reward']:.4f} ({time.time() - t0:.0f} s)")

@@ -104,3 +104,18 @@ def test_bad_settings_are_refused():
             train_policy(model, tok, problems, **{"block_length": 16, "gen_length": 32, "iterations": 1, **kw})
     with pytest.raises(ValueError, match="history filter"):
         train_policy(model, tok, problems, Filter(16, 8, 1, 0.5, kind="shared"), block_length=16, gen_length=32)
+
+
+def test_cli_trains_a_filter_that_decodes(tmp_path):
+    from l2pd.cli import main
+
+    out = tmp_path / "f"
+    assert main(["train-filter", "--objective", "sequence", "--out", str(out), "--iterations", "2",
+                 "--prompts-per-step", "2", "--samples", "2", "--block-length", "16", "--gen-length", "32",
+                 "--device", "cpu"]) == 0
+    flt = Filter.from_pretrained(out)
+    assert flt.kind == "history" and flt.threshold == 0.5 and flt.meta["objective"] == "policy gradient"
+    model, tok = load_model(None, "cpu")
+    ids, mask = encode_prompts(tok, [split("test", 1)[0].question], "cpu")
+    seq = generate(model, ids, mask, max_new_tokens=32, filter=str(out), backend="torch")
+    assert seq.shape == (1, ids.shape[1] + 32) and not (seq == adapter_for(model).mask_id).any()
