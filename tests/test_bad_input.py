@@ -69,6 +69,8 @@ def _table(i):
         (["train-filter", "--out", "f", "--objective", "sequence", "--samples", "1"], "--samples"),
         (["train-filter", "--out", "f", "--objective", "sequence", "--gen-length", "200"], "--gen-length"),
         (["train-filter", "--out", "f", "--objective", "sequence", "--init-filter", f"{f}/data"], "--init-filter"),
+        (["train-filter", "--out", "f", "--objective", "sequence", "--threshold", "1"], "--threshold"),
+        (["train-filter", "--data", f"{f}/data", "--out", "f", "--model", f"{f}/notok"], "--model"),
         (["trace", "--prompt", "hi", "--vs", "strategy=fast"], "--vs"),
         (["--threads", "100000", "demo"], "--threads"),
         (["--threads", "0", "demo"], "--threads"),

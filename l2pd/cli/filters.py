@@ -102,6 +102,8 @@ def cmd_train_filter(args: argparse.Namespace) -> int:
     if args.data is None:
         raise ValueError("--data DIR is required: the folder(s) `l2pd collect` wrote (or --objective sequence, "
                          "which decodes instead)")
+    if args.model is not None or args.init_filter is not None:
+        raise ValueError("--model and --init-filter go with --objective sequence; --data brings its own model")
     folders = [d for d in args.data.split(",") if d]
     for d in folders or [args.data]:
         if not os.path.isdir(d):
@@ -125,6 +127,8 @@ def _train_sequence(args: argparse.Namespace) -> Any:
         raise ValueError("--objective sequence decodes the bundled task's problems itself; leave out --data")
     if args.kind not in (None, "history") or args.depth != 1:
         raise ValueError("--objective sequence trains a history filter of depth 1 (--kind history --depth 1)")
+    if args.threshold is not None and not 0 < args.threshold < 1:
+        raise ValueError(f"--threshold {args.threshold}: the policy's tau must be in (0, 1)")
     if args.gen_length % args.block_length:
         raise ValueError(f"--gen-length {args.gen_length} must be a multiple of --block-length {args.block_length}")
     init = None
