@@ -76,11 +76,31 @@ def logit(p: float) -> float:
 def rollout(adapter: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, flt: Filter, *, tau: float,
             gen_length: int, temperature: float = 0.25, greedy: bool = False,
             generator: torch.Generator | None = None) -> Rollout:
-    """Decode left-padded prompts [N, P] with ``flt`` as a policy (see the module docstring); every row
-    independently, in lockstep over the blocks."""
-    L = flt.block_length
+    """Decode left-padded prompts [N, P] with ``flt`` as a policy (see the module docstring)."""
+    bias = logit(tau)
+
+    def choose(x: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            z = flt(x)[..., 0]
+        if greedy:
+            return torch.sigmoid(z) > tau
+        p = torch.sigmoid((z - bias) / temperature)
+        return torch.rand(p.shape, device=p.device, generator=generator) < p
+
+    return decode_states(adapter, input_ids, attention_mask, choose, flt.block_length, gen_length)
+
+
+def decode_states(adapter: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  choose: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], block_length: int, gen_length: int,
+                  observe: Callable[..., None] | None = None) -> Rollout:
+    """``generate``'s no-cache decode with EoTP ``accepted`` and a decision of the caller's: ``choose(x,
+    prob)`` gets each forward's history-filter inputs [n, L, F] and confidences [n, L] and says which
+    positions it accepts (the top-1 fallback and a block's last forward are forced on top). Every row
+    independently, in lockstep over the blocks. ``observe(rows, block_start, token, x, masked)`` sees each
+    forward before its decision."""
+    L = block_length
     if gen_length % L:
-        raise ValueError(f"gen_length={gen_length} must be a multiple of the filter's block length {L}")
+        raise ValueError(f"gen_length={gen_length} must be a multiple of the block length {L}")
     if adapter.block_causal:
         raise ValueError("policy-gradient training decodes bidirectional models (LLaDA, Dream); block-causal "
                          "LLaDA 2.x is not supported")
@@ -91,7 +111,6 @@ def rollout(adapter: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     history = (torch.full_like(canvas, -1), torch.zeros_like(canvas, dtype=torch.int32),
                torch.zeros_like(canvas, dtype=torch.float32))
     out = Rollout(canvas, torch.zeros(N, dtype=torch.int64, device=device))
-    bias = logit(tau)
     for b0 in range(P, P + gen_length, L):
         for step in range(L):
             rows = (canvas[:, b0 : b0 + L] == mask_id).any(-1).nonzero()[:, 0]
@@ -106,16 +125,11 @@ def rollout(adapter: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
             for h, k in zip(history, kept):
                 h[rows] = k
             x = position_inputs(prob, masked, L, "history", margin, entropy, step, run, previous)
-            with torch.no_grad():
-                z = flt(x)[..., 0]
-            if greedy:
-                chosen = torch.sigmoid(z) > tau
-            else:
-                p = torch.sigmoid((z - bias) / temperature)
-                chosen = torch.rand(p.shape, device=device, generator=generator) < p
+            if observe is not None:
+                observe(rows, b0, token, x, masked)
+            chosen = choose(x, prob)
             forced = topk_lowest_index(prob, masked, L if step == L - 1 else 1)
-            accept = masked & (chosen | forced)
-            block = torch.where(accept, token, ids[:, b0 : b0 + L])
+            block = torch.where(masked & (chosen | forced), token, ids[:, b0 : b0 + L])
             ids[:, b0 : b0 + L] = block
             first = torch.where(block == eos_id, torch.arange(L, device=device), L).amin(-1)
             end_fill(ids, b0 + first, first < L, mask_id, eos_id)

@@ -6,10 +6,11 @@ final hidden state at the position (what the LM head reads).
     PYTHONPATH=. python benchmarks/studies/hidden_probe.py --model runs/model-hard --level hard
 
 Per prompt: the careful decode is ``generate`` with threshold ``--careful`` + EoTP; the recorded decode is a
-threshold ``--behaviour`` + EoTP decode written here (the same rule, with the hidden states taken from the LM
-head's input). Probes (one hidden layer of 64, full-batch Adam, early stopping on a tenth of the training
-positions) train on the positions of the first ``--train`` prompts and are scored on the others: the ROC
-AUC, and the recall of right guesses at the thresholds where 99% and 99.5% of the accepted guesses are right.
+threshold ``--behaviour`` + EoTP decode (``l2pd.reinforce.decode_states``, ``generate``'s rule), with the
+hidden states taken from the LM head's input. Probes (one hidden layer of 64, full-batch Adam, early stopping
+on a tenth of the training positions) train on the positions of the first ``--train`` prompts and are scored
+on the others: the ROC AUC, and the recall of right guesses at the thresholds where 99% and 99.5% of the
+accepted guesses are right.
 If adding the hidden state raises that recall a lot, a filter that reads hidden states has room; if not,
 it does not.
 """
@@ -32,14 +33,8 @@ from l2pd.decode import generate  # noqa: E402
 from l2pd.demo.task import split  # noqa: E402
 from l2pd.evaluate import encode_prompts  # noqa: E402
 from l2pd.models import adapter_for  # noqa: E402
-from l2pd_kernels.reference import (  # noqa: E402
-    HISTORY_FEATURES,
-    confidence,
-    end_fill,
-    position_inputs,
-    topk_lowest_index,
-    update_history,
-)
+from l2pd.reinforce import decode_states  # noqa: E402
+from l2pd_kernels.reference import HISTORY_FEATURES  # noqa: E402
 
 
 def capture_head_input(head) -> list:
@@ -60,39 +55,17 @@ def capture_head_input(head) -> list:
 def record(adapter, ids, mask, reference, seen, block: int, gen: int, tau: float) -> dict:
     """A threshold decode of left-padded prompts; per masked position of every forward: the history inputs,
     the hidden state, and whether the guess equals ``reference`` [N, P + gen] there."""
-    N, P = ids.shape
-    dev, mask_id, eos_id = ids.device, adapter.mask_id, adapter.eos_id
-    canvas = torch.cat([ids, torch.full((N, gen), mask_id, device=dev)], 1)
-    attn = torch.cat([mask.bool(), torch.ones(N, gen, dtype=torch.bool, device=dev)], 1)
-    history = (torch.full_like(canvas, -1), torch.zeros_like(canvas, dtype=torch.int32),
-               torch.zeros_like(canvas, dtype=torch.float32))
     out = {"x": [], "h": [], "y": [], "row": []}
-    for b0 in range(P, P + gen, block):
-        for step in range(block):
-            rows = (canvas[:, b0 : b0 + block] == mask_id).any(-1).nonzero()[:, 0]
-            if not len(rows):
-                break
-            sub = canvas[rows]
-            masked = sub[:, b0 : b0 + block] == mask_id
-            seen.clear()
-            logits = adapter.logits(sub, attn[rows])[:, b0 : b0 + block]
-            hidden = seen[-1][:, b0 - adapter.shift : b0 - adapter.shift + block].float()
-            token, prob, margin, entropy = confidence(logits, suppress=mask_id, stats=True)
-            kept = tuple(h[rows] for h in history)
-            run, previous = update_history(kept, token, prob, b0)
-            for h, k in zip(history, kept):
-                h[rows] = k
-            x = position_inputs(prob, masked, block, "history", margin, entropy, step, run, previous)
-            out["x"].append(x[masked])
-            out["h"].append(hidden[masked])
-            out["y"].append((token == reference[rows, b0 : b0 + block])[masked])
-            out["row"].append(rows[:, None].expand(-1, block)[masked])
-            accept = masked & ((prob > tau) | topk_lowest_index(prob, masked, block if step == block - 1 else 1))
-            sub[:, b0 : b0 + block] = torch.where(accept, token, sub[:, b0 : b0 + block])
-            blk = sub[:, b0 : b0 + block]
-            first = torch.where(blk == eos_id, torch.arange(block, device=dev), block).amin(-1)
-            end_fill(sub, b0 + first, first < block, mask_id, eos_id)
-            canvas[rows] = sub
+
+    def observe(rows, b0, token, x, masked):
+        hidden = seen[-1][:, b0 - adapter.shift : b0 - adapter.shift + block].float()
+        seen.clear()
+        out["x"].append(x[masked])
+        out["h"].append(hidden[masked])
+        out["y"].append((token == reference[rows, b0 : b0 + block])[masked])
+        out["row"].append(rows[:, None].expand(-1, block)[masked])
+
+    decode_states(adapter, ids, mask, lambda x, prob: prob > tau, block, gen, observe)
     return {k: torch.cat(v) for k, v in out.items()}
 
 
