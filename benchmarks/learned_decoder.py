@@ -98,6 +98,33 @@ def pick(rows: list[dict], within: float, methods: list[str]) -> dict:
     return out
 
 
+def scored_picks(picks: dict, test_rows: list[dict], methods: list[str], keys: dict[str, str]) -> dict:
+    """Each method's pick with the test figures of the same configuration (rows equal on ``keys``' fields;
+    ``keys`` maps the summary's name of a field to the row's)."""
+    out = {}
+    for m in methods:
+        p = picks[m]
+        if p is None:
+            out[m] = None
+            continue
+        t = next(r for r in test_rows if r["strategy"] == m and all(r.get(f) == p.get(f) for f in keys.values()))
+        out[m] = {**{name: p.get(f) for name, f in keys.items()}, "val_accuracy": p["accuracy"],
+                  "val_forwards": p["mean_nfe"], "test_accuracy": t["accuracy"], "test_stderr": t["stderr"],
+                  "test_forwards": t["mean_nfe"]}
+    return out
+
+
+def print_picks(chosen: dict, within: float) -> None:
+    print(f"\npicks (within {within} points of the best steps on validation), scored on test:")
+    for m, c in chosen.items():
+        setting = "none" if c is None else " ".join(f"{k} {v}" for k, v in c.items() if not k.startswith(
+            ("val_", "test_")))
+        print(f"  {m:<14}{setting}" + ("" if c is None else
+                                       f": val {100 * c['val_accuracy']:.1f}% at {c['val_forwards']:.2f}; test "
+                                       f"{100 * c['test_accuracy']:.1f} +- {100 * c['test_stderr']:.1f}% at "
+                                       f"{c['test_forwards']:.2f}"))
+
+
 def train_rounds(model, tok, args, block: int, kind: str, info: dict) -> dict:
     """Round 0 and the DAgger rounds of one filter kind at one block length: {name: filter}. Round 0's
     collection (a threshold's states) is shared by every kind."""
@@ -186,7 +213,7 @@ def main() -> None:
     test = split(test_split, args.test_problems)
     info = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
             "model": args.model or "bundled", **{k: v for k, v in vars(args).items() if k != "out"}}
-    val_rows, chosen, all_filters = [], {}, {}
+    val_rows, all_filters = [], {}
     for block in blocks:
         info[f"block{block}"] = {}
         filters = {}
@@ -206,17 +233,7 @@ def main() -> None:
         aup_rows(pareto(rows))
         with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
-    # the picks' test figures: the same configuration (method, tau, block) on the test problems
-    for m in methods:
-        p = picks[m]
-        if p is None:
-            chosen[m] = None
-            continue
-        t = next(r for r in test_rows if r["strategy"] == m and r["threshold"] == p["threshold"]
-                 and r["block_length"] == p["block_length"])
-        chosen[m] = {"tau": p["threshold"], "block": p["block_length"], "val_accuracy": p["accuracy"],
-                     "val_forwards": p["mean_nfe"], "test_accuracy": t["accuracy"], "test_stderr": t["stderr"],
-                     "test_forwards": t["mean_nfe"]}
+    chosen = scored_picks(picks, test_rows, methods, {"tau": "threshold", "block": "block_length"})
     info["picks"] = chosen
     info["best_steps"] = {"val": picks["best_steps"],
                           "test": max(r["accuracy"] for r in test_rows if r["strategy"] == "steps")}
@@ -224,12 +241,7 @@ def main() -> None:
         json.dump(info, f, indent=1)
     print("\nvalidation\n" + format_rows(val_rows) + "\n" + format_aup(val_rows))
     print("\ntest\n" + format_rows(test_rows) + "\n" + format_aup(test_rows))
-    print(f"\npicks (within {args.within} points of the best steps on validation), scored on test:")
-    for m, c in chosen.items():
-        print(f"  {m:<12}" + ("none" if c is None else
-                               f"tau {c['tau']} block {c['block']}: val {100 * c['val_accuracy']:.1f}% at "
-                               f"{c['val_forwards']:.2f}; test {100 * c['test_accuracy']:.1f} +- "
-                               f"{100 * c['test_stderr']:.1f}% at {c['test_forwards']:.2f}"))
+    print_picks(chosen, args.within)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from filter_frontier import load_model  # noqa: E402
-from learned_decoder import VAL_OFFSET, configs, pick  # noqa: E402
+from learned_decoder import VAL_OFFSET, configs, pick, print_picks, scored_picks  # noqa: E402
 
 from l2pd.demo.task import split  # noqa: E402
 from l2pd.filter import Filter  # noqa: E402
@@ -99,17 +99,7 @@ def main() -> None:
     chosen = {(m, p["threshold"], p["slope"]) for m, p in picks.items() if m in GRID and p}
     test_rows = decode(test, "test", chosen)
     summary = {"model": args.model, "level": args.level, "block": B, "best_steps_val": picks["best_steps"],
-               "picks": {}}
-    for m in methods:
-        p = picks[m]
-        if p is None:
-            summary["picks"][m] = None
-            continue
-        t = next(r for r in test_rows if r["strategy"] == m and r["threshold"] == p["threshold"]
-                 and r.get("slope") == p.get("slope"))
-        summary["picks"][m] = {"c0_or_tau": p["threshold"], "slope": p.get("slope"), "val_accuracy": p["accuracy"],
-                               "val_forwards": p["mean_nfe"], "test_accuracy": t["accuracy"],
-                               "test_stderr": t["stderr"], "test_forwards": t["mean_nfe"]}
+               "picks": scored_picks(picks, test_rows, methods, {"c0_or_tau": "threshold", "slope": "slope"})}
     for name, rows in (("val", val_rows), ("test", test_rows)):
         with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -117,12 +107,7 @@ def main() -> None:
         json.dump(summary, f, indent=1)
     shown = [{**r, "strategy": f"{r['strategy']} {r['slope']:+g}"} if "slope" in r else r for r in val_rows]
     print("validation\n" + format_rows(shown))
-    print(f"\npicks (within {args.within} points of the best steps on validation), scored on test:")
-    for m, c in summary["picks"].items():
-        print(f"  {m:<14}" + ("none" if c is None else
-                              f"c0/tau {c['c0_or_tau']} slope {c['slope']}: val {100 * c['val_accuracy']:.1f}% at "
-                              f"{c['val_forwards']:.2f}; test {100 * c['test_accuracy']:.1f} +- "
-                              f"{100 * c['test_stderr']:.1f}% at {c['test_forwards']:.2f}"))
+    print_picks(summary["picks"], args.within)
 
 
 if __name__ == "__main__":
