@@ -101,9 +101,7 @@ def decode_states(adapter: Any, input_ids: torch.Tensor, attention_mask: torch.T
     L = block_length
     if gen_length % L:
         raise ValueError(f"gen_length={gen_length} must be a multiple of the block length {L}")
-    if adapter.block_causal:
-        raise ValueError("policy-gradient training decodes bidirectional models (LLaDA, Dream); block-causal "
-                         "LLaDA 2.x is not supported")
+    _check_bidirectional(adapter)
     N, P = input_ids.shape
     device, mask_id, eos_id = input_ids.device, adapter.mask_id, adapter.eos_id
     canvas = torch.cat([input_ids, torch.full((N, gen_length), mask_id, device=device)], 1)
@@ -167,9 +165,7 @@ def train_policy(
 
     _check(block_length, gen_length, tau, cost, samples, prompts_per_step, iterations, lr, temperature, problems)
     adapter = adapter_for(model)
-    if adapter.block_causal:
-        raise ValueError("policy-gradient training decodes bidirectional models (LLaDA, Dream); block-causal "
-                         "LLaDA 2.x is not supported")
+    _check_bidirectional(adapter)
     device = adapter.device
     check = checker or is_correct
     if filter is None:
@@ -215,6 +211,12 @@ def train_policy(
                     iterations=iterations, temperature=temperature, lr=lr, train_seconds=round(time.time() - t0, 1),
                     curve=curve)
     return flt
+
+
+def _check_bidirectional(adapter: Any) -> None:
+    if adapter.block_causal:
+        raise ValueError("policy-gradient training decodes bidirectional models (LLaDA, Dream); block-causal "
+                         "LLaDA 2.x is not supported")
 
 
 def _check(block_length: int, gen_length: int, tau: float, cost: float, samples: int, prompts_per_step: int,
