@@ -164,12 +164,12 @@ def generate_section(model, fl: dict, sz: dict, batches: list[int], tpfs: list[i
 
 
 @torch.no_grad()
-def profile_section(model, top: int = 18, new: int = 64, steps: int = 16) -> list[dict]:
-    """Device time by kernel over the forwards of a short eager decode at batch 1 (what a graph replays):
+def profile_section(model, top: int = 18, new: int = 64, steps: int = 16, batch: int = 1) -> list[dict]:
+    """Device time by kernel over the forwards of a short eager decode at ``batch`` rows (what a graph replays):
     ``new`` tokens in ``steps`` forwards (its block refreshes included)."""
     from torch.profiler import ProfilerActivity, profile
 
-    ids = torch.randint(0, 150000, (1, P), device="cuda")
+    ids = torch.randint(0, 150000, (batch, P), device="cuda")
     kw = dict(max_new_tokens=new, block_length=L, strategy="steps", steps=steps, cache="dual", refresh="window",
               cuda_graph=False, return_dict_in_generate=True)
     generate(model, ids, **kw)
@@ -197,6 +197,7 @@ def main() -> None:
     ap.add_argument("--sections", default="checks,moe,profile,generate", help="comma list of what to run")
     ap.add_argument("--profile-new", type=int, default=64, help="the profiled decode's new tokens")
     ap.add_argument("--profile-steps", type=int, default=16, help="the profiled decode's forwards")
+    ap.add_argument("--profile-batch", type=int, default=1, help="the profiled decode's rows")
     args = ap.parse_args()
     t0 = time.perf_counter()
     model = build_model(LLaDA2MoeModelLM, LLaDA2Config)
@@ -212,7 +213,8 @@ def main() -> None:
     if "moe" in sections:
         result["moe"] = moe_section(model, fl, sz)
     if "profile" in sections:
-        result["profile"] = profile_section(model, new=args.profile_new, steps=args.profile_steps)
+        result["profile"] = profile_section(model, new=args.profile_new, steps=args.profile_steps,
+                                            batch=args.profile_batch)
     if "generate" in sections:
         result["generate"] = generate_section(model, fl, sz, [int(b) for b in args.batches.split(",")],
                                               [int(t) for t in args.tpfs.split(",")])

@@ -252,3 +252,19 @@ def test_fused_moe(benchmark, tokens, path):
         nbytes *= 2
     benchmark.extra_info["touched_experts"] = int(touched.numel())
     _run(benchmark, fn, {"GBps": lambda ms: nbytes / ms / 1e6})
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [256, 2048, 4096])
+@pytest.mark.parametrize("path", ["kernel", "reference"])
+def test_moe_align(benchmark, tokens, path):
+    """Sorting a LLaDA2.0-mini layer's (token, expert) pairs by expert into runs of whole 64-row tiles (256
+    experts, top-8): the two Triton kernels against the PyTorch reference (a sort and a dozen small ops)."""
+    from l2pd_kernels import reference as ref
+    from l2pd_kernels.moe import align
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 256, (tokens, 8), device="cuda")
+    fn = (lambda: align(ids, 256, 64)) if path == "kernel" else (lambda: ref.moe_align(ids, 256, 64))
+    rate = {"pairs_per_us": lambda ms: tokens * 8 / ms / 1e3}
+    _run(benchmark, fn, rate, {"graph_" + k: v for k, v in rate.items()})  # in a forward it runs graphed

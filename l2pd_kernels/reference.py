@@ -565,6 +565,31 @@ def moe_route(logits: torch.Tensor, top_k: int, score: str = "sigmoid", bias: to
     return ids, weights * scale
 
 
+def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (token, expert) pairs of ``ids`` [N, k] sorted by expert, each expert's run padded to a multiple of
+    ``block_m``: (pair index per slot [L], ``N * k`` for padding; expert per block of ``block_m`` slots [L /
+    block_m], -1 past the last run). Pairs keep their order within an expert; experts without pairs get no
+    block. ``L`` is the static bound ``ceil((N * k + min(E, N * k) * (block_m - 1)) / block_m) * block_m``."""
+    flat = ids.reshape(-1).long()
+    pairs = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = padded.cumsum(0)
+    starts = ends - padded
+    order = torch.argsort(flat, stable=True)
+    expert = flat.index_select(0, order)
+    first = counts.cumsum(0) - counts  # each expert's first index in ``order``
+    dest = starts.index_select(0, expert) + torch.arange(pairs, device=flat.device) - first.index_select(0, expert)
+    length = -(-(pairs + min(num_experts, pairs) * (block_m - 1)) // block_m) * block_m
+    sorted_pairs = torch.full((length,), pairs, dtype=torch.int64, device=flat.device)
+    sorted_pairs.scatter_(0, dest, order)
+    block_start = torch.arange(0, length, block_m, device=flat.device)
+    block_expert = torch.searchsorted(ends, block_start, right=True)
+    block_expert = torch.where(block_start < ends[-1], block_expert, torch.full_like(block_expert, -1))
+    return sorted_pairs, block_expert
+
+
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
               weights: torch.Tensor, shared: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts of a mixture-of-experts MLP: for each token x [N, D] and each of its experts

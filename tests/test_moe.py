@@ -129,10 +129,8 @@ def test_fused_moe_rows_do_not_depend_on_the_batch():
 
 
 def test_align_pads_each_expert_to_whole_blocks():
-    from l2pd_kernels.moe import align
-
     ids = torch.tensor([[3, 0], [3, 1], [0, 3]])
-    pairs, experts = align(ids, 5, 4)
+    pairs, experts = ref.moe_align(ids, 5, 4)
     assert pairs.shape[0] % 4 == 0 and experts.shape[0] == pairs.shape[0] // 4
     used = experts[experts >= 0].tolist()
     assert used == [0, 1, 3]  # expert 2 and 4 get no block
@@ -140,7 +138,30 @@ def test_align_pads_each_expert_to_whole_blocks():
         chunk = pairs[4 * b: 4 * b + 4]
         real = chunk[chunk < 6]
         assert all(int(ids.view(-1)[p]) == ex for p in real)
+        assert real.tolist() == sorted(real.tolist())  # pair order kept within an expert
     assert sorted(pairs[pairs < 6].tolist()) == list(range(6))
+
+
+@kernels
+@pytest.mark.parametrize("n,k,e,block_m", [(3, 2, 5, 4), (7, 3, 6, 16), (33, 8, 256, 32), (1, 1, 1, 16),
+                                           (9, 4, 7, 128), (300, 8, 24, 16), (140, 1, 3, 8)])
+def test_align_kernel_matches_reference(n, k, e, block_m):
+    from l2pd_kernels.moe import align
+
+    ids = torch.randint(0, e, (n, k), device=DEV)
+    ids[0, 0] = e - 1  # the last expert has pairs: its run ends the sorted list
+    got, want = align(ids, e, block_m), ref.moe_align(ids, e, block_m)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@kernels
+def test_align_kernel_every_pair_on_one_expert():
+    from l2pd_kernels.moe import align
+
+    ids = torch.full((130, 8), 2, device=DEV)  # 1,040 pairs: more than one scan chunk, 65 blocks of one expert
+    got, want = align(ids, 4, 16), ref.moe_align(ids, 4, 16)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (got[1] == 2).sum() == 65 and (got[1][65:] == -1).all()
 
 
 @kernels
