@@ -499,6 +499,21 @@ def test_graphed_decoding_matches_eager_on_the_gpu(edit, monkeypatch):
     assert graphed.graphed > 0 and torch.equal(eager.sequences, graphed.sequences)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core router runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_router_logits_equal_the_fp32_matmul(dtype):
+    from l2pd.models.decoder import _router_logits
+    from l2pd.models.llada2 import _moe
+
+    model = tiny_llada2(11, hidden_size=1024, num_experts=64).cuda().to(dtype)
+    moe = _moe(model.model.layers[1].mlp, model.config)
+    h = torch.randn(37, 1024, device="cuda").to(dtype)
+    got = _router_logits(h, moe)
+    want = torch.nn.functional.linear(h.double(), moe.router.weight.double())  # the exact sums of exact products
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * float(want.abs().max()))  # bf16 logits: ~4e-3
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("block", [4, 8])
 def test_block_diffusion_training_sees_what_decoding_sees(block):
