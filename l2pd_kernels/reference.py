@@ -461,9 +461,11 @@ def linear_gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotary embedding (rotate-half layout, fp32) of q [B, S, H, D] and k [B, S, Hkv, D].
+             k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor | None = None,
+             q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6
+             ) -> torch.Tensor:
+    """Rotary embedding (rotate-half layout, fp32) of q [B, S, H, D] and k [B, S, Hkv, D]; with ``q_norm`` /
+    ``k_norm`` [D] each head is first ``rms_norm``-ed over its D dims with that weight and ``eps``.
 
     ``cos``/``sin`` are fp32 [B, S, R/2]: R = D rotates whole heads; R < D (partial RoPE, LLaDA 2.x) rotates
     the first R dims of each head (pairs i and i + R/2) and passes the rest through. Writes rotated k and v into
@@ -471,6 +473,8 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
     [B, H, S, D]. With ``rows`` [S] (B = 1: one packed sequence) position s goes to row ``rows[s]`` of
     ``k_out``/``v_out`` [R, Hkv, T, D].
     """
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps)[0], rms_norm(k, k_norm, eps)[0]
     c = torch.cat((cos, cos), -1)[:, None]  # [B, 1, S, R]
     s = torch.cat((sin, sin), -1)[:, None]
     r = c.shape[-1]

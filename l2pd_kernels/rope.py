@@ -8,7 +8,9 @@ v once per token and writes q as [B, H, S, D] (over [B, S, H, D] memory) for att
 device tensor, so a captured CUDA graph can write a different block at every replay. With ``rows`` (one
 packed sequence, B = 1) token s writes into cache row ``rows[s]``: the engine packs the fed tokens of many
 requests, each at its own positions, into one forward. cos/sin of R/2 < D/2 angles rotate the first R dims
-of each head and copy the rest (partial RoPE). Semantics: ``l2pd_kernels.reference.rope_qkv``.
+of each head and copy the rest (partial RoPE). With ``q_norm``/``k_norm`` each head of q and k is first
+RMS-normalised over its dims (LLaDA 2.x's and LLaDA-MoE's per-head q/k norms), in the same pass: no copy of the
+strided q/k and no norm launch per layer. Semantics: ``l2pd_kernels.reference.rope_qkv``.
 """
 
 from __future__ import annotations
@@ -19,22 +21,42 @@ import triton.language as tl
 
 
 @triton.jit
-def _rotate(src, dst, mask, c, sn, HALF: tl.constexpr):
-    """Rotate-half RoPE of the [heads, HALF] pairs at ``src`` in fp32, stored at ``dst`` in its dtype."""
-    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+def _head_inv(head, mask, eps, D: tl.constexpr):
+    """1 / RMS of each head's D values at ``head`` [heads, 1] (fp32)."""
+    x = tl.load(head + tl.arange(0, D)[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+
+
+@triton.jit
+def _load(src, mask, inv, w_ptr, offs, NORM: tl.constexpr):
+    """The values at ``src`` in fp32; with the norm, x * inv rounded to the input dtype, times the weight at
+    ``offs`` rounded again (``reference.rms_norm``'s order)."""
+    x = tl.load(src, mask=mask, other=0.0)
+    if NORM:
+        dt = src.dtype.element_ty
+        h = (x.to(tl.float32) * inv).to(dt).to(tl.float32)
+        x = (h * tl.load(w_ptr + offs).to(tl.float32)).to(dt)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _rotate(src, dst, mask, c, sn, inv, w_ptr, j, HALF: tl.constexpr, NORM: tl.constexpr):
+    """Rotate-half RoPE of the [heads, HALF] pairs at ``src`` in fp32 (normed first with NORM), stored at
+    ``dst`` in its dtype."""
+    x1 = _load(src, mask, inv, w_ptr, j, NORM)
+    x2 = _load(src + HALF, mask, inv, w_ptr, j + HALF, NORM)
     tl.store(dst, (x1 * c - x2 * sn).to(dst.dtype.element_ty), mask=mask)
     tl.store(dst + HALF, (x2 * c + x1 * sn).to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rope_qkv_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps,
     S, H, HKV,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, scb, scs,
     sqob, sqoh, sqos, skob, skoh, skos, svob, svoh, svos,
     HALF: tl.constexpr, VHALF: tl.constexpr, REST: tl.constexpr, HB: tl.constexpr, HKVB: tl.constexpr,
-    ROWS: tl.constexpr,
+    ROWS: tl.constexpr, NORM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = (pid // S).to(tl.int64)
@@ -47,21 +69,22 @@ def _rope_qkv_kernel(
 
     h = tl.arange(0, HB)[:, None]
     hm = h < H
+    qi = _head_inv(q_ptr + b * sqb + s * sqs + h * sqh, hm, eps, 2 * VHALF) if NORM else None
     _rotate(q_ptr + b * sqb + s * sqs + h * sqh + j[None, :], qo_ptr + b * sqob + h * sqoh + s * sqos + j[None, :],
-            hm, c, sn, HALF)
+            hm, c, sn, qi, qw_ptr, j[None, :], HALF, NORM)
 
     g = tl.arange(0, HKVB)[:, None]
     gm = g < HKV
+    ki = _head_inv(k_ptr + b * skb + s * sks + g * skh, gm, eps, 2 * VHALF) if NORM else None
     _rotate(k_ptr + b * skb + s * sks + g * skh + j[None, :], ko_ptr + kb * skob + g * skoh + slot * skos + j[None, :],
-            gm, c, sn, HALF)
+            gm, c, sn, ki, kw_ptr, j[None, :], HALF, NORM)
 
-    if REST > 0:  # partial RoPE: the dims past the rotated ones pass through
+    if REST > 0:  # partial RoPE: the dims past the rotated ones pass through (normed, with the norm)
         r = 2 * HALF + tl.arange(0, REST)[None, :]
-        src = q_ptr + b * sqb + s * sqs + h * sqh + r
-        tl.store(qo_ptr + b * sqob + h * sqoh + s * sqos + r, tl.load(src, mask=hm, other=0.0), mask=hm)
-        src = k_ptr + b * skb + s * sks + g * skh + r
-        tl.store(ko_ptr + kb * skob + g * skoh + slot * skos + r,
-                 tl.load(src, mask=gm, other=0.0).to(ko_ptr.dtype.element_ty), mask=gm)
+        x = _load(q_ptr + b * sqb + s * sqs + h * sqh + r, hm, qi, qw_ptr, r, NORM)
+        tl.store(qo_ptr + b * sqob + h * sqoh + s * sqos + r, x.to(qo_ptr.dtype.element_ty), mask=hm)
+        x = _load(k_ptr + b * skb + s * sks + g * skh + r, gm, ki, kw_ptr, r, NORM)
+        tl.store(ko_ptr + kb * skob + g * skoh + slot * skos + r, x.to(ko_ptr.dtype.element_ty), mask=gm)
 
     jv = tl.arange(0, VHALF)[None, :]
     base = v_ptr + b * svb + s * svs + g * svh + jv
@@ -71,8 +94,9 @@ def _rope_qkv_kernel(
 
 
 def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
+             k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor | None = None,
+             q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6
+             ) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.rope_qkv``; returns the rotated q [B, H, S, D]."""
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
         raise ValueError(f"q [B, S, H, D], k and v [B, S, Hkv, D]: got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -96,6 +120,10 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
                          f"{tuple(k_out.shape)} and {tuple(v_out.shape)}")
     if slots.shape != (S,) or slots.dtype != torch.int64:
         raise ValueError(f"slots must be int64 [S={S}], got {slots.dtype} {tuple(slots.shape)}")
+    norm = q_norm is not None
+    if norm != (k_norm is not None) or norm and (q_norm.shape != (D,) or k_norm.shape != (D,) or q.dtype != k.dtype
+                                                 or q_norm.dtype != q.dtype or k_norm.dtype != k.dtype):
+        raise ValueError(f"q_norm and k_norm come together, each [D={D}] in q's and k's dtype ({q.dtype})")
     if any(t.stride(-1) != 1 for t in (q, k, v, cos, sin, k_out, v_out)):
         raise ValueError("q, k, v, cos, sin, k_out and v_out must be contiguous in their last dimension")
     # [B, H, S, D] as a view of [B, S, H, D] memory: attention then writes its output in that layout too, so
@@ -103,12 +131,13 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
     q_out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device).transpose(1, 2)
     if B * S:
         _rope_qkv_kernel[(B * S,)](
-            q, k, v, cos, sin, slots, slots if rows is None else rows, q_out, k_out, v_out, S, H, HKV,
+            q, k, v, cos, sin, slots, slots if rows is None else rows, q_out, k_out, v_out,
+            q_norm.contiguous() if norm else q, k_norm.contiguous() if norm else k, float(eps), S, H, HKV,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), cos.stride(0), cos.stride(1),
             q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
             v_out.stride(0), v_out.stride(1), v_out.stride(2),
             HALF=half, VHALF=D // 2, REST=rest, HB=triton.next_power_of_2(H), HKVB=triton.next_power_of_2(HKV),
-            ROWS=rows is not None, num_warps=4,
+            ROWS=rows is not None, NORM=norm, num_warps=4,
         )
     return q_out

@@ -397,7 +397,18 @@ def test_the_fused_forward_matches_the_plain_one():
     ids = torch.randint(0, 58, (2, 9), device=dev)
     ad = adapter_for(model)
     ad.decoder.block_causal = 4
-    torch.testing.assert_close(ad.forward(ids, fused=True), ad.forward(ids, fused=False), rtol=1e-4, atol=1e-4)
+    import l2pd_kernels
+
+    norms = []
+    real = l2pd_kernels.rms_norm
+    l2pd_kernels.rms_norm = lambda x, *a, **k: norms.append(tuple(x.shape)) or real(x, *a, **k)
+    try:
+        fused = ad.forward(ids, fused=True)
+    finally:
+        l2pd_kernels.rms_norm = real
+    torch.testing.assert_close(fused, ad.forward(ids, fused=False), rtol=1e-4, atol=1e-4)
+    # the per-head q/k norms run inside rope_qkv: only the two hidden-size norms per layer and the final one
+    assert len(norms) == 2 * len(model.model.layers) + 1 and all(s[-1] == 48 for s in norms)
 
 
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),

@@ -336,7 +336,8 @@ def decoder_forward(
         q = q.view(bsz, seq, n_heads, head_dim)
         k = k.view(bsz, seq, n_kv, head_dim)
         v = v.view(bsz, seq, n_kv, head_dim)
-        if blk.q_norm is not None:  # per head, before RoPE
+        qk_norm = _qk_norm(blk, q.dtype, eps)  # per head, before RoPE: inside rope_qkv where it can be
+        if blk.q_norm is not None and qk_norm is None:
             q, k = _norm(ops, q, blk.q_norm, eps, None)[0], _norm(ops, k, blk.k_norm, eps, None)[0]
         if cache is not None:  # keys are cached after RoPE, so cached positions are never rotated again
             k_all, v_all = cache.k[layer], cache.v[layer]
@@ -344,10 +345,10 @@ def decoder_forward(
             k_all = torch.empty(bsz, n_kv, seq, head_dim, dtype=k.dtype, device=device)
             v_all = torch.empty_like(k_all)
         if pack is not None:  # each request attends to its own pool row
-            q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, slots, rows=pack.rows)
+            q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, slots, rows=pack.rows, **qk_norm or {})
             att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles)
         else:
-            q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, fresh_slots if cache is None else slots)
+            q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, fresh_slots if cache is None else slots, **qk_norm or {})
             if split:
                 att = ops.cached_attention(q, k_all, v_all, key_limit=key_limit)
             else:
@@ -369,6 +370,18 @@ def decoder_forward(
     if dec.scale_logits:
         logits = logits * (1.0 / math.sqrt(dec.d_model))
     return logits
+
+
+def _qk_norm(blk: Layer, dtype: torch.dtype, eps: float) -> dict | None:
+    """``rope_qkv``'s arguments for the layer's per-head q/k norms (weights in the activations' dtype, no
+    bias), or None where there are none or they run apart."""
+    qn, kn = blk.q_norm, blk.k_norm
+    if qn is None or kn is None or getattr(qn, "bias", None) is not None or getattr(kn, "bias", None) is not None:
+        return None
+    wq, wk = getattr(qn, "weight", None), getattr(kn, "weight", None)
+    if wq is None or wk is None or wq.dtype != dtype or wk.dtype != dtype:
+        return None
+    return {"q_norm": wq, "k_norm": wk, "eps": eps}
 
 
 def _packed_linear(ops: Any, h: torch.Tensor, buf: torch.Tensor, blk: Layer, attr: str,
