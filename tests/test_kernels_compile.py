@@ -1,61 +1,152 @@
-"""Kernels compile for Hopper (sm_90) on this machine, no GPU needed: Triton compiles ahead of time for a named
-target. The interpreter (TRITON_INTERPRET=1) checks the kernels' numbers but not what only the compiler
-checks (a loop-carried value that changes shape, a return whose type depends on a branch), so the kernels
-here are compiled in the configurations the forward launches."""
+"""Every kernel the forward and the decision launch compiles for Hopper (sm_90) on this machine, no GPU needed.
+
+The interpreter (TRITON_INTERPRET=1) checks the kernels' numbers but not what only the compiler checks (a
+loop-carried value that changes shape, a return whose type depends on a branch). So the launches of small bf16
+workloads are recorded under the interpreter (each kernel's argument types and compile-time constants), and a
+child process without the interpreter compiles each distinct launch ahead of time for sm_90 with Triton's own
+``ptxas``. Constants that only the interpreter sets (``UPCAST``: its bf16 ``tl.dot`` is wrong) take their GPU
+value.
+"""
+
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
 
 import pytest
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import torch
 
-from l2pd_kernels import moe, rope
-
-HOPPER = GPUTarget("cuda", 90, 32)
-
-
-def _compile(fn, types: dict, constexprs: dict, **options):
-    """``fn`` compiled for HOPPER: every argument typed (``types``; the rest i32) or fixed (``constexprs``)."""
-    sig = {name: "constexpr" if name in constexprs else types.get(name, "i32") for name in fn.arg_names}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    return triton.compile(src, target=HOPPER, options={"num_warps": 4, **options})
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU_VALUES = {"UPCAST": False}  # constants the interpreter sets differently from a GPU
+OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64",
+         torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv"}
 
 
-ROPE_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
-              "slots_ptr": "*i64", "rows_ptr": "*i64", "qo_ptr": "*bf16", "ko_ptr": "*bf16", "vo_ptr": "*bf16",
-              "qw_ptr": "*bf16", "kw_ptr": "*bf16", "eps": "fp32"}
+def _constexpr(param: inspect.Parameter) -> bool:
+    return "constexpr" in str(param.annotation)
 
 
-@pytest.mark.parametrize("norm", [False, True])
-@pytest.mark.parametrize("rows", [False, True])
-@pytest.mark.parametrize("half,rest", [(64, 0), (32, 64)])  # whole heads; LLaDA 2.x's partial RoPE
-def test_rope_qkv_compiles(norm, rows, half, rest):
-    k = _compile(rope._rope_qkv_kernel, ROPE_TYPES,
-                 dict(HALF=half, VHALF=64, REST=rest, HB=16, HKVB=4, ROWS=rows, NORM=norm))
-    assert k.asm["cubin"]
+def _case(fn, args: tuple, kwargs: dict) -> dict:
+    """One launch as (module, kernel, argument types, compile-time constants, options), JSON-ready."""
+    params = inspect.signature(fn).parameters
+    values = dict(zip(params, args))
+    values.update({k: v for k, v in kwargs.items() if k in params})
+    types, consts = {}, {}
+    for name, p in params.items():
+        v = values.get(name, p.default)
+        if _constexpr(p) or v is None:
+            consts[name] = GPU_VALUES.get(name, v.value if hasattr(v, "value") else v)
+        elif isinstance(v, torch.Tensor):
+            types[name] = "*" + TYPES[v.dtype]
+        elif isinstance(v, bool):
+            types[name] = "i1"
+        elif isinstance(v, int):
+            types[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+        else:
+            types[name] = "fp32"
+    return {"module": fn.__module__, "kernel": fn.__name__, "types": types, "constexprs": consts,
+            "options": {k: kwargs[k] for k in OPTIONS if k in kwargs}}
 
 
-def test_moe_align_compiles():
-    types = {"ids_ptr": "*i64", "counts_ptr": "*i32", "pairs_ptr": "*i64", "block_expert_ptr": "*i64"}
-    assert _compile(moe._align_count_kernel, types, dict(CHUNK=1024)).asm["cubin"]
-    assert _compile(moe._align_place_kernel, types, dict(BLOCK_M=64, CHUNK=1024, E_P=256, NB=128)).asm["cubin"]
+def _workloads() -> None:
+    """Small bf16 decodes and forwards that launch every kernel: LLaDA- and LLaDA2-format models through
+    ``generate`` (the engine, the decision, the confidence pass), their fused forwards, FP8 weights, the MoE's
+    sorted path."""
+    from conftest import tiny_model
+    from test_llada2 import tiny_llada2
+
+    import l2pd
+    from l2pd.engine import Engine
+    from l2pd.filter import Filter
+    from l2pd.models import adapter_for
+    from l2pd_kernels import cached_attention, fused_moe
+    from l2pd_kernels import reference as ref
+
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 58, (2, 6))
+    for model in (tiny_model(0).to(torch.bfloat16), tiny_llada2(0).to(torch.bfloat16)):
+        ad = adapter_for(model)
+        ad.forward(prompt, fused=True)
+        engine = Engine(model, max_batch=2, backend="triton", fused=True)
+        for p in prompt.tolist():
+            engine.submit(p, max_new_tokens=8, block_length=4, strategy="threshold", threshold=0.5, cache="dual",
+                          refresh="window")
+        engine.run()
+        kw = dict(max_new_tokens=8, block_length=4, backend="triton")
+        for strategy, extra in (("margin", {}), ("persistence", {}),
+                                ("learn2pd", {"filter": Filter(4, hidden=8, kind="history", threshold=0.5)}),
+                                ("learn2pd", {"filter": Filter(4, hidden=8, threshold=0.5)})):
+            l2pd.generate(model, prompt, strategy=strategy, **extra, **kw)
+    q = torch.randn(1, 8, 4, 64, dtype=torch.bfloat16).transpose(1, 2)  # laid out [B, L, H, D]; 96 keys, split
+    kv = torch.randn(1, 4, 96, 64, dtype=torch.bfloat16)
+    cached_attention(q, kv, kv.clone(), splits=3)
+    x = torch.randn(300, 48, dtype=torch.bfloat16)  # 900 pairs, sorted: the align kernels and the tiled GEMMs
+    ids, w = ref.moe_route(torch.randn(300, 8), 3, "softmax")
+    fused_moe(x, torch.randn(8, 48, 48).bfloat16(), torch.randn(8, 48, 24).bfloat16(), ids, w, scan=False)
+    for kind in ("fp8", "w8a8"):  # e4m3 weights; and e4m3 activations, quantized in the norm or on their own
+        adapter_for(l2pd.quantize(tiny_model(1).to(torch.bfloat16), kind)).forward(prompt, fused=True)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_moe_gemms_and_combine_compile(scan):
-    block_m, (bn, bk, warps, stages), _ = moe.pick_config(32 if scan else 2048, 8, 256)
-    fixed = dict(UPCAST=False, PREC="tf32", SCAN=scan, PAIRS=256 if scan else 16384, BLOCK_M=block_m,
-                 BLOCK_N=bn, BLOCK_K=bk)
-    ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "act_ptr": "*bf16", "out_ptr": "*bf16", "pairs_ptr": "*i64",
-            "expert_ptr": "*i64"}
-    assert _compile(moe._gate_up_kernel, ptrs, dict(fixed, TOPK=8), num_warps=warps, num_stages=stages).asm["cubin"]
-    assert _compile(moe._down_kernel, ptrs, fixed, num_warps=warps, num_stages=stages).asm["cubin"]
-    types = {"part_ptr": "*bf16", "weight_ptr": "*fp32", "shared_ptr": "*bf16", "out_ptr": "*bf16"}
-    assert _compile(moe._combine_kernel, types, dict(K=8, SHARED=True, BLOCK_D=1024),
-                    enable_fp_fusion=False).asm["cubin"]
+def record() -> list[dict]:
+    """The distinct kernel launches of ``_workloads`` under the interpreter."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    cases, seen = [], set()
+    real = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        case = _case(self.fn, args, kwargs)
+        key = json.dumps(case, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            cases.append(case)
+        return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = run
+    try:
+        with torch.no_grad():
+            _workloads()
+    finally:
+        InterpretedFunction.run = real
+    return cases
 
 
-def test_moe_route_compiles():
-    types = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "ids_ptr": "*i64", "w_ptr": "*fp32", "scale": "fp32"}
-    fixed = dict(TOPK=8, TOPK_P=8, E_P=256, GROUPS=8, GROUPS_P=8, KEEP=4, SIGMOID=True, HAS_BIAS=True,
-                 NORMALIZE=True)
-    assert _compile(moe._route_kernel, types, fixed, num_warps=1).asm["cubin"]
+def compile_for_hopper(case: dict) -> str:
+    """'ok', or why ``case`` does not compile for sm_90 (run without the interpreter)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = getattr(importlib.import_module(case["module"]), case["kernel"])
+    sig = {name: "constexpr" if name in case["constexprs"] else case["types"][name] for name in fn.arg_names}
+    try:
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=case["constexprs"]),
+                       target=GPUTarget("cuda", 90, 32), options=case["options"])
+    except Exception as exc:  # the compiler's message is the finding
+        return f"{type(exc).__name__}: {str(exc)[-1500:]}"
+    return "ok"
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="records launches under TRITON_INTERPRET=1")
+def test_every_kernel_launch_compiles_for_hopper():
+    cases = record()
+    kernels = {c["kernel"] for c in cases}
+    # the workloads reach every kernel of the forward and the decision
+    assert {"_rms_norm_kernel", "_rope_qkv_kernel", "_skinny_kernel", "_pool_attention_kernel", "_decide_kernel",
+            "_partial_kernel", "_gate_up_kernel", "_down_kernel", "_route_kernel", "_align_count_kernel",
+            "_align_place_kernel", "_quantize_rows_kernel"} <= kernels, sorted(kernels)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, __file__], input=json.dumps(cases), env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout.strip().splitlines()[-1])
+    failed = {f"{c['kernel']} {c['constexprs']}": r for c, r in zip(cases, results) if r != "ok"}
+    assert not failed, failed
+
+
+if __name__ == "__main__":  # the child: compile the cases on stdin, print one JSON list of results
+    sys.path.insert(0, ROOT)
+    print(json.dumps([compile_for_hopper(c) for c in json.load(sys.stdin)]))
