@@ -62,7 +62,7 @@ def _workloads() -> None:
     from l2pd.engine import Engine
     from l2pd.filter import Filter
     from l2pd.models import adapter_for
-    from l2pd_kernels import cached_attention, fused_moe
+    from l2pd_kernels import cached_attention, confidence, fused_moe
     from l2pd_kernels import reference as ref
 
     torch.manual_seed(0)
@@ -80,6 +80,9 @@ def _workloads() -> None:
                                 ("learn2pd", {"filter": Filter(4, hidden=8, kind="history", threshold=0.5)}),
                                 ("learn2pd", {"filter": Filter(4, hidden=8, threshold=0.5)})):
             l2pd.generate(model, prompt, strategy=strategy, **extra, **kw)
+    logits = torch.randn(1, 2, 20000, dtype=torch.bfloat16)  # a vocabulary split across programs, then merged
+    confidence(logits, stats=True)
+    confidence(logits, temperature=0.7, seed=3)
     q = torch.randn(1, 8, 4, 64, dtype=torch.bfloat16).transpose(1, 2)  # laid out [B, L, H, D]; 96 keys, split
     kv = torch.randn(1, 4, 96, 64, dtype=torch.bfloat16)
     cached_attention(q, kv, kv.clone(), splits=3)
@@ -136,8 +139,8 @@ def test_every_kernel_launch_compiles_for_hopper():
     kernels = {c["kernel"] for c in cases}
     # the workloads reach every kernel of the forward and the decision
     assert {"_rms_norm_kernel", "_rope_qkv_kernel", "_skinny_kernel", "_pool_attention_kernel", "_decide_kernel",
-            "_partial_kernel", "_gate_up_kernel", "_down_kernel", "_route_kernel", "_align_count_kernel",
-            "_align_place_kernel", "_quantize_rows_kernel"} <= kernels, sorted(kernels)
+            "_partial_kernel", "_merge_kernel", "_gate_up_kernel", "_down_kernel", "_route_kernel",
+            "_align_count_kernel", "_align_place_kernel", "_quantize_rows_kernel"} <= kernels, sorted(kernels)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, __file__], input=json.dumps(cases), env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
