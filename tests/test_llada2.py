@@ -512,7 +512,7 @@ def test_graphed_decoding_matches_eager_on_the_gpu(edit, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core router runs on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_router_logits_equal_the_fp32_matmul(dtype):
+def test_half_precision_router_logits_equal_the_fp32_matmul(dtype, monkeypatch):
     from l2pd.models.decoder import _router_logits
     from l2pd.models.llada2 import _moe
 
@@ -523,6 +523,8 @@ def test_half_precision_router_logits_equal_the_fp32_matmul(dtype):
     want = torch.nn.functional.linear(h.double(), moe.router.weight.double())  # the exact sums of exact products
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * float(want.abs().max()))  # bf16 logits: ~4e-3
+    monkeypatch.setenv("L2PD_ROUTER_FP32", "1")  # the fp32 matmul itself
+    assert torch.equal(_router_logits(h, moe), torch.nn.functional.linear(h.float(), moe.router.weight.float()))
 
 
 @torch.no_grad()

@@ -424,9 +424,11 @@ _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dt
 def _router_logits(flat: torch.Tensor, moe: MoE) -> torch.Tensor:
     """The router's logits in fp32. Half-precision rows and weight on CUDA: one tensor-core matmul with fp32
     output, whose products of two half-precision values are exact in fp32, so it differs from the fp32 matmul
-    only in the order of the fp32 sum (an fp32 matmul runs on the CUDA cores, 5 to 10 times slower)."""
+    only in the order of the fp32 sum (an fp32 matmul runs on the CUDA cores, 5 to 10 times slower).
+    ``L2PD_ROUTER_FP32=1`` keeps the fp32 matmul: the official code's sums, so routing near-ties as it does."""
     w = moe.router.weight
-    if flat.is_cuda and flat.dtype in (torch.bfloat16, torch.float16) and w.dtype == flat.dtype and _MM_OUT_DTYPE:
+    if (flat.is_cuda and flat.dtype in (torch.bfloat16, torch.float16) and w.dtype == flat.dtype and _MM_OUT_DTYPE
+            and os.environ.get("L2PD_ROUTER_FP32", "0") != "1"):
         return torch.mm(flat, w.t(), out_dtype=torch.float32)
     return F.linear(flat.float(), _router_weight(moe))
 
