@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from l2pd_kernels.fp8 import check_fp8_device
 from l2pd_kernels.reference import quantize_fp8
 
 from .decode import release
@@ -37,6 +38,7 @@ def quantize(model: Any, kind: str = "fp8", head: bool = True) -> Any:
 
     adapter = adapter_for(model)
     dec = adapter.decoder
+    check_fp8_device(dec.embed.weight.device)  # before anything changes
     fingerprint = model_fingerprint(model)  # of the weights as given: the filters trained for them still apply
     unpack_layers(dec.layers)  # the packed buffers would keep bf16 copies alive
     release(model)  # kept CUDA graphs point at the old weights

@@ -11,6 +11,8 @@ Two forms, each with its reference in ``l2pd_kernels.reference``:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -60,8 +62,25 @@ def _to_e4m3(x, scale):
     return _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)).to(tl.float8e4nv)
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """Raise a clear error on a GPU without e4m3 (compute capability below 8.9: an A100, say), where the
+    kernels would fail inside Triton's compiler."""
+    if device.type != "cuda":
+        return
+    major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    if (major, minor) < (8, 9):
+        raise ValueError(f"FP8 (e4m3) weights need a GPU of compute capability 8.9 or later (Ada, Hopper, "
+                         f"Blackwell); {device} is {major}.{minor}: decode in bf16 (--weights native)")
+
+
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 x [M, K], fp32 scales [M]) for x [..., K] flattened to rows (``reference.quantize_rows_fp8``)."""
+    check_fp8_device(x.device)
     x2 = x.reshape(-1, x.shape[-1])
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     M, K = x2.shape
@@ -82,6 +101,7 @@ def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
         raise ValueError(f"x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply as x @ w.T")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x {x.dtype}: expected fp32, bf16 or fp16")
+    check_fp8_device(x.device)
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 

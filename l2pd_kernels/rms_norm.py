@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import FP8, _row_scale, _to_e4m3
+from .fp8 import FP8, _row_scale, _to_e4m3, check_fp8_device
 
 
 @triton.jit
@@ -54,6 +54,7 @@ def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor | None, eps: float, delta
                  ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """``rms_norm`` and the normed rows as e4m3 with one fp32 scale each (``reference.rms_norm_fp8``):
     (normed, x + delta, (e4m3 [M, D], scales [M]))."""
+    check_fp8_device(x.device)
     return _run(x, weight, eps, delta, True)
 
 

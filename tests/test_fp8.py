@@ -223,3 +223,20 @@ def test_engine_serves_a_quantized_model_as_generate_decodes_it(kind):
     for p, r in zip(prompts, reqs):
         alone = model.generate(torch.tensor([p]), backend="torch", **opts)[0, len(p):].tolist()
         assert r.tokens == (alone[: alone.index(eos)] if eos in alone else alone)
+
+
+def test_fp8_on_a_gpu_without_e4m3_says_so(monkeypatch):
+    """An A100 (compute capability 8.0) has no e4m3: a clear error, not one from inside Triton's compiler."""
+    from l2pd_kernels import fp8
+
+    fp8._capability.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
+    try:
+        with pytest.raises(ValueError, match="compute capability 8.9 or later.*8.0"):
+            fp8.check_fp8_device(torch.device("cuda", 0))
+        fp8.check_fp8_device(torch.device("cpu"))  # the CPU runs the reference ops: no check
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+        fp8._capability.cache_clear()
+        fp8.check_fp8_device(torch.device("cuda", 0))  # a Hopper passes
+    finally:
+        fp8._capability.cache_clear()
