@@ -1,11 +1,12 @@
-"""Every kernel the forward and the decision launch compiles for Hopper (sm_90) on this machine, no GPU needed.
+"""Every kernel the forward and the decision launch compiles for Hopper (sm_90) and, but for the FP8 ones, for
+the A100 (sm_80) on this machine, no GPU needed.
 
 The interpreter (TRITON_INTERPRET=1) checks the kernels' numbers but not what only the compiler checks (a
 loop-carried value that changes shape, a return whose type depends on a branch). So the launches of small bf16
 workloads are recorded under the interpreter (each kernel's argument types and compile-time constants), and a
-child process without the interpreter compiles each distinct launch ahead of time for sm_90 with Triton's own
-``ptxas``. Constants that only the interpreter sets (``UPCAST``: its bf16 ``tl.dot`` is wrong) take their GPU
-value.
+child process without the interpreter compiles each distinct launch ahead of time with Triton's own ``ptxas``.
+An A100 has no e4m3, so FP8 launches stop there at ``check_fp8_device``, before any kernel. Constants that only
+the interpreter sets (``UPCAST``: its bf16 ``tl.dot`` is wrong) take their GPU value.
 """
 
 import importlib
@@ -117,24 +118,30 @@ def record() -> list[dict]:
     return cases
 
 
-def compile_for_hopper(case: dict) -> str:
-    """'ok', or why ``case`` does not compile for sm_90 (run without the interpreter)."""
+def targets(case: dict) -> list[int]:
+    """The compute capabilities ``case`` must compile for: 90, and 80 unless it reads or writes e4m3."""
+    return [90] if any("fp8" in t for t in case["types"].values()) else [90, 80]
+
+
+def compile_case(case: dict) -> str:
+    """'ok', or why ``case`` does not compile for one of its ``targets`` (run without the interpreter)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(case["module"]), case["kernel"])
     sig = {name: "constexpr" if name in case["constexprs"] else case["types"][name] for name in fn.arg_names}
-    try:
-        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=case["constexprs"]),
-                       target=GPUTarget("cuda", 90, 32), options=case["options"])
-    except Exception as exc:  # the compiler's message is the finding
-        return f"{type(exc).__name__}: {str(exc)[-1500:]}"
+    for cc in targets(case):
+        try:
+            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=case["constexprs"]),
+                           target=GPUTarget("cuda", cc, 32), options=case["options"])
+        except Exception as exc:  # the compiler's message is the finding
+            return f"sm_{cc}: {type(exc).__name__}: {str(exc)[-1500:]}"
     return "ok"
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="records launches under TRITON_INTERPRET=1")
-def test_every_kernel_launch_compiles_for_hopper():
+def test_every_kernel_launch_compiles_for_hopper_and_the_a100():
     cases = record()
     kernels = {c["kernel"] for c in cases}
     # the workloads reach every kernel of the forward and the decision
@@ -152,4 +159,4 @@ def test_every_kernel_launch_compiles_for_hopper():
 
 if __name__ == "__main__":  # the child: compile the cases on stdin, print one JSON list of results
     sys.path.insert(0, ROOT)
-    print(json.dumps([compile_for_hopper(c) for c in json.load(sys.stdin)]))
+    print(json.dumps([compile_case(c) for c in json.load(sys.stdin)]))
