@@ -320,7 +320,9 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     ids [N, k], weights [N, k], ``shared`` [N, D] added at the end). ``config``: (block_m, (block_n, block_k,
     warps, stages) of the gate/up kernel, the same of the down kernel); default ``pick_config``. ``scan``: find
     each expert's pairs by scanning the ids in its program instead of sorting them (default: up to
-    ``SCAN_MAX_PAIRS`` pairs). One small kernel weights and sums each token's k outputs and adds ``shared``."""
+    ``SCAN_MAX_PAIRS`` pairs). One small kernel weights and sums each token's k outputs and adds ``shared``.
+    ``ids`` must lie in [0, E) (as ``moe_route`` gives them): a pair outside is left out, unchecked, since a
+    check would read the ids back to the host at every layer."""
     if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
         raise ValueError("fused_moe takes x [N, D], w_gate_up [E, 2I, D] and w_down [E, D, I]")
     N, D = x.shape
