@@ -321,8 +321,8 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     warps, stages) of the gate/up kernel, the same of the down kernel); default ``pick_config``. ``scan``: find
     each expert's pairs by scanning the ids in its program instead of sorting them (default: up to
     ``SCAN_MAX_PAIRS`` pairs). One small kernel weights and sums each token's k outputs and adds ``shared``.
-    ``ids`` must lie in [0, E) (as ``moe_route`` gives them): a pair outside is left out, unchecked, since a
-    check would read the ids back to the host at every layer."""
+    ``ids`` must lie in [0, E), as ``moe_route`` gives them. They are not checked (that would read them back
+    to the host at every layer): a pair outside reaches no expert, and its token's output is undefined."""
     if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
         raise ValueError("fused_moe takes x [N, D], w_gate_up [E, 2I, D] and w_down [E, D, I]")
     N, D = x.shape
