@@ -88,10 +88,11 @@ def _align_place_kernel(ids_ptr, counts_ptr, pairs_ptr, block_expert_ptr, P, E, 
 
 
 @triton.jit
-def _gate_up_tile(x_ptr, w_base, act_ptr, pair, valid, D, INTER, TOPK: tl.constexpr, UPCAST: tl.constexpr,
-                  PREC: tl.constexpr,
+def _gate_up_tile(x_ptr, w_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    tok = tl.where(valid, pair // TOPK, 0)
+    """Rows ``pair`` of act = silu(x[tok] @ gate.T) * (x[tok] @ up.T), one column tile, for the experts' packed
+    gate|up weight at ``w_base``."""
+    tok = tl.where(valid, tok, 0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < INTER
     offs_k = tl.arange(0, BLOCK_K)
@@ -153,31 +154,59 @@ def _chunk(offs, rank, r0, count, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, TOPK: tl.constexpr,
-                    UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _shared_rows(pid_m, first, n_tok, row0, BLOCK_M: tl.constexpr):
+    """The shared expert's program ``pid_m - first`` (sorted path: one block of tokens): its tokens, their rows
+    (after the routed pairs' rows, from ``row0``), which exist."""
+    t = (pid_m - first) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return t.to(tl.int64), row0 + t.to(tl.int64), t < n_tok
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, ws_ptr, first_shared, n_tok,
+                    TOPK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr,
+                    PAIRS: tl.constexpr, SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """Programs from ``first_shared`` on (with SHARED_W) run the shared expert (weights at ``ws_ptr``) over
+    every token, into the rows after the routed pairs'."""
     pid_m = tl.program_id(0)
-    if SCAN:  # program = expert; its pairs found in the ids themselves (few pairs: no sort)
+    if SHARED_W and pid_m >= first_shared:
+        if SCAN:  # one program for every token, BLOCK_M at a time
+            for r0 in range(0, n_tok, BLOCK_M):
+                t, row, ok = _shared_rows(r0 // BLOCK_M, 0, n_tok, num_pairs, BLOCK_M)
+                _gate_up_tile(x_ptr, ws_ptr, act_ptr, row, t, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N,
+                              BLOCK_K)
+        else:
+            t, row, ok = _shared_rows(pid_m, first_shared, n_tok, num_pairs, BLOCK_M)
+            _gate_up_tile(x_ptr, ws_ptr, act_ptr, row, t, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    elif SCAN:  # program = expert; its pairs found in the ids themselves (few pairs: no sort)
         e = pid_m.to(tl.int64)
         offs, rank, count = _scan(pairs_ptr, num_pairs, e, PAIRS)
         for r0 in range(0, count, BLOCK_M):
             pair, valid = _chunk(offs, rank, r0, count, BLOCK_M)
-            _gate_up_tile(x_ptr, w_ptr + e * (2 * INTER) * D, act_ptr, pair, valid, D, INTER, TOPK, UPCAST,
+            _gate_up_tile(x_ptr, w_ptr + e * (2 * INTER) * D, act_ptr, pair, pair // TOPK, valid, D, INTER, UPCAST,
                           PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     else:  # program = a block of one expert's sorted pairs
         e = tl.load(expert_ptr + pid_m).to(tl.int64)
         if e >= 0:
             pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            _gate_up_tile(x_ptr, w_ptr + e * (2 * INTER) * D, act_ptr, pair, pair < num_pairs, D, INTER, TOPK,
-                          UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            _gate_up_tile(x_ptr, w_ptr + e * (2 * INTER) * D, act_ptr, pair, pair // TOPK, pair < num_pairs, D,
+                          INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
-def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER,
+def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, wd_ptr, first_shared, n_tok,
                  UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
-    if SCAN:
+    if SHARED_W and pid_m >= first_shared:
+        if SCAN:
+            for r0 in range(0, n_tok, BLOCK_M):
+                t, row, ok = _shared_rows(r0 // BLOCK_M, 0, n_tok, num_pairs, BLOCK_M)
+                _down_tile(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            t, row, ok = _shared_rows(pid_m, first_shared, n_tok, num_pairs, BLOCK_M)
+            _down_tile(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    elif SCAN:
         e = pid_m.to(tl.int64)
         offs, rank, count = _scan(pairs_ptr, num_pairs, e, PAIRS)
         for r0 in range(0, count, BLOCK_M):
@@ -315,9 +344,11 @@ def _combine_kernel(part_ptr, weight_ptr, shared_ptr, out_ptr, D, K: tl.constexp
 
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
               weights: torch.Tensor, config: tuple | None = None, scan: bool | None = None,
-              shared: torch.Tensor | None = None) -> torch.Tensor:
+              shared: torch.Tensor | None = None, shared_weights: tuple | None = None) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.fused_moe`` (x [N, D], w_gate_up [E, 2I, D], w_down [E, D, I],
-    ids [N, k], weights [N, k], ``shared`` [N, D] added at the end). ``config``: (block_m, (block_n, block_k,
+    ids [N, k], weights [N, k], ``shared`` [N, D] added at the end; or ``shared_weights`` (gate|up [2I, D], down
+    [D, I]): a shared expert of the routed experts' width, run by the same two kernels over every token, its
+    output added the same way). ``config``: (block_m, (block_n, block_k,
     warps, stages) of the gate/up kernel, the same of the down kernel); default ``pick_config``. ``scan``: find
     each expert's pairs by scanning the ids in its program instead of sorting them (default: up to
     ``SCAN_MAX_PAIRS`` pairs). One small kernel weights and sums each token's k outputs and adds ``shared``.
@@ -340,6 +371,12 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     k = ids.shape[1]
     if shared is not None and (shared.shape != x.shape or shared.dtype != x.dtype):
         raise ValueError(f"shared must be {x.dtype} {tuple(x.shape)}, got {shared.dtype} {tuple(shared.shape)}")
+    if shared_weights is not None:
+        ws, wd = shared_weights
+        if shared is not None or tuple(ws.shape) != (two_i, D) or tuple(wd.shape) != (D, inter) \
+                or ws.dtype != x.dtype or wd.dtype != x.dtype:
+            raise ValueError(f"shared_weights must be {x.dtype} gate|up [{two_i}, {D}] and down [{D}, {inter}] "
+                             f"(not with shared), got {tuple(ws.shape)} {ws.dtype}, {tuple(wd.shape)} {wd.dtype}")
     if N == 0:
         return torch.empty_like(x)
     block_m, (bn1, bk1, w1, st1), (bn2, bk2, w2_, st2) = config or pick_config(N, k, E)
@@ -352,21 +389,30 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     else:
         pairs, experts = align(ids.long(), E, block_m)
         blocks = experts.shape[0]
-    act = torch.empty(N * k, inter, dtype=x.dtype, device=x.device)
-    out = torch.empty(N * k, D, dtype=x.dtype, device=x.device)  # each pair's down projection, unweighted
+    sw = shared_weights is not None
+    first_shared = blocks  # the shared expert's programs come after the routed ones: one, or a block of tokens each
+    if sw:
+        blocks += 1 if scan else triton.cdiv(N, block_m)
+        ws, wd = shared_weights[0].contiguous(), shared_weights[1].contiguous()
+    else:
+        ws, wd = w_gate_up, w_down
+    rows = N * k + (N if sw else 0)  # the routed pairs' rows, then the shared expert's
+    act = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
+    out = torch.empty(rows, D, dtype=x.dtype, device=x.device)  # each pair's down projection, unweighted
     upcast = x.device.type != "cuda" and x.dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong
     # fp32 products in full precision (as the reference's matmuls), not TF32
     flags = dict(UPCAST=upcast, PREC="ieee" if x.dtype == torch.float32 else "tf32", SCAN=scan,
-                 PAIRS=triton.next_power_of_2(N * k), BLOCK_M=block_m)
-    _gate_up_kernel[(blocks, triton.cdiv(inter, bn1))](x, w_gate_up, act, pairs, experts, N * k, D, inter, TOPK=k,
-                                                       BLOCK_N=bn1, BLOCK_K=bk1, num_warps=w1, num_stages=st1,
-                                                       **flags)
-    _down_kernel[(blocks, triton.cdiv(D, bn2))](act, w_down, out, pairs, experts, N * k, D, inter, BLOCK_N=bn2,
-                                                BLOCK_K=bk2, num_warps=w2_, num_stages=st2, **flags)
+                 PAIRS=triton.next_power_of_2(N * k), SHARED_W=sw, BLOCK_M=block_m)
+    _gate_up_kernel[(blocks, triton.cdiv(inter, bn1))](x, w_gate_up, act, pairs, experts, N * k, D, inter, ws,
+                                                       first_shared, N, TOPK=k, BLOCK_N=bn1, BLOCK_K=bk1,
+                                                       num_warps=w1, num_stages=st1, **flags)
+    _down_kernel[(blocks, triton.cdiv(D, bn2))](act, w_down, out, pairs, experts, N * k, D, inter, wd, first_shared,
+                                                N, BLOCK_N=bn2, BLOCK_K=bk2, num_warps=w2_, num_stages=st2, **flags)
     res = torch.empty_like(x)
-    sh = shared.contiguous() if shared is not None else res
+    sh = out[N * k:] if sw else shared.contiguous() if shared is not None else res
     block_d = min(1024, triton.next_power_of_2(D))
     nofuse = {} if x.device.type != "cuda" else {"enable_fp_fusion": False}
     _combine_kernel[(N, triton.cdiv(D, block_d))](out, weights.float().contiguous(), sh, res, D, K=k,
-                                                  SHARED=shared is not None, BLOCK_D=block_d, num_warps=4, **nofuse)
+                                                  SHARED=sw or shared is not None, BLOCK_D=block_d, num_warps=4,
+                                                  **nofuse)
     return res

@@ -595,12 +595,16 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.
 
 
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
-              weights: torch.Tensor, shared: torch.Tensor | None = None) -> torch.Tensor:
+              weights: torch.Tensor, shared: torch.Tensor | None = None,
+              shared_weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The routed experts of a mixture-of-experts MLP: for each token x [N, D] and each of its experts
     ``ids`` [N, k], down(silu(gate(x)) * up(x)) with expert e's ``w_gate_up[e]`` = cat(gate, up) [2I, D] and
     ``w_down[e]`` [D, I], each product rounded to x's dtype (as separate linear layers do); the k outputs
     weighted by ``weights`` [N, k] in fp32, summed in order (expert slot 0 first), rounded to x's dtype; plus
-    ``shared`` [N, D] (the shared expert's output) added in x's dtype."""
+    ``shared`` [N, D] (the shared expert's output) added in x's dtype. ``shared_weights`` (gate|up [2I, D], down
+    [D, I]) gives the shared expert instead of its output: the same gated MLP over every token."""
+    if shared_weights is not None:
+        shared = linear(linear_gate_up_silu(x, shared_weights[0]), shared_weights[1])
     N, D = x.shape
     k = ids.shape[1]
     inter = w_down.shape[2]

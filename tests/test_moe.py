@@ -97,6 +97,32 @@ def test_fused_moe_matches_reference(dtype, n, d, inter, e, k):
 
 
 @kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d,inter,e,k", [(1, 32, 16, 4, 2), (7, 45, 23, 9, 3), (70, 40, 24, 6, 2)])
+def test_fused_moe_runs_the_shared_expert_as_the_reference(dtype, n, d, inter, e, k):
+    """``shared_weights``: the shared expert (of the routed experts' width) run by the same kernels over every
+    token (scan: one program; sorted: a block of tokens per program, 70 tokens being three blocks)."""
+    from l2pd_kernels import fused_moe
+
+    x = torch.randn(n, d, device=DEV).to(dtype)
+    w13, w2 = _experts(e, d, inter, dtype)
+    s13, s2 = (w[0] for w in _experts(1, d, inter, dtype))
+    ids, w = ref.moe_route(torch.randn(n, e, device=DEV), k, "sigmoid", torch.zeros(e, device=DEV), 1, 1, 2.5)
+    want = ref.fused_moe(x, w13, w2, ids, w, shared_weights=(s13, s2))
+    # the reference's shared expert is the gated MLP of those weights, its output added as ``shared`` is
+    assert torch.equal(want, ref.fused_moe(x, w13, w2, ids, w, shared=ref.linear(ref.linear_gate_up_silu(x, s13), s2)))
+    tol = dict(TOL[dtype])
+    if dtype != torch.float32:  # two roundings (the routed sum, then the sum with shared): a few ulps of the largest
+        tol["atol"] = max(tol["atol"], float(want.abs().max()) / 64)
+    for scan in (False, True):
+        torch.testing.assert_close(fused_moe(x, w13, w2, ids, w, scan=scan, shared_weights=(s13, s2)), want, **tol)
+    with pytest.raises(ValueError, match="shared_weights"):
+        fused_moe(x, w13, w2, ids, w, shared_weights=(s13[:, :-1], s2))
+    with pytest.raises(ValueError, match="shared_weights"):
+        fused_moe(x, w13, w2, ids, w, shared=x, shared_weights=(s13, s2))
+
+
+@kernels
 def test_fused_moe_with_idle_experts_and_every_token_on_one_expert():
     from l2pd_kernels import fused_moe
 

@@ -355,9 +355,10 @@ def decoder_forward(
                 att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
         a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
         h, x, hq = _norm(ops, x, blk.ff_norm, eps, a, _a8(blk.gate))
-        delta = None if blk.gate is None else _mlp(ops, h, blk, hq)
+        inside = _shared_in_moe(ops, blk, h)  # the shared expert run by the MoE kernels, beside the routed ones
+        delta = None if blk.gate is None or inside is not None else _mlp(ops, h, blk, hq)
         if blk.moe is not None:  # the routed experts, plus the shared expert's output (delta) in the same kernel
-            delta = _moe(ops, h, blk.moe, delta)
+            delta = _moe(ops, h, blk.moe, delta, inside)
 
     if delta is None:  # no blocks
         delta = torch.zeros_like(x)
@@ -406,16 +407,41 @@ def _mlp(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None) -> torc
     return _lin(ops, act, blk.down)
 
 
-def _moe(ops: Any, h: torch.Tensor, moe: MoE, shared: torch.Tensor | None = None) -> torch.Tensor:
+def _moe(ops: Any, h: torch.Tensor, moe: MoE, shared: torch.Tensor | None = None,
+         shared_weights: tuple | None = None) -> torch.Tensor:
     """The routed experts' output for h [B, S, D] (plus ``shared``, the shared expert's, added in the experts'
-    combine): router logits in fp32, then ``ops.fused_moe``."""
+    combine; or the shared expert itself, ``shared_weights``, run by the same kernels): router logits in fp32,
+    then ``ops.fused_moe``."""
     flat = h.reshape(-1, h.shape[-1])
     logits = _router_logits(flat, moe)
     ids, weights = ops.moe_route(logits, moe.top_k, moe.score, moe.bias, moe.n_group, moe.topk_group, moe.scale,
                                  moe.normalize)
     w13, w2 = expert_weights(moe)
     shared = None if shared is None else shared.reshape(flat.shape)
+    if shared_weights is not None:
+        return ops.fused_moe(flat, w13, w2, ids, weights, shared_weights=shared_weights).view(h.shape)
     return ops.fused_moe(flat, w13, w2, ids, weights, shared=shared).view(h.shape)
+
+
+def _shared_in_moe(ops: Any, blk: Layer, h: torch.Tensor) -> tuple | None:
+    """The shared expert's (gate|up, down) weights where the MoE kernels run it beside the routed experts (two
+    launches fewer per layer): the kernels, a bias-free expert of the routed experts' width in the activations'
+    dtype (not e4m3), its gate|up packed on CUDA. None elsewhere, or with ``L2PD_SHARED_IN_MOE=0``."""
+    if blk.moe is None or ops is reference or blk.gate is None or blk.up is None or blk.down is None \
+            or os.environ.get("L2PD_SHARED_IN_MOE", "1") == "0":
+        return None
+    mods = [blk.gate, blk.up, blk.down]
+    if any(getattr(m, "bias", None) is not None or m.weight.dtype != h.dtype for m in mods):
+        return None
+    gate_up = _packed(blk.owner, "_l2pd_gate_up", mods[:2])
+    if gate_up is None:  # on CUDA the weights are packed (a copy per forward would cost what this saves)
+        if h.is_cuda:
+            return None
+        gate_up = torch.cat([blk.gate.weight, blk.up.weight])
+    routed = blk.moe.experts[0].down_proj.weight  # [D, I]: the shared expert must have the same width
+    if blk.down.weight.shape != routed.shape or gate_up.shape[0] != 2 * routed.shape[1]:
+        return None
+    return gate_up, blk.down.weight
 
 
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=): newer torch only
