@@ -155,7 +155,7 @@ def _chunk(offs, rank, r0, count, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _shared_rows(pid_m, first, n_tok, row0, BLOCK_M: tl.constexpr):
-    """The shared expert's program ``pid_m - first`` (sorted path: one block of tokens): its tokens, their rows
+    """The shared expert's program ``pid_m - first`` (one block of BLOCK_M tokens): its tokens, their rows
     (after the routed pairs' rows, from ``row0``), which exist."""
     t = (pid_m - first) * BLOCK_M + tl.arange(0, BLOCK_M)
     return t.to(tl.int64), row0 + t.to(tl.int64), t < n_tok
@@ -166,18 +166,12 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, 
                     TOPK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr,
                     PAIRS: tl.constexpr, SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr):
-    """Programs from ``first_shared`` on (with SHARED_W) run the shared expert (weights at ``ws_ptr``) over
-    every token, into the rows after the routed pairs'."""
+    """Programs from ``first_shared`` on (with SHARED_W) run the shared expert (weights at ``ws_ptr``), a block
+    of BLOCK_M tokens each, into the rows after the routed pairs'."""
     pid_m = tl.program_id(0)
     if SHARED_W and pid_m >= first_shared:
-        if SCAN:  # one program for every token, BLOCK_M at a time
-            for r0 in range(0, n_tok, BLOCK_M):
-                t, row, ok = _shared_rows(r0 // BLOCK_M, 0, n_tok, num_pairs, BLOCK_M)
-                _gate_up_tile(x_ptr, ws_ptr, act_ptr, row, t, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N,
-                              BLOCK_K)
-        else:
-            t, row, ok = _shared_rows(pid_m, first_shared, n_tok, num_pairs, BLOCK_M)
-            _gate_up_tile(x_ptr, ws_ptr, act_ptr, row, t, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        t, row, ok = _shared_rows(pid_m, first_shared, n_tok, num_pairs, BLOCK_M)
+        _gate_up_tile(x_ptr, ws_ptr, act_ptr, row, t, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     elif SCAN:  # program = expert; its pairs found in the ids themselves (few pairs: no sort)
         e = pid_m.to(tl.int64)
         offs, rank, count = _scan(pairs_ptr, num_pairs, e, PAIRS)
@@ -199,13 +193,8 @@ def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, I
                  SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     if SHARED_W and pid_m >= first_shared:
-        if SCAN:
-            for r0 in range(0, n_tok, BLOCK_M):
-                t, row, ok = _shared_rows(r0 // BLOCK_M, 0, n_tok, num_pairs, BLOCK_M)
-                _down_tile(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-        else:
-            t, row, ok = _shared_rows(pid_m, first_shared, n_tok, num_pairs, BLOCK_M)
-            _down_tile(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        t, row, ok = _shared_rows(pid_m, first_shared, n_tok, num_pairs, BLOCK_M)
+        _down_tile(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     elif SCAN:
         e = pid_m.to(tl.int64)
         offs, rank, count = _scan(pairs_ptr, num_pairs, e, PAIRS)
@@ -390,9 +379,9 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
         pairs, experts = align(ids.long(), E, block_m)
         blocks = experts.shape[0]
     sw = shared_weights is not None
-    first_shared = blocks  # the shared expert's programs come after the routed ones: one, or a block of tokens each
+    first_shared = blocks  # the shared expert's programs come after the routed ones, a block of tokens each
     if sw:
-        blocks += 1 if scan else triton.cdiv(N, block_m)
+        blocks += triton.cdiv(N, block_m)
         ws, wd = shared_weights[0].contiguous(), shared_weights[1].contiguous()
     else:
         ws, wd = w_gate_up, w_down
