@@ -101,7 +101,7 @@ def test_fused_moe_matches_reference(dtype, n, d, inter, e, k):
 @pytest.mark.parametrize("n,d,inter,e,k", [(1, 32, 16, 4, 2), (7, 45, 23, 9, 3), (70, 40, 24, 6, 2)])
 def test_fused_moe_runs_the_shared_expert_as_the_reference(dtype, n, d, inter, e, k):
     """``shared_weights``: the shared expert (of the routed experts' width) run by the same kernels over every
-    token, a block of tokens per program (70 tokens: three blocks of 32), in the scan and in the sorted path."""
+    token, a block of tokens per program (70 tokens: more than one block), in the scan and in the sorted path."""
     from l2pd_kernels import fused_moe
 
     x = torch.randn(n, d, device=DEV).to(dtype)
