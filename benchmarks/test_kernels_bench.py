@@ -268,3 +268,69 @@ def test_moe_align(benchmark, tokens, path):
     fn = (lambda: align(ids, 256, 64)) if path == "kernel" else (lambda: ref.moe_align(ids, 256, 64))
     rate = {"pairs_per_us": lambda ms: tokens * 8 / ms / 1e3}
     _run(benchmark, fn, rate, {"graph_" + k: v for k, v in rate.items()})  # in a forward it runs graphed
+
+
+def _moe_layer(tokens: int):
+    """A LLaDA2.0-mini MoE layer's inputs: x, experts, shared expert (gate|up, down), ids and weights routed
+    alike in blocks of 32 tokens."""
+    from l2pd_kernels import reference as ref
+
+    torch.manual_seed(0)
+    E, D, inter = 256, 2048, 512
+    w13 = torch.randn(E, 2 * inter, D, device="cuda", dtype=torch.bfloat16) / D**0.5
+    w2 = torch.randn(E, D, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
+    s13 = torch.randn(2 * inter, D, device="cuda", dtype=torch.bfloat16) / D**0.5
+    s2 = torch.randn(D, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
+    x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
+    shared = torch.randn((tokens + 31) // 32, E, device="cuda").repeat_interleave(32, 0)[:tokens]
+    ids, w = ref.moe_route(shared + 0.3 * torch.randn(tokens, E, device="cuda"), 8, "sigmoid",
+                           torch.zeros(E, device="cuda"), 8, 4, 2.5)
+    return x, w13, w2, (s13, s2), ids, w
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [32, 128, 2048])
+@pytest.mark.parametrize("path", ["inside", "apart"])
+def test_moe_shared_expert(benchmark, tokens, path):
+    """The shared expert run by the MoE kernels beside the routed experts (``shared_weights``), against the
+    forward's other way: its own gated MLP (two few-row or cuBLAS products) and its output added in the
+    combine. Graphed medians are what a decode step pays."""
+    from l2pd_kernels import fused_moe, linear, linear_gate_up_silu
+
+    x, w13, w2, (s13, s2), ids, w = _moe_layer(tokens)
+    if path == "inside":
+        fn = lambda: fused_moe(x, w13, w2, ids, w, shared_weights=(s13, s2))  # noqa: E731
+    else:
+        fn = lambda: fused_moe(x, w13, w2, ids, w, shared=linear(linear_gate_up_silu(x, s13), s2))  # noqa: E731
+    rate = {"tokens_per_ms": lambda ms: tokens / ms}
+    _run(benchmark, fn, rate, {"graph_" + k: v for k, v in rate.items()})
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [32, 2048])
+@pytest.mark.parametrize("path", ["in-rope", "apart"])
+def test_rope_qk_norm(benchmark, tokens, path):
+    """LLaDA2.0-mini's per-head q/k norms (16 query, 4 key/value heads of 128, partial RoPE on 64 dims) inside
+    ``rope_qkv``, against two ``rms_norm`` launches on the strided q and k before it."""
+    from l2pd_kernels import rms_norm, rope_qkv
+
+    torch.manual_seed(0)
+    H, HKV, Dh = 16, 4, 128
+    qkv = torch.randn(1, tokens, (H + 2 * HKV) * Dh, device="cuda", dtype=torch.bfloat16)
+    q = qkv[..., : H * Dh].view(1, tokens, H, Dh)
+    k = qkv[..., H * Dh: (H + HKV) * Dh].view(1, tokens, HKV, Dh)
+    v = qkv[..., (H + HKV) * Dh:].view(1, tokens, HKV, Dh)
+    ang = torch.rand(1, tokens, 32, device="cuda") * 6.28
+    cos, sin = ang.cos(), ang.sin()
+    k_out = torch.zeros(1, HKV, tokens, Dh, device="cuda", dtype=torch.bfloat16)
+    v_out = torch.zeros_like(k_out)
+    slots = torch.arange(tokens, device="cuda")
+    wq = torch.rand(Dh, device="cuda", dtype=torch.bfloat16) + 0.5
+    wk = torch.rand(Dh, device="cuda", dtype=torch.bfloat16) + 0.5
+    if path == "in-rope":
+        fn = lambda: rope_qkv(q, k, v, cos, sin, k_out, v_out, slots, q_norm=wq, k_norm=wk)  # noqa: E731
+    else:
+        fn = lambda: rope_qkv(rms_norm(q, wq, 1e-6)[0], rms_norm(k, wk, 1e-6)[0], v, cos, sin,  # noqa: E731
+                              k_out, v_out, slots)
+    rate = {"tokens_per_ms": lambda ms: tokens / ms}
+    _run(benchmark, fn, rate, {"graph_" + k_: v_ for k_, v_ in rate.items()})
