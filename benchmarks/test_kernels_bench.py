@@ -221,14 +221,10 @@ def test_cached_attention(benchmark, batch, keys, config):
     _run(benchmark, fn, bw, {"graph_" + k_: v_ for k_, v_ in bw.items()})
 
 
-@cuda
-@pytest.mark.parametrize("tokens", [32, 256, 2048])
-@pytest.mark.parametrize("path", ["kernel", "reference", "touched-copy"])
-def test_fused_moe(benchmark, tokens, path):
-    """A LLaDA2.0-mini MoE layer's routed experts (256 of width 512, top-8, hidden 2048, bf16) for ``tokens``
-    tokens routed alike in blocks of 32 (as a decode step's masks are): the Triton kernels, the PyTorch
-    reference (a loop over experts) and a copy of the touched experts' bytes (the read floor)."""
-    from l2pd_kernels import fused_moe
+def _moe_layer(tokens: int):
+    """A LLaDA2.0-mini MoE layer's inputs (256 experts of width 512, top-8, hidden 2048, bf16): x, experts, ids
+    and weights routed alike in blocks of 32 tokens (as a decode step's masks are), a shared expert (gate|up,
+    down), drawn last so that the routed inputs are the same with or without it."""
     from l2pd_kernels import reference as ref
 
     torch.manual_seed(0)
@@ -239,8 +235,24 @@ def test_fused_moe(benchmark, tokens, path):
     shared = torch.randn((tokens + 31) // 32, E, device="cuda").repeat_interleave(32, 0)[:tokens]
     ids, w = ref.moe_route(shared + 0.3 * torch.randn(tokens, E, device="cuda"), 8, "sigmoid",
                            torch.zeros(E, device="cuda"), 8, 4, 2.5)
+    s13 = torch.randn(2 * inter, D, device="cuda", dtype=torch.bfloat16) / D**0.5
+    s2 = torch.randn(D, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
+    return x, w13, w2, (s13, s2), ids, w
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [32, 256, 2048])
+@pytest.mark.parametrize("path", ["kernel", "reference", "touched-copy"])
+def test_fused_moe(benchmark, tokens, path):
+    """A LLaDA2.0-mini MoE layer's routed experts (256 of width 512, top-8, hidden 2048, bf16) for ``tokens``
+    tokens routed alike in blocks of 32 (as a decode step's masks are): the Triton kernels, the PyTorch
+    reference (a loop over experts) and a copy of the touched experts' bytes (the read floor)."""
+    from l2pd_kernels import fused_moe
+    from l2pd_kernels import reference as ref
+
+    x, w13, w2, _, ids, w = _moe_layer(tokens)
     touched = ids.unique()
-    nbytes = int(touched.numel()) * 3 * D * inter * 2
+    nbytes = int(touched.numel()) * w13[0].numel() * 3 // 2 * 2  # gate, up and down of each, in bf16
     if path == "kernel":
         fn = lambda: fused_moe(x, w13, w2, ids, w)  # noqa: E731
     elif path == "reference":
@@ -268,24 +280,6 @@ def test_moe_align(benchmark, tokens, path):
     fn = (lambda: align(ids, 256, 64)) if path == "kernel" else (lambda: ref.moe_align(ids, 256, 64))
     rate = {"pairs_per_us": lambda ms: tokens * 8 / ms / 1e3}
     _run(benchmark, fn, rate, {"graph_" + k: v for k, v in rate.items()})  # in a forward it runs graphed
-
-
-def _moe_layer(tokens: int):
-    """A LLaDA2.0-mini MoE layer's inputs: x, experts, shared expert (gate|up, down), ids and weights routed
-    alike in blocks of 32 tokens."""
-    from l2pd_kernels import reference as ref
-
-    torch.manual_seed(0)
-    E, D, inter = 256, 2048, 512
-    w13 = torch.randn(E, 2 * inter, D, device="cuda", dtype=torch.bfloat16) / D**0.5
-    w2 = torch.randn(E, D, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
-    s13 = torch.randn(2 * inter, D, device="cuda", dtype=torch.bfloat16) / D**0.5
-    s2 = torch.randn(D, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
-    x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
-    shared = torch.randn((tokens + 31) // 32, E, device="cuda").repeat_interleave(32, 0)[:tokens]
-    ids, w = ref.moe_route(shared + 0.3 * torch.randn(tokens, E, device="cuda"), 8, "sigmoid",
-                           torch.zeros(E, device="cuda"), 8, 4, 2.5)
-    return x, w13, w2, (s13, s2), ids, w
 
 
 @cuda

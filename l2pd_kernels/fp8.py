@@ -11,8 +11,6 @@ Two forms, each with its reference in ``l2pd_kernels.reference``:
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -62,20 +60,20 @@ def _to_e4m3(x, scale):
     return _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)).to(tl.float8e4nv)
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+_FP8_DEVICES: set = set()  # CUDA devices found to have e4m3: each FP8 call then costs one set lookup
 
 
 def check_fp8_device(device: torch.device) -> None:
     """Raise a clear error on a GPU without e4m3 (compute capability below 8.9: an A100, say), where the
     kernels would fail inside Triton's compiler."""
-    if device.type != "cuda":
+    if device.type != "cuda" or device in _FP8_DEVICES:
         return
-    major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         raise ValueError(f"FP8 (e4m3) weights need a GPU of compute capability 8.9 or later (Ada, Hopper, "
                          f"Blackwell); {device} is {major}.{minor}: decode in bf16 (--weights native)")
+    if device.index is not None:  # "cuda" alone follows the current device: not kept
+        _FP8_DEVICES.add(device)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

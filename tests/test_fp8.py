@@ -229,14 +229,12 @@ def test_fp8_on_a_gpu_without_e4m3_says_so(monkeypatch):
     """An A100 (compute capability 8.0) has no e4m3: a clear error, not one from inside Triton's compiler."""
     from l2pd_kernels import fp8
 
-    fp8._capability.cache_clear()
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 0))
-    try:
-        with pytest.raises(ValueError, match="compute capability 8.9 or later.*8.0"):
-            fp8.check_fp8_device(torch.device("cuda", 0))
-        fp8.check_fp8_device(torch.device("cpu"))  # the CPU runs the reference ops: no check
-        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
-        fp8._capability.cache_clear()
-        fp8.check_fp8_device(torch.device("cuda", 0))  # a Hopper passes
-    finally:
-        fp8._capability.cache_clear()
+    monkeypatch.setattr(fp8, "_FP8_DEVICES", set())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match="compute capability 8.9 or later.*8.0"):
+        fp8.check_fp8_device(torch.device("cuda", 0))
+    assert not fp8._FP8_DEVICES  # a refused device is asked again
+    fp8.check_fp8_device(torch.device("cpu"))  # the CPU runs the reference ops: no check
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    fp8.check_fp8_device(torch.device("cuda", 0))  # a Hopper passes, and is remembered
+    assert torch.device("cuda", 0) in fp8._FP8_DEVICES

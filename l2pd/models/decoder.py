@@ -376,13 +376,12 @@ def decoder_forward(
 def _qk_norm(blk: Layer, dtype: torch.dtype, eps: float) -> dict | None:
     """``rope_qkv``'s arguments for the layer's per-head q/k norms (weights in the activations' dtype, no
     bias), or None where there are none or they run apart."""
-    qn, kn = blk.q_norm, blk.k_norm
-    if qn is None or kn is None or getattr(qn, "bias", None) is not None or getattr(kn, "bias", None) is not None:
+    norms = (blk.q_norm, blk.k_norm)
+    ws = [getattr(n, "weight", None) for n in norms]
+    if any(n is None or getattr(n, "bias", None) is not None for n in norms) or any(
+            w is None or w.dtype != dtype for w in ws):
         return None
-    wq, wk = getattr(qn, "weight", None), getattr(kn, "weight", None)
-    if wq is None or wk is None or wq.dtype != dtype or wk.dtype != dtype:
-        return None
-    return {"q_norm": wq, "k_norm": wk, "eps": eps}
+    return {"q_norm": ws[0], "k_norm": ws[1], "eps": eps}
 
 
 def _packed_linear(ops: Any, h: torch.Tensor, buf: torch.Tensor, blk: Layer, attr: str,
@@ -418,9 +417,7 @@ def _moe(ops: Any, h: torch.Tensor, moe: MoE, shared: torch.Tensor | None = None
                                  moe.normalize)
     w13, w2 = expert_weights(moe)
     shared = None if shared is None else shared.reshape(flat.shape)
-    if shared_weights is not None:
-        return ops.fused_moe(flat, w13, w2, ids, weights, shared_weights=shared_weights).view(h.shape)
-    return ops.fused_moe(flat, w13, w2, ids, weights, shared=shared).view(h.shape)
+    return ops.fused_moe(flat, w13, w2, ids, weights, shared=shared, shared_weights=shared_weights).view(h.shape)
 
 
 def _shared_in_moe(ops: Any, blk: Layer, h: torch.Tensor) -> tuple | None:
