@@ -1,7 +1,8 @@
 """fused_moe: the routed experts of a mixture-of-experts MLP as two grouped GEMMs.
 
-Few pairs (a decode step at small batch): one program per expert and column tile scans the ids for its own
-pairs (a cumulative sum gives each its rank), so no sort runs and programs of idle experts return at once.
+Few pairs (a decode step at small batch): no sort. Per column tile, a few programs (about four per SM in all)
+find the touched experts from a histogram of the ids and take them in turn; for each, the program scans the ids
+for the expert's pairs (a cumulative sum gives each its rank). No program is launched per idle expert.
 Many pairs: the (token, expert) pairs are sorted by expert and each expert's run is padded to a multiple of ``BLOCK_M``
 (``align``: two small kernels, no host read, so a CUDA graph can hold it). Each program of the first kernel takes
 ``BLOCK_M`` pairs of one expert and a column tile of its gate and up projections and writes ``silu(gate) * up``;
@@ -17,6 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .device import sm_count
 
 
 def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,11 +149,50 @@ def _scan(ids_ptr, num_pairs, e, PAIRS: tl.constexpr):
 
 
 @triton.jit
+def _touched(ids_ptr, num_pairs, PAIRS: tl.constexpr, E_P: tl.constexpr):
+    """(which experts the pairs touch [E_P], each one's 1-based slot among them, how many): a histogram of the
+    ids, the padding counted in bin 0 and taken off."""
+    offs = tl.arange(0, PAIRS)
+    ids = tl.load(ids_ptr + offs, mask=offs < num_pairs, other=0).to(tl.int32)
+    bins = tl.arange(0, E_P)
+    cnt = tl.histogram(ids, E_P)
+    present = tl.where(bins == 0, cnt - (PAIRS - num_pairs), cnt) > 0
+    return present, tl.cumsum(present.to(tl.int32), 0), tl.sum(present.to(tl.int32), 0)
+
+
+@triton.jit
+def _slot_expert(present, slot, s, E_P: tl.constexpr):
+    """The expert in 0-based slot ``s`` of the touched ones."""
+    return tl.sum(tl.where(present & (slot == s + 1), tl.arange(0, E_P), 0), 0).to(tl.int64)
+
+
+@triton.jit
 def _chunk(offs, rank, r0, count, BLOCK_M: tl.constexpr):
     """The pairs of ranks r0 + 1 .. r0 + BLOCK_M as a [BLOCK_M] vector, and which of them exist."""
     want = r0 + 1 + tl.arange(0, BLOCK_M)
     sel = rank[None, :] == want[:, None]
     return tl.sum(tl.where(sel, offs[None, :], 0), 1).to(tl.int64), want <= count
+
+
+@triton.jit
+def _scan_tiles(in_ptr, w_ptr, out_ptr, ids_ptr, num_pairs, pid_m, programs, D, INTER, TOPK: tl.constexpr,
+                GATE_UP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PAIRS: tl.constexpr,
+                E_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The scan path of either kernel: program ``pid_m`` of ``programs`` takes touched experts pid_m, pid_m +
+    programs, ... (no program per idle expert), each expert's pairs found in the ids themselves, BLOCK_M at a
+    time."""
+    present, slot, touched = _touched(ids_ptr, num_pairs, PAIRS, E_P)
+    for s in range(pid_m, touched, programs):
+        e = _slot_expert(present, slot, s, E_P)
+        offs, rank, count = _scan(ids_ptr, num_pairs, e, PAIRS)
+        for r0 in range(0, count, BLOCK_M):
+            pair, valid = _chunk(offs, rank, r0, count, BLOCK_M)
+            if GATE_UP:
+                _gate_up_tile(in_ptr, w_ptr + e * (2 * INTER) * D, out_ptr, pair, pair // TOPK, valid, D, INTER,
+                              UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            else:
+                _down_tile(in_ptr, w_ptr + e * D * INTER, out_ptr, pair, valid, D, INTER, UPCAST, PREC, BLOCK_M,
+                           BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -164,21 +206,17 @@ def _shared_rows(pid_m, first, n_tok, row0, BLOCK_M: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, ws_ptr, first_shared, n_tok,
                     TOPK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr,
-                    PAIRS: tl.constexpr, SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    PAIRS: tl.constexpr, E_P: tl.constexpr, SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Programs from ``first_shared`` on (with SHARED_W) run the shared expert (weights at ``ws_ptr``), a block
     of BLOCK_M tokens each, into the rows after the routed pairs'."""
     pid_m = tl.program_id(0)
     if SHARED_W and pid_m >= first_shared:
         t, row, ok = _shared_rows(pid_m, first_shared, n_tok, num_pairs, BLOCK_M)
         _gate_up_tile(x_ptr, ws_ptr, act_ptr, row, t, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
-    elif SCAN:  # program = expert; its pairs found in the ids themselves (few pairs: no sort)
-        e = pid_m.to(tl.int64)
-        offs, rank, count = _scan(pairs_ptr, num_pairs, e, PAIRS)
-        for r0 in range(0, count, BLOCK_M):
-            pair, valid = _chunk(offs, rank, r0, count, BLOCK_M)
-            _gate_up_tile(x_ptr, w_ptr + e * (2 * INTER) * D, act_ptr, pair, pair // TOPK, valid, D, INTER, UPCAST,
-                          PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+    elif SCAN:  # few pairs, no sort
+        _scan_tiles(x_ptr, w_ptr, act_ptr, pairs_ptr, num_pairs, pid_m, first_shared, D, INTER, TOPK, True, UPCAST,
+                    PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K)
     else:  # program = a block of one expert's sorted pairs
         e = tl.load(expert_ptr + pid_m).to(tl.int64)
         if e >= 0:
@@ -190,18 +228,15 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, 
 @triton.jit
 def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, wd_ptr, first_shared, n_tok,
                  UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr,
-                 SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 E_P: tl.constexpr, SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     if SHARED_W and pid_m >= first_shared:
         t, row, ok = _shared_rows(pid_m, first_shared, n_tok, num_pairs, BLOCK_M)
         _down_tile(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     elif SCAN:
-        e = pid_m.to(tl.int64)
-        offs, rank, count = _scan(pairs_ptr, num_pairs, e, PAIRS)
-        for r0 in range(0, count, BLOCK_M):
-            pair, valid = _chunk(offs, rank, r0, count, BLOCK_M)
-            _down_tile(act_ptr, w_ptr + e * D * INTER, out_ptr, pair, valid, D, INTER, UPCAST, PREC, BLOCK_M,
-                       BLOCK_N, BLOCK_K)
+        _scan_tiles(act_ptr, w_ptr, out_ptr, pairs_ptr, num_pairs, pid_m, first_shared, D, INTER, 1, False, UPCAST,
+                    PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         e = tl.load(expert_ptr + pid_m).to(tl.int64)
         if e >= 0:
@@ -293,15 +328,23 @@ def moe_route(logits: torch.Tensor, top_k: int, score: str = "sigmoid", bias: to
     return ids, weights
 
 
+CPU_TILE = 32  # the interpreter's tile width (0: the GPU's, as the compile test records them)
 SCAN_MAX_PAIRS = 1024  # up to this many (token, expert) pairs the programs find their pairs by scanning
 
 
 # (pairs per expert up to, block_m, gate/up (block_n, block_k, warps, stages), down (...)), from
-# benchmarks/moe_configs.py on an H200 at LLaDA2.0-mini shapes (RESULTS, "LLaDA 2.x")
-CONFIGS = [(2, 32, (64, 64, 4, 4), (64, 64, 4, 4)),
+# benchmarks/moe_configs.py on an H200 at LLaDA2.0-mini shapes (RESULTS, "LLaDA 2.x"); the first (a batch-1
+# step, whose block routes alike: 32-row tiles) from benchmarks/moe_layer_b1.py ("LLaDA 2.x at batch 1")
+CONFIGS = [(2, 32, (64, 64, 4, 4), (128, 128, 4, 3)),
            (16, 32, (128, 64, 8, 4), (128, 64, 8, 4)),
            (128, 64, (128, 64, 8, 4), (128, 64, 8, 4)),
            (float("inf"), 128, (128, 64, 8, 4), (128, 64, 8, 4))]
+
+
+def scan_programs(pairs: int, experts: int, col_tiles: int, device: torch.device) -> int:
+    """Programs per column tile of the scan path: one per touched expert, up to about four programs per SM in
+    all (more touched experts: some programs take several)."""
+    return max(1, min(experts, pairs, triton.cdiv(4 * sm_count(device), col_tiles)))
 
 
 def pick_config(tokens: int, top_k: int, experts: int) -> tuple:
@@ -369,19 +412,23 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     if N == 0:
         return torch.empty_like(x)
     block_m, (bn1, bk1, w1, st1), (bn2, bk2, w2_, st2) = config or pick_config(N, k, E)
-    if x.device.type != "cuda":  # the interpreter: small tiles keep the CPU tests quick
-        bn1 = bn2 = bk1 = bk2 = 32
+    if x.device.type != "cuda" and CPU_TILE:  # the interpreter: small tiles keep the CPU tests quick
+        bn1 = bn2 = bk1 = bk2 = CPU_TILE
+    elif x.dtype == torch.float32:  # 4-byte tiles: at most 64 columns and two stages fit shared memory (A100 too)
+        bn1, bn2, st1, st2 = min(bn1, 64), min(bn2, 64), min(st1, 2), min(st2, 2)
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     scan = N * k <= SCAN_MAX_PAIRS if scan is None else scan
-    if scan:  # one program per expert and column tile; no sort
-        pairs, experts, blocks = ids.reshape(-1).contiguous(), ids, E
-    else:
+    nt1, nt2 = triton.cdiv(inter, bn1), triton.cdiv(D, bn2)  # column tiles of the two kernels
+    if scan:  # no sort: per column tile, programs that each take some of the touched experts
+        pairs, experts = ids.reshape(-1).contiguous(), ids
+        routed1, routed2 = scan_programs(N * k, E, nt1, x.device), scan_programs(N * k, E, nt2, x.device)
+    else:  # one program per block of an expert's sorted pairs
         pairs, experts = align(ids.long(), E, block_m)
-        blocks = experts.shape[0]
+        routed1 = routed2 = experts.shape[0]
     sw = shared_weights is not None
-    first_shared = blocks  # the shared expert's programs come after the routed ones, a block of tokens each
+    # the shared expert's programs come after the routed ones, a block of tokens each
+    extra = triton.cdiv(N, block_m) if sw else 0
     if sw:
-        blocks += triton.cdiv(N, block_m)
         ws, wd = shared_weights[0].contiguous(), shared_weights[1].contiguous()
     else:
         ws, wd = w_gate_up, w_down
@@ -391,12 +438,12 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     upcast = x.device.type != "cuda" and x.dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong
     # fp32 products in full precision (as the reference's matmuls), not TF32
     flags = dict(UPCAST=upcast, PREC="ieee" if x.dtype == torch.float32 else "tf32", SCAN=scan,
-                 PAIRS=triton.next_power_of_2(N * k), SHARED_W=sw, BLOCK_M=block_m)
-    _gate_up_kernel[(blocks, triton.cdiv(inter, bn1))](x, w_gate_up, act, pairs, experts, N * k, D, inter, ws,
-                                                       first_shared, N, TOPK=k, BLOCK_N=bn1, BLOCK_K=bk1,
-                                                       num_warps=w1, num_stages=st1, **flags)
-    _down_kernel[(blocks, triton.cdiv(D, bn2))](act, w_down, out, pairs, experts, N * k, D, inter, wd, first_shared,
-                                                N, BLOCK_N=bn2, BLOCK_K=bk2, num_warps=w2_, num_stages=st2, **flags)
+                 PAIRS=triton.next_power_of_2(N * k), E_P=triton.next_power_of_2(E) if scan else 1, SHARED_W=sw,
+                 BLOCK_M=block_m)
+    _gate_up_kernel[(routed1 + extra, nt1)](x, w_gate_up, act, pairs, experts, N * k, D, inter, ws, routed1, N,
+                                            TOPK=k, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=w1, num_stages=st1, **flags)
+    _down_kernel[(routed2 + extra, nt2)](act, w_down, out, pairs, experts, N * k, D, inter, wd, routed2, N,
+                                         BLOCK_N=bn2, BLOCK_K=bk2, num_warps=w2_, num_stages=st2, **flags)
     res = torch.empty_like(x)
     sh = out[N * k:] if sw else shared.contiguous() if shared is not None else res
     block_d = min(1024, triton.next_power_of_2(D))

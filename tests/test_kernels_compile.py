@@ -1,12 +1,14 @@
 """Every kernel the forward and the decision launch compiles for Hopper (sm_90) and, but for the FP8 ones, for
-the A100 (sm_80) on this machine, no GPU needed.
+the A100 (sm_80) on this machine, no GPU needed, within the shared memory one program gets there.
 
 The interpreter (TRITON_INTERPRET=1) checks the kernels' numbers but not what only the compiler checks (a
-loop-carried value that changes shape, a return whose type depends on a branch). So the launches of small bf16
+loop-carried value that changes shape, a return whose type depends on a branch) or what a launch needs (shared
+memory: more than the GPU has fails with "out of resource"). So the launches of small bf16 and fp32
 workloads are recorded under the interpreter (each kernel's argument types and compile-time constants), and a
 child process without the interpreter compiles each distinct launch ahead of time with Triton's own ``ptxas``.
 An A100 has no e4m3, so FP8 launches stop there at ``check_fp8_device``, before any kernel. Constants that only
-the interpreter sets (``UPCAST``: its bf16 ``tl.dot`` is wrong) take their GPU value.
+the interpreter sets (``UPCAST``: its bf16 ``tl.dot`` is wrong) take their GPU value, and the MoE runs its GPU
+tiles (``CPU_TILE = 0``).
 """
 
 import importlib
@@ -68,6 +70,8 @@ def _workloads() -> None:
 
     torch.manual_seed(0)
     prompt = torch.randint(0, 58, (2, 6))
+    for model in (tiny_model(0), tiny_llada2(0)):  # fp32 forwards: their tiles must fit shared memory too
+        adapter_for(model).forward(prompt, fused=True)
     for model in (tiny_model(0).to(torch.bfloat16), tiny_llada2(0).to(torch.bfloat16)):
         ad = adapter_for(model)
         ad.forward(prompt, fused=True)
@@ -87,19 +91,26 @@ def _workloads() -> None:
     q = torch.randn(1, 8, 4, 64, dtype=torch.bfloat16).transpose(1, 2)  # laid out [B, L, H, D]; 96 keys, split
     kv = torch.randn(1, 4, 96, 64, dtype=torch.bfloat16)
     cached_attention(q, kv, kv.clone(), splits=3)
-    x = torch.randn(300, 48, dtype=torch.bfloat16)  # 900 pairs, sorted: the align kernels and the tiled GEMMs
+    x = torch.randn(300, 48)  # 900 pairs, sorted: the align kernels and the tiled GEMMs (GPU tiles, 64 rows)
     ids, w = ref.moe_route(torch.randn(300, 8), 3, "softmax")
-    fused_moe(x, torch.randn(8, 48, 48).bfloat16(), torch.randn(8, 48, 24).bfloat16(), ids, w, scan=False)
+    experts = torch.randn(8, 48, 48), torch.randn(8, 48, 24)
+    shared = torch.randn(48, 48), torch.randn(48, 24)
+    for dt in (torch.bfloat16, torch.float32):  # 4-byte tiles must fit shared memory as well
+        for n, scan in ((300, False), (20, True)):
+            fused_moe(x[:n].to(dt), *(t.to(dt) for t in experts), ids[:n], w[:n], scan=scan,
+                      shared_weights=tuple(t.to(dt) for t in shared))
     for kind in ("fp8", "w8a8"):  # e4m3 weights; and e4m3 activations, quantized in the norm or on their own
         adapter_for(l2pd.quantize(tiny_model(1).to(torch.bfloat16), kind)).forward(prompt, fused=True)
 
 
 def record() -> list[dict]:
-    """The distinct kernel launches of ``_workloads`` under the interpreter."""
+    """The distinct kernel launches of ``_workloads`` under the interpreter, with the GPU's MoE tiles."""
     from triton.runtime.interpreter import InterpretedFunction
 
+    from l2pd_kernels import moe
+
     cases, seen = [], set()
-    real = InterpretedFunction.run
+    real, cpu_tile = InterpretedFunction.run, moe.CPU_TILE
 
     def run(self, *args, grid, warmup, **kwargs):
         case = _case(self.fn, args, kwargs)
@@ -109,12 +120,12 @@ def record() -> list[dict]:
             cases.append(case)
         return real(self, *args, grid=grid, warmup=warmup, **kwargs)
 
-    InterpretedFunction.run = run
+    InterpretedFunction.run, moe.CPU_TILE = run, 0
     try:
         with torch.no_grad():
             _workloads()
     finally:
-        InterpretedFunction.run = real
+        InterpretedFunction.run, moe.CPU_TILE = real, cpu_tile
     return cases
 
 
@@ -123,8 +134,12 @@ def targets(case: dict) -> list[int]:
     return [90] if any("fp8" in t for t in case["types"].values()) else [90, 80]
 
 
+SHARED_MEMORY = {90: 232448, 80: 166912}  # bytes one program may use: H100/H200, A100
+
+
 def compile_case(case: dict) -> str:
-    """'ok', or why ``case`` does not compile for one of its ``targets`` (run without the interpreter)."""
+    """'ok', or why ``case`` does not compile for one of its ``targets``, or needs more shared memory than the
+    target has (a launch would fail with "out of resource"); run without the interpreter."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -133,10 +148,12 @@ def compile_case(case: dict) -> str:
     sig = {name: "constexpr" if name in case["constexprs"] else case["types"][name] for name in fn.arg_names}
     for cc in targets(case):
         try:
-            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=case["constexprs"]),
-                           target=GPUTarget("cuda", cc, 32), options=case["options"])
+            kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=case["constexprs"]),
+                                    target=GPUTarget("cuda", cc, 32), options=case["options"])
         except Exception as exc:  # the compiler's message is the finding
             return f"sm_{cc}: {type(exc).__name__}: {str(exc)[-1500:]}"
+        if kernel.metadata.shared > SHARED_MEMORY[cc]:
+            return f"sm_{cc}: {kernel.metadata.shared} bytes of shared memory, {SHARED_MEMORY[cc]} available"
     return "ok"
 
 

@@ -123,6 +123,25 @@ def test_fused_moe_runs_the_shared_expert_as_the_reference(dtype, n, d, inter, e
 
 
 @kernels
+@pytest.mark.parametrize("programs", [1, 3, 64])
+def test_fused_moe_scan_programs_take_several_experts_each(monkeypatch, programs):
+    """The scan path's programs per column tile (about four per SM in all on a GPU) can be fewer than the
+    experts touched: program p takes touched experts p, p + programs, ...; with the shared expert's programs
+    after them."""
+    from l2pd_kernels import fused_moe, moe
+
+    monkeypatch.setattr(moe, "scan_programs", lambda *a: programs)
+    n, d, inter, e, k = 40, 32, 24, 200, 6
+    x = torch.randn(n, d, device=DEV)
+    w13, w2 = _experts(e, d, inter, torch.float32)
+    s13, s2 = (w[0] for w in _experts(1, d, inter, torch.float32))
+    ids, w = ref.moe_route(torch.randn(n, e, device=DEV), k, "softmax")
+    assert programs < ids.unique().numel() < e
+    torch.testing.assert_close(fused_moe(x, w13, w2, ids, w, scan=True, shared_weights=(s13, s2)),
+                               ref.fused_moe(x, w13, w2, ids, w, shared_weights=(s13, s2)), rtol=1e-4, atol=1e-4)
+
+
+@kernels
 def test_fused_moe_with_idle_experts_and_every_token_on_one_expert():
     from l2pd_kernels import fused_moe
 

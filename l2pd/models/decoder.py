@@ -422,10 +422,15 @@ def _moe(ops: Any, h: torch.Tensor, moe: MoE, shared: torch.Tensor | None = None
 
 def _shared_in_moe(ops: Any, blk: Layer, h: torch.Tensor) -> tuple | None:
     """The shared expert's (gate|up, down) weights where the MoE kernels run it beside the routed experts (two
-    launches fewer per layer): the kernels, a bias-free expert of the routed experts' width in the activations'
-    dtype (not e4m3), its gate|up packed on CUDA. None elsewhere, or with ``L2PD_SHARED_IN_MOE=0``."""
+    launches fewer per layer): the kernels, few (token, expert) pairs (the scan path: where it was faster, at 32
+    and 128 tokens; at 2,048 it tied), a bias-free expert of the routed experts' width in the activations' dtype
+    (not e4m3), its gate|up packed on CUDA. None elsewhere, or with ``L2PD_SHARED_IN_MOE=0``."""
     if blk.moe is None or ops is reference or blk.gate is None or blk.up is None or blk.down is None \
             or os.environ.get("L2PD_SHARED_IN_MOE", "1") == "0":
+        return None
+    from l2pd_kernels.moe import SCAN_MAX_PAIRS
+
+    if h.numel() // h.shape[-1] * blk.moe.top_k > SCAN_MAX_PAIRS:
         return None
     mods = [blk.gate, blk.up, blk.down]
     if any(getattr(m, "bias", None) is not None or m.weight.dtype != h.dtype for m in mods):
