@@ -431,6 +431,30 @@ def test_the_fused_forward_matches_the_plain_one():
 
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+def test_the_shared_expert_runs_inside_the_moe_kernels_only_for_few_pairs(monkeypatch):
+    """Few (token, expert) pairs (the scan path): the MoE kernels run the shared expert too; more: it runs apart
+    and its output joins in the combine. The logits match the plain forward either way."""
+    import l2pd_kernels
+    from l2pd_kernels import moe
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_llada2(8).to(dev)
+    ids = torch.randint(0, 58, (2, 9), device=dev)
+    ad = adapter_for(model)
+    want = ad.forward(ids, fused=False)
+    inside, real = [], l2pd_kernels.fused_moe
+    monkeypatch.setattr(l2pd_kernels, "fused_moe",
+                        lambda *a, **k: inside.append(k.get("shared_weights") is not None) or real(*a, **k))
+    torch.testing.assert_close(ad.forward(ids, fused=True), want, rtol=1e-4, atol=1e-4)
+    assert inside and all(inside)
+    inside.clear()
+    monkeypatch.setattr(moe, "SCAN_MAX_PAIRS", 8)  # 18 tokens: too many pairs now (the sorted path)
+    torch.testing.assert_close(ad.forward(ids, fused=True), want, rtol=1e-4, atol=1e-4)
+    assert inside and not any(inside)
+
+
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 def test_cached_block_causal_forwards_attend_through_the_key_limited_kernel(monkeypatch):
     """With the fused ops, a cached forward of a block-causal model attends through ``cached_attention`` with
     each query's keys ending at its block's end (no SDPA mask): the logits equal the plain full forward's."""
