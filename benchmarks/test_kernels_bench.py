@@ -149,15 +149,34 @@ def test_linear_fp8(benchmark, rows, layer, path):
     _run(benchmark, fn, {"rows": rows, "layer": layer, "path": path}, {"graph_" + k_: v for k_, v in bw.items()})
 
 
-def _pool_case(rows: int, queries: int, keys: int = 768, H: int = 32, D: int = 128):
-    """The engine's attention at LLaDA-8B shapes: ``rows`` requests of ``queries`` fed tokens each over
-    ``keys`` cached positions (one layer), packed as the engine packs them."""
+def _pool_case(rows: int, queries: int, keys: int = 768, H: int = 32, D: int = 128, Hkv: int | None = None):
+    """The engine's attention at LLaDA-8B shapes (or ``Hkv`` K/V heads): ``rows`` requests of ``queries`` fed
+    tokens each over ``keys`` cached positions (one layer), packed as the engine packs them."""
     torch.manual_seed(0)
+    Hkv = Hkv or H
     q = torch.randn(1, rows * queries, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    k = torch.randn(rows + 1, H, keys + 256, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(rows + 1, Hkv, keys + 256, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     seg = torch.tensor([(r * queries, queries, r, keys) for r in range(rows)], device="cuda")
-    return q, k, v, seg, 2 * rows * H * keys * D * 2  # K and V bytes read
+    return q, k, v, seg, 2 * rows * Hkv * keys * D * 2  # K and V bytes read
+
+
+@cuda
+@pytest.mark.parametrize("shape", ["llada-8b", "llada2-mini"])
+@pytest.mark.parametrize("splits", [1, 2, 4, 8])
+def test_pool_attention_split(benchmark, shape, splits):
+    """A batch-1 cached step's pool attention (32 queries over 768 keys) with its keys split across programs
+    and merged: at LLaDA-8B shapes (32 heads) and LLaDA2.0-mini's (16 heads over 4 K/V heads), whose 16
+    programs leave most SMs idle in one pass."""
+    from l2pd_kernels.attention import pool_attention, pool_tiles
+
+    heads = {"llada-8b": (32, 32), "llada2-mini": (16, 4)}[shape]
+    q, k, v, seg, nbytes = _pool_case(1, 32, H=heads[0], Hkv=heads[1])
+    tiles = pool_tiles(seg.cpu()).cuda()
+    chunk = -(-768 // splits // 64) * 64  # whole 64-key loops (8 asked: 6 chunks of 128)
+    fn = lambda: pool_attention(q, k, v, seg, tiles, splits=-(-768 // chunk), key_chunk=chunk)  # noqa: E731
+    bw = {"GBps": lambda ms: nbytes / ms / 1e6}
+    _run(benchmark, fn, bw, {"graph_" + k_: v_ for k_, v_ in bw.items()})
 
 
 @cuda
