@@ -341,6 +341,11 @@ CONFIGS = [(2, 32, (64, 64, 4, 4), (128, 128, 4, 3)),
            (float("inf"), 128, (128, 64, 8, 4), (128, 64, 8, 4))]
 
 
+def scans(pairs: int) -> bool:
+    """Whether ``pairs`` (token, expert) pairs take the scan path (no sort) by default."""
+    return pairs <= SCAN_MAX_PAIRS
+
+
 def scan_programs(pairs: int, experts: int, col_tiles: int, device: torch.device) -> int:
     """Programs per column tile of the scan path: one per touched expert, up to about four programs per SM in
     all (more touched experts: some programs take several)."""
@@ -417,7 +422,7 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     elif x.dtype == torch.float32:  # 4-byte tiles: at most 64 columns and two stages fit shared memory (A100 too)
         bn1, bn2, st1, st2 = min(bn1, 64), min(bn2, 64), min(st1, 2), min(st2, 2)
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
-    scan = N * k <= SCAN_MAX_PAIRS if scan is None else scan
+    scan = scans(N * k) if scan is None else scan
     nt1, nt2 = triton.cdiv(inter, bn1), triton.cdiv(D, bn2)  # column tiles of the two kernels
     if scan:  # no sort: per column tile, programs that each take some of the touched experts
         pairs, experts = ids.reshape(-1).contiguous(), ids

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from l2pd_kernels import reference
+from l2pd_kernels.moe import scans
 
 # cached forwards of at most this many queries per row attend through ``l2pd_kernels.cached_attention`` where
 # it pays (``split_pays``), and always for a block-causal model (keys up to each query's block end, where SDPA
@@ -428,9 +429,7 @@ def _shared_in_moe(ops: Any, blk: Layer, h: torch.Tensor) -> tuple | None:
     if blk.moe is None or ops is reference or blk.gate is None or blk.up is None or blk.down is None \
             or os.environ.get("L2PD_SHARED_IN_MOE", "1") == "0":
         return None
-    from l2pd_kernels.moe import SCAN_MAX_PAIRS
-
-    if h.numel() // h.shape[-1] * blk.moe.top_k > SCAN_MAX_PAIRS:
+    if not scans(h.numel() // h.shape[-1] * blk.moe.top_k):
         return None
     mods = [blk.gate, blk.up, blk.down]
     if any(getattr(m, "bias", None) is not None or m.weight.dtype != h.dtype for m in mods):
