@@ -68,6 +68,17 @@ def floors(sustain_s: float = 3.0) -> dict[str, float]:
     return dict(_FLOORS)
 
 
+def block_routing(tokens: int, spread: float = 0.3, experts: int = 256, top_k: int = 8):
+    """(ids, weights) of LLaDA 2.x's router (sigmoid, 8 groups, 4 kept, scale 2.5) for ``tokens`` whose router
+    logits are shared within blocks of 32 (a decode block's masks route alike), plus ``spread`` times each
+    token's own noise."""
+    from l2pd_kernels import reference as ref
+
+    shared = torch.randn((tokens + 31) // 32, experts, device="cuda").repeat_interleave(32, 0)[:tokens]
+    logits = shared + spread * torch.randn(tokens, experts, device="cuda")
+    return ref.moe_route(logits, top_k, "sigmoid", torch.zeros(experts, device="cuda"), 8, 4, 2.5)
+
+
 def run_info() -> dict[str, Any]:
     """Device, versions, date and commit of this run."""
     import triton

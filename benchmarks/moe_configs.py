@@ -16,6 +16,7 @@ import os
 
 import torch
 import triton.testing
+from harness import block_routing
 
 from l2pd_kernels import fused_moe
 from l2pd_kernels import reference as ref
@@ -44,9 +45,7 @@ def main() -> None:
         x = torch.randn(n, D, device="cuda", dtype=torch.bfloat16)
         # a block of one row's masks routes alike (a decode step at batch 1 touched about 45 experts per layer
         # with random weights): tokens share most of their router logits, in groups of 32
-        shared = torch.randn((n + 31) // 32, E, device="cuda").repeat_interleave(32, 0)[:n]
-        ids, w = ref.moe_route(shared + args.spread * torch.randn(n, E, device="cuda"), K, "sigmoid",
-                               torch.zeros(E, device="cuda"), 8, 4, 2.5)
+        ids, w = block_routing(n, args.spread, E, K)
         touched = int(ids.unique().numel())
         want = ref.fused_moe(x, w13, w2, ids, w).float()
         floor = touched * expert_bytes / bw / 1e6

@@ -20,10 +20,9 @@ import random
 
 import torch
 import triton.testing
-from harness import floors, save
+from harness import block_routing, floors, save
 
 from l2pd_kernels import fused_moe
-from l2pd_kernels import reference as ref
 from l2pd_kernels.moe import pick_config
 
 E, K, D, INTER, N = 256, 8, 2048, 512, 32
@@ -42,8 +41,7 @@ def routing(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
             rows.append([chosen[i] for i in r])
         return torch.tensor(rows, device="cuda"), torch.softmax(torch.randn(N, K, device="cuda"), -1)
     if kind == "block":
-        logits = torch.randn(1, E, device="cuda") + float(arg) * torch.randn(N, E, device="cuda")
-        return ref.moe_route(logits, K, "sigmoid", torch.zeros(E, device="cuda"), 8, 4, 2.5)
+        return block_routing(N, float(arg), E, K)
     raise SystemExit(f"routing {spec!r}: random:T or block:S")
 
 

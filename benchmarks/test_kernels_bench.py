@@ -10,6 +10,7 @@ device copy of the logits (the bandwidth floor). Each benchmark synchronises the
 import pytest
 import torch
 from baselines import public_style_decide
+from harness import block_routing
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="kernel benchmarks need a CUDA GPU")
 V, L, MASK, EOS = 126464, 32, 126336, 126081
@@ -244,16 +245,12 @@ def _moe_layer(tokens: int):
     """A LLaDA2.0-mini MoE layer's inputs (256 experts of width 512, top-8, hidden 2048, bf16): x, experts, ids
     and weights routed alike in blocks of 32 tokens (as a decode step's masks are), a shared expert (gate|up,
     down), drawn last so that the routed inputs are the same with or without it."""
-    from l2pd_kernels import reference as ref
-
     torch.manual_seed(0)
     E, D, inter = 256, 2048, 512
     w13 = torch.randn(E, 2 * inter, D, device="cuda", dtype=torch.bfloat16) / D**0.5
     w2 = torch.randn(E, D, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
     x = torch.randn(tokens, D, device="cuda", dtype=torch.bfloat16)
-    shared = torch.randn((tokens + 31) // 32, E, device="cuda").repeat_interleave(32, 0)[:tokens]
-    ids, w = ref.moe_route(shared + 0.3 * torch.randn(tokens, E, device="cuda"), 8, "sigmoid",
-                           torch.zeros(E, device="cuda"), 8, 4, 2.5)
+    ids, w = block_routing(tokens)
     s13 = torch.randn(2 * inter, D, device="cuda", dtype=torch.bfloat16) / D**0.5
     s2 = torch.randn(D, inter, device="cuda", dtype=torch.bfloat16) / inter**0.5
     return x, w13, w2, (s13, s2), ids, w
