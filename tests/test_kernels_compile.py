@@ -130,7 +130,10 @@ def record() -> list[dict]:
 
 
 def targets(case: dict) -> list[int]:
-    """The compute capabilities ``case`` must compile for: 90, and 80 unless it reads or writes e4m3."""
+    """The compute capabilities ``case`` must compile for: its own ``targets`` where it names them, else 90, and
+    80 unless it reads or writes e4m3."""
+    if "targets" in case:
+        return case["targets"]
     return [90] if any("fp8" in t for t in case["types"].values()) else [90, 80]
 
 
