@@ -1,13 +1,14 @@
 """Bring a tensor's bytes into the GPU's L2 cache ahead of the kernel that reads them.
 
-At batch 1 a decoder layer's products stream their weights from HBM at close to its rate, and between them
-the norms, RoPE and attention leave HBM mostly idle for tens of microseconds per layer. A prefetch issued at
-the start of such a gap, on a side stream, loads the next product's weight (or its first megabytes) into L2
-while the gap runs, so the product reads those bytes at L2's rate. The values any kernel computes do not
-change: a prefetch is a hint that writes nothing (its reference is doing nothing).
+At batch 1 a decoder layer's products stream their weights, and between them the norms, RoPE and attention
+leave HBM mostly idle. A prefetch issued at the start of such a gap, on a side stream, could load the next
+product's weight into L2. Measured on an H200 (``benchmarks/studies/l2_prefetch.py``; ``benchmarks/RESULTS.md``,
+"Prefetching weights into L2"), it does not pay: a 32-row product of an 8 to 32 MB weight takes about as long
+with its weight in L2 as from HBM (its programs, not HBM, bound it), and a forward with prefetches was 0% to 2%
+slower. So no forward calls this; it stays with its study. A prefetch writes nothing: no value changes.
 
-Hopper (sm_90): one ``cp.async.bulk.prefetch.L2`` per 16 KB chunk, a few hundred instructions per weight.
-Other GPUs: ``prefetch.global.L2::evict_last`` per 128-byte line.
+Hopper (sm_90): one ``cp.async.bulk.prefetch.L2`` per 16 KB chunk. Other GPUs (or ``lines``):
+``prefetch.global.L2::evict_last`` per 128-byte line.
 """
 
 from __future__ import annotations

@@ -1,29 +1,27 @@
 """Does prefetching the next product's weight into L2 during the gaps between products shorten a batch-1 step?
 
-    PYTHONPATH=.:benchmarks python benchmarks/studies/l2_prefetch.py --out runs/l2_prefetch.json
+    PYTHONPATH=.:benchmarks python benchmarks/studies/l2_prefetch.py --weights-mb 8,16,32,48 --gaps-us 5,20,40 \
+        --fractions 0.5,1 --out runs/l2_prefetch.json
 
 1. The mechanism, alone: a few-row product (32 rows) of a weight of 8 to 48 MB after an idle gap (a sleeping
-   kernel of 5 to 20 us), replayed from a CUDA graph over enough copies of the weight that none stays in L2
+   kernel of 5 to 40 us), replayed from a CUDA graph over enough copies of the weight that none stays in L2
    between uses; with no prefetch, and with the first 25%, 50% or all of the weight prefetched on a side
    stream at the start of the gap (16 KB bulk prefetches, and all of it as 128-byte line prefetches), and one
    copy read again and again (in L2 where it fits). Reported: the product's time (replay minus the gaps alone).
-2. The whole step: the engine's graphed iteration at batch 1 (prompt 512 + 256, block 32, dual cache, one token
-   per forward) on 8B-shaped LLaDA and LLaDA2.0-mini-shaped random bf16 weights, for each budget setting of
-   ``l2pd.models.prefetch`` (``--budgets``), the settings alternated ``--repeats`` times; medians of graph
-   replays (the tests check that prefetching changes no value).
+2. The whole step, with prefetches in a captured forward's gaps (q/k/v -> output projection, output -> MLP,
+   MLP -> next q/k/v, budgets in MB): ran from the tree of commit a8889f5, where ``l2pd.models.prefetch`` did
+   this (its ``--sections step``); it was slower, so the forward no longer prefetches (``benchmarks/RESULTS.md``,
+   "Prefetching weights into L2").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
-from decode_8b import EngineStep, build_model
 from harness import device_ms, floors, run_info, save
 
-from l2pd.models import prefetch as pf_policy
 from l2pd_kernels import linear
 from l2pd_kernels.prefetch import prefetch_l2
 
@@ -80,51 +78,17 @@ def mechanism(mb_list: list[int], gaps: list[float], fractions: list[float], cop
     return rows
 
 
-@torch.no_grad()
-def whole_step(family: str, budgets: list[str], repeats: int) -> list[dict]:
-    from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM
-
-    model = build_model(LLaDA2MoeModelLM, LLaDA2Config) if family == "llada2-mini" else build_model()
-    times: dict[str, list[float]] = {b: [] for b in budgets}
-    for _ in range(repeats):
-        for b in budgets:
-            pf_policy.BUDGETS = pf_policy._budgets(b)
-            torch.manual_seed(0)
-            st = EngineStep(model, 1, "dual", "full", True, True)
-            for _ in range(3):
-                st.step()
-            times[b].append(device_ms(st.replay, iters=50))
-            del st
-            torch.cuda.empty_cache()
-    rows = []
-    for b in budgets:
-        rows.append({"family": family, "budgets": b, "replay_ms": statistics.median(times[b]), "runs": times[b]})
-        print(json.dumps(rows[-1]), flush=True)
-    del model
-    torch.cuda.empty_cache()
-    return rows
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--sections", default="mechanism,step")
     ap.add_argument("--weights-mb", default="8,32,48")
     ap.add_argument("--gaps-us", default="5,20")
     ap.add_argument("--fractions", default="0.25,0.5,1")
-    ap.add_argument("--families", default="8b,llada2-mini")
-    ap.add_argument("--budgets", default="0;o:40,mlp:8,qkv:8;o:40;o:40,mlp:24,qkv:24",
-                    help="semicolon-separated L2PD_PREFETCH settings")
-    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     result = {**run_info(), "floors": floors()}
-    if "mechanism" in args.sections:
-        result["mechanism"] = mechanism([int(m) for m in args.weights_mb.split(",")],
-                                        [float(g) for g in args.gaps_us.split(",")],
-                                        [float(f) for f in args.fractions.split(",")])
-    if "step" in args.sections:
-        result["step"] = [r for fam in args.families.split(",")
-                          for r in whole_step(fam, args.budgets.split(";"), args.repeats)]
+    result["mechanism"] = mechanism([int(m) for m in args.weights_mb.split(",")],
+                                    [float(g) for g in args.gaps_us.split(",")],
+                                    [float(f) for f in args.fractions.split(",")])
     save(args.out, result)
 
 

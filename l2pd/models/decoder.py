@@ -21,8 +21,6 @@ from torch import nn
 from l2pd_kernels import reference
 from l2pd_kernels.moe import scans
 
-from .prefetch import prefetcher
-
 # cached forwards of at most this many queries per row attend through ``l2pd_kernels.cached_attention`` where
 # it pays (``split_pays``), and always for a block-causal model (keys up to each query's block end, where SDPA
 # would need a mask); ``L2PD_SPLIT_ATTENTION=0``: always SDPA (benchmarks flip the flag to compare)
@@ -325,14 +323,17 @@ def decoder_forward(
         sin = torch.zeros_like(cos)
     fresh_slots = torch.arange(seq, device=device) if cache is None else None
 
-    pf = prefetcher(ops, device, bsz * seq)  # weights into L2 during the gaps between products (graphs only)
     x = F.embedding(input_ids, dec.embed.weight)
     delta = None  # the last residual branch, added inside the next norm
     for layer, blk in enumerate(dec.layers):
         h, x, hq = _norm(ops, x, blk.attn_norm, eps, delta, _a8(blk.q if blk.qkv is None else blk.qkv))
-        q, k, v = _qkv(ops, h, blk, hq, [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim])
-        if pf is not None:
-            pf.issue("o", _gap_weights(blk, "o"))
+        widths = [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim]
+        if blk.qkv is not None:  # a fused projection (LLaDA 2.x); q, k, v are column slices
+            q, k, v = _lin(ops, h, blk.qkv, hq).split(widths, -1)
+        elif (qkv := _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])) is not None:  # one matmul
+            q, k, v = _packed_linear(ops, h, qkv, blk, "_l2pd_qkv", [blk.q, blk.k, blk.v], hq).split(widths, -1)
+        else:
+            q, k, v = _proj(ops, h, blk.q, hq), _proj(ops, h, blk.k, hq), _proj(ops, h, blk.v, hq)
         q = q.view(bsz, seq, n_heads, head_dim)
         k = k.view(bsz, seq, n_kv, head_dim)
         v = v.view(bsz, seq, n_kv, head_dim)
@@ -354,18 +355,11 @@ def decoder_forward(
             else:
                 att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
         a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
-        if pf is not None:
-            pf.issue("mlp", _gap_weights(blk, "mlp"))
         h, x, hq = _norm(ops, x, blk.ff_norm, eps, a, _a8(blk.gate))
         inside = _shared_in_moe(ops, blk, h)  # the shared expert run by the MoE kernels, beside the routed ones
         delta = None if blk.gate is None or inside is not None else _mlp(ops, h, blk, hq)
         if blk.moe is not None:  # the routed experts, plus the shared expert's output (delta) in the same kernel
             delta = _moe(ops, h, blk.moe, delta, inside)
-        if pf is not None:
-            nxt = dec.layers[layer + 1] if layer + 1 < len(dec.layers) else None
-            pf.issue("qkv", _gap_weights(nxt, "qkv") if nxt is not None else [dec.head.weight])
-    if pf is not None:
-        pf.join()
 
     if delta is None:  # no blocks
         delta = torch.zeros_like(x)
@@ -378,39 +372,6 @@ def decoder_forward(
     if dec.scale_logits:
         logits = logits * (1.0 / math.sqrt(dec.d_model))
     return logits
-
-
-def _qkv(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None, widths: list[int]) -> tuple:
-    """(q, k, v) from one fused or packed product where the layer has one, else three."""
-    if blk.qkv is not None:  # a fused projection (LLaDA 2.x); q, k, v are column slices
-        return _lin(ops, h, blk.qkv, hq).split(widths, -1)
-    if (qkv := _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])) is not None:  # one matmul
-        return _packed_linear(ops, h, qkv, blk, "_l2pd_qkv", [blk.q, blk.k, blk.v], hq).split(widths, -1)
-    return _proj(ops, h, blk.q, hq), _proj(ops, h, blk.k, hq), _proj(ops, h, blk.v, hq)
-
-
-def _gap_weights(blk: Layer, slot: str) -> list:
-    """The weights (and e4m3 scales) of the product after ``slot``'s gap, in the order they are read
-    (``l2pd.models.prefetch``)."""
-    if slot == "o":
-        mods = [blk.o]
-        router = [blk.moe.router.weight] if blk.moe is not None else []
-    elif slot == "qkv":
-        mods = [blk.qkv] if blk.qkv is not None else [blk.q, blk.k, blk.v]
-        packed = None if blk.qkv is not None else _packed(blk.owner, "_l2pd_qkv", mods)
-        return [packed, _packed_scale(blk.owner, "_l2pd_qkv", mods)] if packed is not None else _module_weights(mods)
-    else:  # the gated MLP (a MoE's shared expert): gate/up, then down
-        mods, router = [blk.gate, blk.up, blk.down], []
-        if any(m is None for m in mods):
-            return []
-        packed = _packed(blk.owner, "_l2pd_gate_up", mods[:2])
-        if packed is not None:
-            return [packed, _packed_scale(blk.owner, "_l2pd_gate_up", mods[:2]), *_module_weights(mods[2:])]
-    return _module_weights(mods) + router
-
-
-def _module_weights(mods: list) -> list:
-    return [t for m in mods for t in (m.weight, getattr(m, "weight_scale", None))]
 
 
 def _qk_norm(blk: Layer, dtype: torch.dtype, eps: float) -> dict | None:
