@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import sm_count
+from .device import pdl, pdl_wait, sm_count
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # queries per program of pool_attention: 64 was fastest at LLaDA-8B shapes on an H200 for step segments (32 or
@@ -34,8 +34,8 @@ def _pool_attention_kernel(
     sqn, sqh, skr, skh, skw, svr, svh, svw, son, soh,
     scale_log2, GROUP, DENSE_L, DENSE_T, DENSE_TILES, KEY_CHUNK, NH,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DENSE: tl.constexpr,
-    SPLIT: tl.constexpr, QLIM: tl.constexpr,
-):
+    SPLIT: tl.constexpr, QLIM: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_wait(PDL)
     tile = tl.program_id(0)
     h = tl.program_id(1)
     if DENSE:  # B rows of L queries over all T keys of their own cache row: the segment follows from the tile
@@ -111,8 +111,9 @@ def _pool_attention_kernel(
 
 
 @triton.jit
-def _combine_kernel(part_ptr, lse_ptr, o_ptr, NH, SPLITS, D: tl.constexpr, BR: tl.constexpr):
+def _combine_kernel(part_ptr, lse_ptr, o_ptr, NH, SPLITS, D: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr = 0):
     """Merge the key chunks of BR (token, head) pairs: weights 2^(lse_s - max) (an online log-sum-exp)."""
+    pdl_wait(PDL)
     r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     mr = r < NH
     d = tl.arange(0, D)
@@ -165,11 +166,12 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: 
         1.0 / math.sqrt(D) * 1.4426950408889634, H // k_cache.shape[1], *dense, key_chunk, N * H,
         D=D, BM=block_m, BN=block_n, IEEE=q.dtype == torch.float32 or _INTERPRET, DENSE=seg is None,
         SPLIT=split, QLIM=qlim is not None and seg is None, num_warps=num_warps,
-        **({} if num_stages is None else {"num_stages": num_stages}),
+        **({} if num_stages is None else {"num_stages": num_stages}), **pdl(q.device, "attention"),
     )
     if split:
         br = 16
-        _combine_kernel[(triton.cdiv(N * H, br),)](part, lse, out, N * H, splits, D=D, BR=br, num_warps=4)
+        _combine_kernel[(triton.cdiv(N * H, br),)](part, lse, out, N * H, splits, D=D, BR=br, num_warps=4,
+                                                   **pdl(q.device, "attention_combine"))
     return out
 
 

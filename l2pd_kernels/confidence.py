@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import sm_count
+from .device import pdl, pdl_wait, sm_count
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _U32 = 0xFFFFFFFF
@@ -94,8 +94,8 @@ def _partial_kernel(
     L, V, stride_b, stride_l, stride_v,
     chunk, n_split, seed_h, inv_temp, suppress,
     SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr, LANES: tl.constexpr, STAGES: tl.constexpr,
-    DIRECT: tl.constexpr, STATS: tl.constexpr, NP: tl.constexpr,
-):
+    DIRECT: tl.constexpr, STATS: tl.constexpr, NP: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     split = tl.program_id(1)
     b = row // L
@@ -197,7 +197,8 @@ def _partial_kernel(
 
 @triton.jit
 def _merge_kernel(part_ptr, token_ptr, prob_ptr, margin_ptr, entropy_ptr, n_split, SPLIT_P2: tl.constexpr,
-                  STATS: tl.constexpr, NP: tl.constexpr):
+                  STATS: tl.constexpr, NP: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, SPLIT_P2)
     ok = offs < n_split
@@ -295,11 +296,12 @@ def confidence(
         chunk, n_split, seed_h, 1.0 / temperature if temperature > 0 else 1.0,
         -1 if suppress is None else int(suppress),
         SAMPLE=temperature > 0, BLOCK_V=block_v, LANES=bool(lanes), STAGES=stages,
-        DIRECT=direct, STATS=stats, NP=n_part, num_warps=num_warps,
+        DIRECT=direct, STATS=stats, NP=n_part, num_warps=num_warps, **pdl(logits.device, "confidence"),
     )
     if not direct:
         _merge_kernel[(rows,)](part, token, prob, margin, entropy, n_split,
-                               SPLIT_P2=triton.next_power_of_2(n_split), STATS=stats, NP=n_part)
+                               SPLIT_P2=triton.next_power_of_2(n_split), STATS=stats, NP=n_part,
+                               **pdl(logits.device, "confidence_merge"))
     return result
 
 

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import pdl, pdl_wait
 from .reference import (
     EOTP_MODES,
     HISTORY_FEATURES,
@@ -38,7 +39,8 @@ def _decide_kernel(
     EOTP: tl.constexpr, TAIL: tl.constexpr, DYN_PARAMS: tl.constexpr,
     USE_MARGIN: tl.constexpr, USE_ENTROPY: tl.constexpr, USE_STEP: tl.constexpr, SHARED: tl.constexpr,
     HISTORY: tl.constexpr, HIST_CONF: tl.constexpr, HIST_FEATS: tl.constexpr, RUN_CAP: tl.constexpr,
-):
+    PDL: tl.constexpr = 0):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     if DYN_PARAMS:  # block start and k read from device memory (bits 20-39 and 0-19): one CUDA graph serves all
         pp = params_ptr + row * 2 if PER_ROW else params_ptr  # per row: two words each (the engine's rows)
@@ -309,6 +311,6 @@ def decide(
             EOTP=EOTP_MODES[eotp], TAIL=256, DYN_PARAMS=params is not None,
             USE_MARGIN="margin" in inputs, USE_ENTROPY="entropy" in inputs, USE_STEP="step" in inputs,
             SHARED=shared, HISTORY=uses_history, HIST_CONF=uses_history and len(hist) == 3, HIST_FEATS=hist_feats,
-            RUN_CAP=RUN_CAP,
+            RUN_CAP=RUN_CAP, **pdl(canvas.device, "decide"),
         )
     return out[0], out[1], out[2]  # views: no extra kernel launches

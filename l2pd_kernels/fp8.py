@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import pdl, pdl_wait
 from .skinny import _INTERPRET, MAX_ROWS, _launch
 
 FP8 = torch.float8_e4m3fn
@@ -32,7 +33,8 @@ def _round_e4m3(y):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr):
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_x
     q_row = q_ptr + row.to(tl.int64) * stride_q
@@ -87,7 +89,7 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if M and K:
         block = min(2048, triton.next_power_of_2(K))
         _quantize_rows_kernel[(M,)](x2, q, s, K, x2.stride(0), q.stride(0), BLOCK=block,
-                                    num_warps=4 if block <= 1024 else 8)
+                                    num_warps=4 if block <= 1024 else 8, **pdl(x2.device, "quantize_rows"))
     return q, s
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import sm_count
+from .device import pdl, pdl_wait, sm_count
 
 
 def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,16 +35,17 @@ def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tens
     counts = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
     sorted_pairs = torch.empty(length, dtype=torch.int64, device=flat.device)
     block_expert = torch.empty(length // block_m, dtype=torch.int64, device=flat.device)
-    _align_count_kernel[(num_experts,)](flat, counts, pairs, CHUNK=chunk, num_warps=4)
+    _align_count_kernel[(num_experts,)](flat, counts, pairs, CHUNK=chunk, num_warps=4, **pdl(flat.device, "moe_align"))
     _align_place_kernel[(num_experts,)](flat, counts, sorted_pairs, block_expert, pairs, num_experts, length,
                                         BLOCK_M=block_m, CHUNK=chunk, E_P=triton.next_power_of_2(num_experts),
-                                        NB=128, num_warps=4)
+                                        NB=128, num_warps=4, **pdl(flat.device, "moe_align"))
     return sorted_pairs, block_expert
 
 
 @triton.jit
-def _align_count_kernel(ids_ptr, counts_ptr, P, CHUNK: tl.constexpr):
+def _align_count_kernel(ids_ptr, counts_ptr, P, CHUNK: tl.constexpr, PDL: tl.constexpr = 0):
     """counts[e]: how many pairs go to expert e (program e)."""
+    pdl_wait(PDL)
     e = tl.program_id(0)
     total = 0
     for c0 in range(0, P, CHUNK):
@@ -55,9 +56,10 @@ def _align_count_kernel(ids_ptr, counts_ptr, P, CHUNK: tl.constexpr):
 
 @triton.jit
 def _align_place_kernel(ids_ptr, counts_ptr, pairs_ptr, block_expert_ptr, P, E, LENGTH, BLOCK_M: tl.constexpr,
-                        CHUNK: tl.constexpr, E_P: tl.constexpr, NB: tl.constexpr):
+                        CHUNK: tl.constexpr, E_P: tl.constexpr, NB: tl.constexpr, PDL: tl.constexpr = 0):
     """Program e writes expert e's pairs in order from its run's start (the padded runs of experts 0..e-1), then
     its run's padding and its blocks' expert; program 0 also fills the slots past the last run."""
+    pdl_wait(PDL)
     e = tl.program_id(0)
     idx = tl.arange(0, E_P)
     counts = tl.load(counts_ptr + idx, mask=idx < E, other=0)
@@ -207,9 +209,10 @@ def _shared_rows(pid_m, first, n_tok, row0, BLOCK_M: tl.constexpr):
 def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, ws_ptr, first_shared, n_tok,
                     TOPK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr,
                     PAIRS: tl.constexpr, E_P: tl.constexpr, SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = 0):
     """Programs from ``first_shared`` on (with SHARED_W) run the shared expert (weights at ``ws_ptr``), a block
     of BLOCK_M tokens each, into the rows after the routed pairs'."""
+    pdl_wait(PDL)
     pid_m = tl.program_id(0)
     if SHARED_W and pid_m >= first_shared:
         t, row, ok = _shared_rows(pid_m, first_shared, n_tok, num_pairs, BLOCK_M)
@@ -229,7 +232,8 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, 
 def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, wd_ptr, first_shared, n_tok,
                  UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr,
                  E_P: tl.constexpr, SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_wait(PDL)
     pid_m = tl.program_id(0)
     if SHARED_W and pid_m >= first_shared:
         t, row, ok = _shared_rows(pid_m, first_shared, n_tok, num_pairs, BLOCK_M)
@@ -248,7 +252,8 @@ def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, I
 @triton.jit
 def _route_kernel(logits_ptr, bias_ptr, ids_ptr, w_ptr, E, scale, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
                   E_P: tl.constexpr, GROUPS: tl.constexpr, GROUPS_P: tl.constexpr, KEEP: tl.constexpr,
-                  SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr):
+                  SIGMOID: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, E_P)
     ok = offs < E
@@ -324,7 +329,8 @@ def moe_route(logits: torch.Tensor, top_k: int, score: str = "sigmoid", bias: to
                             GROUPS_P=triton.next_power_of_2(n_group if grouped else 1),
                             KEEP=topk_group if grouped else 1, SIGMOID=score == "sigmoid",
                             HAS_BIAS=bias is not None and score == "sigmoid", NORMALIZE=bool(normalize),
-                            num_warps=1)  # one warp: its reductions stay in registers (2.2x faster at 2,048 rows)
+                            # one warp: its reductions stay in registers (2.2x faster at 2,048 rows)
+                            num_warps=1, **pdl(logits.device, "moe_route"))
     return ids, weights
 
 
@@ -361,10 +367,11 @@ def pick_config(tokens: int, top_k: int, experts: int) -> tuple:
 
 @triton.jit
 def _combine_kernel(part_ptr, weight_ptr, shared_ptr, out_ptr, D, K: tl.constexpr, SHARED: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+                    BLOCK_D: tl.constexpr, PDL: tl.constexpr = 0):
     """A token's k expert outputs (rounded to the input dtype) weighted in fp32, summed in order, rounded, plus
     the shared expert's output. Launched without fp fusion: each weighted output is rounded before the sum, as
     the reference's separate multiply and add."""
+    pdl_wait(PDL)
     n = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = d < D
@@ -446,14 +453,16 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
                  PAIRS=triton.next_power_of_2(N * k), E_P=triton.next_power_of_2(E) if scan else 1, SHARED_W=sw,
                  BLOCK_M=block_m)
     _gate_up_kernel[(routed1 + extra, nt1)](x, w_gate_up, act, pairs, experts, N * k, D, inter, ws, routed1, N,
-                                            TOPK=k, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=w1, num_stages=st1, **flags)
+                                            TOPK=k, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=w1, num_stages=st1, **flags,
+                                            **pdl(x.device, "moe_gate_up"))
     _down_kernel[(routed2 + extra, nt2)](act, w_down, out, pairs, experts, N * k, D, inter, wd, routed2, N,
-                                         BLOCK_N=bn2, BLOCK_K=bk2, num_warps=w2_, num_stages=st2, **flags)
+                                         BLOCK_N=bn2, BLOCK_K=bk2, num_warps=w2_, num_stages=st2, **flags,
+                                         **pdl(x.device, "moe_down"))
     res = torch.empty_like(x)
     sh = out[N * k:] if sw else shared.contiguous() if shared is not None else res
     block_d = min(1024, triton.next_power_of_2(D))
     nofuse = {} if x.device.type != "cuda" else {"enable_fp_fusion": False}
     _combine_kernel[(N, triton.cdiv(D, block_d))](out, weights.float().contiguous(), sh, res, D, K=k,
                                                   SHARED=sw or shared is not None, BLOCK_D=block_d, num_warps=4,
-                                                  **nofuse)
+                                                  **nofuse, **pdl(x.device, "moe_combine"))
     return res

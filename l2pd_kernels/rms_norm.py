@@ -15,13 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import pdl, pdl_wait
 from .fp8 import FP8, _row_scale, _to_e4m3, check_fp8_device
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, sum_ptr, q_ptr, qs_ptr, D, eps,
                      stride_x, stride_d, stride_o, stride_s,
-                     BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_WEIGHT: tl.constexpr, QUANT: tl.constexpr):
+                     BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, HAS_WEIGHT: tl.constexpr, QUANT: tl.constexpr,
+                     PDL: tl.constexpr = 0):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < D
@@ -84,6 +87,6 @@ def _run(x, weight, eps, delta, quant):
             x2, out if d2 is None else d2, out if weight is None else weight, out, total, q, qs, D, float(eps),
             x2.stride(0), 0 if d2 is None else d2.stride(0), out.stride(0), total.stride(0),
             BLOCK=triton.next_power_of_2(D), HAS_DELTA=delta is not None, HAS_WEIGHT=weight is not None,
-            QUANT=quant, num_warps=8 if D >= 4096 else 4,
+            QUANT=quant, num_warps=8 if D >= 4096 else 4, **pdl(x2.device, "rms_norm"),
         )
     return out.view(x.shape), total.view(x.shape), ((q, qs) if quant else None)

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import pdl, pdl_wait
+
 
 @triton.jit
 def _head_inv(head, mask, eps, D: tl.constexpr):
@@ -56,8 +58,8 @@ def _rope_qkv_kernel(
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, scb, scs,
     sqob, sqoh, sqos, skob, skoh, skos, svob, svoh, svos,
     HALF: tl.constexpr, VHALF: tl.constexpr, REST: tl.constexpr, HB: tl.constexpr, HKVB: tl.constexpr,
-    ROWS: tl.constexpr, NORM: tl.constexpr,
-):
+    ROWS: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     b = (pid // S).to(tl.int64)
     s = (pid % S).to(tl.int64)
@@ -138,6 +140,6 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
             q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
             v_out.stride(0), v_out.stride(1), v_out.stride(2),
             HALF=half, VHALF=D // 2, REST=rest, HB=triton.next_power_of_2(H), HKVB=triton.next_power_of_2(HKV),
-            ROWS=rows is not None, NORM=norm, num_warps=4,
+            ROWS=rows is not None, NORM=norm, num_warps=4, **pdl(q.device, "rope_qkv"),
         )
     return q_out

@@ -10,9 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .device import pdl, pdl_wait
+
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, F, stride_g, stride_u, BLOCK: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, F, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < F
@@ -38,5 +41,5 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if out.numel():
         BLOCK = 1024
         _silu_mul_kernel[(g2.shape[0], triton.cdiv(F, BLOCK))](g2, u2, out, F, g2.stride(0), u2.stride(0),
-                                                              BLOCK=BLOCK, num_warps=4)
+                                                              BLOCK=BLOCK, num_warps=4, **pdl(g2.device, "silu_mul"))
     return out

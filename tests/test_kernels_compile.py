@@ -6,7 +6,8 @@ loop-carried value that changes shape, a return whose type depends on a branch) 
 memory: more than the GPU has fails with "out of resource"). So the launches of small bf16 and fp32
 workloads are recorded under the interpreter (each kernel's argument types and compile-time constants), and a
 child process without the interpreter compiles each distinct launch ahead of time with Triton's own ``ptxas``.
-An A100 has no e4m3, so FP8 launches stop there at ``check_fp8_device``, before any kernel. Constants that only
+An A100 has no e4m3, so FP8 launches stop there at ``check_fp8_device``, before any kernel. For sm_90 every
+kernel compiles with the programmatic-dependent-launch instructions a Hopper GPU runs (``PDL=2``). Constants that only
 the interpreter sets (``UPCAST``: its bf16 ``tl.dot`` is wrong) take their GPU value, and the MoE runs its GPU
 tiles (``CPU_TILE = 0``).
 """
@@ -150,8 +151,11 @@ def compile_case(case: dict) -> str:
     fn = getattr(importlib.import_module(case["module"]), case["kernel"])
     sig = {name: "constexpr" if name in case["constexprs"] else case["types"][name] for name in fn.arg_names}
     for cc in targets(case):
+        consts = dict(case["constexprs"])
+        if cc >= 90 and "PDL" in consts:  # Hopper launches with programmatic dependent launch (``device.pdl``)
+            consts["PDL"] = 2
         try:
-            kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=case["constexprs"]),
+            kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                                     target=GPUTarget("cuda", cc, 32), options=case["options"])
         except Exception as exc:  # the compiler's message is the finding
             return f"sm_{cc}: {type(exc).__name__}: {str(exc)[-1500:]}"

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from l2pd_kernels import reference
+from l2pd_kernels.device import early_launch
 from l2pd_kernels.moe import scans
 
 # cached forwards of at most this many queries per row attend through ``l2pd_kernels.cached_attention`` where
@@ -275,7 +276,16 @@ class Decoder:
     block_causal: int = 0  # > 0: a query at position i sees keys at positions j with j // L <= i // L
 
 
-def decoder_forward(
+def decoder_forward(dec: Decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    **kw: Any) -> torch.Tensor:
+    """``llada_forward`` over any ``Decoder`` (``_decoder_forward`` has the arguments). A mixture-of-experts
+    model's kernels let the next kernel launch early (``l2pd_kernels.device.early_launch``: measured faster for
+    its many small kernels, slower for a dense 8B model's products)."""
+    with early_launch(any(blk.moe is not None for blk in dec.layers)):
+        return _decoder_forward(dec, input_ids, attention_mask, **kw)
+
+
+def _decoder_forward(
     dec: Decoder,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
@@ -290,7 +300,7 @@ def decoder_forward(
     pack: Pack | None = None,
     attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``llada_forward`` over any ``Decoder`` (same arguments, same result). With ``pack`` (and ``cache``
+    """``llada_forward``'s arguments and result, over any ``Decoder``. With ``pack`` (and ``cache``
     the engine's slot pool, ``position_ids`` given) ``input_ids`` [1, N] are many requests' fed tokens.
     ``attn_mask`` (bool [B, 1, S, S], True = may attend; no cache) replaces the mask the decoder would build:
     block-diffusion training (``l2pd.demo.train_model``) attends across a clean and a noised copy."""
