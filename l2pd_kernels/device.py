@@ -51,7 +51,18 @@ _early = threading.local()
 
 @functools.lru_cache(maxsize=None)
 def _hopper(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    """Hopper or later, and a Triton that launches with PDL (3.3 and later)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and _triton_pdl()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_pdl() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    return "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
 
 
 @contextlib.contextmanager
