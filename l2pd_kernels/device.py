@@ -38,11 +38,12 @@ def smem_bytes(device: torch.device) -> int:
 # Programmatic dependent launch (Hopper and later; ``benchmarks/studies/launch_overlap.py``). Each kernel is
 # launched while the one before it in the stream still runs; its programs wait (``griddepcontrol.wait``) for
 # that kernel's completion and writes before they touch memory, so its launch overlaps the other's exit
-# (LLaDA-8B's graphed step 1.1% faster, LLaDA2.0-mini's 0.9%). Inside ``early_launch(True)`` each kernel also
-# lets the next launch as soon as all its programs have started (``griddepcontrol.launch_dependents``): 3.9%
-# off LLaDA2.0-mini's step but 8.6% onto LLaDA-8B's, whose few-row products, started early on whatever SMs the
-# kernel before leaves free, spread unevenly over the SMs; the forward asks for it for mixture-of-experts
-# models only. ``L2PD_PDL``: 0 off, 1 the wait only, 2 (default) the wait, and early launches where asked.
+# (LLaDA-8B's graphed step 1.0% faster, LLaDA2.0-mini's about 0.8%). Inside ``early_launch(True)`` each kernel
+# also lets the next launch as soon as all its programs have started (``griddepcontrol.launch_dependents``):
+# 4.1% off LLaDA2.0-mini's step but 8.6% onto LLaDA-8B's (likely: its few-row products, started early on the
+# SMs the kernel before leaves free, spread unevenly over the SMs); the forward asks for it for
+# mixture-of-experts models only. ``L2PD_PDL``: 0 off, 1 the wait only, 2 (default) the wait, and early
+# launches where asked.
 PDL = int(os.environ.get("L2PD_PDL", "2"))
 EARLY: bool | None = None  # True / False: early launches everywhere / nowhere, whatever the forward asks
 LATE: set[str] = set()  # kernels that never let the next launch early
@@ -50,7 +51,7 @@ _early = threading.local()
 
 
 @functools.lru_cache(maxsize=None)
-def _hopper(device: torch.device) -> bool:
+def _pdl_capable(device: torch.device) -> bool:
     """Hopper or later, and a Triton that launches with PDL (3.3 and later)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9 and _triton_pdl()
 
@@ -79,7 +80,7 @@ def early_launch(on: bool):
 def pdl(device: torch.device, kernel: str) -> dict:
     """The PDL arguments of a launch of ``kernel`` on ``device``: the kernel's ``PDL`` mode (0 plain, 1 wait,
     2 wait and let the next launch early), and Triton's ``launch_pdl`` where it is on."""
-    if PDL <= 0 or not _hopper(device):
+    if PDL <= 0 or not _pdl_capable(device):
         return {"PDL": 0}
     early = EARLY if EARLY is not None else getattr(_early, "on", False)
     return {"PDL": 2 if PDL > 1 and early and kernel not in LATE else 1, "launch_pdl": True}

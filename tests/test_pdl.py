@@ -15,7 +15,7 @@ from l2pd_kernels import device
 
 @pytest.fixture
 def hopper(monkeypatch):
-    monkeypatch.setattr(device, "_hopper", lambda d: True)
+    monkeypatch.setattr(device, "_pdl_capable", lambda d: True)
     monkeypatch.setattr(device, "PDL", 2)
     monkeypatch.setattr(device, "EARLY", None)
     monkeypatch.setattr(device, "LATE", set())
