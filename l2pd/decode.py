@@ -143,8 +143,9 @@ def generate(
     """Decode ``max_new_tokens`` after left-padded prompts ``input_ids`` [B, P].
 
     ``strategy`` (``steps``, ``threshold``, ``margin``, ``persistence``, ``learn2pd``; see the module docstring;
-    ``persist``: the persistence rule's run length, default 2) defaults to ``learn2pd`` when a filter is given,
-    else ``threshold``. With ``learn2pd``,
+    ``persist``: the persistence rule's run length, default 2) defaults to the decoding stored with the filter
+    (``l2pd tune --rules``: the tuned pick among learn2pd and the training-free rules, with its tau, block
+    length and EoTP mode), to ``learn2pd`` for a filter tuned alone, else ``threshold``. With ``learn2pd``,
     ``block_length``, ``threshold`` and ``eotp`` default to the filter's operating point (its block length, its
     tau, the ``eotp`` stored in its filter.json); otherwise to 32, 0.9 and off. ``threshold`` above 1 passes no
     position (threshold: one token per step; learn2pd: its schedule only). ``steps`` (total forwards of the

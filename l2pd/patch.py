@@ -25,7 +25,8 @@ def patch(model: Any, filter: Any = None, allow_other_model: bool = False) -> An
     """Attach ``model.generate(...)`` (``l2pd.decode.generate``); returns the same model.
 
     ``filter`` (an ``l2pd.Filter`` or a folder holding one) becomes the default for ``strategy='learn2pd'``
-    and for ``l2pd.evaluate``; without it, a filter attached earlier (``l2pd.demo.load`` attaches the
+    and for ``l2pd.evaluate``, and the default decoding stored with it (``l2pd tune --rules``) the default
+    without a strategy; without it, a filter attached earlier (``l2pd.demo.load`` attaches the
     bundled one) stays; ``filter=False`` drops it. A filter records the model it was trained for;
     ``allow_other_model=True`` uses it on another one (a fine-tune, another dtype of the same weights is not
     "other").

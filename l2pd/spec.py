@@ -104,16 +104,10 @@ def resolve(adapter: Any, input_ids: Any = None, attention_mask: Any = None, max
                                             strategy == "oracle" or on_step is not None)
     ends, mask_id, eos_id, pad_id = _ids(adapter, eos_token_id, mask_token_id, pad_token_id)
 
-    if strategy is None:
-        strategy = "learn2pd" if filter is not None else "threshold"
+    strategy, block_length, threshold, eotp, persist = _defaults(filter, strategy, block_length, threshold, eotp,
+                                                                 persist)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy {strategy!r}: expected one of {STRATEGIES}")
-    # learn2pd's defaults are the filter's operating point: its block length, tau and EoTP mode
-    point = filter if strategy == "learn2pd" and filter is not None else None
-    if block_length is None:
-        block_length = point.block_length if point is not None else 32
-    if eotp is None:
-        eotp = point.meta.get("eotp", "off") if point is not None else "off"
     eotp_mode = _modes(cache, refresh, eotp)
     block_length = _positive_int("block_length", block_length)
     max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
@@ -296,6 +290,37 @@ def _place(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, device:
     if bool(((input_ids == mask_id) & real).any()):
         raise ValueError(f"the prompt contains the mask token id {mask_id}")
     return input_ids, attention_mask
+
+
+def default_decoding(filter: Any) -> str:
+    """What decoding without a strategy means with ``filter`` (None: no filter), in words."""
+    strategy, block, tau, eotp, persist = _defaults(filter, None, None, None, None, None)
+    tau = filter.threshold if strategy == "learn2pd" else (0.9 if tau is None else tau)
+    name = strategy + (f"/{persist}" if persist else "")
+    return f"{name} (tau {tau:g}, block {block}, EoTP {eotp})"
+
+
+def _defaults(filter: Any, strategy: Any, block_length: Any, threshold: Any, eotp: Any, persist: Any) -> tuple:
+    """(strategy, block_length, threshold, eotp, persist) with what was not given filled in. Without a
+    strategy: the default decoding stored with the filter (its operating point's pick over learn2pd and the
+    training-free rules, ``l2pd tune --rules``), or learn2pd for a filter tuned without rules; threshold 0.9 at
+    block 32 without a filter. learn2pd's block length, tau and EoTP mode default to the filter's."""
+    default = (filter.meta.get("operating_point") or {}).get("default") if filter is not None else None
+    if strategy is None and default is not None:
+        strategy = default["strategy"]
+        if strategy != "learn2pd":  # a training-free rule won: its tau, block, EoTP mode and run length
+            threshold = default.get("threshold") if threshold is None else threshold
+            eotp = default.get("eotp") if eotp is None else eotp
+            persist = default.get("persist") if persist is None else persist
+            block_length = default.get("block_length") if block_length is None else block_length
+    if strategy is None:
+        strategy = "learn2pd" if filter is not None else "threshold"
+    point = filter if strategy == "learn2pd" and filter is not None else None
+    if block_length is None:
+        block_length = point.block_length if point is not None else 32
+    if eotp is None:
+        eotp = point.meta.get("eotp", "off") if point is not None else "off"
+    return strategy, block_length, threshold, eotp, persist
 
 
 def _with_generation_config(config: Any, given: dict[str, Any]) -> tuple:

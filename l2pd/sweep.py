@@ -316,32 +316,81 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _pick(rows: list[dict], steps_accuracy: float, budget: float) -> dict:
+    """The row with the fewest forwards within ``budget`` points of ``steps_accuracy`` (ties: the more
+    accurate); if none is, the most accurate. ``within_budget`` says which."""
+    ok = [r for r in rows if 100 * r["accuracy"] >= 100 * steps_accuracy - budget - 1e-9]
+    if ok:
+        return {**min(ok, key=lambda r: (r["mean_nfe"], -r["accuracy"])), "within_budget": True}
+    return {**max(rows, key=lambda r: (r["accuracy"], -r["mean_nfe"])), "within_budget": False}
+
+
+def choose(rows: list[dict], budget: float = 0.5) -> dict[str, dict]:
+    """The stated rule over a sweep's rows: per rule (strategy, and persistence's run length) the
+    configuration with the fewest forwards per answer within ``budget`` points of the most accurate ``steps``
+    row, over every tau, block length, EoTP mode and cache swept; ``"overall"`` is the best of those picks.
+    A rule none of whose rows is within the budget contributes its most accurate row, marked
+    ``within_budget: False``, and is chosen overall only when no rule qualifies."""
+    steps = [r for r in rows if r["strategy"] == "steps"]
+    if not steps:
+        raise ValueError("choosing needs a `steps` row to measure the budget from")
+    best = max(r["accuracy"] for r in steps)
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["strategy"] != "steps":
+            name = r["strategy"] + (f"/{r['persist']}" if r.get("persist") else "")
+            groups.setdefault(name, []).append(r)
+    if not groups:
+        raise ValueError("no rows other than `steps` to choose from")
+    picks = {name: {**_pick(g, best, budget), "steps_accuracy": best} for name, g in sorted(groups.items())}
+    picks["overall"] = min(picks.values(), key=lambda r: (not r["within_budget"],
+                                                         r["mean_nfe"] if r["within_budget"] else -r["accuracy"],
+                                                         -r["accuracy"]))
+    return picks
+
+
 def tune(model: Any, tokenizer: Any, flt: Any, problems: list[Any], taus: list[float], eotp: str = "accepted",
          budget: float = 0.5, cache: str = "none", batch_size: int = 1, max_new_tokens: int = 256,
-         checker: str = "hash-number", progress: bool = True) -> dict[str, Any]:
-    """Choose ``flt``'s tau on validation ``problems``: the fewest forwards per answer whose accuracy is
-    within ``budget`` points of ``steps`` (one token per forward) at the filter's block length; if no tau
-    qualifies, the most accurate. Sets ``flt.threshold`` and ``flt.meta['eotp']`` and stores the rule and
-    every figure in ``flt.meta['operating_point']`` (written to filter.json by ``save_pretrained``)."""
+         checker: str = "hash-number", progress: bool = True, rules: list[str] = (), blocks: list[int] = (),
+         persists: list[int] = (2,), out: str | None = None) -> dict[str, Any]:
+    """Choose ``flt``'s tau, and the model's default decoding, on validation ``problems`` by the stated rule
+    (``choose``): the fewest forwards per answer within ``budget`` points of the best ``steps`` row.
+
+    learn2pd runs at the filter's block length over ``taus``; each training-free rule in ``rules``
+    (threshold, margin, persistence) over the same taus at each of ``blocks`` (default: the filter's), and
+    ``steps`` at every block length swept. ``flt.threshold`` becomes learn2pd's own pick (if none is within
+    the budget, its most accurate tau) and ``flt.meta['eotp']`` the EoTP mode; ``operating_point['default']``
+    is the overall pick, which decoding without a strategy uses (``l2pd.generate``, the engine, the CLI):
+    learn2pd, or a training-free rule when one needs fewer forwards. The rule, every row and the picks go to
+    ``flt.meta['operating_point']`` (filter.json, by ``save_pretrained``); ``out`` keeps the rows as a
+    sweep does, so that a rerun resumes."""
     if not 0 <= budget <= 100:
         raise ValueError(f"budget={budget} must be in [0, 100] accuracy points")
+    unknown = sorted(set(rules) - {"threshold", "margin", "persistence"})
+    if unknown:
+        raise ValueError(f"rules {unknown}: expected training-free rules among threshold, margin, persistence")
     block = flt.block_length
-    configs = [dict(strategy="steps", threshold=None, eotp="off", block_length=block, cache=cache)]
-    configs += [dict(strategy="learn2pd", threshold=t, eotp=eotp, block_length=block, cache=cache) for t in taus]
-    rows = sweep(model, tokenizer, problems, configs, filters={block: flt}, batch_size=batch_size,
+    blocks = sorted(set(blocks or [block]))
+    configs = grid(["steps"], [], ["off"], sorted(set(blocks) | {block}), [cache])
+    configs += grid(["learn2pd"], taus, [eotp], [block], [cache])
+    configs += grid(list(rules), taus, [eotp], blocks, [cache], persists)
+    rows = sweep(model, tokenizer, problems, configs, out=out, filters={block: flt}, batch_size=batch_size,
                  max_new_tokens=max_new_tokens, checker=checker, progress=progress, log=lambda s: None)
-    base, cands = rows[0], rows[1:]
-    ok = [r for r in cands if 100 * r["accuracy"] >= 100 * base["accuracy"] - budget]
-    pick = min(ok, key=lambda r: (r["mean_nfe"], -r["accuracy"])) if ok else max(
-        cands, key=lambda r: (r["accuracy"], -r["mean_nfe"]))
-    flt.threshold = float(pick["threshold"])
+    picks = choose(rows, budget)
+    own, best = picks["learn2pd"], picks["overall"]
+    flt.threshold = float(own["threshold"])
     flt.meta["eotp"] = eotp
+    keys = ("strategy", "threshold", "block_length", "eotp", "persist")
     flt.meta["operating_point"] = {
         "rule": f"fewest forwards within {budget} points of steps on {len(problems)} validation problems"
-                + ("" if ok else " (none qualified: the most accurate tau)"),
+                + ("" if own["within_budget"] else " (none qualified: the most accurate tau)"),
         "tau": flt.threshold, "eotp": eotp, "block_length": block, "cache": cache, "max_new_tokens": max_new_tokens,
         "problems": len(problems), "problems_sha256": problems_hash(problems), "checker": checker,
-        "steps_accuracy": base["accuracy"], "accuracy": pick["accuracy"], "mean_nfe": pick["mean_nfe"],
-        "candidates": [{k: r[k] for k in ("threshold", "accuracy", "stderr", "mean_nfe")} for r in cands],
+        "steps_accuracy": own["steps_accuracy"], "accuracy": own["accuracy"], "mean_nfe": own["mean_nfe"],
+        "candidates": [{k: r[k] for k in ("threshold", "accuracy", "stderr", "mean_nfe")}
+                       for r in rows if r["strategy"] == "learn2pd"],
+        "default": {k: best[k] for k in keys if best.get(k) is not None},
+        "picks": {name: {k: r[k] for k in (*keys, "accuracy", "stderr", "mean_nfe", "within_budget")
+                         if r.get(k) is not None} for name, r in picks.items() if name != "overall"},
     }
     return flt.meta["operating_point"]

@@ -64,6 +64,51 @@ def test_tune_follows_the_stated_rule(monkeypatch):
     assert flt.threshold == 0.995 and "none qualified" in point["rule"]
 
 
+def test_choose_picks_per_rule_and_overall_by_the_stated_rule():
+    rows = [_row("steps", None, 0.950, 256, block=32), _row("steps", None, 0.980, 256, block=128),
+            _row("threshold", 0.9, 0.970, 2.0), _row("threshold", 0.99, 0.976, 2.5),
+            _row("threshold", 0.99, 0.977, 2.4, block=128), _row("learn2pd", 0.95, 0.978, 2.3, block=128),
+            _row("margin", 0.9, 0.960, 1.5), dict(_row("persistence", 0.9, 0.975, 3.0), persist=2)]
+    picks = sw.choose(rows, budget=0.5)  # from the best `steps` (98.0%): at least 97.5%
+    assert picks["threshold"]["threshold"] == 0.99 and picks["threshold"]["block_length"] == 128
+    assert picks["learn2pd"]["mean_nfe"] == 2.3 and picks["persistence/2"]["within_budget"]
+    assert not picks["margin"]["within_budget"] and picks["margin"]["accuracy"] == 0.960
+    assert picks["overall"]["strategy"] == "learn2pd"  # 2.3 forwards: the fewest within the budget
+    rows[5]["mean_nfe"] = 2.4  # a tie on forwards: the more accurate wins
+    rows[4]["accuracy"] = 0.979
+    assert sw.choose(rows, budget=0.5)["overall"]["strategy"] == "threshold"
+    picks = sw.choose(rows, budget=0.0)  # nobody within: the most accurate rule's most accurate row, flagged
+    assert picks["overall"]["strategy"] == "threshold" and not picks["overall"]["within_budget"]
+    with pytest.raises(ValueError, match="steps"):
+        sw.choose(rows[2:])
+
+
+def test_tune_with_rules_stores_the_default_decoding(monkeypatch):
+    from l2pd import Filter
+
+    seen = {}
+
+    def fake_sweep(model, tok, problems, configs, **kw):
+        seen["configs"] = configs
+        table = {("steps", 128): (0.99, 256), ("steps", 64): (0.98, 256), ("learn2pd", 128): (0.986, 2.4),
+                 ("threshold", 128): (0.987, 2.3), ("threshold", 64): (0.990, 2.2), ("margin", 128): (0.97, 2.0),
+                 ("margin", 64): (0.97, 2.0)}
+        return [dict(_row(c["strategy"], c["threshold"], *table[c["strategy"], c["block_length"]],
+                          block=c["block_length"]), persist=c["persist"]) for c in configs]
+
+    monkeypatch.setattr(sw, "sweep", fake_sweep)
+    flt = Filter(block_length=128, hidden=4)
+    point = sw.tune(None, None, flt, [sw.Item("q", 1)], [0.98], rules=["threshold", "margin"], blocks=[64, 128])
+    kinds = sorted((c["strategy"], c["block_length"]) for c in seen["configs"])
+    assert kinds == [("learn2pd", 128), ("margin", 64), ("margin", 128), ("steps", 64), ("steps", 128),
+                     ("threshold", 64), ("threshold", 128)]
+    assert point["default"] == {"strategy": "threshold", "threshold": 0.98, "block_length": 64, "eotp": "accepted"}
+    assert flt.threshold == 0.98 and point["picks"]["learn2pd"]["mean_nfe"] == 2.4
+    assert not point["picks"]["margin"]["within_budget"]
+    with pytest.raises(ValueError, match="training-free"):
+        sw.tune(None, None, flt, [sw.Item("q", 1)], [0.98], rules=["learn2pd"])
+
+
 def test_checkers_and_problem_files(tmp_path):
     assert sw.CHECKERS["hash-number"]("so #### 12", 12) and not sw.CHECKERS["hash-number"]("12", 12)
     assert sw.CHECKERS["last-number"]("it is 1,200.", 1200)
@@ -111,3 +156,14 @@ def test_sweep_and_tune_from_the_command_line(tmp_path, capsys, monkeypatch):
                  "0.9,0.99", "--gen-length", "32", "--device", "cpu"]) == 0
     info = json.loads((tmp_path / "f" / "filter.json").read_text())
     assert info["operating_point"]["tau"] in (0.9, 0.99) and info["threshold"] == info["operating_point"]["tau"]
+    rows_file = tmp_path / "tune.jsonl"
+    argv = ["tune", "--filter", str(tmp_path / "f"), "--problems", "2", "--batch-size", "2", "--taus", "0.9",
+            "--gen-length", "32", "--device", "cpu", "--rules", "threshold", "--rows", str(rows_file)]
+    assert main(argv) == 0
+    info = json.loads((tmp_path / "f" / "filter.json").read_text())
+    point = info["operating_point"]
+    assert set(point["picks"]) == {"learn2pd", "threshold"} and point["default"]["block_length"] == 32
+    assert point["default"]["strategy"] in ("learn2pd", "threshold")
+    assert "default decoding: " in capsys.readouterr().out
+    assert len(rows_file.read_text().splitlines()) == 3  # steps, learn2pd, threshold
+    assert main(argv) == 0 and len(rows_file.read_text().splitlines()) == 3  # resumed, nothing rerun

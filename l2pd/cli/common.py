@@ -13,8 +13,8 @@ def add_decode_args(p: argparse.ArgumentParser, gen_length: int = 256, filter_bl
                    help=f"new tokens per answer (default {gen_length})")
     if filter_block:
         p.add_argument("--block-length", type=int_type(1), default=None,
-                       help="semi-autoregressive block size (default: the filter's block length for learn2pd, and "
-                            "for every row of the demo; else 32)")
+                       help="semi-autoregressive block size (default: the filter's block length for learn2pd, the "
+                            "tuned default's for it, and the filter's for every row of the demo; else 32)")
     else:
         p.add_argument("--block-length", type=int_type(1), default=32,
                        help="semi-autoregressive block size (default 32)")
@@ -53,17 +53,20 @@ def level_split(args: argparse.Namespace, part: str) -> str:
 
 def add_strategy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", choices=["steps", "threshold", "margin", "persistence", "learn2pd"], default=None,
-                   help="unmasking rule (default: learn2pd when a filter is available, else threshold); margin: "
+                   help="unmasking rule (default: the one tuned with the model's filter (l2pd tune --rules), learn2pd "
+                        "for a filter tuned alone, threshold without a filter); margin: "
                         "top-1 minus top-2 probability > tau; persistence: the guess unchanged for --persist "
                         "forwards with confidence > tau")
     p.add_argument("--persist", type=int_type(1), default=None,
                    help="persistence: forwards a guess must stay the same (default 2)")
     p.add_argument("--threshold", type=float_type(0), default=None,
-                   help="tau: for threshold (default 0.9) the confidence, for learn2pd (default: the filter's) "
-                        "the filter's probability; above 1 nothing passes (one token per step / schedule only)")
+                   help="tau: for threshold (default 0.9, or the tuned default's) the confidence, for learn2pd "
+                        "(default: the filter's) the filter's probability; above 1 nothing passes (one token per "
+                        "step / schedule only)")
     p.add_argument("--eotp", choices=["off", "accepted", "predicted"], default=None,
                    help="end-of-text prediction: stop once an end-of-text token is accepted (accepted) or "
-                        "confidently predicted (predicted); default: the filter's stored mode for learn2pd, else off")
+                        "confidently predicted (predicted); default: the filter's stored mode for learn2pd and the "
+                        "tuned default, else off")
     p.add_argument("--cache", choices=["none", "prefix", "dual"], default="none", help="block KV cache mode")
     p.add_argument("--refresh", choices=["full", "tail", "window"], default="full",
                    help="what a cache recomputes at each block start: the whole canvas (full), from the block "
@@ -80,11 +83,14 @@ def note(text: str) -> None:
 
 
 def default_strategy(args: argparse.Namespace, model, quiet: bool = False) -> None:
-    """Without --strategy, learn2pd when the model has a filter that fits --block-length; else threshold,
-    said once on stderr."""
+    """Without --strategy: the default decoding stored with the model's filter (``l2pd tune --rules``);
+    learn2pd when the filter has none and fits --block-length; else threshold, said once on stderr."""
     if args.strategy is not None:
         return
     flt = getattr(model, "l2pd_filter", None)
+    default = (flt.meta.get("operating_point") or {}).get("default") if flt is not None else None
+    if default is not None and default["strategy"] != "learn2pd":
+        return  # a training-free rule, at any block length (l2pd.spec fills in its settings)
     say = (lambda text: None) if quiet else note
     if flt is None:
         say("no filter for this model (none with --filter, none beside --model): decoding with --strategy "

@@ -29,6 +29,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ..engine import Engine
     from ..serve import serve
+    from ..spec import default_decoding
 
     with socket.socket() as sock:  # before the model loads: a port in use is a one-line error
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
@@ -57,8 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else
                                       f"l2pd-bundled-{args.model_family or 'llada'}")
     flt = engines[0].filter
-    default = (f"learn2pd (tau {flt.threshold:g}, block {flt.block_length})" if flt is not None
-               else "threshold 0.9, block 32")
+    default = default_decoding(flt)
     print(f"l2pd: serving {name} at http://{args.host}:{args.port}/v1 ({n} engine(s) on {', '.join(devices)}, "
           f"{args.max_batch} rows x {engines[0].max_length} tokens each; default decoding {default})",
           file=sys.stderr)

@@ -86,7 +86,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ..files import check_out_dir
+    from ..files import check_out_dir, check_out_file
     from ..filter import Filter
     from ..sweep import tune
 
@@ -94,16 +94,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
     flt = Filter.from_pretrained(folder)
     out = args.out or folder
     check_out_dir(out)
+    if args.rows:
+        check_out_file(args.rows, flag="--rows")
     problems = _sweep_problems(args, validation=True)
     model, tok = load_model(args.model, default_device(args.device), None, family=args.model_family,
                             weights=args.weights)
     flt.check_model(model, allow_other_model=args.allow_other_model)
     point = tune(model, tok, flt, problems, args.taus, eotp=args.eotp, budget=args.budget, cache=args.cache,
-                 batch_size=args.batch_size, max_new_tokens=args.gen_length, checker=args.checker, progress=True)
+                 batch_size=args.batch_size, max_new_tokens=args.gen_length, checker=args.checker, progress=True,
+                 rules=args.rules or [], blocks=args.blocks or [], persists=args.persist, out=args.rows)
     flt.save_pretrained(out)
-    print(f"tau {point['tau']} ({point['rule']}): accuracy {100 * point['accuracy']:.1f}% at "
-          f"{point['mean_nfe']:.2f} forwards per answer (steps {100 * point['steps_accuracy']:.1f}%); "
-          f"saved to {out}/filter.json")
+    print(f"steps: {100 * point['steps_accuracy']:.1f}%; {point['rule']}:")
+    for name, r in point["picks"].items():
+        print(f"  {name:<14} tau {r['threshold']:g}, block {r['block_length']}: {100 * r['accuracy']:.1f}% at "
+              f"{r['mean_nfe']:.2f} forwards per answer" + ("" if r["within_budget"] else " (not within)"))
+    d = point["default"]
+    print(f"default decoding: {d['strategy']}" + (f"/{d['persist']}" if d.get("persist") else "") +
+          f" tau {d['threshold']:g}, block {d['block_length']}, EoTP {d['eotp']}; the filter's tau "
+          f"{point['tau']:g}; saved to {out}/filter.json")
     return 0
 
 
@@ -145,8 +153,9 @@ def add_sweep(sub: Any) -> None:
 
 
 def add_tune(sub: Any) -> None:
-    u = sub.add_parser("tune", help="choose a filter's tau (its operating point) on validation problems and "
-                       "store it in filter.json")
+    u = sub.add_parser("tune", help="choose a filter's tau (its operating point), and with --rules the model's "
+                       "default decoding among the filter and the training-free rules, on validation problems; "
+                       "stored in filter.json")
     u.add_argument("--filter", required=True, help="filter folder")
     u.add_argument("--out", default=None, help="where the tuned filter goes (default: over --filter)")
     u.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
@@ -163,6 +172,16 @@ def add_tune(sub: Any) -> None:
     u.add_argument("--budget", type=float_type(0, 100), default=0.5,
                    help="accuracy points below `steps` allowed (default 0.5)")
     u.add_argument("--cache", choices=["none", "prefix", "dual"], default="none")
+    u.add_argument("--rules", type=choices_type(("threshold", "margin", "persistence")), default=None,
+                   help="training-free rules to tune beside the filter (comma-separated, from threshold, margin, "
+                   "persistence); the one that needs the fewest forwards within the budget, the filter included, "
+                   "becomes the model's default decoding (default: none, the filter alone)")
+    u.add_argument("--blocks", type=list_type(int_type(1)), default=None,
+                   help="block lengths for the rules and `steps` (comma-separated; default: the filter's)")
+    u.add_argument("--persist", type=list_type(int_type(1)), default="2",
+                   help="run lengths of the persistence rule (comma-separated, default 2)")
+    u.add_argument("--rows", default=None, help="JSONL that keeps every decoded row; a rerun over the same "
+                   "problems resumes from it (rows of `l2pd sweep` over the same problems count)")
     u.add_argument("--allow-other-model", action="store_true")
     u.add_argument("--gen-length", type=int_type(1), default=256, help="new tokens per answer (default 256)")
     add_device_arg(u)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # l2pd's own options, accepted as extra body fields (the openai client's ``extra_body=``); defaults are the
-# engine's (learn2pd at the filter's operating point when the server has a filter, else threshold 0.9,
-# block 32; EoTP per the filter, else off; dual cache with the window refresh)
+# engine's (the default decoding stored with the server's filter, learn2pd at its operating point for a filter
+# tuned alone, threshold 0.9 at block 32 without one; dual cache with the window refresh)
 L2PD_FIELDS = ("strategy", "threshold", "block_length", "eotp", "cache", "refresh", "steps", "persist",
                "edit_threshold", "edit_steps")
 SERVER_DEFAULTS = dict(cache="dual", refresh="window")
