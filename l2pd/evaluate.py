@@ -154,6 +154,18 @@ DEMO_STRATEGIES = (
 )
 
 
+def demo_strategies(flt: Any) -> tuple:
+    """The demo's rows: ``DEMO_STRATEGIES``, and the model's default decoding when its filter stores a
+    training-free one (``l2pd tune --rules``), so that the demo shows what decoding without a strategy does."""
+    default = (flt.meta.get("operating_point") or {}).get("default") if flt is not None else None
+    if default is None or default["strategy"] == "learn2pd":
+        return DEMO_STRATEGIES
+    kw = {k: default[k] for k in ("strategy", "threshold", "eotp", "persist") if default.get(k) is not None}
+    name = default["strategy"] + (f"/{default['persist']}" if default.get("persist") else "")
+    eotp = " + EoTP" if default.get("eotp", "off") != "off" else ""
+    return (*DEMO_STRATEGIES, (f"default: {name} {default['threshold']:g}{eotp}", kw))
+
+
 def compare_configs(model: Any, tokenizer: Any, problems: list[Problem], gen_length: int = 256,
                     block_length: int = 32, batch_size: int = 1, caches=("none", "prefix", "dual"),
                     strategies=DEMO_STRATEGIES, progress: bool = True) -> list[dict[str, Any]]:
@@ -179,11 +191,12 @@ def compare_configs(model: Any, tokenizer: Any, problems: list[Problem], gen_len
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    head = f"{'config':<22}{'cache':<8}{'accuracy':>9}{'NFE':>9}{'tok/s':>10}{'NFE x':>8}{'wall x':>8}"
+    w = max([22] + [len(r["config"]) + 2 for r in rows])
+    head = f"{'config':<{w}}{'cache':<8}{'accuracy':>9}{'NFE':>9}{'tok/s':>10}{'NFE x':>8}{'wall x':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['config']:<22}{r['cache']:<8}{100 * r['accuracy']:>8.1f}%{r['mean_nfe']:>9.1f}"
+            f"{r['config']:<{w}}{r['cache']:<8}{100 * r['accuracy']:>8.1f}%{r['mean_nfe']:>9.1f}"
             f"{r['tokens_per_s']:>10.1f}{r['nfe_speedup']:>8.2f}{r['wall_speedup']:>8.2f}"
         )
     return "\n".join(lines)

@@ -167,3 +167,21 @@ def test_sweep_and_tune_from_the_command_line(tmp_path, capsys, monkeypatch):
     assert "default decoding: " in capsys.readouterr().out
     assert len(rows_file.read_text().splitlines()) == 3  # steps, learn2pd, threshold
     assert main(argv) == 0 and len(rows_file.read_text().splitlines()) == 3  # resumed, nothing rerun
+
+
+def test_the_demo_shows_a_stored_training_free_default():
+    from l2pd import Filter
+    from l2pd.evaluate import DEMO_STRATEGIES, demo_strategies, format_table
+
+    assert demo_strategies(None) == DEMO_STRATEGIES
+    flt = Filter(block_length=32, hidden=4, meta={"operating_point": {"default": {
+        "strategy": "margin", "threshold": 0.95, "block_length": 32, "eotp": "accepted"}}})
+    rows = demo_strategies(flt)
+    assert rows[:-1] == DEMO_STRATEGIES and rows[-1] == (
+        "default: margin 0.95 + EoTP", {"strategy": "margin", "threshold": 0.95, "eotp": "accepted"})
+    flt.meta["operating_point"]["default"]["strategy"] = "learn2pd"  # the filter's rows show it already
+    assert demo_strategies(flt) == DEMO_STRATEGIES
+    row = dict(config="default: threshold 0.985 + EoTP", cache="none", accuracy=1.0, mean_nfe=2.0,
+               tokens_per_s=1.0, nfe_speedup=1.0, wall_speedup=1.0)
+    table = format_table([row]).splitlines()
+    assert len({len(line) for line in table}) == 1 and "default: threshold 0.985 + EoTP  none" in table[2]

@@ -22,7 +22,7 @@ from .common import (
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..demo.task import split
-    from ..evaluate import compare_configs, format_table
+    from ..evaluate import compare_configs, demo_strategies, format_table
 
     device = default_device(args.device)
     n = args.problems if args.problems is not None else (200 if device.startswith("cuda") else 3)
@@ -39,7 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"bundled {args.model_family or 'llada'} model, {n} held-out problems, gen length {args.gen_length}, "
           f"block {block}, greedy, batch {batch}, {device}", file=sys.stderr)
     rows = compare_configs(model, tok, split("test", n), args.gen_length, block, batch,
-                           progress=not args.json)
+                           strategies=demo_strategies(flt), progress=not args.json)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
