@@ -292,9 +292,11 @@ def _place(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, device:
     return input_ids, attention_mask
 
 
-def default_decoding(filter: Any) -> str:
-    """What decoding without a strategy means with ``filter`` (None: no filter), in words."""
-    strategy, block, tau, eotp, persist = _defaults(filter, None, None, None, None, None)
+def default_decoding(filter: Any, block_length: Any = None, threshold: Any = None, eotp: Any = None,
+                     persist: Any = None) -> str:
+    """What decoding without a strategy means with ``filter`` (None: no filter) and the settings given, in
+    words."""
+    strategy, block, tau, eotp, persist = _defaults(filter, None, block_length, threshold, eotp, persist)
     tau = filter.threshold if strategy == "learn2pd" else (0.9 if tau is None else tau)
     name = strategy + (f"/{persist}" if persist else "")
     return f"{name} (tau {tau:g}, block {block}, EoTP {eotp})"

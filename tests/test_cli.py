@@ -23,7 +23,10 @@ def test_bad_arguments_exit_2_with_a_message(argv, capsys):
 def test_generate_answers_on_the_bundled_model(capsys):
     assert main(["generate", "--prompt", "Mia has 45 apples. She gets 17 more apples at the market. How many "
                  "apples does Mia have now?", "--eotp", "accepted", "--cache", "dual", "--device", "cpu"]) == 0
-    assert "#### 62" in capsys.readouterr().out
+    out = capsys.readouterr()
+    assert "#### 62" in out.out
+    # the bundled filter stores a training-free rule as the model's default, and the command says which
+    assert "decoding with this model's tuned default, threshold (tau 0.985, block 128, EoTP accepted)" in out.err
 
 
 def _bundled_copy(tmp_path, with_filter: bool):

@@ -185,3 +185,17 @@ def test_the_demo_shows_a_stored_training_free_default():
                tokens_per_s=1.0, nfe_speedup=1.0, wall_speedup=1.0)
     table = format_table([row]).splitlines()
     assert len({len(line) for line in table}) == 1 and "default: threshold 0.985 + EoTP  none" in table[2]
+
+
+def test_sweep_prints_each_rule_s_pick():
+    from l2pd.cli.sweeps import format_picks
+
+    rows = [_row("steps", None, 0.98, 256, block=128), _row("threshold", 0.99, 0.977, 2.4, block=128),
+            _row("margin", 0.9, 0.96, 1.5)]
+    text = format_picks(rows, 0.5).splitlines()
+    assert "98.0%" in text[0]
+    assert text[1:] == ["  margin        tau 0.9, block 32, none: 96.0% at 1.50 forwards"
+                        "  (none within: its most accurate)",
+                        "  threshold     tau 0.99, block 128, none: 97.7% at 2.40 forwards",
+                        "  overall       tau 0.99, block 128, none: 97.7% at 2.40 forwards"]
+    assert format_picks(rows[1:], 0.5) == "" and format_picks(rows[:1], 0.5) == ""

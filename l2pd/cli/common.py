@@ -88,10 +88,15 @@ def default_strategy(args: argparse.Namespace, model, quiet: bool = False) -> No
     if args.strategy is not None:
         return
     flt = getattr(model, "l2pd_filter", None)
-    default = (flt.meta.get("operating_point") or {}).get("default") if flt is not None else None
-    if default is not None and default["strategy"] != "learn2pd":
-        return  # a training-free rule, at any block length (l2pd.spec fills in its settings)
     say = (lambda text: None) if quiet else note
+    default = (flt.meta.get("operating_point") or {}).get("default") if flt is not None else None
+    if default is not None and default["strategy"] != "learn2pd":  # l2pd.spec fills in its settings
+        from ..spec import default_decoding
+
+        what = default_decoding(flt, args.block_length, args.threshold, args.eotp, args.persist)
+        say(f"decoding with this model's tuned default, {what} (chosen over its filter on validation problems; "
+            "--strategy learn2pd decodes with the filter)")
+        return
     if flt is None:
         say("no filter for this model (none with --filter, none beside --model): decoding with --strategy "
             "threshold")

@@ -82,7 +82,26 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
         print(format_rows(rows))
         print(format_aup(rows))
+        picks = format_picks(rows, args.budget)
+        if picks:
+            print(picks)
     return 0
+
+
+def format_picks(rows: list[dict], budget: float) -> str:
+    """The stated rule's pick per rule (``l2pd.sweep.choose``), when the sweep has `steps` and other rows."""
+    from ..sweep import choose
+
+    if not any(r["strategy"] == "steps" for r in rows) or all(r["strategy"] == "steps" for r in rows):
+        return ""
+    picks = choose(rows, budget)
+    lines = [f"fewest forwards within {budget:g} points of the best `steps` "
+             f"({100 * picks['overall']['steps_accuracy']:.1f}%), per rule (as `l2pd tune --rules` picks):"]
+    for name, r in picks.items():
+        mark = "" if r["within_budget"] else "  (none within: its most accurate)"
+        lines.append(f"  {name:<14}tau {r['threshold']:g}, block {r['block_length']}, {r['cache']}: "
+                     f"{100 * r['accuracy']:.1f}% at {r['mean_nfe']:.2f} forwards{mark}")
+    return "\n".join(lines)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -148,6 +167,9 @@ def add_sweep(sub: Any) -> None:
     w.add_argument("--plot", default=None, help="PNG of accuracy against forwards (pip install 'l2pd[plot]')")
     w.add_argument("--json", action="store_true", help="print the rows as JSON")
     w.add_argument("--gen-length", type=int_type(1), default=256, help="new tokens per answer (default 256)")
+    w.add_argument("--budget", type=float_type(0, 100), default=0.5,
+                   help="for the picks printed under the table: accuracy points below the best `steps` row "
+                   "allowed (default 0.5; the rule of `l2pd tune`)")
     add_device_arg(w)
     w.set_defaults(func=cmd_sweep)
 
