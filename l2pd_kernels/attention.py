@@ -26,6 +26,11 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # 64 queries, even with SDPA) and twice as fast as 32 for refresh segments (benchmarks/RESULTS.md)
 POOL_TILE_M = 64
 SPLIT_MIN_KEYS = 2048  # below this, and with fewer than 4 chunks, SDPA's one pass was as fast (H200)
+# the engine's key split at batch 1 (pool_split_plan): off unless L2PD_POOL_SPLIT=1. One layer's attention fell
+# from 13.3 to 7.5 us at 4 chunks merged 4 pairs per program (LLaDA-8B shapes, H200); `generate` did not yet
+# show it (benchmarks/RESULTS.md, "The engine's attention at batch 1 with its keys split")
+POOL_SPLITS = int(os.environ.get("L2PD_POOL_SPLITS", "4"))
+POOL_MERGE_ROWS = 4
 
 
 @triton.jit
@@ -148,7 +153,7 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Non
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor | None,
             tiles: torch.Tensor | None, programs: int, dense: tuple[int, int, int], key_chunk: int, splits: int,
             block_m: int, block_n: int, num_warps: int, num_stages: int | None,
-            qlim: torch.Tensor | None = None) -> torch.Tensor:
+            qlim: torch.Tensor | None = None, merge_rows: int = 16) -> torch.Tensor:
     """One launch over ``programs`` query tiles x heads (x ``splits`` key chunks, then the combine); q is
     [1, H, N, D]; returns [1, N, H, D]. ``qlim`` (dense form): int64 [N], each query's key count."""
     _, H, N, D = q.shape
@@ -168,17 +173,16 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: 
         SPLIT=split, QLIM=qlim is not None and seg is None, num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}), **pdl(q.device, "attention"),
     )
-    if split:
-        br = 16
-        _combine_kernel[(triton.cdiv(N * H, br),)](part, lse, out, N * H, splits, D=D, BR=br, num_warps=4,
-                                                   **pdl(q.device, "attention_combine"))
+    if split:  # merge_rows (token, head) pairs per program of the merge
+        _combine_kernel[(triton.cdiv(N * H, merge_rows),)](part, lse, out, N * H, splits, D=D, BR=merge_rows,
+                                                           num_warps=4, **pdl(q.device, "attention_combine"))
     return out
 
 
 def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor,
                    tiles: torch.Tensor | None = None, block_m: int = POOL_TILE_M, block_n: int | None = None,
                    num_warps: int = 4, num_stages: int | None = None, key_chunk: int | None = None,
-                   splits: int = 1) -> torch.Tensor:
+                   splits: int = 1, merge_rows: int = 16) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.pool_attention``: q [1, H, N, D] (any strides with a
     contiguous last dimension), caches [R, Hkv, T, D], ``seg`` int64 [G, 4]; returns [1, H, N, D] laid out as
     [1, N, H, D] (so the output projection's input is a view). ``tiles`` (int64 [n, 2]: segment, first query;
@@ -187,7 +191,8 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     were fastest at LLaDA-8B shapes on an H200; ``block_m`` must be the ``tiles``' own). ``splits`` > 1 with
     ``key_chunk`` (a multiple of ``block_n``; ``splits * key_chunk`` must cover the longest ``k_len``): each
     program takes one chunk of its segment's keys and a second kernel merges the chunks (flash-decoding); a
-    segment's result depends only on its own ``k_len`` and the chunk size, not on the other segments."""
+    segment's result depends only on its own ``k_len`` and the chunk size, not on the other segments;
+    ``merge_rows`` (a power of two) is the (token, head) pairs each merging program takes."""
     _check(q, k_cache, v_cache)
     if q.shape[0] != 1:
         raise ValueError(f"q must be [1, H, N, D], got {tuple(q.shape)}")
@@ -198,9 +203,28 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         raise ValueError(f"splits={splits} needs a key_chunk that is a multiple of block_n={block_n}")
     if tiles is None:
         tiles = pool_tiles(seg.cpu(), block_m).to(q.device)
+    if merge_rows < 1 or merge_rows & (merge_rows - 1):
+        raise ValueError(f"merge_rows={merge_rows} must be a power of two")
     out = _launch(q, k_cache, v_cache, seg, tiles, tiles.shape[0], (0, 0, 0), key_chunk or 0, splits, block_m,
-                  block_n, num_warps, num_stages)
+                  block_n, num_warps, num_stages, merge_rows=merge_rows)
     return out.transpose(1, 2)
+
+
+def pool_split_plan(tiles: int, heads: int, keys: int, device: torch.device, block_n: int = 64) -> tuple[int, int]:
+    """(splits, key_chunk) for the engine's pool attention: ``tiles`` query tiles x ``heads`` programs over a
+    pool ``keys`` wide. Split only where one pass leaves SMs idle (fewer programs than SMs: batch 1 to about 2
+    at LLaDA-8B shapes), into ``POOL_SPLITS`` chunks (``L2PD_POOL_SPLITS``), with ``L2PD_POOL_SPLIT=1``; (1, 0)
+    elsewhere, on the CPU, or without it (the default until `generate` shows the gain). Chunks past a segment's
+    own keys are empty and weigh nothing in the merge."""
+    if device.type != "cuda" or os.environ.get("L2PD_POOL_SPLIT", "0") != "1":
+        return 1, 0
+    if tiles * heads > sm_count(device):  # (a graphed step's padding tiles count too; they return at once)
+        return 1, 0
+    splits = min(POOL_SPLITS, triton.cdiv(keys, block_n))
+    if splits < 2:
+        return 1, 0
+    chunk = triton.cdiv(triton.cdiv(keys, splits), block_n) * block_n
+    return triton.cdiv(keys, chunk), chunk
 
 
 def split_plan(programs: int, keys: int, sms: int, block_n: int = 64, waves: int = 4) -> tuple[int, int]:

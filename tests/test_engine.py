@@ -322,9 +322,16 @@ def test_background_loop_and_draining_stop(bundled):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="the kernel path needs a GPU or TRITON_INTERPRET=1")
-def test_kernel_path_matches_reference_path():
+@pytest.mark.parametrize("split", [False, True])
+def test_kernel_path_matches_reference_path(split, monkeypatch):
     """The packed forward through the Triton kernels (pool attention, rope rows, per-row decide) gives the
-    reference path's tokens on a tiny random model."""
+    reference path's tokens on a tiny random model; ``split``: the pool attention's keys split in two chunks
+    and merged (as a batch-1 step on a GPU; here the second chunk is empty)."""
+    import l2pd_kernels.attention as att
+
+    plans = []
+    if split:
+        monkeypatch.setattr(att, "pool_split_plan", lambda *a, **k: plans.append(a) or (2, 64))
     model = tiny_model(seed=3, n_kv_heads=2, d_model=64, n_heads=4)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(dev)
@@ -339,6 +346,7 @@ def test_kernel_path_matches_reference_path():
         out.append([r.tokens for r in reqs])
     assert out[0] == out[1]
     assert sum(len(t) for t in out[0]) >= 4  # something was decoded on both paths
+    assert bool(plans) == split
 
 
 def test_stop_ends_every_request_even_beyond_the_free_rows(bundled):

@@ -196,6 +196,28 @@ def test_pool_attention_splits_keep_each_segment_on_its_own():
     assert torch.equal(alone, got[:, :, :6])
     with pytest.raises(ValueError, match="key_chunk"):
         pool_attention(q, k, v, seg, block_n=16, key_chunk=40, splits=2)
+    # fewer (token, head) pairs per merging program: the same merge, bit for bit
+    rows4 = pool_attention(q, k, v, seg, block_m=16, block_n=16, key_chunk=32, splits=5, merge_rows=4)
+    assert torch.equal(rows4, got)
+    with pytest.raises(ValueError, match="merge_rows"):
+        pool_attention(q, k, v, seg, key_chunk=64, splits=2, merge_rows=3)
+
+
+def test_the_engine_splits_the_keys_only_for_few_programs(monkeypatch):
+    import l2pd_kernels.attention as att
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(att, "sm_count", lambda device: 132)
+    monkeypatch.setattr(att, "POOL_SPLITS", 4)
+    assert att.pool_split_plan(2, 32, 768, cuda) == (1, 0)  # opt-in
+    monkeypatch.setenv("L2PD_POOL_SPLIT", "1")
+    assert att.pool_split_plan(2, 32, 768, cuda) == (4, 192)  # batch 1 at LLaDA-8B shapes: 64 programs
+    assert att.pool_split_plan(4, 16, 100, cuda) == (2, 64)  # never a chunk shorter than one key loop
+    assert att.pool_split_plan(6, 32, 768, cuda) == (1, 0)  # 192 programs: a full grid in one pass
+    assert att.pool_split_plan(2, 32, 64, cuda) == (1, 0)  # one key loop: nothing to split
+    assert att.pool_split_plan(2, 32, 768, torch.device("cpu")) == (1, 0)
+    monkeypatch.setenv("L2PD_POOL_SPLIT", "0")
+    assert att.pool_split_plan(2, 32, 768, cuda) == (1, 0)
 
 
 def test_cached_step_through_the_split_kernel_matches_sdpa(monkeypatch):

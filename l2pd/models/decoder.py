@@ -357,7 +357,7 @@ def _decoder_forward(
             v_all = torch.empty_like(k_all)
         if pack is not None:  # each request attends to its own pool row
             q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, slots, rows=pack.rows, **qk_norm or {})
-            att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles)
+            att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles, **_pool_split(ops, pack, q, k_all))
         else:
             q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, fresh_slots if cache is None else slots, **qk_norm or {})
             if split:
@@ -382,6 +382,18 @@ def _decoder_forward(
     if dec.scale_logits:
         logits = logits * (1.0 / math.sqrt(dec.d_model))
     return logits
+
+
+def _pool_split(ops: Any, pack: Any, q: torch.Tensor, k_all: torch.Tensor) -> dict:
+    """The pool attention's key split (``l2pd_kernels.attention.pool_split_plan``, opt-in) for the fused
+    kernels: a batch-1 step's few programs over the canvas take every SM. Fixed by shapes, so a captured graph
+    keeps it."""
+    if ops is reference:
+        return {}
+    from l2pd_kernels.attention import POOL_MERGE_ROWS, pool_split_plan
+
+    splits, chunk = pool_split_plan(pack.tiles.shape[0], q.shape[1], k_all.shape[2], q.device)
+    return {"splits": splits, "key_chunk": chunk, "merge_rows": POOL_MERGE_ROWS} if splits > 1 else {}
 
 
 def _qk_norm(blk: Layer, dtype: torch.dtype, eps: float) -> dict | None:
