@@ -157,13 +157,14 @@ DEMO_STRATEGIES = (
 def demo_strategies(flt: Any) -> tuple:
     """The demo's rows: ``DEMO_STRATEGIES``, and the model's default decoding when its filter stores a
     training-free one (``l2pd tune --rules``), so that the demo shows what decoding without a strategy does."""
-    default = (flt.meta.get("operating_point") or {}).get("default") if flt is not None else None
+    from .spec import rule_name, stored_default
+
+    default = stored_default(flt)
     if default is None or default["strategy"] == "learn2pd":
         return DEMO_STRATEGIES
     kw = {k: default[k] for k in ("strategy", "threshold", "eotp", "persist") if default.get(k) is not None}
-    name = default["strategy"] + (f"/{default['persist']}" if default.get("persist") else "")
     eotp = " + EoTP" if default.get("eotp", "off") != "off" else ""
-    return (*DEMO_STRATEGIES, (f"default: {name} {default['threshold']:g}{eotp}", kw))
+    return (*DEMO_STRATEGIES, (f"default: {rule_name(default)} {default['threshold']:g}{eotp}", kw))
 
 
 def compare_configs(model: Any, tokenizer: Any, problems: list[Problem], gen_length: int = 256,

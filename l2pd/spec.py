@@ -292,14 +292,24 @@ def _place(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, device:
     return input_ids, attention_mask
 
 
+def rule_name(config: dict[str, Any]) -> str:
+    """A decoding rule's name: its strategy, and the persistence rule's run length (``persistence/2``)."""
+    return config["strategy"] + (f"/{config['persist']}" if config.get("persist") else "")
+
+
+def stored_default(filter: Any) -> dict[str, Any] | None:
+    """The default decoding ``l2pd tune`` stored with ``filter`` (strategy, threshold, block_length, eotp and,
+    for persistence, persist), or None (no filter, or one tuned before defaults were stored)."""
+    return (filter.meta.get("operating_point") or {}).get("default") if filter is not None else None
+
+
 def default_decoding(filter: Any, block_length: Any = None, threshold: Any = None, eotp: Any = None,
                      persist: Any = None) -> str:
     """What decoding without a strategy means with ``filter`` (None: no filter) and the settings given, in
     words."""
     strategy, block, tau, eotp, persist = _defaults(filter, None, block_length, threshold, eotp, persist)
     tau = filter.threshold if strategy == "learn2pd" else (0.9 if tau is None else tau)
-    name = strategy + (f"/{persist}" if persist else "")
-    return f"{name} (tau {tau:g}, block {block}, EoTP {eotp})"
+    return f"{rule_name(dict(strategy=strategy, persist=persist))} (tau {tau:g}, block {block}, EoTP {eotp})"
 
 
 def _defaults(filter: Any, strategy: Any, block_length: Any, threshold: Any, eotp: Any, persist: Any) -> tuple:
@@ -307,7 +317,7 @@ def _defaults(filter: Any, strategy: Any, block_length: Any, threshold: Any, eot
     strategy: the default decoding stored with the filter (its operating point's pick over learn2pd and the
     training-free rules, ``l2pd tune --rules``), or learn2pd for a filter tuned without rules; threshold 0.9 at
     block 32 without a filter. learn2pd's block length, tau and EoTP mode default to the filter's."""
-    default = (filter.meta.get("operating_point") or {}).get("default") if filter is not None else None
+    default = stored_default(filter)
     if strategy is None and default is not None:
         strategy = default["strategy"]
         if strategy != "learn2pd":  # a training-free rule won: its tau, block, EoTP mode and run length

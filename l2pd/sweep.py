@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .evaluate import evaluate
+from .spec import rule_name
 
 CONFIG_KEYS = ("strategy", "threshold", "eotp", "block_length", "cache", "persist")
 VAL_OFFSET = 900_000_000  # validation problems: the training split's seeds far above any training prompt
@@ -245,7 +246,7 @@ def format_aup(rows: list[dict]) -> str:
     lines = ["AUP (accuracy under parallelism over each rule's taus; tokens per forward x weighted accuracy, "
              "higher is better; y_max = this sweep's best accuracy):"]
     for a in table:
-        name = a["strategy"] + (f"/{a['persist']}" if a["persist"] else "")
+        name = rule_name(a)
         lines.append(f"  {name:<14}{a['eotp']:>10}{a['block_length']:>7}{a['cache']:>8}  {a['aup']:>9.1f}"
                      f"  ({a['points']} point{'s' if a['points'] > 1 else ''})")
     return "\n".join(lines)
@@ -258,7 +259,7 @@ def format_rows(rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: (r["mean_nfe"], -r["accuracy"])):
         tau = "" if r["threshold"] is None else f"{r['threshold']:g}"
         acc = f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}%"
-        name = r["strategy"] + (f"/{r['persist']}" if r.get("persist") else "")
+        name = rule_name(r)
         lines.append(f"{name:<14}{tau:>7}{r['eotp']:>10}{r['block_length']:>7}{r['cache']:>8}"
                      f"{r['problems']:>10}{acc:>17}{r['mean_nfe']:>10.2f}{r['tokens_per_s']:>9.0f}  "
                      f"{'*' if r.get('pareto') else ''}")
@@ -338,8 +339,7 @@ def choose(rows: list[dict], budget: float = 0.5) -> dict[str, dict]:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r["strategy"] != "steps":
-            name = r["strategy"] + (f"/{r['persist']}" if r.get("persist") else "")
-            groups.setdefault(name, []).append(r)
+            groups.setdefault(rule_name(r), []).append(r)
     if not groups:
         raise ValueError("no rows other than `steps` to choose from")
     picks = {name: {**_pick(g, best, budget), "steps_accuracy": best} for name, g in sorted(groups.items())}
@@ -390,7 +390,7 @@ def tune(model: Any, tokenizer: Any, flt: Any, problems: list[Any], taus: list[f
         "candidates": [{k: r[k] for k in ("threshold", "accuracy", "stderr", "mean_nfe")}
                        for r in rows if r["strategy"] == "learn2pd"],
         "default": {k: best[k] for k in keys if best.get(k) is not None},
-        "picks": {name: {k: r[k] for k in (*keys, "accuracy", "stderr", "mean_nfe", "within_budget")
+        "picks": {name: {k: r[k] for k in (*keys, "cache", "accuracy", "stderr", "mean_nfe", "within_budget")
                          if r.get(k) is not None} for name, r in picks.items() if name != "overall"},
     }
     return flt.meta["operating_point"]

@@ -89,9 +89,10 @@ def default_strategy(args: argparse.Namespace, model, quiet: bool = False) -> No
         return
     flt = getattr(model, "l2pd_filter", None)
     say = (lambda text: None) if quiet else note
-    default = (flt.meta.get("operating_point") or {}).get("default") if flt is not None else None
+    from ..spec import default_decoding, stored_default
+
+    default = stored_default(flt)
     if default is not None and default["strategy"] != "learn2pd":  # l2pd.spec fills in its settings
-        from ..spec import default_decoding
 
         what = default_decoding(flt, args.block_length, args.threshold, args.eotp, args.persist)
         say(f"decoding with this model's tuned default, {what} (chosen over its filter on validation problems; "

@@ -97,16 +97,22 @@ def format_picks(rows: list[dict], budget: float) -> str:
     picks = choose(rows, budget)
     lines = [f"fewest forwards within {budget:g} points of the best `steps` "
              f"({100 * picks['overall']['steps_accuracy']:.1f}%), per rule (as `l2pd tune --rules` picks):"]
-    for name, r in picks.items():
-        mark = "" if r["within_budget"] else "  (none within: its most accurate)"
-        lines.append(f"  {name:<14}tau {r['threshold']:g}, block {r['block_length']}, {r['cache']}: "
-                     f"{100 * r['accuracy']:.1f}% at {r['mean_nfe']:.2f} forwards{mark}")
+    lines += [_pick_line(name, r) for name, r in picks.items()]
     return "\n".join(lines)
+
+
+def _pick_line(name: str, r: dict) -> str:
+    """One rule's pick (a row of ``l2pd.sweep.choose``, or as ``tune`` stores it) in one line."""
+    mark = "" if r["within_budget"] else "  (none within: its most accurate)"
+    cache = f", {r['cache']}" if r.get("cache") else ""
+    return (f"  {name:<14}tau {r['threshold']:g}, block {r['block_length']}{cache}: {100 * r['accuracy']:.1f}% at "
+            f"{r['mean_nfe']:.2f} forwards{mark}")
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from ..files import check_out_dir, check_out_file
     from ..filter import Filter
+    from ..spec import default_decoding
     from ..sweep import tune
 
     folder = args.filter
@@ -125,12 +131,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     flt.save_pretrained(out)
     print(f"steps: {100 * point['steps_accuracy']:.1f}%; {point['rule']}:")
     for name, r in point["picks"].items():
-        print(f"  {name:<14} tau {r['threshold']:g}, block {r['block_length']}: {100 * r['accuracy']:.1f}% at "
-              f"{r['mean_nfe']:.2f} forwards per answer" + ("" if r["within_budget"] else " (not within)"))
-    d = point["default"]
-    print(f"default decoding: {d['strategy']}" + (f"/{d['persist']}" if d.get("persist") else "") +
-          f" tau {d['threshold']:g}, block {d['block_length']}, EoTP {d['eotp']}; the filter's tau "
-          f"{point['tau']:g}; saved to {out}/filter.json")
+        print(_pick_line(name, r))
+    print(f"default decoding: {default_decoding(flt)}; the filter's tau {point['tau']:g}; saved to {out}/filter.json")
     return 0
 
 

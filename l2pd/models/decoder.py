@@ -332,6 +332,7 @@ def _decoder_forward(
         cos = torch.ones(bsz, seq, head_dim // 2, device=device)
         sin = torch.zeros_like(cos)
     fresh_slots = torch.arange(seq, device=device) if cache is None else None
+    pool_split = _pool_split(ops, pack, n_heads, cache.k[0].shape[2], device) if pack is not None else {}
 
     x = F.embedding(input_ids, dec.embed.weight)
     delta = None  # the last residual branch, added inside the next norm
@@ -357,7 +358,7 @@ def _decoder_forward(
             v_all = torch.empty_like(k_all)
         if pack is not None:  # each request attends to its own pool row
             q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, slots, rows=pack.rows, **qk_norm or {})
-            att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles, **_pool_split(ops, pack, q, k_all))
+            att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles, **pool_split)
         else:
             q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, fresh_slots if cache is None else slots, **qk_norm or {})
             if split:
@@ -384,15 +385,15 @@ def _decoder_forward(
     return logits
 
 
-def _pool_split(ops: Any, pack: Any, q: torch.Tensor, k_all: torch.Tensor) -> dict:
+def _pool_split(ops: Any, pack: Pack, heads: int, keys: int, device: torch.device) -> dict:
     """The pool attention's key split (``l2pd_kernels.attention.pool_split_plan``, opt-in) for the fused
-    kernels: a batch-1 step's few programs over the canvas take every SM. Fixed by shapes, so a captured graph
-    keeps it."""
+    kernels, the same for every layer: a batch-1 step's few programs over the canvas take every SM. Fixed by
+    shapes, so a captured graph keeps it."""
     if ops is reference:
         return {}
     from l2pd_kernels.attention import POOL_MERGE_ROWS, pool_split_plan
 
-    splits, chunk = pool_split_plan(pack.tiles.shape[0], q.shape[1], k_all.shape[2], q.device)
+    splits, chunk = pool_split_plan(pack.tiles.shape[0], heads, keys, device)
     return {"splits": splits, "key_chunk": chunk, "merge_rows": POOL_MERGE_ROWS} if splits > 1 else {}
 
 
