@@ -120,9 +120,9 @@ class Load:
         wall = time.monotonic() - t0
         for e in self.engines:
             e.stop(drain=0)
-        bad = [r.finish_reason for r in records if r.finish_reason not in ("stop", "length")]
+        bad = [f"{r.finish_reason}: {r.error}" for r in records if r.finish_reason not in ("stop", "length")]
         if bad:
-            raise RuntimeError(f"requests failed: {bad[:5]}")
+            raise RuntimeError(f"{len(bad)} of {len(records)} requests failed: {bad[:3]}")
         tokens = sum(len(r.tokens) for r in records)
         lat = [r.finished - r.submitted for r in records]
         ttft = [(r.first_token or r.finished) - r.submitted for r in records]

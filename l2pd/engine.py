@@ -164,6 +164,7 @@ class _EngineGraph:
     held: Any = None  # the group's filter: its weights are baked in and its id is in the key, so it must live
     graph: Any = None
     out: torch.Tensor | None = None  # the rows' blocks after the decision (static output)
+    warm: set = field(default_factory=set)  # the threads that ran it eagerly (a thread captures only after)
 
 
 def _bucket(n: int) -> int:
@@ -536,10 +537,18 @@ class Engine:
         else:
             key = (tuple(len(x) for x in parts), meta["width"], next(iter(groups)))
             g = self._graphed.get(key)
-            if g is None:  # first use: eager (compiles, warms cuBLAS), keeping its input buffer
-                dev = host.to(device, non_blocking=True)
-                self._graphed[key] = _EngineGraph(dev, order[0].request.spec.filter)
-                blocks = self._body(dev, meta, order, groups)
+            thread = threading.get_ident()
+            if g is None or (g.graph is None and thread not in g.warm):
+                # first use in this thread: eager (compiles, creates the thread's cuBLAS handle, which a capture
+                # must not: the engine may have run this shape in another thread, as generate() does when
+                # called from several), keeping its input buffer
+                if g is None:
+                    g = self._graphed[key] = _EngineGraph(host.to(device, non_blocking=True),
+                                                          order[0].request.spec.filter)
+                else:
+                    g.dev.copy_(host, non_blocking=True)
+                g.warm.add(thread)
+                blocks = self._body(g.dev, meta, order, groups)
             else:
                 g.dev.copy_(host, non_blocking=True)
                 if g.graph is None:

@@ -93,6 +93,35 @@ def test_packed_weights_same_logits_and_state_dict():
     assert "_l2pd_qkv" not in vars(tf.blocks[0])
 
 
+def test_graphs_captured_in_another_thread(bundled):
+    """A shape run eagerly in one thread and met again in another is captured there only after an eager run of
+    its own (a thread's first cuBLAS call creates its handle, which a capture must not do): generate() called
+    from a second thread, as a server's or a UI's worker does, decodes as the first thread did."""
+    import threading
+
+    model, tok = bundled
+    ids, mask = _prompts(tok, 0, 8)
+    kw = dict(max_new_tokens=64, block_length=32, strategy="threshold", threshold=0.9, cache="dual",
+              return_dict_in_generate=True)
+    release(model)
+    first = model.generate(ids, mask, cuda_graph=True, **kw)  # every shape's first use: eager, this thread
+    got = {}
+
+    def other():
+        try:
+            got["out"] = [model.generate(ids, mask, cuda_graph=True, **kw) for _ in range(2)]
+        except Exception as exc:  # (reported below, with the thread's error)
+            got["error"] = exc
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert "error" not in got, got.get("error")
+    assert got["out"][-1].graphed > 0
+    for out in got["out"]:
+        assert torch.equal(out.sequences, first.sequences) and torch.equal(out.nfe, first.nfe)
+
+
 @pytest.mark.parametrize("cache", ["none", "dual"])
 def test_graphed_equals_eager_as_rows_finish(bundled, cache):
     """Rows that finish early leave the iterations (fewer rows, their own graphs); tokens stay the same."""

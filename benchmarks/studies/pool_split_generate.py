@@ -1,0 +1,110 @@
+"""Does the engine's key split at batch 1 (``L2PD_POOL_SPLIT``, ``l2pd_kernels.attention.pool_split_plan``) make
+the whole step and ``generate`` faster, not only the attention kernel?
+
+    PYTHONPATH=.:benchmarks python benchmarks/studies/pool_split_generate.py --out runs/pool_split_generate.json
+
+For LLaDA-8B and LLaDA2.0-mini shapes (random bf16 weights built on the GPU; prompt 512 + 256, block 32, dual
+cache, batch 1, strategy ``steps`` at one token per forward), the split off and on alternated ``--repeats``
+times in one process, each setting on a fresh engine (its graphs captured with that setting):
+- the engine's graphed iteration: median device time of 50 replays (no host);
+- ``generate``: wall time per forward, median of 3 decodes (the host included);
+- once per setting, the attention kernels' device time per forward in an eager decode (torch profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+from decode_8b import EngineStep, build_model
+from harness import device_ms, floors, run_info, save
+
+from l2pd.decode import generate, release
+
+P, G, L = 512, 256, 32
+
+
+def _set(split: str) -> None:
+    os.environ["L2PD_POOL_SPLIT"] = split  # read by pool_split_plan at each forward
+
+
+@torch.no_grad()
+def attention_ms(model, refresh: str) -> dict:
+    """Device ms per forward of the kernels whose name says attention, over a short eager decode."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(0, 126000, (1, P), device="cuda")
+    kw = dict(max_new_tokens=64, block_length=L, strategy="steps", steps=64, cache="dual", refresh=refresh,
+              cuda_graph=False, return_dict_in_generate=True)
+    generate(model, ids, **kw)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = generate(model, ids, **kw)
+    release(model)
+    total = attn = 0.0
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", 0) or 0
+        total += t
+        if "attention" in ev.key or "attn" in ev.key:
+            attn += t
+    return {"kernels_ms_per_forward": total / 1e3 / out.forwards, "attention_ms_per_forward": attn / 1e3 / out.forwards}
+
+
+@torch.no_grad()
+def family(name: str, repeats: int) -> list[dict]:
+    from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM
+
+    model = build_model(LLaDA2MoeModelLM, LLaDA2Config) if name == "llada2-mini" else build_model()
+    refresh = "window" if name == "llada2-mini" else "full"
+    torch.manual_seed(0)
+    ids = torch.randint(0, 126000, (1, P), device="cuda")
+    kw = dict(max_new_tokens=G, block_length=L, strategy="steps", steps=G, cache="dual", refresh=refresh,
+              return_dict_in_generate=True)
+    runs: dict[str, dict[str, list]] = {s: {"replay_ms": [], "generate_ms": [], "tokens": []} for s in "01"}
+    for _ in range(repeats):
+        for split in "01":
+            _set(split)
+            torch.manual_seed(0)
+            st = EngineStep(model, 1, "dual", refresh, True, True)
+            for _ in range(3):
+                st.step()
+            runs[split]["replay_ms"].append(device_ms(st.replay, iters=50))
+            del st
+            release(model)
+            for _ in range(2):  # compile and capture
+                generate(model, ids, **{**kw, "steps": 2 * (G // L)})
+            outs = [generate(model, ids, **kw) for _ in range(3)]
+            runs[split]["generate_ms"].append(statistics.median(o.seconds / o.forwards * 1e3 for o in outs))
+            runs[split]["tokens"].append(outs[0].sequences[0, P:].tolist())
+            release(model)
+            torch.cuda.empty_cache()
+    rows = []
+    for split in "01":
+        _set(split)
+        r = runs[split]
+        row = {"family": name, "split": split, "refresh": refresh,
+               "replay_ms": statistics.median(r["replay_ms"]), "replay_runs": r["replay_ms"],
+               "generate_ms": statistics.median(r["generate_ms"]), "generate_runs": r["generate_ms"],
+               "same_tokens": all(t == runs["0"]["tokens"][0] for t in r["tokens"]), **attention_ms(model, refresh)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--families", default="8b,llada2-mini")
+    ap.add_argument("--repeats", type=int, default=4)
+    args = ap.parse_args()
+    result = {**run_info(), "floors": floors(), "splits": os.environ.get("L2PD_POOL_SPLITS", "4")}
+    result["rows"] = [r for fam in args.families.split(",") for r in family(fam, args.repeats)]
+    save(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
