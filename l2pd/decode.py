@@ -205,24 +205,25 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     lock = None
     if spec.on_step is not None or spec.target is not None:
         lock = _lockstep(adapter, spec, reqs, input_ids, lengths)
-    iterations, graphed = engine.counters["iterations"], engine.counters["graphed"]
-    t0 = time.perf_counter()
-    engine.run_batch(reqs, lock)
-    if adapter.device.type == "cuda":
-        torch.cuda.synchronize(adapter.device)
-    seconds = time.perf_counter() - t0
-    failed = [r for r in reqs if r.finish_reason == "error"]
-    if failed:
-        raise RuntimeError(f"decoding failed: {failed[0].error}")
-    answers = torch.stack([engine.canvas[r.slot, n : n + G] for r, n in zip(reqs, lengths)])
+    with engine.drive:  # (other threads' calls wait: they would reuse these rows' slots)
+        iterations, graphed = engine.counters["iterations"], engine.counters["graphed"]
+        t0 = time.perf_counter()
+        engine.run_batch(reqs, lock)
+        if adapter.device.type == "cuda":
+            torch.cuda.synchronize(adapter.device)
+        seconds = time.perf_counter() - t0
+        failed = [r for r in reqs if r.finish_reason == "error"]
+        if failed:
+            raise RuntimeError(f"decoding failed: {failed[0].error}")
+        answers = torch.stack([engine.canvas[r.slot, n : n + G] for r, n in zip(reqs, lengths)])
+        iterations, graphed = engine.counters["iterations"] - iterations, engine.counters["graphed"] - graphed
     for b, r in enumerate(reqs):
         if r.cut is not None:  # cut at a stop: end of text after it
             answers[b, r.cut :] = spec.eos_id
     sequences = torch.cat([input_ids, answers.to(input_ids.device)], 1)
     if spec.return_dict:
         nfe = torch.tensor([r.forwards for r in reqs], dtype=torch.int64, device=adapter.device)
-        return GenerateOutput(sequences, nfe, engine.counters["iterations"] - iterations, seconds,
-                              engine.counters["graphed"] - graphed)
+        return GenerateOutput(sequences, nfe, iterations, seconds, graphed)
     return sequences
 
 

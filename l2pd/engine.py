@@ -239,6 +239,10 @@ class Engine:
         self.observers: list[Callable[[float], None]] = []  # called with each iteration's seconds (metrics)
         self._ids = itertools.count()
         self._lock = threading.Condition()
+        # held by whoever steps the engine: one iteration, or a whole run_batch (its budget and lockstep are the
+        # engine's while it runs), at a time; generate() called from several threads shares the model's engine
+        # and holds it until it has read its rows' canvases (a finished row's slot is free for the next request)
+        self.drive = threading.RLock()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stopping = False
@@ -310,20 +314,32 @@ class Engine:
         """Queue ``requests`` (submitted, or built with a resolved spec: ``l2pd.decode``) and run until idle,
         every joining row's first refresh in the first iteration; with ``lockstep`` (``l2pd.lockstep``; the
         engine must be idle) the rows move from block to block together."""
-        if lockstep is not None and (self.rows or self.waiting):
-            raise RuntimeError("a lockstep batch needs an idle engine")
+        if self._thread is not None:  # the background loop runs them
+            if lockstep is not None:
+                raise RuntimeError("a lockstep batch needs an engine without its background loop (stop() it)")
+            self._enqueue(requests)
+            for r in requests:
+                r.done.wait()
+            return requests
+        with self.drive:
+            if lockstep is not None and (self.rows or self.waiting):
+                raise RuntimeError("a lockstep batch needs an idle engine")
+            self._enqueue(requests)
+            budget = self.max_step_tokens
+            self.max_step_tokens = max(budget, sum(r.spec.max_new_tokens + len(r.prompt) + self.max_block_length
+                                                   for r in requests))
+            self.lockstep = lockstep
+            try:
+                self.run()
+            finally:
+                self.max_step_tokens, self.lockstep = budget, None
+        return requests
+
+    def _enqueue(self, requests: list[Request]) -> None:
         with self._lock:
             queued = {id(r) for r in self.waiting}
             self.waiting.extend(r for r in requests if id(r) not in queued)
-        budget = self.max_step_tokens
-        self.max_step_tokens = max(budget, sum(r.spec.max_new_tokens + len(r.prompt) + self.max_block_length
-                                               for r in requests))
-        self.lockstep = lockstep
-        try:
-            self.run()
-        finally:
-            self.max_step_tokens, self.lockstep = budget, None
-        return requests
+            self._lock.notify()
 
     def run(self) -> None:
         """Iterate until no request is waiting or active."""
@@ -394,6 +410,10 @@ class Engine:
     @torch.no_grad()
     def step(self) -> bool:
         """One iteration (see the module docstring); returns whether any request is still waiting or active."""
+        with self.drive:
+            return self._step()
+
+    def _step(self) -> bool:
         t0 = time.perf_counter()
         now = time.monotonic()
         for row in list(self.rows.values()):

@@ -320,6 +320,41 @@ def test_background_loop_and_draining_stop(bundled):
         engine.submit(prompts[0])
 
 
+def test_generate_from_several_threads_at_once(bundled):
+    """generate() keeps one engine on the model; calls from several threads at once take turns on it, and
+    each gets the answers it gets alone (they once shared its iterations, and two of four came back wrong)."""
+    import threading
+
+    model, _, prompts = bundled
+    batches = [torch.tensor([p[:30] for p in prompts[i : i + 2]]) for i in (0, 2, 1)]
+    kw = dict(max_new_tokens=32, block_length=32, strategy="threshold", threshold=0.9, cache="dual", backend="torch")
+    want = [model.generate(ids, **kw) for ids in batches]
+    got = [None] * len(batches)
+
+    def run(i):
+        got[i] = model.generate(batches[i], **kw)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(g is not None and torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_batch_generate_on_a_running_engine_waits_for_the_loop(bundled):
+    model, _, prompts = bundled
+    engine = Engine(model, max_batch=2)
+    engine.start()
+    try:
+        options = dict(max_new_tokens=40, strategy="threshold", block_length=16)
+        reqs = engine.generate(prompts[:3], **options)
+        for p, r in zip(prompts, reqs):
+            assert r.finish_reason in ("stop", "length") and r.tokens == _alone(model, p, **options)
+    finally:
+        engine.stop(drain=60)
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="the kernel path needs a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("split", [False, True])
