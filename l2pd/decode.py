@@ -28,6 +28,7 @@ The only host read of an iteration is the rows' blocks after the decision.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -316,14 +317,18 @@ def _engine(model: Any, adapter: Any, spec: DecodeSpec, rows: int, length: int) 
     limit = adapter.max_length
     length = -(-length // 128) * 128 if limit is None else min(-(-length // 128) * 128, limit)
     key = (rows, length, spec.block_length, spec.backend, spec.cuda_graph, adapter.key())
-    held = vars(model).get("_l2pd_engine")
-    if held is not None and held[0] == key:
-        return held[1]
-    vars(model).pop("_l2pd_engine", None)  # its buffers go before the new ones are allocated
-    engine = Engine(model, max_batch=rows, max_length=max(length, 2), backend=spec.backend,
-                    cuda_graphs=spec.cuda_graph, max_block_length=spec.block_length)
-    model._l2pd_engine = (key, engine)
-    return engine
+    with _ENGINES:  # (threads: one engine per key, and the model's weights packed once)
+        held = vars(model).get("_l2pd_engine")
+        if held is not None and held[0] == key:
+            return held[1]
+        vars(model).pop("_l2pd_engine", None)  # its buffers go before the new ones are allocated
+        engine = Engine(model, max_batch=rows, max_length=max(length, 2), backend=spec.backend,
+                        cuda_graphs=spec.cuda_graph, max_block_length=spec.block_length)
+        model._l2pd_engine = (key, engine)
+        return engine
+
+
+_ENGINES = threading.Lock()
 
 
 def release(model: Any) -> None:

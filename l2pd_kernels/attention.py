@@ -27,8 +27,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 POOL_TILE_M = 64
 SPLIT_MIN_KEYS = 2048  # below this, and with fewer than 4 chunks, SDPA's one pass was as fast (H200)
 # the engine's key split at batch 1 (pool_split_plan): off unless L2PD_POOL_SPLIT=1. One layer's attention fell
-# from 13.3 to 7.5 us at 4 chunks merged 4 pairs per program (LLaDA-8B shapes, H200); `generate` did not yet
-# show it (benchmarks/RESULTS.md, "The engine's attention at batch 1 with its keys split")
+# from 13.3 to 7.5 us at 4 chunks merged 4 pairs per program (LLaDA-8B shapes, H200); the graphed step and
+# `generate` did not show it (benchmarks/RESULTS.md, "The engine's key split in `generate`")
 POOL_SPLITS = int(os.environ.get("L2PD_POOL_SPLITS", "4"))
 POOL_MERGE_ROWS = 4
 
@@ -214,7 +214,7 @@ def pool_split_plan(tiles: int, heads: int, keys: int, device: torch.device, blo
     """(splits, key_chunk) for the engine's pool attention: ``tiles`` query tiles x ``heads`` programs over a
     pool ``keys`` wide. Split only where one pass leaves SMs idle (fewer programs than SMs: batch 1 to about 2
     at LLaDA-8B shapes), into ``POOL_SPLITS`` chunks (``L2PD_POOL_SPLITS``), with ``L2PD_POOL_SPLIT=1``; (1, 0)
-    elsewhere, on the CPU, or without it (the default until `generate` shows the gain). Chunks past a segment's
+    elsewhere, on the CPU, or without it (the default: `generate` showed no gain). Chunks past a segment's
     own keys are empty and weigh nothing in the merge."""
     if device.type != "cuda" or os.environ.get("L2PD_POOL_SPLIT", "0") != "1":
         return 1, 0
