@@ -4,7 +4,8 @@ problems), and at LLaDA-8B shapes (random bf16 weights built on the GPU) the rel
 
     PYTHONPATH=. python benchmarks/fp8_check.py --problems 1000 --out runs/fp8.json
 
-The bundled rows decode with each model's shipped default (its filter, tau, block and EoTP) and, with
+The bundled rows decode with each model's shipped default (the decoding its filter stores: ``l2pd tune
+--rules``' pick, with its tau, block and EoTP) and, with
 ``--steps``, with ``steps`` (one token per forward); each quantized row carries its accuracy difference from the
 weights as loaded on the same problems, with its paired standard error. Results are written after every row.
 """
@@ -57,6 +58,10 @@ def bundled_rows(problems: int, batch: int, steps: bool, result: dict, out: str 
             for name, kw in configs:
                 r = evaluate(model, tok, test, batch_size=batch, progress=False, **kw)
                 correct = [bool(is_correct(t, p.answer)) for t, p in zip(r["texts"], test)]
+                if name == "shipped default":
+                    from l2pd.spec import default_decoding
+
+                    name = f"shipped default ({default_decoding(model.l2pd_filter)})"
                 row = {"family": family, "weights": weights, "config": name, "problems": r["problems"],
                        "accuracy": r["accuracy"], "mean_nfe": r["mean_nfe"], "seconds": r["seconds"]}
                 if weights == "native":
