@@ -99,6 +99,7 @@ class Request:
     answer: list[int] = field(default_factory=list)
     cut: int | None = None
     slot: int | None = None
+    queued: bool = False  # given to the engine (submit, run_batch): never queued twice
 
     def cancel(self) -> None:
         """Free the request's row at the next iteration (a client went away)."""
@@ -243,6 +244,7 @@ class Engine:
         # engine's while it runs), at a time; generate() called from several threads shares the model's engine
         # and holds it until it has read its rows' canvases (a finished row's slot is free for the next request)
         self.drive = threading.RLock()
+        self._in_step = False  # (under drive) an iteration is running: a callback inside it must not step again
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stopping = False
@@ -263,6 +265,7 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise EngineClosed("the engine is shutting down and admits no new requests")
+            req.queued = True
             self.waiting.append(req)
             self._lock.notify()
         return req
@@ -322,6 +325,7 @@ class Engine:
                 r.done.wait()
             return requests
         with self.drive:
+            self._not_nested()
             if lockstep is not None and (self.rows or self.waiting):
                 raise RuntimeError("a lockstep batch needs an idle engine")
             self._enqueue(requests)
@@ -336,9 +340,11 @@ class Engine:
         return requests
 
     def _enqueue(self, requests: list[Request]) -> None:
-        with self._lock:
-            queued = {id(r) for r in self.waiting}
-            self.waiting.extend(r for r in requests if id(r) not in queued)
+        with self._lock:  # (submitted ones are queued already: a loop may even have admitted them by now)
+            for r in requests:
+                if not r.queued:
+                    r.queued = True
+                    self.waiting.append(r)
             self._lock.notify()
 
     def run(self) -> None:
@@ -411,7 +417,18 @@ class Engine:
     def step(self) -> bool:
         """One iteration (see the module docstring); returns whether any request is still waiting or active."""
         with self.drive:
-            return self._step()
+            self._not_nested()
+            self._in_step = True
+            try:
+                return self._step()
+            finally:
+                self._in_step = False
+
+    def _not_nested(self) -> None:
+        if self._in_step:  # (only the thread holding drive gets here while it is set)
+            raise RuntimeError("the engine was asked to decode from inside one of its own iterations (a callback "
+                               "of a decode on this model, such as on_step, a streamer or on_event, called "
+                               "generate): decode after it returns, or on another model object")
 
     def _step(self) -> bool:
         t0 = time.perf_counter()

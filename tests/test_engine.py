@@ -342,6 +342,21 @@ def test_generate_from_several_threads_at_once(bundled):
     assert all(g is not None and torch.equal(g, w) for g, w in zip(got, want))
 
 
+def test_generate_from_inside_a_decode_callback_is_refused(bundled):
+    """A callback that calls generate on the same model would step the engine inside its own iteration (and,
+    holding its lock, could not wait for it): a clear error instead, and the engine still decodes after."""
+    model, _, prompts = bundled
+    ids = torch.tensor([prompts[0][:30]])
+    kw = dict(max_new_tokens=32, block_length=32, strategy="threshold", cache="dual", backend="torch")
+
+    def on_step(*args, **kwargs):
+        model.generate(ids, **kw)
+
+    with pytest.raises(RuntimeError, match="from inside one of its own iterations"):
+        model.generate(ids, on_step=on_step, **kw)
+    assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw))
+
+
 def test_batch_generate_on_a_running_engine_waits_for_the_loop(bundled):
     model, _, prompts = bundled
     engine = Engine(model, max_batch=2)
