@@ -244,7 +244,7 @@ class Engine:
         # engine's while it runs), at a time; generate() called from several threads shares the model's engine
         # and holds it until it has read its rows' canvases (a finished row's slot is free for the next request)
         self.drive = threading.RLock()
-        self._in_step = False  # (under drive) an iteration is running: a callback inside it must not step again
+        self._in_step: int | None = None  # the thread running an iteration: a callback inside it must not decode
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stopping = False
@@ -317,6 +317,7 @@ class Engine:
         """Queue ``requests`` (submitted, or built with a resolved spec: ``l2pd.decode``) and run until idle,
         every joining row's first refresh in the first iteration; with ``lockstep`` (``l2pd.lockstep``; the
         engine must be idle) the rows move from block to block together."""
+        self._not_nested()
         if self._thread is not None:  # the background loop runs them
             if lockstep is not None:
                 raise RuntimeError("a lockstep batch needs an engine without its background loop (stop() it)")
@@ -325,7 +326,6 @@ class Engine:
                 r.done.wait()
             return requests
         with self.drive:
-            self._not_nested()
             if lockstep is not None and (self.rows or self.waiting):
                 raise RuntimeError("a lockstep batch needs an idle engine")
             self._enqueue(requests)
@@ -418,14 +418,14 @@ class Engine:
         """One iteration (see the module docstring); returns whether any request is still waiting or active."""
         with self.drive:
             self._not_nested()
-            self._in_step = True
+            self._in_step = threading.get_ident()
             try:
                 return self._step()
             finally:
-                self._in_step = False
+                self._in_step = None
 
     def _not_nested(self) -> None:
-        if self._in_step:  # (only the thread holding drive gets here while it is set)
+        if self._in_step == threading.get_ident():  # (a callback of this thread's iteration; the loop's too)
             raise RuntimeError("the engine was asked to decode from inside one of its own iterations (a callback "
                                "of a decode on this model, such as on_step, a streamer or on_event, called "
                                "generate): decode after it returns, or on another model object")

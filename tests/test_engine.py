@@ -355,6 +355,23 @@ def test_generate_from_inside_a_decode_callback_is_refused(bundled):
     with pytest.raises(RuntimeError, match="from inside one of its own iterations"):
         model.generate(ids, on_step=on_step, **kw)
     assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw))
+    # the same from a request's callback on a running engine's loop (it would wait for itself)
+    engine = Engine(model, max_batch=2)
+    engine.start()
+    try:
+        errors = []
+
+        def on_event(req, tokens):
+            if not errors:
+                try:
+                    engine.generate([prompts[1]], max_new_tokens=16)
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+
+        engine.submit(prompts[0], max_new_tokens=32, on_event=on_event).wait(60)
+        assert errors and "from inside one of its own iterations" in errors[0]
+    finally:
+        engine.stop(drain=60)
 
 
 def test_batch_generate_on_a_running_engine_waits_for_the_loop(bundled):
