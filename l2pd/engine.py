@@ -305,7 +305,8 @@ class Engine:
         return spec, input_ids[0].tolist(), stops
 
     def generate(self, prompts: list[Any], **options: Any) -> list[Request]:
-        """Every prompt at once, run to completion on this thread; the finished requests in order.
+        """Every prompt at once, run to completion on this thread (while the background loop runs: by the loop,
+        this thread waiting); the finished requests in order.
 
         A batch call has no per-request latency to protect, so the token budget grows, for this call, to take
         every joining row's first refresh in one iteration, as ``generate``'s first forward does (at LLaDA-8B
