@@ -173,6 +173,12 @@ def _bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _repeated(row: list[int], k: int) -> np.ndarray:
+    """``row`` k times, as an int64 array [k, len(row)] (the few rows of padding a pack takes: no numpy calls
+    per row)."""
+    return np.array([row] * k, dtype=np.int64).reshape(k, len(row))
+
+
 def _bucket_tokens(n: int) -> int:
     """Tokens (or attention programs) of a graphed iteration: rounded up by at most 1/8 (and to 16)."""
     step = max(16, 1 << max(0, n.bit_length() - 4))
@@ -627,27 +633,23 @@ class Engine:
             padding = np.zeros((meta["rows"] - len(order), 2), dtype=np.int64)
             parts[4] = np.concatenate([words, padding]).reshape(-1)
             return parts, meta
-        fed = np.array(ranges, dtype=np.int64).reshape(-1, 2)
-        lo, lens = fed[:, 0], fed[:, 1] - fed[:, 0]
-        slot, T, s, e, L = np.array([(r.slot, r.T, r.block, r.end, r.request.spec.block_length) for r in order],
-                                    dtype=np.int64).reshape(-1, 5).T
-        start = np.cumsum(lens) - lens
-        width = int(L.max())
-        if pad:  # padding rows (no tokens, block 0 of the spare row), then one segment of padding tokens
-            extra = _bucket(len(order)) - len(order)
-            n_pad = _bucket_tokens(n) - n
-            def grow(a: np.ndarray, tail: list[int]) -> np.ndarray:
-                return np.concatenate([a, np.array(tail, dtype=np.int64)])
-
-            lo, lens = grow(lo, [0] * (extra + 1)), grow(lens, [0] * extra + [n_pad])
-            slot = grow(slot, [spare] * (extra + 1))
+        # one row per deciding row (lo, tokens, pool row, keys, block start, end, block length), padding rows
+        # (no tokens, block 0 of the spare row) included; then, with ``pad``, a segment of padding tokens
+        table = [(lo_, hi - lo_, r.slot, r.T, r.block, r.end, r.request.spec.block_length)
+                 for (lo_, hi), r in zip(ranges, order)]
+        width = max(t[6] for t in table)
+        extra = _bucket(len(order)) - len(order) if pad else 0
+        table += [(0, 0, spare, 1, 0, 1, width)] * extra
+        rows = np.array(table, dtype=np.int64)
+        s, e, L = rows[:, 4], rows[:, 5], rows[:, 6]
+        if pad:
             # (the padding tokens cycle through the spare row's slots: a pool narrower than the padding, as
             # ``generate``'s is, still holds them)
-            T = grow(T, [1] * extra + [max(1, min(n_pad, self.canvas.shape[1]))])
-            s, e = grow(s, [0] * extra), grow(e, [1] * extra)
-            L = grow(L, [width] * extra)
+            n_pad = _bucket_tokens(n) - n
+            rows = np.concatenate([rows[:, :4], [[0, n_pad, spare, max(1, min(n_pad, self.canvas.shape[1]))]]])
             words = np.concatenate([words, np.zeros((extra, 2), dtype=np.int64)])
-            start = np.cumsum(lens) - lens
+        lo, lens, slot, T = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3]
+        start = np.cumsum(lens) - lens
         rows_n = len(s)  # rows that decide (padding rows included)
         tok_rows = np.repeat(slot, lens)
         tok_slots = np.arange(int(lens.sum())) - np.repeat(start - lo, lens)
@@ -657,13 +659,15 @@ class Engine:
         # repeat the last, whose decision the canvas (end of text there) ignores
         offs = np.arange(int(L.sum())) - np.repeat(np.cumsum(L) - L, L)
         p = np.minimum(np.repeat(s, L) + offs, np.repeat(e - 1, L))
-        lidx = np.clip(np.repeat((start - lo)[:rows_n] - shift, L) + p, 0, int(lens.sum()) - 1)
+        lidx = np.repeat((start - lo)[:rows_n] - shift, L) + p
+        np.minimum(np.maximum(lidx, 0, out=lidx), int(lens.sum()) - 1, out=lidx)
         seg = self._segments(order, lo, start, lens, slot, T)
         pad_seg = len(seg) - 1  # (with ``pad``: the segment of the padding tokens)
         cols = (s[:, None] + np.arange(width)[None, :]).reshape(-1)  # the blocks read back after the decision
         ntiles = -(-seg[:, 1] // TILE_M)
-        tiles = np.stack([np.repeat(np.arange(len(seg)), ntiles),
-                          (np.arange(int(ntiles.sum())) - np.repeat(np.cumsum(ntiles) - ntiles, ntiles)) * TILE_M], 1)
+        tiles = np.empty((int(ntiles.sum()), 2), dtype=np.int64)
+        tiles[:, 0] = np.repeat(np.arange(len(seg)), ntiles)
+        tiles[:, 1] = (np.arange(len(tiles)) - np.repeat(np.cumsum(ntiles) - ntiles, ntiles)) * TILE_M
         if pad:
             # segments and tiles padded to bounds that follow from the token and row buckets alone, so the
             # graph's shape does too: a row's fed range spans at most its tokens / L + 2 attention blocks
@@ -671,10 +675,9 @@ class Engine:
             n_tok = int(lens.sum())
             L_min = int(L.min()) if self.adapter.block_causal else 0
             seg_cap = len(seg) if not L_min else 2 * rows_n + 1 + n_tok // L_min
-            seg = np.concatenate([seg, np.tile([[n_tok, 0, spare, 1]], (seg_cap - len(seg), 1))])  # empty ones
+            seg = np.concatenate([seg, _repeated([n_tok, 0, spare, 1], seg_cap - len(seg))])  # empty ones
             # idle programs on the padding segment (their queries are past its length: nothing stored)
-            more = seg_cap + n_tok // TILE_M - len(tiles)
-            tiles = np.concatenate([tiles, np.tile([[pad_seg, 1 << 30]], (more, 1))]).astype(np.int64)
+            tiles = np.concatenate([tiles, _repeated([pad_seg, 1 << 30], seg_cap + n_tok // TILE_M - len(tiles))])
         parts = [tok_rows, tok_slots, lidx, seg.reshape(-1), words.reshape(-1), slot[:rows_n], cols,
                  tiles.reshape(-1)]
         meta = {"sizes": [len(x) for x in parts], "width": width, "rows": rows_n, "groups": group_sizes}
@@ -698,7 +701,8 @@ class Engine:
         """The attention segments [G, 4] (first token, tokens, pool row, keys): a row's fed tokens attend to keys
         [0, T) of its own pool row; a block-causal row's are cut at its attention blocks, each part attending
         to the keys up to the end of its block (what the model's block-causal mask allows)."""
-        seg = np.stack([start, lens, slot, T], 1)
+        seg = np.empty((len(start), 4), dtype=np.int64)
+        seg[:, 0], seg[:, 1], seg[:, 2], seg[:, 3] = start, lens, slot, T
         if not self.adapter.block_causal:
             return seg
         out = []
