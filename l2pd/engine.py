@@ -162,7 +162,8 @@ class _OnHost:
 @dataclass
 class _EngineGraph:
     dev: torch.Tensor  # the iteration's indices (static input)
-    held: Any = None  # the group's filter: its weights are baked in and its id is in the key, so it must live
+    # the group's filter (its id is in the key): the graph reads its weights' device copy, refreshed before each replay
+    held: Any = None
     graph: Any = None
     out: torch.Tensor | None = None  # the rows' blocks after the decision (static output)
     warm: set = field(default_factory=set)  # the threads that ran it eagerly (a thread captures only after)
@@ -603,6 +604,8 @@ class Engine:
                     with torch.cuda.graph(g.graph, pool=self._pool, stream=self._capture_stream,
                                           capture_error_mode="thread_local"):
                         g.out = self._body(g.dev, meta, order, groups)
+                if g.held is not None:  # the filter's weights as it holds them now (the graph reads their copy)
+                    g.held.weights(device)
                 g.graph.replay()
                 self.counters["graphed"] += 1
                 blocks = g.out

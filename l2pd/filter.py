@@ -95,14 +95,24 @@ class Filter(nn.Module):
         return x
 
     def weights(self, device: torch.device | str) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(weight, bias) fp32 per layer on ``device``, copied once per device."""
+        """(weight, bias) fp32 per layer on ``device``: copied once per device, and again, into the same
+        tensors, once the filter's parameters change (trained, loaded or moved since): CUDA graphs that read
+        them see the new values, and a decode never runs on stale ones."""
         device = torch.device(device)
-        if device not in self._device_weights:
-            self._device_weights[device] = [
-                (layer.weight.detach().float().to(device).contiguous(), layer.bias.detach().float().to(device))
-                for layer in self.layers
-            ]
-        return self._device_weights[device]
+        params = [p for layer in self.layers for p in (layer.weight, layer.bias)]
+        stamp = [(p.data_ptr(), p._version) for p in params]
+        held = self._device_weights.get(device)
+        if held is None:
+            copies = [(layer.weight.detach().float().to(device).contiguous(), layer.bias.detach().float().to(device))
+                      for layer in self.layers]
+            held = self._device_weights[device] = (copies, stamp)
+        elif held[1] != stamp and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            # (a capture follows an eager run of the same iteration, which refreshed them already)
+            for (w, b), layer in zip(held[0], self.layers):
+                w.copy_(layer.weight.detach().float())
+                b.copy_(layer.bias.detach().float())
+            self._device_weights[device] = (held[0], [(p.data_ptr(), p._version) for p in params])
+        return held[0]
 
     def digest(self) -> str:
         """A short id of the filter's kind, inputs and weights (not its tau): what a sweep row was decoded with."""

@@ -205,7 +205,6 @@ def train_policy(
             log(f"iteration {it}: accuracy {curve[-1]['accuracy']:.3f} forwards {curve[-1]['forwards']:.2f} "
                 f"reward {curve[-1]['reward']:.4f} ({time.time() - t0:.0f} s)")
     flt = flt.eval().cpu()
-    flt._device_weights.clear()
     flt.meta.update(model_fingerprint=model_fingerprint(model), gen_length=gen_length, eotp="accepted",
                     objective="policy gradient", cost=cost, samples=samples, prompts_per_step=prompts_per_step,
                     iterations=iterations, temperature=temperature, lr=lr, train_seconds=round(time.time() - t0, 1),

@@ -157,7 +157,6 @@ def train_filter(
     if warnings:
         flt.meta["warnings"] = warnings
     flt.cpu()
-    flt._device_weights.clear()
     _report(log, seconds, epoch + 1, best, metrics, bool(warnings))
     return flt
 

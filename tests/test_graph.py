@@ -122,6 +122,28 @@ def test_graphs_captured_in_another_thread(bundled):
         assert torch.equal(out.sequences, first.sequences) and torch.equal(out.nfe, first.nfe)
 
 
+def test_graphs_read_a_filter_changed_in_place(bundled):
+    """A captured graph reads the filter's weights from their copy on the GPU; after the filter is trained in
+    place (an optimizer's step), a replay decodes as a fresh filter with the new weights does."""
+    model, tok = bundled
+    ids, mask = _prompts(tok, 0, 8)
+    flt = l2pd.Filter.from_pretrained(FILTER32)
+    kw = dict(max_new_tokens=64, block_length=32, strategy="learn2pd", eotp=True, cache="dual",
+              return_dict_in_generate=True)
+    release(model)
+    for _ in range(3):  # eager, capture, replay
+        out = model.generate(ids, mask, filter=flt, cuda_graph=True, **kw)
+    assert out.path == "graph"
+    with torch.no_grad():
+        flt.layers[0].bias.sub_(3.0)
+    fresh = l2pd.Filter.from_pretrained(FILTER32)
+    fresh.load_state_dict(flt.state_dict())
+    got = model.generate(ids, mask, filter=flt, cuda_graph=True, **kw)
+    want = model.generate(ids, mask, filter=fresh, cuda_graph=False, **kw)
+    assert got.graphed > 0 and not torch.equal(out.nfe, want.nfe)
+    assert torch.equal(got.sequences, want.sequences) and torch.equal(got.nfe, want.nfe)
+
+
 @pytest.mark.parametrize("cache", ["none", "dual"])
 def test_graphed_equals_eager_as_rows_finish(bundled, cache):
     """Rows that finish early leave the iterations (fewer rows, their own graphs); tokens stay the same."""

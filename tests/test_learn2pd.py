@@ -209,3 +209,37 @@ def test_evaluate_uses_the_patched_filter_and_its_operating_point(monkeypatch):
     l2pd.patch(model, filter=False)  # drops it (filter=None keeps an attached filter)
     with pytest.raises(ValueError, match="needs a filter"):
         evaluate(model, tok, problems, progress=False, strategy="learn2pd")
+
+
+def test_a_filter_changed_after_a_decode_decodes_with_its_new_weights():
+    """The filter's weights on the decoding device are a copy made on first use; a filter trained, loaded or
+    moved since then must decode with what it holds now (as a fresh filter with those weights does), not with
+    the copy."""
+    from l2pd.demo import load
+    from l2pd.demo.task import split
+    from l2pd.evaluate import encode_prompts
+
+    model, tok = load(device="cpu")
+    flt = model.l2pd_filter
+    ids, mask = encode_prompts(tok, [p.question for p in split("test", 2)], "cpu")
+    kw = dict(max_new_tokens=32, strategy="learn2pd", eotp="accepted", backend="torch",
+              return_dict_in_generate=True)
+    old = {k: v.clone() for k, v in flt.state_dict().items()}
+    new = {k: v.clone() for k, v in old.items()}
+    new["layers.0.bias"] -= 3.0  # a filter that accepts far less
+    fresh = Filter(flt.block_length, flt.hidden, flt.depth, flt.threshold, inputs=flt.inputs, kind=flt.kind)
+    fresh.load_state_dict(new)
+    want = generate(model, ids, mask, filter=fresh, **kw)
+    for change in ("in place", "loaded", "moved"):
+        flt.load_state_dict(old)
+        before = generate(model, ids, mask, filter=flt, **kw)
+        assert not torch.equal(before.nfe, want.nfe)  # the change shows
+        if change == "in place":  # as an optimizer's step
+            with torch.no_grad():
+                flt.layers[0].bias.sub_(3.0)
+        elif change == "loaded":
+            flt.load_state_dict(new)
+        else:  # new parameter tensors
+            flt.layers[0].bias = torch.nn.Parameter(new["layers.0.bias"].clone())
+        after = generate(model, ids, mask, filter=flt, **kw)
+        assert torch.equal(after.sequences, want.sequences) and torch.equal(after.nfe, want.nfe), change
