@@ -109,8 +109,9 @@ class Filter(nn.Module):
         elif held[1] != stamp and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
             # (a capture follows an eager run of the same iteration, which refreshed them already)
             for (w, b), layer in zip(held[0], self.layers):
-                w.copy_(layer.weight.detach().float())
-                b.copy_(layer.bias.detach().float())
+                for copy, p in ((w, layer.weight), (b, layer.bias)):
+                    if copy.data_ptr() != p.data_ptr():  # (an fp32 parameter on the device is its own copy)
+                        copy.copy_(p.detach().float())
             self._device_weights[device] = (held[0], [(p.data_ptr(), p._version) for p in params])
         return held[0]
 
