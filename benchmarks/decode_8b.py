@@ -74,6 +74,17 @@ def build_model(model_cls=LLaDAModelLM, config_cls=LLaDAConfig):
     return model.eval()
 
 
+def build_shape(shape: str):
+    """``build_model`` by a shape's name: ``8b`` (LLaDA-8B) or ``llada2-mini`` (LLaDA2.0-mini)."""
+    if shape == "llada2-mini":
+        from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM
+
+        return build_model(LLaDA2MoeModelLM, LLaDA2Config)
+    if shape != "8b":
+        raise ValueError(f"shape {shape!r}: expected 8b or llada2-mini")
+    return build_model()
+
+
 class EngineStep:
     """The engine's iteration held still, for timing: ``batch`` requests of P prompt tokens + G masks
     (strategy ``steps``, one token per forward) past their first refresh. ``step()`` runs their next forward

@@ -22,11 +22,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from decode_8b import build_model  # noqa: E402
+from decode_8b import build_shape  # noqa: E402
 
 import l2pd.engine as engine  # noqa: E402
 from l2pd.decode import generate  # noqa: E402
-from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM, LLaDAConfig, LLaDAModelLM  # noqa: E402
 
 P, G, L = 512, 256, 32
 STAGES = ("_plan", "_pack", "_run", "_advance")
@@ -66,8 +65,7 @@ def main() -> None:
     ap.add_argument("--refresh", default="window", help="refresh modes (comma list)")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
-    model = build_model(*((LLaDA2MoeModelLM, LLaDA2Config) if args.shape == "llada2-mini" else
-                          (LLaDAModelLM, LLaDAConfig)))
+    model = build_shape(args.shape)
     replays, host = instrument()
     ids = torch.randint(0, 100000, (1, P), device="cuda")
     kw = dict(max_new_tokens=G, block_length=L, strategy="steps", cache="dual", return_dict_in_generate=True)

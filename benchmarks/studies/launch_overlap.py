@@ -22,7 +22,7 @@ import json
 import statistics
 
 import torch
-from decode_8b import EngineStep, build_model
+from decode_8b import EngineStep, build_shape
 from harness import device_ms, floors, run_info, save
 
 from l2pd_kernels import device, linear, rms_norm
@@ -74,9 +74,7 @@ KERNELS = {"attention", "attention_combine", "confidence", "confidence_merge", "
 
 @torch.no_grad()
 def whole_step(family: str, modes: list[str], repeats: int) -> list[dict]:
-    from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM
-
-    model = build_model(LLaDA2MoeModelLM, LLaDA2Config) if family == "llada2-mini" else build_model()
+    model = build_shape(family)
     times: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(repeats):
         for mode in modes:

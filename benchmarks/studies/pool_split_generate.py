@@ -19,7 +19,7 @@ import os
 import statistics
 
 import torch
-from decode_8b import EngineStep, build_model
+from decode_8b import EngineStep, build_shape
 from harness import device_ms, floors, run_info, save
 
 from l2pd.decode import generate, release
@@ -54,9 +54,7 @@ def attention_ms(model, refresh: str) -> dict:
 
 @torch.no_grad()
 def family(name: str, repeats: int) -> list[dict]:
-    from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM
-
-    model = build_model(LLaDA2MoeModelLM, LLaDA2Config) if name == "llada2-mini" else build_model()
+    model = build_shape(name)
     refresh = "window" if name == "llada2-mini" else "full"
     torch.manual_seed(0)
     ids = torch.randint(0, 126000, (1, P), device="cuda")
