@@ -334,11 +334,12 @@ def test_generate_from_several_threads_at_once(bundled):
     def run(i):
         got[i] = model.generate(batches[i], **kw)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batches))]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(batches))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(timeout=300)  # (a deadlock fails here rather than hanging the run)
+    assert not any(t.is_alive() for t in threads)
     assert all(g is not None and torch.equal(g, w) for g, w in zip(got, want))
 
 
@@ -376,12 +377,18 @@ def test_generate_from_inside_a_decode_callback_is_refused(bundled):
 
 def test_batch_generate_on_a_running_engine_waits_for_the_loop(bundled):
     model, _, prompts = bundled
+    import threading
+
     engine = Engine(model, max_batch=2)
     engine.start()
     try:
         options = dict(max_new_tokens=40, strategy="threshold", block_length=16)
-        reqs = engine.generate(prompts[:3], **options)
-        for p, r in zip(prompts, reqs):
+        got = []
+        caller = threading.Thread(target=lambda: got.extend(engine.generate(prompts[:3], **options)), daemon=True)
+        caller.start()
+        caller.join(timeout=300)  # (it waits for the loop: a deadlock fails here rather than hanging the run)
+        assert not caller.is_alive() and len(got) == 3
+        for p, r in zip(prompts, got):
             assert r.finish_reason in ("stop", "length") and r.tokens == _alone(model, p, **options)
     finally:
         engine.stop(drain=60)

@@ -113,9 +113,10 @@ def test_graphs_captured_in_another_thread(bundled):
         except Exception as exc:  # (reported below, with the thread's error)
             got["error"] = exc
 
-    t = threading.Thread(target=other)
+    t = threading.Thread(target=other, daemon=True)
     t.start()
-    t.join()
+    t.join(timeout=300)
+    assert not t.is_alive()
     assert "error" not in got, got.get("error")
     assert got["out"][-1].graphed > 0
     for out in got["out"]:
