@@ -97,7 +97,8 @@ class EngineStep:
         from l2pd.engine import Engine
 
         self.engine = Engine(model, max_batch=batch, max_length=P + G, backend="triton", fused=fused,
-                             cuda_graphs=graphs, max_block_length=L, max_step_tokens=batch * (P + G + L))
+                             cuda_graphs=graphs, max_block_length=L, max_step_tokens=batch * (P + G + L),
+                             run_ahead="off")  # (the iteration alone: nothing launched behind it)
         mask = model.config.mask_token_id
         for _ in range(batch):
             prompt = torch.randint(0, min(mask, 126000), (P,)).tolist()
@@ -109,7 +110,7 @@ class EngineStep:
 
     def _run(self):
         captured = {id(g) for g in self.engine._graphed.values() if g.graph is not None}
-        out = self.engine._run(self.rows)
+        out = self.engine._run(self.rows, None)
         new = [g for g in self.engine._graphed.values() if g.graph is not None and id(g) not in captured]
         if new:  # this iteration was captured: ``replay`` replays it
             self._last = new[0]

@@ -41,6 +41,6 @@ def test_engine_pack(benchmark, bundled, rows, kind):
         return engine._pack(order, [rows], True)
 
     pack()
-    parts, meta = benchmark(pack)
+    parts, meta, _ = benchmark(pack)
     benchmark.extra_info.update(rows=rows, fed_tokens=len(parts[0]), kind=kind)
     assert meta["rows"] >= rows

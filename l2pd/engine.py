@@ -130,6 +130,7 @@ class _Row:
     waiting: bool = False  # lockstep: its block is done, the batch's is not
     seen: list[int] | None = None  # token editing: the block as the last forward left it
     given: list[int] | None = None  # a partial answer (``answer=``): the canvas from P to T as admitted
+    left: int | None = None  # masks left in the block after its last forward read back (None: not read yet)
 
     @property
     def start(self) -> int:
@@ -144,7 +145,9 @@ class _Row:
 
 
 _COUNTERS = ("iterations", "graphed", "forwards", "fed_tokens", "step_tokens", "refresh_tokens", "tokens_out",
-             "admitted", "finished", "cancelled", "timed_out", "failed", "deferred_refreshes")
+             "admitted", "finished", "cancelled", "timed_out", "failed", "deferred_refreshes", "ahead",
+             "ahead_wasted")
+RUN_AHEAD = ("auto", "off", "always")
 
 
 class _OnHost:
@@ -167,6 +170,30 @@ class _EngineGraph:
     graph: Any = None
     out: torch.Tensor | None = None  # the rows' blocks after the decision (static output)
     warm: set = field(default_factory=set)  # the threads that ran it eagerly (a thread captures only after)
+
+
+@dataclass
+class _Launched:
+    """An iteration on its way: its rows, their blocks on the device and (CUDA) their pinned host copy, ready
+    once ``event`` is; an iteration launched ahead also says where each row must stand for it to count."""
+
+    plan: list  # the rows in plan order
+    order: list  # the rows in packed order
+    blocks: torch.Tensor  # [rows (padded), width + 1] on the device
+    fed: list[tuple[int, bool]]  # per row of ``order``: tokens fed, whether a step's (not a refresh's)
+    graphed: bool
+    host: torch.Tensor | None = None
+    event: Any = None
+    expect: list = field(default_factory=list)  # (row, block, step) for each row, launched ahead
+
+
+def _top_k(row: _Row, step: int) -> int:
+    """The positions forward ``step`` of the row's block decides at least: its schedule's (the threshold rules:
+    the most confident one), and the whole block at its last possible forward (generate's cap)."""
+    spec = row.request.spec
+    if step == row.end - row.block - 1:
+        return row.end - row.block
+    return row.schedule[step] if not spec.fixed_k and step < len(row.schedule) else 1
 
 
 def _bucket(n: int) -> int:
@@ -197,7 +224,7 @@ class Engine:
     def __init__(self, model: Any, *, max_batch: int = 16, max_length: int | None = None, filter: Any = None,
                  tokenizer: Any = None, max_step_tokens: int = 8192, backend: str | None = None,
                  fused: bool | None = None, max_block_length: int = MAX_BLOCK,
-                 cuda_graphs: bool | None = None, pad_buckets: bool = False) -> None:
+                 cuda_graphs: bool | None = None, pad_buckets: bool = False, run_ahead: str | None = None) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} must be a positive integer")
         self.model, self.adapter = model, adapter_for(model)
@@ -233,7 +260,16 @@ class Engine:
             cuda_graphs if cuda_graphs is not None else os.environ.get("L2PD_CUDA_GRAPH", "1") != "0")
         self._graphed: dict[tuple, _EngineGraph] = {}
         self.lockstep: Lockstep | None = None  # a lockstep batch being decoded (``run_batch``)
-        self._staging: torch.Tensor | None = None  # pinned host memory the iteration's indices go through
+        # pinned host memory the iteration's indices go through, and its blocks come back through: two of each,
+        # used in turn (an iteration launched ahead runs while the one before it is read back)
+        self._staging: list[torch.Tensor | None] = [None, None]
+        self._readback: list[torch.Tensor | None] = [None, None]
+        self._parity = 0
+        run_ahead = run_ahead or os.environ.get("L2PD_RUN_AHEAD") or ("auto" if device.type == "cuda" else "off")
+        if run_ahead not in RUN_AHEAD:
+            raise ValueError(f"run_ahead={run_ahead!r}: expected one of {RUN_AHEAD}")
+        self.run_ahead = run_ahead
+        self._ahead: _Launched | None = None  # the next iteration, launched before this one was read back
         self._packed: tuple | None = None  # the last iteration's packed indices and what they were built from
         self.pad_buckets = pad_buckets  # pad iterations to the graphs' buckets without graphs (tests, CPU)
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
@@ -383,6 +419,8 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, drain))
             self._thread = None
+        with self.drive:
+            self._drop_ahead(failed=True)
         with self._lock:  # whatever the last iteration did not reach ends here, so no caller waits forever
             for row in list(self.rows.values()):
                 self._retire(row, "cancelled")
@@ -451,15 +489,18 @@ class Engine:
         if self.lockstep is not None:
             self._barrier()
         if not self.rows:
+            self._drop_ahead()
             return bool(self.waiting)
-        plan = self._plan()
+        ahead = self._ahead_if_valid()
+        plan = ahead.plan if ahead is not None else self._plan()
         try:
             if self.device.type == "cuda":
                 with torch.cuda.device(self.device):  # Triton launches on the current device
-                    blocks = self._run(plan)
+                    blocks = self._run(plan, ahead)
             else:
-                blocks = self._run(plan)
+                blocks = self._run(plan, ahead)
         except Exception as exc:
+            self._drop_ahead(failed=True)
             for row in plan:
                 self._retire(row, "error", error=f"{type(exc).__name__}: {exc}")
             raise
@@ -468,6 +509,8 @@ class Engine:
                 self._advance(row, toks)
             except Exception as exc:  # a request's own failure (its callback, its stop check) is its alone
                 self._retire(row, "error", error=f"{type(exc).__name__}: {exc}")
+        if not self.rows:  # (launched ahead for rows that have all finished)
+            self._drop_ahead()
         self.counters["iterations"] += 1
         seconds = time.perf_counter() - t0
         self.step_seconds.append(seconds)
@@ -554,8 +597,16 @@ class Engine:
             lo -= self.adapter.shift
         return lo, hi
 
-    def _run(self, plan: list[_Row]) -> list[list[int]]:
-        """The packed forward, confidence and decisions of the planned rows; their blocks, read back."""
+    def _run(self, plan: list[_Row], ahead: _Launched | None) -> list[list[int]]:
+        """The planned rows' iteration (``ahead``: already launched), the next one launched ahead where it can
+        be, then this one's blocks read back."""
+        launched = ahead if ahead is not None else self._launch(plan)
+        self._ahead = self._launch_ahead(launched)
+        return self._read(launched)
+
+    def _launch(self, plan: list[_Row], ahead: bool = False) -> _Launched | None:
+        """The packed forward, confidence and decisions of the planned rows, launched (on CUDA their blocks'
+        copy to the host too). ``ahead``: only onto a graph already captured in this thread (else None)."""
         device = self.device
         # rows grouped by policy (one decide per group), so each group's logits are contiguous
         groups: dict[tuple, list[_Row]] = {}
@@ -567,53 +618,162 @@ class Engine:
         order = [row for rows in groups.values() for row in rows]
         sampled = any(r.request.spec.temperature > 0 for r in order)
         graph = self.graphs and len(groups) == 1 and not sampled and self.lockstep is None
-        parts, meta = self._pack(order, [len(g) for g in groups.values()],
-                                 pad=(graph or self.pad_buckets) and len(groups) == 1)
+        parts, meta, fed = self._pack(order, [len(g) for g in groups.values()],
+                                      pad=(graph or self.pad_buckets) and len(groups) == 1)
+        thread = threading.get_ident()
+        if graph:
+            key = (tuple(len(x) for x in parts), meta["width"], next(iter(groups)))
+            g = self._graphed.get(key)
+            if ahead and (g is None or g.graph is None):
+                return None
         flat = np.concatenate(parts)
         host = torch.from_numpy(flat)
-        if device.type == "cuda":  # through a pinned buffer kept for the engine (the last copy from it is done:
-            if self._staging is None or self._staging.numel() < flat.size:  # every iteration ends reading back)
-                self._staging = torch.empty(max(flat.size, 1 << 16), dtype=torch.int64, pin_memory=True)
-            host = self._staging[: flat.size]
+        cuda = device.type == "cuda"
+        if cuda:  # through a pinned buffer (the other one may feed the iteration still running)
+            self._parity ^= 1
+            staging = self._staging[self._parity]
+            if staging is None or staging.numel() < flat.size:
+                staging = self._staging[self._parity] = torch.empty(max(flat.size, 1 << 16), dtype=torch.int64,
+                                                                    pin_memory=True)
+            host = staging[: flat.size]
             host.numpy()[:] = flat
+        replayed = False
         if not graph:
             dev = host.to(device, non_blocking=True)
             blocks = self._body(dev, meta, order, groups)
-        else:
-            key = (tuple(len(x) for x in parts), meta["width"], next(iter(groups)))
-            g = self._graphed.get(key)
-            thread = threading.get_ident()
-            if g is None or (g.graph is None and thread not in g.warm):
-                # first use in this thread: eager (compiles, creates the thread's cuBLAS handle, which a capture
-                # must not: the engine may have run this shape in another thread, as generate() does when
-                # called from several), keeping its input buffer
-                if g is None:
-                    g = self._graphed[key] = _EngineGraph(host.to(device, non_blocking=True),
-                                                          order[0].request.spec.filter)
-                else:
-                    g.dev.copy_(host, non_blocking=True)
-                g.warm.add(thread)
-                blocks = self._body(g.dev, meta, order, groups)
+        elif g is None or (g.graph is None and thread not in g.warm):
+            # first use in this thread: eager (compiles, creates the thread's cuBLAS handle, which a capture
+            # must not: the engine may have run this shape in another thread, as generate() does when called
+            # from several), keeping its input buffer
+            if g is None:
+                g = self._graphed[key] = _EngineGraph(host.to(device, non_blocking=True),
+                                                      order[0].request.spec.filter)
             else:
                 g.dev.copy_(host, non_blocking=True)
-                if g.graph is None:
-                    g.graph = torch.cuda.CUDAGraph()
-                    # thread-local: engines on other GPUs (data parallel) keep working while this one captures
-                    if self._capture_stream is None:  # (torch's default capture stream is on the first GPU used)
-                        self._capture_stream = torch.cuda.Stream(device=device)
-                    with torch.cuda.graph(g.graph, pool=self._pool, stream=self._capture_stream,
-                                          capture_error_mode="thread_local"):
-                        g.out = self._body(g.dev, meta, order, groups)
-                if g.held is not None:  # the filter's weights as it holds them now (the graph reads their copy)
-                    g.held.weights(device)
-                g.graph.replay()
-                self.counters["graphed"] += 1
-                blocks = g.out
-        blocks = blocks[: len(order)].tolist()  # the one host read of the iteration
-        by_row = {id(r): b for r, b in zip(order, blocks)}
-        return [by_row[id(r)] for r in plan]
+            g.warm.add(thread)
+            blocks = self._body(g.dev, meta, order, groups)
+        else:
+            g.dev.copy_(host, non_blocking=True)
+            if g.graph is None:
+                g.graph = torch.cuda.CUDAGraph()
+                # thread-local: engines on other GPUs (data parallel) keep working while this one captures
+                if self._capture_stream is None:  # (torch's default capture stream is on the first GPU used)
+                    self._capture_stream = torch.cuda.Stream(device=device)
+                with torch.cuda.graph(g.graph, pool=self._pool, stream=self._capture_stream,
+                                      capture_error_mode="thread_local"):
+                    g.out = self._body(g.dev, meta, order, groups)
+            if g.held is not None:  # the filter's weights as it holds them now (the graph reads their copy)
+                g.held.weights(device)
+            g.graph.replay()
+            replayed = True
+            blocks = g.out
+        launched = _Launched(list(plan), order, blocks[: len(order)], fed, replayed)
+        if cuda:  # the blocks to pinned memory now: a graph's output is overwritten by its next replay
+            back = self._readback[self._parity]
+            n = launched.blocks.numel()
+            if back is None or back.numel() < n:
+                back = self._readback[self._parity] = torch.empty(max(n, 1 << 12), dtype=torch.int64,
+                                                                  pin_memory=True)
+            launched.host = back[:n].view(launched.blocks.shape)
+            launched.host.copy_(launched.blocks, non_blocking=True)
+            launched.event = torch.cuda.Event()
+            launched.event.record()
+        return launched
 
-    def _pack(self, order: list[_Row], group_sizes: list[int], pad: bool) -> tuple[list[np.ndarray], dict]:
+    def _read(self, launched: _Launched) -> list[list[int]]:
+        """A launched iteration's blocks, read back (the iteration's one wait for the device), in plan order;
+        the iteration counts from here."""
+        if launched.event is not None:
+            launched.event.synchronize()
+            blocks = launched.host.tolist()
+        else:
+            blocks = launched.blocks.tolist()
+        by_row = {id(r): (b, f) for r, b, f in zip(launched.order, blocks, launched.fed)}
+        c = self.counters
+        for r in launched.plan:
+            n, stepping = by_row[id(r)][1]
+            c["fed_tokens"] += n
+            c["step_tokens" if stepping else "refresh_tokens"] += n
+        c["forwards"] += len(launched.plan)
+        c["graphed"] += launched.graphed
+        return [by_row[id(r)][0] for r in launched.plan]
+
+    # ---- run-ahead: the next iteration launched before this one is read back ---------------------------
+
+    def _launch_ahead(self, launched: _Launched) -> _Launched | None:
+        """Launch the next iteration now, supposing every row of this one goes on in its block: it then runs
+        while the host reads this one back, advances the rows and packs (the device would otherwise wait
+        for that). It counts only if every row is where it supposed (``_ahead_if_valid``); else it was a
+        forward for nothing, harmless: a block without masks decides nothing, and the next refresh rewrites
+        its K/V. Only when no row waits for a refresh or a slot, the rows decode greedily without editing,
+        and (``run_ahead='auto'``) each row surely goes on (``_goes_on``); ``'always'`` (tests) whenever it
+        can."""
+        rows = launched.plan
+        if self.run_ahead == "off" or self.lockstep is not None or len(rows) != len(self.rows):
+            return None
+        if self.waiting and len(self.rows) < self.max_batch:
+            return None
+        for r in rows:
+            spec = r.request.spec
+            if spec.edit is not None or spec.temperature > 0:
+                return None
+            if self.run_ahead == "auto" and not self._goes_on(r):
+                return None
+        for r in rows:
+            r.step += 1
+        try:
+            nxt = self._launch(rows, ahead=True)
+        finally:
+            for r in rows:
+                r.step -= 1
+        if nxt is not None:
+            nxt.expect = [(r, r.block, r.step + 1) for r in rows]
+            self.counters["ahead"] += len(rows)
+        return nxt
+
+    @staticmethod
+    def _goes_on(row: _Row) -> bool:
+        """Whether the row's block surely keeps masks after the forward in flight: when only the schedule's
+        top-k decides (tau >= 1: no score passes it), that forward fills exactly min(k, masks left). (Where a
+        threshold decides, how many pass is not foreseeable: on the bundled models' decodes, guesses from the
+        masks left and the largest count one forward had decided came true about as often as not, and a wrong
+        one costs a whole forward.) EoTP may still end the block early: once per answer."""
+        spec = row.request.spec
+        width = row.end - row.block
+        if spec.threshold < 1.0 or row.step + 1 >= width:  # (the forward after would be past the cap)
+            return False
+        left = row.left if row.step > 0 and row.left is not None else width
+        return left > _top_k(row, row.step)
+
+    def _ahead_if_valid(self) -> _Launched | None:
+        """The iteration launched ahead, for its rows still active where it supposed (the others left their
+        block or finished: their part of it decided nothing, and they wait for the next iteration); None,
+        the iteration waited for and dropped, if no row is."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        keep = [r for r, b, s in ahead.expect if self.rows.get(r.slot) is r and r.block == b and r.step == s]
+        self.counters["ahead_wasted"] += len(ahead.expect) - len(keep)
+        if keep:
+            ahead.plan = keep
+            return ahead
+        if ahead.event is not None:  # (its pinned buffers are free again once it is done)
+            ahead.event.synchronize()
+        return None
+
+    def _drop_ahead(self, failed: bool = False) -> None:
+        """Wait for an iteration launched ahead that will not count (its rows all finished; a failure)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            self.counters["ahead_wasted"] += len(ahead.expect)
+            try:
+                if ahead.event is not None:
+                    ahead.event.synchronize()
+            except Exception:
+                if not failed:
+                    raise
+
+    def _pack(self, order: list[_Row], group_sizes: list[int], pad: bool) -> tuple[list[np.ndarray], dict, tuple]:
         """The iteration's indices, built vectorised on the host: token rows and slots, logit rows, segments,
         decide words, canvas rows, read-back columns, attention tiles. With ``pad`` the token, row and tile
         counts are rounded up to buckets (a captured graph per bucket): padding rows decide on the pool's
@@ -622,11 +782,7 @@ class Engine:
         ranges = [self._fed(r) for r in order]
         tokens = [hi - lo for lo, hi in ranges]
         n = sum(tokens)
-        stepping = sum(t for t, r in zip(tokens, order) if r.step > 0)
-        self.counters["step_tokens"] += stepping
-        self.counters["refresh_tokens"] += n - stepping
-        self.counters["fed_tokens"] += n
-        self.counters["forwards"] += len(order)
+        fed = [(t, r.step > 0) for t, r in zip(tokens, order)]  # (counted once read back)
         words = np.array([self._word(r) for r in order], dtype=np.int64).reshape(-1, 2)
         # the rows' steps inside their blocks change only the decide words: the rest is the last iteration's
         key = (pad, tuple(group_sizes), tuple(ranges),
@@ -635,7 +791,7 @@ class Engine:
             parts, meta = list(self._packed[1]), self._packed[2]
             padding = np.zeros((meta["rows"] - len(order), 2), dtype=np.int64)
             parts[4] = np.concatenate([words, padding]).reshape(-1)
-            return parts, meta
+            return parts, meta, fed
         # one row per deciding row (lo, tokens, pool row, keys, block start, end, block length), padding rows
         # (no tokens, block 0 of the spare row) included; then, with ``pad``, a segment of padding tokens
         table = [(lo_, hi - lo_, r.slot, r.T, r.block, r.end, r.request.spec.block_length)
@@ -685,7 +841,7 @@ class Engine:
                  tiles.reshape(-1)]
         meta = {"sizes": [len(x) for x in parts], "width": width, "rows": rows_n, "groups": group_sizes}
         self._packed = (key, parts, meta)
-        return parts, meta
+        return parts, meta, fed
 
     @staticmethod
     def _word(row: _Row) -> tuple[int, int]:
@@ -694,10 +850,7 @@ class Engine:
         width = row.end - row.block
         if row.step == 0:  # block-causal: a whole block's schedule, also for the first (generate's rule)
             row.schedule = block_schedule(spec.block_length if row.causal else width, spec.steps_per_block)
-        k = row.schedule[row.step] if not spec.fixed_k and row.step < len(row.schedule) else 1
-        if row.step == width - 1:
-            k = width  # generate's cap: a block never takes more forwards than its length
-        return (width << 40) | (row.block << 20) | k, row.step
+        return (width << 40) | (row.block << 20) | _top_k(row, row.step), row.step
 
     def _segments(self, order: list[_Row], lo: np.ndarray, start: np.ndarray, lens: np.ndarray, slot: np.ndarray,
                   T: np.ndarray) -> np.ndarray:
@@ -805,9 +958,10 @@ class Engine:
     def _advance(self, row: _Row, block: list[int]) -> None:
         req, spec = row.request, row.request.spec
         req.forwards += 1
-        row.step += 1
         width = row.end - row.block
         fixed, rest = block[:width], block[-1]
+        row.step += 1
+        row.left = fixed.count(spec.mask_id)
         # tokens final: the answer's prefix without a mask (every block before this one is complete)
         done_here = spec.mask_id not in fixed
         upto = width if done_here else fixed.index(spec.mask_id)
@@ -898,7 +1052,7 @@ class Engine:
         while True:
             if row.end >= row.T:
                 return "length", emit
-            row.block, row.step, row.post, row.seen = row.end, 0, 0, None
+            row.block, row.step, row.post, row.seen, row.left = row.end, 0, 0, None, None
             given = row.given[row.block - row.P : row.end - row.P] if row.given is not None else None
             if given is None or row.request.spec.mask_id in given:
                 return None, emit

@@ -143,7 +143,7 @@ def test_dream_family_matches_generate():
     model, tok = load(family="dream", device="cpu")
     prompts = [tok(prompt_text(tok, p.question))["input_ids"] for p in split("test", 3)]
     prompts[2] = prompts[2][3:]
-    engine = Engine(model, max_batch=2, filter=model.l2pd_filter)
+    engine = Engine(model, max_batch=2, filter=model.l2pd_filter, run_ahead="always")
     configs = [dict(max_new_tokens=64), dict(max_new_tokens=72, strategy="threshold", block_length=32,
                                              cache="dual", refresh="window")]
     jobs = [(p, c, engine.submit(p, **c)) for c in configs for p in prompts]
@@ -152,9 +152,10 @@ def test_dream_family_matches_generate():
         assert req.tokens == _alone(model, p, **c), c
 
 
-def test_block_causal_family_matches_generate():
+@pytest.mark.parametrize("run_ahead", ["off", "always"])
+def test_block_causal_family_matches_generate(run_ahead):
     """The bundled LLaDA 2.x-format model (mixture of experts, block-causal attention): every strategy and cache
-    gives each request what ``generate`` gives its prompt alone."""
+    gives each request what ``generate`` gives its prompt alone (also with every iteration launched ahead)."""
     from l2pd.demo import load
     from l2pd.demo.task import split
     from l2pd.demo.tokenizer import prompt_text
@@ -162,7 +163,7 @@ def test_block_causal_family_matches_generate():
     model, tok = load(family="llada2", device="cpu")
     prompts = [tok(prompt_text(tok, p.question))["input_ids"] for p in split("test", 3)]
     prompts[1] = prompts[1][3:]  # the first block holds a different share of each prompt's tail
-    engine = Engine(model, max_batch=2, filter=model.l2pd_filter)
+    engine = Engine(model, max_batch=2, filter=model.l2pd_filter, run_ahead=run_ahead)
     configs = [dict(max_new_tokens=40),  # learn2pd with the bundled filter
                dict(max_new_tokens=37, strategy="threshold", block_length=8, cache="dual", refresh="window"),
                dict(max_new_tokens=30, strategy="steps", block_length=8, steps=15, cache="none", eotp=False),
@@ -432,3 +433,95 @@ def test_stop_ends_every_request_even_beyond_the_free_rows(bundled):
     engine.stop(drain=0)
     assert all(r.done.is_set() for r in reqs) and {r.finish_reason for r in reqs} == {"cancelled"}
     assert not engine.rows and not engine.waiting
+
+
+AHEAD_CONFIGS = CONFIGS + [
+    # only the schedule decides: 'auto' runs ahead on every forward but a block's last
+    dict(max_new_tokens=64, cache="dual", refresh="full", strategy="steps", block_length=32, steps=64, eotp=False),
+    dict(max_new_tokens=64, cache="prefix", strategy="steps", block_length=16, steps=16, eotp=True),
+    dict(max_new_tokens=64, cache="dual", refresh="window", strategy="persistence", threshold=0.8, block_length=32),
+]
+
+
+def _decode_all(model, prompts, run_ahead, tok=None, **engine_kw):
+    """Every prompt under every config on one engine of 2 rows (rows join as others finish): each request's
+    (tokens, forwards, finish reason), and the engine's counters."""
+    engine = Engine(model, max_batch=2, filter=model.l2pd_filter, run_ahead=run_ahead, tokenizer=tok, **engine_kw)
+    reqs = [engine.submit(p, **c) for c in AHEAD_CONFIGS for p in prompts]
+    engine.run()
+    assert engine._ahead is None  # nothing left in flight once idle
+    return [(r.tokens, r.forwards, r.finish_reason) for r in reqs], engine.counters
+
+
+@pytest.mark.parametrize("run_ahead", ["always", "auto"])
+def test_run_ahead_gives_the_same_tokens_and_forwards(bundled, run_ahead):
+    """An iteration launched before the last one is read back counts only for the rows still where it supposed;
+    the others' part of it (a block without masks, a finished row) changes nothing they read. 'always' runs
+    ahead at every iteration it can, so it guesses wrong often; 'auto' only where the schedule alone decides,
+    where it never does without EoTP."""
+    model, _, prompts = bundled
+    want, base = _decode_all(model, prompts[:4], "off")
+    got, counters = _decode_all(model, prompts[:4], run_ahead)
+    assert got == want
+    assert base["ahead"] == 0 and counters["ahead"] > 0
+    assert counters["forwards"] == base["forwards"] == sum(f for _, f, _ in got)
+    if run_ahead == "always":  # the wrong guesses were exercised
+        assert counters["ahead_wasted"] > 0
+    single, c = _decode_all(model, prompts[:1], run_ahead)
+    assert single == [w for i, w in enumerate(want) if i % 4 == 0]
+
+
+def test_run_ahead_auto_guesses_right_where_the_schedule_decides(bundled):
+    model, _, prompts = bundled
+    engine = Engine(model, max_batch=1, run_ahead="auto")
+    req = engine.submit(prompts[0], max_new_tokens=64, strategy="steps", block_length=16, steps=8, eotp=False,
+                        cache="dual", refresh="window")
+    engine.run()
+    c = engine.counters
+    # 2 forwards per block: the first of each launches the second ahead, the second (the block's last) nothing;
+    # the answer's end may come in a block's first forward, whose ahead then counts for nothing
+    assert req.forwards > 2 and c["iterations"] == req.forwards
+    assert c["ahead"] - c["ahead_wasted"] == req.forwards // 2 and c["ahead_wasted"] <= 1
+    engine = Engine(model, max_batch=1, run_ahead="auto")
+    engine.submit(prompts[0], max_new_tokens=64, strategy="threshold", threshold=0.9, block_length=16)
+    engine.run()
+    assert engine.counters["ahead"] == 0  # a threshold decides: no guess
+
+
+def test_run_ahead_with_stops_cancellation_and_generate(bundled, monkeypatch):
+    """A stop string ends a request while its next forward is in flight; a cancelled row's slot is taken by the
+    next request; ``generate`` (padded batch, whole canvases) under 'always' equals 'off'."""
+    model, tok, prompts = bundled
+    full = _alone(model, prompts[0], max_new_tokens=96, strategy="steps", block_length=32, steps=48)
+    text = tok.decode(full)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    outs = []
+    for mode in ("off", "always"):
+        engine = Engine(model, max_batch=2, tokenizer=tok, run_ahead=mode)
+        a = engine.submit(prompts[0], stop=[stop], max_new_tokens=96, strategy="steps", block_length=32, steps=48)
+        b = engine.submit(prompts[1], max_new_tokens=96, strategy="steps", block_length=32, steps=48)
+        c = engine.submit(prompts[2], max_new_tokens=64, strategy="threshold", block_length=32)
+        engine.step()
+        engine.step()
+        b.cancel()  # c takes its slot
+        engine.run()
+        outs.append([(r.tokens, r.finish_reason) for r in (a, b, c)])
+    assert outs[0] == outs[1] and outs[0][0][1] == "stop" and outs[0][1][1] == "cancelled"
+    ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(p[::-1]) for p in prompts[:3]], batch_first=True,
+                                          padding_value=model.config.eos_token_id).flip(1)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(p)) for p in prompts[:3]], batch_first=True).flip(1)
+    res = []
+    for mode in ("off", "always"):
+        monkeypatch.setenv("L2PD_RUN_AHEAD", mode)
+        from l2pd.decode import release
+
+        release(model)
+        res.append([model.generate(ids, mask.long(), backend="torch", max_new_tokens=64, cache="dual", eotp=e,
+                                   return_dict_in_generate=True, **kw)
+                    for e, kw in ((True, dict(strategy="steps", steps=32, block_length=16)),
+                                  (False, dict(strategy="threshold", block_length=32)))])
+        release(model)
+    for a, b in zip(*res):
+        assert torch.equal(a.sequences, b.sequences) and torch.equal(a.nfe, b.nfe)
+    with pytest.raises(ValueError, match="run_ahead"):
+        Engine(model, run_ahead="sometimes")
