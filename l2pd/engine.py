@@ -23,6 +23,11 @@ Scheduler policy, once per iteration (``Engine.step``):
 5. **Advance**: tokens that are final (they and all before them decided) go to the request; a row finishes
    at its first end of text (once final), at its token budget, at an extra end id or a stop string.
 
+**Run-ahead** (``run_ahead``): between 4 and 5, where every row's next state is sure (only the schedule's
+top-k decides), the next iteration is packed and launched before this one is read back, so the device never
+waits for the host's read-back, advancing and packing; it counts for the rows found where it supposed, and
+the others (an end of text, a stop, a cancellation) wait for the next iteration (``_launch_ahead``).
+
 Block-causal models (LLaDA 2.x): a row's blocks and attention blocks are multiples of its ``block_length``
 from position 0 (the first block also holds the prompt's tail; the last runs past the answer, whose tokens
 there are dropped); its fed tokens are cut into attention segments at those blocks, each seeing the keys up
@@ -218,7 +223,9 @@ class Engine:
 
     ``submit`` adds a request (any thread); ``step`` runs one iteration; ``run`` steps until idle;
     ``start``/``stop`` drive the loop on a background thread (the server). ``filter`` is the learn2pd filter
-    requests get; ``tokenizer`` decodes stop strings.
+    requests get; ``tokenizer`` decodes stop strings. ``run_ahead``: 'auto' (default on CUDA; the environment
+    variable ``L2PD_RUN_AHEAD`` sets the default), 'off' (default on the CPU, where nothing overlaps) or
+    'always' (tests: wherever it can, guessing that rows go on in their blocks).
     """
 
     def __init__(self, model: Any, *, max_batch: int = 16, max_length: int | None = None, filter: Any = None,
@@ -573,8 +580,14 @@ class Engine:
         if self.lockstep is not None:
             ls = self.lockstep
             return [r for r in self.rows.values() if not r.waiting and ls.canvas_start(r) == ls.block]
-        stepping = [r for r in self.rows.values() if r.step > 0]
-        refresh = sorted((r for r in self.rows.values() if r.step == 0), key=lambda r: (r.previous is None, r.slot))
+        plan, deferred = self._budgeted(list(self.rows.values()))
+        self.counters["deferred_refreshes"] += deferred
+        return plan
+
+    def _budgeted(self, rows: list[_Row]) -> tuple[list[_Row], int]:
+        """``_plan``'s choice among ``rows``: (the rows planned, how many refreshes it puts off)."""
+        stepping = [r for r in rows if r.step > 0]
+        refresh = sorted((r for r in rows if r.step == 0), key=lambda r: (r.previous is None, r.slot))
         budget = self.max_step_tokens - sum(hi - lo for lo, hi in map(self._fed, stepping))
         plan = list(stepping)
         for r in refresh:
@@ -582,9 +595,7 @@ class Engine:
             if hi - lo <= budget or (not plan and r is refresh[0]):
                 plan.append(r)
                 budget -= hi - lo
-            else:
-                self.counters["deferred_refreshes"] += 1
-        return plan
+        return plan, len(rows) - len(plan)
 
     def _fed(self, row: _Row) -> tuple[int, int]:
         """The positions this row's next forward feeds (``generate``'s ranges; Dream one more to the left)."""
@@ -701,49 +712,62 @@ class Engine:
     # ---- run-ahead: the next iteration launched before this one is read back ---------------------------
 
     def _launch_ahead(self, launched: _Launched) -> _Launched | None:
-        """Launch the next iteration now, supposing every row of this one goes on in its block: it then runs
-        while the host reads this one back, advances the rows and packs (the device would otherwise wait
-        for that). It counts only if every row is where it supposed (``_ahead_if_valid``); else it was a
-        forward for nothing, harmless: a block without masks decides nothing, and the next refresh rewrites
-        its K/V. Only when no row waits for a refresh or a slot, the rows decode greedily without editing,
-        and (``run_ahead='auto'``) each row surely goes on (``_goes_on``); ``'always'`` (tests) whenever it
-        can."""
+        """Launch the next iteration now, supposing where each row of this one will stand (``_next_state``):
+        it then runs while the host reads this one back, advances the rows and packs (the device would
+        otherwise wait for that). It counts only for the rows found where it supposed
+        (``_ahead_if_valid``); for the others it was a forward for nothing, harmless: a block without masks
+        decides nothing and its K/V are rewritten by the next refresh; a finished row's slot is reset when
+        it is next given. Only when no row waits for a refresh or a slot and the rows decode greedily without
+        editing; with ``run_ahead='auto'`` only when each row's next state is sure; ``'always'`` (tests)
+        supposes a row goes on in its block where it is not."""
         rows = launched.plan
         if self.run_ahead == "off" or self.lockstep is not None or len(rows) != len(self.rows):
             return None
         if self.waiting and len(self.rows) < self.max_batch:
             return None
+        nexts = []
         for r in rows:
             spec = r.request.spec
             if spec.edit is not None or spec.temperature > 0:
                 return None
-            if self.run_ahead == "auto" and not self._goes_on(r):
+            state = self._next_state(r)
+            if state is None and self.run_ahead == "auto":
                 return None
-        for r in rows:
-            r.step += 1
+            nexts.append(state or (r.block, r.step + 1, r.previous))
+        saved = [(r.block, r.step, r.previous, r.schedule) for r in rows]
         try:
-            nxt = self._launch(rows, ahead=True)
+            for r, (block, step, previous) in zip(rows, nexts):
+                r.block, r.step, r.previous = block, step, previous
+            plan, deferred = self._budgeted(rows)
+            nxt = None if deferred else self._launch(plan, ahead=True)
+            expect = [(r, r.block, r.step, r.previous) for r in plan]
         finally:
-            for r in rows:
-                r.step -= 1
+            for r, (block, step, previous, schedule) in zip(rows, saved):
+                r.block, r.step, r.previous, r.schedule = block, step, previous, schedule
         if nxt is not None:
-            nxt.expect = [(r, r.block, r.step + 1) for r in rows]
+            nxt.expect = expect
             self.counters["ahead"] += len(rows)
         return nxt
 
     @staticmethod
-    def _goes_on(row: _Row) -> bool:
-        """Whether the row's block surely keeps masks after the forward in flight: when only the schedule's
-        top-k decides (tau >= 1: no score passes it), that forward fills exactly min(k, masks left). (Where a
-        threshold decides, how many pass is not foreseeable: on the bundled models' decodes, guesses from the
-        masks left and the largest count one forward had decided came true about as often as not, and a wrong
-        one costs a whole forward.) EoTP may still end the block early: once per answer."""
+    def _next_state(row: _Row) -> tuple[int, int, int | None] | None:
+        """Where the row surely stands after the forward in flight, as (block, step, previous), or None where
+        that is not sure. Sure only where the schedule's top-k alone decides (tau >= 1: no score passes it):
+        that forward fills exactly min(k, masks left), so the block goes on, or ends and the next block's
+        refresh follows. (Where a threshold decides, how many pass is not foreseeable: on the bundled models'
+        decodes, guesses from the masks left and the most one forward had decided came true about as often
+        as not, and a wrong one costs a whole forward.) EoTP, an end of text or a stop may still end a row
+        early: once per answer."""
         spec = row.request.spec
+        if spec.threshold < 1.0:
+            return None
         width = row.end - row.block
-        if spec.threshold < 1.0 or row.step + 1 >= width:  # (the forward after would be past the cap)
-            return False
-        left = row.left if row.step > 0 and row.left is not None else width
-        return left > _top_k(row, row.step)
+        left = row.left if row.step > 0 and row.left is not None else width  # (a new block: at most its width)
+        if row.step + 1 < width and left > _top_k(row, row.step):
+            return row.block, row.step + 1, row.previous
+        if left > _top_k(row, row.step) or row.end >= row.T or row.given is not None:
+            return None  # (masks may be fewer than the width; the row's last block; blocks an answer fills)
+        return row.end, 0, row.start
 
     def _ahead_if_valid(self) -> _Launched | None:
         """The iteration launched ahead, for its rows still active where it supposed (the others left their
@@ -752,7 +776,8 @@ class Engine:
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             return None
-        keep = [r for r, b, s in ahead.expect if self.rows.get(r.slot) is r and r.block == b and r.step == s]
+        keep = [r for r, b, s, p in ahead.expect
+                if self.rows.get(r.slot) is r and (r.block, r.step, r.previous) == (b, s, p)]
         self.counters["ahead_wasted"] += len(ahead.expect) - len(keep)
         if keep:
             ahead.plan = keep

@@ -26,7 +26,11 @@ class EngineCollector:
                                ("l2pd_iterations", "iterations", "engine iterations (packed forwards)"),
                                ("l2pd_fed_tokens", "fed_tokens", "tokens fed to the model"),
                                ("l2pd_deferred_refreshes", "deferred_refreshes",
-                                "block refreshes put off by the per-iteration token budget")):
+                                "block refreshes put off by the per-iteration token budget"),
+                               ("l2pd_ahead_forwards", "ahead", "row forwards launched before the last iteration "
+                                "was read back (run-ahead)"),
+                               ("l2pd_ahead_wasted_forwards", "ahead_wasted",
+                                "row forwards launched ahead for rows found elsewhere (they did not count)")):
             yield _counter(name, doc, sum(e.counters[key] for e in es))
         c = CounterMetricFamily("l2pd_requests", "requests the engines ended, by outcome", labels=["outcome"])
         for outcome in ("finished", "cancelled", "timed_out", "failed"):
