@@ -189,7 +189,7 @@ class _Launched:
     graphed: bool
     host: torch.Tensor | None = None
     event: Any = None
-    expect: list = field(default_factory=list)  # (row, block, step) for each row, launched ahead
+    expect: list = field(default_factory=list)  # launched ahead: (row, block, step, previous) it supposed
 
 
 def _top_k(row: _Row, step: int) -> int:
