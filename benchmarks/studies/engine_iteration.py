@@ -5,7 +5,9 @@ the host's packing, planning and advancing, per forward of a whole ``generate``.
     PYTHONPATH=. python benchmarks/studies/engine_iteration.py --shape 8b --tpfs 1,8 --refresh full,window
 
 Random bf16 weights built on the GPU; prompt 512 + 256, block 32, dual cache, strategy ``steps`` forcing the
-tokens per forward. Each replay is timed by CUDA events around it; the host stages by wrapping the engine's
+tokens per forward; the engine's run-ahead off unless ``--run-ahead auto`` (with it, a replay is
+launched before the last one is read back, and the gap is what is left). Each replay is timed by CUDA events
+around it; the host stages by wrapping the engine's
 methods (their own cost, a few microseconds per call, is in the wall time). Every configuration runs twice
 after a warm-up, in alternation, and each run prints one JSON line.
 """
@@ -64,7 +66,10 @@ def main() -> None:
     ap.add_argument("--tpfs", default="1,8", help="tokens per forward")
     ap.add_argument("--refresh", default="window", help="refresh modes (comma list)")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--run-ahead", default="off", choices=["off", "auto"],
+                    help="the engine's run-ahead (off: each replay waits for the host, as this study measured)")
     args = ap.parse_args()
+    os.environ["L2PD_RUN_AHEAD"] = args.run_ahead  # (read when generate creates the model's engine)
     model = build_shape(args.shape)
     replays, host = instrument()
     ids = torch.randint(0, 100000, (1, P), device="cuda")
