@@ -324,7 +324,9 @@ def test_sigterm_drains_in_flight_requests_then_exits(tmp_path):
     port = _free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "l2pd", "serve", "--port", str(port), "--device", "cpu",
-                             "--max-batch", "2", "--drain-timeout", "60"], env=env, stderr=subprocess.PIPE,
+                             "--max-batch", "2", "--drain-timeout", "60",
+                             "--run-ahead", "auto"],  # (the CPU's default is off: drain with iterations ahead)
+                            env=env, stderr=subprocess.PIPE,
                             text=True)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)

@@ -53,7 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                weights=args.weights)
     tok = models[devices[0]][1]
     engines = [Engine(models[d][0], max_batch=args.max_batch, max_length=args.max_length, tokenizer=tok,
-                      filter=getattr(models[d][0], "l2pd_filter", None), max_step_tokens=args.max_step_tokens)
+                      filter=getattr(models[d][0], "l2pd_filter", None), max_step_tokens=args.max_step_tokens,
+                      run_ahead=args.run_ahead)
                for d in devices]
     name = args.served_model_name or (os.path.basename(os.path.normpath(args.model)) if args.model else
                                       f"l2pd-bundled-{args.model_family or 'llada'}")
@@ -92,6 +93,9 @@ def add_serve(sub: Any) -> None:
                    help="answer budget of a request that gives no max_tokens (default 256)")
     v.add_argument("--max-step-tokens", type=int_type(1), default=8192,
                    help="tokens one iteration feeds at most; block refreshes beyond it wait a step (default 8192)")
+    v.add_argument("--run-ahead", choices=["auto", "off"], default=None,
+                   help="launch each iteration before the last is read back where the schedule alone decides "
+                   "(strategy steps, or threshold >= 1): auto (the default on a GPU; off on the CPU) or off")
     v.add_argument("--request-timeout", type=float_type(0), default=600.0,
                    help="seconds after which a request is dropped (default 600)")
     v.add_argument("--drain-timeout", type=float_type(0), default=30.0,
