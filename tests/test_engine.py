@@ -458,7 +458,7 @@ def test_run_ahead_gives_the_same_tokens_and_forwards(bundled, run_ahead):
     """An iteration launched before the last one is read back counts only for the rows still where it supposed;
     the others' part of it (a block without masks, a finished row) changes nothing they read. 'always' runs
     ahead at every iteration it can, so it guesses wrong often; 'auto' only where the schedule alone decides,
-    where it never does without EoTP."""
+    where it guesses wrong only at an answer's end."""
     model, _, prompts = bundled
     want, base = _decode_all(model, prompts[:4], "off")
     got, counters = _decode_all(model, prompts[:4], run_ahead)
