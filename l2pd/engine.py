@@ -642,11 +642,7 @@ class Engine:
         cuda = device.type == "cuda"
         if cuda:  # through a pinned buffer (the other one may feed the iteration still running)
             self._parity ^= 1
-            staging = self._staging[self._parity]
-            if staging is None or staging.numel() < flat.size:
-                staging = self._staging[self._parity] = torch.empty(max(flat.size, 1 << 16), dtype=torch.int64,
-                                                                    pin_memory=True)
-            host = staging[: flat.size]
+            host = self._pinned(self._staging, flat.size, 1 << 16)
             host.numpy()[:] = flat
         replayed = False
         if not graph:
@@ -680,16 +676,19 @@ class Engine:
             blocks = g.out
         launched = _Launched(list(plan), order, blocks[: len(order)], fed, replayed)
         if cuda:  # the blocks to pinned memory now: a graph's output is overwritten by its next replay
-            back = self._readback[self._parity]
-            n = launched.blocks.numel()
-            if back is None or back.numel() < n:
-                back = self._readback[self._parity] = torch.empty(max(n, 1 << 12), dtype=torch.int64,
-                                                                  pin_memory=True)
-            launched.host = back[:n].view(launched.blocks.shape)
+            launched.host = self._pinned(self._readback, launched.blocks.numel(), 1 << 12).view(launched.blocks.shape)
             launched.host.copy_(launched.blocks, non_blocking=True)
             launched.event = torch.cuda.Event()
             launched.event.record()
         return launched
+
+    def _pinned(self, buffers: list, n: int, least: int) -> torch.Tensor:
+        """The first ``n`` int64 of this launch's pinned buffer of ``buffers`` (one of two, by parity), grown as
+        needed."""
+        buf = buffers[self._parity]
+        if buf is None or buf.numel() < n:
+            buf = buffers[self._parity] = torch.empty(max(n, least), dtype=torch.int64, pin_memory=True)
+        return buf[:n]
 
     def _read(self, launched: _Launched) -> list[list[int]]:
         """A launched iteration's blocks, read back (the iteration's one wait for the device), in plan order;
@@ -778,16 +777,17 @@ class Engine:
             return None
         keep = [r for r, b, s, p in ahead.expect
                 if self.rows.get(r.slot) is r and (r.block, r.step, r.previous) == (b, s, p)]
+        if not keep:
+            self._ahead = ahead
+            self._drop_ahead()
+            return None
         self.counters["ahead_wasted"] += len(ahead.expect) - len(keep)
-        if keep:
-            ahead.plan = keep
-            return ahead
-        if ahead.event is not None:  # (its pinned buffers are free again once it is done)
-            ahead.event.synchronize()
-        return None
+        ahead.plan = keep
+        return ahead
 
     def _drop_ahead(self, failed: bool = False) -> None:
-        """Wait for an iteration launched ahead that will not count (its rows all finished; a failure)."""
+        """Wait for an iteration launched ahead that will not count (its rows all finished or left; a failure):
+        its pinned buffers are free again once it is done."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             self.counters["ahead_wasted"] += len(ahead.expect)
