@@ -12,8 +12,8 @@ the compute limit (the dual steps' arithmetic: 32 query tokens per row per step)
   ``steps = 256 / TPF``) at batch 1, 8, 32 and 64, refresh ``full`` (Fast-dLLM's) and ``window``; one timed
   decode per round after a cheap decode that captures the graphs.
 - ``test_long_canvas``: ``generate`` at 8 tokens per forward on canvases 512 + 256 and 3,072 + 1,024 (window
-  refresh), bf16 and e4m3 (``w8a8``) weights, batch 1 and 8; at batch 1 bf16 the cached steps' attention
-  through the split-key kernel where it pays (``split``, the default) and always through SDPA (``sdpa``);
+  refresh), bf16 and e4m3 (``w8a8``) weights, batch 1 and 8; at batch 1 bf16 the engine's attention with its
+  keys split across programs where few programs run (``split``, the default) and in one pass (``one-pass``);
   next to a floor that counts the weights a forward reads (not the embedding table) plus the K/V a step reads.
 Skipped without a GPU. ``benchmarks/decode_8b.py`` prints the same figures as a table, with the tail refresh,
 the eager baseline loop and a profile.
@@ -113,8 +113,8 @@ def _read_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors) - embed.numel() * embed.element_size()
 
 
-LONG_CASES = [("bf16", 1, "split"), ("bf16", 1, "sdpa"), ("bf16", 8, "split"), ("w8a8", 1, "split"),
-              ("w8a8", 8, "split")]  # from batch 8 the split does not pay: "split" runs SDPA there
+LONG_CASES = [("bf16", 1, "split"), ("bf16", 1, "one-pass"), ("bf16", 8, "split"), ("w8a8", 1, "split"),
+              ("w8a8", 8, "split")]  # at batch 8 the grid is full: "split" runs one pass there
 
 
 @cuda
@@ -123,10 +123,9 @@ LONG_CASES = [("bf16", 1, "split"), ("bf16", 1, "sdpa"), ("bf16", 8, "split"), (
 def test_long_canvas(benchmark, model_and_floors, request, prompt, new, weights, batch, attention, monkeypatch):
     from decode_8b import L
 
-    import l2pd.models.decoder as decoder
     from l2pd.decode import generate, release
 
-    monkeypatch.setattr(decoder, "SPLIT_ATTENTION", attention == "split")
+    monkeypatch.setenv("L2PD_POOL_SPLIT", "1" if attention == "split" else "0")  # read at each forward
     model, fl = model_and_floors
     if weights == "w8a8":  # built on first use: a bf16-only selection never builds the second model
         model = request.getfixturevalue("w8a8_model")

@@ -164,21 +164,23 @@ def _pool_case(rows: int, queries: int, keys: int = 768, H: int = 32, D: int = 1
 
 @cuda
 @pytest.mark.parametrize("shape", ["llada-8b", "llada2-mini"])
-@pytest.mark.parametrize("splits", [1, 2, 4, 8, 12])
+@pytest.mark.parametrize("splits", [1, 2, 4, 8, 12, 16])
 @pytest.mark.parametrize("merge_rows", [4, 16])
-def test_pool_attention_split(benchmark, shape, splits, merge_rows):
-    """A batch-1 cached step's pool attention (32 queries over 768 keys) with its keys split across programs
-    and merged: at LLaDA-8B shapes (32 heads) and LLaDA2.0-mini's (16 heads over 4 K/V heads), whose 16
-    programs leave most SMs idle in one pass; ``merge_rows``: the (token, head) pairs per merging program."""
+@pytest.mark.parametrize("keys", [768, 4096])
+def test_pool_attention_split(benchmark, shape, splits, merge_rows, keys):
+    """A batch-1 cached step's pool attention (32 queries over 768 or 4,096 keys: canvases 512 + 256 and
+    3,072 + 1,024) with its keys split across programs and merged: at LLaDA-8B shapes (32 heads) and
+    LLaDA2.0-mini's (16 heads over 4 K/V heads), whose 16 programs leave most SMs idle in one pass;
+    ``merge_rows``: the (token, head) pairs per merging program."""
     from l2pd_kernels.attention import pool_attention, pool_tiles
 
     heads = {"llada-8b": (32, 32), "llada2-mini": (16, 4)}[shape]
-    q, k, v, seg, nbytes = _pool_case(1, 32, H=heads[0], Hkv=heads[1])
+    q, k, v, seg, nbytes = _pool_case(1, 32, keys, H=heads[0], Hkv=heads[1])
     tiles = pool_tiles(seg.cpu()).cuda()
     if splits == 1 and merge_rows != 4:
         pytest.skip("one pass: no merge")
-    chunk = -(-768 // splits // 64) * 64  # whole 64-key loops (8 asked: 6 chunks of 128)
-    fn = lambda: pool_attention(q, k, v, seg, tiles, splits=-(-768 // chunk), key_chunk=chunk,  # noqa: E731
+    chunk = -(-keys // splits // 64) * 64  # whole 64-key loops (8 asked of 768: 6 chunks of 128)
+    fn = lambda: pool_attention(q, k, v, seg, tiles, splits=-(-keys // chunk), key_chunk=chunk,  # noqa: E731
                                 merge_rows=merge_rows)
     bw = {"GBps": lambda ms: nbytes / ms / 1e6}
     _run(benchmark, fn, bw, {"graph_" + k_: v_ for k_, v_ in bw.items()})

@@ -26,10 +26,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # 64 queries, even with SDPA) and twice as fast as 32 for refresh segments (benchmarks/RESULTS.md)
 POOL_TILE_M = 64
 SPLIT_MIN_KEYS = 2048  # below this, and with fewer than 4 chunks, SDPA's one pass was as fast (H200)
-# the engine's key split at batch 1 (pool_split_plan): off unless L2PD_POOL_SPLIT=1. One layer's attention fell
-# from 13.3 to 7.5 us at 4 chunks merged 4 pairs per program (LLaDA-8B shapes, H200); the graphed step and
-# `generate` did not show it (benchmarks/RESULTS.md, "The engine's key split in `generate`")
-POOL_SPLITS = int(os.environ.get("L2PD_POOL_SPLITS", "4"))
+# the engine's key split at batch 1 (pool_split_plan; L2PD_POOL_SPLIT=0 turns it off): one layer's attention over
+# 4,096 keys fell from 60 to 24 us at LLaDA-8B shapes (4 chunks) and from 59 to 12 us at LLaDA2.0-mini's (8),
+# `generate` at 3,072 + 1,024 by 13% (H200; benchmarks/RESULTS.md, "The engine's key split by default").
+# L2PD_POOL_SPLITS=n forces n chunks (0: the rule of pool_split_plan)
+POOL_SPLITS = int(os.environ.get("L2PD_POOL_SPLITS", "0"))
+POOL_MAX_SPLITS = 8
 POOL_MERGE_ROWS = 4
 
 
@@ -213,14 +215,17 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
 def pool_split_plan(tiles: int, heads: int, keys: int, device: torch.device, block_n: int = 64) -> tuple[int, int]:
     """(splits, key_chunk) for the engine's pool attention: ``tiles`` query tiles x ``heads`` programs over a
     pool ``keys`` wide. Split only where one pass leaves SMs idle (fewer programs than SMs: batch 1 to about 2
-    at LLaDA-8B shapes), into ``POOL_SPLITS`` chunks (``L2PD_POOL_SPLITS``), with ``L2PD_POOL_SPLIT=1``; (1, 0)
-    elsewhere, on the CPU, or without it (the default: `generate` showed no gain). Chunks past a segment's
-    own keys are empty and weigh nothing in the merge."""
-    if device.type != "cuda" or os.environ.get("L2PD_POOL_SPLIT", "0") != "1":
+    at LLaDA-8B shapes), into about one program per SM for one query tile's heads (``sm_count // heads``, at
+    most ``POOL_MAX_SPLITS``: 4 chunks at LLaDA-8B shapes, 8 at LLaDA2.0-mini's, the fastest of the kernel
+    benchmark at 4,096 keys) or ``L2PD_POOL_SPLITS``; (1, 0) on the CPU or with ``L2PD_POOL_SPLIT=0``. A
+    graph's padding tiles count as programs but return at once. Chunks past a segment's own keys are empty and
+    weigh nothing in the merge."""
+    if device.type != "cuda" or os.environ.get("L2PD_POOL_SPLIT", "1") == "0":
         return 1, 0
-    if tiles * heads > sm_count(device):  # (a graphed step's padding tiles count too; they return at once)
+    sms = sm_count(device)
+    if tiles * heads > sms:
         return 1, 0
-    splits = min(POOL_SPLITS, triton.cdiv(keys, block_n))
+    splits = min(POOL_SPLITS or min(POOL_MAX_SPLITS, sms // heads), triton.cdiv(keys, block_n))
     if splits < 2:
         return 1, 0
     chunk = triton.cdiv(triton.cdiv(keys, splits), block_n) * block_n

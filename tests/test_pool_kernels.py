@@ -208,14 +208,19 @@ def test_the_engine_splits_the_keys_only_for_few_programs(monkeypatch):
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(att, "sm_count", lambda device: 132)
-    monkeypatch.setattr(att, "POOL_SPLITS", 4)
-    assert att.pool_split_plan(2, 32, 768, cuda) == (1, 0)  # opt-in
-    monkeypatch.setenv("L2PD_POOL_SPLIT", "1")
+    monkeypatch.delenv("L2PD_POOL_SPLIT", raising=False)
+    monkeypatch.setattr(att, "POOL_SPLITS", 0)
     assert att.pool_split_plan(2, 32, 768, cuda) == (4, 192)  # batch 1 at LLaDA-8B shapes: 64 programs
+    assert att.pool_split_plan(2, 32, 4096, cuda) == (4, 1024)
+    assert att.pool_split_plan(2, 16, 4096, cuda) == (8, 512)  # LLaDA2.0-mini's 16 heads: 8 chunks
+    assert att.pool_split_plan(2, 16, 768, cuda) == (6, 128)  # (8 asked: whole key loops leave 6)
     assert att.pool_split_plan(4, 16, 100, cuda) == (2, 64)  # never a chunk shorter than one key loop
     assert att.pool_split_plan(6, 32, 768, cuda) == (1, 0)  # 192 programs: a full grid in one pass
     assert att.pool_split_plan(2, 32, 64, cuda) == (1, 0)  # one key loop: nothing to split
+    assert att.pool_split_plan(1, 80, 4096, cuda) == (1, 0)  # about one program per SM already (132 // 80 = 1)
     assert att.pool_split_plan(2, 32, 768, torch.device("cpu")) == (1, 0)
+    monkeypatch.setattr(att, "POOL_SPLITS", 2)  # L2PD_POOL_SPLITS
+    assert att.pool_split_plan(2, 32, 4096, cuda) == (2, 2048)
     monkeypatch.setenv("L2PD_POOL_SPLIT", "0")
     assert att.pool_split_plan(2, 32, 768, cuda) == (1, 0)
 

@@ -2,10 +2,13 @@
 the whole step and ``generate`` faster, not only the attention kernel?
 
     PYTHONPATH=.:benchmarks python benchmarks/studies/pool_split_generate.py --out runs/pool_split_generate.json
+    PYTHONPATH=.:benchmarks python benchmarks/studies/pool_split_generate.py --families 8b --prompt 3072 \
+        --new 1024 --tpf 8 --refresh window --splits off,4,8,16
 
-For LLaDA-8B and LLaDA2.0-mini shapes (random bf16 weights built on the GPU; prompt 512 + 256, block 32, dual
-cache, batch 1, strategy ``steps`` at one token per forward), the split off and on alternated ``--repeats``
-times in one process, each setting on a fresh engine (its graphs captured with that setting):
+For LLaDA-8B and LLaDA2.0-mini shapes (random bf16 weights built on the GPU; block 32, dual cache, batch 1,
+strategy ``steps``; by default prompt 512 + 256 at one token per forward), each setting of ``--splits`` ("off",
+"auto": the shipped rule, or a number of key chunks) in turn, ``--repeats`` times in one process, each on a
+fresh engine (its graphs captured with that setting):
 - the engine's graphed iteration: median device time of 50 replays (no host);
 - ``generate``: wall time per forward, median of 3 decodes (the host included);
 - once per setting, the attention kernels' device time per forward in an eager decode (torch profiler).
@@ -24,11 +27,24 @@ from harness import device_ms, floors, run_info, save
 
 from l2pd.decode import generate, release
 
-P, G, L = 512, 256, 32
+L = 32
+P, G = 512, 256  # replaced by --prompt and --new
+
+
+def set_canvas(prompt: int, new: int) -> None:
+    """The canvas of every decode here and of ``EngineStep``'s iteration."""
+    import decode_8b
+
+    global P, G
+    P, G = decode_8b.P, decode_8b.G = prompt, new
 
 
 def _set(split: str) -> None:
-    os.environ["L2PD_POOL_SPLIT"] = split  # read by pool_split_plan at each forward
+    """"off", "auto" (``pool_split_plan``'s rule) or a number of key chunks (read at each forward)."""
+    import l2pd_kernels.attention as attention
+
+    os.environ["L2PD_POOL_SPLIT"] = "0" if split == "off" else "1"
+    attention.POOL_SPLITS = 0 if split in ("off", "auto") else int(split)
 
 
 @torch.no_grad()
@@ -53,16 +69,16 @@ def attention_ms(model, refresh: str) -> dict:
 
 
 @torch.no_grad()
-def family(name: str, repeats: int) -> list[dict]:
+def family(name: str, repeats: int, splits: list[str], tpf: int, refresh: str | None) -> list[dict]:
     model = build_shape(name)
-    refresh = "window" if name == "llada2-mini" else "full"
+    refresh = refresh or ("window" if name == "llada2-mini" else "full")
     torch.manual_seed(0)
     ids = torch.randint(0, 126000, (1, P), device="cuda")
-    kw = dict(max_new_tokens=G, block_length=L, strategy="steps", steps=G, cache="dual", refresh=refresh,
+    kw = dict(max_new_tokens=G, block_length=L, strategy="steps", steps=G // tpf, cache="dual", refresh=refresh,
               return_dict_in_generate=True)
-    runs: dict[str, dict[str, list]] = {s: {"replay_ms": [], "generate_ms": [], "tokens": []} for s in "01"}
+    runs: dict[str, dict[str, list]] = {s: {"replay_ms": [], "generate_ms": [], "tokens": []} for s in splits}
     for _ in range(repeats):
-        for split in "01":
+        for split in splits:
             _set(split)
             torch.manual_seed(0)
             st = EngineStep(model, 1, "dual", refresh, True, True)
@@ -79,13 +95,14 @@ def family(name: str, repeats: int) -> list[dict]:
             release(model)
             torch.cuda.empty_cache()
     rows = []
-    for split in "01":
+    for split in splits:
         _set(split)
         r = runs[split]
-        row = {"family": name, "split": split, "refresh": refresh,
+        row = {"family": name, "split": split, "refresh": refresh, "prompt": P, "new": G, "tpf": tpf,
                "replay_ms": statistics.median(r["replay_ms"]), "replay_runs": r["replay_ms"],
                "generate_ms": statistics.median(r["generate_ms"]), "generate_runs": r["generate_ms"],
-               "same_tokens": all(t == runs["0"]["tokens"][0] for t in r["tokens"]), **attention_ms(model, refresh)}
+               "same_tokens": all(t == runs[splits[0]]["tokens"][0] for t in r["tokens"]),
+               **attention_ms(model, refresh)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     del model
@@ -98,9 +115,19 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--families", default="8b,llada2-mini")
     ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--prompt", type=int, default=P, help="prompt tokens (default %(default)s)")
+    ap.add_argument("--new", type=int, default=G, help="new tokens (default %(default)s)")
+    ap.add_argument("--tpf", type=int, default=1, help="tokens per forward that `steps` forces (default 1)")
+    ap.add_argument("--refresh", choices=["full", "window"], default=None,
+                    help="default: full at LLaDA-8B shapes, window at LLaDA2.0-mini's")
+    ap.add_argument("--splits", default="off,auto",
+                    help="settings to alternate: 'off', 'auto' (the rule) or a number of key chunks")
     args = ap.parse_args()
-    result = {**run_info(), "floors": floors(), "splits": os.environ.get("L2PD_POOL_SPLITS", "4")}
-    result["rows"] = [r for fam in args.families.split(",") for r in family(fam, args.repeats)]
+    set_canvas(args.prompt, args.new)
+    splits = args.splits.split(",")
+    result = {**run_info(), "floors": floors(), "splits": splits}
+    result["rows"] = [r for fam in args.families.split(",")
+                      for r in family(fam, args.repeats, splits, args.tpf, args.refresh)]
     save(args.out, result)
 
 

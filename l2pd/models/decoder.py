@@ -386,7 +386,7 @@ def _decoder_forward(
 
 
 def _pool_split(ops: Any, pack: Pack, heads: int, keys: int, device: torch.device) -> dict:
-    """The pool attention's key split (``l2pd_kernels.attention.pool_split_plan``, opt-in) for the fused
+    """The pool attention's key split (``l2pd_kernels.attention.pool_split_plan``) for the fused
     kernels, the same for every layer: a batch-1 step's few programs over the canvas take every SM. Fixed by
     shapes, so a captured graph keeps it."""
     if ops is reference:
