@@ -864,7 +864,11 @@ class Engine:
             tiles = np.concatenate([tiles, _repeated([pad_seg, 1 << 30], seg_cap + n_tok // TILE_M - len(tiles))])
         parts = [tok_rows, tok_slots, lidx, seg.reshape(-1), words.reshape(-1), slot[:rows_n], cols,
                  tiles.reshape(-1)]
-        meta = {"sizes": [len(x) for x in parts], "width": width, "rows": rows_n, "groups": group_sizes}
+        # the attention's key split is planned from bucketed counts, the same with and without ``pad``: a graphed
+        # iteration then attends as its eager form does (the split changes the sums' order)
+        plan_tiles = _bucket_tokens(n) // TILE_M + _bucket(len(order))
+        meta = {"sizes": [len(x) for x in parts], "width": width, "rows": rows_n, "groups": group_sizes,
+                "plan_tiles": plan_tiles}
         self._packed = (key, parts, meta)
         return parts, meta, fed
 
@@ -904,7 +908,7 @@ class Engine:
         captures): the blocks [rows, width] after the decision."""
         device = self.device
         rows, slots, lidx, seg, params, slot_t, cols, tiles = torch.split(dev, meta["sizes"])
-        pack = Pack(rows, slots, seg.view(-1, 4), tiles.view(-1, 2))
+        pack = Pack(rows, slots, seg.view(-1, 4), tiles.view(-1, 2), plan_tiles=meta["plan_tiles"])
         ids = self.canvas[rows, slots].view(1, -1)
         logits = self.adapter.forward(ids, None, cache=self.kv, position_ids=slots.view(1, -1),
                                       logits_index=lidx, pack=pack, fused=self.fused)

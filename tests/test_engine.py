@@ -397,6 +397,36 @@ def test_batch_generate_on_a_running_engine_waits_for_the_loop(bundled):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="the kernel path needs a GPU or TRITON_INTERPRET=1")
+def test_key_split_is_planned_alike_with_and_without_padding(monkeypatch):
+    """A graphed iteration is padded (more tokens, rows and attention tiles); its key split must be planned as
+    for the same iteration unpadded, since the split changes the attention's sums (a graphed decode would
+    otherwise differ from its eager form): the plan sees bucketed counts either way."""
+    import l2pd_kernels.attention as att
+
+    plans = []
+    monkeypatch.setattr(att, "pool_split_plan", lambda *a, **k: plans.append(a[0]) or (1, 0))
+    model = tiny_model(seed=3, n_kv_heads=2, d_model=64, n_heads=4)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    prompts = [[3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [5, 6, 7]]
+    seen, tiles = [], []
+    for pad in (False, True):
+        plans.clear()
+        engine = Engine(model, max_batch=3, backend="triton", fused=True, pad_buckets=pad, cuda_graphs=False)
+        real = []
+        body = engine._body
+        engine._body = lambda dev, meta, *a, _r=real, _b=body: _r.append(int(meta["sizes"][-1]) // 2) or _b(
+            dev, meta, *a)
+        for p in prompts:
+            engine.submit(p, max_new_tokens=8, strategy="steps", block_length=4, cache="dual", refresh="full")
+        engine.run()
+        seen.append(list(plans))
+        tiles.append(real)
+    assert seen[0] and seen[0] == seen[1]
+    assert tiles[0] != tiles[1]  # the padded iterations did run more attention tiles
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="the kernel path needs a GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("split", [False, True])
 def test_kernel_path_matches_reference_path(split, monkeypatch):
     """The packed forward through the Triton kernels (pool attention, rope rows, per-row decide) gives the

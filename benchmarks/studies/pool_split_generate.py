@@ -69,40 +69,53 @@ def attention_ms(model, refresh: str) -> dict:
 
 
 @torch.no_grad()
-def family(name: str, repeats: int, splits: list[str], tpf: int, refresh: str | None) -> list[dict]:
-    model = build_shape(name)
-    refresh = refresh or ("window" if name == "llada2-mini" else "full")
+def alternate(model, settings: list[str], apply, repeats: int, tpf: int, refresh: str) -> dict[str, dict]:
+    """Each setting in turn (``apply(setting)``), ``repeats`` times, each on a fresh engine: the graphed
+    iteration's device time (median of 50 replays) and ``generate``'s ms per forward (median of 3 decodes at
+    ``tpf`` tokens per forward, after two that compile and capture), with each run's tokens."""
     torch.manual_seed(0)
     ids = torch.randint(0, 126000, (1, P), device="cuda")
     kw = dict(max_new_tokens=G, block_length=L, strategy="steps", steps=G // tpf, cache="dual", refresh=refresh,
               return_dict_in_generate=True)
-    runs: dict[str, dict[str, list]] = {s: {"replay_ms": [], "generate_ms": [], "tokens": []} for s in splits}
+    runs: dict[str, dict[str, list]] = {s: {"replay_ms": [], "generate_ms": [], "tokens": []} for s in settings}
     for _ in range(repeats):
-        for split in splits:
-            _set(split)
+        for setting in settings:
+            apply(setting)
             torch.manual_seed(0)
             st = EngineStep(model, 1, "dual", refresh, True, True)
             for _ in range(3):
                 st.step()
-            runs[split]["replay_ms"].append(device_ms(st.replay, iters=50))
+            runs[setting]["replay_ms"].append(device_ms(st.replay, iters=50))
             del st
             release(model)
             for _ in range(2):  # compile and capture
                 generate(model, ids, **{**kw, "steps": 2 * (G // L)})
             outs = [generate(model, ids, **kw) for _ in range(3)]
-            runs[split]["generate_ms"].append(statistics.median(o.seconds / o.forwards * 1e3 for o in outs))
-            runs[split]["tokens"].append(outs[0].sequences[0, P:].tolist())
+            runs[setting]["generate_ms"].append(statistics.median(o.seconds / o.forwards * 1e3 for o in outs))
+            runs[setting]["tokens"].append(outs[0].sequences[0, P:].tolist())
             release(model)
             torch.cuda.empty_cache()
+    return runs
+
+
+def summary(runs: dict[str, dict], setting: str, first: str) -> dict:
+    """A setting's medians and runs; whether every run decoded the first setting's first tokens."""
+    r = runs[setting]
+    return {"replay_ms": statistics.median(r["replay_ms"]), "replay_runs": r["replay_ms"],
+            "generate_ms": statistics.median(r["generate_ms"]), "generate_runs": r["generate_ms"],
+            "same_tokens": all(t == runs[first]["tokens"][0] for t in r["tokens"])}
+
+
+@torch.no_grad()
+def family(name: str, repeats: int, splits: list[str], tpf: int, refresh: str | None) -> list[dict]:
+    model = build_shape(name)
+    refresh = refresh or ("window" if name == "llada2-mini" else "full")
+    runs = alternate(model, splits, _set, repeats, tpf, refresh)
     rows = []
     for split in splits:
         _set(split)
-        r = runs[split]
         row = {"family": name, "split": split, "refresh": refresh, "prompt": P, "new": G, "tpf": tpf,
-               "replay_ms": statistics.median(r["replay_ms"]), "replay_runs": r["replay_ms"],
-               "generate_ms": statistics.median(r["generate_ms"]), "generate_runs": r["generate_ms"],
-               "same_tokens": all(t == runs[splits[0]]["tokens"][0] for t in r["tokens"]),
-               **attention_ms(model, refresh)}
+               **summary(runs, split, splits[0]), **attention_ms(model, refresh)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     del model

@@ -207,12 +207,14 @@ class Pack:
     """The fed tokens of many requests as one sequence [1, N] (the engine's forward): token t is position
     ``slots[t]`` of cache row ``rows[t]``; ``seg`` [G, 4] holds each request's (q_start, q_len, row, k_len), its
     queries and the keys they attend to (``l2pd_kernels.reference.pool_attention``); ``tiles`` the attention
-    kernel's programs (``l2pd_kernels.attention.pool_tiles``)."""
+    kernel's programs (``l2pd_kernels.attention.pool_tiles``); ``plan_tiles`` the query tiles its key split is
+    planned for (0: ``tiles``' count), which the engine keeps the same for an iteration graphed or not."""
 
     rows: torch.Tensor
     slots: torch.Tensor
     seg: torch.Tensor
     tiles: torch.Tensor | None = None
+    plan_tiles: int = 0
 
 
 @dataclass
@@ -393,7 +395,7 @@ def _pool_split(ops: Any, pack: Pack, heads: int, keys: int, device: torch.devic
         return {}
     from l2pd_kernels.attention import POOL_MERGE_ROWS, pool_split_plan
 
-    splits, chunk = pool_split_plan(pack.tiles.shape[0], heads, keys, device)
+    splits, chunk = pool_split_plan(pack.plan_tiles or pack.tiles.shape[0], heads, keys, device)
     return {"splits": splits, "key_chunk": chunk, "merge_rows": POOL_MERGE_ROWS} if splits > 1 else {}
 
 
