@@ -223,7 +223,9 @@ class Engine:
 
     ``submit`` adds a request (any thread); ``step`` runs one iteration; ``run`` steps until idle;
     ``start``/``stop`` drive the loop on a background thread (the server). ``filter`` is the learn2pd filter
-    requests get; ``tokenizer`` decodes stop strings. ``run_ahead``: 'auto' (default on CUDA; the environment
+    requests get; ``tokenizer`` decodes stop strings. ``pad_buckets``: pad iterations to the graphs' buckets
+    without graphs too (None, the default: on CUDA, so an eager decode computes what a graphed one does).
+    ``run_ahead``: 'auto' (default on CUDA; the environment
     variable ``L2PD_RUN_AHEAD`` sets the default), 'off' (default on the CPU, where nothing overlaps) or
     'always' (tests: wherever it can, guessing that rows go on in their blocks).
     """
@@ -231,7 +233,8 @@ class Engine:
     def __init__(self, model: Any, *, max_batch: int = 16, max_length: int | None = None, filter: Any = None,
                  tokenizer: Any = None, max_step_tokens: int = 8192, backend: str | None = None,
                  fused: bool | None = None, max_block_length: int = MAX_BLOCK,
-                 cuda_graphs: bool | None = None, pad_buckets: bool = False, run_ahead: str | None = None) -> None:
+                 cuda_graphs: bool | None = None, pad_buckets: bool | None = None,
+                 run_ahead: str | None = None) -> None:
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch={max_batch!r} must be a positive integer")
         self.model, self.adapter = model, adapter_for(model)
@@ -278,7 +281,9 @@ class Engine:
         self.run_ahead = run_ahead
         self._ahead: _Launched | None = None  # the next iteration, launched before this one was read back
         self._packed: tuple | None = None  # the last iteration's packed indices and what they were built from
-        self.pad_buckets = pad_buckets  # pad iterations to the graphs' buckets without graphs (tests, CPU)
+        # pad iterations to the graphs' buckets without graphs too: True (tests, CPU), None (on CUDA, wherever a
+        # graph could run), False
+        self.pad_buckets = pad_buckets
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self._capture_stream: Any = None
         self.waiting: collections.deque[Request] = collections.deque()
@@ -628,9 +633,13 @@ class Engine:
             groups.setdefault(key, []).append(row)
         order = [row for rows in groups.values() for row in rows]
         sampled = any(r.request.spec.temperature > 0 for r in order)
-        graph = self.graphs and len(groups) == 1 and not sampled and self.lockstep is None
-        parts, meta, fed = self._pack(order, [len(g) for g in groups.values()],
-                                      pad=(graph or self.pad_buckets) and len(groups) == 1)
+        graphable = len(groups) == 1 and not sampled and self.lockstep is None
+        graph = self.graphs and graphable
+        # an eager iteration on CUDA is padded as its graph would be: cuBLAS picks its kernel (and so its sums'
+        # order) by the rows, so an unpadded one could decode other tokens than the graphed decode
+        pad = len(groups) == 1 and (graph or bool(self.pad_buckets) or (
+            self.pad_buckets is None and graphable and device.type == "cuda"))
+        parts, meta, fed = self._pack(order, [len(g) for g in groups.values()], pad=pad)
         thread = threading.get_ident()
         if graph:
             key = (tuple(len(x) for x in parts), meta["width"], next(iter(groups)))

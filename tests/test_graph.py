@@ -217,3 +217,24 @@ def test_graphed_run_ahead_gives_the_same_tokens(bundled, monkeypatch, strategy,
     assert counters["off"]["ahead"] == 0
     if run_ahead == "always" or strategy == "steps":
         assert counters[run_ahead]["ahead"] > 0
+
+
+def test_eager_engine_pads_as_its_graphs_would(monkeypatch):
+    """Without graphs, an engine on CUDA pads an iteration to the graphs' buckets wherever a graph could run it
+    (cuBLAS picks its kernel by the rows, so an unpadded eager decode could differ from the graphed one), and
+    not where none could (sampling) or where told not to."""
+    from l2pd.engine import Engine
+    from tests.conftest import tiny_model
+
+    model = tiny_model(seed=3).to("cuda")
+    seen = []
+    for pad_buckets, temperature in ((None, 0.0), (None, 0.7), (False, 0.0)):
+        engine = Engine(model, max_batch=2, cuda_graphs=False, pad_buckets=pad_buckets)
+        pack = engine._pack
+        case = (pad_buckets, temperature)
+        monkeypatch.setattr(engine, "_pack", lambda *a, _p=pack, _c=case, **kw: seen.append((*_c, kw["pad"]))
+                            or _p(*a, **kw))
+        engine.submit([3, 4, 5], max_new_tokens=8, strategy="steps", block_length=4, temperature=temperature)
+        engine.run()
+    pads = {(b, t): {p for b_, t_, p in seen if (b_, t_) == (b, t)} for b, t, _ in seen}
+    assert pads == {(None, 0.0): {True}, (None, 0.7): {False}, (False, 0.0): {False}}
