@@ -3,6 +3,7 @@
     python benchmarks/skinny_configs.py --rows 32,64 --out runs/skinny_configs.json
     python benchmarks/skinny_configs.py --weights fp8 --rows 32,64,768,2048 --out runs/skinny_fp8.json
     python benchmarks/skinny_configs.py --splits --rows 32 --out runs/skinny_split.json
+    python benchmarks/skinny_configs.py --splits --occupancy --rows 32 --layers out,down,qkv,gate_up,mini_out
 
 ``--splits`` times the tiles around ``pick_config``'s with K shared by 1, 2, 4 or 8 programs per output tile
 (bf16, FP8 weights widened, e4m3 activations; LLaDA-8B's layers and LLaDA2.0-mini's), replayed from a CUDA graph
@@ -108,8 +109,16 @@ def time_layer(layer: str, rows: int) -> dict:
 MINI_LAYERS = {"mini_qkv": (3072, 2048), "mini_out": (2048, 2048), "mini_head": (157184, 2048)}
 
 
-def time_splits(layer: str, rows: int, kind: str) -> dict:
-    """Per (tile, split): microseconds per product, from a graph over copies of the weight (>= 256 MB)."""
+# tiles that leave room for two or more programs per SM (an H200 SM streams about 23 GB/s of weight per program
+# of the picked tiles, one program per SM: less than the 32 GB/s per SM its HBM can feed), with K splits to make
+# enough programs ("Prefetching weights into L2" in benchmarks/RESULTS.md)
+OCCUPANCY_CANDIDATES = [(bn, bk, 4, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for st in (2, 3, 4)]
+
+
+def time_splits(layer: str, rows: int, kind: str, candidates: list | None = None,
+                splits: tuple = (1, 2, 4, 8)) -> dict:
+    """Per (tile, split): microseconds per product, from a graph over copies of the weight (>= 256 MB); the
+    tiles around the picked one, or the picked one and ``candidates``."""
     from l2pd_kernels import quantize_rows
     from l2pd_kernels.reference import quantize_fp8
     from l2pd_kernels.skinny import _launch, pick_config_fp8, pick_split
@@ -138,12 +147,13 @@ def time_splits(layer: str, rows: int, kind: str) -> dict:
     if gate:
         want = F.silu(want[:, :n_out]) * want[:, n_out:]
     row["max_rel_err"] = 0.0
-    for bn in sorted({pick[0], 64 if pick[0] != 64 else 128}):
-        cfg = (bn, *pick[1:])
-        tiles, steps = -(-n_out // bn), -(-k // cfg[1])
+    cfgs = list(dict.fromkeys([tuple(pick), *candidates])) if candidates else [
+        (bn, *pick[1:]) for bn in sorted({pick[0], 64 if pick[0] != 64 else 128})]
+    for cfg in cfgs:
+        tiles, steps = -(-n_out // cfg[0]), -(-k // cfg[1])
         row["rule"] = row.get("rule") or {}
         row["rule"][str(cfg)] = pick_split(tiles, steps, sms)
-        for split in (1, 2, 4, 8):
+        for split in splits:
             def body(cfg=cfg, split=split):
                 for w in ws:
                     _launch(x, w, out, n_out, gate, cfg, split=split, **kw)
@@ -163,14 +173,16 @@ def time_splits(layer: str, rows: int, kind: str) -> dict:
     return row
 
 
-def splits_main(rows_list: list[int], out: str | None) -> None:
+def splits_main(rows_list: list[int], out: str | None, occupancy: bool = False, layers: list[str] | None = None
+                ) -> None:
     res = {"device": torch.cuda.get_device_name(), "rows": {}}
+    extra = dict(candidates=OCCUPANCY_CANDIDATES, splits=(1, 2)) if occupancy else {}
     for rows in rows_list:
-        for kind in ("bf16", "a8", "fp8"):
-            for layer in (*LAYERS, *MINI_LAYERS):
+        for kind in ("bf16",) if occupancy else ("bf16", "a8", "fp8"):
+            for layer in layers or (*LAYERS, *MINI_LAYERS):
                 if kind == "fp8" and layer.startswith("mini"):
                     continue
-                row = time_splits(layer, rows, kind)
+                row = time_splits(layer, rows, kind, **extra)
                 res["rows"][f"{kind} {layer}@{rows}"] = row
                 times = {c: t for c, t in row["us"].items() if isinstance(t, float)}
                 top = sorted(times.items(), key=lambda kv: kv[1])[:3]
@@ -186,9 +198,17 @@ def main() -> None:
     ap.add_argument("--weights", choices=("bf16", "fp8"), default="bf16")
     ap.add_argument("--out", default=None)
     ap.add_argument("--splits", action="store_true", help="time split-K against the tiles around the picked one")
+    ap.add_argument("--occupancy", action="store_true",
+                    help="with --splits: bf16 tiles light enough in shared memory for several programs per SM "
+                         "(OCCUPANCY_CANDIDATES), K unsplit and split in two, next to the picked tile")
+    ap.add_argument("--layers", default=None, help="with --splits: a comma list of " + ", ".join(
+        (*LAYERS, *MINI_LAYERS)))
     args = ap.parse_args()
     if args.splits:
-        return splits_main([int(r) for r in args.rows.split(",")], args.out)
+        layers = args.layers.split(",") if args.layers else None
+        if layers and (bad := [x for x in layers if x not in {**LAYERS, **MINI_LAYERS}]):
+            ap.error(f"unknown layers {bad}")
+        return splits_main([int(r) for r in args.rows.split(",")], args.out, args.occupancy, layers)
     res = {"device": torch.cuda.get_device_name(), "rows": {}}
     for rows in (int(r) for r in args.rows.split(",")):
         for layer in LAYERS:
