@@ -224,7 +224,8 @@ class Engine:
     ``submit`` adds a request (any thread); ``step`` runs one iteration; ``run`` steps until idle;
     ``start``/``stop`` drive the loop on a background thread (the server). ``filter`` is the learn2pd filter
     requests get; ``tokenizer`` decodes stop strings. ``pad_buckets``: pad iterations to the graphs' buckets
-    without graphs too (None, the default: on CUDA, so an eager decode computes what a graphed one does).
+    without graphs too, where a graph could run them (None, the default: on CUDA, so an eager decode computes
+    what a graphed one does).
     ``run_ahead``: 'auto' (default on CUDA; the environment
     variable ``L2PD_RUN_AHEAD`` sets the default), 'off' (default on the CPU, where nothing overlaps) or
     'always' (tests: wherever it can, guessing that rows go on in their blocks).
@@ -281,9 +282,10 @@ class Engine:
         self.run_ahead = run_ahead
         self._ahead: _Launched | None = None  # the next iteration, launched before this one was read back
         self._packed: tuple | None = None  # the last iteration's packed indices and what they were built from
-        # pad iterations to the graphs' buckets without graphs too: True (tests, CPU), None (on CUDA, wherever a
-        # graph could run), False
-        self.pad_buckets = pad_buckets
+        # without graphs, still pad an iteration a graph could run to its bucket: on CUDA by default, since cuBLAS
+        # picks its kernel (and so its sums' order) by the rows and an unpadded eager decode could decode other
+        # tokens than the graphed one; on the CPU only when asked (tests)
+        self.pad_buckets = device.type == "cuda" if pad_buckets is None else pad_buckets
         self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self._capture_stream: Any = None
         self.waiting: collections.deque[Request] = collections.deque()
@@ -635,11 +637,8 @@ class Engine:
         sampled = any(r.request.spec.temperature > 0 for r in order)
         graphable = len(groups) == 1 and not sampled and self.lockstep is None
         graph = self.graphs and graphable
-        # an eager iteration on CUDA is padded as its graph would be: cuBLAS picks its kernel (and so its sums'
-        # order) by the rows, so an unpadded one could decode other tokens than the graphed decode
-        pad = len(groups) == 1 and (graph or bool(self.pad_buckets) or (
-            self.pad_buckets is None and graphable and device.type == "cuda"))
-        parts, meta, fed = self._pack(order, [len(g) for g in groups.values()], pad=pad)
+        parts, meta, fed = self._pack(order, [len(g) for g in groups.values()],
+                                      pad=graphable and (self.graphs or self.pad_buckets))
         thread = threading.get_ident()
         if graph:
             key = (tuple(len(x) for x in parts), meta["width"], next(iter(groups)))
