@@ -3,8 +3,9 @@
     python benchmarks/skinny_configs.py --rows 32,64 --out runs/skinny_configs.json
     python benchmarks/skinny_configs.py --weights fp8 --rows 32,64,768,2048 --out runs/skinny_fp8.json
     python benchmarks/skinny_configs.py --splits --rows 32 --out runs/skinny_split.json
-    python benchmarks/skinny_configs.py --splits --occupancy --rows 32 --layers out,down,qkv,gate_up,mini_out
+    python benchmarks/skinny_configs.py --splits --occupancy --rows 32 --kinds bf16,a8 --jobs 8
 
+``--occupancy`` (with ``--splits``) times tiles light enough in shared memory for several programs per SM.
 ``--splits`` times the tiles around ``pick_config``'s with K shared by 1, 2, 4 or 8 programs per output tile
 (bf16, FP8 weights widened, e4m3 activations; LLaDA-8B's layers and LLaDA2.0-mini's), replayed from a CUDA graph
 that runs the product on enough distinct copies of the weight to overflow the L2 cache, back to back as in a
@@ -113,12 +114,15 @@ MINI_LAYERS = {"mini_qkv": (3072, 2048), "mini_out": (2048, 2048), "mini_head": 
 # of the picked tiles, one program per SM: less than the 32 GB/s per SM its HBM can feed), with K splits to make
 # enough programs ("Prefetching weights into L2" in benchmarks/RESULTS.md)
 OCCUPANCY_CANDIDATES = [(bn, bk, 4, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for st in (2, 3, 4)]
+# the same for e4m3 weights and activations (a byte per element: K steps twice as long for the same bytes)
+OCCUPANCY_CANDIDATES_A8 = [(bn, bk, 4, st) for bn in (16, 32, 64) for bk in (128, 256, 512) for st in (2, 3, 4)]
 
 
 def time_splits(layer: str, rows: int, kind: str, candidates: list | None = None,
-                splits: tuple = (1, 2, 4, 8)) -> dict:
+                splits: tuple = (1, 2, 4, 8), compile_only: bool = False) -> dict:
     """Per (tile, split): microseconds per product, from a graph over copies of the weight (>= 256 MB); the
-    tiles around the picked one, or the picked one and ``candidates``."""
+    tiles around the picked one, or the picked one and ``candidates``. ``compile_only``: one launch of each on
+    one copy, to fill Triton's disk cache (``--jobs``)."""
     from l2pd_kernels import quantize_rows
     from l2pd_kernels.reference import quantize_fp8
     from l2pd_kernels.skinny import _launch, pick_config_fp8, pick_split
@@ -126,7 +130,7 @@ def time_splits(layer: str, rows: int, kind: str, candidates: list | None = None
     n, k = {**LAYERS, **MINI_LAYERS}[layer]
     gate = layer == "gate_up"
     n_out = n // 2 if gate else n
-    copies = max(1, -(-(256 << 20) // (n * k * (2 if kind == "bf16" else 1))))
+    copies = 1 if compile_only else max(1, -(-(256 << 20) // (n * k * (2 if kind == "bf16" else 1))))
     x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
     kw: dict = {}
@@ -160,6 +164,8 @@ def time_splits(layer: str, rows: int, kind: str, candidates: list | None = None
             try:
                 body()
                 torch.cuda.synchronize()
+                if compile_only:
+                    continue
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):
                     body()
@@ -173,23 +179,37 @@ def time_splits(layer: str, rows: int, kind: str, candidates: list | None = None
     return row
 
 
-def splits_main(rows_list: list[int], out: str | None, occupancy: bool = False, layers: list[str] | None = None
-                ) -> None:
+def _extra(kind: str, occupancy: bool) -> dict:
+    if not occupancy:
+        return {}
+    return dict(candidates=OCCUPANCY_CANDIDATES if kind == "bf16" else OCCUPANCY_CANDIDATES_A8, splits=(1, 2))
+
+
+def _compile(task: tuple) -> None:
+    layer, rows, kind, occupancy = task
+    time_splits(layer, rows, kind, compile_only=True, **_extra(kind, occupancy))
+
+
+def splits_main(rows_list: list[int], out: str | None, occupancy: bool = False, layers: list[str] | None = None,
+                kinds: tuple = ("bf16", "a8", "fp8"), jobs: int = 1) -> None:
     res = {"device": torch.cuda.get_device_name(), "rows": {}}
-    extra = dict(candidates=OCCUPANCY_CANDIDATES, splits=(1, 2)) if occupancy else {}
-    for rows in rows_list:
-        for kind in ("bf16",) if occupancy else ("bf16", "a8", "fp8"):
-            for layer in layers or (*LAYERS, *MINI_LAYERS):
-                if kind == "fp8" and layer.startswith("mini"):
-                    continue
-                row = time_splits(layer, rows, kind, **extra)
-                res["rows"][f"{kind} {layer}@{rows}"] = row
-                times = {c: t for c, t in row["us"].items() if isinstance(t, float)}
-                top = sorted(times.items(), key=lambda kv: kv[1])[:3]
-                base = times.get(f"{row['pick']} x1", float("nan"))
-                print(f"{kind:4s} {layer:9s} {rows:3d}  {row['MB']:6.1f} MB  pick x1 {base:7.1f} us "
-                      f"({row['MB'] / base:.2f} TB/s)  best: " + ", ".join(f"{c} {t:.1f}" for c, t in top), flush=True)
-                _save(out, res)
+    tasks = [(layer, rows, kind, occupancy) for rows in rows_list for kind in kinds
+             for layer in layers or (*LAYERS, *MINI_LAYERS) if not (kind == "fp8" and layer.startswith("mini"))]
+    if jobs > 1:  # compile every variant in parallel processes first: the timed pass then loads them from disk
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(jobs) as pool:
+            pool.map(_compile, tasks, chunksize=1)
+    for layer, rows, kind, _ in tasks:
+        row = time_splits(layer, rows, kind, **_extra(kind, occupancy))
+        res["rows"][f"{kind} {layer}@{rows}"] = row
+        times = {c: t for c, t in row["us"].items() if isinstance(t, float)}
+        top = sorted(times.items(), key=lambda kv: kv[1])[:3]
+        base = times.get(f"{row['pick']} x1", float("nan"))
+        print(f"{kind:4s} {layer:9s} {rows:3d}  {row['MB']:6.1f} MB  pick x1 {base:7.1f} us "
+              f"({row['MB'] / base:.2f} TB/s)  best: " + ", ".join(f"{c} {t:.1f} ({row['MB'] / t:.2f})"
+                                                                   for c, t in top), flush=True)
+        _save(out, res)
 
 
 def main() -> None:
@@ -199,16 +219,24 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--splits", action="store_true", help="time split-K against the tiles around the picked one")
     ap.add_argument("--occupancy", action="store_true",
-                    help="with --splits: bf16 tiles light enough in shared memory for several programs per SM "
-                         "(OCCUPANCY_CANDIDATES), K unsplit and split in two, next to the picked tile")
+                    help="with --splits: tiles light enough in shared memory for several programs per SM "
+                         "(OCCUPANCY_CANDIDATES, _A8), K unsplit and split in two, next to the picked tile")
     ap.add_argument("--layers", default=None, help="with --splits: a comma list of " + ", ".join(
         (*LAYERS, *MINI_LAYERS)))
+    ap.add_argument("--kinds", default="bf16,a8,fp8", help="with --splits: a comma list of bf16 (weights), a8 "
+                    "(e4m3 weights and activations), fp8 (e4m3 weights widened in registers)")
+    ap.add_argument("--jobs", type=int, default=1, help="with --splits: compile the variants in this many "
+                    "processes before timing them one at a time")
     args = ap.parse_args()
     if args.splits:
         layers = args.layers.split(",") if args.layers else None
         if layers and (bad := [x for x in layers if x not in {**LAYERS, **MINI_LAYERS}]):
             ap.error(f"unknown layers {bad}")
-        return splits_main([int(r) for r in args.rows.split(",")], args.out, args.occupancy, layers)
+        kinds = tuple(args.kinds.split(","))
+        if bad := [x for x in kinds if x not in ("bf16", "a8", "fp8")]:
+            ap.error(f"unknown kinds {bad}")
+        return splits_main([int(r) for r in args.rows.split(",")], args.out, args.occupancy, layers, kinds,
+                           args.jobs)
     res = {"device": torch.cuda.get_device_name(), "rows": {}}
     for rows in (int(r) for r in args.rows.split(",")):
         for layer in LAYERS:
