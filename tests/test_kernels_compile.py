@@ -91,7 +91,12 @@ def _workloads() -> None:
     confidence(logits, temperature=0.7, seed=3)
     q = torch.randn(1, 8, 4, 64, dtype=torch.bfloat16).transpose(1, 2)  # laid out [B, L, H, D]; 96 keys, split
     kv = torch.randn(1, 4, 96, 64, dtype=torch.bfloat16)
+    cached_attention(q, kv, kv.clone(), splits=3)  # merged in place by the last chunk's program
+    from l2pd_kernels import attention
+
+    attention.MERGE_IN_KERNEL = False  # and by the second kernel
     cached_attention(q, kv, kv.clone(), splits=3)
+    attention.MERGE_IN_KERNEL = True
     x = torch.randn(300, 48)  # 900 pairs, sorted: the align kernels and the tiled GEMMs (GPU tiles, 64 rows)
     ids, w = ref.moe_route(torch.randn(300, 8), 3, "softmax")
     experts = torch.randn(8, 48, 48), torch.randn(8, 48, 24)
@@ -171,7 +176,7 @@ def test_every_kernel_launch_compiles_for_hopper_and_the_a100():
     # the workloads reach every kernel of the forward and the decision
     assert {"_rms_norm_kernel", "_rope_qkv_kernel", "_skinny_kernel", "_pool_attention_kernel", "_decide_kernel",
             "_partial_kernel", "_merge_kernel", "_gate_up_kernel", "_down_kernel", "_route_kernel",
-            "_align_count_kernel", "_align_place_kernel", "_quantize_rows_kernel"} <= kernels, sorted(kernels)
+            "_align_count_kernel", "_align_place_kernel", "_quantize_rows_kernel", "_combine_kernel"} <= kernels, sorted(kernels)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, __file__], input=json.dumps(cases), env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=900)

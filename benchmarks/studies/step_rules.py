@@ -1,0 +1,113 @@
+"""Do the few-row products' tiles from the occupancy sweep and the key chunks merged in place (no second
+attention kernel) make the whole batch-1 step and ``generate`` faster?
+
+    PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --out runs/step_rules.json
+    PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --families 8b --weights w8a8 \
+        --settings before,now
+
+Settings (alternated ``--repeats`` times in one process, each on a fresh engine whose graphs are captured with
+it; ``pool_split_generate.alternate``):
+- ``before``: the tiles and K splits of ``l2pd_kernels.skinny`` as they were (kept below), and the key chunks
+  merged by a second kernel (``l2pd_kernels.attention.MERGE_IN_KERNEL = False``);
+- ``tiles``: today's tiles and splits, the second merge kernel;
+- ``merge``: the old tiles, merged in place;
+- ``now``: both, as shipped.
+Random weights built on the GPU (LLaDA-8B or LLaDA2.0-mini shapes; ``--weights w8a8``: ``l2pd.quantize``
+first), prompt 512 + 256, block 32, dual cache, batch 1, strategy ``steps`` at one token per forward (full
+refresh at LLaDA-8B shapes, window at LLaDA2.0-mini's): the graphed iteration's device time and ``generate``'s
+ms per forward, with whether each setting decoded the first setting's tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from decode_8b import build_shape
+from harness import floors, run_info, save
+from pool_split_generate import alternate, summary
+
+import l2pd
+from l2pd_kernels import attention, skinny
+
+NEW = (skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split)
+
+
+def _old_pick_config(rows, n, k, gate, device=""):
+    older = "H100" in device or "A100" in device
+    if gate:
+        return (16, 128, 4, 3) if older or n < 8192 else (64, 128, 4, 3)
+    if n <= 8192:
+        return (32, 256, 4, 4)
+    return (128, 128, 4, 4) if older or n > 65536 else (64, 128, 4, 4)
+
+
+def _old_pick_config_fp8(rows, n, k, gate, a8=False):
+    if a8:
+        if n > 65536:
+            return (128, 256, 4, 4)
+        return (64, 512, 8, 4) if n <= 8192 else (64, 256, 4, 4)
+    return (64, 256, 4, 3)
+
+
+def _old_pick_split(tiles, k_steps, sms, widened=False, a8=False):
+    if skinny.SPLIT_K > 0:
+        return max(1, min(skinny.SPLIT_K, k_steps))
+    split = 1
+    if widened:
+        while tiles * split * 2 <= 4 * sms and k_steps // (split * 2) >= 4:
+            split *= 2
+    elif a8 and 2 * tiles <= sms and k_steps >= 16:
+        split = 2
+    return split
+
+
+OLD = (_old_pick_config, _old_pick_config_fp8, _old_pick_split)
+
+
+def apply(setting: str) -> None:
+    tiles = setting in ("tiles", "now")
+    skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = NEW if tiles else OLD
+    attention.MERGE_IN_KERNEL = setting in ("merge", "now")
+
+
+@torch.no_grad()
+def family(name: str, weights: str, settings: list[str], repeats: int) -> list[dict]:
+    model = build_shape(name)
+    if weights != "bf16":
+        l2pd.quantize(model, weights)
+    refresh = "window" if name == "llada2-mini" else "full"
+    runs = alternate(model, settings, apply, repeats, 1, refresh)
+    rows = []
+    for setting in settings:
+        row = {"family": name, "weights": weights, "setting": setting, "refresh": refresh,
+               **summary(runs, setting, settings[0])}
+        print(json.dumps({k: v for k, v in row.items() if not k.endswith("_runs")} | {
+            "replay_runs": [round(x, 4) for x in row["replay_runs"]],
+            "generate_runs": [round(x, 3) for x in row["generate_runs"]]}), flush=True)
+        rows.append(row)
+    apply("now")
+    del model
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--families", default="8b,llada2-mini", help="comma list: 8b, llada2-mini")
+    ap.add_argument("--weights", choices=["bf16", "w8a8", "fp8"], default="bf16")
+    ap.add_argument("--settings", default="before,tiles,merge,now", help="comma list of before, tiles, merge, now")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    settings = args.settings.split(",")
+    if bad := [s for s in settings if s not in ("before", "tiles", "merge", "now")]:
+        ap.error(f"unknown settings {bad}")
+    result = {**run_info(), "floors": floors(), "settings": settings, "weights": args.weights}
+    result["rows"] = [r for fam in args.families.split(",") for r in family(fam, args.weights, settings, args.repeats)]
+    save(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
