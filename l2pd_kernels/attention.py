@@ -46,6 +46,7 @@ def _pool_attention_kernel(
     scale_log2, GROUP, DENSE_L, DENSE_T, DENSE_TILES, KEY_CHUNK, NH,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DENSE: tl.constexpr,
     SPLIT: tl.constexpr, MERGE: tl.constexpr, QLIM: tl.constexpr, PDL: tl.constexpr = 0):
+    # MERGE: the chunk count where the last program of a (tile, head) merges them (0: a second kernel does)
     pdl_wait(PDL)
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -121,8 +122,8 @@ def _pool_attention_kernel(
             tl.debug_barrier()  # every thread's part written before the count says so
             slot = tile * tl.num_programs(1) + h
             arrived = tl.atomic_add(cnt_ptr + slot, 1, sem="acq_rel")
-            if arrived == tl.num_programs(2) - 1:
-                out = _merge_chunks(part_ptr, lse_ptr, r, mq, d, NH, tl.num_programs(2), D)
+            if arrived == MERGE - 1:
+                out = _merge_chunks(part_ptr, lse_ptr, r, mq, d, NH, MERGE, D)
                 tl.store(o_ptr + tok[:, None] * son + h * soh + d[None, :], out.to(o_ptr.dtype.element_ty),
                          mask=mq[:, None])
                 tl.atomic_xchg(cnt_ptr + slot, 0)
@@ -132,13 +133,14 @@ def _pool_attention_kernel(
 
 
 @triton.jit
-def _merge_chunks(part_ptr, lse_ptr, r, mr, d, NH, SPLITS, D: tl.constexpr):
+def _merge_chunks(part_ptr, lse_ptr, r, mr, d, NH, SPLITS: tl.constexpr, D: tl.constexpr):
     """The merged output of rows ``r`` (token * heads + head) over their key chunks, in chunk order: weights
-    2^(lse_s - max) (an online log-sum-exp). Loads bypass L1 (other SMs wrote the parts)."""
+    2^(lse_s - max) (an online log-sum-exp). Loads bypass L1 (other SMs wrote the parts); the loop is unrolled,
+    so every chunk's loads go out before the first is used."""
     m_i = tl.load(lse_ptr + r, mask=mr, other=0.0, cache_modifier=".cg")  # chunk 0 is never empty (k_len >= 1)
     acc = tl.load(part_ptr + r[:, None] * D + d[None, :], mask=mr[:, None], other=0.0, cache_modifier=".cg")
     l_i = tl.full(m_i.shape, 1.0, tl.float32)
-    for s in range(1, SPLITS):
+    for s in tl.static_range(1, SPLITS):
         ls = tl.load(lse_ptr + s * NH + r, mask=mr, other=float("-inf"), cache_modifier=".cg")
         o = tl.load(part_ptr + (s * NH + r)[:, None] * D + d[None, :], mask=mr[:, None], other=0.0,
                     cache_modifier=".cg")
@@ -152,7 +154,8 @@ def _merge_chunks(part_ptr, lse_ptr, r, mr, d, NH, SPLITS, D: tl.constexpr):
 
 
 @triton.jit
-def _combine_kernel(part_ptr, lse_ptr, o_ptr, NH, SPLITS, D: tl.constexpr, BR: tl.constexpr, PDL: tl.constexpr = 0):
+def _combine_kernel(part_ptr, lse_ptr, o_ptr, NH, SPLITS: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+                    PDL: tl.constexpr = 0):
     """Merge the key chunks of BR (token, head) pairs (where the attention kernel does not merge them itself)."""
     pdl_wait(PDL)
     r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
@@ -198,12 +201,14 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: 
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(1), out.stride(2),
         1.0 / math.sqrt(D) * 1.4426950408889634, H // k_cache.shape[1], *dense, key_chunk, N * H,
         D=D, BM=block_m, BN=block_n, IEEE=q.dtype == torch.float32 or _INTERPRET, DENSE=seg is None,
-        SPLIT=split, MERGE=counters is not None, QLIM=qlim is not None and seg is None, num_warps=num_warps,
+        SPLIT=split, MERGE=splits if counters is not None else 0, QLIM=qlim is not None and seg is None,
+        num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}), **pdl(q.device, "attention"),
     )
     if split and counters is None:  # merge_rows (token, head) pairs per program of the merge
-        _combine_kernel[(triton.cdiv(N * H, merge_rows),)](part, lse, out, N * H, splits, D=D, BR=merge_rows,
-                                                           num_warps=4, **pdl(q.device, "attention_combine"))
+        _combine_kernel[(triton.cdiv(N * H, merge_rows),)](part, lse, out, N * H, SPLITS=splits, D=D,
+                                                           BR=merge_rows, num_warps=4,
+                                                           **pdl(q.device, "attention_combine"))
     return out
 
 
