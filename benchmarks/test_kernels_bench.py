@@ -165,24 +165,20 @@ def _pool_case(rows: int, queries: int, keys: int = 768, H: int = 32, D: int = 1
 @cuda
 @pytest.mark.parametrize("shape", ["llada-8b", "llada2-mini"])
 @pytest.mark.parametrize("splits", [1, 2, 4, 8, 12, 16])
-@pytest.mark.parametrize("merge", ["last", "kernel4", "kernel16"])
+@pytest.mark.parametrize("merge_rows", [4, 16])
 @pytest.mark.parametrize("keys", [768, 4096])
-def test_pool_attention_split(benchmark, monkeypatch, shape, splits, merge, keys):
+def test_pool_attention_split(benchmark, shape, splits, merge_rows, keys):
     """A batch-1 cached step's pool attention (32 queries over 768 or 4,096 keys: canvases 512 + 256 and
     3,072 + 1,024) with its keys split across programs and merged: at LLaDA-8B shapes (32 heads) and
-    LLaDA2.0-mini's (16 heads over 4 K/V heads), whose 16 programs leave most SMs idle in one pass. ``merge``:
-    by the last program of each (tile, head) to finish (``last``, the default), or by a second kernel of 4 or
-    16 (token, head) pairs per program."""
-    from l2pd_kernels import attention
+    LLaDA2.0-mini's (16 heads over 4 K/V heads), whose 16 programs leave most SMs idle in one pass;
+    ``merge_rows``: the (token, head) pairs per merging program."""
     from l2pd_kernels.attention import pool_attention, pool_tiles
 
     heads = {"llada-8b": (32, 32), "llada2-mini": (16, 4)}[shape]
     q, k, v, seg, nbytes = _pool_case(1, 32, keys, H=heads[0], Hkv=heads[1])
     tiles = pool_tiles(seg.cpu()).cuda()
-    if splits == 1 and merge != "last":
+    if splits == 1 and merge_rows != 4:
         pytest.skip("one pass: no merge")
-    monkeypatch.setattr(attention, "MERGE_IN_KERNEL", merge == "last")
-    merge_rows = int(merge[6:]) if merge != "last" else 16
     chunk = -(-keys // splits // 64) * 64  # whole 64-key loops (8 asked of 768: 6 chunks of 128)
     fn = lambda: pool_attention(q, k, v, seg, tiles, splits=-(-keys // chunk), key_chunk=chunk,  # noqa: E731
                                 merge_rows=merge_rows)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import arrival_counters, pdl, pdl_wait, sm_count
+from .device import pdl, pdl_wait, sm_count
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # queries per program of pool_attention: 64 was fastest at LLaDA-8B shapes on an H200 for step segments (32 or
@@ -33,20 +33,15 @@ SPLIT_MIN_KEYS = 2048  # below this, and with fewer than 4 chunks, SDPA's one pa
 POOL_SPLITS = int(os.environ.get("L2PD_POOL_SPLITS", "0"))
 POOL_MAX_SPLITS = 8
 POOL_MERGE_ROWS = 4
-# split keys are merged by the last of a (query tile, head)'s programs to finish (a counter per pair), not by a
-# second kernel: one launch less per layer. L2PD_POOL_MERGE=kernel merges in the second kernel instead
-MERGE_IN_KERNEL = os.environ.get("L2PD_POOL_MERGE", "last") != "kernel"
-MAX_MERGE_SLOTS = 1 << 14  # (query tile, head) pairs one launch may merge in place; more: the second kernel
 
 
 @triton.jit
 def _pool_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, seg_ptr, tiles_ptr, part_ptr, lse_ptr, cnt_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, seg_ptr, tiles_ptr, part_ptr, lse_ptr,
     sqn, sqh, skr, skh, skw, svr, svh, svw, son, soh,
     scale_log2, GROUP, DENSE_L, DENSE_T, DENSE_TILES, KEY_CHUNK, NH,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DENSE: tl.constexpr,
-    SPLIT: tl.constexpr, MERGE: tl.constexpr, QLIM: tl.constexpr, PDL: tl.constexpr = 0):
-    # MERGE: the chunk count where the last program of a (tile, head) merges them (0: a second kernel does)
+    SPLIT: tl.constexpr, QLIM: tl.constexpr, PDL: tl.constexpr = 0):
     pdl_wait(PDL)
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -114,54 +109,37 @@ def _pool_attention_kernel(
         full = l_i > 0
         out = tl.where(full[:, None], acc / tl.where(full, l_i, 1.0)[:, None], 0.0)
         lse = tl.where(full, m_i + tl.log2(tl.where(full, l_i, 1.0)), float("-inf"))
-        r = tok * tl.num_programs(1) + h  # part [splits, N, H, D], lse [splits, N, H]
-        rs = tl.program_id(2).to(tl.int64) * NH + r
-        tl.store(part_ptr + rs[:, None] * D + d[None, :], out, mask=mq[:, None])
-        tl.store(lse_ptr + rs, lse, mask=mq)
-        if MERGE:  # the last of this (tile, head)'s chunks to arrive merges them all: no second kernel
-            tl.debug_barrier()  # every thread's part written before the count says so
-            slot = tile * tl.num_programs(1) + h
-            arrived = tl.atomic_add(cnt_ptr + slot, 1, sem="acq_rel")
-            if arrived == MERGE - 1:
-                out = _merge_chunks(part_ptr, lse_ptr, r, mq, d, NH, MERGE, D)
-                tl.store(o_ptr + tok[:, None] * son + h * soh + d[None, :], out.to(o_ptr.dtype.element_ty),
-                         mask=mq[:, None])
-                tl.atomic_xchg(cnt_ptr + slot, 0)
+        r = tl.program_id(2).to(tl.int64) * NH + tok * tl.num_programs(1) + h  # part [splits, N, H, D]
+        tl.store(part_ptr + r[:, None] * D + d[None, :], out, mask=mq[:, None])
+        tl.store(lse_ptr + r, lse, mask=mq)
     else:
         out = acc / l_i[:, None]
         tl.store(o_ptr + tok[:, None] * son + h * soh + d[None, :], out.to(o_ptr.dtype.element_ty), mask=mq[:, None])
 
 
 @triton.jit
-def _merge_chunks(part_ptr, lse_ptr, r, mr, d, NH, SPLITS: tl.constexpr, D: tl.constexpr):
-    """The merged output of rows ``r`` (token * heads + head) over their key chunks, in chunk order: weights
-    2^(lse_s - max) (an online log-sum-exp). Loads bypass L1 (other SMs wrote the parts); the loop is unrolled,
-    so every chunk's loads go out before the first is used."""
-    m_i = tl.load(lse_ptr + r, mask=mr, other=0.0, cache_modifier=".cg")  # chunk 0 is never empty (k_len >= 1)
-    acc = tl.load(part_ptr + r[:, None] * D + d[None, :], mask=mr[:, None], other=0.0, cache_modifier=".cg")
-    l_i = tl.full(m_i.shape, 1.0, tl.float32)
+def _combine_kernel(part_ptr, lse_ptr, o_ptr, NH, SPLITS: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+                    PDL: tl.constexpr = 0):
+    """Merge the key chunks of BR (token, head) pairs: weights 2^(lse_s - max) (an online log-sum-exp), in
+    chunk order. The loop is unrolled (a compile-time chunk count), so every chunk's loads go out before the
+    first is used: 7.3 against 7.7 us for a layer at LLaDA-8B shapes over 768 keys in 4 chunks (H200)."""
+    pdl_wait(PDL)
+    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
+    mr = r < NH
+    d = tl.arange(0, D)
+    m_i = tl.load(lse_ptr + r, mask=mr, other=0.0)  # chunk 0 is never empty (k_len >= 1)
+    acc = tl.load(part_ptr + r[:, None] * D + d[None, :], mask=mr[:, None], other=0.0)
+    l_i = tl.full((BR,), 1.0, tl.float32)
     for s in tl.static_range(1, SPLITS):
-        ls = tl.load(lse_ptr + s * NH + r, mask=mr, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(part_ptr + (s * NH + r)[:, None] * D + d[None, :], mask=mr[:, None], other=0.0,
-                    cache_modifier=".cg")
+        ls = tl.load(lse_ptr + s * NH + r, mask=mr, other=float("-inf"))
+        o = tl.load(part_ptr + (s * NH + r)[:, None] * D + d[None, :], mask=mr[:, None], other=0.0)
         m_new = tl.maximum(m_i, ls)
         alpha = tl.exp2(m_i - m_new)
         w = tl.exp2(ls - m_new)
         acc = acc * alpha[:, None] + w[:, None] * o
         l_i = l_i * alpha + w
         m_i = m_new
-    return acc / l_i[:, None]
-
-
-@triton.jit
-def _combine_kernel(part_ptr, lse_ptr, o_ptr, NH, SPLITS: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
-                    PDL: tl.constexpr = 0):
-    """Merge the key chunks of BR (token, head) pairs (where the attention kernel does not merge them itself)."""
-    pdl_wait(PDL)
-    r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
-    mr = r < NH
-    d = tl.arange(0, D)
-    out = _merge_chunks(part_ptr, lse_ptr, r, mr, d, NH, SPLITS, D)
+    out = acc / l_i[:, None]
     tl.store(o_ptr + r[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=mr[:, None])
 
 
@@ -190,22 +168,17 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: 
     split = splits > 1
     part = torch.empty(splits, N, H, D, dtype=torch.float32, device=q.device) if split else out
     lse = torch.empty(splits, N, H, dtype=torch.float32, device=q.device) if split else out
-    counters = None
-    if split and MERGE_IN_KERNEL and programs * H <= MAX_MERGE_SLOTS:
-        counters = arrival_counters(q.device, "attention", MAX_MERGE_SLOTS)
     dummy = seg if seg is not None else qlim if qlim is not None else out  # (unused pointers of the dense form)
     _pool_attention_kernel[(programs, H, splits)](
         q, k_cache, v_cache, out, dummy, dummy if tiles is None else tiles, part, lse,
-        out if counters is None else counters,
         q.stride(2), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(1), out.stride(2),
         1.0 / math.sqrt(D) * 1.4426950408889634, H // k_cache.shape[1], *dense, key_chunk, N * H,
         D=D, BM=block_m, BN=block_n, IEEE=q.dtype == torch.float32 or _INTERPRET, DENSE=seg is None,
-        SPLIT=split, MERGE=splits if counters is not None else 0, QLIM=qlim is not None and seg is None,
-        num_warps=num_warps,
+        SPLIT=split, QLIM=qlim is not None and seg is None, num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}), **pdl(q.device, "attention"),
     )
-    if split and counters is None:  # merge_rows (token, head) pairs per program of the merge
+    if split:  # merge_rows (token, head) pairs per program of the merge
         _combine_kernel[(triton.cdiv(N * H, merge_rows),)](part, lse, out, N * H, SPLITS=splits, D=D,
                                                            BR=merge_rows, num_warps=4,
                                                            **pdl(q.device, "attention_combine"))
@@ -223,10 +196,9 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ``num_stages``: launch settings (``benchmarks/test_kernels_bench.py`` compares them; 64 keys and 4 warps
     were fastest at LLaDA-8B shapes on an H200; ``block_m`` must be the ``tiles``' own). ``splits`` > 1 with
     ``key_chunk`` (a multiple of ``block_n``; ``splits * key_chunk`` must cover the longest ``k_len``): each
-    program takes one chunk of its segment's keys and the last of a (tile, head)'s programs to finish merges
-    the chunks (flash-decoding; ``MERGE_IN_KERNEL``); a segment's result depends only on its own ``k_len`` and
-    the chunk size, not on the other segments; ``merge_rows`` (a power of two) is the (token, head) pairs each
-    program of the second merge kernel takes, where that kernel merges."""
+    program takes one chunk of its segment's keys and a second kernel merges the chunks (flash-decoding); a
+    segment's result depends only on its own ``k_len`` and the chunk size, not on the other segments;
+    ``merge_rows`` (a power of two) is the (token, head) pairs each merging program takes."""
     _check(q, k_cache, v_cache)
     if q.shape[0] != 1:
         raise ValueError(f"q must be [1, H, N, D], got {tuple(q.shape)}")

@@ -91,12 +91,7 @@ def _workloads() -> None:
     confidence(logits, temperature=0.7, seed=3)
     q = torch.randn(1, 8, 4, 64, dtype=torch.bfloat16).transpose(1, 2)  # laid out [B, L, H, D]; 96 keys, split
     kv = torch.randn(1, 4, 96, 64, dtype=torch.bfloat16)
-    cached_attention(q, kv, kv.clone(), splits=3)  # merged in place by the last chunk's program
-    from l2pd_kernels import attention
-
-    attention.MERGE_IN_KERNEL = False  # and by the second kernel
     cached_attention(q, kv, kv.clone(), splits=3)
-    attention.MERGE_IN_KERNEL = True
     x = torch.randn(300, 48)  # 900 pairs, sorted: the align kernels and the tiled GEMMs (GPU tiles, 64 rows)
     ids, w = ref.moe_route(torch.randn(300, 8), 3, "softmax")
     experts = torch.randn(8, 48, 48), torch.randn(8, 48, 24)

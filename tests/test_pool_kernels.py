@@ -154,7 +154,7 @@ def test_decide_per_row_params_match_reference(eotp, with_filter):
 ])
 @pytest.mark.parametrize("limited", [False, True])
 def test_cached_attention_matches_reference(dtype, B, H, HKV, L, T, D, splits, limited):
-    from l2pd_kernels import attention, cached_attention
+    from l2pd_kernels import cached_attention
 
     q = torch.randn(B, L, H, D, device=DEV).to(dtype).transpose(1, 2)  # rope_qkv's layout
     k = torch.randn(B, HKV, T, D, device=DEV).to(dtype)
@@ -163,9 +163,6 @@ def test_cached_attention_matches_reference(dtype, B, H, HKV, L, T, D, splits, l
     limit = torch.randint(1, T + 1, (B, L), device=DEV) if limited else None
     got = cached_attention(q, k, v, block_m=16, block_n=16, splits=splits, key_limit=limit)
     torch.testing.assert_close(got, ref.cached_attention(q, k, v, key_limit=limit), **TOL[dtype])
-    with pytest.MonkeyPatch.context() as mp:  # merged by a second kernel: the same bits
-        mp.setattr(attention, "MERGE_IN_KERNEL", False)
-        assert torch.equal(cached_attention(q, k, v, block_m=16, block_n=16, splits=splits, key_limit=limit), got)
     assert got.shape == (B, H, L, D) and got.transpose(1, 2).is_contiguous()  # o-projection input as a view
     if limited:  # keys past a query's limit are never read: changing them changes nothing
         k2, v2 = k.clone(), v.clone()
@@ -184,12 +181,10 @@ def test_split_plan_fills_the_gpu_in_whole_key_loops():
     assert chunk % 64 == 0 and (splits - 1) * chunk < 777 <= splits * chunk
 
 
-def test_pool_attention_splits_keep_each_segment_on_its_own(monkeypatch):
+def test_pool_attention_splits_keep_each_segment_on_its_own():
     """With split keys, each segment still matches the reference, and its result (bit for bit) does not
-    depend on the other segments: the chunks follow from its own k_len. The chunks merged by the last program
-    of each (tile, head) give the bits of the second merge kernel, which runs where that is turned off."""
-    from l2pd_kernels import attention, pool_attention
-    from l2pd_kernels.device import arrival_counters
+    depend on the other segments: the chunks follow from its own k_len."""
+    from l2pd_kernels import pool_attention
 
     H, D, R, T = 4, 16, 4, 150
     seg, N = _segments([6, 20, 3], [2, 0, 3], [150, 37, 90])
@@ -201,11 +196,9 @@ def test_pool_attention_splits_keep_each_segment_on_its_own(monkeypatch):
     assert torch.equal(alone, got[:, :, :6])
     with pytest.raises(ValueError, match="key_chunk"):
         pool_attention(q, k, v, seg, block_n=16, key_chunk=40, splits=2)
-    assert int(arrival_counters(q.device, "attention", 1).abs().sum()) == 0  # back at zero for the next launch
-    monkeypatch.setattr(attention, "MERGE_IN_KERNEL", False)  # the second kernel, with 16 or 4 pairs each
-    for rows in (16, 4):
-        assert torch.equal(pool_attention(q, k, v, seg, block_m=16, block_n=16, key_chunk=32, splits=5,
-                                          merge_rows=rows), got)
+    # fewer (token, head) pairs per merging program: the same merge, bit for bit
+    rows4 = pool_attention(q, k, v, seg, block_m=16, block_n=16, key_chunk=32, splits=5, merge_rows=4)
+    assert torch.equal(rows4, got)
     with pytest.raises(ValueError, match="merge_rows"):
         pool_attention(q, k, v, seg, key_chunk=64, splits=2, merge_rows=3)
 

@@ -1,21 +1,17 @@
-"""Do the few-row products' tiles from the occupancy sweep and the key chunks merged in place (no second
-attention kernel) make the whole batch-1 step and ``generate`` faster?
+"""Do the few-row products' tiles and K splits from the occupancy sweep (``benchmarks/skinny_configs.py --splits
+--occupancy``) make the whole batch-1 step and ``generate`` faster?
 
     PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --out runs/step_rules.json
-    PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --families 8b --weights w8a8 \
-        --settings before,now
+    PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --families 8b --weights w8a8
 
-Settings (alternated ``--repeats`` times in one process, each on a fresh engine whose graphs are captured with
-it; ``pool_split_generate.alternate``):
-- ``before``: the tiles and K splits of ``l2pd_kernels.skinny`` as they were (kept below), and the key chunks
-  merged by a second kernel (``l2pd_kernels.attention.MERGE_IN_KERNEL = False``);
-- ``tiles``: today's tiles and splits, the second merge kernel;
-- ``merge``: the old tiles, merged in place;
-- ``now``: both, as shipped.
-Random weights built on the GPU (LLaDA-8B or LLaDA2.0-mini shapes; ``--weights w8a8``: ``l2pd.quantize``
-first), prompt 512 + 256, block 32, dual cache, batch 1, strategy ``steps`` at one token per forward (full
-refresh at LLaDA-8B shapes, window at LLaDA2.0-mini's): the graphed iteration's device time and ``generate``'s
-ms per forward, with whether each setting decoded the first setting's tokens.
+Settings, alternated ``--repeats`` times in one process, each on a fresh engine whose graphs are captured with
+it (``pool_split_generate.alternate``): ``before``, the tiles and K splits of ``l2pd_kernels.skinny`` as they
+were (kept below), and ``now``, as shipped. Random weights built on the GPU (LLaDA-8B or LLaDA2.0-mini shapes;
+``--weights w8a8``: ``l2pd.quantize`` first), prompt 512 + 256, block 32, dual cache, batch 1, strategy
+``steps`` at one token per forward (full refresh at LLaDA-8B shapes, window at LLaDA2.0-mini's): the graphed
+iteration's device time and ``generate``'s ms per forward, with whether each setting decoded the first
+setting's tokens. (In its first form, 442daa9, the study also set key chunks merged in place against the
+second merge kernel: "The few-row products' tiles from the occupancy sweep" in ``benchmarks/RESULTS.md``.)
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ from harness import floors, run_info, save
 from pool_split_generate import alternate, summary
 
 import l2pd
-from l2pd_kernels import attention, skinny
+from l2pd_kernels import skinny
 
 NEW = (skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split)
 
@@ -67,9 +63,7 @@ OLD = (_old_pick_config, _old_pick_config_fp8, _old_pick_split)
 
 
 def apply(setting: str) -> None:
-    tiles = setting in ("tiles", "now")
-    skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = NEW if tiles else OLD
-    attention.MERGE_IN_KERNEL = setting in ("merge", "now")
+    skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = NEW if setting == "now" else OLD
 
 
 @torch.no_grad()
@@ -98,11 +92,11 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--families", default="8b,llada2-mini", help="comma list: 8b, llada2-mini")
     ap.add_argument("--weights", choices=["bf16", "w8a8", "fp8"], default="bf16")
-    ap.add_argument("--settings", default="before,tiles,merge,now", help="comma list of before, tiles, merge, now")
+    ap.add_argument("--settings", default="before,now", help="comma list of before, now")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     settings = args.settings.split(",")
-    if bad := [s for s in settings if s not in ("before", "tiles", "merge", "now")]:
+    if bad := [s for s in settings if s not in ("before", "now")]:
         ap.error(f"unknown settings {bad}")
     result = {**run_info(), "floors": floors(), "settings": settings, "weights": args.weights}
     result["rows"] = [r for fam in args.families.split(",") for r in family(fam, args.weights, settings, args.repeats)]
