@@ -75,13 +75,17 @@ def build_model(model_cls=LLaDAModelLM, config_cls=LLaDAConfig):
 
 
 def build_shape(shape: str):
-    """``build_model`` by a shape's name: ``8b`` (LLaDA-8B) or ``llada2-mini`` (LLaDA2.0-mini)."""
+    """``build_model`` by a shape's name: ``8b`` (LLaDA-8B), ``llada2-mini`` (LLaDA2.0-mini) or ``dream-7b``."""
     if shape == "llada2-mini":
         from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM
 
         return build_model(LLaDA2MoeModelLM, LLaDA2Config)
+    if shape == "dream-7b":
+        from l2pd.models.dream import DreamConfig, DreamModel
+
+        return build_model(DreamModel, DreamConfig)
     if shape != "8b":
-        raise ValueError(f"shape {shape!r}: expected 8b or llada2-mini")
+        raise ValueError(f"shape {shape!r}: expected 8b, llada2-mini or dream-7b")
     return build_model()
 
 

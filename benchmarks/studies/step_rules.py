@@ -6,9 +6,9 @@
 
 Settings, alternated ``--repeats`` times in one process, each on a fresh engine whose graphs are captured with
 it (``pool_split_generate.alternate``): ``before``, the tiles and K splits of ``l2pd_kernels.skinny`` as they
-were (kept below), and ``now``, as shipped. Random weights built on the GPU (LLaDA-8B or LLaDA2.0-mini shapes;
+were (kept below), and ``now``, as shipped. Random weights built on the GPU (LLaDA-8B, LLaDA2.0-mini or Dream-7B shapes;
 ``--weights w8a8``: ``l2pd.quantize`` first), prompt 512 + 256, block 32, dual cache, batch 1, strategy
-``steps`` at one token per forward (full refresh at LLaDA-8B shapes, window at LLaDA2.0-mini's): the graphed
+``steps`` at one token per forward (window refresh at LLaDA2.0-mini's shapes, full elsewhere): the graphed
 iteration's device time and ``generate``'s ms per forward, with whether each setting decoded the first
 setting's tokens. (In its first form, 442daa9, the study also set key chunks merged in place against the
 second merge kernel: "The few-row products' tiles from the occupancy sweep" in ``benchmarks/RESULTS.md``.)
@@ -62,8 +62,11 @@ def _old_pick_split(tiles, k_steps, sms, widened=False, a8=False):
 OLD = (_old_pick_config, _old_pick_config_fp8, _old_pick_split)
 
 
+SETTINGS = {"before": OLD, "now": NEW, "tiles": (*NEW[:2], OLD[2]), "splits": (*OLD[:2], NEW[2])}
+
+
 def apply(setting: str) -> None:
-    skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = NEW if setting == "now" else OLD
+    skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = SETTINGS[setting]
 
 
 @torch.no_grad()
@@ -90,13 +93,14 @@ def family(name: str, weights: str, settings: list[str], repeats: int) -> list[d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--families", default="8b,llada2-mini", help="comma list: 8b, llada2-mini")
+    ap.add_argument("--families", default="8b,llada2-mini", help="comma list: 8b, llada2-mini, dream-7b")
     ap.add_argument("--weights", choices=["bf16", "w8a8", "fp8"], default="bf16")
-    ap.add_argument("--settings", default="before,now", help="comma list of before, now")
+    ap.add_argument("--settings", default="before,now", help="comma list of before, now, tiles (the new tiles, "
+                    "the old K splits), splits (the old tiles, the new K splits)")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     settings = args.settings.split(",")
-    if bad := [s for s in settings if s not in ("before", "now")]:
+    if bad := [s for s in settings if s not in SETTINGS]:
         ap.error(f"unknown settings {bad}")
     result = {**run_info(), "floors": floors(), "settings": settings, "weights": args.weights}
     result["rows"] = [r for fam in args.families.split(",") for r in family(fam, args.weights, settings, args.repeats)]
