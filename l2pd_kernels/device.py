@@ -35,23 +35,6 @@ def smem_bytes(device: torch.device) -> int:
     return _props(device)[2]
 
 
-_counters: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def arrival_counters(device: torch.device, name: str, size: int) -> torch.Tensor | None:
-    """The device's int32 arrival counters of one kind of kernel (``name``): where several programs share an
-    output tile, each adds one as it leaves its part, and the last to arrive (the count says so) finishes the
-    tile and sets its counter back to zero, so they are zero between launches (graph replays included). None
-    while a CUDA graph is being captured before they exist (a capture must not allocate them)."""
-    index = -1 if device.type != "cuda" else (device.index if device.index is not None else torch.cuda.current_device())
-    key = (name, index)
-    if key not in _counters:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        _counters[key] = torch.zeros(size, dtype=torch.int32, device=device)
-    return _counters[key]
-
-
 # Programmatic dependent launch (Hopper and later; ``benchmarks/studies/launch_overlap.py``). Each kernel is
 # launched while the one before it in the stream still runs; its programs wait (``griddepcontrol.wait``) for
 # that kernel's completion and writes before they touch memory, so its launch overlaps the other's exit

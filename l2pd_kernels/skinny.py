@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .device import arrival_counters, device_name, pdl, pdl_wait, sm_count, smem_bytes
+from .device import device_name, pdl, pdl_wait, sm_count, smem_bytes
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = int(os.environ.get("L2PD_SKINNY_ROWS", "64"))  # above this, F.linear (compute-bound: cuBLAS)
@@ -164,14 +164,13 @@ def pick_config(rows: int, n: int, k: int, gate: bool, device: str = "") -> tupl
     slice per SM and long K steps; wide ones (q/k/v, the LM head) 128-column slices; the gated product, which
     streams two weights per program, 16-column slices and a shallower pipeline. On an H200 (``--splits``,
     replayed from graphs) the wide gated products and q/k/v run faster in 64-column slices (54 us against 60 us
-    for LLaDA-8B's gate/up), and outputs of 2,048 columns or fewer (LLaDA2.0-mini's output projection) in
-    16-column slices (6.1 us against 6.8: ``--occupancy``); devices not measured take the H200's tiles.
+    for LLaDA-8B's gate/up); devices not measured take the H200's tiles. (``--occupancy`` found 16-column
+    slices faster for LLaDA2.0-mini's output projection, 6.1 us against 6.8, but with them and a bf16 K split
+    Dream-7B's step was 3.6% slower: not taken; ``benchmarks/RESULTS.md``.)
     """
     older = "H100" in device or "A100" in device
     if gate:  # 64-column slices only where they still give every SM programs (a MoE's small shared expert not)
         return (16, 128, 4, 3) if older or n < 8192 else (64, 128, 4, 3)
-    if n <= 2048 and not older:
-        return (16, 256, 4, 4)
     if n <= 8192:
         return (32, 256, 4, 4)
     return (128, 128, 4, 4) if older or n > 65536 else (64, 128, 4, 4)
@@ -216,21 +215,27 @@ def _fit(bm: int, bn: int, bk: int, stages: int, gate: bool, elsize: int, limit:
     return bk, stages
 
 
+_counters: dict[int, torch.Tensor] = {}
 MAX_TILES = 1 << 15  # counters per device: the most (N tile, M tile) pairs a split product may have
 
 
 def _tile_counters(device: torch.device) -> torch.Tensor | None:
-    """The device's split-K arrival counters (``arrival_counters``)."""
-    return arrival_counters(device, "skinny", MAX_TILES)
+    """The device's split-K arrival counters (int32, zero between launches: the last program of a tile resets
+    its own); None while a CUDA graph is being captured before any exist (a capture must not allocate them)."""
+    key = -1 if device.type != "cuda" else (device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _counters[key] = torch.zeros(MAX_TILES, dtype=torch.int32, device=device)
+    return _counters[key]
 
 
 def pick_split(tiles: int, k_steps: int, sms: int, widened: bool = False, a8: bool = False) -> int:
     """How many programs share one output tile's K (``benchmarks/skinny_configs.py --splits``, an H200 at 32
-    rows, replayed from graphs). bf16 products: 2 where the tiles fit on the SMs at once with 32 K steps or
-    more (LLaDA-8B's down projection: 30.5 us against 31.8, and 32.0 against 32.7 in an earlier sweep),
-    otherwise none (each program already streams at the SM's rate; the partials cost more than the balance
-    gains). e4m3 weights widened in registers are bound by the widening, so more programs help: up to 4 per SM,
-    each keeping at least 4 K steps (LLaDA-8B's down projection 28 us against 42). e4m3 activations: 2 for
+    rows, replayed from graphs). bf16 products: none (LLaDA-8B's down projection split in two: 30.5 us against
+    31.8, and its step 0.7% faster, but Dream-7B's step 3.6% slower with it and narrower tiles). e4m3 weights
+    widened in registers are bound by the widening, so more programs help: up to 4 per SM, each keeping at
+    least 4 K steps (LLaDA-8B's down projection 28 us against 42). e4m3 activations: 2 for
     outputs of at most half an SM each with 16 K steps or more (down: 18.5 us against 20.1)."""
     if SPLIT_K > 0:
         return max(1, min(SPLIT_K, k_steps))
@@ -238,10 +243,7 @@ def pick_split(tiles: int, k_steps: int, sms: int, widened: bool = False, a8: bo
     if widened:
         while tiles * split * 2 <= 4 * sms and k_steps // (split * 2) >= 4:
             split *= 2
-    elif a8:
-        if 2 * tiles <= sms and k_steps >= 16:
-            split = 2
-    elif tiles <= sms and k_steps >= 32:
+    elif a8 and 2 * tiles <= sms and k_steps >= 16:
         split = 2
     return split
 

@@ -3,15 +3,22 @@
 
     PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --out runs/step_rules.json
     PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --families 8b --weights w8a8
+    PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --families dream-7b \
+        --settings now,occupancy,occupancy-tiles,occupancy-splits
 
 Settings, alternated ``--repeats`` times in one process, each on a fresh engine whose graphs are captured with
-it (``pool_split_generate.alternate``): ``before``, the tiles and K splits of ``l2pd_kernels.skinny`` as they
-were (kept below), and ``now``, as shipped. Random weights built on the GPU (LLaDA-8B, LLaDA2.0-mini or Dream-7B shapes;
-``--weights w8a8``: ``l2pd.quantize`` first), prompt 512 + 256, block 32, dual cache, batch 1, strategy
-``steps`` at one token per forward (window refresh at LLaDA2.0-mini's shapes, full elsewhere): the graphed
-iteration's device time and ``generate``'s ms per forward, with whether each setting decoded the first
-setting's tokens. (In its first form, 442daa9, the study also set key chunks merged in place against the
-second merge kernel: "The few-row products' tiles from the occupancy sweep" in ``benchmarks/RESULTS.md``.)
+it (``pool_split_generate.alternate``); the rules other than the shipped ones are kept below:
+- ``before``: the tiles and K splits of ``l2pd_kernels.skinny`` before the sweep;
+- ``now``: as shipped (the sweep's e4m3 tiles; bf16 as before);
+- ``occupancy``: the sweep's e4m3 tiles and its bf16 choices too (16-column slices for outputs of 2,048
+  columns or fewer; K split in two where the tiles fit on the SMs at once with 32 K steps or more), which made
+  Dream-7B's step slower and were not taken; ``occupancy-tiles`` and ``occupancy-splits``: one of the two.
+Random weights built on the GPU (LLaDA-8B, LLaDA2.0-mini or Dream-7B shapes; ``--weights w8a8``:
+``l2pd.quantize`` first), prompt 512 + 256, block 32, dual cache, batch 1, strategy ``steps`` at one token per
+forward (window refresh at LLaDA2.0-mini's shapes, full elsewhere): the graphed iteration's device time and
+``generate``'s ms per forward, with whether each setting decoded the first setting's tokens. (In its first
+form, 442daa9, the study also set key chunks merged in place against the second merge kernel: "The few-row
+products' tiles from the occupancy sweep" in ``benchmarks/RESULTS.md``.)
 """
 
 from __future__ import annotations
@@ -62,7 +69,21 @@ def _old_pick_split(tiles, k_steps, sms, widened=False, a8=False):
 OLD = (_old_pick_config, _old_pick_config_fp8, _old_pick_split)
 
 
-SETTINGS = {"before": OLD, "now": NEW, "tiles": (*NEW[:2], OLD[2]), "splits": (*OLD[:2], NEW[2])}
+def _occupancy_pick_config(rows, n, k, gate, device=""):
+    if n <= 2048 and not gate and not ("H100" in device or "A100" in device):
+        return (16, 256, 4, 4)
+    return NEW[0](rows, n, k, gate, device)
+
+
+def _occupancy_pick_split(tiles, k_steps, sms, widened=False, a8=False):
+    if not widened and not a8 and skinny.SPLIT_K <= 0 and tiles <= sms and k_steps >= 32:
+        return 2
+    return NEW[2](tiles, k_steps, sms, widened, a8)
+
+
+SETTINGS = {"before": OLD, "now": NEW, "occupancy": (_occupancy_pick_config, NEW[1], _occupancy_pick_split),
+            "occupancy-tiles": (_occupancy_pick_config, NEW[1], NEW[2]),
+            "occupancy-splits": (NEW[0], NEW[1], _occupancy_pick_split)}
 
 
 def apply(setting: str) -> None:
@@ -95,8 +116,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--families", default="8b,llada2-mini", help="comma list: 8b, llada2-mini, dream-7b")
     ap.add_argument("--weights", choices=["bf16", "w8a8", "fp8"], default="bf16")
-    ap.add_argument("--settings", default="before,now", help="comma list of before, now, tiles (the new tiles, "
-                    "the old K splits), splits (the old tiles, the new K splits)")
+    ap.add_argument("--settings", default="before,now", help="comma list of " + ", ".join(SETTINGS))
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     settings = args.settings.split(",")
