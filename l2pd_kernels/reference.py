@@ -460,6 +460,24 @@ def linear_gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return silu_mul(gate, up)
 
 
+def linear_rope_qkv(x: torch.Tensor, w: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor,
+                    sin: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor,
+                    rows: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
+                    k_norm: torch.Tensor | None = None, eps: float = 1e-6, scale: torch.Tensor | None = None,
+                    a8: bool = False, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``rope_qkv`` of the q, k and v column slices of x [B, S, K] times w [(heads + 2 kv_heads) * D, K]
+    (``linear``; e4m3 w with ``scale``: ``linear_fp8``, or ``linear_w8a8`` with ``a8``)."""
+    if scale is None:
+        qkv = linear(x, w)
+    else:
+        qkv = linear_w8a8(x, w, scale, xq) if a8 else linear_fp8(x, w, scale)
+    B, S = x.shape[:2]
+    D = w.shape[0] // (heads + 2 * kv_heads)
+    q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], -1)
+    return rope_qkv(q.view(B, S, heads, D), k.view(B, S, kv_heads, D), v.view(B, S, kv_heads, D), cos, sin,
+                    k_out, v_out, slots, rows, q_norm, k_norm, eps)
+
+
 def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor | None = None,
              q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6

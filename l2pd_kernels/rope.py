@@ -95,6 +95,44 @@ def _rope_qkv_kernel(
     tl.store(out + VHALF, tl.load(base + VHALF, mask=gm, other=0.0).to(vo_ptr.dtype.element_ty), mask=gm)
 
 
+@triton.jit
+def _rope_tail(src_ptr, rm, M, stride_m, head, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr,
+               qw_ptr, kw_ptr, eps, S, H, HKV, T, D: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr,
+               ROWS: tl.constexpr, NORM: tl.constexpr):
+    """``_rope_qkv_kernel``'s work for one head of the rows ``rm`` of a q/k/v product, read back from the
+    product's output ``src_ptr`` (row stride ``stride_m``; head ``head`` of H q, then HKV k, then HKV v heads,
+    D columns each) as ``rope_qkv`` would read it: the same functions on the same values, so the same bits.
+    Row t is token t of [B, S] (cos/sin [B, S, HALF] and q_out [B, S, H, D] contiguous; k_out/v_out
+    [R, HKV, T, D] contiguous)."""
+    t = rm[:, None]
+    ok = t < M
+    tt = tl.where(ok, t, 0).to(tl.int64)
+    s = tt % S
+    src = src_ptr + tt * stride_m + head * D
+    slot = tl.load(slots_ptr + s, mask=ok, other=0).to(tl.int64)
+    kb = tl.load(rows_ptr + s, mask=ok, other=0).to(tl.int64) if ROWS else tt // S  # the K/V's cache row
+    if head < H + HKV:  # q or k: normed first (per-head norms), then rotated
+        j = tl.arange(0, HALF)[None, :]
+        c = tl.load(cos_ptr + tt * HALF + j, mask=ok, other=0.0)
+        sn = tl.load(sin_ptr + tt * HALF + j, mask=ok, other=0.0)
+        if head < H:
+            dst = qo_ptr + (tt * H + head) * D
+            w_ptr = qw_ptr
+        else:
+            dst = ko_ptr + ((kb * HKV + (head - H)) * T + slot) * D
+            w_ptr = kw_ptr
+        inv = _head_inv(src, ok, eps, D) if NORM else None
+        _rotate(src + j, dst + j, ok, c, sn, inv, w_ptr, j, HALF, NORM)
+        if REST > 0:  # partial RoPE: the dims past the rotated ones pass through
+            r = 2 * HALF + tl.arange(0, REST)[None, :]
+            x = _load(src + r, ok, inv, w_ptr, r, NORM)
+            tl.store(dst + r, x.to(dst.dtype.element_ty), mask=ok)
+    else:  # v: copied into its slot
+        jd = tl.arange(0, D)[None, :]
+        v_dst = vo_ptr + ((kb * HKV + (head - H - HKV)) * T + slot) * D + jd  # (a name apart: another shape)
+        tl.store(v_dst, tl.load(src + jd, mask=ok, other=0.0).to(vo_ptr.dtype.element_ty), mask=ok)
+
+
 def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor | None = None,
              q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .device import device_name, pdl, pdl_wait, sm_count, smem_bytes
+from .rope import _rope_tail
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = int(os.environ.get("L2PD_SKINNY_ROWS", "64"))  # above this, F.linear (compute-bound: cuBLAS)
@@ -47,10 +48,15 @@ def _mac(acc, xt, wt, SWAP: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
-                   stride_wn, stride_om, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                   stride_wn, stride_om,
+                   cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S, H, HKV, T,
+                   GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                    UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PDL: tl.constexpr = 0):
+                   ROPE: tl.constexpr = 0, HALF: tl.constexpr = 1, REST: tl.constexpr = 0,
+                   ROWS: tl.constexpr = 0, NORM: tl.constexpr = 0, PDL: tl.constexpr = 0):
+    # ROPE: a q/k/v product whose programs each hold one head (BLOCK_N = head_dim) then do ``rope_qkv``'s work
+    # for it (``linear_rope_qkv``): the arguments from cos_ptr to T are that op's, unused otherwise
     pdl_wait(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -102,6 +108,10 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N
     tile_ok = m_ok & (rn[None, :] < N)
     if SPLIT == 1:
         _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8)
+        if ROPE:  # the head's product is written: read it back as rope_qkv would (same bits), rotate, place
+            tl.debug_barrier()
+            _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
+                       vo_ptr, qw_ptr, kw_ptr, eps, S, H, HKV, T, BLOCK_N, HALF, REST, ROWS, NORM)
     else:
         # split K: each program leaves its fp32 partial; the last of a tile's SPLIT programs to arrive sums
         # them in split order (the same bits whichever arrives last), resets the tile's counter for the next
@@ -252,11 +262,15 @@ def pick_split(tiles: int, k_steps: int, sms: int, widened: bool = False, a8: bo
 SPLIT_K = int(os.environ.get("L2PD_SKINNY_SPLIT", "0"))
 
 
-def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None, split=None):
+def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None, split=None, rope=None):
+    """One launch of the kernel; ``rope`` (``linear_rope_qkv``): the dict of its arguments and constants
+    (``ROPE_ARGS``, ``head_dim``, ``HALF``, ``REST``, ``ROWS``, ``NORM``): one head per program, K whole."""
     M, K = x2.shape
     a8 = x_scale is not None
     bn, bk, warps, stages = cfg or (pick_config_fp8(M, n_out, K, gate, a8) if scale is not None else
                                     pick_config(M, n_out, K, gate, device_name(x2.device)))
+    if rope is not None:  # one head per program; K steps of 128 keep a head-wide pipeline in shared memory
+        bn, bk, split = rope["head_dim"], min(bk, 128), 1
     bm = max(16, triton.next_power_of_2(min(M, 64)))
     if cfg is None:
         bk, stages = _fit(bm, bn, bk, stages, gate, x2.element_size(), smem_bytes(x2.device))
@@ -272,13 +286,16 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     split = triton.cdiv(K, k_split)  # no program without K
     part = out if split == 1 else torch.empty(split * (2 if gate else 1) * M * n_out, dtype=torch.float32,
                                               device=x2.device)
+    rope_args = rope["args"] if rope is not None else (out,) * 9 + (0.0, 1, 1, 1, 1)
+    rope_consts = {k: rope[k] for k in ("HALF", "REST", "ROWS", "NORM")} if rope is not None else {}
     _skinny_kernel[(grid_n, grid_m, split)](
         x2, w, w if scale is None else scale, w if x_scale is None else x_scale, out, part,
         out if counters is None else counters, M, n_out, K, k_split, x2.stride(0), w.stride(0), out.stride(0),
-        GATE=gate, EVEN_K=K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
+        *rope_args, GATE=gate, EVEN_K=K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
         UPCAST=_INTERPRET and (x2.dtype == torch.bfloat16 or a8),  # no fp8 dot on the CPU
         FP8=scale is not None, A8=a8, SWAP=_swap(a8) if swap is None else swap, SPLIT=split, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, **pdl(x2.device, "skinny"))
+        BLOCK_N=bn, BLOCK_K=bk, ROPE=int(rope is not None), **rope_consts, num_warps=warps, num_stages=stages,
+        **pdl(x2.device, "skinny"))
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

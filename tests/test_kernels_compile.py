@@ -102,6 +102,22 @@ def _workloads() -> None:
                       shared_weights=tuple(t.to(dt) for t in shared))
     for kind in ("fp8", "w8a8"):  # e4m3 weights; and e4m3 activations, quantized in the norm or on their own
         adapter_for(l2pd.quantize(tiny_model(1).to(torch.bfloat16), kind)).forward(prompt, fused=True)
+    # the q/k/v product with rope_qkv's work in its programs: head_dim 128 (LLaDA-8B's, LLaDA2.0-mini's), full
+    # and partial RoPE with per-head norms into pool rows, bf16 and e4m3
+    from l2pd_kernels import linear_rope_qkv
+
+    xb = torch.randn(1, 5, 96, dtype=torch.bfloat16)
+    wb = torch.randn(8 * 128, 96, dtype=torch.bfloat16) / 10
+    kc = torch.zeros(2, 2, 9, 128, dtype=torch.bfloat16)
+    slots, rows = torch.arange(5), torch.zeros(5, dtype=torch.int64)
+    nw = dict(q_norm=torch.ones(128, dtype=torch.bfloat16), k_norm=torch.ones(128, dtype=torch.bfloat16))
+    for half, extra in ((64, {}), (32, dict(rows=rows, **nw))):
+        cs = torch.rand(1, 5, half)
+        linear_rope_qkv(xb, wb, 4, 2, cs, cs, kc[:1] if not extra else kc, kc.clone()[:1] if not extra else
+                        kc.clone(), slots, **extra)
+    w8, s8 = ref.quantize_fp8(wb)
+    for a8 in (False, True):
+        linear_rope_qkv(xb, w8, 4, 2, cs, cs, kc, kc.clone(), slots, rows=rows, scale=s8, a8=a8, **nw)
 
 
 def record() -> list[dict]:
@@ -173,6 +189,7 @@ def test_every_kernel_launch_compiles_for_hopper_and_the_a100():
             "_partial_kernel", "_merge_kernel", "_gate_up_kernel", "_down_kernel", "_route_kernel",
             "_align_count_kernel", "_align_place_kernel", "_quantize_rows_kernel", "_combine_kernel"
             } <= kernels, sorted(kernels)
+    assert any(c["kernel"] == "_skinny_kernel" and c["constexprs"].get("ROPE") for c in cases)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, __file__], input=json.dumps(cases), env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=900)

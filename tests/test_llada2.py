@@ -391,11 +391,19 @@ def test_the_engine_kernel_path_decodes_block_causal_rows_as_the_reference_path(
 
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
-def test_the_engine_packed_forward_with_kernels_decodes_as_the_reference_ops():
+@pytest.mark.parametrize("fused_rope", [False, True])
+def test_the_engine_packed_forward_with_kernels_decodes_as_the_reference_ops(fused_rope, monkeypatch):
     """The engine's packed forward through the kernels (q/k norms inside rope_qkv, pool attention, the MoE)
-    against the same engine on the reference ops: the same tokens (fp32)."""
+    against the same engine on the reference ops: the same tokens (fp32); ``fused_rope``: the fused q/k/v
+    product does rope_qkv's work (partial RoPE, q/k norms) in the same launch (``L2PD_FUSED_ROPE``)."""
+    import l2pd_kernels
     from l2pd.engine import Engine
+    from l2pd.models import decoder
 
+    monkeypatch.setattr(decoder, "FUSED_ROPE", fused_rope)
+    calls = []
+    real = l2pd_kernels.linear_rope_qkv
+    monkeypatch.setattr(l2pd_kernels, "linear_rope_qkv", lambda *a, **k: calls.append(1) or real(*a, **k))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_llada2(12).to(dev)
     out = []
@@ -405,6 +413,7 @@ def test_the_engine_packed_forward_with_kernels_decodes_as_the_reference_ops():
         engine.run()
         out.append([r.tokens for r in reqs])
     assert out[0] == out[1] and sum(map(len, out[0])) >= 4
+    assert bool(calls) == fused_rope
 
 
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),

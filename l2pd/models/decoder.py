@@ -340,33 +340,20 @@ def _decoder_forward(
     delta = None  # the last residual branch, added inside the next norm
     for layer, blk in enumerate(dec.layers):
         h, x, hq = _norm(ops, x, blk.attn_norm, eps, delta, _a8(blk.q if blk.qkv is None else blk.qkv))
-        widths = [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim]
-        if blk.qkv is not None:  # a fused projection (LLaDA 2.x); q, k, v are column slices
-            q, k, v = _lin(ops, h, blk.qkv, hq).split(widths, -1)
-        elif (qkv := _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])) is not None:  # one matmul
-            q, k, v = _packed_linear(ops, h, qkv, blk, "_l2pd_qkv", [blk.q, blk.k, blk.v], hq).split(widths, -1)
-        else:
-            q, k, v = _proj(ops, h, blk.q, hq), _proj(ops, h, blk.k, hq), _proj(ops, h, blk.v, hq)
-        q = q.view(bsz, seq, n_heads, head_dim)
-        k = k.view(bsz, seq, n_kv, head_dim)
-        v = v.view(bsz, seq, n_kv, head_dim)
-        qk_norm = _qk_norm(blk, q.dtype, eps)  # per head, before RoPE: inside rope_qkv where it can be
-        if blk.q_norm is not None and qk_norm is None:
-            q, k = _norm(ops, q, blk.q_norm, eps, None)[0], _norm(ops, k, blk.k_norm, eps, None)[0]
         if cache is not None:  # keys are cached after RoPE, so cached positions are never rotated again
             k_all, v_all = cache.k[layer], cache.v[layer]
         else:
-            k_all = torch.empty(bsz, n_kv, seq, head_dim, dtype=k.dtype, device=device)
+            k_all = torch.empty(bsz, n_kv, seq, head_dim, dtype=h.dtype, device=device)
             v_all = torch.empty_like(k_all)
+        rows = pack.rows if pack is not None else None
+        rope = (cos, sin, k_all, v_all, fresh_slots if cache is None else slots, rows)
+        q = _qkv_rope(ops, h, hq, blk, n_heads, n_kv, eps, rope)
         if pack is not None:  # each request attends to its own pool row
-            q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, slots, rows=pack.rows, **qk_norm or {})
             att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles, **pool_split)
+        elif split:
+            att = ops.cached_attention(q, k_all, v_all, key_limit=key_limit)
         else:
-            q = ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, fresh_slots if cache is None else slots, **qk_norm or {})
-            if split:
-                att = ops.cached_attention(q, k_all, v_all, key_limit=key_limit)
-            else:
-                att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
+            att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
         a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
         h, x, hq = _norm(ops, x, blk.ff_norm, eps, a, _a8(blk.gate))
         inside = _shared_in_moe(ops, blk, h)  # the shared expert run by the MoE kernels, beside the routed ones
@@ -385,6 +372,73 @@ def _decoder_forward(
     if dec.scale_logits:
         logits = logits * (1.0 / math.sqrt(dec.d_model))
     return logits
+
+
+# L2PD_FUSED_ROPE=1: a few-row q/k/v product does rope_qkv's work in the same launch (linear_rope_qkv): one
+# kernel less per layer; the same bits; off until its speed is measured on a GPU
+FUSED_ROPE = os.environ.get("L2PD_FUSED_ROPE", "0") == "1"
+
+
+def _qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_heads: int, n_kv: int, eps: float,
+              rope: tuple) -> torch.Tensor:
+    """The layer's rotated q [B, H, S, D], with its k and v written into the cache (``rope``: cos, sin, the
+    K/V buffers, the slots and the pool rows or None): the q/k/v product, then ``rope_qkv``; or both in one
+    launch (``FUSED_ROPE``)."""
+    cos, sin, k_all, v_all, slots, rows = rope
+    bsz, seq = h.shape[:2]
+    head_dim = k_all.shape[3]
+    qk_norm = _qk_norm(blk, h.dtype, eps)  # per head, before RoPE: inside rope_qkv where it can be
+    if FUSED_ROPE and ops is not reference:
+        q = _fused_qkv_rope(ops, h, hq, blk, n_heads, n_kv, qk_norm, rope)
+        if q is not None:
+            return q
+    widths = [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim]
+    if blk.qkv is not None:  # a fused projection (LLaDA 2.x); q, k, v are column slices
+        q, k, v = _lin(ops, h, blk.qkv, hq).split(widths, -1)
+    elif (qkv := _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])) is not None:  # one matmul
+        q, k, v = _packed_linear(ops, h, qkv, blk, "_l2pd_qkv", [blk.q, blk.k, blk.v], hq).split(widths, -1)
+    else:
+        q, k, v = _proj(ops, h, blk.q, hq), _proj(ops, h, blk.k, hq), _proj(ops, h, blk.v, hq)
+    q = q.view(bsz, seq, n_heads, head_dim)
+    k = k.view(bsz, seq, n_kv, head_dim)
+    v = v.view(bsz, seq, n_kv, head_dim)
+    if blk.q_norm is not None and qk_norm is None:
+        q, k = _norm(ops, q, blk.q_norm, eps, None)[0], _norm(ops, k, blk.k_norm, eps, None)[0]
+    return ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, slots, rows=rows, **qk_norm or {})
+
+
+def _fused_qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_heads: int, n_kv: int,
+                    qk_norm: dict | None, rope: tuple) -> torch.Tensor | None:
+    """``linear_rope_qkv`` where it applies: a few rows on CUDA (or the interpreter), one bias-free q/k/v
+    weight (LLaDA 2.x's fused one, or the packed buffer) in the activations' dtype or e4m3, per-head norms
+    (if any) inside, contiguous cos/sin and caches; None elsewhere."""
+    from l2pd_kernels.qkv_rope import MAX_HEAD_DIM
+    from l2pd_kernels.skinny import _INTERPRET, MAX_ROWS
+
+    cos, sin, k_all, v_all, slots, rows = rope
+    head_dim = k_all.shape[3]
+    if (not (h.is_cuda or _INTERPRET) or not 0 < h.shape[0] * h.shape[1] <= MAX_ROWS
+            or (blk.q_norm is not None and qk_norm is None)
+            or head_dim & (head_dim - 1) or not 16 <= head_dim <= MAX_HEAD_DIM
+            or not all(t.is_contiguous() for t in (cos, sin, k_all, v_all))):
+        return None
+    if blk.qkv is not None:
+        if getattr(blk.qkv, "bias", None) is not None:
+            return None
+        w, mod = blk.qkv.weight, blk.qkv
+        scale = getattr(mod, "weight_scale", None)
+    else:
+        mods = [blk.q, blk.k, blk.v]
+        w, mod = _packed(blk.owner, "_l2pd_qkv", mods), mods[0]
+        if w is None:
+            return None
+        scale = _packed_scale(blk.owner, "_l2pd_qkv", mods) if w.dtype == torch.float8_e4m3fn else None
+    fp8 = w.dtype == torch.float8_e4m3fn
+    if (fp8 and scale is None) or (not fp8 and w.dtype != h.dtype):
+        return None
+    a8 = fp8 and getattr(mod, "l2pd_w8a8", False)
+    return ops.linear_rope_qkv(h, w, n_heads, n_kv, cos, sin, k_all, v_all, slots, rows=rows, **qk_norm or {},
+                               scale=scale, a8=a8, xq=hq if a8 else None)
 
 
 def _pool_split(ops: Any, pack: Pack, heads: int, keys: int, device: torch.device) -> dict:

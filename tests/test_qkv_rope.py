@@ -1,0 +1,112 @@
+"""linear_rope_qkv (the q/k/v product and rope_qkv in one launch) against the two launches it replaces and the
+PyTorch reference: bf16/fp16/fp32 and e4m3 weights (widened, and with e4m3 activations), grouped-query heads,
+partial RoPE, per-head norms, the engine's cache rows, odd K.
+
+Run on the CPU under TRITON_INTERPRET=1 (the README's test command) or on a GPU; fresh random inputs.
+"""
+
+import os
+
+import pytest
+import torch
+
+from l2pd_kernels import reference as ref
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (the README's test command sets it)",
+)
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=8e-2),
+       torch.float16: dict(rtol=3e-3, atol=3e-3)}
+
+
+def _case(dtype, B, S, H, HKV, D, K, partial, norm, rows, T=13):
+    x = torch.randn(B, S, K, device=DEV).to(dtype)
+    w = (torch.randn((H + 2 * HKV) * D, K, device=DEV) * 2 / K**0.5).to(dtype)
+    half = D // 4 if partial else D // 2
+    pos = torch.randint(0, 4096, (B, S), device=DEV).float()[..., None]
+    f = pos / (10000.0 ** (torch.arange(half, device=DEV, dtype=torch.float32) / half))
+    cos, sin = f.cos().contiguous(), f.sin().contiguous()
+    slots = torch.randperm(T, device=DEV)[:S]
+    kw = dict(rows=torch.randint(0, 3, (S,), device=DEV)) if rows else {}
+    if norm:
+        kw.update(q_norm=torch.rand(D, device=DEV).to(dtype) + 0.5, k_norm=torch.rand(D, device=DEV).to(dtype) + 0.5,
+                  eps=1e-5)
+    return x, w, cos, sin, slots, kw, (3 if rows else B, HKV, T, D)
+
+
+def _caches(shape, dtype):
+    k_out = torch.full(shape, 7.0, device=DEV).to(dtype)  # poisoned: untouched slots stay 7
+    return k_out, k_out.clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("B, S, H, HKV, D, K", [(1, 5, 4, 2, 16, 40), (2, 3, 2, 2, 32, 70), (1, 1, 3, 1, 16, 16)])
+@pytest.mark.parametrize("partial, norm, rows", [(False, False, False), (True, True, False), (False, False, True),
+                                                 (True, True, True)])
+def test_linear_rope_qkv_equals_its_two_launches(monkeypatch, dtype, B, S, H, HKV, D, K, partial, norm, rows):
+    from l2pd_kernels import linear_rope_qkv, rope_qkv, skinny
+
+    if rows and B > 1:
+        pytest.skip("cache rows take one packed sequence (B = 1)")
+    # the same tile for the product in both forms (the fused one takes head_dim columns): the same sums
+    monkeypatch.setattr(skinny, "pick_config", lambda *a, **k: (D, 32, 4, 2))
+    x, w, cos, sin, slots, kw, cache = _case(dtype, B, S, H, HKV, D, K, partial, norm, rows)
+    k1, v1 = _caches(cache, dtype)
+    q1 = linear_rope_qkv(x, w, H, HKV, cos, sin, k1, v1, slots, **kw)
+    qkv = skinny.skinny_matmul(x, w)  # the two launches: the product, then rope_qkv on its column slices
+    q, k, v = qkv.split([H * D, HKV * D, HKV * D], -1)
+    k2, v2 = _caches(cache, dtype)
+    q2 = rope_qkv(q.view(B, S, H, D), k.view(B, S, HKV, D), v.view(B, S, HKV, D), cos, sin, k2, v2, slots, **kw)
+    assert q1.shape == (B, H, S, D) and q1.transpose(1, 2).is_contiguous()
+    assert torch.equal(q1, q2) and torch.equal(k1, k2) and torch.equal(v1, v2)
+    k3, v3 = _caches(cache, dtype)
+    q3 = ref.linear_rope_qkv(x, w, H, HKV, cos, sin, k3, v3, slots, **kw)
+    torch.testing.assert_close(q1, q3, **TOL[dtype])
+    torch.testing.assert_close(k1, k3, **TOL[dtype])
+    torch.testing.assert_close(v1, v3, **TOL[dtype])
+    assert int((k1 == 7).sum()) == int((k3 == 7).sum())  # the same slots written
+
+
+@pytest.mark.parametrize("a8", [False, True])
+def test_linear_rope_qkv_fp8(monkeypatch, a8):
+    """e4m3 weights with their channel scales, widened or (a8) against e4m3 activations: the two launches'
+    bits (``linear_fp8`` / ``linear_w8a8``, then ``rope_qkv``) and near the reference."""
+    from l2pd_kernels import linear_fp8, linear_rope_qkv, linear_w8a8, rope_qkv, skinny
+
+    B, S, H, HKV, D, K = 1, 4, 4, 2, 16, 48
+    monkeypatch.setattr(skinny, "pick_config_fp8", lambda *a, **k: (D, 32, 4, 2))
+    monkeypatch.setattr(skinny, "SPLIT_K", 1)  # no K split in the two launches either
+    x, w, cos, sin, slots, kw, cache = _case(torch.bfloat16, B, S, H, HKV, D, K, True, True, True)
+    w8, scale = ref.quantize_fp8(w)
+    k1, v1 = _caches(cache, torch.bfloat16)
+    q1 = linear_rope_qkv(x, w8, H, HKV, cos, sin, k1, v1, slots, scale=scale, a8=a8, **kw)
+    qkv = linear_w8a8(x, w8, scale) if a8 else linear_fp8(x, w8, scale)
+    q, k, v = qkv.split([H * D, HKV * D, HKV * D], -1)
+    k2, v2 = _caches(cache, torch.bfloat16)
+    q2 = rope_qkv(q.view(B, S, H, D), k.view(B, S, HKV, D), v.view(B, S, HKV, D), cos, sin, k2, v2, slots, **kw)
+    assert torch.equal(q1, q2) and torch.equal(k1, k2) and torch.equal(v1, v2)
+    k3, v3 = _caches(cache, torch.bfloat16)
+    q3 = ref.linear_rope_qkv(x, w8, H, HKV, cos, sin, k3, v3, slots, scale=scale, a8=a8, **kw)
+    torch.testing.assert_close(q1, q3, **TOL[torch.bfloat16])
+    torch.testing.assert_close(k1, k3, **TOL[torch.bfloat16])
+
+
+def test_linear_rope_qkv_rejects_bad_input():
+    from l2pd_kernels import linear_rope_qkv
+
+    x, w, cos, sin, slots, kw, cache = _case(torch.bfloat16, 1, 3, 4, 2, 16, 32, False, False, False)
+    k_out, v_out = _caches(cache, torch.bfloat16)
+    with pytest.raises(ValueError, match="heads"):
+        linear_rope_qkv(x, w, 3, 2, cos, sin, k_out, v_out, slots)  # 128 rows are not 7 heads
+    with pytest.raises(ValueError, match="cos/sin"):
+        linear_rope_qkv(x, w, 4, 2, cos[..., :3], sin[..., :3], k_out, v_out, slots)
+    with pytest.raises(ValueError, match="k_out"):
+        linear_rope_qkv(x, w, 4, 2, cos, sin, k_out[:, :1], v_out[:, :1], slots)
+    with pytest.raises(ValueError, match="slots"):
+        linear_rope_qkv(x, w, 4, 2, cos, sin, k_out, v_out, slots.int())
+    with pytest.raises(ValueError, match="dtype"):
+        linear_rope_qkv(x.float(), w, 4, 2, cos, sin, k_out, v_out, slots)
+    with pytest.raises(ValueError, match="q_norm"):
+        linear_rope_qkv(x, w, 4, 2, cos, sin, k_out, v_out, slots, q_norm=torch.ones(16, device=DEV))
