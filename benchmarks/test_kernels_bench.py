@@ -323,6 +323,41 @@ def test_moe_shared_expert(benchmark, tokens, path):
 
 
 @cuda
+@pytest.mark.parametrize("shape", ["llada-8b", "llada2-mini"])
+@pytest.mark.parametrize("path", ["fused", "apart"])
+def test_linear_rope_qkv(benchmark, shape, path):
+    """A batch-1 step's q/k/v product (32 rows) and ``rope_qkv`` in one launch (``linear_rope_qkv``, one head
+    per program) against the two launches (``linear``, then ``rope_qkv`` on its column slices): LLaDA-8B (32
+    query and key/value heads of 128, K 4,096, full RoPE) and LLaDA2.0-mini (16 and 4 heads, K 2,048, partial
+    RoPE, per-head norms). The graph replays one weight, so it stays in L2: the step study
+    (``benchmarks/studies/step_rules.py --settings now,fused-rope``) is the measure that counts."""
+    from l2pd_kernels import linear, linear_rope_qkv, rope_qkv
+
+    torch.manual_seed(0)
+    H, HKV, K, half, norm = {"llada-8b": (32, 32, 4096, 64, False), "llada2-mini": (16, 4, 2048, 32, True)}[shape]
+    D, S = 128, 32
+    x = torch.randn(1, S, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn((H + 2 * HKV) * D, K, device="cuda", dtype=torch.bfloat16) / K**0.5
+    ang = torch.rand(1, S, half, device="cuda") * 6.28
+    cos, sin = ang.cos(), ang.sin()
+    k_out = torch.zeros(1, HKV, 768, D, device="cuda", dtype=torch.bfloat16)
+    v_out = torch.zeros_like(k_out)
+    slots = torch.arange(S, device="cuda") + 512
+    kw = dict(q_norm=torch.rand(D, device="cuda", dtype=torch.bfloat16) + 0.5,
+              k_norm=torch.rand(D, device="cuda", dtype=torch.bfloat16) + 0.5) if norm else {}
+
+    def apart():
+        q, k, v = linear(x, w).split([H * D, HKV * D, HKV * D], -1)
+        return rope_qkv(q.view(1, S, H, D), k.view(1, S, HKV, D), v.view(1, S, HKV, D), cos, sin, k_out, v_out,
+                        slots, **kw)
+
+    fn = apart if path == "apart" else lambda: linear_rope_qkv(x, w, H, HKV, cos, sin, k_out, v_out, slots, **kw)
+    nbytes = w.numel() * w.element_size()
+    bw = {"weight_GBps": lambda ms: nbytes / ms / 1e6}
+    _run(benchmark, fn, bw, {"graph_" + k_: v_ for k_, v_ in bw.items()})
+
+
+@cuda
 @pytest.mark.parametrize("tokens", [32, 2048])
 @pytest.mark.parametrize("path", ["in-rope", "apart"])
 def test_rope_qk_norm(benchmark, tokens, path):

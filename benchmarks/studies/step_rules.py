@@ -5,6 +5,7 @@
     PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --families 8b --weights w8a8
     PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --families dream-7b \
         --settings now,occupancy,occupancy-tiles,occupancy-splits
+    PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --settings now,fused-rope
 
 Settings, alternated ``--repeats`` times in one process, each on a fresh engine whose graphs are captured with
 it (``pool_split_generate.alternate``); the rules other than the shipped ones are kept below:
@@ -12,7 +13,9 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
 - ``now``: as shipped (the sweep's e4m3 tiles; bf16 as before);
 - ``occupancy``: the sweep's e4m3 tiles and its bf16 choices too (16-column slices for outputs of 2,048
   columns or fewer; K split in two where the tiles fit on the SMs at once with 32 K steps or more), which made
-  Dream-7B's step slower and were not taken; ``occupancy-tiles`` and ``occupancy-splits``: one of the two.
+  Dream-7B's step slower and were not taken; ``occupancy-tiles`` and ``occupancy-splits``: one of the two;
+- ``fused-rope``: as shipped, with the q/k/v product doing ``rope_qkv``'s work in the same launch
+  (``linear_rope_qkv``, ``L2PD_FUSED_ROPE=1``; Dream-7B's q/k/v have biases, so it keeps two launches there).
 Random weights built on the GPU (LLaDA-8B, LLaDA2.0-mini or Dream-7B shapes; ``--weights w8a8``:
 ``l2pd.quantize`` first), prompt 512 + 256, block 32, dual cache, batch 1, strategy ``steps`` at one token per
 forward (window refresh at LLaDA2.0-mini's shapes, full elsewhere): the graphed iteration's device time and
@@ -86,8 +89,14 @@ SETTINGS = {"before": OLD, "now": NEW, "occupancy": (_occupancy_pick_config, NEW
             "occupancy-splits": (NEW[0], NEW[1], _occupancy_pick_split)}
 
 
+SETTINGS["fused-rope"] = NEW  # as shipped, with the q/k/v product doing rope_qkv's work (L2PD_FUSED_ROPE=1)
+
+
 def apply(setting: str) -> None:
+    from l2pd.models import decoder
+
     skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = SETTINGS[setting]
+    decoder.FUSED_ROPE = setting == "fused-rope"
 
 
 @torch.no_grad()
