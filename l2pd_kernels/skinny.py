@@ -48,16 +48,42 @@ def _mac(acc, xt, wt, SWAP: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
-                   stride_wn, stride_om,
-                   cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S, H, HKV, T,
-                   GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                   stride_wn, stride_om, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                    UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   ROPE: tl.constexpr = 0, HALF: tl.constexpr = 1, REST: tl.constexpr = 0,
-                   ROWS: tl.constexpr = 0, NORM: tl.constexpr = 0, PDL: tl.constexpr = 0):
-    # ROPE: a q/k/v product whose programs each hold one head (BLOCK_N = head_dim) then do ``rope_qkv``'s work
-    # for it (``linear_rope_qkv``): the arguments from cos_ptr to T are that op's, unused otherwise
+                   PDL: tl.constexpr = 0):
     pdl_wait(PDL)
+    _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
+                 stride_om, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, 0.0, 1,
+                 1, 1, 1, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 0, 1, 0, 0, 0)
+
+
+@triton.jit
+def _skinny_rope_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
+                        stride_wn, stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr,
+                        kw_ptr, eps, S, H, HKV, T, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                        UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
+                        SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr,
+                        PDL: tl.constexpr = 0):
+    """``_skinny_kernel`` for a q/k/v product whose programs each hold one head (BLOCK_N = head_dim) and then do
+    ``rope_qkv``'s work for it (``linear_rope_qkv``; the arguments from cos_ptr on are that op's). A kernel of
+    its own, so the plain products' launches carry no more arguments than before."""
+    pdl_wait(PDL)
+    _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
+                 stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S, H,
+                 HKV, T, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 1, HALF, REST,
+                 ROWS, NORM)
+
+
+@triton.jit
+def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
+                 stride_wn, stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr,
+                 eps, S, H, HKV, T, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                 UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
+                 SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 ROPE: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr,
+                 NORM: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     k_lo = tl.program_id(2) * K_SPLIT  # this program's share of K (all of it without a split)
@@ -286,16 +312,17 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     split = triton.cdiv(K, k_split)  # no program without K
     part = out if split == 1 else torch.empty(split * (2 if gate else 1) * M * n_out, dtype=torch.float32,
                                               device=x2.device)
-    rope_args = rope["args"] if rope is not None else (out,) * 9 + (0.0, 1, 1, 1, 1)
-    rope_consts = {k: rope[k] for k in ("HALF", "REST", "ROWS", "NORM")} if rope is not None else {}
-    _skinny_kernel[(grid_n, grid_m, split)](
+    kernel, rope_args, rope_consts = _skinny_kernel, (), {}
+    if rope is not None:
+        kernel, rope_args = _skinny_rope_kernel, rope["args"]
+        rope_consts = {k: rope[k] for k in ("HALF", "REST", "ROWS", "NORM")}
+    kernel[(grid_n, grid_m, split)](
         x2, w, w if scale is None else scale, w if x_scale is None else x_scale, out, part,
         out if counters is None else counters, M, n_out, K, k_split, x2.stride(0), w.stride(0), out.stride(0),
         *rope_args, GATE=gate, EVEN_K=K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
         UPCAST=_INTERPRET and (x2.dtype == torch.bfloat16 or a8),  # no fp8 dot on the CPU
         FP8=scale is not None, A8=a8, SWAP=_swap(a8) if swap is None else swap, SPLIT=split, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, ROPE=int(rope is not None), **rope_consts, num_warps=warps, num_stages=stages,
-        **pdl(x2.device, "skinny"))
+        BLOCK_N=bn, BLOCK_K=bk, **rope_consts, num_warps=warps, num_stages=stages, **pdl(x2.device, "skinny"))
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
