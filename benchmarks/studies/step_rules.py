@@ -21,7 +21,7 @@ Random weights built on the GPU (LLaDA-8B, LLaDA2.0-mini or Dream-7B shapes; ``-
 forward (window refresh at LLaDA2.0-mini's shapes, full elsewhere): the graphed iteration's device time and
 ``generate``'s ms per forward, with whether each setting decoded the first setting's tokens. (In its first
 form, 442daa9, the study also set key chunks merged in place against the second merge kernel: "The few-row
-products' tiles from the occupancy sweep" in ``benchmarks/RESULTS.md``.)
+products' tiles from an occupancy sweep" in ``benchmarks/RESULTS.md``.)
 """
 
 from __future__ import annotations
