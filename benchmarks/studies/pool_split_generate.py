@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import time
 
 import torch
 from decode_8b import EngineStep, build_shape
@@ -69,15 +70,30 @@ def attention_ms(model, refresh: str) -> dict:
 
 
 @torch.no_grad()
-def alternate(model, settings: list[str], apply, repeats: int, tpf: int, refresh: str) -> dict[str, dict]:
+def alternate(model, settings: list[str], apply, repeats: int, tpf: int, refresh: str,
+              warmup_s: float = 3.0) -> dict[str, dict]:
     """Each setting in turn (``apply(setting)``), ``repeats`` times, each on a fresh engine: the graphed
     iteration's device time (median of 50 replays) and ``generate``'s ms per forward (median of 3 decodes at
-    ``tpf`` tokens per forward, after two that compile and capture), with each run's tokens."""
+    ``tpf`` tokens per forward, after two that compile and capture), with each run's tokens. First, ``warmup_s``
+    seconds of the first setting's replays, not counted: the first run of a call was its fastest in the H200
+    studies whichever setting went first (clocks before sustained load, likely)."""
     torch.manual_seed(0)
     ids = torch.randint(0, 126000, (1, P), device="cuda")
     kw = dict(max_new_tokens=G, block_length=L, strategy="steps", steps=G // tpf, cache="dual", refresh=refresh,
               return_dict_in_generate=True)
     runs: dict[str, dict[str, list]] = {s: {"replay_ms": [], "generate_ms": [], "tokens": []} for s in settings}
+    if warmup_s > 0:
+        apply(settings[0])
+        st = EngineStep(model, 1, "dual", refresh, True, True)
+        for _ in range(3):
+            st.step()
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < warmup_s:
+            for _ in range(20):
+                st.replay()
+            torch.cuda.synchronize()
+        del st
+        release(model)
     for _ in range(repeats):
         for setting in settings:
             apply(setting)
