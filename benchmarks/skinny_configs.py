@@ -110,9 +110,9 @@ def time_layer(layer: str, rows: int) -> dict:
 MINI_LAYERS = {"mini_qkv": (3072, 2048), "mini_out": (2048, 2048), "mini_head": (157184, 2048)}
 
 
-# tiles that leave room for two or more programs per SM (an H200 SM streams about 23 GB/s of weight per program
-# of the picked tiles, one program per SM: less than the 32 GB/s per SM its HBM can feed), with K splits to make
-# enough programs ("Prefetching weights into L2" in benchmarks/RESULTS.md)
+# tiles that leave room for two or more programs per SM, with K splits to make enough programs; on an H200 the
+# bf16 ones were no faster than the picked tiles (a product's cost is its bytes plus about 4 us), the e4m3 ones
+# gave the a8 tiles ("The few-row products' tiles from an occupancy sweep" in benchmarks/RESULTS.md)
 OCCUPANCY_CANDIDATES = [(bn, bk, 4, st) for bn in (16, 32, 64) for bk in (64, 128, 256) for st in (2, 3, 4)]
 # the same for e4m3 weights and activations (a byte per element: K steps twice as long for the same bytes)
 OCCUPANCY_CANDIDATES_A8 = [(bn, bk, 4, st) for bn in (16, 32, 64) for bk in (128, 256, 512) for st in (2, 3, 4)]

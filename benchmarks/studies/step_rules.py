@@ -40,16 +40,8 @@ from l2pd_kernels import skinny
 NEW = (skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split)
 
 
-def _old_pick_config(rows, n, k, gate, device=""):
-    older = "H100" in device or "A100" in device
-    if gate:
-        return (16, 128, 4, 3) if older or n < 8192 else (64, 128, 4, 3)
-    if n <= 8192:
-        return (32, 256, 4, 4)
-    return (128, 128, 4, 4) if older or n > 65536 else (64, 128, 4, 4)
-
-
 def _old_pick_config_fp8(rows, n, k, gate, a8=False):
+    """The e4m3 tiles before the sweep (the bf16 tiles and every K split are still the shipped ones)."""
     if a8:
         if n > 65536:
             return (128, 256, 4, 4)
@@ -57,19 +49,7 @@ def _old_pick_config_fp8(rows, n, k, gate, a8=False):
     return (64, 256, 4, 3)
 
 
-def _old_pick_split(tiles, k_steps, sms, widened=False, a8=False):
-    if skinny.SPLIT_K > 0:
-        return max(1, min(skinny.SPLIT_K, k_steps))
-    split = 1
-    if widened:
-        while tiles * split * 2 <= 4 * sms and k_steps // (split * 2) >= 4:
-            split *= 2
-    elif a8 and 2 * tiles <= sms and k_steps >= 16:
-        split = 2
-    return split
-
-
-OLD = (_old_pick_config, _old_pick_config_fp8, _old_pick_split)
+OLD = (NEW[0], _old_pick_config_fp8, NEW[2])
 
 
 def _occupancy_pick_config(rows, n, k, gate, device=""):
