@@ -101,7 +101,8 @@ def _rope_tail(src_ptr, rm, M, stride_m, head, cos_ptr, sin_ptr, slots_ptr, rows
                ROWS: tl.constexpr, NORM: tl.constexpr):
     """``_rope_qkv_kernel``'s work for one head of the rows ``rm`` of a q/k/v product, read back from the
     product's output ``src_ptr`` (row stride ``stride_m``; head ``head`` of H q, then HKV k, then HKV v heads,
-    D columns each) as ``rope_qkv`` would read it: the same functions on the same values, so the same bits.
+    D columns each) as ``rope_qkv`` would read it: the same functions on the same values, so the same bits
+    (with per-head norms, on a GPU, up to the fp32 order of the squares' sum over another tile shape).
     Row t is token t of [B, S] (cos/sin [B, S, HALF] and q_out [B, S, H, D] contiguous; k_out/v_out
     [R, HKV, T, D] contiguous)."""
     t = rm[:, None]

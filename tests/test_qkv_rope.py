@@ -36,6 +36,17 @@ def _case(dtype, B, S, H, HKV, D, K, partial, norm, rows, T=13):
     return x, w, cos, sin, slots, kw, (3 if rows else B, HKV, T, D)
 
 
+def _same(a, b, norm):
+    """The two launches' bits; on a GPU with per-head norms, within one rounding step of them: each sums a
+    head's squares over its own tile shape, so the fp32 order (and now and then a last bit) may differ."""
+    if DEV == "cpu" or not norm:
+        assert torch.equal(a, b)
+        return
+    step = torch.finfo(a.dtype).eps * b.float().abs().amax(-1, keepdim=True)  # a last bit of the head's largest
+    assert bool(((a.float() - b.float()).abs() <= 4 * step).all()), float((a.float() - b.float()).abs().max())
+    assert float((a != b).float().mean()) < 0.05  # a last-bit difference now and then, not a different norm
+
+
 def _caches(shape, dtype):
     k_out = torch.full(shape, 7.0, device=DEV).to(dtype)  # poisoned: untouched slots stay 7
     return k_out, k_out.clone()
@@ -60,7 +71,9 @@ def test_linear_rope_qkv_equals_its_two_launches(monkeypatch, dtype, B, S, H, HK
     k2, v2 = _caches(cache, dtype)
     q2 = rope_qkv(q.view(B, S, H, D), k.view(B, S, HKV, D), v.view(B, S, HKV, D), cos, sin, k2, v2, slots, **kw)
     assert q1.shape == (B, H, S, D) and q1.transpose(1, 2).is_contiguous()
-    assert torch.equal(q1, q2) and torch.equal(k1, k2) and torch.equal(v1, v2)
+    _same(q1, q2, norm)
+    _same(k1, k2, norm)
+    assert torch.equal(v1, v2)
     k3, v3 = _caches(cache, dtype)
     q3 = ref.linear_rope_qkv(x, w, H, HKV, cos, sin, k3, v3, slots, **kw)
     torch.testing.assert_close(q1, q3, **TOL[dtype])
@@ -86,7 +99,9 @@ def test_linear_rope_qkv_fp8(monkeypatch, a8):
     q, k, v = qkv.split([H * D, HKV * D, HKV * D], -1)
     k2, v2 = _caches(cache, torch.bfloat16)
     q2 = rope_qkv(q.view(B, S, H, D), k.view(B, S, HKV, D), v.view(B, S, HKV, D), cos, sin, k2, v2, slots, **kw)
-    assert torch.equal(q1, q2) and torch.equal(k1, k2) and torch.equal(v1, v2)
+    _same(q1, q2, True)
+    _same(k1, k2, True)
+    assert torch.equal(v1, v2)
     k3, v3 = _caches(cache, torch.bfloat16)
     q3 = ref.linear_rope_qkv(x, w8, H, HKV, cos, sin, k3, v3, slots, scale=scale, a8=a8, **kw)
     torch.testing.assert_close(q1, q3, **TOL[torch.bfloat16])

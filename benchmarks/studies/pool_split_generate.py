@@ -81,7 +81,8 @@ def alternate(model, settings: list[str], apply, repeats: int, tpf: int, refresh
     ids = torch.randint(0, 126000, (1, P), device="cuda")
     kw = dict(max_new_tokens=G, block_length=L, strategy="steps", steps=G // tpf, cache="dual", refresh=refresh,
               return_dict_in_generate=True)
-    runs: dict[str, dict[str, list]] = {s: {"replay_ms": [], "generate_ms": [], "tokens": []} for s in settings}
+    runs: dict[str, dict[str, list]] = {s: {"replay_ms": [], "generate_ms": [], "tokens": [], "forwards": []}
+                                       for s in settings}
     if warmup_s > 0:
         apply(settings[0])
         st = EngineStep(model, 1, "dual", refresh, True, True)
@@ -109,6 +110,7 @@ def alternate(model, settings: list[str], apply, repeats: int, tpf: int, refresh
             outs = [generate(model, ids, **kw) for _ in range(3)]
             runs[setting]["generate_ms"].append(statistics.median(o.seconds / o.forwards * 1e3 for o in outs))
             runs[setting]["tokens"].append(outs[0].sequences[0, P:].tolist())
+            runs[setting]["forwards"].append(outs[0].forwards)
             release(model)
             torch.cuda.empty_cache()
     return runs
@@ -119,6 +121,7 @@ def summary(runs: dict[str, dict], setting: str, first: str) -> dict:
     r = runs[setting]
     return {"replay_ms": statistics.median(r["replay_ms"]), "replay_runs": r["replay_ms"],
             "generate_ms": statistics.median(r["generate_ms"]), "generate_runs": r["generate_ms"],
+            "forwards": r.get("forwards", []),
             "same_tokens": all(t == runs[first]["tokens"][0] for t in r["tokens"])}
 
 

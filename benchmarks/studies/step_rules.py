@@ -15,7 +15,10 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
   columns or fewer; K split in two where the tiles fit on the SMs at once with 32 K steps or more), which made
   Dream-7B's step slower and were not taken; ``occupancy-tiles`` and ``occupancy-splits``: one of the two;
 - ``fused-rope``: as shipped, with the q/k/v product doing ``rope_qkv``'s work in the same launch
-  (``linear_rope_qkv``, ``L2PD_FUSED_ROPE=1``; Dream-7B's q/k/v have biases, so it keeps two launches there).
+  (``linear_rope_qkv``, ``L2PD_FUSED_ROPE=1``; Dream-7B's q/k/v have biases, so it keeps two launches there);
+- ``fold-norms``: as shipped, with each RMSNorm begun in the epilogue of the product before it and finished in
+  the product after it (``linear_residual``, ``rms_linear``; ``L2PD_FOLD_NORMS=1``: LLaDA-8B's two norms per
+  layer, Dream-7B's MLP norm, LLaDA2.0-mini's norm after its dense layer); ``fused-both``: both.
 Random weights built on the GPU (LLaDA-8B, LLaDA2.0-mini or Dream-7B shapes; ``--weights w8a8``:
 ``l2pd.quantize`` first), prompt 512 + 256, block 32, dual cache, batch 1, strategy ``steps`` at one token per
 forward (window refresh at LLaDA2.0-mini's shapes, full elsewhere): the graphed iteration's device time and
@@ -70,13 +73,16 @@ SETTINGS = {"before": OLD, "now": NEW, "occupancy": (_occupancy_pick_config, NEW
 
 
 SETTINGS["fused-rope"] = NEW  # as shipped, with the q/k/v product doing rope_qkv's work (L2PD_FUSED_ROPE=1)
+SETTINGS["fold-norms"] = NEW  # as shipped, with the norms inside the products around them (L2PD_FOLD_NORMS=1)
+SETTINGS["fused-both"] = NEW  # both
 
 
 def apply(setting: str) -> None:
     from l2pd.models import decoder
 
     skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = SETTINGS[setting]
-    decoder.FUSED_ROPE = setting == "fused-rope"
+    decoder.FUSED_ROPE = setting in ("fused-rope", "fused-both")
+    decoder.FOLD_NORMS = setting in ("fold-norms", "fused-both")
 
 
 @torch.no_grad()
