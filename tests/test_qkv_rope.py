@@ -44,7 +44,8 @@ def _same(a, b, norm):
         return
     step = torch.finfo(a.dtype).eps * b.float().abs().amax(-1, keepdim=True)  # a last bit of the head's largest
     assert bool(((a.float() - b.float()).abs() <= 4 * step).all()), float((a.float() - b.float()).abs().max())
-    assert float((a != b).float().mean()) < 0.05  # a last-bit difference now and then, not a different norm
+    if a.element_size() == 2:  # rounding to 16 bits hides most fp32 order differences
+        assert float((a != b).float().mean()) < 0.05  # a last-bit difference now and then, not another norm
 
 
 def _caches(shape, dtype):
