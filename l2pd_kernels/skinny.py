@@ -184,6 +184,10 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
             tl.atomic_xchg(cnt_ptr + tile, 0)
             _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, K, stride_om, res_ptr, g_ptr,
                       xg_ptr, ssq_ptr, n_part, norm_eps, GATE, FP8, A8, RES, RMS, NPART)
+            if ROPE:  # the last program of a head's K shares does its rope_qkv work
+                tl.debug_barrier()
+                _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
+                           vo_ptr, qw_ptr, kw_ptr, eps, S, H, HKV, T, BLOCK_N, HALF, REST, ROWS, NORM)
 
 
 @triton.jit
@@ -323,6 +327,18 @@ def pick_split(tiles: int, k_steps: int, sms: int, widened: bool = False, a8: bo
     return split
 
 
+def pick_rope_split(tiles: int, k_steps: int, sms: int) -> int:
+    """How many programs share a head's K in ``linear_rope_qkv`` (one head per program): a model of few heads
+    (LLaDA2.0-mini: 24 heads of q, k and v) would stream its weight on a fifth of an H200's SMs, so K is split
+    until the programs cover the SMs once, each keeping 4 K steps or more (the last to arrive does the RoPE)."""
+    if SPLIT_K > 0:
+        return max(1, min(SPLIT_K, k_steps))
+    split = 1
+    while tiles * split * 2 <= sms and k_steps // (split * 2) >= 4:
+        split *= 2
+    return split
+
+
 # 0: the rule of ``pick_split``; n > 0: every product splits K n ways
 SPLIT_K = int(os.environ.get("L2PD_SKINNY_SPLIT", "0"))
 
@@ -330,7 +346,8 @@ SPLIT_K = int(os.environ.get("L2PD_SKINNY_SPLIT", "0"))
 def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None, split=None, rope=None,
             res=None, rms=None):
     """One launch of the kernel; ``rope`` (``linear_rope_qkv``): the dict of its arguments and constants
-    (``ROPE_ARGS``, ``head_dim``, ``HALF``, ``REST``, ``ROWS``, ``NORM``): one head per program, K whole.
+    (``ROPE_ARGS``, ``head_dim``, ``HALF``, ``REST``, ``ROWS``, ``NORM``): one head per program, K split by
+    ``pick_rope_split``.
     ``res`` (``linear_residual``): (residual, norm weight, x * weight out): returns the rows' sums of squares
     per column tile [tiles, M] it writes; ``rms``: such sums and eps, of the norm whose input times its weight
     x is."""
@@ -339,13 +356,15 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     bn, bk, warps, stages = cfg or (pick_config_fp8(M, n_out, K, gate, a8) if scale is not None else
                                     pick_config(M, n_out, K, gate, device_name(x2.device)))
     if rope is not None:  # one head per program; K steps of 128 keep a head-wide pipeline in shared memory
-        bn, bk, split = rope["head_dim"], min(bk, 128), 1
+        bn, bk = rope["head_dim"], min(bk, 128)
     bm = max(16, triton.next_power_of_2(min(M, 64)))
     if cfg is None:
         bk, stages = _fit(bm, bn, bk, stages, gate, x2.element_size(), smem_bytes(x2.device))
     grid_n, grid_m = triton.cdiv(n_out, bn), triton.cdiv(M, bm)
     k_steps = triton.cdiv(K, bk)
-    if split is None:
+    if split is None and rope is not None:
+        split = pick_rope_split(grid_n * grid_m, k_steps, sm_count(x2.device))
+    elif split is None:
         split = pick_split(grid_n * grid_m, k_steps, sm_count(x2.device), scale is not None and not a8, a8)
     split = max(1, min(split, k_steps))
     counters = _tile_counters(x2.device) if split > 1 and grid_n * grid_m <= MAX_TILES else None

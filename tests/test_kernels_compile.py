@@ -127,8 +127,13 @@ def _workloads() -> None:
     wd = torch.randn(128, 4096, dtype=torch.bfloat16) / 64
     rms_linear(xg, wd, (ssq, 1e-6))
     gate_up_silu(xg, wd, (ssq, 1e-6))
-    linear_rope_qkv(xg, torch.randn(8 * 128, 4096, dtype=torch.bfloat16) / 64, 4, 2, cs, cs, kc, kc.clone(), slots,
-                    rows=rows, rms=(ssq, 1e-6), **nw)
+    from l2pd_kernels import skinny
+
+    for split in (0, 4):  # and each head's K shared by 4 programs (LLaDA2.0-mini's few heads on an H200)
+        skinny.SPLIT_K, old = split, skinny.SPLIT_K
+        linear_rope_qkv(xg, torch.randn(8 * 128, 4096, dtype=torch.bfloat16) / 64, 4, 2, cs, cs, kc, kc.clone(),
+                        slots, rows=rows, rms=(ssq, 1e-6), **nw)
+        skinny.SPLIT_K = old
 
 
 def record() -> list[dict]:

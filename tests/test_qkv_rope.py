@@ -83,6 +83,39 @@ def test_linear_rope_qkv_equals_its_two_launches(monkeypatch, dtype, B, S, H, HK
     assert int((k1 == 7).sum()) == int((k3 == 7).sum())  # the same slots written
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("split", [2, 3])
+def test_linear_rope_qkv_with_k_split_equals_its_two_launches(monkeypatch, dtype, split):
+    """Each head's K shared by several programs (``pick_rope_split``: few heads on many SMs), the last to arrive
+    doing the RoPE: the two launches' bits with the same split, and close to the reference."""
+    from l2pd_kernels import linear_rope_qkv, rope_qkv, skinny
+
+    B, S, H, HKV, D, K = 1, 5, 4, 2, 16, 200
+    monkeypatch.setattr(skinny, "pick_config", lambda *a, **k: (D, 32, 4, 2))
+    monkeypatch.setattr(skinny, "SPLIT_K", split)
+    x, w, cos, sin, slots, kw, cache = _case(dtype, B, S, H, HKV, D, K, True, True, True)
+    k1, v1 = _caches(cache, dtype)
+    q1 = linear_rope_qkv(x, w, H, HKV, cos, sin, k1, v1, slots, **kw)
+    q, k, v = skinny.skinny_matmul(x, w).split([H * D, HKV * D, HKV * D], -1)
+    k2, v2 = _caches(cache, dtype)
+    q2 = rope_qkv(q.view(B, S, H, D), k.view(B, S, HKV, D), v.view(B, S, HKV, D), cos, sin, k2, v2, slots, **kw)
+    _same(q1, q2, True)
+    _same(k1, k2, True)
+    assert torch.equal(v1, v2)
+    k3, v3 = _caches(cache, dtype)
+    q3 = ref.linear_rope_qkv(x, w, H, HKV, cos, sin, k3, v3, slots, **kw)
+    torch.testing.assert_close(q1, q3, **TOL[dtype])
+    torch.testing.assert_close(k1, k3, **TOL[dtype])
+
+
+def test_few_heads_split_k_to_cover_the_sms():
+    from l2pd_kernels.skinny import pick_rope_split
+
+    assert pick_rope_split(24, 16, 132) == 4  # LLaDA2.0-mini's 24 heads, K 2,048 in steps of 128
+    assert pick_rope_split(96, 32, 132) == 1  # LLaDA-8B's 96 heads already cover the SMs
+    assert pick_rope_split(8, 6, 132) == 1  # never below 4 K steps a program
+
+
 @pytest.mark.parametrize("a8", [False, True])
 def test_linear_rope_qkv_fp8(monkeypatch, a8):
     """e4m3 weights with their channel scales, widened or (a8) against e4m3 activations: the two launches'
