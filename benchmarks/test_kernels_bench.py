@@ -330,7 +330,7 @@ def test_linear_rope_qkv(benchmark, shape, path):
     per program) against the two launches (``linear``, then ``rope_qkv`` on its column slices): LLaDA-8B (32
     query and key/value heads of 128, K 4,096, full RoPE) and LLaDA2.0-mini (16 and 4 heads, K 2,048, partial
     RoPE, per-head norms). The graph replays one weight, so it stays in L2: the step study
-    (``benchmarks/studies/step_rules.py --settings now,fused-rope``) is the measure that counts."""
+    (``benchmarks/studies/step_rules.py --settings unfused-rope,fused-rope``) is the measure that counts."""
     from l2pd_kernels import linear, linear_rope_qkv, rope_qkv
 
     torch.manual_seed(0)

@@ -5,8 +5,10 @@ tiles from an occupancy sweep" in ``benchmarks/RESULTS.md``: about 4 us per prod
 such kernel per layer. Here the skinny product runs with one head per program (a tile of ``head_dim``
 columns); each program writes its head's product, then reads it back and does ``rope_qkv``'s work for it
 (per-head norms, rotation, the K/V cache write) with the same device functions, so q, k and v come out with
-the bits of the two launches. Off in the forward unless ``L2PD_FUSED_ROPE=1`` (``l2pd.models.decoder``):
-built and tested, its speed not measured yet. Semantics: ``l2pd_kernels.reference.linear_rope_qkv``.
+the bits of the two launches (with per-head norms, on a GPU, up to the order of the squares' sum). Few heads
+leave SMs idle, so their K is split among programs (``skinny.pick_rope_split``). The forward uses it where it
+paid on an H200 (``l2pd.models.decoder._rope_fuses``; ``L2PD_FUSED_ROPE``). Semantics:
+``l2pd_kernels.reference.linear_rope_qkv``.
 """
 
 from __future__ import annotations

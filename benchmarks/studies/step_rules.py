@@ -5,7 +5,7 @@
     PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --families 8b --weights w8a8
     PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --families dream-7b \
         --settings now,occupancy,occupancy-tiles,occupancy-splits
-    PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --settings now,fused-rope
+    PYTHONPATH=.:benchmarks python benchmarks/studies/step_rules.py --settings unfused-rope,fused-rope
 
 Settings, alternated ``--repeats`` times in one process, each on a fresh engine whose graphs are captured with
 it (``pool_split_generate.alternate``); the rules other than the shipped ones are kept below:
@@ -14,11 +14,13 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
 - ``occupancy``: the sweep's e4m3 tiles and its bf16 choices too (16-column slices for outputs of 2,048
   columns or fewer; K split in two where the tiles fit on the SMs at once with 32 K steps or more), which made
   Dream-7B's step slower and were not taken; ``occupancy-tiles`` and ``occupancy-splits``: one of the two;
-- ``fused-rope``: as shipped, with the q/k/v product doing ``rope_qkv``'s work in the same launch
-  (``linear_rope_qkv``, ``L2PD_FUSED_ROPE=1``; Dream-7B's q/k/v have biases, so it keeps two launches there);
-- ``fold-norms``: as shipped, with each RMSNorm begun in the epilogue of the product before it and finished in
+- ``fused-rope`` / ``unfused-rope``: the q/k/v product doing ``rope_qkv``'s work in the same launch
+  (``linear_rope_qkv``) wherever it applies / nowhere (``L2PD_FUSED_ROPE=1`` / ``0``; shipped: where it paid,
+  ``l2pd.models.decoder._rope_fuses``; Dream-7B's q/k/v have biases, so it keeps two launches there);
+- ``fold-norms``: RoPE unfused, each RMSNorm begun in the epilogue of the product before it and finished in
   the product after it (``linear_residual``, ``rms_linear``; ``L2PD_FOLD_NORMS=1``: LLaDA-8B's two norms per
   layer, Dream-7B's MLP norm, LLaDA2.0-mini's norm after its dense layer); ``fused-both``: both.
+(The H200 runs of 2026-12-02 named "now" the shipped rule of then: RoPE unfused everywhere.)
 Random weights built on the GPU (LLaDA-8B, LLaDA2.0-mini or Dream-7B shapes; ``--weights w8a8``:
 ``l2pd.quantize`` first), prompt 512 + 256, block 32, dual cache, batch 1, strategy ``steps`` at one token per
 forward (window refresh at LLaDA2.0-mini's shapes, full elsewhere): the graphed iteration's device time and
@@ -72,8 +74,9 @@ SETTINGS = {"before": OLD, "now": NEW, "occupancy": (_occupancy_pick_config, NEW
             "occupancy-splits": (NEW[0], NEW[1], _occupancy_pick_split)}
 
 
-SETTINGS["fused-rope"] = NEW  # as shipped, with the q/k/v product doing rope_qkv's work (L2PD_FUSED_ROPE=1)
-SETTINGS["fold-norms"] = NEW  # as shipped, with the norms inside the products around them (L2PD_FOLD_NORMS=1)
+SETTINGS["fused-rope"] = NEW  # the q/k/v product doing rope_qkv's work wherever it applies (L2PD_FUSED_ROPE=1)
+SETTINGS["unfused-rope"] = NEW  # never (L2PD_FUSED_ROPE=0)
+SETTINGS["fold-norms"] = NEW  # unfused RoPE, the norms inside the products around them (L2PD_FOLD_NORMS=1)
 SETTINGS["fused-both"] = NEW  # both
 
 
@@ -81,7 +84,8 @@ def apply(setting: str) -> None:
     from l2pd.models import decoder
 
     skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = SETTINGS[setting]
-    decoder.FUSED_ROPE = setting in ("fused-rope", "fused-both")
+    decoder.FUSED_ROPE = {"fused-rope": True, "fused-both": True, "unfused-rope": False, "fold-norms": False}.get(
+        setting)  # None: the shipped rule
     decoder.FOLD_NORMS = setting in ("fold-norms", "fused-both")
 
 

@@ -387,13 +387,15 @@ def _decoder_forward(
     return logits
 
 
-# L2PD_FUSED_ROPE=1: a few-row q/k/v product does rope_qkv's work in the same launch (linear_rope_qkv): one
-# kernel less per layer; the same bits; off until its speed is measured on a GPU
-FUSED_ROPE = os.environ.get("L2PD_FUSED_ROPE", "0") == "1"
+# L2PD_FUSED_ROPE: a few-row q/k/v product does rope_qkv's work in the same launch (linear_rope_qkv), one kernel
+# less per layer. "1" wherever it applies, "0" never; unset: where it paid on an H200 (``_rope_fuses``)
+FUSED_ROPE = {"1": True, "0": False}.get(os.environ.get("L2PD_FUSED_ROPE", ""))
 
 
 # L2PD_FOLD_NORMS=1: at a few rows a pre-norm layer's RMSNorms run inside the products around them
-# (``linear_residual`` then ``rms_linear``): two launches fewer per layer; off until measured on a GPU
+# (``linear_residual`` then ``rms_linear``): two launches fewer per layer, but on an H200 LLaDA-8B's step was
+# 3.3% slower (the residual epilogues cost 3 to 6 us, a norm launch in a graph 1.9): off ("Norms split across
+# the products" in benchmarks/RESULTS.md)
 FOLD_NORMS = os.environ.get("L2PD_FOLD_NORMS", "0") == "1"
 
 
@@ -443,7 +445,7 @@ def _qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_heads: 
     bsz, seq = h.shape[:2]
     head_dim = k_all.shape[3]
     qk_norm = _qk_norm(blk, h.dtype, eps)  # per head, before RoPE: inside rope_qkv where it can be
-    if FUSED_ROPE and ops is not reference:
+    if FUSED_ROPE is not False and ops is not reference:
         q = _fused_qkv_rope(ops, h, hq, blk, n_heads, n_kv, qk_norm, rope, rms)
         if q is not None:
             return q
@@ -492,11 +494,23 @@ def _fused_qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_h
             return None
         scale = _packed_scale(blk.owner, "_l2pd_qkv", mods) if w.dtype == torch.float8_e4m3fn else None
     fp8 = w.dtype == torch.float8_e4m3fn
-    if (fp8 and scale is None) or (not fp8 and w.dtype != h.dtype):
+    if (fp8 and scale is None) or (not fp8 and w.dtype != h.dtype) or not _rope_fuses(w, h, n_heads + 2 * n_kv):
         return None
     a8 = fp8 and getattr(mod, "l2pd_w8a8", False)
     return ops.linear_rope_qkv(h, w, n_heads, n_kv, cos, sin, k_all, v_all, slots, rows=rows, **qk_norm or {},
                                scale=scale, a8=a8, xq=hq if a8 else None, rms=rms)
+
+
+def _rope_fuses(w: torch.Tensor, h: torch.Tensor, heads: int) -> bool:
+    """``FUSED_ROPE``, or unset: weights in the activations' dtype and heads for half the SMs or more (one
+    program per head). On an H200 (``benchmarks/studies/step_rules.py``) LLaDA-8B's bf16 step was 1.8% faster
+    fused (96 heads); e4m3 weights against e4m3 activations 2.4% slower (their tiles are wider); LLaDA2.0-mini's
+    24 heads, K split among 4 programs each, tied in ``generate`` and lost 9% in the engine's replays."""
+    if FUSED_ROPE is not None:
+        return FUSED_ROPE
+    from l2pd_kernels.device import sm_count
+
+    return w.dtype == h.dtype and 2 * heads >= sm_count(h.device)
 
 
 def _pool_split(ops: Any, pack: Pack, heads: int, keys: int, device: torch.device) -> dict:
