@@ -454,10 +454,10 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, no
                          f"{tuple(residual.shape)} {residual.dtype} and {tuple(norm_weight.shape)} {norm_weight.dtype}")
     out = torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
     xg = torch.empty_like(out)
-    ssq = torch.zeros(1, x2.shape[0], dtype=torch.float32, device=x.device)
-    if out.numel():
-        ssq = _launch(x2, w, out, w.shape[0], False,
-                      res=(residual.reshape(out.shape).contiguous(), norm_weight.contiguous(), xg))
+    if not out.numel():  # (a fill would be one more launch per call: only where no kernel writes the sums)
+        return out.view(shape), xg.view(shape), torch.zeros(1, x2.shape[0], device=x.device)
+    ssq = _launch(x2, w, out, w.shape[0], False,
+                  res=(residual.reshape(out.shape).contiguous(), norm_weight.contiguous(), xg))
     return out.view(shape), xg.view(shape), ssq
 
 
