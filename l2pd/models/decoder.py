@@ -394,8 +394,8 @@ FUSED_ROPE = {"1": True, "0": False}.get(os.environ.get("L2PD_FUSED_ROPE", ""))
 
 # L2PD_FOLD_NORMS=1: at a few rows a pre-norm layer's RMSNorms run inside the products around them
 # (``linear_residual`` then ``rms_linear``): two launches fewer per layer, but on an H200 LLaDA-8B's step was
-# 3.3% slower (the residual epilogues cost 3 to 6 us, a norm launch in a graph 1.9): off ("Norms split across
-# the products" in benchmarks/RESULTS.md)
+# 1.7% to 3.3% slower (the residual epilogues cost 1.7 to 5 us, a norm launch in a graph 2): off ("The q/k/v
+# product with RoPE in one launch, and RMSNorms split across the products" in benchmarks/RESULTS.md)
 FOLD_NORMS = os.environ.get("L2PD_FOLD_NORMS", "0") == "1"
 
 
