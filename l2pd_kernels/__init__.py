@@ -6,8 +6,7 @@ cached step (``skinny_matmul``, ``gate_up_silu``; ``linear`` and ``linear_gate_u
 and cuBLAS; ``linear_fp8`` and ``linear_w8a8`` for e4m3 weights with per-channel scales, the second with
 per-token e4m3 activations from ``quantize_rows``; ``linear_gate_up_silu_fp8`` the gated half of an MLP from
 packed e4m3 weights), ``linear_rope_qkv`` (a cached step's q/k/v product and ``rope_qkv`` in one launch),
-``linear_residual`` and ``rms_linear`` (an RMSNorm split between the products before and after it: no norm
-launch), ``pool_attention`` (packed requests over the engine's slot pool), ``cached_attention``
+``pool_attention`` (packed requests over the engine's slot pool), ``cached_attention``
 (a cached step's few queries over a long canvas, its keys split across programs), ``fused_moe`` and
 ``moe_route`` (a mixture-of-experts MLP's routed experts and its router). They run on CUDA tensors, and on
 CPU tensors under ``TRITON_INTERPRET=1``; ``l2pd_kernels.reference`` holds the same ops in plain PyTorch.
@@ -22,9 +21,8 @@ from .qkv_rope import linear_rope_qkv
 from .rms_norm import rms_norm, rms_norm_fp8
 from .rope import rope_qkv
 from .silu_mul import silu_mul
-from .skinny import gate_up_silu, linear, linear_gate_up_silu, linear_residual, rms_linear, skinny_matmul
+from .skinny import gate_up_silu, linear, linear_gate_up_silu, skinny_matmul
 
 __all__ = ["cached_attention", "confidence", "decide", "fused_moe", "gate_up_silu", "linear", "linear_fp8",
-           "linear_gate_up_silu", "linear_gate_up_silu_fp8", "linear_residual", "linear_rope_qkv", "linear_w8a8",
-           "moe_route", "pool_attention", "quantize_rows", "rms_linear", "rms_norm", "rms_norm_fp8", "rope_qkv",
-           "silu_mul", "skinny_matmul"]
+           "linear_gate_up_silu", "linear_gate_up_silu_fp8", "linear_rope_qkv", "linear_w8a8", "moe_route",
+           "pool_attention", "quantize_rows", "rms_norm", "rms_norm_fp8", "rope_qkv", "silu_mul", "skinny_matmul"]

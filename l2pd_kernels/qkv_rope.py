@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .skinny import _check_rms, _launch
+from .skinny import _launch
 
 MAX_HEAD_DIM = 256  # one head per program: its columns are the tile's width
 
@@ -24,13 +24,11 @@ def linear_rope_qkv(x: torch.Tensor, w: torch.Tensor, heads: int, kv_heads: int,
                     sin: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor,
                     rows: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
                     k_norm: torch.Tensor | None = None, eps: float = 1e-6, scale: torch.Tensor | None = None,
-                    a8: bool = False, xq: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    rms: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+                    a8: bool = False, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``rope_qkv`` of the q, k and v column slices of ``x @ w.T`` (x [B, S, K]; w [(heads + 2 kv_heads) * D,
     K], fp32/bf16/fp16, or e4m3 with its per-channel ``scale``; ``a8``: against x quantized per row, ``xq`` if
     already made). Writes k and v into ``k_out``/``v_out`` as ``rope_qkv`` does and returns rotated q
-    [B, H, S, D] over [B, S, H, D] memory. cos/sin, q_out and the caches must be contiguous. ``rms``: x is the
-    layer norm's input times its weight, the norm finished here (``skinny.linear_residual``)."""
+    [B, H, S, D] over [B, S, H, D] memory. cos/sin, q_out and the caches must be contiguous."""
     if x.dim() != 3 or w.dim() != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"x [B, S, K] and w [N, K]: got {tuple(x.shape)} and {tuple(w.shape)}")
     B, S, _ = x.shape
@@ -64,11 +62,8 @@ def linear_rope_qkv(x: torch.Tensor, w: torch.Tensor, heads: int, kv_heads: int,
     if norm != (k_norm is not None) or norm and (q_norm.shape != (D,) or k_norm.shape != (D,)
                                                  or q_norm.dtype != x.dtype or k_norm.dtype != x.dtype):
         raise ValueError(f"q_norm and k_norm come together, each [D={D}] in x's dtype ({x.dtype})")
-    if rms is not None and a8:
-        raise ValueError("rms (a norm finished in the product) takes activations in x's dtype, not e4m3 ones")
     x2 = x.reshape(B * S, x.shape[-1])
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    _check_rms(rms, x2)
     q_out = torch.empty(B, S, heads, D, dtype=x.dtype, device=x.device)
     out = torch.empty(B * S, w.shape[0], dtype=x.dtype, device=x.device)  # the product, read back per head
     if B * S:
@@ -83,5 +78,5 @@ def linear_rope_qkv(x: torch.Tensor, w: torch.Tensor, heads: int, kv_heads: int,
             xq8, xs = quantize_rows(x2) if xq is None else xq
             _launch(xq8, w, out, w.shape[0], False, scale=scale, x_scale=xs, rope=rope)
         else:
-            _launch(x2, w, out, w.shape[0], False, scale=scale, rope=rope, rms=rms)
+            _launch(x2, w, out, w.shape[0], False, scale=scale, rope=rope)
     return q_out.transpose(1, 2)

@@ -454,43 +454,20 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, w)
 
 
-def linear_gate_up_silu(x: torch.Tensor, w: torch.Tensor, rms: tuple[torch.Tensor, float] | None = None
-                        ) -> torch.Tensor:
-    """silu(x @ gate.T) * (x @ up.T) for a packed ``w = cat([gate, up])``: the gated MLP's first half; with
-    ``rms`` the products first scaled as ``rms_linear``'s."""
-    gate, up = (torch.nn.functional.linear(x, w) if rms is None else rms_linear(x, w, rms)).chunk(2, -1)
+def linear_gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) for a packed ``w = cat([gate, up])``: the gated MLP's first half."""
+    gate, up = torch.nn.functional.linear(x, w).chunk(2, -1)
     return silu_mul(gate, up)
-
-
-def linear_residual(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(residual + x @ w.T, that times ``norm_weight``, each row's sum of squares of the first as [1, M] fp32):
-    an RMSNorm begun where the residual branch ends; ``rms_linear`` finishes it."""
-    total = residual + linear(x, w)
-    ssq = total.float().pow(2).sum(-1).reshape(1, -1)
-    return total, total * norm_weight, ssq
-
-
-def rms_linear(x: torch.Tensor, w: torch.Tensor, rms: tuple[torch.Tensor, float]) -> torch.Tensor:
-    """x @ w.T with each row scaled by 1 / rms before rounding, rms from ``linear_residual``'s sums of squares
-    (``rms[0]`` [T, M], summed over T) and eps ``rms[1]``; x is the norm's input times its weight, so this is
-    ``linear(rms_norm(x0, g), w)`` up to rounding."""
-    inv = torch.rsqrt(rms[0].sum(0) / x.shape[-1] + rms[1]).reshape(*x.shape[:-1], 1)
-    return (torch.nn.functional.linear(x.float(), w.float()) * inv).to(x.dtype)
 
 
 def linear_rope_qkv(x: torch.Tensor, w: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor,
                     sin: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor,
                     rows: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
                     k_norm: torch.Tensor | None = None, eps: float = 1e-6, scale: torch.Tensor | None = None,
-                    a8: bool = False, xq: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    rms: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+                    a8: bool = False, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``rope_qkv`` of the q, k and v column slices of x [B, S, K] times w [(heads + 2 kv_heads) * D, K]
-    (``linear``, or ``rms_linear`` with ``rms``; e4m3 w with ``scale``: ``linear_fp8``, or ``linear_w8a8`` with
-    ``a8``)."""
-    if rms is not None:
-        qkv = rms_linear(x, w if scale is None else w.float() * scale[:, None], rms)
-    elif scale is None:
+    (``linear``; e4m3 w with ``scale``: ``linear_fp8``, or ``linear_w8a8`` with ``a8``)."""
+    if scale is None:
         qkv = linear(x, w)
     else:
         qkv = linear_w8a8(x, w, scale, xq) if a8 else linear_fp8(x, w, scale)

@@ -55,36 +55,16 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N
     pdl_wait(PDL)
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, 0.0, 1,
-                 1, 1, 1, out_ptr, out_ptr, out_ptr, out_ptr, 1, 0.0, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT,
-                 BLOCK_M, BLOCK_N, BLOCK_K, 0, 1, 0, 0, 0, 0, 0, 1)
-
-
-@triton.jit
-def _skinny_norm_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
-                        stride_wn, stride_om, res_ptr, g_ptr, xg_ptr, ssq_ptr, n_part, norm_eps,
-                        GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                        FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RES: tl.constexpr,
-                        RMS: tl.constexpr, NPART: tl.constexpr, PDL: tl.constexpr = 0):
-    """``_skinny_kernel`` with an RMSNorm split across two products (``linear_residual``, ``rms=``): with RES
-    the output is the residual stream ``res_ptr`` plus the product, and the next norm's input times its weight
-    (``xg_ptr``) and each row's sum of squares over this program's columns (``ssq_ptr`` [tiles, M]) are written
-    beside it; with RMS the product of such an input is scaled by each row's 1 / rms from those sums."""
-    pdl_wait(PDL)
-    _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
-                 stride_om, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, 0.0, 1,
-                 1, 1, 1, res_ptr, g_ptr, xg_ptr, ssq_ptr, n_part, norm_eps, GATE, EVEN_K, IEEE, UPCAST, FP8, A8,
-                 SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 0, 1, 0, 0, 0, RES, RMS, NPART)
+                 1, 1, 1, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 0, 1, 0, 0, 0)
 
 
 @triton.jit
 def _skinny_rope_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
                         stride_wn, stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr,
-                        kw_ptr, eps, S, H, HKV, T, ssq_ptr, n_part, norm_eps, GATE: tl.constexpr,
-                        EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
-                        A8: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr,
-                        ROWS: tl.constexpr, NORM: tl.constexpr, RMS: tl.constexpr, NPART: tl.constexpr,
+                        kw_ptr, eps, S, H, HKV, T, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                        UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
+                        SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr,
                         PDL: tl.constexpr = 0):
     """``_skinny_kernel`` for a q/k/v product whose programs each hold one head (BLOCK_N = head_dim) and then do
     ``rope_qkv``'s work for it (``linear_rope_qkv``; the arguments from cos_ptr on are that op's). A kernel of
@@ -92,19 +72,18 @@ def _skinny_rope_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr,
     pdl_wait(PDL)
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S, H,
-                 HKV, T, out_ptr, out_ptr, out_ptr, ssq_ptr, n_part, norm_eps, GATE, EVEN_K, IEEE, UPCAST, FP8, A8,
-                 SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 1, HALF, REST, ROWS, NORM, 0, RMS, NPART)
+                 HKV, T, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 1, HALF, REST,
+                 ROWS, NORM)
 
 
 @triton.jit
 def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
                  stride_wn, stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr,
-                 eps, S, H, HKV, T, res_ptr, g_ptr, xg_ptr, ssq_ptr, n_part, norm_eps, GATE: tl.constexpr,
-                 EVEN_K: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr,
-                 A8: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
-                 REST: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr, RMS: tl.constexpr,
-                 NPART: tl.constexpr):
+                 eps, S, H, HKV, T, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                 UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
+                 SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 ROPE: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr,
+                 NORM: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     k_lo = tl.program_id(2) * K_SPLIT  # this program's share of K (all of it without a split)
@@ -154,8 +133,7 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
         acc_u = tl.trans(acc_u)
     tile_ok = m_ok & (rn[None, :] < N)
     if SPLIT == 1:
-        _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, K, stride_om, res_ptr, g_ptr,
-                  xg_ptr, ssq_ptr, n_part, norm_eps, GATE, FP8, A8, RES, RMS, NPART)
+        _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8)
         if ROPE:  # the head's product is written: read it back as rope_qkv would (same bits), rotate, place
             tl.debug_barrier()
             _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
@@ -182,8 +160,7 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
                 if GATE:
                     acc_u += tl.load(base + mn, mask=tile_ok, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(cnt_ptr + tile, 0)
-            _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, K, stride_om, res_ptr, g_ptr,
-                      xg_ptr, ssq_ptr, n_part, norm_eps, GATE, FP8, A8, RES, RMS, NPART)
+            _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8)
             if ROPE:  # the last program of a head's K shares does its rope_qkv work
                 tl.debug_barrier()
                 _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
@@ -191,11 +168,9 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
 
 
 @triton.jit
-def _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, K, stride_om, res_ptr, g_ptr, xg_ptr,
-              ssq_ptr, n_part, norm_eps, GATE: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr,
-              RES: tl.constexpr, RMS: tl.constexpr, NPART: tl.constexpr):
-    """Scales (FP8 channel, e4m3 row, RMS: the norm's 1 / rms per row), rounding to the output dtype, the SiLU
-    gate, the residual add and the next norm's partial work (RES), the store."""
+def _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE: tl.constexpr,
+              FP8: tl.constexpr, A8: tl.constexpr):
+    """Scales (FP8 channel, e4m3 row), rounding to the output dtype, the SiLU gate, the store."""
     dt = out_ptr.dtype.element_ty
     if FP8:
         n_in = rn < N
@@ -207,27 +182,13 @@ def _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, K, stri
         acc = acc * xs
         if GATE:
             acc_u = acc_u * xs
-    if RMS:  # x was the norm's input times its weight: each row's 1 / rms, its sums in tile order (fixed)
-        p = tl.arange(0, NPART)[:, None]
-        sq = tl.load(ssq_ptr + p * M + rm[None, :], mask=(p < n_part) & (rm[None, :] < M), other=0.0)
-        inv = tl.rsqrt(tl.sum(sq, 0) / K + norm_eps)[:, None]
-        acc = acc * inv
-        if GATE:
-            acc_u = acc_u * inv
     res = acc.to(dt)
     if GATE:
         g = res.to(tl.float32)
         s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         res = (s * acc_u.to(dt).to(tl.float32)).to(dt)
-    offs = rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    if RES:  # the residual stream plus this product, rounded as ``x + delta``; then the next norm's first half
-        xf = (tl.load(res_ptr + offs, mask=tile_ok, other=0.0).to(tl.float32) + res.to(tl.float32)).to(dt)
-        res = xf
-        xf = xf.to(tl.float32)
-        gw = tl.load(g_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(xg_ptr + offs, (xf * gw).to(dt), mask=tile_ok)
-        tl.store(ssq_ptr + tl.program_id(0) * M + rm, tl.sum(tl.where(tile_ok, xf * xf, 0.0), 1), mask=rm < M)
-    tl.store(out_ptr + offs, res, mask=tile_ok)
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(out_ptrs, res, mask=tile_ok)
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -343,14 +304,10 @@ def pick_rope_split(tiles: int, k_steps: int, sms: int) -> int:
 SPLIT_K = int(os.environ.get("L2PD_SKINNY_SPLIT", "0"))
 
 
-def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None, split=None, rope=None,
-            res=None, rms=None):
+def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None, split=None, rope=None):
     """One launch of the kernel; ``rope`` (``linear_rope_qkv``): the dict of its arguments and constants
     (``ROPE_ARGS``, ``head_dim``, ``HALF``, ``REST``, ``ROWS``, ``NORM``): one head per program, K split by
-    ``pick_rope_split``.
-    ``res`` (``linear_residual``): (residual, norm weight, x * weight out): returns the rows' sums of squares
-    per column tile [tiles, M] it writes; ``rms``: such sums and eps, of the norm whose input times its weight
-    x is."""
+    ``pick_rope_split``."""
     M, K = x2.shape
     a8 = x_scale is not None
     bn, bk, warps, stages = cfg or (pick_config_fp8(M, n_out, K, gate, a8) if scale is not None else
@@ -374,25 +331,17 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     split = triton.cdiv(K, k_split)  # no program without K
     part = out if split == 1 else torch.empty(split * (2 if gate else 1) * M * n_out, dtype=torch.float32,
                                               device=x2.device)
-    kernel, extra, consts = _skinny_kernel, (), {}
-    norm_args = (out, 1, 0.0) if rms is None else (rms[0], rms[0].shape[0], float(rms[1]))
-    if rope is not None or res is not None or rms is not None:
-        consts = {"RMS": int(rms is not None), "NPART": triton.next_power_of_2(norm_args[1])}
+    kernel, rope_args, rope_consts = _skinny_kernel, (), {}
     if rope is not None:
-        kernel, extra = _skinny_rope_kernel, (*rope["args"], *norm_args)
-        consts |= {k: rope[k] for k in ("HALF", "REST", "ROWS", "NORM")}
-    elif res is not None or rms is not None:
-        ssq = norm_args[0] if res is None else torch.empty(grid_n, M, dtype=torch.float32, device=x2.device)
-        kernel, extra = _skinny_norm_kernel, (*(res or (out, out, out)), ssq, *norm_args[1:])
-        consts["RES"] = int(res is not None)
+        kernel, rope_args = _skinny_rope_kernel, rope["args"]
+        rope_consts = {k: rope[k] for k in ("HALF", "REST", "ROWS", "NORM")}
     kernel[(grid_n, grid_m, split)](
         x2, w, w if scale is None else scale, w if x_scale is None else x_scale, out, part,
         out if counters is None else counters, M, n_out, K, k_split, x2.stride(0), w.stride(0), out.stride(0),
-        *extra, GATE=gate, EVEN_K=K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
+        *rope_args, GATE=gate, EVEN_K=K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
         UPCAST=_INTERPRET and (x2.dtype == torch.bfloat16 or a8),  # no fp8 dot on the CPU
         FP8=scale is not None, A8=a8, SWAP=_swap(a8) if swap is None else swap, SPLIT=split, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, **consts, num_warps=warps, num_stages=stages, **pdl(x2.device, "skinny"))
-    return extra[3] if res is not None else None
+        BLOCK_N=bn, BLOCK_K=bk, **rope_consts, num_warps=warps, num_stages=stages, **pdl(x2.device, "skinny"))
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -415,56 +364,16 @@ def skinny_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out.view(*x.shape[:-1], w.shape[0])
 
 
-def gate_up_silu(x: torch.Tensor, w: torch.Tensor, rms: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
-    """``silu(x @ gate.T) * (x @ up.T)`` for a packed ``w = cat([gate, up])`` [2F, K]; ``rms``: x is an RMSNorm's
-    input times its weight and rms the norm's sums of squares (``linear_residual``): the norm is done here."""
+def gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``silu(x @ gate.T) * (x @ up.T)`` for a packed ``w = cat([gate, up])`` [2F, K]."""
     x2 = _check(x, w)
     if w.shape[0] % 2:
         raise ValueError(f"a packed [gate; up] weight has an even number of rows, got {w.shape[0]}")
-    _check_rms(rms, x2)
     f = w.shape[0] // 2
     out = torch.empty(x2.shape[0], f, dtype=x.dtype, device=x.device)
     if out.numel():
-        _launch(x2, w, out, f, True, rms=rms)
+        _launch(x2, w, out, f, True)
     return out.view(*x.shape[:-1], f)
-
-
-def rms_linear(x: torch.Tensor, w: torch.Tensor, rms: tuple[torch.Tensor, float]) -> torch.Tensor:
-    """``rms_norm(x0, g) @ w.T`` given x = x0 * g and rms = (x0's sums of squares per column tile [T, M], eps)
-    from ``linear_residual``: the norm's 1 / rms applied to each output row before rounding."""
-    x2 = _check(x, w)
-    _check_rms(rms, x2)
-    out = torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    if out.numel():
-        _launch(x2, w, out, w.shape[0], False, rms=rms)
-    return out.view(*x.shape[:-1], w.shape[0])
-
-
-def linear_residual(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A residual branch's product and the first half of the RMSNorm after it, in one launch: (``residual + x @
-    w.T`` rounded, that times ``norm_weight`` rounded, the rows' sums of squares of the first per column tile
-    [T, M] in fp32). ``rms_linear`` / ``gate_up_silu(rms=)`` / ``linear_rope_qkv(rms=)`` finish the norm: a
-    pre-norm layer's norm launches fold into the products beside them."""
-    x2 = _check(x, w)
-    shape = (*x.shape[:-1], w.shape[0])
-    if residual.shape != shape or residual.dtype != x.dtype or norm_weight.shape != (w.shape[0],) \
-            or norm_weight.dtype != x.dtype:
-        raise ValueError(f"residual must be {shape} and norm_weight [{w.shape[0]}], both {x.dtype}: got "
-                         f"{tuple(residual.shape)} {residual.dtype} and {tuple(norm_weight.shape)} {norm_weight.dtype}")
-    out = torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-    xg = torch.empty_like(out)
-    if not out.numel():  # (a fill would be one more launch per call: only where no kernel writes the sums)
-        return out.view(shape), xg.view(shape), torch.zeros(1, x2.shape[0], device=x.device)
-    ssq = _launch(x2, w, out, w.shape[0], False,
-                  res=(residual.reshape(out.shape).contiguous(), norm_weight.contiguous(), xg))
-    return out.view(shape), xg.view(shape), ssq
-
-
-def _check_rms(rms: tuple | None, x2: torch.Tensor) -> None:
-    if rms is not None and (rms[0].dim() != 2 or rms[0].shape[1] != x2.shape[0] or rms[0].dtype != torch.float32):
-        raise ValueError(f"rms sums of squares must be fp32 [tiles, {x2.shape[0]}], got {rms[0].dtype} "
-                         f"{tuple(rms[0].shape)}")
 
 
 def _use_kernel(x: torch.Tensor) -> bool:

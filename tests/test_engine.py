@@ -427,27 +427,22 @@ def test_key_split_is_planned_alike_with_and_without_padding(monkeypatch):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="the kernel path needs a GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("split, fused_rope, fold", [(False, False, False), (True, False, False),
-                                                     (False, True, False), (False, False, True), (False, True, True)])
-def test_kernel_path_matches_reference_path(split, fused_rope, fold, monkeypatch):
+@pytest.mark.parametrize("split, fused_rope", [(False, False), (True, False), (False, True)])
+def test_kernel_path_matches_reference_path(split, fused_rope, monkeypatch):
     """The packed forward through the Triton kernels (pool attention, rope rows, per-row decide) gives the
     reference path's tokens on a tiny random model; ``split``: the pool attention's keys split in two chunks
     and merged (as a batch-1 step on a GPU; here the second chunk is empty); ``fused_rope``: the packed q/k/v
-    product does rope_qkv's work in the same launch (``L2PD_FUSED_ROPE``); ``fold``: the RMSNorms run inside
-    the products around them (``L2PD_FOLD_NORMS``)."""
+    product does rope_qkv's work in the same launch (``L2PD_FUSED_ROPE``)."""
     import l2pd_kernels
     import l2pd_kernels.attention as att
     from l2pd.models import adapter_for, decoder
 
-    plans, fused, folded = [], [], []
+    plans, fused = [], []
     if split:
         monkeypatch.setattr(att, "pool_split_plan", lambda *a, **k: plans.append(a) or (2, 64))
     monkeypatch.setattr(decoder, "FUSED_ROPE", fused_rope)
-    monkeypatch.setattr(decoder, "FOLD_NORMS", fold)
     real = l2pd_kernels.linear_rope_qkv
     monkeypatch.setattr(l2pd_kernels, "linear_rope_qkv", lambda *a, **k: fused.append(1) or real(*a, **k))
-    real_res = l2pd_kernels.linear_residual
-    monkeypatch.setattr(l2pd_kernels, "linear_residual", lambda *a, **k: folded.append(1) or real_res(*a, **k))
     model = tiny_model(seed=3, n_kv_heads=2, d_model=64, n_heads=4)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(dev)
@@ -463,7 +458,7 @@ def test_kernel_path_matches_reference_path(split, fused_rope, fold, monkeypatch
         out.append([r.tokens for r in reqs])
     assert out[0] == out[1]
     assert sum(len(t) for t in out[0]) >= 4  # something was decoded on both paths
-    assert bool(plans) == split and bool(fused) == fused_rope and bool(folded) == fold
+    assert bool(plans) == split and bool(fused) == fused_rope
 
 
 def test_stop_ends_every_request_even_beyond_the_free_rows(bundled):

@@ -17,10 +17,9 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
 - ``fused-rope`` / ``unfused-rope``: the q/k/v product doing ``rope_qkv``'s work in the same launch
   (``linear_rope_qkv``) wherever it applies / nowhere (``L2PD_FUSED_ROPE=1`` / ``0``; shipped: where it paid,
   ``l2pd.models.decoder._rope_fuses``; Dream-7B's q/k/v have biases, so it keeps two launches there);
-- ``fold-norms``: RoPE unfused, each RMSNorm begun in the epilogue of the product before it and finished in
-  the product after it (``linear_residual``, ``rms_linear``; ``L2PD_FOLD_NORMS=1``: LLaDA-8B's two norms per
-  layer, Dream-7B's MLP norm, LLaDA2.0-mini's norm after its dense layer); ``fused-both``: both.
-(The H200 runs of 2026-12-02 named "now" the shipped rule of then: RoPE unfused everywhere.)
+(The H200 runs of 2026-12-02 named "now" the shipped rule of then, RoPE unfused everywhere; their settings
+``fold-norms`` and ``fused-both`` ran each RMSNorm inside the products around it, slower and removed since:
+commit 0b1f23e, "The q/k/v product with RoPE in one launch" in ``benchmarks/RESULTS.md``.)
 Random weights built on the GPU (LLaDA-8B, LLaDA2.0-mini or Dream-7B shapes; ``--weights w8a8``:
 ``l2pd.quantize`` first), prompt 512 + 256, block 32, dual cache, batch 1, strategy ``steps`` at one token per
 forward (window refresh at LLaDA2.0-mini's shapes, full elsewhere): the graphed iteration's device time and
@@ -76,17 +75,13 @@ SETTINGS = {"before": OLD, "now": NEW, "occupancy": (_occupancy_pick_config, NEW
 
 SETTINGS["fused-rope"] = NEW  # the q/k/v product doing rope_qkv's work wherever it applies (L2PD_FUSED_ROPE=1)
 SETTINGS["unfused-rope"] = NEW  # never (L2PD_FUSED_ROPE=0)
-SETTINGS["fold-norms"] = NEW  # unfused RoPE, the norms inside the products around them (L2PD_FOLD_NORMS=1)
-SETTINGS["fused-both"] = NEW  # both
 
 
 def apply(setting: str) -> None:
     from l2pd.models import decoder
 
     skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = SETTINGS[setting]
-    decoder.FUSED_ROPE = {"fused-rope": True, "fused-both": True, "unfused-rope": False, "fold-norms": False}.get(
-        setting)  # None: the shipped rule
-    decoder.FOLD_NORMS = setting in ("fold-norms", "fused-both")
+    decoder.FUSED_ROPE = {"fused-rope": True, "unfused-rope": False}.get(setting)  # None: the shipped rule
 
 
 @torch.no_grad()

@@ -338,13 +338,8 @@ def _decoder_forward(
 
     x = F.embedding(input_ids, dec.embed.weight)
     delta = None  # the last residual branch, added inside the next norm
-    normed = None  # the next attention norm's (h, hq, rms), done with the down projection before it
     for layer, blk in enumerate(dec.layers):
-        if normed is None:
-            h, x, hq = _norm(ops, x, blk.attn_norm, eps, delta, _a8(blk.q if blk.qkv is None else blk.qkv))
-            rms = None
-        else:
-            h, hq, rms = normed
+        h, x, hq = _norm(ops, x, blk.attn_norm, eps, delta, _a8(blk.q if blk.qkv is None else blk.qkv))
         if cache is not None:  # keys are cached after RoPE, so cached positions are never rotated again
             k_all, v_all = cache.k[layer], cache.v[layer]
         else:
@@ -352,25 +347,17 @@ def _decoder_forward(
             v_all = torch.empty_like(k_all)
         rows = pack.rows if pack is not None else None
         rope = (cos, sin, k_all, v_all, fresh_slots if cache is None else slots, rows)
-        q = _qkv_rope(ops, h, hq, blk, n_heads, n_kv, eps, rope, rms)
+        q = _qkv_rope(ops, h, hq, blk, n_heads, n_kv, eps, rope)
         if pack is not None:  # each request attends to its own pool row
             att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles, **pool_split)
         elif split:
             att = ops.cached_attention(q, k_all, v_all, key_limit=key_limit)
         else:
             att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
-        att = att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim)
-        h, x, hq, rms = _residual_norm(ops, att, blk.o, x, blk.ff_norm, eps, _a8(blk.gate), _mlp_folds(blk, x))
+        a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
+        h, x, hq = _norm(ops, x, blk.ff_norm, eps, a, _a8(blk.gate))
         inside = _shared_in_moe(ops, blk, h)  # the shared expert run by the MoE kernels, beside the routed ones
-        delta, normed = None, None
-        if blk.gate is not None and inside is None:
-            act = _mlp_act(ops, h, blk, hq, rms)
-            nxt = dec.layers[layer + 1] if layer + 1 < len(dec.layers) else None
-            if blk.moe is None and nxt is not None and _qkv_folds(nxt, x):  # the next norm begun in down's epilogue
-                h, x, hq, rms = _residual_norm(ops, act, blk.down, x, nxt.attn_norm, eps, False, True)
-                normed = (h, hq, rms)
-            else:
-                delta = _lin(ops, act, blk.down)
+        delta = None if blk.gate is None or inside is not None else _mlp(ops, h, blk, hq)
         if blk.moe is not None:  # the routed experts, plus the shared expert's output (delta) in the same kernel
             delta = _moe(ops, h, blk.moe, delta, inside)
 
@@ -392,68 +379,21 @@ def _decoder_forward(
 FUSED_ROPE = {"1": True, "0": False}.get(os.environ.get("L2PD_FUSED_ROPE", ""))
 
 
-# L2PD_FOLD_NORMS=1: at a few rows a pre-norm layer's RMSNorms run inside the products around them
-# (``linear_residual`` then ``rms_linear``): two launches fewer per layer, but on an H200 LLaDA-8B's step was
-# 1.7% to 3.3% slower (the residual epilogues cost 1.7 to 5 us, a norm launch in a graph 2): off ("The q/k/v
-# product with RoPE in one launch, and RMSNorms split across the products" in benchmarks/RESULTS.md)
-FOLD_NORMS = os.environ.get("L2PD_FOLD_NORMS", "0") == "1"
-
-
-def _residual_norm(ops: Any, inp: torch.Tensor, proj: nn.Module, x: torch.Tensor, norm: nn.Module, eps: float,
-                   quant: bool, folds: bool) -> tuple:
-    """(h, x, hq, rms) after a residual branch ``proj(inp)``: x + the branch, and the norm of that as ``_norm``
-    gives it (rms None); or, where ``folds`` (the next product takes ``rms``) and the product and norm can, the
-    norm begun in the product's epilogue (``linear_residual``): h is x times the norm's weight, and rms its
-    sums of squares with eps, which the next product finishes."""
-    g = getattr(norm, "weight", None)
-    if (folds and FOLD_NORMS and ops is not reference and g is not None and getattr(norm, "bias", None) is None
-            and g.dtype == x.dtype and getattr(proj, "bias", None) is None and proj.weight.dtype == x.dtype
-            and _few_rows(x)):
-        x, h, ssq = ops.linear_residual(inp, proj.weight, x, g)
-        return h, x, None, (ssq, eps)
-    h, x, hq = _norm(ops, x, norm, eps, _lin(ops, inp, proj), quant)
-    return h, x, hq, None
-
-
-def _few_rows(x: torch.Tensor) -> bool:
-    """Rows the few-row kernel takes (on CUDA, or on the CPU under the interpreter: tests)."""
-    from l2pd_kernels.skinny import _INTERPRET, MAX_ROWS
-
-    return (x.is_cuda or _INTERPRET) and 0 < x.numel() // x.shape[-1] <= MAX_ROWS
-
-
-def _qkv_folds(blk: Layer, x: torch.Tensor) -> bool:
-    """Whether the layer's q/k/v product can finish a norm (``rms``): one bias-free weight in x's dtype."""
-    if blk.qkv is not None:
-        return getattr(blk.qkv, "bias", None) is None and blk.qkv.weight.dtype == x.dtype
-    w = _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])
-    return w is not None and w.dtype == x.dtype
-
-
-def _mlp_folds(blk: Layer, x: torch.Tensor) -> bool:
-    """Whether the layer's dense MLP (not a MoE) takes its norm's ``rms``: a packed gate/up in x's dtype."""
-    w = None if blk.moe is not None else _packed(blk.owner, "_l2pd_gate_up", [blk.gate, blk.up])
-    return w is not None and w.dtype == x.dtype
-
-
 def _qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_heads: int, n_kv: int, eps: float,
-              rope: tuple, rms: tuple | None = None) -> torch.Tensor:
+              rope: tuple) -> torch.Tensor:
     """The layer's rotated q [B, H, S, D], with its k and v written into the cache (``rope``: cos, sin, the
     K/V buffers, the slots and the pool rows or None): the q/k/v product, then ``rope_qkv``; or both in one
-    launch (``FUSED_ROPE``). ``rms``: h is the norm's input times its weight, the product finishes the norm."""
+    launch (``FUSED_ROPE``)."""
     cos, sin, k_all, v_all, slots, rows = rope
     bsz, seq = h.shape[:2]
     head_dim = k_all.shape[3]
     qk_norm = _qk_norm(blk, h.dtype, eps)  # per head, before RoPE: inside rope_qkv where it can be
     if FUSED_ROPE is not False and ops is not reference:
-        q = _fused_qkv_rope(ops, h, hq, blk, n_heads, n_kv, qk_norm, rope, rms)
+        q = _fused_qkv_rope(ops, h, hq, blk, n_heads, n_kv, qk_norm, rope)
         if q is not None:
             return q
     widths = [n_heads * head_dim, n_kv * head_dim, n_kv * head_dim]
-    if rms is not None:
-        w = blk.qkv.weight if blk.qkv is not None else _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])
-        q, k, v = ops.rms_linear(h, w, rms).split(widths, -1)
-    elif blk.qkv is not None:  # a fused projection (LLaDA 2.x); q, k, v are column slices
+    if blk.qkv is not None:  # a fused projection (LLaDA 2.x); q, k, v are column slices
         q, k, v = _lin(ops, h, blk.qkv, hq).split(widths, -1)
     elif (qkv := _packed(blk.owner, "_l2pd_qkv", [blk.q, blk.k, blk.v])) is not None:  # one matmul
         q, k, v = _packed_linear(ops, h, qkv, blk, "_l2pd_qkv", [blk.q, blk.k, blk.v], hq).split(widths, -1)
@@ -468,7 +408,7 @@ def _qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_heads: 
 
 
 def _fused_qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_heads: int, n_kv: int,
-                    qk_norm: dict | None, rope: tuple, rms: tuple | None = None) -> torch.Tensor | None:
+                    qk_norm: dict | None, rope: tuple) -> torch.Tensor | None:
     """``linear_rope_qkv`` where it applies: a few rows on CUDA (or the interpreter), one bias-free q/k/v
     weight (LLaDA 2.x's fused one, or the packed buffer) in the activations' dtype or e4m3, per-head norms
     (if any) inside, contiguous cos/sin and caches; None elsewhere."""
@@ -498,14 +438,15 @@ def _fused_qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_h
         return None
     a8 = fp8 and getattr(mod, "l2pd_w8a8", False)
     return ops.linear_rope_qkv(h, w, n_heads, n_kv, cos, sin, k_all, v_all, slots, rows=rows, **qk_norm or {},
-                               scale=scale, a8=a8, xq=hq if a8 else None, rms=rms)
+                               scale=scale, a8=a8, xq=hq if a8 else None)
 
 
 def _rope_fuses(w: torch.Tensor, h: torch.Tensor, heads: int) -> bool:
     """``FUSED_ROPE``, or unset: weights in the activations' dtype and heads for half the SMs or more (one
-    program per head). On an H200 (``benchmarks/studies/step_rules.py``) LLaDA-8B's bf16 step was 1.8% faster
-    fused (96 heads); e4m3 weights against e4m3 activations 2.4% slower (their tiles are wider); LLaDA2.0-mini's
-    24 heads, K split among 4 programs each, tied in ``generate`` and lost 9% in the engine's replays."""
+    program per head). On an H200 (``benchmarks/studies/step_rules.py``) LLaDA-8B's bf16 step was 1.6% to 2.0%
+    faster fused (96 heads); e4m3 weights against e4m3 activations 2.4% slower (their tiles are wider);
+    LLaDA2.0-mini's 24 heads, K split among 4 programs each, tied in ``generate`` and lost 9% in the engine's
+    replays."""
     if FUSED_ROPE is not None:
         return FUSED_ROPE
     from l2pd_kernels.device import sm_count
@@ -544,22 +485,18 @@ def _packed_linear(ops: Any, h: torch.Tensor, buf: torch.Tensor, blk: Layer, att
     return ops.linear(h, buf)
 
 
-def _mlp_act(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None, rms: tuple | None = None
-             ) -> torch.Tensor:
-    """The gated MLP's activation, silu(gate) * up (a dense layer's, or a MoE's shared expert); ``hq``: h as
-    e4m3 rows for w8a8 weights; ``rms``: h is the norm's input times its weight, the product finishes it."""
+def _mlp(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None) -> torch.Tensor:
+    """The gated MLP (a dense layer's, or a MoE's shared expert); ``hq``: h as e4m3 rows for w8a8 weights."""
     mods = [blk.gate, blk.up]
     gate_up = _packed(blk.owner, "_l2pd_gate_up", mods)
-    if rms is not None:
-        act = ops.gate_up_silu(h, gate_up, rms)
-    elif gate_up is not None and gate_up.dtype == torch.float8_e4m3fn:
+    if gate_up is not None and gate_up.dtype == torch.float8_e4m3fn:
         act = ops.linear_gate_up_silu_fp8(h, gate_up, _packed_scale(blk.owner, "_l2pd_gate_up", mods),
                                           a8=getattr(blk.gate, "l2pd_w8a8", False), xq=hq)
     elif gate_up is not None:  # silu(gate) * up straight from the packed matmul
         act = ops.linear_gate_up_silu(h, gate_up)
     else:
         act = ops.silu_mul(_proj(ops, h, blk.gate, hq), _proj(ops, h, blk.up, hq))
-    return act
+    return _lin(ops, act, blk.down)
 
 
 def _moe(ops: Any, h: torch.Tensor, moe: MoE, shared: torch.Tensor | None = None,
