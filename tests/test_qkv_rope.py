@@ -159,3 +159,21 @@ def test_linear_rope_qkv_rejects_bad_input():
         linear_rope_qkv(x.float(), w, 4, 2, cos, sin, k_out, v_out, slots)
     with pytest.raises(ValueError, match="q_norm"):
         linear_rope_qkv(x, w, 4, 2, cos, sin, k_out, v_out, slots, q_norm=torch.ones(16, device=DEV))
+
+
+def test_the_forward_fuses_where_it_paid(monkeypatch):
+    """``L2PD_FUSED_ROPE`` unset: weights in the activations' dtype and heads for half the SMs or more (an H200's
+    132: LLaDA-8B's 96 heads yes, LLaDA2.0-mini's 24 no; e4m3 weights no); set, it decides alone."""
+    from l2pd.models import decoder
+    from l2pd_kernels import device
+
+    monkeypatch.setattr(device, "sm_count", lambda dev: 132)
+    monkeypatch.setattr(decoder, "FUSED_ROPE", None)
+    h = torch.zeros(1, 32, 8, dtype=torch.bfloat16)
+    w = torch.zeros(8, 8, dtype=torch.bfloat16)
+    assert decoder._rope_fuses(w, h, 96) and not decoder._rope_fuses(w, h, 24)
+    assert not decoder._rope_fuses(w.to(torch.float8_e4m3fn), h, 96)
+    monkeypatch.setattr(decoder, "FUSED_ROPE", True)
+    assert decoder._rope_fuses(w, h, 24)
+    monkeypatch.setattr(decoder, "FUSED_ROPE", False)
+    assert not decoder._rope_fuses(w, h, 96)
