@@ -48,6 +48,29 @@ def _same(a, b, norm):
         assert float((a != b).float().mean()) < 0.05  # a last-bit difference now and then, not another norm
 
 
+def _against_two_launches(x, w, product, H, HKV, cos, sin, slots, kw, cache, dtype, norm, **fused):
+    """linear_rope_qkv (``fused``: its e4m3 arguments) against ``product(x)`` then rope_qkv on its column slices
+    (the two launches) and against the reference; returns the fused q, k and v caches and the reference's k."""
+    from l2pd_kernels import linear_rope_qkv, rope_qkv
+
+    B, S = x.shape[:2]
+    D = w.shape[0] // (H + 2 * HKV)
+    k1, v1 = _caches(cache, dtype)
+    q1 = linear_rope_qkv(x, w, H, HKV, cos, sin, k1, v1, slots, **kw, **fused)
+    q, k, v = product(x).split([H * D, HKV * D, HKV * D], -1)
+    k2, v2 = _caches(cache, dtype)
+    q2 = rope_qkv(q.view(B, S, H, D), k.view(B, S, HKV, D), v.view(B, S, HKV, D), cos, sin, k2, v2, slots, **kw)
+    _same(q1, q2, norm)
+    _same(k1, k2, norm)
+    assert torch.equal(v1, v2)
+    k3, v3 = _caches(cache, dtype)
+    q3 = ref.linear_rope_qkv(x, w, H, HKV, cos, sin, k3, v3, slots, **kw, **fused)
+    torch.testing.assert_close(q1, q3, **TOL[dtype])
+    torch.testing.assert_close(k1, k3, **TOL[dtype])
+    torch.testing.assert_close(v1, v3, **TOL[dtype])
+    return q1, k1, k3
+
+
 def _caches(shape, dtype):
     k_out = torch.full(shape, 7.0, device=DEV).to(dtype)  # poisoned: untouched slots stay 7
     return k_out, k_out.clone()
@@ -58,28 +81,16 @@ def _caches(shape, dtype):
 @pytest.mark.parametrize("partial, norm, rows", [(False, False, False), (True, True, False), (False, False, True),
                                                  (True, True, True)])
 def test_linear_rope_qkv_equals_its_two_launches(monkeypatch, dtype, B, S, H, HKV, D, K, partial, norm, rows):
-    from l2pd_kernels import linear_rope_qkv, rope_qkv, skinny
+    from l2pd_kernels import skinny
 
     if rows and B > 1:
         pytest.skip("cache rows take one packed sequence (B = 1)")
     # the same tile for the product in both forms (the fused one takes head_dim columns): the same sums
     monkeypatch.setattr(skinny, "pick_config", lambda *a, **k: (D, 32, 4, 2))
     x, w, cos, sin, slots, kw, cache = _case(dtype, B, S, H, HKV, D, K, partial, norm, rows)
-    k1, v1 = _caches(cache, dtype)
-    q1 = linear_rope_qkv(x, w, H, HKV, cos, sin, k1, v1, slots, **kw)
-    qkv = skinny.skinny_matmul(x, w)  # the two launches: the product, then rope_qkv on its column slices
-    q, k, v = qkv.split([H * D, HKV * D, HKV * D], -1)
-    k2, v2 = _caches(cache, dtype)
-    q2 = rope_qkv(q.view(B, S, H, D), k.view(B, S, HKV, D), v.view(B, S, HKV, D), cos, sin, k2, v2, slots, **kw)
+    q1, k1, k3 = _against_two_launches(x, w, lambda x_: skinny.skinny_matmul(x_, w), H, HKV, cos, sin, slots, kw,
+                                       cache, dtype, norm)
     assert q1.shape == (B, H, S, D) and q1.transpose(1, 2).is_contiguous()
-    _same(q1, q2, norm)
-    _same(k1, k2, norm)
-    assert torch.equal(v1, v2)
-    k3, v3 = _caches(cache, dtype)
-    q3 = ref.linear_rope_qkv(x, w, H, HKV, cos, sin, k3, v3, slots, **kw)
-    torch.testing.assert_close(q1, q3, **TOL[dtype])
-    torch.testing.assert_close(k1, k3, **TOL[dtype])
-    torch.testing.assert_close(v1, v3, **TOL[dtype])
     assert int((k1 == 7).sum()) == int((k3 == 7).sum())  # the same slots written
 
 
@@ -88,24 +99,14 @@ def test_linear_rope_qkv_equals_its_two_launches(monkeypatch, dtype, B, S, H, HK
 def test_linear_rope_qkv_with_k_split_equals_its_two_launches(monkeypatch, dtype, split):
     """Each head's K shared by several programs (``pick_rope_split``: few heads on many SMs), the last to arrive
     doing the RoPE: the two launches' bits with the same split, and close to the reference."""
-    from l2pd_kernels import linear_rope_qkv, rope_qkv, skinny
+    from l2pd_kernels import skinny
 
     B, S, H, HKV, D, K = 1, 5, 4, 2, 16, 200
     monkeypatch.setattr(skinny, "pick_config", lambda *a, **k: (D, 32, 4, 2))
     monkeypatch.setattr(skinny, "SPLIT_K", split)
     x, w, cos, sin, slots, kw, cache = _case(dtype, B, S, H, HKV, D, K, True, True, True)
-    k1, v1 = _caches(cache, dtype)
-    q1 = linear_rope_qkv(x, w, H, HKV, cos, sin, k1, v1, slots, **kw)
-    q, k, v = skinny.skinny_matmul(x, w).split([H * D, HKV * D, HKV * D], -1)
-    k2, v2 = _caches(cache, dtype)
-    q2 = rope_qkv(q.view(B, S, H, D), k.view(B, S, HKV, D), v.view(B, S, HKV, D), cos, sin, k2, v2, slots, **kw)
-    _same(q1, q2, True)
-    _same(k1, k2, True)
-    assert torch.equal(v1, v2)
-    k3, v3 = _caches(cache, dtype)
-    q3 = ref.linear_rope_qkv(x, w, H, HKV, cos, sin, k3, v3, slots, **kw)
-    torch.testing.assert_close(q1, q3, **TOL[dtype])
-    torch.testing.assert_close(k1, k3, **TOL[dtype])
+    _against_two_launches(x, w, lambda x_: skinny.skinny_matmul(x_, w), H, HKV, cos, sin, slots, kw, cache, dtype,
+                          True)
 
 
 def test_few_heads_split_k_to_cover_the_sms():
@@ -120,26 +121,15 @@ def test_few_heads_split_k_to_cover_the_sms():
 def test_linear_rope_qkv_fp8(monkeypatch, a8):
     """e4m3 weights with their channel scales, widened or (a8) against e4m3 activations: the two launches'
     bits (``linear_fp8`` / ``linear_w8a8``, then ``rope_qkv``) and near the reference."""
-    from l2pd_kernels import linear_fp8, linear_rope_qkv, linear_w8a8, rope_qkv, skinny
+    from l2pd_kernels import linear_fp8, linear_w8a8, skinny
 
     B, S, H, HKV, D, K = 1, 4, 4, 2, 16, 48
     monkeypatch.setattr(skinny, "pick_config_fp8", lambda *a, **k: (D, 32, 4, 2))
     monkeypatch.setattr(skinny, "SPLIT_K", 1)  # no K split in the two launches either
     x, w, cos, sin, slots, kw, cache = _case(torch.bfloat16, B, S, H, HKV, D, K, True, True, True)
     w8, scale = ref.quantize_fp8(w)
-    k1, v1 = _caches(cache, torch.bfloat16)
-    q1 = linear_rope_qkv(x, w8, H, HKV, cos, sin, k1, v1, slots, scale=scale, a8=a8, **kw)
-    qkv = linear_w8a8(x, w8, scale) if a8 else linear_fp8(x, w8, scale)
-    q, k, v = qkv.split([H * D, HKV * D, HKV * D], -1)
-    k2, v2 = _caches(cache, torch.bfloat16)
-    q2 = rope_qkv(q.view(B, S, H, D), k.view(B, S, HKV, D), v.view(B, S, HKV, D), cos, sin, k2, v2, slots, **kw)
-    _same(q1, q2, True)
-    _same(k1, k2, True)
-    assert torch.equal(v1, v2)
-    k3, v3 = _caches(cache, torch.bfloat16)
-    q3 = ref.linear_rope_qkv(x, w8, H, HKV, cos, sin, k3, v3, slots, scale=scale, a8=a8, **kw)
-    torch.testing.assert_close(q1, q3, **TOL[torch.bfloat16])
-    torch.testing.assert_close(k1, k3, **TOL[torch.bfloat16])
+    product = (lambda x_: linear_w8a8(x_, w8, scale)) if a8 else (lambda x_: linear_fp8(x_, w8, scale))
+    _against_two_launches(x, w8, product, H, HKV, cos, sin, slots, kw, cache, torch.bfloat16, True, scale=scale, a8=a8)
 
 
 def test_linear_rope_qkv_rejects_bad_input():

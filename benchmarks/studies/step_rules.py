@@ -10,7 +10,7 @@
 Settings, alternated ``--repeats`` times in one process, each on a fresh engine whose graphs are captured with
 it (``pool_split_generate.alternate``); the rules other than the shipped ones are kept below:
 - ``before``: the tiles and K splits of ``l2pd_kernels.skinny`` before the sweep;
-- ``now``: as shipped (the sweep's e4m3 tiles; bf16 as before);
+- ``now``: as shipped (the sweep's e4m3 tiles, bf16 as before; RoPE fused where ``_rope_fuses`` says);
 - ``occupancy``: the sweep's e4m3 tiles and its bf16 choices too (16-column slices for outputs of 2,048
   columns or fewer; K split in two where the tiles fit on the SMs at once with 32 K steps or more), which made
   Dream-7B's step slower and were not taken; ``occupancy-tiles`` and ``occupancy-splits``: one of the two;
@@ -70,11 +70,8 @@ def _occupancy_pick_split(tiles, k_steps, sms, widened=False, a8=False):
 
 SETTINGS = {"before": OLD, "now": NEW, "occupancy": (_occupancy_pick_config, NEW[1], _occupancy_pick_split),
             "occupancy-tiles": (_occupancy_pick_config, NEW[1], NEW[2]),
-            "occupancy-splits": (NEW[0], NEW[1], _occupancy_pick_split)}
-
-
-SETTINGS["fused-rope"] = NEW  # the q/k/v product doing rope_qkv's work wherever it applies (L2PD_FUSED_ROPE=1)
-SETTINGS["unfused-rope"] = NEW  # never (L2PD_FUSED_ROPE=0)
+            "occupancy-splits": (NEW[0], NEW[1], _occupancy_pick_split),
+            "fused-rope": NEW, "unfused-rope": NEW}  # the shipped tiles; RoPE fused everywhere it applies / nowhere
 
 
 def apply(setting: str) -> None:
