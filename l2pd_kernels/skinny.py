@@ -17,6 +17,7 @@ and the counters are back at zero for the next launch (graph replays included).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -25,6 +26,11 @@ import triton.language as tl
 
 from .device import device_name, pdl, pdl_wait, sm_count, smem_bytes
 from .rope import _rope_tail
+
+try:  # host-side TMA descriptors (Triton 3.4 and later)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: the pointer path only
+    TensorDescriptor = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = int(os.environ.get("L2PD_SKINNY_ROWS", "64"))  # above this, F.linear (compute-bound: cuBLAS)
@@ -51,11 +57,12 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N
                    stride_wn, stride_om, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                    UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PDL: tl.constexpr = 0):
+                   TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
     pdl_wait(PDL)
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, 0.0, 1,
-                 1, 1, 1, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 0, 1, 0, 0, 0)
+                 1, 1, 1, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 0, 1, 0, 0, 0,
+                 TMA)
 
 
 @triton.jit
@@ -65,7 +72,7 @@ def _skinny_rope_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr,
                         UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                         SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr,
-                        PDL: tl.constexpr = 0):
+                        TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
     """``_skinny_kernel`` for a q/k/v product whose programs each hold one head (BLOCK_N = head_dim) and then do
     ``rope_qkv``'s work for it (``linear_rope_qkv``; the arguments from cos_ptr on are that op's). A kernel of
     its own, so the plain products' launches carry no more arguments than before."""
@@ -73,7 +80,7 @@ def _skinny_rope_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr,
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S, H,
                  HKV, T, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 1, HALF, REST,
-                 ROWS, NORM)
+                 ROWS, NORM, TMA)
 
 
 @triton.jit
@@ -83,7 +90,9 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
                  UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                  SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  ROPE: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr,
-                 NORM: tl.constexpr):
+                 NORM: tl.constexpr, TMA: tl.constexpr):
+    """With ``TMA``, x_ptr and w_ptr are tensor descriptors of x [M, K] and w (tiles [BLOCK_M, BLOCK_K] and
+    [BLOCK_N, BLOCK_K]): each tile arrives by one TMA copy, rows and K past the ends read as zeros."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     k_lo = tl.program_id(2) * K_SPLIT  # this program's share of K (all of it without a split)
@@ -92,9 +101,10 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm[:, None] < M
     n_ok = rn[:, None] < N
-    x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_lo + rk)[None, :]
-    w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
-    u_ptrs = w_ptrs + N * stride_wn  # the up half of a packed [gate; up] weight
+    if not TMA:
+        x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_lo + rk)[None, :]
+        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
+        u_ptrs = w_ptrs + N * stride_wn  # the up half of a packed [gate; up] weight
     if SWAP:  # out.T = w @ x.T: the weight slice is the tensor cores' wide operand (their M is 64 or more)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -102,7 +112,10 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
-        if EVEN_K:
+        if TMA:
+            xt = x_ptr.load([pid_m * BLOCK_M, k])
+            wt = w_ptr.load([pid_n * BLOCK_N, k])
+        elif EVEN_K:
             xt = tl.load(x_ptrs, mask=m_ok, other=0.0)
             wt = tl.load(w_ptrs, mask=n_ok, other=0.0)
         else:
@@ -116,7 +129,9 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
             wt = wt.to(tl.float32)
         acc = _mac(acc, xt, wt, SWAP, IEEE)
         if GATE:
-            if EVEN_K:
+            if TMA:  # a gate tile's columns past N read up rows, as the pointer path's masked ones read zeros:
+                ut = w_ptr.load([N + pid_n * BLOCK_N, k])  # neither is stored
+            elif EVEN_K:
                 ut = tl.load(u_ptrs, mask=n_ok, other=0.0)
             else:
                 ut = tl.load(u_ptrs, mask=n_ok & k_ok, other=0.0)
@@ -125,9 +140,11 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
             if UPCAST:
                 ut = ut.to(tl.float32)
             acc_u = _mac(acc_u, xt, ut, SWAP, IEEE)
-            u_ptrs += BLOCK_K
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+            if not TMA:
+                u_ptrs += BLOCK_K
+        if not TMA:
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
     if SWAP:
         acc = tl.trans(acc)
         acc_u = tl.trans(acc_u)
@@ -304,25 +321,86 @@ def pick_rope_split(tiles: int, k_steps: int, sms: int) -> int:
 SPLIT_K = int(os.environ.get("L2PD_SKINNY_SPLIT", "0"))
 
 
-def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None, split=None, rope=None):
+# "auto": TMA loads where ``pick_tma`` measured them faster; "1": every product a TMA copy can address; "0": none
+TMA = os.environ.get("L2PD_SKINNY_TMA", "auto")
+
+
+def _tma_addressable(t: torch.Tensor) -> bool:
+    """A 2-D tensor a TMA descriptor can cover: unit stride along K, 16-byte aligned base and row stride."""
+    es = t.element_size()
+    return t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0
+
+
+@functools.lru_cache(maxsize=None)
+def _tma_device(device: torch.device) -> bool:
+    """Hopper or later (the interpreter runs TMA loads too, when ``L2PD_SKINNY_TMA=1`` asks)."""
+    if TensorDescriptor is None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9 if device.type == "cuda" else _INTERPRET
+
+
+def pick_tma(rows: int, n: int, k: int, gate: bool, sms: int, fp8: bool = False,
+             a8: bool = False) -> tuple[int, int, int, int, bool] | None:
+    """The TMA tile (BLOCK_N, BLOCK_K, num_warps, num_stages, swap) of a product where loading its tiles by
+    TMA was measured faster than the pointer path, else None (``benchmarks/studies/skinny_tma.py``, an H200 at
+    32 rows, replayed from graphs; ``benchmarks/RESULTS.md``, "Few-row products loaded by TMA"):
+    - outputs that give every SM at most one 32-column slice, K up to 12,288: 256-wide K steps, 5 deep
+      (LLaDA-8B's down projection 27.6 us against 31.0; in its step its output and down projections 2.1 us
+      faster each). Dream-7B's down projection (K 18,944) was faster so alone (37.7 us against 45.6) but
+      6.6 us slower in its step (48.7 against 42.1; ``benchmarks/studies/step_kernels.py``): pointers there;
+    - wider ones: the transposed product in 64-column slices (LLaDA-8B's q/k/v 27.3 against 30.7, its LM head
+      246 against 273);
+    - the gated product, transposed: 128-column slices in 3 stages where they fill the SMs' waves as evenly as
+      64-column ones (LLaDA-8B's gate/up: 96 or 192 programs on 132 SMs, 50.5 us against 51.9), else 64-column
+      slices in 5 (Dream-7B's 69.7 against 86.2, LLaDA2.0-mini's dense layer 12.6 against 16.9);
+    - e4m3 weights: none (no TMA tile beat the pointer path's at LLaDA-8B shapes, widened or against e4m3
+      activations: its q/k/v 25.9 against 25.4 us, 15.0 against 15.1).
+    """
+    if fp8 or a8:
+        return None
+    if gate:
+        def fill(bn: int) -> float:  # programs over the SM slots of the waves they take
+            p = triton.cdiv(n, bn)
+            return p / (triton.cdiv(p, sms) * sms)
+        return (128, 128, 4, 3, True) if fill(128) >= fill(64) - 0.01 else (64, 128, 4, 5, True)
+    if triton.cdiv(n, 32) <= sms:
+        return (32, 256, 4, 5, False) if k <= 12288 else None
+    return (64, 128, 4, 4, True)
+
+
+def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None, split=None, rope=None,
+            tma=None):
     """One launch of the kernel; ``rope`` (``linear_rope_qkv``): the dict of its arguments and constants
     (``ROPE_ARGS``, ``head_dim``, ``HALF``, ``REST``, ``ROWS``, ``NORM``): one head per program, K split by
-    ``pick_rope_split``."""
+    ``pick_rope_split``. ``tma``: load the tiles by TMA (None: ``L2PD_SKINNY_TMA``, by default where
+    ``pick_tma`` has a tile); with ``cfg`` and ``tma``, ``swap`` as given."""
     M, K = x2.shape
     a8 = x_scale is not None
+    sms = sm_count(x2.device)
+    tma_cfg = None
+    if tma is None:
+        tma = False
+        if TMA != "0" and _tma_device(x2.device):
+            tma_cfg = pick_tma(M, n_out, K, gate, sms, scale is not None, a8) if cfg is None else None
+            tma = TMA == "1" or (tma_cfg is not None and x2.is_cuda)
+    tma = tma and _tma_addressable(x2) and _tma_addressable(w)
+    if tma and tma_cfg is not None:
+        cfg, swap = tma_cfg[:4], tma_cfg[4] if swap is None else swap
+    else:
+        tma_cfg = None
     bn, bk, warps, stages = cfg or (pick_config_fp8(M, n_out, K, gate, a8) if scale is not None else
                                     pick_config(M, n_out, K, gate, device_name(x2.device)))
     if rope is not None:  # one head per program; K steps of 128 keep a head-wide pipeline in shared memory
         bn, bk = rope["head_dim"], min(bk, 128)
     bm = max(16, triton.next_power_of_2(min(M, 64)))
-    if cfg is None:
+    if cfg is None or tma_cfg is not None:
         bk, stages = _fit(bm, bn, bk, stages, gate, x2.element_size(), smem_bytes(x2.device))
     grid_n, grid_m = triton.cdiv(n_out, bn), triton.cdiv(M, bm)
     k_steps = triton.cdiv(K, bk)
     if split is None and rope is not None:
-        split = pick_rope_split(grid_n * grid_m, k_steps, sm_count(x2.device))
+        split = pick_rope_split(grid_n * grid_m, k_steps, sms)
     elif split is None:
-        split = pick_split(grid_n * grid_m, k_steps, sm_count(x2.device), scale is not None and not a8, a8)
+        split = pick_split(grid_n * grid_m, k_steps, sms, scale is not None and not a8, a8)
     split = max(1, min(split, k_steps))
     counters = _tile_counters(x2.device) if split > 1 and grid_n * grid_m <= MAX_TILES else None
     if counters is None:
@@ -335,13 +413,17 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     if rope is not None:
         kernel, rope_args = _skinny_rope_kernel, rope["args"]
         rope_consts = {k: rope[k] for k in ("HALF", "REST", "ROWS", "NORM")}
+    xa, wa = x2, w
+    if tma:  # descriptors per launch: a cached one would keep its tensor alive
+        xa, wa = TensorDescriptor.from_tensor(x2, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk])
     kernel[(grid_n, grid_m, split)](
-        x2, w, w if scale is None else scale, w if x_scale is None else x_scale, out, part,
+        xa, wa, w if scale is None else scale, w if x_scale is None else x_scale, out, part,
         out if counters is None else counters, M, n_out, K, k_split, x2.stride(0), w.stride(0), out.stride(0),
-        *rope_args, GATE=gate, EVEN_K=K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
+        *rope_args, GATE=gate, EVEN_K=tma or K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
         UPCAST=_INTERPRET and (x2.dtype == torch.bfloat16 or a8),  # no fp8 dot on the CPU
         FP8=scale is not None, A8=a8, SWAP=_swap(a8) if swap is None else swap, SPLIT=split, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, **rope_consts, num_warps=warps, num_stages=stages, **pdl(x2.device, "skinny"))
+        BLOCK_N=bn, BLOCK_K=bk, **rope_consts, TMA=int(bool(tma)), num_warps=warps, num_stages=stages,
+        **pdl(x2.device, "skinny"))
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -215,6 +215,58 @@ def test_skinny_split_k_matches_reference(kind, rows, n, k, split):
     assert int(skinny._tile_counters(x.device).abs().sum()) == 0
 
 
+@pytest.mark.parametrize("kind", ["bf16", "fp16", "fp32", "bf16-gate", "fp8-gate", "a8"])
+@pytest.mark.parametrize("rows,n,k,split", [(5, 37, 264, 1), (32, 64, 128, 2), (17, 19, 96, 3), (3, 21, 70, 1)])
+@pytest.mark.parametrize("swap", [False, True])
+def test_skinny_tma_loads_match_pointer_loads(kind, rows, n, k, split, swap):
+    """Tiles loaded by TMA (rows, columns and K past the ends read as zeros; a gate tile's spare columns read up
+    rows and are not stored): the reference result, and on the interpreter the pointer path's bits with the same
+    tile. K = 70 leaves bf16 rows 140 bytes apart, which no TMA descriptor covers: the pointer path runs."""
+    from l2pd_kernels import skinny
+
+    gate = kind.endswith("gate")
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(kind, torch.bfloat16)
+    x = torch.randn(rows, k, device=DEV).to(dtype)
+    w = (torch.randn((2 if gate else 1) * n, k, device=DEV) * 2 / k**0.5).to(dtype)
+    kw = {}
+    if kind.startswith("fp8") or kind == "a8":
+        w, kw["scale"] = ref.quantize_fp8(w.float())
+        a8 = kind == "a8"
+        want = (ref.linear_gate_up_silu_fp8(x, w, kw["scale"], a8=a8) if gate else
+                (ref.linear_w8a8 if a8 else ref.linear_fp8)(x, w, kw["scale"]))
+        if a8:
+            x, kw["x_scale"] = ref.quantize_rows_fp8(x)
+    elif gate:
+        want = ref.linear_gate_up_silu(x, w)
+    else:
+        want = _exact_linear(x, w)
+    outs = []
+    for tma in (False, True):
+        out = torch.empty(rows, n, device=DEV, dtype=dtype)
+        skinny._launch(x, w, out, n, gate, cfg=(16, 64, 4, 2), swap=swap, split=split, tma=tma, **kw)
+        outs.append(out)
+    tol = {key: 2 * v for key, v in MM_TOL[dtype].items()} if gate or kind == "a8" else MM_TOL[dtype]
+    torch.testing.assert_close(outs[1], want.to(dtype), **tol)
+    if DEV == "cpu":
+        assert torch.equal(outs[0], outs[1])
+    else:  # another instruction may read the tiles: the fp32 sums' order is not promised
+        torch.testing.assert_close(outs[1], outs[0], **tol)
+    assert int(skinny._tile_counters(x.device).abs().sum()) == 0
+
+
+def test_pick_tma_rule():
+    from l2pd_kernels.skinny import pick_tma
+
+    assert pick_tma(32, 4096, 12288, False, 132) == (32, 256, 4, 5, False)  # LLaDA-8B's down: one slice per SM
+    assert pick_tma(32, 3584, 18944, False, 132) is None  # Dream-7B's down: slower in its step
+    assert pick_tma(32, 12288, 4096, False, 132) == (64, 128, 4, 4, True)  # its q/k/v: transposed
+    assert pick_tma(32, 12288, 4096, True, 132)[:2] == (128, 128)  # its gate/up: 96 programs fill as 192 do
+    assert pick_tma(32, 18944, 3584, True, 132)[:2] == (64, 128)  # Dream-7B's: 148 programs would take 2 waves
+    assert pick_tma(32, 5120, 2048, True, 132)[:2] == (64, 128)  # LLaDA2.0-mini's dense layer
+    assert pick_tma(32, 4096, 4096, False, 132, fp8=True) is None  # e4m3: the pointer path's tiles
+    assert pick_tma(32, 4096, 4096, False, 132, a8=True) is None
+
+
 def test_skinny_split_k_through_the_public_calls(monkeypatch):
     """``L2PD_SKINNY_SPLIT`` (``SPLIT_K``) reaches ``skinny_matmul`` and ``gate_up_silu`` with their own tiles."""
     from l2pd_kernels import gate_up_silu, skinny, skinny_matmul

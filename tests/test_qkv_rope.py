@@ -71,6 +71,16 @@ def _against_two_launches(x, w, product, H, HKV, cos, sin, slots, kw, cache, dty
     return q1, k1, k3
 
 
+def _tiles(monkeypatch, D, tma):
+    """The same tile for the product in both forms (the fused one takes head_dim columns), so the same sums;
+    its tiles loaded by TMA (``tma``; the interpreter runs them too) or by pointers."""
+    from l2pd_kernels import skinny
+
+    monkeypatch.setattr(skinny, "pick_config", lambda *a, **k: (D, 32, 4, 2))
+    monkeypatch.setattr(skinny, "pick_tma", lambda *a, **k: (D, 32, 4, 2, False))
+    monkeypatch.setattr(skinny, "TMA", "1" if tma else "0")
+
+
 def _caches(shape, dtype):
     k_out = torch.full(shape, 7.0, device=DEV).to(dtype)  # poisoned: untouched slots stay 7
     return k_out, k_out.clone()
@@ -80,13 +90,13 @@ def _caches(shape, dtype):
 @pytest.mark.parametrize("B, S, H, HKV, D, K", [(1, 5, 4, 2, 16, 40), (2, 3, 2, 2, 32, 70), (1, 1, 3, 1, 16, 16)])
 @pytest.mark.parametrize("partial, norm, rows", [(False, False, False), (True, True, False), (False, False, True),
                                                  (True, True, True)])
-def test_linear_rope_qkv_equals_its_two_launches(monkeypatch, dtype, B, S, H, HKV, D, K, partial, norm, rows):
+@pytest.mark.parametrize("tma", [False, True])
+def test_linear_rope_qkv_equals_its_two_launches(monkeypatch, dtype, B, S, H, HKV, D, K, partial, norm, rows, tma):
     from l2pd_kernels import skinny
 
     if rows and B > 1:
         pytest.skip("cache rows take one packed sequence (B = 1)")
-    # the same tile for the product in both forms (the fused one takes head_dim columns): the same sums
-    monkeypatch.setattr(skinny, "pick_config", lambda *a, **k: (D, 32, 4, 2))
+    _tiles(monkeypatch, D, tma)
     x, w, cos, sin, slots, kw, cache = _case(dtype, B, S, H, HKV, D, K, partial, norm, rows)
     q1, k1, k3 = _against_two_launches(x, w, lambda x_: skinny.skinny_matmul(x_, w), H, HKV, cos, sin, slots, kw,
                                        cache, dtype, norm)
@@ -96,13 +106,14 @@ def test_linear_rope_qkv_equals_its_two_launches(monkeypatch, dtype, B, S, H, HK
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("split", [2, 3])
-def test_linear_rope_qkv_with_k_split_equals_its_two_launches(monkeypatch, dtype, split):
+@pytest.mark.parametrize("tma", [False, True])
+def test_linear_rope_qkv_with_k_split_equals_its_two_launches(monkeypatch, dtype, split, tma):
     """Each head's K shared by several programs (``pick_rope_split``: few heads on many SMs), the last to arrive
     doing the RoPE: the two launches' bits with the same split, and close to the reference."""
     from l2pd_kernels import skinny
 
     B, S, H, HKV, D, K = 1, 5, 4, 2, 16, 200
-    monkeypatch.setattr(skinny, "pick_config", lambda *a, **k: (D, 32, 4, 2))
+    _tiles(monkeypatch, D, tma)
     monkeypatch.setattr(skinny, "SPLIT_K", split)
     x, w, cos, sin, slots, kw, cache = _case(dtype, B, S, H, HKV, D, K, True, True, True)
     _against_two_launches(x, w, lambda x_: skinny.skinny_matmul(x_, w), H, HKV, cos, sin, slots, kw, cache, dtype,

@@ -10,13 +10,18 @@
 Settings, alternated ``--repeats`` times in one process, each on a fresh engine whose graphs are captured with
 it (``pool_split_generate.alternate``); the rules other than the shipped ones are kept below:
 - ``before``: the tiles and K splits of ``l2pd_kernels.skinny`` before the sweep;
-- ``now``: as shipped (the sweep's e4m3 tiles, bf16 as before; RoPE fused where ``_rope_fuses`` says);
+- ``now``: as shipped (the sweep's e4m3 tiles; RoPE fused where ``_rope_fuses`` says; TMA loads where
+  ``pick_tma`` says);
 - ``occupancy``: the sweep's e4m3 tiles and its bf16 choices too (16-column slices for outputs of 2,048
   columns or fewer; K split in two where the tiles fit on the SMs at once with 32 K steps or more), which made
   Dream-7B's step slower and were not taken; ``occupancy-tiles`` and ``occupancy-splits``: one of the two;
 - ``fused-rope`` / ``unfused-rope``: the q/k/v product doing ``rope_qkv``'s work in the same launch
   (``linear_rope_qkv``) wherever it applies / nowhere (``L2PD_FUSED_ROPE=1`` / ``0``; shipped: where it paid,
   ``l2pd.models.decoder._rope_fuses``; Dream-7B's q/k/v have biases, so it keeps two launches there);
+- ``no-tma`` / ``tma-all``: the few-row products load their tiles by TMA nowhere / in every product, e4m3
+  ones included, with the pointer path's tiles where ``pick_tma`` has none (``L2PD_SKINNY_TMA=0`` / ``1``;
+  shipped: where ``l2pd_kernels.skinny.pick_tma`` has a tile); ``tma-unfused-rope``: as shipped, RoPE unfused;
+  ``tma-wide``: TMA only where ``pick_tma`` transposes (wide and gated outputs), narrow ones by pointers;
 (The H200 runs of 2026-12-02 named "now" the shipped rule of then, RoPE unfused everywhere; their settings
 ``fold-norms`` and ``fused-both`` ran each RMSNorm inside the products around it, slower and removed since:
 commit 0b1f23e, "The q/k/v product with RoPE in one launch" in ``benchmarks/RESULTS.md``.)
@@ -71,14 +76,26 @@ def _occupancy_pick_split(tiles, k_steps, sms, widened=False, a8=False):
 SETTINGS = {"before": OLD, "now": NEW, "occupancy": (_occupancy_pick_config, NEW[1], _occupancy_pick_split),
             "occupancy-tiles": (_occupancy_pick_config, NEW[1], NEW[2]),
             "occupancy-splits": (NEW[0], NEW[1], _occupancy_pick_split),
-            "fused-rope": NEW, "unfused-rope": NEW}  # the shipped tiles; RoPE fused everywhere it applies / nowhere
+            "fused-rope": NEW, "unfused-rope": NEW,  # the shipped tiles; RoPE fused everywhere it applies / nowhere
+            "no-tma": NEW, "tma-all": NEW, "tma-unfused-rope": NEW,  # TMA loads nowhere / everywhere
+            "tma-wide": NEW}
+PICK_TMA = skinny.pick_tma
+
+
+def _wide_pick_tma(rows, n, k, gate, sms, fp8=False, a8=False):
+    """``pick_tma`` without its narrow tiles: outputs of one 32-column slice per SM or fewer keep pointers."""
+    cfg = PICK_TMA(rows, n, k, gate, sms, fp8, a8)
+    return None if cfg is not None and not cfg[4] else cfg
 
 
 def apply(setting: str) -> None:
     from l2pd.models import decoder
 
     skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = SETTINGS[setting]
-    decoder.FUSED_ROPE = {"fused-rope": True, "unfused-rope": False}.get(setting)  # None: the shipped rule
+    decoder.FUSED_ROPE = {"fused-rope": True, "unfused-rope": False,
+                          "tma-unfused-rope": False}.get(setting)  # None: the shipped rule
+    skinny.TMA = {"no-tma": "0", "tma-all": "1"}.get(setting, "auto")
+    skinny.pick_tma = _wide_pick_tma if setting == "tma-wide" else PICK_TMA
 
 
 @torch.no_grad()
