@@ -45,6 +45,8 @@ def _case(fn, args: tuple, kwargs: dict) -> dict:
             consts[name] = GPU_VALUES.get(name, v.value if hasattr(v, "value") else v)
         elif isinstance(v, torch.Tensor):
             types[name] = "*" + TYPES[v.dtype]
+        elif type(v).__name__ == "TensorDescriptor":  # a TMA descriptor: its dtype and tile
+            types[name] = f"tensordesc<{TYPES[v.base.dtype]}[{', '.join(map(str, v.block_shape))}]>"
         elif isinstance(v, bool):
             types[name] = "i1"
         elif isinstance(v, int):
@@ -126,6 +128,21 @@ def _workloads() -> None:
                         / 64, 4, 2, cs, cs, kc, kc.clone(), slots, rows=rows, **nw)
     finally:
         skinny.SPLIT_K = old
+    # the few-row products' TMA path (Hopper only): each kind of tile ``pick_tma`` gives on an H200, and the
+    # q/k/v product with RoPE in its transposed 128-column tiles
+    skinny.TMA, old = "1", skinny.TMA
+    try:
+        x32 = torch.randn(32, 512, dtype=torch.bfloat16)
+        for n, k, gate in ((4096, 12288, False), (12288, 4096, False), (12288, 4096, True), (18944, 3584, True)):
+            bn, bk, warps, stages, swap = skinny.pick_tma(32, n, k, gate, 132)
+            w = torch.randn((2 if gate else 1) * 2 * bn, 512, dtype=torch.bfloat16)
+            skinny._launch(x32, w, torch.empty(32, 2 * bn, dtype=torch.bfloat16), 2 * bn, gate,
+                           cfg=(bn, bk, warps, stages), swap=swap, tma=True)
+        cs32, k40 = torch.rand(1, 32, 64), torch.zeros(1, 2, 40, 128, dtype=torch.bfloat16)
+        linear_rope_qkv(x32[None], torch.randn(8 * 128, 512, dtype=torch.bfloat16) / 20, 4, 2, cs32, cs32, k40,
+                        k40.clone(), torch.arange(32))
+    finally:
+        skinny.TMA = old
 
 
 def record() -> list[dict]:
@@ -156,10 +173,10 @@ def record() -> list[dict]:
 
 def targets(case: dict) -> list[int]:
     """The compute capabilities ``case`` must compile for: its own ``targets`` where it names them, else 90, and
-    80 unless it reads or writes e4m3."""
+    80 unless it reads or writes e4m3 or loads by TMA."""
     if "targets" in case:
         return case["targets"]
-    return [90] if any("fp8" in t for t in case["types"].values()) else [90, 80]
+    return [90] if any("fp8" in t or "tensordesc" in t for t in case["types"].values()) else [90, 80]
 
 
 SHARED_MEMORY = {90: 232448, 80: 166912}  # bytes one program may use: H100/H200, A100
@@ -197,6 +214,7 @@ def test_every_kernel_launch_compiles_for_hopper_and_the_a100():
             "_partial_kernel", "_merge_kernel", "_gate_up_kernel", "_down_kernel", "_route_kernel",
             "_align_count_kernel", "_align_place_kernel", "_quantize_rows_kernel", "_combine_kernel",
             "_skinny_rope_kernel"} <= kernels, sorted(kernels)
+    assert {c["kernel"] for c in cases if c["constexprs"].get("TMA")} == {"_skinny_kernel", "_skinny_rope_kernel"}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, __file__], input=json.dumps(cases), env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
