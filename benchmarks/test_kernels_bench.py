@@ -101,13 +101,18 @@ SKINNY = {"qkv": (12288, 4096), "out": (4096, 4096), "gate_up": (24576, 4096), "
 @cuda
 @pytest.mark.parametrize("rows", [8, 32, 64])
 @pytest.mark.parametrize("layer", list(SKINNY))
-@pytest.mark.parametrize("path", ["cublas", "skinny"])
-def test_skinny_matmul(benchmark, rows, layer, path):
+@pytest.mark.parametrize("path", ["cublas", "skinny", "skinny-pointers"])
+def test_skinny_matmul(benchmark, rows, layer, path, monkeypatch):
     """A cached step's linear layer at few rows: F.linear (cuBLAS; + silu_mul for gate_up) against the
-    skinny kernel, as weight-read bandwidth (the copy of the same bytes is ``test_copy_floor``'s figure)."""
+    skinny kernel as shipped (on Hopper ``pick_tma``'s tiles, loaded by TMA in the graph-replayed figures and by
+    pointers in the eager ones) and with the pointer path's own tiles (``L2PD_SKINNY_TMA=0``), as weight-read
+    bandwidth (the copy of the same bytes is ``test_copy_floor``'s figure)."""
     import torch.nn.functional as F
 
-    from l2pd_kernels import gate_up_silu, silu_mul, skinny_matmul
+    from l2pd_kernels import gate_up_silu, silu_mul, skinny, skinny_matmul
+
+    if path == "skinny-pointers":
+        monkeypatch.setattr(skinny, "TMA", "0")
 
     n, k = SKINNY[layer]
     torch.manual_seed(0)

@@ -321,7 +321,8 @@ def pick_rope_split(tiles: int, k_steps: int, sms: int) -> int:
 SPLIT_K = int(os.environ.get("L2PD_SKINNY_SPLIT", "0"))
 
 
-# "auto": TMA loads where ``pick_tma`` measured them faster; "1": every product a TMA copy can address; "0": none
+# "auto": ``pick_tma``'s tiles where it has one, loaded by TMA inside CUDA graphs (by pointers in eager launches);
+# "1": TMA loads in every launch a descriptor can address; "0": the pointer path's own tiles and loads
 TMA = os.environ.get("L2PD_SKINNY_TMA", "auto")
 
 
@@ -373,7 +374,8 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     """One launch of the kernel; ``rope`` (``linear_rope_qkv``): the dict of its arguments and constants
     (``ROPE_ARGS``, ``head_dim``, ``HALF``, ``REST``, ``ROWS``, ``NORM``): one head per program, K split by
     ``pick_rope_split``. ``tma``: load the tiles by TMA (None: ``L2PD_SKINNY_TMA``, by default where
-    ``pick_tma`` has a tile); with ``cfg`` and ``tma``, ``swap`` as given."""
+    ``pick_tma`` has a tile, its tile in every launch and its TMA loads while a CUDA graph is captured);
+    with ``cfg`` and ``tma``, ``swap`` as given."""
     M, K = x2.shape
     a8 = x_scale is not None
     sms = sm_count(x2.device)
@@ -382,12 +384,13 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
         tma = False
         if TMA != "0" and _tma_device(x2.device):
             tma_cfg = pick_tma(M, n_out, K, gate, sms, scale is not None, a8) if cfg is None else None
-            tma = TMA == "1" or (tma_cfg is not None and x2.is_cuda)
+            # by TMA inside a CUDA graph only: an eager launch with descriptors took up to 87 us more host time
+            # than one with pointers (``benchmarks/test_kernels_bench.py::test_skinny_matmul``); an eager
+            # launch runs the same tile with pointer loads
+            tma = TMA == "1" or (tma_cfg is not None and x2.is_cuda and torch.cuda.is_current_stream_capturing())
     tma = tma and _tma_addressable(x2) and _tma_addressable(w)
-    if tma and tma_cfg is not None:
+    if tma_cfg is not None:  # the tile, whichever way it loads
         cfg, swap = tma_cfg[:4], tma_cfg[4] if swap is None else swap
-    else:
-        tma_cfg = None
     bn, bk, warps, stages = cfg or (pick_config_fp8(M, n_out, K, gate, a8) if scale is not None else
                                     pick_config(M, n_out, K, gate, device_name(x2.device)))
     if rope is not None:  # one head per program; K steps of 128 keep a head-wide pipeline in shared memory

@@ -220,8 +220,9 @@ def test_skinny_split_k_matches_reference(kind, rows, n, k, split):
 @pytest.mark.parametrize("swap", [False, True])
 def test_skinny_tma_loads_match_pointer_loads(kind, rows, n, k, split, swap):
     """Tiles loaded by TMA (rows, columns and K past the ends read as zeros; a gate tile's spare columns read up
-    rows and are not stored): the reference result, and on the interpreter the pointer path's bits with the same
-    tile. K = 70 leaves bf16 rows 140 bytes apart, which no TMA descriptor covers: the pointer path runs."""
+    rows and are not stored): the reference result, and the pointer path's bits with the same tile, which a
+    graphed step (TMA loads) and the same step run eagerly (pointer loads) rely on. K = 70 leaves bf16 rows 140
+    bytes apart, which no TMA descriptor covers: the pointer path runs."""
     from l2pd_kernels import skinny
 
     gate = kind.endswith("gate")
@@ -247,11 +248,39 @@ def test_skinny_tma_loads_match_pointer_loads(kind, rows, n, k, split, swap):
         outs.append(out)
     tol = {key: 2 * v for key, v in MM_TOL[dtype].items()} if gate or kind == "a8" else MM_TOL[dtype]
     torch.testing.assert_close(outs[1], want.to(dtype), **tol)
-    if DEV == "cpu":
-        assert torch.equal(outs[0], outs[1])
-    else:  # another instruction may read the tiles: the fp32 sums' order is not promised
-        torch.testing.assert_close(outs[1], outs[0], **tol)
+    assert torch.equal(outs[0], outs[1])
     assert int(skinny._tile_counters(x.device).abs().sum()) == 0
+
+
+def test_skinny_eager_launch_takes_the_tma_tile_with_pointer_loads(monkeypatch):
+    """Outside a CUDA graph capture the shipped rule keeps ``pick_tma``'s tile but loads by pointers (a TMA
+    launch costs more host time): recorded launches carry the tile and ``TMA=0``; ``L2PD_SKINNY_TMA=1`` loads by
+    TMA in eager launches too."""
+    from l2pd_kernels import skinny
+
+    launches = []
+    real = skinny._skinny_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append(kw)
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(skinny, "_skinny_kernel", Recorder())
+    monkeypatch.setattr(skinny, "_tma_device", lambda device: True)  # as on a Hopper GPU
+    monkeypatch.setattr(skinny, "pick_tma", lambda *a, **k: (16, 64, 4, 2, True))
+    x = torch.randn(5, 128, device=DEV).to(torch.bfloat16)
+    w = (torch.randn(48, 128, device=DEV) / 12).to(torch.bfloat16)
+    for mode in ("auto", "1"):
+        monkeypatch.setattr(skinny, "TMA", mode)
+        out = torch.empty(5, 48, device=DEV, dtype=torch.bfloat16)
+        skinny._launch(x, w, out, 48, False)
+        torch.testing.assert_close(out, _exact_linear(x, w), **MM_TOL[torch.bfloat16])
+    eager_auto, eager_forced = launches
+    assert (eager_auto["BLOCK_N"], eager_auto["BLOCK_K"], eager_auto["SWAP"]) == (16, 64, True)
+    assert eager_auto["TMA"] == 0 and eager_forced["TMA"] == 1
 
 
 def test_pick_tma_rule():
