@@ -333,11 +333,14 @@ def _tma_addressable(t: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _tma_device(device: torch.device) -> bool:
-    """Hopper or later (the interpreter runs TMA loads too, when ``L2PD_SKINNY_TMA=1`` asks)."""
-    if TensorDescriptor is None:
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9 if device.type == "cuda" else _INTERPRET
+def _hopper(device: torch.device) -> bool:
+    """A GPU whose products take ``pick_tma``'s tiles and load them by TMA: Hopper or later."""
+    return (TensorDescriptor is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def pick_tma(rows: int, n: int, k: int, gate: bool, sms: int, fp8: bool = False,
@@ -381,13 +384,15 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     sms = sm_count(x2.device)
     tma_cfg = None
     if tma is None:
-        tma = False
-        if TMA != "0" and _tma_device(x2.device):
-            tma_cfg = pick_tma(M, n_out, K, gate, sms, scale is not None, a8) if cfg is None else None
-            # by TMA inside a CUDA graph only: an eager launch with descriptors took up to 87 us more host time
-            # than one with pointers (``benchmarks/test_kernels_bench.py::test_skinny_matmul``); an eager
-            # launch runs the same tile with pointer loads
-            tma = TMA == "1" or (tma_cfg is not None and x2.is_cuda and torch.cuda.is_current_stream_capturing())
+        hopper = _hopper(x2.device)
+        # ``pick_tma``'s tiles for bf16/fp16 (what was measured) on Hopper, loaded by TMA inside a CUDA graph
+        # only: an eager launch with descriptors took up to 87 us more host time than one with pointers
+        # (``benchmarks/test_kernels_bench.py::test_skinny_matmul``), so eager launches run the same tile with
+        # pointer loads. Forced (``TMA == "1"``), by TMA everywhere, the interpreter included.
+        if TMA != "0" and (hopper or TMA == "1") and cfg is None and x2.element_size() == 2:
+            tma_cfg = pick_tma(M, n_out, K, gate, sms, scale is not None, a8)
+        tma = TMA == "1" and (hopper or (_INTERPRET and TensorDescriptor is not None)) or (
+            tma_cfg is not None and _capturing(x2.device))
     tma = tma and _tma_addressable(x2) and _tma_addressable(w)
     if tma_cfg is not None:  # the tile, whichever way it loads
         cfg, swap = tma_cfg[:4], tma_cfg[4] if swap is None else swap

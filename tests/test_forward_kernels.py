@@ -269,7 +269,7 @@ def test_skinny_eager_launch_takes_the_tma_tile_with_pointer_loads(monkeypatch):
             return launch
 
     monkeypatch.setattr(skinny, "_skinny_kernel", Recorder())
-    monkeypatch.setattr(skinny, "_tma_device", lambda device: True)  # as on a Hopper GPU
+    monkeypatch.setattr(skinny, "_hopper", lambda device: True)  # as on a Hopper GPU
     monkeypatch.setattr(skinny, "pick_tma", lambda *a, **k: (16, 64, 4, 2, True))
     x = torch.randn(5, 128, device=DEV).to(torch.bfloat16)
     w = (torch.randn(48, 128, device=DEV) / 12).to(torch.bfloat16)

@@ -128,16 +128,17 @@ def _workloads() -> None:
                         / 64, 4, 2, cs, cs, kc, kc.clone(), slots, rows=rows, **nw)
     finally:
         skinny.SPLIT_K = old
-    # the few-row products' TMA path (Hopper only): each kind of tile ``pick_tma`` gives on an H200, and the
-    # q/k/v product with RoPE in its transposed 128-column tiles
+    # the few-row products' TMA path (Hopper only): each kind of tile ``pick_tma`` gives on an H200, by TMA and
+    # by pointers, and the q/k/v product with RoPE in its transposed 128-column tiles
     skinny.TMA, old = "1", skinny.TMA
     try:
         x32 = torch.randn(32, 512, dtype=torch.bfloat16)
         for n, k, gate in ((4096, 12288, False), (12288, 4096, False), (12288, 4096, True), (18944, 3584, True)):
             bn, bk, warps, stages, swap = skinny.pick_tma(32, n, k, gate, 132)
             w = torch.randn((2 if gate else 1) * 2 * bn, 512, dtype=torch.bfloat16)
-            skinny._launch(x32, w, torch.empty(32, 2 * bn, dtype=torch.bfloat16), 2 * bn, gate,
-                           cfg=(bn, bk, warps, stages), swap=swap, tma=True)
+            for tma in (True, False):  # a graph's launches load by TMA, eager ones by pointers
+                skinny._launch(x32, w, torch.empty(32, 2 * bn, dtype=torch.bfloat16), 2 * bn, gate,
+                               cfg=(bn, bk, warps, stages), swap=swap, tma=tma)
         cs32, k40 = torch.rand(1, 32, 64), torch.zeros(1, 2, 40, 128, dtype=torch.bfloat16)
         linear_rope_qkv(x32[None], torch.randn(8 * 128, 512, dtype=torch.bfloat16) / 20, 4, 2, cs32, cs32, k40,
                         k40.clone(), torch.arange(32))
