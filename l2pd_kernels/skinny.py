@@ -8,7 +8,9 @@ packed [gate; up] weight in the same program and writes ``silu(gate) * up`` dire
 no separate ``silu_mul`` launch. Rounding follows the unfused code: each product is rounded to the output
 dtype, then silu is rounded, then the product (``l2pd_kernels.reference.gate_up_silu``).
 The tile comes from ``pick_config``, a rule set from ``benchmarks/skinny_configs.py`` (every candidate timed
-on the 8B shapes); no tuning at run time, so the first decode does not pay for compiling candidates.
+on the 8B shapes); no tuning at run time, so the first decode does not pay for compiling candidates. On Hopper,
+bf16/fp16 products take ``pick_tma``'s tiles where they were measured faster, and inside CUDA graphs load them
+by TMA (one copy per tile, no address arithmetic per thread).
 Where a program's own work bounds the product (e4m3 weights widened in registers), ``pick_split`` shares each
 output tile's K among several programs: each leaves an fp32 partial, and the last of them to arrive (a
 per-tile counter) sums the partials in a fixed order and writes the tile, so results do not depend on timing
@@ -129,8 +131,8 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
             wt = wt.to(tl.float32)
         acc = _mac(acc, xt, wt, SWAP, IEEE)
         if GATE:
-            if TMA:  # a gate tile's columns past N read up rows, as the pointer path's masked ones read zeros:
-                ut = w_ptr.load([N + pid_n * BLOCK_N, k])  # neither is stored
+            if TMA:  # (the last gate tile's rows past N read up rows where the pointer path reads zeros: the
+                ut = w_ptr.load([N + pid_n * BLOCK_N, k])  # columns they make are not stored)
             elif EVEN_K:
                 ut = tl.load(u_ptrs, mask=n_ok, other=0.0)
             else:
@@ -357,8 +359,8 @@ def pick_tma(rows: int, n: int, k: int, gate: bool, sms: int, fp8: bool = False,
     - the gated product, transposed: 128-column slices in 3 stages where they fill the SMs' waves as evenly as
       64-column ones (LLaDA-8B's gate/up: 96 or 192 programs on 132 SMs, 50.5 us against 51.9), else 64-column
       slices in 5 (Dream-7B's 69.7 against 86.2, LLaDA2.0-mini's dense layer 12.6 against 16.9);
-    - e4m3 weights: none (no TMA tile beat the pointer path's at LLaDA-8B shapes, widened or against e4m3
-      activations: its q/k/v 25.9 against 25.4 us, 15.0 against 15.1).
+    - e4m3 weights: none (at LLaDA-8B shapes, widened or against e4m3 activations, TMA tiles were within 0.5 us
+      of the pointer path's but for the widened down projection, 25.0 against 26.1 us, not tried in a step).
     """
     if fp8 or a8:
         return None
