@@ -438,6 +438,31 @@ def test_the_fused_forward_matches_the_plain_one():
     assert len(norms) == 2 * len(model.model.layers) + 1 and all(s[-1] == 48 for s in norms)
 
 
+def test_the_experts_kept_buffers_follow_a_reassigned_expert(monkeypatch):
+    """On CUDA the experts' weights become views of stacked buffers kept between forwards; a new parameter
+    assigned to a middle expert drops them, so the next forward multiplies by it (only the first and last
+    experts were checked before: the forward kept the old weight, silently)."""
+    from l2pd.models import decoder
+
+    monkeypatch.setattr(decoder, "_keeps_views", lambda device: True)  # as on CUDA
+    model = tiny_llada2(3).eval()
+    ad = adapter_for(model)
+    ids = torch.randint(0, 58, (1, 7))
+    with torch.no_grad():
+        before = ad.forward(ids)
+        moe = model.model.layers[1].mlp
+        assert "_l2pd_experts" in vars(moe)  # kept
+        for i in (3, 4):  # the middle experts: not the first or the last
+            lin = moe.experts[i].down_proj
+            lin.weight = nn.Parameter(lin.weight.detach() * 3 + 1)
+        got = ad.forward(ids)
+        fresh = tiny_llada2(3).eval()
+        fresh.load_state_dict(model.state_dict())
+        want = adapter_for(fresh).forward(ids)
+    assert not torch.allclose(got, before)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                     reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 def test_the_shared_expert_runs_inside_the_moe_kernels_only_for_few_pairs(monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -565,11 +566,33 @@ def _router_weight(moe: MoE) -> torch.Tensor:
     return kept[3]
 
 
+# The experts' linear modules whose weights are views of their owner's kept buffers (``expert_weights``) ->
+# that owner. A new Parameter assigned to any of them drops the buffers: checking every expert's pointers at
+# each forward would cost an eager step milliseconds of host time (256 experts x 3 weights per layer).
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_KEPT_HOOK: list = []
+
+
+def _expert_param_assigned(module: nn.Module, name: str, param: Any) -> None:
+    owner = _KEPT.get(module)
+    if owner is not None:
+        vars(owner).pop("_l2pd_experts", None)
+
+
+def _keeps_views(device: torch.device) -> bool:
+    """Whether the experts become views of their stacked buffers (on CUDA; safetensors cannot save CPU tensors
+    that share storage)."""
+    return device.type == "cuda"
+
+
 def expert_weights(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
     """(gate|up [E, 2I, D], down [E, D, I]) of the experts. On CUDA the experts' parameters become views of
     these two buffers (kept on ``moe.owner``, no extra memory, state dict unchanged), as ``pack_layers`` does;
     elsewhere they are stacked anew at each call (safetensors cannot save CPU tensors that share storage).
-    With autograd on and trainable experts, a fresh differentiable stack (training)."""
+    With autograd on and trainable experts, a fresh differentiable stack (training). The kept buffers are
+    dropped when a new parameter is assigned to any expert, or the first or last expert's weights move (a
+    ``.to()``); writing into the weights (``load_state_dict``, ``copy_``) keeps them, as it should. Replacing
+    one middle expert's ``.data`` is not seen: assign a parameter instead."""
     mods = list(moe.experts)
     if torch.is_grad_enabled() and mods[0].gate_proj.weight.requires_grad:
         return (torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in mods]),
@@ -583,11 +606,16 @@ def expert_weights(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
             return w13, w2
     w13 = torch.stack([torch.cat([m.gate_proj.weight.detach(), m.up_proj.weight.detach()]) for m in mods])
     w2 = torch.stack([m.down_proj.weight.detach() for m in mods])
-    if w13.device.type == "cuda":
+    if _keeps_views(w13.device):
+        if not _KEPT_HOOK:
+            _KEPT_HOOK.append(torch.nn.modules.module.register_module_parameter_registration_hook(
+                _expert_param_assigned))
         inter = w2.shape[2]
         for i, m in enumerate(mods):
             m.gate_proj.weight.data, m.up_proj.weight.data = w13[i, :inter], w13[i, inter:]
             m.down_proj.weight.data = w2[i]
+            for lin in (m.gate_proj, m.up_proj, m.down_proj):
+                _KEPT[lin] = moe.owner
         object.__setattr__(moe.owner, "_l2pd_experts", (w13, w2))
     return w13, w2
 
