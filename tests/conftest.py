@@ -10,6 +10,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one torch thread per w
 
 MASK, EOS = 61, 60
 
+# tests of the Triton kernels: on a GPU, or on the CPU under the interpreter (the README's test command sets it)
+needs_kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                   reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (the README's test "
+                                          "command sets it)")
+
 
 # the block-32, confidence-only filter shipped with the bundled LLaDA model before its block-128 shared filter:
 # tests that decode at block 32 with a real filter use it

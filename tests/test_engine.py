@@ -6,14 +6,13 @@ kernel path of the packed forward runs under TRITON_INTERPRET=1 on a tiny model.
 """
 
 import functools
-import os
 import random
 
 import pytest
 import torch
-from conftest import tiny_model
 
 from l2pd.engine import Engine, EngineClosed
+from tests.conftest import needs_kernels, tiny_model
 
 # the reference decision ops on both sides (the interpreter would make these tests slow); the kernel path has
 # its own test at the end
@@ -395,8 +394,7 @@ def test_batch_generate_on_a_running_engine_waits_for_the_loop(bundled):
         engine.stop(drain=60)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                    reason="the kernel path needs a GPU or TRITON_INTERPRET=1")
+@needs_kernels
 def test_key_split_is_planned_alike_with_and_without_padding(monkeypatch):
     """A graphed iteration is padded (more tokens, rows and attention tiles); its key split must be planned as
     for the same iteration unpadded, since the split changes the attention's sums (a graphed decode would
@@ -425,8 +423,7 @@ def test_key_split_is_planned_alike_with_and_without_padding(monkeypatch):
     assert tiles[0] != tiles[1]  # the padded iterations did run more attention tiles
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                    reason="the kernel path needs a GPU or TRITON_INTERPRET=1")
+@needs_kernels
 @pytest.mark.parametrize("split, fused_rope", [(False, False), (True, False), (False, True)])
 def test_kernel_path_matches_reference_path(split, fused_rope, monkeypatch):
     """The packed forward through the Triton kernels (pool attention, rope rows, per-row decide) gives the

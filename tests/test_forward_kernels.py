@@ -4,17 +4,13 @@ Run on the CPU under TRITON_INTERPRET=1 (the README's test command) or on a GPU;
 run, odd sizes, fp32/bf16/fp16.
 """
 
-import os
-
 import pytest
 import torch
 
 from l2pd_kernels import reference as ref
+from tests.conftest import needs_kernels
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (the README's test command sets it)",
-)
+pytestmark = needs_kernels
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # tolerance of one rounding step in the output dtype (fp32: the sums' order)

@@ -9,11 +9,9 @@ import torch
 
 import l2pd
 from l2pd_kernels import reference as ref
-from tests.conftest import MASK, tiny_model
+from tests.conftest import MASK, needs_kernels, tiny_model
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                             reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 
 
 def test_quantize_fp8_error_is_within_half_an_e4m3_step():
@@ -29,7 +27,7 @@ def test_quantize_fp8_error_is_within_half_an_e4m3_step():
     torch.testing.assert_close(back.abs().amax(-1)[w.abs().amax(-1) > 0], w.abs().amax(-1)[w.abs().amax(-1) > 0])
 
 
-@kernels
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,n,k", [(1, 16, 32), (5, 37, 100), (33, 129, 64)])
 def test_linear_fp8_kernel_matches_reference(dtype, rows, n, k):
@@ -45,7 +43,7 @@ def test_linear_fp8_kernel_matches_reference(dtype, rows, n, k):
         linear_fp8(x, w8.float(), scale)
 
 
-@kernels
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,k", [(1, 16), (7, 100), (33, 2100)])
 def test_quantize_rows_kernel_matches_reference(dtype, rows, k):
@@ -63,7 +61,7 @@ def test_quantize_rows_kernel_matches_reference(dtype, rows, k):
     assert bool((q.float().abs().amax(-1)[1:] == 448.0).all())  # each row's largest magnitude maps to 448
 
 
-@kernels
+@needs_kernels
 @pytest.mark.parametrize("swap", ["none", "a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,n,k", [(1, 16, 32), (5, 37, 100), (33, 129, 64)])
@@ -129,7 +127,7 @@ def test_quantized_model_decodes_with_its_filter_and_close_logits():
         l2pd.quantize(model, "int4")
 
 
-@kernels
+@needs_kernels
 @torch.no_grad()
 @pytest.mark.parametrize("kind", ["fp8", "w8a8"])
 def test_packed_fp8_weights_same_logits_as_unpacked(kind):
@@ -159,7 +157,7 @@ def test_packed_fp8_weights_same_logits_as_unpacked(kind):
     torch.testing.assert_close(llada_forward(tf, model.config, ids, fused=False), separate[False])
 
 
-@kernels
+@needs_kernels
 @pytest.mark.parametrize("a8", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows,f,k", [(1, 8, 32), (5, 37, 100)])
@@ -180,7 +178,7 @@ def test_linear_gate_up_silu_fp8_matches_reference(a8, dtype, rows, f, k):
         linear_gate_up_silu_fp8(x, w8[:-1], scale[:-1])
 
 
-@kernels
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,d", [(1, 16), (6, 100), (3, 2100)])
 def test_rms_norm_fp8_quantizes_its_own_output(dtype, rows, d):

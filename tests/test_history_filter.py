@@ -16,12 +16,8 @@ from l2pd.engine import Engine
 from l2pd.filter import Filter
 from l2pd.train import train_filter
 from l2pd_kernels import reference as ref
-from tests.conftest import tiny_model
+from tests.conftest import needs_kernels, tiny_model
 
-needs_triton = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (the README's test command sets it)",
-)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 F = len(ref.HISTORY_FEATURES)
 
@@ -62,7 +58,7 @@ def test_history_features_by_hand():
     torch.testing.assert_close(x[..., -1], conf - prev2)
 
 
-@needs_triton
+@needs_kernels
 @pytest.mark.parametrize("L,LF", [(8, 8), (5, 8), (13, 16)])
 @pytest.mark.parametrize("per_row", [False, True])
 def test_decide_with_a_history_filter_matches_reference_over_forwards(L, LF, per_row):

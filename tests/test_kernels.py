@@ -1,16 +1,12 @@
 """Triton kernels against the PyTorch reference (run on the CPU with TRITON_INTERPRET=1)."""
 
-import os
-
 import pytest
 import torch
 
 from l2pd_kernels import reference as ref
+from tests.conftest import needs_kernels
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (the README's test command sets it)",
-)
+pytestmark = needs_kernels
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -12,6 +12,7 @@ from torch import nn
 import l2pd
 from l2pd.decode import generate
 from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM, adapter_for, load_pretrained
+from tests.conftest import needs_kernels
 
 MASK, EOS = 61, 60
 
@@ -368,8 +369,7 @@ def test_the_engine_edits_tokens_as_generate_alone():
     assert edited  # some blocks went on editing after their masks were gone
 
 
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                    reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+@needs_kernels
 def test_the_engine_kernel_path_decodes_block_causal_rows_as_the_reference_path():
     from l2pd.engine import Engine
 
@@ -389,8 +389,7 @@ def test_the_engine_kernel_path_decodes_block_causal_rows_as_the_reference_path(
     assert out[0] == out[1] and sum(map(len, out[0])) >= 4
 
 
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                    reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+@needs_kernels
 @pytest.mark.parametrize("fused_rope", [False, True])
 def test_the_engine_packed_forward_with_kernels_decodes_as_the_reference_ops(fused_rope, monkeypatch):
     """The engine's packed forward through the kernels (q/k norms inside rope_qkv, pool attention, the MoE)
@@ -416,8 +415,7 @@ def test_the_engine_packed_forward_with_kernels_decodes_as_the_reference_ops(fus
     assert bool(calls) == fused_rope
 
 
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                    reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+@needs_kernels
 def test_the_fused_forward_matches_the_plain_one():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = tiny_llada2(8).to(dev)
@@ -463,8 +461,7 @@ def test_the_experts_kept_buffers_follow_a_reassigned_expert(monkeypatch):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                    reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+@needs_kernels
 def test_the_shared_expert_runs_inside_the_moe_kernels_only_for_few_pairs(monkeypatch):
     """Few (token, expert) pairs (the scan path): the MoE kernels run the shared expert too; more: it runs apart
     and its output joins in the combine. The logits match the plain forward either way."""
@@ -488,8 +485,7 @@ def test_the_shared_expert_runs_inside_the_moe_kernels_only_for_few_pairs(monkey
     assert inside and not any(inside)
 
 
-@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                    reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
+@needs_kernels
 def test_cached_block_causal_forwards_attend_through_the_key_limited_kernel(monkeypatch):
     """With the fused ops, a cached forward of a block-causal model attends through ``cached_attention`` with
     each query's keys ending at its block's end (no SDPA mask): the logits equal the plain full forward's."""

@@ -4,16 +4,13 @@ Fresh random inputs, odd sizes, fp32/bf16/fp16, experts with no tokens, every to
 runs on the CPU under TRITON_INTERPRET=1 or on a GPU.
 """
 
-import os
-
 import pytest
 import torch
 
 from l2pd_kernels import reference as ref
+from tests.conftest import needs_kernels
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-kernels = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                             reason="Triton kernels need a GPU or TRITON_INTERPRET=1")
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
        torch.float16: dict(rtol=5e-3, atol=5e-3)}
 
@@ -75,7 +72,7 @@ def test_reference_matches_separate_expert_layers():
         torch.testing.assert_close(out[t], want, rtol=1e-5, atol=1e-5)
 
 
-@kernels
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,d,inter,e,k", [(1, 32, 16, 4, 2), (7, 45, 23, 9, 3), (33, 64, 40, 16, 4)])
 def test_fused_moe_matches_reference(dtype, n, d, inter, e, k):
@@ -96,7 +93,7 @@ def test_fused_moe_matches_reference(dtype, n, d, inter, e, k):
     torch.testing.assert_close(got, want, **tol)
 
 
-@kernels
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,d,inter,e,k", [(1, 32, 16, 4, 2), (7, 45, 23, 9, 3), (70, 40, 24, 6, 2)])
 def test_fused_moe_runs_the_shared_expert_as_the_reference(dtype, n, d, inter, e, k):
@@ -122,7 +119,7 @@ def test_fused_moe_runs_the_shared_expert_as_the_reference(dtype, n, d, inter, e
         fused_moe(x, w13, w2, ids, w, shared=x, shared_weights=(s13, s2))
 
 
-@kernels
+@needs_kernels
 @pytest.mark.parametrize("programs", [1, 3, 64])
 def test_fused_moe_scan_programs_take_several_experts_each(monkeypatch, programs):
     """The scan path's programs per column tile (about four per SM in all on a GPU) can be fewer than the
@@ -141,7 +138,7 @@ def test_fused_moe_scan_programs_take_several_experts_each(monkeypatch, programs
                                ref.fused_moe(x, w13, w2, ids, w, shared_weights=(s13, s2)), rtol=1e-4, atol=1e-4)
 
 
-@kernels
+@needs_kernels
 def test_fused_moe_with_idle_experts_and_every_token_on_one_expert():
     from l2pd_kernels import fused_moe
 
@@ -158,7 +155,7 @@ def test_fused_moe_with_idle_experts_and_every_token_on_one_expert():
     torch.testing.assert_close(fused_moe(x, w13, w2, ids, w), ref.fused_moe(x, w13, w2, ids, w), rtol=1e-4, atol=1e-4)
 
 
-@kernels
+@needs_kernels
 def test_fused_moe_rows_do_not_depend_on_the_batch():
     from l2pd_kernels import fused_moe
 
@@ -187,7 +184,7 @@ def test_align_pads_each_expert_to_whole_blocks():
     assert sorted(pairs[pairs < 6].tolist()) == list(range(6))
 
 
-@kernels
+@needs_kernels
 @pytest.mark.parametrize("n,k,e,block_m", [(3, 2, 5, 4), (7, 3, 6, 16), (33, 8, 256, 32), (1, 1, 1, 16),
                                            (9, 4, 7, 128), (300, 8, 24, 16), (140, 1, 3, 8)])
 def test_align_kernel_matches_reference(n, k, e, block_m):
@@ -199,7 +196,7 @@ def test_align_kernel_matches_reference(n, k, e, block_m):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@kernels
+@needs_kernels
 def test_align_kernel_every_pair_on_one_expert():
     from l2pd_kernels.moe import align
 
@@ -209,7 +206,7 @@ def test_align_kernel_every_pair_on_one_expert():
     assert (got[1] == 2).sum() == 65 and (got[1][65:] == -1).all()
 
 
-@kernels
+@needs_kernels
 def test_fused_moe_checks_shapes():
     from l2pd_kernels import fused_moe
 
@@ -219,7 +216,7 @@ def test_fused_moe_checks_shapes():
         fused_moe(x, w13, w2[:, :, :3], torch.zeros(3, 1, dtype=torch.int64, device=DEV), torch.ones(3, 1, device=DEV))
 
 
-@kernels
+@needs_kernels
 @pytest.mark.parametrize("n,e,groups,keep,k,score", [(5, 16, 4, 2, 3, "sigmoid"), (9, 24, 8, 4, 8, "sigmoid"),
                                                      (3, 8, 1, 1, 2, "sigmoid"), (7, 12, 1, 1, 4, "softmax"),
                                                      (4, 256, 8, 4, 8, "sigmoid")])

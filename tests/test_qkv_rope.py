@@ -5,17 +5,13 @@ partial RoPE, per-head norms, the engine's cache rows, odd K.
 Run on the CPU under TRITON_INTERPRET=1 (the README's test command) or on a GPU; fresh random inputs.
 """
 
-import os
-
 import pytest
 import torch
 
 from l2pd_kernels import reference as ref
+from tests.conftest import needs_kernels
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (the README's test command sets it)",
-)
+pytestmark = needs_kernels
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=8e-2),
        torch.float16: dict(rtol=3e-3, atol=3e-3)}

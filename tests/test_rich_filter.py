@@ -11,12 +11,8 @@ from l2pd.decode import generate
 from l2pd.filter import RICH_INPUTS, Filter
 from l2pd.train import train_filter
 from l2pd_kernels import reference as ref
-from tests.conftest import EOS, tiny_model
+from tests.conftest import EOS, needs_kernels, tiny_model
 
-needs_triton = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-    reason="Triton kernels need a GPU or TRITON_INTERPRET=1 (the README's test command sets it)",
-)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -63,7 +59,7 @@ def test_reference_stats_match_float64(dtype):
     assert margin[1, 2] == 1 and entropy[1, 2] == 0
 
 
-@needs_triton
+@needs_kernels
 @pytest.mark.parametrize("tune", [dict(lanes=True), dict(lanes=False), dict(lanes=True, programs_per_sm=16),
                                   dict(lanes=False, programs_per_sm=16), dict(lanes=True, programs_per_sm=1)],
                          ids=["lanes", "tile", "lanes-split", "tile-split", "lanes-direct"])
@@ -121,7 +117,7 @@ def _decide_matches_reference(L, LF, fw, steps, **filter_kw):
         assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(want, got, by_params))
 
 
-@needs_triton
+@needs_kernels
 @pytest.mark.parametrize("inputs", [RICH_INPUTS, ("confidence", "entropy"), ("confidence", "step")],
                          ids=["rich", "entropy", "step"])
 @pytest.mark.parametrize("L,LF", [(8, 8), (5, 8), (13, 16)])
@@ -243,7 +239,7 @@ def test_shared_features_by_hand():
         assert col[name] == pytest.approx(values), name
 
 
-@needs_triton
+@needs_kernels
 @pytest.mark.parametrize("L,LF", [(8, 8), (5, 8), (13, 16), (32, 32)])
 def test_decide_with_a_shared_filter_matches_reference(L, LF):
     torch.manual_seed(L + LF)
