@@ -177,6 +177,30 @@ def test_gate_up_silu_matches_reference(dtype, rows, f, k, swap, monkeypatch):
     torch.testing.assert_close(got, ref.linear_gate_up_silu(x, w), **tol)
 
 
+def _product_case(kind: str, rows: int, n: int, k: int):
+    """(x, w, launch keywords, reference result, dtype, gated, tolerance) of a few-row product test: ``kind``
+    names the dtype (bf16, fp16, fp32), ``-gate`` a packed [gate; up] weight, ``fp8`` e4m3 weights widened in
+    registers, ``a8`` e4m3 weights against e4m3 activations."""
+    gate = kind.endswith("gate")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(kind.split("-")[0], torch.bfloat16)
+    x = torch.randn(rows, k, device=DEV).to(dtype)
+    w = (torch.randn((2 if gate else 1) * n, k, device=DEV) * 2 / k**0.5).to(dtype)
+    kw, a8 = {}, kind == "a8"
+    if a8 or kind.startswith("fp8"):
+        w, kw["scale"] = ref.quantize_fp8(w.float())
+        want = (ref.linear_gate_up_silu_fp8(x, w, kw["scale"], a8=a8) if gate else
+                (ref.linear_w8a8 if a8 else ref.linear_fp8)(x, w, kw["scale"]))
+        if a8:  # e4m3 activations with their row scales
+            x, kw["x_scale"] = ref.quantize_rows_fp8(x)
+    elif gate:
+        want = ref.linear_gate_up_silu(x, w)
+    else:
+        want = _exact_linear(x, w)
+    # gate and up each rounded before their product, e4m3 rows: two rounding steps apart at most
+    tol = {key: 2 * v for key, v in MM_TOL[dtype].items()} if gate or a8 else MM_TOL[dtype]
+    return x, w, kw, want, dtype, gate, tol
+
+
 @pytest.mark.parametrize("kind", ["bf16", "fp32-gate", "fp16-gate", "fp8", "a8"])
 @pytest.mark.parametrize("rows,n,k,split", [(5, 37, 300, 3), (17, 64, 520, 2), (1, 19, 96, 4)])
 def test_skinny_split_k_matches_reference(kind, rows, n, k, split):
@@ -184,28 +208,12 @@ def test_skinny_split_k_matches_reference(kind, rows, n, k, split):
     the unsplit kernel's within the fp32 sums' order, and every tile counter back at zero for the next launch."""
     from l2pd_kernels import skinny
 
-    gate = kind.endswith("gate")
-    dtype = {"fp32-gate": torch.float32, "fp16-gate": torch.float16}.get(kind, torch.bfloat16)
-    x = torch.randn(rows, k, device=DEV).to(dtype)
-    w = (torch.randn((2 if gate else 1) * n, k, device=DEV) * 2 / k**0.5).to(dtype)
-    kw, want = {}, None
-    if kind in ("fp8", "a8"):
-        w, scale = ref.quantize_fp8(w.float())
-        kw["scale"] = scale
-        want = ref.linear_fp8(x, w, scale)
-        if kind == "a8":  # e4m3 activations with their row scales
-            want = ref.linear_w8a8(x, w, scale)
-            x, kw["x_scale"] = ref.quantize_rows_fp8(x)
-    elif gate:
-        want = ref.linear_gate_up_silu(x, w)
-    else:
-        want = _exact_linear(x, w)
+    x, w, kw, want, dtype, gate, tol = _product_case(kind, rows, n, k)
     outs = []
     for s in (1, split):
         out = torch.empty(rows, n, device=DEV, dtype=dtype)
         skinny._launch(x, w, out, n, gate, cfg=(16, 32, 4, 2), split=s, **kw)
         outs.append(out)
-    tol = {key: 2 * v for key, v in MM_TOL[dtype].items()} if gate or kind == "a8" else MM_TOL[dtype]
     torch.testing.assert_close(outs[1], want, **tol)
     torch.testing.assert_close(outs[1], outs[0], **tol)
     assert int(skinny._tile_counters(x.device).abs().sum()) == 0
@@ -221,28 +229,12 @@ def test_skinny_tma_loads_match_pointer_loads(kind, rows, n, k, split, swap):
     bytes apart, which no TMA descriptor covers: the pointer path runs."""
     from l2pd_kernels import skinny
 
-    gate = kind.endswith("gate")
-    dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(kind, torch.bfloat16)
-    x = torch.randn(rows, k, device=DEV).to(dtype)
-    w = (torch.randn((2 if gate else 1) * n, k, device=DEV) * 2 / k**0.5).to(dtype)
-    kw = {}
-    if kind.startswith("fp8") or kind == "a8":
-        w, kw["scale"] = ref.quantize_fp8(w.float())
-        a8 = kind == "a8"
-        want = (ref.linear_gate_up_silu_fp8(x, w, kw["scale"], a8=a8) if gate else
-                (ref.linear_w8a8 if a8 else ref.linear_fp8)(x, w, kw["scale"]))
-        if a8:
-            x, kw["x_scale"] = ref.quantize_rows_fp8(x)
-    elif gate:
-        want = ref.linear_gate_up_silu(x, w)
-    else:
-        want = _exact_linear(x, w)
+    x, w, kw, want, dtype, gate, tol = _product_case(kind, rows, n, k)
     outs = []
     for tma in (False, True):
         out = torch.empty(rows, n, device=DEV, dtype=dtype)
         skinny._launch(x, w, out, n, gate, cfg=(16, 64, 4, 2), swap=swap, split=split, tma=tma, **kw)
         outs.append(out)
-    tol = {key: 2 * v for key, v in MM_TOL[dtype].items()} if gate or kind == "a8" else MM_TOL[dtype]
     torch.testing.assert_close(outs[1], want.to(dtype), **tol)
     assert torch.equal(outs[0], outs[1])
     assert int(skinny._tile_counters(x.device).abs().sum()) == 0
