@@ -47,6 +47,7 @@ import l2pd
 from l2pd_kernels import skinny
 
 NEW = (skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split)
+PICK_TMA = skinny.pick_tma
 
 
 def _old_pick_config_fp8(rows, n, k, gate, a8=False):
@@ -56,9 +57,6 @@ def _old_pick_config_fp8(rows, n, k, gate, a8=False):
             return (128, 256, 4, 4)
         return (64, 512, 8, 4) if n <= 8192 else (64, 256, 4, 4)
     return (64, 256, 4, 3)
-
-
-OLD = (NEW[0], _old_pick_config_fp8, NEW[2])
 
 
 def _occupancy_pick_config(rows, n, k, gate, device=""):
@@ -73,29 +71,33 @@ def _occupancy_pick_split(tiles, k_steps, sms, widened=False, a8=False):
     return NEW[2](tiles, k_steps, sms, widened, a8)
 
 
-SETTINGS = {"before": OLD, "now": NEW, "occupancy": (_occupancy_pick_config, NEW[1], _occupancy_pick_split),
-            "occupancy-tiles": (_occupancy_pick_config, NEW[1], NEW[2]),
-            "occupancy-splits": (NEW[0], NEW[1], _occupancy_pick_split),
-            "fused-rope": NEW, "unfused-rope": NEW,  # the shipped tiles; RoPE fused everywhere it applies / nowhere
-            "no-tma": NEW, "tma-all": NEW, "tma-unfused-rope": NEW,  # TMA loads nowhere / everywhere
-            "tma-wide": NEW}
-PICK_TMA = skinny.pick_tma
-
-
 def _wide_pick_tma(rows, n, k, gate, sms, fp8=False, a8=False):
     """``pick_tma`` without its narrow tiles: outputs of one 32-column slice per SM or fewer keep pointers."""
     cfg = PICK_TMA(rows, n, k, gate, sms, fp8, a8)
     return None if cfg is not None and not cfg[4] else cfg
 
 
+def _setting(picks=NEW, fused_rope=None, tma="auto", pick_tma=PICK_TMA) -> dict:
+    """One setting: (pick_config, pick_config_fp8, pick_split), ``decoder.FUSED_ROPE`` (None: the shipped
+    rule), ``skinny.TMA`` and ``skinny.pick_tma``."""
+    return {"picks": picks, "fused_rope": fused_rope, "tma": tma, "pick_tma": pick_tma}
+
+
+SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _setting(),
+            "occupancy": _setting((_occupancy_pick_config, NEW[1], _occupancy_pick_split)),
+            "occupancy-tiles": _setting((_occupancy_pick_config, NEW[1], NEW[2])),
+            "occupancy-splits": _setting((NEW[0], NEW[1], _occupancy_pick_split)),
+            "fused-rope": _setting(fused_rope=True), "unfused-rope": _setting(fused_rope=False),
+            "no-tma": _setting(tma="0"), "tma-all": _setting(tma="1"),
+            "tma-unfused-rope": _setting(fused_rope=False), "tma-wide": _setting(pick_tma=_wide_pick_tma)}
+
+
 def apply(setting: str) -> None:
     from l2pd.models import decoder
 
-    skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = SETTINGS[setting]
-    decoder.FUSED_ROPE = {"fused-rope": True, "unfused-rope": False,
-                          "tma-unfused-rope": False}.get(setting)  # None: the shipped rule
-    skinny.TMA = {"no-tma": "0", "tma-all": "1"}.get(setting, "auto")
-    skinny.pick_tma = _wide_pick_tma if setting == "tma-wide" else PICK_TMA
+    s = SETTINGS[setting]
+    skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = s["picks"]
+    decoder.FUSED_ROPE, skinny.TMA, skinny.pick_tma = s["fused_rope"], s["tma"], s["pick_tma"]
 
 
 @torch.no_grad()
