@@ -56,10 +56,11 @@ def _mac(acc, xt, wt, SWAP: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
-                   stride_wn, stride_om, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                   stride_wn, stride_om, wr_ptr, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                    UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
+                   TMA: tl.constexpr = 0, WARM: tl.constexpr = 0, PDL: tl.constexpr = 0):
+    _warm_l2(wr_ptr, N, K, K_SPLIT, stride_wn, GATE, BLOCK_N, WARM)
     pdl_wait(PDL)
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, 0.0, 1,
@@ -69,20 +70,41 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N
 
 @triton.jit
 def _skinny_rope_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
-                        stride_wn, stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr,
-                        kw_ptr, eps, S, H, HKV, T, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                        stride_wn, stride_om, wr_ptr, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr,
+                        qw_ptr, kw_ptr, eps, S, H, HKV, T, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                         UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                         SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr,
-                        TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
+                        TMA: tl.constexpr = 0, WARM: tl.constexpr = 0, PDL: tl.constexpr = 0):
     """``_skinny_kernel`` for a q/k/v product whose programs each hold one head (BLOCK_N = head_dim) and then do
     ``rope_qkv``'s work for it (``linear_rope_qkv``; the arguments from cos_ptr on are that op's). A kernel of
     its own, so the plain products' launches carry no more arguments than before."""
+    _warm_l2(wr_ptr, N, K, K_SPLIT, stride_wn, GATE, BLOCK_N, WARM)
     pdl_wait(PDL)
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S, H,
                  HKV, T, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 1, HALF, REST,
                  ROWS, NORM, TMA)
+
+
+@triton.jit
+def _warm_l2(wr_ptr, N, K, K_SPLIT, stride_wn, GATE: tl.constexpr, BLOCK_N: tl.constexpr, WARM: tl.constexpr):
+    """Before the wait for the kernel ahead (programmatic dependent launch): ask L2 for the first ``WARM`` bytes
+    of each of this program's weight rows in its K share (one ``cp.async.bulk.prefetch.L2`` per row; Hopper), so
+    a program launched early streams its weight while that kernel ends. Reads nothing into registers, writes
+    nothing: no value changes."""
+    if WARM > 0:
+        rn = tl.minimum(tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
+        k_lo = tl.program_id(2) * K_SPLIT
+        row_bytes = (K - k_lo) * (wr_ptr.dtype.element_ty.primitive_bitwidth // 8)
+        size = (tl.minimum(WARM, row_bytes) // 16 * 16).to(tl.int32)  # whole 16-byte units, at least one
+        sizes = tl.full([BLOCK_N], 0, tl.int32) + size
+        at = wr_ptr + rn * stride_wn + k_lo
+        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                                  [at, sizes], dtype=tl.int32, is_pure=False, pack=1)
+        if GATE:  # the up half's rows
+            tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                                      [at + N * stride_wn, sizes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -326,6 +348,8 @@ SPLIT_K = int(os.environ.get("L2PD_SKINNY_SPLIT", "0"))
 # "auto": ``pick_tma``'s tiles where it has one, loaded by TMA inside CUDA graphs (by pointers in eager launches);
 # "1": TMA loads in every launch a descriptor can address; "0": the pointer path's own tiles and loads
 TMA = os.environ.get("L2PD_SKINNY_TMA", "auto")
+# bytes of weight each program of a TMA product asks of L2 before it waits for the kernel ahead (0: none)
+WARM = int(os.environ.get("L2PD_SKINNY_WARM", "0"))
 
 
 def _tma_addressable(t: torch.Tensor) -> bool:
@@ -423,17 +447,21 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     if rope is not None:
         kernel, rope_args = _skinny_rope_kernel, rope["args"]
         rope_consts = {k: rope[k] for k in ("HALF", "REST", "ROWS", "NORM")}
+    launch = pdl(x2.device, "skinny")
+    # bytes of each weight row asked of L2 before the PDL wait: only where the loads go by TMA (Hopper, a graph)
+    # and the kernel waits at all
+    warm = 0 if not (tma and launch["PDL"] and WARM > 0) else WARM // (bn * (2 if gate else 1)) // 16 * 16
     xa, wa = x2, w
     if tma:  # descriptors per launch: a cached one would keep its tensor alive
         xa, wa = TensorDescriptor.from_tensor(x2, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk])
     kernel[(grid_n, grid_m, split)](
         xa, wa, w if scale is None else scale, w if x_scale is None else x_scale, out, part,
-        out if counters is None else counters, M, n_out, K, k_split, x2.stride(0), w.stride(0), out.stride(0),
+        out if counters is None else counters, M, n_out, K, k_split, x2.stride(0), w.stride(0), out.stride(0), w,
         *rope_args, GATE=gate, EVEN_K=tma or K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
         UPCAST=_INTERPRET and (x2.dtype == torch.bfloat16 or a8),  # no fp8 dot on the CPU
         FP8=scale is not None, A8=a8, SWAP=_swap(a8) if swap is None else swap, SPLIT=split, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, **rope_consts, TMA=int(bool(tma)), num_warps=warps, num_stages=stages,
-        **pdl(x2.device, "skinny"))
+        BLOCK_N=bn, BLOCK_K=bk, **rope_consts, TMA=int(bool(tma)), WARM=warm, num_warps=warps, num_stages=stages,
+        **launch)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -196,6 +196,8 @@ def compile_case(case: dict) -> str:
         consts = dict(case["constexprs"])
         if cc >= 90 and "PDL" in consts:  # Hopper launches with programmatic dependent launch (``device.pdl``)
             consts["PDL"] = 2
+            if consts.get("TMA") and "WARM" in consts:  # and TMA products may warm L2 before the wait
+                consts["WARM"] = 1024
         try:
             kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                                     target=GPUTarget("cuda", cc, 32), options=case["options"])

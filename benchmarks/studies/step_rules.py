@@ -22,6 +22,11 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
   ones included, with the pointer path's tiles where ``pick_tma`` has none (``L2PD_SKINNY_TMA=0`` / ``1``;
   shipped: where ``l2pd_kernels.skinny.pick_tma`` has a tile); ``tma-unfused-rope``: as shipped, RoPE unfused;
   ``tma-wide``: TMA only where ``pick_tma`` transposes (wide and gated outputs), narrow ones by pointers;
+- ``early``: every kernel lets the next launch as soon as its own programs have all started
+  (``device.EARLY``; shipped: in a mixture-of-experts forward only); ``warm``: each program of a TMA product
+  asks L2 for the first 64 KB of its weight before it waits for the kernel ahead (``skinny.WARM``);
+  ``early-warm`` (``-16k``, ``-160k``: other budgets): both; ``early-warm-late-products``: both, but the
+  products never let the next kernel launch early (``device.LATE``);
 (The H200 runs of 2026-12-02 named "now" the shipped rule of then, RoPE unfused everywhere; their settings
 ``fold-norms`` and ``fused-both`` ran each RMSNorm inside the products around it, slower and removed since:
 commit 0b1f23e, "The q/k/v product with RoPE in one launch" in ``benchmarks/RESULTS.md``.)
@@ -44,7 +49,7 @@ from harness import floors, run_info, save
 from pool_split_generate import alternate, summary
 
 import l2pd
-from l2pd_kernels import skinny
+from l2pd_kernels import device, skinny
 
 NEW = (skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split)
 PICK_TMA = skinny.pick_tma
@@ -77,10 +82,13 @@ def _wide_pick_tma(rows, n, k, gate, sms, fp8=False, a8=False):
     return None if cfg is not None and not cfg[4] else cfg
 
 
-def _setting(picks=NEW, fused_rope=None, tma="auto", pick_tma=PICK_TMA) -> dict:
+def _setting(picks=NEW, fused_rope=None, tma="auto", pick_tma=PICK_TMA, early=device.EARLY, late=frozenset(),
+             warm=skinny.WARM) -> dict:
     """One setting: (pick_config, pick_config_fp8, pick_split), ``decoder.FUSED_ROPE`` (None: the shipped
-    rule), ``skinny.TMA`` and ``skinny.pick_tma``."""
-    return {"picks": picks, "fused_rope": fused_rope, "tma": tma, "pick_tma": pick_tma}
+    rule), ``skinny.TMA``, ``skinny.pick_tma``, ``device.EARLY`` and ``device.LATE`` (who lets the next kernel
+    launch early) and ``skinny.WARM`` (bytes each TMA product's program asks of L2 before its wait)."""
+    return {"picks": picks, "fused_rope": fused_rope, "tma": tma, "pick_tma": pick_tma, "early": early,
+            "late": late, "warm": warm}
 
 
 SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _setting(),
@@ -89,7 +97,11 @@ SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _
             "occupancy-splits": _setting((NEW[0], NEW[1], _occupancy_pick_split)),
             "fused-rope": _setting(fused_rope=True), "unfused-rope": _setting(fused_rope=False),
             "no-tma": _setting(tma="0"), "tma-all": _setting(tma="1"),
-            "tma-unfused-rope": _setting(fused_rope=False), "tma-wide": _setting(pick_tma=_wide_pick_tma)}
+            "tma-unfused-rope": _setting(fused_rope=False), "tma-wide": _setting(pick_tma=_wide_pick_tma),
+            "early": _setting(early=True), "warm": _setting(warm=65536),
+            "early-warm": _setting(early=True, warm=65536), "early-warm-160k": _setting(early=True, warm=163840),
+            "early-warm-late-products": _setting(early=True, late=frozenset({"skinny"}), warm=65536),
+            "early-warm-16k": _setting(early=True, warm=16384)}
 
 
 def apply(setting: str) -> None:
@@ -98,6 +110,7 @@ def apply(setting: str) -> None:
     s = SETTINGS[setting]
     skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = s["picks"]
     decoder.FUSED_ROPE, skinny.TMA, skinny.pick_tma = s["fused_rope"], s["tma"], s["pick_tma"]
+    device.EARLY, device.LATE, skinny.WARM = s["early"], set(s["late"]), s["warm"]
 
 
 @torch.no_grad()
