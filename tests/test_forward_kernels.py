@@ -335,3 +335,84 @@ def test_linear_dispatch_keeps_results():
         torch.testing.assert_close(l2pd_kernels.linear(x, w), ref.linear(x, w), **TOL[torch.float32])
         torch.testing.assert_close(l2pd_kernels.linear_gate_up_silu(x, w), ref.linear_gate_up_silu(x, w),
                                    **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("tiles,k_steps,progs", [(3, 10, 7), (4, 17, 5), (2, 3, 3), (96, 32, 132), (296, 28, 132),
+                                                 (5, 1, 4)])
+def test_stream_runs_cover_every_k_step_once(tiles, k_steps, progs):
+    """The kernel's stream-K arithmetic, replayed on the host: every (tile, K step) in exactly one run, runs
+    of equal length (within one step), each tile's parts counted by ``stream_parts``'s bound."""
+    from l2pd_kernels.skinny import stream_parts
+
+    units, seen, parts = tiles * k_steps, {}, {}
+    for p in range(progs):
+        u0, u1 = p * units // progs, (p + 1) * units // progs
+        assert (u1 - u0) in (units // progs, -(-units // progs))
+        for t in range(u0 // k_steps, -(-u1 // k_steps)):
+            first = ((t * k_steps + 1) * progs - 1) // units
+            last = ((t * k_steps + k_steps) * progs - 1) // units
+            lo, hi = max(u0 - t * k_steps, 0), min(u1 - t * k_steps, k_steps)
+            assert 0 <= lo < hi <= k_steps and first <= p <= last
+            parts.setdefault(t, set()).add((p - first, last - first + 1))
+            for k in range(lo, hi):
+                assert (t, k) not in seen
+                seen[t, k] = p
+    assert len(seen) == units
+    for ps in parts.values():  # parts 0 .. n-1, each tile's count agreed by all its runs
+        n = {c for _, c in ps}
+        assert len(n) == 1 and sorted(i for i, _ in ps) == list(range(n.pop()))
+    assert stream_parts(tiles, k_steps, progs) == max(len(ps) for ps in parts.values())
+
+
+@pytest.mark.parametrize("kind", ["bf16", "fp16-gate", "fp32", "fp8", "a8"])
+@pytest.mark.parametrize("rows,n,k,progs", [(5, 37, 300, 7), (17, 64, 520, 5), (1, 19, 96, 3), (3, 40, 64, 4)])
+def test_skinny_stream_k_matches_reference(kind, rows, n, k, progs):
+    """Stream-K (the tiles' K steps cut into equal runs, one per program; a tile covered by several runs summed
+    by the last to arrive): the reference result, the plain grid's within the fp32 sums' order, TMA loads giving
+    the pointer loads' bits, and every tile counter back at zero."""
+    from l2pd_kernels import skinny
+
+    x, w, kw, want, dtype, gate, tol = _product_case(kind, rows, n, k)
+    outs = []
+    for stream, tma in ((0, False), (progs, False), (progs, True)):
+        out = torch.empty(rows, n, device=DEV, dtype=dtype)
+        skinny._launch(x, w, out, n, gate, cfg=(16, 32, 4, 2), stream=stream, tma=tma, **kw)
+        outs.append(out)
+    torch.testing.assert_close(outs[1], want.to(dtype), **tol)
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    assert torch.equal(outs[1], outs[2])
+    assert int(skinny._tile_counters(x.device).abs().sum()) == 0
+
+
+def test_pick_stream_rule(monkeypatch):
+    from l2pd_kernels import skinny
+    from l2pd_kernels.skinny import pick_stream
+
+    assert pick_stream(96, 32, 132) == 132  # LLaDA-8B's gate/up (128-column tiles) and q/k/v with RoPE
+    assert pick_stream(296, 28, 132) == 132  # Dream-7B's gate/up: a third wave a quarter full
+    assert pick_stream(128, 16, 132) == 0  # LLaDA-8B's output and down projections fill the SMs
+    assert pick_stream(1976, 32, 132) == 0  # its LM head: 15 waves, the last nearly full
+    assert pick_stream(64, 8, 132) == 128  # LLaDA2.0-mini's output projection: runs of 4 K steps
+    assert pick_stream(40, 3, 132) == 0  # too few K steps to share
+    # the shipped rule takes it on Hopper's TMA tiles only, never where a split is given or forced
+    launches = []
+    real = skinny._skinny_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append((grid, kw["STREAM"]))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(skinny, "_skinny_kernel", Recorder())
+    monkeypatch.setattr(skinny, "pick_tma", lambda *a, **k: (16, 32, 4, 2, False))
+    monkeypatch.setattr(skinny, "TMA", "1")
+    x = torch.randn(5, 256, device=DEV).to(torch.bfloat16)
+    w = (torch.randn(48, 256, device=DEV) / 16).to(torch.bfloat16)  # 3 tiles of 16 columns on 4 SMs
+    for hopper, split in ((False, None), (True, None), (True, 1)):
+        monkeypatch.setattr(skinny, "_hopper", lambda device, h=hopper: h)
+        out = torch.empty(5, 48, device=DEV, dtype=torch.bfloat16)
+        skinny._launch(x, w, out, 48, False, split=split)
+        torch.testing.assert_close(out, _exact_linear(x, w), **MM_TOL[torch.bfloat16])
+    assert launches == [((3, 1, 1), 0), ((4, 1, 1), 1), ((3, 1, 1), 0)]

@@ -22,11 +22,13 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
   ones included, with the pointer path's tiles where ``pick_tma`` has none (``L2PD_SKINNY_TMA=0`` / ``1``;
   shipped: where ``l2pd_kernels.skinny.pick_tma`` has a tile); ``tma-unfused-rope``: as shipped, RoPE unfused;
   ``tma-wide``: TMA only where ``pick_tma`` transposes (wide and gated outputs), narrow ones by pointers;
-- ``early``: every kernel lets the next launch as soon as its own programs have all started
-  (``device.EARLY``; shipped: in a mixture-of-experts forward only); ``warm``: each program of a TMA product
-  asks L2 for the first 64 KB of its weight before it waits for the kernel ahead (``skinny.WARM``);
-  ``early-warm`` (``-16k``, ``-160k``: other budgets): both; ``early-warm-late-products``: both, but the
-  products never let the next kernel launch early (``device.LATE``);
+- ``early`` / ``wait``: every kernel lets the next launch as soon as its own programs have all started / none
+  does (``device.EARLY``; shipped: in a mixture-of-experts forward only);
+- ``no-stream``: no stream-K launches (``L2PD_SKINNY_STREAM=0``; shipped: where ``skinny.pick_stream`` says, on
+  Hopper's TMA tiles); ``no-stream-early``: that with ``early``;
+(The H200 runs of 2026-12-02 also had ``warm``, ``early-warm`` and ``early-warm-late-products``: each program
+of a TMA product asking L2 for the first 64 KB of its weight before its wait, slower and removed since: commit
+61daad8, "Stream-K" in ``benchmarks/RESULTS.md``.)
 (The H200 runs of 2026-12-02 named "now" the shipped rule of then, RoPE unfused everywhere; their settings
 ``fold-norms`` and ``fused-both`` ran each RMSNorm inside the products around it, slower and removed since:
 commit 0b1f23e, "The q/k/v product with RoPE in one launch" in ``benchmarks/RESULTS.md``.)
@@ -83,12 +85,12 @@ def _wide_pick_tma(rows, n, k, gate, sms, fp8=False, a8=False):
 
 
 def _setting(picks=NEW, fused_rope=None, tma="auto", pick_tma=PICK_TMA, early=device.EARLY, late=frozenset(),
-             warm=skinny.WARM) -> dict:
+             stream="auto") -> dict:
     """One setting: (pick_config, pick_config_fp8, pick_split), ``decoder.FUSED_ROPE`` (None: the shipped
     rule), ``skinny.TMA``, ``skinny.pick_tma``, ``device.EARLY`` and ``device.LATE`` (who lets the next kernel
-    launch early) and ``skinny.WARM`` (bytes each TMA product's program asks of L2 before its wait)."""
+    launch early) and ``skinny.STREAM`` (stream-K launches)."""
     return {"picks": picks, "fused_rope": fused_rope, "tma": tma, "pick_tma": pick_tma, "early": early,
-            "late": late, "warm": warm}
+            "late": late, "stream": stream}
 
 
 SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _setting(),
@@ -98,10 +100,8 @@ SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _
             "fused-rope": _setting(fused_rope=True), "unfused-rope": _setting(fused_rope=False),
             "no-tma": _setting(tma="0"), "tma-all": _setting(tma="1"),
             "tma-unfused-rope": _setting(fused_rope=False), "tma-wide": _setting(pick_tma=_wide_pick_tma),
-            "early": _setting(early=True), "warm": _setting(warm=65536),
-            "early-warm": _setting(early=True, warm=65536), "early-warm-160k": _setting(early=True, warm=163840),
-            "early-warm-late-products": _setting(early=True, late=frozenset({"skinny"}), warm=65536),
-            "early-warm-16k": _setting(early=True, warm=16384)}
+            "early": _setting(early=True), "no-stream": _setting(stream="0"),
+            "no-stream-early": _setting(stream="0", early=True), "wait": _setting(early=False)}
 
 
 def apply(setting: str) -> None:
@@ -110,7 +110,7 @@ def apply(setting: str) -> None:
     s = SETTINGS[setting]
     skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = s["picks"]
     decoder.FUSED_ROPE, skinny.TMA, skinny.pick_tma = s["fused_rope"], s["tma"], s["pick_tma"]
-    device.EARLY, device.LATE, skinny.WARM = s["early"], set(s["late"]), s["warm"]
+    device.EARLY, device.LATE, skinny.STREAM = s["early"], set(s["late"]), s["stream"]
 
 
 @torch.no_grad()
