@@ -59,22 +59,22 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N
                    stride_wn, stride_om, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                    UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   TMA: tl.constexpr = 0, STREAM: tl.constexpr = 0, PDL: tl.constexpr = 0):
+                   TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
     pdl_wait(PDL)
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, 0.0, 1,
                  1, 1, 1, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 0, 1, 0, 0, 0,
-                 TMA, STREAM)
+                 TMA)
 
 
 @triton.jit
 def _skinny_rope_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
-                        stride_wn, stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr,
-                        qw_ptr, kw_ptr, eps, S, H, HKV, T, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                        stride_wn, stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr,
+                        kw_ptr, eps, S, H, HKV, T, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                         UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                         SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr,
-                        TMA: tl.constexpr = 0, STREAM: tl.constexpr = 0, PDL: tl.constexpr = 0):
+                        TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
     """``_skinny_kernel`` for a q/k/v product whose programs each hold one head (BLOCK_N = head_dim) and then do
     ``rope_qkv``'s work for it (``linear_rope_qkv``; the arguments from cos_ptr on are that op's). A kernel of
     its own, so the plain products' launches carry no more arguments than before."""
@@ -82,7 +82,7 @@ def _skinny_rope_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr,
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S, H,
                  HKV, T, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 1, HALF, REST,
-                 ROWS, NORM, TMA, STREAM)
+                 ROWS, NORM, TMA)
 
 
 @triton.jit
@@ -92,53 +92,12 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
                  UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                  SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  ROPE: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr,
-                 NORM: tl.constexpr, TMA: tl.constexpr, STREAM: tl.constexpr):
-    """This program's (column tile, K range) pieces of the product. Without ``STREAM``: program (n, m, s)
-    takes column tile n's s-th share of K (``K_SPLIT`` wide; all of K without a split). With ``STREAM``: the
-    column tiles' K steps, laid end to end, are cut into equal runs, one per program along grid axis 0
-    (stream-K), so a product of fewer tiles than SMs still streams on every SM; a run crosses at most a few
-    tiles, and a tile covered by several runs is summed by the last of them to arrive (``SPLIT``: the most
-    runs one tile has)."""
-    pid_m = tl.program_id(1)
-    if STREAM:
-        kt = tl.cdiv(K, BLOCK_K)
-        units = tl.cdiv(N, BLOCK_N) * kt
-        progs = tl.num_programs(0)
-        p = tl.program_id(0)
-        u0 = p * units // progs
-        u1 = (p + 1) * units // progs
-        for t in range(u0 // kt, tl.cdiv(u1, kt)):
-            # the runs that cover tile t: unit u belongs to run ((u + 1) * progs - 1) // units
-            first = ((t * kt + 1) * progs - 1) // units
-            last = ((t * kt + kt) * progs - 1) // units
-            k_lo = tl.maximum(u0 - t * kt, 0) * BLOCK_K
-            k_hi = tl.minimum(tl.minimum(u1 - t * kt, kt) * BLOCK_K, K)
-            _skinny_tile(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn,
-                         stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr,
-                         eps, S, H, HKV, T, t, pid_m, k_lo, k_hi, p - first, last - first + 1, GATE, EVEN_K, IEEE,
-                         UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, ROPE, HALF, REST, ROWS, NORM, TMA)
-    else:
-        part = tl.program_id(2)
-        k_lo = part * K_SPLIT
-        _skinny_tile(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn,
-                     stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S,
-                     H, HKV, T, tl.program_id(0), pid_m, k_lo, tl.minimum(k_lo + K_SPLIT, K), part, SPLIT, GATE,
-                     EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, ROPE, HALF, REST, ROWS,
-                     NORM, TMA)
-
-
-@triton.jit
-def _skinny_tile(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-                 cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S, H, HKV, T,
-                 pid_n, pid_m, k_lo, k_hi, part, parts, GATE: tl.constexpr, EVEN_K: tl.constexpr,
-                 IEEE: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
-                 SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 ROPE: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr,
                  NORM: tl.constexpr, TMA: tl.constexpr):
-    """Column tile ``pid_n``'s product over K [k_lo, k_hi): share ``part`` of its ``parts`` (written whole where
-    it is the only one). With ``TMA``, x_ptr and w_ptr are tensor descriptors of x [M, K] and w (tiles
-    [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K]): each tile arrives by one TMA copy, rows and K past the ends
-    read as zeros."""
+    """With ``TMA``, x_ptr and w_ptr are tensor descriptors of x [M, K] and w (tiles [BLOCK_M, BLOCK_K] and
+    [BLOCK_N, BLOCK_K]): each tile arrives by one TMA copy, rows and K past the ends read as zeros."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    k_lo = tl.program_id(2) * K_SPLIT  # this program's share of K (all of it without a split)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -154,7 +113,7 @@ def _skinny_tile(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
+    for k in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
         if TMA:
             xt = x_ptr.load([pid_m * BLOCK_M, k])
             wt = w_ptr.load([pid_n * BLOCK_N, k])
@@ -193,51 +152,38 @@ def _skinny_tile(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
         acc_u = tl.trans(acc_u)
     tile_ok = m_ok & (rn[None, :] < N)
     if SPLIT == 1:
-        _tile_out(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, pid_n, cos_ptr, sin_ptr,
-                  slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S, H, HKV, T, GATE, FP8, A8,
-                  BLOCK_N, ROPE, HALF, REST, ROWS, NORM)
-    elif parts == 1:  # (stream-K: a tile one run covers whole)
-        _tile_out(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, pid_n, cos_ptr, sin_ptr,
-                  slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S, H, HKV, T, GATE, FP8, A8,
-                  BLOCK_N, ROPE, HALF, REST, ROWS, NORM)
+        _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8)
+        if ROPE:  # the head's product is written: read it back as rope_qkv would (same bits), rotate, place
+            tl.debug_barrier()
+            _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
+                       vo_ptr, qw_ptr, kw_ptr, eps, S, H, HKV, T, BLOCK_N, HALF, REST, ROWS, NORM)
     else:
-        # split K: each program leaves its fp32 partial; the last of a tile's parts to arrive sums them in part
-        # order (the same bits whichever arrives last), resets the tile's counter for the next launch and
-        # writes the output
-        tile = pid_m * tl.cdiv(N, BLOCK_N) + pid_n
+        # split K: each program leaves its fp32 partial; the last of a tile's SPLIT programs to arrive sums
+        # them in split order (the same bits whichever arrives last), resets the tile's counter for the next
+        # launch and writes the output
+        tile = pid_m * tl.num_programs(0) + pid_n
         offs = rm[:, None].to(tl.int64) * N + rn[None, :]
         mn = M * N
         plane = mn * 2 if GATE else mn
-        mine = part_ptr + part.to(tl.int64) * plane + offs
-        tl.store(mine, acc, mask=tile_ok)
+        part = part_ptr + tl.program_id(2).to(tl.int64) * plane + offs
+        tl.store(part, acc, mask=tile_ok)
         if GATE:
-            tl.store(mine + mn, acc_u, mask=tile_ok)
+            tl.store(part + mn, acc_u, mask=tile_ok)
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == parts - 1:
+        if arrived == SPLIT - 1:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in range(parts):
+            for s in tl.static_range(SPLIT):
                 base = part_ptr + s * plane + offs
                 acc += tl.load(base, mask=tile_ok, other=0.0, cache_modifier=".cg")
                 if GATE:
                     acc_u += tl.load(base + mn, mask=tile_ok, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(cnt_ptr + tile, 0)
-            _tile_out(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, pid_n, cos_ptr,
-                      sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S, H, HKV, T, GATE,
-                      FP8, A8, BLOCK_N, ROPE, HALF, REST, ROWS, NORM)
-
-
-@triton.jit
-def _tile_out(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, pid_n, cos_ptr, sin_ptr,
-              slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S, H, HKV, T, GATE: tl.constexpr,
-              FP8: tl.constexpr, A8: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
-              REST: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr):
-    """A finished tile's epilogue; with ``ROPE`` (one head per tile) the head's rope_qkv work after it."""
-    _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8)
-    if ROPE:  # the head's product is written: read it back as rope_qkv would (same bits), rotate, place
-        tl.debug_barrier()
-        _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
-                   vo_ptr, qw_ptr, kw_ptr, eps, S, H, HKV, T, BLOCK_N, HALF, REST, ROWS, NORM)
+            _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8)
+            if ROPE:  # the last program of a head's K shares does its rope_qkv work
+                tl.debug_barrier()
+                _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
+                           vo_ptr, qw_ptr, kw_ptr, eps, S, H, HKV, T, BLOCK_N, HALF, REST, ROWS, NORM)
 
 
 @triton.jit
@@ -428,43 +374,13 @@ def pick_tma(rows: int, n: int, k: int, gate: bool, sms: int, fp8: bool = False,
     return (64, 128, 4, 4, True)
 
 
-# "auto": stream-K launches where ``pick_stream`` says, on ``pick_tma``'s tiles (Hopper); "1": wherever it says
-# (any tile, any device); "0": never
-STREAM = os.environ.get("L2PD_SKINNY_STREAM", "auto")
-STREAM_MIN_STEPS = 4  # K steps a stream-K run keeps at least
-
-
-def pick_stream(tiles: int, k_steps: int, sms: int) -> int:
-    """Programs for a stream-K launch of ``tiles`` column tiles of ``k_steps`` K steps each, or 0 for the
-    plain grid. A batch-1 product's tile streams its weight slice from one SM, so a grid whose last wave leaves
-    a tenth of the SMs or more idle (LLaDA-8B's gate/up and its q/k/v with RoPE: 96 tiles on 132 SMs;
-    Dream-7B's gate/up: 296 tiles, a third wave a quarter full) streams on those SMs only; stream-K gives every
-    SM an equal run of K steps instead (at least ``STREAM_MIN_STEPS``)."""
-    waves = triton.cdiv(tiles, sms)
-    if tiles >= 0.9 * waves * sms:
-        return 0
-    progs = min(sms, tiles * k_steps // STREAM_MIN_STEPS)
-    return progs if progs > tiles or tiles > sms else 0
-
-
-@functools.lru_cache(maxsize=1024)
-def stream_parts(tiles: int, k_steps: int, progs: int) -> int:
-    """The most runs of a stream-K launch that cover one tile (the partial planes it needs)."""
-    units = tiles * k_steps
-
-    def run(u: int) -> int:  # the run that holds K step u (as the kernel counts)
-        return ((u + 1) * progs - 1) // units
-    return max(run(t * k_steps + k_steps - 1) - run(t * k_steps) + 1 for t in range(tiles))
-
-
 def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None, split=None, rope=None,
-            tma=None, stream=None):
+            tma=None):
     """One launch of the kernel; ``rope`` (``linear_rope_qkv``): the dict of its arguments and constants
     (``ROPE_ARGS``, ``head_dim``, ``HALF``, ``REST``, ``ROWS``, ``NORM``): one head per program, K split by
     ``pick_rope_split``. ``tma``: load the tiles by TMA (None: ``L2PD_SKINNY_TMA``, by default where
     ``pick_tma`` has a tile, its tile in every launch and its TMA loads while a CUDA graph is captured);
-    with ``cfg`` and ``tma``, ``swap`` as given. ``stream``: programs of a stream-K launch (0: none; None:
-    ``pick_stream``'s count on ``pick_tma``'s tiles unless a split is given or forced)."""
+    with ``cfg`` and ``tma``, ``swap`` as given."""
     M, K = x2.shape
     a8 = x_scale is not None
     sms = sm_count(x2.device)
@@ -491,23 +407,16 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
         bk, stages = _fit(bm, bn, bk, stages, gate, x2.element_size(), smem_bytes(x2.device))
     grid_n, grid_m = triton.cdiv(n_out, bn), triton.cdiv(M, bm)
     k_steps = triton.cdiv(K, bk)
-    fixed = split is not None or SPLIT_K > 0
     if split is None and rope is not None:
         split = pick_rope_split(grid_n * grid_m, k_steps, sms)
     elif split is None:
         split = pick_split(grid_n * grid_m, k_steps, sms, scale is not None and not a8, a8)
     split = max(1, min(split, k_steps))
-    if stream is None:  # where the tiles leave SMs idle and no split was asked for: on Hopper's TMA tiles
-        on = STREAM == "1" or (STREAM == "auto" and tma_cfg is not None and _hopper(x2.device))
-        stream = pick_stream(grid_n, k_steps, sms) if on and not fixed else 0
-    if stream:  # ``split`` becomes the most runs that cover one tile
-        split = stream_parts(grid_n, k_steps, stream)
     counters = _tile_counters(x2.device) if split > 1 and grid_n * grid_m <= MAX_TILES else None
     if counters is None:
-        split, stream = 1, 0
+        split = 1
     k_split = triton.cdiv(k_steps, split) * bk  # whole K steps per program
-    if not stream:
-        split = triton.cdiv(K, k_split)  # no program without K
+    split = triton.cdiv(K, k_split)  # no program without K
     part = out if split == 1 else torch.empty(split * (2 if gate else 1) * M * n_out, dtype=torch.float32,
                                               device=x2.device)
     kernel, rope_args, rope_consts = _skinny_kernel, (), {}
@@ -517,14 +426,13 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     xa, wa = x2, w
     if tma:  # descriptors per launch: a cached one would keep its tensor alive
         xa, wa = TensorDescriptor.from_tensor(x2, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk])
-    kernel[(stream, grid_m, 1) if stream else (grid_n, grid_m, split)](
+    kernel[(grid_n, grid_m, split)](
         xa, wa, w if scale is None else scale, w if x_scale is None else x_scale, out, part,
         out if counters is None else counters, M, n_out, K, k_split, x2.stride(0), w.stride(0), out.stride(0),
         *rope_args, GATE=gate, EVEN_K=tma or K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
         UPCAST=_INTERPRET and (x2.dtype == torch.bfloat16 or a8),  # no fp8 dot on the CPU
         FP8=scale is not None, A8=a8, SWAP=_swap(a8) if swap is None else swap, SPLIT=split, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, **rope_consts, TMA=int(bool(tma)), STREAM=int(bool(stream)),
-        num_warps=warps, num_stages=stages,
+        BLOCK_N=bn, BLOCK_K=bk, **rope_consts, TMA=int(bool(tma)), num_warps=warps, num_stages=stages,
         **pdl(x2.device, "skinny"))
 
 

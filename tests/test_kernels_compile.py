@@ -139,22 +139,9 @@ def _workloads() -> None:
             for tma in (True, False):  # a graph's launches load by TMA, eager ones by pointers
                 skinny._launch(x32, w, torch.empty(32, 2 * bn, dtype=torch.bfloat16), 2 * bn, gate,
                                cfg=(bn, bk, warps, stages), swap=swap, tma=tma)
-        for gate in (False, True):  # stream-K runs (2 tiles' 4 K steps in 3 runs), by TMA and by pointers
-            bn, bk, warps, stages, swap = skinny.pick_tma(32, 12288, 4096, gate, 132)
-            w = torch.randn((2 if gate else 1) * 2 * bn, 512, dtype=torch.bfloat16)
-            for tma in (True, False):
-                skinny._launch(x32, w, torch.empty(32, 2 * bn, dtype=torch.bfloat16), 2 * bn, gate,
-                               cfg=(bn, bk, warps, stages), swap=swap, tma=tma, stream=3)
         cs32, k40 = torch.rand(1, 32, 64), torch.zeros(1, 2, 40, 128, dtype=torch.bfloat16)
         linear_rope_qkv(x32[None], torch.randn(8 * 128, 512, dtype=torch.bfloat16) / 20, 4, 2, cs32, cs32, k40,
                         k40.clone(), torch.arange(32))
-        skinny.STREAM, old_stream = "1", skinny.STREAM  # and with RoPE: 3 heads on the interpreter's 4 SMs
-        try:
-            k1 = torch.zeros(1, 1, 40, 128, dtype=torch.bfloat16)
-            linear_rope_qkv(torch.randn(1, 32, 1024, dtype=torch.bfloat16), torch.randn(3 * 128, 1024,
-                            dtype=torch.bfloat16) / 32, 1, 1, cs32, cs32, k1, k1.clone(), torch.arange(32))
-        finally:
-            skinny.STREAM = old_stream
     finally:
         skinny.TMA = old
 
@@ -209,8 +196,6 @@ def compile_case(case: dict) -> str:
         consts = dict(case["constexprs"])
         if cc >= 90 and "PDL" in consts:  # Hopper launches with programmatic dependent launch (``device.pdl``)
             consts["PDL"] = 2
-            if consts.get("TMA") and "WARM" in consts:  # and TMA products may warm L2 before the wait
-                consts["WARM"] = 1024
         try:
             kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
                                     target=GPUTarget("cuda", cc, 32), options=case["options"])
@@ -231,8 +216,6 @@ def test_every_kernel_launch_compiles_for_hopper_and_the_a100():
             "_align_count_kernel", "_align_place_kernel", "_quantize_rows_kernel", "_combine_kernel",
             "_skinny_rope_kernel"} <= kernels, sorted(kernels)
     assert {c["kernel"] for c in cases if c["constexprs"].get("TMA")} == {"_skinny_kernel", "_skinny_rope_kernel"}
-    assert {c["kernel"] for c in cases if c["constexprs"].get("STREAM") and c["constexprs"]["SPLIT"] > 1} == {
-        "_skinny_kernel", "_skinny_rope_kernel"}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, __file__], input=json.dumps(cases), env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=900)

@@ -57,8 +57,12 @@ def test_settings_override(hopper, monkeypatch):
     assert device.pdl(dev, "skinny") == {"PDL": 0}
 
 
-def test_only_a_mixture_of_experts_forward_asks_for_early_launches(monkeypatch):
+def test_which_forwards_ask_for_early_launches(monkeypatch):
+    """A mixture-of-experts forward, and a dense one whose products take the TMA tiles; not a dense one with
+    e4m3 weights or with TMA off (the pointer path's lighter tiles, measured slower launched early)."""
+    import l2pd
     import l2pd.models.decoder as decoder
+    from l2pd_kernels import skinny
 
     asked = []
     real = decoder.early_launch
@@ -69,7 +73,13 @@ def test_only_a_mixture_of_experts_forward_asks_for_early_launches(monkeypatch):
 
     monkeypatch.setattr(decoder, "early_launch", spy)
     ids = torch.randint(0, 50, (1, 6))
+    dense, fp8 = tiny_model(0), tiny_model(0)
+    l2pd.quantize(fp8, "fp8")
     with torch.no_grad():
-        adapter_for(tiny_model(0)).forward(ids)
+        adapter_for(dense).forward(ids)
         adapter_for(tiny_llada2(0)).forward(ids)
-    assert asked == [False, True]
+        adapter_for(fp8).forward(ids)
+        monkeypatch.setattr(skinny, "TMA", "0")
+        adapter_for(dense).forward(ids)
+        adapter_for(tiny_llada2(0)).forward(ids)
+    assert asked == [True, True, False, False, True]

@@ -174,19 +174,3 @@ def test_the_forward_fuses_where_it_paid(monkeypatch):
     assert decoder._rope_fuses(w, h, 24)
     monkeypatch.setattr(decoder, "FUSED_ROPE", False)
     assert not decoder._rope_fuses(w, h, 96)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("tma", [False, True])
-def test_linear_rope_qkv_with_stream_k_equals_its_two_launches(monkeypatch, dtype, tma):
-    """Stream-K over the heads (fewer heads than SMs: runs of K steps that cross heads; the last run of a head
-    does its RoPE): the two launches' bits with the same runs, and close to the reference."""
-    from l2pd_kernels import skinny
-
-    B, S, H, HKV, D, K = 1, 5, 1, 1, 16, 200  # 3 heads on the interpreter's 4 SMs
-    _tiles(monkeypatch, D, tma)
-    monkeypatch.setattr(skinny, "STREAM", "1")
-    assert skinny.pick_stream(3, 7, 4) == 4
-    x, w, cos, sin, slots, kw, cache = _case(dtype, B, S, H, HKV, D, K, True, True, True)
-    _against_two_launches(x, w, lambda x_: skinny.skinny_matmul(x_, w), H, HKV, cos, sin, slots, kw, cache, dtype,
-                          True)

@@ -23,12 +23,12 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
   shipped: where ``l2pd_kernels.skinny.pick_tma`` has a tile); ``tma-unfused-rope``: as shipped, RoPE unfused;
   ``tma-wide``: TMA only where ``pick_tma`` transposes (wide and gated outputs), narrow ones by pointers;
 - ``early`` / ``wait``: every kernel lets the next launch as soon as its own programs have all started / none
-  does (``device.EARLY``; shipped: in a mixture-of-experts forward only);
-- ``no-stream``: no stream-K launches (``L2PD_SKINNY_STREAM=0``; shipped: where ``skinny.pick_stream`` says, on
-  Hopper's TMA tiles); ``no-stream-early``: that with ``early``;
-(The H200 runs of 2026-12-02 also had ``warm``, ``early-warm`` and ``early-warm-late-products``: each program
-of a TMA product asking L2 for the first 64 KB of its weight before its wait, slower and removed since: commit
-61daad8, "Stream-K" in ``benchmarks/RESULTS.md``.)
+  does (``device.EARLY``; shipped: ``l2pd.models.decoder._early_launch``); ``early-but-products``: every
+  kernel but the few-row products (``device.LATE``);
+(The H200 runs of 2026-12-02 also had ``warm``, ``early-warm``, ``early-warm-late-products`` (each program of a
+TMA product asking L2 for the first 64 KB of its weight before its wait: commit 61daad8) and ``no-stream``,
+``no-stream-early`` (stream-K launches where the tiles leave SMs idle: commit be3d6ef); both slower and
+removed: "Early launches on the TMA tiles" in ``benchmarks/RESULTS.md``.)
 (The H200 runs of 2026-12-02 named "now" the shipped rule of then, RoPE unfused everywhere; their settings
 ``fold-norms`` and ``fused-both`` ran each RMSNorm inside the products around it, slower and removed since:
 commit 0b1f23e, "The q/k/v product with RoPE in one launch" in ``benchmarks/RESULTS.md``.)
@@ -84,13 +84,13 @@ def _wide_pick_tma(rows, n, k, gate, sms, fp8=False, a8=False):
     return None if cfg is not None and not cfg[4] else cfg
 
 
-def _setting(picks=NEW, fused_rope=None, tma="auto", pick_tma=PICK_TMA, early=device.EARLY, late=frozenset(),
-             stream="auto") -> dict:
+def _setting(picks=NEW, fused_rope=None, tma="auto", pick_tma=PICK_TMA, early=device.EARLY,
+             late=frozenset()) -> dict:
     """One setting: (pick_config, pick_config_fp8, pick_split), ``decoder.FUSED_ROPE`` (None: the shipped
     rule), ``skinny.TMA``, ``skinny.pick_tma``, ``device.EARLY`` and ``device.LATE`` (who lets the next kernel
-    launch early) and ``skinny.STREAM`` (stream-K launches)."""
+    launch early)."""
     return {"picks": picks, "fused_rope": fused_rope, "tma": tma, "pick_tma": pick_tma, "early": early,
-            "late": late, "stream": stream}
+            "late": late}
 
 
 SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _setting(),
@@ -100,8 +100,8 @@ SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _
             "fused-rope": _setting(fused_rope=True), "unfused-rope": _setting(fused_rope=False),
             "no-tma": _setting(tma="0"), "tma-all": _setting(tma="1"),
             "tma-unfused-rope": _setting(fused_rope=False), "tma-wide": _setting(pick_tma=_wide_pick_tma),
-            "early": _setting(early=True), "no-stream": _setting(stream="0"),
-            "no-stream-early": _setting(stream="0", early=True), "wait": _setting(early=False)}
+            "early": _setting(early=True), "wait": _setting(early=False),
+            "early-but-products": _setting(early=True, late=frozenset({"skinny"}))}
 
 
 def apply(setting: str) -> None:
@@ -110,7 +110,7 @@ def apply(setting: str) -> None:
     s = SETTINGS[setting]
     skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = s["picks"]
     decoder.FUSED_ROPE, skinny.TMA, skinny.pick_tma = s["fused_rope"], s["tma"], s["pick_tma"]
-    device.EARLY, device.LATE, skinny.STREAM = s["early"], set(s["late"]), s["stream"]
+    device.EARLY, device.LATE = s["early"], set(s["late"])
 
 
 @torch.no_grad()

@@ -281,11 +281,26 @@ class Decoder:
 
 def decoder_forward(dec: Decoder, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     **kw: Any) -> torch.Tensor:
-    """``llada_forward`` over any ``Decoder`` (``_decoder_forward`` has the arguments). A mixture-of-experts
-    model's kernels let the next kernel launch early (``l2pd_kernels.device.early_launch``: measured faster for
-    its many small kernels, slower for a dense 8B model's products)."""
-    with early_launch(any(blk.moe is not None for blk in dec.layers)):
+    """``llada_forward`` over any ``Decoder`` (``_decoder_forward`` has the arguments), its kernels letting the
+    next launch early where ``_early_launch`` says."""
+    with early_launch(_early_launch(dec)):
         return _decoder_forward(dec, input_ids, attention_mask, **kw)
+
+
+def _early_launch(dec: Decoder) -> bool:
+    """Whether the forward's kernels let the next kernel launch as soon as their own programs have all started
+    (``l2pd_kernels.device.early_launch``; H200, ``benchmarks/studies/step_rules.py``, ``benchmarks/RESULTS.md``,
+    "Early launches on the TMA tiles"): a mixture-of-experts model's many small kernels (LLaDA2.0-mini's step
+    4.1% faster), and a dense model's bf16/fp16 products, whose TMA tiles take most of an SM's shared memory so
+    that programs launched early cannot crowd two to an SM (LLaDA-8B's `generate` 1.2% to 1.4% faster, Dream-7B's
+    0.7%; with the pointer path's lighter tiles it was 8.6% slower). e4m3 products, and bf16 ones with TMA off
+    (``L2PD_SKINNY_TMA=0``), keep the pointer path's tiles: they wait only."""
+    from l2pd_kernels import skinny
+
+    if any(blk.moe is not None for blk in dec.layers):
+        return True
+    w = getattr(dec.layers[0].o, "weight", None) if dec.layers else None
+    return skinny.TMA != "0" and (w is None or w.dtype != torch.float8_e4m3fn)
 
 
 def _decoder_forward(
