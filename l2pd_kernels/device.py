@@ -40,10 +40,10 @@ def smem_bytes(device: torch.device) -> int:
 # that kernel's completion and writes before they touch memory, so its launch overlaps the other's exit
 # (LLaDA-8B's graphed step 1.0% faster, LLaDA2.0-mini's about 0.8%). Inside ``early_launch(True)`` each kernel
 # also lets the next launch as soon as all its programs have started (``griddepcontrol.launch_dependents``):
-# 4.1% off LLaDA2.0-mini's step but 8.6% onto LLaDA-8B's (likely: its few-row products, started early on the
-# SMs the kernel before leaves free, spread unevenly over the SMs); the forward asks for it for
-# mixture-of-experts models only. ``L2PD_PDL``: 0 off, 1 the wait only, 2 (default) the wait, and early
-# launches where asked.
+# 4.1% off LLaDA2.0-mini's step; 8.6% onto LLaDA-8B's with the few-row products' pointer tiles of then (likely:
+# started early on the SMs the kernel before leaves free, two to an SM), 1.3% off its `generate` since they
+# take TMA tiles that fill an SM; the forward asks for it where ``l2pd.models.decoder._early_launch`` says.
+# ``L2PD_PDL``: 0 off, 1 the wait only, 2 (default) the wait, and early launches where asked.
 PDL = int(os.environ.get("L2PD_PDL", "2"))
 EARLY: bool | None = None  # True / False: early launches everywhere / nowhere, whatever the forward asks
 LATE: set[str] = set()  # kernels that never let the next launch early

@@ -289,18 +289,16 @@ def decoder_forward(dec: Decoder, input_ids: torch.Tensor, attention_mask: torch
 
 def _early_launch(dec: Decoder) -> bool:
     """Whether the forward's kernels let the next kernel launch as soon as their own programs have all started
-    (``l2pd_kernels.device.early_launch``; H200, ``benchmarks/studies/step_rules.py``, ``benchmarks/RESULTS.md``,
-    "Early launches on the TMA tiles"): a mixture-of-experts model's many small kernels (LLaDA2.0-mini's step
-    4.1% faster), and a dense model's bf16/fp16 products, whose TMA tiles take most of an SM's shared memory so
-    that programs launched early cannot crowd two to an SM (LLaDA-8B's `generate` 1.2% to 1.4% faster, Dream-7B's
-    0.7%; with the pointer path's lighter tiles it was 8.6% slower). e4m3 products, and bf16 ones with TMA off
-    (``L2PD_SKINNY_TMA=0``), keep the pointer path's tiles: they wait only."""
+    (``l2pd_kernels.device.early_launch``; H200, ``benchmarks/studies/step_rules.py``; ``benchmarks/RESULTS.md``,
+    "Early launches on the TMA tiles"): yes, but where the few-row products' TMA tiles are off
+    (``L2PD_SKINNY_TMA=0``) in a dense model. A mixture-of-experts model's many small kernels gain (LLaDA2.0-mini's
+    step 4.1% faster); since the bf16 products take TMA tiles that fill an SM's shared memory (so that programs
+    launched early cannot crowd two to an SM), so do dense models: LLaDA-8B's `generate` 1.2% to 1.4% faster,
+    Dream-7B's 0.7%, LLaDA-8B's with e4m3 weights and activations 1.8%. With the pointer path's tiles of then,
+    LLaDA-8B's step was 8.6% slower launched early."""
     from l2pd_kernels import skinny
 
-    if any(blk.moe is not None for blk in dec.layers):
-        return True
-    w = getattr(dec.layers[0].o, "weight", None) if dec.layers else None
-    return skinny.TMA != "0" and (w is None or w.dtype != torch.float8_e4m3fn)
+    return skinny.TMA != "0" or any(blk.moe is not None for blk in dec.layers)
 
 
 def _decoder_forward(
