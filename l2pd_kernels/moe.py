@@ -15,11 +15,20 @@ product and the down projection are each rounded to the input dtype.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from .device import pdl, pdl_wait, sm_count
+
+try:  # host-side TMA descriptors (Triton 3.4 and later)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,11 +103,15 @@ def _align_place_kernel(ids_ptr, counts_ptr, pairs_ptr, block_expert_ptr, P, E, 
 
 @triton.jit
 def _gate_up_tile(x_ptr, w_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0,
+                  row0=0):
     """Rows ``pair`` of act = silu(x[tok] @ gate.T) * (x[tok] @ up.T), one column tile, for the experts' packed
-    gate|up weight at ``w_base``."""
+    gate|up weight at ``w_base``; with ``TMA``, ``w_base`` is a descriptor of all the experts' packed weights
+    [E * 2I, D] and the expert's start at row ``row0`` (rows past the expert's columns read its up half or the
+    next expert's weight, and make columns that are not stored)."""
     tok = tl.where(valid, tok, 0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < INTER
     offs_k = tl.arange(0, BLOCK_K)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -107,9 +120,13 @@ def _gate_up_tile(x_ptr, w_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl
         kk = k0 + offs_k
         k_ok = kk < D
         a = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-        wmask = k_ok[:, None] & n_ok[None, :]
-        bg = tl.load(w_base + offs_n[None, :] * D + kk[:, None], mask=wmask, other=0.0)
-        bu = tl.load(w_base + (INTER + offs_n[None, :]) * D + kk[:, None], mask=wmask, other=0.0)
+        if TMA:  # one copy per tile (K past D reads zeros)
+            bg = tl.trans(w_base.load([row0 + n0, k0]))
+            bu = tl.trans(w_base.load([row0 + INTER + n0, k0]))
+        else:
+            wmask = k_ok[:, None] & n_ok[None, :]
+            bg = tl.load(w_base + offs_n[None, :] * D + kk[:, None], mask=wmask, other=0.0)
+            bu = tl.load(w_base + (INTER + offs_n[None, :]) * D + kk[:, None], mask=wmask, other=0.0)
         if UPCAST:
             a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
         acc_g = tl.dot(a, bg, acc_g, input_precision=PREC)
@@ -123,9 +140,13 @@ def _gate_up_tile(x_ptr, w_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl
 
 @triton.jit
 def _down_tile(act_ptr, w_base, out_ptr, pair, valid, D, INTER, UPCAST: tl.constexpr, PREC: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0,
+               row0=0):
+    """``TMA``: ``w_base`` is a descriptor of all the experts' down weights [E * D, I], the expert's from row
+    ``row0``."""
     row = tl.where(valid, pair, 0)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     n_ok = offs_n < D
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -133,7 +154,11 @@ def _down_tile(act_ptr, w_base, out_ptr, pair, valid, D, INTER, UPCAST: tl.const
         kk = k0 + offs_k
         k_ok = kk < INTER
         a = tl.load(act_ptr + row[:, None] * INTER + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_base + offs_n[None, :] * INTER + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if TMA:
+            b = tl.trans(w_base.load([row0 + n0, k0]))
+        else:
+            b = tl.load(w_base + offs_n[None, :] * INTER + kk[:, None], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PREC)
@@ -179,10 +204,11 @@ def _chunk(offs, rank, r0, count, BLOCK_M: tl.constexpr):
 @triton.jit
 def _scan_tiles(in_ptr, w_ptr, out_ptr, ids_ptr, num_pairs, pid_m, programs, D, INTER, TOPK: tl.constexpr,
                 GATE_UP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PAIRS: tl.constexpr,
-                E_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                E_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                TMA: tl.constexpr):
     """The scan path of either kernel: program ``pid_m`` of ``programs`` takes touched experts pid_m, pid_m +
     programs, ... (no program per idle expert), each expert's pairs found in the ids themselves, BLOCK_M at a
-    time."""
+    time. ``TMA``: ``w_ptr`` is a descriptor of the experts' weights stacked by rows."""
     present, slot, touched = _touched(ids_ptr, num_pairs, PAIRS, E_P)
     for s in range(pid_m, touched, programs):
         e = _slot_expert(present, slot, s, E_P)
@@ -190,8 +216,15 @@ def _scan_tiles(in_ptr, w_ptr, out_ptr, ids_ptr, num_pairs, pid_m, programs, D, 
         for r0 in range(0, count, BLOCK_M):
             pair, valid = _chunk(offs, rank, r0, count, BLOCK_M)
             if GATE_UP:
-                _gate_up_tile(in_ptr, w_ptr + e * (2 * INTER) * D, out_ptr, pair, pair // TOPK, valid, D, INTER,
-                              UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                if TMA:
+                    _gate_up_tile(in_ptr, w_ptr, out_ptr, pair, pair // TOPK, valid, D, INTER, UPCAST, PREC,
+                                  BLOCK_M, BLOCK_N, BLOCK_K, 1, (e * (2 * INTER)).to(tl.int32))
+                else:
+                    _gate_up_tile(in_ptr, w_ptr + e * (2 * INTER) * D, out_ptr, pair, pair // TOPK, valid, D,
+                                  INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            elif TMA:
+                _down_tile(in_ptr, w_ptr, out_ptr, pair, valid, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K,
+                           1, (e * D).to(tl.int32))
             else:
                 _down_tile(in_ptr, w_ptr + e * D * INTER, out_ptr, pair, valid, D, INTER, UPCAST, PREC, BLOCK_M,
                            BLOCK_N, BLOCK_K)
@@ -209,9 +242,10 @@ def _shared_rows(pid_m, first, n_tok, row0, BLOCK_M: tl.constexpr):
 def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, ws_ptr, first_shared, n_tok,
                     TOPK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr,
                     PAIRS: tl.constexpr, E_P: tl.constexpr, SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = 0):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
     """Programs from ``first_shared`` on (with SHARED_W) run the shared expert (weights at ``ws_ptr``), a block
-    of BLOCK_M tokens each, into the rows after the routed pairs'."""
+    of BLOCK_M tokens each, into the rows after the routed pairs'. ``TMA``: ``w_ptr`` is a descriptor of the
+    routed experts' weights [E * 2I, D]; the shared expert's load by pointers."""
     pdl_wait(PDL)
     pid_m = tl.program_id(0)
     if SHARED_W and pid_m >= first_shared:
@@ -219,20 +253,25 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, 
         _gate_up_tile(x_ptr, ws_ptr, act_ptr, row, t, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     elif SCAN:  # few pairs, no sort
         _scan_tiles(x_ptr, w_ptr, act_ptr, pairs_ptr, num_pairs, pid_m, first_shared, D, INTER, TOPK, True, UPCAST,
-                    PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K)
+                    PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K, TMA)
     else:  # program = a block of one expert's sorted pairs
         e = tl.load(expert_ptr + pid_m).to(tl.int64)
         if e >= 0:
             pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            _gate_up_tile(x_ptr, w_ptr + e * (2 * INTER) * D, act_ptr, pair, pair // TOPK, pair < num_pairs, D,
-                          INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            if TMA:
+                _gate_up_tile(x_ptr, w_ptr, act_ptr, pair, pair // TOPK, pair < num_pairs, D, INTER, UPCAST, PREC,
+                              BLOCK_M, BLOCK_N, BLOCK_K, 1, (e * (2 * INTER)).to(tl.int32))
+            else:
+                _gate_up_tile(x_ptr, w_ptr + e * (2 * INTER) * D, act_ptr, pair, pair // TOPK, pair < num_pairs, D,
+                              INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
 def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, wd_ptr, first_shared, n_tok,
                  UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr,
                  E_P: tl.constexpr, SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PDL: tl.constexpr = 0):
+                 BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
+    """As ``_gate_up_kernel``; ``TMA``: ``w_ptr`` a descriptor of the routed experts' weights [E * D, I]."""
     pdl_wait(PDL)
     pid_m = tl.program_id(0)
     if SHARED_W and pid_m >= first_shared:
@@ -240,13 +279,17 @@ def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, I
         _down_tile(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     elif SCAN:
         _scan_tiles(act_ptr, w_ptr, out_ptr, pairs_ptr, num_pairs, pid_m, first_shared, D, INTER, 1, False, UPCAST,
-                    PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K)
+                    PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K, TMA)
     else:
         e = tl.load(expert_ptr + pid_m).to(tl.int64)
         if e >= 0:
             pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            _down_tile(act_ptr, w_ptr + e * D * INTER, out_ptr, pair, pair < num_pairs, D, INTER, UPCAST, PREC,
-                       BLOCK_M, BLOCK_N, BLOCK_K)
+            if TMA:
+                _down_tile(act_ptr, w_ptr, out_ptr, pair, pair < num_pairs, D, INTER, UPCAST, PREC, BLOCK_M,
+                           BLOCK_N, BLOCK_K, 1, (e * D).to(tl.int32))
+            else:
+                _down_tile(act_ptr, w_ptr + e * D * INTER, out_ptr, pair, pair < num_pairs, D, INTER, UPCAST, PREC,
+                           BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
@@ -386,6 +429,25 @@ def _combine_kernel(part_ptr, weight_ptr, shared_ptr, out_ptr, D, K: tl.constexp
     tl.store(out_ptr + n * D + d, res, mask=ok)
 
 
+# "auto": the scan path's routed experts load their weight tiles by TMA while a CUDA graph is captured on Hopper
+# (an eager launch builds descriptors on the host, and takes pointer loads: the same bits); "1": TMA loads in
+# every launch a descriptor can address, the sorted path and the interpreter included; "0": never
+TMA = os.environ.get("L2PD_MOE_TMA", "auto")
+
+
+def _moe_tma(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, scan: bool) -> bool:
+    """Whether this launch loads the routed experts' weight tiles by TMA (``TMA``): 2-byte weights whose rows a
+    descriptor can address (16-byte aligned), on Hopper or later (or forced, the interpreter included)."""
+    if TMA == "0" or TensorDescriptor is None or x.element_size() != 2:
+        return False
+    if any(w.data_ptr() % 16 or (w.shape[-1] * w.element_size()) % 16 for w in (w_gate_up, w_down)):
+        return False
+    if TMA == "1":
+        return x.device.type == "cuda" or _INTERPRET
+    return (scan and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
+            and torch.cuda.is_current_stream_capturing())
+
+
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
               weights: torch.Tensor, config: tuple | None = None, scan: bool | None = None,
               shared: torch.Tensor | None = None, shared_weights: tuple | None = None) -> torch.Tensor:
@@ -452,12 +514,16 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     flags = dict(UPCAST=upcast, PREC="ieee" if x.dtype == torch.float32 else "tf32", SCAN=scan,
                  PAIRS=triton.next_power_of_2(N * k), E_P=triton.next_power_of_2(E) if scan else 1, SHARED_W=sw,
                  BLOCK_M=block_m)
-    _gate_up_kernel[(routed1 + extra, nt1)](x, w_gate_up, act, pairs, experts, N * k, D, inter, ws, routed1, N,
-                                            TOPK=k, BLOCK_N=bn1, BLOCK_K=bk1, num_warps=w1, num_stages=st1, **flags,
-                                            **pdl(x.device, "moe_gate_up"))
-    _down_kernel[(routed2 + extra, nt2)](act, w_down, out, pairs, experts, N * k, D, inter, wd, routed2, N,
-                                         BLOCK_N=bn2, BLOCK_K=bk2, num_warps=w2_, num_stages=st2, **flags,
-                                         **pdl(x.device, "moe_down"))
+    wg, wdn = w_gate_up, w_down
+    if tma := _moe_tma(x, w_gate_up, w_down, scan):  # descriptors over the experts stacked by rows
+        wg = TensorDescriptor.from_tensor(w_gate_up.view(E * two_i, D), [bn1, bk1])
+        wdn = TensorDescriptor.from_tensor(w_down.view(E * D, inter), [bn2, bk2])
+    _gate_up_kernel[(routed1 + extra, nt1)](x, wg, act, pairs, experts, N * k, D, inter, ws, routed1, N,
+                                            TOPK=k, BLOCK_N=bn1, BLOCK_K=bk1, TMA=int(tma), num_warps=w1,
+                                            num_stages=st1, **flags, **pdl(x.device, "moe_gate_up"))
+    _down_kernel[(routed2 + extra, nt2)](act, wdn, out, pairs, experts, N * k, D, inter, wd, routed2, N,
+                                         BLOCK_N=bn2, BLOCK_K=bk2, TMA=int(tma), num_warps=w2_, num_stages=st2,
+                                         **flags, **pdl(x.device, "moe_down"))
     res = torch.empty_like(x)
     sh = out[N * k:] if sw else shared.contiguous() if shared is not None else res
     block_d = min(1024, triton.next_power_of_2(D))

@@ -102,6 +102,15 @@ def _workloads() -> None:
         for n, scan in ((300, False), (20, True)):
             fused_moe(x[:n].to(dt), *(t.to(dt) for t in experts), ids[:n], w[:n], scan=scan,
                       shared_weights=tuple(t.to(dt) for t in shared))
+    from l2pd_kernels import moe
+
+    moe.TMA, old_tma = "1", moe.TMA  # the routed experts' tiles by TMA (Hopper), in both paths
+    try:
+        for n, scan in ((300, False), (20, True)):
+            fused_moe(x[:n].bfloat16(), *(t.bfloat16() for t in experts), ids[:n], w[:n], scan=scan,
+                      shared_weights=tuple(t.bfloat16() for t in shared))
+    finally:
+        moe.TMA = old_tma
     for kind in ("fp8", "w8a8"):  # e4m3 weights; and e4m3 activations, quantized in the norm or on their own
         adapter_for(l2pd.quantize(tiny_model(1).to(torch.bfloat16), kind)).forward(prompt, fused=True)
     # the q/k/v product with rope_qkv's work in its programs: head_dim 128 (LLaDA-8B's, LLaDA2.0-mini's), full
@@ -215,7 +224,8 @@ def test_every_kernel_launch_compiles_for_hopper_and_the_a100():
             "_partial_kernel", "_merge_kernel", "_gate_up_kernel", "_down_kernel", "_route_kernel",
             "_align_count_kernel", "_align_place_kernel", "_quantize_rows_kernel", "_combine_kernel",
             "_skinny_rope_kernel"} <= kernels, sorted(kernels)
-    assert {c["kernel"] for c in cases if c["constexprs"].get("TMA")} == {"_skinny_kernel", "_skinny_rope_kernel"}
+    assert {c["kernel"] for c in cases if c["constexprs"].get("TMA")} == {"_skinny_kernel", "_skinny_rope_kernel",
+                                                                         "_gate_up_kernel", "_down_kernel"}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, __file__], input=json.dumps(cases), env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=900)

@@ -232,3 +232,33 @@ def test_router_kernel_matches_reference(n, e, groups, keep, k, score, normalize
     torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="top_k"):
         moe_route(logits, e + 1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d,inter,e,k", [(1, 32, 16, 4, 2), (7, 48, 40, 9, 3), (33, 64, 24, 16, 4),
+                                           (5, 45, 23, 6, 2)])
+def test_fused_moe_tma_loads_match_pointer_loads(monkeypatch, dtype, n, d, inter, e, k):
+    """The routed experts' weight tiles loaded by TMA (descriptors over the experts stacked by rows: rows past
+    an expert's columns read the next expert's and are not stored; K past the end reads zeros), in the scan
+    and the sorted path, with a shared expert (its weights by pointers): the pointer loads' bits, which a
+    graphed step (TMA) and the same step run eagerly (pointers) rely on. d = 45 leaves rows 90 bytes apart,
+    which no descriptor covers: pointer loads, still correct."""
+    from l2pd_kernels import fused_moe, moe
+
+    x = torch.randn(n, d, device=DEV).to(dtype)
+    w13, w2 = _experts(e, d, inter, dtype)
+    s13, s2 = (w[0] for w in _experts(1, d, inter, dtype))
+    ids, w = ref.moe_route(torch.randn(n, e, device=DEV), k, "sigmoid", torch.zeros(e, device=DEV), 1, 1, 2.5)
+    want = ref.fused_moe(x, w13, w2, ids, w, shared_weights=(s13, s2))
+    tol = dict(TOL[dtype], atol=max(TOL[dtype]["atol"], float(want.abs().max()) / 64))
+    assert moe._moe_tma(x, w13, w2, True) is False  # "auto": only while a CUDA graph is captured on Hopper
+    for scan in (False, True):
+        outs = []
+        for mode in ("0", "1"):
+            monkeypatch.setattr(moe, "TMA", mode)
+            outs.append(fused_moe(x, w13, w2, ids, w, scan=scan, shared_weights=(s13, s2)))
+        assert moe._moe_tma(x, w13, w2, scan) is (d % 8 == 0 and inter % 8 == 0)
+        torch.testing.assert_close(outs[1], want, **tol)
+        assert torch.equal(outs[0], outs[1])
+        monkeypatch.setattr(moe, "TMA", "auto")

@@ -25,6 +25,8 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
 - ``early`` / ``wait``: every kernel lets the next launch as soon as its own programs have all started / none
   does (``device.EARLY``; shipped: ``l2pd.models.decoder._early_launch``); ``early-but-products``: every
   kernel but the few-row products (``device.LATE``);
+- ``moe-no-tma``: a mixture-of-experts model's routed experts load their weight tiles by pointers
+  (``L2PD_MOE_TMA=0``; shipped: by TMA in the scan path while a CUDA graph is captured, ``moe._moe_tma``);
 (The H200 runs of 2026-12-02 also had ``warm``, ``early-warm``, ``early-warm-late-products`` (each program of a
 TMA product asking L2 for the first 64 KB of its weight before its wait: commit 61daad8) and ``no-stream``,
 ``no-stream-early`` (stream-K launches where the tiles leave SMs idle: commit be3d6ef); both slower and
@@ -51,7 +53,7 @@ from harness import floors, run_info, save
 from pool_split_generate import alternate, summary
 
 import l2pd
-from l2pd_kernels import device, skinny
+from l2pd_kernels import device, moe, skinny
 
 NEW = (skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split)
 PICK_TMA = skinny.pick_tma
@@ -85,12 +87,12 @@ def _wide_pick_tma(rows, n, k, gate, sms, fp8=False, a8=False):
 
 
 def _setting(picks=NEW, fused_rope=None, tma="auto", pick_tma=PICK_TMA, early=device.EARLY,
-             late=frozenset()) -> dict:
+             late=frozenset(), moe_tma="auto") -> dict:
     """One setting: (pick_config, pick_config_fp8, pick_split), ``decoder.FUSED_ROPE`` (None: the shipped
     rule), ``skinny.TMA``, ``skinny.pick_tma``, ``device.EARLY`` and ``device.LATE`` (who lets the next kernel
-    launch early)."""
+    launch early) and ``moe.TMA`` (the routed experts' weight tiles by TMA)."""
     return {"picks": picks, "fused_rope": fused_rope, "tma": tma, "pick_tma": pick_tma, "early": early,
-            "late": late}
+            "late": late, "moe_tma": moe_tma}
 
 
 SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _setting(),
@@ -101,7 +103,8 @@ SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _
             "no-tma": _setting(tma="0"), "tma-all": _setting(tma="1"),
             "tma-unfused-rope": _setting(fused_rope=False), "tma-wide": _setting(pick_tma=_wide_pick_tma),
             "early": _setting(early=True), "wait": _setting(early=False),
-            "early-but-products": _setting(early=True, late=frozenset({"skinny"}))}
+            "early-but-products": _setting(early=True, late=frozenset({"skinny"})),
+            "moe-no-tma": _setting(moe_tma="0")}
 
 
 def apply(setting: str) -> None:
@@ -110,7 +113,7 @@ def apply(setting: str) -> None:
     s = SETTINGS[setting]
     skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = s["picks"]
     decoder.FUSED_ROPE, skinny.TMA, skinny.pick_tma = s["fused_rope"], s["tma"], s["pick_tma"]
-    device.EARLY, device.LATE = s["early"], set(s["late"])
+    device.EARLY, device.LATE, moe.TMA = s["early"], set(s["late"]), s["moe_tma"]
 
 
 @torch.no_grad()
