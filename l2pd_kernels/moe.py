@@ -10,7 +10,9 @@ the second multiplies those rows by the expert's down projection and writes each
 a third weights a token's k rows by their routing weights and sums them in fp32 in a fixed order (expert slot 0
 first), so the result does not depend on which tokens share the batch. Programs of padding blocks (experts
 without tokens take none) return at once. Rounding follows ``l2pd_kernels.reference.fused_moe``: gate, up, their
-product and the down projection are each rounded to the input dtype.
+product and the down projection are each rounded to the input dtype. On Hopper, inside a CUDA graph, the scan
+path loads the routed experts' weight tiles by TMA (``TMA``, ``_moe_tma``); eager launches by pointers, with the
+same bits.
 """
 
 from __future__ import annotations
