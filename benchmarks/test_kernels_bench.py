@@ -269,18 +269,19 @@ def _moe_layer(tokens: int):
 
 @cuda
 @pytest.mark.parametrize("tokens", [32, 256, 2048])
-@pytest.mark.parametrize("path", ["kernel", "kernel-pointers", "reference", "touched-copy"])
+@pytest.mark.parametrize("path", ["kernel", "kernel-pointers", "kernel-tma", "reference", "touched-copy"])
 def test_fused_moe(benchmark, tokens, path, monkeypatch):
     """A LLaDA2.0-mini MoE layer's routed experts (256 of width 512, top-8, hidden 2048, bf16) for ``tokens``
     tokens routed alike in blocks of 32 (as a decode step's masks are): the Triton kernels as shipped (on
-    Hopper the scan path's replayed figures load the experts' tiles by TMA, the eager ones by pointers) and with
-    pointer loads only (``L2PD_MOE_TMA=0``), the PyTorch reference (a loop over experts) and a copy of the
-    touched experts' bytes (the read floor)."""
+    Hopper the scan path's replayed figures load the experts' tiles by TMA, the eager ones by pointers), with
+    pointer loads only (``L2PD_MOE_TMA=0``) and with TMA loads in every launch and path (``=1``: the sorted
+    path's, not shipped, too), the PyTorch reference (a loop over experts) and a copy of the touched experts'
+    bytes (the read floor)."""
     from l2pd_kernels import fused_moe, moe
     from l2pd_kernels import reference as ref
 
-    if path == "kernel-pointers":
-        monkeypatch.setattr(moe, "TMA", "0")
+    if path != "kernel":
+        monkeypatch.setattr(moe, "TMA", {"kernel-pointers": "0", "kernel-tma": "1"}.get(path, moe.TMA))
     x, w13, w2, _, ids, w = _moe_layer(tokens)
     touched = ids.unique()
     nbytes = int(touched.numel()) * w13[0].numel() * 3 // 2 * 2  # gate, up and down of each, in bf16
