@@ -17,6 +17,7 @@ same bits.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -446,8 +447,12 @@ def _moe_tma(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, sca
         return False
     if TMA == "1":
         return x.device.type == "cuda" or _INTERPRET
-    return (scan and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device)[0] >= 9
-            and torch.cuda.is_current_stream_capturing())
+    return scan and x.device.type == "cuda" and torch.cuda.is_current_stream_capturing() and _hopper(x.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
