@@ -13,6 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (Triton 3.4 and later)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
+
 
 @functools.lru_cache(maxsize=None)
 def _props(device: torch.device) -> tuple[int, str, int]:
@@ -102,3 +107,22 @@ def pdl_wait(PDL: tl.constexpr):
         tl.extra.cuda.gdc_wait()
     if PDL > 1:
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@functools.lru_cache(maxsize=None)
+def tma_capable(device: torch.device) -> bool:
+    """A GPU whose kernels may load tiles by TMA (host descriptors): Hopper or later, with a Triton that has them."""
+    return (TensorDescriptor is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream (where TMA loads pay: an eager
+    launch builds its descriptors on the host)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def tma_addressable(t: torch.Tensor) -> bool:
+    """A 2-D tensor a TMA descriptor can cover: unit stride along K, 16-byte aligned base and row stride."""
+    es = t.element_size()
+    return t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0

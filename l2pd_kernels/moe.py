@@ -17,19 +17,13 @@ same bits.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .device import pdl, pdl_wait, sm_count
-
-try:  # host-side TMA descriptors (Triton 3.4 and later)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton: pointer loads only
-    TensorDescriptor = None
+from .device import TensorDescriptor, capturing, pdl, pdl_wait, sm_count, tma_addressable, tma_capable
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -443,16 +437,11 @@ def _moe_tma(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, sca
     descriptor can address (16-byte aligned), on Hopper or later (or forced, the interpreter included)."""
     if TMA == "0" or TensorDescriptor is None or x.element_size() != 2:
         return False
-    if any(w.data_ptr() % 16 or (w.shape[-1] * w.element_size()) % 16 for w in (w_gate_up, w_down)):
+    if not all(tma_addressable(w.view(-1, w.shape[-1])) for w in (w_gate_up, w_down)):
         return False
     if TMA == "1":
         return x.device.type == "cuda" or _INTERPRET
-    return scan and x.device.type == "cuda" and torch.cuda.is_current_stream_capturing() and _hopper(x.device)
-
-
-@functools.lru_cache(maxsize=None)
-def _hopper(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return scan and capturing(x.device) and tma_capable(x.device)
 
 
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,

@@ -19,20 +19,17 @@ and the counters are back at zero for the next launch (graph replays included).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .device import device_name, pdl, pdl_wait, sm_count, smem_bytes
+from .device import TensorDescriptor, device_name, pdl, pdl_wait, sm_count, smem_bytes
+from .device import capturing as _capturing
+from .device import tma_addressable as _tma_addressable
+from .device import tma_capable as _hopper  # (a module name the tests replace)
 from .rope import _rope_tail
-
-try:  # host-side TMA descriptors (Triton 3.4 and later)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover - older Triton: the pointer path only
-    TensorDescriptor = None
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = int(os.environ.get("L2PD_SKINNY_ROWS", "64"))  # above this, F.linear (compute-bound: cuBLAS)
@@ -326,23 +323,6 @@ SPLIT_K = int(os.environ.get("L2PD_SKINNY_SPLIT", "0"))
 # "auto": ``pick_tma``'s tiles where it has one, loaded by TMA inside CUDA graphs (by pointers in eager launches);
 # "1": TMA loads in every launch a descriptor can address; "0": the pointer path's own tiles and loads
 TMA = os.environ.get("L2PD_SKINNY_TMA", "auto")
-
-
-def _tma_addressable(t: torch.Tensor) -> bool:
-    """A 2-D tensor a TMA descriptor can cover: unit stride along K, 16-byte aligned base and row stride."""
-    es = t.element_size()
-    return t.dim() == 2 and t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0
-
-
-@functools.lru_cache(maxsize=None)
-def _hopper(device: torch.device) -> bool:
-    """A GPU whose products take ``pick_tma``'s tiles and load them by TMA: Hopper or later."""
-    return (TensorDescriptor is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def pick_tma(rows: int, n: int, k: int, gate: bool, sms: int, fp8: bool = False,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2pd_kernels import reference
+from l2pd_kernels import reference, skinny
 from l2pd_kernels.device import early_launch
 from l2pd_kernels.moe import scans
 
@@ -296,8 +296,6 @@ def _early_launch(dec: Decoder) -> bool:
     launched early cannot crowd two to an SM), so do dense models: LLaDA-8B's `generate` 1.2% to 1.4% faster,
     Dream-7B's 0.7%, LLaDA-8B's with e4m3 weights and activations 1.8%. With the pointer path's tiles of then,
     LLaDA-8B's step was 8.6% slower launched early."""
-    from l2pd_kernels import skinny
-
     return skinny.TMA != "0" or any(blk.moe is not None for blk in dec.layers)
 
 
