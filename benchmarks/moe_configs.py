@@ -31,8 +31,11 @@ def main() -> None:
     ap.add_argument("--tokens", default="32,256,2048,16384")
     ap.add_argument("--heights", default="16,32,64,128")
     ap.add_argument("--spread", type=float, default=0.3, help="token-to-token spread of router logits in a block")
+    ap.add_argument("--tiles", default=None,
+                    help="comma list of block_n x block_k x warps x stages (default: the full grid, TILES)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    tiles = TILES if args.tiles is None else [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")]
     torch.manual_seed(0)
     w13 = torch.randn(E, 2 * INTER, D, device="cuda", dtype=torch.bfloat16) / D**0.5
     w2 = torch.randn(E, D, INTER, device="cuda", dtype=torch.bfloat16) / INTER**0.5
@@ -54,7 +57,7 @@ def main() -> None:
                "default_ms": triton.testing.do_bench(lambda x=x, ids=ids, w=w: fused_moe(x, w13, w2, ids, w))}
         best = None
         for bm in [int(h) for h in args.heights.split(",")]:
-            for tile in TILES:  # the same tile for both kernels
+            for tile in tiles:  # the same tile for both kernels
                 for scan in ((False, True) if n * K <= 1024 else (False,)):
                     cfg = (bm, tile, tile)
                     try:

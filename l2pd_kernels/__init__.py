@@ -21,8 +21,9 @@ from .qkv_rope import linear_rope_qkv
 from .rms_norm import rms_norm, rms_norm_fp8
 from .rope import rope_qkv
 from .silu_mul import silu_mul
-from .skinny import gate_up_silu, linear, linear_gate_up_silu, skinny_matmul
+from .skinny import gate_up_silu, linear, linear_f32, linear_gate_up_silu, skinny_matmul
 
-__all__ = ["cached_attention", "confidence", "decide", "fused_moe", "gate_up_silu", "linear", "linear_fp8",
-           "linear_gate_up_silu", "linear_gate_up_silu_fp8", "linear_rope_qkv", "linear_w8a8", "moe_route",
-           "pool_attention", "quantize_rows", "rms_norm", "rms_norm_fp8", "rope_qkv", "silu_mul", "skinny_matmul"]
+__all__ = ["cached_attention", "confidence", "decide", "fused_moe", "gate_up_silu", "linear", "linear_f32",
+           "linear_fp8", "linear_gate_up_silu", "linear_gate_up_silu_fp8", "linear_rope_qkv", "linear_w8a8",
+           "moe_route", "pool_attention", "quantize_rows", "rms_norm", "rms_norm_fp8", "rope_qkv", "silu_mul",
+           "skinny_matmul"]

@@ -33,6 +33,9 @@ SPLIT_MIN_KEYS = 2048  # below this, and with fewer than 4 chunks, SDPA's one pa
 POOL_SPLITS = int(os.environ.get("L2PD_POOL_SPLITS", "0"))
 POOL_MAX_SPLITS = 8
 POOL_MERGE_ROWS = 4
+# the attention kernel reads its host-built metadata (segments, tiles, key limits) before it waits for the
+# kernel before it (programmatic dependent launch); False: after, as before (benchmarks/studies/step_rules.py)
+META_FIRST = True
 
 
 @triton.jit
@@ -41,8 +44,11 @@ def _pool_attention_kernel(
     sqn, sqh, skr, skh, skw, svr, svh, svw, son, soh,
     scale_log2, GROUP, DENSE_L, DENSE_T, DENSE_TILES, KEY_CHUNK, NH,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DENSE: tl.constexpr,
-    SPLIT: tl.constexpr, QLIM: tl.constexpr, PDL: tl.constexpr = 0):
-    pdl_wait(PDL)
+    SPLIT: tl.constexpr, QLIM: tl.constexpr, META_FIRST: tl.constexpr = 1, PDL: tl.constexpr = 0):
+    # META_FIRST: the segments, tiles and key limits are the host's (written before the forward, never by the
+    # kernel just before this one), so their chain of dependent loads runs before the wait for q, k and v
+    if not META_FIRST:
+        pdl_wait(PDL)
     tile = tl.program_id(0)
     h = tl.program_id(1)
     if DENSE:  # B rows of L queries over all T keys of their own cache row: the segment follows from the tile
@@ -66,6 +72,8 @@ def _pool_attention_kernel(
     if QLIM:  # dense form: each query's own key count (block-causal: up to its block's end; in seg_ptr)
         qlim = tl.minimum(tl.load(seg_ptr + tok, mask=mq, other=0), k_len).to(tl.int32)
         k_len = tl.max(qlim, 0)
+    if META_FIRST:
+        pdl_wait(PDL)
     k_lo = 0
     k_hi = k_len
     if SPLIT:  # this program's share of the keys: chunk program_id(2)
@@ -175,7 +183,7 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: 
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(1), out.stride(2),
         1.0 / math.sqrt(D) * 1.4426950408889634, H // k_cache.shape[1], *dense, key_chunk, N * H,
         D=D, BM=block_m, BN=block_n, IEEE=q.dtype == torch.float32 or _INTERPRET, DENSE=seg is None,
-        SPLIT=split, QLIM=qlim is not None and seg is None, num_warps=num_warps,
+        SPLIT=split, QLIM=qlim is not None and seg is None, META_FIRST=int(META_FIRST), num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}), **pdl(q.device, "attention"),
     )
     if split:  # merge_rows (token, head) pairs per program of the merge

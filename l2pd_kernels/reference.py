@@ -454,6 +454,11 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, w)
 
 
+def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` in fp32 (a router's logits from half-precision rows and weight)."""
+    return torch.nn.functional.linear(x.float(), w.float())
+
+
 def linear_gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """silu(x @ gate.T) * (x @ up.T) for a packed ``w = cat([gate, up])``: the gated MLP's first half."""
     gate, up = torch.nn.functional.linear(x, w).chunk(2, -1)

@@ -427,10 +427,13 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def skinny_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w.T`` (``F.linear`` without bias) with the Triton kernel, for any number of rows."""
+def skinny_matmul(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x @ w.T`` (``F.linear`` without bias) with the Triton kernel, for any number of rows. ``out_dtype``
+    torch.float32: the fp32 sums unrounded (half-precision products are exact in fp32)."""
     x2 = _check(x, w)
-    out = torch.empty(x2.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+    if out_dtype not in (None, x.dtype, torch.float32):
+        raise ValueError(f"out_dtype must be x's dtype or torch.float32, got {out_dtype}")
+    out = torch.empty(x2.shape[0], w.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     if out.numel():
         _launch(x2, w, out, w.shape[0], False)
     return out.view(*x.shape[:-1], w.shape[0])
@@ -459,6 +462,23 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if _use_kernel(x) and w.stride(1) == 1:
         return skinny_matmul(x, w)
     return torch.nn.functional.linear(x, w)
+
+
+def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` in fp32 for half-precision x and w (a router's logits): the skinny kernel with fp32 output for
+    up to ``MAX_ROWS`` rows on CUDA, a tensor-core matmul with fp32 output above (newer torch), else the fp32
+    matmul. Each way sums exact products in fp32; only the order of the sum differs."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or w.dtype != x.dtype:
+        raise ValueError(f"linear_f32 takes half-precision x and w of one dtype, got {x.dtype} and {w.dtype}")
+    if _use_kernel(x) and w.stride(1) == 1:
+        return skinny_matmul(x, w, torch.float32)
+    if x.is_cuda and MM_OUT_DTYPE:
+        x2 = x.reshape(-1, x.shape[-1])
+        return torch.mm(x2, w.t(), out_dtype=torch.float32).view(*x.shape[:-1], w.shape[0])
+    return torch.nn.functional.linear(x.float(), w.float())
+
+
+MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=): newer torch only
 
 
 def linear_gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

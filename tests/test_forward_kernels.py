@@ -284,6 +284,33 @@ def test_pick_tma_rule():
     assert pick_tma(32, 4096, 4096, False, 132, a8=True) is None
 
 
+@pytest.mark.parametrize("split", [0, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n,k", [(1, 5, 16), (7, 33, 100), (32, 256, 512)])
+def test_skinny_matmul_fp32_output_keeps_the_sums_unrounded(dtype, rows, n, k, split, monkeypatch):
+    """``out_dtype=torch.float32`` (a router's logits): the fp32 sums of exact half-precision products, not
+    rounded to the inputs' dtype, K whole or split among programs; ``linear_f32`` and its reference agree."""
+    from l2pd_kernels import linear_f32, skinny, skinny_matmul
+
+    monkeypatch.setattr(skinny, "SPLIT_K", split)
+    x = torch.randn(rows, k, device=DEV).to(dtype)
+    w = (torch.randn(n, k, device=DEV) / k**0.5).to(dtype)
+    want = x.cpu().double() @ w.cpu().double().T
+    got = skinny_matmul(x, w, torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    scale = float(want.abs().max())
+    # fp32 sums of k exact products: far inside the inputs' own rounding (bf16: 4e-3 of the largest value)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=0, atol=1e-5 * scale)
+    for fn in (linear_f32, ref.linear_f32):
+        out = fn(x, w)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.cpu().double(), want, rtol=0, atol=1e-5 * scale)
+    with pytest.raises(ValueError, match="out_dtype"):
+        skinny_matmul(x, w, torch.float64)
+    with pytest.raises(ValueError, match="half-precision"):
+        linear_f32(x.float(), w.float())
+
+
 def test_skinny_split_k_through_the_public_calls(monkeypatch):
     """``L2PD_SKINNY_SPLIT`` (``SPLIT_K``) reaches ``skinny_matmul`` and ``gate_up_silu`` with their own tiles."""
     from l2pd_kernels import gate_up_silu, skinny, skinny_matmul

@@ -585,19 +585,23 @@ def test_graphed_decoding_matches_eager_on_the_gpu(edit, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core router runs on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_router_logits_equal_the_fp32_matmul(dtype, monkeypatch):
+@pytest.mark.parametrize("rows", [37, 100])  # the few-row kernel (fused ops), torch's matmul above its rows
+@pytest.mark.parametrize("fused", [True, False])
+def test_half_precision_router_logits_equal_the_fp32_matmul(dtype, rows, fused, monkeypatch):
+    import l2pd_kernels
     from l2pd.models.decoder import _router_logits
     from l2pd.models.llada2 import _moe
 
+    ops = l2pd_kernels if fused else l2pd_kernels.reference
     model = tiny_llada2(11, hidden_size=1024, num_experts=64).cuda().to(dtype)
     moe = _moe(model.model.layers[1].mlp, model.config)
-    h = torch.randn(37, 1024, device="cuda").to(dtype)
-    got = _router_logits(h, moe)
+    h = torch.randn(rows, 1024, device="cuda").to(dtype)
+    got = _router_logits(ops, h, moe)
     want = torch.nn.functional.linear(h.double(), moe.router.weight.double())  # the exact sums of exact products
-    assert got.dtype == torch.float32
+    assert got.dtype == torch.float32 and got.shape == (rows, 64)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * float(want.abs().max()))  # bf16 logits: ~4e-3
     monkeypatch.setenv("L2PD_ROUTER_FP32", "1")  # the fp32 matmul itself
-    assert torch.equal(_router_logits(h, moe), torch.nn.functional.linear(h.float(), moe.router.weight.float()))
+    assert torch.equal(_router_logits(ops, h, moe), torch.nn.functional.linear(h.float(), moe.router.weight.float()))
 
 
 @torch.no_grad()

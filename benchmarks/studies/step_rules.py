@@ -26,7 +26,12 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
   does (``device.EARLY``; shipped: ``l2pd.models.decoder._early_launch``); ``early-but-products``: every
   kernel but the few-row products (``device.LATE``);
 - ``moe-no-tma``: a mixture-of-experts model's routed experts load their weight tiles by pointers
-  (``L2PD_MOE_TMA=0``; shipped: by TMA in the scan path while a CUDA graph is captured, ``moe._moe_tma``);
+  (``L2PD_MOE_TMA=0``; shipped: by TMA while a CUDA graph is captured, ``moe._moe_tma``; until 2026-12-02 in
+  the scan path only);
+- ``meta-after-wait``: the attention kernel reads its host-built segments and tiles after its wait for the
+  kernel before it (shipped: before, ``attention.META_FIRST``); ``router-mm``: a mixture-of-experts router's
+  product by torch's matmul with fp32 output (shipped: the few-row kernel with fp32 output,
+  ``decoder._ROUTER_KERNEL``); ``before-router-meta``: both as before;
 (The H200 runs of 2026-12-02 also had ``warm``, ``early-warm``, ``early-warm-late-products`` (each program of a
 TMA product asking L2 for the first 64 KB of its weight before its wait: commit 61daad8) and ``no-stream``,
 ``no-stream-early`` (stream-K launches where the tiles leave SMs idle: commit be3d6ef); both slower and
@@ -53,7 +58,7 @@ from harness import floors, run_info, save
 from pool_split_generate import alternate, summary
 
 import l2pd
-from l2pd_kernels import device, moe, skinny
+from l2pd_kernels import attention, device, moe, skinny
 
 NEW = (skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split)
 PICK_TMA = skinny.pick_tma
@@ -87,12 +92,13 @@ def _wide_pick_tma(rows, n, k, gate, sms, fp8=False, a8=False):
 
 
 def _setting(picks=NEW, fused_rope=None, tma="auto", pick_tma=PICK_TMA, early=device.EARLY,
-             late=frozenset(), moe_tma="auto") -> dict:
+             late=frozenset(), moe_tma="auto", meta_first=True, router_kernel=True) -> dict:
     """One setting: (pick_config, pick_config_fp8, pick_split), ``decoder.FUSED_ROPE`` (None: the shipped
     rule), ``skinny.TMA``, ``skinny.pick_tma``, ``device.EARLY`` and ``device.LATE`` (who lets the next kernel
-    launch early) and ``moe.TMA`` (the routed experts' weight tiles by TMA)."""
+    launch early), ``moe.TMA`` (the routed experts' weight tiles by TMA), ``attention.META_FIRST`` and
+    ``decoder._ROUTER_KERNEL``."""
     return {"picks": picks, "fused_rope": fused_rope, "tma": tma, "pick_tma": pick_tma, "early": early,
-            "late": late, "moe_tma": moe_tma}
+            "late": late, "moe_tma": moe_tma, "meta_first": meta_first, "router_kernel": router_kernel}
 
 
 SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _setting(),
@@ -104,7 +110,9 @@ SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _
             "tma-unfused-rope": _setting(fused_rope=False), "tma-wide": _setting(pick_tma=_wide_pick_tma),
             "early": _setting(early=True), "wait": _setting(early=False),
             "early-but-products": _setting(early=True, late=frozenset({"skinny"})),
-            "moe-no-tma": _setting(moe_tma="0")}
+            "moe-no-tma": _setting(moe_tma="0"), "meta-after-wait": _setting(meta_first=False),
+            "router-mm": _setting(router_kernel=False),
+            "before-router-meta": _setting(meta_first=False, router_kernel=False)}
 
 
 def apply(setting: str) -> None:
@@ -114,6 +122,7 @@ def apply(setting: str) -> None:
     skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = s["picks"]
     decoder.FUSED_ROPE, skinny.TMA, skinny.pick_tma = s["fused_rope"], s["tma"], s["pick_tma"]
     device.EARLY, device.LATE, moe.TMA = s["early"], set(s["late"]), s["moe_tma"]
+    attention.META_FIRST, decoder._ROUTER_KERNEL = s["meta_first"], s["router_kernel"]
 
 
 @torch.no_grad()

@@ -517,7 +517,7 @@ def _moe(ops: Any, h: torch.Tensor, moe: MoE, shared: torch.Tensor | None = None
     combine; or the shared expert itself, ``shared_weights``, run by the same kernels): router logits in fp32,
     then ``ops.fused_moe``."""
     flat = h.reshape(-1, h.shape[-1])
-    logits = _router_logits(flat, moe)
+    logits = _router_logits(ops, flat, moe)
     ids, weights = ops.moe_route(logits, moe.top_k, moe.score, moe.bias, moe.n_group, moe.topk_group, moe.scale,
                                  moe.normalize)
     w13, w2 = expert_weights(moe)
@@ -549,18 +549,24 @@ def _shared_in_moe(ops: Any, blk: Layer, h: torch.Tensor) -> tuple | None:
     return gate_up, blk.down.weight
 
 
-_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=): newer torch only
+# the fused forward's router product in the few-row kernel with fp32 output (``l2pd_kernels.linear_f32``); False:
+# torch's matmul with fp32 output, as before (a cuBLAS launch breaks the chain of early launches)
+_ROUTER_KERNEL = True
 
 
-def _router_logits(flat: torch.Tensor, moe: MoE) -> torch.Tensor:
-    """The router's logits in fp32. Half-precision rows and weight on CUDA: one tensor-core matmul with fp32
-    output, whose products of two half-precision values are exact in fp32, so it differs from the fp32 matmul
-    only in the order of the fp32 sum (an fp32 matmul runs on the CUDA cores, 5 to 10 times slower).
-    ``L2PD_ROUTER_FP32=1`` keeps the fp32 matmul: the official code's sums, so routing near-ties as it does."""
+def _router_logits(ops: Any, flat: torch.Tensor, moe: MoE) -> torch.Tensor:
+    """The router's logits in fp32. Half-precision rows and weight on CUDA: products of two half-precision
+    values are exact in fp32, so a tensor-core product with fp32 output (``ops.linear_f32``: the few-row kernel
+    for a decode step's rows, else torch's matmul) differs from the fp32 matmul only in the order of the fp32
+    sum (an fp32 matmul runs on the CUDA cores, 5 to 10 times slower). ``L2PD_ROUTER_FP32=1`` keeps the fp32
+    matmul: the official code's sums, so routing near-ties as it does."""
     w = moe.router.weight
-    if (flat.is_cuda and flat.dtype in (torch.bfloat16, torch.float16) and w.dtype == flat.dtype and _MM_OUT_DTYPE
+    if (flat.is_cuda and flat.dtype in (torch.bfloat16, torch.float16) and w.dtype == flat.dtype
             and os.environ.get("L2PD_ROUTER_FP32", "0") != "1"):
-        return torch.mm(flat, w.t(), out_dtype=torch.float32)
+        if ops is not reference and _ROUTER_KERNEL:
+            return ops.linear_f32(flat, w)
+        if skinny.MM_OUT_DTYPE:
+            return torch.mm(flat, w.t(), out_dtype=torch.float32)
     return F.linear(flat.float(), _router_weight(moe))
 
 
