@@ -11,7 +11,8 @@ strategy ``steps``; by default prompt 512 + 256 at one token per forward), each 
 fresh engine (its graphs captured with that setting):
 - the engine's graphed iteration: median device time of 50 replays (no host);
 - ``generate``: wall time per forward, median of 3 decodes (the host included);
-- once per setting, the attention kernels' device time per forward in an eager decode (torch profiler).
+- once per setting, the attention kernels' device time per forward in an eager decode (torch profiler), and the
+  device time of one forward over the whole canvas without a cache (what `generate`'s first forward does).
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ def attention_ms(model, refresh: str) -> dict:
         if "attention" in ev.key or "attn" in ev.key:
             attn += t
     return {"kernels_ms_per_forward": total / 1e3 / out.forwards, "attention_ms_per_forward": attn / 1e3 / out.forwards}
+
+
+@torch.no_grad()
+def canvas_ms(model) -> dict:
+    """Device ms of one forward over the whole canvas (prompt + masks, no cache): the work of `generate`'s first
+    forward, which fills the dual cache, and which the step's floor leaves out."""
+    ids = torch.randint(0, 126000, (1, P + G), device="cuda")
+    return {"canvas_forward_ms": device_ms(lambda: model(input_ids=ids), iters=3, warmup=1)}
 
 
 @torch.no_grad()
@@ -134,7 +143,7 @@ def family(name: str, repeats: int, splits: list[str], tpf: int, refresh: str | 
     for split in splits:
         _set(split)
         row = {"family": name, "split": split, "refresh": refresh, "prompt": P, "new": G, "tpf": tpf,
-               **summary(runs, split, splits[0]), **attention_ms(model, refresh)}
+               **summary(runs, split, splits[0]), **attention_ms(model, refresh), **canvas_ms(model)}
         print(json.dumps(row), flush=True)
         rows.append(row)
     del model
