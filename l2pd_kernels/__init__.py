@@ -8,15 +8,16 @@ per-token e4m3 activations from ``quantize_rows``; ``linear_gate_up_silu_fp8`` t
 packed e4m3 weights), ``linear_rope_qkv`` (a cached step's q/k/v product and ``rope_qkv`` in one launch),
 ``pool_attention`` (packed requests over the engine's slot pool), ``cached_attention``
 (a cached step's few queries over a long canvas, its keys split across programs), ``fused_moe`` and
-``moe_route`` (a mixture-of-experts MLP's routed experts and its router). They run on CUDA tensors, and on
-CPU tensors under ``TRITON_INTERPRET=1``; ``l2pd_kernels.reference`` holds the same ops in plain PyTorch.
+``moe_route`` (a mixture-of-experts MLP's routed experts and its router; ``moe_combine`` their last step). They
+run on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``; ``l2pd_kernels.reference`` holds the
+same ops in plain PyTorch.
 """
 
 from .attention import cached_attention, pool_attention
 from .confidence import confidence
 from .decide import decide
 from .fp8 import linear_fp8, linear_gate_up_silu_fp8, linear_w8a8, quantize_rows
-from .moe import fused_moe, moe_route
+from .moe import fused_moe, moe_combine, moe_route
 from .qkv_rope import linear_rope_qkv
 from .rms_norm import rms_norm, rms_norm_fp8
 from .rope import rope_qkv
@@ -25,5 +26,5 @@ from .skinny import gate_up_silu, linear, linear_f32, linear_gate_up_silu, skinn
 
 __all__ = ["cached_attention", "confidence", "decide", "fused_moe", "gate_up_silu", "linear", "linear_f32",
            "linear_fp8", "linear_gate_up_silu", "linear_gate_up_silu_fp8", "linear_rope_qkv", "linear_w8a8",
-           "moe_route", "pool_attention", "quantize_rows", "rms_norm", "rms_norm_fp8", "rope_qkv", "silu_mul",
-           "skinny_matmul"]
+           "moe_combine", "moe_route", "pool_attention", "quantize_rows", "rms_norm", "rms_norm_fp8", "rope_qkv",
+           "silu_mul", "skinny_matmul"]

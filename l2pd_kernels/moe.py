@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from .device import TensorDescriptor, capturing, pdl, pdl_wait, sm_count, tma_addressable, tma_capable
+from .reference import ExpertRows
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -448,7 +449,8 @@ def _moe_tma(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> 
 
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
               weights: torch.Tensor, config: tuple | None = None, scan: bool | None = None,
-              shared: torch.Tensor | None = None, shared_weights: tuple | None = None) -> torch.Tensor:
+              shared: torch.Tensor | None = None, shared_weights: tuple | None = None,
+              combine: bool = True) -> torch.Tensor | ExpertRows:
     """Triton version of ``l2pd_kernels.reference.fused_moe`` (x [N, D], w_gate_up [E, 2I, D], w_down [E, D, I],
     ids [N, k], weights [N, k], ``shared`` [N, D] added at the end; or ``shared_weights`` (gate|up [2I, D], down
     [D, I]): a shared expert of the routed experts' width, run by the same two kernels over every token, its
@@ -456,6 +458,8 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     warps, stages) of the gate/up kernel, the same of the down kernel); default ``pick_config``. ``scan``: find
     each expert's pairs by scanning the ids in its program instead of sorting them (default: up to
     ``SCAN_MAX_PAIRS`` pairs). One small kernel weights and sums each token's k outputs and adds ``shared``.
+    ``combine=False``: the rows before that kernel (``ExpertRows``), for ``rms_norm`` to combine in its own
+    pass (or ``moe_combine``).
     ``ids`` must lie in [0, E), as ``moe_route`` gives them. They are not checked (that would read them back
     to the host at every layer): a pair outside reaches no expert, and its token's output is undefined."""
     if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
@@ -482,7 +486,7 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
             raise ValueError(f"shared_weights must be {x.dtype} gate|up [{two_i}, {D}] and down [{D}, {inter}] "
                              f"(not with shared), got {tuple(ws.shape)} {ws.dtype}, {tuple(wd.shape)} {wd.dtype}")
     if N == 0:
-        return torch.empty_like(x)
+        return torch.empty_like(x) if combine else ExpertRows(x.new_empty(0, D), weights.float(), None)
     block_m, (bn1, bk1, w1, st1), (bn2, bk2, w2_, st2) = config or pick_config(N, k, E)
     if x.device.type != "cuda" and CPU_TILE:  # the interpreter: small tiles keep the CPU tests quick
         bn1 = bn2 = bk1 = bk2 = CPU_TILE
@@ -522,11 +526,39 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     _down_kernel[(routed2 + extra, nt2)](act, wdn, out, pairs, experts, N * k, D, inter, wd, routed2, N,
                                          BLOCK_N=bn2, BLOCK_K=bk2, TMA=int(tma), num_warps=w2_, num_stages=st2,
                                          **flags, **pdl(x.device, "moe_down"))
-    res = torch.empty_like(x)
-    sh = out[N * k:] if sw else shared.contiguous() if shared is not None else res
+    parts = ExpertRows(out, weights.float().contiguous(),
+                       out[N * k:] if sw else shared.contiguous() if shared is not None else None)
+    return moe_combine(parts) if combine else parts
+
+
+def check_rows(parts: ExpertRows) -> tuple[int, int, int]:
+    """(tokens, experts per token, hidden size) of ``parts``, which must be consistent."""
+    if not isinstance(parts, ExpertRows):
+        raise TypeError(f"expected ExpertRows, got {type(parts).__name__}")
+    rows, w, sh = parts
+    if w.dim() != 2 or w.dtype != torch.float32 or rows.dim() != 2 or rows.shape[0] < w.numel():
+        raise ValueError(f"ExpertRows: rows [N * k (+ N), D] and fp32 weights [N, k], got {tuple(rows.shape)} and "
+                         f"{w.dtype} {tuple(w.shape)}")
+    N, k = w.shape
+    if sh is not None and (sh.shape != (N, rows.shape[1]) or sh.dtype != rows.dtype or not sh.is_contiguous()):
+        raise ValueError(f"ExpertRows: shared must be {rows.dtype} [{N}, {rows.shape[1]}], got {sh.dtype} "
+                         f"{tuple(sh.shape)}")
+    if not rows.is_contiguous() or not w.is_contiguous():
+        raise ValueError("ExpertRows: rows and weights must be contiguous")
+    return N, k, rows.shape[1]
+
+
+def moe_combine(parts: ExpertRows) -> torch.Tensor:
+    """Triton version of ``l2pd_kernels.reference.moe_combine``: each token's k expert rows weighted and summed in
+    slot order, plus the shared expert's output; [N, D] in the rows' dtype."""
+    N, k, D = check_rows(parts)
+    rows, w, sh = parts
+    res = torch.empty(N, D, dtype=rows.dtype, device=rows.device)
+    if N == 0:
+        return res
     block_d = min(1024, triton.next_power_of_2(D))
-    nofuse = {} if x.device.type != "cuda" else {"enable_fp_fusion": False}
-    _combine_kernel[(N, triton.cdiv(D, block_d))](out, weights.float().contiguous(), sh, res, D, K=k,
-                                                  SHARED=sw or shared is not None, BLOCK_D=block_d, num_warps=4,
-                                                  **nofuse, **pdl(x.device, "moe_combine"))
+    nofuse = {} if rows.device.type != "cuda" else {"enable_fp_fusion": False}
+    _combine_kernel[(N, triton.cdiv(D, block_d))](rows, w, res if sh is None else sh, res, D, K=k,
+                                                  SHARED=sh is not None, BLOCK_D=block_d, num_warps=4,
+                                                  **nofuse, **pdl(rows.device, "moe_combine"))
     return res

@@ -11,7 +11,7 @@ Conventions shared with the kernels:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -426,10 +426,41 @@ def _decide_rows(canvas, token, prob, params, rows, *, block_start, k, step, mar
 # ---- the forward's elementwise ops (fused by the kernels in rms_norm.py, rope.py, silu_mul.py) -----------
 
 
+class ExpertRows(NamedTuple):
+    """A mixture of experts' output before its combine (``fused_moe(..., combine=False)``): ``rows`` [N * k (+ N),
+    D] each (token, expert slot)'s down projection in x's dtype, unweighted (then the shared expert's rows, when
+    the experts' kernels ran it), ``weights`` [N, k] fp32 routing weights, ``shared`` [N, D] the shared expert's
+    output or None. ``moe_combine`` gives the output; ``rms_norm`` takes it as its ``delta`` and combines in the
+    same pass."""
+
+    rows: torch.Tensor
+    weights: torch.Tensor
+    shared: torch.Tensor | None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.weights.shape[0], self.rows.shape[1]))
+
+
+def moe_combine(parts: ExpertRows) -> torch.Tensor:
+    """A token's k expert outputs weighted in fp32 and summed in slot order (each product rounded to fp32 before
+    the add), rounded to the rows' dtype, plus the shared expert's output: ``fused_moe``'s last step."""
+    N, k = parts.weights.shape
+    y = parts.rows[: N * k].view(N, k, -1).float() * parts.weights.float()[..., None]
+    acc = y[:, 0]
+    for j in range(1, k):
+        acc = acc + y[:, j]
+    out = acc.to(parts.rows.dtype)
+    return out if parts.shared is None else out + parts.shared
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
-             delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             delta: torch.Tensor | ExpertRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + delta) * weight, x + delta) in the official order: the sum rounded to x's dtype,
-    normalised in fp32, rounded back, then scaled by the weight."""
+    normalised in fp32, rounded back, then scaled by the weight. ``delta`` may be a mixture of experts' rows
+    before their combine (``ExpertRows``): combined first, as ``moe_combine``."""
+    if isinstance(delta, ExpertRows):
+        delta = moe_combine(delta).view(x.shape)
     if delta is not None:
         x = x + delta
     xf = x.float()
@@ -437,7 +468,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     return (h if weight is None else weight * h), x
 
 
-def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor | None, eps: float, delta: torch.Tensor | None = None
+def rms_norm_fp8(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+                 delta: torch.Tensor | ExpertRows | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """``rms_norm``, and its normed rows quantized by ``quantize_rows_fp8`` (the input of an e4m3 product)."""
     h, total = rms_norm(x, weight, eps, delta)

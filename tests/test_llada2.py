@@ -436,6 +436,47 @@ def test_the_fused_forward_matches_the_plain_one():
     assert len(norms) == 2 * len(model.model.layers) + 1 and all(s[-1] == 48 for s in norms)
 
 
+@needs_kernels
+def test_the_next_norm_combines_the_experts_rows(monkeypatch):
+    """``L2PD_MOE_NORM`` (``decoder.MOE_NORM``): each layer's experts leave their rows uncombined and the next
+    RMSNorm combines them (the final one too, unless only some rows' logits are wanted): the logits of the
+    combine kernel's forward, with one launch of it fewer per layer; and the engine's packed forward decodes as
+    before."""
+    import l2pd_kernels
+    from l2pd.engine import Engine
+    from l2pd.models import decoder
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_llada2(13).to(dev)
+    ids = torch.randint(0, 58, (2, 9), device=dev)
+    ad = adapter_for(model)
+    ad.decoder.block_causal = 4
+    from l2pd_kernels import moe
+
+    combines = []
+    real = moe.moe_combine
+    count = lambda *a, **k: combines.append(1) or real(*a, **k)  # noqa: E731
+    monkeypatch.setattr(moe, "moe_combine", count)  # fused_moe's own combine
+    monkeypatch.setattr(l2pd_kernels, "moe_combine", count)  # the forward's, where a norm cannot combine
+    want = ad.forward(ids, fused=True)
+    before = len(combines)
+    monkeypatch.setattr(decoder, "MOE_NORM", True)
+    got = ad.forward(ids, fused=True)
+    assert before == sum(blk.moe is not None for blk in ad.decoder.layers) > 0 and len(combines) == before
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, ad.forward(ids, fused=False), rtol=1e-4, atol=1e-4)
+    sliced = ad.forward(ids, fused=True, logits_slice=(4, 8))  # the last layer's rows combined, then sliced
+    torch.testing.assert_close(sliced, want[:, 4:8], rtol=1e-5, atol=1e-5)
+    out = []
+    for on in (False, True):
+        monkeypatch.setattr(decoder, "MOE_NORM", on)
+        engine = Engine(model, max_batch=2, backend="triton", fused=True)
+        reqs = [engine.submit(p, **ENGINE_OPTS[1]) for p in ([3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14])]
+        engine.run()
+        out.append([r.tokens for r in reqs])
+    assert out[0] == out[1] and sum(map(len, out[0])) >= 4
+
+
 def test_the_experts_kept_buffers_follow_a_reassigned_expert(monkeypatch):
     """On CUDA the experts' weights become views of stacked buffers kept between forwards; a new parameter
     assigned to a middle expert drops them, so the next forward multiplies by it (only the first and last

@@ -120,6 +120,70 @@ def test_fused_moe_runs_the_shared_expert_as_the_reference(dtype, n, d, inter, e
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shared", ["none", "output", "weights"])
+@pytest.mark.parametrize("n,d,inter,e,k", [(1, 32, 16, 4, 2), (7, 45, 23, 9, 3), (70, 40, 24, 6, 2)])
+def test_expert_rows_combine_later_as_in_the_kernel(dtype, shared, n, d, inter, e, k):
+    """``fused_moe(..., combine=False)`` leaves each pair's row for a later combine: ``moe_combine`` and the
+    reference's give ``fused_moe``'s output bit for bit, and ``rms_norm`` taking the rows as its ``delta``
+    combines them in its own pass: its sum x + delta bit for bit, its normed rows as the norm of the combined
+    delta (the sum of squares may round differently on a GPU, where that form runs without fp fusion)."""
+    from l2pd_kernels import fused_moe, moe_combine, rms_norm
+
+    x = torch.randn(n, d, device=DEV).to(dtype)
+    w13, w2 = _experts(e, d, inter, dtype)
+    s13, s2 = (w[0] for w in _experts(1, d, inter, dtype))
+    ids, w = ref.moe_route(torch.randn(n, e, device=DEV), k, "sigmoid", torch.zeros(e, device=DEV), 1, 1, 2.5)
+    kw = {"none": {}, "output": {"shared": torch.randn(n, d, device=DEV).to(dtype)},
+          "weights": {"shared_weights": (s13, s2)}}[shared]
+    for scan in (False, True):
+        want = fused_moe(x, w13, w2, ids, w, scan=scan, **kw)
+        rows = fused_moe(x, w13, w2, ids, w, scan=scan, combine=False, **kw)
+        assert isinstance(rows, ref.ExpertRows) and rows.shape == (n, d)
+        assert torch.equal(moe_combine(rows), want)
+        # the reference's rounding to the rows' dtype is the GPU kernel's (the interpreter may round otherwise)
+        def near(t):  # a few ulps of the largest value (two roundings: the routed sum, then with the shared one)
+            return dict(rtol=0, atol=0) if DEV == "cuda" else dict(
+                TOL[dtype], atol=max(TOL[dtype]["atol"], float(t.abs().max()) / 64))
+
+        torch.testing.assert_close(ref.moe_combine(rows), want, **near(want))
+        resid = torch.randn(n, d, device=DEV).to(dtype)
+        norm_w = (1 + 0.1 * torch.randn(d, device=DEV)).to(dtype)
+        h, total = rms_norm(resid, norm_w, 1e-6, delta=rows)
+        h_want, total_want = rms_norm(resid, norm_w, 1e-6, delta=want)
+        assert torch.equal(total, total_want)
+        if DEV == "cpu":
+            assert torch.equal(h, h_want)
+        else:  # one ulp of the normed value at most
+            torch.testing.assert_close(h, h_want, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=0)
+        h_ref, total_ref = ref.rms_norm(resid, norm_w, 1e-6, delta=rows)
+        torch.testing.assert_close(total_ref, total_want, **near(total_want))
+        torch.testing.assert_close(h, h_ref, **TOL[dtype])
+
+
+@needs_kernels
+def test_expert_rows_are_checked():
+    from l2pd_kernels import fused_moe, moe_combine, rms_norm
+
+    x = torch.randn(5, 32, device=DEV)
+    w13, w2 = _experts(4, 32, 16, torch.float32)
+    ids, w = ref.moe_route(torch.randn(5, 4, device=DEV), 2, "sigmoid", torch.zeros(4, device=DEV), 1, 1, 2.5)
+    rows = fused_moe(x, w13, w2, ids, w, combine=False)
+    with pytest.raises(ValueError, match="do not match"):
+        rms_norm(torch.randn(6, 32, device=DEV), None, 1e-6, delta=rows)
+    with pytest.raises(ValueError, match="do not match"):
+        rms_norm(x.to(torch.bfloat16), None, 1e-6, delta=rows)
+    with pytest.raises(ValueError, match="fp32 weights"):
+        moe_combine(ref.ExpertRows(rows.rows, rows.weights.half(), None))
+    with pytest.raises(ValueError, match="shared"):
+        moe_combine(ref.ExpertRows(rows.rows, rows.weights, torch.zeros(4, 32, device=DEV)))
+    with pytest.raises(TypeError, match="ExpertRows"):
+        moe_combine(rows.rows)
+    empty = fused_moe(x[:0], w13, w2, ids[:0], w[:0], combine=False)
+    assert moe_combine(empty).shape == (0, 32)
+
+
+@needs_kernels
 @pytest.mark.parametrize("programs", [1, 3, 64])
 def test_fused_moe_scan_programs_take_several_experts_each(monkeypatch, programs):
     """The scan path's programs per column tile (about four per SM in all on a GPU) can be fewer than the

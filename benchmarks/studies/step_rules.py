@@ -32,6 +32,8 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
   kernel before it (shipped: before, ``attention.META_FIRST``); ``router-mm``: a mixture-of-experts router's
   product by torch's matmul with fp32 output (shipped: the few-row kernel with fp32 output,
   ``decoder._ROUTER_KERNEL``); ``before-router-meta``: both as before;
+- ``moe-norm``: a mixture of experts' rows combined inside the next RMSNorm's kernel (``L2PD_MOE_NORM=1``;
+  shipped: off, not yet measured);
 (The H200 runs of 2026-12-02 also had ``warm``, ``early-warm``, ``early-warm-late-products`` (each program of a
 TMA product asking L2 for the first 64 KB of its weight before its wait: commit 61daad8) and ``no-stream``,
 ``no-stream-early`` (stream-K launches where the tiles leave SMs idle: commit be3d6ef); both slower and
@@ -92,13 +94,14 @@ def _wide_pick_tma(rows, n, k, gate, sms, fp8=False, a8=False):
 
 
 def _setting(picks=NEW, fused_rope=None, tma="auto", pick_tma=PICK_TMA, early=device.EARLY,
-             late=frozenset(), moe_tma="auto", meta_first=True, router_kernel=True) -> dict:
+             late=frozenset(), moe_tma="auto", meta_first=True, router_kernel=True, moe_norm=False) -> dict:
     """One setting: (pick_config, pick_config_fp8, pick_split), ``decoder.FUSED_ROPE`` (None: the shipped
     rule), ``skinny.TMA``, ``skinny.pick_tma``, ``device.EARLY`` and ``device.LATE`` (who lets the next kernel
-    launch early), ``moe.TMA`` (the routed experts' weight tiles by TMA), ``attention.META_FIRST`` and
-    ``decoder._ROUTER_KERNEL``."""
+    launch early), ``moe.TMA`` (the routed experts' weight tiles by TMA), ``attention.META_FIRST``,
+    ``decoder._ROUTER_KERNEL`` and ``decoder.MOE_NORM``."""
     return {"picks": picks, "fused_rope": fused_rope, "tma": tma, "pick_tma": pick_tma, "early": early,
-            "late": late, "moe_tma": moe_tma, "meta_first": meta_first, "router_kernel": router_kernel}
+            "late": late, "moe_tma": moe_tma, "meta_first": meta_first, "router_kernel": router_kernel,
+            "moe_norm": moe_norm}
 
 
 SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _setting(),
@@ -112,7 +115,8 @@ SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _
             "early-but-products": _setting(early=True, late=frozenset({"skinny"})),
             "moe-no-tma": _setting(moe_tma="0"), "meta-after-wait": _setting(meta_first=False),
             "router-mm": _setting(router_kernel=False),
-            "before-router-meta": _setting(meta_first=False, router_kernel=False)}
+            "before-router-meta": _setting(meta_first=False, router_kernel=False),
+            "moe-norm": _setting(moe_norm=True)}
 
 
 def apply(setting: str) -> None:
@@ -122,7 +126,7 @@ def apply(setting: str) -> None:
     skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split = s["picks"]
     decoder.FUSED_ROPE, skinny.TMA, skinny.pick_tma = s["fused_rope"], s["tma"], s["pick_tma"]
     device.EARLY, device.LATE, moe.TMA = s["early"], set(s["late"]), s["moe_tma"]
-    attention.META_FIRST, decoder._ROUTER_KERNEL = s["meta_first"], s["router_kernel"]
+    attention.META_FIRST, decoder._ROUTER_KERNEL, decoder.MOE_NORM = s["meta_first"], s["router_kernel"], s["moe_norm"]
 
 
 @torch.no_grad()

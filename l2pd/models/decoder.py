@@ -22,6 +22,7 @@ from torch import nn
 from l2pd_kernels import reference, skinny
 from l2pd_kernels.device import early_launch
 from l2pd_kernels.moe import scans
+from l2pd_kernels.reference import ExpertRows
 
 # cached forwards of at most this many queries per row attend through ``l2pd_kernels.cached_attention`` where
 # it pays (``split_pays``), and always for a block-causal model (keys up to each query's block end, where SDPA
@@ -116,17 +117,24 @@ def _split_pays(batch: int, queries: int, heads: int, keys: int, device: torch.d
     return split_pays(batch, queries, heads, keys, device)
 
 
-def _norm(ops: Any, x: torch.Tensor, norm: nn.Module, eps: float, delta: torch.Tensor | None,
+def _norm(ops: Any, x: torch.Tensor, norm: nn.Module, eps: float, delta: torch.Tensor | ExpertRows | None,
           quant: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
     """(norm(x + delta), x + delta, the normed rows as e4m3 and their scales with ``quant``, else None); the
-    fused kernel where the norm has no bias and matches x's dtype."""
+    fused kernel where the norm has no bias and matches x's dtype. ``delta`` may be a mixture of experts' rows
+    before their combine (``_moe``), which the fused kernel combines in its own pass."""
     weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
     if bias is not None or (weight is not None and weight.dtype != x.dtype):
+        delta = _combined(ops, delta, x)
         x = x if delta is None else x + delta
         return rms_norm(x, norm, eps), x, None
     if quant:
         return ops.rms_norm_fp8(x, weight, eps, delta=delta)
     return (*ops.rms_norm(x, weight, eps, delta=delta), None)
+
+
+def _combined(ops: Any, delta: torch.Tensor | ExpertRows | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``delta`` as a tensor shaped like x: a mixture of experts' rows combined (``moe_combine``)."""
+    return ops.moe_combine(delta).view(x.shape) if isinstance(delta, ExpertRows) else delta
 
 
 def _groups(layer: "Layer") -> tuple:
@@ -375,6 +383,8 @@ def _decoder_forward(
 
     if delta is None:  # no blocks
         delta = torch.zeros_like(x)
+    if logits_index is not None or logits_slice is not None:
+        delta = _combined(ops, delta, x)
     if logits_index is not None:
         x, delta = x.index_select(1, logits_index), delta.index_select(1, logits_index)
     elif logits_slice is not None:
@@ -512,17 +522,25 @@ def _mlp(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None) -> torc
 
 
 def _moe(ops: Any, h: torch.Tensor, moe: MoE, shared: torch.Tensor | None = None,
-         shared_weights: tuple | None = None) -> torch.Tensor:
+         shared_weights: tuple | None = None) -> torch.Tensor | ExpertRows:
     """The routed experts' output for h [B, S, D] (plus ``shared``, the shared expert's, added in the experts'
     combine; or the shared expert itself, ``shared_weights``, run by the same kernels): router logits in fp32,
-    then ``ops.fused_moe``."""
+    then ``ops.fused_moe``; with ``MOE_NORM`` the rows before their combine, for the next norm."""
     flat = h.reshape(-1, h.shape[-1])
     logits = _router_logits(ops, flat, moe)
     ids, weights = ops.moe_route(logits, moe.top_k, moe.score, moe.bias, moe.n_group, moe.topk_group, moe.scale,
                                  moe.normalize)
     w13, w2 = expert_weights(moe)
     shared = None if shared is None else shared.reshape(flat.shape)
+    if MOE_NORM and ops is not reference:  # the next norm combines the experts' rows in its own pass
+        return ops.fused_moe(flat, w13, w2, ids, weights, shared=shared, shared_weights=shared_weights,
+                             combine=False)
     return ops.fused_moe(flat, w13, w2, ids, weights, shared=shared, shared_weights=shared_weights).view(h.shape)
+
+
+# L2PD_MOE_NORM=1: a mixture of experts' output is combined inside the next RMSNorm's kernel (one launch fewer per
+# layer; l2pd_kernels.rms_norm) instead of by its own kernel. Off until measured on a GPU
+MOE_NORM = os.environ.get("L2PD_MOE_NORM", "0") == "1"
 
 
 def _shared_in_moe(ops: Any, blk: Layer, h: torch.Tensor) -> tuple | None:
