@@ -111,6 +111,17 @@ def _workloads() -> None:
                       shared_weights=tuple(t.bfloat16() for t in shared))
     finally:
         moe.TMA = old_tma
+    from l2pd.models import decoder
+    from l2pd_kernels import skinny_matmul
+
+    decoder.MOE_NORM, old_norm = True, decoder.MOE_NORM  # the experts' rows combined inside the next norm
+    try:
+        for dt in (torch.bfloat16, torch.float32):
+            adapter_for(tiny_llada2(0).to(dt)).forward(prompt, fused=True)
+    finally:
+        decoder.MOE_NORM = old_norm
+    # a router's product with fp32 output (the forward's on CUDA only)
+    skinny_matmul(torch.randn(20, 96, dtype=torch.bfloat16), torch.randn(40, 96, dtype=torch.bfloat16), torch.float32)
     for kind in ("fp8", "w8a8"):  # e4m3 weights; and e4m3 activations, quantized in the norm or on their own
         adapter_for(l2pd.quantize(tiny_model(1).to(torch.bfloat16), kind)).forward(prompt, fused=True)
     # the q/k/v product with rope_qkv's work in its programs: head_dim 128 (LLaDA-8B's, LLaDA2.0-mini's), full
@@ -226,6 +237,7 @@ def test_every_kernel_launch_compiles_for_hopper_and_the_a100():
             "_skinny_rope_kernel"} <= kernels, sorted(kernels)
     assert {c["kernel"] for c in cases if c["constexprs"].get("TMA")} == {"_skinny_kernel", "_skinny_rope_kernel",
                                                                          "_gate_up_kernel", "_down_kernel"}
+    assert any(c["kernel"] == "_rms_norm_kernel" and c["constexprs"].get("MOE_K") for c in cases)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, __file__], input=json.dumps(cases), env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
