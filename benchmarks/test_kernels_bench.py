@@ -333,6 +333,29 @@ def test_moe_shared_expert(benchmark, tokens, path):
 
 
 @cuda
+@pytest.mark.parametrize("tokens", [32, 2048])
+@pytest.mark.parametrize("path", ["in-norm", "combine-then-norm", "reference"])
+def test_rms_norm_expert_rows(benchmark, tokens, path):
+    """A LLaDA2.0-mini MoE layer's output (8 rows a token and the shared expert's, hidden 2048, bf16) into the
+    next layer's residual add and RMSNorm: combined inside the norm's kernel (``rms_norm`` with ``ExpertRows``;
+    the forward's ``L2PD_MOE_NORM=1``) against the combine kernel and then the norm (the default), and the
+    PyTorch reference. Graphed medians are what a decode step pays."""
+    from l2pd_kernels import fused_moe, moe_combine, rms_norm
+    from l2pd_kernels import reference as ref
+
+    x, w13, w2, shared, ids, w = _moe_layer(tokens)
+    rows = fused_moe(x, w13, w2, ids, w, shared_weights=shared, combine=False)
+    resid = torch.randn_like(x)
+    norm_w = torch.ones(x.shape[1], device="cuda", dtype=x.dtype)
+    fn = {"in-norm": lambda: rms_norm(resid, norm_w, 1e-6, delta=rows),
+          "combine-then-norm": lambda: rms_norm(resid, norm_w, 1e-6, delta=moe_combine(rows)),
+          "reference": lambda: ref.rms_norm(resid, norm_w, 1e-6, delta=rows)}[path]
+    nbytes = (rows.rows.numel() + 3 * resid.numel()) * resid.element_size()  # the rows, x, the sum, the normed
+    bw = {"GBps": lambda ms: nbytes / ms / 1e6}
+    _run(benchmark, fn, bw, {"graph_" + k: v for k, v in bw.items()} if path != "reference" else None)
+
+
+@cuda
 @pytest.mark.parametrize("shape", ["llada-8b", "llada2-mini"])
 @pytest.mark.parametrize("path", ["fused", "apart"])
 def test_linear_rope_qkv(benchmark, shape, path):
