@@ -2,6 +2,8 @@
 cold weights, against the read floor of the experts the tokens touch.
 
     PYTHONPATH=. python benchmarks/moe_configs.py --tokens 32,256,2048,16384 --out runs/moe_configs.json
+    L2PD_MOE_TMA=1 PYTHONPATH=.:benchmarks python benchmarks/moe_configs.py --tokens 2048 --touched 169 \
+        --heights 64,128 --tiles 128x64x8x4,256x64x8x3,128x128x8x3
 
 ``triton.testing.do_bench`` flushes the L2 cache before each call. For each token count: the default
 (``pick_config``), the best gate/up and down candidate at each tile height, and the floor (touched experts'
@@ -26,11 +28,22 @@ E, K, D, INTER = 256, 8, 2048, 512
 TILES = [(bn, bk, w, st) for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for w in (4, 8) for st in (3, 4)]
 
 
+def spread_routing(tokens: int, touched: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token on K distinct experts drawn at random from ``touched`` of the E (so about tokens * K / touched
+    pairs each), with softmax weights."""
+    chosen = torch.randperm(E, device="cuda")[:touched]
+    picks = torch.rand(tokens, touched, device="cuda").argsort(1)[:, :K]
+    return chosen[picks], torch.softmax(torch.randn(tokens, K, device="cuda"), -1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", default="32,256,2048,16384")
     ap.add_argument("--heights", default="16,32,64,128")
     ap.add_argument("--spread", type=float, default=0.3, help="token-to-token spread of router logits in a block")
+    ap.add_argument("--touched", type=int, default=None,
+                    help="route each token to 8 of this many experts at random instead of in blocks (a batch-64 "
+                         "decode of random weights touched about 169 of 256 a layer)")
     ap.add_argument("--tiles", default=None,
                     help="comma list of block_n x block_k x warps x stages (default: the full grid, TILES)")
     ap.add_argument("--out", default=None)
@@ -48,7 +61,7 @@ def main() -> None:
         x = torch.randn(n, D, device="cuda", dtype=torch.bfloat16)
         # a block of one row's masks routes alike (a decode step at batch 1 touched about 45 experts per layer
         # with random weights): tokens share most of their router logits, in groups of 32
-        ids, w = block_routing(n, args.spread, E, K)
+        ids, w = block_routing(n, args.spread, E, K) if args.touched is None else spread_routing(n, args.touched)
         touched = int(ids.unique().numel())
         want = ref.fused_moe(x, w13, w2, ids, w).float()
         floor = touched * expert_bytes / bw / 1e6
