@@ -273,7 +273,7 @@ def _moe_layer(tokens: int):
 def test_fused_moe(benchmark, tokens, path, monkeypatch):
     """A LLaDA2.0-mini MoE layer's routed experts (256 of width 512, top-8, hidden 2048, bf16) for ``tokens``
     tokens routed alike in blocks of 32 (as a decode step's masks are): the Triton kernels as shipped (on
-    Hopper the replayed figures load the experts' tiles by TMA, the eager ones by pointers), with pointer loads
+    Hopper the experts' tiles load by TMA, but in the scan path's eager launches: 32 tokens), with pointer loads
     only (``L2PD_MOE_TMA=0``) and with TMA loads in every launch (``=1``), the PyTorch reference (a loop over
     experts) and a copy of the touched experts' bytes (the read floor)."""
     from l2pd_kernels import fused_moe, moe

@@ -10,9 +10,9 @@ the second multiplies those rows by the expert's down projection and writes each
 a third weights a token's k rows by their routing weights and sums them in fp32 in a fixed order (expert slot 0
 first), so the result does not depend on which tokens share the batch. Programs of padding blocks (experts
 without tokens take none) return at once. Rounding follows ``l2pd_kernels.reference.fused_moe``: gate, up, their
-product and the down projection are each rounded to the input dtype. On Hopper, inside a CUDA graph, both paths
-load the routed experts' weight tiles by TMA (``TMA``, ``_moe_tma``); eager launches by pointers, with the same
-bits.
+product and the down projection are each rounded to the input dtype. On Hopper the sorted path loads the routed
+experts' weight tiles by TMA, and so does the scan path inside a CUDA graph (``TMA``, ``_moe_tma``); its eager
+launches load by pointers, with the same bits.
 """
 
 from __future__ import annotations
@@ -427,15 +427,16 @@ def _combine_kernel(part_ptr, weight_ptr, shared_ptr, out_ptr, D, K: tl.constexp
     tl.store(out_ptr + n * D + d, res, mask=ok)
 
 
-# "auto": the routed experts load their weight tiles by TMA while a CUDA graph is captured on Hopper (an eager
-# launch builds descriptors on the host, and takes pointer loads: the same bits); on an H200 at LLaDA2.0-mini
-# shapes `generate` at batch 1 (the scan path) took 2.7% less time, at batch 64 (the sorted path) 1.5% to 1.8%
-# (benchmarks/RESULTS.md). "1": TMA loads in every launch a descriptor can address, the interpreter included;
-# "0": never
+# "auto", on Hopper: the sorted path (many pairs: large launches, whose host time hides behind the GPU's) loads
+# the routed experts' weight tiles by TMA, the scan path (a decode step's few pairs) while a CUDA graph is captured
+# (an eager launch builds descriptors on the host, and takes pointer loads: the same bits). On an H200 at
+# LLaDA2.0-mini shapes `generate` took 2.7% less time at batch 1 (the scan path graphed) and 1.5% to 1.8% less at
+# batch 64 (benchmarks/RESULTS.md). "1": TMA loads in every launch a descriptor can address, the interpreter
+# included; "0": never
 TMA = os.environ.get("L2PD_MOE_TMA", "auto")
 
 
-def _moe_tma(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> bool:
+def _moe_tma(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, scan: bool) -> bool:
     """Whether this launch loads the routed experts' weight tiles by TMA (``TMA``): 2-byte weights whose rows a
     descriptor can address (16-byte aligned), on Hopper or later (or forced, the interpreter included)."""
     if TMA == "0" or TensorDescriptor is None or x.element_size() != 2:
@@ -444,7 +445,7 @@ def _moe_tma(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> 
         return False
     if TMA == "1":
         return x.device.type == "cuda" or _INTERPRET
-    return capturing(x.device) and tma_capable(x.device)
+    return (not scan or capturing(x.device)) and tma_capable(x.device)
 
 
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
@@ -517,7 +518,7 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
                  PAIRS=triton.next_power_of_2(N * k), E_P=triton.next_power_of_2(E) if scan else 1, SHARED_W=sw,
                  BLOCK_M=block_m)
     wg, wdn = w_gate_up, w_down
-    if tma := _moe_tma(x, w_gate_up, w_down):  # descriptors over the experts stacked by rows
+    if tma := _moe_tma(x, w_gate_up, w_down, scan):  # descriptors over the experts stacked by rows
         wg = TensorDescriptor.from_tensor(w_gate_up.view(E * two_i, D), [bn1, bk1])
         wdn = TensorDescriptor.from_tensor(w_down.view(E * D, inter), [bn2, bk2])
     _gate_up_kernel[(routed1 + extra, nt1)](x, wg, act, pairs, experts, N * k, D, inter, ws, routed1, N,

@@ -316,13 +316,14 @@ def test_fused_moe_tma_loads_match_pointer_loads(monkeypatch, dtype, n, d, inter
     ids, w = ref.moe_route(torch.randn(n, e, device=DEV), k, "sigmoid", torch.zeros(e, device=DEV), 1, 1, 2.5)
     want = ref.fused_moe(x, w13, w2, ids, w, shared_weights=(s13, s2))
     tol = dict(TOL[dtype], atol=max(TOL[dtype]["atol"], float(want.abs().max()) / 64))
-    assert moe._moe_tma(x, w13, w2) is False  # "auto": only while a CUDA graph is captured on Hopper
+    for scan in (False, True):  # "auto": on Hopper (the sorted path; the scan path while a graph is captured)
+        assert moe._moe_tma(x, w13, w2, scan) is False
     for scan in (False, True):
         outs = []
         for mode in ("0", "1"):
             monkeypatch.setattr(moe, "TMA", mode)
             outs.append(fused_moe(x, w13, w2, ids, w, scan=scan, shared_weights=(s13, s2)))
-        assert moe._moe_tma(x, w13, w2) is (d % 8 == 0 and inter % 8 == 0)
+        assert moe._moe_tma(x, w13, w2, scan) is (d % 8 == 0 and inter % 8 == 0)
         torch.testing.assert_close(outs[1], want, **tol)
         assert torch.equal(outs[0], outs[1])
         monkeypatch.setattr(moe, "TMA", "auto")

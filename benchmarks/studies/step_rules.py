@@ -26,8 +26,8 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
   does (``device.EARLY``; shipped: ``l2pd.models.decoder._early_launch``); ``early-but-products``: every
   kernel but the few-row products (``device.LATE``);
 - ``moe-no-tma``: a mixture-of-experts model's routed experts load their weight tiles by pointers
-  (``L2PD_MOE_TMA=0``; shipped: by TMA while a CUDA graph is captured, ``moe._moe_tma``; until 2026-12-02 in
-  the scan path only);
+  (``L2PD_MOE_TMA=0``; shipped: by TMA in the sorted path, and in the scan path while a CUDA graph is captured,
+  ``moe._moe_tma``; until 2026-12-02 in the scan path only);
 - ``meta-after-wait``: the attention kernel reads its host-built segments and tiles after its wait for the
   kernel before it (shipped: before, ``attention.META_FIRST``); ``router-mm``: a mixture-of-experts router's
   product by torch's matmul with fp32 output (shipped: the few-row kernel with fp32 output,
