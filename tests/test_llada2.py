@@ -415,13 +415,18 @@ def test_the_engine_packed_forward_with_kernels_decodes_as_the_reference_ops(fus
     assert bool(calls) == fused_rope
 
 
-@needs_kernels
-def test_the_fused_forward_matches_the_plain_one():
+def _block_causal_forward(seed: int):
+    """(device, a tiny LLaDA2 model, ids [2, 9], its adapter attending in blocks of 4) for the fused-forward tests."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = tiny_llada2(8).to(dev)
-    ids = torch.randint(0, 58, (2, 9), device=dev)
+    model = tiny_llada2(seed).to(dev)
     ad = adapter_for(model)
     ad.decoder.block_causal = 4
+    return dev, model, torch.randint(0, 58, (2, 9), device=dev), ad
+
+
+@needs_kernels
+def test_the_fused_forward_matches_the_plain_one():
+    _, model, ids, ad = _block_causal_forward(8)
     import l2pd_kernels
 
     norms = []
@@ -443,13 +448,9 @@ def test_the_next_norm_combines_the_experts_rows(monkeypatch):
     combine kernel's forward, with one launch of it fewer per layer."""
     import l2pd_kernels
     from l2pd.models import decoder
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = tiny_llada2(13).to(dev)
-    ids = torch.randint(0, 58, (2, 9), device=dev)
-    ad = adapter_for(model)
-    ad.decoder.block_causal = 4
     from l2pd_kernels import moe
+
+    dev, _, ids, ad = _block_causal_forward(13)
 
     combines = []
     real = moe.moe_combine
