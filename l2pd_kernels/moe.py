@@ -529,7 +529,7 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
                                          **flags, **pdl(x.device, "moe_down"))
     parts = ExpertRows(out, weights.float().contiguous(),
                        out[N * k:] if sw else shared.contiguous() if shared is not None else None)
-    return moe_combine(parts) if combine else parts
+    return _combine(parts, N, k, D) if combine else parts
 
 
 def check_rows(parts: ExpertRows) -> tuple[int, int, int]:
@@ -552,7 +552,10 @@ def check_rows(parts: ExpertRows) -> tuple[int, int, int]:
 def moe_combine(parts: ExpertRows) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.moe_combine``: each token's k expert rows weighted and summed in
     slot order, plus the shared expert's output; [N, D] in the rows' dtype."""
-    N, k, D = check_rows(parts)
+    return _combine(parts, *check_rows(parts))
+
+
+def _combine(parts: ExpertRows, N: int, k: int, D: int) -> torch.Tensor:
     rows, w, sh = parts
     res = torch.empty(N, D, dtype=rows.dtype, device=rows.device)
     if N == 0:

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .device import pdl, pdl_wait
 from .fp8 import FP8, _row_scale, _to_e4m3, check_fp8_device
+from .moe import check_rows
 from .reference import ExpertRows
 
 
@@ -95,8 +96,6 @@ def _run(x, weight, eps, delta, quant):
         raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} does not match x [..., {D}] {x.dtype}")
     moe = isinstance(delta, ExpertRows)
     if moe:
-        from .moe import check_rows
-
         n, k, d = check_rows(delta)
         if d != D or n * D != x.numel() or delta.rows.dtype != x.dtype:
             raise ValueError(f"the experts' rows ({n} tokens of {d}, {delta.rows.dtype}) do not match x "

@@ -33,6 +33,7 @@ from .rope import _rope_tail
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_ROWS = int(os.environ.get("L2PD_SKINNY_ROWS", "64"))  # above this, F.linear (compute-bound: cuBLAS)
+MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=): newer torch only
 
 
 @triton.jit
@@ -476,9 +477,6 @@ def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         return torch.mm(x2, w.t(), out_dtype=torch.float32).view(*x.shape[:-1], w.shape[0])
     return torch.nn.functional.linear(x.float(), w.float())
-
-
-MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()  # torch.mm(..., out_dtype=): newer torch only
 
 
 def linear_gate_up_silu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

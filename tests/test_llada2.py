@@ -446,17 +446,14 @@ def test_the_next_norm_combines_the_experts_rows(monkeypatch):
     """``L2PD_MOE_NORM`` (``decoder.MOE_NORM``): each layer's experts leave their rows uncombined and the next
     RMSNorm combines them (the final one too, unless only some rows' logits are wanted): the logits of the
     combine kernel's forward, with one launch of it fewer per layer."""
-    import l2pd_kernels
     from l2pd.models import decoder
     from l2pd_kernels import moe
 
     dev, _, ids, ad = _block_causal_forward(13)
 
     combines = []
-    real = moe.moe_combine
-    count = lambda *a, **k: combines.append(1) or real(*a, **k)  # noqa: E731
-    monkeypatch.setattr(moe, "moe_combine", count)  # fused_moe's own combine
-    monkeypatch.setattr(l2pd_kernels, "moe_combine", count)  # the forward's, where a norm cannot combine
+    real = moe._combine  # every combine launch: fused_moe's own and moe_combine's (where a norm cannot combine)
+    monkeypatch.setattr(moe, "_combine", lambda *a, **k: combines.append(1) or real(*a, **k))
     want = ad.forward(ids, fused=True)
     before = len(combines)
     monkeypatch.setattr(decoder, "MOE_NORM", True)
