@@ -192,6 +192,38 @@ def test_pool_attention_split(benchmark, shape, splits, merge_rows, keys):
 
 
 @cuda
+@pytest.mark.parametrize("rows, keys", [(64, 768), (64, 4096), (1, 768), (1, 4096)])
+@pytest.mark.parametrize("tile", [64, 32])
+@pytest.mark.parametrize("gq", [1, 2, 4])
+@pytest.mark.parametrize("max_splits", [8, 16])
+def test_pool_attention_gqa(benchmark, rows, keys, tile, gq, max_splits):
+    """LLaDA2.0-mini's attention (16 query heads over 4 K/V heads) in a cached step: ``rows`` requests of 32
+    queries, in query tiles of ``tile``, with ``gq`` query heads of one K/V head per program (each K/V tile
+    loaded serves them all; ``pool_heads_per_program``). Where the programs leave SMs idle (batch 1) the keys
+    split as ``pool_split_plan`` splits them, into at most ``max_splits`` chunks (its cap: 8)."""
+    import triton
+
+    from l2pd_kernels.attention import pool_attention, pool_tiles
+    from l2pd_kernels.device import sm_count
+
+    if tile * gq > 128:
+        pytest.skip("more than 128 rows a program")
+    q, k, v, seg, nbytes = _pool_case(rows, 32, keys, H=16, Hkv=4)
+    tiles = pool_tiles(seg.cpu(), tile).cuda()
+    programs, sms = tiles.shape[0] * (16 // gq), sm_count(q.device)
+    if programs > sms and max_splits != 8:
+        pytest.skip("one pass: no split")
+    splits = min(max_splits, sms // programs, triton.cdiv(keys, 64)) if programs <= sms else 1
+    chunk = triton.cdiv(triton.cdiv(keys, max(splits, 1)), 64) * 64
+    splits = triton.cdiv(keys, chunk)
+    benchmark.extra_info.update(splits=splits, programs=programs * splits)
+    kw = dict(splits=splits, key_chunk=chunk, merge_rows=4) if splits > 1 else {}
+    fn = lambda: pool_attention(q, k, v, seg, tiles, block_m=tile, heads_per_program=gq, **kw)  # noqa: E731
+    bw = {"GBps": lambda ms: nbytes / ms / 1e6}
+    _run(benchmark, fn, bw, {"graph_" + k_: v_ for k_, v_ in bw.items()})
+
+
+@cuda
 @pytest.mark.parametrize("rows, queries", [(1, 32), (64, 32), (64, 64), (8, 768)])
 @pytest.mark.parametrize("config", ["n32-w4", "n64-w4", "n64-w8", "n32-w4-s3", "m64-n64-w4", "m64-n64-w8",
                                     "m128-n64-w8", "sdpa", "kv-copy"])

@@ -58,7 +58,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from l2pd_kernels.attention import POOL_TILE_M as TILE_M
+from l2pd_kernels.attention import POOL_TILE_M, pool_tile_m
 from l2pd_kernels.reference import edit_tokens
 
 from .cache import BlockKVCache, feed_range, refresh_range
@@ -254,6 +254,7 @@ class Engine:
         # row max_batch is spare: a place for nothing (kept so a padded pack has somewhere harmless to write)
         self.canvas = torch.full((max_batch + 1, width), self.adapter.eos_id, dtype=torch.int64, device=device)
         self.kv = BlockKVCache(len(dec.layers), max_batch + 1, dec.n_kv, width, dec.head_dim, "dual", dtype, device)
+        self.heads = (dec.n_heads, dec.n_kv)  # the attention's query tile follows them (pool_tile_m)
         # per pool row and position: previous guess, run length, previous confidence (persistence, history filters)
         self.guesses = (torch.full((max_batch + 1, width), -1, dtype=torch.int64, device=device),
                         torch.zeros(max_batch + 1, width, dtype=torch.int32, device=device),
@@ -641,7 +642,7 @@ class Engine:
                                       pad=graphable and (self.graphs or self.pad_buckets))
         thread = threading.get_ident()
         if graph:
-            key = (tuple(len(x) for x in parts), meta["width"], next(iter(groups)))
+            key = (tuple(len(x) for x in parts), meta["width"], meta["tile_m"], next(iter(groups)))
             g = self._graphed.get(key)
             if ahead and (g is None or g.graph is None):
                 return None
@@ -856,27 +857,29 @@ class Engine:
         seg = self._segments(order, lo, start, lens, slot, T)
         pad_seg = len(seg) - 1  # (with ``pad``: the segment of the padding tokens)
         cols = (s[:, None] + np.arange(width)[None, :]).reshape(-1)  # the blocks read back after the decision
-        ntiles = -(-seg[:, 1] // TILE_M)
+        # the attention's query tile, from the bucketed counts alone (as the key split's plan below)
+        tm = pool_tile_m(*self.heads, _bucket_tokens(n) // POOL_TILE_M + _bucket(len(order)), self.device)
+        ntiles = -(-seg[:, 1] // tm)
         tiles = np.empty((int(ntiles.sum()), 2), dtype=np.int64)
         tiles[:, 0] = np.repeat(np.arange(len(seg)), ntiles)
-        tiles[:, 1] = (np.arange(len(tiles)) - np.repeat(np.cumsum(ntiles) - ntiles, ntiles)) * TILE_M
+        tiles[:, 1] = (np.arange(len(tiles)) - np.repeat(np.cumsum(ntiles) - ntiles, ntiles)) * tm
         if pad:
             # segments and tiles padded to bounds that follow from the token and row buckets alone, so the
             # graph's shape does too: a row's fed range spans at most its tokens / L + 2 attention blocks
-            # (block-causal), and each segment at most tokens / TILE_M + 1 tiles
+            # (block-causal), and each segment at most tokens / tile_m + 1 tiles
             n_tok = int(lens.sum())
             L_min = int(L.min()) if self.adapter.block_causal else 0
             seg_cap = len(seg) if not L_min else 2 * rows_n + 1 + n_tok // L_min
             seg = np.concatenate([seg, _repeated([n_tok, 0, spare, 1], seg_cap - len(seg))])  # empty ones
             # idle programs on the padding segment (their queries are past its length: nothing stored)
-            tiles = np.concatenate([tiles, _repeated([pad_seg, 1 << 30], seg_cap + n_tok // TILE_M - len(tiles))])
+            tiles = np.concatenate([tiles, _repeated([pad_seg, 1 << 30], seg_cap + n_tok // tm - len(tiles))])
         parts = [tok_rows, tok_slots, lidx, seg.reshape(-1), words.reshape(-1), slot[:rows_n], cols,
                  tiles.reshape(-1)]
         # the attention's key split is planned from bucketed counts, the same with and without ``pad``: a graphed
         # iteration then attends as its eager form does (the split changes the sums' order)
-        plan_tiles = _bucket_tokens(n) // TILE_M + _bucket(len(order))
+        plan_tiles = _bucket_tokens(n) // tm + _bucket(len(order))
         meta = {"sizes": [len(x) for x in parts], "width": width, "rows": rows_n, "groups": group_sizes,
-                "plan_tiles": plan_tiles}
+                "plan_tiles": plan_tiles, "tile_m": tm}
         self._packed = (key, parts, meta)
         return parts, meta, fed
 
@@ -916,7 +919,8 @@ class Engine:
         captures): the blocks [rows, width] after the decision."""
         device = self.device
         rows, slots, lidx, seg, params, slot_t, cols, tiles = torch.split(dev, meta["sizes"])
-        pack = Pack(rows, slots, seg.view(-1, 4), tiles.view(-1, 2), plan_tiles=meta["plan_tiles"])
+        pack = Pack(rows, slots, seg.view(-1, 4), tiles.view(-1, 2), plan_tiles=meta["plan_tiles"],
+                    tile_m=meta["tile_m"])
         ids = self.canvas[rows, slots].view(1, -1)
         logits = self.adapter.forward(ids, None, cache=self.kv, position_ids=slots.view(1, -1),
                                       logits_index=lidx, pack=pack, fused=self.fused)

@@ -23,16 +23,25 @@ from .device import pdl, pdl_wait, sm_count
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # queries per program of pool_attention: 64 was fastest at LLaDA-8B shapes on an H200 for step segments (32 or
-# 64 queries, even with SDPA) and twice as fast as 32 for refresh segments (benchmarks/RESULTS.md)
+# 64 queries, even with SDPA) and twice as fast as 32 for refresh segments (benchmarks/RESULTS.md); grouped-query
+# models take 32 (``pool_tile_m``); L2PD_POOL_TILE_M sets one for every model
 POOL_TILE_M = 64
+POOL_TILE_M_GQA = 32
+_TILE_M_ENV = int(os.environ.get("L2PD_POOL_TILE_M", "0"))
 SPLIT_MIN_KEYS = 2048  # below this, and with fewer than 4 chunks, SDPA's one pass was as fast (H200)
 # the engine's key split at batch 1 (pool_split_plan; L2PD_POOL_SPLIT=0 turns it off): one layer's attention over
 # 4,096 keys fell from 60 to 24 us at LLaDA-8B shapes (4 chunks) and from 59 to 12 us at LLaDA2.0-mini's (8),
 # `generate` at 3,072 + 1,024 by 13% (H200; benchmarks/RESULTS.md, "The engine's key split by default").
 # L2PD_POOL_SPLITS=n forces n chunks (0: the rule of pool_split_plan)
 POOL_SPLITS = int(os.environ.get("L2PD_POOL_SPLITS", "0"))
-POOL_MAX_SPLITS = 8
+POOL_MAX_SPLITS = 16
 POOL_MERGE_ROWS = 4
+# grouped-query heads per program of pool_attention (pool_heads_per_program): up to this many rows (queries x
+# heads) share each K/V tile loaded, in one pass (many programs) and with the keys split (few); L2PD_POOL_GQ=n
+# forces n heads (1: one head per program)
+POOL_GQA_ROWS = 128
+POOL_GQA_ROWS_SPLIT = 64
+POOL_GQ = int(os.environ.get("L2PD_POOL_GQ", "0"))
 # the attention kernel reads its host-built metadata (segments, tiles, key limits) before it waits for the
 # kernel before it (programmatic dependent launch); False: after, as before (benchmarks/studies/step_rules.py)
 META_FIRST = True
@@ -42,15 +51,17 @@ META_FIRST = True
 def _pool_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, seg_ptr, tiles_ptr, part_ptr, lse_ptr,
     sqn, sqh, skr, skh, skw, svr, svh, svw, son, soh,
-    scale_log2, GROUP, DENSE_L, DENSE_T, DENSE_TILES, KEY_CHUNK, NH,
+    scale_log2, GROUP, DENSE_L, DENSE_T, DENSE_TILES, KEY_CHUNK, NH, H,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DENSE: tl.constexpr,
-    SPLIT: tl.constexpr, QLIM: tl.constexpr, META_FIRST: tl.constexpr = 1, PDL: tl.constexpr = 0):
+    SPLIT: tl.constexpr, QLIM: tl.constexpr, GQ: tl.constexpr = 1, META_FIRST: tl.constexpr = 1,
+    PDL: tl.constexpr = 0):
+    # GQ: query heads per program (heads h0 .. h0 + GQ - 1 of one K/V head): its BM * GQ rows are (head j,
+    # query m) with j = r // BM, so each K/V tile loaded serves GQ heads
     # META_FIRST: the segments, tiles and key limits are the host's (written before the forward, never by the
     # kernel just before this one), so their chain of dependent loads runs before the wait for q, k and v
     if not META_FIRST:
         pdl_wait(PDL)
     tile = tl.program_id(0)
-    h = tl.program_id(1)
     if DENSE:  # B rows of L queries over all T keys of their own cache row: the segment follows from the tile
         g = tile // DENSE_TILES
         t0 = (tile % DENSE_TILES) * BM
@@ -65,7 +76,9 @@ def _pool_attention_kernel(
         q_len = tl.load(seg_ptr + g * 4 + 1)
         row = tl.load(seg_ptr + g * 4 + 2)
         k_len = tl.load(seg_ptr + g * 4 + 3)
-    m = t0 + tl.arange(0, BM)
+    r = tl.arange(0, BM * GQ)
+    h = tl.program_id(1) * GQ + r // BM  # each row's query head
+    m = t0 + r % BM
     mq = m < q_len
     d = tl.arange(0, D)
     tok = (q_start + m).to(tl.int64)
@@ -79,15 +92,15 @@ def _pool_attention_kernel(
     if SPLIT:  # this program's share of the keys: chunk program_id(2)
         k_lo = tl.program_id(2) * KEY_CHUNK
         k_hi = tl.minimum(k_lo + KEY_CHUNK, k_len)
-    q = tl.load(q_ptr + tok[:, None] * sqn + h * sqh + d[None, :], mask=mq[:, None], other=0.0)
+    q = tl.load(q_ptr + tok[:, None] * sqn + h[:, None] * sqh + d[None, :], mask=mq[:, None], other=0.0)
     if IEEE:  # fp32 products (and the interpreter, whose bf16 dot is wrong)
         q = q.to(tl.float32)
-    kvh = h // GROUP
+    kvh = tl.program_id(1) * GQ // GROUP
     kbase = k_ptr + row.to(tl.int64) * skr + kvh * skh
     vbase = v_ptr + row.to(tl.int64) * svr + kvh * svh
-    m_i = tl.full((BM,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BM,), tl.float32)
-    acc = tl.zeros((BM, D), tl.float32)
+    m_i = tl.full((BM * GQ,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BM * GQ,), tl.float32)
+    acc = tl.zeros((BM * GQ, D), tl.float32)
     n = tl.arange(0, BN)
     for start in range(k_lo, k_hi, BN):
         kn = start + n
@@ -117,12 +130,13 @@ def _pool_attention_kernel(
         full = l_i > 0
         out = tl.where(full[:, None], acc / tl.where(full, l_i, 1.0)[:, None], 0.0)
         lse = tl.where(full, m_i + tl.log2(tl.where(full, l_i, 1.0)), float("-inf"))
-        r = tl.program_id(2).to(tl.int64) * NH + tok * tl.num_programs(1) + h  # part [splits, N, H, D]
-        tl.store(part_ptr + r[:, None] * D + d[None, :], out, mask=mq[:, None])
-        tl.store(lse_ptr + r, lse, mask=mq)
+        pr = tl.program_id(2).to(tl.int64) * NH + tok * H + h  # part [splits, N, H, D]
+        tl.store(part_ptr + pr[:, None] * D + d[None, :], out, mask=mq[:, None])
+        tl.store(lse_ptr + pr, lse, mask=mq)
     else:
         out = acc / l_i[:, None]
-        tl.store(o_ptr + tok[:, None] * son + h * soh + d[None, :], out.to(o_ptr.dtype.element_ty), mask=mq[:, None])
+        tl.store(o_ptr + tok[:, None] * son + h[:, None] * soh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=mq[:, None])
 
 
 @triton.jit
@@ -165,10 +179,11 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Non
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor | None,
             tiles: torch.Tensor | None, programs: int, dense: tuple[int, int, int], key_chunk: int, splits: int,
-            block_m: int, block_n: int, num_warps: int, num_stages: int | None,
-            qlim: torch.Tensor | None = None, merge_rows: int = 16) -> torch.Tensor:
-    """One launch over ``programs`` query tiles x heads (x ``splits`` key chunks, then the combine); q is
-    [1, H, N, D]; returns [1, N, H, D]. ``qlim`` (dense form): int64 [N], each query's key count."""
+            block_m: int, block_n: int, num_warps: int | None, num_stages: int | None,
+            qlim: torch.Tensor | None = None, merge_rows: int = 16, gq: int = 1) -> torch.Tensor:
+    """One launch over ``programs`` query tiles x head groups of ``gq`` (x ``splits`` key chunks, then the
+    combine); q is [1, H, N, D]; returns [1, N, H, D]. ``qlim`` (dense form): int64 [N], each query's key
+    count. ``num_warps`` None: 4, or 8 for tiles of 128 rows or more."""
     _, H, N, D = q.shape
     out = torch.empty(1, N, H, D, dtype=q.dtype, device=q.device)
     if not programs or not N:
@@ -177,13 +192,18 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: 
     part = torch.empty(splits, N, H, D, dtype=torch.float32, device=q.device) if split else out
     lse = torch.empty(splits, N, H, dtype=torch.float32, device=q.device) if split else out
     dummy = seg if seg is not None else qlim if qlim is not None else out  # (unused pointers of the dense form)
-    _pool_attention_kernel[(programs, H, splits)](
+    group = H // k_cache.shape[1]
+    if gq < 1 or group % gq or gq & (gq - 1):
+        raise ValueError(f"heads per program {gq}: a power of two dividing the {group} query heads per K/V head")
+    if num_warps is None:
+        num_warps = 8 if block_m * gq >= 128 else 4
+    _pool_attention_kernel[(programs, H // gq, splits)](
         q, k_cache, v_cache, out, dummy, dummy if tiles is None else tiles, part, lse,
         q.stride(2), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(1), out.stride(2),
-        1.0 / math.sqrt(D) * 1.4426950408889634, H // k_cache.shape[1], *dense, key_chunk, N * H,
+        1.0 / math.sqrt(D) * 1.4426950408889634, group, *dense, key_chunk, N * H, H,
         D=D, BM=block_m, BN=block_n, IEEE=q.dtype == torch.float32 or _INTERPRET, DENSE=seg is None,
-        SPLIT=split, QLIM=qlim is not None and seg is None, META_FIRST=int(META_FIRST), num_warps=num_warps,
+        SPLIT=split, QLIM=qlim is not None and seg is None, GQ=gq, META_FIRST=int(META_FIRST), num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}), **pdl(q.device, "attention"),
     )
     if split:  # merge_rows (token, head) pairs per program of the merge
@@ -195,8 +215,8 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: 
 
 def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor,
                    tiles: torch.Tensor | None = None, block_m: int = POOL_TILE_M, block_n: int | None = None,
-                   num_warps: int = 4, num_stages: int | None = None, key_chunk: int | None = None,
-                   splits: int = 1, merge_rows: int = 16) -> torch.Tensor:
+                   num_warps: int | None = None, num_stages: int | None = None, key_chunk: int | None = None,
+                   splits: int = 1, merge_rows: int = 16, heads_per_program: int | None = None) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.pool_attention``: q [1, H, N, D] (any strides with a
     contiguous last dimension), caches [R, Hkv, T, D], ``seg`` int64 [G, 4]; returns [1, H, N, D] laid out as
     [1, N, H, D] (so the output projection's input is a view). ``tiles`` (int64 [n, 2]: segment, first query;
@@ -206,7 +226,10 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ``key_chunk`` (a multiple of ``block_n``; ``splits * key_chunk`` must cover the longest ``k_len``): each
     program takes one chunk of its segment's keys and a second kernel merges the chunks (flash-decoding); a
     segment's result depends only on its own ``k_len`` and the chunk size, not on the other segments;
-    ``merge_rows`` (a power of two) is the (token, head) pairs each merging program takes."""
+    ``merge_rows`` (a power of two) is the (token, head) pairs each merging program takes.
+    ``heads_per_program``: query heads of one K/V head that a program takes together, so each K/V tile it loads
+    serves them all (grouped-query models; None: ``pool_heads_per_program``); ``num_warps`` None: 4, or 8 for
+    tiles of 128 rows (queries x heads) or more."""
     _check(q, k_cache, v_cache)
     if q.shape[0] != 1:
         raise ValueError(f"q must be [1, H, N, D], got {tuple(q.shape)}")
@@ -219,12 +242,46 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         tiles = pool_tiles(seg.cpu(), block_m).to(q.device)
     if merge_rows < 1 or merge_rows & (merge_rows - 1):
         raise ValueError(f"merge_rows={merge_rows} must be a power of two")
+    gq = heads_per_program or pool_heads_per_program(q.shape[1], k_cache.shape[1], block_m)
     out = _launch(q, k_cache, v_cache, seg, tiles, tiles.shape[0], (0, 0, 0), key_chunk or 0, splits, block_m,
-                  block_n, num_warps, num_stages, merge_rows=merge_rows)
+                  block_n, num_warps, num_stages, merge_rows=merge_rows, gq=gq)
     return out.transpose(1, 2)
 
 
-def pool_split_plan(tiles: int, heads: int, keys: int, device: torch.device, block_n: int = 64) -> tuple[int, int]:
+def pool_tile_m(heads: int, kv_heads: int, tiles: int = 0, device: torch.device | None = None) -> int:
+    """Queries per program (``block_m``) the engine tiles an iteration's segments in, ``tiles`` the query tiles
+    it plans at ``POOL_TILE_M``: ``POOL_TILE_M_GQA`` where each K/V head serves an even number of query heads
+    and one head per program would fill a GPU's SMs in one pass (its programs then take 4 heads, 128 rows, and
+    load each K/V tile once for them: LLaDA2.0-mini at batch 64 on an H200, `generate` 5.5% faster), else
+    ``POOL_TILE_M`` (few programs split the keys: batch 1 keeps its tiles and one head per program, the
+    fastest measured there); ``L2PD_POOL_TILE_M`` for every model and batch."""
+    if _TILE_M_ENV:
+        return _TILE_M_ENV
+    if (heads // kv_heads) % 2:
+        return POOL_TILE_M
+    if device is not None and device.type == "cuda" and tiles * heads <= sm_count(device):
+        return POOL_TILE_M
+    return POOL_TILE_M_GQA
+
+
+def pool_heads_per_program(heads: int, kv_heads: int, block_m: int = POOL_TILE_M, split: bool = False) -> int:
+    """Query heads of one K/V head that a program of ``pool_attention`` takes together: the largest power of
+    two dividing ``heads // kv_heads`` with at most ``POOL_GQA_ROWS`` rows (``block_m`` queries per head) per
+    program, ``POOL_GQA_ROWS_SPLIT`` with the keys ``split`` (few programs: more of them pay there), or
+    ``L2PD_POOL_GQ`` (1: one head per program, as before). At LLaDA2.0-mini shapes on an H200 (one layer,
+    graphed): batch 64 over 768 keys 43 us in 32-query tiles of 4 heads against 78 us for one head per
+    program; batch 1, keys split, 2 heads in 16 chunks 6.7 us against 6.6 (768 keys) and 9.5 against 11.3
+    (4,096 keys) for one head in 8 (``benchmarks/RESULTS.md``)."""
+    group = heads // kv_heads
+    want = POOL_GQ or max(1, (POOL_GQA_ROWS_SPLIT if split else POOL_GQA_ROWS) // block_m)
+    gq = 1
+    while gq * 2 <= want and group % (gq * 2) == 0:
+        gq *= 2
+    return gq
+
+
+def pool_split_plan(tiles: int, heads: int, keys: int, device: torch.device, block_n: int = 64,
+                    kv_heads: int | None = None, block_m: int = POOL_TILE_M) -> tuple[int, int]:
     """(splits, key_chunk) for the engine's pool attention: ``tiles`` query tiles x ``heads`` programs over a
     pool ``keys`` wide. Split only where one pass leaves SMs idle (fewer programs than SMs: batch 1 to about 2
     at LLaDA-8B shapes), into about one program per SM for one query tile's heads (``sm_count // heads``, at
@@ -232,13 +289,16 @@ def pool_split_plan(tiles: int, heads: int, keys: int, device: torch.device, blo
     benchmark at 4,096 keys) or ``L2PD_POOL_SPLITS``; (1, 0) on the CPU or with ``L2PD_POOL_SPLIT=0``. The
     engine passes a tile count from its bucketed tokens and rows (``Pack.plan_tiles``), the same for an
     iteration graphed (padded) or not, since the split changes the sums' order. Chunks past a segment's own
-    keys are empty and weigh nothing in the merge."""
+    keys are empty and weigh nothing in the merge. ``kv_heads``: a grouped-query model's, whose programs each
+    take ``pool_heads_per_program`` heads (of ``block_m`` queries each), fewer with the keys split."""
     if device.type != "cuda" or os.environ.get("L2PD_POOL_SPLIT", "1") == "0":
         return 1, 0
     sms = sm_count(device)
-    if tiles * heads > sms:
+    kv_heads = kv_heads or heads
+    if tiles * (heads // pool_heads_per_program(heads, kv_heads, block_m)) > sms:  # one pass fills the SMs
         return 1, 0
-    splits = min(POOL_SPLITS or min(POOL_MAX_SPLITS, sms // heads), triton.cdiv(keys, block_n))
+    groups = heads // pool_heads_per_program(heads, kv_heads, block_m, split=True)  # programs per query tile
+    splits = min(POOL_SPLITS or min(POOL_MAX_SPLITS, sms // groups), triton.cdiv(keys, block_n))
     if splits < 2:
         return 1, 0
     chunk = triton.cdiv(triton.cdiv(keys, splits), block_n) * block_n

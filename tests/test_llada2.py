@@ -443,9 +443,9 @@ def test_the_fused_forward_matches_the_plain_one():
 
 @needs_kernels
 def test_the_next_norm_combines_the_experts_rows(monkeypatch):
-    """``L2PD_MOE_NORM`` (``decoder.MOE_NORM``): each layer's experts leave their rows uncombined and the next
-    RMSNorm combines them (the final one too, unless only some rows' logits are wanted): the logits of the
-    combine kernel's forward, with one launch of it fewer per layer."""
+    """``decoder.MOE_NORM`` (the default; ``L2PD_MOE_NORM=0`` off): each layer's experts leave their rows
+    uncombined and the next RMSNorm combines them (the final one too, unless only some rows' logits are wanted):
+    the logits of the combine kernel's forward, with one launch of it fewer per layer."""
     from l2pd.models import decoder
     from l2pd_kernels import moe
 
@@ -454,6 +454,7 @@ def test_the_next_norm_combines_the_experts_rows(monkeypatch):
     combines = []
     real = moe._combine  # every combine launch: fused_moe's own and moe_combine's (where a norm cannot combine)
     monkeypatch.setattr(moe, "_combine", lambda *a, **k: combines.append(1) or real(*a, **k))
+    monkeypatch.setattr(decoder, "MOE_NORM", False)  # L2PD_MOE_NORM=0: the combine kernel, then the norm
     want = ad.forward(ids, fused=True)
     before = len(combines)
     monkeypatch.setattr(decoder, "MOE_NORM", True)

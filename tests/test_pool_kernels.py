@@ -44,6 +44,61 @@ def test_pool_attention_matches_reference(dtype, H, HKV, D):
     assert got.transpose(1, 2).is_contiguous()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("gq", [2, 4])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_pool_attention_takes_a_kv_heads_query_heads_together(dtype, gq, splits):
+    """Grouped-query heads in one program (each K/V tile it loads serves them all) give the reference's result
+    and, within rounding, the one-head-per-program kernel's; with the keys split too."""
+    from l2pd_kernels import pool_attention
+
+    H, HKV, D, R, T = 8, 2, 32, 4, 90
+    # odd query lengths (one spans several tiles), rows out of order, one key only, k_len not a tile
+    seg, N = _segments([5, 33, 1, 16], [1, 3, 0, 2], [90, 41, 1, 64])
+    q = torch.randn(1, N, H, D, device=DEV).to(dtype).transpose(1, 2)
+    k = torch.randn(R, HKV, T, D, device=DEV).to(dtype)
+    v = torch.randn(R, HKV, T, D, device=DEV).to(dtype)
+    kw = dict(block_m=16, block_n=16) | (dict(key_chunk=32, splits=splits) if splits > 1 else {})
+    got = pool_attention(q, k, v, seg, heads_per_program=gq, **kw)
+    torch.testing.assert_close(got, ref.pool_attention(q, k, v, seg), **TOL[dtype])
+    torch.testing.assert_close(got, pool_attention(q, k, v, seg, heads_per_program=1, **kw), **TOL[dtype])
+    assert got.transpose(1, 2).is_contiguous()
+    with pytest.raises(ValueError, match="heads per program"):
+        pool_attention(q, k, v, seg, heads_per_program=8, **kw)  # more than the 4 heads of a K/V head
+    with pytest.raises(ValueError, match="heads per program"):
+        pool_attention(q, k, v, seg, heads_per_program=3, **kw)
+
+
+def test_the_heads_a_program_takes(monkeypatch):
+    import l2pd_kernels.attention as att
+
+    monkeypatch.setattr(att, "POOL_GQ", 0)
+    monkeypatch.setattr(att, "_TILE_M_ENV", 0)
+    assert att.pool_tile_m(16, 4) == 32  # LLaDA2.0-mini: 4 heads a K/V head
+    assert att.pool_tile_m(32, 32) == att.POOL_TILE_M == 64  # LLaDA-8B
+    assert att.pool_tile_m(28, 4) == 64  # Dream-7B: 7 heads a K/V head
+    monkeypatch.setattr(att, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert att.pool_tile_m(16, 4, 8, cuda) == 64  # 8 tiles x 16 heads fit on 132 SMs: the keys split
+    assert att.pool_tile_m(16, 4, 9, cuda) == 32  # one head per program fills them: 4 heads a program
+    assert att.pool_tile_m(32, 32, 64, cuda) == 64
+    monkeypatch.setattr(att, "_TILE_M_ENV", 16)  # L2PD_POOL_TILE_M
+    assert att.pool_tile_m(16, 4, 8, cuda) == att.pool_tile_m(32, 32) == 16
+    monkeypatch.setattr(att, "_TILE_M_ENV", 0)
+    assert att.pool_heads_per_program(16, 4, 32) == 4  # LLaDA2.0-mini in its 32-query tiles: 128 rows
+    assert att.pool_heads_per_program(16, 4, 32, split=True) == 2  # few programs, keys split: 64 rows
+    assert att.pool_heads_per_program(16, 4, 64) == 2
+    assert att.pool_heads_per_program(16, 4, 128) == 1
+    assert att.pool_heads_per_program(32, 32, 64) == 1  # LLaDA-8B: one head per K/V head
+    assert att.pool_heads_per_program(28, 4, 64) == 1  # Dream-7B: 7 heads a K/V head, no power of two divides
+    assert att.pool_heads_per_program(12, 2, 16) == 2  # 6 a K/V head: 2 divides, 4 does not
+    monkeypatch.setattr(att, "POOL_GQ", 1)  # L2PD_POOL_GQ=1: one head per program
+    assert att.pool_heads_per_program(16, 4, 64) == 1
+    monkeypatch.setattr(att, "POOL_GQ", 4)
+    assert att.pool_heads_per_program(16, 4, 64) == 4
+    assert att.pool_heads_per_program(16, 8, 64) == 2  # never more than a K/V head's
+
+
 def test_pool_attention_keys_past_k_len_are_ignored():
     from l2pd_kernels import pool_attention
 
@@ -215,6 +270,14 @@ def test_the_engine_splits_the_keys_only_for_few_programs(monkeypatch):
     assert att.pool_split_plan(2, 32, 64, cuda) == (1, 0)  # one key loop: nothing to split
     assert att.pool_split_plan(1, 80, 4096, cuda) == (1, 0)  # about one program per SM already (132 // 80 = 1)
     assert att.pool_split_plan(2, 32, 768, torch.device("cpu")) == (1, 0)
+    monkeypatch.setattr(att, "POOL_GQ", 0)  # grouped-query heads: programs of 2 heads count once
+    assert att.pool_split_plan(2, 16, 4096, cuda, kv_heads=4) == (8, 512)
+    assert att.pool_split_plan(12, 16, 768, cuda) == (1, 0)  # 192 programs of one head
+    assert att.pool_split_plan(12, 16, 768, cuda, kv_heads=4) == (6, 128)  # 96 of two; split: one head each
+    # 32-query tiles (the engine's for grouped-query models): 4 heads a program in one pass, 2 with split keys
+    assert att.pool_split_plan(64, 16, 768, cuda, kv_heads=4, block_m=32) == (1, 0)  # 256 programs of 4 heads
+    assert att.pool_split_plan(2, 16, 4096, cuda, kv_heads=4, block_m=32) == (16, 256)  # 8 groups: 16 chunks
+    assert att.pool_split_plan(2, 16, 768, cuda, kv_heads=4, block_m=32) == (12, 64)
     monkeypatch.setattr(att, "POOL_SPLITS", 2)  # L2PD_POOL_SPLITS
     assert att.pool_split_plan(2, 32, 4096, cuda) == (2, 2048)
     monkeypatch.setenv("L2PD_POOL_SPLIT", "0")

@@ -32,8 +32,12 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
   kernel before it (shipped: before, ``attention.META_FIRST``); ``router-mm``: a mixture-of-experts router's
   product by torch's matmul with fp32 output (shipped: the few-row kernel with fp32 output,
   ``decoder._ROUTER_KERNEL``); ``before-router-meta``: both as before;
-- ``moe-norm``: a mixture of experts' rows combined inside the next RMSNorm's kernel (``L2PD_MOE_NORM=1``;
-  shipped: off, not yet measured);
+- ``moe-norm`` / ``moe-combine``: a mixture of experts' rows combined inside the next RMSNorm's kernel / by
+  their own kernel (``L2PD_MOE_NORM=1`` / ``0``; shipped: inside the norm since 2026-12-02);
+- ``heads-apart``: the pool attention takes one query head per program (``L2PD_POOL_GQ=1``; shipped: a
+  grouped-query model's heads of one K/V head together, ``attention.pool_heads_per_program``);
+  ``heads-apart-64``: that in 64-query tiles too (``L2PD_POOL_TILE_M=64``), the rule before 2026-12-02 (shipped:
+  32-query tiles for grouped-query models, ``attention.pool_tile_m``);
 (The H200 runs of 2026-12-02 also had ``warm``, ``early-warm``, ``early-warm-late-products`` (each program of a
 TMA product asking L2 for the first 64 KB of its weight before its wait: commit 61daad8) and ``no-stream``,
 ``no-stream-early`` (stream-K launches where the tiles leave SMs idle: commit be3d6ef); both slower and
@@ -94,14 +98,16 @@ def _wide_pick_tma(rows, n, k, gate, sms, fp8=False, a8=False):
 
 
 def _setting(picks=NEW, fused_rope=None, tma="auto", pick_tma=PICK_TMA, early=device.EARLY,
-             late=frozenset(), moe_tma="auto", meta_first=True, router_kernel=True, moe_norm=False) -> dict:
+             late=frozenset(), moe_tma="auto", meta_first=True, router_kernel=True, moe_norm=True,
+             pool_gq=0, tile_m=0) -> dict:
     """One setting: (pick_config, pick_config_fp8, pick_split), ``decoder.FUSED_ROPE`` (None: the shipped
     rule), ``skinny.TMA``, ``skinny.pick_tma``, ``device.EARLY`` and ``device.LATE`` (who lets the next kernel
     launch early), ``moe.TMA`` (the routed experts' weight tiles by TMA), ``attention.META_FIRST``,
-    ``decoder._ROUTER_KERNEL`` and ``decoder.MOE_NORM``."""
+    ``decoder._ROUTER_KERNEL``, ``decoder.MOE_NORM``, ``attention.POOL_GQ`` and the engine's attention tile
+    (``attention._TILE_M_ENV``, 0: ``pool_tile_m``'s rule)."""
     return {"picks": picks, "fused_rope": fused_rope, "tma": tma, "pick_tma": pick_tma, "early": early,
             "late": late, "moe_tma": moe_tma, "meta_first": meta_first, "router_kernel": router_kernel,
-            "moe_norm": moe_norm}
+            "moe_norm": moe_norm, "pool_gq": pool_gq, "tile_m": tile_m}
 
 
 SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _setting(),
@@ -116,7 +122,8 @@ SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _
             "moe-no-tma": _setting(moe_tma="0"), "meta-after-wait": _setting(meta_first=False),
             "router-mm": _setting(router_kernel=False),
             "before-router-meta": _setting(meta_first=False, router_kernel=False),
-            "moe-norm": _setting(moe_norm=True)}
+            "moe-norm": _setting(moe_norm=True), "moe-combine": _setting(moe_norm=False),
+            "heads-apart": _setting(pool_gq=1), "heads-apart-64": _setting(pool_gq=1, tile_m=64)}
 
 
 def apply(setting: str) -> None:
@@ -127,6 +134,7 @@ def apply(setting: str) -> None:
     decoder.FUSED_ROPE, skinny.TMA, skinny.pick_tma = s["fused_rope"], s["tma"], s["pick_tma"]
     device.EARLY, device.LATE, moe.TMA = s["early"], set(s["late"]), s["moe_tma"]
     attention.META_FIRST, decoder._ROUTER_KERNEL, decoder.MOE_NORM = s["meta_first"], s["router_kernel"], s["moe_norm"]
+    attention.POOL_GQ, attention._TILE_M_ENV = s["pool_gq"], s["tile_m"]
 
 
 @torch.no_grad()

@@ -216,14 +216,16 @@ class Pack:
     """The fed tokens of many requests as one sequence [1, N] (the engine's forward): token t is position
     ``slots[t]`` of cache row ``rows[t]``; ``seg`` [G, 4] holds each request's (q_start, q_len, row, k_len), its
     queries and the keys they attend to (``l2pd_kernels.reference.pool_attention``); ``tiles`` the attention
-    kernel's programs (``l2pd_kernels.attention.pool_tiles``); ``plan_tiles`` the query tiles its key split is
-    planned for (0: ``tiles``' count), which the engine keeps the same for an iteration graphed or not."""
+    kernel's programs (``l2pd_kernels.attention.pool_tiles``) of ``tile_m`` queries each; ``plan_tiles`` the
+    query tiles its key split is planned for (0: ``tiles``' count), which the engine keeps the same for an
+    iteration graphed or not."""
 
     rows: torch.Tensor
     slots: torch.Tensor
     seg: torch.Tensor
     tiles: torch.Tensor | None = None
     plan_tiles: int = 0
+    tile_m: int = 64  # l2pd_kernels.attention.POOL_TILE_M (pool_tile_m: the engine's)
 
 
 @dataclass
@@ -354,7 +356,7 @@ def _decoder_forward(
         cos = torch.ones(bsz, seq, head_dim // 2, device=device)
         sin = torch.zeros_like(cos)
     fresh_slots = torch.arange(seq, device=device) if cache is None else None
-    pool_split = _pool_split(ops, pack, n_heads, cache.k[0].shape[2], device) if pack is not None else {}
+    pool_split = _pool_split(ops, pack, n_heads, n_kv, cache.k[0].shape[2], device) if pack is not None else {}
 
     x = F.embedding(input_ids, dec.embed.weight)
     delta = None  # the last residual branch, added inside the next norm
@@ -476,16 +478,19 @@ def _rope_fuses(w: torch.Tensor, h: torch.Tensor, heads: int) -> bool:
     return w.dtype == h.dtype and 2 * heads >= sm_count(h.device)
 
 
-def _pool_split(ops: Any, pack: Pack, heads: int, keys: int, device: torch.device) -> dict:
-    """The pool attention's key split (``l2pd_kernels.attention.pool_split_plan``) for the fused
-    kernels, the same for every layer: a batch-1 step's few programs over the canvas take every SM. Fixed by
-    shapes, so a captured graph keeps it."""
+def _pool_split(ops: Any, pack: Pack, heads: int, kv_heads: int, keys: int, device: torch.device) -> dict:
+    """The pool attention's key split (``l2pd_kernels.attention.pool_split_plan``) and grouped-query heads per
+    program for the fused kernels, the same for every layer: a batch-1 step's few programs over the canvas
+    take every SM. Fixed by shapes, so a captured graph keeps it."""
     if ops is reference:
         return {}
-    from l2pd_kernels.attention import POOL_MERGE_ROWS, pool_split_plan
+    from l2pd_kernels.attention import POOL_MERGE_ROWS, pool_heads_per_program, pool_split_plan
 
-    splits, chunk = pool_split_plan(pack.plan_tiles or pack.tiles.shape[0], heads, keys, device)
-    return {"splits": splits, "key_chunk": chunk, "merge_rows": POOL_MERGE_ROWS} if splits > 1 else {}
+    splits, chunk = pool_split_plan(pack.plan_tiles or pack.tiles.shape[0], heads, keys, device, kv_heads=kv_heads,
+                                    block_m=pack.tile_m)
+    kw = {"block_m": pack.tile_m,
+          "heads_per_program": pool_heads_per_program(heads, kv_heads, pack.tile_m, split=splits > 1)}
+    return kw | ({"splits": splits, "key_chunk": chunk, "merge_rows": POOL_MERGE_ROWS} if splits > 1 else {})
 
 
 def _qk_norm(blk: Layer, dtype: torch.dtype, eps: float) -> dict | None:
@@ -538,9 +543,10 @@ def _moe(ops: Any, h: torch.Tensor, moe: MoE, shared: torch.Tensor | None = None
     return ops.fused_moe(flat, w13, w2, ids, weights, shared=shared, shared_weights=shared_weights).view(h.shape)
 
 
-# L2PD_MOE_NORM=1: a mixture of experts' output is combined inside the next RMSNorm's kernel (one launch fewer per
-# layer; l2pd_kernels.rms_norm) instead of by its own kernel. Off until measured on a GPU
-MOE_NORM = os.environ.get("L2PD_MOE_NORM", "0") == "1"
+# a mixture of experts' output is combined inside the next RMSNorm's kernel (one launch fewer per layer;
+# l2pd_kernels.rms_norm) instead of by its own kernel: LLaDA2.0-mini shapes on an H200, `generate` 0.4% faster
+# at batch 1, 0.5% to 1.9% at batch 64 (benchmarks/RESULTS.md); L2PD_MOE_NORM=0 combines apart
+MOE_NORM = os.environ.get("L2PD_MOE_NORM", "1") == "1"
 
 
 def _shared_in_moe(ops: Any, blk: Layer, h: torch.Tensor) -> tuple | None:
