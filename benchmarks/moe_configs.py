@@ -4,6 +4,7 @@ cold weights, against the read floor of the experts the tokens touch.
     PYTHONPATH=. python benchmarks/moe_configs.py --tokens 32,256,2048,16384 --out runs/moe_configs.json
     L2PD_MOE_TMA=1 PYTHONPATH=.:benchmarks python benchmarks/moe_configs.py --tokens 2048 --touched 169 \
         --heights 64,128 --tiles 128x64x8x4,256x64x8x3,128x128x8x3
+    PYTHONPATH=.:benchmarks python benchmarks/moe_configs.py --tokens 2048 --heights 64 --down-only
 
 ``triton.testing.do_bench`` flushes the L2 cache before each call. For each token count: the default
 (``pick_config``), the best gate/up and down candidate at each tile height, and the floor (touched experts'
@@ -26,6 +27,8 @@ from l2pd_kernels.moe import pick_config
 
 E, K, D, INTER = 256, 8, 2048, 512
 TILES = [(bn, bk, w, st) for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for w in (4, 8) for st in (3, 4)]
+DOWN_TILES = [(bn, bk, w, st) for bn in (128, 256) for bk in (64, 128) for w in (4, 8) for st in (3, 4, 5)] + [
+    (64, 64, 4, 4), (64, 128, 4, 4)]
 
 
 def spread_routing(tokens: int, touched: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,9 +49,14 @@ def main() -> None:
                          "decode of random weights touched about 169 of 256 a layer)")
     ap.add_argument("--tiles", default=None,
                     help="comma list of block_n x block_k x warps x stages (default: the full grid, TILES)")
+    ap.add_argument("--down-only", action="store_true",
+                    help="sweep the down kernel's tile alone (the gate/up kernel keeps the default's), with "
+                         "256-column tiles too")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     tiles = TILES if args.tiles is None else [tuple(int(v) for v in t.split("x")) for t in args.tiles.split(",")]
+    if args.down_only and args.tiles is None:
+        tiles = DOWN_TILES
     torch.manual_seed(0)
     w13 = torch.randn(E, 2 * INTER, D, device="cuda", dtype=torch.bfloat16) / D**0.5
     w2 = torch.randn(E, D, INTER, device="cuda", dtype=torch.bfloat16) / INTER**0.5
@@ -72,7 +80,7 @@ def main() -> None:
         for bm in [int(h) for h in args.heights.split(",")]:
             for tile in tiles:  # the same tile for both kernels
                 for scan in ((False, True) if n * K <= 1024 else (False,)):
-                    cfg = (bm, tile, tile)
+                    cfg = (bm, pick_config(n, K, E)[1], tile) if args.down_only else (bm, tile, tile)
                     try:
                         got = fused_moe(x, w13, w2, ids, w, config=cfg, scan=scan).float()
                         err = float((got - want).abs().max())

@@ -399,11 +399,19 @@ def scan_programs(pairs: int, experts: int, col_tiles: int, device: torch.device
     return max(1, min(experts, pairs, triton.cdiv(4 * sm_count(device), col_tiles)))
 
 
+# L2PD_MOE_DOWN="BNxBKxWxS": the down kernel's tile in the sorted path's 64-row tiles (batch 64; taller tiles
+# keep theirs, which a wide tile would not fit beside in shared memory), for tile studies
+_DOWN_ENV = tuple(int(v) for v in os.environ["L2PD_MOE_DOWN"].split("x")) if os.environ.get("L2PD_MOE_DOWN") else None
+
+
 def pick_config(tokens: int, top_k: int, experts: int) -> tuple:
     """(block_m, gate/up config, down config) for ``tokens`` routed to ``top_k`` of ``experts`` each: the
     tile height follows the mean pairs per expert (few: short tiles, so an expert's weights are read once)."""
     per_expert = tokens * top_k / max(1, experts)
-    return next(c[1:] for c in CONFIGS if per_expert <= c[0])
+    block_m, gate_up, down = next(c[1:] for c in CONFIGS if per_expert <= c[0])
+    if _DOWN_ENV is not None and not scans(tokens * top_k) and block_m <= 64:
+        down = _DOWN_ENV
+    return block_m, gate_up, down
 
 
 @triton.jit
