@@ -327,3 +327,19 @@ def test_fused_moe_tma_loads_match_pointer_loads(monkeypatch, dtype, n, d, inter
         torch.testing.assert_close(outs[1], want, **tol)
         assert torch.equal(outs[0], outs[1])
         monkeypatch.setattr(moe, "TMA", "auto")
+
+
+@needs_kernels
+def test_tile_heights_follow_the_pairs_per_expert(monkeypatch):
+    """``pick_config``: short tiles where an expert has few pairs; the tile study's down override
+    (``L2PD_MOE_DOWN``) reaches the sorted path's 64-row tiles only, never the scan path or taller tiles."""
+    from l2pd_kernels import moe
+
+    monkeypatch.setattr(moe, "_DOWN_ENV", None)
+    assert moe.pick_config(32, 8, 256)[0] == 32  # a batch-1 step: 1 pair an expert
+    assert moe.pick_config(2048, 8, 256)[0] == 64  # batch 64: 64 pairs an expert
+    assert moe.pick_config(34816, 8, 256)[0] == 128  # batch 64's prefill
+    monkeypatch.setattr(moe, "_DOWN_ENV", (256, 64, 8, 5))
+    assert moe.pick_config(2048, 8, 256)[2] == (256, 64, 8, 5)
+    assert moe.pick_config(34816, 8, 256)[2] == moe.CONFIGS[-1][3]
+    assert moe.pick_config(32, 8, 256)[2] == moe.CONFIGS[0][3]
