@@ -105,12 +105,13 @@ def _workloads() -> None:
     from l2pd_kernels import moe
 
     moe.TMA, old_tma = "1", moe.TMA  # the routed experts' tiles by TMA (Hopper), in both paths
+    moe.ALIGN_CHUNKED_PAIRS, old_chunked = 0, moe.ALIGN_CHUNKED_PAIRS  # and the pairs sorted in chunks
     try:
         for n, scan in ((300, False), (20, True)):
             fused_moe(x[:n].bfloat16(), *(t.bfloat16() for t in experts), ids[:n], w[:n], scan=scan,
                       shared_weights=tuple(t.bfloat16() for t in shared))
     finally:
-        moe.TMA = old_tma
+        moe.TMA, moe.ALIGN_CHUNKED_PAIRS = old_tma, old_chunked
     from l2pd.models import decoder
     from l2pd_kernels import skinny_matmul
 
@@ -233,7 +234,8 @@ def test_every_kernel_launch_compiles_for_hopper_and_the_a100():
     # the workloads reach every kernel of the forward and the decision
     assert {"_rms_norm_kernel", "_rope_qkv_kernel", "_skinny_kernel", "_pool_attention_kernel", "_decide_kernel",
             "_partial_kernel", "_merge_kernel", "_gate_up_kernel", "_down_kernel", "_route_kernel",
-            "_align_count_kernel", "_align_place_kernel", "_quantize_rows_kernel", "_combine_kernel",
+            "_align_count_kernel", "_align_place_kernel", "_align_hist_kernel", "_align_scatter_kernel",
+            "_quantize_rows_kernel", "_combine_kernel",
             "_skinny_rope_kernel"} <= kernels, sorted(kernels)
     assert {c["kernel"] for c in cases if c["constexprs"].get("TMA")} == {"_skinny_kernel", "_skinny_rope_kernel",
                                                                          "_gate_up_kernel", "_down_kernel"}

@@ -249,23 +249,30 @@ def test_align_pads_each_expert_to_whole_blocks():
 
 
 @needs_kernels
-@pytest.mark.parametrize("n,k,e,block_m", [(3, 2, 5, 4), (7, 3, 6, 16), (33, 8, 256, 32), (1, 1, 1, 16),
-                                           (9, 4, 7, 128), (300, 8, 24, 16), (140, 1, 3, 8)])
-def test_align_kernel_matches_reference(n, k, e, block_m):
-    from l2pd_kernels.moe import align
+@pytest.mark.parametrize("chunked,n,k,e,block_m", [
+    (c, *case) for c in (False, True) for case in ((3, 2, 5, 4), (7, 3, 6, 16), (33, 8, 256, 32), (1, 1, 1, 16),
+                                                   (9, 4, 7, 128), (300, 8, 24, 16), (140, 1, 3, 8))] + [
+    (True, 600, 8, 256, 64)])
+def test_align_kernel_matches_reference(monkeypatch, chunked, n, k, e, block_m):
+    """Both forms (one program per expert; programs over chunks of the pairs), odd sizes, one expert to 256,
+    pairs in one chunk to 75 (4,800 pairs: chunks of 64 over 256 experts, batch 64 of LLaDA2.0-mini in small)."""
+    from l2pd_kernels import moe
 
+    monkeypatch.setattr(moe, "ALIGN_CHUNKED_PAIRS", 0 if chunked else 1 << 40)
     ids = torch.randint(0, e, (n, k), device=DEV)
     ids[0, 0] = e - 1  # the last expert has pairs: its run ends the sorted list
-    got, want = align(ids, e, block_m), ref.moe_align(ids, e, block_m)
+    got, want = moe.align(ids, e, block_m), ref.moe_align(ids, e, block_m)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @needs_kernels
-def test_align_kernel_every_pair_on_one_expert():
-    from l2pd_kernels.moe import align
+@pytest.mark.parametrize("chunked", [False, True])
+def test_align_kernel_every_pair_on_one_expert(monkeypatch, chunked):
+    from l2pd_kernels import moe
 
+    monkeypatch.setattr(moe, "ALIGN_CHUNKED_PAIRS", 0 if chunked else 1 << 40)
     ids = torch.full((130, 8), 2, device=DEV)  # 1,040 pairs: more than one scan chunk, 65 blocks of one expert
-    got, want = align(ids, 4, 16), ref.moe_align(ids, 4, 16)
+    got, want = moe.align(ids, 4, 16), ref.moe_align(ids, 4, 16)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert (got[1] == 2).sum() == 65 and (got[1][65:] == -1).all()
 
