@@ -105,19 +105,30 @@ def _align_place_kernel(ids_ptr, counts_ptr, pairs_ptr, block_expert_ptr, P, E, 
         rank = tl.cumsum(hit.to(tl.int32), 0)
         tl.store(pairs_ptr + placed + rank - 1, offs.to(tl.int64), mask=hit)
         placed += tl.sum(hit.to(tl.int32), 0)
+    _run_tail(pairs_ptr, block_expert_ptr, e, start, count, end, P, BLOCK_M, NB)
+    if e == 0:
+        _past_runs(pairs_ptr, block_expert_ptr, tl.max(ends, 0), P, LENGTH, BLOCK_M, NB)
+
+
+@triton.jit
+def _run_tail(pairs_ptr, block_expert_ptr, e, start, count, end, P, BLOCK_M: tl.constexpr, NB: tl.constexpr):
+    """Expert e's run [start, end) holding ``count`` pairs: its padding slots (P) and its blocks' expert."""
     pad = start + count + tl.arange(0, BLOCK_M)
     tl.store(pairs_ptr + pad, tl.full((BLOCK_M,), 0, tl.int64) + P, mask=pad < end)
     for b0 in range(start, end, NB * BLOCK_M):
         b = b0 // BLOCK_M + tl.arange(0, NB)
         tl.store(block_expert_ptr + b, tl.full((NB,), 0, tl.int64) + e, mask=b * BLOCK_M < end)
-    if e == 0:
-        last = tl.max(ends, 0)
-        for s0 in range(last, LENGTH, NB * BLOCK_M):
-            slot = s0 + tl.arange(0, NB * BLOCK_M)
-            tl.store(pairs_ptr + slot, tl.full((NB * BLOCK_M,), 0, tl.int64) + P, mask=slot < LENGTH)
-        for b0 in range(last, LENGTH, NB * BLOCK_M):
-            b = b0 // BLOCK_M + tl.arange(0, NB)
-            tl.store(block_expert_ptr + b, tl.full((NB,), -1, tl.int64), mask=b * BLOCK_M < LENGTH)
+
+
+@triton.jit
+def _past_runs(pairs_ptr, block_expert_ptr, last, P, LENGTH, BLOCK_M: tl.constexpr, NB: tl.constexpr):
+    """The slots past the last run (P) and their blocks (-1)."""
+    for s0 in range(last, LENGTH, NB * BLOCK_M):
+        slot = s0 + tl.arange(0, NB * BLOCK_M)
+        tl.store(pairs_ptr + slot, tl.full((NB * BLOCK_M,), 0, tl.int64) + P, mask=slot < LENGTH)
+    for b0 in range(last, LENGTH, NB * BLOCK_M):
+        b = b0 // BLOCK_M + tl.arange(0, NB)
+        tl.store(block_expert_ptr + b, tl.full((NB,), -1, tl.int64), mask=b * BLOCK_M < LENGTH)
 
 
 @triton.jit
@@ -167,19 +178,9 @@ def _align_scatter_kernel(ids_ptr, hist_ptr, pairs_ptr, block_expert_ptr, P, E, 
         end = tl.sum(tl.where(mine, ends, 0), 0)
         start = end - tl.sum(tl.where(mine, padded, 0), 0)
         count = tl.sum(tl.where(mine, counts, 0), 0)
-        pad = start + count + tl.arange(0, BLOCK_M)
-        tl.store(pairs_ptr + pad, tl.full((BLOCK_M,), 0, tl.int64) + P, mask=pad < end)
-        for b0 in range(start, end, NB * BLOCK_M):
-            b = b0 // BLOCK_M + tl.arange(0, NB)
-            tl.store(block_expert_ptr + b, tl.full((NB,), 0, tl.int64) + e, mask=b * BLOCK_M < end)
+        _run_tail(pairs_ptr, block_expert_ptr, e, start, count, end, P, BLOCK_M, NB)
     if c == 0:
-        last = tl.max(ends, 0)
-        for s0 in range(last, LENGTH, NB * BLOCK_M):
-            slot = s0 + tl.arange(0, NB * BLOCK_M)
-            tl.store(pairs_ptr + slot, tl.full((NB * BLOCK_M,), 0, tl.int64) + P, mask=slot < LENGTH)
-        for b0 in range(last, LENGTH, NB * BLOCK_M):
-            b = b0 // BLOCK_M + tl.arange(0, NB)
-            tl.store(block_expert_ptr + b, tl.full((NB,), -1, tl.int64), mask=b * BLOCK_M < LENGTH)
+        _past_runs(pairs_ptr, block_expert_ptr, tl.max(ends, 0), P, LENGTH, BLOCK_M, NB)
 
 
 @triton.jit
