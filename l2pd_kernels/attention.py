@@ -284,9 +284,10 @@ def pool_split_plan(tiles: int, heads: int, keys: int, device: torch.device, blo
                     kv_heads: int | None = None, block_m: int = POOL_TILE_M) -> tuple[int, int]:
     """(splits, key_chunk) for the engine's pool attention: ``tiles`` query tiles x ``heads`` programs over a
     pool ``keys`` wide. Split only where one pass leaves SMs idle (fewer programs than SMs: batch 1 to about 2
-    at LLaDA-8B shapes), into about one program per SM for one query tile's heads (``sm_count // heads``, at
-    most ``POOL_MAX_SPLITS``: 4 chunks at LLaDA-8B shapes, 8 at LLaDA2.0-mini's, the fastest of the kernel
-    benchmark at 4,096 keys) or ``L2PD_POOL_SPLITS``; (1, 0) on the CPU or with ``L2PD_POOL_SPLIT=0``. The
+    at LLaDA-8B shapes), into about one program per SM for one query tile's head groups (``sm_count //
+    groups``, at most ``POOL_MAX_SPLITS``: 4 chunks at LLaDA-8B shapes, 8 at LLaDA2.0-mini's with one head a
+    program, the fastest of the kernel benchmark at 4,096 keys; 16 with two heads a program in 32-query tiles)
+    or ``L2PD_POOL_SPLITS``; (1, 0) on the CPU or with ``L2PD_POOL_SPLIT=0``. The
     engine passes a tile count from its bucketed tokens and rows (``Pack.plan_tiles``), the same for an
     iteration graphed (padded) or not, since the split changes the sums' order. Chunks past a segment's own
     keys are empty and weigh nothing in the merge. ``kv_heads``: a grouped-query model's, whose programs each
