@@ -233,19 +233,54 @@ def _down_tile(act_ptr, w_base, out_ptr, pair, valid, D, INTER, UPCAST: tl.const
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, INTER, BLOCK_K):
-        kk = k0 + offs_k
-        k_ok = kk < INTER
-        a = tl.load(act_ptr + row[:, None] * INTER + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-        if TMA:
-            b = tl.trans(w_base.load([row0 + n0, k0]))
-        else:
-            b = tl.load(w_base + offs_n[None, :] * INTER + kk[:, None], mask=k_ok[:, None] & n_ok[None, :],
-                        other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
+        a, b = _down_operands(act_ptr, w_base, row, valid, offs_n, n_ok, k0 + offs_k, n0, k0, INTER, UPCAST, TMA,
+                              row0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
     tl.store(out_ptr + pair[:, None] * D + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_operands(act_ptr, w_base, row, valid, offs_n, n_ok, kk, n0, k0, INTER, UPCAST: tl.constexpr,
+                   TMA: tl.constexpr, row0):
+    """One K step's operands of a down tile: the block's rows of act [BLOCK_M, BLOCK_K] and the weight's tile
+    transposed [BLOCK_K, BLOCK_N] (by TMA from row ``row0 + n0``, or by pointers)."""
+    k_ok = kk < INTER
+    a = tl.load(act_ptr + row[:, None] * INTER + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+    if TMA:
+        b = tl.trans(w_base.load([row0 + n0, k0]))
+    else:
+        b = tl.load(w_base + offs_n[None, :] * INTER + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    if UPCAST:
+        a, b = a.to(tl.float32), b.to(tl.float32)
+    return a, b
+
+
+@triton.jit
+def _down_cols(act_ptr, w_base, out_ptr, pair, valid, D, INTER, UPCAST: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, COLS: tl.constexpr,
+               TMA: tl.constexpr = 0, row0=0):
+    """``_down_tile`` over COLS column tiles in turn (program_id(1) picks the group), as one loop over (column
+    tile, K step): the weight's loads stream on without a new pipeline per tile, and the block's rows of act,
+    the same for every tile, are read again from near caches. Each tile's sum runs in ``_down_tile``'s order,
+    so its bits are the same."""
+    row = tl.where(valid, pair, 0)
+    ksteps = tl.cdiv(INTER, BLOCK_K)
+    first = tl.program_id(1) * COLS
+    tiles = tl.minimum(COLS, tl.cdiv(D, BLOCK_N) - first)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, tiles * ksteps):
+        n0 = (first + i // ksteps) * BLOCK_N
+        k0 = (i % ksteps) * BLOCK_K
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        a, b = _down_operands(act_ptr, w_base, row, valid, offs_n, offs_n < D, k0 + offs_k, n0, k0, INTER, UPCAST,
+                              TMA, row0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        if i % ksteps == ksteps - 1:  # the tile's last K step: store it, start the next
+            tl.store(out_ptr + pair[:, None] * D + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=valid[:, None] & (offs_n < D)[None, :])
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
 
 @triton.jit
@@ -352,13 +387,17 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, 
 def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, wd_ptr, first_shared, n_tok,
                  UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr,
                  E_P: tl.constexpr, SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
-    """As ``_gate_up_kernel``; ``TMA``: ``w_ptr`` a descriptor of the routed experts' weights [E * D, I]."""
+                 BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0, COLS: tl.constexpr = 1, PDL: tl.constexpr = 0):
+    """As ``_gate_up_kernel``; ``TMA``: ``w_ptr`` a descriptor of the routed experts' weights [E * D, I];
+    ``COLS`` > 1 (the sorted path only): each program takes COLS column tiles (``_down_cols``)."""
     pdl_wait(PDL)
     pid_m = tl.program_id(0)
     if SHARED_W and pid_m >= first_shared:
         t, row, ok = _shared_rows(pid_m, first_shared, n_tok, num_pairs, BLOCK_M)
-        _down_tile(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        if COLS > 1:
+            _down_cols(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K, COLS)
+        else:
+            _down_tile(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
     elif SCAN:
         _scan_tiles(act_ptr, w_ptr, out_ptr, pairs_ptr, num_pairs, pid_m, first_shared, D, INTER, 1, False, UPCAST,
                     PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K, TMA)
@@ -366,7 +405,13 @@ def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, I
         e = tl.load(expert_ptr + pid_m).to(tl.int64)
         if e >= 0:
             pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-            if TMA:
+            if COLS > 1 and TMA:
+                _down_cols(act_ptr, w_ptr, out_ptr, pair, pair < num_pairs, D, INTER, UPCAST, PREC, BLOCK_M,
+                           BLOCK_N, BLOCK_K, COLS, 1, (e * D).to(tl.int32))
+            elif COLS > 1:
+                _down_cols(act_ptr, w_ptr + e * D * INTER, out_ptr, pair, pair < num_pairs, D, INTER, UPCAST, PREC,
+                           BLOCK_M, BLOCK_N, BLOCK_K, COLS)
+            elif TMA:
                 _down_tile(act_ptr, w_ptr, out_ptr, pair, pair < num_pairs, D, INTER, UPCAST, PREC, BLOCK_M,
                            BLOCK_N, BLOCK_K, 1, (e * D).to(tl.int32))
             else:
@@ -526,6 +571,9 @@ def _combine_kernel(part_ptr, weight_ptr, shared_ptr, out_ptr, D, K: tl.constexp
 # batch 64 (benchmarks/RESULTS.md). "1": TMA loads in every launch a descriptor can address, the interpreter
 # included; "0": never
 TMA = os.environ.get("L2PD_MOE_TMA", "auto")
+# L2PD_MOE_DOWN_COLS=n: in the sorted path each program of the down kernel takes n column tiles in one loop
+# (``_down_cols``); 1 (one tile a program) until a GPU measures it
+DOWN_COLS = int(os.environ.get("L2PD_MOE_DOWN_COLS", "1"))
 
 
 def _moe_tma(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, scan: bool) -> bool:
@@ -616,9 +664,11 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     _gate_up_kernel[(routed1 + extra, nt1)](x, wg, act, pairs, experts, N * k, D, inter, ws, routed1, N,
                                             TOPK=k, BLOCK_N=bn1, BLOCK_K=bk1, TMA=int(tma), num_warps=w1,
                                             num_stages=st1, **flags, **pdl(x.device, "moe_gate_up"))
-    _down_kernel[(routed2 + extra, nt2)](act, wdn, out, pairs, experts, N * k, D, inter, wd, routed2, N,
-                                         BLOCK_N=bn2, BLOCK_K=bk2, TMA=int(tma), num_warps=w2_, num_stages=st2,
-                                         **flags, **pdl(x.device, "moe_down"))
+    cols = 1 if scan else max(1, min(DOWN_COLS, nt2))  # column tiles per program of the down kernel
+    _down_kernel[(routed2 + extra, triton.cdiv(nt2, cols))](act, wdn, out, pairs, experts, N * k, D, inter, wd,
+                                                            routed2, N, BLOCK_N=bn2, BLOCK_K=bk2, TMA=int(tma),
+                                                            COLS=cols, num_warps=w2_, num_stages=st2, **flags,
+                                                            **pdl(x.device, "moe_down"))
     parts = ExpertRows(out, weights.float().contiguous(),
                        out[N * k:] if sw else shared.contiguous() if shared is not None else None)
     return _combine(parts, N, k, D) if combine else parts

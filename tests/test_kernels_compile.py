@@ -106,12 +106,18 @@ def _workloads() -> None:
 
     moe.TMA, old_tma = "1", moe.TMA  # the routed experts' tiles by TMA (Hopper), in both paths
     moe.ALIGN_CHUNKED_PAIRS, old_chunked = 0, moe.ALIGN_CHUNKED_PAIRS  # and the pairs sorted in chunks
+    old_cols = moe.DOWN_COLS
     try:
         for n, scan in ((300, False), (20, True)):
             fused_moe(x[:n].bfloat16(), *(t.bfloat16() for t in experts), ids[:n], w[:n], scan=scan,
                       shared_weights=tuple(t.bfloat16() for t in shared))
+        moe.DOWN_COLS = 2  # down programs over two column tiles each (L2PD_MOE_DOWN_COLS): 256 columns
+        wide = torch.randn(300, 256, dtype=torch.bfloat16)
+        fused_moe(wide, torch.randn(8, 48, 256, dtype=torch.bfloat16), torch.randn(8, 256, 24, dtype=torch.bfloat16),
+                  ids, w, scan=False, shared_weights=(torch.randn(48, 256, dtype=torch.bfloat16),
+                                                      torch.randn(256, 24, dtype=torch.bfloat16)))
     finally:
-        moe.TMA, moe.ALIGN_CHUNKED_PAIRS = old_tma, old_chunked
+        moe.TMA, moe.ALIGN_CHUNKED_PAIRS, moe.DOWN_COLS = old_tma, old_chunked, old_cols
     from l2pd.models import decoder
     from l2pd_kernels import skinny_matmul
 
@@ -240,6 +246,8 @@ def test_every_kernel_launch_compiles_for_hopper_and_the_a100():
     assert {c["kernel"] for c in cases if c["constexprs"].get("TMA")} == {"_skinny_kernel", "_skinny_rope_kernel",
                                                                          "_gate_up_kernel", "_down_kernel"}
     assert any(c["kernel"] == "_rms_norm_kernel" and c["constexprs"].get("MOE_K") for c in cases)
+    assert any(c["kernel"] == "_down_kernel" and c["constexprs"].get("COLS", 1) > 1 and c["constexprs"].get("TMA")
+               for c in cases)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, __file__], input=json.dumps(cases), env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=900)

@@ -350,3 +350,27 @@ def test_tile_heights_follow_the_pairs_per_expert(monkeypatch):
     assert moe.pick_config(2048, 8, 256)[2] == (256, 64, 8, 5)
     assert moe.pick_config(34816, 8, 256)[2] == moe.CONFIGS[-1][3]
     assert moe.pick_config(32, 8, 256)[2] == moe.CONFIGS[0][3]
+
+
+@needs_kernels
+@pytest.mark.parametrize("cols", [2, 3])
+def test_down_kernel_programs_over_several_column_tiles(monkeypatch, cols):
+    """``L2PD_MOE_DOWN_COLS`` (``moe.DOWN_COLS``): each down program of the sorted path takes ``cols`` column
+    tiles in one loop, the last group fewer (96 columns: 3 tiles of 32 on the CPU), the shared expert's
+    programs too, by pointers and by TMA: the bits of one tile a program, and the reference."""
+    from l2pd_kernels import fused_moe, moe
+
+    n, d, inter, e, k, dtype = 37, 96, 40, 6, 2, torch.bfloat16
+    x = torch.randn(n, d, device=DEV).to(dtype)
+    w13, w2 = _experts(e, d, inter, dtype)
+    shared = tuple(w[0] for w in _experts(1, d, inter, dtype))
+    ids, w = ref.moe_route(torch.randn(n, e, device=DEV), k, "softmax")
+    want = ref.fused_moe(x, w13, w2, ids, w, shared_weights=shared)
+    for mode in ("0", "1"):  # pointer loads, TMA loads
+        monkeypatch.setattr(moe, "TMA", mode)
+        monkeypatch.setattr(moe, "DOWN_COLS", 1)
+        one = fused_moe(x, w13, w2, ids, w, shared_weights=shared, scan=False)
+        monkeypatch.setattr(moe, "DOWN_COLS", cols)
+        got = fused_moe(x, w13, w2, ids, w, shared_weights=shared, scan=False)
+        assert torch.equal(got, one)
+        torch.testing.assert_close(got, want, **TOL[dtype])
