@@ -553,15 +553,24 @@ def _combine_kernel(part_ptr, weight_ptr, shared_ptr, out_ptr, D, K: tl.constexp
     n = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     ok = d < D
+    res = _combined(part_ptr, weight_ptr, shared_ptr, n, d, ok, D, K, SHARED, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + n * D + d, res, mask=ok)
+
+
+@triton.jit
+def _combined(part_ptr, weight_ptr, shared_ptr, n, d, ok, D, K: tl.constexpr, SHARED: tl.constexpr,
+              dt: tl.constexpr):
+    """Token n's columns d of the combine, in ``dt``: its K rows weighted in fp32 and summed in slot order,
+    rounded, plus the shared expert's row (both widened, added, rounded: ``routed + shared`` in ``dt``).
+    Also the RMSNorm's when it combines (``rms_norm`` with ``ExpertRows``)."""
     acc = tl.load(part_ptr + n * K * D + d, mask=ok, other=0.0).to(tl.float32) * tl.load(weight_ptr + n * K)
     for j in tl.static_range(1, K):
         y = tl.load(part_ptr + (n * K + j) * D + d, mask=ok, other=0.0).to(tl.float32)
         acc += y * tl.load(weight_ptr + n * K + j)
-    res = acc.to(out_ptr.dtype.element_ty)
-    if SHARED:  # as ``routed + shared`` in the output dtype: both widened, added, rounded
-        sh = tl.load(shared_ptr + n * D + d, mask=ok, other=0.0).to(tl.float32)
-        res = (res.to(tl.float32) + sh).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + n * D + d, res, mask=ok)
+    res = acc.to(dt)
+    if SHARED:
+        res = (res.to(tl.float32) + tl.load(shared_ptr + n * D + d, mask=ok, other=0.0).to(tl.float32)).to(dt)
+    return res
 
 
 # "auto", on Hopper: the sorted path (many pairs: large launches, whose host time hides behind the GPU's) loads

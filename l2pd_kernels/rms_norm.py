@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .device import pdl, pdl_wait
 from .fp8 import FP8, _row_scale, _to_e4m3, check_fp8_device
-from .moe import check_rows
+from .moe import _combined, check_rows
 from .reference import ExpertRows
 
 
@@ -41,15 +41,7 @@ def _rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, sum_ptr, q_ptr, qs_ptr, r
     ok = offs < D
     x = tl.load(x_ptr + row * stride_x + offs, mask=ok, other=0.0)
     if MOE_K > 0:
-        acc = tl.load(delta_ptr + row * MOE_K * D + offs, mask=ok, other=0.0).to(tl.float32) * tl.load(
-            rw_ptr + row * MOE_K)
-        for j in tl.static_range(1, MOE_K):
-            y = tl.load(delta_ptr + (row * MOE_K + j) * D + offs, mask=ok, other=0.0).to(tl.float32)
-            acc += y * tl.load(rw_ptr + row * MOE_K + j)
-        dlt = acc.to(x_ptr.dtype.element_ty)
-        if MOE_SHARED:
-            dlt = (dlt.to(tl.float32) + tl.load(sh_ptr + row * D + offs, mask=ok, other=0.0).to(tl.float32))
-            dlt = dlt.to(x_ptr.dtype.element_ty)
+        dlt = _combined(delta_ptr, rw_ptr, sh_ptr, row, offs, ok, D, MOE_K, MOE_SHARED, x_ptr.dtype.element_ty)
         x = (x.to(tl.float32) + dlt.to(tl.float32))
         x = x.to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * stride_s + offs, x, mask=ok)
