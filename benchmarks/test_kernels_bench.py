@@ -301,14 +301,15 @@ def _moe_layer(tokens: int):
 
 @cuda
 @pytest.mark.parametrize("tokens", [32, 256, 2048])
-@pytest.mark.parametrize("path", ["kernel", "kernel-pointers", "kernel-tma", "kernel-down-cols2",
-                                  "kernel-down-cols4", "reference", "touched-copy"])
+@pytest.mark.parametrize("path", ["kernel", "kernel-pointers", "kernel-tma", "kernel-down-cols1",
+                                  "kernel-down-cols2", "kernel-down-cols4", "reference", "touched-copy"])
 def test_fused_moe(benchmark, tokens, path, monkeypatch):
     """A LLaDA2.0-mini MoE layer's routed experts (256 of width 512, top-8, hidden 2048, bf16) for ``tokens``
     tokens routed alike in blocks of 32 (as a decode step's masks are): the Triton kernels as shipped (on
     Hopper the experts' tiles load by TMA, but in the scan path's eager launches: 32 tokens), with pointer loads
     only (``L2PD_MOE_TMA=0``), with TMA loads in every launch (``=1``), with each down program of the sorted
-    path over 2 or 4 column tiles (``L2PD_MOE_DOWN_COLS``; 256 and 2,048 tokens), the PyTorch reference (a loop
+    path over 1, 2 or 4 column tiles at any count (``L2PD_MOE_DOWN_COLS``; 256 and 2,048 tokens; as shipped: 4
+    from 8,192 pairs), the PyTorch reference (a loop
     over experts) and a copy of the touched experts' bytes (the read floor)."""
     from l2pd_kernels import fused_moe, moe
     from l2pd_kernels import reference as ref
@@ -317,6 +318,7 @@ def test_fused_moe(benchmark, tokens, path, monkeypatch):
         if moe.scans(tokens * 8):
             pytest.skip("the scan path: one column tile a program")
         monkeypatch.setattr(moe, "DOWN_COLS", int(path[-1]))
+        monkeypatch.setattr(moe, "DOWN_COLS_PAIRS", 0)
     elif path != "kernel":
         monkeypatch.setattr(moe, "TMA", {"kernel-pointers": "0", "kernel-tma": "1"}.get(path, moe.TMA))
     x, w13, w2, _, ids, w = _moe_layer(tokens)

@@ -580,9 +580,20 @@ def _combined(part_ptr, weight_ptr, shared_ptr, n, d, ok, D, K: tl.constexpr, SH
 # batch 64 (benchmarks/RESULTS.md). "1": TMA loads in every launch a descriptor can address, the interpreter
 # included; "0": never
 TMA = os.environ.get("L2PD_MOE_TMA", "auto")
-# L2PD_MOE_DOWN_COLS=n: in the sorted path each program of the down kernel takes n column tiles in one loop
-# (``_down_cols``); 1 (one tile a program) until a GPU measures it
-DOWN_COLS = int(os.environ.get("L2PD_MOE_DOWN_COLS", "1"))
+# In the sorted path from DOWN_COLS_PAIRS pairs each program of the down kernel takes DOWN_COLS column tiles in one
+# loop (``_down_cols``): the down product's K (the experts' width, 512 at LLaDA2.0-mini) is a few steps, and a
+# program over 4 tiles keeps its pipeline full across them. On an H200 at LLaDA2.0-mini shapes a layer's MoE took
+# 4% less at 16,384 pairs (2,048 tokens) and 3% more at 2,048 pairs (benchmarks/RESULTS.md).
+# L2PD_MOE_DOWN_COLS=n forces n tiles a program at any number of pairs (1: one tile a program)
+DOWN_COLS_ENV = os.environ.get("L2PD_MOE_DOWN_COLS")
+DOWN_COLS = int(DOWN_COLS_ENV or 4)
+DOWN_COLS_PAIRS = 0 if DOWN_COLS_ENV else 8192
+
+
+def down_cols(pairs: int, tiles: int, scan: bool) -> int:
+    """Column tiles per program of the down kernel, of its ``tiles`` (``DOWN_COLS`` from ``DOWN_COLS_PAIRS``
+    pairs in the sorted path; the scan path takes one)."""
+    return 1 if scan or pairs < DOWN_COLS_PAIRS else max(1, min(DOWN_COLS, tiles))
 
 
 def _moe_tma(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, scan: bool) -> bool:
@@ -673,7 +684,7 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     _gate_up_kernel[(routed1 + extra, nt1)](x, wg, act, pairs, experts, N * k, D, inter, ws, routed1, N,
                                             TOPK=k, BLOCK_N=bn1, BLOCK_K=bk1, TMA=int(tma), num_warps=w1,
                                             num_stages=st1, **flags, **pdl(x.device, "moe_gate_up"))
-    cols = 1 if scan else max(1, min(DOWN_COLS, nt2))  # column tiles per program of the down kernel
+    cols = down_cols(N * k, nt2, scan)
     _down_kernel[(routed2 + extra, triton.cdiv(nt2, cols))](act, wdn, out, pairs, experts, N * k, D, inter, wd,
                                                             routed2, N, BLOCK_N=bn2, BLOCK_K=bk2, TMA=int(tma),
                                                             COLS=cols, num_warps=w2_, num_stages=st2, **flags,

@@ -106,18 +106,19 @@ def _workloads() -> None:
 
     moe.TMA, old_tma = "1", moe.TMA  # the routed experts' tiles by TMA (Hopper), in both paths
     moe.ALIGN_CHUNKED_PAIRS, old_chunked = 0, moe.ALIGN_CHUNKED_PAIRS  # and the pairs sorted in chunks
-    old_cols = moe.DOWN_COLS
+    old_cols = moe.DOWN_COLS, moe.DOWN_COLS_PAIRS
     try:
         for n, scan in ((300, False), (20, True)):
             fused_moe(x[:n].bfloat16(), *(t.bfloat16() for t in experts), ids[:n], w[:n], scan=scan,
                       shared_weights=tuple(t.bfloat16() for t in shared))
-        moe.DOWN_COLS = 2  # down programs over two column tiles each (L2PD_MOE_DOWN_COLS): 256 columns
+        # down programs over several column tiles each (as from 8,192 pairs): 256 columns
+        moe.DOWN_COLS, moe.DOWN_COLS_PAIRS = 4, 0
         wide = torch.randn(300, 256, dtype=torch.bfloat16)
         fused_moe(wide, torch.randn(8, 48, 256, dtype=torch.bfloat16), torch.randn(8, 256, 24, dtype=torch.bfloat16),
                   ids, w, scan=False, shared_weights=(torch.randn(48, 256, dtype=torch.bfloat16),
                                                       torch.randn(256, 24, dtype=torch.bfloat16)))
     finally:
-        moe.TMA, moe.ALIGN_CHUNKED_PAIRS, moe.DOWN_COLS = old_tma, old_chunked, old_cols
+        moe.TMA, moe.ALIGN_CHUNKED_PAIRS, (moe.DOWN_COLS, moe.DOWN_COLS_PAIRS) = old_tma, old_chunked, old_cols
     from l2pd.models import decoder
     from l2pd_kernels import skinny_matmul
 

@@ -355,7 +355,7 @@ def test_tile_heights_follow_the_pairs_per_expert(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("cols", [2, 3])
 def test_down_kernel_programs_over_several_column_tiles(monkeypatch, cols):
-    """``L2PD_MOE_DOWN_COLS`` (``moe.DOWN_COLS``): each down program of the sorted path takes ``cols`` column
+    """``moe.DOWN_COLS`` (``L2PD_MOE_DOWN_COLS``): each down program of the sorted path takes ``cols`` column
     tiles in one loop, the last group fewer (96 columns: 3 tiles of 32 on the CPU), the shared expert's
     programs too, by pointers and by TMA: the bits of one tile a program, and the reference."""
     from l2pd_kernels import fused_moe, moe
@@ -366,6 +366,7 @@ def test_down_kernel_programs_over_several_column_tiles(monkeypatch, cols):
     shared = tuple(w[0] for w in _experts(1, d, inter, dtype))
     ids, w = ref.moe_route(torch.randn(n, e, device=DEV), k, "softmax")
     want = ref.fused_moe(x, w13, w2, ids, w, shared_weights=shared)
+    monkeypatch.setattr(moe, "DOWN_COLS_PAIRS", 0)
     for mode in ("0", "1"):  # pointer loads, TMA loads
         monkeypatch.setattr(moe, "TMA", mode)
         monkeypatch.setattr(moe, "DOWN_COLS", 1)
@@ -374,3 +375,24 @@ def test_down_kernel_programs_over_several_column_tiles(monkeypatch, cols):
         got = fused_moe(x, w13, w2, ids, w, shared_weights=shared, scan=False)
         assert torch.equal(got, one)
         torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_down_programs_take_several_column_tiles_from_many_pairs(monkeypatch):
+    """The default: one column tile a down program below ``DOWN_COLS_PAIRS`` pairs and in the scan path, 4 (at
+    most the tiles there are) from it; ``L2PD_MOE_DOWN_COLS`` forces its count at any number of pairs."""
+    import importlib
+
+    from l2pd_kernels import moe
+
+    assert (moe.DOWN_COLS, moe.DOWN_COLS_PAIRS) == (4, 8192)
+    assert moe.down_cols(8191, 16, scan=False) == 1
+    assert moe.down_cols(8192, 16, scan=False) == 4
+    assert moe.down_cols(16384, 3, scan=False) == 3
+    assert moe.down_cols(16384, 16, scan=True) == 1
+    monkeypatch.setenv("L2PD_MOE_DOWN_COLS", "2")
+    try:
+        forced = importlib.reload(moe)
+        assert forced.down_cols(64, 16, scan=False) == 2
+    finally:
+        monkeypatch.delenv("L2PD_MOE_DOWN_COLS")
+        importlib.reload(moe)
