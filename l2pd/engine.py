@@ -153,6 +153,11 @@ _COUNTERS = ("iterations", "graphed", "forwards", "fed_tokens", "step_tokens", "
              "admitted", "finished", "cancelled", "timed_out", "failed", "deferred_refreshes", "ahead",
              "ahead_wasted")
 RUN_AHEAD = ("auto", "off", "always")
+# The LM head over the blocks' still-masked positions only (``_head_rows``): a decision reads nothing else, and at
+# many rows the head's product is compute-bound (at LLaDA2.0-mini shapes, 2,048 rows: about a tenth of a
+# forward). From HEAD_ROWS_MIN block positions an iteration; L2PD_HEAD_ROWS=0 computes every position's logits
+HEAD_ROWS = os.environ.get("L2PD_HEAD_ROWS", "1") != "0"
+HEAD_ROWS_MIN = 512
 
 
 class _OnHost:
@@ -187,9 +192,13 @@ class _Launched:
     blocks: torch.Tensor  # [rows (padded), width + 1] on the device
     fed: list[tuple[int, bool]]  # per row of ``order``: tokens fed, whether a step's (not a refresh's)
     graphed: bool
+    head_rows: int = 0  # the head's rows when it ran over the masked positions only (0: every position)
     host: torch.Tensor | None = None
     event: Any = None
     expect: list = field(default_factory=list)  # launched ahead: (row, block, step, previous) it supposed
+
+
+_OVER = 1 << 40  # the read-back count's flag: more masked positions than the head's rows
 
 
 def _top_k(row: _Row, step: int) -> int:
@@ -640,9 +649,11 @@ class Engine:
         graph = self.graphs and graphable
         parts, meta, fed = self._pack(order, [len(g) for g in groups.values()],
                                       pad=graphable and (self.graphs or self.pad_buckets))
+        meta = dict(meta, head_rows=self._head_rows(order, meta) if graphable else 0)
         thread = threading.get_ident()
         if graph:
-            key = (tuple(len(x) for x in parts), meta["width"], meta["tile_m"], next(iter(groups)))
+            key = (tuple(len(x) for x in parts), meta["width"], meta["tile_m"], meta["head_rows"],
+                   next(iter(groups)))
             g = self._graphed.get(key)
             if ahead and (g is None or g.graph is None):
                 return None
@@ -683,13 +694,28 @@ class Engine:
             g.graph.replay()
             replayed = True
             blocks = g.out
-        launched = _Launched(list(plan), order, blocks[: len(order)], fed, replayed)
+        launched = _Launched(list(plan), order, blocks[: len(order)], fed, replayed, meta["head_rows"])
         if cuda:  # the blocks to pinned memory now: a graph's output is overwritten by its next replay
             launched.host = self._pinned(self._readback, launched.blocks.numel(), 1 << 12).view(launched.blocks.shape)
             launched.host.copy_(launched.blocks, non_blocking=True)
             launched.event = torch.cuda.Event()
             launched.event.record()
         return launched
+
+    @staticmethod
+    def _head_rows(order: list[_Row], meta: dict) -> int:
+        """The rows the LM head runs over (0: every block position, as without): the blocks' masks as the host
+        last read them back (a bound: an iteration launched ahead finds no more), a new block's width, rounded
+        up to an eighth of the block positions (each a graph of its own). Not with token editing, which reads
+        every position's guess."""
+        positions = meta["rows"] * meta["width"]
+        if not HEAD_ROWS or positions < HEAD_ROWS_MIN or meta["sizes"][2] != positions \
+                or any(r.request.spec.edit is not None for r in order):
+            return 0  # (the logits' positions are the rows' blocks, each as wide as the group's blocks)
+        bound = sum(r.left if r.step > 0 and r.left is not None else r.end - r.block for r in order)
+        grain = max(16, positions // 8)
+        rows = max(grain, -(-bound // grain) * grain)
+        return rows if rows < positions else 0
 
     def _pinned(self, buffers: list, n: int, least: int) -> torch.Tensor:
         """The first ``n`` int64 of this launch's pinned buffer of ``buffers`` (one of two, by parity), grown as
@@ -707,6 +733,9 @@ class Engine:
             blocks = launched.host.tolist()
         else:
             blocks = launched.blocks.tolist()
+        if launched.head_rows and blocks and blocks[0][-1] >= _OVER:
+            raise RuntimeError(f"the iteration's masked positions outnumbered the head's {launched.head_rows} rows "
+                               "(the host's bound was wrong); L2PD_HEAD_ROWS=0 computes every position's logits")
         by_row = {id(r): (b, f) for r, b, f in zip(launched.order, blocks, launched.fed)}
         c = self.counters
         for r in launched.plan:
@@ -922,16 +951,23 @@ class Engine:
         pack = Pack(rows, slots, seg.view(-1, 4), tiles.view(-1, 2), plan_tiles=meta["plan_tiles"],
                     tile_m=meta["tile_m"])
         ids = self.canvas[rows, slots].view(1, -1)
+        mask_id = order[0].request.spec.mask_id
+        head = meta["head_rows"]
+        if head:  # the head over the masked positions only (their compact list, ``sel``)
+            masked, sel, count = self._masked_positions(slot_t, cols, params, meta, mask_id)
+            lidx = lidx[sel]
         logits = self.adapter.forward(ids, None, cache=self.kv, position_ids=slots.view(1, -1),
                                       logits_index=lidx, pack=pack, fused=self.fused)
         ls = self.lockstep
         needs_stats = any((r.request.spec.filter is not None and r.request.spec.filter.needs_stats)
                           or r.request.spec.rule == "margin" for r in order) or (ls is not None and ls.stats)
-        mask_id = order[0].request.spec.mask_id
         out = self.confidence(logits, 0.0, None, suppress=mask_id, stats=True) if needs_stats else \
             self.confidence(logits, 0.0, None, suppress=mask_id)
-        token, prob = out[0][0], out[1][0]
-        margin, entropy = (out[2][0], out[3][0]) if needs_stats else (None, None)
+        out = [o[0] for o in out]
+        if head:  # back to every block position: the block's token and zeros where a decision reads nothing
+            out = self._spread(out, masked, sel, count)
+        token, prob = out[0], out[1]
+        margin, entropy = (out[2], out[3]) if needs_stats else (None, None)
         self._sample(order, logits, token, prob)
         if ls is not None and ls.on_step is not None:  # lockstep: one group of the batch's rows, no padding
             L = order[0].request.spec.block_length
@@ -981,7 +1017,38 @@ class Engine:
         # and per row the masks left past its block (a whole-canvas row is done when none are left)
         ends = cols[:, :1] + ((params[:, :1] >> 40) & 0xFFFFF)
         rest = ((self.canvas[slot_t] == mask_id) & (self._columns[None] >= ends)).sum(-1, keepdim=True)
+        if head:  # (a bound the host got wrong: flagged in every row's count, raised when read back)
+            rest = rest + (count > head).long() * _OVER
         return torch.cat([blocks, rest], 1)
+
+    def _masked_positions(self, slot_t: torch.Tensor, cols: torch.Tensor, params: torch.Tensor, meta: dict,
+                          mask_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block positions still masked (bool [rows x width], in the logits' order: one group, each row's
+        block as wide as the group's block length; padding rows and positions past a row's width never), the
+        first ``meta['head_rows']`` of them as indices into that order (past their count: position 0) and
+        their count."""
+        W, U = meta["width"], meta["head_rows"]
+        width = (params.view(-1, 2)[:, 0] >> 40) & 0xFFFFF
+        blocks = self.canvas[slot_t[:, None], cols.view(-1, W)]
+        masked = ((blocks == mask_id) & (self._columns[None, :W] < width[:, None])).view(-1)
+        n = masked.numel()
+        # each masked position's place in the list (the others, and any past U, to a slot dropped after)
+        place = torch.where(masked, masked.cumsum(0) - 1, U).clamp_(max=U)
+        sel = torch.zeros(U + 1, dtype=torch.int64, device=masked.device)
+        sel.scatter_(0, place, torch.arange(n, device=masked.device))
+        return masked, sel[:U], masked.sum()
+
+    def _spread(self, out: list[torch.Tensor], masked: torch.Tensor, sel: torch.Tensor, count: torch.Tensor
+                ) -> list[torch.Tensor]:
+        """``confidence``'s results over the head's rows put back at their block positions; the other positions
+        get 0 (a decision reads them only where masked)."""
+        U, n = sel.numel(), masked.numel()
+        to = torch.where(torch.arange(U, device=sel.device) < count, sel, n)  # (past the count: dropped)
+        spread = []
+        for o in out:
+            full = torch.zeros(n + 1, dtype=o.dtype, device=o.device)
+            spread.append(full.scatter_(0, to, o)[:n])
+        return spread
 
     def _sample(self, order: list[_Row], logits: torch.Tensor, token: torch.Tensor, prob: torch.Tensor) -> None:
         """Rows that sample redo their confidence alone, with ``generate``'s per-forward seed (batch 1)."""

@@ -559,3 +559,97 @@ def test_run_ahead_with_stops_cancellation_and_generate(bundled, monkeypatch):
         assert torch.equal(a.sequences, b.sequences) and torch.equal(a.nfe, b.nfe)
     with pytest.raises(ValueError, match="run_ahead"):
         Engine(model, run_ahead="sometimes")
+
+
+def _head_sizes(monkeypatch) -> list:
+    """Every position's logits no more from HEAD_ROWS_MIN: the head over the masked positions at any size;
+    returns the list the iterations' head rows and block positions are appended to."""
+    import l2pd.engine as eng
+
+    monkeypatch.setattr(eng, "HEAD_ROWS_MIN", 0)
+    sizes = []
+    real = eng.Engine._head_rows
+    monkeypatch.setattr(eng.Engine, "_head_rows", staticmethod(
+        lambda order, meta: (lambda u: sizes.append((u, meta["rows"] * meta["width"])) or u)(real(order, meta))))
+    return sizes
+
+
+@pytest.mark.parametrize("run_ahead", ["off", "always"])
+def test_head_over_the_masked_positions_gives_the_same_tokens(bundled, run_ahead, monkeypatch):
+    """The LM head over the blocks' still-masked positions only (their count bounded by the host's last read
+    back, rounded up to an eighth of the positions; results put back at their positions): every strategy, rule
+    and cache gives the tokens and forwards of the head over every position; with iterations launched ahead,
+    whose bound lags one read back."""
+    import l2pd.engine as eng
+
+    model, _, prompts = bundled
+    monkeypatch.setattr(eng, "HEAD_ROWS", False)
+    want, _ = _decode_all(model, prompts[:3], run_ahead, pad_buckets=True)
+    monkeypatch.setattr(eng, "HEAD_ROWS", True)
+    sizes = _head_sizes(monkeypatch)
+    got, _ = _decode_all(model, prompts[:3], run_ahead, pad_buckets=True)
+    assert got == want
+    assert any(0 < u < n for u, n in sizes)  # fewer rows than positions, often
+    assert all(u % max(16, n // 8) == 0 and u < n for u, n in sizes if u)
+
+
+def test_head_over_the_masked_positions_in_every_family(monkeypatch):
+    """Dream (logits one position to the left) and the block-causal LLaDA2 family: the same tokens as
+    ``generate`` alone with the head over the masked positions; token editing reads every position's guess,
+    so its iterations keep the whole head."""
+    from l2pd.demo import load
+    from l2pd.demo.task import split
+    from l2pd.demo.tokenizer import prompt_text
+
+    sizes = _head_sizes(monkeypatch)
+    configs = {"dream": [dict(max_new_tokens=64, strategy="threshold", block_length=32, cache="dual",
+                              refresh="window")],
+               "llada2": [dict(max_new_tokens=40, strategy="threshold", block_length=16, cache="dual",
+                               refresh="window"),
+                          dict(max_new_tokens=40, strategy="threshold", threshold=0.7, block_length=16,
+                               cache="dual", refresh="window", edit_threshold=0.3, edit_steps=4)]}
+    for family, confs in configs.items():
+        model, tok = load(family=family, device="cpu")
+        prompts = [tok(prompt_text(tok, p.question))["input_ids"] for p in split("test", 3)]
+        for c in confs:
+            sizes.clear()
+            engine = Engine(model, max_batch=3, pad_buckets=True)
+            jobs = [(p, engine.submit(p, **c)) for p in prompts]
+            engine.run()
+            for p, req in jobs:
+                assert req.tokens == _alone(model, p, **c), (family, c)
+            assert any(sizes) and (any(u for u, _ in sizes) == ("edit_threshold" not in c)), (family, sizes)
+
+
+def test_a_wrong_bound_on_the_masked_positions_is_an_error(bundled, monkeypatch):
+    """More masked positions than the head's rows (a bound the host got wrong) fails the iteration by name,
+    never a decision over missing logits."""
+    import l2pd.engine as eng
+
+    model, _, prompts = bundled
+    monkeypatch.setattr(eng.Engine, "_head_rows", staticmethod(lambda order, meta: 1))
+    engine = Engine(model, max_batch=2, pad_buckets=True)
+    reqs = [engine.submit(p, max_new_tokens=32, strategy="threshold", block_length=16) for p in prompts[:2]]
+    with pytest.raises(RuntimeError, match="outnumbered the head's 1 rows"):
+        engine.run()
+    assert {r.finish_reason for r in reqs} == {"error"}
+
+
+@needs_kernels
+def test_head_over_the_masked_positions_on_the_kernel_path(monkeypatch):
+    """The Triton path (confidence, decide, the packed forward) with the head over the masked positions gives
+    the reference path's tokens."""
+    sizes = _head_sizes(monkeypatch)
+    model = tiny_model(seed=5, n_kv_heads=2, d_model=64, n_heads=4)
+    prompts = [[3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [5, 6, 7]]
+    opts = dict(max_new_tokens=16, strategy="threshold", threshold=0.6, block_length=8, cache="dual",
+                refresh="window", eotp=True)
+    out = []
+    for kernels in (False, True):
+        engine = Engine.func(model, max_batch=3, backend="triton" if kernels else "torch", fused=kernels,
+                             pad_buckets=True)
+        reqs = [engine.submit(p, **opts) for p in prompts]
+        engine.run()
+        out.append([r.tokens for r in reqs])
+    assert out[0] == out[1] and sum(map(len, out[0])) >= 4
+    assert any(0 < u < n for u, n in sizes)
