@@ -48,7 +48,7 @@ def sizes(model) -> dict:
     fixed = total - routed - embed.numel() * embed.element_size()  # the embedding is a row gather
     active = (fixed + moe_layers * c.num_experts_per_tok * expert_bytes) / 2
     return {"weights_GB": total / 1e9, "fixed_GB": fixed / 1e9, "expert_MB": expert_bytes / 1e6,
-            "moe_layers": moe_layers, "active_params_per_token": active}
+            "moe_layers": moe_layers, "active_params_per_token": active, "head_params": model.lm_head.weight.numel()}
 
 
 def touched_experts(model, batch: int) -> float:
@@ -149,14 +149,22 @@ def generate_section(model, fl: dict, sz: dict, batches: list[int], tpfs: list[i
             sec = statistics.median(o.seconds for o in outs)
             o = outs[0]
             ms = sec / o.forwards * 1e3
-            # matmul rate over active parameters: each step feeds one block per row (refreshes: two)
-            fed = B * L * (o.forwards + G // L)
-            tflops = fed * 2 * sz["active_params_per_token"] / sec / 1e12
+            # matmul rate over active parameters: every position the forwards fed (the prompt's first forward
+            # and the refreshes included); before 2026-12-02 one block per row a step and two a refresh
+            # ("block_tokens"), which left the prompt out. "work": the LM head counted only over the rows it
+            # ran (the masked positions at many rows), the rest of the active parameters over every position
+            active, head = sz["active_params_per_token"], sz["head_params"]
+            tflops = o.fed_tokens * 2 * active / sec / 1e12
+            block_tflops = B * L * (o.forwards + G // L) * 2 * active / sec / 1e12
+            work_tflops = (o.fed_tokens * (active - head) + o.logit_rows * head) * 2 / sec / 1e12
             row = {"batch": B, "tpf": tpf, "seconds": sec, "seconds_all": [x.seconds for x in outs],
                    "forwards": o.forwards, "graphed": o.graphed, "ms_per_forward": ms, "tokens_per_s": B * G / sec,
                    "touched_experts_per_layer": touched, "touched_floor_ms": floor_ms,
                    "over_touched_floor": ms / floor_ms, "active_TFLOPs": tflops,
-                   "share_of_sustained_matmul": tflops / fl["matmul_TFLOPs_sustained"]}
+                   "share_of_sustained_matmul": tflops / fl["matmul_TFLOPs_sustained"],
+                   "fed_tokens": o.fed_tokens, "logit_rows": o.logit_rows,
+                   "share_block_tokens": block_tflops / fl["matmul_TFLOPs_sustained"],
+                   "share_work_done": work_tflops / fl["matmul_TFLOPs_sustained"]}
             print(json.dumps(row), flush=True)
             rows.append(row)
         release(model)

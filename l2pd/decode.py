@@ -49,6 +49,8 @@ class GenerateOutput:
     forwards: int  # forward passes the batch ran
     seconds: float
     graphed: int = 0  # forwards replayed from a CUDA graph (the rest ran eagerly)
+    fed_tokens: int = 0  # positions the forwards fed, all rows (the prompt's first forward and refreshes included)
+    logit_rows: int = 0  # positions the LM head ran over (still-masked ones only at many rows; padding included)
 
     @property
     def path(self) -> str:
@@ -207,7 +209,8 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     if spec.on_step is not None or spec.target is not None:
         lock = _lockstep(adapter, spec, reqs, input_ids, lengths)
     with engine.drive:  # (other threads' calls wait: they would reuse these rows' slots)
-        iterations, graphed = engine.counters["iterations"], engine.counters["graphed"]
+        counted = ("iterations", "graphed", "fed_tokens", "logit_rows")
+        iterations, graphed, fed, heads = (engine.counters[k] for k in counted)
         t0 = time.perf_counter()
         engine.run_batch(reqs, lock)
         if adapter.device.type == "cuda":
@@ -218,13 +221,14 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
             raise RuntimeError(f"decoding failed: {failed[0].error}")
         answers = torch.stack([engine.canvas[r.slot, n : n + G] for r, n in zip(reqs, lengths)])
         iterations, graphed = engine.counters["iterations"] - iterations, engine.counters["graphed"] - graphed
+        fed, heads = engine.counters["fed_tokens"] - fed, engine.counters["logit_rows"] - heads
     for b, r in enumerate(reqs):
         if r.cut is not None:  # cut at a stop: end of text after it
             answers[b, r.cut :] = spec.eos_id
     sequences = torch.cat([input_ids, answers.to(input_ids.device)], 1)
     if spec.return_dict:
         nfe = torch.tensor([r.forwards for r in reqs], dtype=torch.int64, device=adapter.device)
-        return GenerateOutput(sequences, nfe, iterations, seconds, graphed)
+        return GenerateOutput(sequences, nfe, iterations, seconds, graphed, fed, heads)
     return sequences
 
 

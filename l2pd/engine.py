@@ -151,7 +151,7 @@ class _Row:
 
 _COUNTERS = ("iterations", "graphed", "forwards", "fed_tokens", "step_tokens", "refresh_tokens", "tokens_out",
              "admitted", "finished", "cancelled", "timed_out", "failed", "deferred_refreshes", "ahead",
-             "ahead_wasted")
+             "ahead_wasted", "logit_rows")
 RUN_AHEAD = ("auto", "off", "always")
 # The LM head over the blocks' still-masked positions only (``_head_rows``): a decision reads nothing else, and at
 # many rows the head's product is compute-bound (at LLaDA2.0-mini shapes, 2,048 rows: about a tenth of a
@@ -193,6 +193,7 @@ class _Launched:
     fed: list[tuple[int, bool]]  # per row of ``order``: tokens fed, whether a step's (not a refresh's)
     graphed: bool
     head_rows: int = 0  # the head's rows when it ran over the masked positions only (0: every position)
+    logit_rows: int = 0  # the rows the head ran over (padding included)
     host: torch.Tensor | None = None
     event: Any = None
     expect: list = field(default_factory=list)  # launched ahead: (row, block, step, previous) it supposed
@@ -694,7 +695,8 @@ class Engine:
             g.graph.replay()
             replayed = True
             blocks = g.out
-        launched = _Launched(list(plan), order, blocks[: len(order)], fed, replayed, meta["head_rows"])
+        launched = _Launched(list(plan), order, blocks[: len(order)], fed, replayed, meta["head_rows"],
+                             meta["head_rows"] or meta["sizes"][2])
         if cuda:  # the blocks to pinned memory now: a graph's output is overwritten by its next replay
             launched.host = self._pinned(self._readback, launched.blocks.numel(), 1 << 12).view(launched.blocks.shape)
             launched.host.copy_(launched.blocks, non_blocking=True)
@@ -743,6 +745,7 @@ class Engine:
             c["fed_tokens"] += n
             c["step_tokens" if stepping else "refresh_tokens"] += n
         c["forwards"] += len(launched.plan)
+        c["logit_rows"] += launched.logit_rows
         c["graphed"] += launched.graphed
         return [by_row[id(r)][0] for r in launched.plan]
 

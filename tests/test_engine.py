@@ -639,8 +639,12 @@ def test_a_wrong_bound_on_the_masked_positions_is_an_error(bundled, monkeypatch)
 def test_head_over_the_masked_positions_on_the_kernel_path(monkeypatch):
     """The Triton path (confidence, decide, the packed forward) with the head over the masked positions gives
     the reference path's tokens."""
+    from l2pd.models import adapter_for, decoder
+
     sizes = _head_sizes(monkeypatch)
     model = tiny_model(seed=5, n_kv_heads=2, d_model=64, n_heads=4)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    decoder.pack_layers(adapter_for(model).decoder.layers, cpu=True)
     prompts = [[3, 4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14], [5, 6, 7]]
     opts = dict(max_new_tokens=16, strategy="threshold", threshold=0.6, block_length=8, cache="dual",
                 refresh="window", eotp=True)
@@ -653,3 +657,24 @@ def test_head_over_the_masked_positions_on_the_kernel_path(monkeypatch):
         out.append([r.tokens for r in reqs])
     assert out[0] == out[1] and sum(map(len, out[0])) >= 4
     assert any(0 < u < n for u, n in sizes)
+
+
+def test_generate_counts_the_positions_fed_and_the_head_rows(bundled, monkeypatch):
+    """``generate``'s output counts the positions its forwards fed (the prompt's first forward included) and
+    the rows the LM head ran over: every block position of every forward, or fewer with the head over the
+    masked positions, for the same tokens and fed positions."""
+    import l2pd.engine as eng
+
+    model, _, prompts = bundled
+    ids = torch.tensor([p[:24] for p in prompts[:4]])
+    kw = dict(max_new_tokens=64, strategy="threshold", block_length=16, cache="dual", refresh="window",
+              return_dict_in_generate=True, backend="torch")
+    monkeypatch.setattr(eng, "HEAD_ROWS", False)
+    full = model.generate(ids, **kw)
+    assert full.fed_tokens >= 4 * (24 + 64)
+    assert full.logit_rows >= 16 * full.forwards  # (padded rows included: at least one block a forward)
+    monkeypatch.setattr(eng, "HEAD_ROWS", True)
+    _head_sizes(monkeypatch)
+    fewer = model.generate(ids, **kw)
+    assert torch.equal(fewer.sequences, full.sequences) and fewer.fed_tokens == full.fed_tokens
+    assert fewer.forwards == full.forwards and fewer.logit_rows < full.logit_rows

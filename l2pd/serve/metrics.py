@@ -25,6 +25,7 @@ class EngineCollector:
                                ("l2pd_forwards", "forwards", "row forwards (one per request per iteration)"),
                                ("l2pd_iterations", "iterations", "engine iterations (packed forwards)"),
                                ("l2pd_fed_tokens", "fed_tokens", "tokens fed to the model"),
+                               ("l2pd_logit_rows", "logit_rows", "positions the LM head ran over"),
                                ("l2pd_deferred_refreshes", "deferred_refreshes",
                                 "block refreshes put off by the per-iteration token budget"),
                                ("l2pd_ahead_forwards", "ahead", "row forwards launched before the last iteration "
