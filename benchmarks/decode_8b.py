@@ -30,7 +30,7 @@ from harness import device_ms  # noqa: E402  (benchmarks/ is on the path when th
 
 from l2pd import LLaDAConfig, LLaDAModelLM
 from l2pd.decode import generate, release
-from l2pd.engine import HEAD_ROWS_MIN
+from l2pd.engine import HEAD_ROWS, HEAD_ROWS_MIN
 from l2pd.models.llada import pack_weights, unpack_weights
 
 P, G, L = 512, 256, 32
@@ -250,7 +250,7 @@ def generate_section(model, fl: dict, batches: list[int], tpfs: list[int], refre
             for _ in range(2 if graphs else 1):  # capture every shape with a cheap decode (two forwards per block)
                 generate(model, ids, steps=2 * (G // L), **kw)
             runs = 3 if B == 1 else 1
-            if graphs and B * L >= HEAD_ROWS_MIN:  # once untimed: the head's row counts, each a graph
+            if graphs and HEAD_ROWS and B * L >= HEAD_ROWS_MIN:  # once untimed: the head's row counts, each a graph
                 generate(model, ids, steps=G // tpf, **kw)
             outs = [generate(model, ids, steps=G // tpf, **kw) for _ in range(runs)]
             sec = statistics.median(o.seconds for o in outs)

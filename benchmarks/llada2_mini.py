@@ -144,7 +144,7 @@ def generate_section(model, fl: dict, sz: dict, batches: list[int], tpfs: list[i
         for _ in range(2):  # compile and capture every shape
             generate(model, ids, steps=2 * (G // L), **kw)
         for tpf in tpfs:
-            generate(model, ids, steps=G // tpf, **kw)  # once untimed: the head's row counts, each a graph
+            generate(model, ids, steps=G // tpf, **kw)  # once untimed (L2PD_HEAD_ROWS=1: each row count a graph)
             outs = [generate(model, ids, steps=G // tpf, **kw) for _ in range(3 if B == 1 else 1)]
             sec = statistics.median(o.seconds for o in outs)
             o = outs[0]

@@ -68,7 +68,7 @@ def test_generate(benchmark, model_and_floors, batch, tpf, refresh):
     from decode_8b import G, L, P
 
     from l2pd.decode import generate, release
-    from l2pd.engine import HEAD_ROWS_MIN
+    from l2pd.engine import HEAD_ROWS, HEAD_ROWS_MIN
 
     model, fl = model_and_floors
     ids = torch.randint(0, 126000, (batch, P), device="cuda")
@@ -76,7 +76,7 @@ def test_generate(benchmark, model_and_floors, batch, tpf, refresh):
               return_dict_in_generate=True)
     for _ in range(2):  # capture every shape with a cheap decode (two forwards per block)
         generate(model, ids, steps=2 * (G // L), **kw)
-    if batch * L >= HEAD_ROWS_MIN:  # and the measured decode once: the head's row counts, each a graph
+    if HEAD_ROWS and batch * L >= HEAD_ROWS_MIN:  # and the measured decode once: the head's row counts, each a graph
         generate(model, ids, steps=G // tpf, **kw)
     outs = []
     benchmark.pedantic(lambda: outs.append(generate(model, ids, steps=G // tpf, **kw)),

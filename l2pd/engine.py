@@ -153,10 +153,12 @@ _COUNTERS = ("iterations", "graphed", "forwards", "fed_tokens", "step_tokens", "
              "admitted", "finished", "cancelled", "timed_out", "failed", "deferred_refreshes", "ahead",
              "ahead_wasted", "logit_rows")
 RUN_AHEAD = ("auto", "off", "always")
-# The LM head over the blocks' still-masked positions only (``_head_rows``): a decision reads nothing else, and at
-# many rows the head's product is compute-bound (at LLaDA2.0-mini shapes, 2,048 rows: about a tenth of a
-# forward). From HEAD_ROWS_MIN block positions an iteration; L2PD_HEAD_ROWS=0 computes every position's logits
-HEAD_ROWS = os.environ.get("L2PD_HEAD_ROWS", "1") != "0"
+# L2PD_HEAD_ROWS=1: the LM head over the blocks' still-masked positions only (``_head_rows``), from HEAD_ROWS_MIN
+# block positions an iteration: a decision reads nothing else, and at many rows the head's product is
+# compute-bound. Off by default: on an H200 a repeated `generate` at batch 64 took 2% to 5% less per forward, but
+# the served engine's throughput fell in three runs of four (each row count a graph of its own;
+# benchmarks/RESULTS.md)
+HEAD_ROWS = os.environ.get("L2PD_HEAD_ROWS", "0") == "1"
 HEAD_ROWS_MIN = 512
 
 
@@ -737,7 +739,8 @@ class Engine:
             blocks = launched.blocks.tolist()
         if launched.head_rows and blocks and blocks[0][-1] >= _OVER:
             raise RuntimeError(f"the iteration's masked positions outnumbered the head's {launched.head_rows} rows "
-                               "(the host's bound was wrong); L2PD_HEAD_ROWS=0 computes every position's logits")
+                               "(the host's bound was wrong); unset L2PD_HEAD_ROWS to compute every position's "
+                               "logits")
         by_row = {id(r): (b, f) for r, b, f in zip(launched.order, blocks, launched.fed)}
         c = self.counters
         for r in launched.plan:

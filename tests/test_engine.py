@@ -562,10 +562,11 @@ def test_run_ahead_with_stops_cancellation_and_generate(bundled, monkeypatch):
 
 
 def _head_sizes(monkeypatch) -> list:
-    """Every position's logits no more from HEAD_ROWS_MIN: the head over the masked positions at any size;
-    returns the list the iterations' head rows and block positions are appended to."""
+    """The head over the masked positions (``L2PD_HEAD_ROWS=1``) at any size; returns the list the iterations'
+    head rows and block positions are appended to."""
     import l2pd.engine as eng
 
+    monkeypatch.setattr(eng, "HEAD_ROWS", True)
     monkeypatch.setattr(eng, "HEAD_ROWS_MIN", 0)
     sizes = []
     real = eng.Engine._head_rows
