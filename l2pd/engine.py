@@ -156,7 +156,7 @@ RUN_AHEAD = ("auto", "off", "always")
 # L2PD_HEAD_ROWS=1: the LM head over the blocks' still-masked positions only (``_head_rows``), from HEAD_ROWS_MIN
 # block positions an iteration: a decision reads nothing else, and at many rows the head's product is
 # compute-bound. Off by default: on an H200 a repeated `generate` at batch 64 took 2% to 5% less per forward, but
-# the served engine's throughput fell in three runs of four (each row count a graph of its own;
+# the served engine's throughput fell 17% to 38% in two runs (each row count is a graph of its own;
 # benchmarks/RESULTS.md)
 HEAD_ROWS = os.environ.get("L2PD_HEAD_ROWS", "0") == "1"
 HEAD_ROWS_MIN = 512
