@@ -11,7 +11,8 @@ In one process on one GPU:
 - the MoE layer (router + routed experts) at 32, 256 and 2,048 tokens against the bytes of the experts it touches;
 - ``generate`` (prompt 512 + 256, block 32, dual cache, window refresh, strategy ``steps`` forcing 1, 4 or 8 tokens
   per forward) at batch 1, 8 and 64: ms per forward against the touched-weight floor, and the matmul rate over
-  active parameters (tokens fed x 2 x active parameters per token) against the sustained rate.
+  active parameters (every position fed, the prompt's first forward included, x 2 x active parameters per
+  token) against the sustained rate.
 Random routing spreads tokens over experts more evenly than a trained router may, so the touched-expert count
 is the one these weights produce, stated beside the figures.
 """
