@@ -970,7 +970,7 @@ class Engine:
         out = self.confidence(logits, 0.0, None, suppress=mask_id, stats=True) if needs_stats else \
             self.confidence(logits, 0.0, None, suppress=mask_id)
         out = [o[0] for o in out]
-        if head:  # back to every block position: the block's token and zeros where a decision reads nothing
+        if head:  # back to every block position (zeros at the others: a decision reads only masked ones)
             out = self._spread(out, masked, sel, count)
         token, prob = out[0], out[1]
         margin, entropy = (out[2], out[3]) if needs_stats else (None, None)
