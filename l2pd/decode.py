@@ -209,8 +209,7 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
     if spec.on_step is not None or spec.target is not None:
         lock = _lockstep(adapter, spec, reqs, input_ids, lengths)
     with engine.drive:  # (other threads' calls wait: they would reuse these rows' slots)
-        counted = ("iterations", "graphed", "fed_tokens", "logit_rows")
-        iterations, graphed, fed, heads = (engine.counters[k] for k in counted)
+        before = dict(engine.counters)
         t0 = time.perf_counter()
         engine.run_batch(reqs, lock)
         if adapter.device.type == "cuda":
@@ -220,8 +219,8 @@ def run(model: Any, adapter: Any, spec: DecodeSpec, input_ids: torch.Tensor,
         if failed:
             raise RuntimeError(f"decoding failed: {failed[0].error}")
         answers = torch.stack([engine.canvas[r.slot, n : n + G] for r, n in zip(reqs, lengths)])
-        iterations, graphed = engine.counters["iterations"] - iterations, engine.counters["graphed"] - graphed
-        fed, heads = engine.counters["fed_tokens"] - fed, engine.counters["logit_rows"] - heads
+        iterations, graphed, fed, heads = (engine.counters[k] - before[k]
+                                           for k in ("iterations", "graphed", "fed_tokens", "logit_rows"))
     for b, r in enumerate(reqs):
         if r.cut is not None:  # cut at a stop: end of text after it
             answers[b, r.cut :] = spec.eos_id

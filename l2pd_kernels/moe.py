@@ -585,9 +585,14 @@ TMA = os.environ.get("L2PD_MOE_TMA", "auto")
 # program over 4 tiles keeps its pipeline full across them. On an H200 at LLaDA2.0-mini shapes a layer's MoE took
 # 4% less at 16,384 pairs (2,048 tokens) and 3% more at 2,048 pairs (benchmarks/RESULTS.md).
 # L2PD_MOE_DOWN_COLS=n forces n tiles a program at any number of pairs (1: one tile a program)
-DOWN_COLS_ENV = os.environ.get("L2PD_MOE_DOWN_COLS")
-DOWN_COLS = int(DOWN_COLS_ENV or 4)
-DOWN_COLS_PAIRS = 0 if DOWN_COLS_ENV else 8192
+
+
+def _down_cols_setting(env: str | None) -> tuple[int, int]:
+    """(DOWN_COLS, DOWN_COLS_PAIRS) for ``L2PD_MOE_DOWN_COLS`` = ``env``: 4 tiles from 8,192 pairs when unset."""
+    return (int(env), 0) if env else (4, 8192)
+
+
+DOWN_COLS, DOWN_COLS_PAIRS = _down_cols_setting(os.environ.get("L2PD_MOE_DOWN_COLS"))
 
 
 def down_cols(pairs: int, tiles: int, scan: bool) -> int:

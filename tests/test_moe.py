@@ -380,19 +380,20 @@ def test_down_kernel_programs_over_several_column_tiles(monkeypatch, cols):
 def test_down_programs_take_several_column_tiles_from_many_pairs(monkeypatch):
     """The default: one column tile a down program below ``DOWN_COLS_PAIRS`` pairs and in the scan path, 4 (at
     most the tiles there are) from it; ``L2PD_MOE_DOWN_COLS`` forces its count at any number of pairs."""
-    import importlib
+    import os
 
     from l2pd_kernels import moe
 
-    assert (moe.DOWN_COLS, moe.DOWN_COLS_PAIRS) == (4, 8192)
+    assert moe._down_cols_setting(None) == (4, 8192) == moe._down_cols_setting("")
+    if "L2PD_MOE_DOWN_COLS" not in os.environ:
+        assert (moe.DOWN_COLS, moe.DOWN_COLS_PAIRS) == (4, 8192)
+    monkeypatch.setattr(moe, "DOWN_COLS", 4)
+    monkeypatch.setattr(moe, "DOWN_COLS_PAIRS", 8192)
     assert moe.down_cols(8191, 16, scan=False) == 1
     assert moe.down_cols(8192, 16, scan=False) == 4
     assert moe.down_cols(16384, 3, scan=False) == 3
     assert moe.down_cols(16384, 16, scan=True) == 1
-    monkeypatch.setenv("L2PD_MOE_DOWN_COLS", "2")
-    try:
-        forced = importlib.reload(moe)
-        assert forced.down_cols(64, 16, scan=False) == 2
-    finally:
-        monkeypatch.delenv("L2PD_MOE_DOWN_COLS")
-        importlib.reload(moe)
+    cols, pairs = moe._down_cols_setting("2")  # forced: at any count
+    monkeypatch.setattr(moe, "DOWN_COLS", cols)
+    monkeypatch.setattr(moe, "DOWN_COLS_PAIRS", pairs)
+    assert moe.down_cols(64, 16, scan=False) == 2 and moe.down_cols(64, 16, scan=True) == 1
