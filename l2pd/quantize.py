@@ -3,9 +3,12 @@ per output channel, in place; ``"w8a8"`` also quantizes their inputs, one e4m3 s
 fly, so the products run on FP8 tensor cores with nothing widened (``l2pd_kernels.linear_w8a8``).
 
 Which layers: q/k/v (or the fused q/k/v), the attention output, gate/up/down of the dense MLP (and of a shared
-expert) and the LM head (``head=False`` keeps it bf16). What stays bf16 and why: the embedding (a gather of a
-few rows per step: no weight read to save), the norms (a few KB), and a mixture of experts' router and routed
-experts (the fused MoE kernel reads bf16; FP8 experts are not done). Each quantized module's ``weight`` becomes
+expert), a mixture of experts' routed experts (``experts=False`` keeps them bf16) and the LM head (``head=False``
+keeps it bf16). The routed experts are e4m3 weights under either kind: ``l2pd_kernels.fused_moe`` widens them in
+registers and multiplies the activations as they are (their rows are gathered per expert, and a per-token
+quantization of them is not done); the shared expert, when the MoE kernels run it, likewise. What stays bf16 and
+why: the embedding (a gather of a few rows per step: no weight read to save), the norms (a few KB), and a
+mixture of experts' router (1 MB a layer; its scores pick the experts). Each quantized module's ``weight`` becomes
 a float8_e4m3fn buffer beside a ``weight_scale`` buffer: the decoder multiplies through
 ``l2pd_kernels.linear_fp8`` (the few-row kernel reads the FP8 bytes and widens them in registers), and
 ``state_dict`` holds both. Quantizing drops the bf16 copies (and the packed q/k/v and gate/up buffers), so the
@@ -25,12 +28,12 @@ from l2pd_kernels.reference import quantize_fp8
 
 from .decode import release
 from .models import adapter_for
-from .models.decoder import unpack_layers
+from .models.decoder import expert_weights, unpack_layers
 
 KINDS = ("fp8", "w8a8")
 
 
-def quantize(model: Any, kind: str = "fp8", head: bool = True) -> Any:
+def quantize(model: Any, kind: str = "fp8", head: bool = True, experts: bool = True) -> Any:
     """Quantize ``model``'s decoder linear layers in place (see the module docstring); returns the model."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
@@ -44,6 +47,8 @@ def quantize(model: Any, kind: str = "fp8", head: bool = True) -> Any:
     release(model)  # kept CUDA graphs point at the old weights
     modules: list[nn.Module] = []
     for layer in dec.layers:
+        if experts and layer.moe is not None:
+            _quantize_experts(layer.moe)
         modules += [m for m in (layer.qkv, layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
                     if m is not None]
     if head and dec.head is not dec.embed:
@@ -53,6 +58,36 @@ def quantize(model: Any, kind: str = "fp8", head: bool = True) -> Any:
         m.l2pd_w8a8 = kind == "w8a8"
     model._l2pd_fingerprint, model._l2pd_quantized = fingerprint, kind
     return model
+
+
+@torch.no_grad()
+def _quantize_experts(moe: Any) -> None:
+    """A mixture of experts' routed experts as e4m3 with channel scales, a layer at a time from their stacked
+    weights (each expert's gate/up/down gets the bits ``_quantize_linear`` would give it). On CUDA the experts'
+    buffers are views of the stacks the MoE kernels read (``expert_weights``, ``expert_scales``)."""
+    from .models.decoder import _keeps_views
+
+    mods = list(moe.experts)
+    if mods[0].down_proj.weight.dtype == torch.float8_e4m3fn:
+        return
+    w13, w2 = expert_weights(moe)
+    n, two_i, d = w13.shape
+    inter = two_i // 2
+    q13, s13 = quantize_fp8(w13.reshape(-1, d))
+    q2, s2 = quantize_fp8(w2.reshape(-1, inter))
+    q13, s13, q2, s2 = q13.view(n, two_i, d), s13.view(n, two_i), q2.view(n, d, inter), s2.view(n, d)
+    del w13, w2
+    vars(moe.owner).pop("_l2pd_experts", None)
+    views = _keeps_views(q13.device)  # elsewhere each expert its own tensors (safetensors refuses shared storage)
+    for i, m in enumerate(mods):
+        for lin, w, sc in ((m.gate_proj, q13[i, :inter], s13[i, :inter]), (m.up_proj, q13[i, inter:], s13[i, inter:]),
+                           (m.down_proj, q2[i], s2[i])):
+            del lin.weight
+            lin.register_buffer("weight", w if views else w.clone())
+            lin.register_buffer("weight_scale", sc if views else sc.clone())
+    if views:
+        object.__setattr__(moe.owner, "_l2pd_experts", (q13, q2))
+        object.__setattr__(moe.owner, "_l2pd_expert_scales", (s13, s2))
 
 
 def _quantize_linear(module: nn.Module) -> None:

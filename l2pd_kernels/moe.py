@@ -186,11 +186,64 @@ def _align_scatter_kernel(ids_ptr, hist_ptr, pairs_ptr, block_expert_ptr, P, E, 
 @triton.jit
 def _gate_up_tile(x_ptr, w_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0,
-                  row0=0):
+                  row0=0, s_base=0, FP8: tl.constexpr = 0):
     """Rows ``pair`` of act = silu(x[tok] @ gate.T) * (x[tok] @ up.T), one column tile, for the experts' packed
     gate|up weight at ``w_base``; with ``TMA``, ``w_base`` is a descriptor of all the experts' packed weights
     [E * 2I, D] and the expert's start at row ``row0`` (rows past the expert's columns read its up half or the
-    next expert's weight, and make columns that are not stored)."""
+    next expert's weight, and make columns that are not stored). ``FP8``: e4m3 weights, their channel scales at
+    ``s_base`` (``_gate_up_tile_fp8``)."""
+    if FP8:
+        _gate_up_tile_fp8(x_ptr, w_base, s_base, act_ptr, pair, tok, valid, D, INTER, UPCAST, PREC, BLOCK_M,
+                          BLOCK_N, BLOCK_K, TMA, row0)
+    else:
+        _gate_up_tile_half(x_ptr, w_base, act_ptr, pair, tok, valid, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N,
+                           BLOCK_K, TMA, row0)
+
+
+@triton.jit
+def _gate_up_tile_fp8(x_ptr, w_base, s_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl.constexpr,
+                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr,
+                      row0):
+    """``_gate_up_tile`` for e4m3 weights: each weight tile widened in registers to x's dtype (exact) and taken
+    as the left operand (w @ x.T: a tensor-core operand may come from registers only on that side), the sums
+    scaled by the channels' scales in fp32, then rounded as the half-precision tile rounds."""
+    tok = tl.where(valid, tok, 0)
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < INTER
+    offs_k = tl.arange(0, BLOCK_K)
+    acc_g = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < D
+        a = tl.load(x_ptr + tok[:, None] * D + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+        if TMA:
+            bg = w_base.load([row0 + n0, k0])
+            bu = w_base.load([row0 + INTER + n0, k0])
+        else:
+            wmask = n_ok[:, None] & k_ok[None, :]
+            bg = tl.load(w_base + offs_n[:, None] * D + kk[None, :], mask=wmask, other=0.0)
+            bu = tl.load(w_base + (INTER + offs_n[:, None]) * D + kk[None, :], mask=wmask, other=0.0)
+        if UPCAST:
+            a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
+        else:
+            bg, bu = bg.to(a.dtype), bu.to(a.dtype)
+        acc_g = tl.dot(bg, tl.trans(a), acc_g, input_precision=PREC)
+        acc_u = tl.dot(bu, tl.trans(a), acc_u, input_precision=PREC)
+    sg = tl.load(s_base + offs_n, mask=n_ok, other=0.0)
+    su = tl.load(s_base + INTER + offs_n, mask=n_ok, other=0.0)
+    dt = act_ptr.dtype.element_ty
+    g = tl.trans(acc_g * sg[:, None]).to(dt).to(tl.float32)
+    u = tl.trans(acc_u * su[:, None]).to(dt).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    tl.store(act_ptr + pair[:, None] * INTER + offs_n[None, :], (s * u).to(dt), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _gate_up_tile_half(x_ptr, w_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl.constexpr,
+                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       TMA: tl.constexpr, row0):
     tok = tl.where(valid, tok, 0)
     n0 = tl.program_id(1) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -223,9 +276,48 @@ def _gate_up_tile(x_ptr, w_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl
 @triton.jit
 def _down_tile(act_ptr, w_base, out_ptr, pair, valid, D, INTER, UPCAST: tl.constexpr, PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0,
-               row0=0):
+               row0=0, s_base=0, FP8: tl.constexpr = 0):
     """``TMA``: ``w_base`` is a descriptor of all the experts' down weights [E * D, I], the expert's from row
-    ``row0``."""
+    ``row0``. ``FP8``: e4m3 weights, their channel scales at ``s_base`` (as ``_gate_up_tile_fp8``)."""
+    if FP8:
+        _down_tile_fp8(act_ptr, w_base, s_base, out_ptr, pair, valid, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N,
+                       BLOCK_K, TMA, row0)
+    else:
+        _down_tile_half(act_ptr, w_base, out_ptr, pair, valid, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K,
+                        TMA, row0)
+
+
+@triton.jit
+def _down_tile_fp8(act_ptr, w_base, s_base, out_ptr, pair, valid, D, INTER, UPCAST: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr, row0):
+    row = tl.where(valid, pair, 0)
+    n0 = tl.program_id(1) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < D
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, INTER, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < INTER
+        a = tl.load(act_ptr + row[:, None] * INTER + kk[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+        if TMA:
+            b = w_base.load([row0 + n0, k0])
+        else:
+            b = tl.load(w_base + offs_n[:, None] * INTER + kk[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+        if UPCAST:
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        else:
+            b = b.to(a.dtype)
+        acc = tl.dot(b, tl.trans(a), acc, input_precision=PREC)
+    sc = tl.load(s_base + offs_n, mask=n_ok, other=0.0)
+    res = tl.trans(acc * sc[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + pair[:, None] * D + offs_n[None, :], res, mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_tile_half(act_ptr, w_base, out_ptr, pair, valid, D, INTER, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr, row0):
     row = tl.where(valid, pair, 0)
     n0 = tl.program_id(1) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -322,10 +414,11 @@ def _chunk(offs, rank, r0, count, BLOCK_M: tl.constexpr):
 def _scan_tiles(in_ptr, w_ptr, out_ptr, ids_ptr, num_pairs, pid_m, programs, D, INTER, TOPK: tl.constexpr,
                 GATE_UP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PAIRS: tl.constexpr,
                 E_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                TMA: tl.constexpr):
+                TMA: tl.constexpr, s_ptr, FP8: tl.constexpr):
     """The scan path of either kernel: program ``pid_m`` of ``programs`` takes touched experts pid_m, pid_m +
     programs, ... (no program per idle expert), each expert's pairs found in the ids themselves, BLOCK_M at a
-    time. ``TMA``: ``w_ptr`` is a descriptor of the experts' weights stacked by rows."""
+    time. ``TMA``: ``w_ptr`` is a descriptor of the experts' weights stacked by rows. ``FP8``: e4m3 weights,
+    their channel scales stacked alike at ``s_ptr``."""
     present, slot, touched = _touched(ids_ptr, num_pairs, PAIRS, E_P)
     for s in range(pid_m, touched, programs):
         e = _slot_expert(present, slot, s, E_P)
@@ -335,16 +428,18 @@ def _scan_tiles(in_ptr, w_ptr, out_ptr, ids_ptr, num_pairs, pid_m, programs, D, 
             if GATE_UP:
                 if TMA:
                     _gate_up_tile(in_ptr, w_ptr, out_ptr, pair, pair // TOPK, valid, D, INTER, UPCAST, PREC,
-                                  BLOCK_M, BLOCK_N, BLOCK_K, 1, (e * (2 * INTER)).to(tl.int32))
+                                  BLOCK_M, BLOCK_N, BLOCK_K, 1, (e * (2 * INTER)).to(tl.int32),
+                                  s_ptr + e * (2 * INTER), FP8)
                 else:
                     _gate_up_tile(in_ptr, w_ptr + e * (2 * INTER) * D, out_ptr, pair, pair // TOPK, valid, D,
-                                  INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                                  INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K, 0, 0, s_ptr + e * (2 * INTER),
+                                  FP8)
             elif TMA:
                 _down_tile(in_ptr, w_ptr, out_ptr, pair, valid, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K,
-                           1, (e * D).to(tl.int32))
+                           1, (e * D).to(tl.int32), s_ptr + e * D, FP8)
             else:
                 _down_tile(in_ptr, w_ptr + e * D * INTER, out_ptr, pair, valid, D, INTER, UPCAST, PREC, BLOCK_M,
-                           BLOCK_N, BLOCK_K)
+                           BLOCK_N, BLOCK_K, 0, 0, s_ptr + e * D, FP8)
 
 
 @triton.jit
@@ -357,39 +452,45 @@ def _shared_rows(pid_m, first, n_tok, row0, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, ws_ptr, first_shared, n_tok,
-                    TOPK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr,
-                    PAIRS: tl.constexpr, E_P: tl.constexpr, SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
+                    s_ptr, ss_ptr, TOPK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                    SCAN: tl.constexpr, PAIRS: tl.constexpr, E_P: tl.constexpr, SHARED_W: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0,
+                    FP8: tl.constexpr = 0, PDL: tl.constexpr = 0):
     """Programs from ``first_shared`` on (with SHARED_W) run the shared expert (weights at ``ws_ptr``), a block
     of BLOCK_M tokens each, into the rows after the routed pairs'. ``TMA``: ``w_ptr`` is a descriptor of the
-    routed experts' weights [E * 2I, D]; the shared expert's load by pointers."""
+    routed experts' weights [E * 2I, D]; the shared expert's load by pointers. ``FP8``: e4m3 weights, the routed
+    experts' channel scales at ``s_ptr`` [E, 2I], the shared expert's at ``ss_ptr`` [2I]."""
     pdl_wait(PDL)
     pid_m = tl.program_id(0)
     if SHARED_W and pid_m >= first_shared:
         t, row, ok = _shared_rows(pid_m, first_shared, n_tok, num_pairs, BLOCK_M)
-        _gate_up_tile(x_ptr, ws_ptr, act_ptr, row, t, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+        _gate_up_tile(x_ptr, ws_ptr, act_ptr, row, t, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K, 0, 0,
+                      ss_ptr, FP8)
     elif SCAN:  # few pairs, no sort
         _scan_tiles(x_ptr, w_ptr, act_ptr, pairs_ptr, num_pairs, pid_m, first_shared, D, INTER, TOPK, True, UPCAST,
-                    PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K, TMA)
+                    PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K, TMA, s_ptr, FP8)
     else:  # program = a block of one expert's sorted pairs
         e = tl.load(expert_ptr + pid_m).to(tl.int64)
         if e >= 0:
             pair = tl.load(pairs_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
             if TMA:
                 _gate_up_tile(x_ptr, w_ptr, act_ptr, pair, pair // TOPK, pair < num_pairs, D, INTER, UPCAST, PREC,
-                              BLOCK_M, BLOCK_N, BLOCK_K, 1, (e * (2 * INTER)).to(tl.int32))
+                              BLOCK_M, BLOCK_N, BLOCK_K, 1, (e * (2 * INTER)).to(tl.int32), s_ptr + e * (2 * INTER),
+                              FP8)
             else:
                 _gate_up_tile(x_ptr, w_ptr + e * (2 * INTER) * D, act_ptr, pair, pair // TOPK, pair < num_pairs, D,
-                              INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+                              INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K, 0, 0, s_ptr + e * (2 * INTER), FP8)
 
 
 @triton.jit
 def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, wd_ptr, first_shared, n_tok,
-                 UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr,
+                 s_ptr, ss_ptr, UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr,
                  E_P: tl.constexpr, SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0, COLS: tl.constexpr = 1, PDL: tl.constexpr = 0):
+                 BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0, COLS: tl.constexpr = 1, FP8: tl.constexpr = 0,
+                 PDL: tl.constexpr = 0):
     """As ``_gate_up_kernel``; ``TMA``: ``w_ptr`` a descriptor of the routed experts' weights [E * D, I];
-    ``COLS`` > 1 (the sorted path only): each program takes COLS column tiles (``_down_cols``)."""
+    ``COLS`` > 1 (the sorted path only, not with FP8): each program takes COLS column tiles (``_down_cols``).
+    ``FP8``: the scales at ``s_ptr`` [E, D] and ``ss_ptr`` [D]."""
     pdl_wait(PDL)
     pid_m = tl.program_id(0)
     if SHARED_W and pid_m >= first_shared:
@@ -397,10 +498,11 @@ def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, I
         if COLS > 1:
             _down_cols(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K, COLS)
         else:
-            _down_tile(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K)
+            _down_tile(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K, 0, 0,
+                       ss_ptr, FP8)
     elif SCAN:
         _scan_tiles(act_ptr, w_ptr, out_ptr, pairs_ptr, num_pairs, pid_m, first_shared, D, INTER, 1, False, UPCAST,
-                    PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K, TMA)
+                    PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K, TMA, s_ptr, FP8)
     else:
         e = tl.load(expert_ptr + pid_m).to(tl.int64)
         if e >= 0:
@@ -413,10 +515,10 @@ def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, I
                            BLOCK_M, BLOCK_N, BLOCK_K, COLS)
             elif TMA:
                 _down_tile(act_ptr, w_ptr, out_ptr, pair, pair < num_pairs, D, INTER, UPCAST, PREC, BLOCK_M,
-                           BLOCK_N, BLOCK_K, 1, (e * D).to(tl.int32))
+                           BLOCK_N, BLOCK_K, 1, (e * D).to(tl.int32), s_ptr + e * D, FP8)
             else:
                 _down_tile(act_ptr, w_ptr + e * D * INTER, out_ptr, pair, pair < num_pairs, D, INTER, UPCAST, PREC,
-                           BLOCK_M, BLOCK_N, BLOCK_K)
+                           BLOCK_M, BLOCK_N, BLOCK_K, 0, 0, s_ptr + e * D, FP8)
 
 
 @triton.jit
@@ -616,7 +718,8 @@ def _moe_tma(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, sca
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
               weights: torch.Tensor, config: tuple | None = None, scan: bool | None = None,
               shared: torch.Tensor | None = None, shared_weights: tuple | None = None,
-              combine: bool = True) -> torch.Tensor | ExpertRows:
+              combine: bool = True, scales: tuple | None = None,
+              shared_scales: tuple | None = None) -> torch.Tensor | ExpertRows:
     """Triton version of ``l2pd_kernels.reference.fused_moe`` (x [N, D], w_gate_up [E, 2I, D], w_down [E, D, I],
     ids [N, k], weights [N, k], ``shared`` [N, D] added at the end; or ``shared_weights`` (gate|up [2I, D], down
     [D, I]): a shared expert of the routed experts' width, run by the same two kernels over every token, its
@@ -626,6 +729,9 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     ``SCAN_MAX_PAIRS`` pairs). One small kernel weights and sums each token's k outputs and adds ``shared``.
     ``combine=False``: the rows before that kernel (``ExpertRows``), for ``rms_norm`` to combine in its own
     pass (or ``moe_combine``).
+    ``scales`` (fp32 gate|up [E, 2I], down [E, D]): the experts' weights are e4m3 with these channel scales
+    (``reference.quantize_fp8``'s), widened to x's dtype in registers; ``shared_scales`` ([2I], [D]) likewise for
+    e4m3 ``shared_weights``.
     ``ids`` must lie in [0, E), as ``moe_route`` gives them. They are not checked (that would read them back
     to the host at every layer): a pair outside reaches no expert, and its token's output is undefined."""
     if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
@@ -638,19 +744,27 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
                          f"w_down {tuple(w_down.shape)}")
     if ids.shape != weights.shape or ids.dim() != 2 or ids.shape[0] != N:
         raise ValueError(f"ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must both be [{N}, k]")
-    if not (x.dtype == w_gate_up.dtype == w_down.dtype) or x.dtype not in (torch.float32, torch.bfloat16,
-                                                                            torch.float16):
-        raise ValueError(f"x, w_gate_up and w_down must share one of fp32/bf16/fp16, got {x.dtype}, "
-                         f"{w_gate_up.dtype}, {w_down.dtype}")
+    fp8 = scales is not None
+    wdt = torch.float8_e4m3fn if fp8 else x.dtype
+    if not (wdt == w_gate_up.dtype == w_down.dtype) or x.dtype not in (torch.float32, torch.bfloat16,
+                                                                        torch.float16):
+        raise ValueError(f"x must be fp32/bf16/fp16 and w_gate_up and w_down {wdt} (e4m3 with scales, else x's "
+                         f"dtype), got {x.dtype}, {w_gate_up.dtype}, {w_down.dtype}")
+    if fp8:
+        _check_scales(scales, (E, two_i), (E, D), "scales")
     k = ids.shape[1]
     if shared is not None and (shared.shape != x.shape or shared.dtype != x.dtype):
         raise ValueError(f"shared must be {x.dtype} {tuple(x.shape)}, got {shared.dtype} {tuple(shared.shape)}")
     if shared_weights is not None:
         ws, wd = shared_weights
         if shared is not None or tuple(ws.shape) != (two_i, D) or tuple(wd.shape) != (D, inter) \
-                or ws.dtype != x.dtype or wd.dtype != x.dtype:
-            raise ValueError(f"shared_weights must be {x.dtype} gate|up [{two_i}, {D}] and down [{D}, {inter}] "
+                or ws.dtype != wdt or wd.dtype != wdt:
+            raise ValueError(f"shared_weights must be {wdt} gate|up [{two_i}, {D}] and down [{D}, {inter}] "
                              f"(not with shared), got {tuple(ws.shape)} {ws.dtype}, {tuple(wd.shape)} {wd.dtype}")
+        if fp8:
+            _check_scales(shared_scales, (two_i,), (D,), "shared_scales")
+    if shared_scales is not None and (not fp8 or shared_weights is None):
+        raise ValueError("shared_scales go with e4m3 shared_weights and scales")
     if N == 0:
         return torch.empty_like(x) if combine else ExpertRows(x.new_empty(0, D), weights.float(), None)
     block_m, (bn1, bk1, w1, st1), (bn2, bk2, w2_, st2) = config or pick_config(N, k, E)
@@ -686,17 +800,31 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     if tma := _moe_tma(x, w_gate_up, w_down, scan):  # descriptors over the experts stacked by rows
         wg = TensorDescriptor.from_tensor(w_gate_up.view(E * two_i, D), [bn1, bk1])
         wdn = TensorDescriptor.from_tensor(w_down.view(E * D, inter), [bn2, bk2])
-    _gate_up_kernel[(routed1 + extra, nt1)](x, wg, act, pairs, experts, N * k, D, inter, ws, routed1, N,
-                                            TOPK=k, BLOCK_N=bn1, BLOCK_K=bk1, TMA=int(tma), num_warps=w1,
-                                            num_stages=st1, **flags, **pdl(x.device, "moe_gate_up"))
-    cols = down_cols(N * k, nt2, scan)
+    # the channel scales (unread without FP8: any pointer)
+    s1, s2 = scales if fp8 else (x, x)
+    ss1, ss2 = shared_scales if fp8 and sw else (s1, s2)
+    _gate_up_kernel[(routed1 + extra, nt1)](x, wg, act, pairs, experts, N * k, D, inter, ws, routed1, N, s1, ss1,
+                                            TOPK=k, BLOCK_N=bn1, BLOCK_K=bk1, TMA=int(tma), FP8=int(fp8),
+                                            num_warps=w1, num_stages=st1, **flags, **pdl(x.device, "moe_gate_up"))
+    cols = 1 if fp8 else down_cols(N * k, nt2, scan)
     _down_kernel[(routed2 + extra, triton.cdiv(nt2, cols))](act, wdn, out, pairs, experts, N * k, D, inter, wd,
-                                                            routed2, N, BLOCK_N=bn2, BLOCK_K=bk2, TMA=int(tma),
-                                                            COLS=cols, num_warps=w2_, num_stages=st2, **flags,
-                                                            **pdl(x.device, "moe_down"))
+                                                            routed2, N, s2, ss2, BLOCK_N=bn2, BLOCK_K=bk2,
+                                                            TMA=int(tma), COLS=cols, FP8=int(fp8), num_warps=w2_,
+                                                            num_stages=st2, **flags, **pdl(x.device, "moe_down"))
     parts = ExpertRows(out, weights.float().contiguous(),
                        out[N * k:] if sw else shared.contiguous() if shared is not None else None)
     return _combine(parts, N, k, D) if combine else parts
+
+
+def _check_scales(scales: tuple | None, gate_up: tuple, down: tuple, name: str) -> None:
+    """Raise unless ``scales`` is (fp32 ``gate_up``-shaped, fp32 ``down``-shaped), contiguous."""
+    ok = isinstance(scales, (tuple, list)) and len(scales) == 2 and all(
+        isinstance(t, torch.Tensor) and t.dtype == torch.float32 and tuple(t.shape) == shape and t.is_contiguous()
+        for t, shape in zip(scales, (gate_up, down)))
+    if not ok:
+        got = [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__ for t in scales] \
+            if isinstance(scales, (tuple, list)) else type(scales).__name__
+        raise ValueError(f"{name} must be contiguous fp32 tensors {list(gate_up)} and {list(down)}, got {got}")
 
 
 def check_rows(parts: ExpertRows) -> tuple[int, int, int]:

@@ -651,15 +651,24 @@ def moe_align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.
 
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
               weights: torch.Tensor, shared: torch.Tensor | None = None,
-              shared_weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              shared_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+              scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+              shared_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The routed experts of a mixture-of-experts MLP: for each token x [N, D] and each of its experts
     ``ids`` [N, k], down(silu(gate(x)) * up(x)) with expert e's ``w_gate_up[e]`` = cat(gate, up) [2I, D] and
     ``w_down[e]`` [D, I], each product rounded to x's dtype (as separate linear layers do); the k outputs
     weighted by ``weights`` [N, k] in fp32, summed in order (expert slot 0 first), rounded to x's dtype; plus
     ``shared`` [N, D] (the shared expert's output) added in x's dtype. ``shared_weights`` (gate|up [2I, D], down
-    [D, I]) gives the shared expert instead of its output: the same gated MLP over every token."""
+    [D, I]) gives the shared expert instead of its output: the same gated MLP over every token. ``scales``
+    (gate|up [E, 2I], down [E, D]): e4m3 weights with these channel scales, each product ``linear_fp8``'s
+    (``shared_scales`` [2I], [D] for e4m3 shared weights)."""
+    def lin(h: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        return linear(h, w) if s is None else linear_fp8(h, w, s)
+
     if shared_weights is not None:
-        shared = linear(linear_gate_up_silu(x, shared_weights[0]), shared_weights[1])
+        ss = shared_scales or (None, None)
+        gu = lin(x, shared_weights[0], ss[0])
+        shared = lin(silu_mul(*gu.chunk(2, -1)), shared_weights[1], ss[1])
     N, D = x.shape
     k = ids.shape[1]
     inter = w_down.shape[2]
@@ -668,9 +677,9 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     for e in torch.unique(flat).tolist():
         slot = (flat == e).nonzero().squeeze(1)
         h = x.index_select(0, slot // k)
-        gate_up = torch.nn.functional.linear(h, w_gate_up[e])
+        gate_up = lin(h, w_gate_up[e], None if scales is None else scales[0][e])
         act = silu_mul(gate_up[:, :inter], gate_up[:, inter:])
-        out.view(N * k, D)[slot] = torch.nn.functional.linear(act, w_down[e]).float()
+        out.view(N * k, D)[slot] = lin(act, w_down[e], None if scales is None else scales[1][e]).float()
     out = out * weights.float()[..., None]
     acc = out[:, 0]
     for j in range(1, k):  # in order: the sum's rounding does not depend on a reduction's tree

@@ -132,6 +132,18 @@ def _workloads() -> None:
     skinny_matmul(torch.randn(20, 96, dtype=torch.bfloat16), torch.randn(40, 96, dtype=torch.bfloat16), torch.float32)
     for kind in ("fp8", "w8a8"):  # e4m3 weights; and e4m3 activations, quantized in the norm or on their own
         adapter_for(l2pd.quantize(tiny_model(1).to(torch.bfloat16), kind)).forward(prompt, fused=True)
+    # e4m3 experts widened in the MoE kernels (the shared expert among them for few pairs); both paths, by TMA too
+    adapter_for(l2pd.quantize(tiny_llada2(0).to(torch.bfloat16), "fp8")).forward(prompt, fused=True)
+    q13, s13 = ref.quantize_fp8(experts[0].reshape(-1, 48))
+    q2, s2 = ref.quantize_fp8(experts[1].reshape(-1, 24))
+    fp8_experts = dict(scales=(s13.view(8, 48), s2.view(8, 48)))
+    moe.TMA = "1"
+    try:
+        for n, scan in ((300, False), (20, True)):
+            fused_moe(x[:n].bfloat16(), q13.view(8, 48, 48), q2.view(8, 48, 24), ids[:n], w[:n], scan=scan,
+                      **fp8_experts)
+    finally:
+        moe.TMA = old_tma
     # the q/k/v product with rope_qkv's work in its programs: head_dim 128 (LLaDA-8B's, LLaDA2.0-mini's), full
     # and partial RoPE with per-head norms into pool rows, bf16 and e4m3
     from l2pd_kernels import linear_rope_qkv

@@ -723,3 +723,42 @@ def test_upcycling_a_llada_checkpoint(tmp_path):
         layer.mlp.gate.weight.numel() for layer in moe.model.layers[1:])
     out = generate(moe, ids, max_new_tokens=8, block_length=4, strategy="threshold", threshold=0.9)
     assert out.shape == (2, 19) and not bool((out[:, 11:] == moe.config.mask_token_id).any())
+
+
+@needs_kernels
+def test_fp8_experts_run_in_the_moe_kernels_as_the_reference_ops(monkeypatch):
+    """``l2pd.quantize``: the routed experts and the shared expert become e4m3 with channel scales (the router
+    stays as it was); the reference ops give the logits of the same model with those weights widened and
+    scaled back, and the kernel path (the MoE kernels widening them, the shared expert among them for few
+    pairs) gives the reference ops' logits; ``experts=False`` keeps the routed experts."""
+    import l2pd_kernels
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_llada2(8).to(dev)
+    ids = torch.randint(0, 58, (2, 9), device=dev)
+    l2pd.quantize(model, "fp8")
+    widened = tiny_llada2(8).to(dev)  # every quantized weight as the fp32 values its e4m3 bytes and scale hold
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name, m in widened.named_modules():
+            if getattr(mods[name], "weight_scale", None) is not None:
+                m.weight.copy_(mods[name].weight.float() * mods[name].weight_scale[:, None])
+    full = adapter_for(widened).forward(ids, fused=False)
+    mlp = model.model.layers[1].mlp
+    fp8 = torch.float8_e4m3fn
+    assert all(lin.weight.dtype == fp8 and lin.weight_scale.dtype == torch.float32
+               for e in mlp.experts for lin in (e.gate_proj, e.up_proj, e.down_proj))
+    assert mlp.gate.weight.dtype != fp8 and "model.layers.1.mlp.experts.3.down_proj.weight_scale" in model.state_dict()
+    ad = adapter_for(model)
+    ad.pack()
+    want = ad.forward(ids, fused=False)
+    torch.testing.assert_close(want, full, rtol=1e-4, atol=1e-4)
+    seen, real = [], l2pd_kernels.fused_moe
+    monkeypatch.setattr(l2pd_kernels, "fused_moe", lambda *a, **k: seen.append(
+        (k.get("scales") is not None, k.get("shared_scales") is not None)) or real(*a, **k))
+    torch.testing.assert_close(ad.forward(ids, fused=True), want, rtol=1e-4, atol=1e-4)
+    assert seen and all(s == (True, True) for s in seen)
+    kept = tiny_llada2(8).to(dev)
+    l2pd.quantize(kept, "fp8", experts=False)
+    assert kept.model.layers[1].mlp.experts[0].down_proj.weight.dtype != fp8
+    assert kept.model.layers[1].mlp.shared_experts.down_proj.weight.dtype == fp8

@@ -397,3 +397,67 @@ def test_down_programs_take_several_column_tiles_from_many_pairs(monkeypatch):
     monkeypatch.setattr(moe, "DOWN_COLS", cols)
     monkeypatch.setattr(moe, "DOWN_COLS_PAIRS", pairs)
     assert moe.down_cols(64, 16, scan=False) == 2 and moe.down_cols(64, 16, scan=True) == 1
+
+
+def _fp8_experts(e, d, inter):
+    """e4m3 experts with channel scales, as ``l2pd.quantize`` stores them, and the widened weights they hold."""
+    w13, w2 = _experts(e, d, inter, torch.float32)
+    q13, s13 = ref.quantize_fp8(w13.reshape(-1, d))
+    q2, s2 = ref.quantize_fp8(w2.reshape(-1, inter))
+    return q13.view(e, 2 * inter, d), q2.view(e, d, inter), (s13.view(e, 2 * inter), s2.view(e, d))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,d,inter,e,k", [(1, 32, 16, 4, 2), (7, 48, 40, 9, 3), (33, 64, 24, 16, 4),
+                                           (5, 45, 23, 6, 2)])
+def test_fused_moe_fp8_experts_match_reference(monkeypatch, dtype, n, d, inter, e, k):
+    """e4m3 experts (routed and shared) with channel scales, widened in registers: the reference's
+    ``linear_fp8`` products, in the scan and the sorted path, by pointer and TMA loads (equal bits; d = 45: rows no
+    descriptor covers, pointer loads); and the widened weights' bf16 product within rounding."""
+    from l2pd_kernels import fused_moe, moe
+
+    x = torch.randn(n, d, device=DEV).to(dtype)
+    q13, q2, scales = _fp8_experts(e, d, inter)
+    sq13, sq2, (ss13, ss2) = _fp8_experts(1, d, inter)
+    shared, shared_scales = (sq13[0], sq2[0]), (ss13[0], ss2[0])
+    ids, w = ref.moe_route(torch.randn(n, e, device=DEV), k, "sigmoid", torch.zeros(e, device=DEV), 1, 1, 2.5)
+    want = ref.fused_moe(x, q13, q2, ids, w, scales=scales)
+    # the reference: the experts' weights widened and scaled, as dense weights of x's dtype would run
+    wide = ref.fused_moe(x.float(), q13.float() * scales[0][..., None], q2.float() * scales[1][..., None], ids, w)
+    torch.testing.assert_close(want.float(), wide, **TOL[dtype])
+    want_sh = ref.fused_moe(x, q13, q2, ids, w, shared_weights=shared, scales=scales, shared_scales=shared_scales)
+    # an intermediate (gate, up, their product) rounded the other way moves the output by a few ulps of the largest
+    tol = dict(TOL[dtype], atol=max(TOL[dtype]["atol"], float(want_sh.abs().max()) / 64))
+    for scan in (False, True):
+        torch.testing.assert_close(fused_moe(x, q13, q2, ids, w, scan=scan, scales=scales), want, **tol)
+        outs = []
+        for mode in ("0", "1"):
+            monkeypatch.setattr(moe, "TMA", mode)
+            outs.append(fused_moe(x, q13, q2, ids, w, scan=scan, shared_weights=shared, scales=scales,
+                                  shared_scales=shared_scales))
+        monkeypatch.setattr(moe, "TMA", "auto")
+        torch.testing.assert_close(outs[1], want_sh, **tol)
+        assert torch.equal(outs[0], outs[1])
+
+
+@needs_kernels
+def test_fused_moe_fp8_arguments_are_checked():
+    from l2pd_kernels import fused_moe
+
+    n, d, inter, e, k = 3, 32, 16, 4, 2
+    x = torch.randn(n, d, device=DEV).to(torch.bfloat16)
+    q13, q2, (s13, s2) = _fp8_experts(e, d, inter)
+    ids, w = ref.moe_route(torch.randn(n, e, device=DEV), k, "sigmoid", torch.zeros(e, device=DEV), 1, 1, 2.5)
+    with pytest.raises(ValueError, match="e4m3 with scales"):
+        fused_moe(x, q13, q2, ids, w)  # e4m3 weights without their scales
+    with pytest.raises(ValueError, match="e4m3 with scales"):
+        fused_moe(x, *_experts(e, d, inter, torch.bfloat16), ids, w, scales=(s13, s2))
+    with pytest.raises(ValueError, match="scales must be"):
+        fused_moe(x, q13, q2, ids, w, scales=(s13, s2[:, :-1]))
+    with pytest.raises(ValueError, match="scales must be"):
+        fused_moe(x, q13, q2, ids, w, scales=(s13.half(), s2))
+    with pytest.raises(ValueError, match="shared_scales must be"):
+        fused_moe(x, q13, q2, ids, w, scales=(s13, s2), shared_weights=(q13[0], q2[0]))
+    with pytest.raises(ValueError, match="shared_scales go with"):
+        fused_moe(x, q13, q2, ids, w, scales=(s13, s2), shared_scales=(s13[0], s2[0]))

@@ -529,18 +529,21 @@ def _mlp(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None) -> torc
 def _moe(ops: Any, h: torch.Tensor, moe: MoE, shared: torch.Tensor | None = None,
          shared_weights: tuple | None = None) -> torch.Tensor | ExpertRows:
     """The routed experts' output for h [B, S, D] (plus ``shared``, the shared expert's, added in the experts'
-    combine; or the shared expert itself, ``shared_weights``, run by the same kernels): router logits in fp32,
-    then ``ops.fused_moe``; with ``MOE_NORM`` the rows before their combine, for the next norm."""
+    combine; or the shared expert itself, ``shared_weights`` = ``_shared_in_moe``'s (gate|up, down, scales),
+    run by the same kernels): router logits in fp32, then ``ops.fused_moe`` (e4m3 experts with their scales);
+    with ``MOE_NORM`` the rows before their combine, for the next norm."""
     flat = h.reshape(-1, h.shape[-1])
     logits = _router_logits(ops, flat, moe)
     ids, weights = ops.moe_route(logits, moe.top_k, moe.score, moe.bias, moe.n_group, moe.topk_group, moe.scale,
                                  moe.normalize)
     w13, w2 = expert_weights(moe)
+    scales = expert_scales(moe) if w13.dtype == torch.float8_e4m3fn else None  # e4m3 experts: widened in the kernel
     shared = None if shared is None else shared.reshape(flat.shape)
+    kw = dict(shared=shared, shared_weights=None if shared_weights is None else shared_weights[:2],
+              scales=scales, shared_scales=None if shared_weights is None else shared_weights[2])
     if MOE_NORM and ops is not reference:  # the next norm combines the experts' rows in its own pass
-        return ops.fused_moe(flat, w13, w2, ids, weights, shared=shared, shared_weights=shared_weights,
-                             combine=False)
-    return ops.fused_moe(flat, w13, w2, ids, weights, shared=shared, shared_weights=shared_weights).view(h.shape)
+        return ops.fused_moe(flat, w13, w2, ids, weights, combine=False, **kw)
+    return ops.fused_moe(flat, w13, w2, ids, weights, **kw).view(h.shape)
 
 
 # a mixture of experts' output is combined inside the next RMSNorm's kernel (one launch fewer per layer;
@@ -550,27 +553,34 @@ MOE_NORM = os.environ.get("L2PD_MOE_NORM", "1") == "1"
 
 
 def _shared_in_moe(ops: Any, blk: Layer, h: torch.Tensor) -> tuple | None:
-    """The shared expert's (gate|up, down) weights where the MoE kernels run it beside the routed experts (two
-    launches fewer per layer): the kernels, few (token, expert) pairs (the scan path: where it was faster, at 32
-    and 128 tokens; at 2,048 it tied), a bias-free expert of the routed experts' width in the activations' dtype
-    (not e4m3), its gate|up packed on CUDA. None elsewhere, or with ``L2PD_SHARED_IN_MOE=0``."""
+    """The shared expert's (gate|up, down, their scales or None) where the MoE kernels run it beside the routed
+    experts (two launches fewer per layer): the kernels, few (token, expert) pairs (the scan path: where it was
+    faster, at 32 and 128 tokens; at 2,048 it tied), a bias-free expert of the routed experts' width and weight
+    dtype (the activations', or e4m3 with channel scales when the routed experts are e4m3 too: both widened in
+    the kernel), its gate|up packed on CUDA. None elsewhere, or with ``L2PD_SHARED_IN_MOE=0``."""
     if blk.moe is None or ops is reference or blk.gate is None or blk.up is None or blk.down is None \
             or os.environ.get("L2PD_SHARED_IN_MOE", "1") == "0":
         return None
     if not scans(h.numel() // h.shape[-1] * blk.moe.top_k):
         return None
     mods = [blk.gate, blk.up, blk.down]
-    if any(getattr(m, "bias", None) is not None or m.weight.dtype != h.dtype for m in mods):
+    routed = blk.moe.experts[0].down_proj.weight  # [D, I]: the shared expert must have the same width and dtype
+    wdt = routed.dtype if routed.dtype == torch.float8_e4m3fn else h.dtype
+    if any(getattr(m, "bias", None) is not None or m.weight.dtype != wdt for m in mods):
+        return None
+    fp8 = wdt == torch.float8_e4m3fn
+    if fp8 and (expert_scales(blk.moe) is None or any(getattr(m, "weight_scale", None) is None for m in mods)):
         return None
     gate_up = _packed(blk.owner, "_l2pd_gate_up", mods[:2])
+    scale = _packed_scale(blk.owner, "_l2pd_gate_up", mods[:2]) if fp8 else None
     if gate_up is None:  # on CUDA the weights are packed (a copy per forward would cost what this saves)
         if h.is_cuda:
             return None
         gate_up = torch.cat([blk.gate.weight, blk.up.weight])
-    routed = blk.moe.experts[0].down_proj.weight  # [D, I]: the shared expert must have the same width
+        scale = torch.cat([blk.gate.weight_scale, blk.up.weight_scale]) if fp8 else None
     if blk.down.weight.shape != routed.shape or gate_up.shape[0] != 2 * routed.shape[1]:
         return None
-    return gate_up, blk.down.weight
+    return gate_up, blk.down.weight, (scale, blk.down.weight_scale) if fp8 else None
 
 
 # the fused forward's router product in the few-row kernel with fp32 output (``l2pd_kernels.linear_f32``); False:
@@ -659,6 +669,29 @@ def expert_weights(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
                 _KEPT[lin] = moe.owner
         object.__setattr__(moe.owner, "_l2pd_experts", (w13, w2))
     return w13, w2
+
+
+def expert_scales(moe: MoE) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(gate|up [E, 2I], down [E, D]) fp32 channel scales of e4m3 experts (``l2pd.quantize``), else None. Kept
+    on ``moe.owner`` as ``expert_weights`` keeps the weights (on CUDA the experts' scales become their views);
+    rebuilt when the first expert's scale is no longer the kept one's view."""
+    mods = list(moe.experts)
+    first = mods[0]
+    if getattr(first.gate_proj, "weight_scale", None) is None:
+        return None
+    kept = vars(moe.owner).get("_l2pd_expert_scales")
+    if kept is not None and first.gate_proj.weight_scale.data_ptr() == kept[0].data_ptr() \
+            and mods[-1].down_proj.weight_scale.data_ptr() == kept[1][-1].data_ptr():
+        return kept
+    s13 = torch.stack([torch.cat([m.gate_proj.weight_scale, m.up_proj.weight_scale]) for m in mods])
+    s2 = torch.stack([m.down_proj.weight_scale for m in mods])
+    if _keeps_views(s13.device):
+        inter = first.gate_proj.weight_scale.shape[0]
+        for i, m in enumerate(mods):
+            m.gate_proj.weight_scale.data, m.up_proj.weight_scale.data = s13[i, :inter], s13[i, inter:]
+            m.down_proj.weight_scale.data = s2[i]
+        object.__setattr__(moe.owner, "_l2pd_expert_scales", (s13, s2))
+    return s13, s2
 
 
 def _attention_path(dec: Decoder, ops: Any, attention_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
