@@ -43,17 +43,27 @@ P, G, L = 512, 256, 32
 
 
 def sizes(model) -> dict:
-    """Bytes of the weights that are not routed experts, bytes of one routed expert, active params per token."""
+    """Bytes of the weights that are not routed experts (the embedding left out: a row gather), bytes of one
+    routed expert (e4m3 weights with their scales after ``l2pd.quantize``), active parameters per token."""
     c = model.config
-    expert_bytes = 3 * c.hidden_size * c.moe_intermediate_size * 2
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def nbytes(m) -> int:
+        return sum(t.numel() * t.element_size() for t in [*m.parameters(), *m.buffers()])
+
+    def numel(m) -> int:
+        return sum(t.numel() for name, t in [*m.named_parameters(), *m.named_buffers()] if name.endswith("weight"))
+
+    expert = model.model.layers[c.first_k_dense_replace].mlp.experts[0]
+    expert_bytes, expert_params = nbytes(expert), numel(expert)
     moe_layers = c.num_hidden_layers - c.first_k_dense_replace
-    routed = moe_layers * c.num_experts * expert_bytes
-    embed = model.model.word_embeddings.weight
-    fixed = total - routed - embed.numel() * embed.element_size()  # the embedding is a row gather
-    active = (fixed + moe_layers * c.num_experts_per_tok * expert_bytes) / 2
+    embed = model.model.word_embeddings
+    total = nbytes(model)
+    fixed = total - moe_layers * c.num_experts * expert_bytes - nbytes(embed)
+    fixed_params = numel(model) - moe_layers * c.num_experts * expert_params - numel(embed)
+    active = fixed_params + moe_layers * c.num_experts_per_tok * expert_params
     return {"weights_GB": total / 1e9, "fixed_GB": fixed / 1e9, "expert_MB": expert_bytes / 1e6,
-            "moe_layers": moe_layers, "active_params_per_token": active, "head_params": model.lm_head.weight.numel()}
+            "moe_layers": moe_layers, "active_params_per_token": active, "head_params": model.lm_head.weight.numel(),
+            "weight_dtypes": sorted({str(t.dtype) for t in model.parameters()} | {str(expert.down_proj.weight.dtype)})}
 
 
 class IndependentRouting:
@@ -248,14 +258,23 @@ def main() -> None:
     ap.add_argument("--profile-new", type=int, default=64, help="the profiled decode's new tokens")
     ap.add_argument("--profile-steps", type=int, default=16, help="the profiled decode's forwards")
     ap.add_argument("--profile-batch", type=int, default=1, help="the profiled decode's rows")
+    ap.add_argument("--weights", choices=["bf16", "fp8", "w8a8"], default="bf16",
+                    help="l2pd.quantize the model first (fp8: e4m3 weights everywhere, the routed experts included; "
+                         "w8a8: e4m3 activations too where the products take them)")
     ap.add_argument("--routing", choices=["model", "independent"], default="model",
                     help="the experts each token takes in the decodes: the random router's (model) or each token's "
                          "own 8 drawn at random (independent; see above)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     model = build_model(LLaDA2MoeModelLM, LLaDA2Config)
+    if args.weights != "bf16":
+        import l2pd
+
+        l2pd.quantize(model, args.weights)
+        torch.cuda.empty_cache()
     print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
     result = run_info()
+    result["weights"] = args.weights
     result["sizes"] = sz = sizes(model)
     result["floors"] = fl = floors()
     print(json.dumps({**sz, **fl}), flush=True)

@@ -689,6 +689,10 @@ TMA = os.environ.get("L2PD_MOE_TMA", "auto")
 # L2PD_MOE_DOWN_COLS=n forces n tiles a program at any number of pairs (1: one tile a program)
 
 
+# e4m3 experts take the half-precision tiles with BLOCK_K times FP8_K (L2PD_MOE_FP8_K; 1: the same tiles)
+FP8_K = int(os.environ.get("L2PD_MOE_FP8_K", "1"))
+
+
 def _down_cols_setting(env: str | None) -> tuple[int, int]:
     """(DOWN_COLS, DOWN_COLS_PAIRS) for ``L2PD_MOE_DOWN_COLS`` = ``env``: 4 tiles from 8,192 pairs when unset."""
     return (int(env), 0) if env else (4, 8192)
@@ -772,6 +776,8 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
         bn1 = bn2 = bk1 = bk2 = CPU_TILE
     elif x.dtype == torch.float32:  # 4-byte tiles: at most 64 columns and two stages fit shared memory (A100 too)
         bn1, bn2, st1, st2 = min(bn1, 64), min(bn2, 64), min(st1, 2), min(st2, 2)
+    elif fp8 and config is None and FP8_K > 1:  # deeper e4m3 weight tiles: as many bytes a step as half precision
+        bk1, bk2 = min(bk1 * FP8_K, triton.next_power_of_2(D)), min(bk2 * FP8_K, triton.next_power_of_2(inter))
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     scan = scans(N * k) if scan is None else scan
     nt1, nt2 = triton.cdiv(inter, bn1), triton.cdiv(D, bn2)  # column tiles of the two kernels
