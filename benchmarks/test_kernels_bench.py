@@ -339,6 +339,34 @@ def test_fused_moe(benchmark, tokens, path, monkeypatch):
 
 
 @cuda
+@pytest.mark.parametrize("tokens", [32, 256, 2048])
+@pytest.mark.parametrize("path", ["bf16", "fp8", "fp8-k2"])
+def test_fused_moe_fp8(benchmark, tokens, path, monkeypatch):
+    """The same layer's routed experts as e4m3 weights with channel scales (``l2pd.quantize``'s), widened in the
+    kernels' registers, against the bf16 experts they came from; "fp8-k2": tiles twice as deep
+    (``L2PD_MOE_FP8_K=2``). GBps over the bytes of the touched experts as each holds them (the floor's
+    numerator)."""
+    from l2pd_kernels import fused_moe, moe
+    from l2pd_kernels import reference as ref
+
+    x, w13, w2, _, ids, w = _moe_layer(tokens)
+    E, two_i, D = w13.shape
+    touched = int(ids.unique().numel())
+    kw = {}
+    if path != "bf16":
+        monkeypatch.setattr(moe, "FP8_K", 2 if path == "fp8-k2" else 1)
+        q13, s13 = ref.quantize_fp8(w13.reshape(-1, D))
+        q2, s2 = ref.quantize_fp8(w2.reshape(-1, two_i // 2))
+        w13, w2 = q13.view(E, two_i, D), q2.view(E, D, two_i // 2)
+        kw["scales"] = (s13.view(E, two_i), s2.view(E, D))
+    nbytes = touched * (w13[0].numel() * 3 // 2 * w13.element_size() + (two_i + D) * 4 * (path != "bf16"))
+    fn = lambda: fused_moe(x, w13, w2, ids, w, **kw)  # noqa: E731
+    benchmark.extra_info["touched_experts"] = touched
+    bw = {"GBps": lambda ms: nbytes / ms / 1e6}
+    _run(benchmark, fn, bw, {"graph_" + k: v for k, v in bw.items()})
+
+
+@cuda
 @pytest.mark.parametrize("tokens", [256, 2048, 4096])
 @pytest.mark.parametrize("path", ["kernel", "reference"])
 def test_moe_align(benchmark, tokens, path):

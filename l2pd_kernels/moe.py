@@ -202,8 +202,8 @@ def _gate_up_tile(x_ptr, w_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl
 
 @triton.jit
 def _gate_up_tile_fp8(x_ptr, w_base, s_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl.constexpr,
-                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr,
-                      row0):
+                      PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      TMA: tl.constexpr, row0):
     """``_gate_up_tile`` for e4m3 weights: each weight tile widened in registers to x's dtype (exact) and taken
     as the left operand (w @ x.T: a tensor-core operand may come from registers only on that side), the sums
     scaled by the channels' scales in fp32, then rounded as the half-precision tile rounds."""
@@ -289,7 +289,8 @@ def _down_tile(act_ptr, w_base, out_ptr, pair, valid, D, INTER, UPCAST: tl.const
 
 @triton.jit
 def _down_tile_fp8(act_ptr, w_base, s_base, out_ptr, pair, valid, D, INTER, UPCAST: tl.constexpr,
-                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr, row0):
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   TMA: tl.constexpr, row0):
     row = tl.where(valid, pair, 0)
     n0 = tl.program_id(1) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
