@@ -4,10 +4,10 @@ fly, so the products run on FP8 tensor cores with nothing widened (``l2pd_kernel
 
 Which layers: q/k/v (or the fused q/k/v), the attention output, gate/up/down of the dense MLP (and of a shared
 expert), a mixture of experts' routed experts (``experts=False`` keeps them bf16) and the LM head (``head=False``
-keeps it bf16). The routed experts are e4m3 weights under either kind: ``l2pd_kernels.fused_moe`` widens them in
-registers and multiplies the activations as they are (their rows are gathered per expert, and a per-token
-quantization of them is not done); the shared expert, when the MoE kernels run it, likewise. What stays bf16 and
-why: the embedding (a gather of a few rows per step: no weight read to save), the norms (a few KB), and a
+keeps it bf16). ``l2pd_kernels.fused_moe`` runs the routed experts (and the shared expert beside them where it
+runs it): under ``"fp8"`` it widens their e4m3 weights in registers, under ``"w8a8"`` it multiplies e4m3 rows
+(the norm's, and the SiLU product's quantized between its two kernels) on FP8 tensor cores. What stays bf16
+and why: the embedding (a gather of a few rows per step: no weight read to save), the norms (a few KB), and a
 mixture of experts' router (1 MB a layer; its scores pick the experts). Each quantized module's ``weight`` becomes
 a float8_e4m3fn buffer beside a ``weight_scale`` buffer: the decoder multiplies through
 ``l2pd_kernels.linear_fp8`` (the few-row kernel reads the FP8 bytes and widens them in registers), and
@@ -48,7 +48,7 @@ def quantize(model: Any, kind: str = "fp8", head: bool = True, experts: bool = T
     modules: list[nn.Module] = []
     for layer in dec.layers:
         if experts and layer.moe is not None:
-            _quantize_experts(layer.moe)
+            _quantize_experts(layer.moe, kind == "w8a8")
         modules += [m for m in (layer.qkv, layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down)
                     if m is not None]
     if head and dec.head is not dec.embed:
@@ -61,13 +61,17 @@ def quantize(model: Any, kind: str = "fp8", head: bool = True, experts: bool = T
 
 
 @torch.no_grad()
-def _quantize_experts(moe: Any) -> None:
+def _quantize_experts(moe: Any, a8: bool) -> None:
     """A mixture of experts' routed experts as e4m3 with channel scales, a layer at a time from their stacked
     weights (each expert's gate/up/down gets the bits ``_quantize_linear`` would give it). On CUDA the experts'
-    buffers are views of the stacks the MoE kernels read (``expert_weights``, ``expert_scales``)."""
+    buffers are views of the stacks the MoE kernels read (``expert_weights``, ``expert_scales``). ``a8``: they
+    multiply e4m3 activations (w8a8)."""
     from .models.decoder import _keeps_views
 
     mods = list(moe.experts)
+    for m in mods:
+        for lin in (m.gate_proj, m.up_proj, m.down_proj):
+            lin.l2pd_w8a8 = a8
     if mods[0].down_proj.weight.dtype == torch.float8_e4m3fn:
         return
     w13, w2 = expert_weights(moe)

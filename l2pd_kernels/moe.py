@@ -186,15 +186,15 @@ def _align_scatter_kernel(ids_ptr, hist_ptr, pairs_ptr, block_expert_ptr, P, E, 
 @triton.jit
 def _gate_up_tile(x_ptr, w_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0,
-                  row0=0, s_base=0, FP8: tl.constexpr = 0):
+                  row0=0, s_base=0, FP8: tl.constexpr = 0, xs_ptr=0):
     """Rows ``pair`` of act = silu(x[tok] @ gate.T) * (x[tok] @ up.T), one column tile, for the experts' packed
     gate|up weight at ``w_base``; with ``TMA``, ``w_base`` is a descriptor of all the experts' packed weights
     [E * 2I, D] and the expert's start at row ``row0`` (rows past the expert's columns read its up half or the
     next expert's weight, and make columns that are not stored). ``FP8``: e4m3 weights, their channel scales at
-    ``s_base`` (``_gate_up_tile_fp8``)."""
+    ``s_base`` (``_gate_up_tile_fp8``; 2: x e4m3 too, its row scales at ``xs_ptr``)."""
     if FP8:
         _gate_up_tile_fp8(x_ptr, w_base, s_base, act_ptr, pair, tok, valid, D, INTER, UPCAST, PREC, BLOCK_M,
-                          BLOCK_N, BLOCK_K, TMA, row0)
+                          BLOCK_N, BLOCK_K, TMA, row0, xs_ptr, FP8)
     else:
         _gate_up_tile_half(x_ptr, w_base, act_ptr, pair, tok, valid, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N,
                            BLOCK_K, TMA, row0)
@@ -203,10 +203,12 @@ def _gate_up_tile(x_ptr, w_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl
 @triton.jit
 def _gate_up_tile_fp8(x_ptr, w_base, s_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl.constexpr,
                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      TMA: tl.constexpr, row0):
+                      TMA: tl.constexpr, row0, xs_ptr, FP8: tl.constexpr):
     """``_gate_up_tile`` for e4m3 weights: each weight tile widened in registers to x's dtype (exact) and taken
     as the left operand (w @ x.T: a tensor-core operand may come from registers only on that side), the sums
-    scaled by the channels' scales in fp32, then rounded as the half-precision tile rounds."""
+    scaled by the channels' scales in fp32, then rounded as the half-precision tile rounds. ``FP8`` = 2: x's
+    rows are e4m3 as well (row scales at ``xs_ptr``): e4m3 products, nothing widened, each sum times its row's
+    scale, then its channel's (``reference.linear_w8a8``'s order)."""
     tok = tl.where(valid, tok, 0)
     n0 = tl.program_id(1) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -227,10 +229,13 @@ def _gate_up_tile_fp8(x_ptr, w_base, s_base, act_ptr, pair, tok, valid, D, INTER
             bu = tl.load(w_base + (INTER + offs_n[:, None]) * D + kk[None, :], mask=wmask, other=0.0)
         if UPCAST:
             a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-        else:
+        elif FP8 == 1:
             bg, bu = bg.to(a.dtype), bu.to(a.dtype)
         acc_g = tl.dot(bg, tl.trans(a), acc_g, input_precision=PREC)
         acc_u = tl.dot(bu, tl.trans(a), acc_u, input_precision=PREC)
+    if FP8 == 2:
+        xr = tl.load(xs_ptr + tok, mask=valid, other=0.0)
+        acc_g, acc_u = acc_g * xr[None, :], acc_u * xr[None, :]
     sg = tl.load(s_base + offs_n, mask=n_ok, other=0.0)
     su = tl.load(s_base + INTER + offs_n, mask=n_ok, other=0.0)
     dt = act_ptr.dtype.element_ty
@@ -276,12 +281,13 @@ def _gate_up_tile_half(x_ptr, w_base, act_ptr, pair, tok, valid, D, INTER, UPCAS
 @triton.jit
 def _down_tile(act_ptr, w_base, out_ptr, pair, valid, D, INTER, UPCAST: tl.constexpr, PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0,
-               row0=0, s_base=0, FP8: tl.constexpr = 0):
+               row0=0, s_base=0, FP8: tl.constexpr = 0, xs_ptr=0):
     """``TMA``: ``w_base`` is a descriptor of all the experts' down weights [E * D, I], the expert's from row
-    ``row0``. ``FP8``: e4m3 weights, their channel scales at ``s_base`` (as ``_gate_up_tile_fp8``)."""
+    ``row0``. ``FP8``: e4m3 weights, their channel scales at ``s_base`` (as ``_gate_up_tile_fp8``; 2: act's rows
+    e4m3, their scales at ``xs_ptr``)."""
     if FP8:
         _down_tile_fp8(act_ptr, w_base, s_base, out_ptr, pair, valid, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N,
-                       BLOCK_K, TMA, row0)
+                       BLOCK_K, TMA, row0, xs_ptr, FP8)
     else:
         _down_tile_half(act_ptr, w_base, out_ptr, pair, valid, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K,
                         TMA, row0)
@@ -290,7 +296,7 @@ def _down_tile(act_ptr, w_base, out_ptr, pair, valid, D, INTER, UPCAST: tl.const
 @triton.jit
 def _down_tile_fp8(act_ptr, w_base, s_base, out_ptr, pair, valid, D, INTER, UPCAST: tl.constexpr,
                    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   TMA: tl.constexpr, row0):
+                   TMA: tl.constexpr, row0, xs_ptr, FP8: tl.constexpr):
     row = tl.where(valid, pair, 0)
     n0 = tl.program_id(1) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -308,9 +314,11 @@ def _down_tile_fp8(act_ptr, w_base, s_base, out_ptr, pair, valid, D, INTER, UPCA
                         other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
-        else:
+        elif FP8 == 1:
             b = b.to(a.dtype)
         acc = tl.dot(b, tl.trans(a), acc, input_precision=PREC)
+    if FP8 == 2:
+        acc = acc * tl.load(xs_ptr + row, mask=valid, other=0.0)[None, :]
     sc = tl.load(s_base + offs_n, mask=n_ok, other=0.0)
     res = tl.trans(acc * sc[:, None]).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + pair[:, None] * D + offs_n[None, :], res, mask=valid[:, None] & n_ok[None, :])
@@ -415,11 +423,11 @@ def _chunk(offs, rank, r0, count, BLOCK_M: tl.constexpr):
 def _scan_tiles(in_ptr, w_ptr, out_ptr, ids_ptr, num_pairs, pid_m, programs, D, INTER, TOPK: tl.constexpr,
                 GATE_UP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, PAIRS: tl.constexpr,
                 E_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                TMA: tl.constexpr, s_ptr, FP8: tl.constexpr):
+                TMA: tl.constexpr, s_ptr, FP8: tl.constexpr, xs_ptr):
     """The scan path of either kernel: program ``pid_m`` of ``programs`` takes touched experts pid_m, pid_m +
     programs, ... (no program per idle expert), each expert's pairs found in the ids themselves, BLOCK_M at a
     time. ``TMA``: ``w_ptr`` is a descriptor of the experts' weights stacked by rows. ``FP8``: e4m3 weights,
-    their channel scales stacked alike at ``s_ptr``."""
+    their channel scales stacked alike at ``s_ptr`` (2: the rows e4m3 too, their scales at ``xs_ptr``)."""
     present, slot, touched = _touched(ids_ptr, num_pairs, PAIRS, E_P)
     for s in range(pid_m, touched, programs):
         e = _slot_expert(present, slot, s, E_P)
@@ -430,17 +438,17 @@ def _scan_tiles(in_ptr, w_ptr, out_ptr, ids_ptr, num_pairs, pid_m, programs, D, 
                 if TMA:
                     _gate_up_tile(in_ptr, w_ptr, out_ptr, pair, pair // TOPK, valid, D, INTER, UPCAST, PREC,
                                   BLOCK_M, BLOCK_N, BLOCK_K, 1, (e * (2 * INTER)).to(tl.int32),
-                                  s_ptr + e * (2 * INTER), FP8)
+                                  s_ptr + e * (2 * INTER), FP8, xs_ptr)
                 else:
                     _gate_up_tile(in_ptr, w_ptr + e * (2 * INTER) * D, out_ptr, pair, pair // TOPK, valid, D,
                                   INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K, 0, 0, s_ptr + e * (2 * INTER),
-                                  FP8)
+                                  FP8, xs_ptr)
             elif TMA:
                 _down_tile(in_ptr, w_ptr, out_ptr, pair, valid, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K,
-                           1, (e * D).to(tl.int32), s_ptr + e * D, FP8)
+                           1, (e * D).to(tl.int32), s_ptr + e * D, FP8, xs_ptr)
             else:
                 _down_tile(in_ptr, w_ptr + e * D * INTER, out_ptr, pair, valid, D, INTER, UPCAST, PREC, BLOCK_M,
-                           BLOCK_N, BLOCK_K, 0, 0, s_ptr + e * D, FP8)
+                           BLOCK_N, BLOCK_K, 0, 0, s_ptr + e * D, FP8, xs_ptr)
 
 
 @triton.jit
@@ -453,23 +461,24 @@ def _shared_rows(pid_m, first, n_tok, row0, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, ws_ptr, first_shared, n_tok,
-                    s_ptr, ss_ptr, TOPK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                    s_ptr, ss_ptr, xs_ptr, TOPK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                     SCAN: tl.constexpr, PAIRS: tl.constexpr, E_P: tl.constexpr, SHARED_W: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0,
                     FP8: tl.constexpr = 0, PDL: tl.constexpr = 0):
     """Programs from ``first_shared`` on (with SHARED_W) run the shared expert (weights at ``ws_ptr``), a block
     of BLOCK_M tokens each, into the rows after the routed pairs'. ``TMA``: ``w_ptr`` is a descriptor of the
     routed experts' weights [E * 2I, D]; the shared expert's load by pointers. ``FP8``: e4m3 weights, the routed
-    experts' channel scales at ``s_ptr`` [E, 2I], the shared expert's at ``ss_ptr`` [2I]."""
+    experts' channel scales at ``s_ptr`` [E, 2I], the shared expert's at ``ss_ptr`` [2I] (2: x's rows e4m3,
+    their scales at ``xs_ptr``)."""
     pdl_wait(PDL)
     pid_m = tl.program_id(0)
     if SHARED_W and pid_m >= first_shared:
         t, row, ok = _shared_rows(pid_m, first_shared, n_tok, num_pairs, BLOCK_M)
         _gate_up_tile(x_ptr, ws_ptr, act_ptr, row, t, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K, 0, 0,
-                      ss_ptr, FP8)
+                      ss_ptr, FP8, xs_ptr)
     elif SCAN:  # few pairs, no sort
         _scan_tiles(x_ptr, w_ptr, act_ptr, pairs_ptr, num_pairs, pid_m, first_shared, D, INTER, TOPK, True, UPCAST,
-                    PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K, TMA, s_ptr, FP8)
+                    PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K, TMA, s_ptr, FP8, xs_ptr)
     else:  # program = a block of one expert's sorted pairs
         e = tl.load(expert_ptr + pid_m).to(tl.int64)
         if e >= 0:
@@ -477,21 +486,24 @@ def _gate_up_kernel(x_ptr, w_ptr, act_ptr, pairs_ptr, expert_ptr, num_pairs, D, 
             if TMA:
                 _gate_up_tile(x_ptr, w_ptr, act_ptr, pair, pair // TOPK, pair < num_pairs, D, INTER, UPCAST, PREC,
                               BLOCK_M, BLOCK_N, BLOCK_K, 1, (e * (2 * INTER)).to(tl.int32), s_ptr + e * (2 * INTER),
-                              FP8)
+                              FP8, xs_ptr)
             else:
                 _gate_up_tile(x_ptr, w_ptr + e * (2 * INTER) * D, act_ptr, pair, pair // TOPK, pair < num_pairs, D,
-                              INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K, 0, 0, s_ptr + e * (2 * INTER), FP8)
+                              INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K, 0, 0, s_ptr + e * (2 * INTER), FP8,
+                              xs_ptr)
 
 
 @triton.jit
 def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, INTER, wd_ptr, first_shared, n_tok,
-                 s_ptr, ss_ptr, UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr, PAIRS: tl.constexpr,
+                 s_ptr, ss_ptr, xs_ptr, UPCAST: tl.constexpr, PREC: tl.constexpr, SCAN: tl.constexpr,
+                 PAIRS: tl.constexpr,
                  E_P: tl.constexpr, SHARED_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, TMA: tl.constexpr = 0, COLS: tl.constexpr = 1, FP8: tl.constexpr = 0,
                  PDL: tl.constexpr = 0):
     """As ``_gate_up_kernel``; ``TMA``: ``w_ptr`` a descriptor of the routed experts' weights [E * D, I];
     ``COLS`` > 1 (the sorted path only, not with FP8): each program takes COLS column tiles (``_down_cols``).
-    ``FP8``: the scales at ``s_ptr`` [E, D] and ``ss_ptr`` [D]."""
+    ``FP8``: the scales at ``s_ptr`` [E, D] and ``ss_ptr`` [D] (2: act's rows e4m3, their scales at
+    ``xs_ptr``)."""
     pdl_wait(PDL)
     pid_m = tl.program_id(0)
     if SHARED_W and pid_m >= first_shared:
@@ -500,10 +512,10 @@ def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, I
             _down_cols(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K, COLS)
         else:
             _down_tile(act_ptr, wd_ptr, out_ptr, row, ok, D, INTER, UPCAST, PREC, BLOCK_M, BLOCK_N, BLOCK_K, 0, 0,
-                       ss_ptr, FP8)
+                       ss_ptr, FP8, xs_ptr)
     elif SCAN:
         _scan_tiles(act_ptr, w_ptr, out_ptr, pairs_ptr, num_pairs, pid_m, first_shared, D, INTER, 1, False, UPCAST,
-                    PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K, TMA, s_ptr, FP8)
+                    PREC, PAIRS, E_P, BLOCK_M, BLOCK_N, BLOCK_K, TMA, s_ptr, FP8, xs_ptr)
     else:
         e = tl.load(expert_ptr + pid_m).to(tl.int64)
         if e >= 0:
@@ -516,10 +528,10 @@ def _down_kernel(act_ptr, w_ptr, out_ptr, pairs_ptr, expert_ptr, num_pairs, D, I
                            BLOCK_M, BLOCK_N, BLOCK_K, COLS)
             elif TMA:
                 _down_tile(act_ptr, w_ptr, out_ptr, pair, pair < num_pairs, D, INTER, UPCAST, PREC, BLOCK_M,
-                           BLOCK_N, BLOCK_K, 1, (e * D).to(tl.int32), s_ptr + e * D, FP8)
+                           BLOCK_N, BLOCK_K, 1, (e * D).to(tl.int32), s_ptr + e * D, FP8, xs_ptr)
             else:
                 _down_tile(act_ptr, w_ptr + e * D * INTER, out_ptr, pair, pair < num_pairs, D, INTER, UPCAST, PREC,
-                           BLOCK_M, BLOCK_N, BLOCK_K, 0, 0, s_ptr + e * D, FP8)
+                           BLOCK_M, BLOCK_N, BLOCK_K, 0, 0, s_ptr + e * D, FP8, xs_ptr)
 
 
 @triton.jit
@@ -723,8 +735,8 @@ def _moe_tma(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, sca
 def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, ids: torch.Tensor,
               weights: torch.Tensor, config: tuple | None = None, scan: bool | None = None,
               shared: torch.Tensor | None = None, shared_weights: tuple | None = None,
-              combine: bool = True, scales: tuple | None = None,
-              shared_scales: tuple | None = None) -> torch.Tensor | ExpertRows:
+              combine: bool = True, scales: tuple | None = None, shared_scales: tuple | None = None,
+              a8: bool = False, xq: tuple | None = None) -> torch.Tensor | ExpertRows:
     """Triton version of ``l2pd_kernels.reference.fused_moe`` (x [N, D], w_gate_up [E, 2I, D], w_down [E, D, I],
     ids [N, k], weights [N, k], ``shared`` [N, D] added at the end; or ``shared_weights`` (gate|up [2I, D], down
     [D, I]): a shared expert of the routed experts' width, run by the same two kernels over every token, its
@@ -736,7 +748,9 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     pass (or ``moe_combine``).
     ``scales`` (fp32 gate|up [E, 2I], down [E, D]): the experts' weights are e4m3 with these channel scales
     (``reference.quantize_fp8``'s), widened to x's dtype in registers; ``shared_scales`` ([2I], [D]) likewise for
-    e4m3 ``shared_weights``.
+    e4m3 ``shared_weights``. ``a8`` (with ``scales``): the activations e4m3 too, one scale per row (x's as ``xq``
+    = ``quantize_rows(x)`` gives them, made here if not given; the SiLU product's by ``quantize_rows`` between
+    the two kernels), the products on FP8 tensor cores (``reference.fused_moe(..., a8=True)``).
     ``ids`` must lie in [0, E), as ``moe_route`` gives them. They are not checked (that would read them back
     to the host at every layer): a pair outside reaches no expert, and its token's output is undefined."""
     if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
@@ -757,6 +771,11 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
                          f"dtype), got {x.dtype}, {w_gate_up.dtype}, {w_down.dtype}")
     if fp8:
         _check_scales(scales, (E, two_i), (E, D), "scales")
+    if (a8 and not fp8) or (xq is not None and not a8):
+        raise ValueError("a8 (e4m3 activations) goes with e4m3 experts and their scales; xq with a8")
+    if xq is not None and not (len(xq) == 2 and xq[0].dtype == torch.float8_e4m3fn and xq[0].shape == x.shape
+                               and xq[1].dtype == torch.float32 and xq[1].numel() == N):
+        raise ValueError(f"xq must be x's rows as e4m3 [{N}, {D}] and their fp32 scales [{N}]")
     k = ids.shape[1]
     if shared is not None and (shared.shape != x.shape or shared.dtype != x.dtype):
         raise ValueError(f"shared must be {x.dtype} {tuple(x.shape)}, got {shared.dtype} {tuple(shared.shape)}")
@@ -798,25 +817,33 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     rows = N * k + (N if sw else 0)  # the routed pairs' rows, then the shared expert's
     act = torch.empty(rows, inter, dtype=x.dtype, device=x.device)
     out = torch.empty(rows, D, dtype=x.dtype, device=x.device)  # each pair's down projection, unweighted
-    upcast = x.device.type != "cuda" and x.dtype == torch.bfloat16  # the interpreter's bf16 dot is wrong
+    # the interpreter's bf16 dot is wrong (and it has no e4m3 one)
+    upcast = x.device.type != "cuda" and (x.dtype == torch.bfloat16 or a8)
     # fp32 products in full precision (as the reference's matmuls), not TF32
-    flags = dict(UPCAST=upcast, PREC="ieee" if x.dtype == torch.float32 else "tf32", SCAN=scan,
+    flags = dict(UPCAST=upcast, PREC="ieee" if x.dtype == torch.float32 and not a8 else "tf32", SCAN=scan,
                  PAIRS=triton.next_power_of_2(N * k), E_P=triton.next_power_of_2(E) if scan else 1, SHARED_W=sw,
                  BLOCK_M=block_m)
     wg, wdn = w_gate_up, w_down
     if tma := _moe_tma(x, w_gate_up, w_down, scan):  # descriptors over the experts stacked by rows
         wg = TensorDescriptor.from_tensor(w_gate_up.view(E * two_i, D), [bn1, bk1])
         wdn = TensorDescriptor.from_tensor(w_down.view(E * D, inter), [bn2, bk2])
-    # the channel scales (unread without FP8: any pointer)
+    # the channel scales and the rows' e4m3 scales (unread without FP8 / a8: any pointer)
     s1, s2 = scales if fp8 else (x, x)
     ss1, ss2 = shared_scales if fp8 and sw else (s1, s2)
-    _gate_up_kernel[(routed1 + extra, nt1)](x, wg, act, pairs, experts, N * k, D, inter, ws, routed1, N, s1, ss1,
-                                            TOPK=k, BLOCK_N=bn1, BLOCK_K=bk1, TMA=int(tma), FP8=int(fp8),
+    xin, xs = x, x
+    if a8:
+        from .fp8 import quantize_rows
+
+        xin, xs = (xq[0], xq[1].reshape(-1)) if xq is not None else quantize_rows(x)
+    mode = 2 if a8 else int(fp8)
+    _gate_up_kernel[(routed1 + extra, nt1)](xin, wg, act, pairs, experts, N * k, D, inter, ws, routed1, N, s1, ss1,
+                                            xs, TOPK=k, BLOCK_N=bn1, BLOCK_K=bk1, TMA=int(tma), FP8=mode,
                                             num_warps=w1, num_stages=st1, **flags, **pdl(x.device, "moe_gate_up"))
+    act_in, act_s = quantize_rows(act) if a8 else (act, x)
     cols = 1 if fp8 else down_cols(N * k, nt2, scan)
-    _down_kernel[(routed2 + extra, triton.cdiv(nt2, cols))](act, wdn, out, pairs, experts, N * k, D, inter, wd,
-                                                            routed2, N, s2, ss2, BLOCK_N=bn2, BLOCK_K=bk2,
-                                                            TMA=int(tma), COLS=cols, FP8=int(fp8), num_warps=w2_,
+    _down_kernel[(routed2 + extra, triton.cdiv(nt2, cols))](act_in, wdn, out, pairs, experts, N * k, D, inter, wd,
+                                                            routed2, N, s2, ss2, act_s, BLOCK_N=bn2, BLOCK_K=bk2,
+                                                            TMA=int(tma), COLS=cols, FP8=mode, num_warps=w2_,
                                                             num_stages=st2, **flags, **pdl(x.device, "moe_down"))
     parts = ExpertRows(out, weights.float().contiguous(),
                        out[N * k:] if sw else shared.contiguous() if shared is not None else None)

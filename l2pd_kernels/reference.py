@@ -653,7 +653,8 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
               weights: torch.Tensor, shared: torch.Tensor | None = None,
               shared_weights: tuple[torch.Tensor, torch.Tensor] | None = None,
               scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-              shared_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              shared_scales: tuple[torch.Tensor, torch.Tensor] | None = None, a8: bool = False,
+              xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The routed experts of a mixture-of-experts MLP: for each token x [N, D] and each of its experts
     ``ids`` [N, k], down(silu(gate(x)) * up(x)) with expert e's ``w_gate_up[e]`` = cat(gate, up) [2I, D] and
     ``w_down[e]`` [D, I], each product rounded to x's dtype (as separate linear layers do); the k outputs
@@ -661,13 +662,18 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     ``shared`` [N, D] (the shared expert's output) added in x's dtype. ``shared_weights`` (gate|up [2I, D], down
     [D, I]) gives the shared expert instead of its output: the same gated MLP over every token. ``scales``
     (gate|up [E, 2I], down [E, D]): e4m3 weights with these channel scales, each product ``linear_fp8``'s
-    (``shared_scales`` [2I], [D] for e4m3 shared weights)."""
-    def lin(h: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
-        return linear(h, w) if s is None else linear_fp8(h, w, s)
+    (``shared_scales`` [2I], [D] for e4m3 shared weights); ``a8``: ``linear_w8a8``'s, each row of x (``xq``: as
+    ``quantize_rows_fp8(x)`` gives them) and of the SiLU product quantized to e4m3."""
+    def lin(h: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, hq: tuple | None = None) -> torch.Tensor:
+        if s is None:
+            return linear(h, w)
+        return linear_w8a8(h, w, s, hq) if a8 else linear_fp8(h, w, s)
 
+    if a8 and xq is None:
+        xq = quantize_rows_fp8(x)
     if shared_weights is not None:
         ss = shared_scales or (None, None)
-        gu = lin(x, shared_weights[0], ss[0])
+        gu = lin(x, shared_weights[0], ss[0], xq)
         shared = lin(silu_mul(*gu.chunk(2, -1)), shared_weights[1], ss[1])
     N, D = x.shape
     k = ids.shape[1]
@@ -677,7 +683,8 @@ def fused_moe(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, id
     for e in torch.unique(flat).tolist():
         slot = (flat == e).nonzero().squeeze(1)
         h = x.index_select(0, slot // k)
-        gate_up = lin(h, w_gate_up[e], None if scales is None else scales[0][e])
+        hq = None if xq is None else (xq[0].index_select(0, slot // k), xq[1].reshape(-1).index_select(0, slot // k))
+        gate_up = lin(h, w_gate_up[e], None if scales is None else scales[0][e], hq)
         act = silu_mul(gate_up[:, :inter], gate_up[:, inter:])
         out.view(N * k, D)[slot] = lin(act, w_down[e], None if scales is None else scales[1][e]).float()
     out = out * weights.float()[..., None]

@@ -133,7 +133,8 @@ def _workloads() -> None:
     for kind in ("fp8", "w8a8"):  # e4m3 weights; and e4m3 activations, quantized in the norm or on their own
         adapter_for(l2pd.quantize(tiny_model(1).to(torch.bfloat16), kind)).forward(prompt, fused=True)
     # e4m3 experts widened in the MoE kernels (the shared expert among them for few pairs); both paths, by TMA too
-    adapter_for(l2pd.quantize(tiny_llada2(0).to(torch.bfloat16), "fp8")).forward(prompt, fused=True)
+    for kind in ("fp8", "w8a8"):  # w8a8: against e4m3 rows, on FP8 tensor cores
+        adapter_for(l2pd.quantize(tiny_llada2(0).to(torch.bfloat16), kind)).forward(prompt, fused=True)
     q13, s13 = ref.quantize_fp8(experts[0].reshape(-1, 48))
     q2, s2 = ref.quantize_fp8(experts[1].reshape(-1, 24))
     fp8_experts = dict(scales=(s13.view(8, 48), s2.view(8, 48)))
@@ -141,8 +142,9 @@ def _workloads() -> None:
     try:
         for n, scan in ((300, False), (20, True)):
             for moe.FP8_K in (1, 2):  # the half-precision tiles, and twice as deep
-                fused_moe(x[:n].bfloat16(), q13.view(8, 48, 48), q2.view(8, 48, 24), ids[:n], w[:n], scan=scan,
-                          **fp8_experts)
+                for a8 in (False, True):
+                    fused_moe(x[:n].bfloat16(), q13.view(8, 48, 48), q2.view(8, 48, 24), ids[:n], w[:n], scan=scan,
+                              a8=a8, **fp8_experts)
     finally:
         moe.TMA, moe.FP8_K = old_tma, old_k
     # the q/k/v product with rope_qkv's work in its programs: head_dim 128 (LLaDA-8B's, LLaDA2.0-mini's), full

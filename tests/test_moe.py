@@ -408,13 +408,16 @@ def _fp8_experts(e, d, inter):
 
 
 @needs_kernels
+@pytest.mark.parametrize("a8", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n,d,inter,e,k", [(1, 32, 16, 4, 2), (7, 48, 40, 9, 3), (33, 64, 24, 16, 4),
                                            (5, 45, 23, 6, 2)])
-def test_fused_moe_fp8_experts_match_reference(monkeypatch, dtype, n, d, inter, e, k):
-    """e4m3 experts (routed and shared) with channel scales, widened in registers: the reference's
-    ``linear_fp8`` products, in the scan and the sorted path, by pointer and TMA loads (equal bits; d = 45: rows no
-    descriptor covers, pointer loads); and the widened weights' bf16 product within rounding."""
+def test_fused_moe_fp8_experts_match_reference(monkeypatch, a8, dtype, n, d, inter, e, k):
+    """e4m3 experts (routed and shared) with channel scales, widened in registers (``a8``: against e4m3 rows of
+    x and of the SiLU product, e4m3 products): the reference's ``linear_fp8`` (``linear_w8a8``) products, in the
+    scan and the sorted path, by pointer and TMA loads (equal bits; d = 45: rows no descriptor covers, pointer
+    loads); widened, the widened weights' product within rounding; ``a8`` with x's rows given (``xq``) as
+    without."""
     from l2pd_kernels import fused_moe, moe
 
     x = torch.randn(n, d, device=DEV).to(dtype)
@@ -422,20 +425,26 @@ def test_fused_moe_fp8_experts_match_reference(monkeypatch, dtype, n, d, inter, 
     sq13, sq2, (ss13, ss2) = _fp8_experts(1, d, inter)
     shared, shared_scales = (sq13[0], sq2[0]), (ss13[0], ss2[0])
     ids, w = ref.moe_route(torch.randn(n, e, device=DEV), k, "sigmoid", torch.zeros(e, device=DEV), 1, 1, 2.5)
-    want = ref.fused_moe(x, q13, q2, ids, w, scales=scales)
-    # the reference: the experts' weights widened and scaled, as dense weights of x's dtype would run
-    wide = ref.fused_moe(x.float(), q13.float() * scales[0][..., None], q2.float() * scales[1][..., None], ids, w)
-    torch.testing.assert_close(want.float(), wide, **TOL[dtype])
-    want_sh = ref.fused_moe(x, q13, q2, ids, w, shared_weights=shared, scales=scales, shared_scales=shared_scales)
+    want = ref.fused_moe(x, q13, q2, ids, w, scales=scales, a8=a8)
+    if not a8:  # the reference: the experts' weights widened and scaled, as dense weights of x's dtype would run
+        wide = ref.fused_moe(x.float(), q13.float() * scales[0][..., None], q2.float() * scales[1][..., None], ids, w)
+        torch.testing.assert_close(want.float(), wide, **TOL[dtype])
+    want_sh = ref.fused_moe(x, q13, q2, ids, w, shared_weights=shared, scales=scales, shared_scales=shared_scales,
+                            a8=a8)
     # an intermediate (gate, up, their product) rounded the other way moves the output by a few ulps of the largest
-    tol = dict(TOL[dtype], atol=max(TOL[dtype]["atol"], float(want_sh.abs().max()) / 64))
+    # (with a8, a SiLU product on the other side of an e4m3 step: one e4m3 step of it, 1/16)
+    tol = dict(TOL[dtype], atol=max(TOL[dtype]["atol"], float(want_sh.abs().max()) / (16 if a8 else 64)))
     for scan in (False, True):
-        torch.testing.assert_close(fused_moe(x, q13, q2, ids, w, scan=scan, scales=scales), want, **tol)
+        got = fused_moe(x, q13, q2, ids, w, scan=scan, scales=scales, a8=a8)
+        torch.testing.assert_close(got, want, **tol)
+        if a8:
+            assert torch.equal(fused_moe(x, q13, q2, ids, w, scan=scan, scales=scales, a8=True,
+                                         xq=ref.quantize_rows_fp8(x)), got)
         outs = []
         for mode in ("0", "1"):
             monkeypatch.setattr(moe, "TMA", mode)
             outs.append(fused_moe(x, q13, q2, ids, w, scan=scan, shared_weights=shared, scales=scales,
-                                  shared_scales=shared_scales))
+                                  shared_scales=shared_scales, a8=a8))
         monkeypatch.setattr(moe, "TMA", "auto")
         torch.testing.assert_close(outs[1], want_sh, **tol)
         assert torch.equal(outs[0], outs[1])
@@ -461,3 +470,7 @@ def test_fused_moe_fp8_arguments_are_checked():
         fused_moe(x, q13, q2, ids, w, scales=(s13, s2), shared_weights=(q13[0], q2[0]))
     with pytest.raises(ValueError, match="shared_scales go with"):
         fused_moe(x, q13, q2, ids, w, scales=(s13, s2), shared_scales=(s13[0], s2[0]))
+    with pytest.raises(ValueError, match="a8"):
+        fused_moe(x, *_experts(e, d, inter, torch.bfloat16), ids, w, a8=True)
+    with pytest.raises(ValueError, match="xq must be"):
+        fused_moe(x, q13, q2, ids, w, scales=(s13, s2), a8=True, xq=(x, s13[0, :n]))

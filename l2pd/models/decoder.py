@@ -377,11 +377,11 @@ def _decoder_forward(
         else:
             att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
         a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
-        h, x, hq = _norm(ops, x, blk.ff_norm, eps, a, _a8(blk.gate))
+        h, x, hq = _norm(ops, x, blk.ff_norm, eps, a, _a8(blk.gate) or _moe_a8(blk.moe))
         inside = _shared_in_moe(ops, blk, h)  # the shared expert run by the MoE kernels, beside the routed ones
         delta = None if blk.gate is None or inside is not None else _mlp(ops, h, blk, hq)
         if blk.moe is not None:  # the routed experts, plus the shared expert's output (delta) in the same kernel
-            delta = _moe(ops, h, blk.moe, delta, inside)
+            delta = _moe(ops, h, blk.moe, delta, inside, hq)
 
     if delta is None:  # no blocks
         delta = torch.zeros_like(x)
@@ -526,12 +526,18 @@ def _mlp(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None) -> torc
     return _lin(ops, act, blk.down)
 
 
+def _moe_a8(moe: MoE | None) -> bool:
+    """Whether a mixture of experts' routed experts multiply e4m3 activations (``l2pd.quantize(..., "w8a8")``)."""
+    return moe is not None and _a8(moe.experts[0].gate_proj)
+
+
 def _moe(ops: Any, h: torch.Tensor, moe: MoE, shared: torch.Tensor | None = None,
-         shared_weights: tuple | None = None) -> torch.Tensor | ExpertRows:
+         shared_weights: tuple | None = None, hq: tuple | None = None) -> torch.Tensor | ExpertRows:
     """The routed experts' output for h [B, S, D] (plus ``shared``, the shared expert's, added in the experts'
     combine; or the shared expert itself, ``shared_weights`` = ``_shared_in_moe``'s (gate|up, down, scales),
-    run by the same kernels): router logits in fp32, then ``ops.fused_moe`` (e4m3 experts with their scales);
-    with ``MOE_NORM`` the rows before their combine, for the next norm."""
+    run by the same kernels): router logits in fp32, then ``ops.fused_moe`` (e4m3 experts with their scales;
+    against e4m3 rows, ``hq`` the norm's, for w8a8 experts); with ``MOE_NORM`` the rows before their combine,
+    for the next norm."""
     flat = h.reshape(-1, h.shape[-1])
     logits = _router_logits(ops, flat, moe)
     ids, weights = ops.moe_route(logits, moe.top_k, moe.score, moe.bias, moe.n_group, moe.topk_group, moe.scale,
@@ -541,6 +547,8 @@ def _moe(ops: Any, h: torch.Tensor, moe: MoE, shared: torch.Tensor | None = None
     shared = None if shared is None else shared.reshape(flat.shape)
     kw = dict(shared=shared, shared_weights=None if shared_weights is None else shared_weights[:2],
               scales=scales, shared_scales=None if shared_weights is None else shared_weights[2])
+    if scales is not None and _moe_a8(moe):
+        kw.update(a8=True, xq=None if hq is None else (hq[0].reshape(flat.shape), hq[1].reshape(-1)))
     if MOE_NORM and ops is not reference:  # the next norm combines the experts' rows in its own pass
         return ops.fused_moe(flat, w13, w2, ids, weights, combine=False, **kw)
     return ops.fused_moe(flat, w13, w2, ids, weights, **kw).view(h.shape)
