@@ -340,11 +340,11 @@ def test_fused_moe(benchmark, tokens, path, monkeypatch):
 
 @cuda
 @pytest.mark.parametrize("tokens", [32, 256, 2048])
-@pytest.mark.parametrize("path", ["bf16", "fp8", "fp8-k2"])
+@pytest.mark.parametrize("path", ["bf16", "fp8", "fp8-k2", "w8a8"])
 def test_fused_moe_fp8(benchmark, tokens, path, monkeypatch):
     """The same layer's routed experts as e4m3 weights with channel scales (``l2pd.quantize``'s), widened in the
     kernels' registers, against the bf16 experts they came from; "fp8-k2": tiles twice as deep
-    (``L2PD_MOE_FP8_K=2``). GBps over the bytes of the touched experts as each holds them (the floor's
+    (``L2PD_MOE_FP8_K=2``); "w8a8": against e4m3 rows (x's quantized inside the call, as without the norm's). GBps over the bytes of the touched experts as each holds them (the floor's
     numerator)."""
     from l2pd_kernels import fused_moe, moe
     from l2pd_kernels import reference as ref
@@ -359,6 +359,7 @@ def test_fused_moe_fp8(benchmark, tokens, path, monkeypatch):
         q2, s2 = ref.quantize_fp8(w2.reshape(-1, two_i // 2))
         w13, w2 = q13.view(E, two_i, D), q2.view(E, D, two_i // 2)
         kw["scales"] = (s13.view(E, two_i), s2.view(E, D))
+        kw["a8"] = path == "w8a8"
     nbytes = touched * (w13[0].numel() * 3 // 2 * w13.element_size() + (two_i + D) * 4 * (path != "bf16"))
     fn = lambda: fused_moe(x, w13, w2, ids, w, **kw)  # noqa: E731
     benchmark.extra_info["touched_experts"] = touched
