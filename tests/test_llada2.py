@@ -345,6 +345,22 @@ def test_the_engine_decodes_block_causal_rows_as_generate_alone():
     assert any(len(r.tokens) == 9 for _, _, r in jobs)  # some rows ran to the end of the answer
 
 
+@pytest.mark.parametrize("kind", ["fp8", "w8a8"])
+def test_the_engine_decodes_e4m3_experts_as_generate_alone(kind):
+    """A quantized LLaDA2-format model (its routed experts e4m3 too) through the engine: each row's tokens equal
+    ``generate`` on its prompt alone."""
+    from l2pd.engine import Engine
+
+    model = l2pd.quantize(tiny_llada2(7), kind)
+    prompts = [torch.randint(0, 58, (n,)).tolist() for n in (5, 11)]
+    engine = Engine(model, max_batch=2, backend="torch", pad_buckets=True)
+    jobs = [(p, engine.submit(p, **ENGINE_OPTS[0])) for p in prompts]
+    engine.run()
+    for p, req in jobs:
+        out = generate(model, torch.tensor([p]), **ENGINE_OPTS[0])[0, len(p):].tolist()
+        assert req.tokens == (out[: out.index(EOS)] if EOS in out else out)
+
+
 def test_the_engine_edits_tokens_as_generate_alone():
     """LLaDA 2.1's token editing in the engine: each row's tokens and forwards (its editing forwards after a
     block's masks are gone included) equal ``generate`` on its prompt alone."""
