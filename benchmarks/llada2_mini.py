@@ -19,6 +19,8 @@ each choose 8 of 256 experts independently touches about 163 a layer (the count 
 ``--routing independent`` decodes with that routing: each token gets its own 8 experts, drawn at random once per
 MoE layer and per row of the forward's input (the router still runs and its weights are kept, so every kernel of
 the forward runs as before). Each figure states the touched-expert count it was measured at.
+``--weights fp8`` / ``w8a8`` quantizes the model first (``l2pd.quantize``, the routed experts included); its floor
+counts the e4m3 bytes and their scales.
 """
 
 from __future__ import annotations

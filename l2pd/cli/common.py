@@ -31,9 +31,10 @@ def add_family_arg(p: argparse.ArgumentParser) -> None:
                         "Dream's (shifted logits, grouped-query attention, biased q/k/v) or LLaDA 2.x's "
                         "(mixture of experts, block-causal attention: the decoding block is its attention block)")
     p.add_argument("--weights", choices=["native", "fp8", "w8a8"], default="native",
-                   help="fp8: the decoder's linear layers as e4m3 with per-channel scales (l2pd.quantize); "
-                        "w8a8: also their inputs as e4m3, one scale per token (FP8 tensor cores); "
-                        "native: as loaded (default)")
+                   help="fp8: the decoder's linear layers (a mixture of experts' routed experts too) as e4m3 "
+                        "with per-channel scales (l2pd.quantize): half the memory, not faster; w8a8: also their "
+                        "inputs as e4m3, one scale per token (FP8 tensor cores: the fast form); native: as loaded "
+                        "(default)")
 
 
 def add_level_arg(p: argparse.ArgumentParser, which: str) -> None:
