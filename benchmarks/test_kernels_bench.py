@@ -344,8 +344,8 @@ def test_fused_moe(benchmark, tokens, path, monkeypatch):
 def test_fused_moe_fp8(benchmark, tokens, path, monkeypatch):
     """The same layer's routed experts as e4m3 weights with channel scales (``l2pd.quantize``'s), widened in the
     kernels' registers, against the bf16 experts they came from; "fp8-k2": tiles twice as deep
-    (``L2PD_MOE_FP8_K=2``); "w8a8": against e4m3 rows (x's quantized inside the call, as without the norm's). GBps over the bytes of the touched experts as each holds them (the floor's
-    numerator)."""
+    (``L2PD_MOE_FP8_K=2``); "w8a8": against e4m3 rows (x's quantized inside the call, as without the norm's).
+    GBps over the bytes of the touched experts as each holds them (the floor's numerator)."""
     from l2pd_kernels import fused_moe, moe
     from l2pd_kernels import reference as ref
 
