@@ -702,7 +702,8 @@ TMA = os.environ.get("L2PD_MOE_TMA", "auto")
 # L2PD_MOE_DOWN_COLS=n forces n tiles a program at any number of pairs (1: one tile a program)
 
 
-# e4m3 experts take the half-precision tiles with BLOCK_K times FP8_K (L2PD_MOE_FP8_K; 1: the same tiles)
+# e4m3 experts take the half-precision tiles with BLOCK_K times FP8_K (L2PD_MOE_FP8_K): on an H200 at LLaDA2.0-mini
+# shapes twice as deep tied at 32 tokens and lost 26% at 256 and 23% at 2,048 (benchmarks/RESULTS.md), so 1
 FP8_K = int(os.environ.get("L2PD_MOE_FP8_K", "1"))
 
 
