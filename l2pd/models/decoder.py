@@ -543,7 +543,7 @@ def _moe(ops: Any, h: torch.Tensor, moe: MoE, shared: torch.Tensor | None = None
     ids, weights = ops.moe_route(logits, moe.top_k, moe.score, moe.bias, moe.n_group, moe.topk_group, moe.scale,
                                  moe.normalize)
     w13, w2 = expert_weights(moe)
-    scales = expert_scales(moe) if w13.dtype == torch.float8_e4m3fn else None  # e4m3 experts: widened in the kernel
+    scales = expert_scales(moe) if w13.dtype == torch.float8_e4m3fn else None  # e4m3 experts' channel scales
     shared = None if shared is None else shared.reshape(flat.shape)
     kw = dict(shared=shared, shared_weights=None if shared_weights is None else shared_weights[:2],
               scales=scales, shared_scales=None if shared_weights is None else shared_weights[2])
@@ -564,8 +564,8 @@ def _shared_in_moe(ops: Any, blk: Layer, h: torch.Tensor) -> tuple | None:
     """The shared expert's (gate|up, down, their scales or None) where the MoE kernels run it beside the routed
     experts (two launches fewer per layer): the kernels, few (token, expert) pairs (the scan path: where it was
     faster, at 32 and 128 tokens; at 2,048 it tied), a bias-free expert of the routed experts' width and weight
-    dtype (the activations', or e4m3 with channel scales when the routed experts are e4m3 too: both widened in
-    the kernel), its gate|up packed on CUDA. None elsewhere, or with ``L2PD_SHARED_IN_MOE=0``."""
+    dtype (the activations', or e4m3 with channel scales when the routed experts are e4m3 too: the kernels run
+    both alike), its gate|up packed on CUDA. None elsewhere, or with ``L2PD_SHARED_IN_MOE=0``."""
     if blk.moe is None or ops is reference or blk.gate is None or blk.up is None or blk.down is None \
             or os.environ.get("L2PD_SHARED_IN_MOE", "1") == "0":
         return None
