@@ -12,7 +12,8 @@ first), so the result does not depend on which tokens share the batch. Programs 
 without tokens take none) return at once. Rounding follows ``l2pd_kernels.reference.fused_moe``: gate, up, their
 product and the down projection are each rounded to the input dtype. On Hopper the sorted path loads the routed
 experts' weight tiles by TMA, and so does the scan path inside a CUDA graph (``TMA``, ``_moe_tma``); its eager
-launches load by pointers, with the same bits.
+launches load by pointers, with the same bits. e4m3 experts (``scales``, ``l2pd.quantize``'s): their tiles are
+widened to the activations' dtype in registers, or (``a8``) multiplied against e4m3 rows on FP8 tensor cores.
 """
 
 from __future__ import annotations
