@@ -132,9 +132,8 @@ def _workloads() -> None:
     skinny_matmul(torch.randn(20, 96, dtype=torch.bfloat16), torch.randn(40, 96, dtype=torch.bfloat16), torch.float32)
     for kind in ("fp8", "w8a8"):  # e4m3 weights; and e4m3 activations, quantized in the norm or on their own
         adapter_for(l2pd.quantize(tiny_model(1).to(torch.bfloat16), kind)).forward(prompt, fused=True)
-    # e4m3 experts widened in the MoE kernels (the shared expert among them for few pairs); both paths, by TMA too
-    for kind in ("fp8", "w8a8"):  # w8a8: against e4m3 rows, on FP8 tensor cores
-        adapter_for(l2pd.quantize(tiny_llada2(0).to(torch.bfloat16), kind)).forward(prompt, fused=True)
+    # e4m3 experts (widened; with a8 against e4m3 rows on FP8 tensor cores), with a shared expert among them for few
+    # pairs; both paths, by TMA too
     q13, s13 = ref.quantize_fp8(experts[0].reshape(-1, 48))
     q2, s2 = ref.quantize_fp8(experts[1].reshape(-1, 24))
     fp8_experts = dict(scales=(s13.view(8, 48), s2.view(8, 48)))
@@ -143,7 +142,8 @@ def _workloads() -> None:
         for n, scan in ((300, False), (20, True)):
             for a8 in (False, True):  # e4m3 rows too
                 fused_moe(x[:n].bfloat16(), q13.view(8, 48, 48), q2.view(8, 48, 24), ids[:n], w[:n], scan=scan,
-                          a8=a8, **fp8_experts)
+                          a8=a8, shared_weights=(q13.view(8, 48, 48)[0], q2.view(8, 48, 24)[0]),
+                          shared_scales=(fp8_experts["scales"][0][0], fp8_experts["scales"][1][0]), **fp8_experts)
     finally:
         moe.TMA = old_tma
     # the q/k/v product with rope_qkv's work in its programs: head_dim 128 (LLaDA-8B's, LLaDA2.0-mini's), full

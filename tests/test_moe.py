@@ -408,10 +408,12 @@ def _fp8_experts(e, d, inter):
 
 
 @needs_kernels
-@pytest.mark.parametrize("a8", [False, True])
-@pytest.mark.parametrize("dtype,n,d,inter,e,k", [
-    (torch.bfloat16, 1, 32, 16, 4, 2), (torch.bfloat16, 7, 48, 40, 9, 3), (torch.bfloat16, 5, 45, 23, 6, 2),
-    (torch.float16, 33, 64, 24, 16, 4), (torch.float32, 7, 48, 40, 9, 3)])
+@pytest.mark.parametrize("a8,dtype,n,d,inter,e,k", [
+    (False, torch.bfloat16, 1, 32, 16, 4, 2), (False, torch.bfloat16, 7, 48, 40, 9, 3),
+    (False, torch.bfloat16, 5, 45, 23, 6, 2), (False, torch.float16, 33, 64, 24, 16, 4),
+    (False, torch.float32, 7, 48, 40, 9, 3), (True, torch.bfloat16, 1, 32, 16, 4, 2),
+    (True, torch.bfloat16, 5, 45, 23, 6, 2), (True, torch.float16, 7, 48, 40, 9, 3),
+    (True, torch.float32, 7, 48, 40, 9, 3)])
 def test_fused_moe_fp8_experts_match_reference(monkeypatch, a8, dtype, n, d, inter, e, k):
     """e4m3 experts (routed and shared) with channel scales, widened in registers (``a8``: against e4m3 rows of
     x and of the SiLU product, e4m3 products): the reference's ``linear_fp8`` (``linear_w8a8``) products, in the
