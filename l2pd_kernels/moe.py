@@ -202,6 +202,17 @@ def _gate_up_tile(x_ptr, w_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl
 
 
 @triton.jit
+def _mac_fp8(acc, w, a, UPCAST: tl.constexpr, FP8: tl.constexpr, PREC: tl.constexpr):
+    """acc + w @ a.T for an e4m3 weight tile w [BLOCK_N, BLOCK_K] and rows a [BLOCK_M, BLOCK_K]: w widened to a's
+    dtype (FP8 = 1) or both e4m3 (2); with UPCAST (the interpreter) both in fp32."""
+    if UPCAST:
+        a, w = a.to(tl.float32), w.to(tl.float32)
+    elif FP8 == 1:
+        w = w.to(a.dtype)
+    return tl.dot(w, tl.trans(a), acc, input_precision=PREC)
+
+
+@triton.jit
 def _gate_up_tile_fp8(x_ptr, w_base, s_base, act_ptr, pair, tok, valid, D, INTER, UPCAST: tl.constexpr,
                       PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       TMA: tl.constexpr, row0, xs_ptr, FP8: tl.constexpr):
@@ -228,12 +239,8 @@ def _gate_up_tile_fp8(x_ptr, w_base, s_base, act_ptr, pair, tok, valid, D, INTER
             wmask = n_ok[:, None] & k_ok[None, :]
             bg = tl.load(w_base + offs_n[:, None] * D + kk[None, :], mask=wmask, other=0.0)
             bu = tl.load(w_base + (INTER + offs_n[:, None]) * D + kk[None, :], mask=wmask, other=0.0)
-        if UPCAST:
-            a, bg, bu = a.to(tl.float32), bg.to(tl.float32), bu.to(tl.float32)
-        elif FP8 == 1:
-            bg, bu = bg.to(a.dtype), bu.to(a.dtype)
-        acc_g = tl.dot(bg, tl.trans(a), acc_g, input_precision=PREC)
-        acc_u = tl.dot(bu, tl.trans(a), acc_u, input_precision=PREC)
+        acc_g = _mac_fp8(acc_g, bg, a, UPCAST, FP8, PREC)
+        acc_u = _mac_fp8(acc_u, bu, a, UPCAST, FP8, PREC)
     if FP8 == 2:
         xr = tl.load(xs_ptr + tok, mask=valid, other=0.0)
         acc_g, acc_u = acc_g * xr[None, :], acc_u * xr[None, :]
@@ -313,11 +320,7 @@ def _down_tile_fp8(act_ptr, w_base, s_base, out_ptr, pair, valid, D, INTER, UPCA
         else:
             b = tl.load(w_base + offs_n[:, None] * INTER + kk[None, :], mask=n_ok[:, None] & k_ok[None, :],
                         other=0.0)
-        if UPCAST:
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        elif FP8 == 1:
-            b = b.to(a.dtype)
-        acc = tl.dot(b, tl.trans(a), acc, input_precision=PREC)
+        acc = _mac_fp8(acc, b, a, UPCAST, FP8, PREC)
     if FP8 == 2:
         acc = acc * tl.load(xs_ptr + row, mask=valid, other=0.0)[None, :]
     sc = tl.load(s_base + offs_n, mask=n_ok, other=0.0)
