@@ -23,6 +23,8 @@ from decode_8b import EngineStep, build_shape
 from harness import device_ms, run_info, save
 from step_rules import SETTINGS, apply
 
+import l2pd
+
 
 def kernels(st: EngineStep, layers: int, replays: int = 5) -> dict[str, list[float]]:
     """(name, grid[, order in the layer]) -> [device us per step, launches per step] over ``replays`` graph
@@ -61,19 +63,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="8b", help="8b, llada2-mini or dream-7b")
     ap.add_argument("--settings", default="no-tma,now", help="two or more of " + ", ".join(SETTINGS))
+    ap.add_argument("--weights", choices=["bf16", "w8a8", "fp8"], default="bf16",
+                    help="w8a8 / fp8: l2pd.quantize the model first")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     settings = args.settings.split(",")
     model = build_shape(args.family)
+    if args.weights != "bf16":
+        l2pd.quantize(model, args.weights)
     refresh = "window" if args.family == "llada2-mini" else "full"
-    res = {**run_info(), "family": args.family, "settings": {}}
+    res = {**run_info(), "family": args.family, "weights": args.weights, "settings": {}}
+    layers = getattr(model.config, "num_hidden_layers", None) or model.config.n_layers
     for s in settings:
         apply(s)
         st = EngineStep(model, 1, "dual", refresh, True, True)
         for _ in range(3):
             st.step()
         res["settings"][s] = {"replay_ms": device_ms(st.replay, iters=50),
-                              "kernels": kernels(st, model.config.num_hidden_layers)}
+                              "kernels": kernels(st, layers)}
         del st
         torch.cuda.empty_cache()
     apply("now")

@@ -91,6 +91,23 @@ def _fp8_mm(ops: Any, module: nn.Module, x: torch.Tensor, w: torch.Tensor, scale
     return ops.linear_fp8(x, w, scale)
 
 
+# a few-row step's e4m3 activations that no norm quantizes (the attention output, the SiLU product) come
+# from the kernel that makes them, one scale per row and group of columns (a head; ``SILU_GROUP``), so no
+# quantizing launch runs between: "0" quantizes them per row in a launch of their own, as before
+ACT_GROUPS = os.environ.get("L2PD_FP8_GROUPS", "1") != "0"
+SILU_GROUP = 64  # the gate/up kernel's e4m3 tile width: one scale per row of a tile
+
+
+def _groups_feed(module: nn.Module | None, rows: int, group: int = SILU_GROUP) -> bool:
+    """Whether ``module``'s e4m3 input comes quantized in groups of ``group`` columns by the kernel before it
+    (``ACT_GROUPS``): w8a8 weights without a bias, few rows (the skinny kernel's; many rows take cuBLAS FP8,
+    per row) and groups an FP8 tensor-core product can take (a head of 32 dimensions or more)."""
+    from l2pd_kernels.fp8 import GROUP_MIN
+
+    return (ACT_GROUPS and _a8(module) and getattr(module, "bias", None) is None and 0 < rows <= skinny.MAX_ROWS
+            and group >= GROUP_MIN and group & (group - 1) == 0)
+
+
 def _a8(module: nn.Module | None) -> bool:
     """Whether ``module`` multiplies e4m3 activations: its input norm then quantizes in the same kernel."""
     return module is not None and module.weight.dtype == torch.float8_e4m3fn and getattr(module, "l2pd_w8a8", False)
@@ -370,13 +387,19 @@ def _decoder_forward(
         rows = pack.rows if pack is not None else None
         rope = (cos, sin, k_all, v_all, fresh_slots if cache is None else slots, rows)
         q = _qkv_rope(ops, h, hq, blk, n_heads, n_kv, eps, rope)
+        quant = _groups_feed(blk.o, bsz * seq, head_dim)
         if pack is not None:  # each request attends to its own pool row
-            att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles, **pool_split)
+            att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles, **pool_split, quant=quant)
         elif split:
-            att = ops.cached_attention(q, k_all, v_all, key_limit=key_limit)
+            att = ops.cached_attention(q, k_all, v_all, key_limit=key_limit, quant=quant)
         else:
             att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
-        a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
+            if quant:
+                att = ops.quantize_groups(att.transpose(1, 2).reshape(bsz * seq, n_heads * head_dim), head_dim)
+        if quant:  # e4m3 rows with a scale per head (from the attention kernels themselves)
+            a = ops.linear_e4m3(*att, blk.o.weight, blk.o.weight_scale, h.dtype, head_dim).view(bsz, seq, -1)
+        else:
+            a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
         h, x, hq = _norm(ops, x, blk.ff_norm, eps, a, _a8(blk.gate) or _moe_a8(blk.moe))
         inside = _shared_in_moe(ops, blk, h)  # the shared expert run by the MoE kernels, beside the routed ones
         delta = None if blk.gate is None or inside is not None else _mlp(ops, h, blk, hq)
@@ -517,12 +540,24 @@ def _mlp(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None) -> torc
     mods = [blk.gate, blk.up]
     gate_up = _packed(blk.owner, "_l2pd_gate_up", mods)
     if gate_up is not None and gate_up.dtype == torch.float8_e4m3fn:
-        act = ops.linear_gate_up_silu_fp8(h, gate_up, _packed_scale(blk.owner, "_l2pd_gate_up", mods),
-                                          a8=getattr(blk.gate, "l2pd_w8a8", False), xq=hq)
+        a8 = getattr(blk.gate, "l2pd_w8a8", False)
+        rows = h.numel() // h.shape[-1]
+        if a8 and _groups_feed(blk.down, rows):  # the SiLU product leaves the kernel as e4m3 rows in groups
+            q8, qs = ops.linear_gate_up_silu_fp8(h, gate_up, _packed_scale(blk.owner, "_l2pd_gate_up", mods), a8=True,
+                                                 xq=hq, out_group=SILU_GROUP)
+            down = blk.down
+            return ops.linear_e4m3(q8, qs, down.weight, down.weight_scale, h.dtype, SILU_GROUP).view(
+                *h.shape[:-1], -1)
+        act = ops.linear_gate_up_silu_fp8(h, gate_up, _packed_scale(blk.owner, "_l2pd_gate_up", mods), a8=a8,
+                                          xq=hq)
     elif gate_up is not None:  # silu(gate) * up straight from the packed matmul
         act = ops.linear_gate_up_silu(h, gate_up)
     else:
         act = ops.silu_mul(_proj(ops, h, blk.gate, hq), _proj(ops, h, blk.up, hq))
+        if _groups_feed(blk.down, act.numel() // act.shape[-1]):  # the packed form's e4m3 groups, in a launch
+            down = blk.down
+            return ops.linear_e4m3(*ops.quantize_groups(act, SILU_GROUP), down.weight, down.weight_scale, h.dtype,
+                                   SILU_GROUP).view(*h.shape[:-1], -1)
     return _lin(ops, act, blk.down)
 
 
