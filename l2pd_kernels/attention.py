@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 from .device import pdl, pdl_wait, sm_count
-from .e4m3 import ROUND_CODES, _round_to, _row_scale, _to_e4m3
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # queries per program of pool_attention: 64 was fastest at LLaDA-8B shapes on an H200 for step segments (32 or
@@ -52,14 +51,12 @@ META_FIRST = True
 def _pool_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, seg_ptr, tiles_ptr, part_ptr, lse_ptr,
     sqn, sqh, skr, skh, skw, svr, svh, svw, son, soh,
-    scale_log2, GROUP, DENSE_L, DENSE_T, DENSE_TILES, KEY_CHUNK, NH, H, qs_ptr,
+    scale_log2, GROUP, DENSE_L, DENSE_T, DENSE_TILES, KEY_CHUNK, NH, H,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DENSE: tl.constexpr,
     SPLIT: tl.constexpr, QLIM: tl.constexpr, GQ: tl.constexpr = 1, META_FIRST: tl.constexpr = 1,
-    QUANT: tl.constexpr = 0, PDL: tl.constexpr = 0):
+    PDL: tl.constexpr = 0):
     # GQ: query heads per program (heads h0 .. h0 + GQ - 1 of one K/V head): its BM * GQ rows are (head j,
     # query m) with j = r // BM, so each K/V tile loaded serves GQ heads
-    # QUANT (a ROUND_CODES dtype): the output rounded to it, then written as e4m3 (o_ptr) with one scale per
-    # (token, head) (qs_ptr [N, H]): the output projection's e4m3 input, no quantizing launch between
     # META_FIRST: the segments, tiles and key limits are the host's (written before the forward, never by the
     # kernel just before this one), so their chain of dependent loads runs before the wait for q, k and v
     if not META_FIRST:
@@ -138,12 +135,13 @@ def _pool_attention_kernel(
         tl.store(lse_ptr + pr, lse, mask=mq)
     else:
         out = acc / l_i[:, None]
-        _store_out(out, o_ptr + tok[:, None] * son + h[:, None] * soh + d[None, :], qs_ptr + tok * H + h, mq, QUANT)
+        tl.store(o_ptr + tok[:, None] * son + h[:, None] * soh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=mq[:, None])
 
 
 @triton.jit
-def _combine_kernel(part_ptr, lse_ptr, o_ptr, qs_ptr, NH, SPLITS: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
-                    QUANT: tl.constexpr = 0, PDL: tl.constexpr = 0):
+def _combine_kernel(part_ptr, lse_ptr, o_ptr, NH, SPLITS: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+                    PDL: tl.constexpr = 0):
     """Merge the key chunks of BR (token, head) pairs: weights 2^(lse_s - max) (an online log-sum-exp), in
     chunk order. The loop is unrolled (a compile-time chunk count), so every chunk's loads go out before the
     first is used: 7.3 against 7.7 us for a layer at LLaDA-8B shapes over 768 keys in 4 chunks (H200)."""
@@ -164,20 +162,7 @@ def _combine_kernel(part_ptr, lse_ptr, o_ptr, qs_ptr, NH, SPLITS: tl.constexpr, 
         l_i = l_i * alpha + w
         m_i = m_new
     out = acc / l_i[:, None]
-    _store_out(out, o_ptr + r[:, None] * D + d[None, :], qs_ptr + r, mr, QUANT)
-
-
-@triton.jit
-def _store_out(out, o_ptrs, qs_ptrs, mr, QUANT: tl.constexpr):
-    """Rows of the attention output (fp32) stored in o's dtype, or (QUANT) rounded to that ``ROUND_CODES``
-    dtype and stored as e4m3 with one scale per row (``reference.quantize_groups_fp8`` over a head's D)."""
-    if QUANT:
-        res = tl.where(mr[:, None], _round_to(out, o_ptrs, QUANT), 0.0)
-        scale = _row_scale(tl.max(tl.abs(res), 1))
-        tl.store(qs_ptrs, scale, mask=mr)
-        tl.store(o_ptrs, _to_e4m3(res, scale[:, None]), mask=mr[:, None])
-    else:
-        tl.store(o_ptrs, out.to(o_ptrs.dtype.element_ty), mask=mr[:, None])
+    tl.store(o_ptr + r[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=mr[:, None])
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -195,17 +180,14 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Non
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor | None,
             tiles: torch.Tensor | None, programs: int, dense: tuple[int, int, int], key_chunk: int, splits: int,
             block_m: int, block_n: int, num_warps: int | None, num_stages: int | None,
-            qlim: torch.Tensor | None = None, merge_rows: int = 16, gq: int = 1,
-            quant: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            qlim: torch.Tensor | None = None, merge_rows: int = 16, gq: int = 1) -> torch.Tensor:
     """One launch over ``programs`` query tiles x head groups of ``gq`` (x ``splits`` key chunks, then the
     combine); q is [1, H, N, D]; returns [1, N, H, D]. ``qlim`` (dense form): int64 [N], each query's key
-    count. ``num_warps`` None: 4, or 8 for tiles of 128 rows or more. ``quant``: returns (e4m3 [1, N, H, D],
-    fp32 scales [N, H]) instead, one scale per (token, head) after rounding to q's dtype."""
+    count. ``num_warps`` None: 4, or 8 for tiles of 128 rows or more."""
     _, H, N, D = q.shape
-    out = torch.empty(1, N, H, D, dtype=torch.float8_e4m3fn if quant else q.dtype, device=q.device)
-    qs = torch.empty(N, H, dtype=torch.float32, device=q.device) if quant else out
+    out = torch.empty(1, N, H, D, dtype=q.dtype, device=q.device)
     if not programs or not N:
-        return (out, qs.fill_(1.0)) if quant else out
+        return out
     split = splits > 1
     part = torch.empty(splits, N, H, D, dtype=torch.float32, device=q.device) if split else out
     lse = torch.empty(splits, N, H, dtype=torch.float32, device=q.device) if split else out
@@ -215,29 +197,26 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: 
         raise ValueError(f"heads per program {gq}: a power of two dividing the {group} query heads per K/V head")
     if num_warps is None:
         num_warps = 8 if block_m * gq >= 128 else 4
-    code = ROUND_CODES[q.dtype] if quant else 0
     _pool_attention_kernel[(programs, H // gq, splits)](
         q, k_cache, v_cache, out, dummy, dummy if tiles is None else tiles, part, lse,
         q.stride(2), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(1), out.stride(2),
-        1.0 / math.sqrt(D) * 1.4426950408889634, group, *dense, key_chunk, N * H, H, qs,
+        1.0 / math.sqrt(D) * 1.4426950408889634, group, *dense, key_chunk, N * H, H,
         D=D, BM=block_m, BN=block_n, IEEE=q.dtype == torch.float32 or _INTERPRET, DENSE=seg is None,
-        SPLIT=split, QLIM=qlim is not None and seg is None, GQ=gq, META_FIRST=int(META_FIRST),
-        QUANT=code if not split else 0, num_warps=num_warps,
+        SPLIT=split, QLIM=qlim is not None and seg is None, GQ=gq, META_FIRST=int(META_FIRST), num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}), **pdl(q.device, "attention"),
     )
     if split:  # merge_rows (token, head) pairs per program of the merge
-        _combine_kernel[(triton.cdiv(N * H, merge_rows),)](part, lse, out, qs, N * H, SPLITS=splits, D=D,
-                                                           BR=merge_rows, QUANT=code, num_warps=4,
+        _combine_kernel[(triton.cdiv(N * H, merge_rows),)](part, lse, out, N * H, SPLITS=splits, D=D,
+                                                           BR=merge_rows, num_warps=4,
                                                            **pdl(q.device, "attention_combine"))
-    return (out, qs) if quant else out
+    return out
 
 
 def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor,
                    tiles: torch.Tensor | None = None, block_m: int = POOL_TILE_M, block_n: int | None = None,
                    num_warps: int | None = None, num_stages: int | None = None, key_chunk: int | None = None,
-                   splits: int = 1, merge_rows: int = 16, heads_per_program: int | None = None,
-                   quant: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   splits: int = 1, merge_rows: int = 16, heads_per_program: int | None = None) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.pool_attention``: q [1, H, N, D] (any strides with a
     contiguous last dimension), caches [R, Hkv, T, D], ``seg`` int64 [G, 4]; returns [1, H, N, D] laid out as
     [1, N, H, D] (so the output projection's input is a view). ``tiles`` (int64 [n, 2]: segment, first query;
@@ -250,9 +229,7 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ``merge_rows`` (a power of two) is the (token, head) pairs each merging program takes.
     ``heads_per_program``: query heads of one K/V head that a program takes together, so each K/V tile it loads
     serves them all (grouped-query models; None: ``pool_heads_per_program``); ``num_warps`` None: 4, or 8 for
-    tiles of 128 rows (queries x heads) or more. ``quant``: the output as e4m3 rows [N, H * D] and fp32
-    scales [N, H], one per (token, head) (``reference.quantize_groups_fp8`` over each head's D after rounding
-    to q's dtype): an e4m3 output projection's input (``linear_e4m3`` with ``group=D``)."""
+    tiles of 128 rows (queries x heads) or more."""
     _check(q, k_cache, v_cache)
     if q.shape[0] != 1:
         raise ValueError(f"q must be [1, H, N, D], got {tuple(q.shape)}")
@@ -267,9 +244,7 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         raise ValueError(f"merge_rows={merge_rows} must be a power of two")
     gq = heads_per_program or pool_heads_per_program(q.shape[1], k_cache.shape[1], block_m)
     out = _launch(q, k_cache, v_cache, seg, tiles, tiles.shape[0], (0, 0, 0), key_chunk or 0, splits, block_m,
-                  block_n, num_warps, num_stages, merge_rows=merge_rows, gq=gq, quant=quant)
-    if quant:
-        return out[0].view(q.shape[2], -1), out[1]
+                  block_n, num_warps, num_stages, merge_rows=merge_rows, gq=gq)
     return out.transpose(1, 2)
 
 
@@ -349,15 +324,14 @@ def split_pays(batch: int, queries: int, heads: int, keys: int, device: torch.de
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_m: int = 32,
                      block_n: int = 64, splits: int | None = None, num_warps: int = 4,
-                     key_limit: torch.Tensor | None = None,
-                     quant: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     key_limit: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.cached_attention``: a cached step's queries q [B, H, L, D]
     (laid out [B, L, H, D], as ``rope_qkv`` returns them) over every key of their row of the cache
     [B, Hkv, T, D], without a mask; or with ``key_limit`` (int64 [B, L], each at least 1) query (b, i) over
     the first ``key_limit[b, i]`` keys (a block-causal step: keys up to its block's end). Few queries over a
     long canvas leave most of the GPU idle in one program per query tile and head, so the keys are split into
     chunks (``split_plan``; ``splits`` forces a count) and the chunks merged. Returns [B, H, L, D] laid out
-    [B, L, H, D]; ``quant``: e4m3 rows [B * L, H * D] and scales [B * L, H], as ``pool_attention``'s."""
+    [B, L, H, D]."""
     _check(q, k_cache, v_cache)
     B, H, L, D = q.shape
     T = k_cache.shape[2]
@@ -376,9 +350,7 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     flat = q.transpose(1, 2).reshape(1, B * L, H, D).transpose(1, 2)  # a view
     qlim = None if key_limit is None else key_limit.contiguous().view(-1)
     out = _launch(flat, k_cache, v_cache, None, None, B * per_row, (L, T, per_row), chunk, splits, block_m,
-                  block_n, num_warps, None, qlim, quant=quant)
-    if quant:
-        return out[0].view(B * L, H * D), out[1]
+                  block_n, num_warps, None, qlim)
     return out.view(B, L, H, D).transpose(1, 2)
 
 

@@ -16,11 +16,20 @@ import triton
 import triton.language as tl
 
 from .device import pdl, pdl_wait
-from .e4m3 import _row_scale, _to_e4m3
 from .skinny import _INTERPRET, MAX_ROWS, _launch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
+
+
+@triton.jit
+def _round_e4m3(y):
+    """y (fp32, |y| <= 448) rounded to the nearest e4m3 value, ties to even, as fp32: the conversion that
+    follows is then exact whatever its own rounding (Triton's CPU interpreter carries no mantissa overflow)."""
+    bits = y.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & ~0xFFFFF).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    sub = (y + 24576.0) - 24576.0  # below 2^-6: multiples of 2^-9 (24576 = 1.5 * 2^14 has an ulp of 2^-9)
+    return tl.where(tl.abs(y) < 0.015625, sub, normal)
 
 
 @triton.jit
@@ -41,6 +50,18 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
         tl.store(q_row + k + cols, _to_e4m3(x, scale), mask=k + cols < K)
 
 
+@triton.jit
+def _row_scale(amax):
+    """A row's e4m3 scale: its largest magnitude maps to 448; an all-zero row gets 1."""
+    return tl.where(amax > 0, amax / 448.0, 1.0)
+
+
+@triton.jit
+def _to_e4m3(x, scale):
+    """x (fp32) / scale, clamped to +-448 and rounded to the nearest e4m3 value: ``quantize_rows``' bits."""
+    return _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)).to(tl.float8e4nv)
+
+
 _FP8_DEVICES: set = set()  # CUDA devices found to have e4m3: each FP8 call then costs one set lookup
 
 
@@ -55,34 +76,6 @@ def check_fp8_device(device: torch.device) -> None:
                          f"Blackwell); {device} is {major}.{minor}: decode in bf16 (--weights native)")
     if device.index is not None:  # "cuda" alone follows the current device: not kept
         _FP8_DEVICES.add(device)
-
-
-@triton.jit
-def _quantize_groups_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, GROUP: tl.constexpr, PDL: tl.constexpr = 0):
-    pdl_wait(PDL)
-    row, g = tl.program_id(0), tl.program_id(1)
-    cols = g * GROUP + tl.arange(0, GROUP)
-    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-    scale = _row_scale(tl.max(tl.abs(x), 0))
-    tl.store(s_ptr + row.to(tl.int64) * tl.num_programs(1) + g, scale)
-    tl.store(q_ptr + row.to(tl.int64) * stride_q + cols, _to_e4m3(x, scale), mask=cols < K)
-
-
-def quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 x [M, K], fp32 scales [M, cdiv(K, group)]) for x [..., K] flattened to rows, one scale per row
-    and ``group`` columns (``reference.quantize_groups_fp8``): the input of ``linear_e4m3(group=)`` where no
-    kernel before it leaves one."""
-    _check_group(group, "group")
-    check_fp8_device(x.device)
-    x2 = x.reshape(-1, x.shape[-1])
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    M, K = x2.shape
-    q = torch.empty(M, K, dtype=FP8, device=x.device)
-    s = torch.empty(M, triton.cdiv(K, group), dtype=torch.float32, device=x.device)
-    if M and K:
-        _quantize_groups_kernel[(M, s.shape[1])](x2, q, s, K, x2.stride(0), q.stride(0), GROUP=group,
-                                                 **pdl(x2.device, "quantize_rows"))
-    return q, s
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,82 +155,25 @@ def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
 
 
 def linear_gate_up_silu_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, a8: bool = False,
-                            xq: tuple[torch.Tensor, torch.Tensor] | None = None,
-                            out_group: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                            xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``silu(x @ gate.T) * (x @ up.T)`` for a packed e4m3 ``w = cat([gate, up])`` [2F, K] and its scales [2F]
     (``reference.linear_gate_up_silu_fp8``): up to ``MAX_ROWS`` rows one skinny launch computes both halves
     and the gate (``a8``: against e4m3 activations, ``xq`` if already quantized); above, the FP8 product, then
-    ``silu_mul``. ``out_group`` (a power of two, ``GROUP_MIN`` or more): the result as e4m3 rows [M, F] with one scale
-    per row and ``out_group`` columns [M, cdiv(F, out_group)] (``reference.quantize_groups_fp8`` of the
-    result), written by the same launch: the down projection's input without a quantizing launch between."""
+    ``silu_mul``."""
     x2 = _check(x, w, scale)
     if w.shape[0] % 2:
         raise ValueError(f"a packed [gate; up] weight has an even number of rows, got {w.shape[0]}")
-    _check_group(out_group, "out_group")
     rows, f = x2.shape[0], w.shape[0] // 2
     if not _few_rows(x, rows):
         from .silu_mul import silu_mul
 
         both = linear_w8a8(x, w, scale, xq) if a8 else linear_fp8(x, w, scale)
         gate, up = both.chunk(2, -1)
-        act = silu_mul(gate, up)
-        if out_group:
-            from .reference import quantize_groups_fp8
-
-            return quantize_groups_fp8(act, out_group)
-        return act
-    kw = {}
-    if out_group:
-        out = torch.empty(rows, f, dtype=FP8, device=x.device)
-        kw = {"out_group": out_group, "round_dtype": x.dtype,
-              "out_scale": torch.empty(rows, triton.cdiv(f, out_group), dtype=torch.float32, device=x.device)}
-    else:
-        out = torch.empty(rows, f, dtype=x.dtype, device=x.device)
+        return silu_mul(gate, up)
+    out = torch.empty(rows, f, dtype=x.dtype, device=x.device)
     if a8:
         q, qs = quantize_rows(x2) if xq is None else xq
-        _launch(q, w, out, f, True, scale=scale, x_scale=qs, **kw)
+        _launch(q, w, out, f, True, scale=scale, x_scale=qs)
     else:
-        _launch(x2, w, out, f, True, scale=scale, **kw)
-    if out_group:
-        return out, kw["out_scale"]
+        _launch(x2, w, out, f, True, scale=scale)
     return out.view(*x.shape[:-1], f)
-
-
-def _check_group(group: int, name: str) -> None:
-    if group and (group < GROUP_MIN or group & (group - 1)):
-        raise ValueError(f"{name}={group}: a power of two of {GROUP_MIN} or more")
-
-
-GROUP_MIN = 32  # the K of one FP8 tensor-core product (Hopper): a group's sub-product is at least that wide
-
-
-def linear_e4m3(q: torch.Tensor, qs: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype,
-                group: int = 0) -> torch.Tensor:
-    """``x @ (w * scale[:, None]).T`` for x given as e4m3 rows ``q`` [M, K] and their scales ``qs``: one per
-    row [M] (``quantize_rows``), or with ``group`` one per row and ``group`` columns [M, cdiv(K, group)] (what
-    ``linear_gate_up_silu_fp8(out_group=)`` and the attention kernels' ``quant`` leave): each group's e4m3
-    products summed in fp32 and scaled as they add up, then the channel scale, rounded to ``out_dtype``
-    (``reference.linear_e4m3``)."""
-    _check_group(group, "group")
-    if q.dtype != FP8 or q.dim() != 2 or q.stride(-1) != 1:
-        raise ValueError(f"q must be float8_e4m3fn [M, K] with unit stride along K, got {q.dtype} {tuple(q.shape)}")
-    want = (q.shape[0], triton.cdiv(q.shape[1], group)) if group else (q.shape[0],)
-    if qs.dtype != torch.float32 or tuple(qs.shape) != want or not qs.is_contiguous():
-        raise ValueError(f"qs must be contiguous fp32 {want} for q {tuple(q.shape)} and group {group}, got "
-                         f"{qs.dtype} {tuple(qs.shape)}")
-    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"out_dtype {out_dtype}: expected fp32, bf16 or fp16")
-    if w.dtype != FP8 or w.dim() != 2 or w.shape[1] != q.shape[1] or w.stride(1) != 1 or scale.shape != (w.shape[0],):
-        raise ValueError(f"w must be float8_e4m3fn [N, {q.shape[1]}] with fp32 scales [N], got {w.dtype} "
-                         f"{tuple(w.shape)} and {tuple(scale.shape)}")
-    check_fp8_device(q.device)
-    rows, n = q.shape[0], w.shape[0]
-    if _few_rows(q, rows):
-        out = torch.empty(rows, n, dtype=out_dtype, device=q.device)
-        _launch(q, w, out, n, False, scale=scale, x_scale=qs, x_group=group)
-        return out
-    if not group and rows and _scaled_mm_ok(q, w) and out_dtype != torch.float32:
-        return torch._scaled_mm(q, w.t(), qs[:, None], scale[None, :], out_dtype=out_dtype)
-    from .reference import linear_e4m3 as plain
-
-    return plain(q, qs, w, scale, out_dtype, group)

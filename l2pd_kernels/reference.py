@@ -550,17 +550,13 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
 
 
 def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor,
-                   tiles: torch.Tensor | None = None, block_m: int = 64,
-                   quant: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                   tiles: torch.Tensor | None = None, block_m: int = 64) -> torch.Tensor:
     """Attention of packed queries q [1, H, N, D] over a slot pool's K/V rows [R, Hkv, T, D].
 
     ``seg`` int64 [G, 4] holds one (q_start, q_len, row, k_len) per segment: queries [q_start, q_start + q_len)
     attend, without a mask, to keys [0, k_len) of cache row ``row``. Returns [1, H, N, D] (queries outside
-    every segment are zero). ``tiles`` and ``block_m`` only shape the kernel's programs. ``quant``: the
-    output as rows [N, H * D] through ``quantize_groups_fp8`` with one scale per (token, head).
+    every segment are zero). ``tiles`` and ``block_m`` only shape the kernel's programs.
     """
-    if quant:
-        return _quantized_heads(pool_attention(q, k_cache, v_cache, seg, tiles, block_m))
     out = torch.zeros_like(q)
     for q_start, q_len, row, k_len in seg.tolist():
         if q_len == 0:
@@ -574,25 +570,16 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return out
 
 
-def _quantized_heads(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An attention output [B, H, L, D] as rows [B * L, H * D] quantized per (token, head)."""
-    B, H, L, D = out.shape
-    return quantize_groups_fp8(out.transpose(1, 2).reshape(B * L, H * D), D)
-
-
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     key_limit: torch.Tensor | None = None,
-                     quant: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                     key_limit: torch.Tensor | None = None) -> torch.Tensor:
     """A cached step's attention: queries q [B, H, L, D] over every key of their row of the cache
     [B, Hkv, T, D], without a mask (what SDPA computes for an unpadded, bidirectional cached forward); with
-    ``key_limit`` [B, L], query (b, i) over the first ``key_limit[b, i]`` keys only. ``quant``: as
-    ``pool_attention``'s."""
+    ``key_limit`` [B, L], query (b, i) over the first ``key_limit[b, i]`` keys only."""
     mask = None
     if key_limit is not None:
         mask = (torch.arange(k_cache.shape[2], device=q.device) < key_limit[..., None])[:, None]  # [B, 1, L, T]
-    out = torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
-                                                           enable_gqa=k_cache.shape[1] != q.shape[1])
-    return _quantized_heads(out) if quant else out
+    return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask,
+                                                            enable_gqa=k_cache.shape[1] != q.shape[1])
 
 
 def moe_route(logits: torch.Tensor, top_k: int, score: str = "sigmoid", bias: torch.Tensor | None = None,
@@ -750,15 +737,12 @@ def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.T
 
 
 def linear_gate_up_silu_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, a8: bool = False,
-                            xq: tuple[torch.Tensor, torch.Tensor] | None = None,
-                            out_group: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                            xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``linear_gate_up_silu`` for a packed e4m3 ``w = cat([gate, up])`` with its scales: both halves from
-    ``linear_fp8`` (``a8``: ``linear_w8a8``, with ``xq``), each rounded to x's dtype, then ``silu_mul``;
-    ``out_group``: that result through ``quantize_groups_fp8``."""
+    ``linear_fp8`` (``a8``: ``linear_w8a8``, with ``xq``), each rounded to x's dtype, then ``silu_mul``."""
     both = linear_w8a8(x, w, scale, xq) if a8 else linear_fp8(x, w, scale)
     gate, up = both.chunk(2, -1)
-    act = silu_mul(gate, up)
-    return quantize_groups_fp8(act, out_group) if out_group else act
+    return silu_mul(gate, up)
 
 
 def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -770,38 +754,11 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-def quantize_groups_fp8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 x [M, K], fp32 scales [M, ceil(K / group)]) for x [..., K] as rows: ``quantize_rows_fp8`` applied
-    to each row's runs of ``group`` columns on their own (the last run may be shorter)."""
-    xf = x.reshape(-1, x.shape[-1]).float()
-    M, K = xf.shape
-    G = -(-K // group)
-    amax = torch.nn.functional.pad(xf.abs(), (0, G * group - K)).view(M, G, group).amax(-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (xf / scale.repeat_interleave(group, 1)[:, :K]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-quantize_groups = quantize_groups_fp8  # (the kernels' name for it)
-
-
-def linear_e4m3(q: torch.Tensor, qs: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype,
-                group: int = 0) -> torch.Tensor:
-    """``x @ (w * scale[:, None]).T`` for x as e4m3 rows ``q`` [M, K] with scales ``qs``: per row [M], summed in
-    fp32 and then scaled by row and channel; or (``group``) per row and ``group`` columns [M, ceil(K / group)],
-    each row's values scaled by their group's scale before the fp32 product; rounded to ``out_dtype``."""
-    if group:
-        x = q.float() * qs.repeat_interleave(group, 1)[:, : q.shape[1]]
-        y = (x @ w.float().T) * scale
-    else:
-        y = (q.float() @ w.float().T) * qs[:, None] * scale
-    return y.to(out_dtype)
-
-
 def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                 xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``linear_fp8`` with x first quantized per row (``quantize_rows_fp8``; ``xq``: that quantization, already
     made): the e4m3 products summed in fp32, then the row and channel scales, rounded to x's dtype."""
     q, qs = quantize_rows_fp8(x) if xq is None else xq
-    return linear_e4m3(q, qs, w, scale, x.dtype).view(*x.shape[:-1], w.shape[0])
+    y = (q.float() @ w.float().T) * qs[:, None] * scale
+    return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
 

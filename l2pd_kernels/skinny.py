@@ -29,7 +29,6 @@ from .device import TensorDescriptor, device_name, pdl, pdl_wait, sm_count, smem
 from .device import capturing as _capturing
 from .device import tma_addressable as _tma_addressable
 from .device import tma_capable as _hopper  # (a module name the tests replace)
-from .e4m3 import ROUND_CODES, _round_to, _row_scale, _to_e4m3
 from .rope import _rope_tail
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -54,19 +53,16 @@ def _mac(acc, xt, wt, SWAP: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, qs_ptr, M, N, K, K_SPLIT, stride_xm,
+def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
                    stride_wn, stride_om, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                    UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   TMA: tl.constexpr = 0, XG: tl.constexpr = 0, QOUT: tl.constexpr = 0, PDL: tl.constexpr = 0):
-    """XG > 0: x's e4m3 scales are one per row and XG columns (xs_ptr [M, cdiv(K, XG)]); QOUT > 0: the output
-    is written as e4m3 with one scale per row and BLOCK_N columns (qs_ptr [M, cdiv(N, BLOCK_N)]), rounded
-    first to the dtype ``_round_to`` names."""
+                   TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
     pdl_wait(PDL)
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, 0.0, 1,
                  1, 1, 1, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 0, 1, 0, 0, 0,
-                 TMA, qs_ptr, XG, QOUT)
+                 TMA)
 
 
 @triton.jit
@@ -84,7 +80,7 @@ def _skinny_rope_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr,
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S, H,
                  HKV, T, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 1, HALF, REST,
-                 ROWS, NORM, TMA, out_ptr, 0, 0)
+                 ROWS, NORM, TMA)
 
 
 @triton.jit
@@ -94,7 +90,7 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
                  UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                  SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  ROPE: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr,
-                 NORM: tl.constexpr, TMA: tl.constexpr, qs_ptr, XG: tl.constexpr, QOUT: tl.constexpr):
+                 NORM: tl.constexpr, TMA: tl.constexpr):
     """With ``TMA``, x_ptr and w_ptr are tensor descriptors of x [M, K] and w (tiles [BLOCK_M, BLOCK_K] and
     [BLOCK_N, BLOCK_K]): each tile arrives by one TMA copy, rows and K past the ends read as zeros."""
     pid_n = tl.program_id(0)
@@ -115,10 +111,7 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if XG:  # e4m3 x with a scale per row and XG columns: each K step's sub-products scaled as they add up
-        acc = _grouped_k_loop(acc, x_ptr, w_ptr, xs_ptr, rm, rn, m_ok, n_ok, k_lo, M, K, K_SPLIT, stride_xm,
-                              stride_wn, IEEE, UPCAST, SWAP, BLOCK_K, XG)
-    for k in range(k_lo, tl.minimum(k_lo + K_SPLIT, K) if not XG else k_lo, BLOCK_K):
+    for k in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
         if TMA:
             xt = x_ptr.load([pid_m * BLOCK_M, k])
             wt = w_ptr.load([pid_n * BLOCK_N, k])
@@ -157,8 +150,7 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
         acc_u = tl.trans(acc_u)
     tile_ok = m_ok & (rn[None, :] < N)
     if SPLIT == 1:
-        _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, qs_ptr, M, N, stride_om, GATE, FP8, A8, XG,
-                  QOUT)
+        _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8)
         if ROPE:  # the head's product is written: read it back as rope_qkv would (same bits), rotate, place
             tl.debug_barrier()
             _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
@@ -185,8 +177,7 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
                 if GATE:
                     acc_u += tl.load(base + mn, mask=tile_ok, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(cnt_ptr + tile, 0)
-            _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, qs_ptr, M, N, stride_om, GATE, FP8, A8,
-                      XG, QOUT)
+            _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8)
             if ROPE:  # the last program of a head's K shares does its rope_qkv work
                 tl.debug_barrier()
                 _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
@@ -194,68 +185,27 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
 
 
 @triton.jit
-def _grouped_k_loop(acc, x_ptr, w_ptr, xs_ptr, rm, rn, m_ok, n_ok, k_lo, M, K, K_SPLIT, stride_xm, stride_wn,
-                    IEEE: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr, BLOCK_K: tl.constexpr,
-                    XG: tl.constexpr):
-    """acc + the program's share of K for e4m3 x whose rows carry one scale per XG columns (the SiLU product
-    as the gate/up kernel quantizes it, the attention output per head): each K step of BLOCK_K runs as
-    sub-products of min(XG, BLOCK_K) columns, each scaled by its group's row scales as it is added, so a
-    step's loads stay as wide as a per-row product's."""
-    SUB: tl.constexpr = XG if XG < BLOCK_K else BLOCK_K
-    groups = tl.cdiv(K, XG)
-    rs = tl.arange(0, SUB)
-    m_in = rm < M
-    for k in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
-        for j in tl.static_range(BLOCK_K // SUB):
-            kk = k + j * SUB
-            k_ok = (kk + rs[None, :]) < K
-            xt = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + (kk + rs)[None, :], mask=m_ok & k_ok,
-                         other=0.0)
-            wt = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + (kk + rs)[None, :], mask=n_ok & k_ok,
-                         other=0.0)
-            if UPCAST:
-                xt = xt.to(tl.float32)
-                wt = wt.to(tl.float32)
-            if SWAP:
-                part = _mac(tl.zeros((wt.shape[0], xt.shape[0]), dtype=tl.float32), xt, wt, SWAP, IEEE)
-            else:
-                part = _mac(tl.zeros((xt.shape[0], wt.shape[0]), dtype=tl.float32), xt, wt, SWAP, IEEE)
-            xs = tl.load(xs_ptr + rm.to(tl.int64) * groups + tl.minimum(kk, K - 1) // XG, mask=m_in, other=0.0)
-            if SWAP:
-                acc += part * xs[None, :]
-            else:
-                acc += part * xs[:, None]
-    return acc
-
-
-@triton.jit
-def _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, qs_ptr, M, N, stride_om, GATE: tl.constexpr,
-              FP8: tl.constexpr, A8: tl.constexpr, XG: tl.constexpr, QOUT: tl.constexpr):
-    """Scales (FP8 channel, e4m3 row), rounding to the output dtype, the SiLU gate, the store (QOUT, a
-    ``ROUND_CODES`` dtype: rounded to it, then stored as e4m3 with one scale per row of the tile,
-    ``reference.quantize_groups_fp8``'s bits)."""
+def _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE: tl.constexpr,
+              FP8: tl.constexpr, A8: tl.constexpr):
+    """Scales (FP8 channel, e4m3 row), rounding to the output dtype, the SiLU gate, the store."""
+    dt = out_ptr.dtype.element_ty
     if FP8:
         n_in = rn < N
         acc = acc * tl.load(s_ptr + rn, mask=n_in, other=0.0)[None, :]
         if GATE:
             acc_u = acc_u * tl.load(s_ptr + N + rn, mask=n_in, other=0.0)[None, :]
-    if A8 and not XG:  # e4m3 activations: each row's scale
+    if A8:  # e4m3 activations: each row's scale
         xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)[:, None]
         acc = acc * xs
         if GATE:
             acc_u = acc_u * xs
-    res = _round_to(acc, out_ptr, QOUT)  # (fp32 holding values of the output's dtype)
+    res = acc.to(dt)
     if GATE:
-        s = _round_to(res / (1.0 + tl.exp(-res)), out_ptr, QOUT)
-        res = _round_to(s * _round_to(acc_u, out_ptr, QOUT), out_ptr, QOUT)
+        g = res.to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        res = (s * acc_u.to(dt).to(tl.float32)).to(dt)
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
-    if QOUT:
-        res = tl.where(tile_ok, res, 0.0)
-        scale = _row_scale(tl.max(tl.abs(res), 1))
-        tl.store(qs_ptr + rm.to(tl.int64) * tl.num_programs(0) + tl.program_id(0), scale, mask=rm < M)
-        tl.store(out_ptrs, _to_e4m3(res, scale[:, None]), mask=tile_ok)
-    else:
-        tl.store(out_ptrs, res.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(out_ptrs, res, mask=tile_ok)
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -406,15 +356,12 @@ def pick_tma(rows: int, n: int, k: int, gate: bool, sms: int, fp8: bool = False,
 
 
 def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None, split=None, rope=None,
-            tma=None, x_group=0, out_group=0, out_scale=None, round_dtype=None):
+            tma=None):
     """One launch of the kernel; ``rope`` (``linear_rope_qkv``): the dict of its arguments and constants
     (``ROPE_ARGS``, ``head_dim``, ``HALF``, ``REST``, ``ROWS``, ``NORM``): one head per program, K split by
     ``pick_rope_split``. ``tma``: load the tiles by TMA (None: ``L2PD_SKINNY_TMA``, by default where
     ``pick_tma`` has a tile, its tile in every launch and its TMA loads while a CUDA graph is captured);
-    with ``cfg`` and ``tma``, ``swap`` as given. ``x_group``: ``x_scale`` is [M, cdiv(K, x_group)], one scale
-    per row and x_group columns (a power of two of 32 or more). ``out_group``: ``out`` is e4m3, each row's
-    out_group columns (the tile's width) scaled into ``out_scale`` [M, cdiv(n_out, out_group)] after rounding
-    to ``round_dtype``."""
+    with ``cfg`` and ``tma``, ``swap`` as given."""
     M, K = x2.shape
     a8 = x_scale is not None
     sms = sm_count(x2.device)
@@ -436,10 +383,6 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
                                     pick_config(M, n_out, K, gate, device_name(x2.device)))
     if rope is not None:  # one head per program; K steps of 256 bytes keep a head-wide pipeline in shared memory
         bn, bk = rope["head_dim"], min(bk, 256 // w.element_size())
-    if out_group:  # one e4m3 scale per row of a tile
-        bn = out_group
-    if x_group:
-        tma = False
     bm = max(16, triton.next_power_of_2(min(M, 64)))
     if cfg is None or tma_cfg is not None:
         bk, stages = _fit(bm, bn, bk, stages, gate, x2.element_size(), smem_bytes(x2.device))
@@ -466,14 +409,12 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
         xa, wa = TensorDescriptor.from_tensor(x2, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk])
     kernel[(grid_n, grid_m, split)](
         xa, wa, w if scale is None else scale, w if x_scale is None else x_scale, out, part,
-        out if counters is None else counters, *(() if rope is not None else (out_scale if out_group else out,)),
-        M, n_out, K, k_split, x2.stride(0), w.stride(0), out.stride(0),
+        out if counters is None else counters, M, n_out, K, k_split, x2.stride(0), w.stride(0), out.stride(0),
         *rope_args, GATE=gate, EVEN_K=tma or K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
         UPCAST=_INTERPRET and (x2.dtype == torch.bfloat16 or a8),  # no fp8 dot on the CPU
         FP8=scale is not None, A8=a8, SWAP=_swap(a8) if swap is None else swap, SPLIT=split, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, **rope_consts, TMA=int(bool(tma)),
-        **({} if rope is not None else {"XG": x_group, "QOUT": ROUND_CODES[round_dtype] if out_group else 0}),
-        num_warps=warps, num_stages=stages, **pdl(x2.device, "skinny"))
+        BLOCK_N=bn, BLOCK_K=bk, **rope_consts, TMA=int(bool(tma)), num_warps=warps, num_stages=stages,
+        **pdl(x2.device, "skinny"))
 
 
 def _check(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

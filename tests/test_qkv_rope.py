@@ -160,7 +160,8 @@ def test_linear_rope_qkv_rejects_bad_input():
 
 def test_the_forward_fuses_where_it_paid(monkeypatch):
     """``L2PD_FUSED_ROPE`` unset: weights in the activations' dtype and heads for half the SMs or more (an H200's
-    132: LLaDA-8B's 96 heads yes, LLaDA2.0-mini's 24 no; e4m3 weights no); set, it decides alone."""
+    132: LLaDA-8B's 96 heads yes, LLaDA2.0-mini's 24 no; e4m3 weights against e4m3 activations too, widened
+    ones no); set, it decides alone."""
     from l2pd.models import decoder
     from l2pd_kernels import device
 
@@ -170,6 +171,8 @@ def test_the_forward_fuses_where_it_paid(monkeypatch):
     w = torch.zeros(8, 8, dtype=torch.bfloat16)
     assert decoder._rope_fuses(w, h, 96) and not decoder._rope_fuses(w, h, 24)
     assert not decoder._rope_fuses(w.to(torch.float8_e4m3fn), h, 96)
+    assert decoder._rope_fuses(w.to(torch.float8_e4m3fn), h, 96, a8=True)
+    assert not decoder._rope_fuses(w.to(torch.float8_e4m3fn), h, 24, a8=True)
     monkeypatch.setattr(decoder, "FUSED_ROPE", True)
     assert decoder._rope_fuses(w, h, 24)
     monkeypatch.setattr(decoder, "FUSED_ROPE", False)

@@ -91,23 +91,6 @@ def _fp8_mm(ops: Any, module: nn.Module, x: torch.Tensor, w: torch.Tensor, scale
     return ops.linear_fp8(x, w, scale)
 
 
-# a few-row step's e4m3 activations that no norm quantizes (the attention output, the SiLU product) come
-# from the kernel that makes them, one scale per row and group of columns (a head; ``SILU_GROUP``), so no
-# quantizing launch runs between: "0" quantizes them per row in a launch of their own, as before
-ACT_GROUPS = os.environ.get("L2PD_FP8_GROUPS", "1") != "0"
-SILU_GROUP = 64  # the gate/up kernel's e4m3 tile width: one scale per row of a tile
-
-
-def _groups_feed(module: nn.Module | None, rows: int, group: int = SILU_GROUP) -> bool:
-    """Whether ``module``'s e4m3 input comes quantized in groups of ``group`` columns by the kernel before it
-    (``ACT_GROUPS``): w8a8 weights without a bias, few rows (the skinny kernel's; many rows take cuBLAS FP8,
-    per row) and groups an FP8 tensor-core product can take (a head of 32 dimensions or more)."""
-    from l2pd_kernels.fp8 import GROUP_MIN
-
-    return (ACT_GROUPS and _a8(module) and getattr(module, "bias", None) is None and 0 < rows <= skinny.MAX_ROWS
-            and group >= GROUP_MIN and group & (group - 1) == 0)
-
-
 def _a8(module: nn.Module | None) -> bool:
     """Whether ``module`` multiplies e4m3 activations: its input norm then quantizes in the same kernel."""
     return module is not None and module.weight.dtype == torch.float8_e4m3fn and getattr(module, "l2pd_w8a8", False)
@@ -387,19 +370,13 @@ def _decoder_forward(
         rows = pack.rows if pack is not None else None
         rope = (cos, sin, k_all, v_all, fresh_slots if cache is None else slots, rows)
         q = _qkv_rope(ops, h, hq, blk, n_heads, n_kv, eps, rope)
-        quant = _groups_feed(blk.o, bsz * seq, head_dim)
         if pack is not None:  # each request attends to its own pool row
-            att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles, **pool_split, quant=quant)
+            att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles, **pool_split)
         elif split:
-            att = ops.cached_attention(q, k_all, v_all, key_limit=key_limit, quant=quant)
+            att = ops.cached_attention(q, k_all, v_all, key_limit=key_limit)
         else:
             att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
-            if quant:
-                att = ops.quantize_groups(att.transpose(1, 2).reshape(bsz * seq, n_heads * head_dim), head_dim)
-        if quant:  # e4m3 rows with a scale per head (from the attention kernels themselves)
-            a = ops.linear_e4m3(*att, blk.o.weight, blk.o.weight_scale, h.dtype, head_dim).view(bsz, seq, -1)
-        else:
-            a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
+        a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
         h, x, hq = _norm(ops, x, blk.ff_norm, eps, a, _a8(blk.gate) or _moe_a8(blk.moe))
         inside = _shared_in_moe(ops, blk, h)  # the shared expert run by the MoE kernels, beside the routed ones
         delta = None if blk.gate is None or inside is not None else _mlp(ops, h, blk, hq)
@@ -481,24 +458,26 @@ def _fused_qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_h
             return None
         scale = _packed_scale(blk.owner, "_l2pd_qkv", mods) if w.dtype == torch.float8_e4m3fn else None
     fp8 = w.dtype == torch.float8_e4m3fn
-    if (fp8 and scale is None) or (not fp8 and w.dtype != h.dtype) or not _rope_fuses(w, h, n_heads + 2 * n_kv):
-        return None
     a8 = fp8 and getattr(mod, "l2pd_w8a8", False)
+    if (fp8 and scale is None) or (not fp8 and w.dtype != h.dtype) or not _rope_fuses(w, h, n_heads + 2 * n_kv,
+                                                                                       a8):
+        return None
     return ops.linear_rope_qkv(h, w, n_heads, n_kv, cos, sin, k_all, v_all, slots, rows=rows, **qk_norm or {},
                                scale=scale, a8=a8, xq=hq if a8 else None)
 
 
-def _rope_fuses(w: torch.Tensor, h: torch.Tensor, heads: int) -> bool:
-    """``FUSED_ROPE``, or unset: weights in the activations' dtype and heads for half the SMs or more (one
-    program per head). On an H200 (``benchmarks/studies/step_rules.py``) LLaDA-8B's bf16 step was 1.6% to 2.0%
-    faster fused (96 heads); e4m3 weights against e4m3 activations 2.4% slower (their tiles are wider);
-    LLaDA2.0-mini's 24 heads, K split among 4 programs each, tied in ``generate`` and lost 9% in the engine's
-    replays."""
+def _rope_fuses(w: torch.Tensor, h: torch.Tensor, heads: int, a8: bool = False) -> bool:
+    """``FUSED_ROPE``, or unset: weights in the activations' dtype, or e4m3 weights against e4m3 activations
+    (``a8``), and heads for half the SMs or more (one program per head). On an H200
+    (``benchmarks/studies/step_rules.py``) LLaDA-8B's bf16 step was 1.6% to 2.0% faster fused (96 heads); its
+    w8a8 ``generate`` 0.9% faster with the head's tile in 256-byte K steps (2.4% slower in 128-byte ones);
+    widened e4m3 weights not measured; LLaDA2.0-mini's 24 heads, K split among 4 programs each, tied in
+    ``generate`` and lost 9% in the engine's replays."""
     if FUSED_ROPE is not None:
         return FUSED_ROPE
     from l2pd_kernels.device import sm_count
 
-    return w.dtype == h.dtype and 2 * heads >= sm_count(h.device)
+    return (w.dtype == h.dtype or a8) and 2 * heads >= sm_count(h.device)
 
 
 def _pool_split(ops: Any, pack: Pack, heads: int, kv_heads: int, keys: int, device: torch.device) -> dict:
@@ -540,24 +519,12 @@ def _mlp(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None) -> torc
     mods = [blk.gate, blk.up]
     gate_up = _packed(blk.owner, "_l2pd_gate_up", mods)
     if gate_up is not None and gate_up.dtype == torch.float8_e4m3fn:
-        a8 = getattr(blk.gate, "l2pd_w8a8", False)
-        rows = h.numel() // h.shape[-1]
-        if a8 and _groups_feed(blk.down, rows):  # the SiLU product leaves the kernel as e4m3 rows in groups
-            q8, qs = ops.linear_gate_up_silu_fp8(h, gate_up, _packed_scale(blk.owner, "_l2pd_gate_up", mods), a8=True,
-                                                 xq=hq, out_group=SILU_GROUP)
-            down = blk.down
-            return ops.linear_e4m3(q8, qs, down.weight, down.weight_scale, h.dtype, SILU_GROUP).view(
-                *h.shape[:-1], -1)
-        act = ops.linear_gate_up_silu_fp8(h, gate_up, _packed_scale(blk.owner, "_l2pd_gate_up", mods), a8=a8,
-                                          xq=hq)
+        act = ops.linear_gate_up_silu_fp8(h, gate_up, _packed_scale(blk.owner, "_l2pd_gate_up", mods),
+                                          a8=getattr(blk.gate, "l2pd_w8a8", False), xq=hq)
     elif gate_up is not None:  # silu(gate) * up straight from the packed matmul
         act = ops.linear_gate_up_silu(h, gate_up)
     else:
         act = ops.silu_mul(_proj(ops, h, blk.gate, hq), _proj(ops, h, blk.up, hq))
-        if _groups_feed(blk.down, act.numel() // act.shape[-1]):  # the packed form's e4m3 groups, in a launch
-            down = blk.down
-            return ops.linear_e4m3(*ops.quantize_groups(act, SILU_GROUP), down.weight, down.weight_scale, h.dtype,
-                                   SILU_GROUP).view(*h.shape[:-1], -1)
     return _lin(ops, act, blk.down)
 
 
