@@ -658,26 +658,14 @@ def expert_weights(moe: MoE) -> tuple[torch.Tensor, torch.Tensor]:
     if torch.is_grad_enabled() and mods[0].gate_proj.weight.requires_grad:
         return (torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight]) for m in mods]),
                 torch.stack([m.down_proj.weight for m in mods]))
-    kept = vars(moe.owner).get("_l2pd_experts")
-    if kept is not None:
-        w13, w2 = kept
-        first, last = mods[0], mods[-1]
-        if (first.gate_proj.weight.data_ptr() == w13[0].data_ptr() and last.down_proj.weight.data_ptr()
-                == w2[-1].data_ptr() and first.gate_proj.weight.dtype == w13.dtype):
-            return w13, w2
-    w13 = torch.stack([torch.cat([m.gate_proj.weight.detach(), m.up_proj.weight.detach()]) for m in mods])
-    w2 = torch.stack([m.down_proj.weight.detach() for m in mods])
-    if _keeps_views(w13.device):
+    w13, w2, made = _stacked(moe, "weight", "_l2pd_experts")
+    if made:
         if not _KEPT_HOOK:
             _KEPT_HOOK.append(torch.nn.modules.module.register_module_parameter_registration_hook(
                 _expert_param_assigned))
-        inter = w2.shape[2]
-        for i, m in enumerate(mods):
-            m.gate_proj.weight.data, m.up_proj.weight.data = w13[i, :inter], w13[i, inter:]
-            m.down_proj.weight.data = w2[i]
+        for m in mods:
             for lin in (m.gate_proj, m.up_proj, m.down_proj):
                 _KEPT[lin] = moe.owner
-        object.__setattr__(moe.owner, "_l2pd_experts", (w13, w2))
     return w13, w2
 
 
@@ -685,23 +673,32 @@ def expert_scales(moe: MoE) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(gate|up [E, 2I], down [E, D]) fp32 channel scales of e4m3 experts (``l2pd.quantize``), else None. Kept
     on ``moe.owner`` as ``expert_weights`` keeps the weights (on CUDA the experts' scales become their views);
     rebuilt when the first expert's scale is no longer the kept one's view."""
-    mods = list(moe.experts)
-    first = mods[0]
-    if getattr(first.gate_proj, "weight_scale", None) is None:
+    if getattr(moe.experts[0].gate_proj, "weight_scale", None) is None:
         return None
-    kept = vars(moe.owner).get("_l2pd_expert_scales")
-    if kept is not None and first.gate_proj.weight_scale.data_ptr() == kept[0].data_ptr() \
-            and mods[-1].down_proj.weight_scale.data_ptr() == kept[1][-1].data_ptr():
-        return kept
-    s13 = torch.stack([torch.cat([m.gate_proj.weight_scale, m.up_proj.weight_scale]) for m in mods])
-    s2 = torch.stack([m.down_proj.weight_scale for m in mods])
-    if _keeps_views(s13.device):
-        inter = first.gate_proj.weight_scale.shape[0]
-        for i, m in enumerate(mods):
-            m.gate_proj.weight_scale.data, m.up_proj.weight_scale.data = s13[i, :inter], s13[i, inter:]
-            m.down_proj.weight_scale.data = s2[i]
-        object.__setattr__(moe.owner, "_l2pd_expert_scales", (s13, s2))
-    return s13, s2
+    return _stacked(moe, "weight_scale", "_l2pd_expert_scales")[:2]
+
+
+def _stacked(moe: MoE, attr: str, key: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The experts' ``attr`` tensors stacked as (gate|up [E, 2I, ...], down [E, D, ...]): the pair kept on
+    ``moe.owner`` as ``key`` while the first and last experts' tensors are still its views (and of its dtype),
+    else stacked anew, and on CUDA kept, each expert's tensors becoming views of the stacks (third: True then)."""
+    mods = list(moe.experts)
+    first, last = getattr(mods[0].gate_proj, attr), getattr(mods[-1].down_proj, attr)
+    kept = vars(moe.owner).get(key)
+    if kept is not None and (first.data_ptr() == kept[0].data_ptr() and last.data_ptr() == kept[1][-1].data_ptr()
+                             and first.dtype == kept[0].dtype):
+        return *kept, False
+    s13 = torch.stack([torch.cat([getattr(m.gate_proj, attr).detach(), getattr(m.up_proj, attr).detach()])
+                       for m in mods])
+    s2 = torch.stack([getattr(m.down_proj, attr).detach() for m in mods])
+    if not _keeps_views(s13.device):
+        return s13, s2, False
+    inter = first.shape[0]
+    for i, m in enumerate(mods):
+        getattr(m.gate_proj, attr).data, getattr(m.up_proj, attr).data = s13[i, :inter], s13[i, inter:]
+        getattr(m.down_proj, attr).data = s2[i]
+    object.__setattr__(moe.owner, key, (s13, s2))
+    return s13, s2, True
 
 
 def _attention_path(dec: Decoder, ops: Any, attention_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
