@@ -27,6 +27,7 @@ import torch
 from decode_8b import EngineStep, build_shape
 from harness import device_ms, floors, run_info, save
 
+import l2pd
 from l2pd.decode import generate, release
 
 L = 32
@@ -80,21 +81,22 @@ def canvas_ms(model) -> dict:
 
 @torch.no_grad()
 def alternate(model, settings: list[str], apply, repeats: int, tpf: int, refresh: str,
-              warmup_s: float = 3.0) -> dict[str, dict]:
+              warmup_s: float = 3.0, batch: int = 1) -> dict[str, dict]:
     """Each setting in turn (``apply(setting)``), ``repeats`` times, each on a fresh engine: the graphed
     iteration's device time (median of 50 replays) and ``generate``'s ms per forward (median of 3 decodes at
     ``tpf`` tokens per forward, after two that compile and capture), with each run's tokens. First, ``warmup_s``
     seconds of the first setting's replays, not counted: the first run of a call was its fastest in the H200
-    studies whichever setting went first (clocks before sustained load, likely)."""
+    studies whichever setting went first (clocks before sustained load, likely). ``batch``: rows of the
+    iteration and of each decode (one decode a run from batch 2 on)."""
     torch.manual_seed(0)
-    ids = torch.randint(0, 126000, (1, P), device="cuda")
+    ids = torch.randint(0, 126000, (batch, P), device="cuda")
     kw = dict(max_new_tokens=G, block_length=L, strategy="steps", steps=G // tpf, cache="dual", refresh=refresh,
               return_dict_in_generate=True)
     runs: dict[str, dict[str, list]] = {s: {"replay_ms": [], "generate_ms": [], "tokens": [], "forwards": []}
                                        for s in settings}
     if warmup_s > 0:
         apply(settings[0])
-        st = EngineStep(model, 1, "dual", refresh, True, True)
+        st = EngineStep(model, batch, "dual", refresh, True, True)
         for _ in range(3):
             st.step()
         t0 = time.perf_counter()
@@ -108,7 +110,7 @@ def alternate(model, settings: list[str], apply, repeats: int, tpf: int, refresh
         for setting in settings:
             apply(setting)
             torch.manual_seed(0)
-            st = EngineStep(model, 1, "dual", refresh, True, True)
+            st = EngineStep(model, batch, "dual", refresh, True, True)
             for _ in range(3):
                 st.step()
             runs[setting]["replay_ms"].append(device_ms(st.replay, iters=50))
@@ -116,7 +118,7 @@ def alternate(model, settings: list[str], apply, repeats: int, tpf: int, refresh
             release(model)
             for _ in range(2):  # compile and capture
                 generate(model, ids, **{**kw, "steps": 2 * (G // L)})
-            outs = [generate(model, ids, **kw) for _ in range(3)]
+            outs = [generate(model, ids, **kw) for _ in range(3 if batch == 1 else 1)]
             runs[setting]["generate_ms"].append(statistics.median(o.seconds / o.forwards * 1e3 for o in outs))
             runs[setting]["tokens"].append(outs[0].sequences[0, P:].tolist())
             runs[setting]["forwards"].append(outs[0].forwards)
@@ -135,14 +137,18 @@ def summary(runs: dict[str, dict], setting: str, first: str) -> dict:
 
 
 @torch.no_grad()
-def family(name: str, repeats: int, splits: list[str], tpf: int, refresh: str | None) -> list[dict]:
+def family(name: str, repeats: int, splits: list[str], tpf: int, refresh: str | None,
+           weights: str = "bf16") -> list[dict]:
     model = build_shape(name)
+    if weights != "bf16":
+        l2pd.quantize(model, weights)
     refresh = refresh or ("window" if name == "llada2-mini" else "full")
     runs = alternate(model, splits, _set, repeats, tpf, refresh)
     rows = []
     for split in splits:
         _set(split)
-        row = {"family": name, "split": split, "refresh": refresh, "prompt": P, "new": G, "tpf": tpf,
+        row = {"family": name, "weights": weights, "split": split, "refresh": refresh, "prompt": P, "new": G,
+               "tpf": tpf,
                **summary(runs, split, splits[0]), **attention_ms(model, refresh), **canvas_ms(model)}
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -163,12 +169,14 @@ def main() -> None:
                     help="default: full at LLaDA-8B shapes, window at LLaDA2.0-mini's")
     ap.add_argument("--splits", default="off,auto",
                     help="settings to alternate: 'off', 'auto' (the rule) or a number of key chunks")
+    ap.add_argument("--weights", choices=["bf16", "w8a8", "fp8"], default="bf16",
+                    help="w8a8 / fp8: l2pd.quantize the model first")
     args = ap.parse_args()
     set_canvas(args.prompt, args.new)
     splits = args.splits.split(",")
     result = {**run_info(), "floors": floors(), "splits": splits}
     result["rows"] = [r for fam in args.families.split(",")
-                      for r in family(fam, args.repeats, splits, args.tpf, args.refresh)]
+                      for r in family(fam, args.repeats, splits, args.tpf, args.refresh, args.weights)]
     save(args.out, result)
 
 

@@ -8,6 +8,8 @@ step.
 
 Settings are ``step_rules.py``'s. Random weights built on the GPU (``decode_8b.build_shape``), prompt 512 + 256,
 block 32, dual cache, full refresh (window at LLaDA2.0-mini's shapes), strategy ``steps``, batch 1.
+``--iteration refresh``: the refresh iteration instead of the cached step (with the full refresh, a forward over
+the whole 768-position canvas that also decodes; one such forward a block).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tempfile
 from collections import defaultdict
 
 import torch
-from decode_8b import EngineStep, build_shape
+from decode_8b import EngineStep, P, build_shape
 from harness import device_ms, run_info, save
 from step_rules import SETTINGS, apply
 
@@ -65,6 +67,8 @@ def main() -> None:
     ap.add_argument("--settings", default="no-tma,now", help="two or more of " + ", ".join(SETTINGS))
     ap.add_argument("--weights", choices=["bf16", "w8a8", "fp8"], default="bf16",
                     help="w8a8 / fp8: l2pd.quantize the model first")
+    ap.add_argument("--iteration", choices=["step", "refresh"], default="step",
+                    help="the cached step (default) or the first forward of a block (its refresh)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     settings = args.settings.split(",")
@@ -72,13 +76,14 @@ def main() -> None:
     if args.weights != "bf16":
         l2pd.quantize(model, args.weights)
     refresh = "window" if args.family == "llada2-mini" else "full"
-    res = {**run_info(), "family": args.family, "weights": args.weights, "settings": {}}
+    res = {**run_info(), "family": args.family, "weights": args.weights, "iteration": args.iteration,
+           "settings": {}}
     layers = getattr(model.config, "num_hidden_layers", None) or model.config.n_layers
     for s in settings:
         apply(s)
         st = EngineStep(model, 1, "dual", refresh, True, True)
-        for _ in range(3):
-            st.step()
+        for _ in range(3):  # the third run replays the graph the second captured
+            st.step() if args.iteration == "step" else st.refresh(None if refresh == "full" else P)
         res["settings"][s] = {"replay_ms": device_ms(st.replay, iters=50),
                               "kernels": kernels(st, layers)}
         del st

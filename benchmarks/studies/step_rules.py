@@ -52,12 +52,12 @@ removed: "Early launches on the TMA tiles" in ``benchmarks/RESULTS.md``.)
 (The H200 runs of 2026-12-02 named "now" the shipped rule of then, RoPE unfused everywhere; their settings
 ``fold-norms`` and ``fused-both`` ran each RMSNorm inside the products around it, slower and removed since:
 commit 0b1f23e, "The q/k/v product with RoPE in one launch" in ``benchmarks/RESULTS.md``.)
-Random weights built on the GPU (LLaDA-8B, LLaDA2.0-mini or Dream-7B shapes; ``--weights w8a8``:
-``l2pd.quantize`` first), prompt 512 + 256, block 32, dual cache, batch 1, strategy ``steps`` at one token per
-forward (window refresh at LLaDA2.0-mini's shapes, full elsewhere): the graphed iteration's device time and
-``generate``'s ms per forward, with whether each setting decoded the first setting's tokens. (In its first
-form, 442daa9, the study also set key chunks merged in place against the second merge kernel: "The few-row
-products' tiles from an occupancy sweep" in ``benchmarks/RESULTS.md``.)
+Random weights built on the GPU (LLaDA-8B, LLaDA2.0-mini or Dream-7B shapes; ``--weights w8a8``: ``l2pd.quantize``
+first), prompt 512 + 256, block 32, dual cache, batch 1 (``--batch``), strategy ``steps`` at one token per forward
+(``--tpf``; window refresh at LLaDA2.0-mini's shapes, full elsewhere): the graphed iteration's device time and
+``generate``'s ms per forward, with whether each setting decoded the first setting's tokens. (In its first form,
+442daa9, the study also set key chunks merged in place against the second merge kernel: "The few-row products'
+tiles from an occupancy sweep" in ``benchmarks/RESULTS.md``.)
 """
 
 from __future__ import annotations
@@ -148,15 +148,15 @@ def apply(setting: str) -> None:
 
 
 @torch.no_grad()
-def family(name: str, weights: str, settings: list[str], repeats: int) -> list[dict]:
+def family(name: str, weights: str, settings: list[str], repeats: int, batch: int = 1, tpf: int = 1) -> list[dict]:
     model = build_shape(name)
     if weights != "bf16":
         l2pd.quantize(model, weights)
     refresh = "window" if name == "llada2-mini" else "full"
-    runs = alternate(model, settings, apply, repeats, 1, refresh)
+    runs = alternate(model, settings, apply, repeats, tpf, refresh, batch=batch)
     rows = []
     for setting in settings:
-        row = {"family": name, "weights": weights, "setting": setting, "refresh": refresh,
+        row = {"family": name, "weights": weights, "setting": setting, "refresh": refresh, "batch": batch, "tpf": tpf,
                **summary(runs, setting, settings[0])}
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_runs")} | {
             "replay_runs": [round(x, 4) for x in row["replay_runs"]],
@@ -175,12 +175,15 @@ def main() -> None:
     ap.add_argument("--weights", choices=["bf16", "w8a8", "fp8"], default="bf16")
     ap.add_argument("--settings", default="before,now", help="comma list of " + ", ".join(SETTINGS))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1, help="rows of the iteration and of each decode (default 1)")
+    ap.add_argument("--tpf", type=int, default=1, help="tokens per forward that `steps` forces (default 1)")
     args = ap.parse_args()
     settings = args.settings.split(",")
     if bad := [s for s in settings if s not in SETTINGS]:
         ap.error(f"unknown settings {bad}")
     result = {**run_info(), "floors": floors(), "settings": settings, "weights": args.weights}
-    result["rows"] = [r for fam in args.families.split(",") for r in family(fam, args.weights, settings, args.repeats)]
+    result["rows"] = [r for fam in args.families.split(",")
+                      for r in family(fam, args.weights, settings, args.repeats, args.batch, args.tpf)]
     save(args.out, result)
 
 
