@@ -155,28 +155,6 @@ def test_linear_fp8(benchmark, rows, layer, path):
     _run(benchmark, fn, {"rows": rows, "layer": layer, "path": path}, {"graph_" + k_: v for k_, v in bw.items()})
 
 
-@cuda
-@pytest.mark.parametrize("rows", [32, 768, 2048])
-@pytest.mark.parametrize("path", ["two-launches", "fused", "fused-4096"])
-def test_silu_mul_fp8(benchmark, rows, path):
-    """The w8a8 MLP's SiLU product as e4m3 rows at LLaDA-8B's width (12,288): ``silu_mul`` then
-    ``quantize_rows`` (the bf16 product written and read back) against ``silu_mul_fp8`` (one launch, the same
-    bits; ``fused-4096``: in pieces of 4,096 columns instead of 2,048); 768 rows is a batch-1 block refresh,
-    2048 a step at batch 64. ``graph_GBps``: the fused form's bytes (gate and up read, e4m3 written) over the
-    device time of graph replays."""
-    from l2pd_kernels import quantize_rows, silu_mul, silu_mul_fp8
-
-    f = 12288
-    torch.manual_seed(0)
-    gate, up = torch.randn(rows, 2 * f, device="cuda", dtype=torch.bfloat16).chunk(2, -1)
-    fn = {"fused": lambda: silu_mul_fp8(gate, up), "fused-4096": lambda: silu_mul_fp8(gate, up, block=4096),
-          "two-launches": lambda: quantize_rows(silu_mul(gate, up))}[path]
-    fn()
-    nbytes = rows * f * (2 * 2 + 1)
-    bw = {"GBps": lambda ms: nbytes / ms / 1e6}
-    _run(benchmark, fn, {"rows": rows, "path": path}, {"graph_" + k_: v for k_, v in bw.items()})
-
-
 def _pool_case(rows: int, queries: int, keys: int = 768, H: int = 32, D: int = 128, Hkv: int | None = None):
     """The engine's attention at LLaDA-8B shapes (or ``Hkv`` K/V heads): ``rows`` requests of ``queries`` fed
     tokens each over ``keys`` cached positions (one layer), packed as the engine packs them."""

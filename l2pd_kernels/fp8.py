@@ -7,9 +7,6 @@ Two forms, each with its reference in ``l2pd_kernels.reference``:
 - ``linear_w8a8`` (weights and activations): each row of x is scaled to e4m3 (``quantize_rows``: one scale
   per token, its largest magnitude at 448) and the product runs on FP8 tensor cores, nothing widened: the
   skinny kernel up to ``MAX_ROWS`` rows, cuBLAS FP8 (``torch._scaled_mm`` with row-wise scales) above.
-
-``mlp_fp8`` runs a gated MLP of e4m3 weights; with e4m3 activations above ``MAX_ROWS`` rows its SiLU product is
-quantized in the pass that makes it (``silu_mul_fp8``), never stored in the model dtype.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ import triton
 import triton.language as tl
 
 from .device import pdl, pdl_wait
-from .silu_mul import _silu_times, rows_of
 from .skinny import _INTERPRET, MAX_ROWS, _launch
 
 FP8 = torch.float8_e4m3fn
@@ -52,32 +48,6 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
     for k in range(0, K, BLOCK):
         x = tl.load(x_row + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
         tl.store(q_row + k + cols, _to_e4m3(x, scale), mask=k + cols < K)
-
-
-@triton.jit
-def _silu_mul_quantize_kernel(g_ptr, u_ptr, q_ptr, s_ptr, F, stride_g, stride_u, stride_q, BLOCK: tl.constexpr,
-                              NUM: tl.constexpr, PDL: tl.constexpr = 0):
-    """A row of silu(gate) * up (in the model dtype, as ``silu_mul`` stores it) quantized as ``quantize_rows``
-    does: one pass over its NUM pieces of BLOCK columns for its largest magnitude, a second (from L2) for the
-    e4m3 values. The passes are unrolled (NUM is a compile-time count), so a pass's loads go out together
-    rather than one piece's latency after another's."""
-    pdl_wait(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    g_row, u_row, q_row = g_ptr + row * stride_g, u_ptr + row * stride_u, q_ptr + row * stride_q
-    cols = tl.arange(0, BLOCK)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in tl.static_range(NUM):
-        ok = i * BLOCK + cols < F
-        a = _silu_times(tl.load(g_row + i * BLOCK + cols, mask=ok, other=0.0),
-                        tl.load(u_row + i * BLOCK + cols, mask=ok, other=0.0))
-        amax = tl.maximum(amax, tl.abs(a.to(tl.float32)))
-    scale = _row_scale(tl.max(amax, 0))
-    tl.store(s_ptr + row, scale)
-    for i in tl.static_range(NUM):
-        ok = i * BLOCK + cols < F
-        a = _silu_times(tl.load(g_row + i * BLOCK + cols, mask=ok, other=0.0),
-                        tl.load(u_row + i * BLOCK + cols, mask=ok, other=0.0))
-        tl.store(q_row + i * BLOCK + cols, _to_e4m3(a.to(tl.float32), scale), mask=ok)
 
 
 @triton.jit
@@ -123,36 +93,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-def silu_mul_fp8(gate: torch.Tensor, up: torch.Tensor, block: int | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 rows [M, F], fp32 scales [M]) of silu(gate) * up for gate, up [..., F]: the bits of
-    ``quantize_rows(silu_mul(gate, up))`` in one launch that never writes the product in the model dtype
-    (``reference.silu_mul_fp8``). ``block``: columns per piece of a row (default up to 2,048; tests take
-    small ones)."""
-    check_fp8_device(gate.device)
-    if block is not None and (block < 16 or block & (block - 1)):
-        raise ValueError(f"block={block} must be a power of two, at least 16")
-    g2, u2 = rows_of(gate, up)
-    M, F = g2.shape
-    q = torch.empty(M, F, dtype=FP8, device=gate.device)
-    s = torch.empty(M, dtype=torch.float32, device=gate.device)
-    if M and F:
-        block = block or min(2048, triton.next_power_of_2(F))
-        _silu_mul_quantize_kernel[(M,)](g2, u2, q, s, F, g2.stride(0), u2.stride(0), q.stride(0), BLOCK=block,
-                                        NUM=triton.cdiv(F, block), num_warps=4 if block <= 1024 else 8,
-                                        **pdl(g2.device, "silu_mul_fp8"))
-    return q, s
-
-
-def _check_weight(w: torch.Tensor, scale: torch.Tensor) -> None:
-    if w.dtype != FP8 or scale.dtype != torch.float32 or w.dim() != 2 or scale.shape != (w.shape[0],):
+def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if w.dtype != FP8 or scale.dtype != torch.float32 or scale.shape != (w.shape[0],):
         raise ValueError(f"an FP8 weight is float8_e4m3fn [N, K] with fp32 scales [N]; got {w.dtype} "
                          f"{tuple(w.shape)} and {scale.dtype} {tuple(scale.shape)}")
-
-
-def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    _check_weight(w, scale)
-    if x.shape[-1] != w.shape[1] or w.stride(1) != 1:
+    if w.dim() != 2 or x.shape[-1] != w.shape[1] or w.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply as x @ w.T")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x {x.dtype}: expected fp32, bf16 or fp16")
@@ -232,27 +177,3 @@ def linear_gate_up_silu_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tenso
     else:
         _launch(x2, w, out, f, True, scale=scale)
     return out.view(*x.shape[:-1], f)
-
-
-def mlp_fp8(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
-            a8: bool = False, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """A gated MLP of e4m3 weights, ``down(silu(x @ gate.T) * (x @ up.T))``: the packed ``w13 = cat([gate, up])``
-    [2F, K] and ``w2`` [D, F] with their channel scales (``reference.mlp_fp8``; ``a8``: against e4m3
-    activations, ``xq`` x's if already quantized). The same bits as ``linear_gate_up_silu_fp8`` and then
-    ``linear_w8a8`` (``linear_fp8``); with e4m3 activations on cuBLAS's path (above ``MAX_ROWS`` rows: refreshes,
-    large batches) the SiLU product goes straight to e4m3 (``silu_mul_fp8``): one launch and a write and read of
-    [M, F] in the model dtype fewer."""
-    x2 = _check(x, w13, s13)
-    _check_weight(w2, s2)
-    if w13.shape[0] != 2 * w2.shape[1]:
-        raise ValueError(f"gate/up {tuple(w13.shape)} and down {tuple(w2.shape)}: gate/up must be [2F, K] for a "
-                         "down of [D, F]")
-    rows = x2.shape[0]
-    if a8 and rows and not _few_rows(x, rows) and x.dtype != torch.float32 and _scaled_mm_ok(x, w13) and \
-            _scaled_mm_ok(x, w2):
-        gate, up = linear_w8a8(x2, w13, s13, xq).chunk(2, -1)
-        q, qs = silu_mul_fp8(gate, up)
-        out = torch._scaled_mm(q, w2.t(), qs[:, None], s2[None, :], out_dtype=x.dtype)
-        return out.view(*x.shape[:-1], w2.shape[0])
-    act = linear_gate_up_silu_fp8(x, w13, s13, a8, xq)
-    return linear_w8a8(act, w2, s2) if a8 else linear_fp8(act, w2, s2)

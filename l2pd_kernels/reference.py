@@ -762,16 +762,3 @@ def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
     y = (q.float() @ w.float().T) * qs[:, None] * scale
     return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
 
-
-
-def silu_mul_fp8(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``silu_mul`` (in the model dtype) as e4m3 rows with their scales (``quantize_rows_fp8``)."""
-    return quantize_rows_fp8(silu_mul(gate, up))
-
-
-def mlp_fp8(x: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor,
-            a8: bool = False, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """A gated MLP of e4m3 weights: ``linear_gate_up_silu_fp8`` (packed gate/up ``w13`` and its scales ``s13``),
-    then ``linear_w8a8`` (``a8``) or ``linear_fp8`` with the down weight ``w2`` and its scales ``s2``."""
-    act = linear_gate_up_silu_fp8(x, w13, s13, a8, xq)
-    return linear_w8a8(act, w2, s2) if a8 else linear_fp8(act, w2, s2)

@@ -132,9 +132,6 @@ def _workloads() -> None:
     skinny_matmul(torch.randn(20, 96, dtype=torch.bfloat16), torch.randn(40, 96, dtype=torch.bfloat16), torch.float32)
     for kind in ("fp8", "w8a8"):  # e4m3 weights; and e4m3 activations, quantized in the norm or on their own
         adapter_for(l2pd.quantize(tiny_model(1).to(torch.bfloat16), kind)).forward(prompt, fused=True)
-    from l2pd_kernels import silu_mul_fp8  # (the w8a8 MLP's SiLU product on cuBLAS's many-row path)
-
-    silu_mul_fp8(*torch.randn(5, 2 * 3000, dtype=torch.bfloat16).chunk(2, -1))
     # e4m3 experts (widened; with a8 against e4m3 rows on FP8 tensor cores), with a shared expert among them for few
     # pairs; both paths, by TMA too
     q13, s13 = ref.quantize_fp8(experts[0].reshape(-1, 48))
@@ -259,7 +256,7 @@ def test_every_kernel_launch_compiles_for_hopper_and_the_a100():
     assert {"_rms_norm_kernel", "_rope_qkv_kernel", "_skinny_kernel", "_pool_attention_kernel", "_decide_kernel",
             "_partial_kernel", "_merge_kernel", "_gate_up_kernel", "_down_kernel", "_route_kernel",
             "_align_count_kernel", "_align_place_kernel", "_align_hist_kernel", "_align_scatter_kernel",
-            "_quantize_rows_kernel", "_silu_mul_quantize_kernel", "_combine_kernel",
+            "_quantize_rows_kernel", "_combine_kernel",
             "_skinny_rope_kernel"} <= kernels, sorted(kernels)
     assert {c["kernel"] for c in cases if c["constexprs"].get("TMA")} == {"_skinny_kernel", "_skinny_rope_kernel",
                                                                          "_gate_up_kernel", "_down_kernel"}

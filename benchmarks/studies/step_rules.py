@@ -41,9 +41,6 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
 - ``tile32`` / ``splits8`` / ``tile32-splits8``: the pool attention in 32-query tiles for every model / its
   keys in 8 chunks where ``pool_split_plan`` splits them / both (shipped: 64-query tiles where no K/V head
   is shared, chunks for about one program per SM);
-- ``mlp-parts``: an MLP of e4m3 weights as two calls, its SiLU product stored in the model dtype and quantized
-  by a launch of its own on cuBLAS's many-row path (shipped: one call, ``decoder.MLP_FP8``, the product
-  quantized in the pass that makes it, ``l2pd_kernels.silu_mul_fp8``);
 (The H200 runs of 2026-12-02 also had ``act-rows``: with w8a8 weights, the attention output and the SiLU
 product quantized per row by a launch of their own (as shipped) against the shipped rule of commit 5ab558f,
 which wrote them as e4m3 groups from the kernels that make them: slower and removed, "FP8 at batch 1 without
@@ -109,17 +106,16 @@ def _wide_pick_tma(rows, n, k, gate, sms, fp8=False, a8=False):
 
 def _setting(picks=NEW, fused_rope=None, tma="auto", pick_tma=PICK_TMA, early=device.EARLY,
              late=frozenset(), moe_tma="auto", meta_first=True, router_kernel=True, moe_norm=True,
-             pool_gq=0, tile_m=0, pool_splits=0, mlp_fp8=True) -> dict:
+             pool_gq=0, tile_m=0, pool_splits=0) -> dict:
     """One setting: (pick_config, pick_config_fp8, pick_split), ``decoder.FUSED_ROPE`` (None: the shipped
     rule), ``skinny.TMA``, ``skinny.pick_tma``, ``device.EARLY`` and ``device.LATE`` (who lets the next kernel
     launch early), ``moe.TMA`` (the routed experts' weight tiles by TMA), ``attention.META_FIRST``,
     ``decoder._ROUTER_KERNEL``, ``decoder.MOE_NORM``, ``attention.POOL_GQ`` and the engine's attention tile
     (``attention._TILE_M_ENV``, 0: ``pool_tile_m``'s rule) and its key chunks at batch 1
-    (``attention.POOL_SPLITS``, 0: ``pool_split_plan``'s rule), ``decoder.MLP_FP8``."""
+    (``attention.POOL_SPLITS``, 0: ``pool_split_plan``'s rule)."""
     return {"picks": picks, "fused_rope": fused_rope, "tma": tma, "pick_tma": pick_tma, "early": early,
             "late": late, "moe_tma": moe_tma, "meta_first": meta_first, "router_kernel": router_kernel,
-            "moe_norm": moe_norm, "pool_gq": pool_gq, "tile_m": tile_m, "pool_splits": pool_splits,
-            "mlp_fp8": mlp_fp8}
+            "moe_norm": moe_norm, "pool_gq": pool_gq, "tile_m": tile_m, "pool_splits": pool_splits}
 
 
 SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _setting(),
@@ -137,7 +133,7 @@ SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _
             "moe-norm": _setting(moe_norm=True), "moe-combine": _setting(moe_norm=False),
             "heads-apart": _setting(pool_gq=1), "heads-apart-64": _setting(pool_gq=1, tile_m=64),
             "tile32": _setting(tile_m=32), "splits8": _setting(pool_splits=8),
-            "tile32-splits8": _setting(tile_m=32, pool_splits=8), "mlp-parts": _setting(mlp_fp8=False)}
+            "tile32-splits8": _setting(tile_m=32, pool_splits=8)}
 
 
 def apply(setting: str) -> None:
@@ -149,7 +145,6 @@ def apply(setting: str) -> None:
     device.EARLY, device.LATE, moe.TMA = s["early"], set(s["late"]), s["moe_tma"]
     attention.META_FIRST, decoder._ROUTER_KERNEL, decoder.MOE_NORM = s["meta_first"], s["router_kernel"], s["moe_norm"]
     attention.POOL_GQ, attention._TILE_M_ENV, attention.POOL_SPLITS = s["pool_gq"], s["tile_m"], s["pool_splits"]
-    decoder.MLP_FP8 = s["mlp_fp8"]
 
 
 @torch.no_grad()

@@ -514,24 +514,13 @@ def _packed_linear(ops: Any, h: torch.Tensor, buf: torch.Tensor, blk: Layer, att
     return ops.linear(h, buf)
 
 
-# an MLP of e4m3 weights in one call (``ops.mlp_fp8``): with e4m3 activations on cuBLAS's many-row path
-# (refreshes, large batches) its SiLU product is quantized in the pass that makes it; False: two calls, the
-# product stored in the model dtype and quantized by its own launch, as before (the same bits either way)
-MLP_FP8 = True
-
-
 def _mlp(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None) -> torch.Tensor:
     """The gated MLP (a dense layer's, or a MoE's shared expert); ``hq``: h as e4m3 rows for w8a8 weights."""
     mods = [blk.gate, blk.up]
     gate_up = _packed(blk.owner, "_l2pd_gate_up", mods)
     if gate_up is not None and gate_up.dtype == torch.float8_e4m3fn:
-        a8 = getattr(blk.gate, "l2pd_w8a8", False)
-        scale = _packed_scale(blk.owner, "_l2pd_gate_up", mods)
-        down = blk.down
-        if MLP_FP8 and getattr(down, "bias", None) is None and down.weight.dtype == torch.float8_e4m3fn and \
-                getattr(down, "l2pd_w8a8", False) == a8:
-            return ops.mlp_fp8(h, gate_up, scale, down.weight, down.weight_scale, a8=a8, xq=hq)
-        act = ops.linear_gate_up_silu_fp8(h, gate_up, scale, a8=a8, xq=hq)
+        act = ops.linear_gate_up_silu_fp8(h, gate_up, _packed_scale(blk.owner, "_l2pd_gate_up", mods),
+                                          a8=getattr(blk.gate, "l2pd_w8a8", False), xq=hq)
     elif gate_up is not None:  # silu(gate) * up straight from the packed matmul
         act = ops.linear_gate_up_silu(h, gate_up)
     else:
