@@ -40,7 +40,8 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
   32-query tiles for grouped-query models, ``attention.pool_tile_m``);
 - ``tile32`` / ``splits8`` / ``tile32-splits8``: the pool attention in 32-query tiles for every model / its
   keys in 8 chunks where ``pool_split_plan`` splits them / both (shipped: 64-query tiles where no K/V head
-  is shared, chunks for about one program per SM);
+  is shared, chunks for about one program per SM); ``wait-tile32``, ``wait-splits8``, ``wait-splits2``,
+  ``wait-tile32-splits8``: those with ``wait``, for ``step_kernels.py``'s kernel spans;
 (The H200 runs of 2026-12-02 also had ``act-rows``: with w8a8 weights, the attention output and the SiLU
 product quantized per row by a launch of their own (as shipped) against the shipped rule of commit 5ab558f,
 which wrote them as e4m3 groups from the kernels that make them: slower and removed, "FP8 at batch 1 without
@@ -133,7 +134,10 @@ SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _
             "moe-norm": _setting(moe_norm=True), "moe-combine": _setting(moe_norm=False),
             "heads-apart": _setting(pool_gq=1), "heads-apart-64": _setting(pool_gq=1, tile_m=64),
             "tile32": _setting(tile_m=32), "splits8": _setting(pool_splits=8),
-            "tile32-splits8": _setting(tile_m=32, pool_splits=8)}
+            "tile32-splits8": _setting(tile_m=32, pool_splits=8),
+            "wait-tile32": _setting(early=False, tile_m=32), "wait-splits8": _setting(early=False, pool_splits=8),
+            "wait-splits2": _setting(early=False, pool_splits=2),
+            "wait-tile32-splits8": _setting(early=False, tile_m=32, pool_splits=8)}
 
 
 def apply(setting: str) -> None:
