@@ -78,9 +78,16 @@ def test_linear_w8a8_kernel_matches_reference(dtype, rows, n, k, swap, monkeypat
     exact_sum = os.environ.get("TRITON_INTERPRET") == "1"
     tol = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 and exact_sum else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got, want, **tol)
-    # and within the activations' rounding of the weights-only product (e4m3: 2^-4 relative per element)
+    # and within what rounding the activations to e4m3 can move the weights-only product, term by term: at most
+    # 2^-4 of |x_i w_i| in e4m3's normal range, half a subnormal step (2^-10 of the row's scale) times |w_i|
+    # below it; plus the output's rounding and, on a GPU, the FP8 tensor cores' narrower accumulator (a bound,
+    # not a statistic: a norm ratio over one row of 16 outputs passed 0.05 in 99.5% of draws only)
     exact = ref.linear_fp8(x.float(), w8, scale)
-    assert float((got.float() - exact).norm() / exact.norm()) < 0.05
+    wf = w8.float() * scale[:, None]
+    row_scale = ref.quantize_rows_fp8(x)[1]
+    bound = ((2**-4 + 2**-11) * (x.float().abs() @ wf.abs().T) + row_scale[:, None] * 2**-10 * wf.abs().sum(1)
+             + 2 * torch.finfo(dtype).eps * exact.abs() + 1e-6)
+    assert bool(((got.float() - exact).abs() <= bound).all())
     with pytest.raises(ValueError, match="FP8"):
         linear_w8a8(x, w8.float(), scale)
 
