@@ -7,13 +7,14 @@ the compute limit (the dual steps' arithmetic: 32 query tokens per row per step)
 
 - ``test_step``: one dual-cache step at batch 1: the eager forward without the fused kernels (the plain
   PyTorch path), eager with them, and replayed from the step's CUDA graph, with the skinny matmul kernel
-  (the default) and with cuBLAS for every product (``graph_cublas``).
+  (the default), with cuBLAS for every product (``graph_cublas``) and with e4m3 weights and activations
+  (``graph_w8a8``, next to the bf16 floor and its own).
 - ``test_generate``: ``generate`` at a forced number of tokens per forward (strategy ``steps`` with
   ``steps = 256 / TPF``) at batch 1, 8, 32 and 64, refresh ``full`` (Fast-dLLM's) and ``window``; one timed
   decode per round after a cheap decode that captures the graphs.
-- ``test_long_canvas``: ``generate`` at 8 tokens per forward on canvases 512 + 256 and 3,072 + 1,024 (window
-  refresh), bf16 and e4m3 (``w8a8``) weights, batch 1 and 8; at batch 1 bf16 the engine's attention with its
-  keys split across programs where few programs run (``split``, the default) and in one pass (``one-pass``);
+- ``test_long_canvas``: ``generate`` at 8 tokens per forward on canvases 512 + 256 and 3,072 + 1,024 (window refresh),
+  bf16 and e4m3 (``w8a8``) weights, batch 1 and 8 (and 64 on the short canvas); at batch 1 bf16 the engine's attention
+  with its keys split across programs where few programs run (``split``, the default) and in one pass (``one-pass``);
   next to a floor that counts the weights a forward reads (not the embedding table) plus the K/V a step reads.
 Skipped without a GPU. ``benchmarks/decode_8b.py`` prints the same figures as a table, with the tail refresh,
 the eager baseline loop and a profile.
@@ -40,8 +41,8 @@ def model_and_floors():
 
 
 @cuda
-@pytest.mark.parametrize("path", ["eager_unfused", "eager_fused", "graph", "graph_cublas"])
-def test_step(benchmark, model_and_floors, path, monkeypatch):
+@pytest.mark.parametrize("path", ["eager_unfused", "eager_fused", "graph", "graph_cublas", "graph_w8a8"])
+def test_step(benchmark, model_and_floors, request, path, monkeypatch):
     from decode_8b import EngineStep, device_ms
 
     import l2pd_kernels.skinny
@@ -49,6 +50,8 @@ def test_step(benchmark, model_and_floors, path, monkeypatch):
     model, fl = model_and_floors
     if path == "graph_cublas":
         monkeypatch.setattr(l2pd_kernels.skinny, "MAX_ROWS", 0)
+    if path == "graph_w8a8":  # e4m3 weights and activations, against the bf16 floor and its own
+        model = request.getfixturevalue("w8a8_model")
     graphs = path.startswith("graph")
     st = EngineStep(model, 1, "dual", "full", path != "eager_unfused", graphs)
     for _ in range(3):  # a graphed step: the first call runs eagerly, the second captures
@@ -56,8 +59,12 @@ def test_step(benchmark, model_and_floors, path, monkeypatch):
 
     benchmark.pedantic(st.step, rounds=30, warmup_rounds=3, iterations=1)  # the iteration, read-back included
     ms = device_ms(st.replay if graphs else st.step)
+    own_floor = _read_bytes(model) / fl["copy_GBps"] / 1e6
     benchmark.extra_info.update(device_median_ms=ms, floor_ms=fl["floor_ms"], over_floor=ms / fl["floor_ms"],
-                                copy_GBps=fl["copy_GBps"])
+                                copy_GBps=fl["copy_GBps"], own_weight_floor_ms=own_floor,
+                                over_own_weight_floor=ms / own_floor)
+    del st
+    torch.cuda.empty_cache()
 
 
 @cuda
@@ -116,13 +123,15 @@ def _read_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors) - embed.numel() * embed.element_size()
 
 
-LONG_CASES = [("bf16", 1, "split"), ("bf16", 1, "one-pass"), ("bf16", 8, "split"), ("w8a8", 1, "split"),
-              ("w8a8", 8, "split")]  # at batch 8 the grid is full: "split" runs one pass there
+# at batch 8 and 64 the grid is full: "split" runs one pass there; batch 64 at 3,072 + 1,024 would hold 137 GB of
+# K/V at LLaDA-8B shapes (32 layers x 2 x 64 rows x 4,096 positions x 4,096 x 2 bytes), more than an H200 has
+_LONG = [("bf16", 1, "split"), ("bf16", 1, "one-pass"), ("bf16", 8, "split"), ("bf16", 64, "split"),
+         ("w8a8", 1, "split"), ("w8a8", 8, "split"), ("w8a8", 64, "split")]
+LONG_CASES = [(w, b, a, p, n) for p, n in [(512, 256), (3072, 1024)] for w, b, a in _LONG if b < 64 or p + n <= 768]
 
 
 @cuda
-@pytest.mark.parametrize("weights, batch, attention", LONG_CASES)
-@pytest.mark.parametrize("prompt, new", [(512, 256), (3072, 1024)])
+@pytest.mark.parametrize("weights, batch, attention, prompt, new", LONG_CASES)
 def test_long_canvas(benchmark, model_and_floors, request, prompt, new, weights, batch, attention, monkeypatch):
     from decode_8b import L
 
