@@ -155,6 +155,31 @@ def test_linear_fp8(benchmark, rows, layer, path):
     _run(benchmark, fn, {"rows": rows, "layer": layer, "path": path}, {"graph_" + k_: v for k_, v in bw.items()})
 
 
+@cuda
+@pytest.mark.parametrize("rows", [32, 768, 2048])
+@pytest.mark.parametrize("op, width", [("quantize_rows", 4096), ("quantize_rows", 12288), ("rms_norm_fp8", 4096),
+                                       ("rms_norm", 4096)])
+def test_row_quantization(benchmark, rows, op, width):
+    """e4m3 rows for a w8a8 product at LLaDA-8B's widths: ``quantize_rows`` (the attention output, 4,096; the
+    SiLU product, 12,288) and the norm that quantizes its own output (``rms_norm_fp8``, with the residual add),
+    next to the same norm without it (``rms_norm``); 32 rows is a batch-1 step, 768 its block refresh, 2048 a
+    step at batch 64. ``graph_GBps``: bytes read and written over the device time of graph replays."""
+    from l2pd_kernels import quantize_rows, rms_norm, rms_norm_fp8
+
+    torch.manual_seed(0)
+    x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16)
+    if op == "quantize_rows":
+        fn, nbytes = (lambda: quantize_rows(x)), rows * width * 3
+    else:
+        delta, w = torch.randn_like(x), torch.rand(width, device="cuda", dtype=torch.bfloat16) + 0.5
+        norm = rms_norm_fp8 if op == "rms_norm_fp8" else rms_norm
+        fn = lambda: norm(x, w, 1e-5, delta=delta)  # noqa: E731
+        nbytes = rows * width * (2 * 4 + (1 if op == "rms_norm_fp8" else 0))  # x, delta read; sum, normed written
+    fn()
+    bw = {"GBps": lambda ms: nbytes / ms / 1e6}
+    _run(benchmark, fn, {"rows": rows, "op": op, "width": width}, {"graph_" + k_: v for k_, v in bw.items()})
+
+
 def _pool_case(rows: int, queries: int, keys: int = 768, H: int = 32, D: int = 128, Hkv: int | None = None):
     """The engine's attention at LLaDA-8B shapes (or ``Hkv`` K/V heads): ``rows`` requests of ``queries`` fed
     tokens each over ``keys`` cached positions (one layer), packed as the engine packs them."""

@@ -62,6 +62,27 @@ def test_quantize_rows_kernel_matches_reference(dtype, rows, k):
 
 
 @needs_kernels
+def test_quantize_rows_rounds_ties_to_even():
+    """Every midpoint between neighbouring e4m3 values (normal and subnormal, both signs) in a row whose scale is
+    1 (its largest magnitude 448): the kernels' rounding rounds each as torch does, to the even neighbour; the
+    norm's quantization too. (A negative value that rounds to zero comes out +0 where torch keeps -0: the GPU's
+    own conversion writes +0. The same in every sum, so values are compared, not bits.)"""
+    from l2pd_kernels import quantize_rows, rms_norm_fp8
+
+    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    values = e4m3[e4m3.isfinite() & (e4m3 >= 0)].unique()
+    mids = (values[:-1] + values[1:]) / 2  # exact in fp32
+    x = torch.cat([mids, -mids, values, torch.tensor([448.0])])[None].to(DEV)
+    q, s = quantize_rows(x)
+    q_ref, s_ref = ref.quantize_rows_fp8(x)
+    assert float(s[0]) == 1.0 and torch.equal(s, s_ref)
+    assert torch.equal(q.float(), q_ref.float())
+    assert torch.equal(q.float(), x.to(torch.float8_e4m3fn).float())  # torch's own rounding of the same values
+    h, _, (qn, _) = rms_norm_fp8(x, None, 0.0)
+    assert torch.equal(qn.float(), quantize_rows(h)[0].float())  # the norm's rows: quantize_rows' of its output
+
+
+@needs_kernels
 @pytest.mark.parametrize("swap", ["none", "a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,n,k", [(1, 16, 32), (5, 37, 100), (33, 129, 64)])
