@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 from collections import defaultdict
+from functools import partial
 
 import torch
 from decode_8b import EngineStep, P, build_shape
@@ -82,8 +83,9 @@ def main() -> None:
     for s in settings:
         apply(s)
         st = EngineStep(model, 1, "dual", refresh, True, True)
+        run = st.step if args.iteration == "step" else partial(st.refresh, None if refresh == "full" else P)
         for _ in range(3):  # the third run replays the graph the second captured
-            st.step() if args.iteration == "step" else st.refresh(None if refresh == "full" else P)
+            run()
         res["settings"][s] = {"replay_ms": device_ms(st.replay, iters=50),
                               "kernels": kernels(st, layers)}
         del st
