@@ -75,19 +75,26 @@ def build_model(model_cls=LLaDAModelLM, config_cls=LLaDAConfig):
     return model.eval()
 
 
-def build_shape(shape: str):
-    """``build_model`` by a shape's name: ``8b`` (LLaDA-8B), ``llada2-mini`` (LLaDA2.0-mini) or ``dream-7b``."""
+def build_shape(shape: str, weights: str = "bf16"):
+    """``build_model`` by a shape's name: ``8b`` (LLaDA-8B), ``llada2-mini`` (LLaDA2.0-mini) or ``dream-7b``;
+    ``weights`` ``w8a8`` or ``fp8``: then ``l2pd.quantize``-d."""
     if shape == "llada2-mini":
         from l2pd.models import LLaDA2Config, LLaDA2MoeModelLM
 
-        return build_model(LLaDA2MoeModelLM, LLaDA2Config)
-    if shape == "dream-7b":
+        model = build_model(LLaDA2MoeModelLM, LLaDA2Config)
+    elif shape == "dream-7b":
         from l2pd.models.dream import DreamConfig, DreamModel
 
-        return build_model(DreamModel, DreamConfig)
-    if shape != "8b":
+        model = build_model(DreamModel, DreamConfig)
+    elif shape == "8b":
+        model = build_model()
+    else:
         raise ValueError(f"shape {shape!r}: expected 8b, llada2-mini or dream-7b")
-    return build_model()
+    if weights != "bf16":
+        import l2pd
+
+        l2pd.quantize(model, weights)
+    return model
 
 
 class EngineStep:

@@ -27,7 +27,6 @@ import torch
 from decode_8b import EngineStep, build_shape
 from harness import device_ms, floors, run_info, save
 
-import l2pd
 from l2pd.decode import generate, release
 
 L = 32
@@ -139,9 +138,7 @@ def summary(runs: dict[str, dict], setting: str, first: str) -> dict:
 @torch.no_grad()
 def family(name: str, repeats: int, splits: list[str], tpf: int, refresh: str | None,
            weights: str = "bf16") -> list[dict]:
-    model = build_shape(name)
-    if weights != "bf16":
-        l2pd.quantize(model, weights)
+    model = build_shape(name, weights)
     refresh = refresh or ("window" if name == "llada2-mini" else "full")
     runs = alternate(model, splits, _set, repeats, tpf, refresh)
     rows = []

@@ -26,8 +26,6 @@ from decode_8b import EngineStep, P, build_shape
 from harness import device_ms, run_info, save
 from step_rules import SETTINGS, apply
 
-import l2pd
-
 
 def kernels(st: EngineStep, layers: int, replays: int = 5) -> dict[str, list[float]]:
     """(name, grid[, order in the layer]) -> [device us per step, launches per step] over ``replays`` graph
@@ -73,9 +71,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     settings = args.settings.split(",")
-    model = build_shape(args.family)
-    if args.weights != "bf16":
-        l2pd.quantize(model, args.weights)
+    model = build_shape(args.family, args.weights)
     refresh = "window" if args.family == "llada2-mini" else "full"
     res = {**run_info(), "family": args.family, "weights": args.weights, "iteration": args.iteration,
            "settings": {}}

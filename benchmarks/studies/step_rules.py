@@ -71,7 +71,6 @@ from decode_8b import build_shape
 from harness import floors, run_info, save
 from pool_split_generate import alternate, summary
 
-import l2pd
 from l2pd_kernels import attention, device, moe, skinny
 
 NEW = (skinny.pick_config, skinny.pick_config_fp8, skinny.pick_split)
@@ -153,9 +152,7 @@ def apply(setting: str) -> None:
 
 @torch.no_grad()
 def family(name: str, weights: str, settings: list[str], repeats: int, batch: int = 1, tpf: int = 1) -> list[dict]:
-    model = build_shape(name)
-    if weights != "bf16":
-        l2pd.quantize(model, weights)
+    model = build_shape(name, weights)
     refresh = "window" if name == "llada2-mini" else "full"
     runs = alternate(model, settings, apply, repeats, tpf, refresh, batch=batch)
     rows = []

@@ -459,8 +459,9 @@ def _fused_qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_h
         scale = _packed_scale(blk.owner, "_l2pd_qkv", mods) if w.dtype == torch.float8_e4m3fn else None
     fp8 = w.dtype == torch.float8_e4m3fn
     a8 = fp8 and getattr(mod, "l2pd_w8a8", False)
-    if (fp8 and scale is None) or (not fp8 and w.dtype != h.dtype) or not _rope_fuses(w, h, n_heads + 2 * n_kv,
-                                                                                       a8):
+    if (fp8 and scale is None) or (not fp8 and w.dtype != h.dtype):
+        return None
+    if not _rope_fuses(w, h, n_heads + 2 * n_kv, a8):
         return None
     return ops.linear_rope_qkv(h, w, n_heads, n_kv, cos, sin, k_all, v_all, slots, rows=rows, **qk_norm or {},
                                scale=scale, a8=a8, xq=hq if a8 else None)
@@ -688,17 +689,17 @@ def _stacked(moe: MoE, attr: str, key: str) -> tuple[torch.Tensor, torch.Tensor,
     if kept is not None and (first.data_ptr() == kept[0].data_ptr() and last.data_ptr() == kept[1][-1].data_ptr()
                              and first.dtype == kept[0].dtype):
         return *kept, False
-    s13 = torch.stack([torch.cat([getattr(m.gate_proj, attr).detach(), getattr(m.up_proj, attr).detach()])
-                       for m in mods])
-    s2 = torch.stack([getattr(m.down_proj, attr).detach() for m in mods])
-    if not _keeps_views(s13.device):
-        return s13, s2, False
+    gate_up = torch.stack([torch.cat([getattr(m.gate_proj, attr).detach(), getattr(m.up_proj, attr).detach()])
+                           for m in mods])
+    down = torch.stack([getattr(m.down_proj, attr).detach() for m in mods])
+    if not _keeps_views(gate_up.device):
+        return gate_up, down, False
     inter = first.shape[0]
     for i, m in enumerate(mods):
-        getattr(m.gate_proj, attr).data, getattr(m.up_proj, attr).data = s13[i, :inter], s13[i, inter:]
-        getattr(m.down_proj, attr).data = s2[i]
-    object.__setattr__(moe.owner, key, (s13, s2))
-    return s13, s2, True
+        getattr(m.gate_proj, attr).data, getattr(m.up_proj, attr).data = gate_up[i, :inter], gate_up[i, inter:]
+        getattr(m.down_proj, attr).data = down[i]
+    object.__setattr__(moe.owner, key, (gate_up, down))
+    return gate_up, down, True
 
 
 def _attention_path(dec: Decoder, ops: Any, attention_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
