@@ -13,6 +13,9 @@ the tokens of a full refresh at prompt 512 + 256 new tokens, approximate in the 
 ``refresh="window"`` (dual mode) feeds only the block just finished and the new block: two blocks, the cost
 of about one step; the suffix then keeps the K/V of the first forward (computed over masks). In prefix mode,
 whose steps feed the suffix anyway, ``window`` is ``tail``.
+
+``dtype=torch.float8_e4m3fn`` stores K and V in e4m3 with one fp32 scale per (row, K/V head, position) in
+``k_scale``/``v_scale``: half the bytes a step's attention reads (``l2pd.quantize(model, kv_cache="fp8")``).
 """
 
 from __future__ import annotations
@@ -44,20 +47,34 @@ class BlockKVCache:
         shape = (n_layers, batch, n_kv_heads, length, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_scale = self.v_scale = None
+        if dtype == torch.float8_e4m3fn:
+            self.k_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device)
+            self.v_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device)
+
+    def layer(self, i: int) -> tuple:
+        """Layer ``i``'s (k, v, k_scale, v_scale); the scales None unless the cache is e4m3."""
+        if self.k_scale is None:
+            return self.k[i], self.v[i], None, None
+        return self.k[i], self.v[i], self.k_scale[i], self.v_scale[i]
 
     def narrow(self, n: int) -> "BlockKVCache":
         """The first ``n`` rows, sharing this cache's memory (each layer's [n, H, T, D] stays contiguous)."""
         view = object.__new__(BlockKVCache)
         view.mode, view.refresh, view.length = self.mode, self.refresh, self.length
         view.k, view.v = self.k[:, :n], self.v[:, :n]
+        view.k_scale = view.v_scale = None
+        if self.k_scale is not None:
+            view.k_scale, view.v_scale = self.k_scale[:, :n], self.v_scale[:, :n]
         return view
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Rows ``[:len(rows)]`` take the K/V of rows ``rows``, a layer at a time (a small temporary)."""
         n = rows.shape[0]
         for layer in range(self.k.shape[0]):
-            for t in (self.k, self.v):
-                t[layer, :n] = t[layer].index_select(0, rows)
+            for t in (self.k, self.v, self.k_scale, self.v_scale):
+                if t is not None:
+                    t[layer, :n] = t[layer].index_select(0, rows)
 
     @classmethod
     def for_model(cls, config, batch: int, length: int, mode: str, dtype, device,

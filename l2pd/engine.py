@@ -265,7 +265,10 @@ class Engine:
         width = max_length + self.max_block_length  # a last block may reach past the answer; never past the pool
         # row max_batch is spare: a place for nothing (kept so a padded pack has somewhere harmless to write)
         self.canvas = torch.full((max_batch + 1, width), self.adapter.eos_id, dtype=torch.int64, device=device)
-        self.kv = BlockKVCache(len(dec.layers), max_batch + 1, dec.n_kv, width, dec.head_dim, "dual", dtype, device)
+        from .quantize import kv_cache_dtype
+
+        self.kv = BlockKVCache(len(dec.layers), max_batch + 1, dec.n_kv, width, dec.head_dim, "dual",
+                               kv_cache_dtype(model, dtype), device)
         self.heads = (dec.n_heads, dec.n_kv)  # the attention's query tile follows them (pool_tile_m)
         # per pool row and position: previous guess, run length, previous confidence (persistence, history filters)
         self.guesses = (torch.full((max_batch + 1, width), -1, dtype=torch.int64, device=device),

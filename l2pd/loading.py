@@ -28,11 +28,11 @@ def filter_beside(model_dir: str) -> str | None:
 
 
 def load_model(model_dir: str | None, device: str, filter_dir: str | None = None, allow_other_model: bool = False,
-               family: str | None = None, weights: str | None = None):
+               family: str | None = None, weights: str | None = None, kv_cache: str | None = None):
     """(patched model, tokenizer): a checkpoint folder, or the bundled model of ``family`` (default LLaDA's)
     when ``model_dir`` is None. The filter: ``filter_dir``, else one stored beside the checkpoint, else
     (bundled model) the bundled one. ``weights='fp8'`` or ``'w8a8'``: ``l2pd.quantize(model, weights)`` after
-    loading."""
+    loading; ``kv_cache='fp8'``: an e4m3 K/V cache (``l2pd.quantize(model, kv_cache='fp8')``)."""
     import torch
     from transformers import PreTrainedTokenizerFast
 
@@ -62,8 +62,9 @@ def load_model(model_dir: str | None, device: str, filter_dir: str | None = None
         tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
         filter_dir = filter_dir or filter_beside(model_dir)
         l2pd.patch(model)
-    if weights not in (None, "native"):  # before the filter check: quantizing keeps the model's fingerprint
-        l2pd.quantize(model, weights)
+    if weights not in (None, "native") or kv_cache not in (None, "native"):  # before the filter check:
+        # quantizing keeps the model's fingerprint
+        l2pd.quantize(model, weights or "native", kv_cache=kv_cache)
     if filter_dir is not None:
         l2pd.patch(model, filter=filter_dir, allow_other_model=allow_other_model)
     return model, tok

@@ -14,6 +14,12 @@ a float8_e4m3fn buffer beside a ``weight_scale`` buffer: the decoder multiplies 
 ``state_dict`` holds both. Quantizing drops the bf16 copies (and the packed q/k/v and gate/up buffers), so the
 model's weight bytes halve; the next decode packs the e4m3 q/k/v and gate/up again, with their scales (one
 row quantization and one product for q/k/v, one for gate/up with the SiLU gate in its epilogue).
+
+``kv_cache="fp8"`` (with any ``kind``, or ``kind="native"`` to leave the weights as they are) makes the decode's
+K/V cache e4m3 (``l2pd.cache.BlockKVCache``): each cached key and value head scaled so its largest magnitude is
+448, with its fp32 scale beside it, quantized where ``rope_qkv`` writes it and widened in registers where the
+attention reads it. A step's attention then reads half the bytes: what batch 64 and long canvases spend their
+steps on. ``kv_cache="native"`` goes back to the model's dtype.
 """
 
 from __future__ import annotations
@@ -31,17 +37,34 @@ from .models import adapter_for
 from .models.decoder import expert_weights, unpack_layers
 
 KINDS = ("fp8", "w8a8")
+KV_CACHES = ("native", "fp8")
 
 
-def quantize(model: Any, kind: str = "fp8", head: bool = True, experts: bool = True) -> Any:
-    """Quantize ``model``'s decoder linear layers in place (see the module docstring); returns the model."""
-    if kind not in KINDS:
-        raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
-    from .filter import model_fingerprint
+def kv_cache_dtype(model: Any, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the K/V cache a decode of ``model`` keeps: e4m3 after ``quantize(model, kv_cache="fp8")``,
+    else the activations' ``dtype``."""
+    return torch.float8_e4m3fn if vars(model).get("_l2pd_kv_cache") == "fp8" else dtype
 
+
+def quantize(model: Any, kind: str = "fp8", head: bool = True, experts: bool = True,
+             kv_cache: str | None = None) -> Any:
+    """Quantize ``model``'s decoder linear layers in place (see the module docstring; ``kind="native"``: not
+    them) and, with ``kv_cache``, set the decode's K/V cache dtype; returns the model."""
+    if kind not in (*KINDS, "native"):
+        raise ValueError(f"kind={kind!r}: expected one of {KINDS}, or 'native' to leave the weights")
+    if kv_cache not in (None, *KV_CACHES):
+        raise ValueError(f"kv_cache={kv_cache!r}: expected one of {KV_CACHES} (or None: as it is)")
     adapter = adapter_for(model)
     dec = adapter.decoder
-    check_fp8_device(dec.embed.weight.device)  # before anything changes
+    if kind != "native" or kv_cache == "fp8":
+        check_fp8_device(dec.embed.weight.device)  # before anything changes
+    if kv_cache is not None:
+        release(model)  # the kept engine holds a cache of the old dtype
+        model._l2pd_kv_cache = kv_cache
+    if kind == "native":
+        return model
+    from .filter import model_fingerprint
+
     fingerprint = model_fingerprint(model)  # of the weights as given: the filters trained for them still apply
     unpack_layers(dec.layers)  # the packed buffers would keep bf16 copies alive
     release(model)  # kept CUDA graphs point at the old weights

@@ -99,6 +99,8 @@ def sweep_settings(model: Any, problems: list[Any], max_new_tokens: int, checker
     quantized = vars(model).get("_l2pd_quantized")  # l2pd.quantize keeps the fingerprint: its rows differ
     if quantized:
         settings["weights"] = quantized
+    if vars(model).get("_l2pd_kv_cache") == "fp8":
+        settings["kv_cache"] = "fp8"
     return settings
 
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .device import pdl, pdl_wait, sm_count
+from .rope import check_kv_scales
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # queries per program of pool_attention: 64 was fastest at LLaDA-8B shapes on an H200 for step segments (32 or
@@ -49,12 +50,14 @@ META_FIRST = True
 
 @triton.jit
 def _pool_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, seg_ptr, tiles_ptr, part_ptr, lse_ptr,
-    sqn, sqh, skr, skh, skw, svr, svh, svw, son, soh,
+    q_ptr, k_ptr, v_ptr, o_ptr, seg_ptr, tiles_ptr, part_ptr, lse_ptr, ks_ptr, vs_ptr,
+    sqn, sqh, skr, skh, skw, svr, svh, svw, son, soh, ssr, ssh,
     scale_log2, GROUP, DENSE_L, DENSE_T, DENSE_TILES, KEY_CHUNK, NH, H,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DENSE: tl.constexpr,
     SPLIT: tl.constexpr, QLIM: tl.constexpr, GQ: tl.constexpr = 1, META_FIRST: tl.constexpr = 1,
-    PDL: tl.constexpr = 0):
+    KV8: tl.constexpr = 0, PDL: tl.constexpr = 0):
+    # KV8: an e4m3 cache; each key's and value's scale (per row, K/V head and slot) at ks_ptr / vs_ptr (strides
+    # ssr, ssh, 1): a key's scale multiplies its scores, a value's its probabilities, so the tiles only widen
     # GQ: query heads per program (heads h0 .. h0 + GQ - 1 of one K/V head): its BM * GQ rows are (head j,
     # query m) with j = r // BM, so each K/V tile loaded serves GQ heads
     # META_FIRST: the segments, tiles and key limits are the host's (written before the forward, never by the
@@ -98,6 +101,7 @@ def _pool_attention_kernel(
     kvh = tl.program_id(1) * GQ // GROUP
     kbase = k_ptr + row.to(tl.int64) * skr + kvh * skh
     vbase = v_ptr + row.to(tl.int64) * svr + kvh * svh
+    sbase = row.to(tl.int64) * ssr + kvh * ssh
     m_i = tl.full((BM * GQ,), float("-inf"), tl.float32)
     l_i = tl.zeros((BM * GQ,), tl.float32)
     acc = tl.zeros((BM * GQ, D), tl.float32)
@@ -109,11 +113,15 @@ def _pool_attention_kernel(
         if IEEE:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
-            s = tl.dot(q, tl.trans(k))
-        if QLIM:
-            s = tl.where(kn[None, :] < qlim[:, None], s * scale_log2, float("-inf"))
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        if KV8:
+            s = s * (tl.load(ks_ptr + sbase + kn, mask=kmask, other=0.0) * scale_log2)[None, :]
         else:
-            s = tl.where(kmask[None, :], s * scale_log2, float("-inf"))
+            s = s * scale_log2
+        if QLIM:
+            s = tl.where(kn[None, :] < qlim[:, None], s, float("-inf"))
+        else:
+            s = tl.where(kmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         if QLIM:  # a query with no key in this loop yet: keep its state finite (its p are all 0)
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -121,10 +129,13 @@ def _pool_attention_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vbase + kn[:, None].to(tl.int64) * svw + d[None, :], mask=kmask[:, None], other=0.0)
+        pv = p
+        if KV8:
+            pv = p * tl.load(vs_ptr + sbase + kn, mask=kmask, other=0.0)[None, :]
         if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            acc = acc * alpha[:, None] + tl.dot(pv, v.to(tl.float32), input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype))
         m_i = m_new
     if SPLIT:  # the chunk's normalised output and log2-sum-exp (an empty chunk: weight 0 in the combine)
         full = l_i > 0
@@ -165,7 +176,9 @@ def _combine_kernel(part_ptr, lse_ptr, o_ptr, NH, SPLITS: tl.constexpr, D: tl.co
     tl.store(o_ptr + r[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=mr[:, None])
 
 
-def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None) -> bool:
+    """Raise on shapes the kernel does not take; whether the cache is e4m3 (with its scales)."""
     if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"q [B, H, N, D] and caches [R, Hkv, T, D]: got {tuple(q.shape)}, {tuple(k_cache.shape)},"
                          f" {tuple(v_cache.shape)}")
@@ -175,15 +188,17 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> Non
                          f"must match the cache {tuple(k_cache.shape)}")
     if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache)):
         raise ValueError("q and the caches must be contiguous in their last dimension")
+    return check_kv_scales(k_cache, v_cache, k_scale, v_scale)
 
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor | None,
             tiles: torch.Tensor | None, programs: int, dense: tuple[int, int, int], key_chunk: int, splits: int,
             block_m: int, block_n: int, num_warps: int | None, num_stages: int | None,
-            qlim: torch.Tensor | None = None, merge_rows: int = 16, gq: int = 1) -> torch.Tensor:
+            qlim: torch.Tensor | None = None, merge_rows: int = 16, gq: int = 1,
+            scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One launch over ``programs`` query tiles x head groups of ``gq`` (x ``splits`` key chunks, then the
     combine); q is [1, H, N, D]; returns [1, N, H, D]. ``qlim`` (dense form): int64 [N], each query's key
-    count. ``num_warps`` None: 4, or 8 for tiles of 128 rows or more."""
+    count. ``num_warps`` None: 4, or 8 for tiles of 128 rows or more. ``scales``: an e4m3 cache's (k, v)."""
     _, H, N, D = q.shape
     out = torch.empty(1, N, H, D, dtype=q.dtype, device=q.device)
     if not programs or not N:
@@ -199,11 +214,14 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: 
         num_warps = 8 if block_m * gq >= 128 else 4
     _pool_attention_kernel[(programs, H // gq, splits)](
         q, k_cache, v_cache, out, dummy, dummy if tiles is None else tiles, part, lse,
+        *(scales or (lse, lse)),
         q.stride(2), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(1), out.stride(2),
+        *(scales[0].stride()[:2] if scales else (0, 0)),
         1.0 / math.sqrt(D) * 1.4426950408889634, group, *dense, key_chunk, N * H, H,
         D=D, BM=block_m, BN=block_n, IEEE=q.dtype == torch.float32 or _INTERPRET, DENSE=seg is None,
-        SPLIT=split, QLIM=qlim is not None and seg is None, GQ=gq, META_FIRST=int(META_FIRST), num_warps=num_warps,
+        SPLIT=split, QLIM=qlim is not None and seg is None, GQ=gq, META_FIRST=int(META_FIRST),
+        KV8=int(scales is not None), num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}), **pdl(q.device, "attention"),
     )
     if split:  # merge_rows (token, head) pairs per program of the merge
@@ -216,7 +234,8 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: 
 def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor,
                    tiles: torch.Tensor | None = None, block_m: int = POOL_TILE_M, block_n: int | None = None,
                    num_warps: int | None = None, num_stages: int | None = None, key_chunk: int | None = None,
-                   splits: int = 1, merge_rows: int = 16, heads_per_program: int | None = None) -> torch.Tensor:
+                   splits: int = 1, merge_rows: int = 16, heads_per_program: int | None = None,
+                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.pool_attention``: q [1, H, N, D] (any strides with a
     contiguous last dimension), caches [R, Hkv, T, D], ``seg`` int64 [G, 4]; returns [1, H, N, D] laid out as
     [1, N, H, D] (so the output projection's input is a view). ``tiles`` (int64 [n, 2]: segment, first query;
@@ -229,8 +248,9 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ``merge_rows`` (a power of two) is the (token, head) pairs each merging program takes.
     ``heads_per_program``: query heads of one K/V head that a program takes together, so each K/V tile it loads
     serves them all (grouped-query models; None: ``pool_heads_per_program``); ``num_warps`` None: 4, or 8 for
-    tiles of 128 rows (queries x heads) or more."""
-    _check(q, k_cache, v_cache)
+    tiles of 128 rows (queries x heads) or more. An e4m3 cache comes with its per-head scales ``k_scale`` /
+    ``v_scale`` [R, Hkv, T] (``rope_qkv``'s)."""
+    kv8 = _check(q, k_cache, v_cache, k_scale, v_scale)
     if q.shape[0] != 1:
         raise ValueError(f"q must be [1, H, N, D], got {tuple(q.shape)}")
     if seg.dim() != 2 or seg.shape[1] != 4 or seg.dtype != torch.int64:
@@ -244,7 +264,8 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         raise ValueError(f"merge_rows={merge_rows} must be a power of two")
     gq = heads_per_program or pool_heads_per_program(q.shape[1], k_cache.shape[1], block_m)
     out = _launch(q, k_cache, v_cache, seg, tiles, tiles.shape[0], (0, 0, 0), key_chunk or 0, splits, block_m,
-                  block_n, num_warps, num_stages, merge_rows=merge_rows, gq=gq)
+                  block_n, num_warps, num_stages, merge_rows=merge_rows, gq=gq,
+                  scales=(k_scale, v_scale) if kv8 else None)
     return out.transpose(1, 2)
 
 
@@ -324,15 +345,16 @@ def split_pays(batch: int, queries: int, heads: int, keys: int, device: torch.de
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_m: int = 32,
                      block_n: int = 64, splits: int | None = None, num_warps: int = 4,
-                     key_limit: torch.Tensor | None = None) -> torch.Tensor:
+                     key_limit: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.cached_attention``: a cached step's queries q [B, H, L, D]
     (laid out [B, L, H, D], as ``rope_qkv`` returns them) over every key of their row of the cache
     [B, Hkv, T, D], without a mask; or with ``key_limit`` (int64 [B, L], each at least 1) query (b, i) over
     the first ``key_limit[b, i]`` keys (a block-causal step: keys up to its block's end). Few queries over a
     long canvas leave most of the GPU idle in one program per query tile and head, so the keys are split into
     chunks (``split_plan``; ``splits`` forces a count) and the chunks merged. Returns [B, H, L, D] laid out
-    [B, L, H, D]."""
-    _check(q, k_cache, v_cache)
+    [B, L, H, D]. An e4m3 cache comes with its scales ``k_scale``/``v_scale`` [B, Hkv, T]."""
+    kv8 = _check(q, k_cache, v_cache, k_scale, v_scale)
     B, H, L, D = q.shape
     T = k_cache.shape[2]
     if k_cache.shape[0] != B:
@@ -350,7 +372,7 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     flat = q.transpose(1, 2).reshape(1, B * L, H, D).transpose(1, 2)  # a view
     qlim = None if key_limit is None else key_limit.contiguous().view(-1)
     out = _launch(flat, k_cache, v_cache, None, None, B * per_row, (L, T, per_row), chunk, splits, block_m,
-                  block_n, num_warps, None, qlim)
+                  block_n, num_warps, None, qlim, scales=(k_scale, v_scale) if kv8 else None)
     return out.view(B, L, H, D).transpose(1, 2)
 
 

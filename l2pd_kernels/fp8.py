@@ -16,20 +16,8 @@ import triton
 import triton.language as tl
 
 from .device import pdl, pdl_wait
+from .e4m3 import FP8, _row_scale, _to_e4m3
 from .skinny import _INTERPRET, MAX_ROWS, _launch
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-
-
-@triton.jit
-def _round_e4m3(y):
-    """y (fp32, |y| <= 448) rounded to the nearest e4m3 value, ties to even, as fp32: the conversion that
-    follows is then exact whatever its own rounding (Triton's CPU interpreter carries no mantissa overflow)."""
-    bits = y.to(tl.int32, bitcast=True)
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & ~0xFFFFF).to(tl.float32, bitcast=True)  # 3 mantissa bits
-    sub = (y + 24576.0) - 24576.0  # below 2^-6: multiples of 2^-9 (24576 = 1.5 * 2^14 has an ulp of 2^-9)
-    return tl.where(tl.abs(y) < 0.015625, sub, normal)
 
 
 @triton.jit
@@ -48,18 +36,6 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
     for k in range(0, K, BLOCK):
         x = tl.load(x_row + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
         tl.store(q_row + k + cols, _to_e4m3(x, scale), mask=k + cols < K)
-
-
-@triton.jit
-def _row_scale(amax):
-    """A row's e4m3 scale: its largest magnitude maps to 448; an all-zero row gets 1."""
-    return tl.where(amax > 0, amax / 448.0, 1.0)
-
-
-@triton.jit
-def _to_e4m3(x, scale):
-    """x (fp32) / scale, clamped to +-448 and rounded to the nearest e4m3 value: ``quantize_rows``' bits."""
-    return _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)).to(tl.float8e4nv)
 
 
 _FP8_DEVICES: set = set()  # CUDA devices found to have e4m3: each FP8 call then costs one set lookup

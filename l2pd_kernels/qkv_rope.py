@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .rope import check_kv_scales
 from .skinny import _launch
 
 MAX_HEAD_DIM = 256  # one head per program: its columns are the tile's width
@@ -24,11 +25,13 @@ def linear_rope_qkv(x: torch.Tensor, w: torch.Tensor, heads: int, kv_heads: int,
                     sin: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor,
                     rows: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
                     k_norm: torch.Tensor | None = None, eps: float = 1e-6, scale: torch.Tensor | None = None,
-                    a8: bool = False, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    a8: bool = False, xq: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``rope_qkv`` of the q, k and v column slices of ``x @ w.T`` (x [B, S, K]; w [(heads + 2 kv_heads) * D,
     K], fp32/bf16/fp16, or e4m3 with its per-channel ``scale``; ``a8``: against x quantized per row, ``xq`` if
-    already made). Writes k and v into ``k_out``/``v_out`` as ``rope_qkv`` does and returns rotated q
-    [B, H, S, D] over [B, S, H, D] memory. cos/sin, q_out and the caches must be contiguous."""
+    already made). Writes k and v into ``k_out``/``v_out`` as ``rope_qkv`` does (an e4m3 cache: with their
+    per-head scales in ``k_scale``/``v_scale``) and returns rotated q [B, H, S, D] over [B, S, H, D] memory.
+    cos/sin, q_out and the caches must be contiguous."""
     if x.dim() != 3 or w.dim() != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"x [B, S, K] and w [N, K]: got {tuple(x.shape)} and {tuple(w.shape)}")
     B, S, _ = x.shape
@@ -62,16 +65,19 @@ def linear_rope_qkv(x: torch.Tensor, w: torch.Tensor, heads: int, kv_heads: int,
     if norm != (k_norm is not None) or norm and (q_norm.shape != (D,) or k_norm.shape != (D,)
                                                  or q_norm.dtype != x.dtype or k_norm.dtype != x.dtype):
         raise ValueError(f"q_norm and k_norm come together, each [D={D}] in x's dtype ({x.dtype})")
+    kv8 = check_kv_scales(k_out, v_out, k_scale, v_scale)
+    if kv8 and not (k_scale.is_contiguous() and v_scale.is_contiguous()):
+        raise ValueError("k_scale/v_scale must be contiguous")
     x2 = x.reshape(B * S, x.shape[-1])
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
     q_out = torch.empty(B, S, heads, D, dtype=x.dtype, device=x.device)
     out = torch.empty(B * S, w.shape[0], dtype=x.dtype, device=x.device)  # the product, read back per head
     if B * S:
         args = (cos, sin, slots, slots if rows is None else rows, q_out, k_out, v_out,
-                q_norm.contiguous() if norm else q_out, k_norm.contiguous() if norm else q_out, float(eps), S,
-                heads, kv_heads, k_out.shape[2])
+                q_norm.contiguous() if norm else q_out, k_norm.contiguous() if norm else q_out,
+                k_scale if kv8 else q_out, v_scale if kv8 else q_out, float(eps), S, heads, kv_heads, k_out.shape[2])
         rope = {"args": args, "head_dim": D, "HALF": half, "REST": rest, "ROWS": int(rows is not None),
-                "NORM": int(norm)}
+                "NORM": int(norm), "KV8": int(kv8)}
         if a8:
             from .fp8 import quantize_rows
 

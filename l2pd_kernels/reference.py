@@ -501,7 +501,8 @@ def linear_rope_qkv(x: torch.Tensor, w: torch.Tensor, heads: int, kv_heads: int,
                     sin: torch.Tensor, k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor,
                     rows: torch.Tensor | None = None, q_norm: torch.Tensor | None = None,
                     k_norm: torch.Tensor | None = None, eps: float = 1e-6, scale: torch.Tensor | None = None,
-                    a8: bool = False, xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                    a8: bool = False, xq: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``rope_qkv`` of the q, k and v column slices of x [B, S, K] times w [(heads + 2 kv_heads) * D, K]
     (``linear``; e4m3 w with ``scale``: ``linear_fp8``, or ``linear_w8a8`` with ``a8``)."""
     if scale is None:
@@ -512,13 +513,13 @@ def linear_rope_qkv(x: torch.Tensor, w: torch.Tensor, heads: int, kv_heads: int,
     D = w.shape[0] // (heads + 2 * kv_heads)
     q, k, v = qkv.split([heads * D, kv_heads * D, kv_heads * D], -1)
     return rope_qkv(q.view(B, S, heads, D), k.view(B, S, kv_heads, D), v.view(B, S, kv_heads, D), cos, sin,
-                    k_out, v_out, slots, rows, q_norm, k_norm, eps)
+                    k_out, v_out, slots, rows, q_norm, k_norm, eps, k_scale, v_scale)
 
 
 def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              k_out: torch.Tensor, v_out: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor | None = None,
-             q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6
-             ) -> torch.Tensor:
+             q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+             k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary embedding (rotate-half layout, fp32) of q [B, S, H, D] and k [B, S, Hkv, D]; with ``q_norm`` /
     ``k_norm`` [D] each head is first ``rms_norm``-ed over its D dims with that weight and ``eps``.
 
@@ -526,7 +527,8 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
     the first R dims of each head (pairs i and i + R/2) and passes the rest through. Writes rotated k and v into
     ``k_out``/``v_out`` [B, Hkv, T, D] at ``slots`` [S] (position s to slot slots[s]) and returns rotated q as
     [B, H, S, D]. With ``rows`` [S] (B = 1: one packed sequence) position s goes to row ``rows[s]`` of
-    ``k_out``/``v_out`` [R, Hkv, T, D].
+    ``k_out``/``v_out`` [R, Hkv, T, D]. An e4m3 cache (``k_out``/``v_out`` float8_e4m3fn) stores each head of
+    k and v from its fp32 values by ``quantize_kv``, its scale into ``k_scale``/``v_scale`` [R, Hkv, T].
     """
     if q_norm is not None:
         q, k = rms_norm(q, q_norm, eps)[0], rms_norm(k, k_norm, eps)[0]
@@ -540,22 +542,48 @@ def rope_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tenso
         rotated = torch.cat((-part[..., r // 2 :], part[..., : r // 2]), dim=-1)
         return torch.cat((part * c + rotated * s, xf[..., r:]), -1)
 
-    if rows is not None:
-        k_out[rows, :, slots] = rotate(k)[0].transpose(0, 1).to(k_out.dtype)  # [S, Hkv, D]
-        v_out[rows, :, slots] = v[0].to(v_out.dtype)
-        return rotate(q).to(q.dtype)
-    k_out.index_copy_(2, slots, rotate(k).to(k_out.dtype))
-    v_out.index_copy_(2, slots, v.transpose(1, 2).to(v_out.dtype))
+    kv = [(k_out, k_scale, rotate(k)), (v_out, v_scale, v.transpose(1, 2).float())]  # [B, Hkv, S, D] fp32
+    for out, scale, x in kv:
+        if (out.dtype == torch.float8_e4m3fn) != (scale is not None):
+            raise ValueError("an e4m3 K/V cache takes its scales, a cache of another dtype none")
+        x, x_scale = quantize_kv(x) if scale is not None else (x.to(out.dtype), None)
+        if scale is not None:  # (e4m3 copied as its bytes: not every op takes the dtype)
+            out, x = out.view(torch.uint8), x.view(torch.uint8)
+        if rows is not None:  # [S, Hkv, D]
+            out[rows, :, slots] = x[0].transpose(0, 1)
+            if scale is not None:
+                scale[rows, :, slots] = x_scale[0].transpose(0, 1)
+        else:
+            out.index_copy_(2, slots, x)
+            if scale is not None:
+                scale.index_copy_(2, slots, x_scale)
     return rotate(q).to(q.dtype)
 
 
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 [..., D], fp32 scales [...]): each head vector of an e4m3 K/V cache scaled so its largest magnitude
+    is 448 (scale 1 for all zeros), rounded to nearest (``quantize_rows_fp8`` over the last dimension)."""
+    q, scale = quantize_rows_fp8(x)
+    return q.view(x.shape), scale.view(x.shape[:-1])
+
+
+def dequantize_kv(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """A K/V cache's values in ``dtype``: e4m3 ones times their head's scale (fp32, then rounded); others as
+    they are (``scale`` None)."""
+    if scale is None:
+        return x
+    return (x.float() * scale[..., None]).to(dtype)
+
+
 def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: torch.Tensor,
-                   tiles: torch.Tensor | None = None, block_m: int = 64) -> torch.Tensor:
+                   tiles: torch.Tensor | None = None, block_m: int = 64, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of packed queries q [1, H, N, D] over a slot pool's K/V rows [R, Hkv, T, D].
 
     ``seg`` int64 [G, 4] holds one (q_start, q_len, row, k_len) per segment: queries [q_start, q_start + q_len)
     attend, without a mask, to keys [0, k_len) of cache row ``row``. Returns [1, H, N, D] (queries outside
-    every segment are zero). ``tiles`` and ``block_m`` only shape the kernel's programs.
+    every segment are zero). ``tiles`` and ``block_m`` only shape the kernel's programs. An e4m3 cache comes
+    with its scales [R, Hkv, T]: its rows are dequantized in fp32 and attended to in fp32.
     """
     out = torch.zeros_like(q)
     for q_start, q_len, row, k_len in seg.tolist():
@@ -565,16 +593,26 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         # on strided keys, and a request's tokens should not depend on the pool's width
         k = k_cache[row : row + 1, :, :k_len].contiguous()
         v = v_cache[row : row + 1, :, :k_len].contiguous()
+        qs = q[:, :, q_start : q_start + q_len]
+        if k_scale is not None:
+            k = dequantize_kv(k, k_scale[row : row + 1, :, :k_len], torch.float32)
+            v = dequantize_kv(v, v_scale[row : row + 1, :, :k_len], torch.float32)
+            qs = qs.float()
         out[:, :, q_start : q_start + q_len] = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, q_start : q_start + q_len], k, v, enable_gqa=k.shape[1] != q.shape[1])
+            qs, k, v, enable_gqa=k.shape[1] != q.shape[1]).to(q.dtype)
     return out
 
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     key_limit: torch.Tensor | None = None) -> torch.Tensor:
+                     key_limit: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """A cached step's attention: queries q [B, H, L, D] over every key of their row of the cache
     [B, Hkv, T, D], without a mask (what SDPA computes for an unpadded, bidirectional cached forward); with
-    ``key_limit`` [B, L], query (b, i) over the first ``key_limit[b, i]`` keys only."""
+    ``key_limit`` [B, L], query (b, i) over the first ``key_limit[b, i]`` keys only. An e4m3 cache (with
+    its scales [B, Hkv, T]) is dequantized and attended to in fp32."""
+    if k_scale is not None:
+        k, v = dequantize_kv(k_cache, k_scale, torch.float32), dequantize_kv(v_cache, v_scale, torch.float32)
+        return cached_attention(q.float(), k, v, key_limit).to(q.dtype)
     mask = None
     if key_limit is not None:
         mask = (torch.arange(k_cache.shape[2], device=q.device) < key_limit[..., None])[:, None]  # [B, 1, L, T]

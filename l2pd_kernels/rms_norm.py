@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from .device import pdl, pdl_wait
-from .fp8 import FP8, _row_scale, _to_e4m3, check_fp8_device
+from .e4m3 import FP8, _row_scale, _to_e4m3
+from .fp8 import check_fp8_device
 from .moe import _combined, check_rows
 from .reference import ExpertRows
 

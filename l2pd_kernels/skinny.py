@@ -60,37 +60,37 @@ def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N
                    TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
     pdl_wait(PDL)
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
-                 stride_om, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, 0.0, 1,
-                 1, 1, 1, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 0, 1, 0, 0, 0,
-                 TMA)
+                 stride_om, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr,
+                 out_ptr, 0.0, 1, 1, 1, 1, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K,
+                 0, 1, 0, 0, 0, 0, TMA)
 
 
 @triton.jit
 def _skinny_rope_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
                         stride_wn, stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr,
-                        kw_ptr, eps, S, H, HKV, T, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                        UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
-                        SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr, NORM: tl.constexpr,
-                        TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
+                        kw_ptr, ks_ptr, vs_ptr, eps, S, H, HKV, T, GATE: tl.constexpr, EVEN_K: tl.constexpr,
+                        IEEE: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr,
+                        SWAP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr,
+                        NORM: tl.constexpr, KV8: tl.constexpr = 0, TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
     """``_skinny_kernel`` for a q/k/v product whose programs each hold one head (BLOCK_N = head_dim) and then do
     ``rope_qkv``'s work for it (``linear_rope_qkv``; the arguments from cos_ptr on are that op's). A kernel of
     its own, so the plain products' launches carry no more arguments than before."""
     pdl_wait(PDL)
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
-                 stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, eps, S, H,
-                 HKV, T, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K, 1, HALF, REST,
-                 ROWS, NORM, TMA)
+                 stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, ks_ptr,
+                 vs_ptr, eps, S, H, HKV, T, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N,
+                 BLOCK_K, 1, HALF, REST, ROWS, NORM, KV8, TMA)
 
 
 @triton.jit
 def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
                  stride_wn, stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr,
-                 eps, S, H, HKV, T, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                 ks_ptr, vs_ptr, eps, S, H, HKV, T, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                  UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                  SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  ROPE: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr,
-                 NORM: tl.constexpr, TMA: tl.constexpr):
+                 NORM: tl.constexpr, KV8: tl.constexpr, TMA: tl.constexpr):
     """With ``TMA``, x_ptr and w_ptr are tensor descriptors of x [M, K] and w (tiles [BLOCK_M, BLOCK_K] and
     [BLOCK_N, BLOCK_K]): each tile arrives by one TMA copy, rows and K past the ends read as zeros."""
     pid_n = tl.program_id(0)
@@ -154,7 +154,8 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
         if ROPE:  # the head's product is written: read it back as rope_qkv would (same bits), rotate, place
             tl.debug_barrier()
             _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
-                       vo_ptr, qw_ptr, kw_ptr, eps, S, H, HKV, T, BLOCK_N, HALF, REST, ROWS, NORM)
+                       vo_ptr, qw_ptr, kw_ptr, ks_ptr, vs_ptr, eps, S, H, HKV, T, BLOCK_N, HALF, REST, ROWS, NORM,
+                       KV8)
     else:
         # split K: each program leaves its fp32 partial; the last of a tile's SPLIT programs to arrive sums
         # them in split order (the same bits whichever arrives last), resets the tile's counter for the next
@@ -181,7 +182,8 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
             if ROPE:  # the last program of a head's K shares does its rope_qkv work
                 tl.debug_barrier()
                 _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
-                           vo_ptr, qw_ptr, kw_ptr, eps, S, H, HKV, T, BLOCK_N, HALF, REST, ROWS, NORM)
+                           vo_ptr, qw_ptr, kw_ptr, ks_ptr, vs_ptr, eps, S, H, HKV, T, BLOCK_N, HALF, REST, ROWS, NORM,
+                           KV8)
 
 
 @triton.jit
@@ -358,7 +360,7 @@ def pick_tma(rows: int, n: int, k: int, gate: bool, sms: int, fp8: bool = False,
 def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None, split=None, rope=None,
             tma=None):
     """One launch of the kernel; ``rope`` (``linear_rope_qkv``): the dict of its arguments and constants
-    (``ROPE_ARGS``, ``head_dim``, ``HALF``, ``REST``, ``ROWS``, ``NORM``): one head per program, K split by
+    (``ROPE_ARGS``, ``head_dim``, ``HALF``, ``REST``, ``ROWS``, ``NORM``, ``KV8``): one head per program, K split by
     ``pick_rope_split``. ``tma``: load the tiles by TMA (None: ``L2PD_SKINNY_TMA``, by default where
     ``pick_tma`` has a tile, its tile in every launch and its TMA loads while a CUDA graph is captured);
     with ``cfg`` and ``tma``, ``swap`` as given."""
@@ -403,7 +405,7 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     kernel, rope_args, rope_consts = _skinny_kernel, (), {}
     if rope is not None:
         kernel, rope_args = _skinny_rope_kernel, rope["args"]
-        rope_consts = {k: rope[k] for k in ("HALF", "REST", "ROWS", "NORM")}
+        rope_consts = {k: rope[k] for k in ("HALF", "REST", "ROWS", "NORM", "KV8")}
     xa, wa = x2, w
     if tma:  # descriptors per launch: a cached one would keep its tensor alive
         xa, wa = TensorDescriptor.from_tensor(x2, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk])

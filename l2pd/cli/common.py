@@ -35,6 +35,10 @@ def add_family_arg(p: argparse.ArgumentParser) -> None:
                         "with per-channel scales (l2pd.quantize): half the memory, not faster; w8a8: also their "
                         "inputs as e4m3, one scale per token (FP8 tensor cores: the fast form); native: as loaded "
                         "(default)")
+    p.add_argument("--kv-cache", choices=["native", "fp8"], default="native",
+                   help="fp8: the decode's K/V cache in e4m3, one scale per cached head (l2pd.quantize(model, "
+                        "kv_cache='fp8')): half the bytes a step's attention reads, which is what large batches "
+                        "and long canvases spend their steps on; native: the model's dtype (default)")
 
 
 def add_level_arg(p: argparse.ArgumentParser, which: str) -> None:

@@ -38,7 +38,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         questions = read_prompts(args.prompts)
     else:
         questions = [p.question for p in split(train_split, args.num_prompts)]
-    model, tok = load_model(args.model, device, family=args.model_family, weights=args.weights)
+    model, tok = load_model(args.model, device, family=args.model_family, weights=args.weights, kv_cache=args.kv_cache)
     prompts = tok([prompt_text(tok, q) for q in questions], add_special_tokens=False).input_ids
     try:
         info = collect(model, prompts, args.out, gen_length=args.gen_length, block_length=args.block_length,
@@ -136,7 +136,8 @@ def _train_sequence(args: argparse.Namespace) -> Any:
         if not os.path.isfile(os.path.join(args.init_filter, "filter.json")):
             raise FileNotFoundError(f"--init-filter {args.init_filter!r}: no filter.json there")
         init = Filter.from_pretrained(args.init_filter)
-    model, tok = load_model(args.model, default_device(args.device), family=args.model_family, weights=args.weights)
+    model, tok = load_model(args.model, default_device(args.device), family=args.model_family, weights=args.weights,
+                            kv_cache=args.kv_cache)
     if init is not None:
         init.check_model(model)
     problems = split(level_split(args, "train"), args.num_prompts or args.iterations * args.prompts_per_step)

@@ -27,7 +27,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     device = default_device(args.device)
     n = args.problems if args.problems is not None else (200 if device.startswith("cuda") else 3)
     batch = args.batch_size if args.batch_size is not None else (n if device.startswith("cuda") else 1)
-    model, tok = load_model(None, device, args.filter, family=args.model_family, weights=args.weights)
+    model, tok = load_model(None, device, args.filter, family=args.model_family, weights=args.weights,
+                            kv_cache=args.kv_cache)
     flt = model.l2pd_filter
     block = args.block_length if args.block_length is not None else (flt.block_length if flt is not None else 32)
     if flt is None:
@@ -55,7 +56,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--prompt is empty")
     device = default_device(args.device)
     model, tok = load_model(args.model, device, args.filter, args.allow_other_model, args.model_family,
-                            weights=args.weights)
+                            weights=args.weights, kv_cache=args.kv_cache)
     default_strategy(args, model)
     ids = tok(prompt_text(tok, args.prompt), add_special_tokens=False, return_tensors="pt").input_ids.to(device)
     out = model.generate(ids, max_new_tokens=args.gen_length, block_length=args.block_length,
@@ -76,7 +77,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = rank_device or default_device(args.device)
     problems = split(level_split(args, "test"), args.problems)
     model, tok = load_model(args.model, device, args.filter, args.allow_other_model, args.model_family,
-                            weights=args.weights)
+                            weights=args.weights, kv_cache=args.kv_cache)
     default_strategy(args, model, quiet=rank != 0)
     r = evaluate(model, tok, problems, batch_size=args.batch_size, progress=not args.json,
                  max_new_tokens=args.gen_length, block_length=args.block_length, strategy=args.strategy,

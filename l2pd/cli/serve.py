@@ -50,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     models: dict[str, tuple] = {}
     for d in dict.fromkeys(devices):
         models[d] = load_model(args.model, d, args.filter, args.allow_other_model, args.model_family,
-                               weights=args.weights)
+                               weights=args.weights, kv_cache=args.kv_cache)
     tok = models[devices[0]][1]
     engines = [Engine(models[d][0], max_batch=args.max_batch, max_length=args.max_length, tokenizer=tok,
                       filter=getattr(models[d][0], "l2pd_filter", None), max_step_tokens=args.max_step_tokens,

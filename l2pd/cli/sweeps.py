@@ -58,7 +58,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     problems = _sweep_problems(args)
     filters = {block: Filter.from_pretrained(folder) for block, folder in folders.items()}
     model, tok = load_model(args.model, default_device(args.device), args.filter, args.allow_other_model,
-                            args.model_family, weights=args.weights)
+                            args.model_family, weights=args.weights, kv_cache=args.kv_cache)
     for flt in filters.values():
         flt.check_model(model, allow_other_model=args.allow_other_model)
     configs = grid(args.strategies, args.taus, args.eotp, args.blocks, args.caches, args.persist)
@@ -123,7 +123,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         check_out_file(args.rows, flag="--rows")
     problems = _sweep_problems(args, validation=True)
     model, tok = load_model(args.model, default_device(args.device), None, family=args.model_family,
-                            weights=args.weights)
+                            weights=args.weights, kv_cache=args.kv_cache)
     flt.check_model(model, allow_other_model=args.allow_other_model)
     point = tune(model, tok, flt, problems, args.taus, eotp=args.eotp, budget=args.budget, cache=args.cache,
                  batch_size=args.batch_size, max_new_tokens=args.gen_length, checker=args.checker, progress=True,

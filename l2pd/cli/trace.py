@@ -59,7 +59,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         needs_matplotlib("--png")
     vs = _spec(args.vs) if args.vs else None
     model, tok = load_model(args.model, default_device(args.device), args.filter, args.allow_other_model,
-                            args.model_family, weights=args.weights)
+                            args.model_family, weights=args.weights, kv_cache=args.kv_cache)
     default_strategy(args, model)
     base = {k: v for k, v in dict(strategy=args.strategy, threshold=args.threshold, eotp=args.eotp,
                                   cache=args.cache, refresh=args.refresh, block_length=args.block_length,

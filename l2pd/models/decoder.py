@@ -362,20 +362,27 @@ def _decoder_forward(
     delta = None  # the last residual branch, added inside the next norm
     for layer, blk in enumerate(dec.layers):
         h, x, hq = _norm(ops, x, blk.attn_norm, eps, delta, _a8(blk.q if blk.qkv is None else blk.qkv))
+        scales = {}  # an e4m3 cache's per-head scales (``BlockKVCache``)
         if cache is not None:  # keys are cached after RoPE, so cached positions are never rotated again
             k_all, v_all = cache.k[layer], cache.v[layer]
+            if getattr(cache, "k_scale", None) is not None:
+                scales = {"k_scale": cache.k_scale[layer], "v_scale": cache.v_scale[layer]}
         else:
             k_all = torch.empty(bsz, n_kv, seq, head_dim, dtype=h.dtype, device=device)
             v_all = torch.empty_like(k_all)
         rows = pack.rows if pack is not None else None
-        rope = (cos, sin, k_all, v_all, fresh_slots if cache is None else slots, rows)
+        rope = (cos, sin, k_all, v_all, fresh_slots if cache is None else slots, rows, scales)
         q = _qkv_rope(ops, h, hq, blk, n_heads, n_kv, eps, rope)
         if pack is not None:  # each request attends to its own pool row
-            att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles, **pool_split)
+            att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles, **pool_split, **scales)
         elif split:
-            att = ops.cached_attention(q, k_all, v_all, key_limit=key_limit)
-        else:
-            att = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
+            att = ops.cached_attention(q, k_all, v_all, key_limit=key_limit, **scales)
+        else:  # (an e4m3 cache widened for SDPA: this path's forwards are not the decode's)
+            k_att, v_att = k_all, v_all
+            if scales:
+                k_att = reference.dequantize_kv(k_all, scales["k_scale"], h.dtype)
+                v_att = reference.dequantize_kv(v_all, scales["v_scale"], h.dtype)
+            att = F.scaled_dot_product_attention(q, k_att, v_att, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
         a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
         h, x, hq = _norm(ops, x, blk.ff_norm, eps, a, _a8(blk.gate) or _moe_a8(blk.moe))
         inside = _shared_in_moe(ops, blk, h)  # the shared expert run by the MoE kernels, beside the routed ones
@@ -406,9 +413,9 @@ FUSED_ROPE = {"1": True, "0": False}.get(os.environ.get("L2PD_FUSED_ROPE", ""))
 def _qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_heads: int, n_kv: int, eps: float,
               rope: tuple) -> torch.Tensor:
     """The layer's rotated q [B, H, S, D], with its k and v written into the cache (``rope``: cos, sin, the
-    K/V buffers, the slots and the pool rows or None): the q/k/v product, then ``rope_qkv``; or both in one
-    launch (``FUSED_ROPE``)."""
-    cos, sin, k_all, v_all, slots, rows = rope
+    K/V buffers, the slots, the pool rows or None, and an e4m3 cache's scales as keyword arguments or {}): the
+    q/k/v product, then ``rope_qkv``; or both in one launch (``FUSED_ROPE``)."""
+    cos, sin, k_all, v_all, slots, rows, scales = rope
     bsz, seq = h.shape[:2]
     head_dim = k_all.shape[3]
     qk_norm = _qk_norm(blk, h.dtype, eps)  # per head, before RoPE: inside rope_qkv where it can be
@@ -428,7 +435,7 @@ def _qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_heads: 
     v = v.view(bsz, seq, n_kv, head_dim)
     if blk.q_norm is not None and qk_norm is None:
         q, k = _norm(ops, q, blk.q_norm, eps, None)[0], _norm(ops, k, blk.k_norm, eps, None)[0]
-    return ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, slots, rows=rows, **qk_norm or {})
+    return ops.rope_qkv(q, k, v, cos, sin, k_all, v_all, slots, rows=rows, **qk_norm or {}, **scales)
 
 
 def _fused_qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_heads: int, n_kv: int,
@@ -439,12 +446,12 @@ def _fused_qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_h
     from l2pd_kernels.qkv_rope import MAX_HEAD_DIM
     from l2pd_kernels.skinny import _INTERPRET, MAX_ROWS
 
-    cos, sin, k_all, v_all, slots, rows = rope
+    cos, sin, k_all, v_all, slots, rows, scales = rope
     head_dim = k_all.shape[3]
     if (not (h.is_cuda or _INTERPRET) or not 0 < h.shape[0] * h.shape[1] <= MAX_ROWS
             or (blk.q_norm is not None and qk_norm is None)
             or head_dim & (head_dim - 1) or not 16 <= head_dim <= MAX_HEAD_DIM
-            or not all(t.is_contiguous() for t in (cos, sin, k_all, v_all))):
+            or not all(t.is_contiguous() for t in (cos, sin, k_all, v_all, *scales.values()))):
         return None
     if blk.qkv is not None:
         if getattr(blk.qkv, "bias", None) is not None:
@@ -464,7 +471,7 @@ def _fused_qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_h
     if not _rope_fuses(w, h, n_heads + 2 * n_kv, a8):
         return None
     return ops.linear_rope_qkv(h, w, n_heads, n_kv, cos, sin, k_all, v_all, slots, rows=rows, **qk_norm or {},
-                               scale=scale, a8=a8, xq=hq if a8 else None)
+                               scale=scale, a8=a8, xq=hq if a8 else None, **scales)
 
 
 def _rope_fuses(w: torch.Tensor, h: torch.Tensor, heads: int, a8: bool = False) -> bool:
