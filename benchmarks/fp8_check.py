@@ -23,9 +23,12 @@ import l2pd
 
 
 def _quantize(model, kind: str) -> None:
-    """``kind``: an ``l2pd.quantize`` kind, or ``<kind>-bf16head`` for the same with the LM head left bf16."""
-    base, _, variant = kind.partition("-")
-    l2pd.quantize(model, base, head=variant != "bf16head")
+    """``kind``: an ``l2pd.quantize`` kind (or ``native``: the weights as loaded), each optionally followed by
+    ``-bf16head`` (the LM head left bf16) and ``-kv8`` (an e4m3 K/V cache): ``w8a8-kv8``, ``native-kv8``."""
+    base, *variants = kind.split("-")
+    if set(variants) - {"bf16head", "kv8"}:
+        raise ValueError(f"kind {kind!r}: variants are -bf16head and -kv8")
+    l2pd.quantize(model, base, head="bf16head" not in variants, kv_cache="fp8" if "kv8" in variants else None)
 
 
 def paired(native: list[bool], other: list[bool]) -> dict:
@@ -129,7 +132,8 @@ def main() -> None:
     ap.add_argument("--sections", default="step,bundled")
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--kinds", default="fp8,w8a8",
-                    help="the l2pd.quantize kinds to compare with bf16 (<kind>-bf16head: the LM head left bf16)")
+                    help="the l2pd.quantize kinds to compare with bf16 (<kind>-bf16head: the LM head left bf16; "
+                         "<kind>-kv8: with an e4m3 K/V cache; native-kv8: bf16 weights, e4m3 K/V cache)")
     ap.add_argument("--families", default="llada,dream", help="the bundled models of the bundled section")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -13,7 +13,8 @@ the compute limit (the dual steps' arithmetic: 32 query tokens per row per step)
   ``steps = 256 / TPF``) at batch 1, 8, 32 and 64, refresh ``full`` (Fast-dLLM's) and ``window``; one timed
   decode per round after a cheap decode that captures the graphs.
 - ``test_long_canvas``: ``generate`` at 8 tokens per forward on canvases 512 + 256 and 3,072 + 1,024 (window refresh),
-  bf16 and e4m3 (``w8a8``) weights, batch 1 and 8 (and 64 on the short canvas); at batch 1 bf16 the engine's attention
+  bf16 and e4m3 (``w8a8``) weights, and ``w8a8-kv8`` (with an e4m3 K/V cache too), batch 1 and 8 (and 64 on the
+  short canvas); at batch 1 bf16 the engine's attention
   with its keys split across programs where few programs run (``split``, the default) and in one pass (``one-pass``);
   next to a floor that counts the weights a forward reads (not the embedding table) plus the K/V a step reads.
 Skipped without a GPU. ``benchmarks/decode_8b.py`` prints the same figures as a table, with the tail refresh,
@@ -126,7 +127,8 @@ def _read_bytes(model) -> int:
 # at batch 8 and 64 the grid is full: "split" runs one pass there; batch 64 at 3,072 + 1,024 would hold 137 GB of
 # K/V at LLaDA-8B shapes (32 layers x 2 x 64 rows x 4,096 positions x 4,096 x 2 bytes), more than an H200 has
 _LONG = [("bf16", 1, "split"), ("bf16", 1, "one-pass"), ("bf16", 8, "split"), ("bf16", 64, "split"),
-         ("w8a8", 1, "split"), ("w8a8", 8, "split"), ("w8a8", 64, "split")]
+         ("w8a8", 1, "split"), ("w8a8", 8, "split"), ("w8a8", 64, "split"),
+         ("w8a8-kv8", 1, "split"), ("w8a8-kv8", 8, "split"), ("w8a8-kv8", 64, "split")]
 LONG_CASES = [(w, b, a, p, n) for p, n in [(512, 256), (3072, 1024)] for w, b, a in _LONG if b < 64 or p + n <= 768]
 
 
@@ -135,12 +137,15 @@ LONG_CASES = [(w, b, a, p, n) for p, n in [(512, 256), (3072, 1024)] for w, b, a
 def test_long_canvas(benchmark, model_and_floors, request, prompt, new, weights, batch, attention, monkeypatch):
     from decode_8b import L
 
+    import l2pd
     from l2pd.decode import generate, release
 
     monkeypatch.setenv("L2PD_POOL_SPLIT", "1" if attention == "split" else "0")  # read at each forward
     model, fl = model_and_floors
-    if weights == "w8a8":  # built on first use: a bf16-only selection never builds the second model
+    if weights != "bf16":  # built on first use: a bf16-only selection never builds the second model
         model = request.getfixturevalue("w8a8_model")
+    kv8 = weights.endswith("-kv8")
+    l2pd.quantize(model, "native", kv_cache="fp8" if kv8 else "native")
     cfg = model.config
     ids = torch.randint(0, 126000, (batch, prompt), device="cuda")
     kw = dict(max_new_tokens=new, block_length=L, strategy="steps", cache="dual", refresh="window",
@@ -151,8 +156,11 @@ def test_long_canvas(benchmark, model_and_floors, request, prompt, new, weights,
                        rounds=3 if batch == 1 else 1, iterations=1)
     sec = sorted(o.seconds for o in outs)[len(outs) // 2]
     forwards = outs[0].forwards
-    # a step reads the weights once (``_read_bytes``) and every cached K/V position of every row
-    kv_bytes = 2 * cfg.n_layers * batch * cfg.n_kv_heads * (prompt + new) * (cfg.d_model // cfg.n_heads) * 2
+    # a step reads the weights once (``_read_bytes``) and every cached K/V position of every row (e4m3: a byte a
+    # value and a 4-byte scale a head)
+    head_dim = cfg.d_model // cfg.n_heads
+    per_head = head_dim + 4 if kv8 else 2 * head_dim
+    kv_bytes = 2 * cfg.n_layers * batch * cfg.n_kv_heads * (prompt + new) * per_head
     weight_floor = _read_bytes(model) / fl["copy_GBps"] / 1e6
     bf16_floor = _read_bytes(model_and_floors[0]) / fl["copy_GBps"] / 1e6
     floor = weight_floor + kv_bytes / fl["copy_GBps"] / 1e6

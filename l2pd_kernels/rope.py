@@ -59,6 +59,16 @@ def _rotate(src, dst, mask, c, sn, inv, w_ptr, j, HALF: tl.constexpr, NORM: tl.c
 
 
 @triton.jit
+def _rotate_store(src, dst, mask, c, sn, inv, w_ptr, rest, HALF: tl.constexpr, REST: tl.constexpr,
+                  NORM: tl.constexpr):
+    """A head's rotated dims, then (partial RoPE) its ``rest`` passed through, stored at ``dst`` [heads, 1]."""
+    j = tl.arange(0, HALF)[None, :]
+    _rotate(src + j, dst + j, mask, c, sn, inv, w_ptr, j, HALF, NORM)
+    if REST > 0:
+        tl.store(dst + 2 * HALF + tl.arange(0, REST)[None, :], rest.to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _store_e4m3(dst, s_dst, mask, a, b, rest, HALF: tl.constexpr, REST: tl.constexpr):
     """An e4m3 cache's write of [heads, D] fp32 values at ``dst`` (each head's first dim, [heads, 1]) given as
     parts ``a`` (dims [0, HALF)), ``b`` ([HALF, 2 HALF)) and, with REST, ``rest`` (the dims after): each head
@@ -152,24 +162,21 @@ def _rope_tail(src_ptr, rm, M, stride_m, head, cos_ptr, sin_ptr, slots_ptr, rows
         j = tl.arange(0, HALF)[None, :]
         c = tl.load(cos_ptr + tt * HALF + j, mask=ok, other=0.0)
         sn = tl.load(sin_ptr + tt * HALF + j, mask=ok, other=0.0)
-        if head < H:
-            dst = qo_ptr + (tt * H + head) * D
-            w_ptr = qw_ptr
-        else:
-            dst = ko_ptr + ((kb * HKV + (head - H)) * T + slot) * D
-            w_ptr = kw_ptr
+        w_ptr = qw_ptr if head < H else kw_ptr
         inv = _head_inv(src, ok, eps, D) if NORM else None
         rest = None
         if REST > 0:  # partial RoPE: the dims past the rotated ones pass through
             r = 2 * HALF + tl.arange(0, REST)[None, :]
             rest = _load(src + r, ok, inv, w_ptr, r, NORM)
-        if KV8 and head >= H:  # an e4m3 cache's k: the head quantized whole
-            y1, y2 = _rotated(src + j, ok, c, sn, inv, w_ptr, j, HALF, NORM)
-            _store_e4m3(dst, ks_ptr + (kb * HKV + (head - H)) * T + slot, ok, y1, y2, rest, HALF, REST)
+        if head < H:
+            _rotate_store(src, qo_ptr + (tt * H + head) * D, ok, c, sn, inv, w_ptr, rest, HALF, REST, NORM)
         else:
-            _rotate(src + j, dst + j, ok, c, sn, inv, w_ptr, j, HALF, NORM)
-            if REST > 0:
-                tl.store(dst + r, rest.to(dst.dtype.element_ty), mask=ok)
+            k_dst = ko_ptr + ((kb * HKV + (head - H)) * T + slot) * D
+            if KV8:  # an e4m3 cache's k: the head quantized whole
+                y1, y2 = _rotated(src + j, ok, c, sn, inv, w_ptr, j, HALF, NORM)
+                _store_e4m3(k_dst, ks_ptr + (kb * HKV + (head - H)) * T + slot, ok, y1, y2, rest, HALF, REST)
+            else:
+                _rotate_store(src, k_dst, ok, c, sn, inv, w_ptr, rest, HALF, REST, NORM)
     else:  # v: copied into its slot
         g = head - H - HKV
         if KV8:

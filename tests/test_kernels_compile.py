@@ -162,6 +162,19 @@ def _workloads() -> None:
     w8, s8 = ref.quantize_fp8(wb)
     for a8 in (False, True):
         linear_rope_qkv(xb, w8, 4, 2, cs, cs, kc, kc.clone(), slots, rows=rows, scale=s8, a8=a8, **nw)
+    # an e4m3 K/V cache: written by the fused product (partial RoPE, norms; and in the graphed step's TMA tiles
+    # below) and by rope_qkv in the engine's decode, read by the pool attention and the split one
+    k8, ks = torch.zeros(2, 2, 9, 128, dtype=torch.float8_e4m3fn), torch.ones(2, 2, 9)
+    linear_rope_qkv(xb, w8, 4, 2, cs, cs, k8, k8.clone(), slots, rows=rows, scale=s8, a8=True, **nw, k_scale=ks,
+                    v_scale=ks.clone())
+    model = l2pd.quantize(tiny_model(1).to(torch.bfloat16), "w8a8", kv_cache="fp8")
+    engine = Engine(model, max_batch=2, backend="triton", fused=True)
+    for p in prompt.tolist():
+        engine.submit(p, max_new_tokens=8, block_length=4, strategy="threshold", threshold=0.5, cache="dual",
+                      refresh="window")
+    engine.run()
+    kv8, kv_scale = ref.quantize_kv(kv.float())
+    cached_attention(q, kv8, kv8.clone(), splits=3, k_scale=kv_scale, v_scale=kv_scale.clone())
     from l2pd_kernels import skinny
 
     skinny.SPLIT_K, old = 4, skinny.SPLIT_K  # each head's K shared by 4 programs (LLaDA2.0-mini's few heads)
@@ -184,6 +197,10 @@ def _workloads() -> None:
         cs32, k40 = torch.rand(1, 32, 64), torch.zeros(1, 2, 40, 128, dtype=torch.bfloat16)
         linear_rope_qkv(x32[None], torch.randn(8 * 128, 512, dtype=torch.bfloat16) / 20, 4, 2, cs32, cs32, k40,
                         k40.clone(), torch.arange(32))
+        k40, s40 = k40.to(torch.float8_e4m3fn), torch.ones(1, 2, 40)
+        w8, s8 = ref.quantize_fp8(torch.randn(8 * 128, 512) / 20)
+        linear_rope_qkv(x32[None], w8, 4, 2, cs32, cs32, k40, k40.clone(), torch.arange(32), scale=s8, a8=True,
+                        k_scale=s40, v_scale=s40.clone())
     finally:
         skinny.TMA = old
 
@@ -263,6 +280,8 @@ def test_every_kernel_launch_compiles_for_hopper_and_the_a100():
     assert any(c["kernel"] == "_rms_norm_kernel" and c["constexprs"].get("MOE_K") for c in cases)
     assert any(c["kernel"] == "_down_kernel" and c["constexprs"].get("COLS", 1) > 1 and c["constexprs"].get("TMA")
                for c in cases)
+    assert {c["kernel"] for c in cases if c["constexprs"].get("KV8")} == {  # the e4m3 K/V cache's writers, readers
+        "_rope_qkv_kernel", "_skinny_rope_kernel", "_pool_attention_kernel"}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, __file__], input=json.dumps(cases), env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
