@@ -57,7 +57,9 @@ def _pool_attention_kernel(
     SPLIT: tl.constexpr, QLIM: tl.constexpr, GQ: tl.constexpr = 1, META_FIRST: tl.constexpr = 1,
     KV8: tl.constexpr = 0, PDL: tl.constexpr = 0):
     # KV8: an e4m3 cache; each key's and value's scale (per row, K/V head and slot) at ks_ptr / vs_ptr (strides
-    # ssr, ssh, 1): a key's scale multiplies its scores, a value's its probabilities, so the tiles only widen
+    # ssr, ssh, 1): a key's scale multiplies its scores, a value's its probabilities, so the tiles only widen,
+    # to fp16 (the products against q and the probabilities in fp16: 1.1x to 1.26x faster than widening to bf16
+    # on an H200, yet 1.35x to 2x slower than a bf16 cache: "An e4m3 K/V cache" in benchmarks/RESULTS.md)
     # GQ: query heads per program (heads h0 .. h0 + GQ - 1 of one K/V head): its BM * GQ rows are (head j,
     # query m) with j = r // BM, so each K/V tile loaded serves GQ heads
     # META_FIRST: the segments, tiles and key limits are the host's (written before the forward, never by the
@@ -98,6 +100,9 @@ def _pool_attention_kernel(
     q = tl.load(q_ptr + tok[:, None] * sqn + h[:, None] * sqh + d[None, :], mask=mq[:, None], other=0.0)
     if IEEE:  # fp32 products (and the interpreter, whose bf16 dot is wrong)
         q = q.to(tl.float32)
+    elif KV8:  # fp16 against the widened keys, scaled by 2^-8 (back in the scores) so no bf16 q overflows
+        q = (q.to(tl.float32) * 0.00390625).to(tl.float16)
+        scale_log2 = scale_log2 * 256.0
     kvh = tl.program_id(1) * GQ // GROUP
     kbase = k_ptr + row.to(tl.int64) * skr + kvh * skh
     vbase = v_ptr + row.to(tl.int64) * svr + kvh * svh
@@ -113,7 +118,7 @@ def _pool_attention_kernel(
         if IEEE:
             s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)))
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))  # (e4m3 keys widen to fp16 exactly)
         if KV8:
             s = s * (tl.load(ks_ptr + sbase + kn, mask=kmask, other=0.0) * scale_log2)[None, :]
         else:
@@ -134,7 +139,7 @@ def _pool_attention_kernel(
             pv = p * tl.load(vs_ptr + sbase + kn, mask=kmask, other=0.0)[None, :]
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(pv, v.to(tl.float32), input_precision="ieee")
-        else:
+        else:  # (e4m3 values widen to fp16 exactly)
             acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype))
         m_i = m_new
     if SPLIT:  # the chunk's normalised output and log2-sum-exp (an empty chunk: weight 0 in the combine)

@@ -89,11 +89,14 @@ def test_rope_qkv_writes_an_e4m3_cache_as_the_reference(dtype, rows, partial, no
 
 @needs_kernels
 @pytest.mark.parametrize("a8", [False, True])
-def test_linear_rope_qkv_writes_an_e4m3_cache_as_its_two_launches(a8):
-    """The fused product + RoPE writes the e4m3 cache that ``rope_qkv`` writes from the product's output."""
-    from l2pd_kernels import linear_fp8, linear_rope_qkv, linear_w8a8, rope_qkv
+def test_linear_rope_qkv_writes_an_e4m3_cache_as_its_two_launches(a8, monkeypatch):
+    """The fused product + RoPE writes the e4m3 cache that ``rope_qkv`` writes from the product's output (one
+    tile shape and no K split in both, so the products' sums run in one order)."""
+    from l2pd_kernels import linear_fp8, linear_rope_qkv, linear_w8a8, rope_qkv, skinny
 
     B, S, H, HKV, D, K, T = 1, 3, 4, 2, 32, 48, 7
+    monkeypatch.setattr(skinny, "pick_config_fp8", lambda *a, **k: (D, 32, 4, 2))
+    monkeypatch.setattr(skinny, "SPLIT_K", 1)
     x = torch.randn(B, S, K, device=DEV).to(torch.bfloat16)
     w8, scale = ref.quantize_fp8(torch.randn((H + 2 * HKV) * D, K))
     w8, scale = w8.to(DEV), scale.to(DEV)
