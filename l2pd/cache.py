@@ -15,7 +15,7 @@ of about one step; the suffix then keeps the K/V of the first forward (computed 
 whose steps feed the suffix anyway, ``window`` is ``tail``.
 
 ``dtype=torch.float8_e4m3fn`` stores K and V in e4m3 with one fp32 scale per (row, K/V head, position) in
-``k_scale``/``v_scale``: half the bytes a step's attention reads (``l2pd.quantize(model, kv_cache="fp8")``).
+``k_scale``/``v_scale``: half the memory (``l2pd.quantize(model, kv_cache="fp8")``).
 """
 
 from __future__ import annotations

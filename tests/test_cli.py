@@ -20,9 +20,11 @@ def test_bad_arguments_exit_2_with_a_message(argv, capsys):
     assert "l2pd: error:" in capsys.readouterr().err
 
 
-def test_generate_answers_on_the_bundled_model(capsys):
+@pytest.mark.parametrize("kv_cache", ["native", "fp8"])
+def test_generate_answers_on_the_bundled_model(capsys, kv_cache):
     assert main(["generate", "--prompt", "Mia has 45 apples. She gets 17 more apples at the market. How many "
-                 "apples does Mia have now?", "--eotp", "accepted", "--cache", "dual", "--device", "cpu"]) == 0
+                 "apples does Mia have now?", "--eotp", "accepted", "--cache", "dual", "--device", "cpu",
+                 "--kv-cache", kv_cache]) == 0
     out = capsys.readouterr()
     assert "#### 62" in out.out
     # the bundled filter stores a training-free rule as the model's default, and the command says which
