@@ -186,3 +186,32 @@ def test_a_model_decodes_with_an_e4m3_cache_close_to_its_own():
     assert "_l2pd_engine" not in vars(model)  # the engine with the e4m3 cache went
     with pytest.raises(ValueError, match="kv_cache"):
         l2pd.quantize(model, "native", kv_cache="int8")
+
+
+def test_the_attention_launch_over_an_e4m3_cache(monkeypatch):
+    """Over an e4m3 cache the engine's attention takes 128 keys a loop (the key split planned in those loops) and,
+    where one pass fills the GPU, 32-query tiles in 2 pipeline stages, whatever the heads; a bf16 cache keeps its
+    launch."""
+    import l2pd_kernels
+    import l2pd_kernels.attention as att
+    from l2pd.models import decoder
+    from l2pd.models.decoder import Pack
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(att, "sm_count", lambda device: 132)
+    monkeypatch.setattr(att, "_TILE_M_ENV", 0)
+    monkeypatch.setattr(att, "POOL_SPLITS", 0)
+    monkeypatch.delenv("L2PD_POOL_SPLIT", raising=False)
+    assert att.pool_tile_m(32, 32, 64, cuda) == 64 and att.pool_tile_m(32, 32, 64, cuda, kv8=True) == 32
+    assert att.pool_tile_m(32, 32, 2, cuda, kv8=True) == 64  # batch 1: few programs keep their tiles
+    one = torch.zeros(1, 2, dtype=torch.int64)
+
+    def split(tiles, tile_m, kv8):
+        pack = Pack(slots=one, rows=one, seg=one, tiles=one.expand(tiles, 2), plan_tiles=tiles, tile_m=tile_m)
+        return decoder._pool_split(l2pd_kernels, pack, 32, 32, 768, cuda, kv8)
+
+    assert split(2, 64, True) == {"block_m": 64, "heads_per_program": 1, "block_n": 128, "splits": 3,
+                                  "key_chunk": 256, "merge_rows": att.POOL_MERGE_ROWS}
+    assert split(2, 64, False) == {"block_m": 64, "heads_per_program": 1, "splits": 4, "key_chunk": 192,
+                                   "merge_rows": att.POOL_MERGE_ROWS}
+    assert split(128, 32, True) == {"block_m": 32, "heads_per_program": 1, "block_n": 128, "num_stages": 2}

@@ -356,7 +356,10 @@ def _decoder_forward(
         cos = torch.ones(bsz, seq, head_dim // 2, device=device)
         sin = torch.zeros_like(cos)
     fresh_slots = torch.arange(seq, device=device) if cache is None else None
-    pool_split = _pool_split(ops, pack, n_heads, n_kv, cache.k[0].shape[2], device) if pack is not None else {}
+    pool_split = {}
+    if pack is not None:
+        pool_split = _pool_split(ops, pack, n_heads, n_kv, cache.k[0].shape[2], device,
+                                 getattr(cache, "k_scale", None) is not None)
 
     x = F.embedding(input_ids, dec.embed.weight)
     delta = None  # the last residual branch, added inside the next norm
@@ -488,19 +491,24 @@ def _rope_fuses(w: torch.Tensor, h: torch.Tensor, heads: int, a8: bool = False) 
     return (w.dtype == h.dtype or a8) and 2 * heads >= sm_count(h.device)
 
 
-def _pool_split(ops: Any, pack: Pack, heads: int, kv_heads: int, keys: int, device: torch.device) -> dict:
+def _pool_split(ops: Any, pack: Pack, heads: int, kv_heads: int, keys: int, device: torch.device,
+                kv8: bool = False) -> dict:
     """The pool attention's key split (``l2pd_kernels.attention.pool_split_plan``) and grouped-query heads per
     program for the fused kernels, the same for every layer: a batch-1 step's few programs over the canvas
-    take every SM. Fixed by shapes, so a captured graph keeps it."""
+    take every SM. Fixed by shapes, so a captured graph keeps it. Over an e4m3 cache (``kv8``) its own keys per
+    loop and, in one pass, pipeline stages (``KV8_BLOCK_N``)."""
     if ops is reference:
         return {}
-    from l2pd_kernels.attention import POOL_MERGE_ROWS, pool_heads_per_program, pool_split_plan
+    from l2pd_kernels import attention
 
-    splits, chunk = pool_split_plan(pack.plan_tiles or pack.tiles.shape[0], heads, keys, device, kv_heads=kv_heads,
-                                    block_m=pack.tile_m)
+    block_n = attention.KV8_BLOCK_N if kv8 else 64
+    splits, chunk = attention.pool_split_plan(pack.plan_tiles or pack.tiles.shape[0], heads, keys, device, block_n,
+                                              kv_heads=kv_heads, block_m=pack.tile_m)
     kw = {"block_m": pack.tile_m,
-          "heads_per_program": pool_heads_per_program(heads, kv_heads, pack.tile_m, split=splits > 1)}
-    return kw | ({"splits": splits, "key_chunk": chunk, "merge_rows": POOL_MERGE_ROWS} if splits > 1 else {})
+          "heads_per_program": attention.pool_heads_per_program(heads, kv_heads, pack.tile_m, split=splits > 1)}
+    if kv8:
+        kw |= {"block_n": block_n} | ({} if splits > 1 else {"num_stages": attention.KV8_STAGES_ONE_PASS})
+    return kw | ({"splits": splits, "key_chunk": chunk, "merge_rows": attention.POOL_MERGE_ROWS} if splits > 1 else {})
 
 
 def _qk_norm(blk: Layer, dtype: torch.dtype, eps: float) -> dict | None:
