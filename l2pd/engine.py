@@ -896,8 +896,7 @@ class Engine:
         pad_seg = len(seg) - 1  # (with ``pad``: the segment of the padding tokens)
         cols = (s[:, None] + np.arange(width)[None, :]).reshape(-1)  # the blocks read back after the decision
         # the attention's query tile, from the bucketed counts alone (as the key split's plan below)
-        tm = pool_tile_m(*self.heads, _bucket_tokens(n) // POOL_TILE_M + _bucket(len(order)), self.device,
-                         kv8=self.kv.k_scale is not None)
+        tm = pool_tile_m(*self.heads, _bucket_tokens(n) // POOL_TILE_M + _bucket(len(order)), self.device)
         ntiles = -(-seg[:, 1] // tm)
         tiles = np.empty((int(ntiles.sum()), 2), dtype=np.int64)
         tiles[:, 0] = np.repeat(np.arange(len(seg)), ntiles)

@@ -19,7 +19,7 @@ row quantization and one product for q/k/v, one for gate/up with the SiLU gate i
 K/V cache e4m3 (``l2pd.cache.BlockKVCache``): each cached key and value head scaled so its largest magnitude is
 448, with its fp32 scale beside it, quantized where ``rope_qkv`` writes it and widened in registers where the
 attention reads it. It halves the K/V memory (an engine's pool of rows x positions), not the time: widening the
-tiles costs the attention more than the bytes it saves (on an H200 a forward is 6% to 25% slower than over a
+tiles costs the attention more than the bytes it saves (on an H200 a forward is 6% to 13% slower than over a
 bf16 cache; benchmarks/RESULTS.md, "An e4m3 K/V cache"). ``kv_cache="native"`` goes back to the model's dtype.
 """
 

@@ -43,12 +43,10 @@ POOL_MERGE_ROWS = 4
 POOL_GQA_ROWS = 128
 POOL_GQA_ROWS_SPLIT = 64
 POOL_GQ = int(os.environ.get("L2PD_POOL_GQ", "0"))
-# over an e4m3 K/V cache, 128 keys per loop (the widened tiles amortised over twice the keys), and where one pass
-# fills the GPU 32-query tiles in 2 pipeline stages: at LLaDA-8B shapes on an H200, batch 64 over 768 keys 212
-# against 278 us a layer in the bf16 cache's launch (bf16 itself: 208), batch 1 over 4,096 keys 27.6 against 40.5
-# (bf16: 23.1) ("An e4m3 K/V cache" in benchmarks/RESULTS.md)
+# over an e4m3 K/V cache with its keys split (few programs: batch 1), 128 keys per loop, the widened tiles
+# amortised over twice the keys: at LLaDA-8B shapes on an H200 one layer over 4,096 keys 27.6 against 40.5 us
+# (bf16 cache: 23.1), `generate` at 3,072 + 1,024 9% faster ("An e4m3 K/V cache" in benchmarks/RESULTS.md)
 KV8_BLOCK_N = 128
-KV8_STAGES_ONE_PASS = 2
 # the attention kernel reads its host-built metadata (segments, tiles, key limits) before it waits for the
 # kernel before it (programmatic dependent launch); False: after, as before (benchmarks/studies/step_rules.py)
 META_FIRST = True
@@ -65,7 +63,8 @@ def _pool_attention_kernel(
     # KV8: an e4m3 cache; each key's and value's scale (per row, K/V head and slot) at ks_ptr / vs_ptr (strides
     # ssr, ssh, 1): a key's scale multiplies its scores, a value's its probabilities, so the tiles only widen,
     # to fp16 (the products against q and the probabilities in fp16: 1.1x to 1.26x faster than widening to bf16
-    # on an H200, yet 1.35x to 2x slower than a bf16 cache: "An e4m3 K/V cache" in benchmarks/RESULTS.md)
+    # on an H200, yet slower than a bf16 cache on every shape measured: "An e4m3 K/V cache" in
+    # benchmarks/RESULTS.md)
     # GQ: query heads per program (heads h0 .. h0 + GQ - 1 of one K/V head): its BM * GQ rows are (head j,
     # query m) with j = r // BM, so each K/V tile loaded serves GQ heads
     # META_FIRST: the segments, tiles and key limits are the host's (written before the forward, never by the
@@ -280,20 +279,18 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return out.transpose(1, 2)
 
 
-def pool_tile_m(heads: int, kv_heads: int, tiles: int = 0, device: torch.device | None = None,
-                kv8: bool = False) -> int:
+def pool_tile_m(heads: int, kv_heads: int, tiles: int = 0, device: torch.device | None = None) -> int:
     """Queries per program (``block_m``) the engine tiles an iteration's segments in, ``tiles`` the query tiles
     it plans at ``POOL_TILE_M``: ``POOL_TILE_M_GQA`` where each K/V head serves an even number of query heads
     and one head per program would fill a GPU's SMs in one pass (its programs then take 4 heads, 128 rows, and
     load each K/V tile once for them: LLaDA2.0-mini at batch 64 on an H200, `generate` 5.5% faster), else
     ``POOL_TILE_M`` (few programs split the keys: batch 1 keeps its tiles and one head per program, the
-    fastest measured there); ``L2PD_POOL_TILE_M`` for every model and batch. Over an e4m3 cache (``kv8``) many
-    programs take ``POOL_TILE_M_GQA`` whatever the heads (``KV8_BLOCK_N``)."""
+    fastest measured there); ``L2PD_POOL_TILE_M`` for every model and batch."""
     if _TILE_M_ENV:
         return _TILE_M_ENV
-    if device is not None and device.type == "cuda" and tiles * heads <= sm_count(device):
+    if (heads // kv_heads) % 2:
         return POOL_TILE_M
-    if (heads // kv_heads) % 2 and not kv8:
+    if device is not None and device.type == "cuda" and tiles * heads <= sm_count(device):
         return POOL_TILE_M
     return POOL_TILE_M_GQA
 

@@ -18,7 +18,7 @@ def _e4m3_cache(R, HKV, T, D, seed=0):
     """A random e4m3 cache and its scales (``quantize_kv`` of normal K/V scaled per head), and the values it
     stands for in fp32."""
     g = torch.Generator().manual_seed(seed)
-    kv = torch.randn(2, R, HKV, T, D, generator=g) * torch.rand(2, R, HKV, T, 1, generator=g) * 8
+    kv = torch.randn(2, R, HKV, T, D, generator=g) * (torch.rand(2, R, HKV, T, 1, generator=g) + 0.25)
     q8, scale = ref.quantize_kv(kv)
     return q8.to(DEV), scale.to(DEV), ref.dequantize_kv(q8, scale, torch.float32).to(DEV)
 
@@ -138,7 +138,8 @@ def test_pool_attention_reads_an_e4m3_cache_as_the_reference(dtype, gq, splits):
     kw = dict(block_m=16, block_n=16) | (dict(key_chunk=32, splits=splits) if splits > 1 else {})
     got = pool_attention(q, q8[0], q8[1], seg, heads_per_program=gq, k_scale=scale[0], v_scale=scale[1], **kw)
     want = ref.pool_attention(q, q8[0], q8[1], seg, k_scale=scale[0], v_scale=scale[1])
-    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    # (fp32: the GPU's exp2 is approximate, a few units in the last place of each weight)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(got, want, **tol)
     # the reference is attention over the values the cache stands for
     torch.testing.assert_close(want.float(), ref.pool_attention(q.float(), values[0], values[1], seg), **tol)
@@ -189,9 +190,8 @@ def test_a_model_decodes_with_an_e4m3_cache_close_to_its_own():
 
 
 def test_the_attention_launch_over_an_e4m3_cache(monkeypatch):
-    """Over an e4m3 cache the engine's attention takes 128 keys a loop (the key split planned in those loops) and,
-    where one pass fills the GPU, 32-query tiles in 2 pipeline stages, whatever the heads; a bf16 cache keeps its
-    launch."""
+    """Over an e4m3 cache the engine's split keys go in loops of 128 (the split planned in those loops); one pass
+    and a bf16 cache keep their launch."""
     import l2pd_kernels
     import l2pd_kernels.attention as att
     from l2pd.models import decoder
@@ -199,19 +199,16 @@ def test_the_attention_launch_over_an_e4m3_cache(monkeypatch):
 
     cuda = torch.device("cuda")
     monkeypatch.setattr(att, "sm_count", lambda device: 132)
-    monkeypatch.setattr(att, "_TILE_M_ENV", 0)
     monkeypatch.setattr(att, "POOL_SPLITS", 0)
     monkeypatch.delenv("L2PD_POOL_SPLIT", raising=False)
-    assert att.pool_tile_m(32, 32, 64, cuda) == 64 and att.pool_tile_m(32, 32, 64, cuda, kv8=True) == 32
-    assert att.pool_tile_m(32, 32, 2, cuda, kv8=True) == 64  # batch 1: few programs keep their tiles
     one = torch.zeros(1, 2, dtype=torch.int64)
 
-    def split(tiles, tile_m, kv8):
-        pack = Pack(slots=one, rows=one, seg=one, tiles=one.expand(tiles, 2), plan_tiles=tiles, tile_m=tile_m)
+    def split(tiles, kv8):
+        pack = Pack(slots=one, rows=one, seg=one, tiles=one.expand(tiles, 2), plan_tiles=tiles, tile_m=64)
         return decoder._pool_split(l2pd_kernels, pack, 32, 32, 768, cuda, kv8)
 
-    assert split(2, 64, True) == {"block_m": 64, "heads_per_program": 1, "block_n": 128, "splits": 3,
-                                  "key_chunk": 256, "merge_rows": att.POOL_MERGE_ROWS}
-    assert split(2, 64, False) == {"block_m": 64, "heads_per_program": 1, "splits": 4, "key_chunk": 192,
-                                   "merge_rows": att.POOL_MERGE_ROWS}
-    assert split(128, 32, True) == {"block_m": 32, "heads_per_program": 1, "block_n": 128, "num_stages": 2}
+    assert split(2, True) == {"block_m": 64, "heads_per_program": 1, "block_n": 128, "splits": 3, "key_chunk": 256,
+                              "merge_rows": att.POOL_MERGE_ROWS}
+    assert split(2, False) == {"block_m": 64, "heads_per_program": 1, "splits": 4, "key_chunk": 192,
+                               "merge_rows": att.POOL_MERGE_ROWS}
+    assert split(128, True) == split(128, False) == {"block_m": 64, "heads_per_program": 1}

@@ -37,7 +37,7 @@ def add_family_arg(p: argparse.ArgumentParser) -> None:
                         "(default)")
     p.add_argument("--kv-cache", choices=["native", "fp8"], default="native",
                    help="fp8: the decode's K/V cache in e4m3, one scale per cached head (l2pd.quantize(model, "
-                        "kv_cache='fp8')): half the K/V memory, not faster (on an H200 6%% to 25%% slower per "
+                        "kv_cache='fp8')): half the K/V memory, not faster (on an H200 6%% to 13%% slower per "
                         "forward); native: the model's dtype (default)")
 
 

@@ -495,8 +495,8 @@ def _pool_split(ops: Any, pack: Pack, heads: int, kv_heads: int, keys: int, devi
                 kv8: bool = False) -> dict:
     """The pool attention's key split (``l2pd_kernels.attention.pool_split_plan``) and grouped-query heads per
     program for the fused kernels, the same for every layer: a batch-1 step's few programs over the canvas
-    take every SM. Fixed by shapes, so a captured graph keeps it. Over an e4m3 cache (``kv8``) its own keys per
-    loop and, in one pass, pipeline stages (``KV8_BLOCK_N``)."""
+    take every SM. Fixed by shapes, so a captured graph keeps it. Over an e4m3 cache (``kv8``) split keys go
+    in loops of ``KV8_BLOCK_N``."""
     if ops is reference:
         return {}
     from l2pd_kernels import attention
@@ -506,8 +506,8 @@ def _pool_split(ops: Any, pack: Pack, heads: int, kv_heads: int, keys: int, devi
                                               kv_heads=kv_heads, block_m=pack.tile_m)
     kw = {"block_m": pack.tile_m,
           "heads_per_program": attention.pool_heads_per_program(heads, kv_heads, pack.tile_m, split=splits > 1)}
-    if kv8:
-        kw |= {"block_n": block_n} | ({} if splits > 1 else {"num_stages": attention.KV8_STAGES_ONE_PASS})
+    if kv8 and splits > 1:
+        kw["block_n"] = block_n
     return kw | ({"splits": splits, "key_chunk": chunk, "merge_rows": attention.POOL_MERGE_ROWS} if splits > 1 else {})
 
 
