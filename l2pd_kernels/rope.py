@@ -162,7 +162,10 @@ def _rope_tail(src_ptr, rm, M, stride_m, head, cos_ptr, sin_ptr, slots_ptr, rows
         j = tl.arange(0, HALF)[None, :]
         c = tl.load(cos_ptr + tt * HALF + j, mask=ok, other=0.0)
         sn = tl.load(sin_ptr + tt * HALF + j, mask=ok, other=0.0)
-        w_ptr = qw_ptr if head < H else kw_ptr
+        if head < H:  # (the norm's weight; q and k are stored apart below: their pointers' types differ)
+            w_ptr = qw_ptr
+        else:
+            w_ptr = kw_ptr
         inv = _head_inv(src, ok, eps, D) if NORM else None
         rest = None
         if REST > 0:  # partial RoPE: the dims past the rotated ones pass through

@@ -163,18 +163,19 @@ def _workloads() -> None:
     for a8 in (False, True):
         linear_rope_qkv(xb, w8, 4, 2, cs, cs, kc, kc.clone(), slots, rows=rows, scale=s8, a8=a8, **nw)
     # an e4m3 K/V cache: written by the fused product (partial RoPE, norms; and in the graphed step's TMA tiles
-    # below) and by rope_qkv in the engine's decode, read by the pool attention and the split one
+    # below) and by rope_qkv into pool rows, read by the pool attention (128 keys a loop, split) and in one pass
+    from l2pd_kernels import pool_attention, rope_qkv
+
     k8, ks = torch.zeros(2, 2, 9, 128, dtype=torch.float8_e4m3fn), torch.ones(2, 2, 9)
     linear_rope_qkv(xb, w8, 4, 2, cs, cs, k8, k8.clone(), slots, rows=rows, scale=s8, a8=True, **nw, k_scale=ks,
                     v_scale=ks.clone())
-    model = l2pd.quantize(tiny_model(1).to(torch.bfloat16), "w8a8", kv_cache="fp8")
-    engine = Engine(model, max_batch=2, backend="triton", fused=True)
-    for p in prompt.tolist():
-        engine.submit(p, max_new_tokens=8, block_length=4, strategy="threshold", threshold=0.5, cache="dual",
-                      refresh="window")
-    engine.run()
+    qkv = torch.randn(1, 5, 8, 128, dtype=torch.bfloat16)
+    rope_qkv(qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:], cs, cs, k8, k8.clone(), slots, rows=rows, k_scale=ks,
+             v_scale=ks.clone())
     kv8, kv_scale = ref.quantize_kv(kv.float())
-    cached_attention(q, kv8, kv8.clone(), splits=3, k_scale=kv_scale, v_scale=kv_scale.clone())
+    seg = torch.tensor([[0, 8, 0, 96]])
+    for split in ({}, dict(block_n=128, splits=2, key_chunk=128)):
+        pool_attention(q[:1], kv8, kv8.clone(), seg, k_scale=kv_scale, v_scale=kv_scale.clone(), **split)
     from l2pd_kernels import skinny
 
     skinny.SPLIT_K, old = 4, skinny.SPLIT_K  # each head's K shared by 4 programs (LLaDA2.0-mini's few heads)
