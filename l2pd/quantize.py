@@ -57,8 +57,10 @@ def quantize(model: Any, kind: str = "fp8", head: bool = True, experts: bool = T
         raise ValueError(f"kv_cache={kv_cache!r}: expected one of {KV_CACHES} (or None: as it is)")
     adapter = adapter_for(model)
     dec = adapter.decoder
-    if kind != "native" or kv_cache == "fp8":
+    if kind != "native":
         check_fp8_device(dec.embed.weight.device)  # before anything changes
+    if kv_cache == "fp8":
+        check_fp8_device(dec.embed.weight.device, "kv_cache")
     if kv_cache is not None:
         release(model)  # the kept engine holds a cache of the old dtype
         model._l2pd_kv_cache = kv_cache

@@ -41,15 +41,16 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
 _FP8_DEVICES: set = set()  # CUDA devices found to have e4m3: each FP8 call then costs one set lookup
 
 
-def check_fp8_device(device: torch.device) -> None:
+def check_fp8_device(device: torch.device, what: str = "weights") -> None:
     """Raise a clear error on a GPU without e4m3 (compute capability below 8.9: an A100, say), where the
-    kernels would fail inside Triton's compiler."""
+    kernels would fail inside Triton's compiler; ``what``: ``weights`` or ``kv_cache``, for the message."""
     if device.type != "cuda" or device in _FP8_DEVICES:
         return
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
-        raise ValueError(f"FP8 (e4m3) weights need a GPU of compute capability 8.9 or later (Ada, Hopper, "
-                         f"Blackwell); {device} is {major}.{minor}: decode in bf16 (--weights native)")
+        what, flag = ("weights", "--weights") if what == "weights" else ("K/V cache", "--kv-cache")
+        raise ValueError(f"an FP8 (e4m3) {what} needs a GPU of compute capability 8.9 or later (Ada, Hopper, "
+                         f"Blackwell); {device} is {major}.{minor}: decode in bf16 ({flag} native)")
     if device.index is not None:  # "cuda" alone follows the current device: not kept
         _FP8_DEVICES.add(device)
 

@@ -257,8 +257,10 @@ def test_fp8_on_a_gpu_without_e4m3_says_so(monkeypatch):
 
     monkeypatch.setattr(fp8, "_FP8_DEVICES", set())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    with pytest.raises(ValueError, match="compute capability 8.9 or later.*8.0"):
+    with pytest.raises(ValueError, match="weights needs .*compute capability 8.9 or later.*8.0.*--weights native"):
         fp8.check_fp8_device(torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="K/V cache needs .*8.0.*--kv-cache native"):
+        fp8.check_fp8_device(torch.device("cuda", 0), "kv_cache")
     assert not fp8._FP8_DEVICES  # a refused device is asked again
     fp8.check_fp8_device(torch.device("cpu"))  # the CPU runs the reference ops: no check
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))

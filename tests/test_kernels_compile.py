@@ -8,8 +8,8 @@ workloads are recorded under the interpreter (each kernel's argument types and c
 child process without the interpreter compiles each distinct launch ahead of time with Triton's own ``ptxas``.
 An A100 has no e4m3, so FP8 launches stop there at ``check_fp8_device``, before any kernel. For sm_90 every
 kernel compiles with the programmatic-dependent-launch instructions a Hopper GPU runs (``PDL=2``). Constants that only
-the interpreter sets (``UPCAST``: its bf16 ``tl.dot`` is wrong) take their GPU value, and the MoE runs its GPU
-tiles (``CPU_TILE = 0``).
+the interpreter sets (``UPCAST``: its bf16 ``tl.dot`` is wrong; ``IEEE``: fp32 products, on a GPU for fp32 inputs
+only) take their GPU value, and the MoE runs its GPU tiles (``CPU_TILE = 0``).
 """
 
 import importlib
@@ -53,6 +53,11 @@ def _case(fn, args: tuple, kwargs: dict) -> dict:
             types[name] = "i32" if -2**31 <= v < 2**31 else "i64"
         else:
             types[name] = "fp32"
+    if "IEEE" in consts:  # fp32 products: the interpreter's choice for every dtype, a GPU's for fp32 inputs only
+        first = values.get("q_ptr", values.get("x_ptr"))
+        first = getattr(first, "base", first)  # (a TMA descriptor's tensor)
+        if isinstance(first, torch.Tensor):
+            consts["IEEE"] = first.dtype == torch.float32
     return {"module": fn.__module__, "kernel": fn.__name__, "types": types, "constexprs": consts,
             "options": {k: kwargs[k] for k in OPTIONS if k in kwargs}}
 
@@ -94,6 +99,7 @@ def _workloads() -> None:
     q = torch.randn(1, 8, 4, 64, dtype=torch.bfloat16).transpose(1, 2)  # laid out [B, L, H, D]; 96 keys, split
     kv = torch.randn(1, 4, 96, 64, dtype=torch.bfloat16)
     cached_attention(q, kv, kv.clone(), splits=3)
+    cached_attention(q.float(), kv.float(), kv.float(), splits=3)  # fp32 products (fp32 models)
     x = torch.randn(300, 48)  # 900 pairs, sorted: the align kernels and the tiled GEMMs (GPU tiles, 64 rows)
     ids, w = ref.moe_route(torch.randn(300, 8), 3, "softmax")
     experts = torch.randn(8, 48, 48), torch.randn(8, 48, 24)
@@ -283,6 +289,11 @@ def test_every_kernel_launch_compiles_for_hopper_and_the_a100():
                for c in cases)
     assert {c["kernel"] for c in cases if c["constexprs"].get("KV8")} == {  # the e4m3 K/V cache's writers, readers
         "_rope_qkv_kernel", "_skinny_rope_kernel", "_pool_attention_kernel"}
+    # bf16 launches compile the tensor-core products a GPU runs, fp32 ones the fp32 products
+    for kernel in ("_pool_attention_kernel", "_skinny_rope_kernel"):
+        assert {c["constexprs"]["IEEE"] for c in cases if c["kernel"] == kernel} == {False, True}
+    assert any(not c["constexprs"]["IEEE"] and c["constexprs"].get("KV8") for c in cases
+               if c["kernel"] == "_pool_attention_kernel")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, __file__], input=json.dumps(cases), env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
