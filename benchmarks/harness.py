@@ -37,6 +37,19 @@ def device_ms(fn: Callable[[], Any], iters: int = 30, warmup: int = 3) -> float:
     return statistics.median(device_times(fn, iters, warmup))
 
 
+def graphed_us(fn: Callable[[int], Any], calls: int, iters: int = 15) -> float:
+    """Median device time in microseconds of one of ``fn(0) .. fn(calls - 1)``, captured in one CUDA graph and
+    replayed ``iters`` times (each call on its own inputs, so none comes from L2; no launch cost but the graph's)."""
+    for i in range(calls):  # compile outside the capture
+        fn(i)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    return device_ms(g.replay, iters) * 1e3 / calls
+
+
 def spread(times: list[float]) -> dict[str, float]:
     """Median, 10th and 90th percentiles and the count of a list of timings."""
     q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9

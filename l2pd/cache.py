@@ -52,12 +52,6 @@ class BlockKVCache:
             self.k_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device)
             self.v_scale = torch.ones(shape[:-1], dtype=torch.float32, device=device)
 
-    def layer(self, i: int) -> tuple:
-        """Layer ``i``'s (k, v, k_scale, v_scale); the scales None unless the cache is e4m3."""
-        if self.k_scale is None:
-            return self.k[i], self.v[i], None, None
-        return self.k[i], self.v[i], self.k_scale[i], self.v_scale[i]
-
     def narrow(self, n: int) -> "BlockKVCache":
         """The first ``n`` rows, sharing this cache's memory (each layer's [n, H, T, D] stays contiguous)."""
         view = object.__new__(BlockKVCache)

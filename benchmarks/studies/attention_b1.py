@@ -13,10 +13,9 @@ reads at the copy rate of the same run. Settings: queries per program (``m``), k
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
-from harness import floors, run_info, save
+from harness import floors, graphed_us, run_info, save
 
 from l2pd_kernels.attention import POOL_MERGE_ROWS, pool_attention
 
@@ -57,31 +56,17 @@ def main() -> None:
         kw = dict(block_m=m, block_n=p["n"], num_warps=p["w"], num_stages=p.get("s"))
         if chunks > 1:
             kw.update(splits=-(-KEYS // chunk), key_chunk=chunk, merge_rows=POOL_MERGE_ROWS)
-        outs = [pool_attention(q, ks[i], vs[i], seg, tiles, **kw) for i in range(LAYERS)]  # compile
-        got = outs[0].float()
+        got = pool_attention(q, ks[0], vs[0], seg, tiles, **kw).float()
         want = got if want is None else want
         err = float((got - want).abs().max())
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for i in range(LAYERS):
-                pool_attention(q, ks[i], vs[i], seg, tiles, **kw)
-        times = []
-        for _ in range(args.replays + 3):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3 / LAYERS)
-        us = statistics.median(times[3:])
+        us = graphed_us(lambda i, kw=kw, tiles=tiles: pool_attention(q, ks[i], vs[i], seg, tiles, **kw), LAYERS,
+                        args.replays)
         floor_us = kv_bytes / (fl["copy_GBps"] * 1e9) * 1e6
         row = {"setting": setting, "us_per_layer": us, "kv_floor_us": floor_us, "over_floor": us / floor_us,
                "max_abs_diff_vs_first": err}
         print(f"{setting:22s} {us:7.2f} us a layer  ({us / floor_us:.2f}x the K/V floor {floor_us:.2f} us)"
               f"  diff {err:.1e}", flush=True)
         res["rows"].append(row)
-        del g
     save(args.out, res)
 
 

@@ -13,10 +13,9 @@ holds (and, for scale, the bf16 cache's result against the same: mostly the quan
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
-from harness import floors, run_info, save
+from harness import floors, graphed_us, run_info, save
 
 from l2pd_kernels import reference as ref
 from l2pd_kernels.attention import (
@@ -33,25 +32,6 @@ CASES = {"b1-768": (1, 768, 32, 64, 32, 32), "b1-4096": (1, 4096, 16, 64, 32, 32
          "b64-768": (64, 768, 6, 64, 32, 32), "gqa-b1-4096": (1, 4096, 16, 64, 16, 4),
          "gqa-b64-768": (64, 768, 6, 32, 16, 4)}
 D, Q = 128, 32
-
-
-def _time(fn, layers: int, replays: int) -> float:
-    for i in range(layers):
-        fn(i)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(layers):
-            fn(i)
-    times = []
-    for _ in range(replays + 3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / layers)
-    return statistics.median(times[3:])
 
 
 def measure(name: str, copy_GBps: float, replays: int) -> dict:
@@ -82,7 +62,7 @@ def measure(name: str, copy_GBps: float, replays: int) -> dict:
         return pool_attention(q, k, v, seg, tiles, k_scale=ks, v_scale=vs, **launch["e4m3"])
 
     exact = ref.pool_attention(q.float(), *(ref.dequantize_kv(*t, torch.float32) for t in kv8[0]), seg)
-    t16, t8 = _time(bf16, layers, replays), _time(e4m3, layers, replays)
+    t16, t8 = graphed_us(bf16, layers, replays), graphed_us(e4m3, layers, replays)
     floor = 2 * rows * kv_heads * keys * D * 2 / copy_GBps / 1e3
     err = {f: float((fn(0).float() - exact).norm() / exact.norm()) for f, fn in (("bf16", bf16), ("e4m3", e4m3))}
     return {"case": name, "launch": launch, "bf16_us": t16, "e4m3_us": t8, "e4m3_over_bf16": t8 / t16,
