@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 from .device import pdl, pdl_wait, sm_count
-from .e4m3 import check_amax
 from .rope import check_kv_scales
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -55,13 +54,12 @@ META_FIRST = True
 
 @triton.jit
 def _pool_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, seg_ptr, tiles_ptr, part_ptr, lse_ptr, ks_ptr, vs_ptr, am_ptr,
+    q_ptr, k_ptr, v_ptr, o_ptr, seg_ptr, tiles_ptr, part_ptr, lse_ptr, ks_ptr, vs_ptr,
     sqn, sqh, skr, skh, skw, svr, svh, svw, son, soh, ssr, ssh,
     scale_log2, GROUP, DENSE_L, DENSE_T, DENSE_TILES, KEY_CHUNK, NH, H,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr, DENSE: tl.constexpr,
     SPLIT: tl.constexpr, QLIM: tl.constexpr, GQ: tl.constexpr = 1, META_FIRST: tl.constexpr = 1,
-    KV8: tl.constexpr = 0, AMAX: tl.constexpr = 0, PDL: tl.constexpr = 0):
-    # AMAX (unsplit form; the combine's otherwise): each token's largest stored magnitude max-ed into am_ptr
+    KV8: tl.constexpr = 0, PDL: tl.constexpr = 0):
     # KV8: an e4m3 cache; each key's and value's scale (per row, K/V head and slot) at ks_ptr / vs_ptr (strides
     # ssr, ssh, 1): a key's scale multiplies its scores, a value's its probabilities, so the tiles only widen,
     # to fp16 (the products against q and the probabilities in fp16: 1.1x to 1.26x faster than widening to bf16
@@ -157,19 +155,17 @@ def _pool_attention_kernel(
         tl.store(part_ptr + pr[:, None] * D + d[None, :], out, mask=mq[:, None])
         tl.store(lse_ptr + pr, lse, mask=mq)
     else:
-        out = (acc / l_i[:, None]).to(o_ptr.dtype.element_ty)
-        tl.store(o_ptr + tok[:, None] * son + h[:, None] * soh + d[None, :], out, mask=mq[:, None])
-        if AMAX:  # each token's largest magnitude over its heads, for an output product quantizing as it loads
-            tl.atomic_max(am_ptr + tok, tl.max(tl.abs(out.to(tl.float32)), 1), mask=mq)
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + tok[:, None] * son + h[:, None] * soh + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=mq[:, None])
 
 
 @triton.jit
-def _combine_kernel(part_ptr, lse_ptr, o_ptr, am_ptr, NH, H, SPLITS: tl.constexpr, D: tl.constexpr,
-                    BR: tl.constexpr, AMAX: tl.constexpr = 0, PDL: tl.constexpr = 0):
+def _combine_kernel(part_ptr, lse_ptr, o_ptr, NH, SPLITS: tl.constexpr, D: tl.constexpr, BR: tl.constexpr,
+                    PDL: tl.constexpr = 0):
     """Merge the key chunks of BR (token, head) pairs: weights 2^(lse_s - max) (an online log-sum-exp), in
     chunk order. The loop is unrolled (a compile-time chunk count), so every chunk's loads go out before the
-    first is used: 7.3 against 7.7 us for a layer at LLaDA-8B shapes over 768 keys in 4 chunks (H200).
-    ``AMAX``: each token's largest stored magnitude over its H heads max-ed into am_ptr (fp32 [N])."""
+    first is used: 7.3 against 7.7 us for a layer at LLaDA-8B shapes over 768 keys in 4 chunks (H200)."""
     pdl_wait(PDL)
     r = (tl.program_id(0) * BR + tl.arange(0, BR)).to(tl.int64)
     mr = r < NH
@@ -186,10 +182,8 @@ def _combine_kernel(part_ptr, lse_ptr, o_ptr, am_ptr, NH, H, SPLITS: tl.constexp
         acc = acc * alpha[:, None] + w[:, None] * o
         l_i = l_i * alpha + w
         m_i = m_new
-    out = (acc / l_i[:, None]).to(o_ptr.dtype.element_ty)
-    tl.store(o_ptr + r[:, None] * D + d[None, :], out, mask=mr[:, None])
-    if AMAX:
-        tl.atomic_max(am_ptr + r // H, tl.max(tl.abs(out.to(tl.float32)), 1), mask=mr)
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + r[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=mr[:, None])
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None = None,
@@ -211,15 +205,11 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: 
             tiles: torch.Tensor | None, programs: int, dense: tuple[int, int, int], key_chunk: int, splits: int,
             block_m: int, block_n: int, num_warps: int | None, num_stages: int | None,
             qlim: torch.Tensor | None = None, merge_rows: int = 16, gq: int = 1,
-            scales: tuple[torch.Tensor, torch.Tensor] | None = None,
-            amax: torch.Tensor | None = None) -> torch.Tensor:
+            scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One launch over ``programs`` query tiles x head groups of ``gq`` (x ``splits`` key chunks, then the
     combine); q is [1, H, N, D]; returns [1, N, H, D]. ``qlim`` (dense form): int64 [N], each query's key
-    count. ``num_warps`` None: 4, or 8 for tiles of 128 rows or more. ``scales``: an e4m3 cache's (k, v).
-    ``amax`` (fp32 [N]): each token's largest output magnitude over its heads max-ed into it."""
+    count. ``num_warps`` None: 4, or 8 for tiles of 128 rows or more. ``scales``: an e4m3 cache's (k, v)."""
     _, H, N, D = q.shape
-    if amax is not None:
-        check_amax(amax, N, q.device)
     out = torch.empty(1, N, H, D, dtype=q.dtype, device=q.device)
     if not programs or not N:
         return out
@@ -234,20 +224,19 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seg: 
         num_warps = 8 if block_m * gq >= 128 else 4
     _pool_attention_kernel[(programs, H // gq, splits)](
         q, k_cache, v_cache, out, dummy, dummy if tiles is None else tiles, part, lse,
-        *(scales or (lse, lse)), out if amax is None or split else amax,
+        *(scales or (lse, lse)),
         q.stride(2), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(1), out.stride(2),
         *(scales[0].stride()[:2] if scales else (0, 0)),
         1.0 / math.sqrt(D) * 1.4426950408889634, group, *dense, key_chunk, N * H, H,
         D=D, BM=block_m, BN=block_n, IEEE=q.dtype == torch.float32 or _INTERPRET, DENSE=seg is None,
         SPLIT=split, QLIM=qlim is not None and seg is None, GQ=gq, META_FIRST=int(META_FIRST),
-        KV8=int(scales is not None), AMAX=int(amax is not None and not split), num_warps=num_warps,
+        KV8=int(scales is not None), num_warps=num_warps,
         **({} if num_stages is None else {"num_stages": num_stages}), **pdl(q.device, "attention"),
     )
     if split:  # merge_rows (token, head) pairs per program of the merge
-        _combine_kernel[(triton.cdiv(N * H, merge_rows),)](part, lse, out, out if amax is None else amax, N * H, H,
-                                                           SPLITS=splits, D=D, BR=merge_rows,
-                                                           AMAX=int(amax is not None), num_warps=4,
+        _combine_kernel[(triton.cdiv(N * H, merge_rows),)](part, lse, out, N * H, SPLITS=splits, D=D,
+                                                           BR=merge_rows, num_warps=4,
                                                            **pdl(q.device, "attention_combine"))
     return out
 
@@ -256,8 +245,7 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
                    tiles: torch.Tensor | None = None, block_m: int = POOL_TILE_M, block_n: int | None = None,
                    num_warps: int | None = None, num_stages: int | None = None, key_chunk: int | None = None,
                    splits: int = 1, merge_rows: int = 16, heads_per_program: int | None = None,
-                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                   amax: torch.Tensor | None = None) -> torch.Tensor:
+                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.pool_attention``: q [1, H, N, D] (any strides with a
     contiguous last dimension), caches [R, Hkv, T, D], ``seg`` int64 [G, 4]; returns [1, H, N, D] laid out as
     [1, N, H, D] (so the output projection's input is a view). ``tiles`` (int64 [n, 2]: segment, first query;
@@ -271,8 +259,7 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ``heads_per_program``: query heads of one K/V head that a program takes together, so each K/V tile it loads
     serves them all (grouped-query models; None: ``pool_heads_per_program``); ``num_warps`` None: 4, or 8 for
     tiles of 128 rows (queries x heads) or more. An e4m3 cache comes with its per-head scales ``k_scale`` /
-    ``v_scale`` [R, Hkv, T] (``rope_qkv``'s). ``amax`` (fp32 [N], zeros or earlier maxima): each token's largest
-    output magnitude over its heads max-ed into it, for ``linear_w8a8(out, ..., x_amax=amax)``."""
+    ``v_scale`` [R, Hkv, T] (``rope_qkv``'s)."""
     kv8 = _check(q, k_cache, v_cache, k_scale, v_scale)
     if q.shape[0] != 1:
         raise ValueError(f"q must be [1, H, N, D], got {tuple(q.shape)}")
@@ -288,7 +275,7 @@ def pool_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     gq = heads_per_program or pool_heads_per_program(q.shape[1], k_cache.shape[1], block_m)
     out = _launch(q, k_cache, v_cache, seg, tiles, tiles.shape[0], (0, 0, 0), key_chunk or 0, splits, block_m,
                   block_n, num_warps, num_stages, merge_rows=merge_rows, gq=gq,
-                  scales=(k_scale, v_scale) if kv8 else None, amax=amax)
+                  scales=(k_scale, v_scale) if kv8 else None)
     return out.transpose(1, 2)
 
 
@@ -369,15 +356,14 @@ def split_pays(batch: int, queries: int, heads: int, keys: int, device: torch.de
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_m: int = 32,
                      block_n: int = 64, splits: int | None = None, num_warps: int = 4,
                      key_limit: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
-                     v_scale: torch.Tensor | None = None, amax: torch.Tensor | None = None) -> torch.Tensor:
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Triton version of ``l2pd_kernels.reference.cached_attention``: a cached step's queries q [B, H, L, D]
     (laid out [B, L, H, D], as ``rope_qkv`` returns them) over every key of their row of the cache
     [B, Hkv, T, D], without a mask; or with ``key_limit`` (int64 [B, L], each at least 1) query (b, i) over
     the first ``key_limit[b, i]`` keys (a block-causal step: keys up to its block's end). Few queries over a
     long canvas leave most of the GPU idle in one program per query tile and head, so the keys are split into
     chunks (``split_plan``; ``splits`` forces a count) and the chunks merged. Returns [B, H, L, D] laid out
-    [B, L, H, D]. An e4m3 cache comes with its scales ``k_scale``/``v_scale`` [B, Hkv, T]. ``amax``: as
-    ``pool_attention``'s, over the B * L tokens."""
+    [B, L, H, D]. An e4m3 cache comes with its scales ``k_scale``/``v_scale`` [B, Hkv, T]."""
     kv8 = _check(q, k_cache, v_cache, k_scale, v_scale)
     B, H, L, D = q.shape
     T = k_cache.shape[2]
@@ -396,7 +382,7 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     flat = q.transpose(1, 2).reshape(1, B * L, H, D).transpose(1, 2)  # a view
     qlim = None if key_limit is None else key_limit.contiguous().view(-1)
     out = _launch(flat, k_cache, v_cache, None, None, B * per_row, (L, T, per_row), chunk, splits, block_m,
-                  block_n, num_warps, None, qlim, scales=(k_scale, v_scale) if kv8 else None, amax=amax)
+                  block_n, num_warps, None, qlim, scales=(k_scale, v_scale) if kv8 else None)
     return out.view(B, L, H, D).transpose(1, 2)
 
 

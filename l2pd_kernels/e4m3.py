@@ -1,7 +1,5 @@
 """e4m3 rounding shared by the kernels that write e4m3 (row quantization, the norm's quantizing form, an e4m3
-K/V cache's writes, the few-row product quantizing its rows as it loads them): one scale per row (its largest
-magnitude at 448); each value times the row's reciprocal 448 / amax (one multiply per value, where a division
-would cost the few-row product more than the launch it saves), then rounded to nearest, ties to even."""
+K/V cache's writes): one scale per row (its largest magnitude at 448), then round to nearest, ties to even."""
 
 from __future__ import annotations
 
@@ -30,24 +28,6 @@ def _row_scale(amax):
 
 
 @triton.jit
-def _row_inv(amax):
-    """What a row's values are multiplied by before rounding: 448 / its largest magnitude (1 for all zeros)."""
-    return tl.where(amax > 0, tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax), 1.0)
-
-
-@triton.jit
-def _to_e4m3(x, inv, ROUND: tl.constexpr = 1):
-    """x (fp32) * inv (``_row_inv``), clamped to +-448 and rounded to the nearest e4m3 value: ``quantize_rows``'
-    bits. ``ROUND=0`` leaves the rounding to the GPU's conversion (round to nearest even, the same values; a
-    negative value that rounds to zero may come out +0): fewer instructions where every value counts."""
-    y = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
-    if ROUND:
-        y = _round_e4m3(y)
-    return y.to(tl.float8e4nv)
-
-
-def check_amax(amax: torch.Tensor, rows: int, device: torch.device) -> None:
-    """Raise unless ``amax`` can take the row maxima of ``rows`` rows on ``device``: contiguous fp32 [rows]."""
-    if amax.dtype != torch.float32 or amax.shape != (rows,) or not amax.is_contiguous() or amax.device != device:
-        raise ValueError(f"amax must be a contiguous fp32 [{rows}] tensor on {device} (one value a row); got "
-                         f"{amax.dtype} {tuple(amax.shape)} on {amax.device}")
+def _to_e4m3(x, scale):
+    """x (fp32) / scale, clamped to +-448 and rounded to the nearest e4m3 value: ``quantize_rows``' bits."""
+    return _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)).to(tl.float8e4nv)

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .device import pdl, pdl_wait
-from .e4m3 import FP8, _row_inv, _row_scale, _to_e4m3, check_amax
+from .e4m3 import FP8, _row_scale, _to_e4m3
 from .skinny import _INTERPRET, MAX_ROWS, _launch
 
 
@@ -31,12 +31,11 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q, BLOCK: tl.
     for k in range(0, K, BLOCK):
         x = tl.load(x_row + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    amax = tl.max(amax, 0)
-    tl.store(s_ptr + row, _row_scale(amax))
-    inv = _row_inv(amax)
+    scale = _row_scale(tl.max(amax, 0))
+    tl.store(s_ptr + row, scale)
     for k in range(0, K, BLOCK):
         x = tl.load(x_row + k + cols, mask=k + cols < K, other=0.0).to(tl.float32)
-        tl.store(q_row + k + cols, _to_e4m3(x, inv), mask=k + cols < K)
+        tl.store(q_row + k + cols, _to_e4m3(x, scale), mask=k + cols < K)
 
 
 _FP8_DEVICES: set = set()  # CUDA devices found to have e4m3: each FP8 call then costs one set lookup
@@ -112,22 +111,13 @@ def _scaled_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                xq: tuple[torch.Tensor, torch.Tensor] | None = None,
-                x_amax: torch.Tensor | None = None) -> torch.Tensor:
+                xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x @ (w * scale[:, None]).T`` with x quantized per row to e4m3 first (``reference.linear_w8a8``; ``xq``:
     that quantization, already made, as ``rms_norm_fp8`` leaves it), in x's dtype (fp32 activations are refused
-    by cuBLAS FP8 only on its path: they go through the kernel or the reference). ``x_amax``: each row's largest
-    magnitude (fp32 [rows]) as the product that made x recorded it (``linear_gate_up_silu_fp8``'s ``amax``): up
-    to ``MAX_ROWS`` rows the kernel quantizes x's rows as it loads them, no ``quantize_rows`` launch."""
+    by cuBLAS FP8 only on its path: they go through the kernel or the reference)."""
     x2 = _check(x, w, scale)
     rows, n = x2.shape[0], w.shape[0]
     few = _few_rows(x, rows)
-    if x_amax is not None:
-        check_amax(x_amax, rows, x.device)
-        if few and xq is None:
-            out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-            _launch(x2, w, out, n, False, scale=scale, x_amax=x_amax)
-            return out.view(*x.shape[:-1], n)
     if few or (rows and _scaled_mm_ok(x, w) and x.dtype != torch.float32):
         q, qs = quantize_rows(x2) if xq is None else xq
         if few:
@@ -138,36 +128,29 @@ def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
         return out.view(*x.shape[:-1], n)
     from .reference import linear_w8a8 as plain
 
-    return plain(x, w, scale, xq, x_amax)
+    return plain(x, w, scale, xq)
 
 
 def linear_gate_up_silu_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, a8: bool = False,
-                            xq: tuple[torch.Tensor, torch.Tensor] | None = None,
-                            amax: torch.Tensor | None = None) -> torch.Tensor:
+                            xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``silu(x @ gate.T) * (x @ up.T)`` for a packed e4m3 ``w = cat([gate, up])`` [2F, K] and its scales [2F]
     (``reference.linear_gate_up_silu_fp8``): up to ``MAX_ROWS`` rows one skinny launch computes both halves
     and the gate (``a8``: against e4m3 activations, ``xq`` if already quantized); above, the FP8 product, then
-    ``silu_mul``. ``amax`` (fp32 [rows], zeros or earlier maxima): each output row's largest magnitude is max-ed
-    into it, for ``linear_w8a8(out, ..., x_amax=amax)``; up to ``MAX_ROWS`` rows by the product's own stores."""
+    ``silu_mul``."""
     x2 = _check(x, w, scale)
     if w.shape[0] % 2:
         raise ValueError(f"a packed [gate; up] weight has an even number of rows, got {w.shape[0]}")
     rows, f = x2.shape[0], w.shape[0] // 2
-    if amax is not None:
-        check_amax(amax, rows, x.device)
     if not _few_rows(x, rows):
         from .silu_mul import silu_mul
 
         both = linear_w8a8(x, w, scale, xq) if a8 else linear_fp8(x, w, scale)
         gate, up = both.chunk(2, -1)
-        out = silu_mul(gate, up)
-        if amax is not None:
-            torch.maximum(amax, out.reshape(rows, f).abs().amax(-1).float(), out=amax)
-        return out
+        return silu_mul(gate, up)
     out = torch.empty(rows, f, dtype=x.dtype, device=x.device)
     if a8:
         q, qs = quantize_rows(x2) if xq is None else xq
-        _launch(q, w, out, f, True, scale=scale, x_scale=qs, amax=amax)
+        _launch(q, w, out, f, True, scale=scale, x_scale=qs)
     else:
-        _launch(x2, w, out, f, True, scale=scale, amax=amax)
+        _launch(x2, w, out, f, True, scale=scale)
     return out.view(*x.shape[:-1], f)

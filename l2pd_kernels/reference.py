@@ -775,37 +775,28 @@ def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.T
 
 
 def linear_gate_up_silu_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, a8: bool = False,
-                            xq: tuple[torch.Tensor, torch.Tensor] | None = None,
-                            amax: torch.Tensor | None = None) -> torch.Tensor:
+                            xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``linear_gate_up_silu`` for a packed e4m3 ``w = cat([gate, up])`` with its scales: both halves from
-    ``linear_fp8`` (``a8``: ``linear_w8a8``, with ``xq``), each rounded to x's dtype, then ``silu_mul``;
-    ``amax`` (fp32 [rows]): each output row's largest magnitude max-ed into it."""
+    ``linear_fp8`` (``a8``: ``linear_w8a8``, with ``xq``), each rounded to x's dtype, then ``silu_mul``."""
     both = linear_w8a8(x, w, scale, xq) if a8 else linear_fp8(x, w, scale)
     gate, up = both.chunk(2, -1)
-    out = silu_mul(gate, up)
-    if amax is not None:
-        torch.maximum(amax, out.reshape(amax.shape[0], -1).abs().amax(-1).float(), out=amax)
-    return out
+    return silu_mul(gate, up)
 
 
-def quantize_rows_fp8(x: torch.Tensor, amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 x [M, K], fp32 scales [M]) for x [..., K] as rows: each row times 448 over its largest magnitude
-    (1 for an all-zero row), rounded to nearest; its scale is amax / 448 (1). ``amax``: each row's largest
-    magnitude, as the kernel that made x recorded it (``linear_gate_up_silu_fp8``'s ``amax``), else computed."""
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 x [M, K], fp32 scales [M]) for x [..., K] as rows: each row divided by its largest magnitude over
+    448 (scale 1 for an all-zero row), rounded to nearest."""
     xf = x.reshape(-1, x.shape[-1]).float()
-    amax = xf.abs().amax(-1) if amax is None else amax.reshape(-1).float()
+    amax = xf.abs().amax(-1)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    inv = torch.where(amax > 0, torch.full_like(amax, FP8_MAX) / amax, torch.ones_like(amax))  # (448 / t: a reciprocal)
-    return (xf * inv[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+    return (xf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
 def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                xq: tuple[torch.Tensor, torch.Tensor] | None = None,
-                x_amax: torch.Tensor | None = None) -> torch.Tensor:
-    """``linear_fp8`` with x first quantized per row (``quantize_rows_fp8``, from ``x_amax`` if given; ``xq``:
-    that quantization, already made): the e4m3 products summed in fp32, then the row and channel scales,
-    rounded to x's dtype."""
-    q, qs = quantize_rows_fp8(x, x_amax) if xq is None else xq
+                xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``linear_fp8`` with x first quantized per row (``quantize_rows_fp8``; ``xq``: that quantization, already
+    made): the e4m3 products summed in fp32, then the row and channel scales, rounded to x's dtype."""
+    q, qs = quantize_rows_fp8(x) if xq is None else xq
     y = (q.float() @ w.float().T) * qs[:, None] * scale
     return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
 

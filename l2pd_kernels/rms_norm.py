@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .device import pdl, pdl_wait
-from .e4m3 import FP8, _row_inv, _row_scale, _to_e4m3
+from .e4m3 import FP8, _row_scale, _to_e4m3
 from .fp8 import check_fp8_device
 from .moe import _combined, check_rows
 from .reference import ExpertRows
@@ -58,9 +58,9 @@ def _rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, sum_ptr, q_ptr, qs_ptr, r
     tl.store(out_ptr + row * stride_o + offs, h, mask=ok)
     if QUANT:  # the stored row as e4m3: the largest magnitude at 448 (quantize_rows' rule and rounding)
         hf = h.to(tl.float32)
-        amax = tl.max(tl.abs(hf), 0)
-        tl.store(qs_ptr + row, _row_scale(amax))
-        tl.store(q_ptr + row * D + offs, _to_e4m3(hf, _row_inv(amax)), mask=ok)
+        scale = _row_scale(tl.max(tl.abs(hf), 0))
+        tl.store(qs_ptr + row, scale)
+        tl.store(q_ptr + row * D + offs, _to_e4m3(hf, scale), mask=ok)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .device import pdl, pdl_wait
-from .e4m3 import FP8, _row_inv, _row_scale, _to_e4m3
+from .e4m3 import FP8, _row_scale, _to_e4m3
 
 
 @triton.jit
@@ -78,12 +78,11 @@ def _store_e4m3(dst, s_dst, mask, a, b, rest, HALF: tl.constexpr, REST: tl.const
     if REST > 0:
         amax = tl.maximum(amax, tl.max(tl.abs(rest), 1))
     scale = _row_scale(amax)[:, None]
-    inv = _row_inv(amax)[:, None]
     j = tl.arange(0, HALF)[None, :]
-    tl.store(dst + j, _to_e4m3(a, inv), mask=mask)
-    tl.store(dst + HALF + j, _to_e4m3(b, inv), mask=mask)
+    tl.store(dst + j, _to_e4m3(a, scale), mask=mask)
+    tl.store(dst + HALF + j, _to_e4m3(b, scale), mask=mask)
     if REST > 0:
-        tl.store(dst + 2 * HALF + tl.arange(0, REST)[None, :], _to_e4m3(rest, inv), mask=mask)
+        tl.store(dst + 2 * HALF + tl.arange(0, REST)[None, :], _to_e4m3(rest, scale), mask=mask)
     tl.store(s_dst, scale, mask=mask)
 
 

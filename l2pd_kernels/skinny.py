@@ -29,7 +29,6 @@ from .device import TensorDescriptor, device_name, pdl, pdl_wait, sm_count, smem
 from .device import capturing as _capturing
 from .device import tma_addressable as _tma_addressable
 from .device import tma_capable as _hopper  # (a module name the tests replace)
-from .e4m3 import _row_inv, _row_scale, _to_e4m3
 from .rope import _rope_tail
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -54,19 +53,16 @@ def _mac(acc, xt, wt, SWAP: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, am_ptr, M, N, K, K_SPLIT, stride_xm,
+def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
                    stride_wn, stride_om, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                    UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   TMA: tl.constexpr = 0, XQ: tl.constexpr = 0, AMAX: tl.constexpr = 0, PDL: tl.constexpr = 0):
-    """``XQ``: x holds half-precision rows and xs_ptr their largest magnitudes; each x tile is quantized to
-    e4m3 as it loads (``quantize_rows``' values, no launch of its own). ``AMAX``: each output row's largest
-    magnitude is max-ed into am_ptr (fp32 [M]) for the product that reads this one's output with ``XQ``."""
+                   TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
     pdl_wait(PDL)
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr,
                  out_ptr, 0.0, 1, 1, 1, 1, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K,
-                 0, 1, 0, 0, 0, 0, TMA, am_ptr, XQ, AMAX)
+                 0, 1, 0, 0, 0, 0, TMA)
 
 
 @triton.jit
@@ -84,7 +80,7 @@ def _skinny_rope_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr,
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, ks_ptr,
                  vs_ptr, eps, S, H, HKV, T, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N,
-                 BLOCK_K, 1, HALF, REST, ROWS, NORM, KV8, TMA, out_ptr, 0, 0)
+                 BLOCK_K, 1, HALF, REST, ROWS, NORM, KV8, TMA)
 
 
 @triton.jit
@@ -94,8 +90,7 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
                  UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                  SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  ROPE: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr,
-                 NORM: tl.constexpr, KV8: tl.constexpr, TMA: tl.constexpr, am_ptr, XQ: tl.constexpr,
-                 AMAX: tl.constexpr):
+                 NORM: tl.constexpr, KV8: tl.constexpr, TMA: tl.constexpr):
     """With ``TMA``, x_ptr and w_ptr are tensor descriptors of x [M, K] and w (tiles [BLOCK_M, BLOCK_K] and
     [BLOCK_N, BLOCK_K]): each tile arrives by one TMA copy, rows and K past the ends read as zeros."""
     pid_n = tl.program_id(0)
@@ -106,9 +101,6 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm[:, None] < M
     n_ok = rn[:, None] < N
-    if XQ:  # each row's reciprocal scale, from the largest magnitude its producer recorded
-        x_amax = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
-        x_inv = _row_inv(x_amax)[:, None]
     if not TMA:
         x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + (k_lo + rk)[None, :]
         w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
@@ -130,8 +122,6 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
             k_ok = (k + rk[None, :]) < K
             xt = tl.load(x_ptrs, mask=m_ok & k_ok, other=0.0)
             wt = tl.load(w_ptrs, mask=n_ok & k_ok, other=0.0)
-        if XQ:  # round to nearest by the conversion on a GPU (the same values), by hand in the interpreter
-            xt = _to_e4m3(xt.to(tl.float32), x_inv, UPCAST)
         if FP8 and not A8:  # e4m3 weights widen exactly to the activations' dtype; the channel scale comes last
             wt = wt.to(xt.dtype)
         if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
@@ -160,8 +150,7 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
         acc_u = tl.trans(acc_u)
     tile_ok = m_ok & (rn[None, :] < N)
     if SPLIT == 1:
-        _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8, am_ptr, XQ,
-                  AMAX)
+        _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8)
         if ROPE:  # the head's product is written: read it back as rope_qkv would (same bits), rotate, place
             tl.debug_barrier()
             _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
@@ -189,8 +178,7 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
                 if GATE:
                     acc_u += tl.load(base + mn, mask=tile_ok, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(cnt_ptr + tile, 0)
-            _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8, am_ptr,
-                      XQ, AMAX)
+            _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8)
             if ROPE:  # the last program of a head's K shares does its rope_qkv work
                 tl.debug_barrier()
                 _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
@@ -200,9 +188,8 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
 
 @triton.jit
 def _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE: tl.constexpr,
-              FP8: tl.constexpr, A8: tl.constexpr, am_ptr, XQ: tl.constexpr, AMAX: tl.constexpr):
-    """Scales (FP8 channel, e4m3 row), rounding to the output dtype, the SiLU gate, the store; with ``AMAX`` each
-    row's largest stored magnitude max-ed into am_ptr (max is order-free: the same bits whatever the timing)."""
+              FP8: tl.constexpr, A8: tl.constexpr):
+    """Scales (FP8 channel, e4m3 row), rounding to the output dtype, the SiLU gate, the store."""
     dt = out_ptr.dtype.element_ty
     if FP8:
         n_in = rn < N
@@ -211,8 +198,6 @@ def _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_
             acc_u = acc_u * tl.load(s_ptr + N + rn, mask=n_in, other=0.0)[None, :]
     if A8:  # e4m3 activations: each row's scale
         xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)[:, None]
-        if XQ:  # xs_ptr holds the rows' largest magnitudes: their scales
-            xs = _row_scale(xs)
         acc = acc * xs
         if GATE:
             acc_u = acc_u * xs
@@ -223,8 +208,6 @@ def _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_
         res = (s * acc_u.to(dt).to(tl.float32)).to(dt)
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
     tl.store(out_ptrs, res, mask=tile_ok)
-    if AMAX:
-        tl.atomic_max(am_ptr + rm, tl.max(tl.where(tile_ok, tl.abs(res.to(tl.float32)), 0.0), 1), mask=rm < M)
 
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages)
@@ -279,15 +262,11 @@ def _swap(a8: bool) -> bool:
     return SWAP == "all" or (SWAP == "a8" and a8)
 
 
-def _fit(bm: int, bn: int, bk: int, stages: int, gate: bool, elsize: int, limit: int,
-         w_elsize: int | None = None) -> tuple[int, int]:
+def _fit(bm: int, bn: int, bk: int, stages: int, gate: bool, elsize: int, limit: int) -> tuple[int, int]:
     """(BLOCK_K, stages) shrunk until the pipelined x and weight tiles fit in ``limit`` bytes of shared
-    memory (fp32 tiles take twice the bytes of the bf16 ones the configurations were chosen for; ``w_elsize``:
-    the weight's element size where it differs from x's)."""
-    w_el = elsize if w_elsize is None else w_elsize
-
+    memory (fp32 tiles take twice the bytes of the bf16 ones the configurations were chosen for)."""
     def need(bk_, st):
-        return st * (bm * elsize + bn * (2 if gate else 1) * w_el) * bk_
+        return st * (bm + bn * (2 if gate else 1)) * bk_ * elsize
     while need(bk, stages) > limit and stages > 2:
         stages -= 1
     while need(bk, stages) > limit and bk > 32:
@@ -379,17 +358,13 @@ def pick_tma(rows: int, n: int, k: int, gate: bool, sms: int, fp8: bool = False,
 
 
 def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None, split=None, rope=None,
-            tma=None, x_amax=None, amax=None):
-    """One launch of the kernel; ``x_amax`` (with e4m3 ``w``): x is half-precision, quantized per row as it loads
-    from these largest magnitudes (``XQ``); ``amax``: each output row's largest magnitude max-ed into it (``AMAX``);
-    ``rope`` (``linear_rope_qkv``): the dict of its arguments and constants
+            tma=None):
+    """One launch of the kernel; ``rope`` (``linear_rope_qkv``): the dict of its arguments and constants
     (``ROPE_ARGS``, ``head_dim``, ``HALF``, ``REST``, ``ROWS``, ``NORM``, ``KV8``): one head per program, K split by
     ``pick_rope_split``. ``tma``: load the tiles by TMA (None: ``L2PD_SKINNY_TMA``, by default where
     ``pick_tma`` has a tile, its tile in every launch and its TMA loads while a CUDA graph is captured);
     with ``cfg`` and ``tma``, ``swap`` as given."""
     M, K = x2.shape
-    if x_amax is not None:
-        x_scale = x_amax
     a8 = x_scale is not None
     sms = sm_count(x2.device)
     tma_cfg = None
@@ -412,7 +387,7 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
         bn, bk = rope["head_dim"], min(bk, 256 // w.element_size())
     bm = max(16, triton.next_power_of_2(min(M, 64)))
     if cfg is None or tma_cfg is not None:
-        bk, stages = _fit(bm, bn, bk, stages, gate, x2.element_size(), smem_bytes(x2.device), w.element_size())
+        bk, stages = _fit(bm, bn, bk, stages, gate, x2.element_size(), smem_bytes(x2.device))
     grid_n, grid_m = triton.cdiv(n_out, bn), triton.cdiv(M, bm)
     k_steps = triton.cdiv(K, bk)
     if split is None and rope is not None:
@@ -434,13 +409,11 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     xa, wa = x2, w
     if tma:  # descriptors per launch: a cached one would keep its tensor alive
         xa, wa = TensorDescriptor.from_tensor(x2, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk])
-    xq = {} if x_amax is None and amax is None else {"XQ": int(x_amax is not None), "AMAX": int(amax is not None)}
     kernel[(grid_n, grid_m, split)](
         xa, wa, w if scale is None else scale, w if x_scale is None else x_scale, out, part,
-        out if counters is None else counters, *(() if rope is not None else (out if amax is None else amax,)),
-        M, n_out, K, k_split, x2.stride(0), w.stride(0), out.stride(0), *rope_args, **xq, GATE=gate,
-        EVEN_K=tma or K % bk == 0, IEEE=(x2.dtype == torch.float32 and not a8) or _INTERPRET,
-        UPCAST=_INTERPRET and (x2.dtype == torch.bfloat16 or a8),  # no fp8 dot on the CPU (and XQ's rounding)
+        out if counters is None else counters, M, n_out, K, k_split, x2.stride(0), w.stride(0), out.stride(0),
+        *rope_args, GATE=gate, EVEN_K=tma or K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
+        UPCAST=_INTERPRET and (x2.dtype == torch.bfloat16 or a8),  # no fp8 dot on the CPU
         FP8=scale is not None, A8=a8, SWAP=_swap(a8) if swap is None else swap, SPLIT=split, BLOCK_M=bm,
         BLOCK_N=bn, BLOCK_K=bk, **rope_consts, TMA=int(bool(tma)), num_warps=warps, num_stages=stages,
         **pdl(x2.device, "skinny"))

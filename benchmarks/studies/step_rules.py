@@ -42,10 +42,6 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
   keys in 8 chunks where ``pool_split_plan`` splits them / both (shipped: 64-query tiles where no K/V head
   is shared, chunks for about one program per SM); ``wait-tile32``, ``wait-splits8``, ``wait-splits2``,
   ``wait-tile32-splits8``: those with ``wait``, for ``step_kernels.py``'s kernel spans;
-- ``quantize-launch``: with w8a8 weights, the attention output and the SiLU product quantized by a
-  ``quantize_rows`` launch of their own before the output and down projections (``L2PD_ROW_MAXIMA=0``; shipped:
-  their producers record each row's largest magnitude and the products quantize as they load);
-  ``wait-quantize-launch``: that with ``wait``;
 (The H200 runs of 2026-12-02 also had ``act-rows``: with w8a8 weights, the attention output and the SiLU
 product quantized per row by a launch of their own (as shipped) against the shipped rule of commit 5ab558f,
 which wrote them as e4m3 groups from the kernels that make them: slower and removed, "FP8 at batch 1 without
@@ -110,18 +106,16 @@ def _wide_pick_tma(rows, n, k, gate, sms, fp8=False, a8=False):
 
 def _setting(picks=NEW, fused_rope=None, tma="auto", pick_tma=PICK_TMA, early=device.EARLY,
              late=frozenset(), moe_tma="auto", meta_first=True, router_kernel=True, moe_norm=True,
-             pool_gq=0, tile_m=0, pool_splits=0, row_maxima=True) -> dict:
+             pool_gq=0, tile_m=0, pool_splits=0) -> dict:
     """One setting: (pick_config, pick_config_fp8, pick_split), ``decoder.FUSED_ROPE`` (None: the shipped
     rule), ``skinny.TMA``, ``skinny.pick_tma``, ``device.EARLY`` and ``device.LATE`` (who lets the next kernel
     launch early), ``moe.TMA`` (the routed experts' weight tiles by TMA), ``attention.META_FIRST``,
     ``decoder._ROUTER_KERNEL``, ``decoder.MOE_NORM``, ``attention.POOL_GQ`` and the engine's attention tile
     (``attention._TILE_M_ENV``, 0: ``pool_tile_m``'s rule) and its key chunks at batch 1
-    (``attention.POOL_SPLITS``, 0: ``pool_split_plan``'s rule), and ``decoder.ROW_MAXIMA`` (e4m3 products
-    quantizing their input from the row maxima its producer recorded)."""
+    (``attention.POOL_SPLITS``, 0: ``pool_split_plan``'s rule)."""
     return {"picks": picks, "fused_rope": fused_rope, "tma": tma, "pick_tma": pick_tma, "early": early,
             "late": late, "moe_tma": moe_tma, "meta_first": meta_first, "router_kernel": router_kernel,
-            "moe_norm": moe_norm, "pool_gq": pool_gq, "tile_m": tile_m, "pool_splits": pool_splits,
-            "row_maxima": row_maxima}
+            "moe_norm": moe_norm, "pool_gq": pool_gq, "tile_m": tile_m, "pool_splits": pool_splits}
 
 
 SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _setting(),
@@ -142,9 +136,7 @@ SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _
             "tile32-splits8": _setting(tile_m=32, pool_splits=8),
             "wait-tile32": _setting(early=False, tile_m=32), "wait-splits8": _setting(early=False, pool_splits=8),
             "wait-splits2": _setting(early=False, pool_splits=2),
-            "wait-tile32-splits8": _setting(early=False, tile_m=32, pool_splits=8),
-            "quantize-launch": _setting(row_maxima=False), "wait-quantize-launch": _setting(early=False,
-                                                                                            row_maxima=False)}
+            "wait-tile32-splits8": _setting(early=False, tile_m=32, pool_splits=8)}
 
 
 def apply(setting: str) -> None:
@@ -156,7 +148,6 @@ def apply(setting: str) -> None:
     device.EARLY, device.LATE, moe.TMA = s["early"], set(s["late"]), s["moe_tma"]
     attention.META_FIRST, decoder._ROUTER_KERNEL, decoder.MOE_NORM = s["meta_first"], s["router_kernel"], s["moe_norm"]
     attention.POOL_GQ, attention._TILE_M_ENV, attention.POOL_SPLITS = s["pool_gq"], s["tile_m"], s["pool_splits"]
-    decoder.ROW_MAXIMA = s["row_maxima"]
 
 
 @torch.no_grad()

@@ -72,54 +72,23 @@ def _proj(ops: Any, x: torch.Tensor, module: nn.Module, xq: tuple | None = None)
     return _lin(ops, x, module, xq) if module.weight.dtype == torch.float8_e4m3fn else _linear(x, module)
 
 
-def _lin(ops: Any, x: torch.Tensor, module: nn.Module, xq: tuple | None = None,
-         x_amax: torch.Tensor | None = None) -> torch.Tensor:
+def _lin(ops: Any, x: torch.Tensor, module: nn.Module, xq: tuple | None = None) -> torch.Tensor:
     """A linear layer through the forward's ops (the few-row kernel on CUDA) when it has no bias; ``xq``: x
-    already quantized for e4m3 activations (``rms_norm_fp8``); ``x_amax``: x's row maxima as the kernel that
-    made x recorded them (``_row_maxima``)."""
+    already quantized for e4m3 activations (``rms_norm_fp8``)."""
     if getattr(module, "bias", None) is not None:
         return _linear(x, module)
     if module.weight.dtype == torch.float8_e4m3fn:
-        return _fp8_mm(ops, module, x, module.weight, module.weight_scale, xq, x_amax)
+        return _fp8_mm(ops, module, x, module.weight, module.weight_scale, xq)
     return ops.linear(x, module.weight)
 
 
 def _fp8_mm(ops: Any, module: nn.Module, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-            xq: tuple | None, x_amax: torch.Tensor | None = None) -> torch.Tensor:
-    """The FP8 product of a quantized module: e4m3 activations too (``xq`` if the norm already made them, else
-    from ``x_amax`` if given) after ``l2pd.quantize(model, 'w8a8')``."""
+            xq: tuple | None) -> torch.Tensor:
+    """The FP8 product of a quantized module: e4m3 activations too (``xq`` if the norm already made them) after
+    ``l2pd.quantize(model, 'w8a8')``."""
     if getattr(module, "l2pd_w8a8", False):
-        return ops.linear_w8a8(x, w, scale, xq, x_amax)
+        return ops.linear_w8a8(x, w, scale, xq)
     return ops.linear_fp8(x, w, scale)
-
-
-# L2PD_ROW_MAXIMA=0: the attention output and the SiLU product go through their own quantize_rows launch before
-# an e4m3 product, as before (see ``_row_maxima``)
-ROW_MAXIMA = os.environ.get("L2PD_ROW_MAXIMA", "1") != "0"
-
-
-def _row_maxima(ops: Any, dec: "Decoder", rows: int, device: torch.device) -> torch.Tensor | None:
-    """Zeros [layers, 2, rows] (fp32) for a forward whose few-row e4m3 products read their input quantized as
-    they load it: a layer's attention (slot 0) and its gated product (slot 1) max each row's largest magnitude
-    into their slot, and the output and down projections quantize from it, so neither input takes a
-    ``quantize_rows`` launch. One fill a forward; None where no layer would use it (bf16 or weight-only FP8,
-    the reference ops, rows past the few-row kernel, ``ROW_MAXIMA`` off)."""
-    from l2pd_kernels.skinny import MAX_ROWS
-
-    if not ROW_MAXIMA or ops is reference or not 0 < rows <= MAX_ROWS:
-        return None
-    if not any(_a8(blk.o) or _mlp_row_maxima(blk) for blk in dec.layers):
-        return None
-    return torch.zeros(len(dec.layers), 2, rows, dtype=torch.float32, device=device)
-
-
-def _mlp_row_maxima(blk: "Layer") -> bool:
-    """Whether the layer's gated MLP hands its SiLU product to the down projection with row maxima: a packed
-    e4m3 gate|up against e4m3 activations, and a down projection against them too."""
-    if blk.gate is None or blk.down is None or not (_a8(blk.gate) and _a8(blk.down)):
-        return False
-    gate_up = _packed(blk.owner, "_l2pd_gate_up", [blk.gate, blk.up])
-    return gate_up is not None and gate_up.dtype == torch.float8_e4m3fn
 
 
 def _a8(module: nn.Module | None) -> bool:
@@ -393,7 +362,6 @@ def _decoder_forward(
                                  getattr(cache, "k_scale", None) is not None)
 
     x = F.embedding(input_ids, dec.embed.weight)
-    maxima = _row_maxima(ops, dec, bsz * seq, device)
     delta = None  # the last residual branch, added inside the next norm
     for layer, blk in enumerate(dec.layers):
         h, x, hq = _norm(ops, x, blk.attn_norm, eps, delta, _a8(blk.q if blk.qkv is None else blk.qkv))
@@ -408,23 +376,20 @@ def _decoder_forward(
         rows = pack.rows if pack is not None else None
         rope = (cos, sin, k_all, v_all, fresh_slots if cache is None else slots, rows, scales)
         q = _qkv_rope(ops, h, hq, blk, n_heads, n_kv, eps, rope)
-        att_max = maxima[layer, 0] if maxima is not None and _a8(blk.o) and (pack is not None or split) else None
-        am = {} if att_max is None else {"amax": att_max}
         if pack is not None:  # each request attends to its own pool row
-            att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles, **pool_split, **scales, **am)
+            att = ops.pool_attention(q, k_all, v_all, pack.seg, pack.tiles, **pool_split, **scales)
         elif split:
-            att = ops.cached_attention(q, k_all, v_all, key_limit=key_limit, **scales, **am)
+            att = ops.cached_attention(q, k_all, v_all, key_limit=key_limit, **scales)
         else:  # (an e4m3 cache widened for SDPA: this path's forwards are not the decode's)
             k_att, v_att = k_all, v_all
             if scales:
                 k_att = reference.dequantize_kv(k_all, scales["k_scale"], h.dtype)
                 v_att = reference.dequantize_kv(v_all, scales["v_scale"], h.dtype)
             att = F.scaled_dot_product_attention(q, k_att, v_att, attn_mask=sdpa_mask, enable_gqa=n_kv != n_heads)
-        a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o, x_amax=att_max)
+        a = _lin(ops, att.transpose(1, 2).reshape(bsz, seq, n_heads * head_dim), blk.o)
         h, x, hq = _norm(ops, x, blk.ff_norm, eps, a, _a8(blk.gate) or _moe_a8(blk.moe))
         inside = _shared_in_moe(ops, blk, h)  # the shared expert run by the MoE kernels, beside the routed ones
-        act_max = maxima[layer, 1] if maxima is not None and _mlp_row_maxima(blk) else None
-        delta = None if blk.gate is None or inside is not None else _mlp(ops, h, blk, hq, act_max)
+        delta = None if blk.gate is None or inside is not None else _mlp(ops, h, blk, hq)
         if blk.moe is not None:  # the routed experts, plus the shared expert's output (delta) in the same kernel
             delta = _moe(ops, h, blk.moe, delta, inside, hq)
 
@@ -565,22 +530,18 @@ def _packed_linear(ops: Any, h: torch.Tensor, buf: torch.Tensor, blk: Layer, att
     return ops.linear(h, buf)
 
 
-def _mlp(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None,
-         act_max: torch.Tensor | None = None) -> torch.Tensor:
-    """The gated MLP (a dense layer's, or a MoE's shared expert); ``hq``: h as e4m3 rows for w8a8 weights;
-    ``act_max`` (``_mlp_row_maxima`` layers): zeros that take the SiLU product's row maxima for the down
-    projection."""
+def _mlp(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None) -> torch.Tensor:
+    """The gated MLP (a dense layer's, or a MoE's shared expert); ``hq``: h as e4m3 rows for w8a8 weights."""
     mods = [blk.gate, blk.up]
     gate_up = _packed(blk.owner, "_l2pd_gate_up", mods)
     if gate_up is not None and gate_up.dtype == torch.float8_e4m3fn:
-        am = {} if act_max is None else {"amax": act_max.view(-1)}
         act = ops.linear_gate_up_silu_fp8(h, gate_up, _packed_scale(blk.owner, "_l2pd_gate_up", mods),
-                                          a8=getattr(blk.gate, "l2pd_w8a8", False), xq=hq, **am)
+                                          a8=getattr(blk.gate, "l2pd_w8a8", False), xq=hq)
     elif gate_up is not None:  # silu(gate) * up straight from the packed matmul
-        act, act_max = ops.linear_gate_up_silu(h, gate_up), None
+        act = ops.linear_gate_up_silu(h, gate_up)
     else:
-        act, act_max = ops.silu_mul(_proj(ops, h, blk.gate, hq), _proj(ops, h, blk.up, hq)), None
-    return _lin(ops, act, blk.down, x_amax=act_max)
+        act = ops.silu_mul(_proj(ops, h, blk.gate, hq), _proj(ops, h, blk.up, hq))
+    return _lin(ops, act, blk.down)
 
 
 def _moe_a8(moe: MoE | None) -> bool:
