@@ -113,6 +113,27 @@ def test_linear_w8a8_kernel_matches_reference(dtype, rows, n, k, swap, monkeypat
         linear_w8a8(x, w8.float(), scale)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="cuBLAS FP8 products need a GPU of compute capability 8.9 or later")
+@pytest.mark.parametrize("fast", [False, True])
+def test_linear_w8a8_many_rows_by_cublas_with_either_accumulation(fast, monkeypatch):
+    """Above the few-row kernel's rows ``linear_w8a8`` runs cuBLAS FP8 (``torch._scaled_mm``), its sums
+    accumulated fast (``FAST_ACCUM``, the default) or promoted to fp32: close to the reference either way, and the
+    two ways within an FP8 accumulator's reach of each other."""
+    from l2pd_kernels import fp8, linear_w8a8
+
+    x = torch.randn(200, 4096, device="cuda", dtype=torch.bfloat16)
+    w8, scale = ref.quantize_fp8(torch.randn(96, 4096, device="cuda") / 64)
+    want = ref.linear_w8a8(x, w8, scale).float()
+    monkeypatch.setattr(fp8, "FAST_ACCUM", fast)
+    got = linear_w8a8(x, w8, scale).float()
+    assert got.shape == (200, 96)
+    assert float((got - want).norm() / want.norm()) < (5e-3 if fast else 3e-3)
+    monkeypatch.setattr(fp8, "FAST_ACCUM", not fast)
+    other = linear_w8a8(x, w8, scale).float()
+    assert float((got - other).norm() / want.norm()) < 5e-3
+
+
 @torch.no_grad()
 def test_w8a8_model_decodes_close_to_weights_only():
     torch.manual_seed(0)
