@@ -106,9 +106,9 @@ def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.T
 
 
 # cuBLAS FP8 products accumulate in the tensor cores' own accumulator, as the few-row kernel's FP8 products do,
-# not promoted to fp32 every few K steps: on an H200 1% to 20% faster by shape, batch 64 `generate` 8% faster,
-# the bundled models' accuracy within 0.2 points of bf16 either way (benchmarks/RESULTS.md, "FP8 products with
-# fast accumulation"); L2PD_FP8_FAST_ACCUM=0 promotes
+# not promoted to fp32 every few K steps: on an H200 1% to 16% faster by shape, batch 64 `generate` 8% faster,
+# the bundled models within 0.1 points of bf16 on 5,000 problems (benchmarks/RESULTS.md, "FP8 products with fast
+# accumulation"); L2PD_FP8_FAST_ACCUM=0 promotes
 FAST_ACCUM = os.environ.get("L2PD_FP8_FAST_ACCUM", "1") != "0"
 
 
