@@ -53,27 +53,16 @@ def _mac(acc, xt, wt, SWAP: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _w_step(acc, xt, wt, IEEE: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr,
-            SWAP: tl.constexpr):
-    """One K step of one weight: acc + x @ w.T (w: the weight's tile, or the up half's of a gated product)."""
-    if FP8 and not A8:  # e4m3 weights widen exactly to the activations' dtype; the channel scale comes last
-        wt = wt.to(xt.dtype)
-    if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
-        xt = xt.to(tl.float32)
-        wt = wt.to(tl.float32)
-    return _mac(acc, xt, wt, SWAP, IEEE)
-
-
-@triton.jit
 def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
                    stride_wn, stride_om, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                    UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   TMA: tl.constexpr = 0, PDL: tl.constexpr = 0, PRE: tl.constexpr = 0):
+                   TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
+    pdl_wait(PDL)
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr,
                  out_ptr, 0.0, 1, 1, 1, 1, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K,
-                 0, 1, 0, 0, 0, 0, TMA, PDL, PRE)
+                 0, 1, 0, 0, 0, 0, TMA)
 
 
 @triton.jit
@@ -83,15 +72,15 @@ def _skinny_rope_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr,
                         IEEE: tl.constexpr, UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr,
                         SWAP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr,
-                        NORM: tl.constexpr, KV8: tl.constexpr = 0, TMA: tl.constexpr = 0, PDL: tl.constexpr = 0,
-                        PRE: tl.constexpr = 0):
+                        NORM: tl.constexpr, KV8: tl.constexpr = 0, TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
     """``_skinny_kernel`` for a q/k/v product whose programs each hold one head (BLOCK_N = head_dim) and then do
     ``rope_qkv``'s work for it (``linear_rope_qkv``; the arguments from cos_ptr on are that op's). A kernel of
     its own, so the plain products' launches carry no more arguments than before."""
+    pdl_wait(PDL)
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, ks_ptr,
                  vs_ptr, eps, S, H, HKV, T, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N,
-                 BLOCK_K, 1, HALF, REST, ROWS, NORM, KV8, TMA, PDL, PRE)
+                 BLOCK_K, 1, HALF, REST, ROWS, NORM, KV8, TMA)
 
 
 @triton.jit
@@ -101,12 +90,9 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
                  UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                  SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  ROPE: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr,
-                 NORM: tl.constexpr, KV8: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr):
+                 NORM: tl.constexpr, KV8: tl.constexpr, TMA: tl.constexpr):
     """With ``TMA``, x_ptr and w_ptr are tensor descriptors of x [M, K] and w (tiles [BLOCK_M, BLOCK_K] and
-    [BLOCK_N, BLOCK_K]): each tile arrives by one TMA copy, rows and K past the ends read as zeros.
-    ``PRE`` (pointer loads only): the program's first PRE (1 or 2) weight tiles are asked for before its wait
-    for the kernel ahead, which launched early leaves its programs idle on their SMs for microseconds; only
-    the activations depend on that kernel. The sums run in the same order either way."""
+    [BLOCK_N, BLOCK_K]): each tile arrives by one TMA copy, rows and K past the ends read as zeros."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     k_lo = tl.program_id(2) * K_SPLIT  # this program's share of K (all of it without a split)
@@ -125,43 +111,7 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_end = tl.minimum(k_lo + K_SPLIT, K)
-    k_first = k_lo
-    if PRE > 0:  # (never with TMA: ``_launch``) the weight's first tiles, masked to this program's share of K
-        # (with EVEN_K a whole tile is in or out: a mask constant along K keeps the loads vectorized)
-        if EVEN_K:
-            k_ok0 = rk[None, :] >= 0
-            k_ok1 = (rk[None, :] >= 0) & (k_lo + BLOCK_K < k_end)
-        else:
-            k_ok0 = (k_lo + rk[None, :]) < k_end
-            k_ok1 = (k_lo + BLOCK_K + rk[None, :]) < k_end
-        wp0 = tl.load(w_ptrs, mask=n_ok & k_ok0, other=0.0)
-        up0 = wp0
-        if GATE:
-            up0 = tl.load(u_ptrs, mask=n_ok & k_ok0, other=0.0)
-        wp1 = wp0
-        up1 = up0
-        if PRE > 1:
-            wp1 = tl.load(w_ptrs + BLOCK_K, mask=n_ok & k_ok1, other=0.0)
-            if GATE:
-                up1 = tl.load(u_ptrs + BLOCK_K, mask=n_ok & k_ok1, other=0.0)
-    pdl_wait(PDL)
-    if PRE > 0:
-        xt = tl.load(x_ptrs, mask=m_ok & k_ok0, other=0.0)
-        acc = _w_step(acc, xt, wp0, IEEE, UPCAST, FP8, A8, SWAP)
-        if GATE:
-            acc_u = _w_step(acc_u, xt, up0, IEEE, UPCAST, FP8, A8, SWAP)
-        k_first += BLOCK_K
-        if PRE > 1:
-            xt = tl.load(x_ptrs + BLOCK_K, mask=m_ok & k_ok1, other=0.0)
-            acc = _w_step(acc, xt, wp1, IEEE, UPCAST, FP8, A8, SWAP)
-            if GATE:
-                acc_u = _w_step(acc_u, xt, up1, IEEE, UPCAST, FP8, A8, SWAP)
-            k_first += BLOCK_K
-        x_ptrs += PRE * BLOCK_K
-        w_ptrs += PRE * BLOCK_K
-        u_ptrs += PRE * BLOCK_K
-    for k in range(k_first, k_end, BLOCK_K):
+    for k in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
         if TMA:
             xt = x_ptr.load([pid_m * BLOCK_M, k])
             wt = w_ptr.load([pid_n * BLOCK_N, k])
@@ -172,7 +122,12 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
             k_ok = (k + rk[None, :]) < K
             xt = tl.load(x_ptrs, mask=m_ok & k_ok, other=0.0)
             wt = tl.load(w_ptrs, mask=n_ok & k_ok, other=0.0)
-        acc = _w_step(acc, xt, wt, IEEE, UPCAST, FP8, A8, SWAP)
+        if FP8 and not A8:  # e4m3 weights widen exactly to the activations' dtype; the channel scale comes last
+            wt = wt.to(xt.dtype)
+        if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+            xt = xt.to(tl.float32)
+            wt = wt.to(tl.float32)
+        acc = _mac(acc, xt, wt, SWAP, IEEE)
         if GATE:
             if TMA:  # (the last gate tile's rows past N read up rows where the pointer path reads zeros: the
                 ut = w_ptr.load([N + pid_n * BLOCK_N, k])  # columns they make are not stored)
@@ -180,7 +135,11 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
                 ut = tl.load(u_ptrs, mask=n_ok, other=0.0)
             else:
                 ut = tl.load(u_ptrs, mask=n_ok & k_ok, other=0.0)
-            acc_u = _w_step(acc_u, xt, ut, IEEE, UPCAST, FP8, A8, SWAP)
+            if FP8 and not A8:
+                ut = ut.to(xt.dtype)
+            if UPCAST:
+                ut = ut.to(tl.float32)
+            acc_u = _mac(acc_u, xt, ut, SWAP, IEEE)
             if not TMA:
                 u_ptrs += BLOCK_K
         if not TMA:
@@ -303,13 +262,11 @@ def _swap(a8: bool) -> bool:
     return SWAP == "all" or (SWAP == "a8" and a8)
 
 
-def _fit(bm: int, bn: int, bk: int, stages: int, gate: bool, elsize: int, limit: int,
-         extra: int = 0) -> tuple[int, int]:
+def _fit(bm: int, bn: int, bk: int, stages: int, gate: bool, elsize: int, limit: int) -> tuple[int, int]:
     """(BLOCK_K, stages) shrunk until the pipelined x and weight tiles fit in ``limit`` bytes of shared
-    memory (fp32 tiles take twice the bytes of the bf16 ones the configurations were chosen for); ``extra``:
-    K steps held outside the pipeline (``PRE``'s, which the compiler stages in shared memory for the dot too)."""
+    memory (fp32 tiles take twice the bytes of the bf16 ones the configurations were chosen for)."""
     def need(bk_, st):
-        return (st + extra) * (bm + bn * (2 if gate else 1)) * bk_ * elsize
+        return st * (bm + bn * (2 if gate else 1)) * bk_ * elsize
     while need(bk, stages) > limit and stages > 2:
         stages -= 1
     while need(bk, stages) > limit and bk > 32:
@@ -364,11 +321,6 @@ def pick_rope_split(tiles: int, k_steps: int, sms: int) -> int:
 
 # 0: the rule of ``pick_split``; n > 0: every product splits K n ways
 SPLIT_K = int(os.environ.get("L2PD_SKINNY_SPLIT", "0"))
-
-
-# weight tiles a pointer-loaded product asks for before its wait for the kernel ahead (0, 1 or 2), inside CUDA
-# graphs only: there no kernel ahead of a product writes its weight
-PRE = int(os.environ.get("L2PD_SKINNY_PRE", "0"))
 
 
 # "auto": ``pick_tma``'s tiles where it has one, loaded by TMA inside CUDA graphs (by pointers in eager launches);
@@ -434,9 +386,8 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     if rope is not None:  # one head per program; K steps of 256 bytes keep a head-wide pipeline in shared memory
         bn, bk = rope["head_dim"], min(bk, 256 // w.element_size())
     bm = max(16, triton.next_power_of_2(min(M, 64)))
-    pre = PRE if not tma and (_INTERPRET or _capturing(x2.device)) else 0
-    if cfg is None or tma_cfg is not None or pre:
-        bk, stages = _fit(bm, bn, bk, stages, gate, x2.element_size(), smem_bytes(x2.device), pre)
+    if cfg is None or tma_cfg is not None:
+        bk, stages = _fit(bm, bn, bk, stages, gate, x2.element_size(), smem_bytes(x2.device))
     grid_n, grid_m = triton.cdiv(n_out, bn), triton.cdiv(M, bm)
     k_steps = triton.cdiv(K, bk)
     if split is None and rope is not None:
@@ -464,7 +415,7 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
         *rope_args, GATE=gate, EVEN_K=tma or K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
         UPCAST=_INTERPRET and (x2.dtype == torch.bfloat16 or a8),  # no fp8 dot on the CPU
         FP8=scale is not None, A8=a8, SWAP=_swap(a8) if swap is None else swap, SPLIT=split, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, **rope_consts, TMA=int(bool(tma)), PRE=pre, num_warps=warps, num_stages=stages,
+        BLOCK_N=bn, BLOCK_K=bk, **rope_consts, TMA=int(bool(tma)), num_warps=warps, num_stages=stages,
         **pdl(x2.device, "skinny"))
 
 

@@ -113,42 +113,6 @@ def test_linear_w8a8_kernel_matches_reference(dtype, rows, n, k, swap, monkeypat
         linear_w8a8(x, w8.float(), scale)
 
 
-@needs_kernels
-@pytest.mark.parametrize("gate", [False, True])
-@pytest.mark.parametrize("rows,n,k,split", [(5, 37, 100, 1), (33, 129, 700, 1), (3, 200, 2048, 2), (2, 64, 1024, 4)])
-def test_weight_tiles_asked_for_before_the_wait_give_the_same_bits(gate, rows, n, k, split, monkeypatch):
-    """``skinny.PRE``: a few-row e4m3 product whose programs ask for their first weight tiles before their wait
-    for the kernel ahead (inside CUDA graphs on a GPU, every launch under the interpreter) sums the same
-    products in the same order: the same bits, K split or not, masked tails included."""
-    from l2pd_kernels import linear_gate_up_silu_fp8, linear_w8a8, skinny
-
-    monkeypatch.setattr(skinny, "SPLIT_K", split)
-    x = torch.randn(rows, k, device=DEV, dtype=torch.bfloat16)
-    w8, scale = ref.quantize_fp8(torch.randn((2 if gate else 1) * n, k, device=DEV) / k**0.5)
-    xq, xs = ref.quantize_rows_fp8(x * 2)  # rows quantized elsewhere (as the norm leaves them)
-
-    def run():
-        if gate:
-            return torch.cat([linear_gate_up_silu_fp8(x, w8, scale, a8=a8) for a8 in (False, True)])
-        return torch.cat([linear_w8a8(x, w8, scale), linear_w8a8(x, w8, scale, xq=(xq, xs))])
-
-    outs = {}
-    for pre in (0, 1, 2):
-        monkeypatch.setattr(skinny, "PRE", pre)
-        if DEV == "cuda":  # PRE applies inside a capture only
-            run()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = run()
-            graph.replay()
-            torch.cuda.synchronize()
-        else:
-            out = run()
-        outs[pre] = out.clone()
-    assert outs[0].abs().sum() > 0
-    assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0])
-
-
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
                     reason="cuBLAS FP8 products need a GPU of compute capability 8.9 or later")
 @pytest.mark.parametrize("fast", [False, True])
