@@ -73,12 +73,15 @@ def _proj(ops: Any, x: torch.Tensor, module: nn.Module, xq: tuple | None = None)
 
 
 def _lin(ops: Any, x: torch.Tensor, module: nn.Module, xq: tuple | None = None) -> torch.Tensor:
-    """A linear layer through the forward's ops (the few-row kernel on CUDA) when it has no bias; ``xq``: x
-    already quantized for e4m3 activations (``rms_norm_fp8``)."""
-    if getattr(module, "bias", None) is not None:
-        return _linear(x, module)
+    """A linear layer through the forward's ops (the few-row kernel on CUDA): a bf16 one with a bias by
+    ``F.linear``, an e4m3 one always through the ops, its bias (Dream's q/k/v) added after; ``xq``: x already
+    quantized for e4m3 activations (``rms_norm_fp8``)."""
+    bias = getattr(module, "bias", None)
     if module.weight.dtype == torch.float8_e4m3fn:
-        return _fp8_mm(ops, module, x, module.weight, module.weight_scale, xq)
+        y = _fp8_mm(ops, module, x, module.weight, module.weight_scale, xq)
+        return y if bias is None else y + bias
+    if bias is not None:
+        return _linear(x, module)
     return ops.linear(x, module.weight)
 
 
