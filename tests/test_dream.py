@@ -10,6 +10,7 @@ from torch import nn
 import l2pd
 from l2pd.decode import generate
 from l2pd.models import DreamConfig, DreamModel, adapter_for
+from tests.conftest import needs_kernels
 
 MASK, EOS = 61, 60
 
@@ -231,3 +232,36 @@ def test_a_cached_step_reads_the_same_hidden_states_as_the_full_forward(cache):
     want = reference_logits(model, canvas)[:, s : s + L]
     want[..., MASK] = float("-inf")
     assert torch.equal(tok_full, want.argmax(-1))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fused", [False, pytest.param(True, marks=needs_kernels)])
+@pytest.mark.parametrize("kind", ["native", "fp8", "w8a8"])
+def test_biased_qkv_packs_with_its_biases(kind, fused):
+    """Dream's q/k/v carry biases: they pack with the weights (one product, the packed biases added after) and
+    give the logits of the separate products, with the reference ops and the kernels; a bias no longer a view
+    of the packed buffer unpacks the group, and ``unpack_layers`` gives every bias its own storage again."""
+    from l2pd.models.decoder import _packed, _packed_bias, decoder_forward, pack_layers, unpack_layers
+
+    dev = "cuda" if fused and torch.cuda.is_available() else "cpu"  # (the kernels on a GPU, else interpreted)
+    model = tiny_dream(seed=4).to(dev)
+    if kind != "native":
+        l2pd.quantize(model, kind)
+    dec = adapter_for(model).decoder
+    blk = dec.layers[0]
+    mods = [blk.q, blk.k, blk.v]
+    ids = torch.randint(0, 58, (1, 10), device=dev)
+    separate = decoder_forward(dec, ids, fused=fused)
+    assert pack_layers(dec.layers, cpu=True)
+    bias = _packed_bias(blk.owner, "_l2pd_qkv", mods)
+    assert _packed(blk.owner, "_l2pd_qkv", mods) is not None
+    assert torch.equal(bias, torch.cat([m.bias for m in mods])) and blk.k.bias.data_ptr() != bias.data_ptr()
+    tol = dict(rtol=1e-5, atol=1e-5) if not fused else dict(rtol=2e-3, atol=2e-3)  # (the kernels' sum order)
+    torch.testing.assert_close(decoder_forward(dec, ids, fused=fused), separate, **tol)
+    blk.v.bias.data = blk.v.bias.clone()  # no longer a view: the group runs apart
+    assert _packed(blk.owner, "_l2pd_qkv", mods) is None
+    torch.testing.assert_close(decoder_forward(dec, ids, fused=fused), separate, **tol)
+    unpack_layers(dec.layers)
+    assert "_l2pd_qkv_bias" not in vars(blk.owner)
+    other = dec.layers[1]
+    assert other.q.bias.untyped_storage().data_ptr() != other.k.bias.untyped_storage().data_ptr()

@@ -38,6 +38,8 @@ it (``pool_split_generate.alternate``); the rules other than the shipped ones ar
   grouped-query model's heads of one K/V head together, ``attention.pool_heads_per_program``);
   ``heads-apart-64``: that in 64-query tiles too (``L2PD_POOL_TILE_M=64``), the rule before 2026-12-02 (shipped:
   32-query tiles for grouped-query models, ``attention.pool_tile_m``);
+- ``biases-apart``: a group of biased modules (Dream's q/k/v) multiplies apart, each with its bias, as before
+  2026-12-03 (``L2PD_PACKED_BIASES=0``; shipped: packed, the biases added after the product);
 - ``tile32`` / ``splits8`` / ``tile32-splits8``: the pool attention in 32-query tiles for every model / its
   keys in 8 chunks where ``pool_split_plan`` splits them / both (shipped: 64-query tiles where no K/V head
   is shared, chunks for about one program per SM); ``wait-tile32``, ``wait-splits8``, ``wait-splits2``,
@@ -106,16 +108,17 @@ def _wide_pick_tma(rows, n, k, gate, sms, fp8=False, a8=False):
 
 def _setting(picks=NEW, fused_rope=None, tma="auto", pick_tma=PICK_TMA, early=device.EARLY,
              late=frozenset(), moe_tma="auto", meta_first=True, router_kernel=True, moe_norm=True,
-             pool_gq=0, tile_m=0, pool_splits=0) -> dict:
+             pool_gq=0, tile_m=0, pool_splits=0, packed_biases=True) -> dict:
     """One setting: (pick_config, pick_config_fp8, pick_split), ``decoder.FUSED_ROPE`` (None: the shipped
     rule), ``skinny.TMA``, ``skinny.pick_tma``, ``device.EARLY`` and ``device.LATE`` (who lets the next kernel
     launch early), ``moe.TMA`` (the routed experts' weight tiles by TMA), ``attention.META_FIRST``,
     ``decoder._ROUTER_KERNEL``, ``decoder.MOE_NORM``, ``attention.POOL_GQ`` and the engine's attention tile
     (``attention._TILE_M_ENV``, 0: ``pool_tile_m``'s rule) and its key chunks at batch 1
-    (``attention.POOL_SPLITS``, 0: ``pool_split_plan``'s rule)."""
+    (``attention.POOL_SPLITS``, 0: ``pool_split_plan``'s rule), ``decoder.PACKED_BIASES``."""
     return {"picks": picks, "fused_rope": fused_rope, "tma": tma, "pick_tma": pick_tma, "early": early,
             "late": late, "moe_tma": moe_tma, "meta_first": meta_first, "router_kernel": router_kernel,
-            "moe_norm": moe_norm, "pool_gq": pool_gq, "tile_m": tile_m, "pool_splits": pool_splits}
+            "moe_norm": moe_norm, "pool_gq": pool_gq, "tile_m": tile_m, "pool_splits": pool_splits,
+            "packed_biases": packed_biases}
 
 
 SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _setting(),
@@ -136,7 +139,8 @@ SETTINGS = {"before": _setting((NEW[0], _old_pick_config_fp8, NEW[2])), "now": _
             "tile32-splits8": _setting(tile_m=32, pool_splits=8),
             "wait-tile32": _setting(early=False, tile_m=32), "wait-splits8": _setting(early=False, pool_splits=8),
             "wait-splits2": _setting(early=False, pool_splits=2),
-            "wait-tile32-splits8": _setting(early=False, tile_m=32, pool_splits=8)}
+            "wait-tile32-splits8": _setting(early=False, tile_m=32, pool_splits=8),
+            "biases-apart": _setting(packed_biases=False)}
 
 
 def apply(setting: str) -> None:
@@ -148,6 +152,7 @@ def apply(setting: str) -> None:
     device.EARLY, device.LATE, moe.TMA = s["early"], set(s["late"]), s["moe_tma"]
     attention.META_FIRST, decoder._ROUTER_KERNEL, decoder.MOE_NORM = s["meta_first"], s["router_kernel"], s["moe_norm"]
     attention.POOL_GQ, attention._TILE_M_ENV, attention.POOL_SPLITS = s["pool_gq"], s["tile_m"], s["pool_splits"]
+    decoder.PACKED_BIASES = s["packed_biases"]
 
 
 @torch.no_grad()

@@ -146,7 +146,8 @@ def _groups(layer: "Layer") -> tuple:
 
 
 def pack_layers(layers: list["Layer"], cpu: bool = False) -> bool:
-    """``pack_weights`` over any ``Decoder``'s layers; e4m3 weights (``l2pd.quantize``) pack with their scales.
+    """``pack_weights`` over any ``Decoder``'s layers; e4m3 weights (``l2pd.quantize``) pack with their scales,
+    biases (Dream's q/k/v: all of a group's modules or none) with the weights.
     ``cpu``: pack CPU weights too (tests; safetensors refuses to save CPU tensors that share storage)."""
     done = True
     for layer in layers:
@@ -155,14 +156,19 @@ def pack_layers(layers: list["Layer"], cpu: bool = False) -> bool:
                 continue
             ws = [m.weight for m in mods]
             fp8 = ws[0].dtype == torch.float8_e4m3fn
-            if (ws[0].device.type != "cuda" and not cpu) or any(getattr(m, "bias", None) is not None for m in mods) \
+            biases = [getattr(m, "bias", None) for m in mods]
+            biased = biases[0] is not None
+            if (ws[0].device.type != "cuda" and not cpu) or any((b is not None) != biased for b in biases) \
                     or any(w.dtype != ws[0].dtype for w in ws) \
+                    or (biased and any(b.dtype != biases[0].dtype for b in biases)) \
                     or (fp8 and any(getattr(m, "weight_scale", None) is None for m in mods)):
                 done = False
                 continue
             object.__setattr__(layer.owner, attr, _share(mods, "weight"))  # plain attributes: not in the state dict
             if fp8:  # one fp32 scale per output channel, packed the same way
                 object.__setattr__(layer.owner, attr + "_scale", _share(mods, "weight_scale"))
+            if biased:
+                object.__setattr__(layer.owner, attr + "_bias", _share(mods, "bias"))
     return done
 
 
@@ -186,15 +192,32 @@ def unpack_layers(layers: list["Layer"]) -> None:
             if vars(layer.owner).pop(attr + "_scale", None) is not None:
                 for m in mods:
                     m.weight_scale.data = m.weight_scale.detach().clone()
+            if vars(layer.owner).pop(attr + "_bias", None) is not None:
+                for m in mods:
+                    m.bias.data = m.bias.detach().clone()
 
 
 def _packed(block: nn.Module, attr: str, mods: list[nn.Module]) -> torch.Tensor | None:
-    """The packed buffer if every weight (and, for e4m3 weights, every scale) is still its view (a ``.to()``, a
-    reassignment or ``l2pd.quantize`` breaks the link)."""
+    """The packed buffer if every weight (and, for e4m3 weights, every scale; where the modules have biases,
+    every bias) is still its view (a ``.to()``, a reassignment or ``l2pd.quantize`` breaks the link)."""
     buf = vars(block).get(attr)
     if buf is None or (buf.dtype == torch.float8_e4m3fn and _packed_scale(block, attr, mods) is None):
         return None
+    if getattr(mods[0], "bias", None) is not None and (not PACKED_BIASES or _packed_bias(block, attr, mods) is None):
+        return None
     return buf if _views(buf, [m.weight for m in mods]) else None
+
+
+# a group of biased modules (Dream's q/k/v) multiplies packed, its biases added after (False: apart, as before)
+PACKED_BIASES = os.environ.get("L2PD_PACKED_BIASES", "1") != "0"
+
+
+def _packed_bias(block: nn.Module, attr: str, mods: list[nn.Module]) -> torch.Tensor | None:
+    """The packed biases of packed weights, if every module has one and it is still their view."""
+    buf = vars(block).get(attr + "_bias")
+    if buf is None or any(getattr(m, "bias", None) is None for m in mods):
+        return None
+    return buf if _views(buf, [m.bias for m in mods]) else None
 
 
 def _packed_scale(block: nn.Module, attr: str, mods: list[nn.Module]) -> torch.Tensor | None:
@@ -467,7 +490,7 @@ def _fused_qkv_rope(ops: Any, h: torch.Tensor, hq: tuple | None, blk: Layer, n_h
     else:
         mods = [blk.q, blk.k, blk.v]
         w, mod = _packed(blk.owner, "_l2pd_qkv", mods), mods[0]
-        if w is None:
+        if w is None or getattr(mod, "bias", None) is not None:  # (the kernel adds no bias)
             return None
         scale = _packed_scale(blk.owner, "_l2pd_qkv", mods) if w.dtype == torch.float8_e4m3fn else None
     fp8 = w.dtype == torch.float8_e4m3fn
@@ -527,10 +550,14 @@ def _qk_norm(blk: Layer, dtype: torch.dtype, eps: float) -> dict | None:
 
 def _packed_linear(ops: Any, h: torch.Tensor, buf: torch.Tensor, blk: Layer, attr: str,
                    mods: list[nn.Module], hq: tuple | None = None) -> torch.Tensor:
-    """The product with a packed weight: e4m3 ones with their packed scales, as their modules multiply."""
+    """The product with a packed weight: e4m3 ones with their packed scales, as their modules multiply; the
+    packed biases added after, where the modules have them."""
     if buf.dtype == torch.float8_e4m3fn:
-        return _fp8_mm(ops, mods[0], h, buf, _packed_scale(blk.owner, attr, mods), hq)
-    return ops.linear(h, buf)
+        y = _fp8_mm(ops, mods[0], h, buf, _packed_scale(blk.owner, attr, mods), hq)
+    else:
+        y = ops.linear(h, buf)
+    bias = _packed_bias(blk.owner, attr, mods) if getattr(mods[0], "bias", None) is not None else None
+    return y if bias is None else y + bias
 
 
 def _mlp(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None) -> torch.Tensor:
