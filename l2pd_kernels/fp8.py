@@ -72,10 +72,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if w.dtype != FP8 or scale.dtype != torch.float32 or scale.shape != (w.shape[0],):
         raise ValueError(f"an FP8 weight is float8_e4m3fn [N, K] with fp32 scales [N]; got {w.dtype} "
                          f"{tuple(w.shape)} and {scale.dtype} {tuple(scale.shape)}")
+    if bias is not None and (bias.shape != (w.shape[0],) or not bias.is_contiguous()):
+        raise ValueError(f"a bias of {w.shape[0]} contiguous values, got {tuple(bias.shape)}")
     if w.dim() != 2 or x.shape[-1] != w.shape[1] or w.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply as x @ w.T")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -89,20 +91,22 @@ def _few_rows(x: torch.Tensor, rows: int) -> bool:
     return (x.is_cuda or _INTERPRET) and 0 < rows <= MAX_ROWS
 
 
-def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ (w * scale[:, None]).T`` for an e4m3 weight ``w`` [N, K] with per-output-channel fp32 ``scale``
-    [N] (``reference.linear_fp8``); the activations stay in their dtype."""
-    x2 = _check(x, w, scale)
+def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (w * scale[:, None]).T + bias`` for an e4m3 weight ``w`` [N, K] with per-output-channel fp32
+    ``scale`` [N] (``reference.linear_fp8``); the activations stay in their dtype."""
+    x2 = _check(x, w, scale, bias)
     rows = x2.shape[0]
     if _few_rows(x, rows):
         out = torch.empty(rows, w.shape[0], dtype=x.dtype, device=x.device)
-        _launch(x2, w, out, w.shape[0], False, scale=scale)
+        _launch(x2, w, out, w.shape[0], False, scale=scale, bias=bias)
         return out.view(*x.shape[:-1], w.shape[0])
     if x.is_cuda and x.dtype != torch.float32:  # compute-bound: cuBLAS on the widened weight (one more rounding)
-        return (torch.nn.functional.linear(x, w.to(x.dtype)).float() * scale).to(x.dtype)
+        y = torch.nn.functional.linear(x, w.to(x.dtype)).float() * scale
+        return (y if bias is None else y + bias.float()).to(x.dtype)
     from .reference import linear_fp8 as plain
 
-    return plain(x, w, scale)
+    return plain(x, w, scale, bias)
 
 
 # cuBLAS FP8 products accumulate in the tensor cores' own accumulator, as the few-row kernel's FP8 products do,
@@ -120,25 +124,28 @@ def _scaled_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """``x @ (w * scale[:, None]).T`` with x quantized per row to e4m3 first (``reference.linear_w8a8``; ``xq``:
-    that quantization, already made, as ``rms_norm_fp8`` leaves it), in x's dtype (fp32 activations are refused
-    by cuBLAS FP8 only on its path: they go through the kernel or the reference)."""
-    x2 = _check(x, w, scale)
+                xq: tuple[torch.Tensor, torch.Tensor] | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (w * scale[:, None]).T + bias`` with x quantized per row to e4m3 first (``reference.linear_w8a8``;
+    ``xq``: that quantization, already made, as ``rms_norm_fp8`` leaves it), in x's dtype (fp32 activations are
+    refused by cuBLAS FP8 only on its path: they go through the kernel or the reference). The bias joins the
+    fp32 sums before they round, but on cuBLAS's many-row path, where it is added to the rounded product."""
+    x2 = _check(x, w, scale, bias)
     rows, n = x2.shape[0], w.shape[0]
     few = _few_rows(x, rows)
     if few or (rows and _scaled_mm_ok(x, w) and x.dtype != torch.float32):
         q, qs = quantize_rows(x2) if xq is None else xq
         if few:
             out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-            _launch(q, w, out, n, False, scale=scale, x_scale=qs)
+            _launch(q, w, out, n, False, scale=scale, x_scale=qs, bias=bias)
         else:
             out = torch._scaled_mm(q, w.t(), qs[:, None], scale[None, :], out_dtype=x.dtype,
                                    use_fast_accum=FAST_ACCUM)
+            if bias is not None:
+                out = out + bias
         return out.view(*x.shape[:-1], n)
     from .reference import linear_w8a8 as plain
 
-    return plain(x, w, scale, xq)
+    return plain(x, w, scale, xq, bias)
 
 
 def linear_gate_up_silu_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, a8: bool = False,

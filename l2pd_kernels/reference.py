@@ -481,9 +481,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """A bias-free linear layer, ``x @ w.T``."""
-    return torch.nn.functional.linear(x, w)
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear layer, ``x @ w.T + bias``."""
+    return torch.nn.functional.linear(x, w, bias)
 
 
 def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -768,10 +768,12 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ (w * scale[:, None]).T`` in fp32 (the e4m3 weight widened exactly, products accumulated in fp32,
-    the channel scale applied to the sum), rounded to x's dtype."""
-    return ((x.float() @ w.float().T) * scale).to(x.dtype)
+def linear_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (w * scale[:, None]).T + bias`` in fp32 (the e4m3 weight widened exactly, products accumulated in
+    fp32, the channel scale applied to the sum, then the bias), rounded to x's dtype."""
+    y = (x.float() @ w.float().T) * scale
+    return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
 def linear_gate_up_silu_fp8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, a8: bool = False,
@@ -793,10 +795,12 @@ def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def linear_w8a8(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-                xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                xq: tuple[torch.Tensor, torch.Tensor] | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``linear_fp8`` with x first quantized per row (``quantize_rows_fp8``; ``xq``: that quantization, already
-    made): the e4m3 products summed in fp32, then the row and channel scales, rounded to x's dtype."""
+    made): the e4m3 products summed in fp32, then the row and channel scales and the bias, rounded to x's
+    dtype."""
     q, qs = quantize_rows_fp8(x) if xq is None else xq
     y = (q.float() @ w.float().T) * qs[:, None] * scale
+    y = y if bias is None else y + bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], w.shape[0])
 

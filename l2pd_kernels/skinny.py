@@ -54,15 +54,15 @@ def _mac(acc, xt, wt, SWAP: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm,
-                   stride_wn, stride_om, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                   stride_wn, stride_om, b_ptr, GATE: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                    UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   TMA: tl.constexpr = 0, PDL: tl.constexpr = 0):
+                   TMA: tl.constexpr = 0, BIAS: tl.constexpr = 0, PDL: tl.constexpr = 0):
     pdl_wait(PDL)
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr,
                  out_ptr, 0.0, 1, 1, 1, 1, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N, BLOCK_K,
-                 0, 1, 0, 0, 0, 0, TMA)
+                 0, 1, 0, 0, 0, 0, TMA, b_ptr, BIAS)
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def _skinny_rope_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr,
     _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, K_SPLIT, stride_xm, stride_wn,
                  stride_om, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr, vo_ptr, qw_ptr, kw_ptr, ks_ptr,
                  vs_ptr, eps, S, H, HKV, T, GATE, EVEN_K, IEEE, UPCAST, FP8, A8, SWAP, SPLIT, BLOCK_M, BLOCK_N,
-                 BLOCK_K, 1, HALF, REST, ROWS, NORM, KV8, TMA)
+                 BLOCK_K, 1, HALF, REST, ROWS, NORM, KV8, TMA, out_ptr, 0)
 
 
 @triton.jit
@@ -90,9 +90,10 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
                  UPCAST: tl.constexpr, FP8: tl.constexpr, A8: tl.constexpr, SWAP: tl.constexpr,
                  SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  ROPE: tl.constexpr, HALF: tl.constexpr, REST: tl.constexpr, ROWS: tl.constexpr,
-                 NORM: tl.constexpr, KV8: tl.constexpr, TMA: tl.constexpr):
+                 NORM: tl.constexpr, KV8: tl.constexpr, TMA: tl.constexpr, b_ptr, BIAS: tl.constexpr):
     """With ``TMA``, x_ptr and w_ptr are tensor descriptors of x [M, K] and w (tiles [BLOCK_M, BLOCK_K] and
-    [BLOCK_N, BLOCK_K]): each tile arrives by one TMA copy, rows and K past the ends read as zeros."""
+    [BLOCK_N, BLOCK_K]): each tile arrives by one TMA copy, rows and K past the ends read as zeros. ``BIAS``:
+    b_ptr's [N] bias added to the fp32 sums before they round (as ``F.linear`` with a bias)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     k_lo = tl.program_id(2) * K_SPLIT  # this program's share of K (all of it without a split)
@@ -150,7 +151,7 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
         acc_u = tl.trans(acc_u)
     tile_ok = m_ok & (rn[None, :] < N)
     if SPLIT == 1:
-        _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8)
+        _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8, b_ptr, BIAS)
         if ROPE:  # the head's product is written: read it back as rope_qkv would (same bits), rotate, place
             tl.debug_barrier()
             _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
@@ -178,7 +179,7 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
                 if GATE:
                     acc_u += tl.load(base + mn, mask=tile_ok, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(cnt_ptr + tile, 0)
-            _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8)
+            _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE, FP8, A8, b_ptr, BIAS)
             if ROPE:  # the last program of a head's K shares does its rope_qkv work
                 tl.debug_barrier()
                 _rope_tail(out_ptr, rm, M, stride_om, pid_n, cos_ptr, sin_ptr, slots_ptr, rows_ptr, qo_ptr, ko_ptr,
@@ -188,8 +189,8 @@ def _skinny_body(x_ptr, w_ptr, s_ptr, xs_ptr, out_ptr, part_ptr, cnt_ptr, M, N, 
 
 @triton.jit
 def _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_om, GATE: tl.constexpr,
-              FP8: tl.constexpr, A8: tl.constexpr):
-    """Scales (FP8 channel, e4m3 row), rounding to the output dtype, the SiLU gate, the store."""
+              FP8: tl.constexpr, A8: tl.constexpr, b_ptr, BIAS: tl.constexpr):
+    """Scales (FP8 channel, e4m3 row), the bias, rounding to the output dtype, the SiLU gate, the store."""
     dt = out_ptr.dtype.element_ty
     if FP8:
         n_in = rn < N
@@ -201,6 +202,8 @@ def _epilogue(acc, acc_u, rm, rn, tile_ok, s_ptr, xs_ptr, out_ptr, M, N, stride_
         acc = acc * xs
         if GATE:
             acc_u = acc_u * xs
+    if BIAS:  # (never with GATE: ``_launch``)
+        acc = acc + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     res = acc.to(dt)
     if GATE:
         g = res.to(tl.float32)
@@ -358,13 +361,16 @@ def pick_tma(rows: int, n: int, k: int, gate: bool, sms: int, fp8: bool = False,
 
 
 def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None, split=None, rope=None,
-            tma=None):
+            tma=None, bias=None):
     """One launch of the kernel; ``rope`` (``linear_rope_qkv``): the dict of its arguments and constants
     (``ROPE_ARGS``, ``head_dim``, ``HALF``, ``REST``, ``ROWS``, ``NORM``, ``KV8``): one head per program, K split by
     ``pick_rope_split``. ``tma``: load the tiles by TMA (None: ``L2PD_SKINNY_TMA``, by default where
     ``pick_tma`` has a tile, its tile in every launch and its TMA loads while a CUDA graph is captured);
-    with ``cfg`` and ``tma``, ``swap`` as given."""
+    with ``cfg`` and ``tma``, ``swap`` as given. ``bias``: [n_out], added before the output rounds (not with
+    ``gate`` or ``rope``)."""
     M, K = x2.shape
+    if bias is not None and (gate or rope is not None or bias.shape != (n_out,) or not bias.is_contiguous()):
+        raise ValueError(f"a bias of {n_out} contiguous values, on a plain product only; got {tuple(bias.shape)}")
     a8 = x_scale is not None
     sms = sm_count(x2.device)
     tma_cfg = None
@@ -406,6 +412,8 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     if rope is not None:
         kernel, rope_args = _skinny_rope_kernel, rope["args"]
         rope_consts = {k: rope[k] for k in ("HALF", "REST", "ROWS", "NORM", "KV8")}
+    else:
+        rope_args, rope_consts = (out if bias is None else bias,), {"BIAS": int(bias is not None)}
     xa, wa = x2, w
     if tma:  # descriptors per launch: a cached one would keep its tensor alive
         xa, wa = TensorDescriptor.from_tensor(x2, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk])
@@ -430,15 +438,17 @@ def _check(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def skinny_matmul(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x @ w.T`` (``F.linear`` without bias) with the Triton kernel, for any number of rows. ``out_dtype``
-    torch.float32: the fp32 sums unrounded (half-precision products are exact in fp32)."""
+def skinny_matmul(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T`` (``F.linear``; ``bias`` added to the fp32 sums before they round) with the Triton kernel, for
+    any number of rows. ``out_dtype`` torch.float32: the fp32 sums unrounded (half-precision products are exact
+    in fp32)."""
     x2 = _check(x, w)
     if out_dtype not in (None, x.dtype, torch.float32):
         raise ValueError(f"out_dtype must be x's dtype or torch.float32, got {out_dtype}")
     out = torch.empty(x2.shape[0], w.shape[0], dtype=out_dtype or x.dtype, device=x.device)
     if out.numel():
-        _launch(x2, w, out, w.shape[0], False)
+        _launch(x2, w, out, w.shape[0], False, bias=bias)
     return out.view(*x.shape[:-1], w.shape[0])
 
 
@@ -459,12 +469,12 @@ def _use_kernel(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and 0 < rows <= MAX_ROWS
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """The forward's bias-free linear layer: the skinny kernel for up to ``MAX_ROWS`` rows of bf16/fp16 on
-    CUDA (``L2PD_SKINNY_ROWS=0`` turns it off), ``F.linear`` otherwise."""
-    if _use_kernel(x) and w.stride(1) == 1:
-        return skinny_matmul(x, w)
-    return torch.nn.functional.linear(x, w)
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The forward's linear layer: the skinny kernel for up to ``MAX_ROWS`` rows of bf16/fp16 on CUDA
+    (``L2PD_SKINNY_ROWS=0`` turns it off), ``F.linear`` otherwise; a bias is added before the output rounds."""
+    if _use_kernel(x) and w.stride(1) == 1 and (bias is None or bias.is_contiguous()):
+        return skinny_matmul(x, w, bias=bias)
+    return torch.nn.functional.linear(x, w, bias)
 
 
 def linear_f32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -219,6 +219,43 @@ def test_skinny_split_k_matches_reference(kind, rows, n, k, split):
     assert int(skinny._tile_counters(x.device).abs().sum()) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,n,k,split", [(5, 37, 300, 1), (17, 64, 520, 2), (1, 19, 96, 3)])
+@pytest.mark.parametrize("swap", ["none", "a8"])
+def test_products_add_a_bias_before_rounding(dtype, rows, n, k, split, swap, monkeypatch):
+    """A bias (Dream's q/k/v) joins the fp32 sums before they round, as ``F.linear`` adds it: bf16 weights,
+    e4m3 weights widened and against e4m3 rows, K split or not, either orientation; against the references and
+    against the kernel without a bias plus the bias in fp32. Bad biases are refused."""
+    from l2pd_kernels import linear, linear_fp8, linear_w8a8, skinny
+
+    monkeypatch.setattr(skinny, "SWAP", swap)
+    monkeypatch.setattr(skinny, "SPLIT_K", split)
+    x = torch.randn(rows, k, device=DEV).to(dtype)
+    wf = torch.randn(n, k, device=DEV) / k**0.5
+    bias = torch.randn(n, device=DEV).to(dtype)
+    w8, scale = ref.quantize_fp8(wf)
+    w = wf.to(dtype)
+    tol = MM_TOL[dtype] if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    # on a GPU e4m3 activations meet FP8 tensor cores, whose accumulator is narrower (about 2^-13 of the sum)
+    tol8 = tol if DEV == "cpu" else dict(rtol=2e-2, atol=2e-2)
+    for got, want, plain, tl_ in ((skinny.skinny_matmul(x, w, bias=bias), ref.linear(x, w, bias),
+                                   skinny.skinny_matmul(x, w, torch.float32), tol),
+                                  (linear_fp8(x, w8, scale, bias), ref.linear_fp8(x, w8, scale, bias), None, tol),
+                                  (linear_w8a8(x, w8, scale, bias=bias), ref.linear_w8a8(x, w8, scale, bias=bias),
+                                   None, tol8)):
+        assert got.shape == (rows, n) and got.dtype == dtype
+        torch.testing.assert_close(got, want, **tl_)
+        if plain is not None and DEV == "cuda":  # the fp32 sums plus the bias, rounded once: the same bits
+            assert torch.equal(got, (plain + bias.float()).to(dtype))  # (the interpreter's casts do not round so)
+    if DEV == "cpu" or dtype != torch.float32:
+        torch.testing.assert_close(linear(x, w, bias), ref.linear(x, w, bias), **tol)
+    for bad in (bias[:-1], torch.randn(2 * n, device=DEV).to(dtype)[::2]):
+        with pytest.raises(ValueError, match="bias"):
+            linear_fp8(x, w8, scale, bad)
+        with pytest.raises(ValueError, match="bias"):
+            skinny.skinny_matmul(x, w, bias=bad)
+
+
 @pytest.mark.parametrize("kind", ["bf16", "fp16", "fp32", "bf16-gate", "fp8-gate", "a8"])
 @pytest.mark.parametrize("rows,n,k,split", [(5, 37, 264, 1), (32, 64, 128, 2), (17, 19, 96, 3), (3, 21, 70, 1)])
 @pytest.mark.parametrize("swap", [False, True])

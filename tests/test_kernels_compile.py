@@ -190,6 +190,14 @@ def _workloads() -> None:
                         / 64, 4, 2, cs, cs, kc, kc.clone(), slots, rows=rows, **nw)
     finally:
         skinny.SPLIT_K = old
+    # a product with a bias in its epilogue (Dream's q/k/v): bf16 and fp32 weights, e4m3 ones against e4m3 rows
+    from l2pd_kernels import linear_w8a8
+
+    xb2 = torch.randn(5, 96, dtype=torch.bfloat16)
+    for dt in (torch.bfloat16, torch.float32):
+        skinny.skinny_matmul(xb2.to(dt), torch.randn(40, 96, dtype=dt), bias=torch.randn(40, dtype=dt))
+    w8b, s8b = ref.quantize_fp8(torch.randn(40, 96))
+    linear_w8a8(xb2, w8b, s8b, bias=torch.randn(40, dtype=torch.bfloat16))
     # the few-row products' TMA path (Hopper only): each kind of tile ``pick_tma`` gives on an H200, by TMA and
     # by pointers, and the q/k/v product with RoPE in its transposed 128-column tiles
     skinny.TMA, old = "1", skinny.TMA
@@ -285,6 +293,8 @@ def test_every_kernel_launch_compiles_for_hopper_and_the_a100():
     assert {c["kernel"] for c in cases if c["constexprs"].get("TMA")} == {"_skinny_kernel", "_skinny_rope_kernel",
                                                                          "_gate_up_kernel", "_down_kernel"}
     assert any(c["kernel"] == "_rms_norm_kernel" and c["constexprs"].get("MOE_K") for c in cases)
+    assert {c["constexprs"].get("A8") for c in cases if c["kernel"] == "_skinny_kernel" and c["constexprs"].get("BIAS")
+            } == {False, True}
     assert any(c["kernel"] == "_down_kernel" and c["constexprs"].get("COLS", 1) > 1 and c["constexprs"].get("TMA")
                for c in cases)
     assert {c["kernel"] for c in cases if c["constexprs"].get("KV8")} == {  # the e4m3 K/V cache's writers, readers

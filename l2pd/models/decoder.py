@@ -62,8 +62,7 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def _linear(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
     bias = getattr(module, "bias", None)
     if module.weight.dtype == torch.float8_e4m3fn:  # l2pd.quantize: e4m3 weight, per-channel scale
-        y = _fp8_mm(reference, module, x, module.weight, module.weight_scale, None)
-        return y if bias is None else y + bias
+        return _fp8_mm(reference, module, x, module.weight, module.weight_scale, None, bias)
     return F.linear(x, module.weight, bias)
 
 
@@ -73,25 +72,21 @@ def _proj(ops: Any, x: torch.Tensor, module: nn.Module, xq: tuple | None = None)
 
 
 def _lin(ops: Any, x: torch.Tensor, module: nn.Module, xq: tuple | None = None) -> torch.Tensor:
-    """A linear layer through the forward's ops (the few-row kernel on CUDA): a bf16 one with a bias by
-    ``F.linear``, an e4m3 one always through the ops, its bias (Dream's q/k/v) added after; ``xq``: x already
-    quantized for e4m3 activations (``rms_norm_fp8``)."""
+    """A linear layer through the forward's ops (the few-row kernel on CUDA), its bias (Dream's q/k/v) added
+    to the sums before they round; ``xq``: x already quantized for e4m3 activations (``rms_norm_fp8``)."""
     bias = getattr(module, "bias", None)
     if module.weight.dtype == torch.float8_e4m3fn:
-        y = _fp8_mm(ops, module, x, module.weight, module.weight_scale, xq)
-        return y if bias is None else y + bias
-    if bias is not None:
-        return _linear(x, module)
-    return ops.linear(x, module.weight)
+        return _fp8_mm(ops, module, x, module.weight, module.weight_scale, xq, bias)
+    return ops.linear(x, module.weight, bias)
 
 
 def _fp8_mm(ops: Any, module: nn.Module, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
-            xq: tuple | None) -> torch.Tensor:
+            xq: tuple | None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The FP8 product of a quantized module: e4m3 activations too (``xq`` if the norm already made them) after
     ``l2pd.quantize(model, 'w8a8')``."""
     if getattr(module, "l2pd_w8a8", False):
-        return ops.linear_w8a8(x, w, scale, xq)
-    return ops.linear_fp8(x, w, scale)
+        return ops.linear_w8a8(x, w, scale, xq, bias)
+    return ops.linear_fp8(x, w, scale, bias)
 
 
 def _a8(module: nn.Module | None) -> bool:
@@ -551,13 +546,11 @@ def _qk_norm(blk: Layer, dtype: torch.dtype, eps: float) -> dict | None:
 def _packed_linear(ops: Any, h: torch.Tensor, buf: torch.Tensor, blk: Layer, attr: str,
                    mods: list[nn.Module], hq: tuple | None = None) -> torch.Tensor:
     """The product with a packed weight: e4m3 ones with their packed scales, as their modules multiply; the
-    packed biases added after, where the modules have them."""
-    if buf.dtype == torch.float8_e4m3fn:
-        y = _fp8_mm(ops, mods[0], h, buf, _packed_scale(blk.owner, attr, mods), hq)
-    else:
-        y = ops.linear(h, buf)
+    packed biases, where the modules have them, added to the sums before they round (as ``F.linear`` adds)."""
     bias = _packed_bias(blk.owner, attr, mods) if getattr(mods[0], "bias", None) is not None else None
-    return y if bias is None else y + bias
+    if buf.dtype == torch.float8_e4m3fn:
+        return _fp8_mm(ops, mods[0], h, buf, _packed_scale(blk.owner, attr, mods), hq, bias)
+    return ops.linear(h, buf, bias)
 
 
 def _mlp(ops: Any, h: torch.Tensor, blk: Layer, hq: tuple | None = None) -> torch.Tensor:
