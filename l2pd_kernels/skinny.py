@@ -408,22 +408,22 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     split = triton.cdiv(K, k_split)  # no program without K
     part = out if split == 1 else torch.empty(split * (2 if gate else 1) * M * n_out, dtype=torch.float32,
                                               device=x2.device)
-    kernel, rope_args, rope_consts = _skinny_kernel, (), {}
-    if rope is not None:
-        kernel, rope_args = _skinny_rope_kernel, rope["args"]
-        rope_consts = {k: rope[k] for k in ("HALF", "REST", "ROWS", "NORM", "KV8")}
+    if rope is not None:  # the arguments after the plain ones: RoPE's, or the bias
+        kernel, extra_args = _skinny_rope_kernel, rope["args"]
+        extra_consts = {k: rope[k] for k in ("HALF", "REST", "ROWS", "NORM", "KV8")}
     else:
-        rope_args, rope_consts = (out if bias is None else bias,), {"BIAS": int(bias is not None)}
+        kernel, extra_args = _skinny_kernel, (out if bias is None else bias,)
+        extra_consts = {"BIAS": int(bias is not None)}
     xa, wa = x2, w
     if tma:  # descriptors per launch: a cached one would keep its tensor alive
         xa, wa = TensorDescriptor.from_tensor(x2, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk])
     kernel[(grid_n, grid_m, split)](
         xa, wa, w if scale is None else scale, w if x_scale is None else x_scale, out, part,
         out if counters is None else counters, M, n_out, K, k_split, x2.stride(0), w.stride(0), out.stride(0),
-        *rope_args, GATE=gate, EVEN_K=tma or K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
+        *extra_args, GATE=gate, EVEN_K=tma or K % bk == 0, IEEE=x2.dtype == torch.float32 or _INTERPRET,
         UPCAST=_INTERPRET and (x2.dtype == torch.bfloat16 or a8),  # no fp8 dot on the CPU
         FP8=scale is not None, A8=a8, SWAP=_swap(a8) if swap is None else swap, SPLIT=split, BLOCK_M=bm,
-        BLOCK_N=bn, BLOCK_K=bk, **rope_consts, TMA=int(bool(tma)), num_warps=warps, num_stages=stages,
+        BLOCK_N=bn, BLOCK_K=bk, **extra_consts, TMA=int(bool(tma)), num_warps=warps, num_stages=stages,
         **pdl(x2.device, "skinny"))
 
 

@@ -203,7 +203,8 @@ def _packed(block: nn.Module, attr: str, mods: list[nn.Module]) -> torch.Tensor 
     return buf if _views(buf, [m.weight for m in mods]) else None
 
 
-# a group of biased modules (Dream's q/k/v) multiplies packed, its biases added after (False: apart, as before)
+# a group of biased modules (Dream's q/k/v) multiplies packed, its packed biases added in the product's epilogue
+# (L2PD_PACKED_BIASES=0: each module apart with its own bias, as before 2026-12-03)
 PACKED_BIASES = os.environ.get("L2PD_PACKED_BIASES", "1") != "0"
 
 
