@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .device import pdl, pdl_wait
 from .e4m3 import FP8, _row_scale, _to_e4m3
-from .skinny import _INTERPRET, MAX_ROWS, _launch
+from .skinny import _INTERPRET, MAX_ROWS, _launch, check_bias
 
 
 @triton.jit
@@ -76,8 +76,7 @@ def _check(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Te
     if w.dtype != FP8 or scale.dtype != torch.float32 or scale.shape != (w.shape[0],):
         raise ValueError(f"an FP8 weight is float8_e4m3fn [N, K] with fp32 scales [N]; got {w.dtype} "
                          f"{tuple(w.shape)} and {scale.dtype} {tuple(scale.shape)}")
-    if bias is not None and (bias.shape != (w.shape[0],) or not bias.is_contiguous()):
-        raise ValueError(f"a bias of {w.shape[0]} contiguous values, got {tuple(bias.shape)}")
+    check_bias(bias, w.shape[0])
     if w.dim() != 2 or x.shape[-1] != w.shape[1] or w.stride(1) != 1:
         raise ValueError(f"x {tuple(x.shape)} and w {tuple(w.shape)} do not multiply as x @ w.T")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):

@@ -360,6 +360,12 @@ def pick_tma(rows: int, n: int, k: int, gate: bool, sms: int, fp8: bool = False,
     return (64, 128, 4, 4, True)
 
 
+def check_bias(bias: torch.Tensor | None, n: int) -> None:
+    """A product's bias: None, or n contiguous values (the kernel reads it as one row)."""
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"a bias of {n} contiguous values, got {tuple(bias.shape)}")
+
+
 def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=None, split=None, rope=None,
             tma=None, bias=None):
     """One launch of the kernel; ``rope`` (``linear_rope_qkv``): the dict of its arguments and constants
@@ -369,8 +375,9 @@ def _launch(x2, w, out, n_out, gate, cfg=None, scale=None, x_scale=None, swap=No
     with ``cfg`` and ``tma``, ``swap`` as given. ``bias``: [n_out], added before the output rounds (not with
     ``gate`` or ``rope``)."""
     M, K = x2.shape
-    if bias is not None and (gate or rope is not None or bias.shape != (n_out,) or not bias.is_contiguous()):
-        raise ValueError(f"a bias of {n_out} contiguous values, on a plain product only; got {tuple(bias.shape)}")
+    check_bias(bias, n_out)
+    if bias is not None and (gate or rope is not None):
+        raise ValueError("a bias goes with a plain product only (no SiLU gate, no RoPE)")
     a8 = x_scale is not None
     sms = sm_count(x2.device)
     tma_cfg = None

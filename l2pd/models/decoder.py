@@ -548,7 +548,8 @@ def _packed_linear(ops: Any, h: torch.Tensor, buf: torch.Tensor, blk: Layer, att
                    mods: list[nn.Module], hq: tuple | None = None) -> torch.Tensor:
     """The product with a packed weight: e4m3 ones with their packed scales, as their modules multiply; the
     packed biases, where the modules have them, added to the sums before they round (as ``F.linear`` adds)."""
-    bias = _packed_bias(blk.owner, attr, mods) if getattr(mods[0], "bias", None) is not None else None
+    # (``_packed`` gave buf only with the modules' biases still views of this buffer)
+    bias = vars(blk.owner).get(attr + "_bias") if getattr(mods[0], "bias", None) is not None else None
     if buf.dtype == torch.float8_e4m3fn:
         return _fp8_mm(ops, mods[0], h, buf, _packed_scale(blk.owner, attr, mods), hq, bias)
     return ops.linear(h, buf, bias)
