@@ -85,8 +85,8 @@ def pack_weights(transformer: nn.Module) -> bool:
     it: one matmul instead of three and of two (about 5% less matmul time at 32 rows on an H100, where the
     small products do not reach the memory bandwidth). No extra memory; the module tree, the parameter
     names and ``load_state_dict`` (which copies into the views) are unchanged. Only on CUDA (safetensors
-    refuses to save CPU tensors that share storage) and without biases. Returns whether the blocks are
-    packed now."""
+    refuses to save CPU tensors that share storage); biases, where every module of a group has one, pack the
+    same way. Returns whether the blocks are packed now."""
     return pack_layers([_llada_layer(b) for b in transformer.blocks])
 
 
